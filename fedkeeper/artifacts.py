@@ -1,0 +1,65 @@
+"""Reproducible, content-hashed source zips of the functions under functions/.
+
+A function folder holds its logic once (`<name>.py` or a package) plus one
+thin entry per platform style:
+  __main__.py  the OpenWhisk entry (`main(args)`)
+  main.py      the HTTP entry served by functions-framework (Cloud Functions,
+               Knative)
+The zip carries the function folder, the shared `flcommon` library and only
+the entry its platform uses. Entries are fixed, timestamps are zeroed and
+files are sorted, so the same source always gives the same hash and an
+unchanged function is never uploaded twice.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import zipfile
+from functools import lru_cache
+from pathlib import Path
+
+from .providers.base import Artifact
+
+FUNCTIONS_DIR = Path(__file__).resolve().parent.parent / "functions"
+ENTRY_FILES = {"openwhisk": "__main__.py", "http": "main.py"}
+FUNCTION_NAMES = ("fl_server_init", "fl_client", "fl_server_aggregator", "fl_invoker", "nodeinfo")
+_ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
+
+
+class ArtifactError(ValueError):
+    pass
+
+
+def _files(root: Path) -> list[Path]:
+    return sorted(p for p in root.rglob("*")
+                  if p.is_file() and "__pycache__" not in p.parts and p.suffix != ".pyc")
+
+
+@lru_cache(maxsize=64)
+def build_artifact(source: str, entry: str) -> Artifact:
+    if entry not in ENTRY_FILES:
+        raise ArtifactError(f"unknown entry style {entry!r}; expected one of {sorted(ENTRY_FILES)}")
+    fdir = FUNCTIONS_DIR / source
+    if not fdir.is_dir():
+        raise ArtifactError(f"no function folder functions/{source}")
+    entry_file = ENTRY_FILES[entry]
+    if not (fdir / entry_file).is_file():
+        raise ArtifactError(f"functions/{source} has no {entry_file} entry")
+    other_entries = set(ENTRY_FILES.values()) - {entry_file}
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
+        members: list[tuple[str, Path]] = []
+        for p in _files(fdir):
+            rel = p.relative_to(fdir).as_posix()
+            if rel in other_entries:
+                continue
+            members.append((rel, p))
+        for p in _files(FUNCTIONS_DIR / "flcommon"):
+            members.append(("flcommon/" + p.relative_to(FUNCTIONS_DIR / "flcommon").as_posix(), p))
+        for arcname, path in sorted(members):
+            info = zipfile.ZipInfo(arcname, date_time=_ZIP_EPOCH)
+            info.external_attr = 0o644 << 16
+            info.compress_type = zipfile.ZIP_DEFLATED
+            zf.writestr(info, path.read_bytes())
+    data = buf.getvalue()
+    return Artifact(data=data, sha256=hashlib.sha256(data).hexdigest(), entry=entry)

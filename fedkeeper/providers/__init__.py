@@ -1,0 +1,41 @@
+"""Provider registry: the one place that maps a cluster's config section and
+kind onto the class that drives it. The keeper asks `make_provider` and
+never looks at platform names itself."""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from .base import (Artifact, DeployResult, ErrorClass, FunctionSpec, Invocation, Outcome,
+                   Provider, ProviderContext, ProviderError)
+
+__all__ = ["Artifact", "DeployResult", "ErrorClass", "FunctionSpec", "Invocation", "Outcome",
+           "Provider", "ProviderContext", "ProviderError", "make_provider", "provider_class"]
+
+# (config section, cluster kind) -> "module:Class", imported on first use so
+# that a run without Google clusters never imports the Google client.
+_REGISTRY: dict[tuple[str, str], str] = {
+    ("openwhisk", "remote"): "fedkeeper.providers.openwhisk:OpenWhiskProvider",
+    ("openwhisk", "local"): "fedkeeper.providers.local.openwhisk:LocalOpenWhiskProvider",
+    ("google", "remote"): "fedkeeper.providers.gcf:CloudFunctionsProvider",
+    ("google", "local"): "fedkeeper.providers.local.cloud_functions:LocalCloudFunctionsProvider",
+    ("knative", "remote"): "fedkeeper.providers.knative:KnativeProvider",
+}
+
+
+def provider_class(section: str, kind: str) -> type[Provider]:
+    try:
+        target = _REGISTRY[(section, kind)]
+    except KeyError:
+        raise ProviderError(ErrorClass.PLATFORM_ERROR,
+                            f"no provider for {section} clusters of kind {kind!r}") from None
+    module, _, name = target.partition(":")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as exc:
+        raise ProviderError(ErrorClass.PLATFORM_ERROR,
+                            f"the {section}/{kind} provider is not available: {exc}") from None
+
+
+def make_provider(cluster_name: str, section: str, cluster: Any, ctx: ProviderContext) -> Provider:
+    return provider_class(section, getattr(cluster, "kind", "remote"))(cluster_name, cluster, ctx)

@@ -1,0 +1,176 @@
+"""The one interface every platform implements.
+
+The keeper only ever talks to `Provider`. It acts on `ErrorClass` alone, never
+on a platform name or status string: each provider maps its platform's
+statuses and HTTP codes onto these classes.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, ClassVar, Sequence
+
+
+class ErrorClass(str, Enum):
+    THROTTLED = "throttled"                  # 429 and friends; honour retry_after
+    PAYLOAD_TOO_LARGE = "payload_too_large"  # 413; never retried
+    APPLICATION_ERROR = "application_error"  # the function returned an error
+    DEVELOPER_ERROR = "developer_error"      # the function crashed
+    TIMEOUT = "timeout"                      # exceeded its time limit
+    PLATFORM_ERROR = "platform_error"        # internal error of the platform
+    FUNCTION_MISSING = "function_missing"    # redeploy, then retry
+    UNREACHABLE = "unreachable"              # connection refused / DNS / TLS
+    AUTH = "auth"                            # 401/403; never retried
+
+    @property
+    def retryable(self) -> bool:
+        return self not in (ErrorClass.PAYLOAD_TOO_LARGE, ErrorClass.AUTH)
+
+
+class ProviderError(Exception):
+    """A control- or data-plane call failed, already classified."""
+
+    def __init__(self, error_class: ErrorClass, message: str, *,
+                 retry_after: float | None = None, status: int | None = None):
+        super().__init__(message)
+        self.error_class = error_class
+        self.retry_after = retry_after
+        self.status = status
+
+    def __str__(self) -> str:
+        return f"{self.error_class.value}: {self.args[0]}"
+
+
+@dataclass(frozen=True)
+class FunctionSpec:
+    """What to deploy: a function folder under functions/ and its limits.
+
+    `bound` holds configuration bound to the function at deploy time (store
+    URL, database, token secret). It may contain secrets: providers pass it to
+    the platform (action parameters, env vars) and never log it.
+    """
+
+    name: str                 # the deployed name, e.g. "fl_client"
+    source: str               # the folder under functions/, e.g. "fl_client"
+    memory_mb: int = 256
+    timeout_s: float = 60.0
+    concurrency: int = 1
+    bound: dict[str, str] = field(default_factory=dict)
+    image: str | None = None  # docker image / container image, when named
+    runtime: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """A reproducible source zip; `sha256` is its content hash."""
+
+    data: bytes
+    sha256: str
+    entry: str                # which thin entry it carries ("openwhisk" or "http")
+
+
+@dataclass
+class DeployResult:
+    name: str
+    skipped: bool             # content hash unchanged: nothing was uploaded
+    seconds: float
+    url: str | None = None
+
+
+@dataclass
+class Invocation:
+    """A submitted, not yet finished invocation."""
+
+    function: str
+    platform_id: str          # activation id / execution id
+    submitted_at: float       # epoch seconds, keeper clock
+    payload_bytes: int = 0
+
+
+@dataclass
+class Outcome:
+    """A finished invocation, as the platform recorded it."""
+
+    platform_id: str
+    ok: bool
+    error_class: ErrorClass | None = None
+    error: str | None = None
+    result: dict[str, Any] | None = None
+    start: float | None = None        # epoch seconds
+    end: float | None = None
+    duration_ms: float | None = None
+    wait_ms: float | None = None
+    init_ms: float | None = None
+    cold_start: bool | None = None
+    result_bytes: int = 0
+
+
+@dataclass
+class ProviderContext:
+    """What a provider may need from the keeper's environment."""
+
+    state_dir: Path           # local processes keep pid/port files and data here
+    store_url: str | None = None
+
+
+class Provider(ABC):
+    """One cluster of one platform."""
+
+    #: platform name recorded with every invocation (e.g. "openwhisk")
+    platform: ClassVar[str]
+    #: which thin entry the artifacts for this platform carry
+    entry: ClassVar[str]
+
+    def __init__(self, cluster_name: str, cluster: Any, ctx: "ProviderContext"):
+        self.cluster_name = cluster_name
+        self.cluster = cluster
+        self.ctx = ctx
+
+    @abstractmethod
+    def deploy(self, spec: FunctionSpec, artifact: Artifact) -> DeployResult:
+        """Create or update; skipped when the deployed content hash matches."""
+
+    @abstractmethod
+    def remove(self, name: str) -> bool:
+        """Delete; False when it did not exist."""
+
+    @abstractmethod
+    def exists(self, name: str) -> bool: ...
+
+    @abstractmethod
+    def invoke(self, name: str, payload: dict[str, Any]) -> Invocation:
+        """Submit without waiting. Raises ProviderError (classified)."""
+
+    @abstractmethod
+    def track(self, pending: Sequence[Invocation]) -> list[Outcome]:
+        """Outcomes of those pending invocations that have finished.
+
+        Must be efficient for many pending invocations: batch listing, not
+        one request per invocation.
+        """
+
+    def limits(self) -> dict[str, Any]:
+        """Platform limits that matter to a round (e.g. concurrentInvocations)."""
+        return {}
+
+    def close(self) -> None:
+        """Release connections and local processes owned by this provider."""
+
+    def call(self, name: str, payload: dict[str, Any], timeout_s: float,
+             poll_s: float = 0.05) -> Outcome:
+        """Invoke and wait for the outcome (used for init and aggregation)."""
+        inv = self.invoke(name, payload)
+        deadline = time.monotonic() + timeout_s
+        delay = poll_s
+        while time.monotonic() < deadline:
+            done = self.track([inv])
+            if done:
+                return done[0]
+            time.sleep(delay)
+            delay = min(delay * 1.5, 1.0)
+        return Outcome(platform_id=inv.platform_id, ok=False, error_class=ErrorClass.TIMEOUT,
+                       error=f"no outcome within {timeout_s:.0f}s")

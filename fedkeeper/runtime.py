@@ -1,0 +1,273 @@
+"""What a keeper command needs around it: the state directory, the store
+(embedded or remote), the token secret, one provider per cluster, and the
+function specs a scenario deploys where.
+
+Everything here is platform-neutral: providers come from the registry, and a
+cluster is only ever a name plus a config section the registry understands.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import secrets as pysecrets
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+from .artifacts import build_artifact
+from .config import Config, FunctionConfig, Scenario
+from .providers import Artifact, FunctionSpec, Provider, ProviderContext, make_provider
+from .store import Store, connect
+from .store.embedded import EmbeddedMongo
+
+log = logging.getLogger("fedkeeper.runtime")
+
+STATE_DIR_ENV = "FEDKEEPER_STATE_DIR"
+TOKEN_SECRET_ENV = "FEDKEEPER_TOKEN_SECRET"
+
+# Limits used when the scenario's functions block names none.
+FUNCTION_DEFAULTS: dict[str, dict[str, Any]] = {
+    "fl_client": {"memory_mb": 1024, "timeout_s": 120.0, "concurrency": 1},
+    "fl_server_init": {"memory_mb": 2048, "timeout_s": 300.0, "concurrency": 1},
+    "fl_server_aggregator": {"memory_mb": 2048, "timeout_s": 300.0, "concurrency": 1},
+    "fl_invoker": {"memory_mb": 512, "timeout_s": 300.0, "concurrency": 1},
+    "nodeinfo": {"memory_mb": 256, "timeout_s": 60.0, "concurrency": 1},
+}
+SERVER_FUNCTIONS = ("fl_server_init", "fl_server_aggregator")
+
+
+def state_dir() -> Path:
+    d = Path(os.environ.get(STATE_DIR_ENV, ".state")).resolve()
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def token_secret(sdir: Path) -> str:
+    """The HMAC secret bound to every deployed function. From the environment,
+    or generated once per state directory (mode 0600)."""
+    env = os.environ.get(TOKEN_SECRET_ENV)
+    if env:
+        return env
+    path = sdir / "token_secret"
+    if path.exists():
+        return path.read_text().strip()
+    value = pysecrets.token_hex(32)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(value)
+    return value
+
+
+def deployment_hash(artifact: Artifact, spec: FunctionSpec) -> str:
+    """Content hash of what a deployment consists of: the code and every
+    setting bound to it (secrets enter only through a hash of their own)."""
+    settings = {"name": spec.name, "source": spec.source, "memory_mb": spec.memory_mb,
+                "timeout_s": spec.timeout_s, "concurrency": spec.concurrency,
+                "image": spec.image, "runtime": spec.runtime, "extra": spec.extra,
+                "bound": hashlib.sha256(json.dumps(spec.bound, sort_keys=True).encode()).hexdigest()}
+    h = hashlib.sha256(artifact.sha256.encode())
+    h.update(json.dumps(settings, sort_keys=True, default=str).encode())
+    return h.hexdigest()
+
+
+@dataclass
+class Placement:
+    """Which function runs on which cluster."""
+
+    cluster: str
+    section: str
+    spec: FunctionSpec
+
+
+@dataclass
+class Runtime:
+    cfg: Config
+    scenario_name: str
+    scenario: Scenario
+    state: Path
+    store: Store | None = None
+    store_url: str | None = None
+    secret: str = ""
+    providers: dict[str, Provider] = field(default_factory=dict)
+    _embedded: EmbeddedMongo | None = None
+    _started_store: bool = False
+
+    # ------------------------------------------------------------------ setup
+    @classmethod
+    def open(cls, cfg: Config, scenario_name: str | None = None, *, need_store: bool = True) -> "Runtime":
+        name, scen = cfg.scenario(scenario_name)
+        rt = cls(cfg=cfg, scenario_name=name, scenario=scen, state=state_dir())
+        rt.secret = token_secret(rt.state)
+        if need_store:
+            rt.open_store()
+        return rt
+
+    def open_store(self) -> Store:
+        if self.store is not None:
+            return self.store
+        mc = self.scenario.mongo_config
+        if mc.embedded:
+            sdir = Path(mc.state_dir).resolve() if mc.state_dir else self.state / "mongo"
+            self._embedded = EmbeddedMongo(sdir)
+            self.store_url, self._started_store = self._embedded.start()
+            log.info("embedded MongoDB at %s (%s)", self.store_url,
+                     "started" if self._started_store else "reused")
+        else:
+            self.store_url = mc.resolved_url()
+        self.store = connect(self.store_url, mc.db)
+        return self.store
+
+    def provider(self, cluster: str) -> Provider:
+        p = self.providers.get(cluster)
+        if p is None:
+            section, ccfg = self.cfg.providers.clusters()[cluster]
+            p = make_provider(cluster, section, ccfg,
+                              ProviderContext(state_dir=self.state, store_url=self.store_url))
+            self.providers[cluster] = p
+        return p
+
+    def close(self, *, stop_services: bool = True) -> None:
+        for p in self.providers.values():
+            try:
+                p.close()
+            except Exception:  # closing must not hide the real outcome
+                log.exception("closing provider %s", p.cluster_name)
+        self.providers.clear()
+        if self.store is not None:
+            self.store.close()
+            self.store = None
+        if stop_services and self._embedded is not None and self._started_store:
+            self._embedded.stop()
+
+    # ------------------------------------------------------------------ placement
+    def function_spec(self, function: str, section: str) -> FunctionSpec:
+        per = self.scenario.functions.get(function, {})
+        fc: FunctionConfig | None = per.get(section)
+        d = dict(FUNCTION_DEFAULTS.get(function, FUNCTION_DEFAULTS["nodeinfo"]))
+        extra: dict[str, Any] = {}
+        image = runtime = None
+        if fc is not None:
+            if fc.memory is not None:
+                d["memory_mb"] = int(fc.memory)
+            if fc.timeout is not None:
+                d["timeout_s"] = float(fc.timeout)
+            if fc.concurrency is not None:
+                d["concurrency"] = int(fc.concurrency)
+            image, runtime = fc.docker_image, fc.runtime
+            extra = {k: v for k, v in (fc.model_extra or {}).items()}
+            if fc.region:
+                extra["region"] = fc.region
+        bound = {"FK_FUNCTION": function, "FK_TOKEN_SECRET": self.secret,
+                 "FK_STORE_URL": self.store_url or "", "FK_STORE_DB": self.scenario.mongo_config.db}
+        return FunctionSpec(name=function, source=function, bound=bound, image=image,
+                            runtime=runtime, extra=extra, **d)
+
+    def server_cluster(self) -> str:
+        clusters = self.cfg.providers.clusters()
+        sc = self.scenario.server_config
+        if sc and sc.server_cluster_name:
+            return sc.server_cluster_name
+        if not clusters:
+            raise ValueError("the config names no clusters under providers")
+        return next(iter(clusters))
+
+    def client_clusters(self) -> dict[str, str]:
+        """client id -> cluster name."""
+        ci = self.scenario.clients_info
+        if ci is None:
+            return {}
+        clusters = self.cfg.providers.clusters()
+        out: dict[str, str] = {}
+        if ci.clusters:
+            nxt = 0
+            for cname, spec in ci.clusters.items():
+                ids = spec if isinstance(spec, list) else list(range(nxt, nxt + spec))
+                for i in ids:
+                    out[f"client_{i}"] = cname
+                nxt = max([nxt] + [i + 1 for i in ids])
+            return out
+        # FedKeeper's counts: edge clients first, then OpenWhisk, then Google.
+        first = {section: name for name, (section, _) in reversed(list(clusters.items()))}
+        order = [("edge", ci.edge_clients_count), ("openwhisk", ci.ow_clients_count),
+                 ("google", ci.gcf_clients_count)]
+        i = 0
+        for section, count in order:
+            if count and section not in first:
+                raise ValueError(f"clients_info places {count} {section} clients, but no "
+                                 f"{section} cluster is configured; use clients_info.clusters "
+                                 "to place clients explicitly")
+            for _ in range(count):
+                out[f"client_{i}"] = first[section]
+                i += 1
+        return out
+
+    def training_placements(self) -> list[Placement]:
+        clusters = self.cfg.providers.clusters()
+        out: list[Placement] = []
+        server = self.server_cluster()
+        for fn in SERVER_FUNCTIONS:
+            section = clusters[server][0]
+            out.append(Placement(server, section, self.function_spec(fn, section)))
+        ci = self.scenario.clients_info
+        client_fns = ci.client_functions if ci else ["fl_client"]
+        for cname in dict.fromkeys(self.client_clusters().values()):
+            section, ccfg = clusters[cname]
+            for fn in client_fns:
+                out.append(Placement(cname, section, self.function_spec(fn, section)))
+            if getattr(ccfg, "invocation", "direct") == "via_invoker":
+                out.append(Placement(cname, section, self.function_spec("fl_invoker", section)))
+        return out
+
+    def placements_for(self, functions: Iterable[str], clusters: Iterable[str]) -> list[Placement]:
+        all_clusters = self.cfg.providers.clusters()
+        out = []
+        for cname in clusters:
+            section = all_clusters[cname][0]
+            for fn in functions:
+                out.append(Placement(cname, section, self.function_spec(fn, section)))
+        return out
+
+    # ------------------------------------------------------------------ deploy
+    def artifact_for(self, placement: Placement) -> Artifact:
+        provider = self.provider(placement.cluster)
+        base = build_artifact(placement.spec.source, provider.entry)
+        return replace(base, sha256=deployment_hash(base, placement.spec))
+
+    def deploy(self, placements: list[Placement],
+               on_done: Callable[[Placement, Any, BaseException | None], None] | None = None,
+               max_workers: int = 8) -> list[tuple[Placement, Any, BaseException | None]]:
+        """Deploy concurrently; returns (placement, DeployResult|None, error|None)."""
+        results: list[tuple[Placement, Any, BaseException | None]] = []
+
+        def one(pl: Placement):
+            try:
+                res = self.provider(pl.cluster).deploy(pl.spec, self.artifact_for(pl))
+                return pl, res, None
+            except Exception as exc:  # reported per placement, never swallowed
+                return pl, None, exc
+
+        # Providers are created up front, so that lazily started local services
+        # (fabric, functions-framework hosts) are not raced by threads.
+        for pl in placements:
+            self.provider(pl.cluster)
+        with ThreadPoolExecutor(max_workers=max(1, min(max_workers, len(placements)))) as ex:
+            for item in ex.map(one, placements):
+                results.append(item)
+                if on_done:
+                    on_done(*item)
+        return results
+
+    def remove(self, placements: list[Placement]) -> list[tuple[Placement, bool | None, BaseException | None]]:
+        def one(pl: Placement):
+            try:
+                return pl, self.provider(pl.cluster).remove(pl.spec.name), None
+            except Exception as exc:
+                return pl, None, exc
+
+        for pl in placements:
+            self.provider(pl.cluster)
+        with ThreadPoolExecutor(max_workers=max(1, min(8, len(placements)))) as ex:
+            return list(ex.map(one, placements))

@@ -1,0 +1,41 @@
+"""Shared fixtures: a real MongoDB-wire-protocol server (SecantusDB, started
+exactly as `mongo_config.url: embedded` starts it) and isolated state/log
+directories."""
+from __future__ import annotations
+
+import uuid
+
+import pytest
+
+from fedkeeper.store import connect
+from fedkeeper.store.embedded import EmbeddedMongo
+
+
+@pytest.fixture(scope="session")
+def mongo_server(tmp_path_factory):
+    server = EmbeddedMongo(tmp_path_factory.mktemp("mongo"))
+    url, started = server.start()
+    assert started
+    yield server, url
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def mongo_url(mongo_server):
+    return mongo_server[1]
+
+
+@pytest.fixture
+def store(mongo_url):
+    s = connect(mongo_url, f"t_{uuid.uuid4().hex[:10]}")
+    yield s
+    s.client.drop_database(s.db.name)
+    s.close()
+
+
+@pytest.fixture
+def isolated_dirs(tmp_path, monkeypatch):
+    """Keeper state and logs under tmp_path, never in the work tree."""
+    monkeypatch.setenv("FEDKEEPER_STATE_DIR", str(tmp_path / "state"))
+    monkeypatch.setenv("FEDKEEPER_LOG_DIR", str(tmp_path / "logs"))
+    return tmp_path

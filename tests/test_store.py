@@ -1,0 +1,125 @@
+"""The store against a real server (SecantusDB via the embedded launcher)."""
+from __future__ import annotations
+
+import io
+import pickle
+import time
+
+import numpy as np
+import pymongo
+import pytest
+
+from fedkeeper.store import INDEXES, Store
+from fedkeeper.store.embedded import EmbeddedMongo
+from flcommon import store as fs
+from flcommon.blobs import BlobError
+
+
+def test_gridfs_round_trips_a_20mb_npz(store: Store):
+    rng = np.random.default_rng(0)
+    arrays = [rng.standard_normal((2500, 1000)).astype(np.float32),   # 10 MB
+              rng.standard_normal((1250, 1000)).astype(np.float64),   # 10 MB
+              np.arange(10, dtype=np.int64)]
+    blob = store.put_arrays(arrays, "big.npz", kind="model", session="s", round=0)
+    size = store.db[f"{fs.BUCKET}.files"].find_one({"_id": blob})["length"]
+    assert size >= 20_000_000
+    back = store.get_arrays(blob)
+    assert len(back) == 3
+    for a, b in zip(arrays, back):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        assert np.array_equal(a, b)
+
+
+def test_a_pickle_blob_is_refused_on_load(store: Store):
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    bucket = fs.bucket(store.db)
+    pid = bucket.upload_from_stream("evil.npz", io.BytesIO(pickle.dumps(Evil())))
+    with pytest.raises(BlobError, match="pickle"):
+        store.get_arrays(pid)
+    # An npz whose member is an object array needs pickle too: refused.
+    buf = io.BytesIO()
+    np.savez(buf, arr_0000=np.array([{"a": 1}], dtype=object))
+    oid = bucket.upload_from_stream("obj.npz", io.BytesIO(buf.getvalue()))
+    with pytest.raises(BlobError):
+        store.get_arrays(oid)
+
+
+def test_non_npz_and_missing_blobs_are_refused(store: Store):
+    bid = fs.bucket(store.db).upload_from_stream("junk", io.BytesIO(b"not a zip at all"))
+    with pytest.raises(BlobError, match="not a valid npz"):
+        store.get_arrays(bid)
+    from bson import ObjectId
+    with pytest.raises(BlobError, match="does not exist"):
+        store.get_arrays(ObjectId())
+
+
+def test_updates_are_unique_per_session_round_client(store: Store):
+    doc = {"session": "s1", "round": 3, "client": "client_1", "attempt": 1, "num_examples": 5}
+    store.db[fs.UPDATES].insert_one(dict(doc))
+    with pytest.raises(pymongo.errors.DuplicateKeyError):
+        store.db[fs.UPDATES].insert_one(dict(doc, attempt=2))
+    # Same client, other round or session: fine.
+    store.db[fs.UPDATES].insert_one(dict(doc, round=4))
+    store.db[fs.UPDATES].insert_one(dict(doc, session="s2"))
+    assert store.delivered_clients("s1", 3) == {"client_1"}
+    assert len(store.updates("s1")) == 2
+
+
+def test_every_filtered_field_is_indexed(store: Store):
+    for coll, specs in INDEXES.items():
+        info = store.db[coll].index_information()
+        keys = {tuple(tuple(k) for k in v["key"]) for v in info.values()}
+        for fields, _ in specs:
+            assert tuple(fields) in keys, f"{coll} lacks index {fields}"
+    # The queries the keeper runs use those indexes rather than scanning.
+    plan = store.db[fs.INVOCATIONS].find({"session": "x", "round": 1}).explain()
+    assert "COLLSCAN" not in str(plan.get("queryPlanner", plan))
+
+
+def test_sessions_rounds_attempts_and_events(store: Store):
+    store.create_session({"_id": "a", "name": "n"})
+    time.sleep(0.01)
+    store.create_session({"_id": "b", "name": "n"})
+    assert store.latest_session()["_id"] == "b"
+    store.upsert_round("b", 0, state="running", selected=["client_0"])
+    store.upsert_round("b", 0, state="done", accuracy=0.5)
+    r = store.round("b", 0)
+    assert r["state"] == "done" and r["selected"] == ["client_0"] and r["accuracy"] == 0.5
+    from bson import ObjectId
+    ids = [ObjectId(), ObjectId()]
+    store.insert_attempts([{"_id": ids[0], "session": "b", "round": 0, "client": "client_0", "attempt": 1,
+                            "state": "submitting"},
+                           {"_id": ids[1], "session": "b", "round": 0, "client": "client_0", "attempt": 2,
+                            "state": "submitting"}])
+    store.update_attempts([(ids[0], {"state": "failed"}), (ids[1], {"state": "succeeded"})])
+    assert [a["state"] for a in store.attempts("b", 0)] == ["failed", "succeeded"]
+    with pytest.raises(pymongo.errors.BulkWriteError):
+        store.insert_attempts([{"session": "b", "round": 0, "client": "client_0", "attempt": 2}])
+    store.event("b", "note", "hello", n=1)
+    assert store.events("b")[0]["n"] == 1
+
+
+def test_embedded_server_is_reused_and_stops_cleanly(tmp_path):
+    server = EmbeddedMongo(tmp_path / "m")
+    url, started = server.start()
+    try:
+        assert started
+        again = EmbeddedMongo(tmp_path / "m")
+        url2, started2 = again.start()
+        assert (url2, started2) == (url, False)
+        with pymongo.MongoClient(url) as c:
+            c.db.k.insert_one({"x": 1})
+    finally:
+        assert server.stop()
+    assert server.running_url() is None
+    # Data and port survive a restart.
+    url3, started3 = server.start()
+    try:
+        assert started3 and url3 == url
+        with pymongo.MongoClient(url3) as c:
+            assert c.db.k.find_one({"x": 1}) is not None
+    finally:
+        server.stop()
