@@ -21,6 +21,7 @@ from typing import Any, Callable
 import numpy as np
 from bson import ObjectId
 
+from flcommon import store as fs
 from flcommon.auth import signed
 
 from .providers import ErrorClass, Invocation, Outcome, Provider, ProviderError
@@ -209,7 +210,11 @@ class Keeper:
         spec = self._spec(self.server, function)
         r = self.training.retries
         last = ""
-        for attempt in range(1, r.max_attempts + 1):
+        # A resumed keeper continues the attempt numbering of the one it replaces.
+        done_before = [a["attempt"] for a in self.store.attempts(session, rnd) if a["client"] == f"_{function}"]
+        first = max(done_before, default=0) + 1
+        attempt = first
+        for attempt in range(first, first + r.max_attempts):
             payload = self._payload(function=function, session=session, round=rnd, client=None,
                                     attempt=attempt, **args)
             doc = {"_id": ObjectId(), "session": session, "round": rnd, "client": f"_{function}",
@@ -229,8 +234,8 @@ class Keeper:
             log.warning("%s round %d attempt %d failed: %s", function, rnd, attempt, last)
             if out.error_class is not None and not out.error_class.retryable:
                 break
-            time.sleep(self._backoff(attempt, None))
-        raise SessionError(f"{function} failed for round {rnd} after {attempt} attempt(s): {last}")
+            time.sleep(self._backoff(attempt - first + 1, None))
+        raise SessionError(f"{function} failed for round {rnd} after {attempt - first + 1} attempt(s): {last}")
 
     def _init(self, session: str) -> None:
         if self.store.model(session, 0) is not None:
@@ -290,7 +295,9 @@ class Keeper:
                 elif a.get("state") == "succeeded":
                     s.state = "delivered"
         for c in delivered:
-            if c in slots:
+            # A running attempt is still tracked to its end (its record is
+            # wanted); anything else with a stored update has delivered.
+            if c in slots and slots[c].state != "running":
                 slots[c].state = "delivered"
         for s in slots.values():
             if s.state == "waiting" and s.attempt >= self.training.retries.max_attempts:
@@ -335,6 +342,10 @@ class Keeper:
                                            "error": str(err), "finished": time.time()}))
                 self._failed_attempt(s, err.error_class, str(err), err.retry_after)
         self.store.update_attempts(changes)
+
+    def _has_update(self, session: str, rnd: int, client: str) -> bool:
+        return self.store.db[fs.UPDATES].find_one(
+            {"session": session, "round": rnd, "client": client}, {"_id": 1}) is not None
 
     def _failed_attempt(self, s: Slot, ec: ErrorClass | None, error: str,
                         retry_after: float | None = None) -> None:
@@ -418,7 +429,9 @@ class Keeper:
                         continue
                     fields = self._outcome_fields(out)
                     changes.append((s.doc_id, fields))
-                    if fields["state"] == "succeeded":
+                    if fields["state"] == "succeeded" or self._has_update(session, rnd, s.client):
+                        # A failed attempt whose client has an update stored
+                        # (an earlier attempt landed late) needs no retry.
                         s.state, s.result, s.inv = "delivered", out.result, None
                     else:
                         self._failed_attempt(s, out.error_class or ErrorClass.APPLICATION_ERROR,
@@ -432,7 +445,10 @@ class Keeper:
                     changes.append((s.doc_id, {"state": "timed_out", "error_class": "timeout",
                                                "error": "no outcome within the function timeout plus grace",
                                                "finished": wall}))
-                    self._failed_attempt(s, ErrorClass.TIMEOUT, "no outcome within timeout + grace")
+                    if self._has_update(session, rnd, s.client):
+                        s.state, s.inv = "delivered", None
+                    else:
+                        self._failed_attempt(s, ErrorClass.TIMEOUT, "no outcome within timeout + grace")
             self.store.update_attempts(changes)
             counts = {k: sum(1 for s in slots.values() if s.state == k)
                       for k in ("delivered", "failed", "running", "waiting")}
