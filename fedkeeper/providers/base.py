@@ -157,6 +157,11 @@ class Provider(ABC):
         """Platform limits that matter to a round (e.g. concurrentInvocations)."""
         return {}
 
+    def capacity_warning(self, concurrent: int) -> str | None:
+        """A warning when `concurrent` simultaneous invocations would exceed
+        a platform limit (e.g. OpenWhisk's concurrentInvocations), else None."""
+        return None
+
     def close(self) -> None:
         """Release connections and local processes owned by this provider."""
 

@@ -1,0 +1,143 @@
+"""Invocation throughput of the local OpenWhisk fabric through the provider layer.
+
+N no-op invocations are dispatched (a thread pool, as the keeper submits)
+and tracked to completion with `provider.track()` (batched listing), while
+the fabric runs as its own process. Reported:
+  invocations/s            N / (first invoke .. last outcome)
+  keeper CPU ms / inv      process CPU time of this process only (the fabric
+                           and its workers are other processes)
+  detection latency        from the activation's recorded `end` to the moment
+                           track() returned it (same host, same clock)
+Goals on a 2-core machine: >= 300 inv/s, <= 1 ms CPU/inv, median < 50 ms.
+
+    python bench/bench_invocations.py [-n 1000] [--threads 8] [--json]
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+import statistics
+import sys
+import tempfile
+import threading
+import time
+import zipfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from fedkeeper.config import OpenWhiskCluster  # noqa: E402
+from fedkeeper.providers.base import Artifact, FunctionSpec, ProviderContext  # noqa: E402
+from fedkeeper.providers.local.openwhisk import LocalOpenWhiskProvider  # noqa: E402
+
+NOOP = "def main(args):\n    return {'ok': True}\n"
+
+
+def noop_artifact() -> Artifact:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        zf.writestr(zipfile.ZipInfo("__main__.py", date_time=(1980, 1, 1, 0, 0, 0)), NOOP)
+    data = buf.getvalue()
+    return Artifact(data=data, sha256=hashlib.sha256(data).hexdigest(), entry="openwhisk")
+
+
+def run_until_done(provider, invs: list, poll_s: float = 0.002) -> None:
+    pending = {i.platform_id: i for i in invs}
+    while pending:
+        for o in provider.track(list(pending.values())):
+            pending.pop(o.platform_id, None)
+        time.sleep(poll_s)
+
+
+def bench(n: int, threads: int, memory_mb: int, concurrency: int, state: Path) -> dict:
+    provider = LocalOpenWhiskProvider("bench", OpenWhiskCluster(kind="local"),
+                                      ProviderContext(state_dir=state))
+    try:
+        spec = FunctionSpec(name="noop", source="noop", memory_mb=memory_mb, timeout_s=30,
+                            concurrency=concurrency)
+        provider.deploy(spec, noop_artifact())
+        # Warm-up: the cold starts of the worker pool are not what is measured.
+        with ThreadPoolExecutor(threads) as ex:
+            run_until_done(provider, list(ex.map(lambda i: provider.invoke("noop", {"i": i}),
+                                                 range(4 * threads))))
+
+        lock = threading.Lock()
+        pending: dict[str, object] = {}
+        dispatched = threading.Event()
+        errors: list[BaseException] = []
+
+        def submit(i: int) -> None:
+            inv = provider.invoke("noop", {"i": i})
+            with lock:
+                pending[inv.platform_id] = inv
+
+        def dispatch() -> None:
+            try:
+                with ThreadPoolExecutor(threads) as ex:
+                    for f in [ex.submit(submit, i) for i in range(n)]:
+                        f.result()
+            except BaseException as exc:  # reported below, not swallowed
+                errors.append(exc)
+            finally:
+                dispatched.set()
+
+        latencies: list[float] = []
+        failed = 0
+        cpu0, t0 = time.process_time(), time.time()
+        threading.Thread(target=dispatch, daemon=True).start()
+        done = 0
+        while done < n and not errors:
+            with lock:
+                snapshot = list(pending.values())
+            if snapshot:
+                outs = provider.track(snapshot)
+                now = time.time()
+                with lock:
+                    for o in outs:
+                        pending.pop(o.platform_id, None)
+                for o in outs:
+                    done += 1
+                    failed += 0 if o.ok else 1
+                    if o.end is not None:
+                        latencies.append(max(0.0, now - o.end))
+            time.sleep(0.002)
+        t1, cpu1 = time.time(), time.process_time()
+        if errors:
+            raise errors[0]
+        latencies.sort()
+        return {"invocations": n, "failed": failed, "seconds": round(t1 - t0, 3),
+                "invocations_per_s": round(n / (t1 - t0), 1),
+                "keeper_cpu_ms_per_invocation": round((cpu1 - cpu0) * 1000 / n, 3),
+                "detection_median_ms": round(statistics.median(latencies) * 1000, 1),
+                "detection_p95_ms": round(latencies[int(0.95 * (len(latencies) - 1))] * 1000, 1),
+                "threads": threads, "memory_mb": memory_mb, "concurrency": concurrency}
+    finally:
+        provider.close()
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("-n", type=int, default=1000)
+    p.add_argument("--threads", type=int, default=8, help="dispatching threads")
+    p.add_argument("--memory-mb", type=int, default=256)
+    p.add_argument("--concurrency", type=int, default=1, help="the action's limits.concurrency")
+    p.add_argument("--json", action="store_true")
+    a = p.parse_args()
+    with tempfile.TemporaryDirectory(prefix="fk-bench-") as tmp:
+        r = bench(a.n, a.threads, a.memory_mb, a.concurrency, Path(tmp))
+    if a.json:
+        print(json.dumps(r))
+    else:
+        print(f"{r['invocations']} no-op invocations ({r['failed']} failed) in {r['seconds']} s")
+        print(f"  invocations/s            {r['invocations_per_s']:8.1f}   (goal >= 300)")
+        print(f"  keeper CPU ms/invocation {r['keeper_cpu_ms_per_invocation']:8.3f}   (goal <= 1)")
+        print(f"  detection median ms      {r['detection_median_ms']:8.1f}   (goal < 50)")
+        print(f"  detection p95 ms         {r['detection_p95_ms']:8.1f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
