@@ -113,11 +113,11 @@ def select_clusters(cfg: Config, names: Iterable[str] = (), *, all_clusters: boo
     return list(dict.fromkeys(chosen))
 
 
-def _open_runtime(cfg: Config, scenario: str | None, need_store: bool):
+def _open_runtime(cfg: Config, scenario: str | None, need_store: bool, keep_local_services: bool = False):
     from .runtime import Runtime
     from .store.embedded import EmbeddedMongoError
     try:
-        return Runtime.open(cfg, scenario, need_store=need_store)
+        return Runtime.open(cfg, scenario, need_store=need_store, keep_local_services=keep_local_services)
     except ConfigError as exc:
         raise UsageFailure(str(exc)) from None
     except EmbeddedMongoError as exc:
@@ -134,7 +134,9 @@ def run_deploy(cfg: Config, scenario: str | None, functions: list[str] | None,
                clusters: list[str] | None, remove: bool = False) -> int:
     """Deploy (or remove) functions. With no function list: everything the
     scenario's training needs, where it needs it."""
-    rt = _open_runtime(cfg, scenario, need_store=(functions is None or _needs_store(functions)) and not remove)
+    # Deployed functions stay deployed: local services outlive a deploy.
+    rt = _open_runtime(cfg, scenario, need_store=(functions is None or _needs_store(functions)) and not remove,
+                       keep_local_services=not remove)
     try:
         try:
             if functions:
@@ -241,6 +243,8 @@ class ConsoleProgress:
             self._line(f"deploy {data['function']} on {data['cluster']}: {state}")
         elif kind == "session":
             self._line(f"session {data['session']}" + (" (resumed)" if data["resumed"] else ""))
+        elif kind == "warning":
+            self._line(f"warning: {data['message']}")
         elif kind == "init":
             self._line("initialising: partitioning data, storing the round-0 model")
         elif kind == "tick" and self.bar:
@@ -270,7 +274,7 @@ def run_start(cfg: Config, scenario: str | None, resume: str | None = None, depl
     from .logs import setup_run_log
     name = resume or f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     log_path = setup_run_log(name, cfg.secret_values())
-    rt = _open_runtime(cfg, scenario, need_store=True)
+    rt = _open_runtime(cfg, scenario, need_store=True, keep_local_services=keep_services)
     if rt.scenario.clients_info is None:
         rt.close()
         raise UsageFailure(f"{cfg.source}: scenario {rt.scenario_name!r} has no clients_info; "
@@ -308,7 +312,7 @@ def run_start(cfg: Config, scenario: str | None, resume: str | None = None, depl
 @click.option("--resume", metavar="SESSION", default=None, help="Continue a session after the keeper stopped.")
 @click.option("--no-deploy", is_flag=True, help="Assume the functions are deployed already.")
 @click.option("--keep-services", is_flag=True,
-              help="Leave the embedded MongoDB running after the session ends.")
+              help="Leave the embedded MongoDB and local fabric running after the session ends.")
 def start_cmd(config_path: str, scenario: str | None, resume: str | None, no_deploy: bool,
               keep_services: bool) -> None:
     """Deploy (if needed) and run federated training."""
@@ -403,15 +407,20 @@ def _fabric():
 def fabric_up_cmd() -> None:
     """Start the local fabric (or report the running one)."""
     fabric, sdir = _fabric()
-    info = fabric.fabric_up(sdir)
+    try:
+        info = fabric.fabric_up(sdir)
+    except fabric.FabricError as exc:
+        _fail(f"the local fabric did not start: {exc}")
     console.print(f"fabric {'started' if info.get('started') else 'running'} at {info['url']} (pid {info['pid']})")
 
 
 @fabric_group.command("down")
 def fabric_down_cmd() -> None:
-    """Stop the local fabric and its workers."""
-    fabric, sdir = _fabric()
-    console.print("fabric stopped" if fabric.fabric_down(sdir) else "fabric was not running")
+    """Stop the local fabric, its workers and the local Cloud Functions hosts."""
+    from .providers.local import shutdown_local_services
+    from .runtime import state_dir
+    console.print("local services stopped" if shutdown_local_services(state_dir())
+                  else "no local services were running")
 
 
 @fabric_group.command("status")
@@ -425,12 +434,51 @@ def fabric_status_cmd() -> None:
     console.print(json.dumps({k: v for k, v in st.items() if k != "auth"}, indent=2, default=str))
 
 
-# --------------------------------------------------------------------------- not built yet
+# --------------------------------------------------------------------------- check
 
-@main.command("check", context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
-def check_cmd() -> None:
-    """Smoke-test every cluster (not built yet)."""
-    _fail("`fedkeeper check` is not built yet; use `fedkeeper deploy -f nodeinfo` meanwhile", 1)
+@main.command("check")
+@config_option
+@scenario_option
+@click.option("--cluster", "clusters", multiple=True, help="Only these clusters (repeatable or comma-separated).")
+@click.option("-o", "ow_clusters", multiple=True, help="Only these OpenWhisk clusters (FedKeeper's -o).")
+@click.option("-g", "gcf_clusters", multiple=True, help="Only these Google clusters (FedKeeper's -g).")
+@click.option("--keep", is_flag=True, help="Leave nodeinfo deployed.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("--junit-xml", "junit_path", type=click.Path(dir_okay=False), default=None,
+              help="Write a JUnit XML report for CI systems.")
+def check_cmd(config_path: str, scenario: str | None, clusters: tuple[str, ...], ow_clusters: tuple[str, ...],
+              gcf_clusters: tuple[str, ...], keep: bool, as_json: bool, junit_path: str | None) -> None:
+    """Deploy nodeinfo to every cluster, invoke it cold and warm, remove it."""
+    from .check import as_dicts, junit_xml, run_checks
+    cfg = _load(config_path)
+    chosen = select_clusters(cfg, _split(clusters),
+                             sections={"openwhisk": _split(ow_clusters), "google": _split(gcf_clusters)})
+    rt = _open_runtime(cfg, scenario, need_store=False)
+    try:
+        results = run_checks(rt, chosen, keep)
+    finally:
+        rt.close(stop_services=False)
+    if junit_path:
+        Path(junit_path).write_bytes(junit_xml(results))
+    if as_json:
+        click.echo(json.dumps(as_dicts(results), indent=2, default=str))
+    else:
+        t = Table(title="cluster check (nodeinfo)")
+        for col in ("cluster", "platform", "deploy s", "cold ms", "warm ms", "host", "result"):
+            t.add_column(col)
+        for r in results:
+            host = r.host
+            hinfo = (f"{host.get('hostname', '?')} {host.get('cpu_count', '?')} cpu "
+                     f"{(host.get('memory_total_mb') or 0) / 1024:.1f} GiB py{host.get('python', '?')}") if host else ""
+            t.add_row(r.cluster, r.platform, f"{r.deploy_s:.2f}" if r.deploy_s is not None else "-",
+                      f"{r.cold_ms:.0f}" if r.cold_ms is not None else "-",
+                      f"{r.warm_ms:.0f}" if r.warm_ms is not None else "-", hinfo,
+                      "[green]ok[/green]" if r.ok else f"[red]{r.stage} failed: {r.error}[/red]")
+        console.print(t)
+    failed = [r for r in results if not r.ok]
+    for r in failed:
+        errconsole.print(f"cluster {r.cluster} failed at {r.stage}: {r.error}", markup=False)
+    sys.exit(1 if failed else 0)
 
 
 if __name__ == "__main__":

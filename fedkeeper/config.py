@@ -223,6 +223,7 @@ class GoogleCluster(_Cluster):
         if m and "<" not in (self.base_url or ""):
             self.region = self.region or m.group(1)
             self.project = self.project or m.group(2)
+        self.region = self.region or "us-central1"
         return self
 
     def require_remote(self) -> None:

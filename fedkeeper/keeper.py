@@ -171,6 +171,7 @@ class Keeper:
                 "clusters": self.client_cluster, "server_cluster": self.server,
             })
         self.store.update_session(session, state="running")
+        self._warn_capacity(session)
         self.progress("session", {"session": session, "resumed": bool(resume)})
         log.info("session %s %s", session, "resumed" if resume else "started")
         reports: list[RoundReport] = []
@@ -198,6 +199,19 @@ class Keeper:
         self.store.update_session(session, state="finished", ended=time.time(), final_accuracy=acc)
         self.store.event(session, "finished", f"finished after {len(reports)} rounds this run")
         return SessionSummary(session, "finished", reports)
+
+    def _warn_capacity(self, session: str) -> None:
+        """Warn once per session when a round could exceed a cluster's limits."""
+        k = self.rt.scenario.clients_info.num_clients_per_round
+        per_cluster: dict[str, int] = {}
+        for c in self.client_cluster.values():
+            per_cluster[c] = per_cluster.get(c, 0) + 1
+        for cluster, n in per_cluster.items():
+            warning = self.rt.provider(cluster).capacity_warning(min(n, k))
+            if warning:
+                log.warning(warning)
+                self.store.event(session, "capacity", warning, cluster=cluster)
+                self.progress("warning", {"message": warning})
 
     def _reached_target(self, acc: float | None) -> bool:
         t = self.training.target_accuracy
@@ -435,7 +449,7 @@ class Keeper:
                         s.state, s.result, s.inv = "delivered", out.result, None
                     else:
                         self._failed_attempt(s, out.error_class or ErrorClass.APPLICATION_ERROR,
-                                             fields["error"] or "failed")
+                                             fields["error"] or "failed", out.retry_after)
             wall = time.time()
             for s in running:
                 if s.state == "running" and wall > s.deadline:

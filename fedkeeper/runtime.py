@@ -92,14 +92,17 @@ class Runtime:
     store_url: str | None = None
     secret: str = ""
     providers: dict[str, Provider] = field(default_factory=dict)
+    keep_local_services: bool = False
     _embedded: EmbeddedMongo | None = None
     _started_store: bool = False
 
     # ------------------------------------------------------------------ setup
     @classmethod
-    def open(cls, cfg: Config, scenario_name: str | None = None, *, need_store: bool = True) -> "Runtime":
+    def open(cls, cfg: Config, scenario_name: str | None = None, *, need_store: bool = True,
+             keep_local_services: bool = False) -> "Runtime":
         name, scen = cfg.scenario(scenario_name)
-        rt = cls(cfg=cfg, scenario_name=name, scenario=scen, state=state_dir())
+        rt = cls(cfg=cfg, scenario_name=name, scenario=scen, state=state_dir(),
+                 keep_local_services=keep_local_services)
         rt.secret = token_secret(rt.state)
         if need_store:
             rt.open_store()
@@ -125,7 +128,8 @@ class Runtime:
         if p is None:
             section, ccfg = self.cfg.providers.clusters()[cluster]
             p = make_provider(cluster, section, ccfg,
-                              ProviderContext(state_dir=self.state, store_url=self.store_url))
+                              ProviderContext(state_dir=self.state, store_url=self.store_url,
+                                              keep_local_services=self.keep_local_services))
             self.providers[cluster] = p
         return p
 

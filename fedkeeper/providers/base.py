@@ -107,6 +107,7 @@ class Outcome:
     init_ms: float | None = None
     cold_start: bool | None = None
     result_bytes: int = 0
+    retry_after: float | None = None  # seconds, when the platform asked for a pause
 
 
 @dataclass
@@ -115,6 +116,9 @@ class ProviderContext:
 
     state_dir: Path           # local processes keep pid/port files and data here
     store_url: str | None = None
+    # Leave local services (fabric, functions-framework hosts) running when
+    # the provider closes, e.g. after `fedkeeper deploy` or --keep-services.
+    keep_local_services: bool = False
 
 
 class Provider(ABC):

@@ -5,8 +5,9 @@ The fabric of a state directory is shared by every local OpenWhisk cluster
 of a config; each cluster is its own namespace in it (the cluster's
 `namespace`, else its name), so their actions, activations, limits and
 injected faults stay apart. A provider that started the fabric stops it on
-close (as the keeper does with the embedded MongoDB it started); one started
-beforehand with `fedkeeper fabric up` is reused and left running.
+close (as the keeper does with the embedded MongoDB it started) unless the
+context keeps local services; one started beforehand with `fedkeeper fabric
+up` is reused and left running.
 """
 from __future__ import annotations
 
@@ -68,6 +69,6 @@ class LocalOpenWhiskProvider(OpenWhiskProvider):
 
     def close(self) -> None:
         super().close()
-        if self.started_fabric:
+        if self.started_fabric and not self.ctx.keep_local_services:
             self.started_fabric = False
             fabric.fabric_down(self.fabric_dir)

@@ -1,0 +1,107 @@
+"""`fedkeeper check`: can every cluster deploy and run a function?
+
+Deploys `nodeinfo` to each selected cluster concurrently, invokes it twice
+(the first call is cold, the second warm), removes it unless asked to keep it,
+and reports one row per cluster. Failures are classified by the provider
+(unreachable, auth, TLS, ...) and named per cluster.
+"""
+from __future__ import annotations
+
+import time
+import xml.etree.ElementTree as ET
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from flcommon.auth import signed
+
+from .providers import ErrorClass, ProviderError
+from .runtime import Placement, Runtime
+
+PROBE = "nodeinfo"
+
+
+@dataclass
+class ClusterCheck:
+    cluster: str
+    platform: str = ""
+    ok: bool = False
+    stage: str = ""                  # where it failed: deploy / invoke / remove
+    error_class: str | None = None
+    error: str | None = None
+    deploy_s: float | None = None
+    cold_ms: float | None = None
+    warm_ms: float | None = None
+    host: dict[str, Any] = field(default_factory=dict)
+
+
+def _explain(exc: BaseException) -> tuple[str | None, str]:
+    if isinstance(exc, ProviderError):
+        hint = {
+            ErrorClass.UNREACHABLE: "endpoint unreachable",
+            ErrorClass.AUTH: "authentication failed",
+            ErrorClass.FUNCTION_MISSING: "function not found",
+            ErrorClass.THROTTLED: "throttled by the platform",
+        }.get(exc.error_class, exc.error_class.value.replace("_", " "))
+        return exc.error_class.value, f"{hint}: {exc.args[0]}"
+    return None, f"{type(exc).__name__}: {exc}"
+
+
+def check_cluster(rt: Runtime, cluster: str, keep: bool, timeout_s: float = 120.0) -> ClusterCheck:
+    res = ClusterCheck(cluster)
+    try:
+        provider = rt.provider(cluster)
+        res.platform = provider.platform
+        section = rt.cfg.providers.clusters()[cluster][0]
+        pl = Placement(cluster, section, rt.function_spec(PROBE, section))
+        res.stage = "deploy"
+        t0 = time.perf_counter()
+        provider.deploy(pl.spec, rt.artifact_for(pl))
+        res.deploy_s = time.perf_counter() - t0
+        res.stage = "invoke"
+        for which in ("cold_ms", "warm_ms"):
+            payload = signed(rt.secret, {"function": PROBE, "session": "check", "round": 0,
+                                         "client": None, "attempt": 1 if which == "cold_ms" else 2})
+            t0 = time.perf_counter()
+            out = provider.call(PROBE, payload, timeout_s=timeout_s)
+            elapsed = (time.perf_counter() - t0) * 1000
+            if not out.ok or (out.result or {}).get("error"):
+                res.error_class = out.error_class.value if out.error_class else "application_error"
+                res.error = out.error or (out.result or {}).get("error") or "invocation failed"
+                return res
+            setattr(res, which, out.duration_ms if out.duration_ms is not None else elapsed)
+            res.host = {k: v for k, v in (out.result or {}).items() if k != "error"}
+        if not keep:
+            res.stage = "remove"
+            provider.remove(PROBE)
+        res.stage, res.ok = "", True
+    except Exception as exc:  # reported per cluster; the others go on
+        res.error_class, res.error = _explain(exc)
+    return res
+
+
+def run_checks(rt: Runtime, clusters: list[str], keep: bool) -> list[ClusterCheck]:
+    for c in clusters:  # create providers (and local services) before fanning out
+        try:
+            rt.provider(c)
+        except Exception:
+            pass
+    with ThreadPoolExecutor(max_workers=max(1, min(8, len(clusters)))) as ex:
+        return list(ex.map(lambda c: check_cluster(rt, c, keep), clusters))
+
+
+def junit_xml(results: list[ClusterCheck]) -> bytes:
+    suite = ET.Element("testsuite", name="fedkeeper.check", tests=str(len(results)),
+                       failures=str(sum(not r.ok for r in results)))
+    for r in results:
+        case = ET.SubElement(suite, "testcase", classname=f"fedkeeper.check.{r.platform or 'unknown'}",
+                             name=r.cluster, time=f"{(r.deploy_s or 0) + ((r.cold_ms or 0) + (r.warm_ms or 0)) / 1000:.3f}")
+        if not r.ok:
+            f = ET.SubElement(case, "failure", type=r.error_class or "error",
+                              message=f"{r.stage}: {r.error}")
+            f.text = f"cluster {r.cluster} failed at {r.stage}: {r.error}"
+    return ET.tostring(ET.ElementTree(suite).getroot(), encoding="utf-8", xml_declaration=True)
+
+
+def as_dicts(results: list[ClusterCheck]) -> list[dict[str, Any]]:
+    return [asdict(r) for r in results]

@@ -1,0 +1,340 @@
+"""Non-blocking invocation of functions that are plain HTTPS endpoints.
+
+Cloud Functions (2nd gen) and Knative both run a function as an HTTP server:
+an invocation is one POST whose response *is* the outcome. There is nothing
+to poll, so "submit" hands the request to a bounded pool of worker threads
+and returns at once, and "track" only collects finished futures; it never
+sends a request of its own.
+
+This module knows nothing about any platform. It maps HTTP statuses onto
+`ErrorClass` generically; a platform adds its own rules through
+`status_hook` (for example a header that marks a crashed function), and
+its own credentials through `auth_headers`.
+"""
+from __future__ import annotations
+
+import email.utils
+import json
+import threading
+import time
+import uuid
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, fields
+from typing import Any, Callable, Mapping, Optional, Sequence
+
+import requests
+from requests.adapters import HTTPAdapter
+
+from .base import ErrorClass, Invocation, Outcome, ProviderError
+
+#: (status, headers, body) -> (error class, message) or None to fall through
+#: to the generic rules. Headers are case-insensitive (requests' mapping).
+StatusHook = Callable[[int, Mapping[str, str], bytes], Optional[tuple[ErrorClass, str]]]
+#: url -> extra request headers (e.g. Authorization); runs on a worker thread
+#: so that a token refresh never blocks the caller. May raise ProviderError.
+AuthHeaders = Callable[[str], Mapping[str, str]]
+
+#: results are small JSON dicts (references, metrics); anything bigger is a
+#: broken function, not something to buffer in the keeper
+MAX_RESULT_BYTES = 4 * 1024 * 1024
+#: connecting is separate from the function's own run time: a loopback or
+#: regional endpoint that does not accept a connection within this is down
+CONNECT_TIMEOUT_S = 10.0
+_ERROR_TEXT_CHARS = 300
+
+# Outcome may gain a retry_after field; fill it only when it exists so that
+# this module works with either shape of the dataclass.
+_OUTCOME_HAS_RETRY_AFTER = any(f.name == "retry_after" for f in fields(Outcome))
+
+
+def retry_after_seconds(value: str | None) -> float | None:
+    """Retry-After is either delta-seconds or an HTTP date (RFC 9110)."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when is None:
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+def _json_object(body: bytes) -> dict[str, Any] | None:
+    if not body:
+        return None
+    try:
+        obj = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return obj if isinstance(obj, dict) else None
+
+
+def _snippet(body: bytes) -> str:
+    text = body[:_ERROR_TEXT_CHARS * 2].decode("utf-8", "replace").strip()
+    text = " ".join(text.split())
+    return text[:_ERROR_TEXT_CHARS]
+
+
+def classify_response(status: int, headers: Mapping[str, str], body: bytes,
+                      hook: StatusHook | None = None
+                      ) -> tuple[bool, ErrorClass | None, str | None, dict[str, Any] | None]:
+    """(ok, error class, error text, result) for one HTTP answer.
+
+    The platform's own answers (throttling, size limits, gateway errors) are
+    decided by status. For 4xx/5xx statuses that a function itself may send
+    (400, 401, 403, 404, 500...) a JSON object with an "error" key means the
+    function ran and refused: that is an application error, not an auth or
+    missing-function problem of the platform.
+    """
+    if 200 <= status < 300:
+        if status == 204 or not body:
+            return True, None, None, {}
+        obj = _json_object(body)
+        if obj is None:
+            return False, ErrorClass.APPLICATION_ERROR, \
+                f"function answered {status} with a body that is not a JSON object", None
+        return True, None, None, obj
+    if hook is not None:
+        decided = hook(status, headers, body)
+        if decided is not None:
+            return False, decided[0], decided[1], None
+    obj = _json_object(body)
+    if status in (408, 504):
+        return False, ErrorClass.TIMEOUT, f"HTTP {status}: {_snippet(body) or 'timed out'}", None
+    if status == 429:
+        return False, ErrorClass.THROTTLED, f"HTTP 429: {_snippet(body) or 'too many requests'}", None
+    if status == 413:
+        return False, ErrorClass.PAYLOAD_TOO_LARGE, "HTTP 413: request entity too large", None
+    if status in (502, 503):
+        return False, ErrorClass.PLATFORM_ERROR, f"HTTP {status}: {_snippet(body)}", None
+    if obj is not None and "error" in obj:
+        return False, ErrorClass.APPLICATION_ERROR, \
+            f"HTTP {status}: {str(obj['error'])[:_ERROR_TEXT_CHARS]}", None
+    if status in (401, 403):
+        return False, ErrorClass.AUTH, f"HTTP {status}: {_snippet(body) or 'not authorized'}", None
+    if status == 404:
+        return False, ErrorClass.FUNCTION_MISSING, f"HTTP 404: {_snippet(body) or 'not found'}", None
+    if 400 <= status < 500:
+        return False, ErrorClass.APPLICATION_ERROR, f"HTTP {status}: {_snippet(body)}", None
+    return False, ErrorClass.PLATFORM_ERROR, f"HTTP {status}: {_snippet(body)}", None
+
+
+@dataclass
+class _Answer:
+    """What a worker thread hands back; turned into an Outcome on collection."""
+
+    ok: bool
+    error_class: ErrorClass | None
+    error: str | None
+    result: dict[str, Any] | None
+    start: float
+    end: float
+    result_bytes: int = 0
+    retry_after: float | None = None
+    platform_execution_id: str | None = None
+
+
+def default_session_factory(pool_size: int) -> Callable[[], requests.Session]:
+    def make() -> requests.Session:
+        s = requests.Session()
+        adapter = HTTPAdapter(pool_connections=4, pool_maxsize=pool_size, max_retries=0)
+        s.mount("http://", adapter)
+        s.mount("https://", adapter)
+        return s
+    return make
+
+
+class HttpInvoker:
+    """A bounded pool of worker threads, each with its own pooled session.
+
+    `submit` returns immediately; at most `max_workers` requests are in
+    flight, the rest wait in the queue (their wait shows up as `wait_ms`).
+    Futures are kept by platform id, so `done` also works with Invocation
+    objects the keeper rebuilt from its own records.
+    """
+
+    def __init__(self, max_workers: int = 32, *,
+                 session_factory: Callable[[], requests.Session] | None = None,
+                 auth_headers: AuthHeaders | None = None,
+                 status_hook: StatusHook | None = None,
+                 execution_id_header: str | None = None,
+                 name: str = "http-invoke"):
+        if max_workers < 1:
+            raise ValueError("max_workers must be at least 1")
+        self._pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix=name)
+        self._session_factory = session_factory or default_session_factory(max_workers)
+        self._auth_headers = auth_headers
+        self._hook = status_hook
+        self._exec_header = execution_id_header
+        self._local = threading.local()
+        self._sessions: list[requests.Session] = []
+        self._lock = threading.Lock()
+        self._futures: dict[str, Future] = {}
+        self._closed = False
+
+    # ---------------------------------------------------------------- submit
+
+    def submit(self, function: str, url: str, payload: Mapping[str, Any], *,
+               timeout_s: float, headers: Mapping[str, str] | None = None,
+               platform_id: str | None = None, max_bytes: int | None = None) -> Invocation:
+        if self._closed:
+            raise ProviderError(ErrorClass.UNREACHABLE, "the invoker is closed")
+        body = json.dumps(payload, separators=(",", ":")).encode()
+        if max_bytes is not None and len(body) > max_bytes:
+            raise ProviderError(ErrorClass.PAYLOAD_TOO_LARGE,
+                                f"payload of {len(body)} bytes exceeds the limit of {max_bytes}",
+                                status=413)
+        pid = platform_id or uuid.uuid4().hex
+        submitted = time.time()
+        fut = self._pool.submit(self._run, url, body, dict(headers or {}), timeout_s)
+        with self._lock:
+            self._futures[pid] = fut
+        return Invocation(function=function, platform_id=pid, submitted_at=submitted,
+                          payload_bytes=len(body))
+
+    def _session(self) -> requests.Session:
+        s = getattr(self._local, "session", None)
+        if s is None:
+            s = self._session_factory()
+            self._local.session = s
+            with self._lock:
+                self._sessions.append(s)
+        return s
+
+    def _run(self, url: str, body: bytes, headers: dict[str, str], timeout_s: float) -> _Answer:
+        start = time.time()
+        try:
+            if self._auth_headers is not None:
+                headers.update(self._auth_headers(url))
+            headers.setdefault("Content-Type", "application/json")
+            resp = self._session().post(url, data=body, headers=headers,
+                                        timeout=(min(CONNECT_TIMEOUT_S, timeout_s), timeout_s),
+                                        stream=True, allow_redirects=False)
+            try:
+                data = self._read_capped(resp)
+            finally:
+                resp.close()
+        except ProviderError as exc:
+            return _Answer(False, exc.error_class, str(exc.args[0]), None, start, time.time(),
+                           retry_after=exc.retry_after)
+        except requests.exceptions.ConnectTimeout as exc:
+            return _Answer(False, ErrorClass.UNREACHABLE, f"connect timeout: {_reason(exc)}",
+                           None, start, time.time())
+        except requests.exceptions.ReadTimeout:
+            return _Answer(False, ErrorClass.TIMEOUT, f"no answer within {timeout_s:.0f}s",
+                           None, start, time.time())
+        except requests.exceptions.SSLError as exc:
+            return _Answer(False, ErrorClass.UNREACHABLE, f"TLS: {_reason(exc)}",
+                           None, start, time.time())
+        except requests.exceptions.ConnectionError as exc:
+            # refused, reset before any answer, DNS failure
+            return _Answer(False, ErrorClass.UNREACHABLE, f"connection: {_reason(exc)}",
+                           None, start, time.time())
+        except _ResultTooLarge as exc:
+            return _Answer(False, ErrorClass.APPLICATION_ERROR, str(exc), None, start, time.time())
+        except requests.exceptions.RequestException as exc:
+            return _Answer(False, ErrorClass.PLATFORM_ERROR, f"{type(exc).__name__}: {_reason(exc)}",
+                           None, start, time.time())
+        end = time.time()
+        ok, ec, err, result = classify_response(resp.status_code, resp.headers, data, self._hook)
+        return _Answer(ok, ec, err, result, start, end, result_bytes=len(data),
+                       retry_after=retry_after_seconds(resp.headers.get("Retry-After"))
+                       if ec is ErrorClass.THROTTLED else None,
+                       platform_execution_id=resp.headers.get(self._exec_header)
+                       if self._exec_header else None)
+
+    @staticmethod
+    def _read_capped(resp: requests.Response) -> bytes:
+        chunks, total = [], 0
+        for chunk in resp.iter_content(65536):
+            total += len(chunk)
+            if total > MAX_RESULT_BYTES:
+                raise _ResultTooLarge(f"result larger than {MAX_RESULT_BYTES} bytes")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    # ----------------------------------------------------------------- track
+
+    def done(self, pending: Sequence[Invocation]) -> list[Outcome]:
+        """Outcomes of the finished ones among `pending`; no network traffic."""
+        out: list[Outcome] = []
+        for inv in pending:
+            with self._lock:
+                fut = self._futures.get(inv.platform_id)
+            if fut is None:
+                # A synchronous HTTP call lives only in the process that made
+                # it; after a keeper restart its answer is gone for good.
+                out.append(Outcome(platform_id=inv.platform_id, ok=False,
+                                   error_class=ErrorClass.PLATFORM_ERROR,
+                                   error="invocation is not tracked by this keeper process "
+                                         "(its answer was lost)"))
+                continue
+            if not fut.done():
+                continue
+            with self._lock:
+                self._futures.pop(inv.platform_id, None)
+            out.append(self._outcome(inv, fut))
+        return out
+
+    @staticmethod
+    def _outcome(inv: Invocation, fut: Future) -> Outcome:
+        try:
+            a: _Answer = fut.result()
+        except Exception as exc:  # a bug in a hook; still one outcome per call
+            return Outcome(platform_id=inv.platform_id, ok=False,
+                           error_class=ErrorClass.PLATFORM_ERROR,
+                           error=f"invoker failure: {type(exc).__name__}: {exc}")
+        kw: dict[str, Any] = {}
+        if _OUTCOME_HAS_RETRY_AFTER:
+            kw["retry_after"] = a.retry_after
+        err = a.error
+        if a.retry_after is not None and not _OUTCOME_HAS_RETRY_AFTER and err:
+            err = f"{err} (retry after {a.retry_after:.1f}s)"
+        return Outcome(platform_id=inv.platform_id, ok=a.ok, error_class=a.error_class,
+                       error=err, result=a.result, start=a.start, end=a.end,
+                       duration_ms=(a.end - a.start) * 1000.0,
+                       wait_ms=max(0.0, (a.start - inv.submitted_at) * 1000.0),
+                       cold_start=None, result_bytes=a.result_bytes, **kw)
+
+    def in_flight(self) -> int:
+        with self._lock:
+            return sum(1 for f in self._futures.values() if not f.done())
+
+    def forget(self, platform_ids: Sequence[str]) -> None:
+        """Drop futures the keeper gave up on (their threads still finish)."""
+        with self._lock:
+            for pid in platform_ids:
+                self._futures.pop(pid, None)
+
+    def close(self) -> None:
+        self._closed = True
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        with self._lock:
+            sessions, self._sessions = self._sessions, []
+        for s in sessions:
+            s.close()
+
+
+class _ResultTooLarge(Exception):
+    pass
+
+
+def _reason(exc: Exception) -> str:
+    # requests nests urllib3 errors two levels deep; the innermost reason is
+    # the readable one ("Connection refused", "Name or service not known").
+    inner: Any = exc
+    for _ in range(4):
+        nxt = inner.args[0] if getattr(inner, "args", None) else None
+        if isinstance(nxt, BaseException):
+            inner = nxt
+        else:
+            break
+    reason = getattr(inner, "reason", None)
+    text = str(reason if reason is not None else inner)
+    return text[:_ERROR_TEXT_CHARS]

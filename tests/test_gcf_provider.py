@@ -1,0 +1,233 @@
+"""Cloud Functions provider against a local fake of the v2 REST API.
+
+The official google-cloud-functions client drives every control-plane call
+(the fake checks it sees the client's headers and self-signed JWTs); the
+deployed source is served by a real functions-framework process behind an
+ID-token check, so invocations go end to end through the real invoke path.
+"""
+from __future__ import annotations
+
+import socket
+import time
+
+import pytest
+
+from fedkeeper.config import GoogleCluster
+from fedkeeper.providers import make_provider
+from fedkeeper.providers.base import ErrorClass, FunctionSpec, ProviderContext, ProviderError
+from fedkeeper.providers.gcf import CloudFunctionsProvider, function_id, map_api_error
+from fedkeeper.providers.gcf.provider import SHA_LABEL, memory_bytes
+
+from fake_gcf_api import FakeCloudFunctions
+from test_gcf_local import ECHO_MAIN, make_artifact, wait_all
+
+pytestmark = pytest.mark.timeout(120)
+
+SPEC = FunctionSpec(name="fl_echo", source="echo", memory_mb=1024, timeout_s=120,
+                    bound={"FK_FUNCTION": "fl_echo", "FK_STORE_DB": "fk",
+                           "FK_TOKEN_SECRET": "not-for-logs"},
+                    extra={"entry_point": "echo", "max_instances": 5})
+
+
+@pytest.fixture(autouse=True)
+def _no_access_boundary_lookup(monkeypatch):
+    # google-auth looks up a service account's "regional access boundary" at
+    # iamcredentials.googleapis.com in a background thread; tests stay on
+    # loopback, and the boundary plays no part in what is tested here.
+    from google.auth import _regional_access_boundary_utils as rab
+    monkeypatch.setattr(rab._RegionalAccessBoundaryManager, "maybe_start_refresh",
+                        lambda self, credentials, request: None)
+
+
+@pytest.fixture
+def fake():
+    f = FakeCloudFunctions().start()
+    yield f
+    f.stop()
+
+
+def cluster_for(fake: FakeCloudFunctions, **over) -> GoogleCluster:
+    kw = dict(kind="remote", project=fake.project, region=fake.region,
+              api_endpoint=fake.base_url, auth=fake.service_account)
+    kw.update(over)
+    return GoogleCluster(**kw)
+
+
+@pytest.fixture
+def provider(fake, tmp_path):
+    p = make_provider("gcf1", "google", cluster_for(fake), ProviderContext(state_dir=tmp_path))
+    assert type(p) is CloudFunctionsProvider
+    yield p
+    p.close()
+
+
+def test_deploy_creates_function_with_spec(fake, provider):
+    art = make_artifact()
+    res = provider.deploy(SPEC, art)
+    assert not res.skipped
+    fn = fake.functions["fl-echo"]
+    assert fn["name"] == f"projects/{fake.project}/locations/{fake.region}/functions/fl-echo"
+    assert fn["state"] == "ACTIVE" and fn["environment"] == "GEN_2"
+    assert fn["buildConfig"]["runtime"] == "python311"
+    assert fn["buildConfig"]["entryPoint"] == "echo"
+    obj = fn["buildConfig"]["source"]["storageSource"]["object"]
+    assert fake.uploads[obj] == art.data
+    sc = fn["serviceConfig"]
+    assert sc["availableMemory"] == "1024M" and sc["timeoutSeconds"] == 120
+    assert sc["maxInstanceCount"] == 5
+    assert {k: v for k, v in sc["environmentVariables"].items() if k.startswith("FK_")} == SPEC.bound
+    assert fn["labels"][SHA_LABEL] == art.sha256[:32] and fn["labels"]["fk-function"] == "fl_echo"
+    assert res.url == sc["uri"]
+    # the signed-URL upload: zip content type, no credentials attached
+    (up,) = fake.upload_headers
+    assert up["Content-Type"] == "application/zip" and "Authorization" not in up
+    # every control-plane call came from the official client library
+    assert fake.log and all("gapic/" in c["api_client"] for c in fake.log)
+    assert fake.calls("POST", "functions:generateUploadUrl")
+    assert fake.calls("POST", "/functions")[-1]["query"]["functionId"] == ["fl-echo"]
+    assert fake.calls("GET", "/operations/")
+
+
+def test_redeploy_same_hash_is_skipped_and_changes_update(fake, provider):
+    art = make_artifact()
+    provider.deploy(SPEC, art)
+    n_uploads = len(fake.calls("POST", "generateUploadUrl"))
+    again = provider.deploy(SPEC, art)
+    assert again.skipped and len(fake.calls("POST", "generateUploadUrl")) == n_uploads
+    assert not fake.calls("PATCH")
+
+    changed = make_artifact(ECHO_MAIN.replace('"echo": p.get("n")', '"echo": -1'))
+    res = provider.deploy(SPEC, changed)
+    assert not res.skipped
+    (patch,) = fake.calls("PATCH")
+    mask = patch["query"]["updateMask"][0].split(",")
+    assert "buildConfig.source" in mask and "labels" in mask
+    assert fake.functions["fl-echo"]["labels"][SHA_LABEL] == changed.sha256[:32]
+    out = provider.call("fl_echo", {"n": 3}, timeout_s=30)
+    assert out.ok and out.result["echo"] == -1
+
+    # a configuration change alone is deployed too
+    bigger = FunctionSpec(**{**SPEC.__dict__, "memory_mb": 2048})
+    assert not provider.deploy(bigger, changed).skipped
+    assert fake.functions["fl-echo"]["serviceConfig"]["availableMemory"] == "2048M"
+    assert provider.deploy(bigger, changed).skipped
+
+
+def test_invoke_end_to_end_with_cached_id_token(fake, provider):
+    provider.deploy(SPEC, make_artifact())
+    invs = [provider.invoke("fl_echo", {"n": i}) for i in range(25)]
+    outs = wait_all(provider, invs)
+    assert all(o.ok for o in outs), [o.error for o in outs if not o.ok]
+    assert sorted(o.result["echo"] for o in outs) == list(range(25))
+    assert all(o.result["fn"] == "fl_echo" for o in outs)
+    # one token for the function's audience, not one per call
+    assert fake.token_exchanges == 1
+    assert all(o.platform_id == i.platform_id for o, i in zip(outs, invs))
+
+
+def test_fresh_provider_finds_the_url(fake, provider, tmp_path):
+    provider.deploy(SPEC, make_artifact())
+    other = CloudFunctionsProvider("gcf1", cluster_for(fake), ProviderContext(state_dir=tmp_path))
+    try:
+        assert other.call("fl_echo", {"n": 9}, timeout_s=30).result["echo"] == 9
+    finally:
+        other.close()
+
+
+def test_data_plane_classes(fake, provider):
+    provider.deploy(SPEC, make_artifact())
+    crash, refused = wait_all(provider, [provider.invoke("fl_echo", {"crash": True}),
+                                         provider.invoke("fl_echo", {"refuse": True})])
+    assert crash.error_class is ErrorClass.DEVELOPER_ERROR
+    assert refused.error_class is ErrorClass.APPLICATION_ERROR
+    fake.reject_invocations = True
+    (denied,) = wait_all(provider, [provider.invoke("fl_echo", {"n": 1})])
+    assert denied.error_class is ErrorClass.AUTH
+    fake.reject_invocations = False
+    # the function vanished behind the keeper's back
+    fake.functions.pop("fl-echo")
+    (gone,) = wait_all(provider, [provider.invoke("fl_echo", {"n": 1})])
+    assert gone.error_class is ErrorClass.FUNCTION_MISSING
+
+
+def test_remove_and_exists(fake, provider):
+    assert not provider.exists("fl_echo")
+    provider.deploy(SPEC, make_artifact())
+    assert provider.exists("fl_echo")
+    assert provider.list_functions() == ["fl-echo"]
+    assert provider.remove("fl_echo")
+    assert "fl-echo" not in fake.functions and fake.calls("DELETE")
+    assert not provider.exists("fl_echo")
+    assert not provider.remove("fl_echo")
+    with pytest.raises(ProviderError) as ei:
+        provider.invoke("fl_echo", {"n": 1})
+    assert ei.value.error_class is ErrorClass.FUNCTION_MISSING
+
+
+@pytest.mark.parametrize("code,expected", [(403, ErrorClass.AUTH), (401, ErrorClass.AUTH),
+                                           (429, ErrorClass.THROTTLED),
+                                           (500, ErrorClass.PLATFORM_ERROR),
+                                           (400, ErrorClass.PLATFORM_ERROR)])
+def test_control_plane_errors_map_to_classes(fake, provider, code, expected):
+    # times=3: on a 401 the client refreshes its credentials and tries again
+    fake.inject_error("GET", "/functions/fl-echo", code, "injected", times=3,
+                      headers={"Retry-After": "7"})
+    with pytest.raises(ProviderError) as ei:
+        provider.deploy(SPEC, make_artifact())
+    assert ei.value.error_class is expected
+    assert ei.value.status == code
+    if expected is ErrorClass.THROTTLED:
+        assert ei.value.retry_after == 7
+
+
+def test_create_throttled(fake, provider):
+    fake.inject_error("POST", "/functions", 429, "Quota exceeded for quota metric 'Write requests'")
+    with pytest.raises(ProviderError) as ei:
+        provider.deploy(SPEC, make_artifact())
+    assert ei.value.error_class is ErrorClass.THROTTLED and "Quota" in str(ei.value)
+
+
+def test_failed_operation(fake, provider):
+    fake.fail_next_operation(3, "Build failed: missing dependency")
+    with pytest.raises(ProviderError) as ei:
+        provider.deploy(SPEC, make_artifact())
+    assert "Build failed" in str(ei.value)
+    # a FAILED function is redeployed, never skipped
+    assert fake.functions["fl-echo"]["state"] == "FAILED"
+    assert not provider.deploy(SPEC, make_artifact()).skipped
+
+
+def test_bad_credentials_are_auth(fake, tmp_path):
+    other = FakeCloudFunctions()  # a different key the API does not know
+    try:
+        p = CloudFunctionsProvider("x", cluster_for(fake, auth=other.service_account),
+                                   ProviderContext(state_dir=tmp_path))
+        with pytest.raises(ProviderError) as ei:
+            p.exists("fl_echo")
+        assert ei.value.error_class is ErrorClass.AUTH
+        p.close()
+    finally:
+        other._server.server_close()
+        other._tmp.cleanup()
+
+
+def test_unreachable_endpoint(fake, tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    p = CloudFunctionsProvider("x", cluster_for(fake, api_endpoint=f"http://127.0.0.1:{port}"),
+                               ProviderContext(state_dir=tmp_path))
+    t0 = time.monotonic()
+    with pytest.raises(ProviderError) as ei:
+        p.exists("fl_echo")
+    assert ei.value.error_class is ErrorClass.UNREACHABLE
+    assert time.monotonic() - t0 < 15
+    p.close()
+
+
+def test_helpers():
+    assert function_id("fl_server_aggregator") == "fl-server-aggregator"
+    with pytest.raises(ProviderError):
+        function_id("1bad")
+    assert memory_bytes("1024M") == memory_bytes("1024000k") and memory_bytes("1Gi") == 2**30
+    assert map_api_error(TimeoutError(), "x").error_class is ErrorClass.TIMEOUT
