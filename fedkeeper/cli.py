@@ -270,10 +270,10 @@ class ConsoleProgress:
 
 def run_start(cfg: Config, scenario: str | None, resume: str | None = None, deploy: bool = True,
               keep_services: bool = False) -> int:
-    from .keeper import Keeper, SessionError
+    from .keeper import Keeper, SessionError, new_session_id
     from .logs import setup_run_log
-    name = resume or f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    log_path = setup_run_log(name, cfg.secret_values())
+    session_id = resume or new_session_id(cfg.name)
+    log_path = setup_run_log(session_id, cfg.secret_values())
     rt = _open_runtime(cfg, scenario, need_store=True, keep_local_services=keep_services)
     if rt.scenario.clients_info is None:
         rt.close()
@@ -288,7 +288,7 @@ def run_start(cfg: Config, scenario: str | None, resume: str | None = None, depl
     try:
         with ConsoleProgress(rt.scenario.training.rounds) as progress:
             keeper.progress = progress
-            summary = keeper.start(resume=resume, deploy=deploy)
+            summary = keeper.start(resume=resume, deploy=deploy, session_id=session_id)
     except SessionError as exc:
         _fail(str(exc))
     finally:

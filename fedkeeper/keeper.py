@@ -82,6 +82,10 @@ class SessionSummary:
 Progress = Callable[[str, dict[str, Any]], None]
 
 
+def new_session_id(name: str) -> str:
+    return f"{name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+
+
 def _round_csv(session: str, rnd: int, attempts: list[dict[str, Any]]) -> None:
     d = log_dir() / session
     d.mkdir(parents=True, exist_ok=True)
@@ -152,7 +156,8 @@ class Keeper:
         return placements
 
     # ------------------------------------------------------------------ session
-    def start(self, resume: str | None = None, deploy: bool = True) -> SessionSummary:
+    def start(self, resume: str | None = None, deploy: bool = True,
+              session_id: str | None = None) -> SessionSummary:
         if deploy:
             self.deploy()
         if resume:
@@ -164,7 +169,7 @@ class Keeper:
             session = resume
             self.store.event(session, "resumed", "keeper resumed the session")
         else:
-            session = f"{self.rt.cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+            session = session_id or new_session_id(self.rt.cfg.name)
             self.store.create_session({
                 "_id": session, "name": self.rt.cfg.name, "scenario": self.rt.scenario_name,
                 "spec": self._session_spec(), "training": self.training.model_dump(),

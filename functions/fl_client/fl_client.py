@@ -1,0 +1,52 @@
+"""fl_client: train the round's global model on this client's partition and
+store the update under (session, round, client). Returns only counts,
+metrics and timings: weights never travel in the result."""
+from __future__ import annotations
+
+import time
+import zlib
+from typing import Any
+
+import pymongo
+
+from flcommon import store
+from flcommon.context import database, global_model, ids, num_classes, session_spec
+from flcommon.entry import BadRequest, require
+from flcommon.models import train
+
+
+def handle(payload: dict[str, Any], bound: dict[str, str]) -> dict[str, Any]:
+    session, rnd = ids(payload)
+    client = require(payload, "client", str)
+    attempt = require(payload, "attempt", int)
+    db = database(bound)
+    t0 = time.perf_counter()
+    spec = session_spec(db, session)
+    if client not in spec["clients"]:
+        raise BadRequest(f"{client} is not a client of session {session}")
+    _, weights = global_model(db, session, rnd)
+    part = db[store.PARTITIONS].find_one({"session": session, "client": client})
+    if part is None:
+        raise BadRequest(f"no data partition for {client} in session {session}")
+    x, y = store.get_arrays(db, part["blob_id"])
+    t1 = time.perf_counter()
+    seed = zlib.crc32(f"{spec.get('seed', 0)}/{rnd}/{client}".encode())
+    new, metrics = train(spec, weights, x, y, num_classes(db, session), seed)
+    t2 = time.perf_counter()
+    blob = store.put_arrays(db, new, f"{session}/update/{rnd:03d}/{client}.npz",
+                            {"kind": "update", "session": session, "round": rnd, "client": client,
+                             "attempt": attempt})
+    doc = {"session": session, "round": rnd, "client": client, "attempt": attempt, "blob_id": blob,
+           "num_examples": int(len(y)), "metrics": metrics, "status": "received", "created": time.time()}
+    duplicate = False
+    try:
+        db[store.UPDATES].insert_one(doc)
+    except pymongo.errors.DuplicateKeyError:
+        # Another attempt of this client already delivered this round: keep
+        # that one, drop ours, so the update is never counted twice.
+        store.delete_blob(db, blob)
+        duplicate = True
+    t3 = time.perf_counter()
+    return {"num_examples": int(len(y)), "metrics": metrics, "duplicate": duplicate,
+            "timings": {"load_ms": round((t1 - t0) * 1000, 1), "train_ms": round((t2 - t1) * 1000, 1),
+                        "store_ms": round((t3 - t2) * 1000, 1)}}

@@ -1,0 +1,61 @@
+"""fl_server_init: partition the data (seeded), store each client's
+partition and the test set, and store the round-0 global model."""
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+import pymongo
+
+from flcommon import store
+from flcommon.context import database, ids, session_spec
+from flcommon.data import load_dataset, partition
+from flcommon.models import initial_weights
+
+
+def _summary(doc: dict[str, Any]) -> dict[str, Any]:
+    return {k: doc[k] for k in ("num_clients", "num_params", "model_bytes", "num_classes", "partition_sizes")
+            if k in doc}
+
+
+def handle(payload: dict[str, Any], bound: dict[str, str]) -> dict[str, Any]:
+    session, _ = ids(payload)
+    db = database(bound)
+    done = db[store.MODELS].find_one({"session": session, "round": 0})
+    if done is not None:  # idempotent: a retried init changes nothing
+        return dict(_summary(done), reused=True)
+    spec = session_spec(db, session)
+    t0 = time.perf_counter()
+    x_tr, y_tr, x_te, y_te = load_dataset(spec.get("data", {}))
+    clients: list[str] = spec["clients"]
+    p = spec.get("partition", {})
+    parts = partition(y_tr, len(clients), p.get("method", "iid"), int(spec.get("seed", 0)),
+                      float(p.get("alpha", 0.5)), int(p.get("shards_per_client", 2)))
+    # A previous, interrupted init may have left partitions: replace them.
+    for old in db[store.PARTITIONS].find({"session": session}):
+        store.delete_blob(db, old["blob_id"])
+    db[store.PARTITIONS].delete_many({"session": session})
+    docs = []
+    for client, idx in [*zip(clients, parts), ("_test", None)]:
+        x, y = (x_te, y_te) if idx is None else (x_tr[idx], y_tr[idx])
+        blob = store.put_arrays(db, [x, y], f"{session}/data/{client}.npz",
+                                {"kind": "partition", "session": session, "client": client})
+        docs.append({"session": session, "client": client, "blob_id": blob, "num_examples": int(len(y))})
+    db[store.PARTITIONS].insert_many(docs)
+    n_classes = int(max(y_tr.max(), y_te.max()) + 1)
+    weights = initial_weights(spec["model"], x_tr.shape[1:], n_classes, int(spec.get("seed", 0)))
+    blob = store.put_arrays(db, weights, f"{session}/model/000.npz",
+                            {"kind": "model", "session": session, "round": 0})
+    sizes = [len(i) for i in parts]
+    doc = {"session": session, "round": 0, "blob_id": blob, "num_classes": n_classes,
+           "num_clients": len(clients), "num_params": int(sum(w.size for w in weights)),
+           "model_bytes": int(sum(w.nbytes for w in weights)),
+           "partition_sizes": {"min": int(min(sizes)), "median": float(np.median(sizes)), "max": int(max(sizes))},
+           "created": time.time(), "seconds": time.perf_counter() - t0}
+    try:
+        db[store.MODELS].insert_one(doc)
+    except pymongo.errors.DuplicateKeyError:  # a concurrent attempt won
+        store.delete_blob(db, blob)
+        return dict(_summary(db[store.MODELS].find_one({"session": session, "round": 0})), reused=True)
+    return _summary(doc)

@@ -1,0 +1,144 @@
+"""Data sets and their seeded partitioning across clients.
+
+Only these loaders touch the network, and only for a URL the config names.
+`digits` (scikit-learn's bundled 8x8 handwritten digits) works offline.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .entry import BadRequest
+
+OBJ_HELP = ("FedKeeper's pickled .obj data files are refused: loading them would run pickle. "
+            "Convert them once, in a trusted environment, to a Keras-style mnist.npz: "
+            "numpy.savez('mnist.npz', x_train=..., y_train=..., x_test=..., y_test=...), "
+            "then set training_test_data: {dataset: npz, path: mnist.npz}.")
+
+
+def _scale(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float32)
+    top = float(x.max()) if x.size else 1.0
+    if top > 1.0:
+        x /= 255.0 if top > 16.0 else 16.0
+    return x[..., None] if x.ndim == 3 else x
+
+
+def load_digits_split(seed: int = 0) -> tuple[np.ndarray, ...]:
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+    d = load_digits()
+    x = (d.images / 16.0).astype(np.float32)[..., None]
+    y = d.target.astype(np.int64)
+    # A fixed, stratified split: the test set is the same for every session.
+    x_tr, x_te, y_tr, y_te = train_test_split(x, y, test_size=0.25, random_state=0, stratify=y)
+    return x_tr, y_tr, x_te, y_te
+
+
+def cache_dir() -> Path:
+    d = Path(os.environ.get("FK_DATA_CACHE", Path(tempfile.gettempdir()) / "fedkeeper-data"))
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def fetch(location: str, sha256: str | None = None, timeout_s: float = 60.0) -> Path:
+    """A local path as is, or an http(s) URL downloaded once into the cache.
+    With a checksum, a mismatch is an error (and the bad file is dropped)."""
+    if location.startswith(("http://", "https://")):
+        name = hashlib.sha256(location.encode()).hexdigest()[:16] + "-" + Path(location.split("?")[0]).name
+        path = cache_dir() / name
+        if not path.exists():
+            tmp = path.with_suffix(path.suffix + ".part")
+            try:
+                with urllib.request.urlopen(location, timeout=timeout_s) as resp, open(tmp, "wb") as out:
+                    while block := resp.read(1 << 20):
+                        out.write(block)
+            except OSError as exc:
+                tmp.unlink(missing_ok=True)
+                raise BadRequest(f"cannot download {location}: {exc}") from None
+            tmp.replace(path)
+    else:
+        path = Path(location).expanduser()
+        if not path.is_file():
+            raise BadRequest(f"data file {location} does not exist")
+    if sha256 and _sha256(path) != sha256.lower():
+        if location.startswith(("http://", "https://")):
+            path.unlink(missing_ok=True)
+        raise BadRequest(f"checksum mismatch for {location}: expected sha256 {sha256}")
+    return path
+
+
+def load_npz(location: str, sha256: str | None = None) -> tuple[np.ndarray, ...]:
+    path = fetch(location, sha256)
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            missing = {"x_train", "y_train", "x_test", "y_test"} - set(z.files)
+            if missing:
+                raise BadRequest(f"{location} lacks {sorted(missing)} (expected Keras' mnist.npz layout)")
+            return (_scale(z["x_train"]), z["y_train"].astype(np.int64),
+                    _scale(z["x_test"]), z["y_test"].astype(np.int64))
+    except ValueError as exc:
+        raise BadRequest(f"{location} is not a pickle-free npz: {exc}") from None
+
+
+def load_dataset(data: dict[str, Any]) -> tuple[np.ndarray, ...]:
+    kind = data.get("dataset", "digits")
+    if kind == "digits":
+        return load_digits_split()
+    if kind == "npz":
+        return load_npz(data["path"], data.get("sha256"))
+    if kind == "fedkeeper_obj" or any(str(data.get(k, "")).endswith(".obj") for k in data):
+        raise BadRequest(OBJ_HELP)
+    raise BadRequest(f"unknown dataset {kind!r}")
+
+
+def partition(labels: np.ndarray, n_clients: int, method: str = "iid", seed: int = 0,
+              alpha: float = 0.5, shards_per_client: int = 2) -> list[np.ndarray]:
+    """Indices per client; every client gets at least one sample."""
+    n = len(labels)
+    if n_clients < 1 or n < n_clients:
+        raise BadRequest(f"cannot split {n} samples over {n_clients} clients")
+    rng = np.random.default_rng(seed)
+    if method == "iid":
+        parts = np.array_split(rng.permutation(n), n_clients)
+    elif method == "shards":
+        # McMahan et al.: sort by label, cut into shards, deal shards out.
+        order = rng.permutation(n)
+        order = order[np.argsort(labels[order], kind="stable")]
+        n_shards = n_clients * shards_per_client
+        if n_shards > n:
+            raise BadRequest(f"{n_shards} shards need at least as many samples (have {n})")
+        shards = np.array_split(order, n_shards)
+        deal = rng.permutation(n_shards)
+        parts = [np.concatenate([shards[s] for s in deal[i::n_clients]]) for i in range(n_clients)]
+    elif method == "dirichlet":
+        buckets: list[list[int]] = [[] for _ in range(n_clients)]
+        for cls in np.unique(labels):
+            idx = rng.permutation(np.flatnonzero(labels == cls))
+            props = rng.dirichlet(np.full(n_clients, alpha))
+            cuts = (np.cumsum(props)[:-1] * len(idx)).astype(int)
+            for b, chunk in zip(buckets, np.split(idx, cuts)):
+                b.extend(chunk.tolist())
+        # Give any empty client one sample from the largest.
+        for b in buckets:
+            if not b:
+                donor = max(buckets, key=len)
+                b.append(donor.pop())
+        parts = [np.array(sorted(b), dtype=np.int64) for b in buckets]
+    else:
+        raise BadRequest(f"unknown partition method {method!r}")
+    return [np.sort(p).astype(np.int64) for p in parts]
