@@ -176,7 +176,7 @@ def run_deploy(cfg: Config, scenario: str | None, functions: list[str] | None,
             errconsole.print(f"[red]{failures} of {len(placements)} {verb} operation(s) failed[/red]")
         return 1 if failures else 0
     finally:
-        rt.close(stop_services=False)
+        rt.close()
 
 
 @main.command("deploy")
@@ -292,7 +292,7 @@ def run_start(cfg: Config, scenario: str | None, resume: str | None = None, depl
     except SessionError as exc:
         _fail(str(exc))
     finally:
-        rt.close(stop_services=not keep_services)
+        rt.close(stop_store=not keep_services)
     acc = summary.final_accuracy
     table = Table(title=f"session {summary.session}: {summary.state}")
     for col in ("rounds", "final accuracy", "wall time", "run log"):
@@ -387,7 +387,7 @@ def status_cmd(session: str | None, config_path: str, scenario: str | None, as_j
                     break
                 time.sleep(interval)
     finally:
-        rt.close(stop_services=False)
+        rt.close()
 
 
 # --------------------------------------------------------------------------- fabric
@@ -457,7 +457,7 @@ def check_cmd(config_path: str, scenario: str | None, clusters: tuple[str, ...],
     try:
         results = run_checks(rt, chosen, keep)
     finally:
-        rt.close(stop_services=False)
+        rt.close()
     if junit_path:
         Path(junit_path).write_bytes(junit_xml(results))
     if as_json:

@@ -133,7 +133,9 @@ class Runtime:
             self.providers[cluster] = p
         return p
 
-    def close(self, *, stop_services: bool = True) -> None:
+    def close(self, *, stop_store: bool = True) -> None:
+        """Close providers (they stop local services unless kept) and stop the
+        embedded store if this runtime started it and `stop_store`."""
         for p in self.providers.values():
             try:
                 p.close()
@@ -143,7 +145,7 @@ class Runtime:
         if self.store is not None:
             self.store.close()
             self.store = None
-        if stop_services and self._embedded is not None and self._started_store:
+        if stop_store and self._embedded is not None and self._started_store:
             self._embedded.stop()
 
     # ------------------------------------------------------------------ placement
