@@ -348,7 +348,7 @@ class ModelParams(_Strict):
     lr: float = Field(1e-3, gt=0)
     optim: Literal["adam", "nadam", "sgd"] = "adam"
     momentum: float = Field(0.0, ge=0, lt=1)
-    local_epochs: int = Field(1, gt=0)
+    local_epochs: int = Field(1, ge=0)  # 0: no training (measures system overhead)
 
     @field_validator("lr", "momentum", "local_epochs", mode="before")
     @classmethod

@@ -86,7 +86,13 @@ def _reset_optimizer(model) -> None:
 
 def train(spec: dict[str, Any], weights: list[np.ndarray], x: np.ndarray, y: np.ndarray,
           num_classes: int, seed: int) -> tuple[list[np.ndarray], dict[str, float]]:
-    """Local training from `weights`; returns new weights and last-epoch metrics."""
+    """Local training from `weights`; returns new weights and last-epoch metrics.
+
+    With local_epochs 0 the weights come back untouched and Keras is never
+    imported: a no-op client that still reads and writes its blobs, for
+    measuring what the system itself costs per round."""
+    if int(spec.get("local_epochs", 1)) == 0:
+        return [np.array(w) for w in weights], {}
     import keras
     with _lock:  # functions-framework may run requests on threads
         model = compiled(spec["model"], x.shape[1:], num_classes, spec.get("optim", "adam"),
