@@ -224,20 +224,25 @@ class Keeper:
 
     # ------------------------------------------------------------------ server calls
     def _server_call(self, session: str, rnd: int, function: str, **args: Any) -> dict[str, Any]:
-        """Invoke a server function and wait, with the same bounded retries."""
-        provider = self.rt.provider(self.server)
-        spec = self._spec(self.server, function)
+        return self._call(self.server, session, rnd, function, **args)
+
+    def _call(self, cluster: str, session: str, rnd: int, function: str, **args: Any) -> dict[str, Any]:
+        """Invoke a helper function (init, aggregator, invoker) and wait, with
+        the same bounded retries; every attempt is recorded."""
+        provider = self.rt.provider(cluster)
+        spec = self._spec(cluster, function)
         r = self.training.retries
         last = ""
         # A resumed keeper continues the attempt numbering of the one it replaces.
-        done_before = [a["attempt"] for a in self.store.attempts(session, rnd) if a["client"] == f"_{function}"]
+        done_before = [a["attempt"] for a in self.store.db[fs.INVOCATIONS].find(
+            {"session": session, "round": rnd, "client": f"_{function}"}, {"attempt": 1})]
         first = max(done_before, default=0) + 1
         attempt = first
         for attempt in range(first, first + r.max_attempts):
             payload = self._payload(function=function, session=session, round=rnd, client=None,
                                     attempt=attempt, **args)
             doc = {"_id": ObjectId(), "session": session, "round": rnd, "client": f"_{function}",
-                   "attempt": attempt, "cluster": self.server, "platform": provider.platform,
+                   "attempt": attempt, "cluster": cluster, "platform": provider.platform,
                    "function": function, "state": "submitting", "submitted": time.time()}
             self.store.insert_attempts([doc])
             try:
@@ -245,7 +250,7 @@ class Keeper:
             except ProviderError as exc:
                 out = Outcome(platform_id="", ok=False, error_class=exc.error_class, error=str(exc))
                 if exc.error_class == ErrorClass.FUNCTION_MISSING:
-                    self._redeploy(self.server, function)
+                    self._redeploy(cluster, function)
             self.store.update_attempts([(doc["_id"], self._outcome_fields(out))])
             if out.ok and out.result and "error" not in out.result:
                 return out.result
@@ -335,7 +340,7 @@ class Keeper:
             docs.append({"_id": s.doc_id, "session": session, "round": rnd, "client": s.client,
                          "attempt": s.attempt, "cluster": s.cluster, "platform": prov.platform,
                          "function": "fl_client", "state": "submitting", "submitted": now,
-                         "via": "direct"})
+                         "via": "invoker" if self._via_invoker(s.cluster) else "direct"})
         self.store.insert_attempts(docs)
 
         def invoke(s: Slot):
@@ -347,8 +352,12 @@ class Keeper:
                 return s, None, exc
 
         changes = []
-        with ThreadPoolExecutor(max_workers=min(16, len(ready))) as ex:
-            results = list(ex.map(invoke, ready))
+        direct = [s for s in ready if not self._via_invoker(s.cluster)]
+        results = []
+        if direct:
+            with ThreadPoolExecutor(max_workers=min(16, len(direct))) as ex:
+                results = list(ex.map(invoke, direct))
+        results += self._submit_via_invoker(session, rnd, [s for s in ready if self._via_invoker(s.cluster)])
         for s, inv, err in results:
             if inv is not None:
                 spec = self._spec(s.cluster, "fl_client")
@@ -365,6 +374,40 @@ class Keeper:
     def _has_update(self, session: str, rnd: int, client: str) -> bool:
         return self.store.db[fs.UPDATES].find_one(
             {"session": session, "round": rnd, "client": client}, {"_id": 1}) is not None
+
+    def _via_invoker(self, cluster: str) -> bool:
+        return getattr(self.rt.cfg.providers.clusters()[cluster][1], "invocation", "direct") == "via_invoker"
+
+    INVOKER_BATCH = 40  # client payloads per fl_invoker call: keeps its payload small
+
+    def _submit_via_invoker(self, session: str, rnd: int, slots: list[Slot]):
+        """Hand a cluster's clients to fl_invoker, which invokes them inside
+        the cluster and writes each platform id on the attempt document."""
+        out = []
+        by_cluster: dict[str, list[Slot]] = {}
+        for s in slots:
+            by_cluster.setdefault(s.cluster, []).append(s)
+        for cluster, group in by_cluster.items():
+            for i in range(0, len(group), self.INVOKER_BATCH):
+                batch = group[i:i + self.INVOKER_BATCH]
+                calls = [self._payload(function="fl_client", session=session, round=rnd, client=s.client,
+                                       attempt=s.attempt) for s in batch]
+                try:
+                    res = self._call(cluster, session, rnd, "fl_invoker", target="fl_client", calls=calls)
+                except SessionError as exc:
+                    out += [(s, None, ProviderError(ErrorClass.PLATFORM_ERROR, str(exc))) for s in batch]
+                    continue
+                failed = {f["client"]: f.get("error", "failed") for f in res.get("failed", [])}
+                docs = {d["_id"]: d for d in self.store.db[fs.INVOCATIONS].find(
+                    {"_id": {"$in": [s.doc_id for s in batch]}})}
+                for s in batch:
+                    pid = docs.get(s.doc_id, {}).get("platform_id")
+                    if pid and s.client not in failed:
+                        out.append((s, Invocation("fl_client", pid, time.time()), None))
+                    else:
+                        out.append((s, None, ProviderError(ErrorClass.PLATFORM_ERROR,
+                                                           f"fl_invoker: {failed.get(s.client, 'no platform id')}")))
+        return out
 
     def _failed_attempt(self, s: Slot, ec: ErrorClass | None, error: str,
                         retry_after: float | None = None) -> None:

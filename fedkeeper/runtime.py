@@ -67,6 +67,7 @@ def deployment_hash(artifact: Artifact, spec: FunctionSpec) -> str:
     settings = {"name": spec.name, "source": spec.source, "memory_mb": spec.memory_mb,
                 "timeout_s": spec.timeout_s, "concurrency": spec.concurrency,
                 "image": spec.image, "runtime": spec.runtime, "extra": spec.extra,
+                "platform_api": spec.platform_api,
                 "bound": hashlib.sha256(json.dumps(spec.bound, sort_keys=True).encode()).hexdigest()}
     h = hashlib.sha256(artifact.sha256.encode())
     h.update(json.dumps(settings, sort_keys=True, default=str).encode())
@@ -169,7 +170,7 @@ class Runtime:
         bound = {"FK_FUNCTION": function, "FK_TOKEN_SECRET": self.secret,
                  "FK_STORE_URL": self.store_url or "", "FK_STORE_DB": self.scenario.mongo_config.db}
         return FunctionSpec(name=function, source=function, bound=bound, image=image,
-                            runtime=runtime, extra=extra, **d)
+                            runtime=runtime, extra=extra, platform_api=function == "fl_invoker", **d)
 
     def server_cluster(self) -> str:
         clusters = self.cfg.providers.clusters()

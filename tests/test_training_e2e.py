@@ -185,3 +185,29 @@ def test_resume_after_kill_minus_9_mid_round(fabric_state, mongo_url, tmp_path):
     # No completed update was lost.
     done_after = {(u["round"], u["client"]) for u in db[fs.UPDATES].find({"session": sess["_id"]})}
     assert done_before <= done_after
+
+
+def test_clients_invoked_through_fl_invoker(fabric_state, mongo_url, tmp_path):
+    db_name = "e2e_invoker"
+    cfg_path = tmp_path / "cfg.yaml"
+    cfg_path.write_text(textwrap.dedent(f"""\
+        name: e2e_invoker
+        providers:
+          openwhisk:
+            inv_ow: {{kind: local, invocation: via_invoker}}
+        scenarios:
+          federated_learning:
+            clients_info: {{total_num_clients: 4, num_clients_per_round: 4, ow_clients_count: 4}}
+            data_sampling: {{model: small, batch_size: 16}}
+            mongo_config: {{url: "{mongo_url}", db: {db_name}}}
+            model_params: {{lr: "1e-2", local_epochs: "1"}}
+            training: {{rounds: 2, seed: 5}}
+        """))
+    assert run_start(load_config(cfg_path), None, keep_services=True) == 0
+    db = pymongo.MongoClient(mongo_url)[db_name]
+    sess = db[fs.SESSIONS].find_one(sort=[("created", -1)])
+    check_session_integrity(db, sess["_id"], max_attempts=3)
+    clients = list(db[fs.INVOCATIONS].find({"session": sess["_id"], "function": "fl_client"}))
+    assert len(clients) == 8 and all(a["via"] == "invoker" and a["platform_id"] for a in clients)
+    invoker_calls = list(db[fs.INVOCATIONS].find({"session": sess["_id"], "client": "_fl_invoker"}))
+    assert len(invoker_calls) == 2 and all(a["state"] == "succeeded" for a in invoker_calls)

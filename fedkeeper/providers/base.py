@@ -62,6 +62,9 @@ class FunctionSpec:
     image: str | None = None  # docker image / container image, when named
     runtime: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    # The function invokes other functions through the platform's own API
+    # (fl_invoker); only such functions get the platform's credentials.
+    platform_api: bool = False
 
 
 @dataclass(frozen=True)

@@ -260,7 +260,8 @@ class OpenWhiskProvider(Provider):
             "annotations": [{"key": "fk-sha256", "value": artifact.sha256},
                             {"key": "fk-source", "value": spec.source},
                             {"key": "final", "value": True},
-                            {"key": "provide-api-key", "value": True}],
+                            # Only functions that invoke others get the namespace key.
+                            {"key": "provide-api-key", "value": bool(spec.platform_api)}],
         }
         r = self._control("PUT", path, f"deploying action {spec.name}", params={"overwrite": "true"},
                           data=json.dumps(body).encode())
