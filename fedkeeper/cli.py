@@ -269,7 +269,7 @@ class ConsoleProgress:
 
 
 def run_start(cfg: Config, scenario: str | None, resume: str | None = None, deploy: bool = True,
-              keep_services: bool = False) -> int:
+              keep_services: bool = False, metrics_port: int | None = None) -> int:
     from .keeper import Keeper, SessionError, new_session_id
     from .logs import setup_run_log
     session_id = resume or new_session_id(cfg.name)
@@ -285,13 +285,23 @@ def run_start(cfg: Config, scenario: str | None, resume: str | None = None, depl
         rt.close()
         raise UsageFailure(str(exc)) from None
     t0 = time.time()
+    metrics = None
     try:
         with ConsoleProgress(rt.scenario.training.rounds) as progress:
             keeper.progress = progress
+            if metrics_port is not None:
+                from .metrics import KeeperMetrics, fan_out
+                metrics = KeeperMetrics()
+                port = metrics.start(metrics_port)
+                progress._line(f"keeper metrics at http://127.0.0.1:{port}/metrics")
+                keeper.progress = fan_out(progress, metrics)
+                keeper.attempt_ended = metrics.record_attempt
             summary = keeper.start(resume=resume, deploy=deploy, session_id=session_id)
     except SessionError as exc:
         _fail(str(exc))
     finally:
+        if metrics is not None:
+            metrics.stop()
         rt.close(stop_store=not keep_services)
     acc = summary.final_accuracy
     table = Table(title=f"session {summary.session}: {summary.state}")
@@ -313,11 +323,48 @@ def run_start(cfg: Config, scenario: str | None, resume: str | None = None, depl
 @click.option("--no-deploy", is_flag=True, help="Assume the functions are deployed already.")
 @click.option("--keep-services", is_flag=True,
               help="Leave the embedded MongoDB and local fabric running after the session ends.")
+@click.option("--metrics-port", type=click.IntRange(0, 65535), default=None,
+              help="Serve the keeper's Prometheus metrics on this loopback port (0: any free port).")
 def start_cmd(config_path: str, scenario: str | None, resume: str | None, no_deploy: bool,
-              keep_services: bool) -> None:
+              keep_services: bool, metrics_port: int | None) -> None:
     """Deploy (if needed) and run federated training."""
     cfg = _load(config_path)
-    sys.exit(run_start(cfg, scenario, resume, deploy=not no_deploy, keep_services=keep_services))
+    sys.exit(run_start(cfg, scenario, resume, deploy=not no_deploy, keep_services=keep_services,
+                       metrics_port=metrics_port))
+
+
+@main.command("metrics")
+@config_option
+@scenario_option
+@click.option("--window", default="1h", show_default=True, help="Prometheus range such as 15m or 1h; 'all' for totals.")
+@click.option("--cluster", "clusters", multiple=True, help="Only these clusters (repeatable).")
+@click.option("--json", "as_json", is_flag=True)
+def metrics_cmd(config_path: str, scenario: str | None, window: str, clusters: tuple[str, ...], as_json: bool) -> None:
+    """Per-cluster cold starts, duration percentiles and error rates from each
+    cluster's Prometheus (prometheus_config)."""
+    from .metrics import metrics_for_config
+    cfg = _load(config_path)
+    try:
+        name, scen = cfg.scenario(scenario)
+    except ConfigError as exc:
+        raise UsageFailure(str(exc)) from None
+    chosen = select_clusters(cfg, _split(clusters)) if clusters else None
+    try:
+        rows = metrics_for_config(cfg, None if window == "all" else window,
+                                  actions=list(scen.functions) or None, clusters=chosen)
+    except ValueError as exc:
+        raise UsageFailure(str(exc)) from None
+    data = [r.row() for r in rows]
+    if as_json:
+        click.echo(json.dumps(data, indent=2, default=str))
+        return
+    t = Table(title=f"cluster metrics ({'all time' if window == 'all' else 'last ' + window})")
+    cols = list(data[0].keys()) if data else ["cluster"]
+    for c in cols:
+        t.add_column(c)
+    for row in data:
+        t.add_row(*[("-" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)) for v in row.values()])
+    console.print(t)
 
 
 # --------------------------------------------------------------------------- status

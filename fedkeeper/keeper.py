@@ -110,6 +110,28 @@ class Keeper:
         self.server = rt.server_cluster()
         self._rng = random.Random()
         self._specs: dict[tuple[str, str], Any] = {}
+        # Called once per attempt that ends: (cluster, platform, state,
+        # error_class, duration_s, cold_start, function=...), e.g. metrics.
+        self.attempt_ended: Callable[..., None] | None = None
+        self._attempt_where: dict[Any, tuple[str, str, str]] = {}
+
+    # ------------------------------------------------------------------ attempt records
+    def _insert_attempts(self, docs: list[dict[str, Any]]) -> None:
+        for d in docs:
+            self._attempt_where[d["_id"]] = (d["cluster"], d["platform"], d["function"])
+        self.store.insert_attempts(docs)
+
+    def _update_attempts(self, changes: list[tuple[Any, dict[str, Any]]]) -> None:
+        self.store.update_attempts(changes)
+        if self.attempt_ended is None:
+            return
+        for doc_id, fields in changes:
+            where = self._attempt_where.get(doc_id)
+            if where and fields.get("state") in ("succeeded", "failed", "timed_out", "abandoned"):
+                d = fields.get("duration_ms")
+                self.attempt_ended(where[0], where[1], fields["state"], fields.get("error_class"),
+                                   d / 1000 if d is not None else None, fields.get("cold_start"),
+                                   function=where[2])
 
     # ------------------------------------------------------------------ helpers
     def _spec(self, cluster: str, function: str):
@@ -244,14 +266,14 @@ class Keeper:
             doc = {"_id": ObjectId(), "session": session, "round": rnd, "client": f"_{function}",
                    "attempt": attempt, "cluster": cluster, "platform": provider.platform,
                    "function": function, "state": "submitting", "submitted": time.time()}
-            self.store.insert_attempts([doc])
+            self._insert_attempts([doc])
             try:
                 out = provider.call(function, payload, timeout_s=spec.timeout_s + self.training.attempt_grace_s)
             except ProviderError as exc:
                 out = Outcome(platform_id="", ok=False, error_class=exc.error_class, error=str(exc))
                 if exc.error_class == ErrorClass.FUNCTION_MISSING:
                     self._redeploy(cluster, function)
-            self.store.update_attempts([(doc["_id"], self._outcome_fields(out))])
+            self._update_attempts([(doc["_id"], self._outcome_fields(out))])
             if out.ok and out.result and "error" not in out.result:
                 return out.result
             last = out.error or (out.result or {}).get("error") or "failed"
@@ -311,6 +333,7 @@ class Keeper:
             s.attempt = max(s.attempt, a["attempt"])
             if a["attempt"] == s.attempt:
                 s.doc_id = a["_id"]
+                self._attempt_where[a["_id"]] = (a["cluster"], a.get("platform", ""), a.get("function", ""))
                 if a.get("state") == "running" and a.get("platform_id"):
                     spec = self._spec(s.cluster, "fl_client")
                     s.inv = Invocation("fl_client", a["platform_id"], a.get("submitted", now))
@@ -341,7 +364,7 @@ class Keeper:
                          "attempt": s.attempt, "cluster": s.cluster, "platform": prov.platform,
                          "function": "fl_client", "state": "submitting", "submitted": now,
                          "via": "invoker" if self._via_invoker(s.cluster) else "direct"})
-        self.store.insert_attempts(docs)
+        self._insert_attempts(docs)
 
         def invoke(s: Slot):
             payload = self._payload(function="fl_client", session=session, round=rnd,
@@ -369,7 +392,7 @@ class Keeper:
                 changes.append((s.doc_id, {"state": "failed", "error_class": err.error_class.value,
                                            "error": str(err), "finished": time.time()}))
                 self._failed_attempt(s, err.error_class, str(err), err.retry_after)
-        self.store.update_attempts(changes)
+        self._update_attempts(changes)
 
     def _has_update(self, session: str, rnd: int, client: str) -> bool:
         return self.store.db[fs.UPDATES].find_one(
@@ -511,7 +534,7 @@ class Keeper:
                         s.state, s.inv = "delivered", None
                     else:
                         self._failed_attempt(s, ErrorClass.TIMEOUT, "no outcome within timeout + grace")
-            self.store.update_attempts(changes)
+            self._update_attempts(changes)
             counts = {k: sum(1 for s in slots.values() if s.state == k)
                       for k in ("delivered", "failed", "running", "waiting")}
             self.progress("tick", {"round": rnd, **counts,
@@ -524,7 +547,7 @@ class Keeper:
                             counts["running"], counts["waiting"])
                 abandon = [(s.doc_id, {"state": "abandoned", "finished": time.time()})
                            for s in slots.values() if s.state == "running"]
-                self.store.update_attempts(abandon)
+                self._update_attempts(abandon)
                 for s in slots.values():
                     if s.state in ("running", "waiting"):
                         s.state, s.last_error = "failed", s.last_error or "round deadline passed"

@@ -21,6 +21,9 @@ Administration of the fabric itself (not part of OpenWhisk's API):
   GET|PUT /_fabric/faults?namespace=NS   fault injection: crash, timeout, throttle, slow_ms, seed, functions
   GET|PUT /_fabric/limits?namespace=NS   concurrentInvocations, invocationsPerMinute, payloadLimit, ...
   GET     /_fabric/status                workers, queues, counters
+  GET     /metrics                       Prometheus metrics, without auth, under the names and
+                                         labels of OpenWhisk's user-events service (see
+                                         UserEvents below and docs/metrics.md)
 
 Execution model (what a real invoker does, in processes instead of containers):
   * An action's code is a python zip (`exec.binary`) with `__main__.py`
@@ -93,6 +96,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 log = logging.getLogger("fedkeeper.fabric")
 
@@ -366,6 +372,191 @@ class Namespace:
         self.counts = {"invocations": 0, "cold_starts": 0, "throttled": 0}
 
 
+# --------------------------------------------------------------------------- /metrics
+
+# What OpenWhisk's user-events service (core/monitoring/user-events,
+# PrometheusRecorder) exports for every activation event, with the same
+# metric names, label names, label values and buckets, so that dashboards and
+# queries written against an OpenWhisk deployment work on the fabric as is.
+_INF = float("inf")
+# The Java client's default histogram buckets, which OpenWhisk does not override.
+_OW_TIME_BUCKETS = (.005, .01, .025, .05, .075, .1, .25, .5, .75, 1.0, 2.5, 5.0, 7.5, 10.0, _INF)
+# Response sizes: linear buckets from 0, one activation entity limit (1 MB) wide, ten of them.
+_OW_SIZE_BUCKETS = tuple(float(i * 1048576) for i in range(10)) + (_INF,)
+# OpenWhisk's ActivationResponse status names as the events carry them (not the API's strings).
+_OW_STATUS = {SUCCESS: "success", APPLICATION_ERROR: "application_error",
+              DEVELOPER_ERROR: "action_developer_error", WHISK_ERROR: "whisk_internal_error"}
+_OW_LABELS = ("namespace", "initiator", "action")
+# OpenWhisk's Java client (simpleclient 0.6) writes these two counters under
+# their bare names; Prometheus's Python client appends `_total` to every
+# counter it writes. They are collected untyped (so that the name stays) and
+# their TYPE line is set back to counter in the exposition.
+_BARE_COUNTERS = ("openwhisk_action_status", "openwhisk_action_status_code")
+METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+class _Histo:
+    __slots__ = ("counts", "sum")
+
+    def __init__(self, n: int):
+        self.counts = [0] * n      # per bucket, not cumulative
+        self.sum = 0.0
+
+    def observe(self, bounds: tuple, value: float) -> None:
+        # Bucket `le` counts values <= its bound: the first bound >= value.
+        self.counts[bisect.bisect_left(bounds, value)] += 1
+        self.sum += value
+
+
+class _ActionEvents:
+    """The series of one (namespace, initiator, action). As in OpenWhisk, all
+    of them exist (at zero) from the action's first activation on."""
+    __slots__ = ("activations", "cold", "wait", "init", "duration", "size", "status",
+                 "status_code", "memory")
+
+    def __init__(self):
+        self.activations: dict[tuple[str, str], int] = {}   # (kind, memory) -> count
+        self.cold = 0
+        self.wait = _Histo(len(_OW_TIME_BUCKETS))
+        self.init = _Histo(len(_OW_TIME_BUCKETS))
+        self.duration = _Histo(len(_OW_TIME_BUCKETS))
+        self.size = _Histo(len(_OW_SIZE_BUCKETS))
+        self.status = {s: 0 for s in _OW_STATUS.values()}
+        self.status_code: dict[str, int] = {}
+        self.memory = 0.0
+
+
+def _user_status_code(result: Any) -> int | None:
+    """The status code an action put in its result (error.statusCode, else
+    statusCode), as OpenWhisk reads it for openwhisk_action_status_code:
+    numbers are truncated to integers, anything else counts as 400."""
+    if not isinstance(result, dict):
+        return None
+    err = result.get("error")
+    if isinstance(err, dict) and "statusCode" in err:
+        v = err["statusCode"]
+    elif "statusCode" in result:
+        v = result["statusCode"]
+    else:
+        return None
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v or v in (_INF, -_INF):
+        return 400
+    return int(v)
+
+
+class UserEvents:
+    """Per-activation metrics in OpenWhisk's user-events form, collected by a
+    registry of the fabric's own. `activation` runs on the fabric's hot path
+    (under its lock): plain counters and a bisect, nothing more."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._actions: dict[tuple[str, str, str], _ActionEvents] = {}
+        self._limits: dict[str, list[int]] = {}     # initiator -> [concurrent, timed]
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(self)
+
+    def activation(self, namespace: str, initiator: str, action: str, kind: str, memory_mb: int,
+                   code: int, duration_ms: int, wait_ms: int, init_ms: int | None, size: int | None,
+                   user_code: int | None) -> None:
+        with self._lock:
+            key = (namespace, initiator, action)
+            e = self._actions.get(key)
+            if e is None:
+                e = self._actions[key] = _ActionEvents()
+            e.memory = float(memory_mb)
+            ak = (kind, str(memory_mb))
+            e.activations[ak] = e.activations.get(ak, 0) + 1
+            # None for a warm start: the record has no initTime annotation.
+            if init_ms is not None:
+                e.cold += 1
+                e.init.observe(_OW_TIME_BUCKETS, init_ms / 1000.0)
+            e.wait.observe(_OW_TIME_BUCKETS, wait_ms / 1000.0)
+            e.duration.observe(_OW_TIME_BUCKETS, duration_ms / 1000.0)
+            status = _OW_STATUS.get(code, str(code))
+            e.status[status] = e.status.get(status, 0) + 1
+            if size is not None:
+                e.size.observe(_OW_SIZE_BUCKETS, float(size))
+            if user_code is not None:
+                sc = str(user_code)
+                e.status_code[sc] = e.status_code.get(sc, 0) + 1
+
+    def limit(self, initiator: str, concurrent: bool) -> None:
+        """A 429: OpenWhisk's ConcurrentRateLimit or TimedRateLimit event."""
+        with self._lock:
+            c = self._limits.setdefault(initiator, [0, 0])
+            c[0 if concurrent else 1] += 1
+
+    # The registry's collector interface.
+    def collect(self):
+        with self._lock:
+            actions = sorted(self._actions.items())
+            snap = [(k, dict(e.activations), e.cold,
+                     *(_histo_copy(h) for h in (e.wait, e.init, e.duration, e.size)),
+                     dict(e.status), dict(e.status_code), e.memory) for k, e in actions]
+            limits = sorted((k, list(v)) for k, v in self._limits.items())
+        labels = list(_OW_LABELS)
+        act = CounterMetricFamily("openwhisk_action_activations_total", "Activation Count",
+                                  labels=labels + ["kind", "memory"])
+        cold = CounterMetricFamily("openwhisk_action_coldStarts_total", "Cold start counts", labels=labels)
+        status = Metric("openwhisk_action_status", "Activation failure status type", "unknown")
+        scode = Metric("openwhisk_action_status_code",
+                       "status code returned in action result response set by developer", "unknown")
+        hists = [
+            ("openwhisk_action_waitTime_seconds", "Internal system hold time", _OW_TIME_BUCKETS),
+            ("openwhisk_action_initTime_seconds", "Time it took to initialize an action, e.g. docker init",
+             _OW_TIME_BUCKETS),
+            ("openwhisk_action_duration_seconds", "Actual time the action code was running",
+             _OW_TIME_BUCKETS),
+            ("openwhisk_action_response_size_bytes", "Activation Response size", _OW_SIZE_BUCKETS),
+        ]
+        hfams = [Metric(name, doc, "histogram") for name, doc, _ in hists]
+        mem = GaugeMetricFamily("openwhisk_action_memory", "Memory consumption of the action containers",
+                                labels=labels)
+        for key, activations, n_cold, wait, init, duration, size, st, sc, memory in snap:
+            lv = dict(zip(_OW_LABELS, key))
+            for (kind, memory_label), n in sorted(activations.items()):
+                act.add_metric([*key, kind, memory_label], n)
+            cold.add_metric(list(key), n_cold)
+            for s, n in st.items():
+                status.add_sample("openwhisk_action_status", {**lv, "status": s}, n)
+            for code, n in sorted(sc.items()):
+                scode.add_sample("openwhisk_action_status_code", {**lv, "status_code": code}, n)
+            for fam, (name, _, bounds), (counts, total) in zip(hfams, hists, (wait, init, duration, size)):
+                acc = 0
+                for bound, n in zip(bounds, counts):
+                    acc += n
+                    fam.add_sample(name + "_bucket", {**lv, "le": _le(bound)}, acc)
+                fam.add_sample(name + "_count", lv, acc)
+                fam.add_sample(name + "_sum", lv, total)
+            mem.add_metric(list(key), memory)
+        conc = CounterMetricFamily("openwhisk_action_limit_concurrent_total",
+                                   "a user has exceeded its limit for concurrent invocations",
+                                   labels=["namespace"])
+        timed = CounterMetricFamily("openwhisk_action_limit_timed_total",
+                                    "the user has reached its per minute limit for the number of invocations",
+                                    labels=["namespace"])
+        for initiator, (n_conc, n_timed) in limits:
+            conc.add_metric([initiator], n_conc)
+            timed.add_metric([initiator], n_timed)
+        return [act, cold, status, scode, *hfams, mem, conc, timed]
+
+    def exposition(self) -> bytes:
+        text = generate_latest(self.registry)
+        for name in _BARE_COUNTERS:
+            text = text.replace(f"# TYPE {name} untyped\n".encode(), f"# TYPE {name} counter\n".encode(), 1)
+        return text
+
+
+def _histo_copy(h: _Histo) -> tuple[list[int], float]:
+    return list(h.counts), h.sum
+
+
+def _le(bound: float) -> str:
+    # As the Java client writes bucket bounds: "+Inf", "0.005", "1.0", "1048576.0".
+    return "+Inf" if bound == _INF else repr(float(bound))
+
+
 # --------------------------------------------------------------------------- the fabric
 
 class Fabric:
@@ -381,6 +572,7 @@ class Fabric:
         self.workers: set[Worker] = set()
         self.memory_used = 0
         self.stopping = False
+        self.events = UserEvents()
         self.actions_dir = self.state_dir / "actions"
         self.logs_dir = self.state_dir / "logs"
         self.logs_dir.mkdir(parents=True, exist_ok=True)
@@ -596,15 +788,19 @@ class Fabric:
                     slow_ms = ns.faults.slow_ms
             if fault == "throttle":
                 ns.counts["throttled"] += 1
+                # An injected throttle stands in for the per-minute limit.
+                self.events.limit(ns.name, concurrent=False)
                 raise ApiError(429, "Too many requests: throttled by the fabric's injected faults.")
             window = ns.minute
             while window and window[0] <= now - 60.0:
                 window.popleft()
             if len(window) >= ns.invocations_per_minute:
                 ns.counts["throttled"] += 1
+                self.events.limit(ns.name, concurrent=False)
                 raise ApiError(429, msg_too_many_per_minute(len(window) + 1, ns.invocations_per_minute))
             if ns.inflight >= ns.concurrent_invocations:
                 ns.counts["throttled"] += 1
+                self.events.limit(ns.name, concurrent=True)
                 raise ApiError(429, msg_too_many_concurrent(ns.inflight + 1, ns.concurrent_invocations))
             window.append(now)
             ns.inflight += 1
@@ -883,19 +1079,21 @@ class Fabric:
         start_ms = int(start * 1000)
         end_ms = max(int(now * 1000), start_ms)
         a = act.action
+        wait_ms = max(0, int((start - act.received) * 1000))
+        init_ms = int(round(act.init_ms)) if act.cold and act.init_ms is not None else None
         if not isinstance(result, dict):
             code, result = DEVELOPER_ERROR, {"error": MSG_ABNORMAL_RUN}
         result_json = json.dumps(result, separators=(",", ":"))
         annotations = [
             {"key": "path", "value": f"{a.namespace}/{a.name}"},
-            {"key": "waitTime", "value": max(0, int((start - act.received) * 1000))},
+            {"key": "waitTime", "value": wait_ms},
             {"key": "kind", "value": a.exec.get("kind")},
             {"key": "timeout", "value": timed_out},
             {"key": "limits", "value": {"concurrency": a.limits["concurrency"], "logs": a.limits["logs"],
                                         "memory": a.limits["memory"], "timeout": a.limits["timeout"]}},
         ]
-        if act.cold and act.init_ms is not None:
-            annotations.append({"key": "initTime", "value": int(round(act.init_ms))})
+        if init_ms is not None:
+            annotations.append({"key": "initTime", "value": init_ms})
         if act.fault:
             annotations.append({"key": "fk-fault", "value": act.fault})
         ns = act.ns
@@ -910,6 +1108,13 @@ class Fabric:
         summary = (head + f'"statusCode":{code},"annotations":{ann},"publish":false}}').encode()
         act.record = doc
         act.status = code
+        # The activation event OpenWhisk's invoker sends for its record: the
+        # action's namespace, the invoking subject's namespace (the same one
+        # here: the fabric has no packages shared across namespaces), the
+        # record's own millisecond timings.
+        self.events.activation(ns.name, ns.name, a.name, str(a.exec.get("kind")), int(a.limits["memory"]),
+                               code, end_ms - start_ms, wait_ms, init_ms, len(result_json),
+                               _user_status_code(result))
         seq = next(ns.seq)
         entry = (start_ms, seq, act.id)
         ns.records[act.id] = (start_ms, a.name, doc, summary)
@@ -1160,9 +1365,10 @@ class Handler(BaseHTTPRequestHandler):
     def log_message(self, fmt, *args):  # no per-request logging: the hot path
         pass
 
-    def _send(self, status: int, body: bytes, headers: dict | None = None) -> None:
+    def _send(self, status: int, body: bytes, headers: dict | None = None,
+              content_type: str = "application/json") -> None:
         self.send_response(status)
-        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
         for k, v in (headers or {}).items():
             self.send_header(k, v)
@@ -1197,6 +1403,11 @@ class Handler(BaseHTTPRequestHandler):
 
     def _handle(self, method: str) -> None:
         try:
+            if method == "GET" and self.path.split("?", 1)[0] == "/metrics":
+                # Unauthenticated, as OpenWhisk's user-events service serves
+                # it: Prometheus scrapes without the namespace's key.
+                body = self.fabric.events.exposition()
+                return self._send(200, body, content_type=METRICS_CONTENT_TYPE)
             if not hmac.compare_digest(self.headers.get("Authorization", ""), self.auth_header):
                 # Drain a body we will not read, so keep-alive stays in step.
                 n = int(self.headers.get("Content-Length") or 0)
