@@ -33,6 +33,9 @@ class ClusterCheck:
     cold_ms: float | None = None
     warm_ms: float | None = None
     host: dict[str, Any] = field(default_factory=dict)
+    # For clusters on Kubernetes: nodes and ready invoker/activator pods as
+    # the kubernetes client reads them, and mismatches with `configurations`.
+    kube: dict[str, Any] = field(default_factory=dict)
 
 
 def _explain(exc: BaseException) -> tuple[str | None, str]:
@@ -75,9 +78,23 @@ def check_cluster(rt: Runtime, cluster: str, keep: bool, timeout_s: float = 120.
             res.stage = "remove"
             provider.remove(PROBE)
         res.stage, res.ok = "", True
+        _introspect(rt, cluster, res)
     except Exception as exc:  # reported per cluster; the others go on
         res.error_class, res.error = _explain(exc)
     return res
+
+
+def _introspect(rt: Runtime, cluster: str, res: ClusterCheck) -> None:
+    from . import kube
+    ccfg = kube.kube_clusters(rt.cfg).get(cluster)
+    if ccfg is None:
+        return
+    try:
+        info = kube.cluster_info(ccfg)
+    except Exception as exc:  # the function check passed; report, don't fail
+        res.kube = {"error": _explain(exc)[1]}
+        return
+    res.kube = {k: info.get(k) for k in ("configurations", "openwhisk", "knative", "warnings")}
 
 
 def run_checks(rt: Runtime, clusters: list[str], keep: bool) -> list[ClusterCheck]:

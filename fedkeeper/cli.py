@@ -481,6 +481,53 @@ def fabric_status_cmd() -> None:
     console.print(json.dumps({k: v for k, v in st.items() if k != "auth"}, indent=2, default=str))
 
 
+# --------------------------------------------------------------------------- cluster
+
+@main.group("cluster")
+def cluster_group() -> None:
+    """Kubernetes clusters behind the config (OpenWhisk on Kubernetes, Knative)."""
+
+
+@cluster_group.command("info")
+@click.argument("cluster", required=False)
+@config_option
+@click.option("--write-config", is_flag=True,
+              help="Fill the cluster's `configurations` block (num_hosts, cores, RAM, GPU) from what was read.")
+@click.option("--json", "as_json", is_flag=True)
+def cluster_info_cmd(cluster: str | None, config_path: str, write_config: bool, as_json: bool) -> None:
+    """Nodes, CPU, memory, GPUs and ready invoker/activator pods, read with the
+    kubernetes client; differences from `configurations` are warned about."""
+    from . import kube
+    from .providers import ProviderError
+    cfg = _load(config_path)
+    candidates = kube.kube_clusters(cfg)
+    if cluster:
+        if cluster not in cfg.providers.clusters():
+            raise UsageFailure(f"no cluster named {cluster!r} in {config_path}")
+        if cluster not in candidates:
+            raise UsageFailure(f"cluster {cluster!r} names no kubeconfig, context, api_server or in_cluster")
+        candidates = {cluster: candidates[cluster]}
+    if not candidates:
+        raise UsageFailure(f"{config_path} has no Kubernetes clusters (set kubeconfig/context on a cluster)")
+    out: dict[str, Any] = {}
+    for name, ccfg in candidates.items():
+        try:
+            info = kube.cluster_info(ccfg)
+            if write_config:
+                info["written"] = kube.write_configurations(config_path, name, info)
+        except (ProviderError, kube.ConfigEditError) as exc:
+            raise UsageFailure(f"cluster {name}: {exc}") from None
+        out[name] = info
+    if as_json:
+        click.echo(json.dumps(out, indent=2, default=str))
+        return
+    for name, info in out.items():
+        console.print(f"[bold]{name}[/bold]")
+        click.echo(kube.format_info(info))
+        if info.get("written"):
+            click.echo(f"wrote configurations of {name} in {config_path}: {info['written']}")
+
+
 # --------------------------------------------------------------------------- check
 
 @main.command("check")
@@ -522,6 +569,11 @@ def check_cmd(config_path: str, scenario: str | None, clusters: tuple[str, ...],
                       f"{r.warm_ms:.0f}" if r.warm_ms is not None else "-", hinfo,
                       "[green]ok[/green]" if r.ok else f"[red]{r.stage} failed: {r.error}[/red]")
         console.print(t)
+    for r in results:
+        for w in r.kube.get("warnings") or []:
+            errconsole.print(f"cluster {r.cluster}: warning: {w}", markup=False)
+        if r.kube.get("error"):
+            errconsole.print(f"cluster {r.cluster}: could not read its nodes: {r.kube['error']}", markup=False)
     failed = [r for r in results if not r.ok]
     for r in failed:
         errconsole.print(f"cluster {r.cluster} failed at {r.stage}: {r.error}", markup=False)

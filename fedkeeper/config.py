@@ -17,7 +17,7 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, ClassVar, Literal, Optional, Union
 from urllib.parse import urlsplit, urlunsplit
 
 import yaml
@@ -243,8 +243,21 @@ class GoogleCluster(_Cluster):
 
 
 class KnativeCluster(_Cluster):
+    """A Kubernetes cluster with Knative Serving (see docs/knative.md).
+
+    Credentials: kubeconfig + context (default: $KUBECONFIG or
+    ~/.kube/config and its current context), or in_cluster, or api_server
+    (a plain URL such as `kubectl proxy`'s, no credentials)."""
+
+    # Always a Kubernetes cluster: introspection applies without kubeconfig set.
+    on_kubernetes: ClassVar[bool] = True
+
     namespace: str = "default"
-    image: Optional[str] = None
+    image: Optional[str] = None        # generic runtime image (Python + functions-framework)
+    api_server: Optional[str] = None   # e.g. http://127.0.0.1:8001 from `kubectl proxy`
+    in_cluster: bool = False           # use the pod's service account
+    ready_timeout_s: float = Field(300.0, gt=0)  # bounded wait for Ready after a deploy
+    ingress: Optional[str] = None      # gateway address when service host names do not resolve
 
 
 class Providers(_Strict):

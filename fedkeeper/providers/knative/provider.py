@@ -1,0 +1,400 @@
+"""Knative Serving provider: functions as Knative Services, driven through
+the official `kubernetes` client, invoked over HTTP.
+
+Control plane (CustomObjectsApi / CoreV1Api):
+  deploy   Secret (bound config) -> ConfigMap (source zip, generic image
+           only) -> Service create or merge-patch -> bounded wait for the
+           Ready condition of the current generation -> status.url.
+           Skipped when the Service carries the same config hash and is
+           Ready.
+  remove   delete the Service, its ConfigMap and its Secret.
+Data plane: one HTTP POST per invocation through the shared HttpInvoker,
+exactly as for Cloud Functions; the answer is the outcome.
+
+The manifests themselves are built in `manifests.py`.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from typing import Any, Mapping, Sequence
+from urllib.parse import urlsplit, urlunsplit
+
+from ... import kube
+from ..base import (Artifact, DeployResult, ErrorClass, FunctionSpec, Invocation, Outcome,
+                    Provider, ProviderContext, ProviderError)
+from ..http_invoke import HttpInvoker
+from . import manifests as m
+
+log = logging.getLogger(__name__)
+
+#: Knative's default max-revision-timeout-seconds (config-defaults)
+DEFAULT_MAX_TIMEOUT_S = 600
+READY_TIMEOUT_S = 300.0
+#: the answer may arrive a little after the revision's own timeout (the
+#: queue-proxy answers 504 then); keep listening that much longer
+INVOKE_GRACE_S = 10.0
+EXECUTION_ID_HEADER = "Function-Execution-Id"
+FUNCTIONS_FRAMEWORK_CRASH = "X-Google-Status"
+
+
+def knative_status_hook(status: int, headers: Mapping[str, str], body: bytes):
+    """Knative-specific answers; the generic rules of http_invoke do the rest."""
+    if status == 500 and (headers.get(FUNCTIONS_FRAMEWORK_CRASH) or "").strip().lower() == "crash":
+        # functions-framework marks an uncaught exception in the function
+        text = body[:300].decode("utf-8", "replace").strip() or "function crashed"
+        return ErrorClass.DEVELOPER_ERROR, f"crash: {text}"
+    if status == 503:
+        text = " ".join(body[:300].decode("utf-8", "replace").split())
+        if "overload" in text.lower() or "queue full" in text.lower():
+            # the queue-proxy's or activator's breaker is full: back off
+            return ErrorClass.THROTTLED, f"HTTP 503 (Knative overload): {text}"
+        return ErrorClass.PLATFORM_ERROR, (f"HTTP 503 from the Knative activator/queue-proxy "
+                                           f"(no ready revision?): {text or 'service unavailable'}")
+    return None
+
+
+class KnativeProvider(Provider):
+    platform = "knative"
+    entry = "http"
+
+    ready_timeout_s = READY_TIMEOUT_S
+    invoke_grace_s = INVOKE_GRACE_S
+
+    def __init__(self, cluster_name: str, cluster: Any, ctx: ProviderContext):
+        super().__init__(cluster_name, cluster, ctx)
+        self._api = None
+        self._api_lock = threading.Lock()
+        self._urls: dict[str, str] = {}
+        self._timeouts: dict[str, float] = {}
+        configured = getattr(cluster, "ready_timeout_s", None)
+        if configured:
+            self.ready_timeout_s = float(configured)
+        self._invoker = HttpInvoker(max_workers=self._max_workers(),
+                                    status_hook=knative_status_hook,
+                                    name=f"knative-{cluster_name}")
+
+    # ------------------------------------------------------------ settings
+
+    def _max_workers(self) -> int:
+        conf = getattr(self.cluster, "configurations", None)
+        n = getattr(conf, "concurrency", None) if conf is not None else None
+        try:
+            return max(1, min(256, int(n))) if n else 64
+        except (TypeError, ValueError):
+            return 64
+
+    @property
+    def namespace(self) -> str:
+        return getattr(self.cluster, "namespace", None) or "default"
+
+    def api(self):
+        """The shared ApiClient, created on first use (thread-safe)."""
+        with self._api_lock:
+            if self._api is None:
+                self._api = kube.api_client(self.cluster)
+            return self._api
+
+    def _custom(self):
+        from kubernetes import client
+        return client.CustomObjectsApi(self.api())
+
+    def _core(self):
+        from kubernetes import client
+        return client.CoreV1Api(self.api())
+
+    # ------------------------------------------------------- API primitives
+
+    def _get_service(self, svc: str) -> dict[str, Any] | None:
+        try:
+            return self._custom().get_namespaced_custom_object(
+                m.GROUP, m.VERSION, self.namespace, m.PLURAL, svc,
+                _request_timeout=kube.REQUEST_TIMEOUT)
+        except Exception as exc:
+            if getattr(exc, "status", None) == 404:
+                return None
+            raise kube.map_api_error(exc, f"read Knative service {svc}") from None
+
+    def _apply_core(self, kind: str, body: dict[str, Any]) -> None:
+        """Create a ConfigMap or Secret, or merge-patch it into shape. Keys
+        the object has but `body` no longer names are removed (a merge
+        patch deletes a key given as null)."""
+        core = self._core()
+        name = body["metadata"]["name"]
+        field = "binaryData" if kind == "config_map" else "data"
+        read = getattr(core, f"read_namespaced_{kind}")
+        try:
+            current = read(name, self.namespace, _request_timeout=kube.REQUEST_TIMEOUT)
+        except Exception as exc:
+            if getattr(exc, "status", None) != 404:
+                raise kube.map_api_error(exc, f"read {kind} {name}") from None
+            current = None
+        try:
+            if current is None:
+                getattr(core, f"create_namespaced_{kind}")(
+                    self.namespace, body, _request_timeout=kube.REQUEST_TIMEOUT)
+                return
+            have = getattr(current, "binary_data" if kind == "config_map" else "data") or {}
+            patch = {"metadata": {"labels": body["metadata"].get("labels"),
+                                  "annotations": body["metadata"].get("annotations")},
+                     field: {**{k: None for k in have if k not in body[field]}, **body[field]}}
+            getattr(core, f"patch_namespaced_{kind}")(
+                name, self.namespace, patch, _request_timeout=kube.REQUEST_TIMEOUT)
+        except Exception as exc:
+            # never the body: a Secret's data would end up in a log line
+            raise kube.map_api_error(exc, f"write {kind} {name}") from None
+
+    def _delete_core(self, kind: str, name: str) -> bool:
+        try:
+            getattr(self._core(), f"delete_namespaced_{kind}")(
+                name, self.namespace, _request_timeout=kube.REQUEST_TIMEOUT)
+            return True
+        except Exception as exc:
+            if getattr(exc, "status", None) == 404:
+                return False
+            raise kube.map_api_error(exc, f"delete {kind} {name}") from None
+
+    # -------------------------------------------------------------- deploy
+
+    def deploy(self, spec: FunctionSpec, artifact: Artifact) -> DeployResult:
+        t0 = time.monotonic()
+        if artifact.entry != self.entry:
+            raise ProviderError(ErrorClass.PLATFORM_ERROR,
+                                f"artifact carries the {artifact.entry!r} entry; Knative needs "
+                                f"{self.entry!r}")
+        desired = m.desired_service(spec, artifact, namespace=self.namespace,
+                                    generic_image=getattr(self.cluster, "image", None))
+        svc = desired["metadata"]["name"]
+        want_hash = desired["metadata"]["annotations"][m.CONFIG_ANNOTATION]
+        current = self._get_service(svc)
+        if current is not None:
+            owner = ((current.get("metadata") or {}).get("labels") or {}).get(m.FUNCTION_LABEL)
+            if owner is not None and owner != m.label_value(spec.name):
+                raise ProviderError(ErrorClass.DEVELOPER_ERROR,
+                                    f"Knative service {svc} belongs to function {owner!r}, not "
+                                    f"{spec.name!r} (their names map to the same service name)")
+            have_hash = ((current.get("metadata") or {}).get("annotations") or {}).get(
+                m.CONFIG_ANNOTATION)
+            if have_hash == want_hash:
+                # unchanged: nothing to write; a rollout still under way is
+                # waited for, a failed one is reported
+                ready = self._wait_ready(svc, spec.name, current)
+                url = self._service_url(ready)
+                self._remember(spec.name, url, spec.timeout_s)
+                return DeployResult(spec.name, skipped=True, seconds=time.monotonic() - t0,
+                                    url=url)
+        if spec.bound:
+            self._apply_core("secret", m.bound_secret(spec, namespace=self.namespace))
+        if not spec.image:
+            self._apply_core("config_map", m.source_configmap(spec, artifact,
+                                                             namespace=self.namespace))
+        custom = self._custom()
+        try:
+            if current is None:
+                custom.create_namespaced_custom_object(
+                    m.GROUP, m.VERSION, self.namespace, m.PLURAL, desired,
+                    _request_timeout=kube.REQUEST_TIMEOUT)
+            else:
+                custom.patch_namespaced_custom_object(
+                    m.GROUP, m.VERSION, self.namespace, m.PLURAL, svc,
+                    self._service_patch(current, desired), _request_timeout=kube.REQUEST_TIMEOUT)
+        except Exception as exc:
+            raise kube.map_api_error(exc, f"deploy {spec.name} as Knative service {svc}") from None
+        ready = self._wait_ready(svc, spec.name, None)
+        url = self._service_url(ready)
+        self._remember(spec.name, url, spec.timeout_s)
+        log.info("deployed %s on %s as Knative service %s (%s)", spec.name, self.cluster_name,
+                 svc, "created" if current is None else "updated")
+        return DeployResult(spec.name, skipped=False, seconds=time.monotonic() - t0, url=url)
+
+    @staticmethod
+    def _service_patch(current: Mapping[str, Any], desired: dict[str, Any]) -> dict[str, Any]:
+        """A JSON merge patch: lists (containers, env, volumes) are replaced
+        whole; our scale annotations that are no longer wanted are nulled.
+        Fields Knative's webhook defaulted (traffic, probes) stay."""
+        patch = {"metadata": {k: v for k, v in desired["metadata"].items()
+                              if k in ("labels", "annotations")},
+                 "spec": {"template": {"metadata": dict(desired["spec"]["template"]["metadata"]),
+                                       "spec": desired["spec"]["template"]["spec"]}}}
+        tmeta = patch["spec"]["template"]["metadata"]
+        have = (((current.get("spec") or {}).get("template") or {}).get("metadata") or {}) \
+            .get("annotations") or {}
+        annotations = dict(tmeta.get("annotations") or {})
+        for key in m.SCALE_ANNOTATIONS:
+            if key in have and key not in annotations:
+                annotations[key] = None
+        tmeta["annotations"] = annotations
+        # the generic image's volume is gone when a prebuilt image is named
+        tspec = patch["spec"]["template"]["spec"]
+        have_spec = ((current.get("spec") or {}).get("template") or {}).get("spec") or {}
+        if "volumes" in have_spec and "volumes" not in tspec:
+            tspec["volumes"] = None
+        return patch
+
+    def _wait_ready(self, svc: str, function: str, current: dict[str, Any] | None
+                    ) -> dict[str, Any]:
+        """The Service once Ready=True for its current generation. Ends on
+        Ready=False (Knative's reason and message in the error) or after
+        `ready_timeout_s`."""
+        deadline = time.monotonic() + self.ready_timeout_s
+        started = time.monotonic()
+        delay = 0.05
+        obj = current
+        while True:
+            if obj is None:
+                obj = self._get_service(svc)
+                if obj is None:
+                    raise ProviderError(ErrorClass.FUNCTION_MISSING,
+                                        f"Knative service {svc} disappeared during deployment",
+                                        status=404)
+            cond = m.ready_condition(obj)
+            if m.observed_current(obj) and cond is not None:
+                if cond.get("status") == "True" and self._service_url(obj, strict=False):
+                    return obj
+                if cond.get("status") == "False":
+                    raise m.not_ready_error(function, cond)
+            if time.monotonic() >= deadline:
+                raise m.not_ready_error(function, cond if m.observed_current(obj) else None,
+                                        waited=time.monotonic() - started)
+            time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
+            delay = min(delay * 1.5, 2.0)
+            obj = None
+
+    def _service_url(self, obj: Mapping[str, Any], strict: bool = True) -> str | None:
+        status = obj.get("status") or {}
+        url = status.get("url") or (status.get("address") or {}).get("url")
+        if not url and strict:
+            name = (obj.get("metadata") or {}).get("name")
+            raise ProviderError(ErrorClass.PLATFORM_ERROR,
+                                f"Knative service {name} is ready but reports no URL")
+        return url
+
+    def _remember(self, name: str, url: str, timeout_s: float | None) -> None:
+        self._urls[name] = url
+        if timeout_s:
+            self._timeouts[name] = float(timeout_s)
+
+    # -------------------------------------------------------- remove/exists
+
+    def remove(self, name: str) -> bool:
+        self._urls.pop(name, None)
+        svc = m.service_name(name)
+        try:
+            self._custom().delete_namespaced_custom_object(
+                m.GROUP, m.VERSION, self.namespace, m.PLURAL, svc,
+                _request_timeout=kube.REQUEST_TIMEOUT)
+            existed = True
+        except Exception as exc:
+            if getattr(exc, "status", None) != 404:
+                raise kube.map_api_error(exc, f"remove Knative service {svc}") from None
+            existed = False
+        self._delete_core("config_map", m.configmap_name(svc))
+        self._delete_core("secret", m.secret_name(svc))
+        return existed
+
+    def exists(self, name: str) -> bool:
+        return self._get_service(m.service_name(name)) is not None
+
+    def list_functions(self) -> list[str]:
+        """Logical names of the functions FedKeeper deployed in the namespace."""
+        try:
+            res = self._custom().list_namespaced_custom_object(
+                m.GROUP, m.VERSION, self.namespace, m.PLURAL,
+                label_selector="app.kubernetes.io/managed-by=fedkeeper",
+                _request_timeout=kube.REQUEST_TIMEOUT)
+        except Exception as exc:
+            raise kube.map_api_error(exc, "list Knative services") from None
+        out = []
+        for item in res.get("items") or []:
+            labels = (item.get("metadata") or {}).get("labels") or {}
+            out.append(labels.get(m.FUNCTION_LABEL) or item["metadata"]["name"])
+        return sorted(out)
+
+    # -------------------------------------------------------------- invoke
+
+    def function_url(self, name: str) -> str:
+        url = self._urls.get(name)
+        if url:
+            return url
+        obj = self._get_service(m.service_name(name))
+        if obj is None:
+            raise ProviderError(ErrorClass.FUNCTION_MISSING,
+                                f"function {name} is not deployed on {self.cluster_name}",
+                                status=404)
+        cond = m.ready_condition(obj)
+        if cond is None or cond.get("status") != "True":
+            raise m.not_ready_error(name, cond)
+        url = self._service_url(obj)
+        timeout = (((obj.get("spec") or {}).get("template") or {}).get("spec") or {}) \
+            .get("timeoutSeconds")
+        self._remember(name, url, float(timeout) if timeout else None)
+        return url
+
+    def _target(self, url: str) -> tuple[str, dict[str, str]]:
+        """Where to send the request. With `ingress` configured (the
+        gateway's address, when the Service's host name does not resolve
+        from the keeper), the request goes there with the Service's host in
+        the Host header, which is how Knative's ingress routes."""
+        ingress = getattr(self.cluster, "ingress", None)
+        if not ingress:
+            return url, {}
+        u, g = urlsplit(url), urlsplit(ingress if "://" in ingress else f"http://{ingress}")
+        return urlunsplit((g.scheme, g.netloc, u.path or "/", u.query, "")), {"Host": u.netloc}
+
+    def invoke(self, name: str, payload: dict[str, Any]) -> Invocation:
+        url, headers = self._target(self.function_url(name))
+        execution_id = uuid.uuid4().hex
+        timeout = self._timeouts.get(name, 60.0) + self.invoke_grace_s
+        headers[EXECUTION_ID_HEADER] = execution_id
+        return self._invoker.submit(name, url, payload, timeout_s=timeout, headers=headers,
+                                    platform_id=execution_id)
+
+    def track(self, pending: Sequence[Invocation]) -> list[Outcome]:
+        done = self._invoker.done(pending)
+        if not done:
+            return done
+        by_id = {inv.platform_id: inv.function for inv in pending}
+        checked: dict[str, str | None] = {}
+        for out in done:
+            if out.ok or out.error_class not in (ErrorClass.FUNCTION_MISSING,
+                                                 ErrorClass.PLATFORM_ERROR,
+                                                 ErrorClass.UNREACHABLE):
+                continue
+            fn = by_id.get(out.platform_id)
+            if fn is None:
+                continue
+            # the route may be gone or the revision broken: forget the URL
+            # so the next invoke reads the Service again, and say why
+            self._urls.pop(fn, None)
+            if fn not in checked:
+                checked[fn] = self._service_diagnosis(fn)
+            if checked[fn]:
+                out.error = f"{out.error} ({checked[fn]})"
+        return done
+
+    def _service_diagnosis(self, function: str) -> str | None:
+        try:
+            obj = self._get_service(m.service_name(function))
+        except ProviderError:
+            return None
+        if obj is None:
+            return "the Knative service does not exist"
+        cond = m.ready_condition(obj)
+        if cond is None or cond.get("status") == "True":
+            return None
+        return str(m.not_ready_error(function, cond).args[0])
+
+    def limits(self) -> dict[str, Any]:
+        return {"max_timeout_s": DEFAULT_MAX_TIMEOUT_S, "max_in_flight": self._max_workers()}
+
+    def close(self) -> None:
+        self._invoker.close()
+        with self._api_lock:
+            api, self._api = self._api, None
+        if api is not None:
+            try:
+                api.close()
+            except Exception:  # closing must never mask the keeper's own error
+                pass
