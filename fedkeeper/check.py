@@ -46,6 +46,8 @@ def _explain(exc: BaseException) -> tuple[str | None, str]:
             ErrorClass.FUNCTION_MISSING: "function not found",
             ErrorClass.THROTTLED: "throttled by the platform",
         }.get(exc.error_class, exc.error_class.value.replace("_", " "))
+        if exc.error_class == ErrorClass.UNREACHABLE and "TLS" in exc.args[0]:
+            hint = "TLS failure"
         return exc.error_class.value, f"{hint}: {exc.args[0]}"
     return None, f"{type(exc).__name__}: {exc}"
 

@@ -310,10 +310,32 @@ def run_start(cfg: Config, scenario: str | None, resume: str | None = None, depl
     table.add_row(str(len(summary.rounds)), f"{acc:.4f}" if acc is not None else "-",
                   f"{time.time() - t0:.1f}s", str(log_path))
     console.print(table)
+    _session_metrics(cfg, rt.scenario, time.time() - t0)
     if summary.state != "finished":
         errconsole.print(f"[red]session {summary.session} {summary.state}:[/red] {summary.message}")
         return 1
     return 0
+
+
+def _session_metrics(cfg: Config, scenario, elapsed_s: float) -> None:
+    """After a session: what each cluster's own Prometheus saw during it
+    (cold starts, duration percentiles, error rate), where one is configured."""
+    from .metrics import metrics_for_config, prometheus_url
+    with_prom = [n for n, (_, c) in cfg.providers.clusters().items()
+                 if prometheus_url(getattr(c, "prometheus_config", None))]
+    if not with_prom:
+        return
+    rows = metrics_for_config(cfg, f"{int(elapsed_s) + 30}s", actions=list(scenario.functions) or None,
+                              clusters=with_prom)
+    t = Table(title="clusters' Prometheus during the session")
+    for col in ("cluster", "activations", "cold starts", "error rate", "p50 s", "p95 s", "note"):
+        t.add_column(col)
+    for r in rows:
+        d = r.row()
+        fmt = lambda v: "-" if v is None else (f"{v:.3f}" if isinstance(v, float) else str(v))  # noqa: E731
+        t.add_row(str(d.get("cluster")), fmt(d.get("activations")), fmt(d.get("cold_starts")),
+                  fmt(d.get("error_rate")), fmt(d.get("duration_p50_s")), fmt(d.get("duration_p95_s")), str(d.get("error") or ""))
+    console.print(t)
 
 
 @main.command("start")

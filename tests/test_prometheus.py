@@ -397,3 +397,24 @@ def test_metrics_endpoint_needs_no_auth_and_reports_unreachable_prometheus(prome
     assert requests.get(f"{info['url']}/api/v1/namespaces/_/actions", timeout=5).status_code == 401
     rep = cluster_report(f"http://127.0.0.1:{_free_port()}", "x", window="1h", timeout_s=2)
     assert rep.activations is None and "cannot reach Prometheus" in rep.error
+
+
+@needs_prometheus
+def test_session_summary_reports_each_clusters_prometheus(prometheus, state, capsys):
+    """After a session, `fedkeeper start` prints what each configured
+    Prometheus saw; clusters without one are left out."""
+    from fedkeeper.cli import _session_metrics
+    from fedkeeper.config import Config, Scenario
+    url = prometheus["url"] if isinstance(prometheus, dict) else prometheus
+    port = int(str(url).rsplit(":", 1)[1].rstrip("/"))
+    cfg = Config(providers=Providers(openwhisk={
+        "ow-b": OpenWhiskCluster(kind="local", prometheus_config=PrometheusConfig(
+            host="127.0.0.1", port_openwhisk_metrics=port)),
+        "ow-none": OpenWhiskCluster(kind="local")}))
+    _session_metrics(cfg, Scenario(functions={"echo": {}}), elapsed_s=3600)
+    out = capsys.readouterr().out
+    assert "clusters' Prometheus during the session" in out
+    assert "ow-b" in out and "ow-none" not in out
+    row = next(line for line in out.splitlines() if "ow-b" in line)
+    activations = int(float(row.split("│")[2].strip()))
+    assert activations > 0
