@@ -49,6 +49,9 @@ class Store:
         self.client.admin.command("ping")
 
     def ensure_indexes(self) -> None:
+        # The functions' own (uniqueness, GridFS) indexes first: they write
+        # GridFS chunks directly and rely on the unique keys for correctness.
+        fs.ensure_function_indexes(self.db)
         for coll, specs in INDEXES.items():
             for keys, opts in specs:
                 self.db[coll].create_index(keys, **opts)

@@ -10,7 +10,7 @@ from typing import Any
 import pymongo
 
 from flcommon import store
-from flcommon.context import database, global_model, ids, num_classes, session_spec
+from flcommon.context import database, global_model, ids, num_classes, partition_arrays, session_spec
 from flcommon.entry import BadRequest, require
 from flcommon.models import train
 
@@ -22,13 +22,18 @@ def handle(payload: dict[str, Any], bound: dict[str, str]) -> dict[str, Any]:
     db = database(bound)
     t0 = time.perf_counter()
     spec = session_spec(db, session)
+    if attempt < 1:
+        raise BadRequest("payload field 'attempt' must be at least 1")
     if client not in spec["clients"]:
         raise BadRequest(f"{client} is not a client of session {session}")
+    key = {"session": session, "round": rnd, "client": client}
+    earlier = db[store.UPDATES].find_one(key, {"num_examples": 1, "metrics": 1})
+    if earlier is not None:  # a retry after the update landed: nothing to train
+        return {"num_examples": earlier.get("num_examples", 0), "metrics": earlier.get("metrics", {}),
+                "duplicate": True, "timings": {"load_ms": round((time.perf_counter() - t0) * 1000, 1),
+                                               "train_ms": 0.0, "store_ms": 0.0}}
     _, weights = global_model(db, session, rnd)
-    part = db[store.PARTITIONS].find_one({"session": session, "client": client})
-    if part is None:
-        raise BadRequest(f"no data partition for {client} in session {session}")
-    x, y = store.get_arrays(db, part["blob_id"])
+    x, y = partition_arrays(db, session, client)
     t1 = time.perf_counter()
     seed = zlib.crc32(f"{spec.get('seed', 0)}/{rnd}/{client}".encode())
     new, metrics = train(spec, weights, x, y, num_classes(db, session), seed)
@@ -42,8 +47,8 @@ def handle(payload: dict[str, Any], bound: dict[str, str]) -> dict[str, Any]:
     try:
         db[store.UPDATES].insert_one(doc)
     except pymongo.errors.DuplicateKeyError:
-        # Another attempt of this client already delivered this round: keep
-        # that one, drop ours, so the update is never counted twice.
+        # Another attempt of this client delivered this round while we
+        # trained: keep that one, drop ours, so it is never counted twice.
         store.delete_blob(db, blob)
         duplicate = True
     t3 = time.perf_counter()

@@ -11,25 +11,43 @@ import pymongo
 
 from flcommon import store
 from flcommon.blobs import BlobError
-from flcommon.context import database, global_model, ids, num_classes, session_spec
+from flcommon.context import database, global_model, ids, num_classes, partition_arrays, session_spec
 from flcommon.entry import BadRequest, require
 from flcommon.fedavg import StreamingFedAvg, UpdateRejected
 from flcommon.models import evaluate
 
 
+MAX_LISTED = 20  # rejections listed in a result: keeps it far below any payload limit
+
+
+def _listed(rejected: list[dict[str, str]]) -> list[dict[str, str]]:
+    return [{"client": r["client"], "reason": r["reason"][:200]} for r in rejected[:MAX_LISTED]]
+
+
 def _result(doc: dict[str, Any]) -> dict[str, Any]:
+    """The small result the keeper gets; the models doc has the full lists."""
     m = doc.get("metrics", {})
+    rejected = doc.get("rejected", [])
     return {"round": doc["round"] - 1, "model_round": doc["round"], "loss": m.get("loss"),
             "accuracy": m.get("accuracy"), "accepted": doc.get("accepted", 0),
-            "rejected": doc.get("rejected", [])}
+            "rejected": _listed(rejected), "rejected_count": len(rejected)}
 
 
 def aggregate(db, session: str, rnd: int, clients: list[str], reference) -> tuple[StreamingFedAvg, list, list]:
+    """FedAvg over the listed clients' round-`rnd` updates, one update in
+    memory at a time. Returns (aggregate, accepted clients, rejections)."""
     agg = StreamingFedAvg(reference)
     accepted: list[str] = []
     rejected: list[dict[str, str]] = []
+    clients = list(dict.fromkeys(clients))  # a client listed twice still counts once
     docs = {d["client"]: d for d in db[store.UPDATES].find(
         {"session": session, "round": rnd, "client": {"$in": clients}})}
+    # The partition sizes init wrote: a client cannot inflate its weight by
+    # claiming more examples than it holds.
+    sizes = {d["client"]: d.get("num_examples") for d in db[store.PARTITIONS].find(
+        {"session": session, "client": {"$in": clients}}, {"client": 1, "num_examples": 1})}
+    blobs = {d["_id"]: d.get("metadata") or {} for d in db[f"{store.BUCKET}.files"].find(
+        {"_id": {"$in": [d["blob_id"] for d in docs.values() if "blob_id" in d]}}, {"metadata": 1})}
     for client in clients:
         doc = docs.get(client)
         if doc is None:
@@ -38,23 +56,27 @@ def aggregate(db, session: str, rnd: int, clients: list[str], reference) -> tupl
         try:
             if doc.get("round") != rnd:
                 raise UpdateRejected(f"update is for round {doc.get('round')}, not {rnd}")
-            meta = (db[f"{store.BUCKET}.files"].find_one({"_id": doc["blob_id"]}, {"metadata": 1}) or {}).get(
-                "metadata") or {}
+            if doc.get("blob_id") not in blobs:
+                raise UpdateRejected("update blob does not exist")
+            meta = blobs[doc["blob_id"]]
             if meta.get("round") != rnd or meta.get("session") != session or meta.get("client") != client:
                 raise UpdateRejected(f"update blob belongs to session {meta.get('session')}, "
                                      f"round {meta.get('round')}, client {meta.get('client')}")
-            agg.add(store.get_arrays(db, doc["blob_id"]), doc.get("num_examples"))
+            n = doc.get("num_examples")
+            if sizes.get(client) is not None and n != sizes[client]:
+                raise UpdateRejected(f"update claims {n} examples, the client's partition has {sizes[client]}")
+            agg.add(store.get_arrays(db, doc["blob_id"]), n)
             accepted.append(client)
         except (UpdateRejected, BlobError) as exc:
-            rejected.append({"client": client, "reason": str(exc)})
+            rejected.append({"client": client, "reason": str(exc)[:300]})
     return agg, accepted, rejected
 
 
 def handle(payload: dict[str, Any], bound: dict[str, str]) -> dict[str, Any]:
     session, rnd = ids(payload)
     clients = require(payload, "clients", list)
-    if not all(isinstance(c, str) for c in clients):
-        raise BadRequest("clients must be a list of client ids")
+    if not clients or not all(isinstance(c, str) for c in clients):
+        raise BadRequest("clients must be a non-empty list of client ids")
     db = database(bound)
     done = db[store.MODELS].find_one({"session": session, "round": rnd + 1})
     if done is not None:  # idempotent: a retried aggregation changes nothing
@@ -69,12 +91,12 @@ def handle(payload: dict[str, Any], bound: dict[str, str]) -> dict[str, Any]:
         db[store.UPDATES].update_one({"session": session, "round": rnd, "client": r["client"]},
                                      {"$set": {"status": "rejected", "reason": r["reason"]}})
     if not accepted:
-        return {"error": f"round {rnd}: no valid update to aggregate", "rejected": rejected}
+        return {"error": f"round {rnd}: no valid update to aggregate", "rejected": _listed(rejected),
+                "rejected_count": len(rejected)}
     db[store.UPDATES].update_many({"session": session, "round": rnd, "client": {"$in": accepted}},
                                   {"$set": {"status": "accepted"}})
     new = agg.result()
-    test = db[store.PARTITIONS].find_one({"session": session, "client": "_test"})
-    x, y = store.get_arrays(db, test["blob_id"])
+    x, y = partition_arrays(db, session, "_test")
     metrics = evaluate(spec, new, x, y, num_classes(db, session))
     blob = store.put_arrays(db, new, f"{session}/model/{rnd + 1:03d}.npz",
                             {"kind": "model", "session": session, "round": rnd + 1})

@@ -11,7 +11,8 @@ import pymongo
 from flcommon import store
 from flcommon.context import database, ids, session_spec
 from flcommon.data import load_dataset, partition
-from flcommon.models import initial_weights
+from flcommon.entry import BadRequest
+from flcommon.models import MODELS, OPTIMIZERS, initial_weights
 
 
 def _summary(doc: dict[str, Any]) -> dict[str, Any]:
@@ -26,23 +27,28 @@ def handle(payload: dict[str, Any], bound: dict[str, str]) -> dict[str, Any]:
     if done is not None:  # idempotent: a retried init changes nothing
         return dict(_summary(done), reused=True)
     spec = session_spec(db, session)
+    if spec["model"] not in MODELS or spec.get("optim", "adam") not in OPTIMIZERS:
+        raise BadRequest(f"session {session}: model must be one of {MODELS}, optim one of {OPTIMIZERS}")
     t0 = time.perf_counter()
     x_tr, y_tr, x_te, y_te = load_dataset(spec.get("data", {}))
     clients: list[str] = spec["clients"]
+    if not clients or len(set(clients)) != len(clients) or "_test" in clients:
+        raise BadRequest("session clients must be a non-empty list of distinct ids (and not '_test')")
     p = spec.get("partition", {})
     parts = partition(y_tr, len(clients), p.get("method", "iid"), int(spec.get("seed", 0)),
                       float(p.get("alpha", 0.5)), int(p.get("shards_per_client", 2)))
-    # A previous, interrupted init may have left partitions: replace them.
-    for old in db[store.PARTITIONS].find({"session": session}):
-        store.delete_blob(db, old["blob_id"])
-    db[store.PARTITIONS].delete_many({"session": session})
-    docs = []
+    # Partitions are a pure function of (data, clients, seed), so a previous,
+    # interrupted or concurrent init wrote the very same ones: replace each
+    # (unique per session and client) and drop the blob it pointed to.
     for client, idx in [*zip(clients, parts), ("_test", None)]:
         x, y = (x_te, y_te) if idx is None else (x_tr[idx], y_tr[idx])
         blob = store.put_arrays(db, [x, y], f"{session}/data/{client}.npz",
                                 {"kind": "partition", "session": session, "client": client})
-        docs.append({"session": session, "client": client, "blob_id": blob, "num_examples": int(len(y))})
-    db[store.PARTITIONS].insert_many(docs)
+        old = db[store.PARTITIONS].find_one_and_replace(
+            {"session": session, "client": client},
+            {"session": session, "client": client, "blob_id": blob, "num_examples": int(len(y))}, upsert=True)
+        if old is not None:
+            store.delete_blob(db, old["blob_id"])
     n_classes = int(max(y_tr.max(), y_te.max()) + 1)
     weights = initial_weights(spec["model"], x_tr.shape[1:], n_classes, int(spec.get("seed", 0)))
     blob = store.put_arrays(db, weights, f"{session}/model/000.npz",

@@ -1,7 +1,16 @@
-"""What every FL function needs from the store: its database, the
-session's (immutable) spec, and the global model of a round."""
+"""What every FL function needs from the store: its database, the session's
+spec, a data partition and the global model of a round.
+
+Warm workers keep what never changes: a session's spec (written once by the
+keeper before anything is invoked) and data partitions (written once by
+fl_server_init, keyed by blob id, so a re-initialised session can never be
+served stale data). Global models and updates are read fresh every time.
+"""
 from __future__ import annotations
 
+import os
+import threading
+from collections import OrderedDict
 from typing import Any
 
 import numpy as np
@@ -9,7 +18,16 @@ import numpy as np
 from . import store
 from .entry import BadRequest, require
 
-_specs: dict[tuple[str, str, str], dict[str, Any]] = {}
+_specs: dict[tuple[int, str, str], dict[str, Any]] = {}
+_parts: "OrderedDict[tuple[int, str, str], list[np.ndarray]]" = OrderedDict()
+_parts_bytes = 0
+_lock = threading.Lock()
+
+
+def _cache_limit() -> int:
+    # Bounded so that a worker serving many clients cannot grow without end;
+    # MNIST's 60k training images are 188 MB as float32, a client's share far less.
+    return int(float(os.environ.get("FK_PARTITION_CACHE_MB", "256")) * 1e6)
 
 
 def database(bound: dict[str, str]):
@@ -20,18 +38,25 @@ def database(bound: dict[str, str]):
 
 
 def session_spec(db, session: str) -> dict[str, Any]:
-    key = (db.client.address and str(db.client.address), db.name, session)
+    key = (id(db.client), db.name, session)
     spec = _specs.get(key)
     if spec is None:
         doc = db[store.SESSIONS].find_one({"_id": session}, {"spec": 1})
-        if doc is None or "spec" not in doc:
+        if doc is None or not isinstance(doc.get("spec"), dict):
             raise BadRequest(f"no session {session!r} in the store")
-        spec = _specs[key] = doc["spec"]
+        spec = doc["spec"]
+        for field in ("model", "clients"):
+            if field not in spec:
+                raise BadRequest(f"session {session!r} has no {field} in its spec")
+        _specs[key] = spec
     return spec
 
 
 def ids(payload: dict[str, Any]) -> tuple[str, int]:
-    return require(payload, "session", str), require(payload, "round", int)
+    rnd = require(payload, "round", int)
+    if rnd < 0:
+        raise BadRequest("payload field 'round' must not be negative")
+    return require(payload, "session", str), rnd
 
 
 def global_model(db, session: str, rnd: int) -> tuple[dict[str, Any], list[np.ndarray]]:
@@ -41,6 +66,34 @@ def global_model(db, session: str, rnd: int) -> tuple[dict[str, Any], list[np.nd
     return doc, store.get_arrays(db, doc["blob_id"])
 
 
+def partition_arrays(db, session: str, client: str) -> list[np.ndarray]:
+    """[x, y] of a client's partition ("_test" is the test set), cached by blob id."""
+    global _parts_bytes
+    doc = db[store.PARTITIONS].find_one({"session": session, "client": client}, {"blob_id": 1})
+    if doc is None:
+        raise BadRequest(f"no data partition for {client} in session {session}")
+    key = (id(db.client), db.name, str(doc["blob_id"]))
+    with _lock:
+        hit = _parts.get(key)
+        if hit is not None:
+            _parts.move_to_end(key)
+            return hit
+    arrays = store.get_arrays(db, doc["blob_id"])
+    if len(arrays) != 2 or len(arrays[0]) != len(arrays[1]) or len(arrays[1]) == 0:
+        raise BadRequest(f"data partition of {client} in session {session} is malformed")
+    for a in arrays:
+        a.flags.writeable = False  # shared between invocations: nobody may modify it
+    size = sum(a.nbytes for a in arrays)
+    with _lock:
+        if size <= _cache_limit():
+            _parts[key] = arrays
+            _parts_bytes += size
+            while _parts_bytes > _cache_limit():
+                _, old = _parts.popitem(last=False)
+                _parts_bytes -= sum(a.nbytes for a in old)
+    return arrays
+
+
 def num_classes(db, session: str) -> int:
     doc = db[store.MODELS].find_one({"session": session, "round": 0}, {"num_classes": 1})
-    return int(doc["num_classes"]) if doc else 10
+    return int(doc["num_classes"]) if doc and doc.get("num_classes") else 10

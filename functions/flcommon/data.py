@@ -9,6 +9,7 @@ import hashlib
 import os
 import tempfile
 import urllib.request
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -23,11 +24,23 @@ OBJ_HELP = ("FedKeeper's pickled .obj data files are refused: loading them would
 
 
 def _scale(x: np.ndarray) -> np.ndarray:
+    """float32 in [0, 1] with a channel axis: (N, H, W) -> (N, H, W, 1).
+    Integer images are 8-bit (MNIST) unless their maximum says 4-bit (digits)."""
+    raw = x
     x = x.astype(np.float32)
     top = float(x.max()) if x.size else 1.0
-    if top > 1.0:
-        x /= 255.0 if top > 16.0 else 16.0
+    if raw.dtype == np.uint8 or top > 16.0:
+        x /= 255.0
+    elif top > 1.0:
+        x /= 16.0
     return x[..., None] if x.ndim == 3 else x
+
+
+def _labels(y: np.ndarray) -> np.ndarray:
+    """Integer class labels; one-hot rows are accepted too."""
+    if y.ndim == 2 and y.shape[1] > 1:
+        y = y.argmax(axis=1)
+    return y.reshape(-1).astype(np.int64)
 
 
 def load_digits_split(seed: int = 0) -> tuple[np.ndarray, ...]:
@@ -62,9 +75,12 @@ def fetch(location: str, sha256: str | None = None, timeout_s: float = 60.0) -> 
         name = hashlib.sha256(location.encode()).hexdigest()[:16] + "-" + Path(location.split("?")[0]).name
         path = cache_dir() / name
         if not path.exists():
-            tmp = path.with_suffix(path.suffix + ".part")
+            # A unique temporary name: concurrent cold starts may download
+            # the same file; each renames its complete copy into place.
+            fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".part")
+            tmp = Path(tmp_name)
             try:
-                with urllib.request.urlopen(location, timeout=timeout_s) as resp, open(tmp, "wb") as out:
+                with os.fdopen(fd, "wb") as out, urllib.request.urlopen(location, timeout=timeout_s) as resp:
                     while block := resp.read(1 << 20):
                         out.write(block)
             except OSError as exc:
@@ -83,26 +99,35 @@ def fetch(location: str, sha256: str | None = None, timeout_s: float = 60.0) -> 
 
 
 def load_npz(location: str, sha256: str | None = None) -> tuple[np.ndarray, ...]:
+    """Keras' mnist.npz layout: x_train, y_train, x_test, y_test."""
     path = fetch(location, sha256)
     try:
-        with np.load(path, allow_pickle=False) as z:
-            missing = {"x_train", "y_train", "x_test", "y_test"} - set(z.files)
-            if missing:
-                raise BadRequest(f"{location} lacks {sorted(missing)} (expected Keras' mnist.npz layout)")
-            return (_scale(z["x_train"]), z["y_train"].astype(np.int64),
-                    _scale(z["x_test"]), z["y_test"].astype(np.int64))
-    except ValueError as exc:
+        z = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
         raise BadRequest(f"{location} is not a pickle-free npz: {exc}") from None
+    if not isinstance(z, np.lib.npyio.NpzFile):
+        raise BadRequest(f"{location} is a single .npy array, not an npz archive")
+    with z:
+        missing = {"x_train", "y_train", "x_test", "y_test"} - set(z.files)
+        if missing:
+            raise BadRequest(f"{location} lacks {sorted(missing)} (expected Keras' mnist.npz layout)")
+        try:
+            return (_scale(z["x_train"]), _labels(z["y_train"]), _scale(z["x_test"]), _labels(z["y_test"]))
+        except (ValueError, OSError, zipfile.BadZipFile) as exc:  # e.g. an object array inside
+            raise BadRequest(f"{location} is not a pickle-free npz: {exc}") from None
 
 
 def load_dataset(data: dict[str, Any]) -> tuple[np.ndarray, ...]:
     kind = data.get("dataset", "digits")
+    if kind == "fedkeeper_obj" or any(str(v).split("?")[0].endswith(".obj") for v in data.values()):
+        raise BadRequest(OBJ_HELP)
     if kind == "digits":
         return load_digits_split()
     if kind == "npz":
-        return load_npz(data["path"], data.get("sha256"))
-    if kind == "fedkeeper_obj" or any(str(data.get(k, "")).endswith(".obj") for k in data):
-        raise BadRequest(OBJ_HELP)
+        location = data.get("path") or data.get("url")
+        if not isinstance(location, str) or not location:
+            raise BadRequest("dataset npz needs a path (a local file or an http(s) URL)")
+        return load_npz(location, data.get("sha256"))
     raise BadRequest(f"unknown dataset {kind!r}")
 
 

@@ -2,25 +2,37 @@
 platforms served by functions-framework (Cloud Functions, Knative).
 
 Rules, the same on every platform:
-- configuration bound at deploy time (FK_* keys: OpenWhisk merges them into
-  args, HTTP platforms put them in the environment) is split off the payload
-  and never echoed back;
-- a token that does not verify is refused (OpenWhisk: an `error` result,
-  i.e. "application error"; HTTP: 401);
-- bad input (`BadRequest`, a corrupt blob) is refused the same way (HTTP 400);
-- anything else is a genuine crash and is left to the platform to report
-  ("action developer error" / HTTP 500), so the keeper retries it.
+- configuration bound at deploy time (FK_* keys: OpenWhisk merges action
+  parameters into args, HTTP platforms put them in the environment) is split
+  off the payload, and OpenWhisk's own `__OW_*` keys are dropped; bound values
+  are secrets and are never echoed back;
+- a token that does not verify is refused: OpenWhisk gets an `error` result
+  (an "application error"), HTTP a 401;
+- bad input is refused the same way (HTTP 400): a payload field that is
+  missing or of the wrong type, ids that name nothing in the store, a stored
+  blob that is not a valid pickle-free npz (`BadRequest`, `BlobError`). These
+  are application errors: retrying the same request cannot help;
+- anything else is a genuine crash (a bug, the store going away, out of
+  memory) and is a developer error, which the keeper may retry. On OpenWhisk
+  it propagates, so the activation is an "action developer error"; on HTTP the
+  entry answers 500 with a JSON body and `X-Google-Status: crash`, exactly the
+  marker functions-framework itself puts on an unhandled exception, so the
+  keeper classifies it the same way and the body stays JSON.
 """
 from __future__ import annotations
 
 import json
 import os
+import sys
+import traceback
 from typing import Any, Callable, Mapping
 
 from .auth import TokenError, verify
 from .blobs import BlobError
 
 BOUND_PREFIX = "FK_"
+PLATFORM_PREFIX = "__OW_"
+JSON_HEADERS = {"Content-Type": "application/json"}
 Handler = Callable[[dict[str, Any], dict[str, str]], dict[str, Any]]
 
 
@@ -28,40 +40,62 @@ class BadRequest(ValueError):
     """The payload or the data it points at is not acceptable."""
 
 
+BAD_INPUT = (BadRequest, BlobError)
+
+
 def split_args(args: Mapping[str, Any]) -> tuple[dict[str, str], dict[str, Any]]:
+    """(bound config, payload) from OpenWhisk's merged args."""
     bound = {k: v for k, v in args.items() if k.startswith(BOUND_PREFIX)}
-    payload = {k: v for k, v in args.items() if not k.startswith(BOUND_PREFIX) and not k.startswith("__")}
+    payload = {k: v for k, v in args.items()
+               if not k.startswith(BOUND_PREFIX) and not k.startswith(PLATFORM_PREFIX)}
     return bound, payload
 
 
-def _run(handle: Handler, bound: dict[str, str], payload: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+def _scrub(text: str, bound: Mapping[str, str]) -> str:
+    """Exception texts may quote a URL or a setting; never let a bound value out."""
+    for value in bound.values():
+        if isinstance(value, str) and len(value) >= 4:
+            text = text.replace(value, "***")
+    return text
+
+
+def _checked(handle: Handler, bound: dict[str, str], payload: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+    """Verify, then run; bad input becomes (4xx, error). Crashes propagate."""
     try:
         verify(bound.get("FK_TOKEN_SECRET", ""), payload)
     except TokenError as exc:
         return 401, {"error": f"unauthorized: {exc}"}
     try:
-        return 200, handle(payload, bound)
-    except (BadRequest, BlobError) as exc:
-        return 400, {"error": f"bad request: {exc}"}
+        result = handle(payload, bound)
+    except BAD_INPUT as exc:
+        return 400, {"error": _scrub(f"bad request: {exc}", bound)}
+    if not isinstance(result, dict):  # a handler bug, not bad input
+        raise TypeError(f"handler returned {type(result).__name__}, not a dict")
+    return (400 if "error" in result else 200), result
 
 
 def openwhisk_main(handle: Handler, args: Mapping[str, Any]) -> dict[str, Any]:
     bound, payload = split_args(args)
-    return _run(handle, bound, payload)[1]
+    return _checked(handle, bound, payload)[1]
 
 
 def http_main(handle: Handler, request) -> tuple[str, int, dict[str, str]]:
-    headers = {"Content-Type": "application/json"}
+    """functions-framework entry: returns (JSON body, status, headers)."""
     bound = {k: v for k, v in os.environ.items() if k.startswith(BOUND_PREFIX)}
     payload = request.get_json(silent=True)
     if not isinstance(payload, dict):
-        return json.dumps({"error": "bad request: expected a JSON object"}), 400, headers
-    status, body = _run(handle, bound, payload)
-    return json.dumps(body), status, headers
+        return json.dumps({"error": "bad request: expected a JSON object"}), 400, dict(JSON_HEADERS)
+    try:
+        status, body = _checked(handle, bound, payload)
+    except Exception as exc:  # noqa: BLE001 - a crash: logged, answered as one
+        sys.stderr.write(_scrub(traceback.format_exc(), bound))
+        error = _scrub(f"crash: {type(exc).__name__}: {exc}", bound)[:500]
+        return json.dumps({"error": error}), 500, {**JSON_HEADERS, "X-Google-Status": "crash"}
+    return json.dumps(body), status, dict(JSON_HEADERS)
 
 
 def require(payload: Mapping[str, Any], key: str, kind: type | tuple[type, ...]) -> Any:
     value = payload.get(key)
-    if not isinstance(value, kind) or isinstance(value, bool) and kind is int:
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind is int):
         raise BadRequest(f"payload field {key!r} is missing or not a {getattr(kind, '__name__', kind)}")
     return value

@@ -13,7 +13,7 @@ import numpy as np
 
 
 class UpdateRejected(ValueError):
-    pass
+    """This update cannot be counted; the message is the recorded reason."""
 
 
 def check_update(arrays: Sequence[np.ndarray], reference: Sequence[tuple[tuple[int, ...], np.dtype]]) -> None:
@@ -22,8 +22,9 @@ def check_update(arrays: Sequence[np.ndarray], reference: Sequence[tuple[tuple[i
     for i, (a, (shape, dtype)) in enumerate(zip(arrays, reference)):
         if a.shape != shape:
             raise UpdateRejected(f"array {i} has shape {a.shape}, expected {shape}")
-        if a.dtype.kind != "f":
-            raise UpdateRejected(f"array {i} has dtype {a.dtype}, expected floating point")
+        if a.dtype != dtype:
+            # Strict: a float64 update would also double the aggregator's memory.
+            raise UpdateRejected(f"array {i} has dtype {a.dtype}, expected {dtype}")
         if not np.isfinite(a).all():
             raise UpdateRejected(f"array {i} contains NaN or inf")
 
@@ -36,7 +37,7 @@ class StreamingFedAvg:
 
     def add(self, arrays: list[np.ndarray], num_examples: int) -> None:
         check_update(arrays, self.reference)
-        if not isinstance(num_examples, (int, np.integer)) or num_examples <= 0:
+        if isinstance(num_examples, bool) or not isinstance(num_examples, (int, np.integer)) or num_examples <= 0:
             raise UpdateRejected(f"num_examples must be a positive integer, got {num_examples!r}")
         for acc, a in zip(self.acc, arrays):
             # In place on the decoded array (ours to reuse): no temporaries.

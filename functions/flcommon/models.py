@@ -22,8 +22,12 @@ os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
 import numpy as np  # noqa: E402
 
+from .entry import BadRequest  # noqa: E402
+
 MODELS = ("cnn", "nn", "small")
+OPTIMIZERS = ("adam", "nadam", "sgd")
 _cache: dict[tuple, Any] = {}
+_fresh: dict[int, list[np.ndarray]] = {}  # id(model) -> its optimizer's initial variable values
 _lock = threading.Lock()
 
 
@@ -47,7 +51,7 @@ def build(name: str, input_shape: Sequence[int], num_classes: int, seed: int | N
         x = layers.Flatten()(inp)
         x = layers.Dense(64, activation="relu")(x)
     else:
-        raise ValueError(f"unknown model {name!r}; expected one of {MODELS}")
+        raise BadRequest(f"unknown model {name!r}; expected one of {MODELS}")
     out = layers.Dense(num_classes, activation="softmax")(x)
     return keras.Model(inp, out, name=name)
 
@@ -60,7 +64,7 @@ def _optimizer(optim: str, lr: float, momentum: float):
         return keras.optimizers.Nadam(learning_rate=lr)
     if optim == "sgd":
         return keras.optimizers.SGD(learning_rate=lr, momentum=momentum)
-    raise ValueError(f"unknown optimizer {optim!r}")
+    raise BadRequest(f"unknown optimizer {optim!r}; expected one of {OPTIMIZERS}")
 
 
 def compiled(name: str, input_shape: Sequence[int], num_classes: int, optim: str = "adam",
@@ -71,17 +75,46 @@ def compiled(name: str, input_shape: Sequence[int], num_classes: int, optim: str
         model = build(name, input_shape, num_classes)
         model.compile(optimizer=_optimizer(optim, lr, momentum),
                       loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+        # Build the optimizer's slots now and remember their initial values:
+        # not every slot starts at zero (Nadam's u_product starts at 1).
+        model.optimizer.build(model.trainable_variables)
+        _fresh[id(model)] = [np.array(v.numpy()) for v in model.optimizer.variables]
         _cache[key] = model
     return model
 
 
 def _reset_optimizer(model) -> None:
-    opt = model.optimizer
-    for v in getattr(opt, "variables", []):
-        name = getattr(v, "path", None) or getattr(v, "name", "")
-        if "learning_rate" in name:
-            continue
-        v.assign(np.zeros(v.shape, dtype=v.dtype))
+    """Back to a fresh optimizer (step count, moments, momentum) without
+    building a new one, which would retrace the compiled train step."""
+    for v, init in zip(model.optimizer.variables, _fresh[id(model)]):
+        v.assign(init)
+
+
+def _fit(model, x: np.ndarray, y: np.ndarray, epochs: int, batch_size: int, seed: int) -> dict[str, float]:
+    """Seeded mini-batch epochs with `train_on_batch`.
+
+    `model.fit` builds a tf.data pipeline and callbacks on every call, which
+    for a client's few hundred samples costs several times the training
+    itself (measured: 0.42 s against 0.09 s for 2 epochs of the small model).
+    Returns the last epoch's example-weighted mean loss and accuracy."""
+    rng = np.random.default_rng(seed)
+    n = len(y)
+    batch_size = max(1, min(int(batch_size), n))
+    metrics: dict[str, float] = {}
+    for _ in range(epochs):
+        order = rng.permutation(n)
+        sums: dict[str, float] = {}
+        for start in range(0, n, batch_size):
+            idx = order[start:start + batch_size]
+            out = model.train_on_batch(x[idx], y[idx], return_dict=True)
+            for k, v in out.items():
+                sums[k] = sums.get(k, 0.0) + float(v) * len(idx)
+        metrics = {k: v / n for k, v in sums.items()}
+    return metrics
+
+
+def _settings(spec: dict[str, Any]) -> tuple[str, float, float]:
+    return (str(spec.get("optim", "adam")), float(spec.get("lr", 1e-3)), float(spec.get("momentum", 0.0) or 0.0))
 
 
 def train(spec: dict[str, Any], weights: list[np.ndarray], x: np.ndarray, y: np.ndarray,
@@ -91,29 +124,32 @@ def train(spec: dict[str, Any], weights: list[np.ndarray], x: np.ndarray, y: np.
     With local_epochs 0 the weights come back untouched and Keras is never
     imported: a no-op client that still reads and writes its blobs, for
     measuring what the system itself costs per round."""
-    if int(spec.get("local_epochs", 1)) == 0:
+    epochs = int(spec.get("local_epochs", 1))
+    if epochs == 0:
         return [np.array(w) for w in weights], {}
-    import keras
+    # No keras.utils.set_random_seed here: changing TF's global seed makes
+    # every cached tf.function retrace (0.04 s -> 0.24 s per client). These
+    # models have no stochastic layers; the batch order comes from `seed`.
     with _lock:  # functions-framework may run requests on threads
-        model = compiled(spec["model"], x.shape[1:], num_classes, spec.get("optim", "adam"),
-                         spec.get("lr", 1e-3), spec.get("momentum", 0.0))
+        model = compiled(spec["model"], x.shape[1:], num_classes, *_settings(spec))
         model.set_weights(weights)
-        _reset_optimizer(model)
-        keras.utils.set_random_seed(seed)
-        hist = model.fit(x, y, epochs=int(spec.get("local_epochs", 1)),
-                         batch_size=int(spec.get("batch_size", 10)), shuffle=True, verbose=0)
-        metrics = {k: float(v[-1]) for k, v in hist.history.items()}
+        _reset_optimizer(model)  # a new round: no momentum carried over from the last one
+        metrics = _fit(model, x, y, epochs, int(spec.get("batch_size", 10)), seed)
         return [np.asarray(w) for w in model.get_weights()], metrics
 
 
 def evaluate(spec: dict[str, Any], weights: list[np.ndarray], x: np.ndarray, y: np.ndarray,
-             num_classes: int) -> dict[str, float]:
+             num_classes: int, batch_size: int = 256) -> dict[str, float]:
     with _lock:
-        model = compiled(spec["model"], x.shape[1:], num_classes, spec.get("optim", "adam"),
-                         spec.get("lr", 1e-3), spec.get("momentum", 0.0))
+        model = compiled(spec["model"], x.shape[1:], num_classes, *_settings(spec))
         model.set_weights(weights)
-        loss, acc = model.evaluate(x, y, batch_size=256, verbose=0)
-        return {"loss": float(loss), "accuracy": float(acc)}
+        sums = {"loss": 0.0, "accuracy": 0.0}
+        for start in range(0, len(y), batch_size):
+            out = model.test_on_batch(x[start:start + batch_size], y[start:start + batch_size], return_dict=True)
+            m = len(y[start:start + batch_size])
+            for k in sums:
+                sums[k] += float(out[k]) * m
+        return {k: v / max(1, len(y)) for k, v in sums.items()}
 
 
 def initial_weights(name: str, input_shape: Sequence[int], num_classes: int, seed: int) -> list[np.ndarray]:

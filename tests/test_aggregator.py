@@ -1,0 +1,232 @@
+"""The streaming FedAvg aggregator: exact arithmetic, every kind of bad
+update rejected with its reason recorded, uniqueness of updates, idempotence,
+and memory bounded by the model size whatever the number of clients."""
+from __future__ import annotations
+
+import io
+import pickle
+import tracemalloc
+
+import numpy as np
+import pymongo
+import pytest
+
+from fixtures_store import fn_db, fn_mongo_url  # noqa: F401 - fixtures
+from flcommon import store as fs
+from flcommon.blobs import BlobError, decode_arrays, encode_arrays
+from flcommon.fedavg import StreamingFedAvg, UpdateRejected, fedavg
+from test_functions import call, load, make_session
+
+F32 = np.dtype(np.float32)
+
+
+def test_fedavg_matches_a_hand_computation():
+    ref = [((2,), F32), ((2, 2), F32)]
+    u1 = [np.array([1, 2], np.float32), np.array([[1, 0], [0, 1]], np.float32)]
+    u2 = [np.array([4, 8], np.float32), np.array([[0, 3], [3, 0]], np.float32)]
+    u3 = [np.array([-2, 0], np.float32), np.array([[6, 6], [6, 6]], np.float32)]
+    out = fedavg([(u1, 1), (u2, 2), (u3, 3)], ref)
+    # (1*[1,2] + 2*[4,8] + 3*[-2,0]) / 6 = [3/6, 18/6]
+    assert np.allclose(out[0], [0.5, 3.0], atol=1e-7)
+    # (1*I + 2*[[0,3],[3,0]] + 3*6) / 6
+    assert np.allclose(out[1], [[19 / 6, 24 / 6], [24 / 6, 19 / 6]], atol=1e-6)
+    assert all(a.dtype == np.float32 for a in out)
+
+
+def test_fedavg_checks_each_update_before_touching_the_aggregate():
+    ref = [((2,), F32), ((2, 2), F32)]
+    ok = [np.array([1, 2], np.float32), np.eye(2, dtype=np.float32)]
+    agg = StreamingFedAvg(ref)
+    bad = [
+        ([np.array([1, np.inf], np.float32), np.eye(2, dtype=np.float32)], 1, "NaN or inf"),
+        ([np.array([1, np.nan], np.float32), np.eye(2, dtype=np.float32)], 1, "NaN or inf"),
+        ([np.array([1, 2], np.float64), np.eye(2, dtype=np.float32)], 1, "dtype float64"),
+        ([np.array([1, 2], np.int64), np.eye(2, dtype=np.float32)], 1, "dtype int64"),
+        ([np.array([1, 2, 3], np.float32), np.eye(2, dtype=np.float32)], 1, "shape"),
+        ([np.array([1, 2], np.float32)], 1, "has 1 arrays, the model has 2"),
+        ([a.copy() for a in ok], 0, "num_examples"),
+        ([a.copy() for a in ok], True, "num_examples"),
+    ]
+    for arrays, n, reason in bad:
+        with pytest.raises(UpdateRejected, match=reason):
+            agg.add(arrays, n)
+    with pytest.raises(UpdateRejected, match="no valid update"):
+        agg.result()
+    agg.add([a.copy() for a in ok], 5)
+    out = agg.result()
+    assert np.array_equal(out[0], ok[0]) and np.array_equal(out[1], ok[1])
+
+
+def _put_update(db, sid, rnd, client, arrays=None, n=None, blob_round=None, blob_client=None,
+                raw: bytes | None = None, doc_round=None):
+    meta = {"kind": "update", "session": sid, "round": rnd if blob_round is None else blob_round,
+            "client": blob_client or client}
+    if raw is not None:
+        blob = fs.bucket(db).upload_from_stream("u", io.BytesIO(raw), metadata=meta)
+    else:
+        blob = fs.put_arrays(db, arrays, "u.npz", meta)
+    if n is None:
+        part = db[fs.PARTITIONS].find_one({"session": sid, "client": client})
+        n = part["num_examples"] if part else 10
+    db[fs.UPDATES].insert_one({"session": sid, "round": rnd if doc_round is None else doc_round,
+                               "client": client, "attempt": 1, "blob_id": blob, "num_examples": n,
+                               "status": "received"})
+    return blob
+
+
+def test_aggregator_rejects_bad_updates_with_reasons(fn_db):
+    db = fn_db
+    sid = make_session(db, clients=12)
+    call("fl_server_init", db, session=sid, round=0)
+    weights = fs.get_arrays(db, db[fs.MODELS].find_one({"session": sid, "round": 0})["blob_id"])
+    good = [w + 0.01 for w in weights]
+    nan = [w.copy() for w in weights]
+    nan[-1][0] = np.nan
+    _put_update(db, sid, 0, "client_0", good)
+    _put_update(db, sid, 0, "client_1", nan)
+    _put_update(db, sid, 0, "client_2", [np.zeros((3, 3), np.float32)] + weights[1:])
+    _put_update(db, sid, 0, "client_3", good, blob_round=5)  # an update written for another round
+    _put_update(db, sid, 0, "client_4", raw=b"this is no npz")
+    _put_update(db, sid, 0, "client_5", raw=pickle.dumps({"w": 1}))
+    _put_update(db, sid, 0, "client_6", weights[:-1])
+    _put_update(db, sid, 0, "client_7", [w.astype(np.float64) for w in weights])
+    _put_update(db, sid, 0, "client_8", good, n=10**6)  # claims far more data than it holds
+    _put_update(db, sid, 0, "client_9", raw=encode_arrays(good)[:200])  # truncated npz
+    _put_update(db, sid, 0, "client_10", good, blob_client="client_0")  # someone else's blob
+    # client_11 never delivered.
+    clients = [f"client_{i}" for i in range(12)]
+    out = call("fl_server_aggregator", db, session=sid, round=0, clients=clients + ["client_0"])
+    reasons = {r["client"]: r["reason"] for r in out["rejected"]}
+    assert out["accepted"] == 1 and out["rejected_count"] == 11 == len(reasons)
+    assert "NaN or inf" in reasons["client_1"]
+    assert "shape" in reasons["client_2"]
+    assert "round 5" in reasons["client_3"]
+    assert "not a valid npz" in reasons["client_4"]
+    assert "pickle" in reasons["client_5"]
+    assert "has 3 arrays, the model has 4" in reasons["client_6"]
+    assert "float64" in reasons["client_7"]
+    assert "claims 1000000 examples" in reasons["client_8"]
+    assert "npz" in reasons["client_9"]
+    assert "client client_0" in reasons["client_10"]
+    assert "no update stored" in reasons["client_11"]
+    # The reasons are on the update documents too; only the valid one is accepted.
+    for i in range(1, 11):
+        doc = db[fs.UPDATES].find_one({"session": sid, "client": f"client_{i}"})
+        assert doc["status"] == "rejected" and doc["reason"] == reasons[f"client_{i}"]
+    assert db[fs.UPDATES].find_one({"session": sid, "client": "client_0"})["status"] == "accepted"
+    # The new model is exactly the one valid update, counted once although listed twice.
+    model = db[fs.MODELS].find_one({"session": sid, "round": 1})
+    assert model["accepted"] == 1 and len(model["rejected"]) == 11
+    for a, b in zip(fs.get_arrays(db, model["blob_id"]), good):
+        assert a.dtype == b.dtype and np.allclose(a, b, atol=1e-6)
+
+
+def test_update_documents_in_the_wrong_round_are_not_counted(fn_db):
+    """Only round r's documents are read; a doc whose round disagrees with its
+    blob (written for r, filed under r+1) is rejected when r+1 is aggregated."""
+    db = fn_db
+    sid = make_session(db, clients=2)
+    call("fl_server_init", db, session=sid, round=0)
+    weights = fs.get_arrays(db, db[fs.MODELS].find_one({"session": sid, "round": 0})["blob_id"])
+    _put_update(db, sid, 0, "client_0", [w + 1 for w in weights])
+    _put_update(db, sid, 0, "client_1", [w + 3 for w in weights], doc_round=1)
+    out = call("fl_server_aggregator", db, session=sid, round=0, clients=["client_0", "client_1"])
+    assert out["accepted"] == 1 and out["rejected"] == [{"client": "client_1",
+                                                         "reason": "no update stored for this round"}]
+    new = fs.get_arrays(db, db[fs.MODELS].find_one({"session": sid, "round": 1})["blob_id"])
+    assert np.allclose(new[0], weights[0] + 1)
+    out = call("fl_server_aggregator", db, session=sid, round=1, clients=["client_1"])
+    assert "no valid update" in out["error"] and "round 0" in out["rejected"][0]["reason"]
+    assert db[fs.MODELS].find_one({"session": sid, "round": 2}) is None  # nothing half-written
+
+
+def test_a_client_has_one_update_per_round(fn_db):
+    db = fn_db
+    db[fs.UPDATES].insert_one({"session": "s", "round": 0, "client": "c", "attempt": 1})
+    with pytest.raises(pymongo.errors.DuplicateKeyError):
+        db[fs.UPDATES].insert_one({"session": "s", "round": 0, "client": "c", "attempt": 2})
+    db[fs.UPDATES].insert_one({"session": "s", "round": 1, "client": "c", "attempt": 1})
+    db[fs.MODELS].insert_one({"session": "s", "round": 1})
+    with pytest.raises(pymongo.errors.DuplicateKeyError):
+        db[fs.MODELS].insert_one({"session": "s", "round": 1})
+
+
+def test_pickle_is_never_loaded():
+    class Boom:
+        def __reduce__(self):
+            return (exec, ("raise SystemExit('pickle was loaded')",))
+
+    for raw in (pickle.dumps(Boom()), pickle.dumps([np.zeros(2)])):
+        with pytest.raises(BlobError, match="pickle"):
+            decode_arrays(raw)
+    # An npz whose member is an object array (pickled inside the zip) is refused too.
+    buf = io.BytesIO()
+    np.savez(buf, arr_0000=np.array([Boom()], dtype=object))
+    with pytest.raises(BlobError):
+        decode_arrays(buf.getvalue())
+    with pytest.raises(BlobError, match="object arrays"):
+        encode_arrays([np.array([1, "a"], dtype=object)])
+
+
+def test_aggregator_memory_is_bounded_by_model_size(fn_db):
+    """50 updates of a 4 MB model: peak traced memory stays under 3x the model
+    plus a constant, so it does not grow with the number of clients."""
+    db = fn_db
+    agg_mod = load("fl_server_aggregator")
+    shapes = [(500, 1000), (1000,), (1000, 500), (10,)]
+    model_bytes = sum(int(np.prod(s)) * 4 for s in shapes)
+    rng = np.random.default_rng(0)
+    base = [rng.standard_normal(s).astype(np.float32) for s in shapes]
+    clients = [f"client_{i}" for i in range(50)]
+    for i, c in enumerate(clients):
+        _put_update(db, "mem", 0, c, [b + i for b in base], n=i + 1)
+    del base
+    reference = [(s, F32) for s in shapes]
+    tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        agg, accepted, rejected = agg_mod.aggregate(db, "mem", 0, clients, reference)
+        result = agg.result()
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert len(accepted) == 50 and not rejected
+    assert peak <= 3 * model_bytes + 2_000_000, (peak, model_bytes)
+    # sum_i (i+1) * (base + i) / sum_i (i+1) = base + sum (i+1) i / sum (i+1)
+    w = np.arange(1, 51)
+    shift = float((w * (w - 1)).sum() / w.sum())
+    again = np.random.default_rng(0).standard_normal(shapes[0]).astype(np.float32)
+    assert np.allclose(result[0], again + shift, atol=1e-3)
+
+
+def test_blobs_are_standard_gridfs_files_read_front_to_back(fn_db):
+    db = fn_db
+    rng = np.random.default_rng(1)
+    arrays = [rng.standard_normal((700, 300)).astype(np.float32), np.arange(7), np.zeros((0, 2))]
+    blob = fs.put_arrays(db, arrays, "x.npz", {"kind": "test"})
+    assert db["blobs.chunks"].count_documents({"files_id": blob}) == 4  # 840 KB in 255 KiB chunks
+    # Written without GridIn, readable by pymongo's own GridFS (and so by any driver).
+    with fs.bucket(db).open_download_stream(blob) as stream:
+        assert stream.filename == "x.npz" and stream.metadata == {"kind": "test"}
+        assert [a.shape for a in decode_arrays(stream.read())] == [a.shape for a in arrays]
+    back = fs.get_arrays(db, blob)
+    assert all(np.array_equal(a, b) and a.dtype == b.dtype for a, b in zip(arrays, back))
+    # A compressed npz (not what put_arrays writes) still decodes, through the seekable path.
+    buf = io.BytesIO()
+    np.savez_compressed(buf, arr_0000=arrays[0])
+    other = fs.bucket(db).upload_from_stream("c.npz", io.BytesIO(buf.getvalue()))
+    assert np.array_equal(fs.get_arrays(db, other)[0], arrays[0])
+    # A lost chunk or flipped bits are refused, never decoded into wrong weights.
+    db["blobs.chunks"].delete_one({"files_id": blob, "n": 2})
+    with pytest.raises(BlobError, match="chunk 2 missing"):
+        fs.get_arrays(db, blob)
+    flipped = fs.put_arrays(db, arrays, "y.npz", {})
+    chunk = db["blobs.chunks"].find_one({"files_id": flipped, "n": 1})
+    data = bytearray(chunk["data"])
+    data[1000] ^= 0x40
+    db["blobs.chunks"].update_one({"_id": chunk["_id"]}, {"$set": {"data": bytes(data)}})
+    with pytest.raises(BlobError, match="CRC mismatch"):
+        fs.get_arrays(db, flipped)
+    fs.delete_blob(db, flipped)
+    with pytest.raises(BlobError, match="does not exist"):
+        fs.get_arrays(db, flipped)
