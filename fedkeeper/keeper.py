@@ -180,6 +180,7 @@ class Keeper:
     # ------------------------------------------------------------------ session
     def start(self, resume: str | None = None, deploy: bool = True,
               session_id: str | None = None) -> SessionSummary:
+        self._check_invocation_modes()
         if deploy:
             self.deploy()
         if resume:
@@ -226,6 +227,13 @@ class Keeper:
         self.store.update_session(session, state="finished", ended=time.time(), final_accuracy=acc)
         self.store.event(session, "finished", f"finished after {len(reports)} rounds this run")
         return SessionSummary(session, "finished", reports)
+
+    def _check_invocation_modes(self) -> None:
+        for cluster in dict.fromkeys(self.client_cluster.values()):
+            if self._via_invoker(cluster) and not self.rt.provider(cluster).tracks_foreign_invocations:
+                raise SessionError(f"cluster {cluster}: invocation: via_invoker needs a platform whose "
+                                   f"invocations can be tracked by id ({self.rt.provider(cluster).platform} "
+                                   "cannot); use invocation: direct")
 
     def _warn_capacity(self, session: str) -> None:
         """Warn once per session when a round could exceed a cluster's limits."""

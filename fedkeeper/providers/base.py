@@ -131,6 +131,10 @@ class Provider(ABC):
     platform: ClassVar[str]
     #: which thin entry the artifacts for this platform carry
     entry: ClassVar[str]
+    #: can track invocations started by someone else (e.g. fl_invoker) from
+    #: their platform ids alone; HTTP platforms cannot, the answer belongs to
+    #: the connection that made the call
+    tracks_foreign_invocations: ClassVar[bool] = False
 
     def __init__(self, cluster_name: str, cluster: Any, ctx: "ProviderContext"):
         self.cluster_name = cluster_name

@@ -95,6 +95,7 @@ def _error_text(data: bytes | str | None) -> str:
 
 
 class OpenWhiskProvider(Provider):
+    tracks_foreign_invocations = True  # activations are listed by id, whoever started them
     platform = "openwhisk"
     entry = "openwhisk"
 
