@@ -164,6 +164,12 @@ class Provider(ABC):
         one request per invocation.
         """
 
+    def _require_entry(self, artifact: Artifact) -> None:
+        if artifact.entry != self.entry:
+            raise ProviderError(ErrorClass.PLATFORM_ERROR,
+                                f"artifact carries the {artifact.entry!r} entry; {self.platform} "
+                                f"needs {self.entry!r}")
+
     def limits(self) -> dict[str, Any]:
         """Platform limits that matter to a round (e.g. concurrentInvocations)."""
         return {}

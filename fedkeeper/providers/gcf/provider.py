@@ -16,17 +16,15 @@ import logging
 import re
 import threading
 import time
-import uuid
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
 import requests
 from google.api_core import exceptions as gexc
 from google.api_core import retry as gretry
 from google.protobuf import field_mask_pb2
 
-from ..base import (Artifact, DeployResult, ErrorClass, FunctionSpec, Invocation, Outcome,
-                    Provider, ProviderContext, ProviderError)
-from ..http_invoke import HttpInvoker
+from ..base import Artifact, DeployResult, ErrorClass, FunctionSpec, ProviderContext, ProviderError
+from ..http_invoke import HttpFunctionProvider
 from .auth import IdTokenCache, control_plane_credentials
 from .errors import google_status_hook, map_api_error
 
@@ -49,7 +47,6 @@ INVOKE_GRACE_S = 10.0
 #: bound on waiting for a create/update/delete operation
 OPERATION_TIMEOUT_S = 900.0
 RPC_TIMEOUT_S = 60.0
-EXECUTION_ID_HEADER = "Function-Execution-Id"
 
 _ID_RE = re.compile(r"^[a-z](?:[a-z0-9-]{0,61}[a-z0-9])?$")
 _LABEL_VALUE_RE = re.compile(r"[^a-z0-9_-]")
@@ -87,9 +84,11 @@ def memory_bytes(text: str) -> int | None:
     return int(float(m.group(1)) * _MEM_UNITS[m.group(2) or ""])
 
 
-class CloudFunctionsProvider(Provider):
+class CloudFunctionsProvider(HttpFunctionProvider):
     platform = "gcf"
     entry = "http"
+    status_hook = staticmethod(google_status_hook)
+    max_request_bytes = MAX_REQUEST_BYTES
 
     #: retry for idempotent control-plane reads; bounded so that a dead
     #: endpoint fails in seconds, not in the client's default minutes
@@ -102,25 +101,7 @@ class CloudFunctionsProvider(Provider):
         super().__init__(cluster_name, cluster, ctx)
         self._client = None
         self._client_lock = threading.Lock()
-        self._urls: dict[str, str] = {}
-        self._timeouts: dict[str, float] = {}
         self._tokens: IdTokenCache | None = None
-        self._invoker = HttpInvoker(
-            max_workers=self._max_workers(),
-            auth_headers=self._auth_headers,
-            status_hook=google_status_hook,
-            execution_id_header=EXECUTION_ID_HEADER,
-            name=f"gcf-{cluster_name}")
-
-    # ------------------------------------------------------------ settings
-
-    def _max_workers(self) -> int:
-        conf = getattr(self.cluster, "configurations", None)
-        n = getattr(conf, "concurrency", None) if conf is not None else None
-        try:
-            return max(1, min(256, int(n))) if n else 64
-        except (TypeError, ValueError):
-            return 64
 
     @property
     def project(self) -> str:
@@ -264,10 +245,7 @@ class CloudFunctionsProvider(Provider):
 
     def deploy(self, spec: FunctionSpec, artifact: Artifact) -> DeployResult:
         t0 = time.monotonic()
-        if artifact.entry != self.entry:
-            raise ProviderError(ErrorClass.PLATFORM_ERROR,
-                                f"artifact carries the {artifact.entry!r} entry; Cloud Functions "
-                                f"needs {self.entry!r}")
+        self._require_entry(artifact)
         current = self._get(spec.name)
         desired = self._desired(spec, artifact)
         if current is not None and self._unchanged(current, desired):
@@ -297,11 +275,6 @@ class CloudFunctionsProvider(Provider):
         log.info("deployed %s on %s (%s)", spec.name, self.cluster_name,
                  "created" if current is None else "updated")
         return DeployResult(spec.name, skipped=False, seconds=time.monotonic() - t0, url=url)
-
-    def _remember(self, name: str, url: str, timeout_s: float | None) -> None:
-        self._urls[name] = url
-        if timeout_s:
-            self._timeouts[name] = float(timeout_s)
 
     def remove(self, name: str) -> bool:
         self._urls.pop(name, None)
@@ -337,10 +310,7 @@ class CloudFunctionsProvider(Provider):
             tokens = self._tokens
         return tokens.headers(url)
 
-    def function_url(self, name: str) -> str:
-        url = self._urls.get(name)
-        if url:
-            return url
+    def _lookup_url(self, name: str) -> tuple[str, float | None]:
         fn = self._get(name)
         if fn is None:
             raise ProviderError(ErrorClass.FUNCTION_MISSING,
@@ -349,31 +319,14 @@ class CloudFunctionsProvider(Provider):
         if not url:
             raise ProviderError(ErrorClass.PLATFORM_ERROR, f"function {name} has no URL yet "
                                 f"(state {fn.state.name})")
-        self._remember(name, url, fn.service_config.timeout_seconds or None)
-        return url
-
-    def invoke(self, name: str, payload: dict[str, Any]) -> Invocation:
-        url = self.function_url(name)
-        execution_id = uuid.uuid4().hex
-        timeout = self._timeouts.get(name, 60.0) + self.invoke_grace_s
-        # The execution id is ours, so that the Invocation is known before
-        # any answer; functions-framework adopts an incoming id for its logs.
-        return self._invoker.submit(name, url, payload, timeout_s=timeout,
-                                    headers={EXECUTION_ID_HEADER: execution_id},
-                                    platform_id=execution_id, max_bytes=MAX_REQUEST_BYTES)
-
-    def track(self, pending: Sequence[Invocation]) -> list[Outcome]:
-        return self._invoker.done(pending)
+        return url, fn.service_config.timeout_seconds or None
 
     def limits(self) -> dict[str, Any]:
         return {"max_request_bytes": MAX_REQUEST_BYTES, "max_timeout_s": 3600,
-                "max_in_flight": self._invoker_workers()}
-
-    def _invoker_workers(self) -> int:
-        return self._max_workers()
+                "max_in_flight": self._max_workers()}
 
     def close(self) -> None:
-        self._invoker.close()
+        super().close()
         if self._tokens is not None:
             self._tokens.close()
         with self._client_lock:

@@ -18,14 +18,13 @@ from __future__ import annotations
 import logging
 import threading
 import time
-import uuid
 from typing import Any, Mapping, Sequence
 from urllib.parse import urlsplit, urlunsplit
 
 from ... import kube
 from ..base import (Artifact, DeployResult, ErrorClass, FunctionSpec, Invocation, Outcome,
-                    Provider, ProviderContext, ProviderError)
-from ..http_invoke import HttpInvoker
+                    ProviderContext, ProviderError)
+from ..http_invoke import HttpFunctionProvider
 from . import manifests as m
 
 log = logging.getLogger(__name__)
@@ -36,7 +35,6 @@ READY_TIMEOUT_S = 300.0
 #: the answer may arrive a little after the revision's own timeout (the
 #: queue-proxy answers 504 then); keep listening that much longer
 INVOKE_GRACE_S = 10.0
-EXECUTION_ID_HEADER = "Function-Execution-Id"
 FUNCTIONS_FRAMEWORK_CRASH = "X-Google-Status"
 
 
@@ -56,9 +54,10 @@ def knative_status_hook(status: int, headers: Mapping[str, str], body: bytes):
     return None
 
 
-class KnativeProvider(Provider):
+class KnativeProvider(HttpFunctionProvider):
     platform = "knative"
     entry = "http"
+    status_hook = staticmethod(knative_status_hook)
 
     ready_timeout_s = READY_TIMEOUT_S
     invoke_grace_s = INVOKE_GRACE_S
@@ -67,24 +66,9 @@ class KnativeProvider(Provider):
         super().__init__(cluster_name, cluster, ctx)
         self._api = None
         self._api_lock = threading.Lock()
-        self._urls: dict[str, str] = {}
-        self._timeouts: dict[str, float] = {}
         configured = getattr(cluster, "ready_timeout_s", None)
         if configured:
             self.ready_timeout_s = float(configured)
-        self._invoker = HttpInvoker(max_workers=self._max_workers(),
-                                    status_hook=knative_status_hook,
-                                    name=f"knative-{cluster_name}")
-
-    # ------------------------------------------------------------ settings
-
-    def _max_workers(self) -> int:
-        conf = getattr(self.cluster, "configurations", None)
-        n = getattr(conf, "concurrency", None) if conf is not None else None
-        try:
-            return max(1, min(256, int(n))) if n else 64
-        except (TypeError, ValueError):
-            return 64
 
     @property
     def namespace(self) -> str:
@@ -160,10 +144,7 @@ class KnativeProvider(Provider):
 
     def deploy(self, spec: FunctionSpec, artifact: Artifact) -> DeployResult:
         t0 = time.monotonic()
-        if artifact.entry != self.entry:
-            raise ProviderError(ErrorClass.PLATFORM_ERROR,
-                                f"artifact carries the {artifact.entry!r} entry; Knative needs "
-                                f"{self.entry!r}")
+        self._require_entry(artifact)
         desired = m.desired_service(spec, artifact, namespace=self.namespace,
                                     generic_image=getattr(self.cluster, "image", None))
         svc = desired["metadata"]["name"]
@@ -271,11 +252,6 @@ class KnativeProvider(Provider):
                                 f"Knative service {name} is ready but reports no URL")
         return url
 
-    def _remember(self, name: str, url: str, timeout_s: float | None) -> None:
-        self._urls[name] = url
-        if timeout_s:
-            self._timeouts[name] = float(timeout_s)
-
     # -------------------------------------------------------- remove/exists
 
     def remove(self, name: str) -> bool:
@@ -314,10 +290,7 @@ class KnativeProvider(Provider):
 
     # -------------------------------------------------------------- invoke
 
-    def function_url(self, name: str) -> str:
-        url = self._urls.get(name)
-        if url:
-            return url
+    def _lookup_url(self, name: str) -> tuple[str, float | None]:
         obj = self._get_service(m.service_name(name))
         if obj is None:
             raise ProviderError(ErrorClass.FUNCTION_MISSING,
@@ -326,11 +299,9 @@ class KnativeProvider(Provider):
         cond = m.ready_condition(obj)
         if cond is None or cond.get("status") != "True":
             raise m.not_ready_error(name, cond)
-        url = self._service_url(obj)
         timeout = (((obj.get("spec") or {}).get("template") or {}).get("spec") or {}) \
             .get("timeoutSeconds")
-        self._remember(name, url, float(timeout) if timeout else None)
-        return url
+        return self._service_url(obj), float(timeout) if timeout else None
 
     def _target(self, url: str) -> tuple[str, dict[str, str]]:
         """Where to send the request. With `ingress` configured (the
@@ -343,16 +314,8 @@ class KnativeProvider(Provider):
         u, g = urlsplit(url), urlsplit(ingress if "://" in ingress else f"http://{ingress}")
         return urlunsplit((g.scheme, g.netloc, u.path or "/", u.query, "")), {"Host": u.netloc}
 
-    def invoke(self, name: str, payload: dict[str, Any]) -> Invocation:
-        url, headers = self._target(self.function_url(name))
-        execution_id = uuid.uuid4().hex
-        timeout = self._timeouts.get(name, 60.0) + self.invoke_grace_s
-        headers[EXECUTION_ID_HEADER] = execution_id
-        return self._invoker.submit(name, url, payload, timeout_s=timeout, headers=headers,
-                                    platform_id=execution_id)
-
     def track(self, pending: Sequence[Invocation]) -> list[Outcome]:
-        done = self._invoker.done(pending)
+        done = super().track(pending)
         if not done:
             return done
         by_id = {inv.platform_id: inv.function for inv in pending}
@@ -390,7 +353,7 @@ class KnativeProvider(Provider):
         return {"max_timeout_s": DEFAULT_MAX_TIMEOUT_S, "max_in_flight": self._max_workers()}
 
     def close(self) -> None:
-        self._invoker.close()
+        super().close()
         with self._api_lock:
             api, self._api = self._api, None
         if api is not None:

@@ -38,10 +38,7 @@ class LocalCloudFunctionsProvider(CloudFunctionsProvider):
 
     def deploy(self, spec: FunctionSpec, artifact: Artifact) -> DeployResult:
         t0 = time.monotonic()
-        if artifact.entry != self.entry:
-            raise ProviderError(ErrorClass.PLATFORM_ERROR,
-                                f"artifact carries the {artifact.entry!r} entry; Cloud Functions "
-                                f"needs {self.entry!r}")
+        self._require_entry(artifact)
         try:
             hosted, started = self.host.serve(
                 spec.name, target=spec.extra.get("entry_point") or spec.name,
