@@ -46,7 +46,9 @@ def config(tmp: Path, clients: int, rounds: int) -> Path:
             training: {{rounds: {rounds}, seed: 1, round_deadline_s: 600}}
             functions:
               fl_client:
-                openwhisk: {{memory: "256", timeout: "120000"}}
+                # A no-op client needs ~60 MB; 128 MB keeps 50 warm workers within the
+                # fabric's memory budget, so the aggregator's warm worker is not evicted.
+                openwhisk: {{memory: "128", timeout: "120000"}}
         """))
     return p
 
