@@ -409,6 +409,8 @@ def _status_data(store, session_id: str | None) -> dict[str, Any]:
             "done": sum(1 for a in latest.values() if a.get("state") == "succeeded"),
             "failed": sum(1 for a in latest.values() if a.get("state") in ("failed", "timed_out", "abandoned")),
             "in_flight": sum(1 for a in latest.values() if a.get("state") in ("running", "submitting")),
+            "retrying": sum(1 for a in latest.values()
+                            if a["attempt"] > 1 and a.get("state") in ("running", "submitting")),
             "retries": sum(1 for a in mine if a["attempt"] > 1),
             "duration_s": r.get("duration_s"), "accuracy": r.get("accuracy"), "loss": r.get("loss"),
         })
@@ -418,11 +420,11 @@ def _status_data(store, session_id: str | None) -> dict[str, Any]:
 
 def _status_table(data: dict[str, Any]) -> Table:
     t = Table(title=f"session {data['session']}: {data['state']}")
-    for col in ("round", "state", "done", "failed", "in flight", "retries", "seconds", "accuracy"):
+    for col in ("round", "state", "done", "failed", "in flight", "retrying", "retries", "seconds", "accuracy"):
         t.add_column(col, justify="right")
     for r in data["rounds"]:
         t.add_row(str(r["round"] + 1), str(r["state"]), f"{r['done']}/{r['selected']}", str(r["failed"]),
-                  str(r["in_flight"]), str(r["retries"]),
+                  str(r["in_flight"]), str(r["retrying"]), str(r["retries"]),
                   f"{r['duration_s']:.1f}" if r["duration_s"] else "-",
                   f"{r['accuracy']:.4f}" if r["accuracy"] is not None else "-")
     return t

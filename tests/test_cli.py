@@ -51,9 +51,17 @@ def test_status_reads_rounds_from_the_store(tmp_path, store, mongo_url, isolated
     assert data["session"] == sid and data["state"] == "running"
     r0, r1 = data["rounds"]
     assert (r0["done"], r0["failed"], r0["in_flight"], r0["retries"], r0["accuracy"]) == (2, 0, 0, 1, 0.5)
-    assert (r1["done"], r1["failed"], r1["in_flight"], r1["retries"]) == (0, 0, 2, 1)
+    assert (r1["done"], r1["failed"], r1["in_flight"], r1["retrying"], r1["retries"]) == (0, 0, 2, 1, 1)
+    assert r0["retrying"] == 0
     table = CliRunner().invoke(cli, ["status", sid, "-c", str(cfg)])
     assert table.exit_code == 0 and "0.5000" in table.output
+    # --watch refreshes until the session is no longer running.
+    import threading
+    finisher = threading.Timer(1.0, lambda: store.update_session(sid, state="finished"))
+    finisher.start()
+    watched = CliRunner().invoke(cli, ["status", sid, "-c", str(cfg), "--watch", "--interval", "0.2"])
+    finisher.join()
+    assert watched.exit_code == 0 and "finished" in watched.output
     missing = CliRunner().invoke(cli, ["status", "nope", "-c", str(cfg)])
     assert missing.exit_code == 2 and "no session 'nope'" in missing.output
 
