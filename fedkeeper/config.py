@@ -226,15 +226,6 @@ class GoogleCluster(_Cluster):
         self.region = self.region or "us-central1"
         return self
 
-    def require_remote(self) -> None:
-        """Checked when a remote cluster is used, not at load, so that a sample
-        with placeholders still loads."""
-        if not self.project:
-            raise ValueError(f"Google cluster needs project (or a base_url like "
-                             "https://REGION-PROJECT.cloudfunctions.net/)")
-        if not self.auth:
-            raise ValueError("Google cluster needs auth (service-account JSON) or auth_file")
-
     def service_account_info(self) -> dict[str, Any]:
         info = {}
         for k, v in (self.auth or {}).items():
@@ -289,6 +280,9 @@ class ClientsInfo(_Strict):
     # New: explicit placement, cluster name -> number of clients or client indices.
     clusters: Optional[dict[str, Union[int, list[int]]]] = None
 
+    def placement(self, providers: "Providers") -> dict[str, str]:
+        return _client_placement(self, providers)
+
     @model_validator(mode="after")
     def _counts(self):
         if self.num_clients_per_round > self.total_num_clients:
@@ -300,6 +294,34 @@ class ClientsInfo(_Strict):
                 raise ValueError(f"edge_clients_count + ow_clients_count + gcf_clients_count = {n}, "
                                  f"but total_num_clients is {self.total_num_clients}")
         return self
+
+
+def _client_placement(ci: "ClientsInfo", providers: "Providers") -> dict[str, str]:
+    """client id -> cluster name, from explicit `clusters` or FedKeeper's
+    counts: edge clients first, then OpenWhisk (`ow_clients_count`), then
+    Google (`gcf_clients_count`), each on the first cluster of its kind."""
+    out: dict[str, str] = {}
+    if ci.clusters:
+        nxt = 0
+        for cname, spec in ci.clusters.items():
+            ids = spec if isinstance(spec, list) else list(range(nxt, nxt + spec))
+            for i in ids:
+                out[f"client_{i}"] = cname
+            nxt = max([nxt] + [i + 1 for i in ids])
+        return out
+    first: dict[str, str] = {}
+    for name, (section, _) in providers.clusters().items():
+        first.setdefault(section, name)
+    i = 0
+    for section, count in (("edge", ci.edge_clients_count), ("openwhisk", ci.ow_clients_count),
+                           ("google", ci.gcf_clients_count)):
+        if count and section not in first:
+            raise ValueError(f"clients_info places {count} {section} clients, but no {section} cluster "
+                             "is configured; use clients_info.clusters to place clients explicitly")
+        for _ in range(count):
+            out[f"client_{i}"] = first[section]
+            i += 1
+    return out
 
 
 class DataSampling(_Open):

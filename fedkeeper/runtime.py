@@ -184,32 +184,7 @@ class Runtime:
     def client_clusters(self) -> dict[str, str]:
         """client id -> cluster name."""
         ci = self.scenario.clients_info
-        if ci is None:
-            return {}
-        clusters = self.cfg.providers.clusters()
-        out: dict[str, str] = {}
-        if ci.clusters:
-            nxt = 0
-            for cname, spec in ci.clusters.items():
-                ids = spec if isinstance(spec, list) else list(range(nxt, nxt + spec))
-                for i in ids:
-                    out[f"client_{i}"] = cname
-                nxt = max([nxt] + [i + 1 for i in ids])
-            return out
-        # FedKeeper's counts: edge clients first, then OpenWhisk, then Google.
-        first = {section: name for name, (section, _) in reversed(list(clusters.items()))}
-        order = [("edge", ci.edge_clients_count), ("openwhisk", ci.ow_clients_count),
-                 ("google", ci.gcf_clients_count)]
-        i = 0
-        for section, count in order:
-            if count and section not in first:
-                raise ValueError(f"clients_info places {count} {section} clients, but no "
-                                 f"{section} cluster is configured; use clients_info.clusters "
-                                 "to place clients explicitly")
-            for _ in range(count):
-                out[f"client_{i}"] = first[section]
-                i += 1
-        return out
+        return {} if ci is None else ci.placement(self.cfg.providers)
 
     def training_placements(self) -> list[Placement]:
         clusters = self.cfg.providers.clusters()
