@@ -21,6 +21,8 @@ from pathlib import Path
 
 import pymongo
 
+from ..procs import pid_alive
+
 
 class EmbeddedMongoError(RuntimeError):
     pass
@@ -47,13 +49,7 @@ class EmbeddedMongo:
 
     @staticmethod
     def _alive(pid: int) -> bool:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
-        return True
+        return pid_alive(pid)
 
     @staticmethod
     def _answers(url: str, timeout_ms: int = 500) -> bool:

@@ -100,6 +100,10 @@ from urllib.parse import parse_qs, unquote, urlsplit
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
+from ...procs import pid_alive
+# The worker runs as a plain script (stdlib only); its framing helper is shared.
+from .worker import _recv_exact
+
 log = logging.getLogger("fedkeeper.fabric")
 
 STATE_FILE = "fabric.json"
@@ -1321,16 +1325,6 @@ def _insort(lst: list, entry: tuple) -> None:
         bisect.insort(lst, entry)
 
 
-def _recv_exact(sock: socket.socket, n: int) -> bytes | None:
-    buf = bytearray()
-    while len(buf) < n:
-        chunk = sock.recv(n - len(buf))
-        if not chunk:
-            return None
-        buf += chunk
-    return bytes(buf)
-
-
 # --------------------------------------------------------------------------- HTTP
 
 _ROUTE = re.compile(r"^/api/v1/namespaces/([^/]+)/(actions|activations|limits)(?:/(.*?))?/?$")
@@ -1631,17 +1625,7 @@ def _alive(pid: int) -> bool:
     child = _CHILDREN.get(pid)
     if child is not None:
         return child.poll() is None
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie is not alive
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return True
+    return pid_alive(pid)
 
 
 def _is_fabric_process(pid: int) -> bool:
