@@ -22,7 +22,6 @@ from .providers.base import Artifact
 
 FUNCTIONS_DIR = Path(__file__).resolve().parent.parent / "functions"
 ENTRY_FILES = {"openwhisk": "__main__.py", "http": "main.py"}
-FUNCTION_NAMES = ("fl_server_init", "fl_client", "fl_server_aggregator", "fl_invoker", "nodeinfo")
 _ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
 
 

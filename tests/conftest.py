@@ -39,3 +39,15 @@ def isolated_dirs(tmp_path, monkeypatch):
     monkeypatch.setenv("FEDKEEPER_STATE_DIR", str(tmp_path / "state"))
     monkeypatch.setenv("FEDKEEPER_LOG_DIR", str(tmp_path / "logs"))
     return tmp_path
+
+
+@pytest.fixture
+def fn_db(mongo_url):
+    """A fresh database with only the indexes the functions create themselves
+    (as on a store the keeper never touched)."""
+    from flcommon import store as fs
+    name = f"fn_{uuid.uuid4().hex[:10]}"
+    db = fs.database(mongo_url, name)
+    fs.ensure_function_indexes(db)
+    yield db
+    db.client.drop_database(name)

@@ -26,7 +26,6 @@ import datetime
 import hashlib
 import json
 import threading
-import time
 import uuid
 from pathlib import Path
 from typing import Any, Callable
@@ -442,16 +441,6 @@ class FrameworkKubelet:
 
     def stop(self) -> None:
         self.host.stop_all()
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, poll: float = 0.02) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(poll)
-    raise AssertionError(f"condition not met within {timeout}s")
 
 
 def dump(obj: Any) -> str:

@@ -11,7 +11,6 @@ import numpy as np
 import pymongo
 import pytest
 
-from fixtures_store import fn_db, fn_mongo_url  # noqa: F401 - fixtures
 from flcommon import store as fs
 from flcommon.blobs import BlobError, decode_arrays, encode_arrays
 from flcommon.fedavg import StreamingFedAvg, UpdateRejected, fedavg

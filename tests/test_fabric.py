@@ -11,6 +11,7 @@ import pytest
 import requests
 
 from fedkeeper.providers.local import fabric
+from fedkeeper.procs import pid_alive
 from fixtures_fabric import FabricClient, ann, fabric_dir, fabric_info, fw, wait_for  # noqa: F401
 
 pytestmark = pytest.mark.timeout(120)
@@ -180,17 +181,9 @@ def test_timeout_kills_the_worker(fw):
     assert rec["response"]["status"] == "action developer error"
     assert rec["response"]["result"] == {"error": "The action exceeded its time limits of 300 milliseconds."}
     assert ann(rec)["timeout"] is True
-    wait_for(lambda: not _pid_alive(pid), 5)
+    wait_for(lambda: not pid_alive(pid), 5)
     nxt = fw.invoke("to", {}, blocking=True).json()
     assert nxt["response"]["result"]["pid"] != pid and "initTime" in ann(nxt)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def test_cold_then_warm_start_reuses_the_worker(fw):
@@ -242,7 +235,7 @@ def test_redeploy_retires_old_workers(fw):
     fw.put_action("rd", source="import os\ndef main(a):\n    return {'v': 2, 'pid': os.getpid()}\n")
     new = fw.invoke("rd", {}, blocking=True, result=True).json()
     assert old["v"] == 1 and new["v"] == 2 and new["pid"] != old["pid"]
-    wait_for(lambda: not _pid_alive(old["pid"]), 5)
+    wait_for(lambda: not pid_alive(old["pid"]), 5)
 
 
 def test_idle_workers_are_reaped(fw):
@@ -251,7 +244,7 @@ def test_idle_workers_are_reaped(fw):
     before = fw.admin("limits")
     try:
         fw.admin("limits", {"idleSeconds": 0.2})
-        wait_for(lambda: not _pid_alive(pid), 10)
+        wait_for(lambda: not pid_alive(pid), 10)
         assert not [w for w in fw.admin("status")["workers"] if w["action"] == "idle"]
     finally:
         fw.admin("limits", {"idleSeconds": 600})
@@ -342,11 +335,11 @@ def test_fabric_up_reuses_and_down_stops_everything(tmp_path):
         c = FabricClient(info)
         c.put_action("w")
         wpid = c.invoke("w", {}, blocking=True, result=True).json()["pid"]
-        assert _pid_alive(wpid)
+        assert pid_alive(wpid)
     finally:
         assert fabric.fabric_down(d) is True
     assert fabric.fabric_status(d) is None
-    assert not _pid_alive(info["pid"]) and not _pid_alive(wpid)
+    assert not pid_alive(info["pid"]) and not pid_alive(wpid)
     assert fabric.fabric_down(d) is False
     # Actions survive a restart; the key stays the same.
     info2 = fabric.fabric_up(d)
@@ -376,8 +369,8 @@ def test_user_memory_evicts_idle_workers_then_queues(fw):
         p1 = fw.invoke("um1", {}, blocking=True, result=True).json()["pid"]
         p2 = fw.invoke("um2", {}, blocking=True, result=True).json()["pid"]
         fw.invoke("um3", {}, blocking=True, result=True)
-        wait_for(lambda: not _pid_alive(p1), 5)   # least recently used goes first
-        assert _pid_alive(p2)
+        wait_for(lambda: not pid_alive(p1), 5)   # least recently used goes first
+        assert pid_alive(p2)
         ids = [fw.invoke("um3", {"sleep": 0.4}).json()["activationId"] for _ in range(3)]
         recs = [fw.activation(i) for i in ids]
         assert len({r["response"]["result"]["pid"] for r in recs}) == 2  # room for two workers only

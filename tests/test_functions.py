@@ -13,7 +13,6 @@ import pytest
 from werkzeug.test import EnvironBuilder
 from werkzeug.wrappers import Request
 
-from fixtures_store import fn_db, fn_mongo_url  # noqa: F401 - fixtures
 from flcommon import store as fs
 from flcommon.auth import signed
 from flcommon.entry import BadRequest, http_main, openwhisk_main

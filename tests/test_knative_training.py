@@ -3,7 +3,6 @@ a Knative cluster (kmock's API server, a stand-in controller that serves each
 Service's mounted source with functions-framework): the keeper is unchanged."""
 from __future__ import annotations
 
-import os
 import textwrap
 
 import pymongo
