@@ -604,5 +604,8 @@ def check_cmd(config_path: str, scenario: str | None, clusters: tuple[str, ...],
     sys.exit(1 if failed else 0)
 
 
+# Commands defined in their own modules (one `main.add_command` line each).
+
+
 if __name__ == "__main__":
     main()

@@ -142,6 +142,17 @@ class OpenWhiskAuth(_Strict):
     ow_apigw_access_token: Optional[SecretStr] = None
 
 
+class PricingConfig(_Strict):
+    """Prices used to estimate cost; unset keys keep the platform's defaults
+    (README, "Cost")."""
+
+    per_gb_second: Optional[float] = Field(None, ge=0)
+    per_ghz_second: Optional[float] = Field(None, ge=0)
+    per_million_invocations: Optional[float] = Field(None, ge=0)
+    billing_increment_ms: Optional[int] = Field(None, ge=1)
+    currency: str = "USD"
+
+
 class _Cluster(_Strict):
     kind: Literal["remote", "local"] = "remote"
     invocation: Literal["direct", "via_invoker"] = "direct"
@@ -150,6 +161,7 @@ class _Cluster(_Strict):
     configurations: Optional[HostConfigurations] = None
     kubeconfig: Optional[str] = None
     context: Optional[str] = None
+    pricing: Optional["PricingConfig"] = None  # overrides the platform's default prices
 
     @model_validator(mode="after")
     def _faults_local_only(self):
@@ -409,18 +421,63 @@ class RetryConfig(_Strict):
     jitter: float = Field(0.5, ge=0, le=1)
 
 
+STRATEGIES = ("fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "fedadagrad",
+              "median", "trimmed_mean", "krum")
+
+
+class StrategyConfig(_Strict):
+    """training.strategy: a name, or a mapping with the name and its settings.
+
+    Settings a strategy does not use are ignored; every one has a default
+    (see README, "Strategies")."""
+
+    name: Literal[STRATEGIES] = "fedavg"  # type: ignore[valid-type]
+    server_lr: Optional[float] = Field(None, gt=0)   # default: 1.0 (fedavgm), 0.01 (adaptive)
+    server_momentum: float = Field(0.9, ge=0, lt=1)  # fedavgm
+    beta1: float = Field(0.9, ge=0, lt=1)            # fedadam / fedyogi / fedadagrad
+    beta2: float = Field(0.99, ge=0, lt=1)           # fedadam / fedyogi
+    tau: float = Field(1e-3, gt=0)                   # adaptivity
+    mu: float = Field(0.01, ge=0)                    # fedprox proximal term (client side)
+    trim_ratio: float = Field(0.1, ge=0, lt=0.5)     # trimmed_mean: share cut at each end
+    byzantine: int = Field(1, ge=0)                  # krum: tolerated faulty clients f
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_name(cls, v):
+        return {"name": v.lower()} if isinstance(v, str) else v
+
+
 class TrainingConfig(_Strict):
     """What FedKeeper lacked; every key has a default (see README)."""
 
     rounds: int = Field(20, gt=0)
     target_accuracy: Optional[float] = Field(None, gt=0, le=1)
     seed: int = 0
-    strategy: Literal["fedavg"] = "fedavg"
+    strategy: StrategyConfig = StrategyConfig()
     retries: RetryConfig = RetryConfig()
     quorum: float = Field(0.8, gt=0, le=1)
     round_deadline_s: float = Field(600.0, gt=0)
     attempt_grace_s: float = Field(10.0, ge=0)
-    selection: Literal["random"] = "random"
+    # sync: a round waits for its clients (quorum + deadline).
+    # semi_async: a round closes at quorum; stragglers keep running and their
+    #   updates join a later round, down-weighted by staleness, while they
+    #   are at most staleness_tolerance rounds old.
+    # async: FedBuff; clients are re-invoked as soon as they finish and the
+    #   server aggregates every buffer_size updates (a "round" is one server step).
+    mode: Literal["sync", "semi_async", "async"] = "sync"
+    staleness_tolerance: int = Field(2, ge=0)
+    staleness_exponent: float = Field(0.5, ge=0)   # weight = (1 + staleness) ** -exponent
+    buffer_size: Optional[int] = Field(None, gt=0)  # async; default: half the clients per round
+    selection: Literal["random", "reliability"] = "random"
+    exploration: float = Field(0.2, ge=0, le=1)    # reliability: share of picks made at random
+
+
+class InsightsConfig(_Strict):
+    """fl_insights: the byte bound of its warm cache of decoded updates and
+    query results, and the cluster it runs on (default: the server's)."""
+
+    cache_mb: float = Field(512, ge=0)
+    cluster: Optional[str] = None
 
 
 class FunctionConfig(_Open):
@@ -446,6 +503,7 @@ class Scenario(_Strict):
     training_test_data: TrainingTestData = TrainingTestData()
     model_params: ModelParams = ModelParams()
     training: TrainingConfig = TrainingConfig()
+    insights: "InsightsConfig" = Field(default_factory=lambda: InsightsConfig())
     functions: dict[str, dict[str, FunctionConfig]] = Field(default_factory=dict)
 
 
@@ -700,7 +758,17 @@ def _cross_check(cfg: Config, index: dict) -> None:
             raise ConfigError(f"names cluster {sc.server_cluster_name!r}, which is not under providers "
                               f"(known: {sorted(clusters) or 'none'})", file=cfg.source,
                               line=_line_for(index, path), path=_dotted(path))
-        ci = scen.clients_info
+        if scen.insights.cluster and scen.insights.cluster not in clusters:
+            path = ("scenarios", sname, "insights", "cluster")
+            raise ConfigError(f"names cluster {scen.insights.cluster!r}, which is not under providers "
+                              f"(known: {sorted(clusters) or 'none'})", file=cfg.source,
+                              line=_line_for(index, path), path=_dotted(path))
+        t, ci = scen.training, scen.clients_info
+        if t.mode == "async" and t.buffer_size and ci and t.buffer_size > ci.num_clients_per_round:
+            path = ("scenarios", sname, "training", "buffer_size")
+            raise ConfigError(f"buffer_size {t.buffer_size} exceeds num_clients_per_round "
+                              f"{ci.num_clients_per_round}: a buffer could never fill",
+                              file=cfg.source, line=_line_for(index, path), path=_dotted(path))
         if ci and ci.clusters:
             for cname, spec in ci.clusters.items():
                 path = ("scenarios", sname, "clients_info", "clusters", cname)

@@ -162,7 +162,10 @@ class Keeper:
             "seed": self.training.seed,
             "optim": mp.optim, "lr": mp.lr, "momentum": mp.momentum,
             "local_epochs": mp.local_epochs, "batch_size": ds.batch_size,
-            "strategy": self.training.strategy,
+            "strategy": self.training.strategy.model_dump(),
+            "mode": self.training.mode,
+            "staleness_tolerance": self.training.staleness_tolerance,
+            "staleness_exponent": self.training.staleness_exponent,
         }
 
     # ------------------------------------------------------------------ deploy

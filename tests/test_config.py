@@ -66,7 +66,7 @@ def test_the_original_fedkeeper_sample_loads():
     assert "test" in cfg.scenarios and "nodeinfo" in cfg.scenarios["test"].functions
     # Defaults for what FedKeeper lacked are explicit.
     t = scen.training
-    assert (t.rounds, t.quorum, t.retries.max_attempts, t.strategy) == (20, 0.8, 3, "fedavg")
+    assert (t.rounds, t.quorum, t.retries.max_attempts, t.strategy.name, t.mode) == (20, 0.8, 3, "fedavg", "sync")
 
 
 def test_our_samples_validate(monkeypatch, tmp_path):
