@@ -1,6 +1,8 @@
-"""The streaming FedAvg aggregator: exact arithmetic, every kind of bad
-update rejected with its reason recorded, uniqueness of updates, idempotence,
-and memory bounded by the model size whatever the number of clients."""
+"""The aggregator: exact arithmetic, every kind of bad update rejected with
+its reason recorded, uniqueness of updates, idempotence, stale updates as
+deltas against their own base model with staleness weights, no update
+counted twice, and memory bounded by the model size whatever the number of
+clients."""
 from __future__ import annotations
 
 import io
@@ -11,6 +13,7 @@ import numpy as np
 import pymongo
 import pytest
 
+from fedkeeper.strategies import get_strategy
 from flcommon import store as fs
 from flcommon.blobs import BlobError, decode_arrays, encode_arrays
 from flcommon.fedavg import StreamingFedAvg, UpdateRejected, fedavg
@@ -130,7 +133,7 @@ def test_update_documents_in_the_wrong_round_are_not_counted(fn_db):
     _put_update(db, sid, 0, "client_0", [w + 1 for w in weights])
     _put_update(db, sid, 0, "client_1", [w + 3 for w in weights], doc_round=1)
     out = call("fl_server_aggregator", db, session=sid, round=0, clients=["client_0", "client_1"])
-    assert out["accepted"] == 1 and out["rejected"] == [{"client": "client_1",
+    assert out["accepted"] == 1 and out["rejected"] == [{"client": "client_1", "round": 0,
                                                          "reason": "no update stored for this round"}]
     new = fs.get_arrays(db, db[fs.MODELS].find_one({"session": sid, "round": 1})["blob_id"])
     assert np.allclose(new[0], weights[0] + 1)
@@ -179,19 +182,18 @@ def test_aggregator_memory_is_bounded_by_model_size(fn_db):
     clients = [f"client_{i}" for i in range(50)]
     for i, c in enumerate(clients):
         _put_update(db, "mem", 0, c, [b + i for b in base], n=i + 1)
-    del base
-    reference = [(s, F32) for s in shapes]
+    strategy = get_strategy("fedavg")
     tracemalloc.start()
     try:
         tracemalloc.reset_peak()
-        agg, accepted, rejected = agg_mod.aggregate(db, "mem", 0, clients, reference)
-        result = agg.result()
+        accepted, rejected = agg_mod.aggregate(db, "mem", 0, [(c, 0) for c in clients], base, strategy)
+        result, state = strategy.finish(base, None)
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
-    assert len(accepted) == 50 and not rejected
+    assert len(accepted) == 50 and not rejected and state is None
     assert peak <= 3 * model_bytes + 2_000_000, (peak, model_bytes)
-    # sum_i (i+1) * (base + i) / sum_i (i+1) = base + sum (i+1) i / sum (i+1)
+    # base + sum_i (i+1) * i / sum_i (i+1): the deltas are i, weighted by i+1
     w = np.arange(1, 51)
     shift = float((w * (w - 1)).sum() / w.sum())
     again = np.random.default_rng(0).standard_normal(shapes[0]).astype(np.float32)
@@ -229,3 +231,162 @@ def test_blobs_are_standard_gridfs_files_read_front_to_back(fn_db):
     fs.delete_blob(db, flipped)
     with pytest.raises(BlobError, match="does not exist"):
         fs.get_arrays(db, flipped)
+
+
+def _model(db, sid, rnd):
+    return fs.get_arrays(db, db[fs.MODELS].find_one({"session": sid, "round": rnd})["blob_id"])
+
+
+def _sizes(db, sid):
+    return {d["client"]: d["num_examples"] for d in db[fs.PARTITIONS].find({"session": sid})}
+
+
+def test_stale_updates_are_deltas_against_their_own_model_weighted_by_staleness(fn_db):
+    db = fn_db
+    sid = make_session(db, clients=3, staleness_exponent=1.0)
+    call("fl_server_init", db, session=sid, round=0)
+    n = _sizes(db, sid)
+    w0 = _model(db, sid, 0)
+    # Round 0 aggregates client_0 only; client_1 trained from model 0 too but
+    # delivers late, and joins round 1 as a stale update.
+    _put_update(db, sid, 0, "client_0", [w + 1 for w in w0])
+    _put_update(db, sid, 0, "client_1", [w + 4 for w in w0])
+    out = call("fl_server_aggregator", db, session=sid, round=0, clients=["client_0"])
+    assert out["accepted"] == 1 and out["stale_accepted"] == 0
+    w1 = _model(db, sid, 1)
+    assert np.allclose(w1[0], w0[0] + 1, atol=1e-6)
+    _put_update(db, sid, 1, "client_2", [w + 2 for w in w1])
+    # A retried aggregation may find its updates marked already: still counted.
+    db[fs.UPDATES].update_one({"session": sid, "round": 1, "client": "client_2"},
+                              {"$set": {"status": "accepted", "aggregated_in": 1}})
+    out = call("fl_server_aggregator", db, session=sid, round=1, clients=["client_2"],
+               stale=[{"client": "client_1", "round": 0}])
+    assert out["accepted"] == 2 and out["stale_accepted"] == 1 and out["rejected_count"] == 0
+    # Deltas: client_2 +2 against model 1 (staleness 0, weight n2);
+    # client_1 +4 against model 0 (staleness 1, weight n1 * (1 + 1) ** -1.0).
+    w_fresh, w_stale = n["client_2"] * 1.0, n["client_1"] / 2.0
+    expected_delta = (w_fresh * 2 + w_stale * 4) / (w_fresh + w_stale)
+    w2 = _model(db, sid, 2)
+    assert all(np.allclose(a, b + expected_delta, atol=1e-5) for a, b in zip(w2, w1))
+    model = db[fs.MODELS].find_one({"session": sid, "round": 2})
+    assert model["strategy"] == "fedavg" and "state_blob_id" not in model
+    assert model["contributions"] == [
+        {"client": "client_2", "round": 1, "staleness": 0, "num_examples": n["client_2"],
+         "weight": pytest.approx(w_fresh / (w_fresh + w_stale))},
+        {"client": "client_1", "round": 0, "staleness": 1, "num_examples": n["client_1"],
+         "weight": pytest.approx(w_stale / (w_fresh + w_stale))}]
+    stale_doc = db[fs.UPDATES].find_one({"session": sid, "round": 0, "client": "client_1"})
+    assert stale_doc["status"] == "accepted" and stale_doc["aggregated_in"] == 1 and stale_doc["staleness"] == 1
+    assert stale_doc["weight"] == pytest.approx(w_stale / (w_fresh + w_stale))
+    first = db[fs.UPDATES].find_one({"session": sid, "round": 0, "client": "client_0"})
+    assert first["aggregated_in"] == 0 and first["staleness"] == 0 and first["weight"] == pytest.approx(1.0)
+    # Idempotent with stale updates too: the stored result comes back.
+    assert call("fl_server_aggregator", db, session=sid, round=1, clients=["client_2"],
+                stale=[{"client": "client_1", "round": 0}]) == out
+
+
+def test_an_update_is_never_counted_twice(fn_db):
+    db = fn_db
+    sid = make_session(db, clients=3)
+    call("fl_server_init", db, session=sid, round=0)
+    w0 = _model(db, sid, 0)
+    for c in ("client_0", "client_1"):
+        _put_update(db, sid, 0, c, [w + 1 for w in w0])
+    call("fl_server_aggregator", db, session=sid, round=0, clients=["client_0", "client_1"])
+    before = {d["client"]: d for d in db[fs.UPDATES].find({"session": sid, "round": 0})}
+    # Listed again as stale in round 1, alone: nothing valid to aggregate.
+    out = call("fl_server_aggregator", db, session=sid, round=1, clients=[],
+               stale=[{"client": "client_0", "round": 0}])
+    assert "no valid update" in out["error"]
+    assert out["rejected"] == [{"client": "client_0", "round": 0, "reason": "already aggregated in round 0"}]
+    assert db[fs.MODELS].find_one({"session": sid, "round": 2}) is None
+    # Next to a valid update: counted once, in round 0, and its record is untouched.
+    w1 = _model(db, sid, 1)
+    _put_update(db, sid, 1, "client_2", [w + 3 for w in w1])
+    out = call("fl_server_aggregator", db, session=sid, round=1, clients=["client_2", "client_2"],
+               stale=[{"client": "client_0", "round": 0}, {"client": "client_1", "round": 0}])
+    assert out["accepted"] == 1 and out["stale_accepted"] == 0 and out["rejected_count"] == 2
+    assert {r["reason"] for r in out["rejected"]} == {"already aggregated in round 0"}
+    assert all(np.allclose(a, b + 3, atol=1e-5) for a, b in zip(_model(db, sid, 2), w1))
+    after = {d["client"]: d for d in db[fs.UPDATES].find({"session": sid, "round": 0})}
+    assert after == before
+    model = db[fs.MODELS].find_one({"session": sid, "round": 2})
+    assert [(r["client"], r["round"]) for r in model["rejected"]] == [("client_0", 0), ("client_1", 0)]
+    assert [c["client"] for c in model["contributions"]] == ["client_2"]
+
+
+def test_stale_entries_are_checked(fn_db):
+    db = fn_db
+    sid = make_session(db, clients=2)
+    call("fl_server_init", db, session=sid, round=0)
+    for stale, reason in (([{"client": "client_0", "round": 0}], "must be below 0"),
+                          ([{"client": "client_0"}], "stale entry"),
+                          ([["client_0", 0]], "stale entry"),
+                          ({"client_0": 0}, "stale must be a list")):
+        out = call("fl_server_aggregator", db, session=sid, round=0, clients=["client_1"], stale=stale)
+        assert reason in out["error"], out
+    assert "no update to aggregate" in call("fl_server_aggregator", db, session=sid, round=0, clients=[])["error"]
+    # A stale update that was never stored is rejected like a missing one.
+    w0 = _model(db, sid, 0)
+    _put_update(db, sid, 0, "client_0", [w + 1 for w in w0])
+    call("fl_server_aggregator", db, session=sid, round=0, clients=["client_0"])
+    _put_update(db, sid, 1, "client_0", [w + 1 for w in _model(db, sid, 1)])
+    out = call("fl_server_aggregator", db, session=sid, round=1, clients=["client_0"],
+               stale=[{"client": "client_1", "round": 0}])
+    assert out["rejected"] == [{"client": "client_1", "round": 0, "reason": "no update stored for round 0"}]
+
+
+def test_staleness_weight_follows_the_exponent(fn_db):
+    """Two stale updates of different age, exponent 0.5: weights
+    n * 2 ** -0.5 and n * 3 ** -0.5, normalised."""
+    db = fn_db
+    sid = make_session(db, clients=3, staleness_exponent=0.5)
+    call("fl_server_init", db, session=sid, round=0)
+    n = _sizes(db, sid)
+    w0 = _model(db, sid, 0)
+    _put_update(db, sid, 0, "client_0", [w + 1 for w in w0])
+    _put_update(db, sid, 0, "client_1", [w - 1 for w in w0])
+    call("fl_server_aggregator", db, session=sid, round=0, clients=["client_0"])
+    w1 = _model(db, sid, 1)
+    _put_update(db, sid, 1, "client_2", [w + 2 for w in w1])
+    call("fl_server_aggregator", db, session=sid, round=1, clients=["client_2"])
+    w2 = _model(db, sid, 2)
+    _put_update(db, sid, 2, "client_0", [w + 5 for w in w2])
+    out = call("fl_server_aggregator", db, session=sid, round=2, clients=["client_0"],
+               stale=[{"client": "client_1", "round": 0}])
+    assert out["accepted"] == 2 and out["stale_accepted"] == 1
+    raw = {"client_0": n["client_0"] * 1.0, "client_1": n["client_1"] * 3 ** -0.5}
+    total = sum(raw.values())
+    expected_delta = (raw["client_0"] * 5 + raw["client_1"] * -1) / total
+    assert all(np.allclose(a, b + expected_delta, atol=1e-5) for a, b in zip(_model(db, sid, 3), w2))
+    docs = {(d["client"], d["round"]): d for d in db[fs.UPDATES].find({"session": sid, "aggregated_in": 2})}
+    assert docs[("client_1", 0)]["staleness"] == 2
+    assert docs[("client_1", 0)]["weight"] == pytest.approx(raw["client_1"] / total)
+    assert docs[("client_0", 2)]["weight"] == pytest.approx(raw["client_0"] / total)
+
+
+def test_server_state_is_stored_and_read_back_by_the_next_aggregation(fn_db):
+    """FedAvgM over two rounds through the function: the velocity is a blob
+    referenced by the models document and carried into the next round."""
+    db = fn_db
+    sid = make_session(db, clients=2, strategy={"name": "fedavgm", "server_lr": 0.5, "server_momentum": 0.9})
+    call("fl_server_init", db, session=sid, round=0)
+    w0 = _model(db, sid, 0)
+    _put_update(db, sid, 0, "client_0", [w + 2 for w in w0])
+    call("fl_server_aggregator", db, session=sid, round=0, clients=["client_0"])
+    # v1 = 0.9 * 0 + 2 = 2; w1 = w0 + 0.5 * 2 = w0 + 1
+    w1 = _model(db, sid, 1)
+    assert all(np.allclose(a, b + 1, atol=1e-5) for a, b in zip(w1, w0))
+    first = db[fs.MODELS].find_one({"session": sid, "round": 1})
+    assert first["strategy"] == "fedavgm"
+    velocity = fs.get_arrays(db, first["state_blob_id"])
+    assert all(np.allclose(v, 2) for v in velocity)
+    meta = db["blobs.files"].find_one({"_id": first["state_blob_id"]})["metadata"]
+    assert meta == {"kind": "state", "session": sid, "round": 1, "strategy": "fedavgm"}
+    _put_update(db, sid, 1, "client_1", [w - 1 for w in w1])
+    call("fl_server_aggregator", db, session=sid, round=1, clients=["client_1"])
+    # v2 = 0.9 * 2 + (-1) = 0.8; w2 = w1 + 0.5 * 0.8 = w1 + 0.4
+    assert all(np.allclose(a, b + 0.4, atol=1e-5) for a, b in zip(_model(db, sid, 2), w1))
+    second = db[fs.MODELS].find_one({"session": sid, "round": 2})
+    assert second["state_blob_id"] != first["state_blob_id"]
+    assert all(np.allclose(v, 0.8) for v in fs.get_arrays(db, second["state_blob_id"]))

@@ -1,111 +1,235 @@
-"""fl_server_aggregator: FedAvg over exactly the clients the keeper lists for
-the round, streamed from GridFS one update at a time; invalid updates are
-rejected with a recorded reason; the new global model is evaluated and
-stored as round r+1."""
+"""fl_server_aggregator: turn the global model of round R and the updates the
+keeper lists into model R+1, with the session's aggregation strategy.
+
+Payload: {session, round: R, clients: [ids whose round-R update to use],
+stale: [{"client": c, "round": r}, ...] (optional, r < R)}.
+
+Every update becomes a delta against the global model its client trained
+from (model r for a stale update) and is weighted
+num_examples * (1 + staleness) ** -staleness_exponent. Updates are streamed
+from GridFS one at a time and checked whole before the strategy sees them;
+invalid ones are rejected with a recorded reason. An update already counted
+by the aggregation of another round is rejected, never counted twice.
+Server-optimizer state (momentum, moments) is a blob referenced by the
+models document and read back by the next aggregation."""
 from __future__ import annotations
 
 import time
 from typing import Any
 
+import numpy as np
 import pymongo
 
+from fedkeeper.strategies import Strategy, StrategyError, get_strategy
 from flcommon import store
 from flcommon.blobs import BlobError
 from flcommon.context import database, global_model, ids, num_classes, partition_arrays, session_spec
 from flcommon.entry import BadRequest, require
-from flcommon.fedavg import StreamingFedAvg, UpdateRejected
+from flcommon.fedavg import UpdateRejected, check_update
 from flcommon.models import evaluate
 
 
 MAX_LISTED = 20  # rejections listed in a result: keeps it far below any payload limit
 
 
-def _listed(rejected: list[dict[str, str]]) -> list[dict[str, str]]:
-    return [{"client": r["client"], "reason": r["reason"][:200]} for r in rejected[:MAX_LISTED]]
+def _listed(rejected: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [{"client": r["client"], "round": r["round"], "reason": r["reason"][:200]}
+            for r in rejected[:MAX_LISTED]]
 
 
 def _result(doc: dict[str, Any]) -> dict[str, Any]:
     """The small result the keeper gets; the models doc has the full lists."""
     m = doc.get("metrics", {})
     rejected = doc.get("rejected", [])
+    rejected = [dict(r, round=r.get("round", doc["round"] - 1)) for r in rejected]
     return {"round": doc["round"] - 1, "model_round": doc["round"], "loss": m.get("loss"),
             "accuracy": m.get("accuracy"), "accepted": doc.get("accepted", 0),
-            "rejected": _listed(rejected), "rejected_count": len(rejected)}
+            "rejected": _listed(rejected), "rejected_count": len(rejected),
+            "stale_accepted": sum(1 for c in doc.get("contributions", []) if c.get("staleness", 0) > 0)}
 
 
-def aggregate(db, session: str, rnd: int, clients: list[str], reference) -> tuple[StreamingFedAvg, list, list]:
-    """FedAvg over the listed clients' round-`rnd` updates, one update in
-    memory at a time. Returns (aggregate, accepted clients, rejections)."""
-    agg = StreamingFedAvg(reference)
-    accepted: list[str] = []
-    rejected: list[dict[str, str]] = []
-    clients = list(dict.fromkeys(clients))  # a client listed twice still counts once
-    docs = {d["client"]: d for d in db[store.UPDATES].find(
-        {"session": session, "round": rnd, "client": {"$in": clients}})}
+def _wanted(payload: dict[str, Any], rnd: int) -> list[tuple[str, int]]:
+    """(client, model round) of every update to aggregate, each once, the
+    round's own updates first."""
+    clients = require(payload, "clients", list)
+    if not all(isinstance(c, str) for c in clients):
+        raise BadRequest("clients must be a list of client ids")
+    stale = payload.get("stale") or []
+    if not isinstance(stale, list):
+        raise BadRequest("stale must be a list of {client, round}")
+    wanted = [(c, rnd) for c in clients]
+    for item in stale:
+        if not isinstance(item, dict) or not isinstance(item.get("client"), str) \
+                or isinstance(item.get("round"), bool) or not isinstance(item.get("round"), int):
+            raise BadRequest("every stale entry must be {\"client\": id, \"round\": int}")
+        if not 0 <= item["round"] < rnd:
+            raise BadRequest(f"stale update of {item['client']} is for round {item['round']}; "
+                             f"a stale update's round must be below {rnd}")
+        wanted.append((item["client"], item["round"]))
+    wanted = list(dict.fromkeys(wanted))  # listed twice still counts once
+    if not wanted:
+        raise BadRequest("clients and stale name no update to aggregate")
+    return wanted
+
+
+def _examples(n: Any) -> int:
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n <= 0:
+        raise UpdateRejected(f"num_examples must be a positive integer, got {n!r}")
+    return int(n)
+
+
+def _delta(db, arrays: list[np.ndarray], base: list[np.ndarray] | None, base_blob) -> list[np.ndarray]:
+    """arrays - base model, in place. A stale update's base model is streamed
+    array by array, so at most one of its arrays is held besides the update."""
+    source = base if base is not None else store.stream_arrays(db, base_blob)
+    count = 0
+    for i, (a, g) in enumerate(zip(arrays, source)):
+        if g.shape != a.shape:
+            raise UpdateRejected(f"array {i} does not match the base model's shape {g.shape}")
+        np.subtract(a, g, out=a, casting="unsafe")
+        if not np.isfinite(a).all():
+            raise UpdateRejected(f"array {i} of the delta is not finite")
+        count += 1
+    if count != len(arrays):
+        raise UpdateRejected(f"the base model has {count} arrays, the update {len(arrays)}")
+    return arrays
+
+
+def aggregate(db, session: str, rnd: int, wanted: list[tuple[str, int]], global_weights: list[np.ndarray],
+              strategy: Strategy, staleness_exponent: float = 0.5) -> tuple[list[dict], list[dict]]:
+    """Feed the strategy the delta of every valid listed update, one update
+    in memory at a time (a streaming strategy adds it to its accumulator and
+    drops it). Returns (contributions, rejections) in the order added; the
+    caller then calls strategy.finish()."""
+    reference = [(w.shape, w.dtype) for w in global_weights]
+    strategy.begin(reference)
+    accepted: list[dict[str, Any]] = []
+    rejected: list[dict[str, Any]] = []
+    by_round: dict[int, list[str]] = {}
+    for client, r in wanted:
+        by_round.setdefault(r, []).append(client)
+    docs: dict[tuple[str, int], dict] = {}
+    for r, clients in by_round.items():
+        for d in db[store.UPDATES].find({"session": session, "round": r, "client": {"$in": clients}}):
+            docs[(d["client"], d["round"])] = d
     # The partition sizes init wrote: a client cannot inflate its weight by
     # claiming more examples than it holds.
     sizes = {d["client"]: d.get("num_examples") for d in db[store.PARTITIONS].find(
-        {"session": session, "client": {"$in": clients}}, {"client": 1, "num_examples": 1})}
+        {"session": session, "client": {"$in": sorted({c for c, _ in wanted})}}, {"client": 1, "num_examples": 1})}
     blobs = {d["_id"]: d.get("metadata") or {} for d in db[f"{store.BUCKET}.files"].find(
         {"_id": {"$in": [d["blob_id"] for d in docs.values() if "blob_id" in d]}}, {"metadata": 1})}
-    for client in clients:
-        doc = docs.get(client)
+    base_blobs = {d["round"]: d.get("blob_id") for d in db[store.MODELS].find(
+        {"session": session, "round": {"$in": [r for r in by_round if r != rnd]}}, {"round": 1, "blob_id": 1})}
+    for client, r in wanted:
+        doc = docs.get((client, r))
         if doc is None:
-            rejected.append({"client": client, "reason": "no update stored for this round"})
+            reason = "no update stored for this round" if r == rnd else f"no update stored for round {r}"
+            rejected.append({"client": client, "round": r, "reason": reason, "mark": False})
+            continue
+        done_in = doc.get("aggregated_in", doc.get("round"))
+        if doc.get("status") == "accepted" and done_in != rnd:
+            # Counted already; its record stays as that aggregation left it.
+            rejected.append({"client": client, "round": r, "reason": f"already aggregated in round {done_in}",
+                             "mark": False})
             continue
         try:
-            if doc.get("round") != rnd:
-                raise UpdateRejected(f"update is for round {doc.get('round')}, not {rnd}")
             if doc.get("blob_id") not in blobs:
                 raise UpdateRejected("update blob does not exist")
             meta = blobs[doc["blob_id"]]
-            if meta.get("round") != rnd or meta.get("session") != session or meta.get("client") != client:
+            if meta.get("round") != r or meta.get("session") != session or meta.get("client") != client:
                 raise UpdateRejected(f"update blob belongs to session {meta.get('session')}, "
                                      f"round {meta.get('round')}, client {meta.get('client')}")
-            n = doc.get("num_examples")
+            n = _examples(doc.get("num_examples"))
             if sizes.get(client) is not None and n != sizes[client]:
                 raise UpdateRejected(f"update claims {n} examples, the client's partition has {sizes[client]}")
-            agg.add(store.get_arrays(db, doc["blob_id"]), n)
-            accepted.append(client)
-        except (UpdateRejected, BlobError) as exc:
-            rejected.append({"client": client, "reason": str(exc)[:300]})
-    return agg, accepted, rejected
+            if r != rnd and base_blobs.get(r) is None:
+                raise UpdateRejected(f"no global model of round {r} to take the delta against")
+            arrays = store.get_arrays(db, doc["blob_id"])
+            check_update(arrays, reference)
+            delta = _delta(db, arrays, global_weights if r == rnd else None, base_blobs.get(r))
+            del arrays
+            staleness = rnd - r
+            weight = n * (1.0 + staleness) ** -staleness_exponent
+            strategy.add(delta, weight)
+            del delta
+            accepted.append({"client": client, "round": r, "staleness": staleness, "num_examples": n,
+                             "raw_weight": weight})
+        except (UpdateRejected, BlobError, StrategyError) as exc:
+            rejected.append({"client": client, "round": r, "reason": str(exc)[:300], "mark": True})
+    return accepted, rejected
+
+
+def _staleness_exponent(spec: dict[str, Any]) -> float:
+    value = spec.get("staleness_exponent", 0.5)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+        raise BadRequest(f"session staleness_exponent must be a non-negative number, got {value!r}")
+    return float(value)
 
 
 def handle(payload: dict[str, Any], bound: dict[str, str]) -> dict[str, Any]:
     session, rnd = ids(payload)
-    clients = require(payload, "clients", list)
-    if not clients or not all(isinstance(c, str) for c in clients):
-        raise BadRequest("clients must be a non-empty list of client ids")
+    wanted = _wanted(payload, rnd)
     db = database(bound)
     done = db[store.MODELS].find_one({"session": session, "round": rnd + 1})
     if done is not None:  # idempotent: a retried aggregation changes nothing
         return _result(done)
     spec = session_spec(db, session)
+    try:
+        strategy = get_strategy(spec.get("strategy"))
+    except StrategyError as exc:
+        raise BadRequest(f"session {session}: {exc}") from None
+    exponent = _staleness_exponent(spec)
     t0 = time.perf_counter()
-    _, weights = global_model(db, session, rnd)
-    reference = [(w.shape, w.dtype) for w in weights]
-    del weights
-    agg, accepted, rejected = aggregate(db, session, rnd, clients, reference)
+    current, weights = global_model(db, session, rnd)
+    accepted, rejected = aggregate(db, session, rnd, wanted, weights, strategy, exponent)
     for r in rejected:
-        db[store.UPDATES].update_one({"session": session, "round": rnd, "client": r["client"]},
-                                     {"$set": {"status": "rejected", "reason": r["reason"]}})
+        if r.pop("mark"):
+            db[store.UPDATES].update_one({"session": session, "round": r["round"], "client": r["client"],
+                                          "status": {"$ne": "accepted"}},
+                                         {"$set": {"status": "rejected", "reason": r["reason"]}})
     if not accepted:
         return {"error": f"round {rnd}: no valid update to aggregate", "rejected": _listed(rejected),
                 "rejected_count": len(rejected)}
-    db[store.UPDATES].update_many({"session": session, "round": rnd, "client": {"$in": accepted}},
-                                  {"$set": {"status": "accepted"}})
-    new = agg.result()
+    state = None
+    if strategy.stateful and current.get("state_blob_id") is not None:
+        try:
+            state = store.get_arrays(db, current["state_blob_id"])
+        except BlobError as exc:
+            return {"error": f"round {rnd}: server state of model {rnd} is unreadable: {exc}"}
+    try:
+        new, new_state = strategy.finish(weights, state)
+    except StrategyError as exc:
+        return {"error": f"round {rnd}: {exc}"}
+    del weights, state
+    contributions = [{"client": a["client"], "round": a["round"], "staleness": a["staleness"],
+                      "num_examples": a["num_examples"], "weight": share}
+                     for a, share in zip(accepted, strategy.shares())]
     x, y = partition_arrays(db, session, "_test")
     metrics = evaluate(spec, new, x, y, num_classes(db, session))
     blob = store.put_arrays(db, new, f"{session}/model/{rnd + 1:03d}.npz",
                             {"kind": "model", "session": session, "round": rnd + 1})
+    state_blob = None
+    if new_state is not None:
+        state_blob = store.put_arrays(db, new_state, f"{session}/state/{rnd + 1:03d}.npz",
+                                      {"kind": "state", "session": session, "round": rnd + 1,
+                                       "strategy": strategy.name})
+    for c in contributions:
+        db[store.UPDATES].update_one({"session": session, "round": c["round"], "client": c["client"]},
+                                     {"$set": {"status": "accepted", "aggregated_in": rnd,
+                                               "staleness": c["staleness"], "weight": c["weight"]},
+                                      "$unset": {"reason": ""}})
     doc = {"session": session, "round": rnd + 1, "blob_id": blob, "metrics": metrics,
-           "accepted": len(accepted), "accepted_clients": accepted, "rejected": rejected,
-           "num_examples": agg.total, "created": time.time(), "seconds": time.perf_counter() - t0}
+           "accepted": len(contributions), "accepted_clients": [c["client"] for c in contributions],
+           "rejected": rejected, "contributions": contributions, "strategy": strategy.name,
+           "num_examples": sum(c["num_examples"] for c in contributions),
+           "created": time.time(), "seconds": time.perf_counter() - t0}
+    if state_blob is not None:
+        doc["state_blob_id"] = state_blob
     try:
         db[store.MODELS].insert_one(doc)
     except pymongo.errors.DuplicateKeyError:
         store.delete_blob(db, blob)
+        if state_blob is not None:
+            store.delete_blob(db, state_blob)
         return _result(db[store.MODELS].find_one({"session": session, "round": rnd + 1}))
     return _result(doc)

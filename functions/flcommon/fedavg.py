@@ -1,9 +1,14 @@
-"""Streaming FedAvg in pure numpy.
+"""The checks every client update passes, and streaming FedAvg over whole
+weights in pure numpy.
 
-Memory stays O(model size) whatever the number of clients: one float32
-accumulator plus the one update being checked, decoded straight from its
-GridFS stream. Each update is checked whole before it is added, so a
-rejected update never touches the aggregate.
+fl_server_aggregator checks each update with check_update() before any
+strategy (fedkeeper.strategies) sees its delta. StreamingFedAvg averages
+client weights directly, for in-process use where there is no global model
+to take deltas against; the aggregator's `fedavg` strategy gives the same
+result. Memory stays O(model size) whatever the number of clients: one
+float32 accumulator plus the one update being checked. Each update is
+checked whole before it is added, so a rejected update never touches the
+aggregate.
 """
 from __future__ import annotations
 
