@@ -6,11 +6,12 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from .base import (Artifact, DeployResult, ErrorClass, FunctionSpec, Invocation, Outcome,
+from .base import (Artifact, DeployResult, ErrorClass, FunctionSpec, Invocation, Outcome, Prices,
                    Provider, ProviderContext, ProviderError)
 
-__all__ = ["Artifact", "DeployResult", "ErrorClass", "FunctionSpec", "Invocation", "Outcome",
-           "Provider", "ProviderContext", "ProviderError", "make_provider", "provider_class"]
+__all__ = ["Artifact", "DeployResult", "ErrorClass", "FunctionSpec", "Invocation", "Outcome", "Prices",
+           "Provider", "ProviderContext", "ProviderError", "make_provider", "platform_prices",
+           "provider_class"]
 
 # (config section, cluster kind) -> "module:Class", imported on first use so
 # that a run without Google clusters never imports the Google client.
@@ -39,3 +40,20 @@ def provider_class(section: str, kind: str) -> type[Provider]:
 
 def make_provider(cluster_name: str, section: str, cluster: Any, ctx: ProviderContext) -> Provider:
     return provider_class(section, getattr(cluster, "kind", "remote"))(cluster_name, cluster, ctx)
+
+
+# Platform name (`Provider.platform`, recorded on every attempt) -> the
+# config section whose remote provider class holds that platform's prices.
+_PLATFORM_SECTIONS: dict[str, str] = {"openwhisk": "openwhisk", "gcf": "google", "knative": "knative"}
+
+
+def platform_prices(platform: str) -> Prices:
+    """Default prices of a platform, by the name attempts record; a platform
+    this registry does not know (or cannot import) costs nothing."""
+    section = _PLATFORM_SECTIONS.get(platform)
+    if section is None:
+        return Provider.default_prices
+    try:
+        return provider_class(section, "remote").default_prices
+    except ProviderError:
+        return Provider.default_prices

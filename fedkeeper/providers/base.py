@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import Enum
 from typing import Any, ClassVar, Sequence
 
@@ -113,6 +113,40 @@ class Outcome:
     retry_after: float | None = None  # seconds, when the platform asked for a pause
 
 
+@dataclass(frozen=True)
+class Prices:
+    """What a platform charges per invocation, for cost estimates
+    (docs/cost.md). A cluster's `pricing` block overrides single fields."""
+
+    per_gb_second: float = 0.0            # memory: per GB (1024 MB) held for one second
+    per_ghz_second: float = 0.0           # CPU: per GHz of clock for one second
+    per_million_invocations: float = 0.0
+    billing_increment_ms: int = 1         # billed time is rounded up to a multiple of this
+    currency: str = "USD"
+    #: (memory MB, CPU GHz) tiers, ascending: a function gets the clock of the
+    #: smallest tier with at least its memory (the largest beyond the table)
+    cpu_tiers: tuple[tuple[int, float], ...] = ()
+    #: where the figures come from (price sheet and date)
+    source: str = ""
+
+    def cpu_ghz(self, memory_mb: float) -> float:
+        for tier_mb, ghz in self.cpu_tiers:
+            if memory_mb <= tier_mb:
+                return ghz
+        return self.cpu_tiers[-1][1] if self.cpu_tiers else 0.0
+
+    def overridden(self, pricing: Any) -> "Prices":
+        """These prices with every field `pricing` (a PricingConfig) sets."""
+        if pricing is None:
+            return self
+        changes = {k: getattr(pricing, k) for k in ("per_gb_second", "per_ghz_second",
+                                                   "per_million_invocations", "billing_increment_ms")
+                   if getattr(pricing, k, None) is not None}
+        changes["currency"] = getattr(pricing, "currency", None) or self.currency
+        return replace(self, source=f"{self.source} (with the cluster's pricing overrides)".strip(),
+                       **changes)
+
+
 @dataclass
 class ProviderContext:
     """What a provider may need from the keeper's environment."""
@@ -135,6 +169,9 @@ class Provider(ABC):
     #: their platform ids alone; HTTP platforms cannot, the answer belongs to
     #: the connection that made the call
     tracks_foreign_invocations: ClassVar[bool] = False
+    #: list prices of the platform, for cost estimates (docs/cost.md); a
+    #: platform without a price sheet costs nothing unless a cluster sets `pricing`
+    default_prices: ClassVar[Prices] = Prices(source="no price sheet: counted as free")
 
     def __init__(self, cluster_name: str, cluster: Any, ctx: "ProviderContext"):
         self.cluster_name = cluster_name

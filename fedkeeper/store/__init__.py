@@ -17,7 +17,10 @@ from pymongo import ASCENDING, DESCENDING, UpdateOne
 from flcommon import store as fs
 from flcommon.blobs import BlobError
 
-__all__ = ["Store", "BlobError", "connect"]
+__all__ = ["Store", "BlobError", "SWEEPS", "connect"]
+
+# One document per parameter sweep (`fedkeeper sweep`); only the keeper uses it.
+SWEEPS = "sweeps"
 
 INDEXES: dict[str, list[tuple[list[tuple[str, int]], dict[str, Any]]]] = {
     fs.SESSIONS: [([("created", DESCENDING)], {}), ([("state", ASCENDING)], {})],
@@ -32,6 +35,7 @@ INDEXES: dict[str, list[tuple[list[tuple[str, int]], dict[str, Any]]]] = {
                  ([("session", ASCENDING), ("round", ASCENDING), ("status", ASCENDING)], {})],
     fs.MODELS: [([("session", ASCENDING), ("round", ASCENDING)], {"unique": True})],
     fs.PARTITIONS: [([("session", ASCENDING), ("client", ASCENDING)], {"unique": True})],
+    SWEEPS: [([("created", DESCENDING)], {})],
     f"{fs.BUCKET}.files": [([("metadata.session", ASCENDING), ("metadata.kind", ASCENDING)], {})],
 }
 
@@ -120,6 +124,23 @@ class Store:
 
     def model(self, session: str, rnd: int) -> dict[str, Any] | None:
         return self.db[fs.MODELS].find_one({"session": session, "round": rnd})
+
+    # ------------------------------------------------------------- sweeps
+    def create_sweep(self, doc: dict[str, Any]) -> bool:
+        """Insert a sweep document; False when one with its id exists."""
+        doc.setdefault("created", time.time())
+        try:
+            self.db[SWEEPS].insert_one(doc)
+            return True
+        except pymongo.errors.DuplicateKeyError:
+            return False
+
+    def sweep(self, sweep_id: str) -> dict[str, Any] | None:
+        return self.db[SWEEPS].find_one({"_id": sweep_id})
+
+    def update_sweep(self, sweep_id: str, **fields: Any) -> None:
+        """$set on the sweep document; dotted keys reach into one run."""
+        self.db[SWEEPS].update_one({"_id": sweep_id}, {"$set": {**fields, "updated": time.time()}})
 
     # ------------------------------------------------------------- blobs
     def put_arrays(self, arrays: Sequence[np.ndarray], filename: str, **metadata: Any) -> ObjectId:

@@ -14,6 +14,10 @@ from .functions_framework import FrameworkHost, HostError
 
 
 class LocalCloudFunctionsProvider(CloudFunctionsProvider):
+    # Priced like the platform it stands in for, so that a sweep on
+    # loopback estimates what the same run would cost there.
+    default_prices = CloudFunctionsProvider.default_prices
+
     def __init__(self, cluster_name: str, cluster: Any, ctx: ProviderContext):
         super().__init__(cluster_name, cluster, ctx)
         self.host = FrameworkHost(ctx.state_dir / "gcf" / cluster_name)

@@ -27,6 +27,10 @@ def _namespace_for(cluster_name: str) -> str:
 
 
 class LocalOpenWhiskProvider(OpenWhiskProvider):
+    # Priced like the platform it stands in for, so that a sweep on the
+    # local fabric estimates what the same run would cost there.
+    default_prices = OpenWhiskProvider.default_prices
+
     def __init__(self, cluster_name: str, cluster: Any, ctx: ProviderContext):
         # Not OpenWhiskProvider.__init__: there is no remote endpoint or key
         # in the config; the fabric's own come from its state directory.

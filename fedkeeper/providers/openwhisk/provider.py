@@ -47,7 +47,7 @@ from urllib.parse import quote, urlencode, urlsplit
 import requests
 import urllib3
 
-from ..base import (Artifact, DeployResult, ErrorClass, FunctionSpec, Invocation, Outcome, Provider,
+from ..base import (Artifact, DeployResult, ErrorClass, FunctionSpec, Invocation, Outcome, Prices, Provider,
                     ProviderContext, ProviderError)
 
 log = logging.getLogger("fedkeeper.providers.openwhisk")
@@ -98,6 +98,12 @@ class OpenWhiskProvider(Provider):
     tracks_foreign_invocations = True  # activations are listed by id, whoever started them
     platform = "openwhisk"
     entry = "openwhisk"
+    #: IBM Cloud Functions, the public OpenWhisk service: memory time only,
+    #: no CPU or per-invocation charge (docs/cost.md). A self-hosted cluster
+    #: has no list price; pricing it like the public service keeps sweeps
+    #: across platforms comparable (set `pricing` on the cluster to change it).
+    default_prices = Prices(per_gb_second=0.000017, billing_increment_ms=100,
+                            source="IBM Cloud Functions (OpenWhisk) price sheet")
 
     def __init__(self, cluster_name: str, cluster: Any, ctx: ProviderContext):
         super().__init__(cluster_name, cluster, ctx)

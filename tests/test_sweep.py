@@ -1,0 +1,190 @@
+"""Parameter sweeps on the local fabric with a real store: every run a
+session, results in the store and in the printed table, resuming without
+re-running finished sessions, an interrupted sweep picked up where its
+keeper was killed, and grids rejected before anything runs."""
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pymongo
+import pytest
+from click.testing import CliRunner
+
+from fedkeeper.cli import main as cli
+from fedkeeper.config import load_config
+from fedkeeper.cost import session_cost
+from fedkeeper.store import SWEEPS, connect
+from flcommon import store as fs
+
+
+def write_config(path: Path, mongo_url: str, db: str, faults: str = "null") -> Path:
+    path.write_text(textwrap.dedent(f"""\
+        name: sweeptest
+        providers:
+          openwhisk:
+            local_ow: {{kind: local, faults: {faults}}}
+        scenarios:
+          federated_learning:
+            clients_info: {{total_num_clients: 4, num_clients_per_round: 4, ow_clients_count: 4}}
+            data_sampling: {{model: small, batch_size: 16}}
+            mongo_config: {{url: "{mongo_url}", db: {db}}}
+            model_params: {{lr: "1e-2", optim: adam, local_epochs: "1"}}
+            training:
+              rounds: 2
+              seed: 11
+              target_accuracy: 0.5
+              retries: {{max_attempts: 3, backoff_s: 0.1, backoff_max_s: 1}}
+        """))
+    return path
+
+
+@pytest.fixture(scope="module")
+def fabric_state(tmp_path_factory):
+    """One state directory (fabric, token secret) for the module, so warm
+    workers are shared between the tests."""
+    sdir = tmp_path_factory.mktemp("state")
+    old = {k: os.environ.get(k) for k in ("FEDKEEPER_STATE_DIR", "FEDKEEPER_LOG_DIR")}
+    os.environ["FEDKEEPER_STATE_DIR"] = str(sdir)
+    os.environ["FEDKEEPER_LOG_DIR"] = str(sdir / "logs")
+    yield sdir
+    from fedkeeper.providers.local import shutdown_local_services
+    shutdown_local_services(sdir)
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+def billed_invocations(db, session: str) -> list:
+    return sorted(a["_id"] for a in db[fs.INVOCATIONS].find({"session": session, "platform_id": {"$ne": None}}))
+
+
+def test_sweep_stores_every_run_and_resumes_without_rerunning(fabric_state, mongo_url, tmp_path):
+    db_name = "sweep_grid"
+    cfg = write_config(tmp_path / "cfg.yaml", mongo_url, db_name)
+    out = tmp_path / "results.csv"
+    args = ["sweep", "-c", str(cfg), "--grid", "local_epochs=0,1", "--repeats", "1", "--parallel", "2",
+            "--keep-services"]
+    res = CliRunner().invoke(cli, args + ["--format", "csv", "-o", str(out)])
+    assert res.exit_code == 0, res.output
+    db = pymongo.MongoClient(mongo_url)[db_name]
+    store = connect(mongo_url, db_name)
+    sweep = db[SWEEPS].find_one()
+    rows = list(csv.DictReader(out.open()))
+    assert sorted(r["local_epochs"] for r in rows) == ["0", "1"]
+    assert {r["session"] for r in rows} == {run["session"] for run in sweep["runs"].values()}
+    assert sweep["state"] == "finished" and sweep["grid"][0]["values"] == ["0", "1"]
+    config = load_config(cfg)
+    for row in rows:
+        sess = db[fs.SESSIONS].find_one({"_id": row["session"]})
+        run = next(r for r in sweep["runs"].values() if r["session"] == row["session"])
+        assert sess["state"] == row["state"] == run["state"] == "finished"
+        assert sess["spec"]["local_epochs"] == int(row["local_epochs"]) == run["params"]["local_epochs"]
+        assert sess["spec"]["seed"] == int(row["seed"]) == 11 and sess["sweep"] == sweep["_id"]
+        done = [r for r in db[fs.ROUNDS].find({"session": row["session"]}).sort("round", 1)
+                if r["state"] == "done"]
+        assert int(row["rounds"]) == len(done) == run["result"]["rounds"]
+        assert float(row["final_accuracy"]) == pytest.approx(done[-1]["accuracy"])
+        reached = [r for r in done if r["accuracy"] >= 0.5]
+        if reached:
+            assert int(row["rounds_to_target"]) == reached[0]["round"] + 1
+            assert float(row["time_to_target_s"]) == pytest.approx(
+                sum(r["duration_s"] for r in done if r["round"] <= reached[0]["round"]))
+        else:
+            assert row["rounds_to_target"] == ""
+        assert int(row["invocations"]) == len(billed_invocations(db, row["session"]))
+        retries = db[fs.INVOCATIONS].count_documents({"session": row["session"], "attempt": {"$gt": 1}})
+        assert int(row["retries"]) == retries
+        assert float(row["cost"]) == pytest.approx(session_cost(store, row["session"], config)["total"])
+        assert float(row["cost"]) > 0 and run["result"]["cost"] == pytest.approx(float(row["cost"]))
+    # --parallel 2: the two sessions ran at the same time.
+    a, b = (db[fs.SESSIONS].find_one({"_id": r["session"]}) for r in rows)
+    assert a["created"] < b["ended"] and b["created"] < a["ended"]
+
+    # The same command again: nothing new is created and nothing re-runs.
+    sessions_before = db[fs.SESSIONS].count_documents({})
+    invocations_before = {r["session"]: billed_invocations(db, r["session"]) for r in rows}
+    again = CliRunner().invoke(cli, args + ["--format", "markdown"])
+    assert again.exit_code == 0, again.output
+    assert again.output.count("finished earlier, skipped") == 2
+    assert db[fs.SESSIONS].count_documents({}) == sessions_before == 2
+    assert db[SWEEPS].count_documents({}) == 1
+    for sid, before in invocations_before.items():
+        assert billed_invocations(db, sid) == before
+        assert f"| {sid} | finished |" in again.output
+    store.close()
+
+
+def test_interrupted_sweep_resumes_the_killed_session(fabric_state, mongo_url, tmp_path):
+    db_name = "sweep_killed"
+    # Slow clients keep round 1 in flight long enough to kill the sweep there.
+    cfg = write_config(tmp_path / "cfg.yaml", mongo_url, db_name,
+                       faults="{slow_ms: 1500, seed: 1, functions: [fl_client]}")
+    args = ["sweep", "-c", str(cfg), "--grid", "local_epochs=0", "--keep-services"]
+    db = pymongo.MongoClient(mongo_url)[db_name]
+    proc = subprocess.Popen([sys.executable, "-m", "fedkeeper.cli", *args], env=dict(os.environ),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            if db[fs.INVOCATIONS].find_one({"round": 1, "state": "running", "function": "fl_client"}):
+                break
+            assert proc.poll() is None, proc.stdout.read().decode()
+            time.sleep(0.05)
+        else:
+            pytest.fail("round 1 never had invocations in flight")
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.stdout.close()
+    sweep = db[SWEEPS].find_one()
+    (run,) = sweep["runs"].values()
+    assert run["state"] == "running" and sweep["state"] == "running"
+    sid = run["session"]
+    assert db[fs.SESSIONS].find_one({"_id": sid})["state"] == "running"
+    round0 = sorted(a["_id"] for a in db[fs.INVOCATIONS].find({"session": sid, "round": 0}))
+
+    res = CliRunner().invoke(cli, args + ["--format", "csv"])
+    assert res.exit_code == 0, res.output
+    assert f"({sid}): resumed and finished" in res.output
+    assert db[fs.SESSIONS].count_documents({}) == 1
+    assert db[fs.SESSIONS].find_one({"_id": sid})["state"] == "finished"
+    # The round finished before the kill was not run again.
+    assert sorted(a["_id"] for a in db[fs.INVOCATIONS].find({"session": sid, "round": 0})) == round0
+    assert [r["state"] for r in db[fs.ROUNDS].find({"session": sid}).sort("round", 1)] == ["done", "done"]
+    sweep = db[SWEEPS].find_one()
+    assert sweep["state"] == "finished"
+    assert [r["state"] for r in sweep["runs"].values()] == ["finished"]
+    header = next(i for i, ln in enumerate(res.output.splitlines()) if ln.startswith("local_epochs,"))
+    (row,) = csv.DictReader(res.output.splitlines()[header:])
+    assert (row["session"], row["state"], row["rounds"]) == (sid, "finished", "2")
+
+
+@pytest.mark.parametrize("grid, message", [
+    (["lrate=1e-3,1e-2"], "unknown grid key 'lrate'"),
+    (["model_params.foo=1,2"], "model_params has no 'foo'"),
+    (["optim=adam,adamw"], "grid combination optim=adamw: model_params.optim"),
+    (["clients_per_round=2,8"], "num_clients_per_round (8) exceeds total_num_clients (4)"),
+    (["training.seed=1,2"], "cannot vary"),
+    (["lr"], "expected key=value1,value2"),
+])
+def test_bad_grid_exits_2_before_anything_runs(grid, message, mongo_url, tmp_path, isolated_dirs):
+    db_name = "sweep_rejected"
+    cfg = write_config(tmp_path / "cfg.yaml", mongo_url, db_name)
+    args = ["sweep", "-c", str(cfg)]
+    for g in grid:
+        args += ["--grid", g]
+    res = CliRunner().invoke(cli, args)
+    assert res.exit_code == 2, res.output
+    assert message in res.output
+    assert pymongo.MongoClient(mongo_url)[db_name][SWEEPS].count_documents({}) == 0
