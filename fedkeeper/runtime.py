@@ -35,7 +35,12 @@ FUNCTION_DEFAULTS: dict[str, dict[str, Any]] = {
     "fl_server_aggregator": {"memory_mb": 2048, "timeout_s": 300.0, "concurrency": 1},
     "fl_invoker": {"memory_mb": 512, "timeout_s": 300.0, "concurrency": 1},
     "nodeinfo": {"memory_mb": 256, "timeout_s": 60.0, "concurrency": 1},
+    # Memory at least its cache bound plus INSIGHTS_WORKING_MB (function_spec).
+    "fl_insights": {"memory_mb": 2048, "timeout_s": 300.0, "concurrency": 1},
 }
+# fl_insights' memory beyond its cache: the runtime, scikit-learn and one
+# round of updates being read.
+INSIGHTS_WORKING_MB = 1024
 SERVER_FUNCTIONS = ("fl_server_init", "fl_server_aggregator")
 
 
@@ -156,6 +161,11 @@ class Runtime:
         d = dict(FUNCTION_DEFAULTS.get(function, FUNCTION_DEFAULTS["nodeinfo"]))
         extra: dict[str, Any] = {}
         image = runtime = None
+        bound_extra: dict[str, str] = {}
+        if function == "fl_insights":
+            cache_mb = self.scenario.insights.cache_mb
+            bound_extra["FK_INSIGHTS_CACHE_MB"] = f"{cache_mb:g}"
+            d["memory_mb"] = max(d["memory_mb"], int(cache_mb) + INSIGHTS_WORKING_MB)
         if fc is not None:
             if fc.memory is not None:
                 d["memory_mb"] = int(fc.memory)
@@ -168,7 +178,8 @@ class Runtime:
             if fc.region:
                 extra["region"] = fc.region
         bound = {"FK_FUNCTION": function, "FK_TOKEN_SECRET": self.secret,
-                 "FK_STORE_URL": self.store_url or "", "FK_STORE_DB": self.scenario.mongo_config.db}
+                 "FK_STORE_URL": self.store_url or "", "FK_STORE_DB": self.scenario.mongo_config.db,
+                 **bound_extra}
         return FunctionSpec(name=function, source=function, bound=bound, image=image,
                             runtime=runtime, extra=extra, platform_api=function == "fl_invoker", **d)
 
@@ -180,6 +191,10 @@ class Runtime:
         if not clusters:
             raise ValueError("the config names no clusters under providers")
         return next(iter(clusters))
+
+    def insights_cluster(self) -> str:
+        """Where fl_insights runs: scenario.insights.cluster, else the server's."""
+        return self.scenario.insights.cluster or self.server_cluster()
 
     def client_clusters(self) -> dict[str, str]:
         """client id -> cluster name."""
@@ -193,6 +208,9 @@ class Runtime:
         for fn in SERVER_FUNCTIONS:
             section = clusters[server][0]
             out.append(Placement(server, section, self.function_spec(fn, section)))
+        insights = self.insights_cluster()
+        section = clusters[insights][0]
+        out.append(Placement(insights, section, self.function_spec("fl_insights", section)))
         ci = self.scenario.clients_info
         client_fns = ci.client_functions if ci else ["fl_client"]
         for cname in dict.fromkeys(self.client_clusters().values()):

@@ -95,9 +95,9 @@ def test_deploy_py_flags_map_onto_deploy_and_remove(env):
 def test_main_py_deploy_and_remove_the_training_functions(env):
     d = run(["main.py", "-c", "config-local.yaml", "-d"], env)
     assert d.returncode == 0, d.stdout + d.stderr
-    for fn in ("fl_server_init", "fl_server_aggregator", "fl_client"):
+    for fn in ("fl_server_init", "fl_server_aggregator", "fl_insights", "fl_client"):
         assert fn in d.stdout
-    assert d.stdout.count("deployed") >= 4  # init + aggregator on local_ow, fl_client on both
+    assert d.stdout.count("deployed") >= 5  # init, aggregator, insights on local_ow, fl_client on both
     r = run(["main.py", "-c", "config-local.yaml", "-r"], env)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert r.stdout.count("removed") == 4
+    assert r.stdout.count("removed") == 5

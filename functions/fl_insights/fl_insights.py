@@ -1,0 +1,511 @@
+"""fl_insights: answers `fedkeeper insights` queries about a session from the
+store (docs/insights.md).
+
+Payload: {session, what: contributions | clusters | reliability,
+rounds: [first, last] (optional, inclusive, store numbering), k (optional,
+clusters), cache: true (default) | "updates" | false}.
+
+A warm worker keeps two kinds of entries in one LRU bounded in bytes
+(FK_INSIGHTS_CACHE_MB, from scenario.insights.cache_mb):
+  - decoded updates (as flat deltas) and global models, keyed by
+    (session, round, client) and (session, round). Stored blobs are never
+    rewritten, so an entry never goes stale; its blob id is kept with it
+    and checked all the same, so a re-created session cannot be served
+    another session's arrays;
+  - query results, keyed by the normalised query and a digest of every
+    store document the answer depends on (update and model documents, or
+    invocation records), so an answer about a session that has moved on
+    since is computed afresh, never served stale.
+`cache: false` reads and writes neither (the no-cache baseline);
+`cache: "updates"` uses the update cache but not the query cache.
+
+A result larger than INLINE_LIMIT bytes of JSON is stored as a GridFS blob
+(a uint8 array in the usual npz form, named by its content hash so that the
+same answer is stored once) and only its id travels back.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import threading
+import time
+from typing import Any, Callable, NamedTuple
+
+import numpy as np
+
+from flcommon import store
+from flcommon.blobs import BlobError
+from flcommon.context import database
+from flcommon.entry import BadRequest, require
+from flcommon.insights import cluster_vectors, finite_or_none, score_round, shares
+from flcommon.lru import ByteLRU
+from flcommon.reliability import client_stats, cluster_stats
+
+WHATS = ("contributions", "clusters", "reliability")
+CACHE_MB_KEY = "FK_INSIGHTS_CACHE_MB"
+DEFAULT_CACHE_MB = 512.0
+INLINE_LIMIT = 32 * 1024   # bytes of JSON returned in the result itself
+ENTRY_OVERHEAD = 256       # bytes counted for an entry without arrays (a NaN marker, a reference)
+RESULT_KIND = "insights"
+
+_cache: ByteLRU | None = None
+_cache_lock = threading.Lock()
+_calls = 0
+
+
+def worker_cache(bound: dict[str, str]) -> ByteLRU:
+    """The worker's cache, created on first use, bounded by the bound setting."""
+    global _cache
+    try:
+        limit = int(float(bound.get(CACHE_MB_KEY) or DEFAULT_CACHE_MB) * 1e6)
+    except ValueError:
+        raise BadRequest(f"{CACHE_MB_KEY} is not a number") from None
+    with _cache_lock:
+        if _cache is None:
+            _cache = ByteLRU(limit)
+        elif _cache.max_bytes != limit:
+            _cache.resize(limit)
+        return _cache
+
+
+# --------------------------------------------------------------------------- query
+
+class Query(NamedTuple):
+    session: str
+    what: str
+    rounds: tuple[int, int] | None
+    k: int | None
+    cache: bool | str          # True, "updates" or False
+
+    def key(self) -> dict[str, Any]:
+        """What the answer depends on besides the store (not the cache mode)."""
+        return {"session": self.session, "what": self.what,
+                "rounds": list(self.rounds) if self.rounds else None,
+                "k": self.k if self.what == "clusters" else None}
+
+
+def parse_query(payload: dict[str, Any]) -> Query:
+    session = require(payload, "session", str)
+    what = require(payload, "what", str)
+    if what not in WHATS:
+        raise BadRequest(f"what must be one of {', '.join(WHATS)}, not {what!r}")
+    rounds = payload.get("rounds")
+    if rounds is not None:
+        if (not isinstance(rounds, list) or len(rounds) != 2
+                or not all(isinstance(r, int) and not isinstance(r, bool) and r >= 0 for r in rounds)
+                or rounds[0] > rounds[1]):
+            raise BadRequest("rounds must be [first, last]: two round numbers, first <= last")
+        rounds = (rounds[0], rounds[1])
+    k = payload.get("k")
+    if k is not None and (not isinstance(k, int) or isinstance(k, bool) or k < 1):
+        raise BadRequest("k must be a positive integer")
+    cache = payload.get("cache", True)
+    if cache not in (True, False, "updates"):
+        raise BadRequest('cache must be true, false or "updates"')
+    return Query(session, what, rounds, k, cache)
+
+
+def _digest(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, separators=(",", ":"),
+                                     default=str).encode()).hexdigest()
+
+
+def _canonical_json(data: Any) -> bytes:
+    return json.dumps(data, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
+
+
+# --------------------------------------------------------------------------- blobs and vectors
+
+class ModelVector(NamedTuple):
+    blob_id: Any
+    values: np.ndarray           # flat float32, read-only
+    shapes: tuple[tuple[int, ...], ...]
+
+
+class UpdateVector(NamedTuple):
+    blob_id: Any
+    base_blob_id: Any
+    values: np.ndarray | None    # flat float32 delta, read-only; None when unusable
+    nan: bool = False
+    error: str | None = None
+
+
+class Reader:
+    """Blob reads of one call, through the worker cache unless it is off,
+    with the bytes read from the store counted (the stored lengths of the
+    blobs actually read)."""
+
+    def __init__(self, db, cache: ByteLRU | None):
+        self.db = db
+        self.cache = cache
+        self.models: dict[int, ModelVector | str] = {}   # this call's: read once even without a cache
+        self.bytes_read = 0
+        self.blobs_read = 0
+        self.update_hits = self.update_misses = 0
+        self.model_hits = self.model_misses = 0
+        self._lengths: dict[Any, int] = {}
+
+    def _prefetch_lengths(self, blob_ids: list[Any]) -> None:
+        wanted = [b for b in blob_ids if b is not None and b not in self._lengths]
+        if wanted:
+            for d in self.db[f"{store.BUCKET}.files"].find({"_id": {"$in": wanted}}, {"length": 1}):
+                self._lengths[d["_id"]] = int(d.get("length") or 0)
+
+    def _read(self, blob_id: Any) -> list[np.ndarray]:
+        arrays = store.get_arrays(self.db, blob_id)
+        self.bytes_read += self._lengths.get(blob_id, 0)
+        self.blobs_read += 1
+        return arrays
+
+    def model(self, session: str, rnd: int, doc: dict[str, Any] | None) -> ModelVector | str:
+        """Model `rnd` as a flat vector, or why it cannot be had."""
+        if rnd in self.models:
+            return self.models[rnd]
+        if doc is None or doc.get("blob_id") is None:
+            out: ModelVector | str = f"no global model of round {rnd}"
+        else:
+            key = ("model", session, rnd)
+            hit = self.cache.get(key) if self.cache is not None else None
+            if isinstance(hit, ModelVector) and hit.blob_id == doc["blob_id"]:
+                self.model_hits += 1
+                out = hit
+            else:
+                self.model_misses += 1
+                self._prefetch_lengths([doc["blob_id"]])
+                try:
+                    arrays = self._read(doc["blob_id"])
+                    flat = np.concatenate([np.asarray(a, dtype=np.float32).ravel() for a in arrays]) \
+                        if arrays else np.zeros(0, np.float32)
+                    flat.flags.writeable = False  # shared between invocations
+                    out = ModelVector(doc["blob_id"], flat, tuple(tuple(a.shape) for a in arrays))
+                    if self.cache is not None:
+                        self.cache.put(key, out, flat.nbytes + ENTRY_OVERHEAD)
+                except BlobError as exc:
+                    out = f"global model of round {rnd} is unreadable: {exc}"
+        self.models[rnd] = out
+        return out
+
+    def updates(self, session: str, docs: list[dict[str, Any]],
+                bases: list[ModelVector | str]) -> list[UpdateVector | str]:
+        """The delta of each update against its base model (or why there is none)."""
+        out: list[UpdateVector | str | None] = [None] * len(docs)
+        missing = []
+        for i, (u, base) in enumerate(zip(docs, bases)):
+            if isinstance(base, str):
+                out[i] = base
+                continue
+            if u.get("blob_id") is None:
+                out[i] = "the update names no blob"
+                continue
+            key = ("update", session, u["round"], u["client"])
+            hit = self.cache.get(key) if self.cache is not None else None
+            if isinstance(hit, UpdateVector) and hit.blob_id == u["blob_id"] and hit.base_blob_id == base.blob_id:
+                self.update_hits += 1
+                out[i] = hit
+            else:
+                self.update_misses += 1
+                missing.append(i)
+        self._prefetch_lengths([docs[i]["blob_id"] for i in missing])
+        for i in missing:
+            u, base = docs[i], bases[i]
+            vec = self._delta(u, base)
+            if self.cache is not None:
+                size = vec.values.nbytes if vec.values is not None else 0
+                self.cache.put(("update", session, u["round"], u["client"]), vec, size + ENTRY_OVERHEAD)
+            out[i] = vec
+        return out  # type: ignore[return-value]
+
+    def _delta(self, u: dict[str, Any], base: ModelVector) -> UpdateVector:
+        try:
+            arrays = self._read(u["blob_id"])
+        except BlobError as exc:
+            return UpdateVector(u["blob_id"], base.blob_id, None, error=str(exc)[:300])
+        if len(arrays) != len(base.shapes):
+            return UpdateVector(u["blob_id"], base.blob_id, None,
+                                error=f"update has {len(arrays)} arrays, the model has {len(base.shapes)}")
+        for i, (a, shape) in enumerate(zip(arrays, base.shapes)):
+            if tuple(a.shape) != shape:
+                return UpdateVector(u["blob_id"], base.blob_id, None,
+                                    error=f"array {i} has shape {tuple(a.shape)}, expected {shape}")
+        flat = np.concatenate([np.asarray(a, dtype=np.float32).ravel() for a in arrays]) \
+            if arrays else np.zeros(0, np.float32)
+        del arrays
+        if not np.isfinite(flat).all():
+            # No norm or cosine for it; nothing worth keeping but the fact.
+            return UpdateVector(u["blob_id"], base.blob_id, None, nan=True)
+        np.subtract(flat, base.values, out=flat)
+        flat.flags.writeable = False
+        return UpdateVector(u["blob_id"], base.blob_id, flat)
+
+
+# --------------------------------------------------------------------------- updates in range
+
+# Round ranges are queried as [first, last + 1): the embedded store
+# (SecantusDB 0.7.0b3) treats $lte on a key followed by further keys of a
+# compound index, e.g. round in (session, round, client), as $lt.
+UPDATE_FIELDS = {"_id": 0, "client": 1, "round": 1, "blob_id": 1, "num_examples": 1, "metrics": 1, "status": 1,
+                 "reason": 1, "aggregated_in": 1, "staleness": 1, "weight": 1}
+MODEL_FIELDS = {"_id": 0, "round": 1, "blob_id": 1, "contributions": 1, "rejected": 1, "accepted_clients": 1}
+
+
+def _client_order(client: str) -> tuple[int, str]:
+    tail = str(client).rsplit("_", 1)[-1]
+    return (int(tail), client) if tail.isdigit() else (1 << 30, client)
+
+
+def aggregation_round(u: dict[str, Any]) -> int:
+    """The aggregation an update belongs to: the one that counted it, else
+    (not counted, or counted before this was recorded) its own round's."""
+    agg = u.get("aggregated_in")
+    if u.get("status") == "accepted" and isinstance(agg, int) and not isinstance(agg, bool):
+        return agg
+    return int(u["round"])
+
+
+class Gathered(NamedTuple):
+    rounds: tuple[int, int] | None
+    by_round: dict[int, list[dict[str, Any]]]
+    models: dict[int, dict[str, Any]]
+    fingerprint: str
+
+
+def gather_updates(db, q: Query) -> Gathered:
+    """The update and model documents of the rounds in range; their digest
+    is the query cache's check that the answer still holds."""
+    flt: dict[str, Any] = {"session": q.session}
+    if q.rounds:
+        # An update counted in round R may be older (stale) but never newer.
+        flt["round"] = {"$lt": q.rounds[1] + 1}
+    docs = list(db[store.UPDATES].find(flt, UPDATE_FIELDS))
+    by_round: dict[int, list[dict[str, Any]]] = {}
+    for u in docs:
+        by_round.setdefault(aggregation_round(u), []).append(u)
+    if q.rounds:
+        lo, hi = q.rounds
+        by_round = {r: us for r, us in by_round.items() if lo <= r <= hi}
+        rounds: tuple[int, int] | None = q.rounds
+    else:
+        rounds = (min(by_round), max(by_round)) if by_round else None
+    for us in by_round.values():
+        us.sort(key=lambda u: (_client_order(u["client"]), u["round"]))
+    models = {}
+    if by_round:
+        first = min(min(u["round"] for u in us) for us in by_round.values())
+        for m in db[store.MODELS].find({"session": q.session,
+                                        "round": {"$gte": first, "$lt": max(by_round) + 2}}, MODEL_FIELDS):
+            models[m["round"]] = m
+    fingerprint = _digest({"updates": sorted(([r, u] for r, us in by_round.items() for u in us),
+                                             key=lambda x: (x[0], x[1]["client"], x[1]["round"])),
+                           "models": [models[r] for r in sorted(models)]})
+    return Gathered(rounds, dict(sorted(by_round.items())), models, fingerprint)
+
+
+def _round_rows(rnd: int, updates: list[dict[str, Any]], next_model: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """The aggregator's verdict on each update of one aggregation round:
+    from the model document's contributions when recorded, else from
+    accepted_clients / the update's own status."""
+    contributions = next_model.get("contributions") if next_model else None
+    counted: dict[tuple[str, int], dict[str, Any]] = {}
+    if isinstance(contributions, list):
+        counted = {(c["client"], c.get("round", rnd)): c for c in contributions if isinstance(c, dict)}
+    rejected = {}
+    for r in (next_model or {}).get("rejected") or []:
+        if isinstance(r, dict) and "client" in r:
+            rejected[(r["client"], r.get("round", rnd))] = r.get("reason")
+    accepted_clients = (next_model or {}).get("accepted_clients")
+    rows, accepted, recorded = [], [], []
+    for u in updates:
+        key = (u["client"], u["round"])
+        if contributions is not None:
+            ok = key in counted
+        elif next_model is not None:
+            ok = u.get("status") != "rejected" and key not in rejected and (
+                accepted_clients is None or u["client"] in accepted_clients)
+        else:
+            ok = False
+        weight = u.get("weight") if u.get("weight") is not None else counted.get(key, {}).get("weight")
+        status = "accepted" if ok else ("rejected" if key in rejected and u.get("status") != "stale"
+                                        else u.get("status") or "received")
+        metrics = u.get("metrics") if isinstance(u.get("metrics"), dict) else {}
+        rows.append({"round": rnd, "client": u["client"], "trained_from": u["round"],
+                     "staleness": rnd - u["round"], "status": status, "num_examples": u.get("num_examples"),
+                     "loss": finite_or_none(metrics.get("loss")),
+                     "reason": u.get("reason") or (rejected.get(key) if not ok else None)})
+        accepted.append(ok)
+        recorded.append(finite_or_none(weight))
+    for row, share in zip(rows, shares(rows, accepted, recorded)):
+        row["share"] = share
+    return rows
+
+
+def _vectors_of_round(reader: Reader, q: Query, g: Gathered, rnd: int):
+    updates = g.by_round[rnd]
+    bases = [reader.model(q.session, u["round"], g.models.get(u["round"])) for u in updates]
+    return updates, reader.updates(q.session, updates, bases)
+
+
+def _release_models(reader: Reader, g: Gathered, done: int) -> None:
+    """Drop this call's models that no round after `done` needs (as its own,
+    its next or a stale update's base), so a call holds a few models, not all."""
+    later = [r for r in g.by_round if r > done]
+    needed = min((min([r] + [u["round"] for u in g.by_round[r]]) for r in later), default=None)
+    for old in [r for r in reader.models if needed is None or r < needed]:
+        del reader.models[old]
+
+
+def contributions(reader: Reader, q: Query, g: Gathered) -> dict[str, Any]:
+    rows_out: list[dict[str, Any]] = []
+    for rnd in g.by_round:
+        updates, vectors = _vectors_of_round(reader, q, g, rnd)
+        rows = _round_rows(rnd, updates, g.models.get(rnd + 1))
+        aggregate = None
+        now, nxt = reader.model(q.session, rnd, g.models.get(rnd)), None
+        if g.models.get(rnd + 1) is not None:
+            nxt = reader.model(q.session, rnd + 1, g.models.get(rnd + 1))
+        if isinstance(now, ModelVector) and isinstance(nxt, ModelVector) and now.values.shape == nxt.values.shape:
+            aggregate = nxt.values - now.values
+        usable = []
+        for row, vec in zip(rows, vectors):
+            if isinstance(vec, str):
+                row["error"] = vec
+                usable.append(None)
+            else:
+                row["nan"] = vec.nan
+                row["error"] = vec.error
+                usable.append(vec.values if aggregate is None or vec.values is None
+                              or vec.values.shape == aggregate.shape else None)
+        rows_out.extend(score_round(rows, usable, aggregate))
+        _release_models(reader, g, rnd)
+    for row in rows_out:
+        for key in ("norm", "cosine", "z", "share"):
+            row[key] = finite_or_none(row.get(key))
+    flagged = sum(1 for r in rows_out if r["flags"])
+    return {"rounds": list(g.rounds) if g.rounds else None, "rows": rows_out, "flagged": flagged}
+
+
+def clusters(reader: Reader, q: Query, g: Gathered) -> dict[str, Any]:
+    """Each client's vector is the mean of its usable deltas over the rounds
+    in range (any status: the question is what the client sent)."""
+    sums: dict[str, np.ndarray] = {}
+    counts: dict[str, int] = {}
+    unusable: dict[str, int] = {}
+    for rnd in g.by_round:
+        updates, vectors = _vectors_of_round(reader, q, g, rnd)
+        for u, vec in zip(updates, vectors):
+            c = u["client"]
+            if isinstance(vec, str) or vec.values is None or (c in sums and sums[c].shape != vec.values.shape):
+                unusable[c] = unusable.get(c, 0) + 1
+                continue
+            if c in sums:
+                np.add(sums[c], vec.values, out=sums[c])
+            else:
+                sums[c] = vec.values.copy()
+            counts[c] = counts.get(c, 0) + 1
+        _release_models(reader, g, rnd)
+    clients = sorted(sums, key=_client_order)
+    shapes = {sums[c].shape for c in clients}
+    if len(shapes) > 1:
+        raise BadRequest("the updates in range belong to models of different sizes")
+    matrix = np.stack([sums[c] / np.float32(counts[c]) for c in clients]) if clients else np.zeros((0, 0), np.float32)
+    del sums
+    try:
+        result = cluster_vectors(clients, matrix, q.k)
+    except ValueError as exc:
+        raise BadRequest(str(exc)) from None
+    result["silhouette"] = finite_or_none(result["silhouette"])
+    result["silhouette_by_k"] = {k: finite_or_none(v) for k, v in result["silhouette_by_k"].items()}
+    for grp in result["groups"]:
+        grp["mean_cosine"] = finite_or_none(grp["mean_cosine"])
+    result.update(rounds=list(g.rounds) if g.rounds else None, updates_per_client=counts,
+                  unusable_updates=dict(sorted(unusable.items(), key=lambda kv: _client_order(kv[0]))))
+    return result
+
+
+# --------------------------------------------------------------------------- reliability
+
+ATTEMPT_FIELDS = {"client": 1, "cluster": 1, "platform": 1, "function": 1, "round": 1, "attempt": 1,
+                  "state": 1, "error_class": 1, "cold_start": 1, "duration_ms": 1}
+
+
+def gather_attempts(db, q: Query) -> tuple[list[dict[str, Any]], tuple[int, int] | None, str]:
+    flt: dict[str, Any] = {"session": q.session}
+    if q.rounds:
+        flt["round"] = {"$gte": q.rounds[0], "$lt": q.rounds[1] + 1}
+    docs = sorted(db[store.INVOCATIONS].find(flt, ATTEMPT_FIELDS), key=lambda a: str(a["_id"]))
+    rounds = q.rounds
+    if rounds is None:
+        mine = [a["round"] for a in docs if isinstance(a.get("round"), int)]
+        rounds = (min(mine), max(mine)) if mine else None
+    return docs, rounds, _digest(docs)
+
+
+def reliability(docs: list[dict[str, Any]], rounds: tuple[int, int] | None) -> dict[str, Any]:
+    per_client = client_stats(docs)
+    where: dict[str, str] = {}
+    platforms: dict[str, str] = {}
+    for a in docs:
+        if str(a.get("client", "")).startswith("_"):
+            continue
+        where.setdefault(a.get("client"), a.get("cluster") or "?")
+        platforms.setdefault(a.get("cluster") or "?", a.get("platform") or "?")
+    clients = {c: dict(s, cluster=where.get(c)) for c, s in sorted(per_client.items(),
+                                                                     key=lambda kv: _client_order(kv[0]))}
+    clusters_ = {c: dict(s, platform=platforms.get(c)) for c, s in sorted(cluster_stats(docs).items())}
+    return {"rounds": list(rounds) if rounds else None, "clients": clients, "clusters": clusters_}
+
+
+# --------------------------------------------------------------------------- results
+
+def _stored_result(db, q: Query, raw: bytes) -> dict[str, Any]:
+    """Keep a large answer in GridFS under its content hash; the same answer
+    is stored once whichever worker computes it."""
+    digest = hashlib.sha256(raw).hexdigest()
+    filename = f"{q.session}/insights/{digest}.npz"
+    doc = db[f"{store.BUCKET}.files"].find_one({"filename": filename}, {"_id": 1})
+    blob = doc["_id"] if doc else store.put_arrays(
+        db, [np.frombuffer(raw, dtype=np.uint8)], filename,
+        {"kind": RESULT_KIND, "session": q.session, "what": q.what, "sha256": digest})
+    return {"result_ref": str(blob), "result_bytes": len(raw), "result_sha256": digest}
+
+
+def _answer(db, q: Query, reader: Reader) -> tuple[dict[str, Any], Callable[[], dict[str, Any]]]:
+    """(fingerprint source, compute) of one query."""
+    if q.what == "reliability":
+        docs, rounds, fingerprint = gather_attempts(db, q)
+        return {"fingerprint": fingerprint}, lambda: reliability(docs, rounds)
+    g = gather_updates(db, q)
+    compute = contributions if q.what == "contributions" else clusters
+    return {"fingerprint": g.fingerprint}, lambda: compute(reader, q, g)
+
+
+def handle(payload: dict[str, Any], bound: dict[str, str]) -> dict[str, Any]:
+    global _calls
+    _calls += 1
+    t0 = time.perf_counter()
+    q = parse_query(payload)
+    db = database(bound)
+    if db[store.SESSIONS].find_one({"_id": q.session}, {"_id": 1}) is None:
+        raise BadRequest(f"no session {q.session!r} in the store")
+    cache = worker_cache(bound)
+    reader = Reader(db, cache if q.cache else None)
+    depends, compute = _answer(db, q, reader)
+    key = ("query", _digest({"query": q.key(), **depends}))
+    answer = cache.get(key) if q.cache is True else None
+    from_cache = answer is not None
+    if answer is None:
+        data = compute()
+        raw = _canonical_json(data)
+        answer = {"data": data} if len(raw) <= INLINE_LIMIT else _stored_result(db, q, raw)
+        if q.cache is True:
+            cache.put(key, answer, (len(raw) if "data" in answer else 0) + ENTRY_OVERHEAD)
+    stats = cache.stats()
+    return {"what": q.what, "session": q.session, **answer, "from_cache": from_cache,
+            "cache_mode": "off" if q.cache is False else ("updates" if q.cache == "updates" else "on"),
+            "update_cache_hits": reader.update_hits, "update_cache_misses": reader.update_misses,
+            "model_cache_hits": reader.model_hits, "model_cache_misses": reader.model_misses,
+            "bytes_read": reader.bytes_read, "blobs_read": reader.blobs_read,
+            "cache_bytes": stats["bytes"], "cache_limit_bytes": stats["max_bytes"],
+            "cache_entries": stats["entries"], "cache_evictions": stats["evictions"],
+            "worker_pid": os.getpid(), "worker_invocations": _calls,
+            "seconds": round(time.perf_counter() - t0, 6)}
