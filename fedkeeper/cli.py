@@ -297,6 +297,8 @@ def run_start(cfg: Config, scenario: str | None, resume: str | None = None, depl
                 keeper.progress = fan_out(progress, metrics)
                 keeper.attempt_ended = metrics.record_attempt
             summary = keeper.start(resume=resume, deploy=deploy, session_id=session_id)
+            from .cost import format_money, session_cost
+            cost = session_cost(rt.store, summary.session, cfg)
     except SessionError as exc:
         _fail(str(exc))
     finally:
@@ -305,10 +307,10 @@ def run_start(cfg: Config, scenario: str | None, resume: str | None = None, depl
         rt.close(stop_store=not keep_services)
     acc = summary.final_accuracy
     table = Table(title=f"session {summary.session}: {summary.state}")
-    for col in ("rounds", "final accuracy", "wall time", "run log"):
+    for col in ("rounds", "final accuracy", "wall time", "est. cost", "run log"):
         table.add_column(col)
     table.add_row(str(len(summary.rounds)), f"{acc:.4f}" if acc is not None else "-",
-                  f"{time.time() - t0:.1f}s", str(log_path))
+                  f"{time.time() - t0:.1f}s", format_money(cost["total"], cost["currency"]), str(log_path))
     console.print(table)
     _session_metrics(cfg, rt.scenario, time.time() - t0)
     if summary.state != "finished":
@@ -444,7 +446,10 @@ def status_cmd(session: str | None, config_path: str, scenario: str | None, as_j
     rt = _open_runtime(cfg, scenario, need_store=True)
     try:
         if as_json:
-            click.echo(json.dumps(_status_data(rt.store, session), default=str, indent=2))
+            from .cost import session_cost
+            data = _status_data(rt.store, session)
+            data["cost"] = session_cost(rt.store, data["session"], cfg)
+            click.echo(json.dumps(data, default=str, indent=2))
             return
         if not watch:
             console.print(_status_table(_status_data(rt.store, session)))
@@ -605,6 +610,9 @@ def check_cmd(config_path: str, scenario: str | None, clusters: tuple[str, ...],
 
 
 # Commands defined in their own modules (one `main.add_command` line each).
+from .report import report_cmd; main.add_command(report_cmd)  # noqa: E402,E702
+from .sweep import sweep_cmd; main.add_command(sweep_cmd)  # noqa: E402,E702
+from .insights import insights_cmd; main.add_command(insights_cmd)  # noqa: E402,E702
 
 
 if __name__ == "__main__":
