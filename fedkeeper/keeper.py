@@ -5,6 +5,17 @@ State lives in the store, not in this process: every attempt is a document
 written as it happens, updates are keyed by (session, round, client), and a
 round is `running` -> `aggregating` -> `done`. A keeper killed at any point is
 resumed from those documents (`fedkeeper start --resume SESSION`).
+
+Three round modes (`training.mode`, docs/round-modes.md):
+  sync        a round waits for its clients: quorum plus deadline.
+  semi_async  a round closes at quorum; attempts still running go on and
+              their updates join a later round as stale updates, down-weighted
+              by the aggregator, while at most `staleness_tolerance` rounds old.
+  async       FedBuff: k invocations stay in flight, each training from the
+              model current when it was made; the server steps every
+              `buffer_size` updates ("round" R = the step from model R).
+An update is aggregated at most once in every mode: the aggregator marks it
+accepted with the round that used it and refuses it a second time.
 """
 from __future__ import annotations
 
@@ -23,6 +34,7 @@ from bson import ObjectId
 
 from flcommon import store as fs
 from flcommon.auth import signed
+from flcommon.reliability import ENDED, client_stats, cluster_stats, reliability_score
 
 from .providers import ErrorClass, Invocation, Outcome, Provider, ProviderError
 from .runtime import Placement, Runtime
@@ -41,6 +53,7 @@ class Slot:
 
     client: str
     cluster: str
+    round: int = 0                  # the model round the client trains from
     attempt: int = 0
     state: str = "waiting"          # waiting | running | delivered | failed
     next_try: float = 0.0
@@ -62,6 +75,7 @@ class RoundReport:
     accuracy: float | None = None
     loss: float | None = None
     rejected: list[dict[str, Any]] = field(default_factory=list)
+    stale: int = 0                  # updates of earlier rounds aggregated in this one
 
 
 @dataclass
@@ -84,6 +98,34 @@ Progress = Callable[[str, dict[str, Any]], None]
 
 def new_session_id(name: str) -> str:
     return f"{name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+
+
+def client_index(client: str) -> int:
+    return int(client.split("_")[1])
+
+
+def select_clients(candidates: list[str], k: int, rng: np.random.Generator,
+                   scores: dict[str, float], exploration: float) -> tuple[list[str], list[str]]:
+    """Reliability-based selection: (picked, explored).
+
+    Most picks go to the best-scored candidates (ties broken at random); an
+    `exploration` share is drawn at random from the others, so a client that
+    failed early still gets the chances that would show it recovered, and
+    never-tried clients get tried. The share is honoured in expectation when
+    `exploration * k` is not whole (the fraction decides one extra pick).
+    Deterministic for a given rng state, candidates and scores."""
+    k = min(k, len(candidates))
+    exact = exploration * k
+    n_explore = int(math.floor(exact))
+    if rng.random() < exact - n_explore:
+        n_explore += 1
+    n_explore = min(n_explore, k)
+    order = rng.permutation(len(candidates))
+    ranked = sorted((int(i) for i in order), key=lambda i: -scores.get(candidates[i], 0.0))
+    best = [candidates[i] for i in ranked[:k - n_explore]]
+    rest = [c for c in candidates if c not in set(best)]
+    explored = rng.choice(rest, size=n_explore, replace=False).tolist() if n_explore else []
+    return best + explored, explored
 
 
 def _round_csv(session: str, rnd: int, attempts: list[dict[str, Any]]) -> None:
@@ -114,6 +156,9 @@ class Keeper:
         # error_class, duration_s, cold_start, function=...), e.g. metrics.
         self.attempt_ended: Callable[..., None] | None = None
         self._attempt_where: dict[Any, tuple[str, str, str]] = {}
+        # semi_async: attempts of closed rounds still running, tracked to
+        # their end; their clients are not selected again meanwhile.
+        self._stragglers: list[Slot] = []
 
     # ------------------------------------------------------------------ attempt records
     def _insert_attempts(self, docs: list[dict[str, Any]]) -> None:
@@ -215,12 +260,24 @@ class Keeper:
                 last = max(done, key=lambda r: r["round"])
                 if self._reached_target(last.get("accuracy")):
                     rnd = self.training.rounds
-            while rnd < self.training.rounds:
-                rep = self._run_round(session, rnd)
-                reports.append(rep)
-                if self._reached_target(rep.accuracy):
-                    break
-                rnd += 1
+            if self.training.mode == "async":
+                self._run_async(session, rnd, reports)
+            else:
+                if self.training.mode == "semi_async":
+                    self._stragglers = self._adopt_stragglers(session, rnd)
+                try:
+                    while rnd < self.training.rounds:
+                        rep = self._run_round(session, rnd)
+                        reports.append(rep)
+                        if self._reached_target(rep.accuracy):
+                            break
+                        rnd += 1
+                finally:
+                    self._stop_tracking(session, self._stragglers, "the session ended")
+                    self._stragglers = []
+            if self.training.mode != "sync":
+                done = [r["round"] for r in self.store.rounds(session) if r.get("state") == "done"]
+                self._mark_stale(session, max(done, default=-1) + 1)
         except SessionError as exc:
             self.store.update_session(session, state="failed", error=str(exc), ended=time.time())
             self.store.event(session, "failed", str(exc))
@@ -276,7 +333,8 @@ class Keeper:
                                     attempt=attempt, **args)
             doc = {"_id": ObjectId(), "session": session, "round": rnd, "client": f"_{function}",
                    "attempt": attempt, "cluster": cluster, "platform": provider.platform,
-                   "function": function, "state": "submitting", "submitted": time.time()}
+                   "function": function, "memory_mb": spec.memory_mb, "state": "submitting",
+                   "submitted": time.time()}
             self._insert_attempts([doc])
             try:
                 out = provider.call(function, payload, timeout_s=spec.timeout_s + self.training.attempt_grace_s)
@@ -325,16 +383,47 @@ class Keeper:
         return fields
 
     # ------------------------------------------------------------------ one round
-    def _select(self, rnd: int) -> list[str]:
-        clients = sorted(self.client_cluster, key=lambda c: int(c.split("_")[1]))
-        k = self.rt.scenario.clients_info.num_clients_per_round
-        rng = np.random.default_rng([self.training.seed, rnd])
-        return sorted(rng.choice(clients, size=k, replace=False).tolist(),
-                      key=lambda c: int(c.split("_")[1]))
+    def _clients(self) -> list[str]:
+        return sorted(self.client_cluster, key=client_index)
+
+    def _select(self, session: str, rnd: int, candidates: list[str] | None = None,
+                k: int | None = None, draw: int = 0) -> list[str]:
+        """k clients of `candidates` (default: all) for round `rnd`; `draw`
+        numbers the selections made for one round (async makes several).
+
+        random: uniform, seeded by (seed, round[, draw]). reliability: by
+        each client's reliability score over this session's ended attempts,
+        with the `exploration` share at random (select_clients)."""
+        clients = self._clients() if candidates is None else sorted(candidates, key=client_index)
+        k = min(self.rt.scenario.clients_info.num_clients_per_round if k is None else k, len(clients))
+        if k <= 0:
+            return []
+        seed = [self.training.seed, rnd] + ([draw] if draw else [])
+        if self.training.selection == "reliability":
+            rng = np.random.default_rng(seed + [1])
+            picked, _ = select_clients(clients, k, rng, self._reliability_scores(session),
+                                       self.training.exploration)
+        else:
+            picked = np.random.default_rng(seed).choice(clients, size=k, replace=False).tolist()
+        return sorted(picked, key=client_index)
+
+    def _reliability_scores(self, session: str) -> dict[str, float]:
+        """client -> smoothed chance that its invocation finishes, from this
+        session's own ended client attempts. A client's success rate is
+        smoothed towards its cluster's score rather than a flat prior:
+        crashes, timeouts and throttling are mostly the platform's doing, so
+        a client seldom or never tried inherits what its cluster has shown."""
+        docs = list(self.store.db[fs.INVOCATIONS].find(
+            {"session": session, "function": "fl_client", "state": {"$in": list(ENDED)}},
+            {"client": 1, "cluster": 1, "state": 1, "error_class": 1, "cold_start": 1, "duration_ms": 1}))
+        per_cluster = {c: reliability_score(st) for c, st in cluster_stats(docs).items()}
+        per_client = client_stats(docs)
+        return {c: reliability_score(per_client.get(c), prior=per_cluster.get(cluster, 0.5))
+                for c, cluster in self.client_cluster.items()}
 
     def _adopt(self, session: str, rnd: int, selected: list[str]) -> dict[str, Slot]:
         """Rebuild the round's slots from the store (fresh round or resume)."""
-        slots = {c: Slot(c, self.client_cluster[c]) for c in selected}
+        slots = {c: Slot(c, self.client_cluster[c], rnd) for c in selected}
         delivered = self.store.delivered_clients(session, rnd)
         now = time.time()
         for a in self.store.attempts(session, rnd):
@@ -373,7 +462,8 @@ class Keeper:
             prov = self.rt.provider(s.cluster)
             docs.append({"_id": s.doc_id, "session": session, "round": rnd, "client": s.client,
                          "attempt": s.attempt, "cluster": s.cluster, "platform": prov.platform,
-                         "function": "fl_client", "state": "submitting", "submitted": now,
+                         "function": "fl_client", "memory_mb": self._spec(s.cluster, "fl_client").memory_mb,
+                         "state": "submitting", "submitted": now,
                          "via": "invoker" if self._via_invoker(s.cluster) else "direct"})
         self._insert_attempts(docs)
 
@@ -456,49 +546,81 @@ class Keeper:
             s.next_try = time.monotonic() + self._backoff(s.attempt, retry_after)
 
     def _run_round(self, session: str, rnd: int) -> RoundReport:
+        """One sync or semi_async round."""
         t0 = time.time()
+        semi = self.training.mode == "semi_async"
         existing = self.store.round(session, rnd)
-        selected = existing["selected"] if existing else self._select(rnd)
+        if existing:
+            selected = existing["selected"]
+        elif semi:
+            selected = self._select(session, rnd, self._free_clients(session))
+        else:
+            selected = self._select(session, rnd)
+        stale: list[dict[str, Any]] = []
         if existing and existing.get("state") == "aggregating":
             included = existing["included"]
+            stale = existing.get("stale_included") or []
             slots = self._adopt(session, rnd, selected)
+            if semi:  # the round closed before the keeper stopped: its running attempts straggle
+                self._stragglers += [s for s in slots.values() if s.state == "running"]
         else:
-            self.store.upsert_round(session, rnd, selected=selected, state="running",
+            self.store.upsert_round(session, rnd, selected=selected, state="running", mode=self.training.mode,
                                     started=existing.get("started", t0) if existing else t0)
             slots = self._adopt(session, rnd, selected)
-            included = self._dispatch(session, rnd, slots)
             quorum = math.ceil(self.training.quorum * len(selected))
-            if len(included) < quorum:
+            if semi:
+                included = self._dispatch(session, rnd, slots, close_at=quorum)
+                stale = self._stale_updates(session, rnd)
+            else:
+                included = self._dispatch(session, rnd, slots)
+            # semi_async: stale updates count towards the quorum, as they
+            # count in the aggregate.
+            if len(included) + len(stale) < quorum or not (included or stale):
                 failures = "; ".join(f"{s.client}: {s.last_error}" for s in slots.values()
                                      if s.state != "delivered")
                 self.store.upsert_round(session, rnd, state="failed", ended=time.time(),
                                         included=included)
                 _round_csv(session, rnd, self.store.attempts(session, rnd))
+                extra = f" and {len(stale)} stale update(s) arrived" if semi else ""
                 raise SessionError(f"round {rnd}: only {len(included)} of {len(selected)} clients "
-                                   f"delivered, quorum needs {quorum} ({failures})")
-            self.store.upsert_round(session, rnd, state="aggregating", included=included)
-        self.progress("aggregating", {"round": rnd, "included": len(included)})
-        res = self._server_call(session, rnd, "fl_server_aggregator", clients=included)
+                                   f"delivered{extra}, quorum needs {quorum} ({failures})")
+            if semi:
+                self._mark_stale(session, rnd)
+                self.store.upsert_round(session, rnd, state="aggregating", included=included,
+                                        stale_included=stale)
+            else:
+                self.store.upsert_round(session, rnd, state="aggregating", included=included)
+        self.progress("aggregating", {"round": rnd, "included": len(included) + len(stale)})
+        args: dict[str, Any] = {"clients": included}
+        if semi:
+            args["stale"] = stale
+        res = self._server_call(session, rnd, "fl_server_aggregator", **args)
         attempts = self.store.attempts(session, rnd)
         retries = sum(1 for a in attempts if a["attempt"] > 1)
         failed = sum(1 for s in slots.values() if s.state == "failed")
         ended = time.time()
+        extra_fields = {"stale_accepted": res.get("stale_accepted")} if semi else {}
         self.store.upsert_round(session, rnd, state="done", ended=ended,
                                 accuracy=res.get("accuracy"), loss=res.get("loss"),
                                 accepted=res.get("accepted"), rejected=res.get("rejected", []),
                                 retries=retries, failed=failed, delivered=len(included),
-                                duration_s=ended - (existing or {}).get("started", t0))
+                                duration_s=ended - (existing or {}).get("started", t0), **extra_fields)
         _round_csv(session, rnd, attempts)
         rep = RoundReport(rnd, len(selected), len(included), failed, retries, ended - t0,
-                          res.get("accuracy"), res.get("loss"), res.get("rejected", []))
+                          res.get("accuracy"), res.get("loss"), res.get("rejected", []), stale=len(stale))
         self.progress("round", {"report": rep, "rounds": self.training.rounds})
-        log.info("round %d: %d/%d delivered, %d retries, accuracy %s", rnd, len(included),
-                 len(selected), retries, rep.accuracy)
+        log.info("round %d: %d/%d delivered, %d stale, %d retries, accuracy %s", rnd, len(included),
+                 len(selected), len(stale), retries, rep.accuracy)
         return rep
 
-    def _dispatch(self, session: str, rnd: int, slots: dict[str, Slot]) -> list[str]:
+    def _dispatch(self, session: str, rnd: int, slots: dict[str, Slot],
+                  close_at: int | None = None) -> list[str]:
         """Invoke, track and retry until every selected client has delivered
-        or failed for good, or the round deadline passes."""
+        or failed for good, or the round deadline passes.
+
+        semi_async (`close_at` set): the round also closes once `close_at`
+        clients have delivered, and attempts still running when it closes
+        are not abandoned: they join the stragglers, tracked in later rounds."""
         deadline = time.monotonic() + self.training.round_deadline_s
         poll = 0.02
         while True:
@@ -506,46 +628,10 @@ class Keeper:
             ready = [s for s in slots.values() if s.state == "waiting" and s.next_try <= now]
             if ready and now < deadline:
                 self._submit(session, rnd, ready)
-            running = [s for s in slots.values() if s.state == "running"]
-            by_cluster: dict[str, list[Slot]] = {}
-            for s in running:
-                by_cluster.setdefault(s.cluster, []).append(s)
-            changes = []
-            for cluster, group in by_cluster.items():
-                provider: Provider = self.rt.provider(cluster)
-                try:
-                    outcomes = provider.track([s.inv for s in group])
-                except ProviderError as exc:
-                    log.warning("tracking on %s failed: %s", cluster, exc)
-                    outcomes = []
-                by_id = {s.inv.platform_id: s for s in group}
-                for out in outcomes:
-                    s = by_id.get(out.platform_id)
-                    if s is None:
-                        continue
-                    fields = self._outcome_fields(out)
-                    changes.append((s.doc_id, fields))
-                    if fields["state"] == "succeeded" or self._has_update(session, rnd, s.client):
-                        # A failed attempt whose client has an update stored
-                        # (an earlier attempt landed late) needs no retry.
-                        s.state, s.result, s.inv = "delivered", out.result, None
-                    else:
-                        self._failed_attempt(s, out.error_class or ErrorClass.APPLICATION_ERROR,
-                                             fields["error"] or "failed", out.retry_after)
-            wall = time.time()
-            for s in running:
-                if s.state == "running" and wall > s.deadline:
-                    # The platform never reported: treat as lost and retry. If
-                    # the lost attempt still lands, the unique update key keeps
-                    # it from counting twice.
-                    changes.append((s.doc_id, {"state": "timed_out", "error_class": "timeout",
-                                               "error": "no outcome within the function timeout plus grace",
-                                               "finished": wall}))
-                    if self._has_update(session, rnd, s.client):
-                        s.state, s.inv = "delivered", None
-                    else:
-                        self._failed_attempt(s, ErrorClass.TIMEOUT, "no outcome within timeout + grace")
-            self._update_attempts(changes)
+            self._track(session, list(slots.values()) + self._stragglers)
+            if self._stragglers:
+                # An ended straggler is not retried: its round has closed.
+                self._stragglers = [s for s in self._stragglers if s.state == "running"]
             counts = {k: sum(1 for s in slots.values() if s.state == k)
                       for k in ("delivered", "failed", "running", "waiting")}
             self.progress("tick", {"round": rnd, **counts,
@@ -553,17 +639,276 @@ class Keeper:
                                                    and s.state in ("running", "waiting"))})
             if counts["running"] == 0 and counts["waiting"] == 0:
                 break
+            if close_at is not None and counts["delivered"] >= close_at:
+                break
             if time.monotonic() >= deadline:
                 log.warning("round %d deadline passed with %d running, %d waiting", rnd,
                             counts["running"], counts["waiting"])
-                abandon = [(s.doc_id, {"state": "abandoned", "finished": time.time()})
-                           for s in slots.values() if s.state == "running"]
-                self._update_attempts(abandon)
+                if close_at is None:
+                    abandon = [(s.doc_id, {"state": "abandoned", "finished": time.time()})
+                               for s in slots.values() if s.state == "running"]
+                    self._update_attempts(abandon)
                 for s in slots.values():
-                    if s.state in ("running", "waiting"):
+                    if s.state == "waiting" or (s.state == "running" and close_at is None):
                         s.state, s.last_error = "failed", s.last_error or "round deadline passed"
                 break
             time.sleep(poll if counts["running"] else min(0.2, max(0.005, min(
                 s.next_try for s in slots.values() if s.state == "waiting") - time.monotonic())))
-        return sorted((s.client for s in slots.values() if s.state == "delivered"),
-                      key=lambda c: int(c.split("_")[1]))
+        if close_at is not None:
+            for s in slots.values():
+                if s.state == "running":
+                    self._stragglers.append(s)
+                elif s.state == "waiting":
+                    s.state, s.last_error = "failed", s.last_error or "round closed before a retry"
+        return sorted((s.client for s in slots.values() if s.state == "delivered"), key=client_index)
+
+    def _track(self, session: str, slots: list[Slot]) -> None:
+        """Ask each cluster how the running attempts went, record the
+        outcomes and move each slot on: delivered, waiting for a retry, or
+        failed for good; an attempt past its own deadline is timed out."""
+        running = [s for s in slots if s.state == "running"]
+        by_cluster: dict[str, list[Slot]] = {}
+        for s in running:
+            by_cluster.setdefault(s.cluster, []).append(s)
+        changes = []
+        for cluster, group in by_cluster.items():
+            provider: Provider = self.rt.provider(cluster)
+            try:
+                outcomes = provider.track([s.inv for s in group])
+            except ProviderError as exc:
+                log.warning("tracking on %s failed: %s", cluster, exc)
+                outcomes = []
+            by_id = {s.inv.platform_id: s for s in group}
+            for out in outcomes:
+                s = by_id.get(out.platform_id)
+                if s is None:
+                    continue
+                fields = self._outcome_fields(out)
+                changes.append((s.doc_id, fields))
+                if fields["state"] == "succeeded" or self._has_update(session, s.round, s.client):
+                    # A failed attempt whose client has an update stored
+                    # (an earlier attempt landed late) needs no retry.
+                    s.state, s.result, s.inv = "delivered", out.result, None
+                else:
+                    self._failed_attempt(s, out.error_class or ErrorClass.APPLICATION_ERROR,
+                                         fields["error"] or "failed", out.retry_after)
+        wall = time.time()
+        for s in running:
+            if s.state == "running" and wall > s.deadline:
+                # The platform never reported: treat as lost and retry. If
+                # the lost attempt still lands, the unique update key keeps
+                # it from counting twice.
+                changes.append((s.doc_id, {"state": "timed_out", "error_class": "timeout",
+                                           "error": "no outcome within the function timeout plus grace",
+                                           "finished": wall}))
+                if self._has_update(session, s.round, s.client):
+                    s.state, s.inv = "delivered", None
+                else:
+                    self._failed_attempt(s, ErrorClass.TIMEOUT, "no outcome within timeout + grace")
+        self._update_attempts(changes)
+
+    # ------------------------------------------------------------------ stale updates, stragglers
+    def _stale_updates(self, session: str, rnd: int) -> list[dict[str, Any]]:
+        """Received, never aggregated updates of the `staleness_tolerance`
+        rounds before `rnd`, as the aggregator's `stale` list."""
+        lo = rnd - self.training.staleness_tolerance
+        cur = self.store.db[fs.UPDATES].find(
+            {"session": session, "status": "received", "round": {"$gte": lo, "$lt": rnd}},
+            {"client": 1, "round": 1})
+        return sorted(({"client": d["client"], "round": d["round"]} for d in cur),
+                      key=lambda u: (u["round"], client_index(u["client"])))
+
+    def _fresh_updates(self, session: str, rnd: int) -> list[str]:
+        cur = self.store.db[fs.UPDATES].find({"session": session, "round": rnd, "status": "received"},
+                                             {"client": 1})
+        return sorted((d["client"] for d in cur), key=client_index)
+
+    def _mark_stale(self, session: str, rnd: int) -> None:
+        """Updates too old to join the aggregation of round `rnd` (or any
+        later one) are marked stale: they are never aggregated."""
+        lo = rnd - self.training.staleness_tolerance
+        self.store.db[fs.UPDATES].update_many(
+            {"session": session, "status": "received", "round": {"$lt": lo}},
+            {"$set": {"status": "stale"}})
+
+    def _adopt_stragglers(self, session: str, rnd: int) -> list[Slot]:
+        """Client attempts of rounds before `rnd` still running (a resumed
+        semi_async or async session): tracked on to their end."""
+        out = []
+        now = time.time()
+        for a in self.store.db[fs.INVOCATIONS].find({"session": session, "state": "running",
+                                                     "function": "fl_client", "round": {"$lt": rnd}}):
+            if not a.get("platform_id"):
+                continue
+            spec = self._spec(a["cluster"], "fl_client")
+            submitted = a.get("submitted", now)
+            out.append(Slot(a["client"], a["cluster"], a["round"], attempt=a["attempt"], state="running",
+                            inv=Invocation("fl_client", a["platform_id"], submitted), doc_id=a["_id"],
+                            deadline=submitted + spec.timeout_s + self.training.attempt_grace_s))
+            self._attempt_where[a["_id"]] = (a["cluster"], a.get("platform", ""), "fl_client")
+        return out
+
+    def _stop_tracking(self, session: str, slots: list[Slot], why: str) -> None:
+        """Attempts still running when the session ends (finished or failed)
+        are recorded as abandoned. An update one of them still stores is
+        aggregated only if the session is resumed while it is recent enough."""
+        now = time.time()
+        changes = [(s.doc_id, {"state": "abandoned", "error": why, "finished": now})
+                   for s in slots if s.state == "running"]
+        self._update_attempts(changes)
+        for s in slots:
+            if s.state == "running":
+                s.state, s.inv = "failed", None
+
+    def _free_clients(self, session: str) -> list[str]:
+        """semi_async: the clients not busy with a straggling attempt. When
+        every client is busy, waits (at most the round deadline) for one."""
+        deadline = time.monotonic() + self.training.round_deadline_s
+        while True:
+            busy = {s.client for s in self._stragglers}
+            free = [c for c in self._clients() if c not in busy]
+            if free or time.monotonic() >= deadline:
+                return free
+            self._track(session, self._stragglers)
+            self._stragglers = [s for s in self._stragglers if s.state == "running"]
+            time.sleep(0.05)
+
+    # ------------------------------------------------------------------ async (FedBuff)
+    def _run_async(self, session: str, version: int, reports: list[RoundReport]) -> None:
+        """Server steps `version`, `version`+1, ... up to `training.rounds`.
+        Jobs (one per client at most: a client trains one thing at a time)
+        carry over from step to step; a resumed session adopts the attempts
+        still running."""
+        jobs = {s.client: s for s in self._adopt_stragglers(session, version)}
+        try:
+            while version < self.training.rounds:
+                rep = self._async_step(session, version, jobs)
+                reports.append(rep)
+                if self._reached_target(rep.accuracy):
+                    break
+                version += 1
+        finally:
+            self._stop_tracking(session, list(jobs.values()), "the session ended")
+
+    def _async_step(self, session: str, v: int, jobs: dict[str, Slot]) -> RoundReport:
+        """Model `v` is current: keep k invocations in flight (new ones train
+        from model v), and once `buffer_size` updates have arrived aggregate
+        round v: the updates trained from model v as `clients`, older ones
+        within the staleness tolerance as `stale`."""
+        t0 = time.time()
+        tr = self.training
+        k = self.rt.scenario.clients_info.num_clients_per_round
+        buffer_size = tr.buffer_size or math.ceil(k / 2)
+        existing = self.store.round(session, v)
+        selected: list[str] = list(existing["selected"]) if existing else []
+        started = existing.get("started", t0) if existing else t0
+        if existing and existing.get("state") == "aggregating":
+            fresh, stale = existing["included"], existing.get("stale_included") or []
+            for c, s in self._adopt(session, v, selected).items():
+                if s.state == "running" and c not in jobs:
+                    jobs[c] = s
+        else:
+            self.store.upsert_round(session, v, selected=selected, state="running", mode="async",
+                                    started=started)
+            for c, s in self._adopt(session, v, selected).items():
+                if s.state in ("running", "waiting") and c not in jobs:
+                    jobs[c] = s
+            self._fill_buffer(session, v, jobs, selected, buffer_size)
+            fresh, stale = self._fresh_updates(session, v), self._stale_updates(session, v)
+            self._mark_stale(session, v)
+            self.store.upsert_round(session, v, state="aggregating", included=fresh, stale_included=stale)
+        self.progress("aggregating", {"round": v, "included": len(fresh) + len(stale)})
+        res = self._server_call(session, v, "fl_server_aggregator", clients=fresh, stale=stale)
+        attempts = self.store.attempts(session, v)
+        retries = sum(1 for a in attempts if a["attempt"] > 1)
+        delivered = self.store.delivered_clients(session, v)
+        failed = sum(1 for c in selected if c not in delivered and c not in jobs)
+        ended = time.time()
+        self.store.upsert_round(session, v, state="done", ended=ended,
+                                accuracy=res.get("accuracy"), loss=res.get("loss"),
+                                accepted=res.get("accepted"), rejected=res.get("rejected", []),
+                                stale_accepted=res.get("stale_accepted"),
+                                retries=retries, failed=failed, delivered=len(fresh),
+                                duration_s=ended - started)
+        _round_csv(session, v, attempts)
+        rep = RoundReport(v, len(selected), len(fresh), failed, retries, ended - t0,
+                          res.get("accuracy"), res.get("loss"), res.get("rejected", []), stale=len(stale))
+        self.progress("round", {"report": rep, "rounds": tr.rounds})
+        log.info("server step %d: %d fresh + %d stale updates, %d invoked, %d retries, accuracy %s",
+                 v, len(fresh), len(stale), len(selected), retries, rep.accuracy)
+        return rep
+
+    def _buffered(self, session: str, v: int) -> int:
+        """Updates that arrived and can still join the aggregation of round v."""
+        return self.store.db[fs.UPDATES].count_documents(
+            {"session": session, "status": "received",
+             # $lt v+1, not $lte v: the embedded store reads $lte as $lt on a
+             # field that a compound index continues past (tests/test_store.py).
+             "round": {"$gte": v - self.training.staleness_tolerance, "$lt": v + 1}})
+
+    def _fill_buffer(self, session: str, v: int, jobs: dict[str, Slot], selected: list[str],
+                     buffer_size: int) -> None:
+        """Invoke, track and retry (FedBuff's client side) until `buffer_size`
+        updates can be aggregated. `selected` (clients invoked at version v)
+        grows in place and is written to round v's document as it does."""
+        tr = self.training
+        k = self.rt.scenario.clients_info.num_clients_per_round
+        deadline = time.monotonic() + tr.round_deadline_s
+        # A client is invoked at most once per model version: its update key
+        # (session, round, client) is unique.
+        tried = set(selected) | self.store.delivered_clients(session, v)
+        buffered = self._buffered(session, v)
+        failed = 0  # jobs that failed for good during this step
+        while buffered < buffer_size:
+            now = time.monotonic()
+            free = k - len(jobs)
+            candidates = [c for c in self._clients() if c not in jobs and c not in tried]
+            if free > 0 and candidates:
+                pick = self._select(session, v, candidates, k=free, draw=len(selected))
+                for c in pick:
+                    jobs[c] = Slot(c, self.client_cluster[c], v)
+                selected.extend(pick)
+                tried.update(pick)
+                self.store.upsert_round(session, v, selected=selected)
+            if not jobs:
+                # Every client has been tried at this version and nothing is
+                # in flight: no further update can arrive.
+                if buffered:
+                    log.warning("round %d: every client tried; aggregating %d of %d buffered updates",
+                                v, buffered, buffer_size)
+                    return
+                raise SessionError(f"round {v}: every client was tried and none delivered an update")
+            by_round: dict[int, list[Slot]] = {}
+            for s in jobs.values():
+                if s.state == "waiting" and s.next_try <= now:
+                    by_round.setdefault(s.round, []).append(s)
+            for rnd, ready in sorted(by_round.items()):
+                if rnd < v - tr.staleness_tolerance:
+                    # Its update could no longer be aggregated: not worth a retry.
+                    for s in ready:
+                        s.state, s.last_error = "failed", s.last_error or "too stale to retry"
+                else:
+                    self._submit(session, rnd, ready)
+            self._track(session, list(jobs.values()))
+            ended = [c for c, s in jobs.items() if s.state in ("delivered", "failed")]
+            if any(jobs[c].state == "delivered" for c in ended):
+                buffered = self._buffered(session, v)
+            for c in ended:
+                failed += jobs[c].state == "failed"
+                del jobs[c]
+            running = sum(1 for s in jobs.values() if s.state == "running")
+            waiting = [s for s in jobs.values() if s.state == "waiting"]
+            self.progress("tick", {"round": v, "delivered": buffered, "buffered": buffered,
+                                   "buffer_size": buffer_size, "running": running, "waiting": len(waiting),
+                                   "failed": failed, "retrying": sum(1 for s in jobs.values() if s.attempt > 1)})
+            if buffered >= buffer_size:
+                break
+            if time.monotonic() >= deadline:
+                if buffered:
+                    log.warning("round %d deadline passed with %d of %d buffered updates; aggregating them",
+                                v, buffered, buffer_size)
+                    return
+                raise SessionError(f"round {v}: no update arrived within the round deadline "
+                                   f"({tr.round_deadline_s:g}s)")
+            time.sleep(0.02 if running else min(0.2, max(0.005, min(
+                (s.next_try for s in waiting), default=now + 0.05) - time.monotonic())))

@@ -1,0 +1,256 @@
+"""Round modes end to end on the local fabric under injected faults: sync,
+semi_async (stragglers join later rounds as stale updates) and async
+(FedBuff). Every mode finishes, every round has a model, and the store shows
+no update aggregated twice and no stale update beyond the tolerance; an
+async session killed with -9 resumes.
+
+Stragglers are made by placement, not by chance: half the clients run on a
+cluster whose fl_client activations take longer (the fabric adds `slow_ms`
+to their run time), the other half on a cluster with a shorter delay. Both
+also inject timeouts, and the fast one crashes."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from collections import Counter
+from pathlib import Path
+
+import pymongo
+import pytest
+
+from fedkeeper.cli import run_start
+from fedkeeper.config import load_config
+from flcommon import store as fs
+
+# Every fl_client activation on the fast cluster gets FAST_MS added to its
+# run time, on the slow one SLOW_MS: a round (a fast client plus the
+# aggregation) then takes well over FAST_MS, and a straggler's extra
+# SLOW_MS - FAST_MS lands it within a round or two, inside the tolerance.
+FAST_MS = 400
+SLOW_MS = 1500
+TOLERANCE = 3
+DB = "round_modes"  # one database: the functions' deployments (and warm workers) are shared
+
+
+def write_config(path: Path, mongo_url: str, *, mode: str, rounds: int, per_round: int,
+                 extra_training: str = "") -> Path:
+    # Fault seeds whose sequences put a timeout and a crash (fast cluster)
+    # and a timeout (slow cluster) among each session's first few client
+    # invocations: even a short session meets faults.
+    path.write_text(textwrap.dedent(f"""\
+        name: modes
+        providers:
+          openwhisk:
+            rm_fast:
+              kind: local
+              faults: {{crash: 0.1, timeout: 0.15, slow_ms: {FAST_MS}, seed: 9, functions: [fl_client]}}
+            rm_slow:
+              kind: local
+              faults: {{timeout: 0.15, slow_ms: {SLOW_MS}, seed: 6, functions: [fl_client]}}
+        scenarios:
+          federated_learning:
+            server_config: {{server_cluster_name: rm_fast}}
+            clients_info:
+              total_num_clients: 4
+              num_clients_per_round: {per_round}
+              clusters: {{rm_fast: 2, rm_slow: 2}}
+            data_sampling: {{model: small, batch_size: 16}}
+            mongo_config: {{url: "{mongo_url}", db: {DB}}}
+            model_params: {{lr: "1e-2", optim: adam, local_epochs: "1"}}
+            training:
+              mode: {mode}
+              rounds: {rounds}
+              seed: 3
+              quorum: 0.5
+              round_deadline_s: 120
+              attempt_grace_s: 5
+              staleness_tolerance: {TOLERANCE}
+              retries: {{max_attempts: 3, backoff_s: 0.1, backoff_max_s: 1}}
+        {textwrap.indent(extra_training, '      ')}
+            functions:
+              fl_client:
+                openwhisk: {{timeout: "30000", memory: "1024"}}
+              fl_server_init:
+                openwhisk: {{timeout: "120000"}}
+              fl_server_aggregator:
+                openwhisk: {{timeout: "120000"}}
+        """))
+    return path
+
+
+@pytest.fixture(scope="module")
+def fabric_state(tmp_path_factory):
+    """One state directory (fabric, token secret) for the module, so warm
+    workers are shared between the modes' sessions."""
+    sdir = tmp_path_factory.mktemp("state")
+    old = {k: os.environ.get(k) for k in ("FEDKEEPER_STATE_DIR", "FEDKEEPER_LOG_DIR")}
+    os.environ["FEDKEEPER_STATE_DIR"] = str(sdir)
+    os.environ["FEDKEEPER_LOG_DIR"] = str(sdir / "logs")
+    yield sdir
+    from fedkeeper.providers.local import shutdown_local_services
+    shutdown_local_services(sdir)
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+def run_session(tmp_path: Path, mongo_url: str, **kw) -> tuple[pymongo.database.Database, dict]:
+    db = pymongo.MongoClient(mongo_url)[DB]
+    before = {s["_id"] for s in db[fs.SESSIONS].find({}, {"_id": 1})}
+    assert run_start(load_config(write_config(tmp_path / "cfg.yaml", mongo_url, **kw)), None,
+                     keep_services=True) == 0
+    (sess,) = [s for s in db[fs.SESSIONS].find() if s["_id"] not in before]
+    assert sess["state"] == "finished"
+    return db, sess
+
+
+def check_aggregation(db, session: str, rounds: int) -> dict:
+    """What must hold in every mode: each round has a model, no update is
+    aggregated twice, staleness stays within the tolerance, and the models'
+    contributions agree with the updates' own records."""
+    rounds_docs = list(db[fs.ROUNDS].find({"session": session}).sort("round", 1))
+    updates = list(db[fs.UPDATES].find({"session": session}))
+    models = {m["round"]: m for m in db[fs.MODELS].find({"session": session})}
+    attempts = list(db[fs.INVOCATIONS].find({"session": session}))
+    assert [r["round"] for r in rounds_docs] == list(range(rounds))
+    for r in rounds_docs:
+        assert r["state"] == "done", r
+        assert r["round"] + 1 in models, f"no model after round {r['round']}"
+        for s in r.get("stale_included") or []:
+            assert 0 < r["round"] - s["round"] <= TOLERANCE, (r["round"], s)
+    # Each (client, round) update is aggregated at most once, in one model.
+    contributions = [(c["client"], c["round"], m["round"] - 1)
+                     for m in models.values() for c in m.get("contributions") or []]
+    assert max(Counter((c, r) for c, r, _ in contributions).values()) == 1
+    by_key = {(u["client"], u["round"]): u for u in updates}
+    for client, upd_round, agg_round in contributions:
+        u = by_key[(client, upd_round)]
+        assert u["status"] == "accepted" and u["aggregated_in"] == agg_round, u
+        assert 0 <= agg_round - upd_round <= TOLERANCE
+    accepted = [u for u in updates if u["status"] == "accepted"]
+    assert len(accepted) == len(contributions) == sum(m.get("accepted", 0) for r, m in models.items() if r > 0)
+    for u in updates:
+        if u["status"] != "accepted":
+            assert u.get("aggregated_in") is None, u
+    # Every client attempt ended and recorded its function's memory.
+    for a in attempts:
+        assert a["state"] in ("succeeded", "failed", "timed_out", "abandoned"), a
+        assert a["memory_mb"] > 0, a
+    failures = Counter(a.get("error_class") for a in attempts if a["state"] != "succeeded")
+    return {"rounds": rounds_docs, "updates": updates, "models": models, "attempts": attempts,
+            "contributions": contributions, "failures": failures}
+
+
+def stale_contributions(info: dict) -> list[tuple[str, int, int]]:
+    return [c for c in info["contributions"] if c[2] > c[1]]
+
+
+def test_sync_rounds_under_faults(fabric_state, mongo_url, tmp_path):
+    db, sess = run_session(tmp_path, mongo_url, mode="sync", rounds=2, per_round=4)
+    info = check_aggregation(db, sess["_id"], 2)
+    # Injected faults happened and retries absorbed them.
+    assert sum(info["failures"].values()) > 0, info["failures"]
+    # Sync waits for its clients: nothing is ever stale.
+    assert stale_contributions(info) == []
+    for r in info["rounds"]:
+        assert set(r["included"]) <= set(r["selected"]) and r["mode"] == "sync"
+
+
+def test_semi_async_aggregates_stragglers_as_stale_updates(fabric_state, mongo_url, tmp_path):
+    db, sess = run_session(tmp_path, mongo_url, mode="semi_async", rounds=5, per_round=4)
+    info = check_aggregation(db, sess["_id"], 5)
+    assert sum(info["failures"].values()) > 0, info["failures"]
+    r0 = info["rounds"][0]
+    # A round closes at quorum (half its clients), not when all deliver.
+    assert len(r0["included"]) < len(r0["selected"])
+    # Clients of the slow cluster straggled and their updates were
+    # aggregated, down-weighted, in a later round.
+    stale = stale_contributions(info)
+    assert stale, info["rounds"]
+    slow = {a["client"] for a in info["attempts"] if a["cluster"] == "rm_slow"}
+    assert {c for c, _, _ in stale} & slow
+    # Down-weighted: per example, a stale update weighs (1 + staleness) ** -0.5
+    # (the default staleness_exponent) of a fresh one in the same aggregate.
+    compared = 0
+    for m in info["models"].values():
+        per_example = {(c["client"], c["staleness"]): c["weight"] / c["num_examples"]
+                       for c in m.get("contributions") or []}
+        fresh = [w for (_, st), w in per_example.items() if st == 0]
+        for (_, st), w in per_example.items():
+            if st > 0 and fresh:
+                assert w / fresh[0] == pytest.approx((1 + st) ** -0.5, rel=1e-6)
+                compared += 1
+    assert compared
+    # A client busy with a straggling attempt was not selected again meanwhile.
+    for r in info["rounds"]:
+        running_elsewhere = {a["client"] for a in info["attempts"] if a["round"] < r["round"]
+                             and a["submitted"] < r["started"] and a.get("finished", 0) > r["started"]
+                             and a["state"] == "succeeded"}
+        assert not running_elsewhere & set(r["selected"]), r["round"]
+
+
+def test_async_buffered_steps_under_faults(fabric_state, mongo_url, tmp_path):
+    db, sess = run_session(tmp_path, mongo_url, mode="async", rounds=5, per_round=3,
+                           extra_training="buffer_size: 2")
+    info = check_aggregation(db, sess["_id"], 5)
+    assert sum(info["failures"].values()) > 0, info["failures"]
+    clients = [a for a in info["attempts"] if not a["client"].startswith("_")]
+    # A client is invoked once per model version it trains from: its
+    # attempts there are that invocation and its retries, numbered 1..n.
+    per_version: dict[tuple[int, str], list[int]] = {}
+    for a in clients:
+        per_version.setdefault((a["round"], a["client"]), []).append(a["attempt"])
+    for numbers in per_version.values():
+        assert sorted(numbers) == list(range(1, len(numbers) + 1)) and len(numbers) <= 3
+    stale = stale_contributions(info)
+    for r in info["rounds"]:
+        # Each step waited for a full buffer (buffer_size: 2).
+        agg = [c for c in info["contributions"] if c[2] == r["round"]]
+        assert len(agg) >= 2 and r["mode"] == "async"
+        assert len([c for c in stale if c[2] == r["round"]]) == len(r["stale_included"])
+        # Fresh updates of a step come from clients invoked while its model was current.
+        assert set(r["included"]) <= set(r["selected"])
+        invoked = {a["client"] for a in clients if a["round"] == r["round"]}
+        assert set(r["selected"]) == invoked
+
+
+def test_async_session_resumes_after_kill_minus_9(fabric_state, mongo_url, tmp_path):
+    cfg = write_config(tmp_path / "cfg.yaml", mongo_url, mode="async", rounds=5, per_round=3,
+                       extra_training="buffer_size: 2")
+    cmd = [sys.executable, "-m", "fedkeeper.cli", "start", "-c", str(cfg), "--keep-services"]
+    db = pymongo.MongoClient(mongo_url)[DB]
+    before = {s["_id"] for s in db[fs.SESSIONS].find({}, {"_id": 1})}
+    proc = subprocess.Popen(cmd, env=dict(os.environ), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        # Kill -9 (bounded wait) once step 2 has clients in flight.
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            sess = db[fs.SESSIONS].find_one({"_id": {"$nin": list(before)}})
+            if sess and db[fs.INVOCATIONS].find_one({"session": sess["_id"], "round": 2, "state": "running",
+                                                     "function": "fl_client"}):
+                break
+            assert proc.poll() is None, proc.stdout.read().decode()
+            time.sleep(0.05)
+        else:
+            pytest.fail("step 2 never had invocations in flight")
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    in_flight = list(db[fs.INVOCATIONS].find({"session": sess["_id"], "state": "running"}))
+    assert in_flight
+    res = subprocess.run(cmd + ["--resume", sess["_id"], "--no-deploy"], env=dict(os.environ),
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert db[fs.SESSIONS].find_one({"_id": sess["_id"]})["state"] == "finished"
+    check_aggregation(db, sess["_id"], 5)
+    # The invocations in flight at the kill were adopted and tracked to an end.
+    for a in in_flight:
+        assert db[fs.INVOCATIONS].find_one({"_id": a["_id"]})["state"] != "running"

@@ -1,0 +1,109 @@
+"""Every aggregation strategy end to end on the local fabric: a local
+OpenWhisk cluster, the real FL functions (the strategies run from the
+function zips), a real MongoDB-wire-protocol server. One fabric and one
+store for the module, one short session per strategy."""
+from __future__ import annotations
+
+import math
+import os
+import textwrap
+from pathlib import Path
+
+import pymongo
+import pytest
+
+from fedkeeper.cli import run_start
+from fedkeeper.config import load_config
+from fedkeeper.strategies import STRATEGIES
+from flcommon import store as fs
+
+DB = "e2e_strategies"
+ROUNDS = 2
+# Three updates a round, so that Krum has a delta to choose (it needs three)
+# and the trimmed mean (trim_ratio 0.34) cuts one value at each end.
+SETTINGS = {"trimmed_mean": "{name: trimmed_mean, trim_ratio: 0.34}",
+            "krum": "{name: krum, byzantine: 1}",
+            "fedprox": "{name: fedprox, mu: 0.1}"}
+
+
+def write_config(path: Path, mongo_url: str, strategy: str) -> Path:
+    path.write_text(textwrap.dedent(f"""\
+        name: strategy_{strategy}
+        providers:
+          openwhisk:
+            local_ow: {{kind: local}}
+        scenarios:
+          federated_learning:
+            server_config: {{server_cluster_name: local_ow}}
+            clients_info: {{total_num_clients: 4, num_clients_per_round: 3, ow_clients_count: 4}}
+            data_sampling: {{model: small, batch_size: 16}}
+            mongo_config: {{url: "{mongo_url}", db: {DB}}}
+            model_params: {{lr: "1e-2", optim: adam, local_epochs: "1"}}
+            training:
+              rounds: {ROUNDS}
+              seed: 11
+              strategy: {SETTINGS.get(strategy, strategy)}
+              round_deadline_s: 120
+            functions:
+              fl_client:
+                openwhisk: {{timeout: "60000", memory: "1024"}}
+              fl_server_init:
+                openwhisk: {{timeout: "120000"}}
+              fl_server_aggregator:
+                openwhisk: {{timeout: "120000"}}
+        """))
+    return path
+
+
+@pytest.fixture(scope="module")
+def fabric_state(tmp_path_factory):
+    """One state directory (fabric, token secret) for the module, so warm
+    workers are shared by all the sessions."""
+    sdir = tmp_path_factory.mktemp("state")
+    old = {k: os.environ.get(k) for k in ("FEDKEEPER_STATE_DIR", "FEDKEEPER_LOG_DIR")}
+    os.environ["FEDKEEPER_STATE_DIR"] = str(sdir)
+    os.environ["FEDKEEPER_LOG_DIR"] = str(sdir / "logs")
+    yield sdir
+    from fedkeeper.providers.local import shutdown_local_services
+    shutdown_local_services(sdir)
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture(scope="module")
+def db(mongo_url):
+    client = pymongo.MongoClient(mongo_url)
+    yield client[DB]
+    client.drop_database(DB)
+    client.close()
+
+
+@pytest.mark.parametrize("strategy", list(STRATEGIES))
+def test_a_session_trains_with_each_strategy(strategy, fabric_state, mongo_url, db, tmp_path):
+    cfg = load_config(write_config(tmp_path / "cfg.yaml", mongo_url, strategy))
+    assert run_start(cfg, None, keep_services=True) == 0
+    sess = db[fs.SESSIONS].find_one({"name": f"strategy_{strategy}"}, sort=[("created", -1)])
+    assert sess["state"] == "finished"
+    assert sess["spec"]["strategy"]["name"] == strategy
+    models = list(db[fs.MODELS].find({"session": sess["_id"], "round": {"$gte": 1}}).sort("round", 1))
+    assert [m["round"] for m in models] == list(range(1, ROUNDS + 1))
+    cls = STRATEGIES[strategy]
+    for m in models:
+        assert m["strategy"] == strategy
+        assert math.isfinite(m["metrics"]["accuracy"]) and 0 <= m["metrics"]["accuracy"] <= 1
+        assert math.isfinite(m["metrics"]["loss"])
+        shares = [c["weight"] for c in m["contributions"]]
+        assert len(shares) == m["accepted"] == 3 and math.isclose(sum(shares), 1.0)
+        if strategy == "krum":
+            assert sorted(shares) == [0.0, 0.0, 1.0]
+        if cls.stateful:
+            state = db["blobs.files"].find_one({"_id": m["state_blob_id"]})
+            assert state["metadata"]["kind"] == "state" and state["metadata"]["strategy"] == strategy
+        else:
+            assert "state_blob_id" not in m
+    accepted = list(db[fs.UPDATES].find({"session": sess["_id"], "status": "accepted"}))
+    assert len(accepted) == 3 * ROUNDS
+    assert all(u["aggregated_in"] == u["round"] and u["staleness"] == 0 for u in accepted)
