@@ -3,6 +3,7 @@ exactly as `mongo_config.url: embedded` starts it) and isolated state/log
 directories."""
 from __future__ import annotations
 
+import os
 import uuid
 
 import pytest
@@ -51,3 +52,22 @@ def fn_db(mongo_url):
     fs.ensure_function_indexes(db)
     yield db
     db.client.drop_database(name)
+
+
+@pytest.fixture(scope="module")
+def fabric_state(tmp_path_factory):
+    """One state directory (fabric, functions-framework hosts, token secret,
+    logs) per test module, so the module's sessions share warm workers; the
+    local services are stopped when the module ends."""
+    sdir = tmp_path_factory.mktemp("state")
+    old = {k: os.environ.get(k) for k in ("FEDKEEPER_STATE_DIR", "FEDKEEPER_LOG_DIR")}
+    os.environ["FEDKEEPER_STATE_DIR"] = str(sdir)
+    os.environ["FEDKEEPER_LOG_DIR"] = str(sdir / "logs")
+    yield sdir
+    from fedkeeper.providers.local import shutdown_local_services
+    shutdown_local_services(sdir)
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v

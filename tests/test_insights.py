@@ -33,7 +33,7 @@ from flcommon.insights import OUTLIER_Z, robust_z
 from flcommon.lru import ByteLRU
 from test_aggregator import _put_update
 from test_functions import FUNCTIONS, SECRET, bound_for, call, load, make_session
-from test_training_e2e import fabric_state, write_config  # noqa: F401  (fabric_state is a fixture)
+from test_training_e2e import write_config
 
 SHAPES = [(32, 24), (24,), (24, 10), (10,)]
 
@@ -344,7 +344,7 @@ def expected_stats(attempts: list[dict]) -> dict:
             "p95_ms": float(np.percentile(durations, 95)) if durations else None}
 
 
-def test_fabric_session_reliability_through_the_cli(fabric_state, mongo_url, tmp_path):  # noqa: F811
+def test_fabric_session_reliability_through_the_cli(fabric_state, mongo_url, tmp_path):
     db_name = "insights_e2e"
     cfg_path = write_config(tmp_path / "cfg.yaml", mongo_url, db_name, rounds=2, clients=4, per_round=4,
                             faults="{crash: 0.3, seed: 1, functions: [fl_client]}")

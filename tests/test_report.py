@@ -24,14 +24,14 @@ from fedkeeper.report import PARTICIPATION_COLOURS, write_report
 from fedkeeper.store import connect
 from flcommon import store as fs
 
-from test_training_e2e import fabric_state, write_config  # noqa: F401  (fabric_state is a fixture)
+from test_training_e2e import write_config
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 DB_NAME = "report_e2e"
 
 
 @pytest.fixture(scope="module")
-def sessions(fabric_state, mongo_url, tmp_path_factory):  # noqa: F811
+def sessions(fabric_state, mongo_url, tmp_path_factory):
     """Two finished sessions in one database: crashes injected into the
     clients (so rounds have retries and failed attempts), then the same
     setup without local training (local_epochs 0) for an overlay."""

@@ -82,23 +82,6 @@ def write_config(path: Path, mongo_url: str, *, mode: str, rounds: int, per_roun
     return path
 
 
-@pytest.fixture(scope="module")
-def fabric_state(tmp_path_factory):
-    """One state directory (fabric, token secret) for the module, so warm
-    workers are shared between the modes' sessions."""
-    sdir = tmp_path_factory.mktemp("state")
-    old = {k: os.environ.get(k) for k in ("FEDKEEPER_STATE_DIR", "FEDKEEPER_LOG_DIR")}
-    os.environ["FEDKEEPER_STATE_DIR"] = str(sdir)
-    os.environ["FEDKEEPER_LOG_DIR"] = str(sdir / "logs")
-    yield sdir
-    from fedkeeper.providers.local import shutdown_local_services
-    shutdown_local_services(sdir)
-    for k, v in old.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
-
 
 def run_session(tmp_path: Path, mongo_url: str, **kw) -> tuple[pymongo.database.Database, dict]:
     db = pymongo.MongoClient(mongo_url)[DB]

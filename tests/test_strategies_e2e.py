@@ -5,7 +5,6 @@ store for the module, one short session per strategy."""
 from __future__ import annotations
 
 import math
-import os
 import textwrap
 from pathlib import Path
 
@@ -54,23 +53,6 @@ def write_config(path: Path, mongo_url: str, strategy: str) -> Path:
         """))
     return path
 
-
-@pytest.fixture(scope="module")
-def fabric_state(tmp_path_factory):
-    """One state directory (fabric, token secret) for the module, so warm
-    workers are shared by all the sessions."""
-    sdir = tmp_path_factory.mktemp("state")
-    old = {k: os.environ.get(k) for k in ("FEDKEEPER_STATE_DIR", "FEDKEEPER_LOG_DIR")}
-    os.environ["FEDKEEPER_STATE_DIR"] = str(sdir)
-    os.environ["FEDKEEPER_LOG_DIR"] = str(sdir / "logs")
-    yield sdir
-    from fedkeeper.providers.local import shutdown_local_services
-    shutdown_local_services(sdir)
-    for k, v in old.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
 
 
 @pytest.fixture(scope="module")

@@ -45,23 +45,6 @@ def write_config(path: Path, mongo_url: str, db: str, faults: str = "null") -> P
     return path
 
 
-@pytest.fixture(scope="module")
-def fabric_state(tmp_path_factory):
-    """One state directory (fabric, token secret) for the module, so warm
-    workers are shared between the tests."""
-    sdir = tmp_path_factory.mktemp("state")
-    old = {k: os.environ.get(k) for k in ("FEDKEEPER_STATE_DIR", "FEDKEEPER_LOG_DIR")}
-    os.environ["FEDKEEPER_STATE_DIR"] = str(sdir)
-    os.environ["FEDKEEPER_LOG_DIR"] = str(sdir / "logs")
-    yield sdir
-    from fedkeeper.providers.local import shutdown_local_services
-    shutdown_local_services(sdir)
-    for k, v in old.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
-
 
 def billed_invocations(db, session: str) -> list:
     return sorted(a["_id"] for a in db[fs.INVOCATIONS].find({"session": session, "platform_id": {"$ne": None}}))

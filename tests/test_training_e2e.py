@@ -3,7 +3,6 @@ cluster and a local Cloud Functions cluster, a real MongoDB-wire-protocol
 server, the real FL functions, with injected faults."""
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -67,23 +66,6 @@ def write_config(path: Path, mongo_url: str, db: str, *, rounds: int, clients: i
         """))
     return path
 
-
-@pytest.fixture(scope="module")
-def fabric_state(tmp_path_factory):
-    """One state directory (fabric, functions-framework hosts, token secret)
-    for the module, so warm workers are shared between tests."""
-    sdir = tmp_path_factory.mktemp("state")
-    old = {k: os.environ.get(k) for k in ("FEDKEEPER_STATE_DIR", "FEDKEEPER_LOG_DIR")}
-    os.environ["FEDKEEPER_STATE_DIR"] = str(sdir)
-    os.environ["FEDKEEPER_LOG_DIR"] = str(sdir / "logs")
-    yield sdir
-    from fedkeeper.providers.local import shutdown_local_services
-    shutdown_local_services(sdir)
-    for k, v in old.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
 
 
 def check_session_integrity(db, session: str, max_attempts: int) -> dict:
