@@ -263,21 +263,23 @@ def test_stale_updates_are_deltas_against_their_own_model_weighted_by_staleness(
                stale=[{"client": "client_1", "round": 0}])
     assert out["accepted"] == 2 and out["stale_accepted"] == 1 and out["rejected_count"] == 0
     # Deltas: client_2 +2 against model 1 (staleness 0, weight n2);
-    # client_1 +4 against model 0 (staleness 1, weight n1 * (1 + 1) ** -1.0).
+    # client_1 +4 against model 0 (staleness 1, weight n1 * (1 + 1) ** -1.0),
+    # divided by the examples (n1 + n2): damping shrinks the step.
     w_fresh, w_stale = n["client_2"] * 1.0, n["client_1"] / 2.0
-    expected_delta = (w_fresh * 2 + w_stale * 4) / (w_fresh + w_stale)
+    mass = n["client_2"] + n["client_1"]
+    expected_delta = (w_fresh * 2 + w_stale * 4) / mass
     w2 = _model(db, sid, 2)
     assert all(np.allclose(a, b + expected_delta, atol=1e-5) for a, b in zip(w2, w1))
     model = db[fs.MODELS].find_one({"session": sid, "round": 2})
     assert model["strategy"] == "fedavg" and "state_blob_id" not in model
     assert model["contributions"] == [
         {"client": "client_2", "round": 1, "staleness": 0, "num_examples": n["client_2"],
-         "weight": pytest.approx(w_fresh / (w_fresh + w_stale))},
+         "weight": pytest.approx(w_fresh / mass)},
         {"client": "client_1", "round": 0, "staleness": 1, "num_examples": n["client_1"],
-         "weight": pytest.approx(w_stale / (w_fresh + w_stale))}]
+         "weight": pytest.approx(w_stale / mass)}]
     stale_doc = db[fs.UPDATES].find_one({"session": sid, "round": 0, "client": "client_1"})
     assert stale_doc["status"] == "accepted" and stale_doc["aggregated_in"] == 1 and stale_doc["staleness"] == 1
-    assert stale_doc["weight"] == pytest.approx(w_stale / (w_fresh + w_stale))
+    assert stale_doc["weight"] == pytest.approx(w_stale / mass)
     first = db[fs.UPDATES].find_one({"session": sid, "round": 0, "client": "client_0"})
     assert first["aggregated_in"] == 0 and first["staleness"] == 0 and first["weight"] == pytest.approx(1.0)
     # Idempotent with stale updates too: the stored result comes back.
@@ -338,7 +340,7 @@ def test_stale_entries_are_checked(fn_db):
 
 def test_staleness_weight_follows_the_exponent(fn_db):
     """Two stale updates of different age, exponent 0.5: weights
-    n * 2 ** -0.5 and n * 3 ** -0.5, normalised."""
+    n * 2 ** -0.5 and n * 3 ** -0.5, over the examples."""
     db = fn_db
     sid = make_session(db, clients=3, staleness_exponent=0.5)
     call("fl_server_init", db, session=sid, round=0)
@@ -356,7 +358,7 @@ def test_staleness_weight_follows_the_exponent(fn_db):
                stale=[{"client": "client_1", "round": 0}])
     assert out["accepted"] == 2 and out["stale_accepted"] == 1
     raw = {"client_0": n["client_0"] * 1.0, "client_1": n["client_1"] * 3 ** -0.5}
-    total = sum(raw.values())
+    total = n["client_0"] + n["client_1"]
     expected_delta = (raw["client_0"] * 5 + raw["client_1"] * -1) / total
     assert all(np.allclose(a, b + expected_delta, atol=1e-5) for a, b in zip(_model(db, sid, 3), w2))
     docs = {(d["client"], d["round"]): d for d in db[fs.UPDATES].find({"session": sid, "aggregated_in": 2})}

@@ -323,3 +323,17 @@ def test_fedprox_keeps_local_training_near_the_global_model():
     # same optimizer, same batches, the term adds nothing measurable.
     tiny, _ = models.train(dict(base, strategy={"name": "fedprox", "mu": 1e-12}), w0, x, y, 10, seed=7)
     assert all(np.allclose(a, b, atol=1e-6) for a, b in zip(tiny, plain))
+
+
+def test_late_updates_are_damped_even_when_all_are_late():
+    """FedBuff-style damping: the sum is divided by the examples (mass), not
+    by the damped weights, so a round of late updates takes a smaller step.
+    Two updates of 2 examples each, deltas 1 and 3, both damped by 0.5:
+    (0.5*2*1 + 0.5*2*3) / (2 + 2) = 1.0, not the undamped mean 2.0."""
+    s = get_strategy("fedavg")
+    s.begin([((1,), np.float32)])
+    s.add([np.array([1.0], np.float32)], 2 * 0.5, mass=2)
+    s.add([np.array([3.0], np.float32)], 2 * 0.5, mass=2)
+    new, _ = s.finish([np.array([10.0], np.float32)])
+    assert new[0][0] == pytest.approx(11.0)
+    assert s.shares() == pytest.approx([0.25, 0.25])

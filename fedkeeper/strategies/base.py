@@ -7,7 +7,7 @@ R+1 and its new state:
 
     strategy = get_strategy(spec["strategy"])
     strategy.begin(reference)                  # [(shape, dtype)] of the model
-    strategy.add(delta, weight)                # once per accepted update
+    strategy.add(delta, weight, mass)          # once per accepted update
     new_weights, new_state = strategy.finish(global_weights, state)
     strategy.shares()                          # each added update's share in the result
 
@@ -94,19 +94,27 @@ class Strategy:
         self.settings["server_lr"] = self.server_lr
         self.reference: list[tuple[tuple[int, ...], np.dtype]] | None = None
         self._weights: list[float] = []
+        self._masses: list[float] = []
 
     # ---------------------------------------------------------------- protocol
     def begin(self, reference: Reference) -> None:
         self.reference = [(tuple(int(n) for n in s), np.dtype(d)) for s, d in reference]
-        self._weights = []
+        self._weights, self._masses = [], []
         self._begin()
 
-    def add(self, delta: Arrays, weight: float) -> None:
+    def add(self, delta: Arrays, weight: float, mass: float | None = None) -> None:
+        """`weight` multiplies the delta in the sum; `mass` (default: the
+        weight) is what the sum is divided by. The aggregator passes
+        examples x staleness damping as the weight and the examples as the
+        mass, so a late update is damped even when every update of the round
+        is late (as in FedBuff), instead of being normalised back up."""
         if self.reference is None:
             raise StrategyError("begin() must be called before add()")
-        if isinstance(weight, bool) or not isinstance(weight, (int, float, np.integer, np.floating)) \
-                or not math.isfinite(weight) or weight <= 0:
-            raise StrategyError(f"an update's weight must be a positive number, got {weight!r}")
+        mass = weight if mass is None else mass
+        for what, value in (("weight", weight), ("mass", mass)):
+            if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) \
+                    or not math.isfinite(value) or value <= 0:
+                raise StrategyError(f"an update's {what} must be a positive number, got {value!r}")
         if len(delta) != len(self.reference):
             raise StrategyError(f"delta has {len(delta)} arrays, the model has {len(self.reference)}")
         for i, (d, (shape, _)) in enumerate(zip(delta, self.reference)):
@@ -114,6 +122,7 @@ class Strategy:
                 raise StrategyError(f"delta array {i} has shape {d.shape}, expected {shape}")
         self._add(delta, float(weight))
         self._weights.append(float(weight))
+        self._masses.append(float(mass))
 
     def finish(self, global_weights: Arrays, state: Arrays | None = None) -> tuple[Arrays, Arrays | None]:
         """Model R+1 (in the reference dtypes) and the state to store, or
@@ -127,9 +136,10 @@ class Strategy:
         return self._finish(global_weights, state)
 
     def shares(self) -> list[float]:
-        """Each added update's share in the aggregate, in the order added;
-        they sum to 1. By default the normalised weights."""
-        total = sum(self._weights)
+        """Each added update's share in the aggregate, in the order added:
+        weight / total mass. They sum to 1 unless late updates were damped;
+        the shortfall is how much the damping shrank the step."""
+        total = sum(self._masses)
         return [w / total for w in self._weights]
 
     @property
@@ -170,13 +180,13 @@ class Strategy:
 
 class StreamingStrategy(Strategy):
     """Keeps sum_i w_i * delta_i in one float32 accumulator; finish() hands
-    the weighted mean delta to step()."""
+    sum_i w_i * delta_i / sum_i m_i (the weighted mean delta, damped for
+    late updates) to step()."""
 
     streaming = True
 
     def _begin(self) -> None:
         self.acc = [np.zeros(shape, dtype=np.float32) for shape, _ in self.reference]
-        self.total = 0.0
 
     def _add(self, delta: Arrays, weight: float) -> None:
         w = np.float32(weight)
@@ -187,12 +197,12 @@ class StreamingStrategy(Strategy):
                 np.add(acc, d, out=acc)
             else:
                 acc += np.asarray(d, dtype=np.float32) * w
-        self.total += weight
 
     def _finish(self, global_weights: Arrays, state: Arrays | None) -> tuple[Arrays, Arrays | None]:
         mean = self.acc
+        total = np.float32(sum(self._masses))
         for a in mean:
-            np.divide(a, np.float32(self.total), out=a)
+            np.divide(a, total, out=a)
         self.acc = []  # handed over: finish() is called once per begin()
         return self.step(global_weights, mean, state)
 

@@ -150,7 +150,7 @@ def aggregate(db, session: str, rnd: int, wanted: list[tuple[str, int]], global_
             del arrays
             staleness = rnd - r
             weight = n * (1.0 + staleness) ** -staleness_exponent
-            strategy.add(delta, weight)
+            strategy.add(delta, weight, mass=n)
             del delta
             accepted.append({"client": client, "round": r, "staleness": staleness, "num_examples": n,
                              "raw_weight": weight})
