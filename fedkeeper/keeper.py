@@ -19,6 +19,7 @@ accepted with the round that used it and refuses it a second time.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import logging
 import math
@@ -37,7 +38,7 @@ from flcommon.auth import signed
 from flcommon.reliability import ENDED, client_stats, cluster_stats, reliability_score
 
 from .providers import ErrorClass, Invocation, Outcome, Provider, ProviderError
-from .runtime import Placement, Runtime
+from .runtime import OPTIONAL_FUNCTIONS, Placement, Runtime
 from .logs import log_dir
 
 log = logging.getLogger("fedkeeper.keeper")
@@ -220,6 +221,13 @@ class Keeper:
             "deployed", {"cluster": pl.cluster, "function": pl.spec.name,
                          "skipped": getattr(res, "skipped", None), "error": err}))
         failed = [(pl, err) for pl, _, err in results if err is not None]
+        for pl, err in failed:
+            if pl.spec.name in OPTIONAL_FUNCTIONS:
+                # Training does not need it; `fedkeeper insights` deploys it again when asked.
+                warning = f"{pl.spec.name} could not be deployed on {pl.cluster}: {err}"
+                log.warning(warning)
+                self.progress("warning", {"message": warning})
+        failed = [(pl, err) for pl, err in failed if pl.spec.name not in OPTIONAL_FUNCTIONS]
         if failed:
             raise SessionError("deployment failed: " + "; ".join(
                 f"{pl.spec.name} on {pl.cluster}: {err}" for pl, err in failed))
@@ -237,6 +245,7 @@ class Keeper:
                 raise SessionError(f"no session {resume!r} in the store")
             if doc.get("state") == "finished":
                 raise SessionError(f"session {resume} already finished")
+            self._check_same_round_mode(doc)
             session = resume
             self.store.event(session, "resumed", "keeper resumed the session")
         else:
@@ -265,16 +274,14 @@ class Keeper:
             else:
                 if self.training.mode == "semi_async":
                     self._stragglers = self._adopt_stragglers(session, rnd)
-                try:
+                with self._tracking_until_the_end(session, lambda: self._stragglers):
                     while rnd < self.training.rounds:
                         rep = self._run_round(session, rnd)
                         reports.append(rep)
                         if self._reached_target(rep.accuracy):
                             break
                         rnd += 1
-                finally:
-                    self._stop_tracking(session, self._stragglers, "the session ended")
-                    self._stragglers = []
+                self._stragglers = []
             if self.training.mode != "sync":
                 done = [r["round"] for r in self.store.rounds(session) if r.get("state") == "done"]
                 self._mark_stale(session, max(done, default=-1) + 1)
@@ -287,6 +294,16 @@ class Keeper:
         self.store.update_session(session, state="finished", ended=time.time(), final_accuracy=acc)
         self.store.event(session, "finished", f"finished after {len(reports)} rounds this run")
         return SessionSummary(session, "finished", reports)
+
+    def _check_same_round_mode(self, doc: dict[str, Any]) -> None:
+        """A session keeps the round mode it started with: stragglers, stale
+        updates and round documents only make sense under one mode."""
+        stored = doc.get("spec") or {}
+        tr = self.training
+        for key, now in (("mode", tr.mode), ("staleness_tolerance", tr.staleness_tolerance)):
+            if key in stored and stored[key] != now:
+                raise SessionError(f"session {doc['_id']} was started with training.{key}: {stored[key]}, "
+                                   f"the config now says {now}; resume it with the config it started with")
 
     def _check_invocation_modes(self) -> None:
         for cluster in dict.fromkeys(self.client_cluster.values()):
@@ -748,6 +765,20 @@ class Keeper:
             self._attempt_where[a["_id"]] = (a["cluster"], a.get("platform", ""), "fl_client")
         return out
 
+    @contextlib.contextmanager
+    def _tracking_until_the_end(self, session: str, running: Callable[[], list[Slot]]):
+        """Abandon the attempts still running when the session ends, finished
+        or failed. An interrupted keeper (Ctrl-C, a crash) leaves them as
+        kill -9 would, `running`, so that --resume adopts them instead of
+        invoking their clients again while they still run."""
+        try:
+            yield
+        except SessionError:
+            self._stop_tracking(session, running(), "the session ended")
+            raise
+        else:
+            self._stop_tracking(session, running(), "the session ended")
+
     def _stop_tracking(self, session: str, slots: list[Slot], why: str) -> None:
         """Attempts still running when the session ends (finished or failed)
         are recorded as abandoned. An update one of them still stores is
@@ -780,15 +811,13 @@ class Keeper:
         carry over from step to step; a resumed session adopts the attempts
         still running."""
         jobs = {s.client: s for s in self._adopt_stragglers(session, version)}
-        try:
+        with self._tracking_until_the_end(session, lambda: list(jobs.values())):
             while version < self.training.rounds:
                 rep = self._async_step(session, version, jobs)
                 reports.append(rep)
                 if self._reached_target(rep.accuracy):
                     break
                 version += 1
-        finally:
-            self._stop_tracking(session, list(jobs.values()), "the session ended")
 
     def _async_step(self, session: str, v: int, jobs: dict[str, Slot]) -> RoundReport:
         """Model `v` is current: keep k invocations in flight (new ones train
@@ -843,7 +872,7 @@ class Keeper:
         return self.store.db[fs.UPDATES].count_documents(
             {"session": session, "status": "received",
              # $lt v+1, not $lte v: the embedded store reads $lte as $lt on a
-             # field that a compound index continues past (tests/test_store.py).
+             # field that a compound index continues past (README, "Design decisions").
              "round": {"$gte": v - self.training.staleness_tolerance, "$lt": v + 1}})
 
     def _fill_buffer(self, session: str, v: int, jobs: dict[str, Slot], selected: list[str],

@@ -42,6 +42,8 @@ FUNCTION_DEFAULTS: dict[str, dict[str, Any]] = {
 # round of updates being read.
 INSIGHTS_WORKING_MB = 1024
 SERVER_FUNCTIONS = ("fl_server_init", "fl_server_aggregator")
+# Deployed with the training functions, but training goes on without them.
+OPTIONAL_FUNCTIONS = ("fl_insights",)
 
 
 def state_dir() -> Path:
@@ -163,9 +165,7 @@ class Runtime:
         image = runtime = None
         bound_extra: dict[str, str] = {}
         if function == "fl_insights":
-            cache_mb = self.scenario.insights.cache_mb
-            bound_extra["FK_INSIGHTS_CACHE_MB"] = f"{cache_mb:g}"
-            d["memory_mb"] = max(d["memory_mb"], int(cache_mb) + INSIGHTS_WORKING_MB)
+            d["memory_mb"] = max(d["memory_mb"], int(self.scenario.insights.cache_mb) + INSIGHTS_WORKING_MB)
         if fc is not None:
             if fc.memory is not None:
                 d["memory_mb"] = int(fc.memory)
@@ -177,6 +177,14 @@ class Runtime:
             extra = {k: v for k, v in (fc.model_extra or {}).items()}
             if fc.region:
                 extra["region"] = fc.region
+        if function == "fl_insights":
+            # The cache must fit in the memory the function gets, whatever
+            # functions.fl_insights sets.
+            cache_mb = min(self.scenario.insights.cache_mb, max(0, d["memory_mb"] - INSIGHTS_WORKING_MB))
+            if cache_mb < self.scenario.insights.cache_mb:
+                log.warning("fl_insights on %s has %d MB: its cache is cut to %g MB (insights.cache_mb %g)",
+                            section, d["memory_mb"], cache_mb, self.scenario.insights.cache_mb)
+            bound_extra["FK_INSIGHTS_CACHE_MB"] = f"{cache_mb:g}"
         bound = {"FK_FUNCTION": function, "FK_TOKEN_SECRET": self.secret,
                  "FK_STORE_URL": self.store_url or "", "FK_STORE_DB": self.scenario.mongo_config.db,
                  **bound_extra}
