@@ -28,6 +28,7 @@ from typing import Any, Iterable, Sequence
 import click
 
 from flcommon import store as fs
+from flcommon.insights import finite_or_none as _num  # JSON-safe: NaN and inf become None
 from flcommon.reliability import cluster_stats
 
 log = logging.getLogger("fedkeeper.report")
@@ -39,8 +40,8 @@ COMPARED_PARAMS = ("strategy", "optim", "lr", "local_epochs", "mode")
 # Participation states, in legend order, with their colours.
 PARTICIPATION_COLOURS = {
     "accepted": "#2e7d32",   # its update for this round was aggregated
-    "rejected": "#f9a825",   # delivered, refused by the aggregator
-    "stale": "#66bb6a",      # an earlier round's update aggregated in this round
+    "rejected": "#f9a825",   # delivered, refused by the aggregator (or a late update refused in this round)
+    "stale": "#66bb6a",      # an earlier round's update aggregated in this round (models.contributions)
     "included": "#90caf9",   # listed for aggregation, no model recorded yet
     "late": "#8d6e63",       # selected, its update arrived after the round closed
     "failed": "#c62828",     # selected, no update
@@ -54,17 +55,6 @@ class ReportError(Exception):
 
 
 # --------------------------------------------------------------------------- data
-
-def _num(value: Any) -> float | None:
-    """A JSON-safe number: NaN and infinities become None."""
-    if value is None:
-        return None
-    try:
-        f = float(value)
-    except (TypeError, ValueError):
-        return None
-    return f if math.isfinite(f) else None
-
 
 def _offset(ts: Any, t0: float | None) -> float | None:
     ts = _num(ts)
@@ -98,26 +88,47 @@ def session_params(doc: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _stale_aggregated(rd: dict[str, Any], model: dict[str, Any] | None,
+                      rejected: set[tuple[Any, Any]]) -> set[str]:
+    """Clients with a late update (from an earlier round) aggregated in round
+    rd: the model's `contributions` with staleness > 0. A model stored before
+    contributions were recorded falls back to what the keeper offered
+    (`rounds.stale_included`) less what the aggregator refused."""
+    if model is None:
+        return set()
+    if "contributions" in model:
+        return {c.get("client") for c in model.get("contributions") or []
+                if isinstance(c, dict) and (c.get("staleness") or 0) > 0}
+    return {s.get("client") for s in rd.get("stale_included") or []
+            if isinstance(s, dict) and (s.get("client"), s.get("round")) not in rejected}
+
+
 def _participation(clients: list[str], rounds: list[dict[str, Any]], models: dict[int, dict[str, Any]],
                    updates: Iterable[dict[str, Any]]) -> dict[str, Any]:
-    """client x round matrix of PARTICIPATION_COLOURS states."""
+    """client x round matrix of PARTICIPATION_COLOURS states, plus `stale`:
+    the [client, round] cells where a late update of the client was
+    aggregated (a selected client's cell keeps its own round's state; the
+    plot marks the stale update on it)."""
     delivered = {(u["round"], u["client"]) for u in updates}
     states: dict[str, list[str]] = {c: [] for c in clients}
+    stale_cells: list[list[Any]] = []
     for rd in rounds:
         r = rd["round"]
         selected = set(rd.get("selected") or [])
         included = set(rd.get("included") or [])
-        stale = {s.get("client") for s in rd.get("stale_included") or [] if isinstance(s, dict)}
         model = models.get(r + 1)
-        rejected = set()
-        if model is not None:
-            rejected = {x.get("client") for x in model.get("rejected") or []
-                        if isinstance(x, dict) and x.get("round", r) == r}
+        # Rejections carry the round of the refused update: r for this
+        # round's, an earlier one for a stale update refused in this round.
+        rejected = {(x.get("client"), x.get("round", r)) for x in (model or {}).get("rejected") or []
+                    if isinstance(x, dict)}
+        stale_refused = {c for c, ur in rejected if ur != r}
+        stale = _stale_aggregated(rd, model, rejected)
         closed = rd.get("state") in ("aggregating", "done", "failed")
         for c in clients:
             if c in selected:
                 if c in included:
-                    state = "rejected" if c in rejected else ("accepted" if model is not None else "included")
+                    state = ("rejected" if (c, r) in rejected
+                             else ("accepted" if model is not None else "included"))
                 elif (r, c) in delivered and closed:
                     state = "late"
                 elif closed:
@@ -126,11 +137,15 @@ def _participation(clients: list[str], rounds: list[dict[str, Any]], models: dic
                     state = "pending"
             elif c in stale:
                 state = "stale"
+            elif c in stale_refused:
+                state = "rejected"
             else:
                 state = "idle"
             states[c].append(state)
+            if c in stale:
+                stale_cells.append([c, r])
     return {"clients": clients, "rounds": [rd["round"] for rd in rounds],
-            "states": [states[c] for c in clients]}
+            "states": [states[c] for c in clients], "stale": stale_cells}
 
 
 def session_series(store, session_id: str, cost: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -148,7 +163,7 @@ def session_series(store, session_id: str, cost: dict[str, Any] | None = None) -
     rounds = store.rounds(session_id)
     models = {m["round"]: m for m in store.db[fs.MODELS].find(
         {"session": session_id}, {"round": 1, "metrics": 1, "accepted": 1, "accepted_clients": 1,
-                                  "rejected": 1, "seconds": 1})}
+                                  "rejected": 1, "contributions": 1, "seconds": 1})}
     attempts = store.attempts(session_id)
     client_attempts = [a for a in attempts if not str(a.get("client", "")).startswith("_")]
     per_round_cost = {int(k): v for k, v in ((cost or {}).get("per_round") or {}).items()}
@@ -392,6 +407,7 @@ def plot_participation(s: dict[str, Any], path: Path) -> Path:
     """Client x round map of what each client's invocation came to."""
     import numpy as np
     from matplotlib.colors import ListedColormap
+    from matplotlib.lines import Line2D
     from matplotlib.patches import Patch
     p = s["participation"]
     states = list(PARTICIPATION_COLOURS)
@@ -413,9 +429,23 @@ def plot_participation(s: dict[str, Any], path: Path) -> Path:
     ax.tick_params(which="minor", length=0)
     ax.set_xlabel("round")
     ax.set_title(f"client participation: {s['session']}", fontsize="medium")
+    # A late update aggregated in a round where the client's cell shows its
+    # own (selected) outcome: a dot of the stale colour on that cell.
+    row_of = {c: i for i, c in enumerate(p["clients"])}
+    col_of = {r: j for j, r in enumerate(p["rounds"])}
+    marked = [(col_of[r], row_of[c]) for c, r in p.get("stale") or []
+              if c in row_of and r in col_of and p["states"][row_of[c]][col_of[r]] != "stale"]
+    if marked:
+        ax.scatter([x for x, _ in marked], [y for _, y in marked], s=40, c=PARTICIPATION_COLOURS["stale"],
+                   edgecolors="black", linewidths=0.8, zorder=3)
     used = {v for row in p["states"] for v in row}
-    fig.legend(handles=[Patch(facecolor=PARTICIPATION_COLOURS[k], edgecolor="#9e9e9e", label=k)
-                        for k in states if k in used], loc="outside right upper", fontsize="small")
+    handles = [Patch(facecolor=PARTICIPATION_COLOURS[k], edgecolor="#9e9e9e", label=k)
+               for k in states if k in used]
+    if marked:
+        handles.append(Line2D([], [], linestyle="", marker="o", markersize=6,
+                              markerfacecolor=PARTICIPATION_COLOURS["stale"], markeredgecolor="black",
+                              label="+ stale update aggregated"))
+    fig.legend(handles=handles, loc="outside right upper", fontsize="small")
     return _save(fig, path)
 
 

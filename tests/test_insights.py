@@ -189,6 +189,10 @@ def test_warm_answers_equal_cold_ones_and_bytes_are_counted(fn_db):
         assert first["from_cache"] is False and first["data"] == cold["data"]
         again = ask(mod, fn_db, session=sid, what=what)
         assert again["from_cache"] is True and again["bytes_read"] == 0 and again["data"] == cold["data"]
+        # The query cache holds the answer's canonical JSON bytes, counted as their real length.
+        held = query_entries(mod)
+        assert held and all(isinstance(b, bytes) and size == len(b) + mod.ENTRY_OVERHEAD for b, size in held)
+        assert {"data": cold["data"]} in [json.loads(b) for b, _ in held]
         updates_only = ask(mod, fn_db, session=sid, what=what, cache="updates")
         assert updates_only["from_cache"] is False and updates_only["bytes_read"] == 0
         assert updates_only["update_cache_hits"] == len(updates) and updates_only["update_cache_misses"] == 0
@@ -211,6 +215,11 @@ def test_warm_answers_equal_cold_ones_and_bytes_are_counted(fn_db):
     assert changed["from_cache"] is False and changed["bytes_read"] == 0
     row = next(r for r in changed["data"]["rows"] if r["round"] == 1 and r["client"] == "client_0")
     assert row["status"] == "rejected" and row["reason"] == "planted rejection" and "rejected" in row["flags"]
+
+
+def query_entries(mod) -> list[tuple[bytes, int]]:
+    """(held value, counted size) of every query-cache entry of a worker."""
+    return [item for key, item in mod._cache._items.items() if key[0] == "query"]
 
 
 def test_shares_fall_back_to_num_examples_without_recorded_weights(fn_db):
@@ -270,6 +279,12 @@ def test_large_answer_is_a_gridfs_reference(fn_db):
     assert "data" not in out and out["result_bytes"] > 1000
     raw = fs.get_arrays(fn_db, ObjectId(out["result_ref"]))[0]
     assert json.loads(raw.tobytes()) == inline["data"]
+    # The query cache keeps the reference as JSON bytes, counted as what it holds.
+    [(held, size)] = query_entries(mod)
+    assert size == len(held) + mod.ENTRY_OVERHEAD and json.loads(held) == {
+        k: out[k] for k in ("result_ref", "result_bytes", "result_sha256")}
+    warm = ask(mod, fn_db, session=sid, what="contributions")
+    assert warm["from_cache"] is True and warm["result_ref"] == out["result_ref"]
     # The same answer is stored once: a recomputation points at the same blob.
     again = ask(mod, fn_db, session=sid, what="contributions", cache=False)
     assert again["result_ref"] == out["result_ref"]

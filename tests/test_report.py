@@ -188,25 +188,37 @@ def test_participation_of_stale_rejected_late_and_failed_updates(store, tmp_path
     them: every participation state, and a report that still renders with
     rounds still running and no invocation durations."""
     sid = "semi-1"
-    clients = [f"client_{i}" for i in range(5)]
+    clients = [f"client_{i}" for i in range(7)]
+    c = clients
     store.create_session({"_id": sid, "state": "running", "created": 1000.0,
                           "spec": {"clients": clients, "mode": "semi_async", "strategy": {"name": "fedavgm"}}})
-    # Round 0: client_2's update lands after the round closed (late); client_3 never delivers.
-    store.upsert_round(sid, 0, selected=clients[:4], included=["client_0", "client_1"], state="done",
-                       started=1001.0, ended=1011.0, retries=0, failed=1, mode="semi_async")
-    # Round 1: client_2's round-0 update joins as a stale one; client_4's is refused.
-    store.upsert_round(sid, 1, selected=["client_0", "client_4"], included=["client_0", "client_4"],
-                       stale_included=[{"client": "client_2", "round": 0}], state="done",
+    # Round 0: client_2, _5 and _6 deliver after the round closed (late); client_3 never delivers.
+    store.upsert_round(sid, 0, selected=[c[0], c[1], c[2], c[3], c[5], c[6]], included=[c[0], c[1]],
+                       state="done", started=1001.0, ended=1011.0, retries=0, failed=1, mode="semi_async")
+    # Round 1: the keeper offers the three late round-0 updates. client_2's is
+    # aggregated; client_5's is refused (offered, not aggregated); client_6 is
+    # selected again and both its fresh and its stale update are aggregated;
+    # client_4's fresh update is refused.
+    store.upsert_round(sid, 1, selected=[c[0], c[4], c[6]], included=[c[0], c[4], c[6]],
+                       stale_included=[{"client": x, "round": 0} for x in (c[2], c[5], c[6])], state="done",
                        started=1011.0, ended=1020.0, retries=0, failed=0, mode="semi_async")
     store.upsert_round(sid, 2, selected=["client_1", "client_3"], state="running", started=1020.0)
     store.db[fs.UPDATES].insert_many([
-        {"session": sid, "round": 0, "client": c, "status": "accepted"} for c in ("client_0", "client_1", "client_2")])
+        {"session": sid, "round": 0, "client": x, "status": "accepted"} for x in (c[0], c[1], c[2], c[5], c[6])])
+
+    def part(client, rnd, staleness):
+        return {"client": client, "round": rnd, "staleness": staleness, "num_examples": 10,
+                "weight": 10 * (1 + staleness) ** -0.5}
+
     store.db[fs.MODELS].insert_many([
         {"session": sid, "round": 1, "metrics": {"accuracy": 0.5, "loss": 1.5}, "accepted": 2,
-         "accepted_clients": ["client_0", "client_1"], "rejected": []},
-        {"session": sid, "round": 2, "metrics": {"accuracy": 0.6, "loss": 1.2}, "accepted": 2,
-         "accepted_clients": ["client_0", "client_2"],
-         "rejected": [{"client": "client_4", "round": 1, "reason": "update blob does not exist"}]}])
+         "accepted_clients": ["client_0", "client_1"], "rejected": [],
+         "contributions": [part(c[0], 0, 0), part(c[1], 0, 0)]},
+        {"session": sid, "round": 2, "metrics": {"accuracy": 0.6, "loss": 1.2}, "accepted": 4,
+         "accepted_clients": [c[0], c[6], c[2], c[6]],
+         "contributions": [part(c[0], 1, 0), part(c[6], 1, 0), part(c[2], 0, 1), part(c[6], 0, 1)],
+         "rejected": [{"client": "client_4", "round": 1, "reason": "update blob does not exist"},
+                      {"client": "client_5", "round": 0, "reason": "update is not finite"}]}])
     report = write_report(store, [sid], tmp_path / "semi")
     check_files(report, tmp_path / "semi")
     (s,) = report["sessions"]
@@ -217,8 +229,12 @@ def test_participation_of_stale_rejected_late_and_failed_updates(store, tmp_path
         "client_2": ["late", "stale", "idle"],
         "client_3": ["failed", "idle", "pending"],
         "client_4": ["idle", "rejected", "idle"],
+        "client_5": ["late", "rejected", "idle"],     # offered as stale, refused: not aggregated
+        "client_6": ["late", "accepted", "idle"],     # its own round's outcome; the stale update is marked
     }
-    assert [row["stale_included"] for row in s["rounds"]] == [0, 1, 0]
+    # Every late update aggregated, by aggregation round (from models.contributions).
+    assert s["participation"]["stale"] == [["client_2", 1], ["client_6", 1]]
+    assert [row["stale_included"] for row in s["rounds"]] == [0, 3, 0]
     assert [row["accuracy"] for row in s["rounds"]] == [0.5, 0.6, None]
     assert [row["ended_s"] for row in s["rounds"]] == [11.0, 20.0, None]
     assert s["params"]["strategy"] == "fedavgm" and s["params"]["mode"] == "semi_async"

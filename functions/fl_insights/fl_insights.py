@@ -15,7 +15,9 @@ A warm worker keeps two kinds of entries in one LRU bounded in bytes
   - query results, keyed by the normalised query and a digest of every
     store document the answer depends on (update and model documents, or
     invocation records), so an answer about a session that has moved on
-    since is computed afresh, never served stale.
+    since is computed afresh, never served stale. An entry holds the
+    answer's canonical JSON bytes (decoded on a hit), and is counted as
+    their length, so the byte bound is the real size held.
 `cache: false` reads and writes neither (the no-cache baseline);
 `cache: "updates"` uses the update cache but not the query cache.
 
@@ -469,6 +471,13 @@ def _stored_result(db, q: Query, raw: bytes) -> dict[str, Any]:
     return {"result_ref": str(blob), "result_bytes": len(raw), "result_sha256": digest}
 
 
+def query_entry_bytes(held: bytes) -> int:
+    """What a query-cache entry is counted as: the canonical JSON bytes it
+    holds (the answer, or the reference to a stored one), plus the overhead
+    of its key and bookkeeping."""
+    return len(held) + ENTRY_OVERHEAD
+
+
 def _answer(db, q: Query, reader: Reader) -> tuple[dict[str, Any], Callable[[], dict[str, Any]]]:
     """(fingerprint source, compute) of one query."""
     if q.what == "reliability":
@@ -491,14 +500,17 @@ def handle(payload: dict[str, Any], bound: dict[str, str]) -> dict[str, Any]:
     reader = Reader(db, cache if q.cache else None)
     depends, compute = _answer(db, q, reader)
     key = ("query", _digest({"query": q.key(), **depends}))
-    answer = cache.get(key) if q.cache is True else None
-    from_cache = answer is not None
-    if answer is None:
-        data = compute()
-        raw = _canonical_json(data)
-        answer = {"data": data} if len(raw) <= INLINE_LIMIT else _stored_result(db, q, raw)
+    held = cache.get(key) if q.cache is True else None
+    from_cache = held is not None
+    if held is None:
+        raw = _canonical_json(compute())
+        held = (b'{"data":' + raw + b"}" if len(raw) <= INLINE_LIMIT
+                else _canonical_json(_stored_result(db, q, raw)))
         if q.cache is True:
-            cache.put(key, answer, (len(raw) if "data" in answer else 0) + ENTRY_OVERHEAD)
+            cache.put(key, held, query_entry_bytes(held))
+    # Cold and warm answers are both decoded from the same canonical bytes, so
+    # they are equal (JSON shapes: lists, string keys) whether cached or not.
+    answer = json.loads(held)
     stats = cache.stats()
     return {"what": q.what, "session": q.session, **answer, "from_cache": from_cache,
             "cache_mode": "off" if q.cache is False else ("updates" if q.cache == "updates" else "on"),
