@@ -258,7 +258,8 @@ class ConsoleProgress:
             if self.bar:
                 self.bar.update(self.task, completed=rep.round + 1)
             acc = f"{rep.accuracy:.4f}" if rep.accuracy is not None else "-"
-            self._line(f"round {rep.round + 1}/{self.rounds}: {rep.delivered}/{rep.selected} clients, "
+            stale = f" + {rep.stale} late" if rep.stale else ""
+            self._line(f"round {rep.round + 1}/{self.rounds}: {rep.delivered}/{rep.selected} clients{stale}, "
                        f"{rep.failed} failed, {rep.retries} retries, {rep.seconds:.1f}s, accuracy {acc}")
 
     def _line(self, text: str) -> None:

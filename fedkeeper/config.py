@@ -745,11 +745,13 @@ def parse_config(text: str, file: str = "<config>", base_dir: Optional[Path] = N
         raise ConfigError(_friendly(first) + more, file=file, line=_line_for(index, path),
                           path=_dotted(path)) from None
     cfg.source = file
-    _cross_check(cfg, index)
+    check_references(cfg, index)
     return cfg
 
 
-def _cross_check(cfg: Config, index: dict) -> None:
+def check_references(cfg: Config, index: dict) -> None:
+    """Checks across sections (cluster names, placements, buffer sizes); also
+    run by `fedkeeper sweep` on every combination it derives."""
     clusters = cfg.providers.clusters()
     for sname, scen in cfg.scenarios.items():
         sc = scen.server_config

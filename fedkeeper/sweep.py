@@ -33,7 +33,7 @@ from typing import Any, Callable, Iterable, Union, get_args, get_origin
 import click
 from pydantic import BaseModel, ValidationError
 
-from .config import Config, ConfigError, Scenario, _cross_check
+from .config import Config, ConfigError, Scenario, check_references
 from .cost import format_money, session_cost
 
 log = logging.getLogger("fedkeeper.sweep")
@@ -264,7 +264,7 @@ def plan_sweep(cfg: Config, scenario: str | None, axes: list[GridAxis], repeats:
             try:
                 run_cfg = Config.model_validate(data)
                 run_cfg.source = cfg.source
-                _cross_check(run_cfg, {})
+                check_references(run_cfg, {})
             except ValidationError as exc:
                 raise SweepError(f"grid combination {where}: {_validation_message(exc, name)}") from None
             except ConfigError as exc:
