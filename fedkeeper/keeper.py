@@ -888,9 +888,10 @@ class Keeper:
         tried = set(selected) | self.store.delivered_clients(session, v)
         buffered = self._buffered(session, v)
         failed = 0  # jobs that failed for good during this step
-        while buffered < buffer_size:
+        while True:
             now = time.monotonic()
-            free = k - len(jobs)
+            # Jobs too stale to be aggregated keep their client busy but not a slot.
+            free = k - sum(1 for s in jobs.values() if s.round >= v - tr.staleness_tolerance)
             candidates = [c for c in self._clients() if c not in jobs and c not in tried]
             if free > 0 and candidates:
                 pick = self._select(session, v, candidates, k=free, draw=len(selected))
@@ -899,6 +900,11 @@ class Keeper:
                 selected.extend(pick)
                 tried.update(pick)
                 self.store.upsert_round(session, v, selected=selected)
+            if buffered >= buffer_size:
+                # Checked after the top-up: clients that finished while the
+                # last aggregation ran are replaced at once, even when their
+                # updates already fill this buffer.
+                break
             if not jobs:
                 # Every client has been tried at this version and nothing is
                 # in flight: no further update can arrive.
