@@ -2,7 +2,8 @@
 semi_async (stragglers join later rounds as stale updates) and async
 (FedBuff). Every mode finishes, every round has a model, and the store shows
 no update aggregated twice and no stale update beyond the tolerance; an
-async session killed with -9 resumes.
+async session killed with -9 resumes, and a semi_async keeper interrupted
+(Ctrl-C) with a straggler running leaves it for the resumed keeper to adopt.
 
 Stragglers are made by placement, not by chance: half the clients run on a
 cluster whose fl_client activations take longer (the fabric adds `slow_ms`
@@ -237,3 +238,76 @@ def test_async_session_resumes_after_kill_minus_9(fabric_state, mongo_url, tmp_p
     # The invocations in flight at the kill were adopted and tracked to an end.
     for a in in_flight:
         assert db[fs.INVOCATIONS].find_one({"_id": a["_id"]})["state"] != "running"
+
+
+def test_semi_async_interrupted_keeper_leaves_stragglers_for_resume(fabric_state, mongo_url, tmp_path):
+    """Ctrl-C in the keeper (a KeyboardInterrupt out of its progress callback)
+    once a semi_async round has closed with a straggler still running: the
+    straggler's attempt stays `running` (as after kill -9), so the resumed
+    keeper adopts it instead of invoking its client again while it runs.
+    The resumed session must keep its round mode."""
+    from fedkeeper.keeper import Keeper, SessionError, new_session_id
+    from fedkeeper.runtime import Runtime
+
+    rounds = 4
+    cfg = load_config(write_config(tmp_path / "cfg.yaml", mongo_url, mode="semi_async", rounds=rounds,
+                                   per_round=4))
+    db = pymongo.MongoClient(mongo_url)[DB]
+    sid = new_session_id(cfg.name)
+    seen: dict = {}
+
+    def interrupt(kind, data):
+        # "round": round R is aggregated and done. The keeper does not track
+        # during the aggregation, so attempts still `running` in the store
+        # are the stragglers of R (or earlier rounds) as of its last poll.
+        if kind == "round":
+            running = list(db[fs.INVOCATIONS].find({"session": sid, "state": "running",
+                                                    "function": "fl_client"}))
+            if running:
+                seen.update(round=data["report"].round, running=running)
+                raise KeyboardInterrupt
+
+    rt = Runtime.open(cfg, keep_local_services=True)
+    try:
+        keeper = Keeper(rt, progress=interrupt)
+        with pytest.raises(KeyboardInterrupt):
+            keeper.start(session_id=sid)
+    finally:
+        rt.close(stop_store=False)
+    assert seen, "no round closed with a straggler running"
+    stragglers = seen["running"]
+    # Left as kill -9 would leave them: running, nothing abandoned.
+    for a in stragglers:
+        assert db[fs.INVOCATIONS].find_one({"_id": a["_id"]})["state"] == "running", a
+    assert db[fs.INVOCATIONS].count_documents({"session": sid, "state": "abandoned"}) == 0
+    assert db[fs.SESSIONS].find_one({"_id": sid})["state"] == "running"
+
+    # A resume under another round mode is refused before it touches anything.
+    sync_cfg = load_config(write_config(tmp_path / "sync.yaml", mongo_url, mode="sync", rounds=rounds,
+                                        per_round=4))
+    rt = Runtime.open(sync_cfg, keep_local_services=True)
+    try:
+        with pytest.raises(SessionError, match="mode"):
+            Keeper(rt).start(resume=sid, deploy=False)
+    finally:
+        rt.close(stop_store=False)
+    for a in stragglers:
+        assert db[fs.INVOCATIONS].find_one({"_id": a["_id"]})["state"] == "running", a
+
+    rt = Runtime.open(cfg, keep_local_services=True)
+    try:
+        summary = Keeper(rt).start(resume=sid, deploy=False)
+    finally:
+        rt.close(stop_store=False)
+    assert summary.state == "finished", summary.message
+    assert db[fs.SESSIONS].find_one({"_id": sid})["state"] == "finished"
+    # No update aggregated twice, every attempt ended (none left running).
+    info = check_aggregation(db, sid, rounds)
+    for s in stragglers:
+        end = db[fs.INVOCATIONS].find_one({"_id": s["_id"]})
+        assert end["state"] != "running", end
+        # Its client was not invoked again (for its round or any other)
+        # while this attempt was still running.
+        for a in info["attempts"]:
+            if a["client"] == s["client"] and a["_id"] != s["_id"] and a["submitted"] >= s["submitted"]:
+                assert a["submitted"] >= end["finished"], (a, end)
