@@ -12,11 +12,9 @@ also inject timeouts, and the fast one crashes."""
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import textwrap
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -26,6 +24,8 @@ import pytest
 from fedkeeper.cli import run_start
 from fedkeeper.config import load_config
 from flcommon import store as fs
+
+from cli_processes import kill_cli_when
 
 # Every fl_client activation on the fast cluster gets FAST_MS added to its
 # run time, on the slow one SLOW_MS: a round (a fast client plus the
@@ -210,24 +210,14 @@ def test_async_session_resumes_after_kill_minus_9(fabric_state, mongo_url, tmp_p
     cmd = [sys.executable, "-m", "fedkeeper.cli", "start", "-c", str(cfg), "--keep-services"]
     db = pymongo.MongoClient(mongo_url)[DB]
     before = {s["_id"] for s in db[fs.SESSIONS].find({}, {"_id": 1})}
-    proc = subprocess.Popen(cmd, env=dict(os.environ), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    try:
-        # Kill -9 (bounded wait) once step 2 has clients in flight.
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
-            sess = db[fs.SESSIONS].find_one({"_id": {"$nin": list(before)}})
-            if sess and db[fs.INVOCATIONS].find_one({"session": sess["_id"], "round": 2, "state": "running",
-                                                     "function": "fl_client"}):
-                break
-            assert proc.poll() is None, proc.stdout.read().decode()
-            time.sleep(0.05)
-        else:
-            pytest.fail("step 2 never had invocations in flight")
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+
+    def step_2_in_flight():
+        sess = db[fs.SESSIONS].find_one({"_id": {"$nin": list(before)}})
+        return sess if sess and db[fs.INVOCATIONS].find_one(
+            {"session": sess["_id"], "round": 2, "state": "running", "function": "fl_client"}) else None
+
+    # Kill -9 once step 2 has clients in flight.
+    sess = kill_cli_when(cmd[3:], step_2_in_flight, "step 2 with invocations in flight")
     in_flight = list(db[fs.INVOCATIONS].find({"session": sess["_id"], "state": "running"}))
     assert in_flight
     res = subprocess.run(cmd + ["--resume", sess["_id"], "--no-deploy"], env=dict(os.environ),

@@ -5,12 +5,7 @@ keeper was killed, and grids rejected before anything runs."""
 from __future__ import annotations
 
 import csv
-import os
-import signal
-import subprocess
-import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pymongo
@@ -22,6 +17,8 @@ from fedkeeper.config import load_config
 from fedkeeper.cost import session_cost
 from fedkeeper.store import SWEEPS, connect
 from flcommon import store as fs
+
+from cli_processes import kill_cli_when
 
 
 def write_config(path: Path, mongo_url: str, db: str, faults: str = "null") -> Path:
@@ -113,23 +110,8 @@ def test_interrupted_sweep_resumes_the_killed_session(fabric_state, mongo_url, t
                        faults="{slow_ms: 1500, seed: 1, functions: [fl_client]}")
     args = ["sweep", "-c", str(cfg), "--grid", "local_epochs=0", "--keep-services"]
     db = pymongo.MongoClient(mongo_url)[db_name]
-    proc = subprocess.Popen([sys.executable, "-m", "fedkeeper.cli", *args], env=dict(os.environ),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
-            if db[fs.INVOCATIONS].find_one({"round": 1, "state": "running", "function": "fl_client"}):
-                break
-            assert proc.poll() is None, proc.stdout.read().decode()
-            time.sleep(0.05)
-        else:
-            pytest.fail("round 1 never had invocations in flight")
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.stdout.close()
+    kill_cli_when(args, lambda: db[fs.INVOCATIONS].find_one(
+        {"round": 1, "state": "running", "function": "fl_client"}), "round 1 with invocations in flight")
     sweep = db[SWEEPS].find_one()
     (run,) = sweep["runs"].values()
     assert run["state"] == "running" and sweep["state"] == "running"

@@ -4,20 +4,19 @@ server, the real FL functions, with injected faults."""
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import textwrap
-import time
 from collections import Counter
 from pathlib import Path
 
 import pymongo
-import pytest
 
 from fedkeeper.cli import run_start
 from fedkeeper.config import load_config
 from flcommon import store as fs
+
+from cli_processes import kill_cli_when
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -124,22 +123,9 @@ def test_resume_after_kill_minus_9_mid_round(fabric_state, mongo_url, tmp_path):
     env = dict(os.environ)
     cmd = [sys.executable, "-m", "fedkeeper.cli", "start", "-c", str(cfg_path), "--keep-services"]
     db = pymongo.MongoClient(mongo_url)[db_name]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    try:
-        # Wait (bounded) until round 1 has clients in flight, then kill -9.
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
-            if db[fs.INVOCATIONS].find_one({"round": 1, "state": "running", "function": "fl_client"}):
-                break
-            assert proc.poll() is None, proc.stdout.read().decode()
-            time.sleep(0.05)
-        else:
-            pytest.fail("round 1 never had invocations in flight")
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    # Kill -9 once round 1 has clients in flight.
+    kill_cli_when(cmd[3:], lambda: db[fs.INVOCATIONS].find_one(
+        {"round": 1, "state": "running", "function": "fl_client"}), "round 1 with invocations in flight")
     sess = db[fs.SESSIONS].find_one(sort=[("created", -1)])
     in_flight = list(db[fs.INVOCATIONS].find({"session": sess["_id"], "round": 1, "state": "running"}))
     assert in_flight

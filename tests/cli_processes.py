@@ -1,0 +1,37 @@
+"""Running the CLI as a real process and killing it with SIGKILL at a chosen
+moment: how the resume tests leave a keeper's work half done."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from typing import Any, Callable
+
+import pytest
+
+
+def kill_cli_when(args: list[str], ready: Callable[[], Any], what: str, timeout_s: float = 180) -> Any:
+    """Start `python -m fedkeeper.cli *args`, poll `ready()` (bounded) until
+    it returns something truthy, then kill -9 the process and return that
+    value. Fails the test if the process exits first or `ready` never holds."""
+    proc = subprocess.Popen([sys.executable, "-m", "fedkeeper.cli", *args], env=dict(os.environ),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            found = ready()
+            if found:
+                break
+            assert proc.poll() is None, proc.stdout.read().decode()
+            time.sleep(0.05)
+        else:
+            pytest.fail(f"{what} never happened")
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+        return found
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.stdout.close()
