@@ -23,8 +23,9 @@ from google.api_core import exceptions as gexc
 from google.api_core import retry as gretry
 from google.protobuf import field_mask_pb2
 
-from ..base import Artifact, DeployResult, ErrorClass, FunctionSpec, Prices, ProviderContext, ProviderError
+from ..base import Artifact, DeployResult, ErrorClass, FunctionSpec, ProviderContext, ProviderError
 from ..http_invoke import HttpFunctionProvider
+from ..prices import CLOUD_RUN_FUNCTIONS_TIER1
 from .auth import IdTokenCache, control_plane_credentials
 from .errors import google_status_hook, map_api_error
 
@@ -87,14 +88,7 @@ def memory_bytes(text: str) -> int | None:
 class CloudFunctionsProvider(HttpFunctionProvider):
     platform = "gcf"
     entry = "http"
-    #: Cloud Run functions list prices, Tier 1 regions, without the monthly
-    #: free tier (docs/cost.md): memory and CPU time in 100 ms steps plus a
-    #: charge per invocation; the CPU clock comes with the memory size.
-    default_prices = Prices(per_gb_second=0.0000025, per_ghz_second=0.0000100,
-                            per_million_invocations=0.40, billing_increment_ms=100,
-                            cpu_tiers=((128, 0.2), (256, 0.4), (512, 0.8), (1024, 1.4),
-                                       (2048, 2.4), (4096, 4.8), (8192, 4.8)),
-                            source="Google Cloud Run functions (1st gen) price sheet, Tier 1")
+    default_prices = CLOUD_RUN_FUNCTIONS_TIER1
     status_hook = staticmethod(google_status_hook)
     max_request_bytes = MAX_REQUEST_BYTES
 

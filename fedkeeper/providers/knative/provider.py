@@ -18,13 +18,15 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from dataclasses import replace
 from typing import Any, Mapping, Sequence
 from urllib.parse import urlsplit, urlunsplit
 
 from ... import kube
-from ..base import (Artifact, DeployResult, ErrorClass, FunctionSpec, Invocation, Outcome, Prices,
+from ..base import (Artifact, DeployResult, ErrorClass, FunctionSpec, Invocation, Outcome,
                     ProviderContext, ProviderError)
 from ..http_invoke import HttpFunctionProvider
+from ..prices import CLOUD_RUN_FUNCTIONS_TIER1
 from . import manifests as m
 
 log = logging.getLogger(__name__)
@@ -58,14 +60,9 @@ class KnativeProvider(HttpFunctionProvider):
     platform = "knative"
     entry = "http"
     #: A self-hosted cluster has no list price. Priced like Google's managed
-    #: Knative offering, Cloud Run functions (the same figures as the Google
-    #: provider's, repeated so that Knative never imports the Google client),
-    #: so that sweeps across platforms compare; a cluster's `pricing` overrides.
-    default_prices = Prices(per_gb_second=0.0000025, per_ghz_second=0.0000100,
-                            per_million_invocations=0.40, billing_increment_ms=100,
-                            cpu_tiers=((128, 0.2), (256, 0.4), (512, 0.8), (1024, 1.4),
-                                       (2048, 2.4), (4096, 4.8), (8192, 4.8)),
-                            source="priced as Google Cloud Run functions (1st gen) price sheet, Tier 1")
+    #: Knative offering, Cloud Run functions, so that sweeps across platforms
+    #: compare; a cluster's `pricing` overrides.
+    default_prices = replace(CLOUD_RUN_FUNCTIONS_TIER1, source=f"priced as {CLOUD_RUN_FUNCTIONS_TIER1.source}")
     status_hook = staticmethod(knative_status_hook)
 
     ready_timeout_s = READY_TIMEOUT_S
