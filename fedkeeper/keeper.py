@@ -160,6 +160,7 @@ class Keeper:
         # semi_async: attempts of closed rounds still running, tracked to
         # their end; their clients are not selected again meanwhile.
         self._stragglers: list[Slot] = []
+        self._scores_for: tuple[Any, ...] = (None, None, {})  # (session, round, reliability scores)
 
     # ------------------------------------------------------------------ attempt records
     def _insert_attempts(self, docs: list[dict[str, Any]]) -> None:
@@ -418,25 +419,33 @@ class Keeper:
         seed = [self.training.seed, rnd] + ([draw] if draw else [])
         if self.training.selection == "reliability":
             rng = np.random.default_rng(seed + [1])
-            picked, _ = select_clients(clients, k, rng, self._reliability_scores(session),
+            picked, _ = select_clients(clients, k, rng, self._reliability_scores(session, rnd),
                                        self.training.exploration)
         else:
             picked = np.random.default_rng(seed).choice(clients, size=k, replace=False).tolist()
         return sorted(picked, key=client_index)
 
-    def _reliability_scores(self, session: str) -> dict[str, float]:
+    def _reliability_scores(self, session: str, rnd: int) -> dict[str, float]:
         """client -> smoothed chance that its invocation finishes, from this
         session's own ended client attempts. A client's success rate is
         smoothed towards its cluster's score rather than a flat prior:
         crashes, timeouts and throttling are mostly the platform's doing, so
-        a client seldom or never tried inherits what its cluster has shown."""
+        a client seldom or never tried inherits what its cluster has shown.
+
+        Read once per round: async tops up clients after every completion,
+        and re-reading every attempt of the session each time would grow
+        with the session's length."""
+        if self._scores_for[:2] == (session, rnd):
+            return self._scores_for[2]
         docs = list(self.store.db[fs.INVOCATIONS].find(
             {"session": session, "function": "fl_client", "state": {"$in": list(ENDED)}},
             {"client": 1, "cluster": 1, "state": 1, "error_class": 1, "cold_start": 1, "duration_ms": 1}))
         per_cluster = {c: reliability_score(st) for c, st in cluster_stats(docs).items()}
         per_client = client_stats(docs)
-        return {c: reliability_score(per_client.get(c), prior=per_cluster.get(cluster, 0.5))
-                for c, cluster in self.client_cluster.items()}
+        scores = {c: reliability_score(per_client.get(c), prior=per_cluster.get(cluster, 0.5))
+                  for c, cluster in self.client_cluster.items()}
+        self._scores_for = (session, rnd, scores)
+        return scores
 
     def _adopt(self, session: str, rnd: int, selected: list[str]) -> dict[str, Slot]:
         """Rebuild the round's slots from the store (fresh round or resume)."""

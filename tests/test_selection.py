@@ -157,7 +157,7 @@ def test_clients_never_tried_inherit_their_clusters_record(store, make_keeper):
     tried = {"client_0", "client_1", "client_5", "client_6"}
     store.insert_attempts([d for d in attempt_records("mine") if d["client"] in tried])
     keeper = make_keeper("reliability", 0.0)
-    scores = keeper._reliability_scores("mine")
+    scores = keeper._reliability_scores("mine", 0)
     assert min(scores[c] for c in RELIABLE) > max(scores[c] for c in UNRELIABLE)
     assert scores["client_2"] < scores["client_0"]      # its own record still counts most
     for rnd in range(10):
@@ -173,3 +173,14 @@ def test_random_selection_ignores_records_and_keeps_the_seeded_draw(store, make_
         expected = sorted(np.random.default_rng([11, rnd]).choice(clients, size=4, replace=False).tolist(),
                           key=lambda c: int(c.split("_")[1]))
         assert keeper._select("mine", rnd) == expected
+
+
+def test_scores_are_read_once_per_round(store, make_keeper):
+    """async selects after every completion: the records are read once per
+    round, and the next round sees what arrived meanwhile."""
+    keeper = make_keeper("reliability", 0.0)
+    before = keeper._reliability_scores("mine", 0)
+    store.insert_attempts(attempt_records("mine"))
+    assert keeper._reliability_scores("mine", 0) == before
+    after = keeper._reliability_scores("mine", 1)
+    assert min(after[c] for c in RELIABLE) > max(after[c] for c in UNRELIABLE)
