@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fedkeeper.config import OpenWhiskCluster  # noqa: E402
 from fedkeeper.providers.base import Artifact, FunctionSpec, ProviderContext  # noqa: E402
-from fedkeeper.providers.local.openwhisk import LocalOpenWhiskProvider  # noqa: E402
+from fedkeeper.local.openwhisk import LocalOpenWhiskProvider  # noqa: E402
 
 NOOP = "def main(args):\n    return {'ok': True}\n"
 

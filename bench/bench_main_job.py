@@ -50,7 +50,7 @@ def main() -> None:
         else:
             print(f"did not reach {args.target}")
         store.close()
-        from fedkeeper.providers.local import shutdown_local_services
+        from fedkeeper.local import shutdown_local_services
         shutdown_local_services(Path(tmp) / "state")
         mongo.stop()
 

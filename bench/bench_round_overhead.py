@@ -89,7 +89,7 @@ def main() -> None:
             store.close()
             rows.append((k, cold, statistics.median(walls), statistics.median(slowest),
                          statistics.median(over), time.time() - t0))
-        from fedkeeper.providers.local import shutdown_local_services
+        from fedkeeper.local import shutdown_local_services
         from fedkeeper.store.embedded import EmbeddedMongo
         shutdown_local_services(Path(tmp) / "state")
         EmbeddedMongo(Path(tmp) / "state" / "mongo").stop()

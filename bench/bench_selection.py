@@ -100,7 +100,7 @@ def main() -> None:
     args = ap.parse_args()
     from fedkeeper.cli import run_start
     from fedkeeper.config import load_config
-    from fedkeeper.providers.local import shutdown_local_services
+    from fedkeeper.local import shutdown_local_services
     from fedkeeper.store import connect
     from fedkeeper.store.embedded import EmbeddedMongo
     results: dict[str, list[dict]] = {"random": [], "reliability": []}

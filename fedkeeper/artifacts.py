@@ -5,9 +5,9 @@ thin entry per platform style:
   __main__.py  the OpenWhisk entry (`main(args)`)
   main.py      the HTTP entry served by functions-framework (Cloud Functions,
                Knative)
-The zip carries the function folder, the shared `flcommon` library, the
-pure-numpy `fedkeeper.strategies` package (with fedkeeper's tiny
-`__init__`) and only the entry its platform uses. Entries are fixed,
+The zip carries the function folder, the shared `flcommon` library (the
+function runtime, strategies included; it never imports the keeper) and only
+the entry its platform uses. Entries are fixed,
 timestamps are zeroed and files are sorted, so the same source always gives
 the same hash and an unchanged function is never uploaded twice.
 """
@@ -24,7 +24,6 @@ from .providers.base import Artifact
 FUNCTIONS_DIR = Path(__file__).resolve().parent.parent / "functions"
 ENTRY_FILES = {"openwhisk": "__main__.py", "http": "main.py"}
 _ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
-BUNDLED_PACKAGES = ("strategies",)  # fedkeeper subpackages every function zip carries
 
 
 class ArtifactError(ValueError):
@@ -34,19 +33,6 @@ class ArtifactError(ValueError):
 def _files(root: Path) -> list[Path]:
     return sorted(p for p in root.rglob("*")
                   if p.is_file() and "__pycache__" not in p.parts and p.suffix != ".pyc")
-
-
-def _bundled_fedkeeper() -> list[tuple[str, Path]]:
-    """The parts of the fedkeeper package the functions import: its tiny
-    __init__ and the pure-numpy aggregation strategies. Nothing else of the
-    keeper (pydantic, providers, CLI) goes into a function."""
-    pkg = Path(__file__).resolve().parent
-    out = [("fedkeeper/__init__.py", pkg / "__init__.py")]
-    for name in BUNDLED_PACKAGES:
-        for p in _files(pkg / name):
-            if p.suffix == ".py":
-                out.append((f"fedkeeper/{name}/" + p.relative_to(pkg / name).as_posix(), p))
-    return out
 
 
 @lru_cache(maxsize=64)
@@ -70,8 +56,6 @@ def build_artifact(source: str, entry: str) -> Artifact:
             members.append((rel, p))
         for p in _files(FUNCTIONS_DIR / "flcommon"):
             members.append(("flcommon/" + p.relative_to(FUNCTIONS_DIR / "flcommon").as_posix(), p))
-        for arcname, p in _bundled_fedkeeper():
-            members.append((arcname, p))
         for arcname, path in sorted(members):
             info = zipfile.ZipInfo(arcname, date_time=_ZIP_EPOCH)
             info.external_attr = 0o644 << 16

@@ -475,7 +475,7 @@ def fabric_group() -> None:
 
 
 def _fabric():
-    from .providers.local import fabric
+    from .local import fabric
     from .runtime import state_dir
     return fabric, state_dir() / "fabric"
 
@@ -494,7 +494,7 @@ def fabric_up_cmd() -> None:
 @fabric_group.command("down")
 def fabric_down_cmd() -> None:
     """Stop the local fabric, its workers and the local Cloud Functions hosts."""
-    from .providers.local import shutdown_local_services
+    from .local import shutdown_local_services
     from .runtime import state_dir
     console.print("local services stopped" if shutdown_local_services(state_dir())
                   else "no local services were running")

@@ -48,6 +48,16 @@ class SessionError(RuntimeError):
     """A session cannot go on (quorum not met, init or aggregation failed)."""
 
 
+class SessionInterrupted(Exception):
+    """The user interrupted a running session (Ctrl-C). The session is marked
+    `interrupted` in the store and can be resumed with `--resume SESSION`."""
+
+    def __init__(self, session: str, rounds_done: int = 0):
+        super().__init__(f"session {session} interrupted")
+        self.session = session
+        self.rounds_done = rounds_done
+
+
 @dataclass
 class Slot:
     """One selected client in one round."""

@@ -324,7 +324,7 @@ def cluster_namespace(name: str, cluster: Any) -> str | None:
     """The namespace label a cluster's activations carry; None when the
     config leaves it to the key's default namespace ("_")."""
     if getattr(cluster, "kind", "remote") == "local":
-        from .providers.local.openwhisk import _namespace_for
+        from .local.openwhisk import _namespace_for
         return getattr(cluster, "namespace", None) or _namespace_for(name)
     ns = cluster.resolved_namespace()
     return None if ns in ("", "_") else ns

@@ -28,7 +28,7 @@ from typing import Any, Iterable, Sequence
 import click
 
 from flcommon import store as fs
-from flcommon.insights import finite_or_none as _num  # JSON-safe: NaN and inf become None
+from flcommon.update_stats import finite_or_none as _num  # JSON-safe: NaN and inf become None
 from flcommon.reliability import cluster_stats
 
 log = logging.getLogger("fedkeeper.report")

@@ -64,7 +64,7 @@ def fabric_state(tmp_path_factory):
     os.environ["FEDKEEPER_STATE_DIR"] = str(sdir)
     os.environ["FEDKEEPER_LOG_DIR"] = str(sdir / "logs")
     yield sdir
-    from fedkeeper.providers.local import shutdown_local_services
+    from fedkeeper.local import shutdown_local_services
     shutdown_local_services(sdir)
     for k, v in old.items():
         if v is None:

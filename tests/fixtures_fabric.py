@@ -13,7 +13,7 @@ import pytest
 import requests
 
 from fedkeeper.providers.base import Artifact
-from fedkeeper.providers.local import fabric
+from fedkeeper.local import fabric
 
 
 def make_zip(source: str, extra: dict[str, str] | None = None) -> bytes:

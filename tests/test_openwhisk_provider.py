@@ -11,8 +11,8 @@ import pytest
 from fedkeeper.config import FaultConfig, OpenWhiskCluster
 from fedkeeper.providers import make_provider
 from fedkeeper.providers.base import ErrorClass, FunctionSpec, Invocation, ProviderContext, ProviderError
-from fedkeeper.providers.local import fabric
-from fedkeeper.providers.local.openwhisk import LocalOpenWhiskProvider
+from fedkeeper.local import fabric
+from fedkeeper.local.openwhisk import LocalOpenWhiskProvider
 from fedkeeper.providers.openwhisk import OpenWhiskProvider
 from fedkeeper.providers.openwhisk import provider as owp
 from fixtures_fabric import ECHO, make_artifact, wait_for

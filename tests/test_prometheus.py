@@ -23,8 +23,8 @@ from fedkeeper.keeper import RoundReport
 from fedkeeper.metrics import KeeperMetrics, cluster_report, fan_out, metrics_for_config, selector
 from fedkeeper.providers import make_provider
 from fedkeeper.providers.base import ErrorClass, FunctionSpec, ProviderContext, ProviderError
-from fedkeeper.providers.local import fabric
-from fedkeeper.providers.local.fabric import UserEvents
+from fedkeeper.local import fabric
+from fedkeeper.local.fabric import UserEvents
 from fixtures_fabric import ECHO, make_artifact
 
 pytestmark = pytest.mark.timeout(90)

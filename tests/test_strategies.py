@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 
 from fedkeeper.artifacts import build_artifact
-from fedkeeper.strategies import STRATEGIES, StrategyError, get_strategy
-from flcommon.fedavg import fedavg
+from flcommon.strategies import STRATEGIES, StrategyError, get_strategy
+from reference_fedavg import fedavg
 
 F32 = np.float32
 REF = [((3,), np.dtype(F32))]
@@ -280,13 +280,13 @@ def test_the_package_runs_from_a_function_zip_with_numpy_alone(tmp_path):
     artifact = build_artifact("fl_server_aggregator", "openwhisk")
     names = zipfile.ZipFile(io.BytesIO(artifact.data)).namelist()
     assert "fedkeeper/__init__.py" in names
-    assert {f"fedkeeper/strategies/{n}.py" for n in ("__init__", "base", *STRATEGIES)} <= set(names)
-    assert not any(n.startswith("fedkeeper/") and not n.startswith(("fedkeeper/strategies/", "fedkeeper/__init__"))
+    assert {f"functions/flcommon/strategies/{n}.py" for n in ("__init__", "base", *STRATEGIES)} <= set(names)
+    assert not any(n.startswith("fedkeeper/") and not n.startswith(("functions/flcommon/strategies/", "fedkeeper/__init__"))
                    for n in names)
     build_artifact.cache_clear()
     assert build_artifact("fl_server_aggregator", "openwhisk").sha256 == artifact.sha256  # deterministic
     zipfile.ZipFile(io.BytesIO(artifact.data)).extractall(tmp_path)
-    probe = (f"import sys; sys.path.insert(0, {str(tmp_path)!r}); import fedkeeper.strategies as s; "
+    probe = (f"import sys; sys.path.insert(0, {str(tmp_path)!r}); import flcommon.strategies as s; "
              f"assert s.__file__.startswith({str(tmp_path)!r}), s.__file__; "
              "mods = {m.split('.')[0] for m in sys.modules}; "
              "print(sorted(mods & {'pydantic', 'tensorflow', 'keras', 'pymongo', 'click', 'yaml', 'requests', "
@@ -295,7 +295,7 @@ def test_the_package_runs_from_a_function_zip_with_numpy_alone(tmp_path):
     assert out.returncode == 0, out.stderr
     heavy, loaded = out.stdout.splitlines()
     assert heavy == "[]"
-    assert all(m == "fedkeeper" or m.startswith("fedkeeper.strategies") for m in eval(loaded))
+    assert all(m == "fedkeeper" or m.startswith("flcommon.strategies") for m in eval(loaded))
 
 
 # ---------------------------------------------------------------- FedProx in the client

@@ -13,7 +13,7 @@ import pytest
 
 from fedkeeper.cli import run_start
 from fedkeeper.config import load_config
-from fedkeeper.strategies import STRATEGIES
+from flcommon.strategies import STRATEGIES
 from flcommon import store as fs
 
 DB = "e2e_strategies"

@@ -17,9 +17,9 @@ __all__ = ["Artifact", "DeployResult", "ErrorClass", "FunctionSpec", "Invocation
 # that a run without Google clusters never imports the Google client.
 _REGISTRY: dict[tuple[str, str], str] = {
     ("openwhisk", "remote"): "fedkeeper.providers.openwhisk:OpenWhiskProvider",
-    ("openwhisk", "local"): "fedkeeper.providers.local.openwhisk:LocalOpenWhiskProvider",
+    ("openwhisk", "local"): "fedkeeper.local.openwhisk:LocalOpenWhiskProvider",
     ("google", "remote"): "fedkeeper.providers.gcf:CloudFunctionsProvider",
-    ("google", "local"): "fedkeeper.providers.local.cloud_functions:LocalCloudFunctionsProvider",
+    ("google", "local"): "fedkeeper.local.cloud_functions:LocalCloudFunctionsProvider",
     ("knative", "remote"): "fedkeeper.providers.knative:KnativeProvider",
 }
 

@@ -150,6 +150,27 @@ class Store:
         return fs.get_arrays(self.db, blob_id)
 
 
+# A running keeper writes `heartbeat` (epoch seconds) on its session document
+# every HEARTBEAT_S; a `running` session whose heartbeat is older than
+# STALE_AFTER_S has lost its keeper (killed, machine gone) and is shown as
+# `interrupted`, like one the user stopped with Ctrl-C.
+HEARTBEAT_S = 5.0
+STALE_AFTER_S = 30.0
+
+
+def effective_state(session_doc: dict[str, Any], now: float | None = None) -> str:
+    """The state to show for a session: its stored state, except that a
+    `running` session without a live keeper is `interrupted`."""
+    state = session_doc.get("state", "created")
+    if state != "running":
+        return state
+    now = time.time() if now is None else now
+    beat = session_doc.get("heartbeat")
+    if beat is None:
+        return state  # written before heartbeats existed: cannot tell
+    return "interrupted" if now - float(beat) > STALE_AFTER_S else state
+
+
 def connect(url: str, db_name: str) -> Store:
     store = Store(url, db_name)
     store.ping()

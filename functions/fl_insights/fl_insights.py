@@ -40,7 +40,7 @@ from flcommon import store
 from flcommon.blobs import BlobError
 from flcommon.context import database
 from flcommon.entry import BadRequest, require
-from flcommon.insights import cluster_vectors, finite_or_none, score_round, shares
+from flcommon.update_stats import cluster_vectors, finite_or_none, score_round, shares
 from flcommon.lru import ByteLRU
 from flcommon.reliability import client_stats, cluster_stats
 

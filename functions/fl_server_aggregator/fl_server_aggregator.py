@@ -20,12 +20,12 @@ from typing import Any
 import numpy as np
 import pymongo
 
-from fedkeeper.strategies import Strategy, StrategyError, get_strategy
+from flcommon.strategies import Strategy, StrategyError, get_strategy
 from flcommon import store
 from flcommon.blobs import BlobError
 from flcommon.context import database, global_model, ids, num_classes, partition_arrays, session_spec
 from flcommon.entry import BadRequest, require
-from flcommon.fedavg import UpdateRejected, check_update
+from flcommon.update_check import UpdateRejected, check_update
 from flcommon.models import evaluate
 
 

@@ -26,7 +26,7 @@ os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
 import numpy as np  # noqa: E402
 
-from fedkeeper.strategies import FedProx, StrategyError, get_strategy  # noqa: E402
+from flcommon.strategies import FedProx, StrategyError, get_strategy  # noqa: E402
 
 from .entry import BadRequest  # noqa: E402
 

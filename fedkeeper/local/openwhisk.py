@@ -1,0 +1,78 @@
+"""OpenWhisk clusters of `kind: local`: the embedded fabric, driven by the very
+same provider code as a remote controller.
+
+The fabric of a state directory is shared by every local OpenWhisk cluster
+of a config; each cluster is its own namespace in it (the cluster's
+`namespace`, else its name), so their actions, activations, limits and
+injected faults stay apart. A provider that started the fabric stops it on
+close (as the keeper does with the embedded MongoDB it started) unless the
+context keeps local services; one started beforehand with `fedkeeper fabric
+up` is reused and left running.
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+from ..providers.base import ErrorClass, ProviderContext, ProviderError
+from ..providers.openwhisk.provider import OpenWhiskProvider
+from . import fabric
+
+
+def _namespace_for(cluster_name: str) -> str:
+    ns = re.sub(r"[^A-Za-z0-9_.@-]", "_", cluster_name).lstrip(".-@") or "guest"
+    return ns[:200]
+
+
+class LocalOpenWhiskProvider(OpenWhiskProvider):
+    # Priced like the platform it stands in for, so that a sweep on the
+    # local fabric estimates what the same run would cost there.
+    default_prices = OpenWhiskProvider.default_prices
+
+    def __init__(self, cluster_name: str, cluster: Any, ctx: ProviderContext):
+        # Not OpenWhiskProvider.__init__: there is no remote endpoint or key
+        # in the config; the fabric's own come from its state directory.
+        super(OpenWhiskProvider, self).__init__(cluster_name, cluster, ctx)
+        self.fabric_dir = Path(ctx.state_dir) / "fabric"
+        try:
+            info = fabric.fabric_up(self.fabric_dir)
+        except (fabric.FabricError, OSError) as exc:
+            raise ProviderError(ErrorClass.UNREACHABLE,
+                                f"cluster {cluster_name}: the local fabric did not start: {exc}") from None
+        self.started_fabric = bool(info.get("started"))
+        user, _, key = info["auth"].partition(":")
+        ns = getattr(cluster, "namespace", None) or _namespace_for(cluster_name)
+        # Same host, same clock: the activation window needs no skew margin.
+        self._connect(info["url"], (user, key), ns, verify=True, clock_offset=0.0)
+        self.push_faults()
+
+    def push_faults(self) -> None:
+        """Send the cluster's fault injection settings to the fabric (none
+        clears them); the fabric's fault sequence restarts from its seed."""
+        faults = getattr(self.cluster, "faults", None)
+        body = faults.model_dump() if faults is not None else {}
+        r = self._session.put(f"{self.api_host}/_fabric/faults", params={"namespace": self.namespace},
+                              data=json.dumps(body).encode(), timeout=10)
+        if r.status_code != 200:
+            raise self._status_error(r.status_code, r.content, "configuring fault injection", r.headers)
+
+    def fabric_admin(self, what: str, body: dict | None = None) -> dict:
+        """GET (body None) or PUT one of the fabric's admin resources for this
+        cluster's namespace: "faults", "limits" or "status"."""
+        url = f"{self.api_host}/_fabric/{what}"
+        params = {"namespace": self.namespace}
+        if body is None:
+            r = self._session.get(url, params=params, timeout=10)
+        else:
+            r = self._session.put(url, params=params, data=json.dumps(body).encode(), timeout=10)
+        if r.status_code != 200:
+            raise self._status_error(r.status_code, r.content, f"fabric {what}", r.headers)
+        return r.json()
+
+    def close(self) -> None:
+        super().close()
+        if self.started_fabric and not self.ctx.keep_local_services:
+            self.started_fabric = False
+            fabric.fabric_down(self.fabric_dir)

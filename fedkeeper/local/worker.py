@@ -1,0 +1,152 @@
+"""One warm worker of the local OpenWhisk fabric: a separate Python process
+that loads an action's code once and runs `main(args)` for many activations.
+
+It is started by the fabric as a plain script (`python worker.py FD DIR MAIN
+CONCURRENCY`), not as a module of the fedkeeper package, so that a worker
+imports nothing of the keeper: only the action's own code, which comes first
+on sys.path exactly as the unpacked zip does in an OpenWhisk python runtime.
+
+Protocol on the inherited socket FD: frames of a 4-byte big-endian length and
+a UTF-8 JSON object (never pickle: the action's results are untrusted data).
+  worker -> fabric  {"t": "ready", "init_ms": float}
+                    {"t": "init_error", "error": str}
+                    {"t": "done", "id": str, "result": {...}}
+                    {"t": "done", "id": str, "dev_error": str}
+  fabric -> worker  {"t": "run", "id": str, "args": {...}, "env": {...},
+                     "slow_ms": int, "crash": bool}
+The action's stdout and stderr go to the log file the fabric opened for it;
+they never share the protocol socket.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import socket
+import struct
+import sys
+import threading
+import time
+import traceback
+
+_HDR = struct.Struct(">I")
+# OpenWhisk's size limit on a result; a bigger one is a developer error.
+MAX_RESULT_BYTES = 1024 * 1024
+
+
+def _recv_exact(sock: socket.socket, n: int) -> bytes | None:
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = sock.recv(n - len(buf))
+        if not chunk:
+            return None
+        buf += chunk
+    return bytes(buf)
+
+
+class Channel:
+    def __init__(self, sock: socket.socket):
+        self.sock = sock
+        self.lock = threading.Lock()
+
+    def send(self, msg: dict) -> None:
+        data = json.dumps(msg, separators=(",", ":")).encode()
+        with self.lock:
+            self.sock.sendall(_HDR.pack(len(data)) + data)
+
+    def recv(self) -> dict | None:
+        hdr = _recv_exact(self.sock, 4)
+        if hdr is None:
+            return None
+        body = _recv_exact(self.sock, _HDR.unpack(hdr)[0])
+        return None if body is None else json.loads(body)
+
+
+def _load_main(code_dir: str, main_name: str):
+    entry = os.path.join(code_dir, "__main__.py")
+    if not os.path.isfile(entry):
+        raise RuntimeError("the action's zip has no __main__.py")
+    # The module is not named "__main__", so that an `if __name__ ==
+    # "__main__":` block in the action does not run at load time.
+    spec = importlib.util.spec_from_file_location("__ow_action__", entry)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["__ow_action__"] = module
+    spec.loader.exec_module(module)
+    fn = getattr(module, main_name, None)
+    if not callable(fn):
+        raise RuntimeError(f"the action's __main__.py defines no function {main_name!r}")
+    return fn
+
+
+def _run(chan: Channel, fn, msg: dict) -> None:
+    aid = msg["id"]
+    try:
+        if msg.get("crash"):
+            # Injected crash: the process dies under the activation, as a
+            # container does when its runtime is killed.
+            os._exit(70)
+        os.environ.update(msg.get("env") or {})
+        slow = msg.get("slow_ms") or 0
+        if slow:
+            time.sleep(slow / 1000.0)
+        result = fn(msg.get("args") or {})
+    except BaseException as exc:  # any failure of the action is its developer's error
+        traceback.print_exc()
+        sys.stderr.flush()
+        chan.send({"t": "done", "id": aid,
+                   "dev_error": f"The action raised an exception: {type(exc).__name__}: {exc}"})
+        return
+    if not isinstance(result, dict):
+        chan.send({"t": "done", "id": aid, "dev_error":
+                   f"The action did not produce a valid JSON response: {type(result).__name__} "
+                   "instead of a dictionary."})
+        return
+    try:
+        text = json.dumps(result, separators=(",", ":"))
+    except (TypeError, ValueError) as exc:
+        chan.send({"t": "done", "id": aid,
+                   "dev_error": f"The action did not produce a valid JSON response: {exc}"})
+        return
+    if len(text) > MAX_RESULT_BYTES:
+        chan.send({"t": "done", "id": aid, "dev_error":
+                   "The action produced a response that exceeded the allowed length: "
+                   f"{len(text)} > {MAX_RESULT_BYTES} bytes."})
+        return
+    chan.send({"t": "done", "id": aid, "result": result})
+
+
+def serve(fd: int, code_dir: str, main_name: str, concurrency: int) -> None:
+    # The fabric's package directory must not shadow the action's modules.
+    here = os.path.dirname(os.path.abspath(__file__))
+    sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != here]
+    sys.path.insert(0, code_dir)
+    os.chdir(code_dir)
+    chan = Channel(socket.socket(fileno=fd))
+    t0 = time.perf_counter()
+    try:
+        fn = _load_main(code_dir, main_name)
+    except BaseException as exc:
+        traceback.print_exc()
+        sys.stderr.flush()
+        chan.send({"t": "init_error", "error": f"{type(exc).__name__}: {exc}"})
+        return
+    chan.send({"t": "ready", "init_ms": (time.perf_counter() - t0) * 1000.0})
+    while True:
+        msg = chan.recv()
+        if msg is None:  # the fabric closed the socket: retire
+            return
+        if msg.get("t") != "run":
+            continue
+        if concurrency <= 1:
+            _run(chan, fn, msg)
+        else:
+            # Intra-container concurrency, as OpenWhisk's limits.concurrency:
+            # the fabric never sends more than `concurrency` at once.
+            threading.Thread(target=_run, args=(chan, fn, msg), daemon=True).start()
+
+
+if __name__ == "__main__":
+    serve(int(sys.argv[1]), sys.argv[2], sys.argv[3], int(sys.argv[4]))
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
