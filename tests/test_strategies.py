@@ -274,15 +274,14 @@ def test_get_strategy_and_bad_settings():
 
 
 def test_the_package_runs_from_a_function_zip_with_numpy_alone(tmp_path):
-    """Every function zip carries fedkeeper/__init__.py and the strategies;
-    importing them from the unpacked zip pulls in nothing but numpy."""
+    """Every function zip carries flcommon with its strategies and nothing of
+    the keeper; importing the strategies from the unpacked zip pulls in
+    nothing but numpy."""
     build_artifact.cache_clear()
     artifact = build_artifact("fl_server_aggregator", "openwhisk")
     names = zipfile.ZipFile(io.BytesIO(artifact.data)).namelist()
-    assert "fedkeeper/__init__.py" in names
-    assert {f"functions/flcommon/strategies/{n}.py" for n in ("__init__", "base", *STRATEGIES)} <= set(names)
-    assert not any(n.startswith("fedkeeper/") and not n.startswith(("functions/flcommon/strategies/", "fedkeeper/__init__"))
-                   for n in names)
+    assert {f"flcommon/strategies/{n}.py" for n in ("__init__", "base", *STRATEGIES)} <= set(names)
+    assert not any(n.startswith("fedkeeper/") for n in names)
     build_artifact.cache_clear()
     assert build_artifact("fl_server_aggregator", "openwhisk").sha256 == artifact.sha256  # deterministic
     zipfile.ZipFile(io.BytesIO(artifact.data)).extractall(tmp_path)
@@ -290,12 +289,12 @@ def test_the_package_runs_from_a_function_zip_with_numpy_alone(tmp_path):
              f"assert s.__file__.startswith({str(tmp_path)!r}), s.__file__; "
              "mods = {m.split('.')[0] for m in sys.modules}; "
              "print(sorted(mods & {'pydantic', 'tensorflow', 'keras', 'pymongo', 'click', 'yaml', 'requests', "
-             "'flcommon'})); print(sorted(m for m in sys.modules if m.startswith('fedkeeper')))")
+             "'fedkeeper'})); print(sorted(m for m in sys.modules if m.startswith('flcommon')))")
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     heavy, loaded = out.stdout.splitlines()
     assert heavy == "[]"
-    assert all(m == "fedkeeper" or m.startswith("flcommon.strategies") for m in eval(loaded))
+    assert all(m == "flcommon" or m.startswith("flcommon.strategies") for m in eval(loaded))
 
 
 # ---------------------------------------------------------------- FedProx in the client
