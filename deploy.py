@@ -32,9 +32,9 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
-    from fedkeeper.cli import UsageFailure, _load, run_deploy, select_clusters
+    from fedkeeper.cli import UsageFailure, load, run_deploy, select_clusters
     try:
-        cfg = _load(args.configfile)
+        cfg = load(args.configfile)
         if not (args.all_providers or args.ow_providers_list or args.gcf_providers_list):
             raise UsageFailure("name clusters with -a, -o or -g")
         clusters = select_clusters(cfg, all_clusters=args.all_providers,

@@ -24,9 +24,9 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
-    from fedkeeper.cli import UsageFailure, _load, run_deploy, run_start
+    from fedkeeper.cli import UsageFailure, load, run_deploy, run_start
     try:
-        cfg = _load(args.configfile)
+        cfg = load(args.configfile)
         if args.start_fl:
             return run_start(cfg, None)
         return run_deploy(cfg, None, None, None, remove=args.remove)

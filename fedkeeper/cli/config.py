@@ -1,0 +1,37 @@
+"""`fedkeeper config`: validate or show a config."""
+from __future__ import annotations
+
+import json
+
+import click
+import yaml
+
+from .common import config_option, console, load
+
+
+@click.group("config")
+def config_group() -> None:
+    """Validate or show a config."""
+
+
+@config_group.command("validate")
+@config_option
+def config_validate(config_path: str) -> None:
+    """Check a config; exit 2 with the file, line and key when it is wrong."""
+    cfg = load(config_path)
+    clusters = cfg.providers.clusters()
+    console.print(f"{config_path}: valid ({len(clusters)} cluster(s), "
+                  f"{len(cfg.scenarios)} scenario(s))")
+
+
+@config_group.command("show")
+@config_option
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of YAML.")
+def config_show(config_path: str, as_json: bool) -> None:
+    """Print the resolved config with defaults filled in and secrets redacted."""
+    cfg = load(config_path)
+    data = cfg.redacted()
+    if as_json:
+        click.echo(json.dumps(data, indent=2, default=str))
+    else:
+        click.echo(yaml.safe_dump(json.loads(json.dumps(data, default=str)), sort_keys=False))

@@ -1,0 +1,43 @@
+"""`fedkeeper report`: plots and an HTML page for sessions (fedkeeper.report)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from ..report import ReportError, write_report
+from .common import DEFAULT_CONFIG, fail, load, open_runtime
+
+
+@click.command("report")
+@click.argument("sessions", nargs=-1, required=True)
+@click.option("-c", "--config", "--configfile", "config_path", default=None, type=click.Path(dir_okay=False),
+              help="YAML config whose scenario names the store (default: $FEDKEEPER_CONFIG, else config.yaml).")
+@click.option("-s", "--scenario", "scenario", default=None,
+              help="Scenario under `scenarios:` (default: federated_learning).")
+@click.option("-o", "--out", "out_dir", default=None, type=click.Path(file_okay=False),
+              help="Output directory (default: reports/<first session id>/).")
+@click.option("--json", "as_json", is_flag=True, help="Print report.json to stdout instead of the paths.")
+def report_cmd(sessions: tuple[str, ...], config_path: str | None, scenario: str | None, out_dir: str | None,
+               as_json: bool) -> None:
+    """Plots (accuracy, loss, durations, cold starts, retries, participation)
+    and a self-contained HTML page for one or more sessions; several sessions
+    are overlaid in the accuracy and loss plots."""
+    cfg = load(config_path or DEFAULT_CONFIG)
+    rt = open_runtime(cfg, scenario, need_store=True)
+    try:
+        try:
+            report = write_report(rt.store, list(sessions), Path(out_dir) if out_dir else None, cfg)
+        except ReportError as exc:
+            fail(str(exc))
+    finally:
+        rt.close()
+    if as_json:
+        click.echo(json.dumps(report, indent=2, default=str))
+        return
+    files = report["files"]
+    click.echo(f"wrote {files['html']}")
+    click.echo(f"wrote {files['json']}")
+    for p in files["png"].values():
+        click.echo(f"wrote {p}")

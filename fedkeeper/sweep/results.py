@@ -1,0 +1,106 @@
+"""A sweep's results: one row per run read from the store, rendered as a
+table, CSV or Markdown."""
+from __future__ import annotations
+
+import csv
+import io
+from typing import Any
+
+from ..config import Config
+from ..cost import format_money, session_cost
+
+RESULT_COLUMNS = ("repeat", "seed", "session", "state", "rounds", "rounds_to_target", "time_to_target_s",
+                  "final_accuracy", "invocations", "retries", "cost", "currency")
+
+
+def session_result(store, session: str, cfg: Config | None, target: float | None) -> dict[str, Any]:
+    """One run's row, from the store alone. Time to target is the training
+    time of the rounds up to and including the first at or above target."""
+    doc = store.session(session)
+    if doc is None:
+        return {"state": "pending", "rounds": 0, "rounds_to_target": None, "time_to_target_s": None,
+                "final_accuracy": None, "invocations": 0, "retries": 0, "cost": 0.0, "currency": None}
+    done = [r for r in store.rounds(session) if r.get("state") == "done"]
+    rounds_to_target = time_to_target = None
+    elapsed = 0.0
+    for r in done:
+        elapsed += r.get("duration_s") or 0.0
+        acc = r.get("accuracy")
+        if target is not None and acc is not None and acc >= target:
+            rounds_to_target, time_to_target = r["round"] + 1, elapsed
+            break
+    cost = session_cost(store, session, cfg)
+    attempts = store.attempts(session)
+    return {
+        "state": doc.get("state"),
+        "rounds": len(done),
+        "rounds_to_target": rounds_to_target,
+        "time_to_target_s": time_to_target,
+        "final_accuracy": done[-1].get("accuracy") if done else None,
+        "invocations": cost["invocations"],
+        "retries": sum(1 for a in attempts if a.get("attempt", 1) > 1),
+        "cost": cost["total"],
+        "currency": cost["currency"],
+        "error": doc.get("error"),
+    }
+
+
+def result_rows(sweep_doc: dict[str, Any]) -> list[dict[str, Any]]:
+    """Rows of a sweep document, in run order: params, then RESULT_COLUMNS."""
+    rows = []
+    for key in sorted(sweep_doc.get("runs", {})):
+        run = sweep_doc["runs"][key]
+        res = run.get("result") or {}
+        rows.append({"params": run["labels"], "repeat": run["repeat"], "seed": run["seed"],
+                     "session": run["session"], "state": run.get("state"),
+                     **{c: res.get(c) for c in RESULT_COLUMNS if c not in ("repeat", "seed", "session", "state")}})
+    return rows
+
+
+def _fmt(value: Any, digits: int = 4) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+DISPLAY_COLUMNS = ("params", "repeat", "session", "state", "rounds", "rounds to target", "time to target (s)",
+                   "final accuracy", "invocations", "retries", "cost")
+
+
+def _display_cells(row: dict[str, Any]) -> list[str]:
+    return [" ".join(f"{k}={v}" for k, v in row["params"].items()), str(row["repeat"]), row["session"],
+            str(row["state"]), _fmt(row["rounds"]), _fmt(row["rounds_to_target"]),
+            _fmt(row["time_to_target_s"], 1), _fmt(row["final_accuracy"]), _fmt(row["invocations"]),
+            _fmt(row["retries"]), format_money(row["cost"], row.get("currency") or "USD")]
+
+
+def render_csv(rows: list[dict[str, Any]], keys: list[str]) -> str:
+    """One column per grid key, then the result columns; numbers unformatted."""
+    out = io.StringIO()
+    w = csv.writer(out, lineterminator="\n")
+    w.writerow([*keys, *RESULT_COLUMNS])
+    for r in rows:
+        w.writerow([*[r["params"].get(k) for k in keys],
+                    *["" if r.get(c) is None else r.get(c) for c in RESULT_COLUMNS]])
+    return out.getvalue()
+
+
+def render_markdown(rows: list[dict[str, Any]]) -> str:
+    lines = ["| " + " | ".join(DISPLAY_COLUMNS) + " |", "|" + "---|" * len(DISPLAY_COLUMNS)]
+    for r in rows:
+        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in _display_cells(r)) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def render_table(rows: list[dict[str, Any]], title: str):
+    from rich.table import Table
+    t = Table(title=title)
+    for c in DISPLAY_COLUMNS:
+        t.add_column(c, justify="left" if c in ("params", "session", "state") else "right")
+    for r in rows:
+        t.add_row(*_display_cells(r))
+    return t
+
+
