@@ -7,9 +7,12 @@ thin entry per platform style:
                Knative)
 The zip carries the function folder, the shared `flcommon` library (the
 function runtime, strategies included; it never imports the keeper) and only
-the entry its platform uses. Entries are fixed,
-timestamps are zeroed and files are sorted, so the same source always gives
-the same hash and an unchanged function is never uploaded twice.
+the entry its platform uses. An HTTP artifact also carries the
+`requirements.txt` of the function's declared runtime (fedkeeper/runtimes),
+which is how Cloud Functions' Python buildpack learns what to install.
+Entries are fixed, timestamps are zeroed and files are sorted, so the same
+source always gives the same hash and an unchanged function is never
+uploaded twice.
 """
 from __future__ import annotations
 
@@ -20,10 +23,13 @@ from functools import lru_cache
 from pathlib import Path
 
 from .providers.base import Artifact
+from .runtimes import RuntimeDeclarationError, runtime_for
 
 FUNCTIONS_DIR = Path(__file__).resolve().parent.parent / "functions"
 ENTRY_FILES = {"openwhisk": "__main__.py", "http": "main.py"}
 _ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
+#: where the buildpack looks for the function's dependencies (next to main.py)
+REQUIREMENTS = "requirements.txt"
 
 
 class ArtifactError(ValueError):
@@ -46,6 +52,13 @@ def build_artifact(source: str, entry: str) -> Artifact:
     if not (fdir / entry_file).is_file():
         raise ArtifactError(f"functions/{source} has no {entry_file} entry")
     other_entries = set(ENTRY_FILES.values()) - {entry_file}
+    try:
+        runtime = runtime_for(source)
+    except RuntimeDeclarationError as exc:
+        raise ArtifactError(str(exc)) from None
+    generated: dict[str, bytes] = {}
+    if entry == "http":
+        generated[REQUIREMENTS] = runtime.requirements_txt(http_entry=True).encode()
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
         members: list[tuple[str, Path]] = []
@@ -53,13 +66,18 @@ def build_artifact(source: str, entry: str) -> Artifact:
             rel = p.relative_to(fdir).as_posix()
             if rel in other_entries:
                 continue
+            if rel in generated:
+                raise ArtifactError(f"functions/{source}/{rel} would be replaced by the one its runtime "
+                                    f"({runtime.name}) generates; declare dependencies in the runtime")
             members.append((rel, p))
         for p in _files(FUNCTIONS_DIR / "flcommon"):
             members.append(("flcommon/" + p.relative_to(FUNCTIONS_DIR / "flcommon").as_posix(), p))
-        for arcname, path in sorted(members):
+        contents = [(arcname, path.read_bytes()) for arcname, path in members]
+        contents += list(generated.items())
+        for arcname, data in sorted(contents):
             info = zipfile.ZipInfo(arcname, date_time=_ZIP_EPOCH)
             info.external_attr = 0o644 << 16
             info.compress_type = zipfile.ZIP_DEFLATED
-            zf.writestr(info, path.read_bytes())
+            zf.writestr(info, data)
     data = buf.getvalue()
-    return Artifact(data=data, sha256=hashlib.sha256(data).hexdigest(), entry=entry)
+    return Artifact(data=data, sha256=hashlib.sha256(data).hexdigest(), entry=entry, runtime=runtime.name)

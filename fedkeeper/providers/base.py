@@ -74,6 +74,28 @@ class Artifact:
     data: bytes
     sha256: str
     entry: str                # which thin entry it carries ("openwhisk" or "http")
+    runtime: str | None = None  # the runtime the function declares (fedkeeper/runtimes)
+
+
+@dataclass
+class UploadPlan:
+    """What a deploy would send where, found without the network
+    (`fedkeeper deploy --dry-run`) and checked against the platform's limit."""
+
+    cluster: str
+    function: str
+    platform: str
+    target: str               # where it goes (URL, resource name, namespace)
+    what: str                 # the form it takes there (kind, image, ConfigMap...)
+    bytes: int                # the size the limit applies to
+    limit_bytes: int | None = None
+    limit_source: str = ""    # where the limit comes from
+    runtime: str | None = None
+    image: str | None = None
+
+    @property
+    def within_limit(self) -> bool:
+        return self.limit_bytes is None or self.bytes <= self.limit_bytes
 
 
 @dataclass
@@ -211,10 +233,32 @@ class Provider(ABC):
         """Platform limits that matter to a round (e.g. concurrentInvocations)."""
         return {}
 
+    @classmethod
+    def plan_upload(cls, cluster_name: str, cluster: Any, spec: FunctionSpec,
+                    artifact: Artifact) -> UploadPlan:
+        """What `deploy` would upload where, with its size and the limit it
+        must fit. A class method: no provider is made, so no network call and
+        no local service is started. Platforms with a limit override it."""
+        return UploadPlan(cluster=cluster_name, function=spec.name, platform=cls.platform,
+                          target=cluster_name, what=f"{artifact.entry} source zip",
+                          bytes=len(artifact.data), runtime=artifact.runtime, image=spec.image)
+
     def capacity_warning(self, concurrent: int) -> str | None:
         """A warning when `concurrent` simultaneous invocations would exceed
         a platform limit (e.g. OpenWhisk's concurrentInvocations), else None."""
         return None
+
+    def restart_local_service(self) -> bool:
+        """Restart the local service this provider owns (an embedded fabric,
+        say) after it stopped answering. False when it owns none, as every
+        remote platform: the keeper then waits, bounded, and stops."""
+        return False
+
+    def lost_invocations(self, pending: Sequence[Invocation]) -> list[str]:
+        """Platform ids of `pending` that this platform cannot know (a local
+        service restarted since they were submitted), to be invoked again at
+        once rather than waited out. [] when it cannot tell."""
+        return []
 
     def close(self) -> None:
         """Release connections and local processes owned by this provider."""

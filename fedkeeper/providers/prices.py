@@ -1,6 +1,7 @@
-"""Published list prices shared by more than one provider (docs/cost.md).
+"""Published list prices shared by more than one platform (docs/cost.md).
 
-Kept apart from the providers that use them so that a platform priced like
+Each platform's default prices are in its own package (`<platform>/prices.py`);
+a sheet two platforms use lives here, neutral, so that a platform priced like
 another one (Knative like Cloud Run functions) does not import that
 platform's client library."""
 from __future__ import annotations

@@ -23,11 +23,12 @@ from google.api_core import exceptions as gexc
 from google.api_core import retry as gretry
 from google.protobuf import field_mask_pb2
 
-from ..base import Artifact, DeployResult, ErrorClass, FunctionSpec, ProviderContext, ProviderError
+from ..base import Artifact, DeployResult, ErrorClass, FunctionSpec, ProviderContext, ProviderError, UploadPlan
 from ..http_invoke import HttpFunctionProvider
-from ..prices import CLOUD_RUN_FUNCTIONS_TIER1
+from . import packaging
 from .auth import IdTokenCache, control_plane_credentials
 from .errors import google_status_hook, map_api_error
+from .prices import DEFAULT_PRICES
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +89,7 @@ def memory_bytes(text: str) -> int | None:
 class CloudFunctionsProvider(HttpFunctionProvider):
     platform = "gcf"
     entry = "http"
-    default_prices = CLOUD_RUN_FUNCTIONS_TIER1
+    default_prices = DEFAULT_PRICES
     status_hook = staticmethod(google_status_hook)
     max_request_bytes = MAX_REQUEST_BYTES
 
@@ -104,6 +105,16 @@ class CloudFunctionsProvider(HttpFunctionProvider):
         self._client = None
         self._client_lock = threading.Lock()
         self._tokens: IdTokenCache | None = None
+
+    @classmethod
+    def plan_upload(cls, cluster_name: str, cluster: Any, spec: FunctionSpec,
+                    artifact: Artifact) -> UploadPlan:
+        project = getattr(cluster, "project", None) or "<project>"
+        region = getattr(cluster, "region", None) or DEFAULT_REGION
+        fid = function_id(spec.name)
+        return packaging.upload_plan(spec, artifact, cluster=cluster_name,
+                                     target=f"projects/{project}/locations/{region}/functions/{fid}",
+                                     python_runtime=spec.runtime or DEFAULT_RUNTIME)
 
     @property
     def project(self) -> str:
@@ -254,6 +265,7 @@ class CloudFunctionsProvider(HttpFunctionProvider):
             url = current.service_config.uri or current.url
             self._remember(spec.name, url, spec.timeout_s)
             return DeployResult(spec.name, skipped=True, seconds=time.monotonic() - t0, url=url)
+        packaging.check_source_size(spec, artifact, self.cluster_name)
         storage = self._upload(artifact)
         desired = self._desired(spec, artifact, storage)
         client = self.client()

@@ -19,7 +19,8 @@ import json
 import re
 from typing import Any, Mapping
 
-from ..base import Artifact, ErrorClass, FunctionSpec, ProviderError
+from ...runtimes.images import runtime_image
+from ..base import Artifact, ErrorClass, FunctionSpec, ProviderError, UploadPlan
 
 GROUP, VERSION, PLURAL = "serving.knative.dev", "v1", "services"
 API_VERSION = f"{GROUP}/{VERSION}"
@@ -128,27 +129,60 @@ def bound_digest(bound: Mapping[str, str]) -> str:
     return hashlib.sha256(json.dumps(dict(bound), sort_keys=True).encode()).hexdigest()
 
 
-def check_source_size(artifact: Artifact, function: str) -> None:
-    if len(artifact.data) > CONFIGMAP_LIMIT - CONFIGMAP_HEADROOM:
+def check_source_size(artifact: Artifact, function: str, cluster: str = "") -> None:
+    limit = CONFIGMAP_LIMIT - CONFIGMAP_HEADROOM
+    if len(artifact.data) > limit:
+        where = f" on Knative cluster {cluster}" if cluster else ""
         raise ProviderError(
             ErrorClass.PAYLOAD_TOO_LARGE,
-            f"the source zip of {function} is {len(artifact.data)} bytes; a Kubernetes ConfigMap "
-            f"holds at most {CONFIGMAP_LIMIT} bytes. Build an image with the function and name it "
+            f"{function}{where}: the source zip is {len(artifact.data)} bytes, over the {limit} bytes "
+            f"a ConfigMap can carry (Kubernetes caps one at {CONFIGMAP_LIMIT} bytes, 1 MiB, less room "
+            f"for its metadata). Build an image with the function and name it "
             f"(functions.{function}.knative.docker_image), or slim the source", status=413)
 
 
+def container_image(spec: FunctionSpec, artifact: Artifact, generic_image: str | None,
+                    image_prefix: str | None) -> tuple[str | None, bool]:
+    """(image, prebuilt): the function's own image (code baked in), else
+    the cluster's generic image, else its runtime's Knative image; the
+    latter two get the code from the source ConfigMap."""
+    if spec.image:
+        return spec.image, True
+    if generic_image:
+        return generic_image, False
+    if artifact.runtime:
+        return runtime_image(artifact.runtime, "knative", image_prefix), False
+    return None, False
+
+
+def upload_plan(spec: FunctionSpec, artifact: Artifact, *, cluster: str, namespace: str,
+                generic_image: str | None, image_prefix: str | None) -> UploadPlan:
+    image, prebuilt = container_image(spec, artifact, generic_image, image_prefix)
+    svc = service_name(spec.name)
+    if prebuilt:
+        return UploadPlan(cluster=cluster, function=spec.name, platform="knative",
+                          target=f"namespace {namespace}, service {svc}",
+                          what=f"Knative Service on {image} (code in the image)", bytes=0,
+                          runtime=artifact.runtime, image=image)
+    return UploadPlan(cluster=cluster, function=spec.name, platform="knative",
+                      target=f"namespace {namespace}, service {svc}, ConfigMap {configmap_name(svc)}",
+                      what=f"Knative Service on {image or '(no image)'}, source zip in a ConfigMap",
+                      bytes=len(artifact.data), limit_bytes=CONFIGMAP_LIMIT - CONFIGMAP_HEADROOM,
+                      limit_source="Kubernetes' 1 MiB ConfigMap limit, less metadata room",
+                      runtime=artifact.runtime, image=image)
+
+
 def desired_service(spec: FunctionSpec, artifact: Artifact, *, namespace: str,
-                    generic_image: str | None) -> dict[str, Any]:
+                    generic_image: str | None, image_prefix: str | None = None) -> dict[str, Any]:
     """The Service body, with the config hash over everything in it."""
     name = service_name(spec.name)
     check_bound(spec.bound)
-    prebuilt = spec.image
-    image = prebuilt or generic_image
+    image, prebuilt = container_image(spec, artifact, generic_image, image_prefix)
     if not image:
         raise ProviderError(ErrorClass.DEVELOPER_ERROR,
-                            f"no container image for {spec.name}: set the cluster's image (a "
-                            "Python image with functions-framework) or the function's "
-                            "docker_image")
+                            f"no container image for {spec.name}: it declares no runtime; set the "
+                            "cluster's image (a Python image with functions-framework) or the "
+                            "function's docker_image")
     extra = dict(spec.extra or {})
     target = str(extra.get("entry_point") or spec.name)
     env: list[dict[str, Any]] = [

@@ -18,16 +18,15 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import replace
 from typing import Any, Mapping, Sequence
 from urllib.parse import urlsplit, urlunsplit
 
 from ... import kube
 from ..base import (Artifact, DeployResult, ErrorClass, FunctionSpec, Invocation, Outcome,
-                    ProviderContext, ProviderError)
+                    ProviderContext, ProviderError, UploadPlan)
 from ..http_invoke import HttpFunctionProvider
-from ..prices import CLOUD_RUN_FUNCTIONS_TIER1
 from . import manifests as m
+from .prices import DEFAULT_PRICES
 
 log = logging.getLogger(__name__)
 
@@ -59,10 +58,7 @@ def knative_status_hook(status: int, headers: Mapping[str, str], body: bytes):
 class KnativeProvider(HttpFunctionProvider):
     platform = "knative"
     entry = "http"
-    #: A self-hosted cluster has no list price. Priced like Google's managed
-    #: Knative offering, Cloud Run functions, so that sweeps across platforms
-    #: compare; a cluster's `pricing` overrides.
-    default_prices = replace(CLOUD_RUN_FUNCTIONS_TIER1, source=f"priced as {CLOUD_RUN_FUNCTIONS_TIER1.source}")
+    default_prices = DEFAULT_PRICES  # prices.py
     status_hook = staticmethod(knative_status_hook)
 
     ready_timeout_s = READY_TIMEOUT_S
@@ -75,6 +71,14 @@ class KnativeProvider(HttpFunctionProvider):
         configured = getattr(cluster, "ready_timeout_s", None)
         if configured:
             self.ready_timeout_s = float(configured)
+
+    @classmethod
+    def plan_upload(cls, cluster_name: str, cluster: Any, spec: FunctionSpec,
+                    artifact: Artifact) -> UploadPlan:
+        return m.upload_plan(spec, artifact, cluster=cluster_name,
+                             namespace=getattr(cluster, "namespace", None) or "default",
+                             generic_image=getattr(cluster, "image", None),
+                             image_prefix=getattr(cluster, "image_registry", None))
 
     @property
     def namespace(self) -> str:
@@ -152,7 +156,10 @@ class KnativeProvider(HttpFunctionProvider):
         t0 = time.monotonic()
         self._require_entry(artifact)
         desired = m.desired_service(spec, artifact, namespace=self.namespace,
-                                    generic_image=getattr(self.cluster, "image", None))
+                                    generic_image=getattr(self.cluster, "image", None),
+                                    image_prefix=getattr(self.cluster, "image_registry", None))
+        if not spec.image:  # checked before anything is written
+            m.check_source_size(artifact, spec.name, self.cluster_name)
         svc = desired["metadata"]["name"]
         want_hash = desired["metadata"]["annotations"][m.CONFIG_ANNOTATION]
         current = self._get_service(svc)

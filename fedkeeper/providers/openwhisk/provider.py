@@ -47,8 +47,10 @@ from urllib.parse import quote, urlencode, urlsplit
 import requests
 import urllib3
 
-from ..base import (Artifact, DeployResult, ErrorClass, FunctionSpec, Invocation, Outcome, Prices, Provider,
-                    ProviderContext, ProviderError)
+from ..base import (Artifact, DeployResult, ErrorClass, FunctionSpec, Invocation, Outcome, Provider,
+                    ProviderContext, ProviderError, UploadPlan)
+from . import packaging
+from .prices import IBM_CLOUD_FUNCTIONS
 
 log = logging.getLogger("fedkeeper.providers.openwhisk")
 
@@ -98,12 +100,9 @@ class OpenWhiskProvider(Provider):
     tracks_foreign_invocations = True  # activations are listed by id, whoever started them
     platform = "openwhisk"
     entry = "openwhisk"
-    #: IBM Cloud Functions, the public OpenWhisk service: memory time only,
-    #: no CPU or per-invocation charge (docs/cost.md). A self-hosted cluster
-    #: has no list price; pricing it like the public service keeps sweeps
-    #: across platforms comparable (set `pricing` on the cluster to change it).
-    default_prices = Prices(per_gb_second=0.000017, billing_increment_ms=100,
-                            source="IBM Cloud Functions (OpenWhisk) price sheet")
+    #: a self-hosted cluster has no list price; priced like the public
+    #: service (prices.py), a cluster's `pricing` overrides
+    default_prices = IBM_CLOUD_FUNCTIONS
 
     def __init__(self, cluster_name: str, cluster: Any, ctx: ProviderContext):
         super().__init__(cluster_name, cluster, ctx)
@@ -157,6 +156,28 @@ class OpenWhiskProvider(Provider):
 
     def _url(self, path: str) -> str:
         return self.api_host + self._prefix + path
+
+    @classmethod
+    def plan_upload(cls, cluster_name: str, cluster: Any, spec: FunctionSpec,
+                    artifact: Artifact, code_limit: int | None = None) -> UploadPlan:
+        api = cluster.api_host() if hasattr(cluster, "api_host") and getattr(cluster, "kind", "remote") == "remote" \
+            else "the local fabric"
+        return packaging.upload_plan(
+            spec, artifact, cluster=cluster_name, target=f"{api} action {spec.name}",
+            image_prefix=getattr(cluster, "image_registry", None),
+            limit=code_limit or packaging.DEFAULT_CODE_SIZE_LIMIT,
+            limit_source="the namespace's codeSize limit" if code_limit else "OpenWhisk's default codeSize")
+
+    def _code_limit(self) -> int | None:
+        """The namespace's own code size limit where `GET /limits` reports
+        one; asked once per provider."""
+        if not hasattr(self, "_code_limit_value"):
+            try:
+                self._code_limit_value = packaging.namespace_code_limit(self.limits())
+            except (ProviderError, ValueError) as exc:
+                log.debug("limits of %s unavailable: %s", self.cluster_name, exc)
+                self._code_limit_value = None
+        return self._code_limit_value
 
     def _where(self) -> str:
         return f"OpenWhisk cluster {self.cluster_name} at {self.api_host}"
@@ -253,14 +274,10 @@ class OpenWhiskProvider(Provider):
                 return DeployResult(spec.name, True, time.monotonic() - t0, self._url(path))
         elif r.status_code != 404:
             raise self._status_error(r.status_code, r.content, f"looking up action {spec.name}", r.headers)
-        code = base64.b64encode(artifact.data).decode()
-        if spec.image:
-            # OpenWhisk's docker actions take the zip as code next to the image.
-            exec_ = {"kind": "blackbox", "image": spec.image, "code": code, "binary": True, "main": "main"}
-        else:
-            exec_ = {"kind": spec.runtime or "python:3", "code": code, "binary": True, "main": "main"}
+        plan = self.plan_upload(self.cluster_name, self.cluster, spec, artifact, self._code_limit())
+        packaging.check_code_size(spec, artifact, plan.limit_bytes, self.cluster_name)
         body = {
-            "exec": exec_,
+            "exec": packaging.action_exec(spec, artifact, getattr(self.cluster, "image_registry", None)),
             "limits": {"memory": int(spec.memory_mb), "timeout": int(round(spec.timeout_s * 1000)),
                        "concurrency": int(spec.concurrency)},
             "parameters": [{"key": k, "value": v} for k, v in sorted(spec.bound.items())],
