@@ -21,8 +21,9 @@ import io
 import zipfile
 from functools import lru_cache
 from pathlib import Path
+from typing import Any, Iterable
 
-from .providers.base import Artifact
+from .providers.base import Artifact, UploadPlan
 from .runtimes import RuntimeDeclarationError, runtime_for
 
 FUNCTIONS_DIR = Path(__file__).resolve().parent.parent / "functions"
@@ -81,3 +82,26 @@ def build_artifact(source: str, entry: str) -> Artifact:
             zf.writestr(info, data)
     data = buf.getvalue()
     return Artifact(data=data, sha256=hashlib.sha256(data).hexdigest(), entry=entry, runtime=runtime.name)
+
+
+def plan_uploads(placements: Iterable[Any], clusters: dict[str, tuple[str, Any]]
+                 ) -> list[tuple[Any, UploadPlan | None, str | None]]:
+    """What deploying `placements` would upload where, each checked against
+    its platform's limit, without a provider: no network call, no local
+    service started. (placement, plan or None, error or None) per placement."""
+    from .providers import ProviderError, provider_class
+    out: list[tuple[Any, UploadPlan | None, str | None]] = []
+    for pl in placements:
+        section, cluster = clusters[pl.cluster]
+        try:
+            cls = provider_class(section, getattr(cluster, "kind", "remote"))
+            plan = cls.plan_upload(pl.cluster, cluster, pl.spec, build_artifact(pl.spec.source, cls.entry))
+        except (ArtifactError, ProviderError) as exc:
+            out.append((pl, None, str(exc)))
+            continue
+        error = None
+        if not plan.within_limit:
+            error = (f"{pl.spec.name} on {pl.cluster}: {plan.bytes} bytes exceed {plan.limit_source} "
+                     f"of {plan.limit_bytes} bytes")
+        out.append((pl, plan, error))
+    return out

@@ -156,3 +156,15 @@ def test_plan_build_writes_contexts_and_commands(tmp_path):
         assert (s.context / "Dockerfile").read_text() == s.recipe.dockerfile
         assert (s.context / "requirements.txt").read_text() == s.recipe.requirements
         assert s.commands == [["docker", "build", "-t", s.image, str(s.context)], ["docker", "push", s.image]]
+
+
+def test_config_sample_names_the_images_the_runtimes_produce():
+    import yaml
+    sample = yaml.safe_load(open(runtimes.FUNCTIONS_DIR.parent / "config-sample.yaml"))
+    named = {(fn, section): cfg["docker_image"]
+             for scen in sample["scenarios"].values() for fn, per in (scen.get("functions") or {}).items()
+             for section, cfg in per.items() if cfg.get("docker_image")}
+    assert named, "the sample names no images"
+    for (fn, section), image in named.items():
+        assert section == "openwhisk"
+        assert image == images.runtime_image(runtimes.declared_runtime(fn), "openwhisk"), fn

@@ -20,6 +20,7 @@ from .fabric import fabric_group
 from .insights import insights_cmd
 from .metrics import metrics_cmd
 from .report import report_cmd
+from .runtime import runtime_group
 from .start import run_start, session_metrics, start_cmd
 from .status import status_cmd
 from .sweep import sweep_cmd
@@ -49,3 +50,4 @@ main.add_command(fabric_group)
 main.add_command(report_cmd)
 main.add_command(sweep_cmd)
 main.add_command(insights_cmd)
+main.add_command(runtime_group)

@@ -71,11 +71,16 @@ def run_deploy(cfg: Config, scenario: str | None, functions: list[str] | None,
 @click.option("-f", "--function", "functions", multiple=True,
               help="Function to deploy (repeat or comma-separate); default: what training needs.")
 @click.option("--cluster", "clusters", multiple=True, help="Only these clusters (repeatable).")
+@click.option("--dry-run", is_flag=True,
+              help="Print what would be uploaded where, with sizes and limits; upload nothing.")
 def deploy_cmd(config_path: str, scenario: str | None, functions: tuple[str, ...],
-               clusters: tuple[str, ...]) -> None:
+               clusters: tuple[str, ...], dry_run: bool) -> None:
     """Deploy functions (content-hashed: unchanged ones are skipped)."""
     cfg = load(config_path)
     fns = split_list(functions) or None
+    if dry_run:
+        from .runtime import dry_run_deploy
+        sys.exit(dry_run_deploy(cfg, scenario, fns, select_clusters(cfg, split_list(clusters)) if clusters else None))
     sys.exit(run_deploy(cfg, scenario, fns, select_clusters(cfg, split_list(clusters)) if clusters else None))
 
 
