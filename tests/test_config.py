@@ -51,8 +51,44 @@ def run_validate(tmp_path: Path, text: str, name: str = "cfg.yaml"):
     return p, res
 
 
-def test_the_original_fedkeeper_sample_loads():
-    cfg = load_config(ROOT / "tests/data/fedkeeper_original_sample.yaml")
+# What the original sample leaves for the operator to fill in, filled in;
+# and its pickled .obj data converted to an npz, as the functions require.
+ORIGINAL_FILLED_IN = [
+    ("https://<ADD OW_AUTH here>@<ADD_IP_HERE>:31001/", "https://ow.example.org:31001/"),
+    ("ow_auth: <ADD OW_AUTH here>", "ow_auth: uuid-1:key-1"),
+    ("ow_api_host: <ADD API HOST of OW>", "ow_api_host: ow.example.org:31001"),
+    ("us-central1-<ADD_PROJECT_ID_HERE>.", "us-central1-my-project."),
+    ("url: <ADD_MONGO_IP_HERE>:27017", "url: mongo.example.org:27017"),
+    ('train_images_url: "https://example.org/mnist_fl/mnist_train_img.obj"', "dataset: npz"),
+    ('train_labels_url: "https://example.org/mnist_fl/mnist_train_labels.obj"', "path: mnist.npz"),
+    ('      test_images_url: "https://example.org/mnist_fl/mnist_test_img.obj"\n', ""),
+    ('      test_labels_url: "https://example.org/mnist_fl/mnist_test_labels.obj"\n', ""),
+]
+
+
+def test_the_original_fedkeeper_sample_is_refused_where_it_must_be_filled_in(tmp_path):
+    """Unchanged, the original sample names placeholders and pickled data the
+    functions refuse: validation says where, instead of failing at run time."""
+    original = (ROOT / "tests/data/fedkeeper_original_sample.yaml").read_text()
+    p, res = run_validate(tmp_path, original)
+    assert res.exit_code == 2
+    assert f"{p}:8: providers.openwhisk.invasic_cluster.base_url: still holds the placeholder" in res.output
+    filled = original
+    for before, after in ORIGINAL_FILLED_IN[:5]:
+        filled = filled.replace(before, after)
+    p, res = run_validate(tmp_path, filled)
+    assert res.exit_code == 2
+    assert f"{p}:70: scenarios.federated_learning.training_test_data.train_images_url" in res.output
+    assert "pickle" in res.output and "numpy.savez" in res.output
+
+
+def test_the_original_fedkeeper_sample_loads(tmp_path):
+    text = (ROOT / "tests/data/fedkeeper_original_sample.yaml").read_text()
+    for before, after in ORIGINAL_FILLED_IN:
+        assert before in text
+        text = text.replace(before, after)
+    (tmp_path / "original.yaml").write_text(text)
+    cfg = load_config(tmp_path / "original.yaml")
     scen = cfg.scenarios["federated_learning"]
     assert scen.model_params.lr == pytest.approx(1e-3)
     assert scen.model_params.local_epochs == 5

@@ -23,6 +23,24 @@ _REGISTRY: dict[tuple[str, str], str] = {
     ("knative", "remote"): "fedkeeper.providers.knative:KnativeProvider",
 }
 
+# config section -> "module:Class" of the cluster model that validates
+# `providers.<section>.<cluster>` (fedkeeper.config asks, lazily, like above).
+_CLUSTER_MODELS: dict[str, str] = {
+    "openwhisk": "fedkeeper.providers.openwhisk.cluster:OpenWhiskCluster",
+    "google": "fedkeeper.providers.gcf.cluster:GoogleCluster",
+    "knative": "fedkeeper.providers.knative.cluster:KnativeCluster",
+}
+
+
+def cluster_sections() -> tuple[str, ...]:
+    """The config sections under `providers:`, in the order clusters are listed."""
+    return tuple(_CLUSTER_MODELS)
+
+
+def cluster_model_class(section: str) -> type:
+    module, _, name = _CLUSTER_MODELS[section].partition(":")
+    return getattr(importlib.import_module(module), name)
+
 
 def provider_class(section: str, kind: str) -> type[Provider]:
     try:

@@ -1,0 +1,231 @@
+"""Reading a config file: YAML, `${ENV}` and `<key>_file` secrets, each
+platform's unit conventions, validation, and the checks across sections.
+Every refusal is a ConfigError naming the file, the line and the key."""
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any, Optional
+from urllib.parse import urlsplit
+
+import yaml
+from pydantic import ValidationError
+
+from .clusters import cluster_model, provider_sections
+from .errors import ConfigError, did_you_mean, dotted, line_for, line_index
+from .model import SECRET_KEYS, Config
+from .references import check_references
+from .scenario import IGNORED_FUNCTION_SECTIONS
+from .units import is_bare_number
+from .values import REDACTED
+
+ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+class _Located(ValueError):
+    """A refusal at a key path, turned into a ConfigError by parse_config."""
+
+    def __init__(self, path: tuple, message: str):
+        super().__init__(message)
+        self.path = path
+
+
+# --------------------------------------------------------------------------- secrets and env
+
+def _interpolate(o: Any, path: tuple, base_dir: Path, sources: dict[tuple, tuple[str, str]]) -> Any:
+    """Resolve `${VAR}` / `${VAR:-default}` and `<secret>_file` keys. `sources`
+    records where each resolved string came from (path -> (key, written
+    value)), so `config show` can print the reference instead of the secret."""
+    if isinstance(o, str):
+        def sub(m):
+            var, default = m.group(1), m.group(2)
+            if var in os.environ:
+                return os.environ[var]
+            if default is not None:
+                return default
+            raise _Located(path, f"environment variable {var} is not set")
+        value = ENV_RE.sub(sub, o)
+        if value != o or ENV_RE.search(o):
+            sources[path] = (str(path[-1]) if path else "", o)
+        _refuse_redacted(path, value)
+        return value
+    if isinstance(o, list):
+        return [_interpolate(v, path + (i,), base_dir, sources) for i, v in enumerate(o)]
+    if isinstance(o, dict):
+        out: dict[str, Any] = {}
+        for k, v in o.items():
+            k = str(k)
+            v = _interpolate(v, path + (k,), base_dir, sources)
+            if k.endswith("_file") and k[:-5] in SECRET_KEYS | {"url"}:
+                target = k[:-5]
+                if target in o:
+                    raise _Located(path + (k,), f"give either {target} or {k}, not both")
+                out[target] = _read_secret_file(str(v), path + (k,), base_dir, target)
+                written = sources.pop(path + (k,), (k, ""))[1]
+                if not only_references(written):  # a literal path: absolute, to read back anywhere
+                    written = str(_secret_path(str(v), base_dir))
+                sources[path + (target,)] = (k, written)
+            else:
+                out[k] = v
+        return out
+    return o
+
+
+def only_references(text: str) -> bool:
+    """True when `text` is nothing but ${VAR} references without defaults."""
+    return bool(text) and not ENV_RE.sub("", text).strip() and \
+        all(not m.group(2) for m in ENV_RE.finditer(text))
+
+
+def _refuse_redacted(path: tuple, value: str) -> None:
+    key = str(path[-1]) if path else ""
+    userinfo = urlsplit(value).netloc.rpartition("@")[0] if "://" in value else ""
+    if (key in SECRET_KEYS and value.strip() == REDACTED) or userinfo == REDACTED:
+        raise _Located(path, f"holds {REDACTED!r}, what `config show` prints in place of a secret: "
+                             "give the secret as ${ENV_VAR} or through a <key>_file sibling")
+
+
+def _secret_path(raw: str, base_dir: Path) -> Path:
+    fp = Path(raw).expanduser()
+    return fp if fp.is_absolute() else base_dir / fp
+
+
+def _read_secret_file(raw: str, path: tuple, base_dir: Path, target: str) -> Any:
+    fp = _secret_path(raw, base_dir)
+    try:
+        content = fp.read_text().strip()
+    except OSError as exc:
+        raise _Located(path, f"cannot read secret file {fp}: {exc.strerror}") from None
+    if target == "auth" and content.startswith("{"):
+        try:
+            return json.loads(content)
+        except json.JSONDecodeError as exc:
+            raise _Located(path, f"secret file {fp} is not valid JSON: {exc.msg}") from None
+    return content
+
+
+# --------------------------------------------------------------------------- sections
+
+def _normalise_functions(data: dict) -> None:
+    """Check each functions.<fn>.<section> names a provider section, and give
+    bare timeouts the unit of that section's convention (the original schema
+    writes OpenWhisk's in ms, "300000", and Google's in s, "300s")."""
+    for sname, scen in (data.get("scenarios") or {}).items():
+        if not isinstance(scen, dict):
+            continue
+        for fname, per in (scen.get("functions") or {}).items():
+            if not isinstance(per, dict):
+                continue
+            for section, fc in per.items():
+                path = ("scenarios", sname, "functions", fname, section)
+                if section in IGNORED_FUNCTION_SECTIONS:
+                    continue
+                try:
+                    model = cluster_model(section)
+                except ValueError as exc:
+                    raise _Located(path, str(exc)) from None
+                if isinstance(fc, dict) and is_bare_number(fc.get("timeout")):
+                    fc["timeout"] = f"{str(fc['timeout']).strip()}{model.function_timeout_unit}"
+
+
+def _validate_providers(data: dict) -> None:
+    """Validate each cluster with its platform's model, so that an error
+    points at the cluster's own keys; the validated models replace the raw
+    mappings."""
+    providers = data.get("providers")
+    if providers is None:
+        return
+    if not isinstance(providers, dict):
+        raise _Located(("providers",), "expected a mapping of provider sections "
+                                       f"({', '.join(provider_sections())})")
+    for section, clusters in providers.items():
+        try:
+            model = cluster_model(section)
+        except ValueError as exc:
+            raise _Located(("providers", section), str(exc)) from None
+        if clusters is None:
+            providers[section] = clusters = {}
+        if not isinstance(clusters, dict):
+            raise _Located(("providers", section), "expected a mapping of cluster names to their settings")
+        for name, c in clusters.items():
+            try:
+                clusters[name] = model.model_validate(c or {})
+            except ValidationError as exc:
+                raise _validation_error(exc, ("providers", section, str(name))) from None
+
+
+# --------------------------------------------------------------------------- errors
+
+def _friendly(err: dict) -> str:
+    t, msg = err.get("type", ""), err.get("msg", "")
+    if t == "extra_forbidden":
+        return "unknown key (check its spelling and indentation)"
+    if t == "missing":
+        return "required key is missing"
+    if t == "literal_error":
+        expected = re.findall(r"'([^']*)'", str((err.get("ctx") or {}).get("expected", "")))
+        return msg + did_you_mean(err.get("input"), expected)
+    if msg.startswith("Value error, "):
+        msg = msg[len("Value error, "):]
+    return msg
+
+
+def _validation_error(exc: ValidationError, prefix: tuple = ()) -> _Located:
+    errs = exc.errors()
+    first = errs[0]
+    more = f" (and {len(errs) - 1} more problem{'s' if len(errs) > 2 else ''})" if len(errs) > 1 else ""
+    return _Located(prefix + tuple(first["loc"]), _friendly(first) + more)
+
+
+# --------------------------------------------------------------------------- entry points
+
+def parse_config(text: str, file: str = "<config>", base_dir: Optional[Path] = None) -> Config:
+    base_dir = base_dir or Path.cwd()
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(f"not valid YAML: {problem}", file=file,
+                          line=(mark.line + 1) if mark else None) from None
+    if data is None:
+        raise ConfigError("the file is empty", file=file)
+    if not isinstance(data, dict):
+        raise ConfigError(f"expected a mapping at the top level, got {type(data).__name__}",
+                          file=file, line=1)
+    index = line_index(text)
+    sources: dict[tuple, tuple[str, str]] = {}
+    try:
+        data = _interpolate(data, (), base_dir, sources)
+        _normalise_functions(data)
+        _validate_providers(data)
+        try:
+            cfg = Config.model_validate(data)
+        except ValidationError as exc:
+            raise _validation_error(exc) from None
+        if not cfg.scenarios:
+            raise _Located(("scenarios",), "the config has no scenario: add scenarios.<name> "
+                                           "(see config-local.yaml)")
+    except _Located as exc:
+        raise ConfigError(str(exc), file=file, line=line_for(index, exc.path),
+                          path=dotted(exc.path)) from None
+    cfg.source = file
+    cfg._sources = sources
+    check_references(cfg, index)
+    return cfg
+
+
+def load_config(path: str | os.PathLike) -> Config:
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except FileNotFoundError:
+        raise ConfigError("config file not found", file=str(p)) from None
+    except IsADirectoryError:
+        raise ConfigError("is a directory, not a config file", file=str(p)) from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read config: {exc.strerror}", file=str(p)) from None
+    return parse_config(text, file=str(p), base_dir=p.resolve().parent)
+

@@ -1,0 +1,122 @@
+"""Checks of single values whose type alone says too little: URLs, host
+names, ports, names, checksums. Each is an annotated `str` so the models keep
+plain strings, and each refusal says what was expected."""
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any
+from urllib.parse import urlsplit
+
+from pydantic import AfterValidator, BeforeValidator
+
+from .units import count, parse_duration_s
+
+# The original sample's "fill me in" markers, e.g. <ADD_IP_HERE>.
+_PLACEHOLDER_RE = re.compile(r"<[^<>]*>")
+_HOST_RE = re.compile(r"(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)*"
+                      r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?|\[[0-9A-Fa-f:.]+\]")
+# The placeholder `config show` prints for a secret it cannot name a source for.
+REDACTED = "***"
+
+
+def no_placeholder(v: str) -> str:
+    m = _PLACEHOLDER_RE.search(v)
+    if m:
+        raise ValueError(f"still holds the placeholder {m.group(0)!r}: put the real value here")
+    return v
+
+
+def _check_port(port: str, text: str) -> None:
+    if not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ValueError(f"{text!r} has port {port!r}; expected a number from 1 to 65535")
+
+
+def url(v: str, schemes: tuple[str, ...] = ("http", "https")) -> str:
+    """A URL with one of `schemes` and a host."""
+    no_placeholder(v)
+    expected = " or ".join(f"{s}://" for s in schemes)
+    if any(c.isspace() for c in v):
+        raise ValueError(f"{v!r} is not a URL: it contains white space")
+    u = urlsplit(v)
+    if not u.scheme or "://" not in v:
+        raise ValueError(f"{v!r} is not a URL; expected {expected}host...")
+    if u.scheme.lower() not in schemes:
+        raise ValueError(f"{v!r} has scheme {u.scheme!r}; expected {expected}")
+    netloc = u.netloc.rpartition("@")[2]
+    host, port = (netloc.rsplit(":", 1) + [""])[:2] if not netloc.endswith("]") else (netloc, "")
+    if not host or not _HOST_RE.fullmatch(host):
+        raise ValueError(f"{v!r} has no valid host name")
+    if port or netloc.endswith(":"):
+        _check_port(port, v)
+    return v
+
+
+def http_url(v: str) -> str:
+    return url(v, ("http", "https"))
+
+
+def host_port(v: str) -> str:
+    """host, host:port, or an http(s) URL."""
+    no_placeholder(v)
+    if "://" in v:
+        return http_url(v)
+    host, sep, port = v.rpartition(":") if not v.endswith("]") else (v, "", "")
+    if not sep:
+        host = v
+    if not host or not _HOST_RE.fullmatch(host):
+        raise ValueError(f"{v!r} is not a host name or host:port")
+    if sep:
+        _check_port(port, v)
+    return v
+
+
+def dns_label(v: str) -> str:
+    """A Kubernetes namespace or similar: lower-case letters, digits, '-'."""
+    if not re.fullmatch(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?", v):
+        raise ValueError(f"{v!r} is not a valid name: lower-case letters, digits and '-', "
+                         "at most 63, starting and ending with a letter or digit")
+    return v
+
+
+def openwhisk_name(v: str) -> str:
+    """An OpenWhisk namespace: what the controller's entity name pattern allows."""
+    if len(v) > 256 or not re.fullmatch(r"\w|\w[\w@ .\-]*[\w@.\-]", v, re.ASCII):
+        raise ValueError(f"{v!r} is not a valid OpenWhisk namespace")
+    return v
+
+
+def sha256_hex(v: str) -> str:
+    if not re.fullmatch(r"[0-9a-fA-F]{64}", v):
+        raise ValueError(f"{v!r} is not a sha256 checksum (64 hexadecimal digits)")
+    return v
+
+
+def port_number(v: Any) -> int:
+    if isinstance(v, str) and v.strip().isdigit():
+        v = int(v.strip())
+    if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= 65535:
+        raise ValueError(f"expected a port number from 1 to 65535, got {v!r}")
+    return v
+
+
+def currency_code(v: str) -> str:
+    if not re.fullmatch(r"[A-Z]{3}", v):
+        raise ValueError(f"{v!r} is not a currency code such as USD or EUR (three capital letters)")
+    return v
+
+
+def positive_count(v: Any) -> Any:
+    """A count written as a number or a numeric string; '' means unset."""
+    if v is None or (isinstance(v, str) and not v.strip()):
+        return v
+    return count(v, "count")
+
+
+HttpUrl = Annotated[str, AfterValidator(http_url)]
+HostPort = Annotated[str, AfterValidator(host_port)]
+DnsLabel = Annotated[str, AfterValidator(dns_label)]
+OpenWhiskName = Annotated[str, AfterValidator(openwhisk_name)]
+Sha256 = Annotated[str, AfterValidator(sha256_hex)]
+Port = Annotated[int, BeforeValidator(port_number)]
+Currency = Annotated[str, AfterValidator(currency_code)]
+Duration = Annotated[float, BeforeValidator(lambda v: parse_duration_s(v, "s"))]
