@@ -19,6 +19,7 @@ from .deploy import deploy_cmd, remove_cmd, run_deploy
 from .fabric import fabric_group
 from .insights import insights_cmd
 from .metrics import metrics_cmd
+from .model import model_group
 from .report import report_cmd
 from .runtime import runtime_group
 from .start import run_start, session_metrics, start_cmd
@@ -50,4 +51,5 @@ main.add_command(fabric_group)
 main.add_command(report_cmd)
 main.add_command(sweep_cmd)
 main.add_command(insights_cmd)
+main.add_command(model_group)
 main.add_command(runtime_group)

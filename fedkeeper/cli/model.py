@@ -1,0 +1,125 @@
+"""`fedkeeper model`: the stored global models of a session: list them,
+export one to a file, validate one on a data set (fedkeeper.model_trail;
+docs/models.md). Model R is the model after round R; 0 is the initial one."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+from rich.table import Table
+
+from ..model_trail import ModelTrailError, export_model, model_doc, model_rows, pick_model, session_code, \
+    session_doc, session_spec
+from .common import UsageFailure, config_option, console, load, open_runtime, scenario_option
+
+
+def _fmt(value, spec: str = ".4f") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def _size(n) -> str:
+    if n is None:
+        return "missing"
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+
+
+def _validations_cell(row) -> str:
+    return "; ".join(f"{v.get('data')}: {_fmt((v.get('metrics') or {}).get('accuracy'))}"
+                     for v in row["validations"]) or "-"
+
+
+def models_table(session: str, rows) -> Table:
+    t = Table(title=f"models of session {session} (round 0 is the initial model)")
+    for col in ("round", "accuracy", "loss", "examples", "clients", "strategy", "size", "validations", "trail"):
+        t.add_column(col, justify="right" if col not in ("strategy", "validations", "trail") else "left")
+    for r in rows:
+        trail = r["trail"]
+        t.add_row(str(r["round"]), _fmt(r["accuracy"]), _fmt(r["loss"]), _fmt(r["examples"], "d"),
+                  _fmt(r["clients"], "d"), str(r["strategy"] or "-"), _size(r["bytes"]), _validations_cell(r),
+                  "-" if trail is None else f"parent {trail.get('parent')}, code {str(trail.get('code_hash'))[:8]}")
+    return t
+
+
+@click.group("model")
+def model_group() -> None:
+    """The stored global models of a session: list, export, validate."""
+
+
+@model_group.command("list")
+@click.argument("session")
+@config_option
+@scenario_option
+@click.option("--json", "as_json", is_flag=True, help="Print the rows as JSON.")
+def model_list(session: str, config_path: str, scenario: str | None, as_json: bool) -> None:
+    """Every stored global model of SESSION: round, accuracy, loss, examples,
+    clients, strategy, size, validations and trail."""
+    cfg = load(config_path)
+    rt = open_runtime(cfg, scenario, need_store=True)
+    try:
+        try:
+            rows = model_rows(rt.store, session)
+        except ModelTrailError as exc:
+            raise UsageFailure(str(exc)) from None
+    finally:
+        rt.close()
+    if as_json:
+        click.echo(json.dumps({"session": session, "models": rows}, indent=2, default=str))
+        return
+    console.print(models_table(session, rows))
+    if any(r["trail"] is None for r in rows):
+        console.print("models without a trail were written before model trails were recorded", style="dim")
+
+
+def _selection(round_: int | None, best: bool, final: bool) -> dict:
+    if sum((round_ is not None, best, final)) > 1:
+        raise UsageFailure("choose one of --round, --best and --final")
+    return {"round_": round_, "best": best, "final": final}
+
+
+@model_group.command("export")
+@click.argument("session")
+@config_option
+@scenario_option
+@click.option("--round", "round_", type=click.IntRange(min=0), default=None,
+              help="The model after this round (0: the initial model).")
+@click.option("--best", is_flag=True, help="The model with the highest test accuracy.")
+@click.option("--final", is_flag=True, help="The last model (the default).")
+@click.option("-o", "--output", "output", required=True, type=click.Path(dir_okay=False),
+              help="File to write: .keras (a Keras model) or .npz (raw weights).")
+@click.option("--json", "as_json", is_flag=True, help="Print what was written as JSON.")
+def model_export(session: str, config_path: str, scenario: str | None, round_: int | None, best: bool,
+                 final: bool, output: str, as_json: bool) -> None:
+    """Write one stored global model of SESSION to a .keras or .npz file."""
+    choice = _selection(round_, best, final)
+    out = Path(output)
+    if out.suffix not in (".keras", ".npz"):
+        raise UsageFailure(f"{output}: the file name must end in .keras (a Keras model) or .npz (raw weights)")
+    cfg = load(config_path)
+    rt = open_runtime(cfg, scenario, need_store=True)
+    try:
+        try:
+            doc = session_doc(rt.store, session)
+            row = pick_model(model_rows(rt.store, session), session, **choice)
+            code = None
+            if out.suffix == ".keras":
+                from ..user_module import module_path
+                code = session_code(doc, module_path(cfg, rt.scenario))
+            spec = doc.get("spec") or {}
+            if code is not None:
+                spec = session_spec(doc)
+            written = export_model(rt.store, session, spec, model_doc(rt.store, session, row["round"]), out, code)
+        except ModelTrailError as exc:
+            raise UsageFailure(str(exc)) from None
+    finally:
+        rt.close()
+    if as_json:
+        click.echo(json.dumps(written, indent=2, default=str))
+        return
+    acc = written["accuracy"]
+    console.print(f"wrote {written['file']}: model {written['round']} of {session} "
+                  f"({written['num_params']} parameters{'' if acc is None else f', test accuracy {acc:.4f}'})",
+                  markup=False)

@@ -1,0 +1,156 @@
+"""`fedkeeper model list` and `model export` after a real short session on
+the local clusters (local OpenWhisk and local Cloud Functions, the real FL
+functions, the embedded store); the exported model is loaded and evaluated
+in a fresh process."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from fedkeeper.cli import main as cli
+from fedkeeper.cli import run_start
+from fedkeeper.config import load_config
+from fedkeeper.store import connect
+from flcommon import store as fs
+
+DB = "model_export"
+
+
+def write_config(path: Path, mongo_url: str, db: str, *, rounds: int = 2, extra: str = "", mode: str = "sync",
+                 training_extra: str = "") -> Path:
+    path.write_text(textwrap.dedent(f"""\
+        name: models
+        providers:
+          openwhisk:
+            local_ow: {{kind: local}}
+          google:
+            local_gcf: {{kind: local}}
+        scenarios:
+          federated_learning:
+            server_config: {{server_cluster_name: local_ow}}
+            clients_info: {{total_num_clients: 4, num_clients_per_round: 4, ow_clients_count: 2,
+                            gcf_clients_count: 2}}
+            data_sampling: {{model: small, batch_size: 16}}
+            mongo_config: {{url: "{mongo_url}", db: {db}}}
+            model_params: {{lr: "1e-2", optim: adam, local_epochs: "1"}}
+        {textwrap.indent(extra, '    ')}
+            training:
+              rounds: {rounds}
+              mode: {mode}
+              seed: 5
+              quorum: 0.5
+              round_deadline_s: 240
+              attempt_grace_s: 5
+              retries: {{max_attempts: 2, backoff_s: 0.1, backoff_max_s: 1}}
+        {textwrap.indent(training_extra, '      ')}
+            functions:
+              fl_client:
+                openwhisk: {{timeout: "60000", memory: "1024"}}
+                google: {{timeout: 60s, memory: 1024MB}}
+        """))
+    return path
+
+
+@pytest.fixture(scope="module")
+def trained(fabric_state, mongo_url, tmp_path_factory):
+    """One finished two-round session shared by the tests of this module."""
+    cfg_path = write_config(tmp_path_factory.mktemp("cfg") / "cfg.yaml", mongo_url, DB)
+    assert run_start(load_config(cfg_path), None, keep_services=True) == 0
+    store = connect(mongo_url, DB)
+    session = store.latest_session()
+    assert session["state"] == "finished"
+    yield cfg_path, store, session["_id"]
+    store.close()
+
+
+def invoke(*args: str):
+    return CliRunner().invoke(cli, ["model", *args])
+
+
+def test_list_shows_every_stored_model(trained):
+    cfg, store, session = trained
+    res = invoke("list", session, "-c", str(cfg), "--json")
+    assert res.exit_code == 0, res.output
+    rows = json.loads(res.output)["models"]
+    assert [r["round"] for r in rows] == [0, 1, 2]
+    assert rows[0]["accuracy"] is None and rows[0]["strategy"] == "initial"
+    for r in rows[1:]:
+        stored = store.model(session, r["round"])
+        assert r["accuracy"] == stored["metrics"]["accuracy"]
+        assert r["loss"] == stored["metrics"]["loss"]
+        assert r["strategy"] == "fedavg" and r["clients"] == stored["accepted"]
+        assert r["examples"] == sum(c["num_examples"] for c in stored["contributions"])
+        assert r["bytes"] > 1000 and r["stored"]
+    # The round numbers are those of `status` (model R came out of round R).
+    rounds = {d["round"] + 1: d["accuracy"] for d in store.rounds(session)}
+    assert {r["round"]: r["accuracy"] for r in rows[1:]} == rounds
+    table = invoke("list", session, "-c", str(cfg))
+    assert table.exit_code == 0 and "fedavg" in table.output
+
+
+def test_exported_keras_model_reproduces_the_stored_accuracy_in_a_fresh_process(trained, tmp_path):
+    cfg, store, session = trained
+    out = tmp_path / "final.keras"
+    res = invoke("export", session, "-c", str(cfg), "--final", "-o", str(out))
+    assert res.exit_code == 0, res.output
+    assert out.is_file() and not list(tmp_path.glob(".*part*"))
+    stored = store.model(session, 2)["metrics"]
+    part = store.db[fs.PARTITIONS].find_one({"session": session, "client": "_test"})
+    x, y = store.get_arrays(part["blob_id"])
+    np.savez(tmp_path / "test.npz", x=x, y=y)
+    script = textwrap.dedent("""\
+        import json, sys
+        import numpy as np
+        import keras
+        model = keras.models.load_model(sys.argv[1])
+        d = np.load(sys.argv[2], allow_pickle=False)
+        x, y = d["x"], d["y"]
+        ev = model.evaluate(x, y, batch_size=256, verbose=0, return_dict=True)
+        top = float(np.mean(np.argmax(model.predict(x, verbose=0), axis=1) == y))
+        print(json.dumps({"evaluate": ev, "argmax": top}))
+        """)
+    proc = subprocess.run([sys.executable, "-c", script, str(out), str(tmp_path / "test.npz")],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert abs(got["evaluate"]["accuracy"] - stored["accuracy"]) <= 1e-6
+    assert abs(got["argmax"] - stored["accuracy"]) <= 1e-6
+    assert abs(got["evaluate"]["loss"] - stored["loss"]) <= 1e-4
+
+
+def test_npz_export_holds_the_stored_weights(trained, tmp_path):
+    cfg, store, session = trained
+    best = max((store.model(session, r) for r in (1, 2)), key=lambda d: (d["metrics"]["accuracy"], -d["round"]))
+    for flag, doc in ((["--round", "1"], store.model(session, 1)), (["--best"], best),
+                      (["--round", "0"], store.model(session, 0))):
+        out = tmp_path / f"m{doc['round']}.npz"
+        res = invoke("export", session, "-c", str(cfg), *flag, "-o", str(out), "--json")
+        assert res.exit_code == 0, res.output
+        assert json.loads(res.output)["round"] == doc["round"]
+        with np.load(out, allow_pickle=False) as z:
+            got = [z[k] for k in sorted(z.files)]
+        want = store.get_arrays(doc["blob_id"])
+        assert len(got) == len(want) and all(np.array_equal(a, b) for a, b in zip(got, want))
+
+
+def test_bad_requests_exit_2_with_one_line(trained, tmp_path):
+    cfg, store, session = trained
+    cases = [
+        (["export", session, "-c", str(cfg), "-o", str(tmp_path / "m.h5")], ".keras"),
+        (["export", session, "-c", str(cfg), "--best", "--final", "-o", str(tmp_path / "m.npz")], "one of"),
+        (["export", session, "-c", str(cfg), "--round", "9", "-o", str(tmp_path / "m.npz")], "no model 9"),
+        (["export", "nope", "-c", str(cfg), "-o", str(tmp_path / "m.npz")], "no session 'nope'"),
+        (["list", "nope", "-c", str(cfg)], "no session 'nope'"),
+    ]
+    for args, words in cases:
+        res = invoke(*args)
+        assert res.exit_code == 2, (args, res.output)
+        assert words in res.output and "Traceback" not in res.output
+    assert not list(tmp_path.iterdir())
