@@ -235,8 +235,9 @@ def test_semi_async_interrupted_keeper_leaves_stragglers_for_resume(fabric_state
     once a semi_async round has closed with a straggler still running: the
     straggler's attempt stays `running` (as after kill -9), so the resumed
     keeper adopts it instead of invoking its client again while it runs.
-    The resumed session must keep its round mode."""
-    from fedkeeper.keeper import Keeper, SessionError, new_session_id
+    The session is marked `interrupted`, and the resumed one must keep its
+    round mode."""
+    from fedkeeper.keeper import Keeper, SessionError, SessionInterrupted, new_session_id
     from fedkeeper.runtime import Runtime
 
     rounds = 4
@@ -260,7 +261,7 @@ def test_semi_async_interrupted_keeper_leaves_stragglers_for_resume(fabric_state
     rt = Runtime.open(cfg, keep_local_services=True)
     try:
         keeper = Keeper(rt, progress=interrupt)
-        with pytest.raises(KeyboardInterrupt):
+        with pytest.raises(SessionInterrupted) as interrupted:
             keeper.start(session_id=sid)
     finally:
         rt.close(stop_store=False)
@@ -270,7 +271,9 @@ def test_semi_async_interrupted_keeper_leaves_stragglers_for_resume(fabric_state
     for a in stragglers:
         assert db[fs.INVOCATIONS].find_one({"_id": a["_id"]})["state"] == "running", a
     assert db[fs.INVOCATIONS].count_documents({"session": sid, "state": "abandoned"}) == 0
-    assert db[fs.SESSIONS].find_one({"_id": sid})["state"] == "running"
+    assert db[fs.SESSIONS].find_one({"_id": sid})["state"] == "interrupted"
+    assert interrupted.value.rounds_done == seen["round"] + 1
+    assert f"--resume {sid}" in str(interrupted.value)
 
     # A resume under another round mode is refused before it touches anything.
     sync_cfg = load_config(write_config(tmp_path / "sync.yaml", mongo_url, mode="sync", rounds=rounds,

@@ -132,21 +132,21 @@ def test_keeper_selects_from_the_sessions_own_attempt_records(store, make_keeper
     store.insert_attempts(other)
     greedy = make_keeper("reliability", 0.0)
     for rnd in range(5):
-        picked = greedy._select("mine", rnd)
+        picked = greedy.selection.select("mine", rnd)
         assert len(picked) == 4 and set(picked) <= set(RELIABLE)
     # With an exploration share of 0.5, two of four picks are random: over
     # rounds the unreliable clients are picked, but less than the reliable.
     exploring = make_keeper("reliability", 0.5)
-    counts = Counter(c for rnd in range(60) for c in exploring._select("mine", rnd))
+    counts = Counter(c for rnd in range(60) for c in exploring.selection.select("mine", rnd))
     assert sum(counts[c] for c in UNRELIABLE) > 0
     assert sum(counts[c] for c in RELIABLE) > 2 * sum(counts[c] for c in UNRELIABLE)
     # The same seed, round and records give the same clients.
     again = make_keeper("reliability", 0.5)
-    assert [again._select("mine", r) for r in range(10)] == [exploring._select("mine", r) for r in range(10)]
+    assert [again.selection.select("mine", r) for r in range(10)] == [exploring.selection.select("mine", r) for r in range(10)]
     # Only candidates are picked (clients busy elsewhere are left out in
     # semi_async and async), the reliable ones first.
     candidates = UNRELIABLE[:3] + RELIABLE[:2]
-    picked = greedy._select("mine", 0, candidates=candidates)
+    picked = greedy.selection.select("mine", 0, candidates=candidates)
     assert len(picked) == 4 and set(RELIABLE[:2]) <= set(picked) <= set(candidates)
 
 
@@ -157,11 +157,11 @@ def test_clients_never_tried_inherit_their_clusters_record(store, make_keeper):
     tried = {"client_0", "client_1", "client_5", "client_6"}
     store.insert_attempts([d for d in attempt_records("mine") if d["client"] in tried])
     keeper = make_keeper("reliability", 0.0)
-    scores = keeper._reliability_scores("mine", 0)
+    scores = keeper.selection.policy.scores("mine", 0)
     assert min(scores[c] for c in RELIABLE) > max(scores[c] for c in UNRELIABLE)
     assert scores["client_2"] < scores["client_0"]      # its own record still counts most
     for rnd in range(10):
-        picked = keeper._select("mine", rnd)
+        picked = keeper.selection.select("mine", rnd)
         assert {"client_0", "client_1"} <= set(picked) <= set(RELIABLE)
 
 
@@ -172,15 +172,38 @@ def test_random_selection_ignores_records_and_keeps_the_seeded_draw(store, make_
     for rnd in range(5):
         expected = sorted(np.random.default_rng([11, rnd]).choice(clients, size=4, replace=False).tolist(),
                           key=lambda c: int(c.split("_")[1]))
-        assert keeper._select("mine", rnd) == expected
+        assert keeper.selection.select("mine", rnd) == expected
 
 
 def test_scores_are_read_once_per_round(store, make_keeper):
     """async selects after every completion: the records are read once per
     round, and the next round sees what arrived meanwhile."""
     keeper = make_keeper("reliability", 0.0)
-    before = keeper._reliability_scores("mine", 0)
+    before = keeper.selection.policy.scores("mine", 0)
     store.insert_attempts(attempt_records("mine"))
-    assert keeper._reliability_scores("mine", 0) == before
-    after = keeper._reliability_scores("mine", 1)
+    assert keeper.selection.policy.scores("mine", 0) == before
+    after = keeper.selection.policy.scores("mine", 1)
     assert min(after[c] for c in RELIABLE) > max(after[c] for c in UNRELIABLE)
+
+
+def test_a_new_selection_policy_plugs_in_by_name():
+    from types import SimpleNamespace
+
+    from fedkeeper.keeper.selection import POLICIES, SelectionPolicy, Selector, make_policy, register
+
+    @register
+    class LowestIndex(SelectionPolicy):
+        name = "lowest_index_test"
+
+        def pick(self, session, rnd, candidates, k, seed):
+            return candidates[:k]
+
+    try:
+        clients = {f"client_{i}": "a" for i in (3, 1, 2, 0)}
+        selector = Selector(make_policy("lowest_index_test", SimpleNamespace(seed=0), clients, None), 2)
+        assert selector.select("s", 0) == ["client_0", "client_1"]
+        assert selector.select("s", 0, candidates=["client_3", "client_2"], k=1) == ["client_2"]
+    finally:
+        POLICIES.pop("lowest_index_test")
+    with pytest.raises(ValueError, match="no selection policy 'nope'"):
+        make_policy("nope", SimpleNamespace(seed=0), {}, None)

@@ -10,7 +10,7 @@ import pymongo
 import pytest
 
 from fedkeeper.store import INDEXES, Store
-from fedkeeper.store.embedded import EmbeddedMongo
+from fedkeeper.local.store import EmbeddedMongo
 from flcommon import store as fs
 from flcommon.blobs import BlobError
 
@@ -123,3 +123,91 @@ def test_embedded_server_is_reused_and_stops_cleanly(tmp_path):
             assert c.db.k.find_one({"x": 1}) is not None
     finally:
         server.stop()
+
+
+# --------------------------------------------------------------------------- a store that stops answering
+def _patience_with_fake_time(patience_s: float):
+    from fedkeeper.store.patience import Patience
+    t = [0.0]
+    slept: list[float] = []
+
+    def sleep(d: float) -> None:
+        slept.append(d)
+        t[0] += d
+
+    return Patience("db.example:27017", patience_s, backoff_s=0.5, backoff_max_s=4.0, sleep=sleep,
+                    clock=lambda: t[0]), slept
+
+
+def test_an_unreachable_store_is_waited_for_with_capped_backoff_then_named_in_one_line():
+    from fedkeeper.store import StoreUnavailable
+    patience, slept = _patience_with_fake_time(20.0)
+
+    def down():
+        raise pymongo.errors.ServerSelectionTimeoutError("127.0.0.1:1: [Errno 111] Connection refused, "
+                                                          "Timeout: 5s, Topology Description: <...>")
+
+    with pytest.raises(StoreUnavailable) as info:
+        patience.run(down)
+    assert slept[:4] == [0.5, 1.0, 2.0, 4.0] and max(slept) == 4.0
+    assert sum(slept) == pytest.approx(20.0)
+    text = str(info.value)
+    assert text.startswith("the store at db.example:27017 is unreachable") and "\n" not in text
+    assert "Topology" not in text
+
+
+def test_a_store_that_comes_back_is_used_again_and_a_landed_insert_counts_as_done():
+    patience, slept = _patience_with_fake_time(60.0)
+    calls = []
+
+    def flaky():
+        calls.append(1)
+        if len(calls) < 3:
+            raise pymongo.errors.AutoReconnect("connection reset")
+        if len(calls) == 3:
+            # The first try's insert landed before its answer was lost.
+            raise pymongo.errors.DuplicateKeyError("E11000 duplicate key")
+        return "ok"
+
+    assert patience.run(flaky, insert=True) is None
+    assert len(calls) == 3 and slept == [0.5, 1.0]
+    # Without an outage before it, a duplicate key is a real error.
+    with pytest.raises(pymongo.errors.DuplicateKeyError):
+        patience.run(lambda: (_ for _ in ()).throw(pymongo.errors.DuplicateKeyError("dup")), insert=True)
+
+
+def test_store_credentials_never_appear_in_its_address():
+    from fedkeeper.store.patience import display_address
+    assert display_address("mongodb://user:s3cret@db.example:27017/fl?tls=true") == "db.example:27017"
+    assert "s3cret" not in display_address("mongodb+srv://user:s3cret@cluster0.example.net")
+
+
+def test_keeper_queries_answer_from_the_store(store: Store):
+    store.create_session({"_id": "s"})
+    store.insert_attempts([
+        {"_id": 1, "session": "s", "round": 0, "client": "client_0", "attempt": 1, "function": "fl_client",
+         "state": "running", "cluster": "a"},
+        {"_id": 2, "session": "s", "round": 0, "client": "_fl_server_aggregator", "attempt": 2,
+         "function": "fl_server_aggregator", "state": "failed", "cluster": "a"},
+        {"_id": 3, "session": "s", "round": 1, "client": "client_1", "attempt": 1, "function": "fl_client",
+         "state": "succeeded", "cluster": "a", "duration_ms": 5.0}])
+    assert store.last_attempt("s", 0, "_fl_server_aggregator") == 2
+    assert store.last_attempt("s", 3, "client_0") == 0
+    assert [a["_id"] for a in store.running_client_attempts("s", 1)] == [1]
+    assert store.running_client_attempts("s", 0) == []
+    assert [a["_id"] for a in store.ended_client_attempts("s", ["succeeded", "failed"])] == [3]
+    assert set(store.attempts_by_id([1, 3])) == {1, 3}
+    for rnd, client in ((0, "client_0"), (1, "client_1"), (1, "client_2"), (2, "client_0")):
+        store.db[fs.UPDATES].insert_one({"session": "s", "round": rnd, "client": client, "status": "received"})
+    assert store.has_update("s", 1, "client_2") and not store.has_update("s", 0, "client_2")
+    assert sorted(store.received_updates("s", 1, 2)) == [("client_1", 1), ("client_2", 1)]
+    assert store.count_received_updates("s", 0, 2) == 3
+    store.mark_updates_stale("s", 1)
+    assert store.count_received_updates("s", 0, 3) == 3
+    assert store.received_updates("s", 0, 1) == []
+    assert store.heartbeat("s", now=123.0) and store.session("s")["heartbeat"] == 123.0
+    store.update_session("s", state="running")
+    assert store.mark_interrupted("s") and store.session("s")["state"] == "interrupted"
+    store.update_session("s", state="finished")
+    store.mark_interrupted("s")
+    assert store.session("s")["state"] == "finished"

@@ -1,8 +1,16 @@
-"""The keeper's MongoDB layer (schema: docs/store.md).
+"""The keeper's MongoDB layer (schema: docs/store.md). Every query the keeper
+makes is a method here.
 
 Writes from the round loop are batched (`bulk_write`) because the embedded
 server is slow with many concurrent writers; every field the code filters on
 has an index, because it is slow on unindexed queries too.
+
+Every call waits out a store that stopped answering for at most
+`Store.patience_s` (0: pymongo's own server selection wait only), then
+raises `StoreUnavailable` (store/patience.py).
+
+Rounds are numbered from 0 in the store (as every session ever written);
+what a user sees counts them from 1.
 """
 from __future__ import annotations
 
@@ -17,7 +25,10 @@ from pymongo import ASCENDING, DESCENDING, UpdateOne
 from flcommon import store as fs
 from flcommon.blobs import BlobError
 
-__all__ = ["Store", "BlobError", "SWEEPS", "connect"]
+from .patience import SERVER_SELECTION_MS, Patience, StoreUnavailable, display_address
+
+__all__ = ["Store", "BlobError", "SWEEPS", "StoreUnavailable", "connect", "effective_state",
+           "HEARTBEAT_S", "STALE_AFTER_S"]
 
 # One document per parameter sweep (`fedkeeper sweep`); only the keeper uses it.
 SWEEPS = "sweeps"
@@ -39,12 +50,32 @@ INDEXES: dict[str, list[tuple[list[tuple[str, int]], dict[str, Any]]]] = {
     f"{fs.BUCKET}.files": [([("metadata.session", ASCENDING), ("metadata.kind", ASCENDING)], {})],
 }
 
+# A running keeper writes `heartbeat` (epoch seconds) on its session document
+# every HEARTBEAT_S; a `running` session whose heartbeat is older than
+# STALE_AFTER_S has lost its keeper (killed, machine gone) and is shown as
+# `interrupted`, like one the user stopped with Ctrl-C.
+HEARTBEAT_S = 5.0
+STALE_AFTER_S = 30.0
+
 
 class Store:
-    def __init__(self, url: str, db_name: str):
+    def __init__(self, url: str, db_name: str, patience_s: float = 0.0):
         self.url = url
-        self.client = pymongo.MongoClient(url, serverSelectionTimeoutMS=10_000)
+        self.where = display_address(url)
+        self.client = pymongo.MongoClient(url, serverSelectionTimeoutMS=SERVER_SELECTION_MS)
         self.db = self.client[db_name]
+        self.patience = Patience(self.where, patience_s)
+
+    @property
+    def patience_s(self) -> float:
+        return self.patience.patience_s
+
+    @patience_s.setter
+    def patience_s(self, value: float) -> None:
+        self.patience.patience_s = value
+
+    def _run(self, fn, *args: Any, **kwargs: Any):
+        return self.patience.run(fn, *args, **kwargs)
 
     def close(self) -> None:
         self.client.close()
@@ -64,66 +95,137 @@ class Store:
     def create_session(self, doc: dict[str, Any]) -> None:
         doc.setdefault("created", time.time())
         doc.setdefault("state", "created")
-        self.db[fs.SESSIONS].insert_one(doc)
+        self._run(self.db[fs.SESSIONS].insert_one, doc, insert=True)
 
     def session(self, session_id: str) -> dict[str, Any] | None:
-        return self.db[fs.SESSIONS].find_one({"_id": session_id})
+        return self._run(self.db[fs.SESSIONS].find_one, {"_id": session_id})
 
     def latest_session(self) -> dict[str, Any] | None:
-        return self.db[fs.SESSIONS].find_one(sort=[("created", DESCENDING)])
+        return self._run(self.db[fs.SESSIONS].find_one, sort=[("created", DESCENDING)])
 
     def update_session(self, session_id: str, **fields: Any) -> None:
-        self.db[fs.SESSIONS].update_one({"_id": session_id}, {"$set": fields})
+        self._run(self.db[fs.SESSIONS].update_one, {"_id": session_id}, {"$set": fields})
+
+    def heartbeat(self, session_id: str, now: float | None = None, timeout_s: float = HEARTBEAT_S) -> bool:
+        """Write the keeper's heartbeat on the session (see effective_state).
+        Best effort, never waits longer than `timeout_s`: False when the
+        store did not take it."""
+        try:
+            with pymongo.timeout(timeout_s):
+                self.db[fs.SESSIONS].update_one({"_id": session_id},
+                                                {"$set": {"heartbeat": time.time() if now is None else now}})
+            return True
+        except pymongo.errors.PyMongoError:
+            return False
+
+    def mark_interrupted(self, session_id: str, timeout_s: float = 2.0, **fields: Any) -> bool:
+        """state: interrupted, best effort within `timeout_s` (the user is
+        waiting for the prompt); False when the store did not take it."""
+        try:
+            with pymongo.timeout(timeout_s):
+                self.db[fs.SESSIONS].update_one(
+                    {"_id": session_id, "state": {"$in": ["running", "interrupted"]}},
+                    {"$set": {"state": "interrupted", "interrupted": time.time(), **fields}})
+            return True
+        except pymongo.errors.PyMongoError:
+            return False
 
     # ------------------------------------------------------------- rounds
     def upsert_round(self, session: str, rnd: int, **fields: Any) -> None:
-        self.db[fs.ROUNDS].update_one({"session": session, "round": rnd},
-                                      {"$set": fields, "$setOnInsert": {"session": session, "round": rnd}},
-                                      upsert=True)
+        self._run(self.db[fs.ROUNDS].update_one, {"session": session, "round": rnd},
+                  {"$set": fields, "$setOnInsert": {"session": session, "round": rnd}}, upsert=True)
 
     def round(self, session: str, rnd: int) -> dict[str, Any] | None:
-        return self.db[fs.ROUNDS].find_one({"session": session, "round": rnd})
+        return self._run(self.db[fs.ROUNDS].find_one, {"session": session, "round": rnd})
 
     def rounds(self, session: str) -> list[dict[str, Any]]:
-        return list(self.db[fs.ROUNDS].find({"session": session}).sort("round", ASCENDING))
+        return self._run(lambda: list(self.db[fs.ROUNDS].find({"session": session}).sort("round", ASCENDING)))
 
     # ------------------------------------------------------------- invocations
     def insert_attempts(self, docs: Sequence[dict[str, Any]]) -> None:
         if docs:
-            self.db[fs.INVOCATIONS].insert_many(list(docs), ordered=False)
+            self._run(self.db[fs.INVOCATIONS].insert_many, list(docs), ordered=False, insert=True)
 
     def update_attempts(self, changes: Iterable[tuple[Any, dict[str, Any]]]) -> None:
         ops = [UpdateOne({"_id": _id}, {"$set": fields}) for _id, fields in changes]
         if ops:
-            self.db[fs.INVOCATIONS].bulk_write(ops, ordered=False)
+            self._run(self.db[fs.INVOCATIONS].bulk_write, ops, ordered=False)
 
     def attempts(self, session: str, rnd: int | None = None) -> list[dict[str, Any]]:
         q: dict[str, Any] = {"session": session}
         if rnd is not None:
             q["round"] = rnd
-        return list(self.db[fs.INVOCATIONS].find(q).sort([("round", 1), ("client", 1), ("attempt", 1)]))
+        return self._run(lambda: list(self.db[fs.INVOCATIONS].find(q).sort(
+            [("round", 1), ("client", 1), ("attempt", 1)])))
+
+    def attempts_by_id(self, ids: Sequence[Any]) -> dict[Any, dict[str, Any]]:
+        """The attempt documents with these ids, by id."""
+        return self._run(lambda: {d["_id"]: d for d in self.db[fs.INVOCATIONS].find({"_id": {"$in": list(ids)}})})
+
+    def last_attempt(self, session: str, rnd: int, client: str) -> int:
+        """The highest attempt number recorded for (session, round, client), 0 if none."""
+        docs = self._run(lambda: list(self.db[fs.INVOCATIONS].find(
+            {"session": session, "round": rnd, "client": client}, {"attempt": 1})))
+        return max((int(d["attempt"]) for d in docs), default=0)
+
+    def ended_client_attempts(self, session: str, ended_states: Iterable[str]) -> list[dict[str, Any]]:
+        """The session's fl_client attempts that ended, with the fields
+        reliability scores read."""
+        return self._run(lambda: list(self.db[fs.INVOCATIONS].find(
+            {"session": session, "function": "fl_client", "state": {"$in": list(ended_states)}},
+            {"client": 1, "cluster": 1, "state": 1, "error_class": 1, "cold_start": 1, "duration_ms": 1})))
+
+    def running_client_attempts(self, session: str, before_round: int) -> list[dict[str, Any]]:
+        """fl_client attempts of rounds before `before_round` still `running`."""
+        return self._run(lambda: list(self.db[fs.INVOCATIONS].find(
+            {"session": session, "state": "running", "function": "fl_client",
+             "round": {"$lt": before_round}})))
 
     # ------------------------------------------------------------- events
     def event(self, session: str, kind: str, message: str, **data: Any) -> None:
-        self.db[fs.EVENTS].insert_one({"session": session, "ts": time.time(), "kind": kind,
-                                       "message": message, **data})
+        self._run(self.db[fs.EVENTS].insert_one, {"session": session, "ts": time.time(), "kind": kind,
+                                                  "message": message, **data}, insert=True)
 
     def events(self, session: str) -> list[dict[str, Any]]:
-        return list(self.db[fs.EVENTS].find({"session": session}).sort("ts", ASCENDING))
+        return self._run(lambda: list(self.db[fs.EVENTS].find({"session": session}).sort("ts", ASCENDING)))
 
     # ------------------------------------------------------------- updates, models
     def delivered_clients(self, session: str, rnd: int) -> set[str]:
-        cur = self.db[fs.UPDATES].find({"session": session, "round": rnd}, {"client": 1})
-        return {d["client"] for d in cur}
+        return self._run(lambda: {d["client"] for d in self.db[fs.UPDATES].find(
+            {"session": session, "round": rnd}, {"client": 1})})
+
+    def has_update(self, session: str, rnd: int, client: str) -> bool:
+        return self._run(self.db[fs.UPDATES].find_one, {"session": session, "round": rnd, "client": client},
+                         {"_id": 1}) is not None
+
+    def received_updates(self, session: str, lo: int, hi: int) -> list[tuple[str, int]]:
+        """(client, round) of updates received and not yet aggregated, of
+        rounds lo <= round < hi."""
+        return self._run(lambda: [(d["client"], d["round"]) for d in self.db[fs.UPDATES].find(
+            {"session": session, "status": "received", "round": {"$gte": lo, "$lt": hi}},
+            {"client": 1, "round": 1})])
+
+    def count_received_updates(self, session: str, lo: int, hi: int) -> int:
+        """How many updates of rounds lo <= round < hi wait to be aggregated.
+        (`$lt hi`, never `$lte`: the embedded store reads $lte as $lt on a
+        field that a compound index continues past.)"""
+        return self._run(self.db[fs.UPDATES].count_documents,
+                         {"session": session, "status": "received", "round": {"$gte": lo, "$lt": hi}})
+
+    def mark_updates_stale(self, session: str, before_round: int) -> None:
+        """Received updates of rounds before `before_round` will never be aggregated."""
+        self._run(self.db[fs.UPDATES].update_many,
+                  {"session": session, "status": "received", "round": {"$lt": before_round}},
+                  {"$set": {"status": "stale"}})
 
     def updates(self, session: str, rnd: int | None = None) -> list[dict[str, Any]]:
         q: dict[str, Any] = {"session": session}
         if rnd is not None:
             q["round"] = rnd
-        return list(self.db[fs.UPDATES].find(q).sort([("round", 1), ("client", 1)]))
+        return self._run(lambda: list(self.db[fs.UPDATES].find(q).sort([("round", 1), ("client", 1)])))
 
     def model(self, session: str, rnd: int) -> dict[str, Any] | None:
-        return self.db[fs.MODELS].find_one({"session": session, "round": rnd})
+        return self._run(self.db[fs.MODELS].find_one, {"session": session, "round": rnd})
 
     # ------------------------------------------------------------- sweeps
     def create_sweep(self, doc: dict[str, Any]) -> bool:
@@ -148,14 +250,6 @@ class Store:
 
     def get_arrays(self, blob_id: ObjectId) -> list[np.ndarray]:
         return fs.get_arrays(self.db, blob_id)
-
-
-# A running keeper writes `heartbeat` (epoch seconds) on its session document
-# every HEARTBEAT_S; a `running` session whose heartbeat is older than
-# STALE_AFTER_S has lost its keeper (killed, machine gone) and is shown as
-# `interrupted`, like one the user stopped with Ctrl-C.
-HEARTBEAT_S = 5.0
-STALE_AFTER_S = 30.0
 
 
 def effective_state(session_doc: dict[str, Any], now: float | None = None) -> str:

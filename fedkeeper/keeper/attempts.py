@@ -1,0 +1,361 @@
+"""The attempt state machine: slots, attempts, backoff, per-attempt deadlines,
+quorum and the round deadline. Pure: no store, no provider, no sleeping.
+
+The I/O layer (dispatch.py) asks it what to do and tells it what happened:
+
+    due = table.begin_due()            # slots to invoke now (attempt numbers taken)
+    table.started(slot, invocation)    # the platform accepted it
+    verdict = table.failed(slot, error_class, error, retry_after)
+    if verdict.redeploy: ...           # the function is missing: redeploy first
+    table.delivered(slot)
+    table.overdue()                    # running past function timeout + grace
+    table.lost(slot)                   # the platform does not know it: at once again
+    closing = round.verdict()          # None, or why the round stops waiting
+
+Time comes from an injected clock (epoch seconds), jitter from a seeded rng,
+so every path runs in a unit test in microseconds.
+
+A slot's `round` is the store's round number, 0-based (see the package doc).
+"""
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+from ..providers import ErrorClass, Invocation
+
+Clock = Callable[[], float]
+
+WAITING, SUBMITTING, RUNNING, DELIVERED, FAILED = "waiting", "submitting", "running", "delivered", "failed"
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """training.retries plus the attempt grace, as the state machine reads them."""
+
+    max_attempts: int = 3
+    backoff_s: float = 0.5
+    backoff_max_s: float = 15.0
+    jitter: float = 0.5
+    grace_s: float = 10.0          # on top of the function's timeout, per attempt
+
+    @classmethod
+    def from_training(cls, training: Any) -> "RetryPolicy":
+        r = training.retries
+        return cls(r.max_attempts, r.backoff_s, r.backoff_max_s, r.jitter, training.attempt_grace_s)
+
+    def backoff(self, attempt: int, rng: random.Random, retry_after: float | None = None) -> float:
+        """Delay before the retry that follows failed attempt `attempt` (1-based):
+        exponential, capped at backoff_max_s, +-jitter; never shorter than
+        what the platform asked for (Retry-After)."""
+        base = min(self.backoff_max_s, self.backoff_s * (2 ** max(0, attempt - 1)))
+        delay = base * (1 + self.jitter * (2 * rng.random() - 1))
+        return max(delay, retry_after or 0.0)
+
+
+@dataclass
+class Slot:
+    """One client (or one helper call) in one round, across its attempts."""
+
+    client: str
+    cluster: str
+    round: int = 0                  # the model round the client trains from
+    attempt: int = 0                # the last attempt number taken
+    state: str = WAITING            # waiting | submitting | running | delivered | failed
+    next_try: float = 0.0
+    inv: Invocation | None = None
+    doc_id: Any = None
+    deadline: float = 0.0           # per attempt: function timeout + grace
+    last_error: str | None = None
+    result: dict[str, Any] | None = None
+    function: str = "fl_client"
+    # Attempts that do not count against max_attempts: made by an earlier
+    # keeper (helper calls continue its numbering) or that never reached
+    # the platform / were lost by it.
+    uncounted: int = 0
+
+    @property
+    def counted(self) -> int:
+        return self.attempt - self.uncounted
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """What a failed attempt leads to."""
+
+    retry: bool                     # waiting for another attempt (at slot.next_try)
+    redeploy: bool = False          # redeploy the function before that attempt
+
+
+class AttemptTable:
+    """The slots one dispatch drives (a round, or async's jobs)."""
+
+    def __init__(self, policy: RetryPolicy, clock: Clock, rng: random.Random | None = None,
+                 slots: Iterable[Slot] = ()):
+        self.policy = policy
+        self.clock = clock
+        self.rng = rng or random.Random()
+        # Keyed by (client, round): a straggler of an earlier round and the
+        # same client's slot in this one are different slots.
+        self.slots: dict[tuple[str, int], Slot] = {(s.client, s.round): s for s in slots}
+
+    def add(self, slot: Slot) -> Slot:
+        self.slots[(slot.client, slot.round)] = slot
+        return slot
+
+    def remove(self, slot: Slot) -> None:
+        self.slots.pop((slot.client, slot.round), None)
+
+    def keep_only(self, *states: str) -> list[Slot]:
+        """Drop the slots in other states; returns the dropped ones."""
+        dropped = [s for s in self.slots.values() if s.state not in states]
+        for s in dropped:
+            self.remove(s)
+        return dropped
+
+    def __len__(self) -> int:
+        return len(self.slots)
+
+    def __iter__(self):
+        return iter(list(self.slots.values()))
+
+    def in_state(self, *states: str) -> list[Slot]:
+        return [s for s in self.slots.values() if s.state in states]
+
+    # -------------------------------------------------------------- attempts
+    def due(self) -> list[Slot]:
+        now = self.clock()
+        return [s for s in self.slots.values() if s.state == WAITING and s.next_try <= now]
+
+    def begin(self, slots: Iterable[Slot]) -> list[Slot]:
+        """Take the next attempt number for each slot (its record is written
+        before the invocation, so a killed keeper leaves a trace)."""
+        out = []
+        for s in slots:
+            s.attempt += 1
+            s.state, s.inv, s.result = SUBMITTING, None, None
+            out.append(s)
+        return out
+
+    def begin_due(self) -> list[Slot]:
+        return self.begin(self.due())
+
+    def started(self, s: Slot, inv: Invocation, timeout_s: float) -> None:
+        s.inv, s.state = inv, RUNNING
+        s.deadline = self.clock() + timeout_s + self.policy.grace_s
+
+    def adopted(self, s: Slot, inv: Invocation, timeout_s: float) -> None:
+        """A running attempt made by an earlier keeper: its deadline runs
+        from when it was submitted."""
+        s.inv, s.state = inv, RUNNING
+        s.deadline = inv.submitted_at + timeout_s + self.policy.grace_s
+
+    def delivered(self, s: Slot, result: dict[str, Any] | None = None) -> None:
+        s.state, s.inv, s.result = DELIVERED, None, result
+
+    def failed(self, s: Slot, ec: ErrorClass | None, error: str, retry_after: float | None = None,
+               *, reached: bool = True) -> Verdict:
+        """An attempt failed. Non-retryable classes (auth, payload too large)
+        end the slot at once; otherwise it waits for a backed-off retry while
+        attempts remain. A missing function asks for a redeploy first.
+        `reached=False`: the attempt never reached the platform (it was
+        unreachable): it does not count against max_attempts, the caller
+        bounds such waits per cluster (ClusterHealth)."""
+        s.inv = None
+        s.last_error = f"{ec.value if ec else 'error'}: {error}"
+        if not reached:
+            s.uncounted += 1
+        redeploy = ec == ErrorClass.FUNCTION_MISSING
+        if (ec is not None and not ec.retryable) or s.counted >= self.policy.max_attempts:
+            s.state = FAILED
+            return Verdict(retry=False, redeploy=False)
+        s.state = WAITING
+        s.next_try = self.clock() + self.policy.backoff(max(1, s.counted), self.rng, retry_after)
+        return Verdict(retry=True, redeploy=redeploy)
+
+    def lost(self, s: Slot, why: str) -> None:
+        """The platform does not know this running attempt (its service
+        restarted since): invoke again at once, without counting it."""
+        s.inv, s.state, s.next_try = None, WAITING, self.clock()
+        s.uncounted += 1
+        s.last_error = why
+
+    def give_up(self, s: Slot, why: str) -> None:
+        if s.state in (WAITING, RUNNING, SUBMITTING):
+            s.state, s.inv = FAILED, None
+            s.last_error = s.last_error or why
+
+    def overdue(self) -> list[Slot]:
+        """Running attempts past their own deadline (no outcome within the
+        function timeout plus grace)."""
+        now = self.clock()
+        return [s for s in self.slots.values() if s.state == RUNNING and now > s.deadline]
+
+    def exhausted(self, s: Slot) -> bool:
+        return s.counted >= self.policy.max_attempts
+
+    # -------------------------------------------------------------- summary
+    def counts(self) -> dict[str, int]:
+        c = {k: 0 for k in (DELIVERED, FAILED, RUNNING, WAITING)}
+        for s in self.slots.values():
+            key = RUNNING if s.state == SUBMITTING else s.state
+            c[key] = c.get(key, 0) + 1
+        c["retrying"] = sum(1 for s in self.slots.values() if s.attempt > 1 and s.state in (RUNNING, WAITING))
+        return c
+
+    def sleep_hint(self, poll_s: float = 0.02) -> float:
+        """How long the loop may sleep: poll while anything runs, else until
+        the next retry is due (bounded)."""
+        if any(s.state == RUNNING for s in self.slots.values()):
+            return poll_s
+        waits = [s.next_try for s in self.slots.values() if s.state == WAITING]
+        if not waits:
+            return poll_s
+        return min(0.2, max(0.005, min(waits) - self.clock()))
+
+
+# ---------------------------------------------------------------- rounds
+COMPLETE, QUORUM, DEADLINE = "complete", "quorum", "deadline"
+
+
+def quorum_needed(fraction: float, selected: int) -> int:
+    return math.ceil(fraction * selected)
+
+
+def quorum_met(included: int, stale: int, needed: int) -> bool:
+    """Stale updates count towards the quorum as they count in the
+    aggregate; a round with nothing to aggregate never meets it."""
+    return included + stale >= needed and included + stale > 0
+
+
+@dataclass
+class Closing:
+    """How a round stopped waiting, and what becomes of its slots."""
+
+    why: str                                           # complete | quorum | deadline
+    abandoned: list[Slot] = field(default_factory=list)  # running attempts given up
+    stragglers: list[Slot] = field(default_factory=list)  # running attempts left to run
+
+
+class RoundDispatch:
+    """The closing rules of one sync or semi_async round over its table.
+
+    sync (`close_at` None): the round waits until every slot delivered or
+    failed for good, or the round deadline passes; then running attempts are
+    abandoned. semi_async: it also closes once `close_at` slots delivered,
+    and running attempts then straggle on (tracked in later rounds)."""
+
+    def __init__(self, table: AttemptTable, deadline_s: float, close_at: int | None = None):
+        self.table = table
+        self.deadline = table.clock() + deadline_s
+        self.close_at = close_at
+
+    def past_deadline(self) -> bool:
+        return self.table.clock() >= self.deadline
+
+    def to_invoke(self) -> list[Slot]:
+        """Due slots, their attempt numbers taken; none once the deadline passed."""
+        return [] if self.past_deadline() else self.table.begin_due()
+
+    def verdict(self) -> str | None:
+        c = self.table.counts()
+        if c[RUNNING] == 0 and c[WAITING] == 0:
+            return COMPLETE
+        if self.close_at is not None and c[DELIVERED] >= self.close_at:
+            return QUORUM
+        if self.past_deadline():
+            return DEADLINE
+        return None
+
+    def close(self, why: str) -> Closing:
+        closing = Closing(why)
+        for s in self.table:
+            if s.state == RUNNING:
+                if self.close_at is None:
+                    closing.abandoned.append(s)
+                    s.state, s.inv = FAILED, None
+                    s.last_error = s.last_error or "round deadline passed"
+                else:
+                    closing.stragglers.append(s)
+            elif s.state == WAITING:
+                s.state = FAILED
+                s.last_error = s.last_error or ("round deadline passed" if why == DEADLINE
+                                                else "round closed before a retry")
+        return closing
+
+    def delivered_clients(self, order: Callable[[str], Any]) -> list[str]:
+        return sorted((s.client for s in self.table if s.state == DELIVERED), key=order)
+
+
+# ---------------------------------------------------------------- clusters
+@dataclass
+class ClusterOutage:
+    since: float
+    failures: int = 0
+    next_probe: float = 0.0
+    last_logged: float = 0.0
+    restarted: bool = False
+    error: str = ""
+
+
+@dataclass(frozen=True)
+class HealthVerdict:
+    log: bool                       # say so in the run log (once, then every log_every_s)
+    restart: bool = False           # ask the provider to restart a local service it owns
+    give_up: bool = False           # the cluster is gone: stop, the session stays resumable
+
+
+class ClusterHealth:
+    """Which clusters stopped answering, when to ask them again (capped
+    exponential backoff), when to log it (once, then at most every
+    `log_every_s`), when to try a restart and when to give up."""
+
+    def __init__(self, clock: Clock, patience_s: float = 60.0, backoff_s: float = 0.25,
+                 backoff_max_s: float = 8.0, log_every_s: float = 10.0, restart_after: int = 2):
+        self.clock = clock
+        self.patience_s = patience_s
+        self.backoff_s = backoff_s
+        self.backoff_max_s = backoff_max_s
+        self.log_every_s = log_every_s
+        self.restart_after = restart_after
+        self.down: dict[str, ClusterOutage] = {}
+
+    def may_probe(self, cluster: str) -> bool:
+        o = self.down.get(cluster)
+        return o is None or self.clock() >= o.next_probe
+
+    def next_probe(self, cluster: str) -> float:
+        o = self.down.get(cluster)
+        return self.clock() if o is None else o.next_probe
+
+    def failed(self, cluster: str, error: str, *, can_restart: bool) -> HealthVerdict:
+        now = self.clock()
+        o = self.down.get(cluster)
+        first = o is None
+        if o is None:
+            o = self.down[cluster] = ClusterOutage(since=now)
+        o.failures += 1
+        o.error = error
+        o.next_probe = now + min(self.backoff_max_s, self.backoff_s * 2 ** (o.failures - 1))
+        log_it = first or now - o.last_logged >= self.log_every_s
+        if log_it:
+            o.last_logged = now
+        if can_restart and not o.restarted and o.failures >= self.restart_after:
+            o.restarted = True
+            return HealthVerdict(log=log_it, restart=True)
+        if now - o.since >= self.patience_s:
+            return HealthVerdict(log=True, give_up=True)
+        return HealthVerdict(log=log_it)
+
+    def restarted(self, cluster: str) -> None:
+        """A restart answered: probe at once; the outage clock runs on, so
+        a service that dies again is still given up in bounded time."""
+        o = self.down.get(cluster)
+        if o is not None:
+            o.next_probe = self.clock()
+
+    def ok(self, cluster: str) -> ClusterOutage | None:
+        """The cluster answered; returns the outage that ended, if any."""
+        return self.down.pop(cluster, None)

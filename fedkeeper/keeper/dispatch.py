@@ -1,0 +1,380 @@
+"""Dispatch and tracking: carries out what the attempt state machine decides.
+
+Invokes clients (directly or through fl_invoker), tracks them in batches,
+records every attempt as a store document (written before the invocation,
+so a killed keeper leaves a trace of everything it may have started), calls
+the helper functions (init, aggregator, invoker) with the same bounded
+retries, redeploys a missing function, and keeps a cluster that stopped
+answering from flooding the log: it is asked again with a capped backoff,
+its local service is restarted when its provider owns one, and it is given
+up (ClusterLost) after a bounded wait.
+"""
+from __future__ import annotations
+
+import logging
+import random
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable, Iterable, Sequence
+
+from bson import ObjectId
+
+from flcommon.auth import signed
+
+from ..providers import ErrorClass, Invocation, Outcome, ProviderError
+from ..runtime import Placement
+from .attempts import (RUNNING, AttemptTable, ClusterHealth, RetryPolicy, Slot)
+from .errors import ClusterLost, SessionError
+from .events import RoundEvents, shown
+
+log = logging.getLogger("fedkeeper.keeper")
+
+ENDED_STATES = ("succeeded", "failed", "timed_out", "abandoned")
+
+
+class Platforms:
+    """What dispatch needs from the runtime: providers, function specs,
+    each cluster's invocation mode, redeploys and signed payloads."""
+
+    def __init__(self, rt: Any):
+        self.rt = rt
+        self._specs: dict[tuple[str, str], Any] = {}
+
+    def provider(self, cluster: str):
+        return self.rt.provider(cluster)
+
+    def spec(self, cluster: str, function: str):
+        key = (cluster, function)
+        if key not in self._specs:
+            section = self.rt.cfg.providers.clusters()[cluster][0]
+            self._specs[key] = self.rt.function_spec(function, section)
+        return self._specs[key]
+
+    def via_invoker(self, cluster: str) -> bool:
+        return getattr(self.rt.cfg.providers.clusters()[cluster][1], "invocation", "direct") == "via_invoker"
+
+    def redeploy(self, cluster: str, function: str) -> None:
+        section = self.rt.cfg.providers.clusters()[cluster][0]
+        self.rt.deploy([Placement(cluster, section, self.spec(cluster, function))])
+
+    def payload(self, **ids: Any) -> dict[str, Any]:
+        return signed(self.rt.secret, ids)
+
+
+def outcome_fields(out: Outcome, now: float) -> dict[str, Any]:
+    """An outcome as the fields of its attempt document."""
+    fields: dict[str, Any] = {
+        "platform_id": out.platform_id or None,
+        "state": "succeeded" if out.ok and not (out.result or {}).get("error") else "failed",
+        "error_class": out.error_class.value if out.error_class else None,
+        "error": out.error or (out.result or {}).get("error"),
+        "start": out.start, "end": out.end, "duration_ms": out.duration_ms,
+        "wait_ms": out.wait_ms, "init_ms": out.init_ms, "cold_start": out.cold_start,
+        "finished": now,
+    }
+    res = out.result or {}
+    summary = {k: res[k] for k in ("num_examples", "metrics", "timings", "duplicate") if k in res}
+    if summary:
+        fields["result"] = summary
+    return fields
+
+
+class Dispatcher:
+    INVOKER_BATCH = 40  # client payloads per fl_invoker call: keeps its payload small
+
+    def __init__(self, platforms: Platforms, store: Any, policy: RetryPolicy, events: RoundEvents, *,
+                 clock: Callable[[], float] = time.time, sleep: Callable[[float], None] = time.sleep,
+                 rng: random.Random | None = None, cluster_patience_s: float = 60.0):
+        self.platforms = platforms
+        self.store = store
+        self.policy = policy
+        self.events = events
+        self.clock = clock
+        self.sleep = sleep
+        self.rng = rng or random.Random()
+        self.health = ClusterHealth(clock, patience_s=cluster_patience_s)
+        # Called once per attempt that ends: (cluster, platform, state,
+        # error_class, duration_s, cold_start, function=...), e.g. metrics.
+        self.attempt_ended: Callable[..., None] | None = None
+        self._attempt_where: dict[Any, tuple[str, str, str]] = {}
+
+    def table(self, slots: Iterable[Slot] = ()) -> AttemptTable:
+        return AttemptTable(self.policy, self.clock, self.rng, slots)
+
+    def check_invocation_modes(self, clusters: Iterable[str]) -> None:
+        """via_invoker needs a platform that tracks invocations by id alone:
+        on HTTP platforms the answer belongs to the connection that called."""
+        for cluster in dict.fromkeys(clusters):
+            provider = self.platforms.provider(cluster)
+            if self.platforms.via_invoker(cluster) and not provider.tracks_foreign_invocations:
+                raise SessionError(f"cluster {cluster}: invocation: via_invoker needs a platform whose "
+                                   f"invocations can be tracked by id ({provider.platform} cannot); "
+                                   "use invocation: direct")
+
+    # ------------------------------------------------------------------ attempt records
+    def remember(self, doc_id: Any, cluster: str, platform: str, function: str) -> None:
+        self._attempt_where[doc_id] = (cluster, platform, function)
+
+    def insert_attempts(self, docs: list[dict[str, Any]]) -> None:
+        for d in docs:
+            self.remember(d["_id"], d["cluster"], d["platform"], d["function"])
+        self.store.insert_attempts(docs)
+
+    def update_attempts(self, changes: list[tuple[Any, dict[str, Any]]]) -> None:
+        self.store.update_attempts(changes)
+        if self.attempt_ended is None:
+            return
+        for doc_id, fields in changes:
+            where = self._attempt_where.get(doc_id)
+            if where and fields.get("state") in ENDED_STATES:
+                d = fields.get("duration_ms")
+                self.attempt_ended(where[0], where[1], fields["state"], fields.get("error_class"),
+                                   d / 1000 if d is not None else None, fields.get("cold_start"),
+                                   function=where[2])
+
+    def abandon(self, slots: Iterable[Slot], why: str) -> None:
+        """Running attempts given up: recorded as abandoned. An update one of
+        them still stores cannot count twice (its key is unique)."""
+        now = self.clock()
+        self.update_attempts([(s.doc_id, {"state": "abandoned", "error": why, "finished": now})
+                              for s in slots])
+
+    # ------------------------------------------------------------------ clusters
+    def cluster_failed(self, cluster: str, error: str, running: Iterable[tuple[AttemptTable, Slot]] = ()) -> None:
+        """A cluster did not answer (tracking or invoking). Logs it once and
+        then at most every ~10 s, restarts its local service once when the
+        provider owns one, and raises ClusterLost when it stays gone."""
+        provider = self.platforms.provider(cluster)
+        # Every provider answers restart_local_service (False: it owns none).
+        verdict = self.health.failed(cluster, error, can_restart=True)
+        outage = self.health.down[cluster]
+        if verdict.give_up:
+            self.events.emit("service", service=f"cluster {cluster}", state="gone", message=error)
+            raise ClusterLost(cluster, f"no answer for {self.clock() - outage.since:.0f}s: {error}")
+        if verdict.log:
+            if outage.failures == 1:
+                log.warning("cluster %s does not answer (%s); asking again with backoff", cluster, error)
+                self.events.emit("service", service=f"cluster {cluster}", state="waiting", message=error)
+            else:
+                log.warning("cluster %s still does not answer after %.0fs (%d tries): %s", cluster,
+                            self.clock() - outage.since, outage.failures, error)
+        if verdict.restart:
+            try:
+                restarted = provider.restart_local_service()
+            except (ProviderError, OSError) as exc:
+                log.warning("cluster %s: restarting its local service failed: %s", cluster, exc)
+                restarted = False
+            if restarted:
+                log.warning("cluster %s: its local service was restarted; attempts running on it are "
+                            "invoked again", cluster)
+                self.events.emit("service", service=f"cluster {cluster}", state="restarted",
+                                 message="local service restarted")
+                self.health.restarted(cluster)
+                lost = [(t, s) for t, s in running if s.state == RUNNING and s.cluster == cluster]
+                self._record_lost(lost, "its platform restarted; invoked again")
+
+    def check_clusters(self) -> None:
+        """Raise ClusterLost for a cluster still unreachable: a round that
+        failed while one was gone failed because of it, and stays resumable."""
+        for cluster, outage in self.health.down.items():
+            raise ClusterLost(cluster, f"no answer for {self.clock() - outage.since:.0f}s: {outage.error}")
+
+    def cluster_answered(self, cluster: str) -> None:
+        outage = self.health.ok(cluster)
+        if outage is not None:
+            log.warning("cluster %s answers again after %.0fs", cluster, self.clock() - outage.since)
+            self.events.emit("service", service=f"cluster {cluster}", state="back", message="")
+
+    def _record_lost(self, lost: list[tuple[AttemptTable, Slot]], why: str) -> None:
+        if not lost:
+            return
+        now = self.clock()
+        self.update_attempts([(s.doc_id, {"state": "failed", "error_class": ErrorClass.PLATFORM_ERROR.value,
+                                          "error": why, "finished": now}) for _, s in lost])
+        for table, s in lost:
+            table.lost(s, f"platform_error: {why}")
+
+    # ------------------------------------------------------------------ client attempts
+    def submit(self, session: str, rnd: int, table: AttemptTable, ready: list[Slot]) -> None:
+        """Invoke slots whose attempt numbers were taken (table.begin)."""
+        if not ready:
+            return
+        now = self.clock()
+        docs = []
+        for s in ready:
+            s.doc_id = ObjectId()
+            docs.append({"_id": s.doc_id, "session": session, "round": rnd, "client": s.client,
+                         "attempt": s.attempt, "cluster": s.cluster,
+                         "platform": self.platforms.provider(s.cluster).platform,
+                         "function": "fl_client", "memory_mb": self.platforms.spec(s.cluster, "fl_client").memory_mb,
+                         "state": "submitting", "submitted": now,
+                         "via": "invoker" if self.platforms.via_invoker(s.cluster) else "direct"})
+        self.insert_attempts(docs)
+
+        def invoke(s: Slot):
+            payload = self.platforms.payload(function="fl_client", session=session, round=rnd,
+                                             client=s.client, attempt=s.attempt)
+            try:
+                return s, self.platforms.provider(s.cluster).invoke("fl_client", payload), None
+            except ProviderError as exc:
+                return s, None, exc
+
+        direct = [s for s in ready if not self.platforms.via_invoker(s.cluster)]
+        results = []
+        if direct:
+            with ThreadPoolExecutor(max_workers=min(16, len(direct))) as ex:
+                results = list(ex.map(invoke, direct))
+        results += self._submit_via_invoker(session, rnd, [s for s in ready if self.platforms.via_invoker(s.cluster)])
+        changes = []
+        unreachable: dict[str, str] = {}
+        for s, inv, err in results:
+            if inv is not None:
+                table.started(s, inv, self.platforms.spec(s.cluster, "fl_client").timeout_s)
+                changes.append((s.doc_id, {"state": "running", "platform_id": inv.platform_id,
+                                           "submitted": inv.submitted_at}))
+                continue
+            changes.append((s.doc_id, {"state": "failed", "error_class": err.error_class.value,
+                                       "error": str(err), "finished": self.clock()}))
+            reached = err.error_class != ErrorClass.UNREACHABLE
+            verdict = table.failed(s, err.error_class, str(err), err.retry_after, reached=reached)
+            if not reached:
+                unreachable[s.cluster] = str(err)
+                s.next_try = max(s.next_try, self.health.next_probe(s.cluster))
+            if verdict.redeploy:
+                self.platforms.redeploy(s.cluster, "fl_client")
+        self.update_attempts(changes)
+        for cluster, error in unreachable.items():
+            self.cluster_failed(cluster, error)
+            for s in ready:
+                if s.cluster == cluster and s.state == "waiting":
+                    s.next_try = max(s.next_try, self.health.next_probe(cluster))
+        for cluster in {s.cluster for s, inv, _ in results if inv is not None}:
+            self.cluster_answered(cluster)
+
+    def _submit_via_invoker(self, session: str, rnd: int, slots: list[Slot]):
+        """Hand a cluster's clients to fl_invoker, which invokes them inside
+        the cluster and writes each platform id on the attempt document."""
+        out = []
+        by_cluster: dict[str, list[Slot]] = {}
+        for s in slots:
+            by_cluster.setdefault(s.cluster, []).append(s)
+        for cluster, group in by_cluster.items():
+            for i in range(0, len(group), self.INVOKER_BATCH):
+                batch = group[i:i + self.INVOKER_BATCH]
+                calls = [self.platforms.payload(function="fl_client", session=session, round=rnd,
+                                                client=s.client, attempt=s.attempt) for s in batch]
+                try:
+                    res = self.call(cluster, session, rnd, "fl_invoker", target="fl_client", calls=calls)
+                except SessionError as exc:
+                    out += [(s, None, ProviderError(ErrorClass.PLATFORM_ERROR, str(exc))) for s in batch]
+                    continue
+                failed = {f["client"]: f.get("error", "failed") for f in res.get("failed", [])}
+                docs = self.store.attempts_by_id([s.doc_id for s in batch])
+                for s in batch:
+                    pid = docs.get(s.doc_id, {}).get("platform_id")
+                    if pid and s.client not in failed:
+                        out.append((s, Invocation("fl_client", pid, self.clock()), None))
+                    else:
+                        out.append((s, None, ProviderError(ErrorClass.PLATFORM_ERROR,
+                                                           f"fl_invoker: {failed.get(s.client, 'no platform id')}")))
+        return out
+
+    def track(self, session: str, tables: Sequence[AttemptTable]) -> None:
+        """Ask each cluster how the running attempts went, record the
+        outcomes and move each slot on: delivered, waiting for a retry, or
+        failed for good; an attempt past its own deadline is timed out."""
+        running = [(t, s) for t in tables for s in t if s.state == RUNNING]
+        by_cluster: dict[str, list[tuple[AttemptTable, Slot]]] = {}
+        for t, s in running:
+            by_cluster.setdefault(s.cluster, []).append((t, s))
+        changes: list[tuple[Any, dict[str, Any]]] = []
+        for cluster, group in by_cluster.items():
+            if not self.health.may_probe(cluster):
+                continue
+            provider = self.platforms.provider(cluster)
+            try:
+                lost_ids = set(provider.lost_invocations([s.inv for _, s in group]))
+                outcomes = provider.track([s.inv for _, s in group if s.inv.platform_id not in lost_ids])
+            except ProviderError as exc:
+                self.cluster_failed(cluster, str(exc), running)
+                continue
+            self.cluster_answered(cluster)
+            if lost_ids:
+                lost = [(t, s) for t, s in group if s.inv.platform_id in lost_ids]
+                log.warning("cluster %s does not know %d running attempt(s) (its service restarted); "
+                            "invoking them again", cluster, len(lost))
+                self._record_lost(lost, "unknown to the platform (its service restarted); invoked again")
+            by_id = {s.inv.platform_id: (t, s) for t, s in group if s.inv is not None}
+            for out in outcomes:
+                hit = by_id.get(out.platform_id)
+                if hit is None:
+                    continue
+                table, s = hit
+                fields = outcome_fields(out, self.clock())
+                changes.append((s.doc_id, fields))
+                if fields["state"] == "succeeded" or self.store.has_update(session, s.round, s.client):
+                    # A failed attempt whose client has an update stored
+                    # (an earlier attempt landed late) needs no retry.
+                    table.delivered(s, out.result)
+                else:
+                    verdict = table.failed(s, out.error_class or ErrorClass.APPLICATION_ERROR,
+                                           fields["error"] or "failed", out.retry_after)
+                    if verdict.redeploy:
+                        self.platforms.redeploy(s.cluster, "fl_client")
+        now = self.clock()
+        for table in tables:
+            for s in table.overdue():
+                # The platform never reported: treat as lost and retry. If
+                # the lost attempt still lands, the unique update key keeps
+                # it from counting twice.
+                changes.append((s.doc_id, {"state": "timed_out", "error_class": "timeout",
+                                           "error": "no outcome within the function timeout plus grace",
+                                           "finished": now}))
+                if self.store.has_update(session, s.round, s.client):
+                    table.delivered(s)
+                else:
+                    table.failed(s, ErrorClass.TIMEOUT, "no outcome within timeout + grace")
+        self.update_attempts(changes)
+
+    # ------------------------------------------------------------------ helper calls
+    def call(self, cluster: str, session: str, rnd: int, function: str, **args: Any) -> dict[str, Any]:
+        """Invoke a helper function (init, aggregator, invoker) and wait, with
+        the same bounded retries; every attempt is recorded. A resumed keeper
+        continues the attempt numbering of the one it replaces."""
+        provider = self.platforms.provider(cluster)
+        spec = self.platforms.spec(cluster, function)
+        before = self.store.last_attempt(session, rnd, f"_{function}")
+        slot = Slot(f"_{function}", cluster, rnd, attempt=before, uncounted=before, function=function)
+        table = self.table([slot])
+        while True:
+            table.begin([slot])
+            payload = self.platforms.payload(function=function, session=session, round=rnd, client=None,
+                                             attempt=slot.attempt, **args)
+            doc = {"_id": ObjectId(), "session": session, "round": rnd, "client": slot.client,
+                   "attempt": slot.attempt, "cluster": cluster, "platform": provider.platform,
+                   "function": function, "memory_mb": spec.memory_mb, "state": "submitting",
+                   "submitted": self.clock()}
+            self.insert_attempts([doc])
+            try:
+                out = provider.call(function, payload, timeout_s=spec.timeout_s + self.policy.grace_s)
+            except ProviderError as exc:
+                out = Outcome(platform_id="", ok=False, error_class=exc.error_class, error=str(exc),
+                              retry_after=exc.retry_after)
+            self.update_attempts([(doc["_id"], outcome_fields(out, self.clock()))])
+            if out.ok and out.result and "error" not in out.result:
+                self.cluster_answered(cluster)
+                return out.result
+            error = out.error or (out.result or {}).get("error") or "failed"
+            reached = out.error_class != ErrorClass.UNREACHABLE
+            if reached:
+                log.warning("%s round %d attempt %d failed: %s", function, shown(rnd), slot.attempt, error)
+            verdict = table.failed(slot, out.error_class, error, out.retry_after, reached=reached)
+            if not reached:
+                self.cluster_failed(cluster, error)
+                slot.next_try = max(slot.next_try, self.health.next_probe(cluster))
+            if verdict.redeploy:
+                self.platforms.redeploy(cluster, function)
+            if not verdict.retry:
+                raise SessionError(f"{function} failed for round {shown(rnd)} after {slot.counted} "
+                                   f"attempt(s): {error}")
+            self.sleep(max(0.0, slot.next_try - self.clock()))

@@ -1,0 +1,179 @@
+"""What every round mode shares: the session context, rebuilding slots from
+the store on a (re)start, stale-update bookkeeping, aggregation and the
+round's closing record."""
+from __future__ import annotations
+
+import contextlib
+import logging
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, Callable, ClassVar
+
+from ...providers import Invocation
+from ..attempts import DELIVERED, FAILED, RUNNING, AttemptTable, Slot
+from ..dispatch import Dispatcher
+from ..errors import SessionError
+from ..events import RoundEvents, RoundReport, client_index
+from ..selection import Selector
+
+log = logging.getLogger("fedkeeper.keeper")
+
+
+@dataclass
+class RoundContext:
+    """What a round mode works with."""
+
+    store: Any
+    dispatcher: Dispatcher
+    selector: Selector
+    events: RoundEvents
+    training: Any
+    client_cluster: dict[str, str]
+    server: str
+    per_round: int
+
+    @property
+    def clock(self) -> Callable[[], float]:
+        return self.dispatcher.clock
+
+    def clients(self) -> list[str]:
+        return sorted(self.client_cluster, key=client_index)
+
+    def reached_target(self, acc: float | None) -> bool:
+        t = self.training.target_accuracy
+        return t is not None and acc is not None and acc >= t
+
+
+class RoundMode(ABC):
+    """One way of running a session's rounds (training.mode)."""
+
+    name: ClassVar[str]
+
+    def __init__(self, ctx: RoundContext):
+        self.ctx = ctx
+        self.store = ctx.store
+        self.dispatch = ctx.dispatcher
+        self.training = ctx.training
+
+    @abstractmethod
+    def run(self, session: str, first_round: int, reports: list[RoundReport]) -> None:
+        """Run rounds `first_round` .. training.rounds - 1 (store numbering),
+        appending a report for each, stopping early at the target accuracy."""
+
+    @abstractmethod
+    def running(self) -> list[Slot]:
+        """Attempts this mode still tracks (abandoned when the session ends)."""
+
+    def finish(self, session: str) -> None:
+        """After the last round: updates that can no longer join are stale."""
+        done = [r["round"] for r in self.store.rounds(session) if r.get("state") == "done"]
+        self.mark_stale(session, max(done, default=-1) + 1)
+
+    # ------------------------------------------------------------------ the end of a session
+    @contextlib.contextmanager
+    def tracking_until_the_end(self):
+        """Abandon the attempts still running when the session ends, finished
+        or failed. An interrupted keeper (Ctrl-C, a crash, a lost service)
+        leaves them as kill -9 would, `running`, so that --resume adopts them
+        instead of invoking their clients again while they still run."""
+        try:
+            yield
+        except SessionError:
+            self.stop_tracking("the session ended")
+            raise
+        else:
+            self.stop_tracking("the session ended")
+
+    def stop_tracking(self, why: str) -> None:
+        slots = [s for s in self.running() if s.state == RUNNING]
+        self.dispatch.abandon(slots, why)
+        for s in slots:
+            s.state, s.inv = FAILED, None
+
+    # ------------------------------------------------------------------ slots from the store
+    def _timeout(self, cluster: str) -> float:
+        return self.dispatch.platforms.spec(cluster, "fl_client").timeout_s
+
+    def adopt(self, session: str, rnd: int, selected: list[str]) -> AttemptTable:
+        """Rebuild a round's slots from the store (a fresh round or a resume)."""
+        table = self.dispatch.table(Slot(c, self.ctx.client_cluster[c], rnd) for c in selected)
+        by_client = {s.client: s for s in table}
+        delivered = self.store.delivered_clients(session, rnd)
+        now = self.ctx.clock()
+        for a in self.store.attempts(session, rnd):
+            s = by_client.get(a["client"])
+            if s is None:
+                continue
+            s.attempt = max(s.attempt, a["attempt"])
+            if a["attempt"] == s.attempt:
+                s.doc_id = a["_id"]
+                self.dispatch.remember(a["_id"], a["cluster"], a.get("platform", ""), a.get("function", ""))
+                if a.get("state") == "running" and a.get("platform_id"):
+                    inv = Invocation("fl_client", a["platform_id"], a.get("submitted", now))
+                    table.adopted(s, inv, self._timeout(s.cluster))
+                elif a.get("state") == "succeeded":
+                    s.state = DELIVERED
+        for c in delivered:
+            # A running attempt is still tracked to its end (its record is
+            # wanted); anything else with a stored update has delivered.
+            if c in by_client and by_client[c].state != RUNNING:
+                by_client[c].state = DELIVERED
+        for s in table:
+            if s.state == "waiting" and table.exhausted(s):
+                s.state = FAILED
+        return table
+
+    def adopt_running(self, session: str, before_round: int) -> list[Slot]:
+        """Client attempts of rounds before `before_round` still running (a
+        resumed semi_async or async session): tracked on to their end."""
+        out = []
+        now = self.ctx.clock()
+        table = self.dispatch.table()
+        for a in self.store.running_client_attempts(session, before_round):
+            if not a.get("platform_id"):
+                continue
+            s = Slot(a["client"], a["cluster"], a["round"], attempt=a["attempt"], doc_id=a["_id"])
+            table.adopted(s, Invocation("fl_client", a["platform_id"], a.get("submitted", now)),
+                          self._timeout(s.cluster))
+            self.dispatch.remember(a["_id"], a["cluster"], a.get("platform", ""), "fl_client")
+            out.append(s)
+        return out
+
+    # ------------------------------------------------------------------ updates
+    def stale_updates(self, session: str, rnd: int) -> list[dict[str, Any]]:
+        """Received, never aggregated updates of the `staleness_tolerance`
+        rounds before `rnd`, as the aggregator's `stale` list."""
+        lo = rnd - self.training.staleness_tolerance
+        return sorted(({"client": c, "round": r} for c, r in self.store.received_updates(session, lo, rnd)),
+                      key=lambda u: (u["round"], client_index(u["client"])))
+
+    def fresh_updates(self, session: str, rnd: int) -> list[str]:
+        return sorted((c for c, _ in self.store.received_updates(session, rnd, rnd + 1)), key=client_index)
+
+    def mark_stale(self, session: str, rnd: int) -> None:
+        """Updates too old to join the aggregation of round `rnd` (or any
+        later one) are marked stale: they are never aggregated."""
+        self.store.mark_updates_stale(session, rnd - self.training.staleness_tolerance)
+
+    # ------------------------------------------------------------------ aggregation
+    def aggregate(self, session: str, rnd: int, *, selected: list[str], included: list[str],
+                  stale: list[dict[str, Any]], failed: int, started: float, t0: float,
+                  args: dict[str, Any], extra: Callable[[dict[str, Any]], dict[str, Any]] = lambda res: {}
+                  ) -> RoundReport:
+        """Run the aggregator on the round's updates, close the round's
+        document and emit its `round` event."""
+        self.ctx.events.emit("aggregating", round=rnd, included=len(included) + len(stale))
+        res = self.dispatch.call(self.ctx.server, session, rnd, "fl_server_aggregator", **args)
+        attempts = self.store.attempts(session, rnd)
+        retries = sum(1 for a in attempts if a["attempt"] > 1)
+        ended = self.ctx.clock()
+        self.store.upsert_round(session, rnd, state="done", ended=ended,
+                                accuracy=res.get("accuracy"), loss=res.get("loss"),
+                                accepted=res.get("accepted"), rejected=res.get("rejected", []),
+                                retries=retries, failed=failed, delivered=len(included),
+                                duration_s=ended - started, **extra(res))
+        rep = RoundReport(rnd, len(selected), len(included), failed, retries, ended - t0,
+                          res.get("accuracy"), res.get("loss"), res.get("rejected", []), stale=len(stale))
+        self.ctx.events.emit("round", report=rep, rounds=self.training.rounds, attempts=attempts,
+                             mode=self.name)
+        return rep

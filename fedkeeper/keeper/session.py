@@ -1,0 +1,255 @@
+"""A training session: deploy, start or resume, run the round mode, and end
+finished, failed, interrupted (Ctrl-C) or stopped by a lost service, always
+with the store saying which and the session resumable unless finished."""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any, Callable
+
+from ..runtime import OPTIONAL_FUNCTIONS, Placement, Runtime
+from ..store import HEARTBEAT_S, StoreUnavailable
+from .attempts import RetryPolicy
+from .dispatch import Dispatcher, Platforms
+from .errors import ClusterLost, ServiceLost, SessionError, SessionInterrupted
+from .events import Progress, RoundEvents, RoundReport, SessionSummary, new_session_id, report_from_doc
+from .modes import RoundContext, make_mode
+from .output import RoundCsv, RunLog
+from .selection import Selector, make_policy
+
+log = logging.getLogger("fedkeeper.keeper")
+
+#: How long the keeper waits for a store that stopped answering before it
+#: stops (the session stays resumable).
+STORE_PATIENCE_S = 60.0
+#: How long a cluster may stay unreachable (its local service restarted
+#: once when its provider owns one) before the keeper stops.
+CLUSTER_PATIENCE_S = 60.0
+
+
+class Heartbeat:
+    """Writes `heartbeat` on the session document every HEARTBEAT_S while
+    the keeper runs, so `status` can tell a live session from one whose
+    keeper is gone (store.effective_state)."""
+
+    def __init__(self, store: Any, session: str, every_s: float = HEARTBEAT_S):
+        self.store, self.session, self.every_s = store, session, every_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name=f"heartbeat-{session}", daemon=True)
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.every_s):
+            self.store.heartbeat(self.session, timeout_s=self.every_s)
+
+    def __enter__(self) -> "Heartbeat":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+
+
+class Keeper:
+    def __init__(self, rt: Runtime, progress: Progress | None = None, *,
+                 clock: Callable[[], float] = time.time, sleep: Callable[[float], None] = time.sleep):
+        self.rt = rt
+        self.store = rt.open_store()
+        self.store.patience_s = STORE_PATIENCE_S
+        self.training = rt.scenario.training
+        self.progress: Progress = progress or (lambda kind, data: None)
+        self.client_cluster = rt.client_clusters()
+        self.server = rt.server_cluster()
+        self.events = RoundEvents()
+        # Rounds done in this run, counted before anyone else hears of one
+        # (a Ctrl-C from the progress callback must not lose it).
+        self._done_this_run = 0
+        self.events.subscribe(self._count_round)
+        # Read at every event: the CLI sets `keeper.progress` after construction.
+        self.events.subscribe(lambda kind, data: self.progress(kind, data))
+        self.events.subscribe(RunLog())
+        self.platforms = Platforms(rt)
+        self.dispatcher = Dispatcher(self.platforms, self.store, RetryPolicy.from_training(self.training),
+                                     self.events, clock=clock, sleep=sleep,
+                                     cluster_patience_s=CLUSTER_PATIENCE_S)
+        ci = rt.scenario.clients_info
+        per_round = ci.num_clients_per_round if ci is not None else 0
+        self.selection = Selector(make_policy(self.training.selection, self.training, self.client_cluster,
+                                              self.store), per_round)
+        self.per_round = per_round
+
+    def _count_round(self, kind: str, data: dict[str, Any]) -> None:
+        if kind == "round":
+            self._done_this_run += 1
+
+    @property
+    def attempt_ended(self) -> Callable[..., None] | None:
+        """Called once per attempt that ends (metrics); see Dispatcher."""
+        return self.dispatcher.attempt_ended
+
+    @attempt_ended.setter
+    def attempt_ended(self, fn: Callable[..., None] | None) -> None:
+        self.dispatcher.attempt_ended = fn
+
+    # ------------------------------------------------------------------ deploy
+    def deploy(self) -> list[Placement]:
+        placements = self.rt.training_placements()
+        results = self.rt.deploy(placements, on_done=lambda pl, res, err: self.events.emit(
+            "deployed", cluster=pl.cluster, function=pl.spec.name,
+            skipped=getattr(res, "skipped", None), error=err))
+        failed = [(pl, err) for pl, _, err in results if err is not None]
+        for pl, err in failed:
+            if pl.spec.name in OPTIONAL_FUNCTIONS:
+                # Training does not need it; `fedkeeper insights` deploys it again when asked.
+                warning = f"{pl.spec.name} could not be deployed on {pl.cluster}: {err}"
+                log.warning(warning)
+                self.events.emit("warning", message=warning)
+        failed = [(pl, err) for pl, err in failed if pl.spec.name not in OPTIONAL_FUNCTIONS]
+        if failed:
+            raise SessionError("deployment failed: " + "; ".join(
+                f"{pl.spec.name} on {pl.cluster}: {err}" for pl, err in failed))
+        return placements
+
+    # ------------------------------------------------------------------ session
+    def resume_hint(self, session: str) -> str:
+        """The exact command that resumes `session`."""
+        cfg = self.rt.cfg
+        scenario = f" -s {self.rt.scenario_name}" if len(cfg.scenarios) > 1 else ""
+        return f"fedkeeper start -c {cfg.source or 'CONFIG'}{scenario} --resume {session}"
+
+    def start(self, resume: str | None = None, deploy: bool = True,
+              session_id: str | None = None) -> SessionSummary:
+        """Run a session to its end. Returns its summary when it finished or
+        failed; raises SessionInterrupted (Ctrl-C) or ServiceLost (store or
+        cluster gone), both leaving it resumable."""
+        self.dispatcher.check_invocation_modes(self.client_cluster.values())
+        if deploy:
+            self.deploy()
+        session = self._open(resume, session_id)
+        earlier = [report_from_doc(r) for r in self.store.rounds(session) if r.get("state") == "done"]
+        reports: list[RoundReport] = []
+        self._done_this_run = 0
+        csv = RoundCsv(session)
+        self.events.subscribe(csv)
+        try:
+            with Heartbeat(self.store, session):
+                return self._run(session, earlier, reports)
+        except KeyboardInterrupt:
+            self.store.mark_interrupted(session)
+            log.warning("session %s interrupted by the user", session)
+            raise SessionInterrupted(session, len(earlier) + self._done_this_run,
+                                     self.resume_hint(session)) from None
+        except StoreUnavailable as exc:
+            self.store.mark_interrupted(session, timeout_s=1.0, error=str(exc))
+            log.error("session %s stopped: %s", session, exc)
+            raise ServiceLost(session, f"the store at {exc.where}", f"no answer for {exc.waited_s:.0f}s",
+                              self.resume_hint(session)) from None
+        except ClusterLost as exc:
+            self.store.mark_interrupted(session, timeout_s=1.0, error=str(exc))
+            log.error("session %s stopped: %s", session, exc)
+            raise ServiceLost(session, f"cluster {exc.cluster}", exc.reason, self.resume_hint(session)) from None
+        finally:
+            self.events.observers.remove(csv)
+
+    def _open(self, resume: str | None, session_id: str | None) -> str:
+        if resume:
+            doc = self.store.session(resume)
+            if doc is None:
+                raise SessionError(f"no session {resume!r} in the store")
+            if doc.get("state") == "finished":
+                raise SessionError(f"session {resume} already finished")
+            self._check_same_round_mode(doc)
+            session = resume
+            self.store.event(session, "resumed", f"keeper resumed the session (it was {doc.get('state')})")
+        else:
+            session = session_id or new_session_id(self.rt.cfg.name)
+            self.store.create_session({
+                "_id": session, "name": self.rt.cfg.name, "scenario": self.rt.scenario_name,
+                "spec": self._session_spec(), "training": self.training.model_dump(),
+                "clusters": self.client_cluster, "server_cluster": self.server,
+            })
+        self.store.update_session(session, state="running", heartbeat=time.time())
+        self._warn_capacity(session)
+        self.events.emit("session", session=session, resumed=bool(resume))
+        log.info("session %s %s", session, "resumed" if resume else "started")
+        return session
+
+    def _run(self, session: str, earlier: list[RoundReport], reports: list[RoundReport]) -> SessionSummary:
+        try:
+            self._init(session)
+            first = 0
+            if earlier:
+                last = max(earlier, key=lambda r: r.round)
+                first = last.round + 1
+                if self._reached_target(last.accuracy):
+                    first = self.training.rounds
+            mode = make_mode(self.training.mode, self._round_context())
+            mode.run(session, first, reports)
+            mode.finish(session)
+        except SessionError as exc:
+            self.store.update_session(session, state="failed", error=str(exc), ended=time.time())
+            self.store.event(session, "failed", str(exc))
+            log.error("session %s failed: %s", session, exc)
+            return SessionSummary(session, "failed", earlier + reports, str(exc), rounds_this_run=len(reports))
+        every = earlier + reports
+        acc = every[-1].accuracy if every else None
+        self.store.update_session(session, state="finished", ended=time.time(), final_accuracy=acc)
+        self.store.event(session, "finished", f"finished after {len(every)} rounds "
+                                              f"({len(reports)} in this run)")
+        return SessionSummary(session, "finished", every, rounds_this_run=len(reports))
+
+    def _round_context(self) -> RoundContext:
+        return RoundContext(store=self.store, dispatcher=self.dispatcher, selector=self.selection,
+                            events=self.events, training=self.training, client_cluster=self.client_cluster,
+                            server=self.server, per_round=self.per_round)
+
+    def _init(self, session: str) -> None:
+        if self.store.model(session, 0) is not None:
+            return
+        self.events.emit("init", session=session)
+        res = self.dispatcher.call(self.server, session, 0, "fl_server_init")
+        self.store.event(session, "initialised", "data partitioned and the first model stored", result=res)
+
+    def _reached_target(self, acc: float | None) -> bool:
+        t = self.training.target_accuracy
+        return t is not None and acc is not None and acc >= t
+
+    def _check_same_round_mode(self, doc: dict[str, Any]) -> None:
+        """A session keeps the round mode it started with: stragglers, stale
+        updates and round documents only make sense under one mode."""
+        stored = doc.get("spec") or {}
+        tr = self.training
+        for key, now in (("mode", tr.mode), ("staleness_tolerance", tr.staleness_tolerance)):
+            if key in stored and stored[key] != now:
+                raise SessionError(f"session {doc['_id']} was started with training.{key}: {stored[key]}, "
+                                   f"the config now says {now}; resume it with the config it started with")
+
+    def _warn_capacity(self, session: str) -> None:
+        """Warn once per session when a round could exceed a cluster's limits."""
+        per_cluster: dict[str, int] = {}
+        for c in self.client_cluster.values():
+            per_cluster[c] = per_cluster.get(c, 0) + 1
+        for cluster, n in per_cluster.items():
+            warning = self.rt.provider(cluster).capacity_warning(min(n, self.per_round))
+            if warning:
+                log.warning(warning)
+                self.store.event(session, "capacity", warning, cluster=cluster)
+                self.events.emit("warning", message=warning)
+
+    def _session_spec(self) -> dict[str, Any]:
+        s = self.rt.scenario
+        ds, data, mp = s.data_sampling, s.training_test_data, s.model_params
+        return {
+            "model": ds.model,
+            "data": data.model_dump(exclude_none=True),
+            "partition": {"method": ds.partition, "alpha": ds.dirichlet_alpha,
+                          "shards_per_client": ds.shards_per_client},
+            "clients": sorted(self.client_cluster, key=lambda c: int(c.split("_")[1])),
+            "seed": self.training.seed,
+            "optim": mp.optim, "lr": mp.lr, "momentum": mp.momentum,
+            "local_epochs": mp.local_epochs, "batch_size": ds.batch_size,
+            "strategy": self.training.strategy.model_dump(),
+            "mode": self.training.mode,
+            "staleness_tolerance": self.training.staleness_tolerance,
+            "staleness_exponent": self.training.staleness_exponent,
+        }

@@ -1,0 +1,284 @@
+"""A keeper on fakes: an in-memory store with the keeper's Store methods, a
+scripted platform, and a clock that moves only when the keeper sleeps. A
+whole session runs in milliseconds, without TensorFlow or processes."""
+from __future__ import annotations
+
+import itertools
+import textwrap
+import threading
+from typing import Any, Callable, Sequence
+
+from fedkeeper.config import load_config
+from fedkeeper.providers import ErrorClass, Invocation, Outcome, Provider, ProviderError
+from fedkeeper.runtime import Runtime
+from fedkeeper.store import StoreUnavailable
+
+
+class FakeClock:
+    def __init__(self, t: float = 1_000_000.0):
+        self.t = t
+        self._lock = threading.Lock()
+
+    def __call__(self) -> float:
+        return self.t
+
+    def sleep(self, dt: float) -> None:
+        with self._lock:
+            self.t += max(dt, 0.001)
+
+
+class FakeStore:
+    """The Store methods the keeper calls, over dicts."""
+
+    where = "127.0.0.1:27017"
+
+    def __init__(self) -> None:
+        self.patience_s = 0.0
+        self.sessions: dict[str, dict] = {}
+        self.rounds_: dict[tuple[str, int], dict] = {}
+        self.invocations: dict[Any, dict] = {}
+        self.events_: list[dict] = []
+        self.updates_: dict[tuple[str, int, str], dict] = {}
+        self.models: set[tuple[str, int]] = set()
+        self.beats: list[float] = []
+        self.fail_on: Callable[[str], bool] = lambda method: False
+        self._lock = threading.Lock()
+
+    def _check(self, method: str) -> None:
+        if self.fail_on(method):
+            raise StoreUnavailable(self.where, 60.0, ConnectionError("connection refused"))
+
+    # sessions
+    def create_session(self, doc):
+        self._check("create_session")
+        self.sessions[doc["_id"]] = {"state": "created", **doc}
+
+    def session(self, sid):
+        self._check("session")
+        return self.sessions.get(sid)
+
+    def update_session(self, sid, **fields):
+        self._check("update_session")
+        self.sessions[sid].update(fields)
+
+    def heartbeat(self, sid, now=None, timeout_s=5.0):
+        self.beats.append(now or 0.0)
+        return True
+
+    def mark_interrupted(self, sid, timeout_s=2.0, **fields):
+        if self.sessions.get(sid, {}).get("state") in ("running", "interrupted"):
+            self.sessions[sid].update(state="interrupted", **fields)
+        return True
+
+    # rounds
+    def upsert_round(self, sid, rnd, **fields):
+        self._check("upsert_round")
+        self.rounds_.setdefault((sid, rnd), {"session": sid, "round": rnd}).update(fields)
+
+    def round(self, sid, rnd):
+        self._check("round")
+        r = self.rounds_.get((sid, rnd))
+        return dict(r) if r else None
+
+    def rounds(self, sid):
+        self._check("rounds")
+        return [dict(v) for (s, _), v in sorted(self.rounds_.items()) if s == sid]
+
+    # attempts
+    def insert_attempts(self, docs):
+        self._check("insert_attempts")
+        with self._lock:
+            for d in docs:
+                key = (d["session"], d["round"], d["client"], d["attempt"])
+                assert all((a["session"], a["round"], a["client"], a["attempt"]) != key
+                           for a in self.invocations.values()), f"duplicate attempt {key}"
+                self.invocations[d["_id"]] = dict(d)
+
+    def update_attempts(self, changes):
+        self._check("update_attempts")
+        with self._lock:
+            for _id, fields in changes:
+                self.invocations[_id].update(fields)
+
+    def attempts(self, sid, rnd=None):
+        return sorted((dict(a) for a in self.invocations.values()
+                       if a["session"] == sid and (rnd is None or a["round"] == rnd)),
+                      key=lambda a: (a["round"], a["client"], a["attempt"]))
+
+    def attempts_by_id(self, ids):
+        return {i: dict(self.invocations[i]) for i in ids if i in self.invocations}
+
+    def last_attempt(self, sid, rnd, client):
+        return max((a["attempt"] for a in self.invocations.values()
+                    if (a["session"], a["round"], a["client"]) == (sid, rnd, client)), default=0)
+
+    def ended_client_attempts(self, sid, ended):
+        return [dict(a) for a in self.invocations.values()
+                if a["session"] == sid and a["function"] == "fl_client" and a["state"] in ended]
+
+    def running_client_attempts(self, sid, before):
+        return [dict(a) for a in self.invocations.values() if a["session"] == sid and a["state"] == "running"
+                and a["function"] == "fl_client" and a["round"] < before]
+
+    # events
+    def event(self, sid, kind, message, **data):
+        self._check("event")
+        self.events_.append({"session": sid, "kind": kind, "message": message, **data})
+
+    # updates, models
+    def add_update(self, sid, rnd, client):
+        self.updates_.setdefault((sid, rnd, client), {"status": "received"})
+
+    def delivered_clients(self, sid, rnd):
+        return {c for (s, r, c) in self.updates_ if (s, r) == (sid, rnd)}
+
+    def has_update(self, sid, rnd, client):
+        return (sid, rnd, client) in self.updates_
+
+    def received_updates(self, sid, lo, hi):
+        return [(c, r) for (s, r, c), u in self.updates_.items()
+                if s == sid and lo <= r < hi and u["status"] == "received"]
+
+    def count_received_updates(self, sid, lo, hi):
+        return len(self.received_updates(sid, lo, hi))
+
+    def mark_updates_stale(self, sid, before):
+        for (s, r, _), u in self.updates_.items():
+            if s == sid and r < before and u["status"] == "received":
+                u["status"] = "stale"
+
+    def model(self, sid, rnd):
+        return {"round": rnd} if (sid, rnd) in self.models else None
+
+
+class FakeProvider(Provider):
+    """A platform whose functions run at once, as `behave` says.
+
+    behave(function, payload, attempt) returns "ok" (fl_client stores its
+    update), an Outcome to report, a ProviderError to raise at invoke, or
+    "hang" (never finishes)."""
+
+    platform = "fake"
+    entry = "openwhisk"
+    tracks_foreign_invocations = False
+
+    def __init__(self, name: str, store: FakeStore, clock: FakeClock,
+                 behave: Callable[[str, dict, int], Any] | None = None):
+        super().__init__(name, None, None)
+        self.store, self.clock = store, clock
+        self.behave = behave or (lambda fn, payload, n: "ok")
+        self.ids = itertools.count(1)
+        self.done: dict[str, Outcome] = {}
+        self.invoked: list[tuple[str, dict]] = []
+        self.deployed: list[str] = []
+        self.track_error: ProviderError | None = None
+        self.tracks = 0
+        self.restarts = 0
+        self.can_restart = False
+        self.forgotten: set[str] = set()
+        self._lock = threading.Lock()
+
+    def deploy(self, spec, artifact):
+        self.deployed.append(spec.name)
+
+    def remove(self, name):
+        return True
+
+    def exists(self, name):
+        return True
+
+    def invoke(self, name: str, payload: dict) -> Invocation:
+        with self._lock:
+            self.invoked.append((name, payload))
+            n = sum(1 for f, p in self.invoked if f == name and p.get("client") == payload.get("client")
+                    and p.get("round") == payload.get("round"))
+            pid = f"act-{next(self.ids)}"
+        what = self.behave(name, payload, n)
+        if isinstance(what, ProviderError):
+            raise what
+        if what == "ok":
+            result = self._run(name, payload)
+            self.done[pid] = Outcome(pid, True, result=result, duration_ms=10.0, cold_start=False)
+        elif isinstance(what, Outcome):
+            self.done[pid] = Outcome(pid, what.ok, what.error_class, what.error, what.result,
+                                     retry_after=what.retry_after)
+        return Invocation(name, pid, self.clock())
+
+    def _run(self, name: str, p: dict) -> dict:
+        sid, rnd = p["session"], p["round"]
+        if name == "fl_client":
+            self.store.add_update(sid, rnd, p["client"])
+            return {"num_examples": 10}
+        if name == "fl_server_init":
+            self.store.models.add((sid, 0))
+            return {"ok": True}
+        if name == "fl_server_aggregator":
+            for c in p.get("clients", []):
+                self.store.updates_[(sid, rnd, c)]["status"] = "accepted"
+            for u in p.get("stale", []):
+                self.store.updates_[(sid, u["round"], u["client"])]["status"] = "accepted"
+            self.store.models.add((sid, rnd + 1))
+            return {"accuracy": 0.5 + 0.01 * rnd, "loss": 1.0, "accepted": len(p.get("clients", []))}
+        return {}
+
+    def track(self, pending: Sequence[Invocation]) -> list[Outcome]:
+        self.tracks += 1
+        if self.track_error is not None:
+            raise self.track_error
+        return [self.done.pop(i.platform_id) for i in pending if i.platform_id in self.done]
+
+    def call(self, name, payload, timeout_s, poll_s=0.05):
+        inv = self.invoke(name, payload)
+        out = self.done.pop(inv.platform_id, None)
+        return out or Outcome(inv.platform_id, False, ErrorClass.TIMEOUT, "no outcome")
+
+    def restart_local_service(self) -> bool:
+        if not self.can_restart:
+            return False
+        self.restarts += 1
+        self.track_error = None
+        return True
+
+    def lost_invocations(self, pending):
+        return [i.platform_id for i in pending if i.platform_id in self.forgotten]
+
+
+def fake_config(tmp_path, *, mode: str = "sync", rounds: int = 2, clients: int = 4, per_round: int = 4,
+                extra_cluster: str = "", training: str = "", deadline_s: float = 60) -> Any:
+    path = tmp_path / "fake.yaml"
+    path.write_text(textwrap.dedent(f"""\
+        name: fake
+        providers:
+          openwhisk:
+            c1: {{kind: local{extra_cluster}}}
+        scenarios:
+          federated_learning:
+            clients_info:
+              total_num_clients: {clients}
+              num_clients_per_round: {per_round}
+              clusters: {{c1: {clients}}}
+            mongo_config: {{url: "mongodb://127.0.0.1:1", db: fake}}
+            training:
+              rounds: {rounds}
+              mode: {mode}
+              quorum: 0.5
+              round_deadline_s: {deadline_s}
+              attempt_grace_s: 5
+              retries: {{max_attempts: 3, backoff_s: 0.5, backoff_max_s: 4, jitter: 0.0}}
+        """) + textwrap.indent(textwrap.dedent(training), " " * 6))
+    return load_config(path)
+
+
+def fake_keeper(tmp_path, behave=None, **cfg_kw):
+    """(keeper, store, provider, clock) for a config of one fake cluster."""
+    from fedkeeper.keeper import Keeper
+    cfg = fake_config(tmp_path, **cfg_kw)
+    rt = Runtime.open(cfg, need_store=False)
+    store, clock = FakeStore(), FakeClock()
+    rt.store = store
+    provider = FakeProvider("c1", store, clock, behave)
+    rt.providers["c1"] = provider
+    rt.deploy = lambda placements, on_done=None, max_workers=8: [
+        (pl, provider.deploy(pl.spec, None), None) for pl in placements]
+    keeper = Keeper(rt, clock=clock, sleep=clock.sleep)
+    return keeper, store, provider, clock

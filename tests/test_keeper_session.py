@@ -1,0 +1,242 @@
+"""Whole sessions on fakes (tests/keeper_fakes.py): every failure path of the
+keeper's I/O layer, in milliseconds, without TensorFlow or processes."""
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from fedkeeper.keeper import ServiceLost, SessionError, SessionInterrupted
+from fedkeeper.providers import ErrorClass, Outcome, ProviderError
+from keeper_fakes import fake_keeper
+
+
+@pytest.fixture(autouse=True)
+def _dirs(isolated_dirs):
+    return isolated_dirs
+
+
+def client_attempts(store, sid):
+    return [a for a in store.attempts(sid) if a["function"] == "fl_client"]
+
+
+def test_a_clean_sync_session_finishes_with_one_attempt_per_client(tmp_path):
+    keeper, store, provider, _ = fake_keeper(tmp_path, rounds=3)
+    events = []
+    keeper.progress = lambda kind, data: events.append((kind, data))
+    summary = keeper.start(session_id="s1")
+    assert summary.state == "finished" and len(summary.rounds) == 3
+    assert store.sessions["s1"]["state"] == "finished"
+    assert all(a["state"] == "succeeded" and a["attempt"] == 1 for a in client_attempts(store, "s1"))
+    rounds = [d["report"] for k, d in events if k == "round"]
+    assert [r.round for r in rounds] == [0, 1, 2] and [r.round_number for r in rounds] == [1, 2, 3]
+    assert all(d["round_number"] == d["round"] + 1 for k, d in events if k in ("tick", "aggregating"))
+
+
+def test_run_log_and_csv_count_rounds_from_one(tmp_path, caplog):
+    keeper, store, provider, _ = fake_keeper(tmp_path, rounds=2)
+    with caplog.at_level(logging.INFO, logger="fedkeeper.keeper"):
+        keeper.start(session_id="s1")
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("round ")]
+    assert lines[0].startswith("round 1: 4/4 delivered") and lines[1].startswith("round 2:")
+    csvs = sorted(p.name for p in (tmp_path / "logs" / "s1").glob("round_*.csv"))
+    assert csvs == ["round_001.csv", "round_002.csv"]
+
+
+def test_quorum_failure_fails_the_session_with_every_clients_reason(tmp_path):
+    def behave(fn, p, n):
+        if fn == "fl_client" and p["client"] in ("client_0", "client_1", "client_2"):
+            return Outcome("", False, ErrorClass.DEVELOPER_ERROR, "boom")
+        return "ok"
+
+    keeper, store, provider, _ = fake_keeper(tmp_path, behave, rounds=2)
+    summary = keeper.start(session_id="s1")
+    assert summary.state == "failed"
+    assert "round 1: only 1 of 4 clients delivered, quorum needs 2" in summary.message
+    assert "client_0: developer_error: boom" in summary.message
+    assert store.sessions["s1"]["state"] == "failed"
+    assert store.rounds_[("s1", 0)]["state"] == "failed"
+    # Three attempts each, then no more.
+    per_client = {}
+    for a in client_attempts(store, "s1"):
+        per_client[a["client"]] = max(per_client.get(a["client"], 0), a["attempt"])
+    assert per_client == {"client_0": 3, "client_1": 3, "client_2": 3, "client_3": 1}
+    assert (tmp_path / "logs" / "s1" / "round_001.csv").exists()
+
+
+def test_a_non_retryable_error_is_not_retried(tmp_path):
+    def behave(fn, p, n):
+        if fn == "fl_client" and p["client"] == "client_0":
+            return ProviderError(ErrorClass.AUTH, "forbidden", status=403)
+        return "ok"
+
+    keeper, store, provider, _ = fake_keeper(tmp_path, behave, rounds=1)
+    summary = keeper.start(session_id="s1")
+    assert summary.state == "finished"
+    mine = [a for a in client_attempts(store, "s1") if a["client"] == "client_0"]
+    assert len(mine) == 1 and mine[0]["error_class"] == "auth"
+    assert summary.rounds[0].failed == 1 and summary.rounds[0].delivered == 3
+
+
+def test_a_missing_function_is_redeployed_before_the_retry(tmp_path):
+    def behave(fn, p, n):
+        if fn == "fl_client" and n == 1:
+            return ProviderError(ErrorClass.FUNCTION_MISSING, "no such action", status=404)
+        return "ok"
+
+    keeper, store, provider, _ = fake_keeper(tmp_path, behave, rounds=1)
+    summary = keeper.start(session_id="s1", deploy=False)
+    assert summary.state == "finished"
+    assert provider.deployed.count("fl_client") >= 1
+    assert {a["attempt"] for a in client_attempts(store, "s1") if a["state"] == "succeeded"} == {2}
+
+
+def test_throttling_waits_retry_after(tmp_path):
+    def behave(fn, p, n):
+        if fn == "fl_client" and n == 1:
+            return ProviderError(ErrorClass.THROTTLED, "slow down", retry_after=7.0, status=429)
+        return "ok"
+
+    keeper, store, provider, clock = fake_keeper(tmp_path, behave, rounds=1)
+    keeper.start(session_id="s1", deploy=False)
+    first = {a["client"]: a for a in client_attempts(store, "s1") if a["attempt"] == 1}
+    second = {a["client"]: a for a in client_attempts(store, "s1") if a["attempt"] == 2}
+    for c, a in second.items():
+        assert a["submitted"] - first[c]["submitted"] >= 7.0
+
+
+def test_an_attempt_without_outcome_is_timed_out_and_the_round_deadline_abandons(tmp_path):
+    def behave(fn, p, n):
+        return "hang" if fn == "fl_client" and p["client"] == "client_3" else "ok"
+
+    keeper, store, provider, _ = fake_keeper(tmp_path, behave, rounds=1)
+    summary = keeper.start(session_id="s1", deploy=False)
+    assert summary.state == "finished"
+    mine = [a for a in client_attempts(store, "s1") if a["client"] == "client_3"]
+    states = [a["state"] for a in mine]
+    # The round deadline (60 s) comes before fl_client's timeout (120 s) +
+    # grace: the attempt still running then is abandoned.
+    assert states[-1] == "abandoned" and all(s in ("timed_out", "abandoned") for s in states)
+    assert summary.rounds[0].delivered == 3
+
+
+def test_via_invoker_is_refused_on_a_platform_that_cannot_track_by_id(tmp_path):
+    keeper, store, provider, _ = fake_keeper(tmp_path, extra_cluster=", invocation: via_invoker")
+    with pytest.raises(SessionError, match="via_invoker needs a platform whose invocations can be tracked"):
+        keeper.start(session_id="s1")
+    assert store.sessions == {} and provider.invoked == []
+
+
+def test_ctrl_c_marks_the_session_interrupted_and_resume_finishes_it(tmp_path):
+    keeper, store, provider, _ = fake_keeper(tmp_path, rounds=3)
+
+    def interrupt(kind, data):
+        if kind == "round" and data["report"].round == 0:
+            raise KeyboardInterrupt
+
+    keeper.progress = interrupt
+    with pytest.raises(SessionInterrupted) as info:
+        keeper.start(session_id="s1")
+    assert info.value.session == "s1" and info.value.rounds_done == 1
+    assert "--resume s1" in str(info.value)
+    assert store.sessions["s1"]["state"] == "interrupted"
+    keeper.progress = lambda kind, data: None
+    summary = keeper.start(resume="s1", deploy=False)
+    assert summary.state == "finished"
+    # Every round of the session counts, not only this run's.
+    assert [r.round for r in summary.rounds] == [0, 1, 2] and summary.rounds_this_run == 2
+
+
+def test_a_lost_store_stops_the_session_with_one_line_saying_how_to_resume(tmp_path):
+    keeper, store, provider, _ = fake_keeper(tmp_path, rounds=3)
+    store.fail_on = lambda method: method == "upsert_round" and ("s1", 1) in store.rounds_
+    with pytest.raises(ServiceLost) as info:
+        keeper.start(session_id="s1")
+    text = str(info.value)
+    assert "\n" not in text
+    assert text.startswith("the store at 127.0.0.1:27017 is gone")
+    assert f"fedkeeper start -c {tmp_path / 'fake.yaml'} --resume s1" in text
+    store.fail_on = lambda method: False
+    summary = keeper.start(resume="s1", deploy=False)
+    assert summary.state == "finished" and len(summary.rounds) == 3
+
+
+def test_a_dead_cluster_is_asked_again_with_backoff_then_given_up_resumably(tmp_path, caplog):
+    def behave(fn, p, n):
+        return "hang" if fn == "fl_client" else "ok"
+
+    keeper, store, provider, clock = fake_keeper(tmp_path, behave, rounds=1, deadline_s=600)
+    provider.track_error = ProviderError(ErrorClass.UNREACHABLE, "cannot reach c1 (connection refused)")
+    with caplog.at_level(logging.INFO, logger="fedkeeper"), pytest.raises(ServiceLost) as info:
+        keeper.start(session_id="s1", deploy=False)
+    text = str(info.value)
+    assert text.startswith("cluster c1 is gone") and "--resume s1" in text and "\n" not in text
+    complaints = [r for r in caplog.records if "c1" in r.getMessage() and "answer" in r.getMessage()]
+    # Backoff: a minute of outage is a few dozen probes, not thousands, and
+    # a handful of log lines.
+    assert provider.tracks < 40
+    assert 1 <= len(complaints) <= 8
+    assert store.sessions["s1"]["state"] == "interrupted"
+    # The attempts it could not follow are left running for --resume to adopt.
+    assert all(a["state"] == "running" for a in client_attempts(store, "s1"))
+
+
+def test_a_cluster_whose_local_service_restarts_goes_on(tmp_path):
+    def behave(fn, p, n):
+        return "hang" if fn == "fl_client" and n == 1 and p["round"] == 0 else "ok"
+
+    keeper, store, provider, clock = fake_keeper(tmp_path, behave, rounds=2)
+    provider.can_restart = True
+    provider.track_error = ProviderError(ErrorClass.UNREACHABLE, "connection refused")
+    summary = keeper.start(session_id="s1", deploy=False)
+    assert summary.state == "finished" and provider.restarts == 1
+    # The attempts lost with the old service were invoked again at once, and
+    # that did not count against their retries.
+    first = [a for a in client_attempts(store, "s1") if a["attempt"] == 1 and a["round"] == 0]
+    assert len(first) == 4 and all("restarted" in (a.get("error") or "") for a in first)
+    assert all(a["attempt"] == 2 for a in client_attempts(store, "s1")
+               if a["round"] == 0 and a["state"] == "succeeded")
+
+
+def test_on_resume_attempts_the_platform_does_not_know_are_invoked_again_at_once(tmp_path):
+    def behave(fn, p, n):
+        return "hang" if fn == "fl_client" and n == 1 else "ok"
+
+    keeper, store, provider, clock = fake_keeper(tmp_path, behave, rounds=1)
+
+    def interrupt(kind, data):
+        if kind == "tick" and data["running"] == 4:
+            raise KeyboardInterrupt
+
+    keeper.progress = interrupt
+    with pytest.raises(SessionInterrupted):
+        keeper.start(session_id="s1", deploy=False)
+    running = [a for a in client_attempts(store, "s1") if a["state"] == "running"]
+    assert len(running) == 4
+    provider.forgotten = {a["platform_id"] for a in running}
+    keeper.progress = lambda kind, data: None
+    t0 = clock()
+    summary = keeper.start(resume="s1", deploy=False)
+    assert summary.state == "finished" and summary.rounds[0].delivered == 4
+    # Not waited out (120 s timeout + 5 s grace): re-invoked at once.
+    assert clock() - t0 < 10
+    for a in running:
+        assert store.invocations[a["_id"]]["state"] == "failed"
+        assert "unknown to the platform" in store.invocations[a["_id"]]["error"]
+
+
+def test_heartbeat_is_written_while_the_session_runs(tmp_path, monkeypatch):
+    import fedkeeper.keeper.session as session_mod
+    keeper, store, provider, _ = fake_keeper(tmp_path, rounds=1)
+    assert session_mod.HEARTBEAT_S > 0
+    keeper.start(session_id="s1", deploy=False)
+    assert "heartbeat" in store.sessions["s1"]
+
+
+@pytest.mark.parametrize("mode", ["semi_async", "async"])
+def test_the_other_round_modes_finish_on_fakes(tmp_path, mode):
+    keeper, store, provider, _ = fake_keeper(tmp_path, mode=mode, rounds=3)
+    summary = keeper.start(session_id="s1", deploy=False)
+    assert summary.state == "finished" and len(summary.rounds) == 3
+    statuses = {u["status"] for u in store.updates_.values()}
+    assert statuses <= {"accepted", "stale", "received"}
