@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from fedkeeper.local import shutdown_local_services
-from fedkeeper.store.embedded import EmbeddedMongo
+from fedkeeper.local.store import EmbeddedMongo
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -332,13 +332,13 @@ def test_robust_z_flags_only_material_outliers():
     assert robust_z([1.0, 100.0]) == [None, None]  # too few to tell
 
 
-def test_round_options():
+def test_round_options_count_from_1():
     assert parse_rounds(3, None, None) == (3, 3)
     assert parse_rounds(None, "2:4", None) == (2, 4)
-    assert parse_rounds(None, ":4", None) == (0, 4)
+    assert parse_rounds(None, ":4", None) == (1, 4)
     assert parse_rounds(None, "2:", 9) == (2, 9)
     assert parse_rounds(None, None, None) is None
-    for bad in [(1, "1:2"), (None, "4:2"), (None, "a:b"), (-1, None)]:
+    for bad in [(1, "1:2"), (None, "4:2"), (None, "a:b"), (-1, None), (0, None), (None, "0:2")]:
         with pytest.raises(ValueError):
             parse_rounds(bad[0], bad[1], 5)
 
@@ -393,7 +393,8 @@ def test_fabric_session_reliability_through_the_cli(fabric_state, mongo_url, tmp
     updates = list(db[fs.UPDATES].find({"session": sid}))
     assert len(first["data"]["rows"]) == len(updates)
     for row in first["data"]["rows"]:
-        doc = next(u for u in updates if u["client"] == row["client"] and u["round"] == row["trained_from"])
+        # Rounds in the answer count from 1; the store counts from 0.
+        doc = next(u for u in updates if u["client"] == row["client"] and u["round"] + 1 == row["trained_from"])
         assert row["status"] == doc["status"] == "accepted" and row["share"] == pytest.approx(doc["weight"])
         assert row["norm"] > 0 and -1 <= row["cosine"] <= 1
     second = json.loads(insights("contributions", "--json"))

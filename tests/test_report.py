@@ -89,7 +89,7 @@ def check_against_store(s: dict, db) -> None:
     rounds = list(db[fs.ROUNDS].find({"session": sid}).sort("round", 1))
     attempts = list(db[fs.INVOCATIONS].find({"session": sid}))
     client_attempts = [a for a in attempts if not a["client"].startswith("_")]
-    assert [row["round"] for row in s["rounds"]] == [r["round"] for r in rounds]
+    assert [row["round"] for row in s["rounds"]] == [r["round"] + 1 for r in rounds]  # counted from 1
     retries = Counter(a["round"] for a in attempts if a["attempt"] > 1)
     client_retries = Counter(a["round"] for a in client_attempts if a["attempt"] > 1)
     failed = Counter(a["round"] for a in client_attempts if a["state"] != "succeeded")
@@ -117,7 +117,7 @@ def check_against_store(s: dict, db) -> None:
     # Participation: who was aggregated, refused, left out, each round.
     p = s["participation"]
     assert p["clients"] == session["spec"]["clients"]
-    assert p["rounds"] == [r["round"] for r in rounds]
+    assert p["rounds"] == [r["round"] + 1 for r in rounds]
     by_client = dict(zip(p["clients"], p["states"]))
     assert all(set(states) <= set(PARTICIPATION_COLOURS) for states in p["states"])
     for j, rd in enumerate(rounds):
@@ -148,7 +148,7 @@ def test_report_of_a_session_with_retries_matches_the_store(sessions, store_for,
     assert s["cost"]["total"] == pytest.approx(expected["total"]) and s["cost"]["total"] > 0
     assert s["cost"]["currency"] == expected["currency"]
     per_round = {int(k): v["cost"] for k, v in expected["per_round"].items()}
-    assert [row["cost"] for row in s["rounds"]] == pytest.approx([per_round[row["round"]] for row in s["rounds"]])
+    assert [row["cost"] for row in s["rounds"]] == pytest.approx([per_round[row["round"] - 1] for row in s["rounds"]])
     assert "estimated cost" in page
 
 
@@ -233,7 +233,7 @@ def test_participation_of_stale_rejected_late_and_failed_updates(store, tmp_path
         "client_6": ["late", "accepted", "idle"],     # its own round's outcome; the stale update is marked
     }
     # Every late update aggregated, by aggregation round (from models.contributions).
-    assert s["participation"]["stale"] == [["client_2", 1], ["client_6", 1]]
+    assert s["participation"]["stale"] == [["client_2", 2], ["client_6", 2]]  # rounds from 1
     assert [row["stale_included"] for row in s["rounds"]] == [0, 3, 0]
     assert [row["accuracy"] for row in s["rounds"]] == [0.5, 0.6, None]
     assert [row["ended_s"] for row in s["rounds"]] == [11.0, 20.0, None]

@@ -19,13 +19,14 @@ def cluster_group() -> None:
 @config_option
 @click.option("--write-config", is_flag=True,
               help="Fill the cluster's `configurations` block (num_hosts, cores, RAM, GPU) from what was read.")
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="Print what was read as JSON.")
 def cluster_info_cmd(cluster: str | None, config_path: str, write_config: bool, as_json: bool) -> None:
     """Nodes, CPU, memory, GPUs and ready invoker/activator pods, read with the
     kubernetes client; differences from `configurations` are warned about."""
-    from .. import kube
+    from ..providers import kube
     from ..providers import ProviderError
     cfg = load(config_path)
+    config_path = str(cfg.source)
     candidates = kube.kube_clusters(cfg)
     if cluster:
         if cluster not in cfg.providers.clusters():

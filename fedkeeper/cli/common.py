@@ -1,18 +1,24 @@
 """What every command shares: the consoles, the error exits, the config and
-scenario options, loading a config and opening a runtime.
+scenario options, finding and loading a config, opening a runtime, and
+tables that stay readable at any width.
 
 Command modules import these from here, and nothing else in fedkeeper
 imports the cli package: the dependency points one way.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
-from typing import Iterable, NoReturn
+import time
+from pathlib import Path
+from typing import Any, Iterable, NoReturn, Sequence
 
 import click
-from rich.console import Console
+from rich.console import Console, Group, RenderableType
+from rich.table import Table
+from rich.text import Text
 
 from ..config import Config, ConfigError, load_config
 
@@ -20,35 +26,94 @@ console = Console(stderr=False, highlight=False)
 errconsole = Console(stderr=True, highlight=False)
 log = logging.getLogger("fedkeeper.cli")
 
-DEFAULT_CONFIG = os.environ.get("FEDKEEPER_CONFIG", "config.yaml")
+CONFIG_ENV = "FEDKEEPER_CONFIG"
+DEFAULT_CONFIG = "config.yaml"
+# In the state directory: the config the latest `start` or `sweep` used.
+LAST_CONFIG_FILE = "last-config.json"
+INTERRUPTED_EXIT = 130  # as a shell reports a process ended by SIGINT
+CONFIG_HINT = f"give one with -c FILE or ${CONFIG_ENV}"
 
 
 class UsageFailure(click.ClickException):
-    """Bad input: exit status 2, message only."""
+    """Bad input: exit status 2, message only (click prints `Error: ...`)."""
 
     exit_code = 2
 
 
-def load(path: str) -> Config:
-    """The config at `path`; bad input exits 2 with the file, line and key."""
-    try:
-        return load_config(path)
-    except ConfigError as exc:
-        raise UsageFailure(str(exc)) from None
-
-
 def fail(message: str, code: int = 1) -> NoReturn:
-    """A run failed: one line on stderr, exit `code`."""
-    errconsole.print(f"[red]error:[/red] {message}", markup=True, highlight=False, soft_wrap=True)
+    """A run failed: one `Error:` line on stderr, exit `code`."""
+    errconsole.print(f"[red]Error:[/red] {message}", markup=True, highlight=False, soft_wrap=True)
     sys.exit(code)
 
 
-config_option = click.option("-c", "--config", "--configfile", "config_path", default=DEFAULT_CONFIG,
-                             show_default=True, type=click.Path(dir_okay=False),
-                             help="YAML config (FedKeeper's config-sample.yaml schema).")
+def note(message: str) -> None:
+    """A line for the user that is not the command's output (stderr)."""
+    errconsole.print(message, markup=False, highlight=False, soft_wrap=True)
+
+
+# --------------------------------------------------------------------------- config
+
+config_option = click.option(
+    "-c", "--config", "--configfile", "config_path", default=None, type=click.Path(dir_okay=False),
+    help=f"YAML config (config-sample.yaml schema). Default: ${CONFIG_ENV}, else ./{DEFAULT_CONFIG}, "
+         "else the config of the latest session started from this state directory.")
 scenario_option = click.option("-s", "--scenario", "scenario", default=None,
                                help="Scenario under `scenarios:` (default: federated_learning).")
 
+
+def _state_dir() -> Path:
+    from ..runtime import state_dir
+    return state_dir()
+
+
+def remember_config(cfg: Config, session: str) -> None:
+    """Record, in the state directory, that `session` was started with
+    `cfg` (the last resort of find_config)."""
+    try:
+        path = _state_dir() / LAST_CONFIG_FILE
+        path.write_text(json.dumps({"config": str(Path(cfg.source).resolve()), "session": session,
+                                    "time": time.time()}))
+    except OSError as exc:  # a convenience only: never fail a session for it
+        log.warning("cannot record the config used: %s", exc)
+
+
+def find_config(given: str | None) -> tuple[str, str | None]:
+    """(path, where it came from): `-c`, else $FEDKEEPER_CONFIG, else
+    ./config.yaml, else the config the latest session started from this
+    state directory used. `where` is None when the path was given with -c."""
+    if given:
+        return given, None
+    env = os.environ.get(CONFIG_ENV)
+    if env:
+        return env, f"${CONFIG_ENV}"
+    if Path(DEFAULT_CONFIG).is_file():
+        return DEFAULT_CONFIG, f"./{DEFAULT_CONFIG}"
+    try:
+        last = json.loads((_state_dir() / LAST_CONFIG_FILE).read_text())
+        if isinstance(last, dict) and isinstance(last.get("config"), str) and Path(last["config"]).is_file():
+            return last["config"], f"the config of session {last.get('session')}, the latest started here"
+    except (OSError, ValueError):
+        pass
+    raise UsageFailure(f"no config: {CONFIG_HINT} (there is no ./{DEFAULT_CONFIG} and no session "
+                       "was started from this state directory)")
+
+
+def load(path: str | None) -> Config:
+    """The config at `path` (or found by find_config, saying which); bad
+    input exits 2 with the file, line and key."""
+    path, where = find_config(path)
+    if where:
+        note(f"using config {path} ({where})")
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        text = str(exc)
+        if "not found" in text and where is not None:
+            text += f"; {CONFIG_HINT}"
+        raise UsageFailure(text) from None
+
+
+# --------------------------------------------------------------------------- options and clusters
 
 def split_list(values: Iterable[str]) -> list[str]:
     """Values of a repeatable option, each of which may be comma-separated."""
@@ -81,7 +146,7 @@ def select_clusters(cfg: Config, names: Iterable[str] = (), *, all_clusters: boo
 def open_runtime(cfg: Config, scenario: str | None, need_store: bool, keep_local_services: bool = False):
     """A Runtime for `scenario`; a bad scenario exits 2, an unreachable store 1."""
     from ..runtime import Runtime
-    from ..store.embedded import EmbeddedMongoError
+    from ..local.store import EmbeddedMongoError
     try:
         return Runtime.open(cfg, scenario, need_store=need_store, keep_local_services=keep_local_services)
     except ConfigError as exc:
@@ -90,3 +155,53 @@ def open_runtime(cfg: Config, scenario: str | None, need_store: bool, keep_local
         fail(f"embedded MongoDB: {exc}")
     except Exception as exc:  # pymongo errors and the like: say what, not where
         fail(f"cannot open the store: {exc}")
+
+
+def print_json(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2, default=str))
+
+
+# --------------------------------------------------------------------------- tables
+
+def _cell_width(cell: str) -> int:
+    return Text.from_markup(cell).cell_len
+
+
+def fits(columns: Sequence[str], rows: Sequence[Sequence[str]], width: int) -> bool:
+    """Whether a boxed table of these cells fits in `width` with every
+    value on one line."""
+    widths = [max([_cell_width(c)] + [_cell_width(r[i]) for r in rows]) for i, c in enumerate(columns)]
+    return sum(widths) + 3 * len(widths) + 1 <= width
+
+
+def table(title: str, columns: Sequence[str], rows: Sequence[Sequence[str]], *, width: int,
+          right: Iterable[str] = (), caption: str | None = None) -> RenderableType:
+    """Rows as a table when it fits in `width`; otherwise one block per row,
+    `column: value` per line. Values are never cut (cells may hold markup)."""
+    rows = [[str(c) for c in r] for r in rows]
+    right = set(right)
+    if fits(columns, rows, width):
+        t = Table(title=title, caption=caption)
+        for c in columns:
+            t.add_column(c, justify="right" if c in right else "left", overflow="fold")
+        for r in rows:
+            t.add_row(*r)
+        return t
+    parts: list[RenderableType] = [Text(title, style="italic")]
+    label = max(len(c) for c in columns) if columns else 0
+    for r in rows:
+        block = Table.grid(padding=(0, 1))
+        block.add_column(no_wrap=True)
+        block.add_column(overflow="fold")
+        for c, v in zip(columns, r):
+            block.add_row(f"{c + ':':<{label + 1}}", v)
+        parts += [Text(""), block]
+    if caption:
+        parts += [Text(""), Text(caption)]
+    return Group(*parts)
+
+
+def show_table(title: str, columns: Sequence[str], rows: Sequence[Sequence[str]], *,
+               right: Iterable[str] = (), caption: str | None = None, out: Console | None = None) -> None:
+    out = out or console
+    out.print(table(title, columns, rows, width=out.width, right=right, caption=caption))

@@ -20,7 +20,7 @@ def config_validate(config_path: str) -> None:
     """Check a config; exit 2 with the file, line and key when it is wrong."""
     cfg = load(config_path)
     clusters = cfg.providers.clusters()
-    console.print(f"{config_path}: valid ({len(clusters)} cluster(s), "
+    console.print(f"{cfg.source}: valid ({len(clusters)} cluster(s), "
                   f"{len(cfg.scenarios)} scenario(s))")
 
 
@@ -28,9 +28,10 @@ def config_validate(config_path: str) -> None:
 @config_option
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of YAML.")
 def config_show(config_path: str, as_json: bool) -> None:
-    """Print the resolved config with defaults filled in and secrets redacted."""
+    """Print the resolved config with defaults filled in, units explicit and
+    secrets as the ${ENV} or <key>_file they came from: it reads back the same."""
     cfg = load(config_path)
-    data = cfg.redacted()
+    data = cfg.to_yaml_dict()
     if as_json:
         click.echo(json.dumps(data, indent=2, default=str))
     else:

@@ -5,19 +5,23 @@ import sys
 from typing import Iterable
 
 import click
-from rich.table import Table
+from rich.markup import escape
 
 from ..config import Config
-from .common import (UsageFailure, config_option, console, errconsole, load, open_runtime, scenario_option,
-                     select_clusters, split_list)
+from .common import (UsageFailure, config_option, errconsole, load, open_runtime, print_json, scenario_option,
+                     select_clusters, show_table, split_list)
 
 
 def _needs_store(functions: Iterable[str]) -> bool:
     return any(f != "nodeinfo" for f in functions)
 
 
+def _text(err: object) -> str | None:
+    return None if err is None else str(err)
+
+
 def run_deploy(cfg: Config, scenario: str | None, functions: list[str] | None,
-               clusters: list[str] | None, remove: bool = False) -> int:
+               clusters: list[str] | None, remove: bool = False, as_json: bool = False) -> int:
     """Deploy (or remove) functions. With no function list: everything the
     scenario's training needs, where it needs it."""
     # Deployed functions stay deployed: local services outlive a deploy.
@@ -35,29 +39,28 @@ def run_deploy(cfg: Config, scenario: str | None, functions: list[str] | None,
             raise UsageFailure(str(exc)) from None
         from ..artifacts import ArtifactError
         verb = "remove" if remove else "deploy"
-        table = Table(title=f"{verb} ({rt.scenario_name})")
-        for col in ("cluster", "function", "result", "seconds"):
-            table.add_column(col)
-        failures = 0
+        rows: list[dict] = []
         if remove:
-            results = rt.remove(placements)
-            for pl, existed, err in results:
-                failures += err is not None
-                table.add_row(pl.cluster, pl.spec.name,
-                              f"[red]{err}[/red]" if err else ("removed" if existed else "not deployed"), "")
+            for pl, existed, err in rt.remove(placements):
+                rows.append({"cluster": pl.cluster, "function": pl.spec.name,
+                             "result": "removed" if existed else "not deployed", "error": _text(err)})
         else:
             try:
                 results = rt.deploy(placements)
             except ArtifactError as exc:
                 raise UsageFailure(str(exc)) from None
             for pl, res, err in results:
-                failures += err is not None
-                if err:
-                    table.add_row(pl.cluster, pl.spec.name, f"[red]{err}[/red]", "")
-                else:
-                    table.add_row(pl.cluster, pl.spec.name, "unchanged" if res.skipped else "deployed",
-                                  f"{res.seconds:.2f}")
-        console.print(table)
+                rows.append({"cluster": pl.cluster, "function": pl.spec.name,
+                             "result": None if err else ("unchanged" if res.skipped else "deployed"),
+                             "seconds": None if err else res.seconds, "error": _text(err)})
+        failures = sum(1 for r in rows if r["error"])
+        if as_json:
+            print_json(rows)
+        else:
+            show_table(f"{verb} ({rt.scenario_name})", ("cluster", "function", "result", "seconds"),
+                       [[r["cluster"], r["function"], f"[red]{escape(r['error'])}[/red]" if r["error"] else r["result"],
+                         f"{r['seconds']:.2f}" if r.get("seconds") is not None else ""] for r in rows],
+                       right=("seconds",))
         if failures:
             errconsole.print(f"[red]{failures} of {len(placements)} {verb} operation(s) failed[/red]")
         return 1 if failures else 0
@@ -65,34 +68,45 @@ def run_deploy(cfg: Config, scenario: str | None, functions: list[str] | None,
         rt.close()
 
 
+function_option = click.option(
+    "-f", "--function", "functions", multiple=True, metavar="NAME[,NAME]",
+    help="Only these functions (repeat or comma-separate); default: what the scenario's training needs.")
+cluster_option = click.option("--cluster", "clusters", multiple=True, metavar="NAME[,NAME]",
+                              help="Only these clusters (repeat or comma-separate); default: all.")
+json_option = click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
+
+
 @click.command("deploy")
 @config_option
 @scenario_option
-@click.option("-f", "--function", "functions", multiple=True,
-              help="Function to deploy (repeat or comma-separate); default: what training needs.")
-@click.option("--cluster", "clusters", multiple=True, help="Only these clusters (repeatable).")
+@function_option
+@cluster_option
+@json_option
 @click.option("--dry-run", is_flag=True,
               help="Print what would be uploaded where, with sizes and limits; upload nothing.")
-def deploy_cmd(config_path: str, scenario: str | None, functions: tuple[str, ...],
-               clusters: tuple[str, ...], dry_run: bool) -> None:
+def deploy_cmd(config_path: str | None, scenario: str | None, functions: tuple[str, ...],
+               clusters: tuple[str, ...], as_json: bool, dry_run: bool) -> None:
     """Deploy functions (content-hashed: unchanged ones are skipped)."""
     cfg = load(config_path)
     fns = split_list(functions) or None
     if dry_run:
         from .runtime import dry_run_deploy
-        sys.exit(dry_run_deploy(cfg, scenario, fns, select_clusters(cfg, split_list(clusters)) if clusters else None))
-    sys.exit(run_deploy(cfg, scenario, fns, select_clusters(cfg, split_list(clusters)) if clusters else None))
+        sys.exit(dry_run_deploy(cfg, scenario, fns, select_clusters(cfg, split_list(clusters)) if clusters else None,
+                                as_json=as_json))
+    sys.exit(run_deploy(cfg, scenario, fns, select_clusters(cfg, split_list(clusters)) if clusters else None,
+                        as_json=as_json))
 
 
 @click.command("remove")
 @config_option
 @scenario_option
-@click.option("-f", "--function", "functions", multiple=True)
-@click.option("--cluster", "clusters", multiple=True)
-def remove_cmd(config_path: str, scenario: str | None, functions: tuple[str, ...],
-               clusters: tuple[str, ...]) -> None:
+@function_option
+@cluster_option
+@json_option
+def remove_cmd(config_path: str | None, scenario: str | None, functions: tuple[str, ...],
+               clusters: tuple[str, ...], as_json: bool) -> None:
     """Remove deployed functions."""
     cfg = load(config_path)
     fns = split_list(functions) or None
     sys.exit(run_deploy(cfg, scenario, fns, select_clusters(cfg, split_list(clusters)) if clusters else None,
-                        remove=True))
+                        remove=True, as_json=as_json))

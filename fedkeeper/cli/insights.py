@@ -1,26 +1,42 @@
 """`fedkeeper insights`: questions about a session answered by fl_insights
-(fedkeeper.insights)."""
+(fedkeeper.insights). Rounds, in options and output, count from 1."""
 from __future__ import annotations
 
-import json
-
 import click
-from rich.console import Console
 
-from ..insights import WHATS, InsightsClient, InsightsError, last_round, parse_rounds, provenance, tables
-from .common import DEFAULT_CONFIG, UsageFailure, console, fail, load, open_runtime
+from ..insights import (WHATS, InsightsClient, InsightsError, last_round, parse_rounds, provenance, shown_rounds,
+                        tables)
+from .common import UsageFailure, config_option, console, fail, load, open_runtime, print_json, scenario_option, table
+
+
+def store_span(store, session: str, round_: int | None, rounds: str | None) -> tuple[int, int] | None:
+    """The rounds asked for (from 1) as the store numbers them (from 0);
+    a round the session does not have is bad input."""
+    top = last_round(store, session)
+    shown_last = None if top is None else top + 1
+    try:
+        span = parse_rounds(round_, rounds, shown_last)
+    except ValueError as exc:
+        raise UsageFailure(str(exc)) from None
+    if span is None:
+        return None
+    if shown_last is None:
+        raise UsageFailure(f"session {session} has no rounds yet")
+    if span[1] > shown_last:
+        asked = f"round {span[1]}" if span[0] == span[1] else f"rounds {span[0]}-{span[1]}"
+        raise UsageFailure(f"session {session} has no {asked}: its rounds are 1 to {shown_last}")
+    return span[0] - 1, span[1] - 1
 
 
 @click.command("insights")
 @click.argument("session")
 @click.argument("what", type=click.Choice(WHATS))
-@click.option("-c", "--config", "--configfile", "config_path", default=None, type=click.Path(dir_okay=False),
-              help="YAML config whose scenario names the store and clusters "
-                   "(default: $FEDKEEPER_CONFIG, else config.yaml).")
-@click.option("-s", "--scenario", "scenario", default=None,
-              help="Scenario under `scenarios:` (default: federated_learning).")
-@click.option("--round", "round_", type=int, default=None, help="Only this round (numbered as in the store).")
-@click.option("--rounds", "rounds", default=None, metavar="A:B", help="Rounds A to B, both included.")
+@config_option
+@scenario_option
+@click.option("--round", "round_", type=int, default=None, metavar="N",
+              help="Only round N (counted from 1, as `status` shows rounds).")
+@click.option("--rounds", "rounds", default=None, metavar="A:B",
+              help="Rounds A to B, both included (from 1; A or B may be left out).")
 @click.option("--k", "k", type=click.IntRange(min=1), default=None,
               help="clusters: this many groups (default: the best silhouette score for 2..8).")
 @click.option("--no-cache", is_flag=True, help="Read every update from the store; keep nothing.")
@@ -29,7 +45,7 @@ def insights_cmd(session: str, what: str, config_path: str | None, scenario: str
                  rounds: str | None, k: int | None, no_cache: bool, as_json: bool) -> None:
     """Per-update contributions, client clusters, or reliability of a session,
     computed by the fl_insights function."""
-    cfg = load(config_path or DEFAULT_CONFIG)
+    cfg = load(config_path)
     if k is not None and what != "clusters":
         raise UsageFailure("--k applies to clusters only")
     # Local services stay up, so a warm fl_insights keeps its cache for the next query.
@@ -37,21 +53,18 @@ def insights_cmd(session: str, what: str, config_path: str | None, scenario: str
     try:
         if rt.store.session(session) is None:
             fail(f"no session {session!r} in the store")
-        try:
-            span = parse_rounds(round_, rounds, last_round(rt.store, session) if rounds else None)
-        except ValueError as exc:
-            raise UsageFailure(str(exc)) from None
+        span = store_span(rt.store, session, round_, rounds)
         try:
             result = InsightsClient(rt).query(session, what, span, k, cache=False if no_cache else True)
         except (InsightsError, ValueError) as exc:
             fail(str(exc))
     finally:
         rt.close()
+    result = shown_rounds(result)
     if as_json:
-        click.echo(json.dumps(result, indent=2, default=str))
+        print_json(result)
         return
-    # Piped or logged output is not cut to 80 columns: the rows stay whole.
-    out = console if console.is_terminal else Console(width=200, highlight=False)
-    for t in tables(result):
-        out.print(t)
-    out.print(provenance(result), markup=False, highlight=False, soft_wrap=True)
+    for spec in tables(result):
+        console.print(table(spec.title, spec.columns, spec.rows, width=console.width, right=spec.right,
+                            caption=spec.caption))
+    console.print(provenance(result), markup=False, highlight=False, soft_wrap=True)

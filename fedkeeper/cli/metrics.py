@@ -1,22 +1,32 @@
 """`fedkeeper metrics`: what each cluster's Prometheus saw."""
 from __future__ import annotations
 
-import json
+from typing import Any
 
 import click
-from rich.table import Table
 
 from ..config import ConfigError
-from .common import UsageFailure, config_option, console, load, scenario_option, select_clusters, split_list
+from .common import (UsageFailure, config_option, load, print_json, scenario_option, select_clusters,
+                     show_table, split_list)
+
+
+def metrics_cells(data: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
+    """(columns, cells) of metrics rows (MetricsRow.row() dicts)."""
+    cols = list(data[0].keys()) if data else ["cluster"]
+    cells = [[("-" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)) for v in row.values()]
+             for row in data]
+    return cols, cells
 
 
 @click.command("metrics")
 @config_option
 @scenario_option
 @click.option("--window", default="1h", show_default=True, help="Prometheus range such as 15m or 1h; 'all' for totals.")
-@click.option("--cluster", "clusters", multiple=True, help="Only these clusters (repeatable).")
-@click.option("--json", "as_json", is_flag=True)
-def metrics_cmd(config_path: str, scenario: str | None, window: str, clusters: tuple[str, ...], as_json: bool) -> None:
+@click.option("--cluster", "clusters", multiple=True, metavar="NAME[,NAME]",
+              help="Only these clusters (repeat or comma-separate); default: all.")
+@click.option("--json", "as_json", is_flag=True, help="Print the rows as JSON.")
+def metrics_cmd(config_path: str | None, scenario: str | None, window: str, clusters: tuple[str, ...],
+                as_json: bool) -> None:
     """Per-cluster cold starts, duration percentiles and error rates from each
     cluster's Prometheus (prometheus_config)."""
     from ..metrics import metrics_for_config
@@ -33,12 +43,8 @@ def metrics_cmd(config_path: str, scenario: str | None, window: str, clusters: t
         raise UsageFailure(str(exc)) from None
     data = [r.row() for r in rows]
     if as_json:
-        click.echo(json.dumps(data, indent=2, default=str))
+        print_json(data)
         return
-    t = Table(title=f"cluster metrics ({'all time' if window == 'all' else 'last ' + window})")
-    cols = list(data[0].keys()) if data else ["cluster"]
-    for c in cols:
-        t.add_column(c)
-    for row in data:
-        t.add_row(*[("-" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)) for v in row.values()])
-    console.print(t)
+    cols, cells = metrics_cells(data)
+    show_table(f"cluster metrics ({'all time' if window == 'all' else 'last ' + window})", cols, cells,
+               right=cols[1:])

@@ -1,21 +1,18 @@
 """`fedkeeper report`: plots and an HTML page for sessions (fedkeeper.report)."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import click
 
 from ..report import ReportError, write_report
-from .common import DEFAULT_CONFIG, fail, load, open_runtime
+from .common import config_option, fail, load, open_runtime, print_json, scenario_option
 
 
 @click.command("report")
 @click.argument("sessions", nargs=-1, required=True)
-@click.option("-c", "--config", "--configfile", "config_path", default=None, type=click.Path(dir_okay=False),
-              help="YAML config whose scenario names the store (default: $FEDKEEPER_CONFIG, else config.yaml).")
-@click.option("-s", "--scenario", "scenario", default=None,
-              help="Scenario under `scenarios:` (default: federated_learning).")
+@config_option
+@scenario_option
 @click.option("-o", "--out", "out_dir", default=None, type=click.Path(file_okay=False),
               help="Output directory (default: reports/<first session id>/).")
 @click.option("--json", "as_json", is_flag=True, help="Print report.json to stdout instead of the paths.")
@@ -24,7 +21,7 @@ def report_cmd(sessions: tuple[str, ...], config_path: str | None, scenario: str
     """Plots (accuracy, loss, durations, cold starts, retries, participation)
     and a self-contained HTML page for one or more sessions; several sessions
     are overlaid in the accuracy and loss plots."""
-    cfg = load(config_path or DEFAULT_CONFIG)
+    cfg = load(config_path)
     rt = open_runtime(cfg, scenario, need_store=True)
     try:
         try:
@@ -34,7 +31,7 @@ def report_cmd(sessions: tuple[str, ...], config_path: str | None, scenario: str
     finally:
         rt.close()
     if as_json:
-        click.echo(json.dumps(report, indent=2, default=str))
+        print_json(report)
         return
     files = report["files"]
     click.echo(f"wrote {files['html']}")

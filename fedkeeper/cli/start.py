@@ -1,29 +1,36 @@
 """`fedkeeper start`: deploy if needed and train, with progress on the
-terminal and a summary at the end."""
+terminal and a summary at the end.
+
+Ctrl-C stops the session resumably: the command prints the session id,
+the rounds the store keeps and the exact `--resume` command, and exits 130.
+"""
 from __future__ import annotations
 
-import time
+import shlex
 import sys
+import time
+from pathlib import Path
 from typing import Any
 
 import click
-from rich.table import Table
+from rich.console import Console
 
 from ..config import Config
-from .common import (UsageFailure, config_option, console, errconsole, fail, load, open_runtime,
-                     scenario_option)
+from .common import (INTERRUPTED_EXIT, UsageFailure, config_option, console, errconsole, fail, load,
+                     open_runtime, print_json, remember_config, scenario_option, show_table)
 
 
 class ConsoleProgress:
     """Round progress on the terminal: a live line on a TTY, one line per
-    event otherwise (CI logs)."""
+    event otherwise (CI logs). Round numbers are shown from 1."""
 
-    def __init__(self, rounds: int):
+    def __init__(self, rounds: int, out: Console | None = None):
         from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+        self.out = out or console
         self.rounds = rounds
-        self.live = console.is_terminal
+        self.live = self.out.is_terminal
         self.bar = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[info]}"),
-                            TimeElapsedColumn(), console=console, transient=False) if self.live else None
+                            TimeElapsedColumn(), console=self.out, transient=False) if self.live else None
         self.task = None
         self.acc: float | None = None
 
@@ -46,6 +53,9 @@ class ConsoleProgress:
             self._line(f"session {data['session']}" + (" (resumed)" if data["resumed"] else ""))
         elif kind == "warning":
             self._line(f"warning: {data['message']}")
+        elif kind == "service":
+            self._line(f"{data.get('service')}: {data.get('state')}"
+                       + (f" ({data['message']})" if data.get("message") else ""))
         elif kind == "init":
             self._line("initialising: partitioning data, storing the round-0 model")
         elif kind == "tick" and self.bar:
@@ -53,6 +63,15 @@ class ConsoleProgress:
             self.bar.update(self.task, description=f"round {data['round'] + 1}/{self.rounds}",
                             info=f"done {data['delivered']} failed {data['failed']} "
                                  f"in flight {data['running']} retrying {data['retrying']}  acc {acc}")
+        elif kind == "aggregating":
+            text = f"round {data['round'] + 1}/{self.rounds}: aggregating {data.get('included', '?')} update(s)"
+            if self.bar:  # the bar says it; no extra line on a terminal
+                self.bar.update(self.task, description=f"round {data['round'] + 1}/{self.rounds}",
+                                info=f"aggregating {data.get('included', '?')} update(s)")
+            else:
+                self._line(text)
+        elif kind == "round_failed":
+            self._line(f"round {data['round'] + 1}/{self.rounds} failed: {data.get('message')}")
         elif kind == "round":
             rep = data["report"]
             self.acc = rep.accuracy
@@ -63,17 +82,70 @@ class ConsoleProgress:
             self._line(f"round {rep.round + 1}/{self.rounds}: {rep.delivered}/{rep.selected} clients{stale}, "
                        f"{rep.failed} failed, {rep.retries} retries, {rep.seconds:.1f}s, accuracy {acc}")
 
-    def _line(self, text: str) -> None:
+    def line(self, text: str) -> None:
         if self.bar:
-            self.bar.console.print(text)
+            self.bar.console.print(text, markup=False, soft_wrap=True)
         else:
-            click.echo(text)
+            self.out.print(text, markup=False, highlight=False, soft_wrap=True)
+
+    _line = line
+
+
+def resume_command(cfg: Config, scenario: str | None, session: str) -> str:
+    """The exact command that resumes `session`."""
+    parts = ["fedkeeper", "start", "-c", str(cfg.source)]
+    if scenario:
+        parts += ["-s", scenario]
+    return shlex.join(parts + ["--resume", session])
+
+
+def rounds_kept(store, session: str) -> int:
+    """Rounds of `session` the store holds as done (what a resume keeps)."""
+    try:
+        return sum(1 for r in store.rounds(session) if r.get("state") == "done")
+    except Exception:  # the store may be what went away
+        return 0
+
+
+def session_wall_time(doc: dict[str, Any] | None) -> float | None:
+    """Wall time of a session as `start` and `report` both show it: from its
+    creation to its end (to now while it runs), in seconds."""
+    if not doc or doc.get("created") is None:
+        return None
+    end = doc.get("ended") or time.time()
+    return float(end) - float(doc["created"])
+
+
+def _interrupted(cfg: Config, scenario: str | None, store, session: str) -> int:
+    """Ctrl-C: mark the session (if the keeper did not), say what was kept
+    and how to resume; exit status 130."""
+    try:
+        doc = store.session(session)
+        if doc is not None and doc.get("state") == "running":
+            store.update_session(session, state="interrupted")
+    except Exception:  # best effort: status shows a keeper-less session as interrupted anyway
+        doc = None
+    if doc is None and store is not None:
+        try:
+            doc = store.session(session)
+        except Exception:
+            doc = None
+    kept = rounds_kept(store, session) if doc is not None else 0
+    errconsole.print(f"\nsession {session} interrupted; the store keeps its {kept} finished round(s)"
+                     + ("" if doc is not None else " (the session was not created yet)"), markup=False)
+    if doc is not None:
+        errconsole.print(f"resume it with: {resume_command(cfg, scenario, session)}", markup=False, soft_wrap=True)
+    return INTERRUPTED_EXIT
 
 
 def run_start(cfg: Config, scenario: str | None, resume: str | None = None, deploy: bool = True,
-              keep_services: bool = False, metrics_port: int | None = None) -> int:
-    from ..keeper import Keeper, SessionError, new_session_id
+              keep_services: bool = False, metrics_port: int | None = None, as_json: bool = False) -> int:
+    """Train one session; returns the exit status (0, 1, or 130 on Ctrl-C)."""
+    from .. import keeper as keeper_module
+    from ..keeper import Keeper, SessionError, SessionInterrupted, new_session_id
     from ..logs import setup_run_log
+    # The keeper's "a service is gone for good" error, where the keeper has one.
+    service_lost = tuple(c for c in [getattr(keeper_module, "ServiceLost", None)] if c is not None)
     session_id = resume or new_session_id(cfg.name)
     log_path = setup_run_log(session_id, cfg.secret_values())
     rt = open_runtime(cfg, scenario, need_store=True, keep_local_services=keep_services)
@@ -86,21 +158,37 @@ def run_start(cfg: Config, scenario: str | None, resume: str | None = None, depl
     except ValueError as exc:
         rt.close()
         raise UsageFailure(str(exc)) from None
-    t0 = time.time()
+    out = Console(stderr=True, highlight=False) if as_json else console
     metrics = None
     try:
-        with ConsoleProgress(rt.scenario.training.rounds) as progress:
-            keeper.progress = progress
+        with ConsoleProgress(rt.scenario.training.rounds, out) as progress:
+            def on_event(kind: str, data: dict[str, Any]) -> None:
+                if kind == "session":  # where `resume` and the config defaults find it again
+                    remember_config(cfg, data["session"])
+                    try:
+                        rt.store.update_session(data["session"], config_path=str(Path(cfg.source).resolve()))
+                    except Exception as exc:  # a convenience only
+                        progress.line(f"warning: cannot record the config on the session: {exc}")
+                progress(kind, data)
+            keeper.progress = on_event
             if metrics_port is not None:
                 from ..metrics import KeeperMetrics, fan_out
                 metrics = KeeperMetrics()
                 port = metrics.start(metrics_port)
-                progress._line(f"keeper metrics at http://127.0.0.1:{port}/metrics")
-                keeper.progress = fan_out(progress, metrics)
+                progress.line(f"keeper metrics at http://127.0.0.1:{port}/metrics")
+                keeper.progress = fan_out(on_event, metrics)
                 keeper.attempt_ended = metrics.record_attempt
             summary = keeper.start(resume=resume, deploy=deploy, session_id=session_id)
-            from ..cost import format_money, session_cost
-            cost = session_cost(rt.store, summary.session, cfg)
+        from ..cost import format_money, session_cost
+        cost = session_cost(rt.store, summary.session, cfg)
+        doc = rt.store.session(summary.session)
+        kept = rounds_kept(rt.store, summary.session)
+    except (SessionInterrupted, KeyboardInterrupt) as exc:
+        sid = getattr(exc, "session", None) or session_id
+        return _interrupted(cfg, scenario, rt.store, sid)  # `finally` closes the runtime
+    except service_lost as exc:
+        fail(str(exc) if getattr(exc, "resume_hint", None)
+             else f"{exc}; resume with: {resume_command(cfg, scenario, session_id)}")
     except SessionError as exc:
         fail(str(exc))
     finally:
@@ -108,13 +196,20 @@ def run_start(cfg: Config, scenario: str | None, resume: str | None = None, depl
             metrics.stop()
         rt.close(stop_store=not keep_services)
     acc = summary.final_accuracy
-    table = Table(title=f"session {summary.session}: {summary.state}")
-    for col in ("rounds", "final accuracy", "wall time", "est. cost", "run log"):
-        table.add_column(col)
-    table.add_row(str(len(summary.rounds)), f"{acc:.4f}" if acc is not None else "-",
-                  f"{time.time() - t0:.1f}s", format_money(cost["total"], cost["currency"]), str(log_path))
-    console.print(table)
-    session_metrics(cfg, rt.scenario, time.time() - t0)
+    wall = session_wall_time(doc)
+    result = {"session": summary.session, "state": summary.state, "rounds": kept,
+              "rounds_planned": rt.scenario.training.rounds, "final_accuracy": acc, "wall_time_s": wall,
+              "cost": cost["total"], "currency": cost["currency"], "run_log": str(log_path),
+              "message": summary.message or None}
+    if as_json:
+        print_json(result)
+    else:
+        show_table(f"session {summary.session}: {summary.state}",
+                   ("rounds", "final accuracy", "wall time", "est. cost", "run log"),
+                   [[f"{kept}/{result['rounds_planned']}", f"{acc:.4f}" if acc is not None else "-",
+                     f"{wall:.1f}s" if wall is not None else "-", format_money(cost["total"], cost["currency"]),
+                     str(log_path)]])
+        session_metrics(cfg, rt.scenario, wall or 0.0)
     if summary.state != "finished":
         errconsole.print(f"[red]session {summary.session} {summary.state}:[/red] {summary.message}")
         return 1
@@ -131,15 +226,15 @@ def session_metrics(cfg: Config, scenario, elapsed_s: float) -> None:
         return
     rows = metrics_for_config(cfg, f"{int(elapsed_s) + 30}s", actions=list(scenario.functions) or None,
                               clusters=with_prom)
-    t = Table(title="clusters' Prometheus during the session")
-    for col in ("cluster", "activations", "cold starts", "error rate", "p50 s", "p95 s", "note"):
-        t.add_column(col)
+    fmt = lambda v: "-" if v is None else (f"{v:.3f}" if isinstance(v, float) else str(v))  # noqa: E731
+    cells = []
     for r in rows:
         d = r.row()
-        fmt = lambda v: "-" if v is None else (f"{v:.3f}" if isinstance(v, float) else str(v))  # noqa: E731
-        t.add_row(str(d.get("cluster")), fmt(d.get("activations")), fmt(d.get("cold_starts")),
-                  fmt(d.get("error_rate")), fmt(d.get("duration_p50_s")), fmt(d.get("duration_p95_s")), str(d.get("error") or ""))
-    console.print(t)
+        cells.append([str(d.get("cluster")), fmt(d.get("activations")), fmt(d.get("cold_starts")),
+                      fmt(d.get("error_rate")), fmt(d.get("duration_p50_s")), fmt(d.get("duration_p95_s")),
+                      str(d.get("error") or "")])
+    show_table("clusters' Prometheus during the session",
+               ("cluster", "activations", "cold starts", "error rate", "p50 s", "p95 s", "note"), cells)
 
 
 @click.command("start")
@@ -151,9 +246,16 @@ def session_metrics(cfg: Config, scenario, elapsed_s: float) -> None:
               help="Leave the embedded MongoDB and local fabric running after the session ends.")
 @click.option("--metrics-port", type=click.IntRange(0, 65535), default=None,
               help="Serve the keeper's Prometheus metrics on this loopback port (0: any free port).")
-def start_cmd(config_path: str, scenario: str | None, resume: str | None, no_deploy: bool,
-              keep_services: bool, metrics_port: int | None) -> None:
+@click.option("--json", "as_json", is_flag=True,
+              help="Print the final summary as JSON on stdout (progress goes to stderr).")
+def start_cmd(config_path: str | None, scenario: str | None, resume: str | None, no_deploy: bool,
+              keep_services: bool, metrics_port: int | None, as_json: bool) -> None:
     """Deploy (if needed) and run federated training."""
     cfg = load(config_path)
-    sys.exit(run_start(cfg, scenario, resume, deploy=not no_deploy, keep_services=keep_services,
-                       metrics_port=metrics_port))
+    try:
+        code = run_start(cfg, scenario, resume, deploy=not no_deploy, keep_services=keep_services,
+                         metrics_port=metrics_port, as_json=as_json)
+    except KeyboardInterrupt:  # before the session existed: nothing to resume
+        errconsole.print("\ninterrupted before the session started; nothing was kept", markup=False)
+        code = INTERRUPTED_EXIT
+    sys.exit(code)

@@ -1,17 +1,27 @@
-"""`fedkeeper status`: the rounds of a session, from the store."""
+"""`fedkeeper status`: the rounds of a session, from the store.
+
+Rounds are shown, in the table and in --json, counted from 1 (the store
+keeps them from 0). A `running` session whose keeper is gone shows as
+`interrupted` (fedkeeper.store.effective_state)."""
 from __future__ import annotations
 
-import json
 import time
 from typing import Any
 
 import click
-from rich.table import Table
 
-from .common import UsageFailure, config_option, console, load, open_runtime, scenario_option
+from ..store import effective_state
+from .common import (UsageFailure, config_option, console, load, open_runtime, print_json, scenario_option,
+                     table)
+
+# `status --watch` runs while the session is in one of these; it stops on
+# finished, failed or interrupted (nothing will change any more).
+ACTIVE_STATES = ("created", "running")
+COLUMNS = ("round", "state", "done", "failed", "in flight", "retrying", "retries", "seconds", "accuracy")
 
 
-def _status_data(store, session_id: str | None) -> dict[str, Any]:
+def status_data(store, session_id: str | None) -> dict[str, Any]:
+    """The session's state and its rounds (numbered from 1) as plain data."""
     doc = store.session(session_id) if session_id else store.latest_session()
     if doc is None:
         raise UsageFailure(f"no session {session_id!r} in the store" if session_id else "no sessions in the store")
@@ -25,7 +35,7 @@ def _status_data(store, session_id: str | None) -> dict[str, Any]:
             if a["attempt"] >= latest.get(a["client"], {}).get("attempt", 0):
                 latest[a["client"]] = a
         rounds.append({
-            "round": r["round"], "state": r.get("state"), "selected": len(r.get("selected", [])),
+            "round": r["round"] + 1, "state": r.get("state"), "selected": len(r.get("selected", [])),
             "done": sum(1 for a in latest.values() if a.get("state") == "succeeded"),
             "failed": sum(1 for a in latest.values() if a.get("state") in ("failed", "timed_out", "abandoned")),
             "in_flight": sum(1 for a in latest.values() if a.get("state") in ("running", "submitting")),
@@ -34,30 +44,43 @@ def _status_data(store, session_id: str | None) -> dict[str, Any]:
             "retries": sum(1 for a in mine if a["attempt"] > 1),
             "duration_s": r.get("duration_s"), "accuracy": r.get("accuracy"), "loss": r.get("loss"),
         })
-    return {"session": sid, "state": doc.get("state"), "created": doc.get("created"),
+    return {"session": sid, "state": effective_state(doc), "created": doc.get("created"),
             "error": doc.get("error"), "rounds": rounds}
 
 
-def _status_table(data: dict[str, Any]) -> Table:
-    t = Table(title=f"session {data['session']}: {data['state']}")
-    for col in ("round", "state", "done", "failed", "in flight", "retrying", "retries", "seconds", "accuracy"):
-        t.add_column(col, justify="right")
-    for r in data["rounds"]:
-        t.add_row(str(r["round"] + 1), str(r["state"]), f"{r['done']}/{r['selected']}", str(r["failed"]),
-                  str(r["in_flight"]), str(r["retrying"]), str(r["retries"]),
-                  f"{r['duration_s']:.1f}" if r["duration_s"] else "-",
-                  f"{r['accuracy']:.4f}" if r["accuracy"] is not None else "-")
-    return t
+def _cells(r: dict[str, Any]) -> list[str]:
+    return [str(r["round"]), str(r["state"]), f"{r['done']}/{r['selected']}", str(r["failed"]),
+            str(r["in_flight"]), str(r["retrying"]), str(r["retries"]),
+            f"{r['duration_s']:.1f}" if r["duration_s"] else "-",
+            f"{r['accuracy']:.4f}" if r["accuracy"] is not None else "-"]
+
+
+def status_table(data: dict[str, Any], width: int):
+    return table(f"session {data['session']}: {data['state']}", COLUMNS, [_cells(r) for r in data["rounds"]],
+                 width=width, right=COLUMNS)
+
+
+def _changes(before: dict[str, Any] | None, now: dict[str, Any]) -> list[str]:
+    """What changed since the last refresh, as lines (for --watch into a pipe)."""
+    lines = []
+    if before is None or before["state"] != now["state"]:
+        lines.append(f"session {now['session']}: {now['state']}")
+    old = {r["round"]: r for r in (before or {}).get("rounds", [])}
+    for r in now["rounds"]:
+        if old.get(r["round"]) != r:
+            lines.append("round " + ", ".join(f"{c} {v}" for c, v in zip(COLUMNS, _cells(r))))
+    return lines
 
 
 @click.command("status")
 @click.argument("session", required=False)
 @config_option
 @scenario_option
-@click.option("--json", "as_json", is_flag=True)
-@click.option("--watch", is_flag=True, help="Refresh until the session ends.")
-@click.option("--interval", default=2.0, show_default=True, help="Seconds between refreshes with --watch.")
-def status_cmd(session: str | None, config_path: str, scenario: str | None, as_json: bool, watch: bool,
+@click.option("--json", "as_json", is_flag=True, help="Print the session and its rounds as JSON.")
+@click.option("--watch", is_flag=True, help="Refresh until the session finishes, fails or is interrupted.")
+@click.option("--interval", default=2.0, show_default=True, type=click.FloatRange(min=0.05),
+              help="Seconds between refreshes with --watch.")
+def status_cmd(session: str | None, config_path: str | None, scenario: str | None, as_json: bool, watch: bool,
                interval: float) -> None:
     """Rounds of a session (default: the latest), from the store."""
     cfg = load(config_path)
@@ -65,19 +88,30 @@ def status_cmd(session: str | None, config_path: str, scenario: str | None, as_j
     try:
         if as_json:
             from ..cost import session_cost
-            data = _status_data(rt.store, session)
+            data = status_data(rt.store, session)
             data["cost"] = session_cost(rt.store, data["session"], cfg)
-            click.echo(json.dumps(data, default=str, indent=2))
+            print_json(data)
             return
         if not watch:
-            console.print(_status_table(_status_data(rt.store, session)))
+            console.print(status_table(status_data(rt.store, session), console.width))
             return
+        if not console.is_terminal:
+            # A pipe or a log: each change as lines, nothing redrawn.
+            before = None
+            while True:
+                data = status_data(rt.store, session)
+                for line in _changes(before, data):
+                    click.echo(line)
+                before = data
+                if data["state"] not in ACTIVE_STATES:
+                    return
+                time.sleep(interval)
         from rich.live import Live
         with Live(console=console, refresh_per_second=2) as live:
             while True:
-                data = _status_data(rt.store, session)
-                live.update(_status_table(data))
-                if data["state"] not in ("running", "created"):
+                data = status_data(rt.store, session)
+                live.update(status_table(data, console.width))
+                if data["state"] not in ACTIVE_STATES:
                     break
                 time.sleep(interval)
     finally:

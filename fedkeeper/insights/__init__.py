@@ -11,7 +11,7 @@ change the very records `reliability` reports on.
 from __future__ import annotations
 
 from .client import FUNCTION, WHATS, InsightsClient, InsightsError
-from .render import last_round, parse_rounds, provenance, tables
+from .render import TableSpec, last_round, parse_rounds, provenance, shown_rounds, tables
 
 __all__ = ["FUNCTION", "WHATS", "InsightsClient", "InsightsError", "last_round", "parse_rounds", "provenance",
-           "tables"]
+           "shown_rounds", "TableSpec", "tables"]

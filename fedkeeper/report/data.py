@@ -121,16 +121,18 @@ def _participation(clients: list[str], rounds: list[dict[str, Any]], models: dic
                 state = "idle"
             states[c].append(state)
             if c in stale:
-                stale_cells.append([c, r])
-    return {"clients": clients, "rounds": [rd["round"] for rd in rounds],
+                stale_cells.append([c, r + 1])
+    return {"clients": clients, "rounds": [rd["round"] + 1 for rd in rounds],
             "states": [states[c] for c in clients], "stale": stale_cells}
 
 
 def session_series(store, session_id: str, cost: dict[str, Any] | None = None) -> dict[str, Any]:
     """Everything a report plots for one session, as plain data.
 
-    Rounds keep the store's numbering (0-based); wall times are seconds since
-    the session was created. Per-cluster lists cover client attempts that
+    Rounds are counted from 1, as everywhere a user sees them (the store
+    counts from 0); wall times are seconds since the session was created,
+    and the session's `wall_time_s` is from its creation to its end, as
+    `fedkeeper start` reports it. Per-cluster lists cover client attempts that
     ended, in (round, client, attempt) order. `cost` is what
     fedkeeper.cost.session_cost returned, if anything.
     """
@@ -163,7 +165,7 @@ def session_series(store, session_id: str, cost: dict[str, Any] | None = None) -
                 by_class[key] = by_class.get(key, 0) + 1
         rejected = model.get("rejected") if model else rd.get("rejected")
         round_rows.append({
-            "round": r,
+            "round": r + 1,
             "state": rd.get("state"),
             "accuracy": _num(metrics.get("accuracy", rd.get("accuracy"))),
             "loss": _num(metrics.get("loss", rd.get("loss"))),

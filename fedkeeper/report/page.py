@@ -91,7 +91,7 @@ def write_html(report: dict[str, Any], pngs: dict[str, Path], path: Path) -> Pat
             ["round", "state", "selected", "included", "accepted", "rejected", "stale", "retries",
              "failed attempts", "failed clients", "duration s", "aggregation s", "accuracy", "loss"]
             + (["cost"] if with_cost else []),
-            [[row["round"] + 1, row["state"], row["selected"], row["included"], row["accepted"], row["rejected"],
+            [[row["round"], row["state"], row["selected"], row["included"], row["accepted"], row["rejected"],
               row["stale_included"], row["retries"], row["failed_attempts"], row["failed_clients"],
               row["duration_s"], row["aggregation_s"], row["accuracy"], row["loss"]]
              + ([_money(row["cost"], s["cost"]["currency"])] if with_cost else []) for row in s["rounds"]],
@@ -99,7 +99,7 @@ def write_html(report: dict[str, Any], pngs: dict[str, Path], path: Path) -> Pat
         classes = sorted({k for row in s["rounds"] for k in row["failures_by_class"]})
         if classes:
             parts.append(_table(["round", *classes],
-                                [[row["round"] + 1, *(row["failures_by_class"].get(c, 0) for c in classes)]
+                                [[row["round"], *(row["failures_by_class"].get(c, 0) for c in classes)]
                                  for row in s["rounds"]], "failed client attempts by error class"))
         parts.append(_table(
             ["cluster", "platform", "attempts", "succeeded", "success rate", "timeouts", "cold starts",

@@ -25,7 +25,7 @@ def _save(fig, path: Path) -> Path:
 
 
 def _xy(rows: list[dict[str, Any]], x: str, y: str) -> tuple[list[float], list[float]]:
-    pts = [((row["round"] + 1) if x == "round" else row[x], row[y]) for row in rows
+    pts = [(row[x], row[y]) for row in rows
            if row[y] is not None and (x == "round" or row[x] is not None)]
     return [p[0] for p in pts], [p[1] for p in pts]
 
@@ -108,7 +108,7 @@ def plot_retries(s: dict[str, Any], path: Path) -> Path:
     fig = _figure()
     ax = fig.subplots()
     rows = s["rounds"]
-    x = np.array([row["round"] + 1 for row in rows], dtype=float)
+    x = np.array([row["round"] for row in rows], dtype=float)
     width = 0.27
     ax.bar(x - width, [row["retries"] for row in rows], width, label="retries", color="#1565c0")
     classes = sorted({k for row in rows for k in row["failures_by_class"]})
@@ -118,8 +118,12 @@ def plot_retries(s: dict[str, Any], path: Path) -> Path:
         counts = np.array([row["failures_by_class"].get(cls, 0) for row in rows])
         ax.bar(x, counts, width, bottom=bottom, label=f"failed attempts: {cls}", color=colours[i % len(colours)])
         bottom += counts
-    ax.bar(x + width, [row["failed_clients"] or 0 for row in rows], width, label="clients failed for good",
-           color="#212121")
+    failed_clients = [row["failed_clients"] or 0 for row in rows]
+    ax.bar(x + width, failed_clients, width, label="clients failed for good", color="#212121")
+    # Counts start at 0; with nothing to count the axis still reads 0 to 1,
+    # not the symmetric range matplotlib picks around an all-zero plot.
+    top = max([row["retries"] for row in rows] + failed_clients + [int(v) for v in bottom] + [0])
+    ax.set_ylim(0, max(1, top) * 1.05)
     ax.set_xlabel("round")
     ax.set_ylabel("count")
     ax.set_xticks(x)
@@ -146,7 +150,7 @@ def plot_participation(s: dict[str, Any], path: Path) -> Path:
     if grid.size:
         ax.imshow(grid, cmap=ListedColormap(list(PARTICIPATION_COLOURS.values())), vmin=-0.5,
                   vmax=len(states) - 0.5, aspect="auto", interpolation="nearest")
-    ax.set_xticks(range(len(p["rounds"])), [str(r + 1) for r in p["rounds"]])
+    ax.set_xticks(range(len(p["rounds"])), [str(r) for r in p["rounds"]])
     step = max(1, len(p["clients"]) // 40)
     ax.set_yticks(range(0, len(p["clients"]), step), p["clients"][::step], fontsize="small")
     # Cell borders, so that neighbouring cells of one state stay countable.
@@ -155,7 +159,9 @@ def plot_participation(s: dict[str, Any], path: Path) -> Path:
     ax.grid(which="minor", color="white", linewidth=1)
     ax.tick_params(which="minor", length=0)
     ax.set_xlabel("round")
-    ax.set_title(f"client participation: {s['session']}", fontsize="medium")
+    # A figure title: constrained layout keeps it above the outside legend
+    # (an axes title ran under the legend on narrow plots).
+    fig.suptitle(f"client participation: {s['session']}", fontsize="medium")
     # A late update aggregated in a round where the client's cell shows its
     # own (selected) outcome: a dot of the stale colour on that cell.
     row_of = {c: i for i, c in enumerate(p["clients"])}

@@ -14,10 +14,10 @@ from __future__ import annotations
 
 from .plan import (FIXED_PATHS, GRID_ALIASES, GridAxis, Run, SweepError, SweepPlan, content_hash, parse_grid,
                    parse_value, plan_sweep, resolve_path)
-from .results import (DISPLAY_COLUMNS, RESULT_COLUMNS, render_csv, render_markdown, render_table, result_rows,
+from .results import (DISPLAY_COLUMNS, RESULT_COLUMNS, display_cells, render_csv, render_markdown, result_rows,
                       session_result)
 from .runner import Sweep
 
 __all__ = ["DISPLAY_COLUMNS", "FIXED_PATHS", "GRID_ALIASES", "RESULT_COLUMNS", "GridAxis", "Run", "Sweep",
-           "SweepError", "SweepPlan", "content_hash", "parse_grid", "parse_value", "plan_sweep",
-           "render_csv", "render_markdown", "render_table", "resolve_path", "result_rows", "session_result"]
+           "SweepError", "SweepPlan", "content_hash", "display_cells", "parse_grid", "parse_value", "plan_sweep",
+           "render_csv", "render_markdown", "resolve_path", "result_rows", "session_result"]

@@ -53,7 +53,8 @@ def result_rows(sweep_doc: dict[str, Any]) -> list[dict[str, Any]]:
         res = run.get("result") or {}
         rows.append({"params": run["labels"], "repeat": run["repeat"], "seed": run["seed"],
                      "session": run["session"], "state": run.get("state"),
-                     **{c: res.get(c) for c in RESULT_COLUMNS if c not in ("repeat", "seed", "session", "state")}})
+                     **{c: res.get(c) for c in RESULT_COLUMNS if c not in ("repeat", "seed", "session", "state")},
+                     "error": res.get("error"), "failed_sessions": run.get("failed_sessions") or []})
     return rows
 
 
@@ -69,7 +70,8 @@ DISPLAY_COLUMNS = ("params", "repeat", "session", "state", "rounds", "rounds to 
                    "final accuracy", "invocations", "retries", "cost")
 
 
-def _display_cells(row: dict[str, Any]) -> list[str]:
+def display_cells(row: dict[str, Any]) -> list[str]:
+    """A result row as the table and Markdown show it, in DISPLAY_COLUMNS order."""
     return [" ".join(f"{k}={v}" for k, v in row["params"].items()), str(row["repeat"]), row["session"],
             str(row["state"]), _fmt(row["rounds"]), _fmt(row["rounds_to_target"]),
             _fmt(row["time_to_target_s"], 1), _fmt(row["final_accuracy"]), _fmt(row["invocations"]),
@@ -90,17 +92,5 @@ def render_csv(rows: list[dict[str, Any]], keys: list[str]) -> str:
 def render_markdown(rows: list[dict[str, Any]]) -> str:
     lines = ["| " + " | ".join(DISPLAY_COLUMNS) + " |", "|" + "---|" * len(DISPLAY_COLUMNS)]
     for r in rows:
-        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in _display_cells(r)) + " |")
+        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in display_cells(r)) + " |")
     return "\n".join(lines) + "\n"
-
-
-def render_table(rows: list[dict[str, Any]], title: str):
-    from rich.table import Table
-    t = Table(title=title)
-    for c in DISPLAY_COLUMNS:
-        t.add_column(c, justify="left" if c in ("params", "session", "state") else "right")
-    for r in rows:
-        t.add_row(*_display_cells(r))
-    return t
-
-

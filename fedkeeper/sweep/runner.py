@@ -32,6 +32,9 @@ class Sweep:
         self.report = report
         self.rt = None
         self.store = None
+        self.total = len(plan.runs)
+        self.running: dict[str, Run] = {}   # run key -> run, while its session trains
+        self._lock = threading.Lock()
 
     # -- the sweep document
     def _doc_runs(self) -> dict[str, Any]:
@@ -61,6 +64,19 @@ class Sweep:
     def _record(self, run: Run, **fields: Any) -> None:
         self.store.update_sweep(self.plan.sweep_id, **{f"runs.{run.key}.{k}": v for k, v in fields.items()})
 
+    def _new_attempt(self, run: Run, entry: dict[str, Any], failed: dict[str, Any]) -> None:
+        """A run whose session failed is tried again as a new session (its
+        failed round would only fail again on resume); the failed sessions
+        stay listed on the run."""
+        earlier = list(entry.get("failed_sessions") or []) + [run.session]
+        base = f"{self.plan.sweep_id}-{run.index:03d}"
+        new = f"{base}-try{len(earlier) + 1}"
+        reason = failed.get("error") or "no reason recorded"
+        self.report(f"run {run.index + 1}/{self.total} {run.label} repeat {run.repeat}: session {run.session} "
+                    f"failed earlier ({reason}); trying again as session {new}")
+        run.session = new
+        self._record(run, session=new, failed_sessions=earlier, state="pending", result=None)
+
     # -- one run, in a worker thread
     def _execute(self, run: Run) -> dict[str, Any]:
         from ..keeper import Keeper
@@ -68,6 +84,10 @@ class Sweep:
         t0 = time.time()
         existing = self.store.session(run.session)
         self._record(run, state="running", started=t0)
+        with self._lock:
+            self.running[run.key] = run
+        self.report(f"run {run.index + 1}/{self.total} {run.label} repeat {run.repeat} "
+                    f"{'resumed' if existing else 'started'}: session {run.session}")
         rt = Runtime.open(run.cfg, self.plan.scenario, keep_local_services=True)
         try:
             keeper = Keeper(rt)
@@ -77,6 +97,8 @@ class Sweep:
             return {"state": summary.state, "message": summary.message, "seconds": time.time() - t0,
                     "resumed": existing is not None}
         finally:
+            with self._lock:
+                self.running.pop(run.key, None)
             rt.close(stop_store=False)
 
     def _worker(self, jobs: "queue.Queue[Run | None]", done: "queue.Queue[tuple[Run, dict]]") -> None:
@@ -105,11 +127,11 @@ class Sweep:
     def _line(self, n: int, total: int, run: Run, result: dict[str, Any], note: str) -> None:
         acc = _fmt(result.get("final_accuracy"))
         cost = format_money(result.get("cost"), result.get("currency") or "USD")
-        text = (f"[{n}/{total}] {run.label} repeat {run.repeat} ({run.session}): {note} - "
+        text = (f"[{n}/{total}] run {run.index + 1} {run.label} repeat {run.repeat} ({run.session}): {note} - "
                 f"{result.get('rounds', 0)} rounds, accuracy {acc}, {result.get('invocations', 0)} invocations, "
                 f"{result.get('retries', 0)} retries, cost {cost}")
-        if result.get("state") != "finished" and result.get("error"):
-            text += f"; error: {result['error']}"
+        if result.get("state") != "finished":
+            text += f"; error: {result.get('error') or 'no reason recorded'}"
         self.report(text)
 
     def run(self) -> dict[str, Any]:
@@ -119,18 +141,22 @@ class Sweep:
         self.store = self.rt.store
         interrupted = opened = False
         try:
-            self._open_doc()
+            sweep_doc = self._open_doc()
             opened = True
             todo: list[Run] = []
             total, n = len(plan.runs), 0
             for run in plan.runs:
+                entry = (sweep_doc.get("runs") or {}).get(run.key) or {}
+                run.session = entry.get("session") or run.session  # the run's latest attempt
                 doc = self.store.session(run.session)
                 if doc is not None and doc.get("state") == "finished":
                     n += 1
                     result = self._finish_run(run, {})
                     self._line(n, total, run, result, "finished earlier, skipped")
-                else:
-                    todo.append(run)
+                    continue
+                if doc is not None and doc.get("state") == "failed":
+                    self._new_attempt(run, entry, doc)
+                todo.append(run)
             if todo:
                 self._deploy()
                 jobs: queue.Queue = queue.Queue()
@@ -163,8 +189,14 @@ class Sweep:
             # alone they are resumed like the sessions of a killed keeper.
             interrupted = True
             self.store.update_sweep(plan.sweep_id, state="interrupted")
-            self.report(f"sweep {plan.sweep_id} interrupted; run the same command again to resume it "
-                        "(local services are left running; `fedkeeper fabric down` stops them)")
+            with self._lock:
+                in_flight = list(self.running.values())
+            for run in in_flight:
+                kept = sum(1 for r in self.store.rounds(run.session) if r.get("state") == "done")
+                self.report(f"run {run.index + 1}/{self.total} {run.label} repeat {run.repeat}: session "
+                            f"{run.session} interrupted; the store keeps its {kept} finished round(s)")
+            self.report(f"sweep {plan.sweep_id} interrupted; finished runs are kept and the same command "
+                        "resumes the others (local services are left running; `fedkeeper fabric down` stops them)")
             raise
         finally:
             doc = None
