@@ -87,7 +87,7 @@ def check_cluster(rt: Runtime, cluster: str, keep: bool, timeout_s: float = 120.
 
 
 def _introspect(rt: Runtime, cluster: str, res: ClusterCheck) -> None:
-    from . import kube
+    from .providers import kube
     ccfg = kube.kube_clusters(rt.cfg).get(cluster)
     if ccfg is None:
         return

@@ -8,22 +8,25 @@ Two sides (docs/metrics.md has the metric list and example queries):
   Prometheus can scrape a training session while it runs: rounds, clients,
   invocation attempts by cluster and state, retries, round durations,
   accuracy and loss.
-* `cluster_report` asks a cluster's Prometheus about its functions, from
-  OpenWhisk's user-event metrics (`openwhisk_action_*`, which the local
-  fabric serves under the same names): activations, cold starts, errors,
-  duration quantiles. `metrics_for_config` does it for every OpenWhisk
-  cluster of a config that names a Prometheus in its `prometheus_config`.
+* `metrics_for_config` asks each cluster's platform adapter what the
+  cluster's Prometheus saw of its functions (providers/<platform>/metrics.py:
+  OpenWhisk's user-event metrics, Knative's activator and queue-proxy
+  request metrics; Cloud Functions has no Prometheus source and says so).
 """
 from __future__ import annotations
 
 import logging
 import math
-import re
 import threading
-from dataclasses import asdict, dataclass
 from typing import Any, Callable, Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+from .providers import ProviderError, provider_class
+from .providers.prometheus import ClusterMetrics, check_window, prometheus_url
+
+__all__ = ["ClusterMetrics", "KeeperMetrics", "fan_out", "metrics_exit_status", "metrics_for_config",
+           "prometheus_url"]
 
 log = logging.getLogger("fedkeeper.metrics")
 
@@ -186,173 +189,34 @@ def fan_out(*listeners: Listener | None) -> Listener:
 
 # --------------------------------------------------------------------------- reports
 
-_WINDOW_RE = re.compile(r"^([0-9]+(ms|s|m|h|d|w|y))+$")
-
-
-@dataclass
-class ClusterMetrics:
-    """One cluster's functions over a window, from its Prometheus. Counts
-    are None (and `error` says why) when Prometheus could not be asked."""
-
-    cluster: str
-    prometheus: str | None
-    namespace: str | None
-    window: str | None
-    activations: float | None = None
-    cold_starts: float | None = None
-    errors: float | None = None
-    error_rate: float | None = None
-    duration_p50_s: float | None = None
-    duration_p95_s: float | None = None
-    duration_mean_s: float | None = None
-    error: str | None = None
-
-    def row(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-def _label_value(v: str) -> str:
-    return v.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-
-
-def selector(namespace: str | None = None, actions: Iterable[str] | None = None,
-             extra: str = "") -> str:
-    """The label matchers for a namespace and a set of action names."""
-    parts = []
-    if namespace:
-        parts.append(f'namespace="{_label_value(namespace)}"')
-    acts = sorted(set(actions or ()))
-    if acts:
-        parts.append(f'action=~"{_label_value("|".join(re.escape(a) for a in acts))}"')
-    if extra:
-        parts.append(extra)
-    return "{" + ",".join(parts) + "}"
-
-
-def _number(result: list) -> float | None:
-    if not result:
-        return None
-    try:
-        v = float(result[0]["value"][1])
-    except (KeyError, IndexError, TypeError, ValueError):
-        return None
-    return None if math.isnan(v) or math.isinf(v) else v
-
-
-def cluster_report(prometheus_url: str, namespace: str | None = None, actions: Iterable[str] | None = None,
-                   window: str | None = "1h", *, cluster: str = "", timeout_s: float = 10.0,
-                   disable_ssl: bool = False, headers: dict | None = None) -> ClusterMetrics:
-    """Cold starts, errors and duration quantiles of one cluster's actions.
-
-    `window` is a PromQL duration ("15m", "1h", "1d"): counts are
-    `increase()` over it and quantiles come from the bucket `rate()` over it.
-    None takes the counters as they stand (everything since the exporter
-    started) and the quantiles over all observations: exact figures for a
-    run on one exporter, but wrong across an exporter restart.
-    """
-    import requests
-    from prometheus_api_client import PrometheusApiClientException, PrometheusConnect
-    from urllib3.util.retry import Retry
-
-    if window is not None and not _WINDOW_RE.match(window):
-        raise ValueError(f"window must be a Prometheus duration such as 15m, 1h or 1d, not {window!r}")
-    out = ClusterMetrics(cluster=cluster, prometheus=prometheus_url, namespace=namespace, window=window)
-    sel = selector(namespace, actions)
-    errsel = selector(namespace, actions, 'status!="success"')
-
-    def total(metric: str, s: str = sel) -> str:
-        return f"sum({metric}{s})" if window is None else f"sum(increase({metric}{s}[{window}]))"
-
-    def quantile(q: float) -> str:
-        b = f"openwhisk_action_duration_seconds_bucket{sel}"
-        inner = b if window is None else f"rate({b}[{window}])"
-        return f"histogram_quantile({q}, sum by (le) ({inner}))"
-
-    queries = {
-        "activations": total("openwhisk_action_activations_total"),
-        "cold_starts": total("openwhisk_action_coldStarts_total"),
-        "errors": total("openwhisk_action_status", errsel),
-        "duration_sum": total("openwhisk_action_duration_seconds_sum"),
-        "duration_count": total("openwhisk_action_duration_seconds_count"),
-        "p50": quantile(0.5),
-        "p95": quantile(0.95),
-    }
-    # A few quick retries of what a busy server answers; none for a server
-    # that is not there, so that a report on a dead cluster fails fast.
-    retry = Retry(total=2, connect=0, backoff_factor=0.2, status_forcelist=(429, 502, 503, 504),
-                  allowed_methods=None)
-    prom = PrometheusConnect(url=prometheus_url, disable_ssl=disable_ssl, headers=headers, timeout=timeout_s,
-                             retry=retry)
-    values: dict[str, float | None] = {}
-    try:
-        for key, q in queries.items():
-            values[key] = _number(prom.custom_query(q))
-    except PrometheusApiClientException as exc:
-        out.error = f"Prometheus at {prometheus_url} refused a query: {exc}"
-        return out
-    except requests.exceptions.RequestException as exc:
-        out.error = f"cannot reach Prometheus at {prometheus_url} ({type(exc).__name__})"
-        return out
-    # No series at all: nothing ran in the window.
-    out.activations = values["activations"] or 0.0
-    out.cold_starts = values["cold_starts"] or 0.0
-    out.errors = values["errors"] or 0.0
-    out.error_rate = out.errors / out.activations if out.activations else None
-    out.duration_p50_s = values["p50"]
-    out.duration_p95_s = values["p95"]
-    if values["duration_count"]:
-        out.duration_mean_s = (values["duration_sum"] or 0.0) / values["duration_count"]
-    return out
-
-
-def prometheus_url(pc: Any) -> str | None:
-    """Where a cluster's `prometheus_config` says its Prometheus is: `url`,
-    else http://host:port_openwhisk_metrics (FedKeeper's original keys)."""
-    if pc is None:
-        return None
-    if getattr(pc, "url", None):
-        return str(pc.url).rstrip("/")
-    host = (getattr(pc, "host", "") or "").strip()
-    port = getattr(pc, "port_openwhisk_metrics", None)
-    if not host:
-        return None
-    base = host if "://" in host else f"http://{host}"
-    return f"{base.rstrip('/')}:{int(port)}" if port else base.rstrip("/")
-
-
-def cluster_namespace(name: str, cluster: Any) -> str | None:
-    """The namespace label a cluster's activations carry; None when the
-    config leaves it to the key's default namespace ("_")."""
-    if getattr(cluster, "kind", "remote") == "local":
-        from .local.openwhisk import _namespace_for
-        return getattr(cluster, "namespace", None) or _namespace_for(name)
-    ns = cluster.resolved_namespace()
-    return None if ns in ("", "_") else ns
-
-
 def metrics_for_config(cfg: Any, window: str | None = "1h", actions: Iterable[str] | None = None,
                        clusters: Iterable[str] | None = None,
                        timeout_s: float = 10.0) -> list[ClusterMetrics]:
     """A `ClusterMetrics` per cluster of the config (or of `clusters`), in
-    config order. OpenWhisk clusters with a Prometheus are queried; the
-    others get a row whose `error` says why there are no figures."""
-    if window is not None and not _WINDOW_RE.match(window):
-        raise ValueError(f"window must be a Prometheus duration such as 15m, 1h or 1d, not {window!r}")
+    config order, each from its platform's metrics adapter (the provider
+    class's `cluster_metrics`). A cluster whose adapter fails gets a row
+    whose `error` says why; a platform without a Prometheus source gets a
+    `note`. Nothing here raises for one cluster's sake."""
+    check_window(window)
     wanted = set(clusters) if clusters is not None else None
     acts = list(actions) if actions is not None else None
     rows: list[ClusterMetrics] = []
-    # Every cluster whose config names a Prometheus is queried for OpenWhisk's
-    # user-event series; a platform that does not export them gets zeros.
-    for name, (_section, c) in cfg.providers.clusters().items():
+    for name, (section, c) in cfg.providers.clusters().items():
         if wanted is not None and name not in wanted:
             continue
-        url = prometheus_url(getattr(c, "prometheus_config", None))
-        ns = cluster_namespace(name, c)
-        if url is None:
-            rows.append(ClusterMetrics(cluster=name, prometheus=None, namespace=ns, window=window,
-                                       error="no Prometheus configured (prometheus_config.url, or host and "
-                                             "port_openwhisk_metrics)"))
-            continue
-        rows.append(cluster_report(url, ns, acts, window, cluster=name, timeout_s=timeout_s,
-                                   disable_ssl=bool(getattr(c, "insecure", False))))
+        try:
+            cls = provider_class(section, getattr(c, "kind", "remote"))
+            rows.append(cls.cluster_metrics(name, c, window, acts, timeout_s))
+        except Exception as exc:  # one cluster's failure is its row, never the command's traceback
+            log.debug("metrics of %s failed", name, exc_info=True)
+            text = str(exc) if isinstance(exc, ProviderError) else f"{type(exc).__name__}: {exc}"
+            rows.append(ClusterMetrics(cluster=name, prometheus=None, namespace=None, window=window,
+                                       error=f"cannot read the metrics of cluster {name}: {text}"))
     return rows
+
+
+def metrics_exit_status(rows: Iterable[ClusterMetrics]) -> int:
+    """`fedkeeper metrics` exits 1 when a cluster's figures could not be
+    read (`error`), else 0; a platform without a Prometheus source is a
+    `note`, not an error (docs/metrics.md)."""
+    return 1 if any(r.error for r in rows) else 0

@@ -20,7 +20,7 @@ import pytest
 from kubernetes import client
 
 from fedkeeper.config import KnativeCluster
-from fedkeeper.kube import map_api_error
+from fedkeeper.providers.kube import map_api_error
 from fedkeeper.providers import make_provider
 from fedkeeper.providers.base import Artifact, ErrorClass, FunctionSpec, ProviderContext, ProviderError
 from fedkeeper.providers.knative import KnativeProvider, service_name

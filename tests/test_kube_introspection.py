@@ -1,4 +1,4 @@
-"""Cluster introspection (fedkeeper.kube) against emulated Nodes and Pods,
+"""Cluster introspection (fedkeeper.providers.kube) against emulated Nodes and Pods,
 and the write-config round trip."""
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 from fedkeeper.config import KnativeCluster, load_config
-from fedkeeper.kube import (ConfigEditError, cluster_info, compare_configurations, format_info,
+from fedkeeper.providers.kube import (ConfigEditError, cluster_info, compare_configurations, format_info,
                             format_ram, parse_ram, write_configurations)
 from fedkeeper.providers.base import ErrorClass, ProviderError
 from kube_emulator import EmulatedCluster
@@ -117,7 +117,8 @@ providers:
       namespace: fl
       image: registry.example/fk:1
 
-scenarios: {}
+scenarios:
+  test: {}
 """
 
 
@@ -196,7 +197,7 @@ def test_kubeconfig_and_context_reach_the_api_server(cluster, tmp_path):
 
 
 def test_kube_clusters_picks_clusters_with_kubernetes_access(tmp_path):
-    from fedkeeper.kube import kube_clusters
+    from fedkeeper.providers.kube import kube_clusters
     path = tmp_path / "c.yaml"
     path.write_text(CONFIG.replace("      configurations:\n",
                                    "      context: ow-ctx\n      configurations:\n", 1))

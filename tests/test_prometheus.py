@@ -20,7 +20,8 @@ import requests
 
 from fedkeeper.config import FaultConfig, OpenWhiskCluster, PrometheusConfig, Providers
 from fedkeeper.keeper import RoundReport
-from fedkeeper.metrics import KeeperMetrics, cluster_report, fan_out, metrics_for_config, selector
+from fedkeeper.metrics import KeeperMetrics, fan_out, metrics_for_config
+from fedkeeper.providers.openwhisk.metrics import cluster_report, selector
 from fedkeeper.providers import make_provider
 from fedkeeper.providers.base import ErrorClass, FunctionSpec, ProviderContext, ProviderError
 from fedkeeper.local import fabric

@@ -62,3 +62,73 @@ def test_dry_run_shows_uploads_without_starting_anything(tmp_path, isolated_dirs
     assert by[("gcf", "fl_client")]["runtime"] == "tensorflow" and by[("gcf", "fl_client")]["bytes"] > 0
     assert all(row["bytes"] <= row["limit_bytes"] for row in rows if row["limit_bytes"])
     assert not (isolated_dirs / "state" / "fabric").exists()  # no local service was started
+
+
+def _closed_port() -> int:
+    import socket
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def _sample_pointed_at(port: int) -> str:
+    from pathlib import Path
+    text = (Path(__file__).resolve().parent.parent / "config-sample.yaml").read_text()
+    swaps = [("https://openwhisk.example.org:31001", f"https://127.0.0.1:{port}"),
+             ("ow_api_host: openwhisk.example.org:31001", f"ow_api_host: 127.0.0.1:{port}"),
+             ('host: "prometheus.example.org"', 'host: "127.0.0.1"'),
+             ('port_openwhisk_metrics: "30325"', f'port_openwhisk_metrics: "{port}"'),
+             ("mongo.example.org:27017", f"127.0.0.1:{port}"),
+             ("auth_file: ${GOOGLE_APPLICATION_CREDENTIALS}",
+              f"api_endpoint: http://127.0.0.1:{port}\n      auth_file: ${{GOOGLE_APPLICATION_CREDENTIALS}}")]
+    for old, new in swaps:
+        assert old in text, old
+        text = text.replace(old, new)
+    return text
+
+
+def test_sample_config_commands_end_in_per_cluster_errors(tmp_path):
+    """config-sample.yaml with its secrets set to dummy values and every host
+    on a closed loopback port: each command ends in clear per-cluster
+    errors and its documented exit status, never a traceback."""
+    import os
+    import subprocess
+    import sys
+    port = _closed_port()
+    home = tmp_path / "home"
+    (home / ".fedkeeper").mkdir(parents=True)
+    (home / ".fedkeeper" / "mongo_password").write_text("dummy\n")
+    sa = tmp_path / "sa.json"
+    sa.write_text(json.dumps({"type": "service_account", "project_id": "my-project", "private_key_id": "k",
+                              "private_key": "-----BEGIN PRIVATE KEY-----\nMIIB\n-----END PRIVATE KEY-----\n",
+                              "client_email": "fk@my-project.iam.gserviceaccount.com", "client_id": "1",
+                              "token_uri": f"http://127.0.0.1:{port}/token"}))
+    cfg = tmp_path / "config.yaml"
+    cfg.write_text(_sample_pointed_at(port))
+    env = {**os.environ, "HOME": str(home), "OW_AUTH": "dummy-user:dummy-key",
+           "GOOGLE_APPLICATION_CREDENTIALS": str(sa), "FEDKEEPER_STATE_DIR": str(tmp_path / "state"),
+           "FEDKEEPER_LOG_DIR": str(tmp_path / "logs"), "COLUMNS": "200"}
+    env.pop("FEDKEEPER_CONFIG", None)
+
+    def run(*args):
+        r = subprocess.run([sys.executable, "-m", "fedkeeper.cli", *args, "-c", str(cfg)], env=env,
+                           capture_output=True, text=True, timeout=180)
+        out = r.stdout + r.stderr
+        assert "Traceback" not in out and "dummy-key" not in out, out
+        return r.returncode, out
+
+    code, out = run("metrics")
+    assert code == 1, out  # OpenWhisk's Prometheus cannot be reached
+    assert f"cannot reach Prometheus at http://127.0.0.1:{port}" in out
+    assert "Cloud Functions has no Prometheus source" in out
+    code, out = run("check")
+    assert code == 1, out
+    assert "cluster invasic_cluster failed at deploy" in out and "connection refused" in out
+    assert "cluster gcf_cluster failed at deploy" in out
+    code, out = run("deploy", "--dry-run")
+    assert code == 0, out
+    assert "runtime-tensorflow:openwhisk-" in out and "requirements.txt (tensorflow)" in out
+    code, out = run("cluster", "info")
+    assert code == 2 and "has no Kubernetes clusters" in out, out

@@ -1,6 +1,7 @@
 """`fedkeeper metrics`: what each cluster's Prometheus saw."""
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import click
@@ -29,7 +30,7 @@ def metrics_cmd(config_path: str | None, scenario: str | None, window: str, clus
                 as_json: bool) -> None:
     """Per-cluster cold starts, duration percentiles and error rates from each
     cluster's Prometheus (prometheus_config)."""
-    from ..metrics import metrics_for_config
+    from ..metrics import metrics_exit_status, metrics_for_config
     cfg = load(config_path)
     try:
         name, scen = cfg.scenario(scenario)
@@ -44,7 +45,10 @@ def metrics_cmd(config_path: str | None, scenario: str | None, window: str, clus
     data = [r.row() for r in rows]
     if as_json:
         print_json(data)
-        return
-    cols, cells = metrics_cells(data)
-    show_table(f"cluster metrics ({'all time' if window == 'all' else 'last ' + window})", cols, cells,
-               right=cols[1:])
+    else:
+        cols, cells = metrics_cells(data)
+        show_table(f"cluster metrics ({'all time' if window == 'all' else 'last ' + window})", cols, cells,
+                   right=cols[1:])
+    # 1 when a cluster's figures could not be read; a platform without a
+    # Prometheus source is a note, not an error (docs/metrics.md)
+    sys.exit(metrics_exit_status(rows))

@@ -11,7 +11,9 @@ from pathlib import Path
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field, replace
 from enum import Enum
-from typing import Any, ClassVar, Sequence
+from typing import Any, ClassVar, Iterable, Sequence
+
+from .prometheus import ClusterMetrics
 
 
 class ErrorClass(str, Enum):
@@ -242,6 +244,19 @@ class Provider(ABC):
         return UploadPlan(cluster=cluster_name, function=spec.name, platform=cls.platform,
                           target=cluster_name, what=f"{artifact.entry} source zip",
                           bytes=len(artifact.data), runtime=artifact.runtime, image=spec.image)
+
+    #: why `cluster_metrics` has no figures for this platform
+    no_metrics_note: ClassVar[str] = "this platform has no Prometheus source"
+
+    @classmethod
+    def cluster_metrics(cls, cluster_name: str, cluster: Any, window: str | None,
+                        actions: Iterable[str] | None, timeout_s: float = 10.0) -> ClusterMetrics:
+        """The platform's metrics adapter: what the cluster's Prometheus saw
+        of `actions` over `window` (docs/metrics.md). A class method, so no
+        provider (and no local service) is made for it. Platforms without a
+        Prometheus source answer with a note, which is not an error."""
+        return ClusterMetrics(cluster=cluster_name, prometheus=None, namespace=None, window=window,
+                              note=cls.no_metrics_note)
 
     def capacity_warning(self, concurrent: int) -> str | None:
         """A warning when `concurrent` simultaneous invocations would exceed

@@ -91,6 +91,8 @@ class CloudFunctionsProvider(HttpFunctionProvider):
     entry = "http"
     default_prices = DEFAULT_PRICES
     status_hook = staticmethod(google_status_hook)
+    no_metrics_note = ("Cloud Functions has no Prometheus source: its request counts and latencies "
+                       "are in Cloud Monitoring")
     max_request_bytes = MAX_REQUEST_BYTES
 
     #: retry for idempotent control-plane reads; bounded so that a dead

@@ -21,11 +21,13 @@ import time
 from typing import Any, Mapping, Sequence
 from urllib.parse import urlsplit, urlunsplit
 
-from ... import kube
+from .. import kube
 from ..base import (Artifact, DeployResult, ErrorClass, FunctionSpec, Invocation, Outcome,
                     ProviderContext, ProviderError, UploadPlan)
 from ..http_invoke import HttpFunctionProvider
 from . import manifests as m
+from . import metrics
+from ..prometheus import ClusterMetrics
 from .prices import DEFAULT_PRICES
 
 log = logging.getLogger(__name__)
@@ -71,6 +73,11 @@ class KnativeProvider(HttpFunctionProvider):
         configured = getattr(cluster, "ready_timeout_s", None)
         if configured:
             self.ready_timeout_s = float(configured)
+
+    @classmethod
+    def cluster_metrics(cls, cluster_name: str, cluster: Any, window: str | None, actions,
+                        timeout_s: float = 10.0) -> ClusterMetrics:
+        return metrics.cluster_metrics(cluster_name, cluster, window, actions, timeout_s)
 
     @classmethod
     def plan_upload(cls, cluster_name: str, cluster: Any, spec: FunctionSpec,

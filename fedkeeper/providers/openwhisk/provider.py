@@ -49,7 +49,8 @@ import urllib3
 
 from ..base import (Artifact, DeployResult, ErrorClass, FunctionSpec, Invocation, Outcome, Provider,
                     ProviderContext, ProviderError, UploadPlan)
-from . import packaging
+from . import metrics, packaging
+from ..prometheus import ClusterMetrics
 from .prices import IBM_CLOUD_FUNCTIONS
 
 log = logging.getLogger("fedkeeper.providers.openwhisk")
@@ -156,6 +157,11 @@ class OpenWhiskProvider(Provider):
 
     def _url(self, path: str) -> str:
         return self.api_host + self._prefix + path
+
+    @classmethod
+    def cluster_metrics(cls, cluster_name: str, cluster: Any, window: str | None, actions,
+                        timeout_s: float = 10.0) -> ClusterMetrics:
+        return metrics.cluster_metrics(cluster_name, cluster, window, actions, timeout_s)
 
     @classmethod
     def plan_upload(cls, cluster_name: str, cluster: Any, spec: FunctionSpec,

@@ -1,45 +1,18 @@
-"""Kubernetes access and cluster introspection through the official client.
-
-Two users: the Knative provider (which needs an authenticated `ApiClient`
-and classified API errors) and `fedkeeper cluster info`, which reads what
-the cluster really offers — nodes, CPU, memory, GPUs, ready OpenWhisk
-invoker and Knative activator pods — and fills FedKeeper's per-cluster
-`configurations` block (num_hosts, each_host_cores, each_host_ram,
-gpu_enabled) from it, warning where the config says otherwise.
-
-Connection settings are read from the cluster's config section:
-  api_server   plain base URL, no credentials (`kubectl proxy`, tests)
-  in_cluster   the pod's service account (the keeper runs in the cluster)
-  kubeconfig   a kubeconfig file (default: $KUBECONFIG or ~/.kube/config)
-  context      a context in that file (default: its current context)
-
-`write_configurations` edits the YAML file in place without a YAML
-round-trip: PyYAML would drop every comment and reorder nothing but lose
-`${ENV}` layout, and ruamel.yaml is not a dependency. It locates the
-`configurations` mapping of the named cluster through PyYAML's node marks,
-rewrites only the four value spans (or inserts the missing lines with the
-siblings' indentation), re-parses the result and checks that nothing but
-those four keys changed before replacing the file atomically.
+"""What a Kubernetes cluster offers, read with the official client: nodes,
+CPU, memory, GPUs, and the ready pods of the platforms deployed on it
+(OpenWhisk invokers, Knative activators). `fedkeeper cluster info` and
+`fedkeeper check` fill FedKeeper's per-cluster `configurations` block
+(num_hosts, each_host_cores, each_host_ram, gpu_enabled) from it and warn
+where the config says otherwise.
 """
 from __future__ import annotations
 
-import contextlib
-import json
 import math
-import os
 import re
-import tempfile
 from decimal import Decimal
-from pathlib import Path
 from typing import Any, Mapping
 
-import yaml
-
-from .providers.base import ErrorClass, ProviderError
-
-#: (connect, read) seconds for every control-plane call: a dead API server
-#: must fail in seconds, not in the client's default of "forever"
-REQUEST_TIMEOUT = (5.0, 30.0)
+from .client import REQUEST_TIMEOUT, api_client, map_api_error
 
 GPU_RESOURCES = ("nvidia.com/gpu", "amd.com/gpu")
 #: labels NVIDIA's GPU feature discovery / GKE put on GPU nodes
@@ -52,85 +25,6 @@ KNATIVE_NAMESPACE = "knative-serving"
 KNATIVE_ACTIVATOR_SELECTOR = "app=activator"
 CONTROL_PLANE_TAINTS = ("node-role.kubernetes.io/control-plane", "node-role.kubernetes.io/master")
 CONFIG_KEYS = ("num_hosts", "each_host_cores", "each_host_ram", "gpu_enabled")
-
-
-# ------------------------------------------------------------------ client
-
-def api_client(cluster: Any):
-    """An authenticated `kubernetes.client.ApiClient` for a cluster section.
-
-    Raises ProviderError(AUTH) when no usable credentials are found, so
-    that the CLI can print one line instead of a traceback.
-    """
-    from kubernetes import client, config as kconfig
-
-    conf = client.Configuration()
-    api_server = getattr(cluster, "api_server", None)
-    try:
-        if api_server:
-            conf.host = str(api_server).rstrip("/")
-        elif getattr(cluster, "in_cluster", False):
-            kconfig.load_incluster_config(client_configuration=conf)
-        else:
-            path = getattr(cluster, "kubeconfig", None)
-            kconfig.load_kube_config(
-                config_file=str(Path(path).expanduser()) if path else None,
-                context=getattr(cluster, "context", None) or None,
-                client_configuration=conf, persist_config=False)
-    except (kconfig.ConfigException, OSError, TypeError, ValueError) as exc:
-        # the message names the file/context, never a token
-        raise ProviderError(ErrorClass.AUTH, f"cannot load Kubernetes credentials: {exc}") from None
-    # one retry on connection errors only; the callers bound everything else
-    conf.retries = 1
-    return client.ApiClient(conf)
-
-
-def api_message(exc: Exception) -> str:
-    """The API server's own message from an ApiException body (a Status)."""
-    body = getattr(exc, "body", None)
-    if body:
-        try:
-            status = json.loads(body)
-            if isinstance(status, dict) and status.get("message"):
-                return str(status["message"])[:400]
-        except (ValueError, TypeError):
-            pass
-    return str(getattr(exc, "reason", None) or exc)[:400]
-
-
-def map_api_error(exc: BaseException, what: str) -> ProviderError:
-    """A Kubernetes control-plane failure as a classified ProviderError."""
-    if isinstance(exc, ProviderError):
-        return exc
-    from kubernetes.client.exceptions import ApiException
-    import urllib3.exceptions as u3
-
-    if isinstance(exc, ApiException):
-        status = exc.status or 0
-        msg = f"{what}: HTTP {status}: {api_message(exc)}"
-        if status in (401, 403):
-            return ProviderError(ErrorClass.AUTH, msg, status=status)
-        if status == 404:
-            return ProviderError(ErrorClass.FUNCTION_MISSING, msg, status=status)
-        if status == 413:
-            return ProviderError(ErrorClass.PAYLOAD_TOO_LARGE, msg, status=status)
-        if status == 429:
-            from .providers.http_invoke import retry_after_seconds
-            headers = exc.headers or {}
-            return ProviderError(ErrorClass.THROTTLED, msg, status=status,
-                                 retry_after=retry_after_seconds(headers.get("Retry-After")))
-        if status == 504:
-            return ProviderError(ErrorClass.TIMEOUT, msg, status=status)
-        if status == 0:
-            return ProviderError(ErrorClass.UNREACHABLE, msg)
-        return ProviderError(ErrorClass.PLATFORM_ERROR, msg, status=status)
-    if isinstance(exc, (u3.ReadTimeoutError, TimeoutError)):
-        return ProviderError(ErrorClass.TIMEOUT, f"{what}: the API server did not answer in time")
-    if isinstance(exc, (u3.MaxRetryError, u3.NewConnectionError, u3.ProtocolError,
-                        ConnectionError, u3.SSLError)):
-        reason = getattr(exc, "reason", None) or exc
-        return ProviderError(ErrorClass.UNREACHABLE, f"{what}: API server unreachable: {reason}")
-    return ProviderError(ErrorClass.PLATFORM_ERROR, f"{what}: {type(exc).__name__}: {exc}")
 
 
 # ------------------------------------------------------------------ figures
@@ -378,157 +272,6 @@ def compare_configurations(configured: Any, figures: Mapping[str, Any]) -> list[
                    f"{'has' if figures.get('gpu_enabled') else 'has no'} GPU nodes")
     return out
 
-
-# ------------------------------------------------------------------ write-config
-
-class ConfigEditError(ValueError):
-    """The config file cannot be edited safely (cluster not found, odd layout)."""
-
-
-def _scalar_text(key: str, value: Any, old: yaml.Node | None) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    text = str(value)
-    # keep the operator's quoting: FedKeeper's sample writes each_host_cores: "32"
-    if isinstance(old, yaml.ScalarNode) and old.style in ('"', "'"):
-        return json.dumps(text)
-    return text
-
-
-def _find_cluster(root: yaml.Node, cluster_name: str) -> yaml.MappingNode:
-    if not isinstance(root, yaml.MappingNode):
-        raise ConfigEditError("the config's top level is not a mapping")
-    providers = next((v for k, v in root.value if k.value == "providers"), None)
-    if not isinstance(providers, yaml.MappingNode):
-        raise ConfigEditError("the config has no providers mapping")
-    for _section_key, section in providers.value:
-        if not isinstance(section, yaml.MappingNode):
-            continue
-        for k, v in section.value:
-            if k.value == cluster_name:
-                if not isinstance(v, yaml.MappingNode) or v.flow_style:
-                    raise ConfigEditError(f"cluster {cluster_name} is not a block mapping")
-                return v
-    raise ConfigEditError(f"no cluster named {cluster_name!r} under providers")
-
-
-def _append_lines(text: str, last: yaml.Node, lines: list[str]) -> tuple[int, int, str]:
-    """An insertion of `lines` right after the node `last` (the last value
-    of a block mapping). A scalar ends inside its line (a comment may
-    follow): insert after that line's end. A block collection's end mark
-    already sits at the start of the following line: insert there."""
-    pos = last.end_mark.index
-    if pos > 0 and text[pos - 1] == "\n":
-        return pos, pos, "".join(line + "\n" for line in lines)
-    eol = text.find("\n", pos)
-    if eol < 0:
-        return len(text), len(text), "".join("\n" + line for line in lines)
-    return eol, eol, "".join("\n" + line for line in lines)
-
-
-def edit_configurations(text: str, cluster_name: str, values: Mapping[str, Any]) -> str:
-    """`text` with providers.<section>.<cluster_name>.configurations.<key>
-    set to `values` (only CONFIG_KEYS); everything else byte for byte."""
-    values = {k: v for k, v in values.items() if k in CONFIG_KEYS and v is not None}
-    root = yaml.compose(text, Loader=yaml.SafeLoader)
-    cluster = _find_cluster(root, cluster_name)
-    conf = next(((k, v) for k, v in cluster.value if k.value == "configurations"), None)
-    edits: list[tuple[int, int, str]] = []   # (start, end, replacement), non-overlapping
-    if conf is None:
-        # a new block after the cluster's last key, indented like its keys
-        indent = cluster.value[0][0].start_mark.column
-        lines = [" " * indent + "configurations:"] + [
-            f"{' ' * (indent + 2)}{k}: {_scalar_text(k, v, None)}" for k, v in values.items()]
-        edits.append(_append_lines(text, cluster.value[-1][1], lines))
-    else:
-        key_node, node = conf
-        if isinstance(node, yaml.ScalarNode) and node.value in ("", "~", "null") and node.tag.endswith(":null"):
-            indent = key_node.start_mark.column + 2
-            line_end = text.find("\n", key_node.end_mark.index)
-            line_end = len(text) if line_end < 0 else line_end
-            block = "".join(f"\n{' ' * indent}{k}: {_scalar_text(k, v, None)}"
-                            for k, v in values.items())
-            edits.append((line_end, line_end, block))
-        elif not isinstance(node, yaml.MappingNode):
-            raise ConfigEditError(f"{cluster_name}.configurations is not a mapping")
-        elif node.flow_style:
-            parts, seen = [], set()
-            for kn, vn in node.value:
-                seen.add(kn.value)
-                if kn.value in values:
-                    parts.append(f"{kn.value}: {_scalar_text(kn.value, values[kn.value], vn)}")
-                else:  # the pair as written
-                    parts.append(text[kn.start_mark.index:vn.end_mark.index])
-            for k, v in values.items():
-                if k not in seen:
-                    parts.append(f"{k}: {_scalar_text(k, v, None)}")
-            edits.append((node.start_mark.index, node.end_mark.index, "{" + ", ".join(parts) + "}"))
-        else:
-            present = {k.value: (k, v) for k, v in node.value}
-            indent = node.value[0][0].start_mark.column if node.value else key_node.start_mark.column + 2
-            for k, v in values.items():
-                if k in present:
-                    _kn, vn = present[k]
-                    if not isinstance(vn, yaml.ScalarNode):
-                        raise ConfigEditError(f"{cluster_name}.configurations.{k} is not a scalar")
-                    edits.append((vn.start_mark.index, vn.end_mark.index, _scalar_text(k, v, vn)))
-            missing = [k for k in values if k not in present]
-            if missing:
-                lines = [f"{' ' * indent}{k}: {_scalar_text(k, values[k], None)}" for k in missing]
-                edits.append(_append_lines(text, node.value[-1][1], lines))
-    out = text
-    for start, end, repl in sorted(edits, key=lambda e: e[0], reverse=True):
-        out = out[:start] + repl + out[end:]
-    _verify_edit(text, out, cluster_name, values)
-    return out
-
-
-def _verify_edit(before: str, after: str, cluster_name: str, values: Mapping[str, Any]) -> None:
-    """The edit changed those keys and nothing else (else refuse to write)."""
-    try:
-        old, new = yaml.safe_load(before), yaml.safe_load(after)
-    except yaml.YAMLError as exc:
-        raise ConfigEditError(f"editing would break the YAML ({exc}); file left unchanged") from None
-    def norm(doc: Any, apply: Mapping[str, Any] | None) -> Any:
-        # quoting is kept from the file, so "8" and 8 both count as 8
-        for section in (doc.get("providers") or {}).values():
-            if isinstance(section, dict) and isinstance(section.get(cluster_name), dict):
-                c = section[cluster_name]
-                conf = dict(c.get("configurations") or {})
-                conf.update(apply or {})
-                c["configurations"] = {k: (str(v) if k in CONFIG_KEYS and not isinstance(v, bool)
-                                           else v) for k, v in conf.items()}
-        return doc
-
-    if not isinstance(old, dict) or norm(old, values) != norm(new, None):
-        raise ConfigEditError("the edit would change more than the configurations block; "
-                              "file left unchanged")
-
-
-def write_configurations(config_path: str | os.PathLike, cluster_name: str,
-                         info: Mapping[str, Any]) -> dict[str, Any]:
-    """Write `info["configurations"]` (from `cluster_info`) into the named
-    cluster's configurations block of the YAML file; returns what was
-    written. Comments, order and `${ENV}` references elsewhere stay as they
-    were; the file is replaced atomically with its permissions kept."""
-    path = Path(config_path)
-    text = path.read_text()
-    values = dict(info.get("configurations", info))
-    values = {k: values[k] for k in CONFIG_KEYS if values.get(k) is not None}
-    new = edit_configurations(text, cluster_name, values)
-    if new != text:
-        mode = path.stat().st_mode & 0o7777
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-        try:
-            with os.fdopen(fd, "w") as f:
-                f.write(new)
-            os.chmod(tmp, mode)
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
-    return values
 
 
 def format_info(info: Mapping[str, Any]) -> str:
