@@ -55,7 +55,8 @@ def run_validate(tmp_path: Path, text: str, name: str = "cfg.yaml"):
 # and its pickled .obj data converted to an npz, as the functions require.
 ORIGINAL_FILLED_IN = [
     ("https://<ADD OW_AUTH here>@<ADD_IP_HERE>:31001/", "https://ow.example.org:31001/"),
-    ("ow_auth: <ADD OW_AUTH here>", "ow_auth: uuid-1:key-1"),
+    ("ow_auth: <ADD OW_AUTH here>", "ow_auth: ${OW_AUTH}"),
+    ("ow_apigw_access_token: APIGW_ACCESS_TOKEN", "ow_apigw_access_token: ${OW_APIGW_ACCESS_TOKEN:-}"),
     ("ow_api_host: <ADD API HOST of OW>", "ow_api_host: ow.example.org:31001"),
     ("us-central1-<ADD_PROJECT_ID_HERE>.", "us-central1-my-project."),
     ("url: <ADD_MONGO_IP_HERE>:27017", "url: mongo.example.org:27017"),
@@ -66,15 +67,16 @@ ORIGINAL_FILLED_IN = [
 ]
 
 
-def test_the_original_fedkeeper_sample_is_refused_where_it_must_be_filled_in(tmp_path):
+def test_the_original_fedkeeper_sample_is_refused_where_it_must_be_filled_in(tmp_path, monkeypatch):
     """Unchanged, the original sample names placeholders and pickled data the
     functions refuse: validation says where, instead of failing at run time."""
+    monkeypatch.setenv("OW_AUTH", "uuid-1:key-1")
     original = (ROOT / "tests/data/fedkeeper_original_sample.yaml").read_text()
     p, res = run_validate(tmp_path, original)
     assert res.exit_code == 2
     assert f"{p}:8: providers.openwhisk.invasic_cluster.base_url: still holds the placeholder" in res.output
     filled = original
-    for before, after in ORIGINAL_FILLED_IN[:5]:
+    for before, after in ORIGINAL_FILLED_IN[:6]:
         filled = filled.replace(before, after)
     p, res = run_validate(tmp_path, filled)
     assert res.exit_code == 2
@@ -82,7 +84,8 @@ def test_the_original_fedkeeper_sample_is_refused_where_it_must_be_filled_in(tmp
     assert "pickle" in res.output and "numpy.savez" in res.output
 
 
-def test_the_original_fedkeeper_sample_loads(tmp_path):
+def test_the_original_fedkeeper_sample_loads(tmp_path, monkeypatch):
+    monkeypatch.setenv("OW_AUTH", "uuid-1:key-1")
     text = (ROOT / "tests/data/fedkeeper_original_sample.yaml").read_text()
     for before, after in ORIGINAL_FILLED_IN:
         assert before in text
@@ -149,7 +152,9 @@ def test_secrets_from_env_and_files_are_redacted(tmp_path, monkeypatch):
     assert res.exit_code == 0
     for secret in ("verysecret-9", "hunter22", "uuid-9"):
         assert secret not in res.output
-    assert "***" in res.output and "db.example.org" in res.output
+    # shown as where they come from, which reads back (test_config_show)
+    assert f"ow_auth_file: {tmp_path / 'owkey'}" in res.output
+    assert "mongodb://u:${MONGO_PW}@db.example.org:27017" in res.output
     # Run logs mask the same values.
     f = RedactingFilter(cfg.secret_values())
     rec = logging.LogRecord("fedkeeper", logging.INFO, __file__, 1, "auth=%s url=%s",

@@ -21,7 +21,7 @@ _PASSWORD_PLACEHOLDER = "PASSWORD"
 def _secret_in(key: str, value: Any) -> bool:
     if isinstance(value, SecretStr):
         return value.get_secret_value() not in ("", "embedded")
-    if key in SECRET_KEYS:
+    if key in SECRET_KEYS and isinstance(value, str):
         return bool(value)
     if isinstance(value, str) and "://" in value:
         u = urlsplit(value)
@@ -70,8 +70,11 @@ def to_yaml_dict(cfg: Config) -> dict[str, Any]:
             out: dict[str, Any] = {}
             for k, v in o.items():
                 p = path + (k,)
+                written = sources.get(p)
+                if written and written[0] != k:  # from a <key>_file: name the file again
+                    out[written[0]] = written[1]
+                    continue
                 if _secret_in(k, v):
-                    written = sources.get(p)
                     if written and _written_is_safe(k, written):
                         out[written[0]] = written[1]
                     else:

@@ -116,5 +116,5 @@ class InsightsConfig(Strict):
     """fl_insights: the byte bound of its warm cache of decoded updates and
     query results, and the cluster it runs on (default: the server's)."""
 
-    cache_mb: float = Field(512, ge=0)
+    cache_mb: float = Field(512.0, ge=0)
     cluster: Optional[str] = None
