@@ -1,26 +1,71 @@
-"""Weights as numpy .npz, never pickle.
+"""Weights as numpy .npz, never pickle, decoded within bounds.
 
-Every array list (model weights, client updates, data partitions) is stored as
-an uncompressed .npz with `allow_pickle=False` on both sides: a blob written by
-a function can never execute code in the keeper or in another function.
+Every array list (model weights, client updates, data partitions) is stored
+as an .npz of uncompressed members, written by `np.savez` to a seekable
+buffer, so each member's local header carries its sizes. Blobs can come from
+any function that holds store credentials, so decoding trusts nothing in
+them:
+
+- pickles, bare .npy files and anything but a zip of `arr_NNNN.npy` members
+  in order are refused; so are object arrays and any dtype that is not a
+  plain number (bool, int, uint, float, complex): nothing can execute code;
+- compressed, encrypted or streamed members (sizes after the data) are
+  refused outright: FedKeeper never writes them, and a few megabytes of
+  deflate can inflate to gigabytes;
+- before any array is allocated, the size its .npy header declares (shape x
+  item size) must equal what its zip header says the member holds, that must
+  fit in the bytes of the blob that are actually left, and the total
+  decoded so far must stay within `max_bytes` (the caller's bound, e.g. the
+  model's size for an update; MAX_DECODED_BYTES otherwise);
+- each member's CRC-32 is checked, so flipped bits never become weights.
+
+The archive is read front to back, without seeking: a GridFS blob is read
+over one chunk cursor (flcommon.store), and each array is read straight into
+its own buffer.
 """
 from __future__ import annotations
 
 import io
+import math
 import struct
 import zipfile
 import zlib
-from typing import BinaryIO, Iterable, Sequence
+from typing import BinaryIO, Iterator, Sequence
 
 import numpy as np
 
+# The most any one read decodes when its caller knows no tighter bound: far
+# above any model or partition FedKeeper trains on, far below what would
+# take a function down before the bound is reached.
+MAX_DECODED_BYTES = 2 << 30
+# numpy's own bound on an .npy header (numpy.lib.format's max_header_size).
+MAX_NPY_HEADER = 10_000
+NUMERIC_KINDS = "biufc"
+
+_LOCAL = b"PK\x03\x04"
+_CENTRAL = b"PK\x01\x02"
+_END = b"PK\x05\x06"
+_ZIP64_END = b"PK\x06\x06"
+_NPY_MAGIC = b"\x93NUMPY"
+_U32_MAX = 0xFFFFFFFF
+_COPY_BLOCK = 1 << 20
+
 
 class BlobError(ValueError):
-    """A stored blob is not a valid pickle-free npz of the expected form."""
+    """A stored blob is not a valid pickle-free npz of the expected form, or
+    declares more than it may; the message says which."""
 
 
 def _key(i: int) -> str:
     return f"arr_{i:04d}"
+
+
+def human_bytes(n: int) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB", "TiB", "PiB"):
+        if n < 1024 or unit == "PiB":
+            return f"{n} bytes" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} bytes"  # unreachable
 
 
 def encode_arrays(arrays: Sequence[np.ndarray]) -> bytes:
@@ -30,160 +75,176 @@ def encode_arrays(arrays: Sequence[np.ndarray]) -> bytes:
 
 
 def write_arrays(fp: BinaryIO, arrays: Sequence[np.ndarray]) -> None:
+    """Write arrays as an npz of stored members (`fp` must be seekable, so
+    the sizes land in each member's header)."""
     for a in arrays:
         if np.asarray(a).dtype.hasobject:
             raise BlobError("object arrays cannot be stored (they would need pickle)")
     np.savez(fp, **{_key(i): np.asarray(a) for i, a in enumerate(arrays)})
 
 
-def decode_arrays(data: bytes | BinaryIO) -> list[np.ndarray]:
-    """Decode an npz into its arrays in order; reject pickle and non-npz data."""
-    return list(iter_arrays(data))
+def decode_arrays(data: bytes | bytearray | memoryview | BinaryIO, *, length: int | None = None,
+                  max_bytes: int | None = None) -> list[np.ndarray]:
+    """Every array of an npz, in order (see iter_arrays)."""
+    return list(iter_arrays(data, length=length, max_bytes=max_bytes))
 
 
-def iter_arrays(data: bytes | BinaryIO) -> Iterable[np.ndarray]:
-    """Yield the arrays one at a time so a reader holds one layer at most."""
-    fp = io.BytesIO(data) if isinstance(data, (bytes, bytearray, memoryview)) else data
-    # Look at the magic before numpy does: np.load falls back to unpickling
-    # anything that is neither zip nor .npy.
-    head = fp.read(6)
-    fp.seek(0)
+def iter_arrays(data: bytes | bytearray | memoryview | BinaryIO, *, length: int | None = None,
+                max_bytes: int | None = None) -> Iterator[np.ndarray]:
+    """Yield an npz's arrays one at a time, so a reader holds one at most
+    besides what it keeps. `data` is the blob's bytes or a stream positioned
+    at its start; `length` is how many bytes the stream holds (found by
+    seeking when not given); `max_bytes` bounds the arrays' total size."""
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        length = memoryview(data).nbytes
+        data = io.BytesIO(data)
+    elif length is None:
+        if not (hasattr(data, "seekable") and data.seekable()):
+            raise ValueError("the length of a stream that cannot seek must be given")
+        here = data.tell()
+        length = data.seek(0, io.SEEK_END) - here
+        data.seek(here)
+    limit = MAX_DECODED_BYTES if max_bytes is None else int(max_bytes)
+    return _decode(_Source(data, length), limit)
+
+
+class _Source:
+    """The blob's bytes, front to back, with a count of what is left, so a
+    size can be checked against the bytes present before it is read."""
+
+    def __init__(self, fp: BinaryIO, length: int):
+        self.fp = fp
+        self.left = length
+        self._readinto = getattr(fp, "readinto", None)
+
+    def take(self, n: int, what: str) -> bytes:
+        buf = bytearray(n)
+        self.fill(memoryview(buf), what)
+        return bytes(buf)
+
+    def fill(self, view: memoryview, what: str) -> None:
+        n = view.nbytes
+        if n > self.left:
+            raise BlobError(f"blob is not a valid npz archive: truncated in {what}")
+        pos = 0
+        while pos < n:
+            if self._readinto is not None:
+                got = self._readinto(view[pos:])
+            else:
+                block = self.fp.read(min(_COPY_BLOCK, n - pos))
+                got = len(block)
+                view[pos:pos + got] = block
+            if not got:
+                raise BlobError(f"blob is not a valid npz archive: truncated in {what}")
+            pos += got
+        self.left -= n
+
+
+def _decode(src: _Source, limit: int) -> Iterator[np.ndarray]:
+    head = src.take(min(4, src.left), "the first bytes")
     if head[:1] == b"\x80":
         raise BlobError("blob refused: it is a pickle, and pickle is never loaded")
-    if head == b"\x93NUMPY":
+    if head == _NPY_MAGIC[:4]:
         raise BlobError("blob is a bare .npy array, not an .npz archive")
-    if head[:4] != b"PK\x03\x04":
+    if head not in (_LOCAL, _END):
         raise BlobError("blob is not a valid npz archive (no zip header)")
-    try:
-        with np.load(fp, allow_pickle=False) as npz:
-            names = sorted(npz.files)
-            if names != [_key(i) for i in range(len(names))]:
-                raise BlobError(f"unexpected array names in npz: {names[:5]}")
-            for name in names:
-                yield npz[name]
-    except BlobError:
-        raise
-    except ValueError as exc:  # numpy raises ValueError for pickled content
-        raise BlobError(f"blob refused: {exc}") from None
-    except (OSError, zipfile.BadZipFile, EOFError, KeyError) as exc:
-        raise BlobError(f"blob is not a valid npz archive: {exc}") from None
-
-
-_LOCAL = b"PK\x03\x04"
-_CENTRAL = b"PK\x01\x02"
-_END = b"PK\x05\x06"
-_ZIP64_END = b"PK\x06\x06"
-_COPY_BLOCK = 1 << 20
-
-
-class NeedsSeek(BlobError):
-    """The npz cannot be decoded front to back and the stream cannot seek."""
-
-
-class _NotSequential(Exception):
-    """The archive is valid zip but not laid out as np.savez writes it to a
-    seekable file (stored members with sizes in their local headers)."""
-
-
-def _read_exact(fp: BinaryIO, n: int, what: str) -> bytes:
-    out = fp.read(n)
-    if len(out) != n:
-        raise BlobError(f"blob is not a valid npz archive: truncated in {what}")
-    return out
-
-
-def iter_arrays_sequential(fp: BinaryIO) -> Iterable[np.ndarray]:
-    """Decode an npz front to back without seeking, one array at a time.
-
-    A GridFS download stream is seekable, but every seek starts a new chunk
-    query; zipfile seeks to the central directory and back to each member,
-    which made reading an update 8x slower than reading its bytes. Each array
-    is read straight into its own buffer (no second copy) and its CRC-32 is
-    checked. Archives laid out otherwise (compressed members, data
-    descriptors) fall back to `iter_arrays` when the stream can seek."""
-    try:
-        yield from _sequential(fp)
-    except _NotSequential:
-        if not (hasattr(fp, "seek") and fp.seekable()):
-            raise NeedsSeek("blob is an npz layout that needs a seekable stream") from None
-        fp.seek(0)
-        yield from iter_arrays(fp)
-
-
-def _sequential(fp: BinaryIO) -> Iterable[np.ndarray]:
-    head = fp.read(4)
-    if head[:1] == b"\x80":
-        raise BlobError("blob refused: it is a pickle, and pickle is never loaded")
-    if head == b"\x93NUM":
-        raise BlobError("blob is a bare .npy array, not an .npz archive")
-    if head != _LOCAL:
-        raise BlobError("blob is not a valid npz archive (no zip header)")
-    index = 0
-    while True:
-        if head in (_CENTRAL, _END, _ZIP64_END):
-            return
+    index = total = 0
+    while head != _END and head != _CENTRAL and head != _ZIP64_END:
         if head != _LOCAL:
             raise BlobError("blob is not a valid npz archive: bad member header")
-        (_, flags, method, _, _, crc, csize, usize, nlen, xlen) = struct.unpack(
-            "<HHHHHIIIHH", _read_exact(fp, 26, "a member header"))
-        name = _read_exact(fp, nlen, "a member name").decode("utf-8", "replace")
-        extra = _read_exact(fp, xlen, "a member header")
-        if flags & 0x08 or method != zipfile.ZIP_STORED:
-            if index:  # arrays were handed out already: no starting over
-                raise BlobError("blob is not a valid npz archive: mixed member layouts")
-            raise _NotSequential()
-        if usize == 0xFFFFFFFF or csize == 0xFFFFFFFF:  # zip64: the real sizes are in the extra field
-            pos = 0
-            while pos + 4 <= len(extra):
-                tag, size = struct.unpack("<HH", extra[pos:pos + 4])
-                if tag == 1:
-                    usize = struct.unpack("<Q", extra[pos + 4:pos + 12])[0]
-                    break
-                pos += 4 + size
-            else:
-                raise BlobError("blob is not a valid npz archive: zip64 member without sizes")
-        expected = _key(index) + ".npy"
-        if name != expected:
-            raise BlobError(f"unexpected array name in npz: {name!r} (expected {expected!r})")
-        yield _read_member(fp, usize, crc, name)
+        name, size, crc = _member_header(src, index)
+        header, shape, order, dtype = _npy_header(src, name, size)
+        declared = math.prod(shape) * dtype.itemsize
+        if len(header) + declared != size:
+            raise BlobError(f"blob refused: {name} declares a {'x'.join(map(str, shape)) or 'scalar'} "
+                            f"{dtype} array ({human_bytes(declared)}), but its member holds "
+                            f"{human_bytes(size - len(header))}")
+        total += declared
+        if total > limit:
+            raise BlobError(f"blob refused: its arrays reach {human_bytes(total)} by {name}, "
+                            f"more than the {human_bytes(limit)} this read allows")
+        out = np.empty(shape, dtype=dtype, order=order)
+        view = memoryview(out.reshape(-1, order="A").view(np.uint8)) if declared else memoryview(b"")
+        src.fill(view, name)
+        if zlib.crc32(view, zlib.crc32(header)) != crc:
+            raise BlobError(f"blob is corrupt: CRC mismatch in {name}")
+        yield out
         index += 1
-        head = fp.read(4)
+        head = src.take(4, "the archive's directory")
 
 
-def _read_member(fp: BinaryIO, size: int, crc: int, name: str) -> np.ndarray:
+def _member_header(src: _Source, index: int) -> tuple[str, int, int]:
+    """(name, size, crc) of the next stored member, whose signature was read."""
+    (_, flags, method, _, _, crc, csize, usize, nlen, xlen) = struct.unpack(
+        "<HHHHHIIIHH", src.take(26, "a member header"))
+    name = src.take(nlen, "a member name").decode("utf-8", "replace")
+    extra = src.take(xlen, "a member header")
+    expected = _key(index) + ".npy"
+    if name != expected:
+        raise BlobError(f"blob refused: unexpected array name in npz: {name[:40]!r} (expected {expected!r})")
+    if method != zipfile.ZIP_STORED:
+        kind = {zipfile.ZIP_DEFLATED: "deflate", zipfile.ZIP_BZIP2: "bzip2", zipfile.ZIP_LZMA: "lzma"}
+        raise BlobError(f"blob refused: {name} is compressed ({kind.get(method, f'method {method}')}); "
+                        "arrays are only ever stored uncompressed")
+    if flags & 0x1:
+        raise BlobError(f"blob refused: {name} is encrypted")
+    if flags & 0x8:
+        raise BlobError(f"blob refused: {name} gives its sizes after its data, not in its header")
+    if usize == _U32_MAX or csize == _U32_MAX:
+        usize, csize = _zip64_sizes(extra, usize, csize, name)
+    if csize != usize:
+        raise BlobError(f"blob is not a valid npz archive: stored member {name} has two sizes")
+    if usize > src.left:
+        raise BlobError(f"blob refused: {name} declares {human_bytes(usize)}, "
+                        f"only {human_bytes(src.left)} of the blob are left")
+    return name, usize, crc
+
+
+def _zip64_sizes(extra: bytes, usize: int, csize: int, name: str) -> tuple[int, int]:
+    pos = 0
+    while pos + 4 <= len(extra):
+        tag, size = struct.unpack("<HH", extra[pos:pos + 4])
+        body = extra[pos + 4:pos + 4 + size]
+        if tag == 1:
+            fields = [v for (v,) in struct.iter_unpack("<Q", body[:len(body) // 8 * 8])]
+            wanted = [usize == _U32_MAX, csize == _U32_MAX]
+            if len(fields) < sum(wanted):
+                break
+            values = iter(fields)
+            return (next(values) if wanted[0] else usize), (next(values) if wanted[1] else csize)
+        pos += 4 + size
+    raise BlobError(f"blob is not a valid npz archive: zip64 member {name} without its sizes")
+
+
+def _npy_header(src: _Source, name: str, size: int) -> tuple[bytes, tuple[int, ...], str, np.dtype]:
+    """(raw header bytes, shape, order, dtype) of a member's .npy header."""
     from numpy.lib import format as npy
-    header = _read_exact(fp, 6, f"{name}'s header")
-    if header != b"\x93NUMPY":
+    lead = src.take(min(10, size), f"{name}'s header")
+    if len(lead) < 10 or lead[:6] != _NPY_MAGIC:
         raise BlobError(f"blob is not a valid npz archive: {name} is not an .npy array")
-    version = _read_exact(fp, 2, f"{name}'s header")
-    hlen_bytes = _read_exact(fp, 2 if version[0] == 1 else 4, f"{name}'s header")
-    hlen = struct.unpack("<H" if version[0] == 1 else "<I", hlen_bytes)[0]
-    text = _read_exact(fp, hlen, f"{name}'s header")
-    raw = header + version + hlen_bytes + text
-    readers = {1: npy.read_array_header_1_0, 2: npy.read_array_header_2_0}
-    if version[0] not in readers:
-        raise BlobError(f"blob refused: {name} uses .npy format version {version[0]}")
+    major = lead[6]
+    if major == 1:
+        hlen_bytes, text_len = lead[8:10], struct.unpack("<H", lead[8:10])[0]
+    elif major == 2:
+        hlen_bytes = lead[8:10] + src.take(2, f"{name}'s header")
+        text_len = struct.unpack("<I", hlen_bytes)[0]
+    else:
+        raise BlobError(f"blob refused: {name} uses .npy format version {major}")
+    if text_len > MAX_NPY_HEADER:
+        raise BlobError(f"blob refused: {name}'s .npy header is {text_len} bytes long (at most {MAX_NPY_HEADER})")
+    raw = lead[:8] + hlen_bytes
+    if len(raw) + text_len > size:
+        raise BlobError(f"blob is not a valid npz archive: {name}'s header is longer than its member")
+    text = src.take(text_len, f"{name}'s header")
+    reader = npy.read_array_header_1_0 if major == 1 else npy.read_array_header_2_0
     try:
-        shape, fortran, dtype = readers[version[0]](io.BytesIO(hlen_bytes + text))
-    except ValueError as exc:
+        shape, fortran, dtype = reader(io.BytesIO(hlen_bytes + text), max_header_size=MAX_NPY_HEADER)
+    except (ValueError, SyntaxError, TypeError) as exc:
         raise BlobError(f"blob refused: {name}: {exc}") from None
+    if any(int(n) < 0 for n in shape):
+        raise BlobError(f"blob refused: {name} declares a negative dimension {shape}")
     if dtype.hasobject:
         raise BlobError(f"blob refused: {name} is an object array, which would need pickle")
-    out = np.empty(shape, dtype=dtype, order="F" if fortran else "C")
-    nbytes = out.nbytes
-    if len(raw) + nbytes != size:
-        raise BlobError(f"blob is not a valid npz archive: {name} has {size - len(raw)} data bytes, "
-                        f"its header says {nbytes}")
-    check = zlib.crc32(raw)
-    view = memoryview(out.reshape(-1, order="A").view(np.uint8)) if nbytes else memoryview(b"")
-    pos = 0
-    while pos < nbytes:
-        block = fp.read(min(_COPY_BLOCK, nbytes - pos))
-        if not block:
-            raise BlobError(f"blob is not a valid npz archive: truncated in {name}")
-        view[pos:pos + len(block)] = block
-        check = zlib.crc32(block, check)
-        pos += len(block)
-    if check != crc:
-        raise BlobError(f"blob is corrupt: CRC mismatch in {name}")
-    return out
+    if dtype.kind not in NUMERIC_KINDS or dtype.fields is not None or dtype.subdtype is not None:
+        raise BlobError(f"blob refused: {name} has dtype {dtype}; only plain numbers are stored")
+    return raw + text, tuple(int(n) for n in shape), "F" if fortran else "C", dtype

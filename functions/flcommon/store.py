@@ -15,14 +15,14 @@ from __future__ import annotations
 import datetime
 import io
 import threading
-from typing import Any, BinaryIO, Sequence
+from typing import Any, Iterator, Sequence
 
 import gridfs
 import numpy as np
 import pymongo
 from bson import ObjectId
 
-from .blobs import BlobError, NeedsSeek, iter_arrays_sequential, write_arrays
+from .blobs import BlobError, iter_arrays, write_arrays
 
 BUCKET = "blobs"
 SESSIONS = "sessions"
@@ -114,24 +114,36 @@ def put_arrays(db, arrays: Sequence[np.ndarray], filename: str, metadata: dict[s
     return file_id
 
 
-class _ChunkReader(io.RawIOBase):
-    """A GridFS file read front to back over one chunk cursor with a small
-    batch size: pymongo's GridOut lets the server pick the batch, and a whole
-    update's chunks arriving at once would double what a reader holds."""
+CHUNKS_PER_BATCH = 4  # ~1 MB of chunks per round trip: larger batches read no faster here
 
-    def __init__(self, db, blob_id: ObjectId, batch: int = 4):
-        doc = db[f"{BUCKET}.files"].find_one({"_id": blob_id}, {"length": 1, "chunkSize": 1})
+
+class ChunkReader(io.RawIOBase):
+    """A GridFS file read front to back over one chunk cursor: one query
+    for the whole file (pymongo's GridOut may issue one per chunk when a
+    reader seeks), a batch size that bounds what is held (the server would
+    otherwise send a whole update's chunks at once), and readinto() so each
+    chunk is copied once, straight into the array being decoded. Each
+    chunk's number and size are checked against the files document."""
+
+    def __init__(self, db, blob_id: ObjectId, files_doc: dict[str, Any] | None = None,
+                 batch: int = CHUNKS_PER_BATCH):
+        doc = files_doc
+        if doc is None or "length" not in doc or "chunkSize" not in doc:
+            doc = db[f"{BUCKET}.files"].find_one({"_id": blob_id}, {"length": 1, "chunkSize": 1})
         if doc is None:
             raise BlobError(f"blob {blob_id} does not exist")
         self.blob_id, self.length, self.chunk_size = blob_id, int(doc["length"]), int(doc["chunkSize"])
+        if self.length < 0 or self.chunk_size <= 0:
+            raise BlobError(f"blob {blob_id} is corrupt in the store: length {self.length}, "
+                            f"chunk size {self.chunk_size}")
         self._cursor = db[f"{BUCKET}.chunks"].find({"files_id": blob_id}, {"n": 1, "data": 1}).sort(
             "n", pymongo.ASCENDING).batch_size(batch)
-        self._buf, self._off, self._next, self._pos = b"", 0, 0, 0
+        self._chunk, self._off, self._next, self._pos = memoryview(b""), 0, 0, 0
 
     def readable(self) -> bool:
         return True
 
-    def _chunk(self) -> bool:
+    def _advance(self) -> bool:
         if self._pos >= self.length:
             return False
         doc = next(self._cursor, None)
@@ -139,50 +151,40 @@ class _ChunkReader(io.RawIOBase):
         if doc is None or doc.get("n") != self._next or len(doc.get("data", b"")) != want:
             raise BlobError(f"blob {self.blob_id} is corrupt in the store: chunk {self._next} "
                             f"{'missing' if doc is None or doc.get('n') != self._next else 'has the wrong size'}")
-        self._buf, self._off, self._next = bytes(doc["data"]), 0, self._next + 1
-        self._pos += len(self._buf)
+        self._chunk, self._off, self._next = memoryview(doc["data"]), 0, self._next + 1
+        self._pos += want
         return True
 
-    def read(self, n: int = -1) -> bytes:
-        if n is None or n < 0:
-            n = self.length
-        parts = []
-        while n > 0:
-            if self._off >= len(self._buf) and not self._chunk():
+    def readinto(self, buffer) -> int:
+        view = memoryview(buffer).cast("B")
+        filled = 0
+        while filled < view.nbytes:
+            if self._off >= self._chunk.nbytes and not self._advance():
                 break
-            piece = self._buf[self._off:self._off + n]
-            self._off += len(piece)
-            n -= len(piece)
-            parts.append(piece)
-        return b"".join(parts)
+            n = min(view.nbytes - filled, self._chunk.nbytes - self._off)
+            view[filled:filled + n] = self._chunk[self._off:self._off + n]
+            self._off += n
+            filled += n
+        return filled
 
     def close(self) -> None:
         self._cursor.close()
         super().close()
 
 
-def open_blob(db, blob_id: ObjectId) -> BinaryIO:
+def get_arrays(db, blob_id: ObjectId, max_bytes: int | None = None) -> list[np.ndarray]:
+    return list(stream_arrays(db, blob_id, max_bytes))
+
+
+def stream_arrays(db, blob_id: ObjectId, max_bytes: int | None = None,
+                  files_doc: dict[str, Any] | None = None) -> Iterator[np.ndarray]:
+    """Yield a blob's arrays one by one, reading its chunks front to back,
+    so nothing is held beyond the array being decoded and a batch of chunks.
+    `max_bytes` bounds the arrays' total size (blobs.MAX_DECODED_BYTES when
+    None); `files_doc` (with length and chunkSize) saves looking it up."""
+    reader = ChunkReader(db, blob_id, files_doc)
     try:
-        return bucket(db).open_download_stream(blob_id)
-    except gridfs.errors.NoFile:
-        raise BlobError(f"blob {blob_id} does not exist") from None
-
-
-def get_arrays(db, blob_id: ObjectId) -> list[np.ndarray]:
-    return list(stream_arrays(db, blob_id))
-
-
-def stream_arrays(db, blob_id: ObjectId):
-    """Yield a blob's arrays one by one, reading the chunks front to back
-    (one cursor), so nothing is held beyond the array being decoded and a
-    megabyte of chunks. An unusual npz layout that needs seeking is read
-    through GridFS's seekable stream instead."""
-    reader = _ChunkReader(db, blob_id)
-    try:
-        yield from iter_arrays_sequential(reader)
-    except NeedsSeek:
-        with open_blob(db, blob_id) as stream:
-            yield from iter_arrays_sequential(stream)
+        yield from iter_arrays(reader, length=reader.length, max_bytes=max_bytes)
     finally:
         reader.close()
 
