@@ -1,0 +1,28 @@
+"""Benches that cannot rot: each script under bench/ runs at its tiny smoke
+size, so a bench that no longer runs fails here. No figure is checked (the
+benches print them); only that the script runs to the end and prints its
+table."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# (script under bench/, its smoke arguments, a text its output must contain)
+BENCHES = [
+    ("bench_aggregation.py", ["--smoke"], "agg MB/s"),
+]
+
+
+@pytest.mark.parametrize("script,args,expect", BENCHES, ids=[b[0] for b in BENCHES])
+def test_bench_runs_at_its_smoke_size(script, args, expect, tmp_path):
+    env = dict(os.environ, FEDKEEPER_STATE_DIR=str(tmp_path / "state"), FEDKEEPER_LOG_DIR=str(tmp_path / "logs"))
+    out = subprocess.run([sys.executable, str(ROOT / "bench" / script), *args], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert expect in out.stdout, out.stdout[-3000:]
