@@ -131,6 +131,22 @@ class Runtime:
         self.store = connect(self.store_url, mc.db)
         return self.store
 
+    def restart_store(self) -> bool:
+        """Start the embedded store again after it stopped answering (same
+        data, same port, so function deployments stay valid). False when the
+        store is not the embedded one, or comes back at another address."""
+        if self._embedded is None:
+            return False
+        fresh = EmbeddedMongo(self._embedded.state_dir)
+        url, started = fresh.start()
+        if url != self.store_url:
+            fresh.stop()
+            return False
+        # The dead server's lease went with it; this one is held from now on.
+        self._embedded = fresh
+        self._started_store = self._started_store or started
+        return True
+
     def provider(self, cluster: str) -> Provider:
         p = self.providers.get(cluster)
         if p is None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import textwrap
 import threading
+from types import SimpleNamespace
 from typing import Any, Callable, Sequence
 
 from fedkeeper.config import load_config
@@ -34,6 +35,7 @@ class FakeStore:
 
     def __init__(self) -> None:
         self.patience_s = 0.0
+        self.patience = SimpleNamespace(restart=None)
         self.sessions: dict[str, dict] = {}
         self.rounds_: dict[tuple[str, int], dict] = {}
         self.invocations: dict[Any, dict] = {}

@@ -211,3 +211,41 @@ def test_keeper_queries_answer_from_the_store(store: Store):
     store.update_session("s", state="finished")
     store.mark_interrupted("s")
     assert store.session("s")["state"] == "finished"
+
+
+def test_a_store_restart_hook_is_tried_once_per_outage():
+    patience, slept = _patience_with_fake_time(10.0)
+    restarts = []
+    calls = []
+
+    def down_until_restarted():
+        calls.append(1)
+        if not restarts:
+            raise pymongo.errors.AutoReconnect("connection refused")
+        return "back"
+
+    patience.restart = lambda: restarts.append(1) or True
+    assert patience.run(down_until_restarted) == "back"
+    assert restarts == [1] and slept == [] and len(calls) == 2
+
+
+def test_the_embedded_store_killed_under_a_runtime_is_started_again(tmp_path, monkeypatch):
+    """The keeper owns the embedded store: when it dies, the runtime starts
+    it again on the same port and data, and the store calls go on."""
+    from fedkeeper.config import load_config
+    from fedkeeper.local.store import EmbeddedMongo
+    from fedkeeper.runtime import Runtime
+    monkeypatch.setenv("FEDKEEPER_STATE_DIR", str(tmp_path / "state"))
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text("name: t\nproviders:\n  openwhisk:\n    c1: {kind: local}\nscenarios:\n"
+                   "  federated_learning:\n    clients_info: {total_num_clients: 2, num_clients_per_round: 2,"
+                   " clusters: {c1: 2}}\n    mongo_config: {url: embedded, db: t}\n")
+    rt = Runtime.open(load_config(cfg))
+    try:
+        rt.store.create_session({"_id": "s"})
+        assert EmbeddedMongo(rt._embedded.state_dir).shutdown()
+        rt.store.patience_s = 30.0
+        rt.store.patience.restart = rt.restart_store
+        assert rt.store.session("s")["_id"] == "s"
+    finally:
+        rt.close()

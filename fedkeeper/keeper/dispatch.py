@@ -23,8 +23,9 @@ from flcommon.auth import signed
 
 from ..providers import ErrorClass, Invocation, Outcome, ProviderError
 from ..runtime import Placement
-from .attempts import (RUNNING, AttemptTable, ClusterHealth, RetryPolicy, Slot)
-from .errors import ClusterLost, SessionError
+from .attempts import RUNNING, AttemptTable, RetryPolicy, Slot
+from .clusters import ClusterWatch
+from .errors import SessionError
 from .events import RoundEvents, shown
 
 log = logging.getLogger("fedkeeper.keeper")
@@ -92,7 +93,7 @@ class Dispatcher:
         self.clock = clock
         self.sleep = sleep
         self.rng = rng or random.Random()
-        self.health = ClusterHealth(clock, patience_s=cluster_patience_s)
+        self.clusters = ClusterWatch(platforms, events, clock, cluster_patience_s)
         # Called once per attempt that ends: (cluster, platform, state,
         # error_class, duration_s, cold_start, function=...), e.g. metrics.
         self.attempt_ended: Callable[..., None] | None = None
@@ -138,52 +139,6 @@ class Dispatcher:
         now = self.clock()
         self.update_attempts([(s.doc_id, {"state": "abandoned", "error": why, "finished": now})
                               for s in slots])
-
-    # ------------------------------------------------------------------ clusters
-    def cluster_failed(self, cluster: str, error: str, running: Iterable[tuple[AttemptTable, Slot]] = ()) -> None:
-        """A cluster did not answer (tracking or invoking). Logs it once and
-        then at most every ~10 s, restarts its local service once when the
-        provider owns one, and raises ClusterLost when it stays gone."""
-        provider = self.platforms.provider(cluster)
-        # Every provider answers restart_local_service (False: it owns none).
-        verdict = self.health.failed(cluster, error, can_restart=True)
-        outage = self.health.down[cluster]
-        if verdict.give_up:
-            self.events.emit("service", service=f"cluster {cluster}", state="gone", message=error)
-            raise ClusterLost(cluster, f"no answer for {self.clock() - outage.since:.0f}s: {error}")
-        if verdict.log:
-            if outage.failures == 1:
-                log.warning("cluster %s does not answer (%s); asking again with backoff", cluster, error)
-                self.events.emit("service", service=f"cluster {cluster}", state="waiting", message=error)
-            else:
-                log.warning("cluster %s still does not answer after %.0fs (%d tries): %s", cluster,
-                            self.clock() - outage.since, outage.failures, error)
-        if verdict.restart:
-            try:
-                restarted = provider.restart_local_service()
-            except (ProviderError, OSError) as exc:
-                log.warning("cluster %s: restarting its local service failed: %s", cluster, exc)
-                restarted = False
-            if restarted:
-                log.warning("cluster %s: its local service was restarted; attempts running on it are "
-                            "invoked again", cluster)
-                self.events.emit("service", service=f"cluster {cluster}", state="restarted",
-                                 message="local service restarted")
-                self.health.restarted(cluster)
-                lost = [(t, s) for t, s in running if s.state == RUNNING and s.cluster == cluster]
-                self._record_lost(lost, "its platform restarted; invoked again")
-
-    def check_clusters(self) -> None:
-        """Raise ClusterLost for a cluster still unreachable: a round that
-        failed while one was gone failed because of it, and stays resumable."""
-        for cluster, outage in self.health.down.items():
-            raise ClusterLost(cluster, f"no answer for {self.clock() - outage.since:.0f}s: {outage.error}")
-
-    def cluster_answered(self, cluster: str) -> None:
-        outage = self.health.ok(cluster)
-        if outage is not None:
-            log.warning("cluster %s answers again after %.0fs", cluster, self.clock() - outage.since)
-            self.events.emit("service", service=f"cluster {cluster}", state="back", message="")
 
     def _record_lost(self, lost: list[tuple[AttemptTable, Slot]], why: str) -> None:
         if not lost:
@@ -239,17 +194,17 @@ class Dispatcher:
             verdict = table.failed(s, err.error_class, str(err), err.retry_after, reached=reached)
             if not reached:
                 unreachable[s.cluster] = str(err)
-                s.next_try = max(s.next_try, self.health.next_probe(s.cluster))
+                s.next_try = max(s.next_try, self.clusters.next_probe(s.cluster))
             if verdict.redeploy:
                 self.platforms.redeploy(s.cluster, "fl_client")
         self.update_attempts(changes)
         for cluster, error in unreachable.items():
-            self.cluster_failed(cluster, error)
+            self.clusters.failed(cluster, error)
             for s in ready:
                 if s.cluster == cluster and s.state == "waiting":
-                    s.next_try = max(s.next_try, self.health.next_probe(cluster))
+                    s.next_try = max(s.next_try, self.clusters.next_probe(cluster))
         for cluster in {s.cluster for s, inv, _ in results if inv is not None}:
-            self.cluster_answered(cluster)
+            self.clusters.answered(cluster)
 
     def _submit_via_invoker(self, session: str, rnd: int, slots: list[Slot]):
         """Hand a cluster's clients to fl_invoker, which invokes them inside
@@ -289,16 +244,17 @@ class Dispatcher:
             by_cluster.setdefault(s.cluster, []).append((t, s))
         changes: list[tuple[Any, dict[str, Any]]] = []
         for cluster, group in by_cluster.items():
-            if not self.health.may_probe(cluster):
+            if not self.clusters.may_probe(cluster):
                 continue
             provider = self.platforms.provider(cluster)
             try:
-                lost_ids = set(provider.lost_invocations([s.inv for _, s in group]))
+                pending = [s.inv for _, s in group]
+                lost_ids = set(provider.lost_invocations(pending)) | self.clusters.lost_by_restart(cluster, pending)
                 outcomes = provider.track([s.inv for _, s in group if s.inv.platform_id not in lost_ids])
             except ProviderError as exc:
-                self.cluster_failed(cluster, str(exc), running)
+                self.clusters.failed(cluster, str(exc))
                 continue
-            self.cluster_answered(cluster)
+            self.clusters.answered(cluster)
             if lost_ids:
                 lost = [(t, s) for t, s in group if s.inv.platform_id in lost_ids]
                 log.warning("cluster %s does not know %d running attempt(s) (its service restarted); "
@@ -362,7 +318,7 @@ class Dispatcher:
                               retry_after=exc.retry_after)
             self.update_attempts([(doc["_id"], outcome_fields(out, self.clock()))])
             if out.ok and out.result and "error" not in out.result:
-                self.cluster_answered(cluster)
+                self.clusters.answered(cluster)
                 return out.result
             error = out.error or (out.result or {}).get("error") or "failed"
             reached = out.error_class != ErrorClass.UNREACHABLE
@@ -370,8 +326,8 @@ class Dispatcher:
                 log.warning("%s round %d attempt %d failed: %s", function, shown(rnd), slot.attempt, error)
             verdict = table.failed(slot, out.error_class, error, out.retry_after, reached=reached)
             if not reached:
-                self.cluster_failed(cluster, error)
-                slot.next_try = max(slot.next_try, self.health.next_probe(cluster))
+                self.clusters.failed(cluster, error)
+                slot.next_try = max(slot.next_try, self.clusters.next_probe(cluster))
             if verdict.redeploy:
                 self.platforms.redeploy(cluster, function)
             if not verdict.retry:

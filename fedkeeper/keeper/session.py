@@ -56,6 +56,8 @@ class Keeper:
         self.rt = rt
         self.store = rt.open_store()
         self.store.patience_s = STORE_PATIENCE_S
+        # An embedded store this runtime uses is started again, once per outage.
+        self.store.patience.restart = rt.restart_store
         self.training = rt.scenario.training
         self.progress: Progress = progress or (lambda kind, data: None)
         self.client_cluster = rt.client_clusters()

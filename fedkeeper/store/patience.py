@@ -7,6 +7,8 @@ goes through `Patience.run`, which retries on connection failures with a
 capped exponential backoff for at most `patience_s` in all, logs one line
 when the wait starts and one when the store is back, and then raises
 `StoreUnavailable`, an error that names the store (never its credentials).
+When the caller owns the store (the embedded server), `restart` is tried
+once per outage before waiting on.
 """
 from __future__ import annotations
 
@@ -60,6 +62,8 @@ class Patience:
         self.backoff_max_s = backoff_max_s
         self._sleep = sleep
         self._clock = clock
+        #: starts the store again when the caller owns it; True when it answers
+        self.restart: Callable[[], bool] | None = None
 
     def run(self, fn: Callable[..., T], *args: Any, insert: bool = False, **kwargs: Any) -> T:
         """fn(*args, **kwargs), retried while the store is unreachable.
@@ -68,6 +72,7 @@ class Patience:
         before its answer was lost, so it counts as done."""
         started: float | None = None
         delay = self.backoff_s
+        restart = self.restart
         while True:
             try:
                 result = fn(*args, **kwargs)
@@ -87,6 +92,10 @@ class Patience:
                         log.warning("the store at %s is unreachable; waiting up to %.0fs for it",
                                     self.where, self.patience_s)
                 waited = now - started
+                if restart is not None and self.patience_s > 0:
+                    restart, restarted = None, self._restart()
+                    if restarted:
+                        continue
                 if waited >= self.patience_s:
                     raise StoreUnavailable(self.where, waited + SERVER_SELECTION_MS / 1000, exc) from None
                 self._sleep(min(delay, self.patience_s - waited))
@@ -95,3 +104,13 @@ class Patience:
             if started is not None:
                 log.warning("the store at %s answers again after %.0fs", self.where, self._clock() - started)
             return result
+
+    def _restart(self) -> bool:
+        try:
+            ok = bool(self.restart and self.restart())
+        except Exception as exc:  # a failed restart leaves the bounded wait to decide
+            log.warning("restarting the store at %s failed: %s", self.where, str(exc).splitlines()[0][:200])
+            return False
+        if ok:
+            log.warning("the store at %s was restarted", self.where)
+        return ok

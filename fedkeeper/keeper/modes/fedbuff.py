@@ -116,7 +116,7 @@ class AsyncRounds(RoundMode):
                     log.warning("round %d: every client tried; aggregating %d of %d buffered updates",
                                 shown(v), buffered, buffer_size)
                     return
-                self.dispatch.check_clusters()
+                self.dispatch.clusters.check()
                 raise SessionError(f"round {shown(v)}: every client was tried and none delivered an update")
             self.submit_due(session, v)
             self.dispatch.track(session, [self.jobs])
@@ -135,7 +135,7 @@ class AsyncRounds(RoundMode):
                     log.warning("round %d deadline passed with %d of %d buffered updates; aggregating them",
                                 shown(v), buffered, buffer_size)
                     return
-                self.dispatch.check_clusters()
+                self.dispatch.clusters.check()
                 raise SessionError(f"round {shown(v)}: no update arrived within the round deadline "
                                    f"({tr.round_deadline_s:g}s)")
             self.dispatch.sleep(self.jobs.sleep_hint())

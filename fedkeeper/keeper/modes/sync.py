@@ -93,7 +93,7 @@ class ClosingRounds(RoundMode):
 
     def quorum_failed(self, session: str, rnd: int, table: AttemptTable, selected: list[str],
                       included: list[str], stale: list[dict[str, Any]], quorum: int) -> None:
-        self.dispatch.check_clusters()
+        self.dispatch.clusters.check()
         failures = "; ".join(f"{s.client}: {s.last_error}" for s in table if s.state != "delivered")
         self.store.upsert_round(session, rnd, state="failed", ended=self.ctx.clock(), included=included)
         extra = f" and {len(stale)} stale update(s) arrived" if self.close_at(quorum) is not None else ""
