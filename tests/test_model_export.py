@@ -154,3 +154,47 @@ def test_bad_requests_exit_2_with_one_line(trained, tmp_path):
         assert res.exit_code == 2, (args, res.output)
         assert words in res.output and "Traceback" not in res.output
     assert not list(tmp_path.iterdir())
+
+
+def test_validate_runs_in_the_function_and_stores_the_result_next_to_the_model(trained, tmp_path):
+    cfg, store, session = trained
+    stored = store.model(session, 1)["metrics"]
+    res = invoke("validate", session, "-c", str(cfg), "--round", "1", "--json")
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.output)
+    assert out["round"] == 1 and out["cluster"] == "local_ow" and out["num_examples"] > 100
+    # The same model on the same test split, evaluated by the same code: the same figures.
+    assert abs(out["metrics"]["accuracy"] - stored["accuracy"]) <= 1e-6
+    assert len(out["per_class_accuracy"]) == 10
+    # The built-in digits test split is the session's test split.
+    digits = json.loads(invoke("validate", session, "-c", str(cfg), "--round", "1", "--data", "digits",
+                               "--json").output)
+    assert abs(digits["metrics"]["accuracy"] - stored["accuracy"]) <= 1e-6
+    train = json.loads(invoke("validate", session, "-c", str(cfg), "--round", "1", "--data", "train",
+                              "--json").output)
+    parts = store.db[fs.PARTITIONS].find({"session": session, "client": {"$ne": "_test"}})
+    assert train["num_examples"] == sum(p["num_examples"] for p in parts)
+    # Stored next to the model, one entry per (model, data); shown by `model list`.
+    doc = store.model(session, 1)
+    assert {v["data"] for v in doc["validations"].values()} == {"session test split", "digits",
+                                                               "session train split"}
+    rows = json.loads(invoke("list", session, "-c", str(cfg), "--json").output)["models"]
+    assert len(rows[1]["validations"]) == 3 and rows[2]["validations"] == []
+    again = json.loads(invoke("validate", session, "-c", str(cfg), "--round", "1", "--json").output)
+    assert again["key"] == out["key"] and len(store.model(session, 1)["validations"]) == 3
+    table = invoke("list", session, "-c", str(cfg))
+    assert "digits" in table.output
+
+
+def test_validate_refusals(trained, tmp_path):
+    cfg, store, session = trained
+    wrong = tmp_path / "wrong.npz"
+    np.savez(wrong, x_train=np.zeros((4, 5, 5), np.uint8), y_train=np.zeros(4, np.int64),
+             x_test=np.zeros((4, 5, 5), np.uint8), y_test=np.zeros(4, np.int64))
+    res = invoke("validate", session, "-c", str(cfg), "--data", f"npz:{wrong}")
+    assert res.exit_code == 1 and "shape" in res.output and "Traceback" not in res.output
+    for args, words in ((["--data", "module"], "not trained with a user module"),
+                        (["--data", "nonsense"], "expected test"),
+                        (["--round", "7"], "no model 7")):
+        res = invoke("validate", session, "-c", str(cfg), *args)
+        assert res.exit_code == 2 and words in res.output, (args, res.output)

@@ -3,15 +3,15 @@ export one to a file, validate one on a data set (fedkeeper.model_trail;
 docs/models.md). Model R is the model after round R; 0 is the initial one."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import click
-from rich.table import Table
 
+from ..model_trail.validate import DATA_HELP, ValidationClient, parse_data
 from ..model_trail import ModelTrailError, export_model, model_doc, model_rows, pick_model, session_code, \
     session_doc, session_spec
-from .common import UsageFailure, config_option, console, load, open_runtime, scenario_option
+from .common import UsageFailure, config_option, console, fail, load, open_runtime, print_json, scenario_option, \
+    show_table
 
 
 def _fmt(value, spec: str = ".4f") -> str:
@@ -32,16 +32,18 @@ def _validations_cell(row) -> str:
                      for v in row["validations"]) or "-"
 
 
-def models_table(session: str, rows) -> Table:
-    t = Table(title=f"models of session {session} (round 0 is the initial model)")
-    for col in ("round", "accuracy", "loss", "examples", "clients", "strategy", "size", "validations", "trail"):
-        t.add_column(col, justify="right" if col not in ("strategy", "validations", "trail") else "left")
+COLUMNS = ("round", "accuracy", "loss", "examples", "clients", "strategy", "size", "validations", "trail")
+
+
+def model_cells(rows) -> list[list[str]]:
+    out = []
     for r in rows:
         trail = r["trail"]
-        t.add_row(str(r["round"]), _fmt(r["accuracy"]), _fmt(r["loss"]), _fmt(r["examples"], "d"),
-                  _fmt(r["clients"], "d"), str(r["strategy"] or "-"), _size(r["bytes"]), _validations_cell(r),
-                  "-" if trail is None else f"parent {trail.get('parent')}, code {str(trail.get('code_hash'))[:8]}")
-    return t
+        out.append([str(r["round"]), _fmt(r["accuracy"]), _fmt(r["loss"]), _fmt(r["examples"], "d"),
+                    _fmt(r["clients"], "d"), str(r["strategy"] or "-"), _size(r["bytes"]), _validations_cell(r),
+                    "-" if trail is None else f"from {trail.get('parent')}, code {str(trail.get('code_hash'))[:8]}, "
+                    f"config {str(trail.get('config_hash'))[:8]}"])
+    return out
 
 
 @click.group("model")
@@ -67,9 +69,10 @@ def model_list(session: str, config_path: str, scenario: str | None, as_json: bo
     finally:
         rt.close()
     if as_json:
-        click.echo(json.dumps({"session": session, "models": rows}, indent=2, default=str))
+        print_json({"session": session, "models": rows})
         return
-    console.print(models_table(session, rows))
+    show_table(f"models of session {session} (model R came out of round R; 0 is the initial model)", COLUMNS,
+               model_cells(rows), right=("round", "accuracy", "loss", "examples", "clients", "size"))
     if any(r["trail"] is None for r in rows):
         console.print("models without a trail were written before model trails were recorded", style="dim")
 
@@ -117,9 +120,55 @@ def model_export(session: str, config_path: str, scenario: str | None, round_: i
     finally:
         rt.close()
     if as_json:
-        click.echo(json.dumps(written, indent=2, default=str))
+        print_json(written)
         return
     acc = written["accuracy"]
     console.print(f"wrote {written['file']}: model {written['round']} of {session} "
                   f"({written['num_params']} parameters{'' if acc is None else f', test accuracy {acc:.4f}'})",
                   markup=False)
+
+
+@model_group.command("validate")
+@click.argument("session")
+@config_option
+@scenario_option
+@click.option("--round", "round_", type=click.IntRange(min=0), default=None,
+              help="The model after this round (0: the initial model; default: the last).")
+@click.option("--data", "data", default="test", show_default=True, metavar="DATA",
+              help="What to evaluate on: " + DATA_HELP + ".")
+@click.option("--json", "as_json", is_flag=True, help="Print the stored result as JSON.")
+def model_validate(session: str, config_path: str, scenario: str | None, round_: int | None, data: str,
+                   as_json: bool) -> None:
+    """Evaluate a stored model of SESSION on a data set, in the
+    fl_model_validate function on the server's cluster; the result is stored
+    next to the model (shown by `model list` and `report`)."""
+    try:
+        request = parse_data(data)
+    except ValueError as exc:
+        raise UsageFailure(str(exc)) from None
+    cfg = load(config_path)
+    # Local services stay up: a warm validator answers the next request at once.
+    rt = open_runtime(cfg, scenario, need_store=True, keep_local_services=True)
+    try:
+        try:
+            doc = session_doc(rt.store, session)
+            row = pick_model(model_rows(rt.store, session), session, round_=round_)
+            spec = doc.get("spec") or {}
+            if request["source"] == "module" and not spec.get("user_module"):
+                raise UsageFailure(f"session {session} was not trained with a user module; --data module "
+                                   "needs one")
+        except ModelTrailError as exc:
+            raise UsageFailure(str(exc)) from None
+        try:
+            result = ValidationClient(rt).validate(session, row["round"], request)
+        except ModelTrailError as exc:
+            fail(str(exc))
+    finally:
+        rt.close()
+    if as_json:
+        print_json(result)
+        return
+    m = result.get("metrics") or {}
+    console.print(f"model {result['round']} of {session} on {result['data']}: accuracy {_fmt(m.get('accuracy'))}, "
+                  f"loss {_fmt(m.get('loss'))} over {result['num_examples']} examples "
+                  f"({result['cluster']}, {result['seconds']:.2f} s); stored with the model", markup=False)
