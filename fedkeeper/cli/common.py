@@ -7,6 +7,7 @@ imports the cli package: the dependency points one way.
 """
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Any, Iterable, NoReturn, Sequence
 
 import click
+from rich import box
 from rich.console import Console, Group, RenderableType
 from rich.table import Table
 from rich.text import Text
@@ -23,7 +25,7 @@ from rich.text import Text
 from ..config import Config, ConfigError, load_config
 
 console = Console(stderr=False, highlight=False)
-errconsole = Console(stderr=True, highlight=False)
+errconsole = Console(stderr=True, highlight=False, soft_wrap=True)  # messages are never cut into lines
 log = logging.getLogger("fedkeeper.cli")
 
 CONFIG_ENV = "FEDKEEPER_CONFIG"
@@ -167,26 +169,46 @@ def _cell_width(cell: str) -> int:
     return Text.from_markup(cell).cell_len
 
 
-def fits(columns: Sequence[str], rows: Sequence[Sequence[str]], width: int) -> bool:
-    """Whether a boxed table of these cells fits in `width` with every
-    value on one line."""
-    widths = [max([_cell_width(c)] + [_cell_width(r[i]) for r in rows]) for i, c in enumerate(columns)]
-    return sum(widths) + 3 * len(widths) + 1 <= width
+def _longest_word(text: str) -> int:
+    return max((len(w) for w in text.split()), default=0)
+
+
+def _grid(title: str, columns: Sequence[str], rows: list[list[str]], right: set[str], caption: str | None,
+          compact: bool) -> Table:
+    """A boxed table, or a compact one (no frame, headers wrapped at spaces,
+    each column exactly as wide as its widest value)."""
+    if compact:
+        t = Table(title=title, caption=caption, box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False,
+                  collapse_padding=True)
+    else:
+        t = Table(title=title, caption=caption)
+    for i, c in enumerate(columns):
+        widest = max([_cell_width(r[i]) for r in rows] + [_longest_word(c) if compact else _cell_width(c)])
+        t.add_column(c, justify="right" if c in right else "left", overflow="fold",
+                     width=widest if compact else None, min_width=widest)
+    for r in rows:
+        t.add_row(*r)
+    return t
+
+
+def _width_of(renderable: RenderableType) -> int:
+    """Columns the renderable takes when nothing constrains it."""
+    buf = Console(file=io.StringIO(), width=10_000, color_system=None, highlight=False)
+    buf.print(renderable)
+    return max((Text(line.rstrip()).cell_len for line in buf.file.getvalue().splitlines()), default=0)
 
 
 def table(title: str, columns: Sequence[str], rows: Sequence[Sequence[str]], *, width: int,
           right: Iterable[str] = (), caption: str | None = None) -> RenderableType:
-    """Rows as a table when it fits in `width`; otherwise one block per row,
-    `column: value` per line. Values are never cut (cells may hold markup)."""
+    """Rows as a boxed table when it fits in `width`, else as a compact one,
+    else one block per row with `column: value` per line. Values are never
+    cut (cells may hold markup); only headers wrap."""
     rows = [[str(c) for c in r] for r in rows]
     right = set(right)
-    if fits(columns, rows, width):
-        t = Table(title=title, caption=caption)
-        for c in columns:
-            t.add_column(c, justify="right" if c in right else "left", overflow="fold")
-        for r in rows:
-            t.add_row(*r)
-        return t
+    for compact in (False, True):
+        t = _grid(title, columns, rows, right, None, compact)
+        if _width_of(t) <= width:
+            return _grid(title, columns, rows, right, caption, compact)
     parts: list[RenderableType] = [Text(title, style="italic")]
     label = max(len(c) for c in columns) if columns else 0
     for r in rows:

@@ -14,6 +14,7 @@ from typing import Any
 
 import click
 from rich.console import Console
+from rich.markup import escape
 
 from ..config import Config
 from .common import (INTERRUPTED_EXIT, UsageFailure, config_option, console, errconsole, fail, load,
@@ -132,10 +133,23 @@ def _interrupted(cfg: Config, scenario: str | None, store, session: str) -> int:
             doc = None
     kept = rounds_kept(store, session) if doc is not None else 0
     errconsole.print(f"\nsession {session} interrupted; the store keeps its {kept} finished round(s)"
-                     + ("" if doc is not None else " (the session was not created yet)"), markup=False)
+                     + ("" if doc is not None else " (the session was not created yet)"),
+                     markup=False, soft_wrap=True)
     if doc is not None:
         errconsole.print(f"resume it with: {resume_command(cfg, scenario, session)}", markup=False, soft_wrap=True)
     return INTERRUPTED_EXIT
+
+
+SUMMARY_COLUMNS = ("rounds", "final accuracy", "wall time", "est. cost", "run log")
+
+
+def summary_cells(result: dict[str, Any]) -> list[str]:
+    """The end-of-session summary (run_start's JSON) as table cells."""
+    from ..cost import format_money
+    acc, wall = result["final_accuracy"], result["wall_time_s"]
+    return [f"{result['rounds']}/{result['rounds_planned']}", f"{acc:.4f}" if acc is not None else "-",
+            f"{wall:.1f}s" if wall is not None else "-", format_money(result["cost"], result["currency"]),
+            result["run_log"]]
 
 
 def run_start(cfg: Config, scenario: str | None, resume: str | None = None, deploy: bool = True,
@@ -179,7 +193,7 @@ def run_start(cfg: Config, scenario: str | None, resume: str | None = None, depl
                 keeper.progress = fan_out(on_event, metrics)
                 keeper.attempt_ended = metrics.record_attempt
             summary = keeper.start(resume=resume, deploy=deploy, session_id=session_id)
-        from ..cost import format_money, session_cost
+        from ..cost import session_cost
         cost = session_cost(rt.store, summary.session, cfg)
         doc = rt.store.session(summary.session)
         kept = rounds_kept(rt.store, summary.session)
@@ -204,14 +218,10 @@ def run_start(cfg: Config, scenario: str | None, resume: str | None = None, depl
     if as_json:
         print_json(result)
     else:
-        show_table(f"session {summary.session}: {summary.state}",
-                   ("rounds", "final accuracy", "wall time", "est. cost", "run log"),
-                   [[f"{kept}/{result['rounds_planned']}", f"{acc:.4f}" if acc is not None else "-",
-                     f"{wall:.1f}s" if wall is not None else "-", format_money(cost["total"], cost["currency"]),
-                     str(log_path)]])
+        show_table(f"session {summary.session}: {summary.state}", SUMMARY_COLUMNS, [summary_cells(result)])
         session_metrics(cfg, rt.scenario, wall or 0.0)
     if summary.state != "finished":
-        errconsole.print(f"[red]session {summary.session} {summary.state}:[/red] {summary.message}")
+        errconsole.print(f"[red]session {summary.session} {summary.state}:[/red] {escape(summary.message or '')}")
         return 1
     return 0
 
