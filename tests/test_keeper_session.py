@@ -240,3 +240,21 @@ def test_the_other_round_modes_finish_on_fakes(tmp_path, mode):
     assert summary.state == "finished" and len(summary.rounds) == 3
     statuses = {u["status"] for u in store.updates_.values()}
     assert statuses <= {"accepted", "stale", "received"}
+
+
+def test_refused_connections_reported_per_invocation_end_in_a_lost_cluster_not_used_up_retries(tmp_path):
+    """HTTP platforms report a refused connection as each invocation's
+    outcome: those attempts never reached the function and must not use up
+    the clients' retries; the cluster is given up resumably instead."""
+    def behave(fn, p, n):
+        if fn == "fl_client":
+            return Outcome("", False, ErrorClass.UNREACHABLE, "connection refused")
+        return "ok"
+
+    keeper, store, provider, _ = fake_keeper(tmp_path, behave, rounds=1, deadline_s=600)
+    with pytest.raises(ServiceLost, match="^cluster c1 is gone"):
+        keeper.start(session_id="s1", deploy=False)
+    attempts = client_attempts(store, "s1")
+    assert max(a["attempt"] for a in attempts) > 3          # more than max_attempts, none counted
+    assert len(attempts) < 4 * 40                            # but backed off, not a flood
+    assert store.sessions["s1"]["state"] == "interrupted"

@@ -203,8 +203,8 @@ class Dispatcher:
             for s in ready:
                 if s.cluster == cluster and s.state == "waiting":
                     s.next_try = max(s.next_try, self.clusters.next_probe(cluster))
-        for cluster in {s.cluster for s, inv, _ in results if inv is not None}:
-            self.clusters.answered(cluster)
+        # An accepted invocation does not clear an outage: HTTP platforms
+        # accept on this side and report the refused connection as its outcome.
 
     def _submit_via_invoker(self, session: str, rnd: int, slots: list[Slot]):
         """Hand a cluster's clients to fl_invoker, which invokes them inside
@@ -243,6 +243,9 @@ class Dispatcher:
         for t, s in running:
             by_cluster.setdefault(s.cluster, []).append((t, s))
         changes: list[tuple[Any, dict[str, Any]]] = []
+        # Judged after the outcomes are recorded: a cluster given up
+        # (ClusterLost) must not take what it did answer with it.
+        verdicts: list[tuple[str, str | None]] = []
         for cluster, group in by_cluster.items():
             if not self.clusters.may_probe(cluster):
                 continue
@@ -252,14 +255,14 @@ class Dispatcher:
                 lost_ids = set(provider.lost_invocations(pending)) | self.clusters.lost_by_restart(cluster, pending)
                 outcomes = provider.track([s.inv for _, s in group if s.inv.platform_id not in lost_ids])
             except ProviderError as exc:
-                self.clusters.failed(cluster, str(exc))
+                verdicts.append((cluster, str(exc)))
                 continue
-            self.clusters.answered(cluster)
             if lost_ids:
                 lost = [(t, s) for t, s in group if s.inv.platform_id in lost_ids]
                 log.warning("cluster %s does not know %d running attempt(s) (its service restarted); "
                             "invoking them again", cluster, len(lost))
                 self._record_lost(lost, "unknown to the platform (its service restarted); invoked again")
+            unreachable, answered = None, not outcomes
             by_id = {s.inv.platform_id: (t, s) for t, s in group if s.inv is not None}
             for out in outcomes:
                 hit = by_id.get(out.platform_id)
@@ -268,15 +271,22 @@ class Dispatcher:
                 table, s = hit
                 fields = outcome_fields(out, self.clock())
                 changes.append((s.doc_id, fields))
+                # HTTP platforms report a refused connection per invocation.
+                reached = out.error_class != ErrorClass.UNREACHABLE
+                answered = answered or reached
                 if fields["state"] == "succeeded" or self.store.has_update(session, s.round, s.client):
                     # A failed attempt whose client has an update stored
                     # (an earlier attempt landed late) needs no retry.
                     table.delivered(s, out.result)
-                else:
-                    verdict = table.failed(s, out.error_class or ErrorClass.APPLICATION_ERROR,
-                                           fields["error"] or "failed", out.retry_after)
-                    if verdict.redeploy:
-                        self.platforms.redeploy(s.cluster, "fl_client")
+                    continue
+                verdict = table.failed(s, out.error_class or ErrorClass.APPLICATION_ERROR,
+                                       fields["error"] or "failed", out.retry_after, reached=reached)
+                if not reached:
+                    unreachable = fields["error"] or "unreachable"
+                    s.next_try = max(s.next_try, self.clusters.next_probe(cluster))
+                if verdict.redeploy:
+                    self.platforms.redeploy(s.cluster, "fl_client")
+            verdicts.append((cluster, None if answered else unreachable))
         now = self.clock()
         for table in tables:
             for s in table.overdue():
@@ -291,6 +301,15 @@ class Dispatcher:
                 else:
                     table.failed(s, ErrorClass.TIMEOUT, "no outcome within timeout + grace")
         self.update_attempts(changes)
+        for cluster, error in verdicts:
+            if error is None:
+                self.clusters.answered(cluster)
+                continue
+            self.clusters.failed(cluster, error)
+            probe = self.clusters.next_probe(cluster)
+            for _, s in running:
+                if s.cluster == cluster and s.state == "waiting":
+                    s.next_try = max(s.next_try, probe)
 
     # ------------------------------------------------------------------ helper calls
     def call(self, cluster: str, session: str, rnd: int, function: str, **args: Any) -> dict[str, Any]:
