@@ -43,7 +43,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from fedkeeper.store.embedded import EmbeddedMongo  # noqa: E402
+from fedkeeper.local.store import EmbeddedMongo  # noqa: E402
 from flcommon import store as fs  # noqa: E402
 from flcommon.auth import signed  # noqa: E402
 

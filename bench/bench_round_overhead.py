@@ -70,7 +70,7 @@ def main() -> None:
             t0 = time.time()
             rc = run_start(cfg, None, keep_services=True)
             assert rc == 0, f"session with {k} clients failed"
-            from fedkeeper.store.embedded import EmbeddedMongo
+            from fedkeeper.local.store import EmbeddedMongo
             url = EmbeddedMongo(Path(tmp) / "state" / "mongo").running_url()
             store = connect(url, "bench")
             sess = store.latest_session()
@@ -90,7 +90,7 @@ def main() -> None:
             rows.append((k, cold, statistics.median(walls), statistics.median(slowest),
                          statistics.median(over), time.time() - t0))
         from fedkeeper.local import shutdown_local_services
-        from fedkeeper.store.embedded import EmbeddedMongo
+        from fedkeeper.local.store import EmbeddedMongo
         shutdown_local_services(Path(tmp) / "state")
         EmbeddedMongo(Path(tmp) / "state" / "mongo").stop()
     print()

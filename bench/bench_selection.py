@@ -102,7 +102,7 @@ def main() -> None:
     from fedkeeper.config import load_config
     from fedkeeper.local import shutdown_local_services
     from fedkeeper.store import connect
-    from fedkeeper.store.embedded import EmbeddedMongo
+    from fedkeeper.local.store import EmbeddedMongo
     results: dict[str, list[dict]] = {"random": [], "reliability": []}
     with tempfile.TemporaryDirectory() as tmp:
         state = Path(tmp) / "state"

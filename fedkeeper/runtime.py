@@ -21,7 +21,7 @@ from .artifacts import build_artifact
 from .config import Config, FunctionConfig, Scenario
 from .providers import Artifact, FunctionSpec, Provider, ProviderContext, make_provider
 from .store import Store, connect
-from .store.embedded import EmbeddedMongo
+from .local.store import EmbeddedMongo
 
 log = logging.getLogger("fedkeeper.runtime")
 

@@ -9,7 +9,7 @@ import uuid
 import pytest
 
 from fedkeeper.store import connect
-from fedkeeper.store.embedded import EmbeddedMongo
+from fedkeeper.local.store import EmbeddedMongo
 
 
 @pytest.fixture(scope="session")

@@ -11,7 +11,8 @@ import pytest
 import requests
 
 from fedkeeper.local import fabric
-from fedkeeper.procs import pid_alive
+from fedkeeper.local.faults import FaultPlan
+from fedkeeper.local.supervisor import pid_alive
 from fixtures_fabric import FabricClient, ann, fabric_dir, fabric_info, fw, wait_for  # noqa: F401
 
 pytestmark = pytest.mark.timeout(120)
@@ -277,7 +278,8 @@ def test_blackbox_actions(fw):
 def test_fault_injection_is_deterministic_per_seed(fw):
     ns = "faults"
     fw.put_action("f", ns=ns, limits={"timeout": 5000})
-    cfg = {"crash": 0.25, "timeout": 0.25, "throttle": 0.2, "slow_ms": 0, "seed": 11, "functions": None}
+    cfg = {"crash": 0.25, "timeout_instant": 0.25, "throttle": 0.2, "slow_ms": 0, "seed": 11,
+           "functions": None}
 
     def run() -> list[str]:
         fw.admin("faults", cfg, ns=ns)
@@ -290,9 +292,9 @@ def test_fault_injection_is_deterministic_per_seed(fw):
             rec = r.json()
             a = ann(rec)
             if a["timeout"]:
-                assert a["fk-fault"] == "timeout"
+                assert a["fk-fault"] == "timeout_instant"
                 assert rec["response"]["result"]["error"].startswith("The action exceeded its time limits")
-                seen.append("timeout")
+                seen.append("timeout_instant")
             elif rec["response"]["success"]:
                 seen.append("ok")
             else:
@@ -302,9 +304,9 @@ def test_fault_injection_is_deterministic_per_seed(fw):
 
     first = run()
     assert first == run()
-    expected = [fabric.Faults(**cfg).draw(ns, "f", i) or "ok" for i in range(16)]
+    expected = [FaultPlan.parse(cfg).draw(ns, "f", i) or "ok" for i in range(16)]
     assert first == expected
-    assert {"ok", "crash", "timeout", "throttle"} <= set(first)
+    assert {"ok", "crash", "timeout_instant", "throttle"} <= set(first)
     # slow_ms adds to the run; a function outside `functions` is untouched.
     fw.admin("faults", {"slow_ms": 300, "functions": ["f"]}, ns=ns)
     rec = fw.invoke("f", {}, ns=ns, blocking=True).json()
@@ -313,6 +315,23 @@ def test_fault_injection_is_deterministic_per_seed(fw):
     assert fw.invoke("f", {}, ns=ns).status_code == 202
     fw.admin("faults", {}, ns=ns)
     assert fw.admin("faults", ns=ns) == {}
+
+
+def test_injected_timeout_holds_the_activation_until_its_limit(fw):
+    ns = "realtimeout"
+    fw.put_action("rt", ns=ns, limits={"timeout": 400})
+    pid = fw.invoke("rt", {}, ns=ns, blocking=True, result=True).json()["pid"]
+    fw.admin("faults", {"timeout": 1.0, "functions": ["rt"]}, ns=ns)
+    rec = fw.invoke("rt", {}, ns=ns, blocking=True).json()
+    assert rec["response"]["status"] == "action developer error"
+    assert rec["response"]["result"] == {"error": "The action exceeded its time limits of 400 milliseconds."}
+    a = ann(rec)
+    assert a["timeout"] is True and a["fk-fault"] == "timeout"
+    # Recorded when the limit passed, not at once, and the worker went with it.
+    assert rec["duration"] >= 400
+    wait_for(lambda: not pid_alive(pid), 5)
+    fw.admin("faults", {}, ns=ns)
+    assert fw.invoke("rt", {}, ns=ns, blocking=True, result=True).json()["pid"] != pid
 
 
 def test_bad_fault_config_is_400(fw):

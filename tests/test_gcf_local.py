@@ -146,7 +146,7 @@ def test_timeout_when_function_overruns(provider):
 
 def test_injected_faults(tmp_path):
     # one cluster with every fault kind; the seeded draws cover all of them
-    faults = FaultConfig(crash=0.25, timeout=0.25, throttle=0.25, slow_ms=100, seed=3,
+    faults = FaultConfig(crash=0.25, timeout_instant=0.25, throttle=0.25, slow_ms=100, seed=3,
                          functions=["echo"])
     p = LocalCloudFunctionsProvider("f", GoogleCluster(kind="local", faults=faults),
                                     ProviderContext(state_dir=tmp_path))

@@ -258,7 +258,7 @@ def _run(provider, cluster: str, session: str, first: int, n: int, args_for) -> 
 def test_prometheus_sees_what_the_invocation_records_say(prometheus, state, keeper_metrics, store):
     ctx = ProviderContext(state_dir=state)
     # Two clusters on the one fabric (two namespaces); faults on the first.
-    faults = FaultConfig(crash=0.15, timeout=0.1, throttle=0.1, seed=11)
+    faults = FaultConfig(crash=0.15, timeout_instant=0.1, throttle=0.1, seed=11)
     clusters = {"ow-a": OpenWhiskCluster(kind="local", faults=faults),
                 "ow-b": OpenWhiskCluster(kind="local")}
     providers = {name: make_provider(name, "openwhisk", c, ctx) for name, c in clusters.items()}

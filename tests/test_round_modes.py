@@ -48,10 +48,10 @@ def write_config(path: Path, mongo_url: str, *, mode: str, rounds: int, per_roun
           openwhisk:
             rm_fast:
               kind: local
-              faults: {{crash: 0.1, timeout: 0.15, slow_ms: {FAST_MS}, seed: 9, functions: [fl_client]}}
+              faults: {{crash: 0.1, timeout_instant: 0.15, slow_ms: {FAST_MS}, seed: 9, functions: [fl_client]}}
             rm_slow:
               kind: local
-              faults: {{timeout: 0.15, slow_ms: {SLOW_MS}, seed: 6, functions: [fl_client]}}
+              faults: {{timeout_instant: 0.15, slow_ms: {SLOW_MS}, seed: 6, functions: [fl_client]}}
         scenarios:
           federated_learning:
             server_config: {{server_cluster_name: rm_fast}}

@@ -97,7 +97,7 @@ def check_session_integrity(db, session: str, max_attempts: int) -> dict:
 def test_training_completes_under_crashes_and_timeouts(fabric_state, mongo_url, tmp_path):
     db_name = "e2e_faults"
     cfg_path = write_config(tmp_path / "cfg.yaml", mongo_url, db_name, rounds=3, clients=6, per_round=6,
-                            faults="{crash: 0.2, timeout: 0.1, seed: 7, functions: [fl_client]}")
+                            faults="{crash: 0.2, timeout_instant: 0.1, seed: 7, functions: [fl_client]}")
     rc = run_start(load_config(cfg_path), None, keep_services=True)
     assert rc == 0
     db = pymongo.MongoClient(mongo_url)[db_name]

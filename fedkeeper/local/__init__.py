@@ -1,16 +1,23 @@
 """Local stand-ins for the platforms, for one machine without a cloud account:
-the embedded OpenWhisk fabric (`fabric`, `openwhisk`) and the local Cloud
-Functions hosts. Nothing here is imported unless a local cluster is used."""
+the embedded OpenWhisk fabric (`fabric`, `openwhisk`), the local Cloud
+Functions hosts (`functions_framework`, `function_host`, `cloud_functions`)
+and the embedded store (`store`), all run as processes of the one supervisor
+(`supervisor`), with the one fault model (`faults`). Nothing here is
+imported unless a local cluster or the embedded store is used, and the real
+platform adapters in `fedkeeper.providers` import nothing from here."""
 from __future__ import annotations
 
 from pathlib import Path
 
 
 def shutdown_local_services(state_dir: str | Path) -> bool:
-    """Stop the fabric and every functions-framework host of a state
-    directory; True when anything was running."""
+    """Stop everything local of a state directory, whoever holds it: the
+    fabric and its workers, every functions-framework host, and the
+    embedded store (also one kept by --keep-services). True when anything
+    was running."""
     from .fabric import fabric_down
     from .functions_framework import FrameworkHost
+    from .store import shutdown_store
     sdir = Path(state_dir)
     stopped = fabric_down(sdir / "fabric")
     gcf = sdir / "gcf"
@@ -19,4 +26,4 @@ def shutdown_local_services(state_dir: str | Path) -> bool:
             host = FrameworkHost(cluster_dir)
             stopped = bool(host.names()) or stopped
             host.stop_all()
-    return stopped
+    return shutdown_store(sdir / "mongo") or stopped

@@ -5,7 +5,6 @@ need)."""
 from __future__ import annotations
 
 import time
-import zlib
 from typing import Any, Mapping
 
 from ..providers.base import Artifact, DeployResult, ErrorClass, FunctionSpec, ProviderContext, ProviderError
@@ -21,6 +20,7 @@ class LocalCloudFunctionsProvider(CloudFunctionsProvider):
     def __init__(self, cluster_name: str, cluster: Any, ctx: ProviderContext):
         super().__init__(cluster_name, cluster, ctx)
         self.host = FrameworkHost(ctx.state_dir / "gcf" / cluster_name)
+        self._lease = self.host.hold(auto_stop=not ctx.keep_local_services)
 
     def _max_workers(self) -> int:
         # loopback calls are cheap; what limits them is the function side
@@ -33,12 +33,13 @@ class LocalCloudFunctionsProvider(CloudFunctionsProvider):
         faults = getattr(self.cluster, "faults", None)
         if faults is None or not faults.applies_to(name):
             return None
-        if not (faults.crash or faults.timeout or faults.throttle or faults.slow_ms):
+        plan = faults.plan()
+        if not (plan.draws_faults or plan.slow_ms):
             return None
-        # one seeded sequence per function, so functions do not fail in lockstep
-        seed = (int(faults.seed) * 1_000_003 + zlib.crc32(name.encode())) & 0x7FFFFFFF
-        return {"crash": faults.crash, "timeout": faults.timeout, "throttle": faults.throttle,
-                "slow_ms": faults.slow_ms, "seed": seed}
+        # The host draws with the local platforms' one fault model; the
+        # function's name is part of each draw, so functions do not fail in
+        # lockstep.
+        return plan.to_json()
 
     def deploy(self, spec: FunctionSpec, artifact: Artifact) -> DeployResult:
         t0 = time.monotonic()
@@ -82,8 +83,9 @@ class LocalCloudFunctionsProvider(CloudFunctionsProvider):
 
     def close(self) -> None:
         super().close()
-        # ctx.keep_local_services leaves the processes running so a later
-        # keeper process reuses them (their state file lets `remove`, or
-        # `fedkeeper fabric down`, end them then). Off by default.
-        if not self.ctx.keep_local_services:
-            self.host.stop_all()
+        # The last open provider of the cluster stops its processes, unless
+        # local services are kept (ctx.keep_local_services): a later keeper
+        # process reuses them then, and `remove` or `fedkeeper fabric down`
+        # ends them.
+        self.host.release(self._lease)
+        self._lease = None

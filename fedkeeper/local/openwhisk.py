@@ -4,10 +4,11 @@ same provider code as a remote controller.
 The fabric of a state directory is shared by every local OpenWhisk cluster
 of a config; each cluster is its own namespace in it (the cluster's
 `namespace`, else its name), so their actions, activations, limits and
-injected faults stay apart. A provider that started the fabric stops it on
-close (as the keeper does with the embedded MongoDB it started) unless the
-context keeps local services; one started beforehand with `fedkeeper fabric
-up` is reused and left running.
+injected faults stay apart. Every provider holds a lease on the fabric while
+it is open: a fabric started by a command stops when its last holder closes
+(two commands on one state directory never stop each other's fabric),
+unless local services are kept; one started with `fedkeeper fabric up` is
+reused and left running.
 """
 from __future__ import annotations
 
@@ -37,11 +38,14 @@ class LocalOpenWhiskProvider(OpenWhiskProvider):
         super(OpenWhiskProvider, self).__init__(cluster_name, cluster, ctx)
         self.fabric_dir = Path(ctx.state_dir) / "fabric"
         try:
-            info = fabric.fabric_up(self.fabric_dir)
+            info = fabric.fabric_up(self.fabric_dir, hold=True, auto_stop=not ctx.keep_local_services)
         except (fabric.FabricError, OSError) as exc:
             raise ProviderError(ErrorClass.UNREACHABLE,
                                 f"cluster {cluster_name}: the local fabric did not start: {exc}") from None
         self.started_fabric = bool(info.get("started"))
+        self._lease = info.get("lease")
+        # Activations submitted before this fabric started are unknown to it.
+        self.fabric_started_at = float(info.get("started_at") or 0.0)
         user, _, key = info["auth"].partition(":")
         ns = getattr(cluster, "namespace", None) or _namespace_for(cluster_name)
         # Same host, same clock: the activation window needs no skew margin.
@@ -52,7 +56,7 @@ class LocalOpenWhiskProvider(OpenWhiskProvider):
         """Send the cluster's fault injection settings to the fabric (none
         clears them); the fabric's fault sequence restarts from its seed."""
         faults = getattr(self.cluster, "faults", None)
-        body = faults.model_dump() if faults is not None else {}
+        body = faults.plan().to_json() if faults is not None else {}
         r = self._session.put(f"{self.api_host}/_fabric/faults", params={"namespace": self.namespace},
                               data=json.dumps(body).encode(), timeout=10)
         if r.status_code != 200:
@@ -71,8 +75,28 @@ class LocalOpenWhiskProvider(OpenWhiskProvider):
             raise self._status_error(r.status_code, r.content, f"fabric {what}", r.headers)
         return r.json()
 
+    def restart_local_service(self) -> bool:
+        """Start the fabric again after it stopped answering (a new fabric
+        drops the dead one's leases) and reconnect; the keeper redeploys the
+        actions it finds missing and invokes lost activations again."""
+        try:
+            info = fabric.fabric_up(self.fabric_dir, hold=True, auto_stop=not self.ctx.keep_local_services)
+        except (fabric.FabricError, OSError):
+            return False
+        self._lease = info.get("lease")
+        self.started_fabric = self.started_fabric or bool(info.get("started"))
+        self.fabric_started_at = float(info.get("started_at") or 0.0)
+        user, _, key = info["auth"].partition(":")
+        self._session.close()
+        self._pool.close()
+        self._connect(info["url"], (user, key), self.namespace, verify=True, clock_offset=0.0)
+        self.push_faults()
+        return True
+
+    def lost_invocations(self, pending):
+        return [inv.platform_id for inv in pending if inv.submitted_at < self.fabric_started_at]
+
     def close(self) -> None:
         super().close()
-        if self.started_fabric and not self.ctx.keep_local_services:
-            self.started_fabric = False
-            fabric.fabric_down(self.fabric_dir)
+        lease, self._lease = self._lease, None
+        fabric.fabric_release(self.fabric_dir, lease)

@@ -13,7 +13,7 @@ a UTF-8 JSON object (never pickle: the action's results are untrusted data).
                     {"t": "done", "id": str, "result": {...}}
                     {"t": "done", "id": str, "dev_error": str}
   fabric -> worker  {"t": "run", "id": str, "args": {...}, "env": {...},
-                     "slow_ms": int, "crash": bool}
+                     "slow_ms": int, "crash": bool, "hang": bool}
 The action's stdout and stderr go to the log file the fabric opened for it;
 they never share the protocol socket.
 """
@@ -34,7 +34,7 @@ _HDR = struct.Struct(">I")
 MAX_RESULT_BYTES = 1024 * 1024
 
 
-def _recv_exact(sock: socket.socket, n: int) -> bytes | None:
+def recv_exact(sock: socket.socket, n: int) -> bytes | None:
     buf = bytearray()
     while len(buf) < n:
         chunk = sock.recv(n - len(buf))
@@ -55,10 +55,10 @@ class Channel:
             self.sock.sendall(_HDR.pack(len(data)) + data)
 
     def recv(self) -> dict | None:
-        hdr = _recv_exact(self.sock, 4)
+        hdr = recv_exact(self.sock, 4)
         if hdr is None:
             return None
-        body = _recv_exact(self.sock, _HDR.unpack(hdr)[0])
+        body = recv_exact(self.sock, _HDR.unpack(hdr)[0])
         return None if body is None else json.loads(body)
 
 
@@ -85,6 +85,10 @@ def _run(chan: Channel, fn, msg: dict) -> None:
             # Injected crash: the process dies under the activation, as a
             # container does when its runtime is killed.
             os._exit(70)
+        if msg.get("hang"):
+            # Injected timeout: the activation never returns; the fabric
+            # ends it at its time limit by killing this process.
+            threading.Event().wait()
         os.environ.update(msg.get("env") or {})
         slow = msg.get("slow_ms") or 0
         if slow:

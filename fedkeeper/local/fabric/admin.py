@@ -1,0 +1,92 @@
+"""The fabric's own administration (not part of OpenWhisk's API): limits per
+namespace and for the whole fabric, fault injection, status."""
+from __future__ import annotations
+
+import math
+import os
+from typing import Any
+
+from ..faults import FaultPlan
+from .actions import LIMIT_RANGES
+from .scheduler import Fabric
+from .status import ApiError
+
+# API key -> attribute, per namespace and for the whole fabric.
+PER_NAMESPACE = {"concurrentInvocations": "concurrent_invocations",
+                 "invocationsPerMinute": "invocations_per_minute"}
+GLOBAL = {"payloadLimit": "payload_limit", "idleSeconds": "idle_s", "userMemoryMb": "user_memory_mb",
+          "blockingWaitSeconds": "blocking_wait_s", "maxRecords": "max_records",
+          "recordBytes": "record_bytes"}
+# Any limit above this is a mistake, not a setting (it also keeps int() finite).
+_LIMIT_CEILING = 2 ** 53
+
+
+def limits(f: Fabric, ns_name: str) -> dict:
+    ns = f.ns(ns_name)
+    r = {k: (lo, hi) for k, lo, hi in LIMIT_RANGES}
+    return {"invocationsPerMinute": ns.invocations_per_minute,
+            "concurrentInvocations": ns.concurrent_invocations,
+            "firesPerMinute": 60,
+            "minActionMemory": 128, "maxActionMemory": f.settings.user_memory_mb,
+            "minActionLogs": r["logs"][0], "maxActionLogs": r["logs"][1],
+            "minActionTimeout": r["timeout"][0], "maxActionTimeout": r["timeout"][1],
+            "minActionConcurrency": r["concurrency"][0], "maxActionConcurrency": r["concurrency"][1],
+            "maxParameterSize": f.settings.payload_limit,
+            "maxPayloadSize": f.settings.payload_limit,
+            "maxActionInstances": ns.concurrent_invocations}
+
+
+def set_limits(f: Fabric, ns_name: str, body: Any) -> dict:
+    if not isinstance(body, dict):
+        raise ApiError(400, "limits must be a JSON object")
+    ns = f.ns(ns_name)
+    unknown = set(body) - set(PER_NAMESPACE) - set(GLOBAL)
+    if unknown:
+        raise ApiError(400, f"unknown limit keys: {sorted(unknown)[:10]}")
+    for k, v in body.items():
+        if (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)
+                or not 0 < v <= _LIMIT_CEILING):
+            raise ApiError(400, f"{k} must be a positive, finite number")
+    with f.lock:
+        for k, attr in PER_NAMESPACE.items():
+            if k in body:
+                setattr(ns, attr, max(1, int(body[k])))
+        for k, attr in GLOBAL.items():
+            if k in body:
+                cur = getattr(f.settings, attr)
+                setattr(f.settings, attr, max(1, int(body[k])) if isinstance(cur, int) else float(body[k]))
+        if "invocationsPerMinute" in body:
+            ns.minute.clear()
+    return limits(f, ns.name)
+
+
+def set_faults(f: Fabric, ns_name: str, body: Any) -> dict:
+    ns = f.ns(ns_name)
+    try:
+        faults = FaultPlan.parse(body) if body else None
+    except (TypeError, ValueError) as exc:
+        raise ApiError(400, str(exc)) from None
+    with f.lock:
+        ns.faults = faults
+        # A new configuration restarts the sequence, so that a seed
+        # reproduces the same faults from here on.
+        ns.fault_counters.clear()
+    return faults.to_json() if faults else {}
+
+
+def get_faults(f: Fabric, ns_name: str) -> dict:
+    n = f.ns(ns_name)
+    return n.faults.to_json() if n.faults else {}
+
+
+def status(f: Fabric) -> dict:
+    with f.lock:
+        return {"pid": os.getpid(), "memory_used_mb": f.memory_used,
+                "user_memory_mb": f.settings.user_memory_mb,
+                "workers": [w.describe() for w in sorted(f.workers, key=lambda w: w.id)],
+                "namespaces": {n.name: {"inflight": n.inflight, "records": len(n.records),
+                                        "record_bytes": n.records.bytes,
+                                        "actions": sorted(n.actions), **n.counts,
+                                        "faults": n.faults.to_json() if n.faults else None}
+                               for n in f.namespaces.values()},
+                "queued": {f"{k[0]}/{k[1]}": len(q) for k, q in f.queues.items()}}

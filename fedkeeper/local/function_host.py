@@ -1,0 +1,169 @@
+"""One local Cloud Functions instance: Google's functions-framework app for
+one HTTP function, served on loopback.
+
+Run as a plain script (`python function_host.py --source ... --target ...`),
+not as a module of the keeper, so that the function's process imports
+nothing of the keeper: the function's own source folder comes first on
+sys.path, as in the image Cloud Functions builds.
+
+The HTTP server is a thread per connection with a read timeout (idle or
+slow connections cost a thread each, for a bounded time, and never hold the
+function's request slots); at most `--threads` requests run the function at
+once, as an instance's request concurrency, the others wait for a slot.
+Request bodies are bounded (413 above `--max-request-bytes`).
+
+Injected faults (`--faults`, JSON) are drawn before the function runs, with
+the local platforms' one fault model (faults.py, loaded by path):
+  crash            500 with X-Google-Status: crash, as functions-framework
+                   answers a function that raised
+  timeout          held until the function's time limit, then 408
+  timeout_instant  408 at once
+  throttle         429 with Retry-After: 1
+  slow_ms          added before the function runs
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import itertools
+import json
+import os
+import sys
+import threading
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+# The keeper's package directory must not shadow the function's modules.
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != HERE]
+
+# How long a connection may stay silent (before or between requests, or
+# while sending one) before it is closed.
+READ_TIMEOUT_S = 10.0
+# Connections served at once; more wait in the listen backlog.
+MAX_CONNECTIONS = 256
+
+
+def _load_fault_model():
+    spec = importlib.util.spec_from_file_location("_fk_fault_model", os.path.join(HERE, "faults.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module   # dataclasses look their module up by name
+    spec.loader.exec_module(module)
+    return module
+
+
+class FaultInjector:
+    """WSGI middleware drawing one fault per request of the function."""
+
+    def __init__(self, app, plan, name: str, timeout_s: float):
+        self.app = app
+        self.plan = plan
+        self.name = name
+        self.timeout_s = timeout_s
+        self._seq = itertools.count()
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def _answer(start_response, status: str, body: bytes, headers: list | None = None):
+        start_response(status, [("Content-Type", "text/plain"), ("Content-Length", str(len(body)))]
+                       + (headers or []))
+        return [body]
+
+    def __call__(self, environ, start_response):
+        if environ.get("PATH_INFO") == "/robots.txt" or not self.plan.applies_to(self.name):
+            return self.app(environ, start_response)
+        with self._lock:
+            n = next(self._seq)
+        if self.plan.slow_ms:
+            time.sleep(self.plan.slow_ms / 1000.0)
+        fault = self.plan.draw("gcf", self.name, n)
+        if fault == "crash":
+            return self._answer(start_response, "500 Internal Server Error", b"injected crash",
+                                [("X-Google-Status", "crash")])
+        if fault == "timeout":
+            time.sleep(self.timeout_s)
+        if fault in ("timeout", "timeout_instant"):
+            return self._answer(start_response, "408 Request Timeout", b"upstream request timeout")
+        if fault == "throttle":
+            return self._answer(start_response, "429 Too Many Requests", b"Rate exceeded.",
+                                [("Retry-After", "1")])
+        return self.app(environ, start_response)
+
+
+class Concurrency:
+    """At most `n` requests inside the function at once; the rest wait."""
+
+    def __init__(self, app, n: int):
+        self.app = app
+        self.slots = threading.BoundedSemaphore(max(1, n))
+
+    def __call__(self, environ, start_response):
+        if environ.get("PATH_INFO") == "/robots.txt":   # the host's liveness probe
+            return self.app(environ, start_response)
+        with self.slots:
+            # The response is produced inside the slot (Flask answers with a
+            # list of bytes, so nothing of the function runs after this).
+            return list(self.app(environ, start_response))
+
+
+def make_server(host: str, port: int, app):
+    from werkzeug.serving import ThreadedWSGIServer, WSGIRequestHandler
+
+    class Handler(WSGIRequestHandler):
+        timeout = READ_TIMEOUT_S
+        disable_nagle_algorithm = True
+
+        def log_request(self, code="-", size="-"):  # the function logs what matters
+            pass
+
+    class Server(ThreadedWSGIServer):
+        daemon_threads = True
+        request_queue_size = 256
+
+        def __init__(self, *args, **kwargs):
+            self._conns = threading.BoundedSemaphore(MAX_CONNECTIONS)
+            super().__init__(*args, **kwargs)
+
+        def process_request(self, request, client_address):
+            self._conns.acquire()
+            try:
+                super().process_request(request, client_address)
+            except BaseException:
+                self._conns.release()
+                raise
+
+        def process_request_thread(self, request, client_address):
+            try:
+                super().process_request_thread(request, client_address)
+            finally:
+                self._conns.release()
+
+    return Server(host, port, app, Handler)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--source", required=True)
+    p.add_argument("--target", required=True)
+    p.add_argument("--name", required=True)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--threads", type=int, default=8)
+    p.add_argument("--timeout-s", type=float, default=60.0)
+    p.add_argument("--max-request-bytes", type=int, default=32 * 1024 * 1024)
+    p.add_argument("--faults", default="")
+    a = p.parse_args()
+    sys.path.insert(0, os.path.dirname(os.path.abspath(a.source)))
+
+    import functions_framework
+    flask_app = functions_framework.create_app(a.target, a.source, "http")
+    flask_app.config["MAX_CONTENT_LENGTH"] = a.max_request_bytes
+    app = Concurrency(flask_app, a.threads)
+    if a.faults:
+        plan = _load_fault_model().FaultPlan.parse(json.loads(a.faults))
+        app = FaultInjector(app, plan, a.name, a.timeout_s)
+    server = make_server(a.host, a.port, app)
+    server.serve_forever()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,185 @@
+"""An embedded MongoDB-wire-protocol server (SecantusDB) for one machine.
+
+`mongo_config.url: embedded` starts `secantusd-py` as a separate process on a
+loopback port, with its data under the state directory. The port is kept in
+`server.json` next to the data and reused, so function deployments that bind
+the store URL stay valid across runs, and a server that is already running
+(for example after the keeper was killed) is adopted rather than restarted.
+
+The server is supervised like every local service: `server.json` records
+its process identity (pid, creation time, command line), and nothing is
+signalled unless the pid is still that process. Every command that uses it
+holds a lease; `stop` leaves it running while another live command holds
+one, and `shutdown` (`fedkeeper fabric down`) stops it regardless.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+import socket
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pymongo
+
+from . import supervisor
+
+INFO_FILE = "server.json"
+LOG_FILE = "server.log"
+
+
+class EmbeddedMongoError(RuntimeError):
+    pass
+
+
+@dataclass
+class EmbeddedMongo:
+    state_dir: Path
+    host: str = "127.0.0.1"
+    _lease: supervisor.Lease | None = field(default=None, repr=False)
+
+    def __post_init__(self):
+        self.state_dir = Path(self.state_dir)
+
+    @property
+    def info_file(self) -> Path:
+        return self.state_dir / INFO_FILE
+
+    @property
+    def data_dir(self) -> Path:
+        return self.state_dir / "data"
+
+    def _read_info(self) -> dict | None:
+        try:
+            info = json.loads(self.info_file.read_text())
+            return info if isinstance(info, dict) else None
+        except (OSError, ValueError):
+            return None
+
+    def _process(self, info: dict | None) -> supervisor.ProcessRecord | None:
+        if not info:
+            return None
+        rec = supervisor.ProcessRecord.from_json(info.get("process") or {})
+        if rec is None and "pid" in info:
+            # Written before identities were recorded: adopt the pid only if
+            # it runs the store's server.
+            cur = supervisor.record_of(int(info["pid"]))
+            if cur is not None and any("secantusd" in part for part in cur.cmdline):
+                rec = cur
+        return rec
+
+    @staticmethod
+    def _answers(url: str, timeout_ms: int = 500) -> bool:
+        try:
+            with pymongo.MongoClient(url, serverSelectionTimeoutMS=timeout_ms,
+                                     connectTimeoutMS=timeout_ms) as c:
+                c.admin.command("ping")
+            return True
+        except pymongo.errors.PyMongoError:
+            return False
+
+    def url_for(self, port: int) -> str:
+        return f"mongodb://{self.host}:{port}"
+
+    def running_url(self) -> str | None:
+        info = self._read_info()
+        if info and supervisor.is_running(self._process(info)) and self._answers(self.url_for(int(info["port"]))):
+            return self.url_for(int(info["port"]))
+        return None
+
+    def _free_port(self, preferred: int | None) -> int:
+        for port in ([preferred] if preferred else []) + [0]:
+            with socket.socket() as s:
+                # A port we used a moment ago sits in TIME_WAIT; servers bind it
+                # with SO_REUSEADDR, so probe the same way.
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                try:
+                    s.bind((self.host, port))
+                except OSError:
+                    continue
+                return s.getsockname()[1]
+        raise EmbeddedMongoError("no free loopback port")
+
+    def _binary(self) -> str:
+        exe = Path(sys.executable).parent / "secantusd-py"
+        if exe.exists():
+            return str(exe)
+        found = shutil.which("secantusd-py")
+        if not found:
+            raise EmbeddedMongoError("secantusd-py is not installed (pip install secantusdb)")
+        return found
+
+    def start(self, timeout_s: float = 30.0) -> tuple[str, bool]:
+        """Return (url, started_here). Reuses a server that is already
+        running. Either way this object holds a lease on it until `stop`."""
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        with supervisor.locked(self.state_dir):
+            url = self.running_url()
+            started = url is None
+            if started:
+                url = self._start(timeout_s)
+            if self._lease is None:
+                self._lease = supervisor.hold(self.state_dir, started=started, auto_stop=True)
+            return url, started
+
+    def _start(self, timeout_s: float) -> str:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        info = self._read_info() or {}
+        supervisor.drop_leases(self.state_dir)
+        port = self._free_port(info.get("port"))
+        # In a session of its own: survives a killed keeper; adopted on resume.
+        proc, rec = supervisor.spawn(
+            [self._binary(), "--host", self.host, "--port", str(port),
+             "--storage-path", str(self.data_dir), "--log-level", "WARNING"],
+            log_path=self.state_dir / LOG_FILE)
+        url = self.url_for(port)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise EmbeddedMongoError(f"embedded MongoDB exited with status {proc.returncode}; "
+                                         f"see {self.state_dir / LOG_FILE}")
+            if self._answers(url, 300):
+                supervisor.write_private(self.info_file, json.dumps(
+                    {"pid": proc.pid, "port": port, "process": rec.to_json()}))
+                return url
+            time.sleep(0.1)
+        supervisor.stop(rec, grace_s=2.0)
+        raise EmbeddedMongoError(f"embedded MongoDB did not answer within {timeout_s:.0f}s")
+
+    def stop(self, timeout_s: float = 15.0) -> bool:
+        """Give this object's lease back and stop the server unless another
+        live command still holds it. True when a server was stopped."""
+        if not self.state_dir.is_dir():
+            return False
+        with supervisor.locked(self.state_dir):
+            lease, self._lease = self._lease, None
+            if lease is not None:
+                lease.release()
+            if supervisor.live_holders(self.state_dir):
+                return False
+            return self._stop(timeout_s)
+
+    def shutdown(self, timeout_s: float = 15.0) -> bool:
+        """Stop the server whoever holds it. True when one was running."""
+        if not self.state_dir.is_dir():
+            return False
+        with supervisor.locked(self.state_dir):
+            self._lease = None
+            return self._stop(timeout_s)
+
+    def _stop(self, timeout_s: float) -> bool:
+        # SIGTERM lets WiredTiger checkpoint and close cleanly.
+        stopped = supervisor.stop(self._process(self._read_info()), grace_s=timeout_s)
+        supervisor.drop_leases(self.state_dir)
+        return stopped
+
+
+def shutdown_store(state_dir: Path) -> bool:
+    """Stop the embedded store kept under a state directory, if any."""
+    with contextlib.suppress(OSError):
+        if (Path(state_dir) / INFO_FILE).is_file():
+            return EmbeddedMongo(Path(state_dir)).shutdown()
+    return False
