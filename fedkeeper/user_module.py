@@ -11,6 +11,7 @@ module's functions:
 """
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any, Optional
 
@@ -64,3 +65,132 @@ def bundle_members(cfg, scenario) -> tuple[tuple[str, bytes], ...]:
     if path is None:
         return ()
     return tuple((f"{USER_DIR}/{rel}", data) for rel, data in module_files(path))
+
+
+# --------------------------------------------------------------------------- checks
+
+class UserModuleError(ValueError):
+    """A user module that cannot be used; the message says why."""
+
+
+#: the runtime of the functions that run user code (fl_client, fl_server_init, ...)
+USER_CODE_RUNTIME = "tensorflow"
+PROBE_TIMEOUT_S = 300.0
+
+
+def _imported_names(files: list[tuple[str, bytes]]) -> dict[str, str]:
+    """Top-level module names the files import (absolute imports only) ->
+    the first file importing each."""
+    import ast
+    out: dict[str, str] = {}
+    for rel, data in files:
+        if not rel.endswith(".py"):
+            continue
+        try:
+            tree = ast.parse(data, filename=rel)
+        except SyntaxError:
+            continue  # the import check in the probe reports it with its line
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module]
+            else:
+                continue
+            for n in names:
+                out.setdefault(n.split(".")[0], rel)
+    return out
+
+
+def _normalise(dist: str) -> str:
+    import re
+    return re.sub(r"[-_.]+", "-", dist).lower()
+
+
+def runtime_distributions(name: str = USER_CODE_RUNTIME) -> tuple[set[str], list[str]]:
+    """(every distribution a runtime installs: its pins and, as far as this
+    machine's metadata tells, what they require; the pinned names)."""
+    import importlib.metadata as md
+    import re
+    from .runtimes import load
+    pinned = [p.name for p in load(name).pins]
+    seen: set[str] = set()
+    todo = [_normalise(p) for p in pinned]
+    while todo:
+        dist = todo.pop()
+        if dist in seen:
+            continue
+        seen.add(dist)
+        try:
+            reqs = md.requires(dist) or []
+        except md.PackageNotFoundError:
+            continue
+        for line in reqs:
+            # "name[extra] (>=1); marker": the name leads; optional extras are left out
+            m = re.match(r"\s*([A-Za-z0-9][A-Za-z0-9._-]*)", line)
+            if m is None or re.search(r";.*\bextra\b", line):
+                continue
+            todo.append(_normalise(m.group(1)))
+    return seen, pinned
+
+
+def undeclared_imports(path: Path, files: list[tuple[str, bytes]]) -> list[str]:
+    """Imports of the module that neither the standard library, the module
+    itself, flcommon, nor the user-code runtime provide."""
+    import importlib.metadata as md
+    own = {Path(rel).parts[0].removesuffix(".py") for rel, _ in files}
+    allowed, pinned = runtime_distributions()
+    by_module = md.packages_distributions()
+    problems = []
+    for name, where in sorted(_imported_names(files).items()):
+        if name in sys.stdlib_module_names or name in own or name in ("flcommon", "__future__"):
+            continue
+        dists = {_normalise(d) for d in by_module.get(name, [])}
+        if dists & allowed:
+            continue
+        what = f"{name} ({', '.join(sorted(dists))})" if dists else name
+        problems.append(f"{where} imports {what}, which the function runtime {USER_CODE_RUNTIME} does not "
+                        f"provide (it pins {', '.join(pinned)} and what they require)")
+    return problems
+
+
+def check(cfg, scenario_name: str, scenario) -> Optional[dict[str, Any]]:
+    """Check a scenario's user module without training: its files, that its
+    imports belong to the runtime, then (in a child process) that it
+    imports, has the interface's signatures and builds a model of the
+    declared shapes with the right output size. Returns what the probe
+    found; raises UserModuleError naming the scenario and what is wrong."""
+    import json
+    import subprocess
+    path = module_path(cfg, scenario)
+    if path is None:
+        return None
+    where = f"scenarios.{scenario_name}.user_module ({scenario.user_module.path})"
+    try:
+        files = module_files(path)
+    except ValueError as exc:
+        raise UserModuleError(f"{where}: {exc}") from None
+    problems = undeclared_imports(path, files)
+    if problems:
+        raise UserModuleError(f"{where}: " + "; ".join(problems))
+    um = scenario.user_module
+    ci = getattr(scenario, "clients_info", None)
+    request = {"path": str(path), "model_params": um.model_params, "data_params": um.data_params,
+               "clients": getattr(ci, "total_num_clients", None),
+               "spec": {"model": scenario.data_sampling.model,
+                        "data": scenario.training_test_data.model_dump(exclude_none=True),
+                        "partition": {"method": scenario.data_sampling.partition}}}
+    try:
+        proc = subprocess.run([sys.executable, "-m", "fedkeeper.user_module_probe"], input=json.dumps(request),
+                              capture_output=True, text=True, timeout=PROBE_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        raise UserModuleError(f"{where}: importing it and building its model took over "
+                              f"{PROBE_TIMEOUT_S:.0f} s") from None
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        tail = proc.stderr.strip().splitlines()[-1:] or ["no output"]
+        raise UserModuleError(f"{where}: checking it failed (exit {proc.returncode}): {tail[0]}")
+    out = json.loads(lines[-1])
+    if not out.get("ok"):
+        raise UserModuleError(f"{where}: {out.get('message')}")
+    return out

@@ -106,23 +106,33 @@ def bundled_root() -> Path:
 
 # --------------------------------------------------------------------------- errors
 
-def user_traceback(exc: BaseException, root: Path) -> str:
-    """The traceback of `exc` cut to the frames in the user's files, with
-    paths relative to the module's folder; the whole traceback when no
-    frame is the user's (an error at import, say)."""
-    root = root.resolve()
+def user_traceback(exc: BaseException, module: Path) -> str:
+    """The traceback of `exc` cut to the frames in the user's files (the
+    module file, or the files of the package directory), with paths relative
+    to the module's folder; only the exception itself when no frame is the
+    user's (a syntax error, say)."""
+    module = Path(module).resolve()
+    root = module.parent
     te = traceback.TracebackException.from_exception(exc)
-    frames = [f for f in te.stack if _under(f.filename, root)]
+    frames = [f for f in te.stack if _under(f.filename, module)]
     for f in frames:
-        f.filename = str(Path(f.filename).resolve().relative_to(root))
-    te.stack = traceback.StackSummary.from_list(frames or list(te.stack))
-    text = "".join(te.format())
+        f.filename = _relative(f.filename, root)
+    if getattr(te, "filename", None) and _under(te.filename, module):  # SyntaxError's own location
+        te.filename = _relative(te.filename, root)
+    te.stack = traceback.StackSummary.from_list(frames)
+    te.__cause__ = te.__context__ = None
+    text = "".join(te.format()) if frames else "".join(te.format_exception_only())
     if len(text) > MAX_TRACEBACK_CHARS:  # the end says what went wrong; keep it
         text = "...\n" + text[-MAX_TRACEBACK_CHARS:]
     return text
 
 
+def _relative(filename: str, root: Path) -> str:
+    return Path(filename).resolve().relative_to(root).as_posix()
+
+
 def _under(filename: str, root: Path) -> bool:
+    """Whether `filename` is `root` (a file) or inside it (a folder)."""
     try:
         Path(filename).resolve().relative_to(root)
         return True
@@ -130,9 +140,9 @@ def _under(filename: str, root: Path) -> bool:
         return False
 
 
-def _user_error(module: str, what: str, exc: BaseException, root: Path) -> UserCodeError:
-    return UserCodeError(f"{USER_CODE_MARK} {module} ({what}): {type(exc).__name__}: {exc}\n"
-                         f"{user_traceback(exc, root)}".rstrip())
+def _user_error(path: Path, what: str, exc: BaseException) -> UserCodeError:
+    return UserCodeError(f"{USER_CODE_MARK} {Path(path).name} ({what}): {type(exc).__name__}: {exc}\n"
+                         f"{user_traceback(exc, path)}".rstrip())
 
 
 # --------------------------------------------------------------------------- loading
@@ -162,7 +172,7 @@ def load_module(path: Path):
         sys.modules.pop(name, None)
         if isinstance(exc, KeyboardInterrupt):
             raise
-        raise _user_error(path.name, "import", exc, path.parent) from None
+        raise _user_error(path, "import", exc) from None
     return module
 
 
@@ -235,7 +245,7 @@ class ModuleCode:
         except BaseException as exc:  # noqa: BLE001 - the user's code may raise anything
             if isinstance(exc, KeyboardInterrupt):
                 raise
-            raise _user_error(self.name, what, exc, self.path.parent) from None
+            raise _user_error(self.path, what, exc) from None
 
     def build_model(self, input_shape: Sequence[int], num_classes: int):
         model = self._call("build_model", self.module.build_model, tuple(int(d) for d in input_shape),
