@@ -171,7 +171,7 @@ BAD = [
     ("name: t\nprovidrs: {}\n", 2, ["providrs", "unknown key"]),
     (GOOD.replace("total_num_clients: 4", "total_num_clients: -1"), 12,
      ["clients_info.total_num_clients", "greater than 0"]),
-    (GOOD.replace("num_clients_per_round: 2", "num_clients_per_round: 9"), 11,
+    (GOOD.replace("num_clients_per_round: 2", "num_clients_per_round: 9"), 13,
      ["num_clients_per_round (9) exceeds total_num_clients (4)"]),
     (GOOD.replace("gcf_clients_count: 2", "gcf_clients_count: 3"), 11, ["but total_num_clients is 4"]),
     (GOOD.replace('lr: "1e-3"', 'lr: "fast"'), 17, ["model_params.lr", "expected a number"]),
@@ -190,14 +190,14 @@ BAD = [
     (GOOD.replace("ow1:\n      kind: local", "ow1:\n      kind: local\n      faults: {crash: 0.7, timeout: 0.6}"),
      6, ["faults", "more than 1"]),
     (GOOD.replace("ow1:\n      kind: local", "ow1:\n      kind: remote\n      base_url: https://x/\n      auth: {ow_auth: k:v}\n      faults: {crash: 0.1}"),
-     4, ["only be injected on clusters of kind: local"]),
+     8, ["only be injected on clusters of kind: local"]),
     ("providers:\n  openwhisk:\n    c:\n      base_url: https://x\n      auth:\n        ow_auth: ${FK_TEST_UNSET_VAR}\n",
      6, ["FK_TEST_UNSET_VAR is not set"]),
     ("providers:\n  openwhisk:\n    c:\n      base_url: https://x\n      auth:\n        ow_auth_file: /nonexistent/key\n",
      6, ["cannot read secret file", "/nonexistent/key"]),
     (GOOD.replace("data_sampling", "x") + "    data_sampling:\n      model: resnet\n", 25,
      ["data_sampling.model", "'cnn'"]),
-    (GOOD + "    training_test_data:\n      dataset: npz\n", 24, ["needs path"]),
+    (GOOD + "    training_test_data:\n      dataset: npz\n", 25, ["needs path"]),
 ]
 
 

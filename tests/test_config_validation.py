@@ -112,7 +112,7 @@ CASES: list[tuple[tuple, Any, Any, list[str]]] = [
     # training data the functions would refuse at run time
     (S + ("training_test_data", "path"), "data/mnist.csv", None, ["not an .npz file"]),
     (S + ("training_test_data", "path"), "https://example.org/mnist.npy", None, ["not an .npz file"]),
-    (S + ("training_test_data", "path"), DELETE, S + ("training_test_data",), ["dataset: npz needs path"]),
+    (S + ("training_test_data", "path"), DELETE, S + ("training_test_data", "dataset"), ["npz needs path"]),
     (S + ("training_test_data", "dataset"), "fedkeeper_obj", None, ["pickle", "numpy.savez"]),
     (S + ("training_test_data", "train_images_url"), "https://example.org/train_img.obj", None, ["pickle"]),
     (S + ("training_test_data", "sha256"), "abc123", None, ["not a sha256"]),
@@ -171,7 +171,7 @@ CASES: list[tuple[tuple, Any, Any, list[str]]] = [
     (T + ("quorum",), 0, None, ["greater than 0"]),
     (T + ("round_deadline_s",), -5, None, ["greater than 0"]),
     (T + ("retries", "max_attempts"), 0, None, ["greater than or equal to 1"]),
-    (T + ("retries", "backoff_max_s"), 0.5, T + ("retries",), ["below backoff_s"]),
+    (T + ("retries", "backoff_max_s"), 0.5, None, ["below backoff_s"]),
     (T + ("retries", "jitter"), 2, None, ["less than or equal to 1"]),
     (T + ("exploration",), 1.5, None, ["less than or equal to 1"]),
     (T + ("buffer_size",), 0, None, ["greater than 0"]),
@@ -181,8 +181,10 @@ CASES: list[tuple[tuple, Any, Any, list[str]]] = [
     (T + ("strategy", "byzantine"), -1, None, ["greater than or equal to 0"]),
     (T + ("strategy", "tau"), 0, None, ["greater than 0"]),
     (S + ("insights", "cache_mb"), -1, None, ["greater than or equal to 0"]),
-    (OWL + ("faults", "crash"), 1.5, None, ["less than or equal to 1"]),
-    (OWL + ("faults", "slow_ms"), -1, None, ["greater than or equal to 0"]),
+    (OWL + ("faults", "crash"), 1.5, None, []),     # the reason is the local fault model's
+    (OWL + ("faults", "slow_ms"), -1, None, []),
+    (OWL + ("faults",), {"crash": 0.7, "throttle": 0.6}, OWL + ("faults", "crash"), ["more than 1"]),
+    (OWL + ("faults", "crashh"), 0.1, None, ["unknown key"]),
     (KN + ("ready_timeout_s",), 0, None, ["greater than 0"]),
     (OW + ("configurations", "num_hosts"), 0, None, ["greater than 0"]),
     (OW + ("pricing", "per_gb_second"), -1, None, ["greater than or equal to 0"]),
@@ -192,12 +194,13 @@ CASES: list[tuple[tuple, Any, Any, list[str]]] = [
     (S + ("clients_info", "clusters"), {"nowhere": 4}, S + ("clients_info", "clusters", "nowhere"),
      ["no cluster named 'nowhere'"]),
     (S + ("clients_info", "clusters"), {"ow_local": 3}, None, ["places 3 clients but total_num_clients is 4"]),
-    (S + ("clients_info", "clusters"), {"ow_local": [0, 1], "gcf_local": [1, 2]}, None, ["placed twice"]),
-    (S + ("clients_info", "clusters"), {"ow_local": [0, 9], "gcf_local": [1, 2]}, S + ("clients_info",),
+    (S + ("clients_info", "clusters"), {"ow_local": [0, 1], "gcf_local": [1, 2]},
+     S + ("clients_info", "clusters", "gcf_local"), ["client index 1 is placed twice"]),
+    (S + ("clients_info", "clusters"), {"ow_local": [0, 9], "gcf_local": [1, 2]}, S + ("clients_info", "clusters"),
      ["client index 9"]),
     (("providers", "google", "ow_local"), {"kind": "local"}, None, ["also used under providers.openwhisk"]),
     (T + ("buffer_size",), 3, None, ["exceeds num_clients_per_round 2"]),
-    (OW + ("faults",), {"crash": 0.1}, OW, ["only be injected on clusters of kind: local"]),
+    (OW + ("faults",), {"crash": 0.1}, None, ["only be injected on clusters of kind: local"]),
 ]
 
 

@@ -179,6 +179,15 @@ def _validation_error(exc: ValidationError, prefix: tuple = ()) -> _Located:
     return _Located(prefix + tuple(first["loc"]), _friendly(first) + more)
 
 
+def _key_named_first(path: tuple, message: str, index: dict) -> tuple:
+    """A check over a whole block (e.g. faults, retries) whose message starts
+    with one of the block's keys points at that key's line."""
+    first = re.match(r"[A-Za-z_][A-Za-z0-9_]*", message)
+    if first and tuple(str(p) for p in path) + (first.group(0),) in index:
+        return path + (first.group(0),)
+    return path
+
+
 # --------------------------------------------------------------------------- entry points
 
 def parse_config(text: str, file: str = "<config>", base_dir: Optional[Path] = None) -> Config:
@@ -209,8 +218,8 @@ def parse_config(text: str, file: str = "<config>", base_dir: Optional[Path] = N
             raise _Located(("scenarios",), "the config has no scenario: add scenarios.<name> "
                                            "(see config-local.yaml)")
     except _Located as exc:
-        raise ConfigError(str(exc), file=file, line=line_for(index, exc.path),
-                          path=dotted(exc.path)) from None
+        path = _key_named_first(exc.path, str(exc), index)
+        raise ConfigError(str(exc), file=file, line=line_for(index, path), path=dotted(path)) from None
     cfg.source = file
     cfg._sources = sources
     check_references(cfg, index)
