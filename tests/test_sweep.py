@@ -100,6 +100,22 @@ def test_sweep_stores_every_run_and_resumes_without_rerunning(fabric_state, mong
     for sid, before in invocations_before.items():
         assert billed_invocations(db, sid) == before
         assert f"| {sid} | finished |" in again.output
+
+    # A run whose session failed is tried again as a new session on the next
+    # run of the command; the failed session stays listed, its reason shown.
+    failed_sid = rows[0]["session"]
+    db[fs.SESSIONS].update_one({"_id": failed_sid}, {"$set": {"state": "failed",
+                                                              "error": "round 2: quorum not reached"}})
+    retried = CliRunner().invoke(cli, args + ["--format", "csv"])
+    assert retried.exit_code == 0, retried.output
+    assert f"session {failed_sid} failed earlier (round 2: quorum not reached); trying again as session " \
+           f"{failed_sid}-try2" in retried.output
+    assert "None" not in retried.output
+    run = next(r for r in db[SWEEPS].find_one()["runs"].values() if r.get("failed_sessions"))
+    assert run["failed_sessions"] == [failed_sid] and run["session"] == f"{failed_sid}-try2"
+    assert run["state"] == "finished"
+    assert db[fs.SESSIONS].find_one({"_id": f"{failed_sid}-try2"})["state"] == "finished"
+    assert db[fs.SESSIONS].find_one({"_id": failed_sid})["state"] == "failed"  # kept as it was
     store.close()
 
 
