@@ -97,3 +97,17 @@ def model_doc(store, session: str, rnd: int) -> dict[str, Any]:
     if doc is None:
         raise ModelTrailError(f"session {session} has no model {rnd}")
     return doc
+
+
+def validation_rows(store, session: str) -> list[dict[str, Any]]:
+    """Every stored validation of a session's models, by model round then
+    time: model round, data, accuracy, loss, examples, when (for `report`)."""
+    docs = store.db[fs.MODELS].find({"session": session, "validations": {"$exists": True}},
+                                    {"round": 1, "validations": 1})
+    rows = []
+    for d in docs:
+        for v in (d.get("validations") or {}).values():
+            m = v.get("metrics") or {}
+            rows.append({"model": int(d["round"]), "data": v.get("data"), "accuracy": m.get("accuracy"),
+                         "loss": m.get("loss"), "examples": v.get("num_examples"), "created": v.get("created")})
+    return sorted(rows, key=lambda r: (r["model"], r["created"] or 0))
