@@ -35,14 +35,20 @@ def _validations_cell(row) -> str:
 COLUMNS = ("round", "accuracy", "loss", "examples", "clients", "strategy", "size", "validations", "trail")
 
 
+def _trail_cell(trail) -> str:
+    if trail is None:
+        return "-"
+    origin = "initial" if trail.get("parent") is None else f"from {trail['parent']}"
+    return f"{origin}, code {str(trail.get('code_hash'))[:8]}, config {str(trail.get('config_hash'))[:8]}"
+
+
 def model_cells(rows) -> list[list[str]]:
     out = []
     for r in rows:
         trail = r["trail"]
         out.append([str(r["round"]), _fmt(r["accuracy"]), _fmt(r["loss"]), _fmt(r["examples"], "d"),
                     _fmt(r["clients"], "d"), str(r["strategy"] or "-"), _size(r["bytes"]), _validations_cell(r),
-                    "-" if trail is None else f"from {trail.get('parent')}, code {str(trail.get('code_hash'))[:8]}, "
-                    f"config {str(trail.get('config_hash'))[:8]}"])
+                    _trail_cell(trail)])
     return out
 
 
