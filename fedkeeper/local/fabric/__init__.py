@@ -69,18 +69,19 @@ however they interleave in time:
   throttle         the invoke request is answered 429
   slow_ms          added to every matching activation's run time
 
-Modules: api (HTTP router), body (bounded request bodies), scheduler
-(admission, queues, placement on workers), workers + worker (the worker
-processes), watchdog (time, memory and idle limits), records (activation
-records), metrics (/metrics), admin (/_fabric), actions (definitions and
-code on disk), entities, status (OpenWhisk's codes and messages), service
-(the fabric's process: serve, up, down), __main__ (its command line).
+Modules: api (HTTP router), body (bounded request bodies), core
+(namespaces, actions, admission, records), scheduler (queues and placement
+on workers), workers + worker (the worker processes), watchdog (time,
+memory and idle limits), records (activation records), metrics (/metrics),
+admin (/_fabric), actions (definitions and code on disk), entities, status
+(OpenWhisk's codes and messages), service (the fabric's process: serve, up,
+down), __main__ (its command line).
 """
 from __future__ import annotations
 
 from .entities import DEFAULT_NAMESPACE, Settings
 from .metrics import UserEvents
-from .scheduler import Fabric
+from .core import Fabric
 from .service import (AUTH_FILE, LOG_FILE, STATE_FILE, fabric_down, fabric_release, fabric_status, fabric_up,
                       serve)
 from .status import (MSG_ABNORMAL_RUN, MSG_MEMORY, MSG_NOT_FOUND, STATUS, ApiError, FabricError, msg_timeout)

@@ -8,7 +8,7 @@ from typing import Any
 
 from ..faults import FaultPlan
 from .actions import LIMIT_RANGES
-from .scheduler import Fabric
+from .core import Fabric
 from .status import ApiError
 
 # API key -> attribute, per namespace and for the whole fabric.
@@ -81,12 +81,13 @@ def get_faults(f: Fabric, ns_name: str) -> dict:
 
 def status(f: Fabric) -> dict:
     with f.lock:
-        return {"pid": os.getpid(), "memory_used_mb": f.memory_used,
+        s = f.scheduler
+        return {"pid": os.getpid(), "memory_used_mb": s.memory_used,
                 "user_memory_mb": f.settings.user_memory_mb,
-                "workers": [w.describe() for w in sorted(f.workers, key=lambda w: w.id)],
+                "workers": [w.describe() for w in sorted(s.workers, key=lambda w: w.id)],
                 "namespaces": {n.name: {"inflight": n.inflight, "records": len(n.records),
                                         "record_bytes": n.records.bytes,
                                         "actions": sorted(n.actions), **n.counts,
                                         "faults": n.faults.to_json() if n.faults else None}
                                for n in f.namespaces.values()},
-                "queued": {f"{k[0]}/{k[1]}": len(q) for k, q in f.queues.items()}}
+                "queued": {f"{k[0]}/{k[1]}": len(q) for k, q in s.queues.items()}}

@@ -18,7 +18,7 @@ from . import admin
 from .body import BodyError, parse_json, read_body
 from .entities import DEFAULT_NAMESPACE
 from .metrics import METRICS_CONTENT_TYPE
-from .scheduler import Fabric
+from .core import Fabric
 from .status import BLOCKING_HTTP, MSG_BAD_AUTH, MSG_NOT_FOUND, MSG_SERVER_ERROR, ApiError
 
 log = logging.getLogger("fedkeeper.fabric")

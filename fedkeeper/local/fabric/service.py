@@ -21,7 +21,7 @@ from pathlib import Path
 from .. import supervisor
 from .api import make_server
 from .entities import DEFAULT_NAMESPACE, Settings
-from .scheduler import Fabric
+from .core import Fabric
 from .status import FabricError
 
 log = logging.getLogger("fedkeeper.fabric")

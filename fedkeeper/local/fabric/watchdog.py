@@ -9,7 +9,7 @@ import time
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from .scheduler import Fabric
+    from .core import Fabric
     from .workers import Worker
 
 log = logging.getLogger("fedkeeper.fabric")
@@ -40,13 +40,13 @@ class Watchdog:
                 self._init_limits(now, ops)
                 self._idle(now, ops)
                 watch = self._memory_candidates(now)
-            f.run_ops(ops)
+            f.scheduler.run_ops(ops)
             for w in watch:
                 self._check_memory(w)
 
     def _time_limits(self, now: float, ops: list) -> None:
         f = self.fabric
-        for w in list(f.workers):
+        for w in list(f.scheduler.workers):
             if w.state != "ready" or not w.assigned:
                 continue
             late = [a for a in w.assigned.values() if a.deadline is not None and now > a.deadline]
@@ -56,11 +56,11 @@ class Watchdog:
                     f.time_out(a)
                 # The worker is killed as OpenWhisk removes the container;
                 # anything else it held fails with it.
-                f.evict(w, "timeout", ops)
+                f.scheduler.evict(w, "timeout", ops)
 
     def _init_limits(self, now: float, ops: list) -> None:
         f = self.fabric
-        for w in list(f.workers):
+        for w in list(f.scheduler.workers):
             limit_s = w.action.timeout_ms / 1000.0
             if w.state == "starting" and w.pending and now - w.spawned > limit_s + INIT_GRACE_S:
                 for a in w.pending:
@@ -69,23 +69,23 @@ class Watchdog:
                     a.cold = True
                     f.time_out(a, during_init=True)
                 w.pending.clear()
-                f.evict(w, "timeout", ops)
+                f.scheduler.evict(w, "timeout", ops)
 
     def _idle(self, now: float, ops: list) -> None:
         f = self.fabric
         if now < self._next_idle:
             return
         self._next_idle = now + min(1.0, f.settings.idle_s / 4)
-        for w in list(f.workers):
+        for w in list(f.scheduler.workers):
             if w.state == "ready" and not w.assigned and now - w.last_used > f.settings.idle_s:
-                f.evict(w, "idle", ops)
+                f.scheduler.evict(w, "idle", ops)
 
     def _memory_candidates(self, now: float) -> list["Worker"]:
         f = self.fabric
         if now < self._next_mem:
             return []
         self._next_mem = now + f.settings.memory_check_s
-        return [w for w in f.workers if w.state == "ready" and w.proc]
+        return [w for w in f.scheduler.workers if w.state == "ready" and w.proc]
 
     def _check_memory(self, w: "Worker") -> None:
         f = self.fabric
@@ -97,5 +97,5 @@ class Watchdog:
             if w.kill_reason is None:
                 log.info("worker %s of %s/%s exceeded %d MB (RSS %d MB)", w.id, *w.key,
                          w.memory_mb, rss // (1024 * 1024))
-                f.evict(w, "memory", ops)
-        f.run_ops(ops)
+                f.scheduler.evict(w, "memory", ops)
+        f.scheduler.run_ops(ops)
