@@ -1,0 +1,100 @@
+"""Local function processes see exactly their runtime's packages: what is
+declared (and its dependency closure) imports, anything else fails with the
+module named, as it would in a cloud."""
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+import zipfile
+
+import pytest
+
+from fedkeeper import artifacts, runtimes
+from fedkeeper.runtimes import Pin, isolation
+
+pytestmark = pytest.mark.timeout(180)
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("runtimes")
+
+
+@pytest.fixture(scope="module")
+def light(cache):
+    return isolation.isolated_env(runtimes.load("light").requirements(http_entry=True), cache)
+
+
+def run(env, code: str, cwd) -> subprocess.CompletedProcess:
+    return subprocess.run(env.command("-c", code), capture_output=True, text=True, cwd=cwd, timeout=120)
+
+
+def test_declared_packages_import_and_nothing_else(light, tmp_path):
+    ok = run(light, "import numpy, pymongo, gridfs, functions_framework, flask; print(numpy.__version__)", tmp_path)
+    assert ok.returncode == 0, ok.stderr
+    assert ok.stdout.strip() == "2.4.6"
+    # installed in the keeper's environment, but not in the light runtime
+    for module in ("yaml", "requests", "tensorflow", "fedkeeper", "google.cloud.functions_v2"):
+        r = run(light, f"import {module}", tmp_path)
+        assert r.returncode == 1 and f"No module named '{module}'" in r.stderr, (module, r.stderr)
+    paths = json.loads(run(light, "import sys, json; print(json.dumps(sys.path))", tmp_path).stdout)
+    assert not any("site-packages" in p for p in paths) and str(light.site) == paths[-1]
+
+
+def test_site_is_cached_by_the_list(cache, light):
+    again = isolation.isolated_env(runtimes.load("light").requirements(http_entry=True), cache)
+    assert again == light
+    other = isolation.isolated_env(runtimes.load("light").pins, cache)
+    assert other.site != light.site
+    meta = json.loads((light.site / "fedkeeper-runtime.json").read_text())
+    assert "functions-framework==3.10.2" in meta["pins"] and any(c.startswith("dnspython==") for c in meta["closure"])
+
+
+def test_an_undeclared_import_in_a_function_fails_with_the_module_named(tmp_path, monkeypatch, light):
+    fdir = tmp_path / "functions" / "fx"
+    fdir.mkdir(parents=True)
+    (tmp_path / "functions" / "flcommon").mkdir()
+    (fdir / "function.toml").write_text('runtime = "light"\n')
+    (fdir / "__main__.py").write_text("import yaml  # not in the light runtime\n\ndef main(args):\n    return {}\n")
+    (fdir / "main.py").write_text("import yaml\n")
+    monkeypatch.setattr(artifacts, "FUNCTIONS_DIR", tmp_path / "functions")
+    monkeypatch.setattr(runtimes, "FUNCTIONS_DIR", tmp_path / "functions")
+    artifacts.build_artifact.cache_clear()
+    try:
+        art = artifacts.build_artifact("fx", "openwhisk")
+    finally:
+        artifacts.build_artifact.cache_clear()
+    code = tmp_path / "unpacked"
+    zipfile.ZipFile(io.BytesIO(art.data)).extractall(code)
+    r = subprocess.run(light.command(str(code / "__main__.py")), capture_output=True, text=True, cwd=code,
+                       timeout=60)
+    assert r.returncode == 1
+    assert "ModuleNotFoundError: No module named 'yaml'" in r.stderr
+    # the keeper's own interpreter has it: only the isolation makes it fail
+    assert subprocess.run([sys.executable, "-c", "import yaml"]).returncode == 0
+
+
+def test_mismatched_versions_build_a_real_virtualenv(tmp_path, monkeypatch):
+    pins = [Pin("numpy", "0.0.1")]
+    assert isolation.version_mismatches(pins) == ["numpy is 2.4.6, the runtime pins 0.0.1"]
+    assert isolation.version_mismatches([Pin("not-a-dist-fk", "1")]) == ["not-a-dist-fk==1 is not installed"]
+    built = []
+
+    def fake_build(p, venv):
+        built.append((list(p), venv))
+        (venv / "bin").mkdir(parents=True)
+        return str(venv / "bin" / "python")
+    monkeypatch.setattr(isolation, "_build_venv", fake_build)
+    env = isolation.isolated_env(pins, tmp_path)
+    assert built and built[0][0] == pins and env.site is None
+    assert env.command("x.py")[:3] == [env.python, "-I", "-u"]
+    assert isolation.isolated_env(pins, tmp_path) == env and len(built) == 1  # cached
+
+
+def test_requirements_txt_of_a_source_zip(cache, light):
+    text = runtimes.load("light").requirements_txt(http_entry=True)
+    assert isolation.env_for_requirements(text, cache) == light
+    with pytest.raises(isolation.IsolationError, match="not pinned"):
+        isolation.env_for_requirements("numpy\n", cache)
