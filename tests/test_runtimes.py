@@ -20,11 +20,13 @@ FUNCTIONS = ("fl_client", "fl_server_init", "fl_server_aggregator", "fl_insights
 
 
 def test_every_function_declares_an_existing_runtime():
+    folders = {p.name for p in runtimes.FUNCTIONS_DIR.iterdir()
+               if (p / "main.py").is_file() or (p / "__main__.py").is_file()}
     by_runtime = runtimes.functions_by_runtime()
-    assert sorted(by_runtime) == ["light", "tensorflow"]
-    assert set(by_runtime["tensorflow"]) == {"fl_client", "fl_server_init", "fl_server_aggregator",
-                                             "fl_insights"}
-    assert set(by_runtime["light"]) == {"fl_invoker", "nodeinfo"}
+    assert set(by_runtime) <= set(runtimes.runtime_names())
+    assert {f for fns in by_runtime.values() for f in fns} == folders
+    assert {"fl_client", "fl_server_init", "fl_server_aggregator", "fl_insights"} <= set(by_runtime["tensorflow"])
+    assert {"fl_invoker", "nodeinfo"} <= set(by_runtime["light"])
 
 
 @pytest.mark.parametrize("name", ["tensorflow", "light", runtimes.HTTP_ENTRY_LIST])
@@ -168,3 +170,12 @@ def test_config_sample_names_the_images_the_runtimes_produce():
     for (fn, section), image in named.items():
         assert section == "openwhisk"
         assert image == images.runtime_image(runtimes.declared_runtime(fn), "openwhisk"), fn
+
+
+def test_an_image_names_its_runtime_only_when_built_from_the_current_list():
+    for name in ("light", "tensorflow"):
+        for variant in images.VARIANTS:
+            assert images.runtime_of_image(images.runtime_image(name, variant, "reg.example:5000/acme")) == name
+    stale = images.runtime_image("light", "openwhisk").rsplit("-", 1)[0] + "-000000000000"
+    for other in (stale, "me/img:1", "fedkeeper/runtime-nope:openwhisk-abc", "localhost:5000/runtime-light"):
+        assert images.runtime_of_image(other) is None, other

@@ -151,3 +151,22 @@ def run_step(step: BuildStep, engine_path: str, echo=print) -> int:
         if r.returncode != 0:
             return r.returncode
     return 0
+
+
+def runtime_of_image(image: str) -> str | None:
+    """The runtime an image reference was made for by `recipe`, when its tag
+    is the current recipe's (`.../runtime-<name>:<variant>-<hash>`); None
+    for any other image (the function's own, or one built from another
+    list), which a local platform cannot reproduce."""
+    repo, _, tag = image.rpartition(":")
+    name = repo.rsplit("/", 1)[-1]
+    if "/" in tag or not name.startswith("runtime-"):
+        return None
+    runtime = name[len("runtime-"):]
+    variant = tag.split("-", 1)[0]
+    if variant not in VARIANTS:
+        return None
+    try:
+        return runtime if recipe(runtime, variant).tag == tag else None
+    except (ValueError, LookupError):
+        return None
