@@ -64,6 +64,9 @@ ORIGINAL_FILLED_IN = [
     ('train_labels_url: "https://example.org/mnist_fl/mnist_train_labels.obj"', "path: mnist.npz"),
     ('      test_images_url: "https://example.org/mnist_fl/mnist_test_img.obj"\n', ""),
     ('      test_labels_url: "https://example.org/mnist_fl/mnist_test_labels.obj"\n', ""),
+    # the original's invoker function is FedKeeper's fl_invoker
+    ("- fl_invoker_weights_update", "- fl_invoker"),
+    ("fl_invoker_weights_update:", "fl_invoker:"),
 ]
 
 

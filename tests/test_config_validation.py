@@ -189,6 +189,12 @@ CASES: list[tuple[tuple, Any, Any, list[str]]] = [
     (OW + ("configurations", "num_hosts"), 0, None, ["greater than 0"]),
     (OW + ("pricing", "per_gb_second"), -1, None, ["greater than or equal to 0"]),
     # cross-references
+    (S + ("functions", "fl_clinet"), {"openwhisk": {"memory": "256"}}, None,
+     ["no function named 'fl_clinet'", "did you mean fl_client?"]),
+    (S + ("clients_info", "client_functions"), ["fl_client", "fl_cliet"], S + ("clients_info", "client_functions", 1),
+     ["did you mean fl_client?"]),
+    (S + ("server_config", "server_manager_functions"), ["fl_server_init", "fl_server_aggregatr"],
+     S + ("server_config", "server_manager_functions", 1), ["did you mean fl_server_aggregator?"]),
     (S + ("server_config", "server_cluster_name"), "ow_locl", None, ["'ow_locl'", "did you mean ow_local?"]),
     (S + ("insights", "cluster"), "nowhere", None, ["'nowhere'", "not under providers"]),
     (S + ("clients_info", "clusters"), {"nowhere": 4}, S + ("clients_info", "clusters", "nowhere"),
@@ -222,6 +228,10 @@ def key_line(text: str, path: tuple) -> int:
     node = yaml.compose(text)
     line = 1
     for key in path:
+        if isinstance(node, yaml.SequenceNode) and isinstance(key, int):
+            node = node.value[key]
+            line = node.start_mark.line + 1
+            continue
         found = [(k, v) for k, v in node.value if k.value == key] if isinstance(node, yaml.MappingNode) else []
         if not found:
             break
@@ -255,6 +265,6 @@ def test_a_bad_value_is_refused_with_file_line_key_and_reason(tmp_path: Path, pa
     out = " ".join(res.output.split())  # the console may wrap a long message
     assert res.exit_code == 2, res.output
     assert "Traceback" not in out
-    assert f"{p}:{key_line(text, reported)}: {'.'.join(reported)}:" in out, out
+    assert f"{p}:{key_line(text, reported)}: {'.'.join(map(str, reported))}:" in out, out
     for fragment in fragments:
         assert fragment in out, out

@@ -3,8 +3,20 @@ names are unique, placements add up, buffers can fill. Also run by
 `fedkeeper sweep` on every combination it derives."""
 from __future__ import annotations
 
+from typing import Optional
+
 from .errors import ConfigError, did_you_mean, dotted, line_for
 from .model import Config
+
+
+def known_functions() -> Optional[set[str]]:
+    """The functions FedKeeper can deploy (its functions/ folders), or None
+    where the sources are not at hand."""
+    from ..artifacts import FUNCTIONS_DIR
+    if not FUNCTIONS_DIR.is_dir():
+        return None
+    return {p.name for p in FUNCTIONS_DIR.iterdir()
+            if p.is_dir() and p.name != "flcommon" and not p.name.startswith((".", "_"))}
 
 
 def check_references(cfg: Config, index: dict) -> None:
@@ -24,9 +36,22 @@ def check_references(cfg: Config, index: dict) -> None:
         return (f"names cluster {name!r}, which is not under providers "
                 f"(known: {sorted(clusters) or 'none'}){did_you_mean(name, clusters)}")
 
+    functions = known_functions()
+
+    def check_function(path: tuple, name: str) -> None:
+        if functions is not None and name not in functions:
+            refuse(path, f"no function named {name!r} (FedKeeper has {', '.join(sorted(functions))})"
+                         f"{did_you_mean(name, functions)}")
+
     for sname, scen in cfg.scenarios.items():
         at = ("scenarios", sname)
+        for fname in scen.functions:
+            check_function(at + ("functions", fname), fname)
         sc = scen.server_config
+        for i, fname in enumerate(sc.server_manager_functions if sc else []):
+            check_function(at + ("server_config", "server_manager_functions", i), fname)
+        for i, fname in enumerate(scen.clients_info.client_functions if scen.clients_info else []):
+            check_function(at + ("clients_info", "client_functions", i), fname)
         if sc and sc.server_cluster_name and sc.server_cluster_name not in clusters:
             refuse(at + ("server_config", "server_cluster_name"), unknown(sc.server_cluster_name))
         if scen.insights.cluster and scen.insights.cluster not in clusters:
