@@ -38,6 +38,7 @@ class OpenWhiskCluster(ClusterConfig):
     auth: OpenWhiskAuth = OpenWhiskAuth()
     namespace: Optional[OpenWhiskName] = None
     insecure: bool = False  # explicit opt-out of TLS verification
+    image_registry: Optional[str] = None  # prefix of the runtime images (`fedkeeper runtime build --push`)
 
     @model_validator(mode="after")
     def _need_endpoint(self):
