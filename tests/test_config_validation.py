@@ -124,6 +124,8 @@ CASES: list[tuple[tuple, Any, Any, list[str]]] = [
     (OWL + ("kind",), "locl", None, ["'remote' or 'local'", "did you mean local?"]),
     (KN + ("kind",), "local", None, ["'remote'"]),
     (OW + ("invocation",), "via-invoker", None, ["did you mean via_invoker?"]),
+    (GCF + ("invocation",), "via_invoker", None, ["tracked by id", "use invocation: direct"]),
+    (KN + ("invocation",), "via_invoker", None, ["tracked by id"]),
     (T + ("mode",), "semi-async", None, ["did you mean semi_async?"]),
     (T + ("selection",), "reliabilty", None, ["did you mean reliability?"]),
     (T + ("strategy", "name"), "fedavgg", None, ["did you mean fedavg?"]),
@@ -268,3 +270,9 @@ def test_a_bad_value_is_refused_with_file_line_key_and_reason(tmp_path: Path, pa
     assert f"{p}:{key_line(text, reported)}: {'.'.join(map(str, reported))}:" in out, out
     for fragment in fragments:
         assert fragment in out, out
+
+
+def test_via_invoker_is_accepted_where_the_platform_tracks_by_id(tmp_path):
+    p = tmp_path / "ok.yaml"
+    p.write_text(yaml.safe_dump(mutate(OWL + ("invocation",), "via_invoker"), sort_keys=False))
+    assert load_config(p).providers.openwhisk["ow_local"].invocation == "via_invoker"

@@ -19,6 +19,20 @@ def known_functions() -> Optional[set[str]]:
             if p.is_dir() and p.name != "flcommon" and not p.name.startswith((".", "_"))}
 
 
+def _check_via_invoker(section: str, cluster, refuse) -> None:
+    """via_invoker needs a platform that tracks invocations by id alone (the
+    keeper checks it again at start); asked of the provider class, imported
+    only for such a cluster."""
+    from ..providers import ProviderError, provider_class
+    try:
+        cls = provider_class(section, cluster.kind)
+    except ProviderError:
+        return  # the provider cannot be imported here; `check` and `start` say so
+    if not cls.tracks_foreign_invocations:
+        refuse(f"via_invoker needs a platform whose invocations can be tracked by id "
+               f"({cls.platform} cannot); use invocation: direct")
+
+
 def check_references(cfg: Config, index: dict) -> None:
     def refuse(path: tuple, message: str):
         raise ConfigError(message, file=cfg.source, line=line_for(index, path), path=dotted(path))
@@ -31,6 +45,10 @@ def check_references(cfg: Config, index: dict) -> None:
                                                      f"providers.{seen[name]}; names must be unique")
             seen[name] = section
     clusters = cfg.providers.clusters()
+    for name, (section, cluster) in clusters.items():
+        if getattr(cluster, "invocation", "direct") == "via_invoker":
+            _check_via_invoker(section, cluster, lambda message, n=name, s=section: refuse(
+                ("providers", s, n, "invocation"), message))
 
     def unknown(name: str) -> str:
         return (f"names cluster {name!r}, which is not under providers "
