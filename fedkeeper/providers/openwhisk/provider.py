@@ -39,6 +39,7 @@ import base64
 import email.utils
 import json
 import logging
+import os
 import threading
 import time
 from typing import Any, Sequence
@@ -137,8 +138,11 @@ class OpenWhiskProvider(Provider):
         kw: dict[str, Any] = {"maxsize": 32, "block": False, "retries": False, "timeout": HOT_TIMEOUT}
         if urlsplit(self.api_host).scheme == "https":
             if verify:
-                import certifi
-                kw.update(cert_reqs="CERT_REQUIRED", ca_certs=certifi.where())
+                # the CA bundle `requests` uses for the control plane, so that
+                # a cluster's own CA (REQUESTS_CA_BUNDLE) is trusted on both
+                ca = (os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE")
+                      or requests.certs.where())
+                kw.update(cert_reqs="CERT_REQUIRED", ca_certs=ca)
             else:
                 kw.update(cert_reqs="CERT_NONE", assert_hostname=False)
         self._pool = urllib3.connection_from_url(self.api_host, **kw)
