@@ -239,3 +239,25 @@ def test_participation_of_stale_rejected_late_and_failed_updates(store, tmp_path
     assert [row["ended_s"] for row in s["rounds"]] == [11.0, 20.0, None]
     assert s["params"]["strategy"] == "fedavgm" and s["params"]["mode"] == "semi_async"
     assert s["clusters"] == {}
+
+
+def test_retries_axis_starts_at_0_and_the_participation_title_clears_its_legend(store):
+    """A session without a single retry: the retries plot reads 0 to 1, not
+    the symmetric range around zero; the participation title is the
+    figure's (placed above the outside legend), not the axes'."""
+    from fedkeeper.report import session_series
+    from fedkeeper.report.plots import participation_figure, retries_figure
+    sid = "calm-1"
+    store.create_session({"_id": sid, "state": "finished", "created": 1000.0, "ended": 1034.0,
+                          "spec": {"clients": ["client_0", "client_1"]}})
+    store.upsert_round(sid, 0, selected=["client_0", "client_1"], included=["client_0", "client_1"],
+                       state="done", started=1001.0, ended=1011.0, retries=0, failed=0)
+    s = session_series(store, sid)
+    assert [row["round"] for row in s["rounds"]] == [1] and s["participation"]["rounds"] == [1]
+    assert s["wall_time_s"] == 34.0  # creation to end, as `fedkeeper start` reports it
+    (ax,) = retries_figure(s).axes
+    low, high = ax.get_ylim()
+    assert low == 0 and high >= 1
+    fig = participation_figure(s)
+    assert fig._suptitle is not None and fig._suptitle.get_text() == f"client participation: {sid}"
+    assert all(not a.get_title() for a in fig.axes)

@@ -110,7 +110,7 @@ def load(path: str | None) -> Config:
         return load_config(path)
     except ConfigError as exc:
         text = str(exc)
-        if "not found" in text and where is not None:
+        if "not found" in text:
             text += f"; {CONFIG_HINT}"
         raise UsageFailure(text) from None
 

@@ -102,6 +102,11 @@ def plot_durations(s: dict[str, Any], path: Path) -> Path:
 
 
 def plot_retries(s: dict[str, Any], path: Path) -> Path:
+    """Retries and failures per round (retries_figure) as a PNG."""
+    return _save(retries_figure(s), path)
+
+
+def retries_figure(s: dict[str, Any]):
     """Per round: re-invocations, failed client attempts (by error class) and
     clients that failed for good."""
     import numpy as np
@@ -131,10 +136,15 @@ def plot_retries(s: dict[str, Any], path: Path) -> Path:
     ax.set_title(f"retries and failures per round: {s['session']}", fontsize="medium")
     ax.legend(fontsize="small")
     ax.grid(alpha=0.3, axis="y")
-    return _save(fig, path)
+    return fig
 
 
 def plot_participation(s: dict[str, Any], path: Path) -> Path:
+    """Client x round map of what each client's invocation came to."""
+    return _save(participation_figure(s), path)
+
+
+def participation_figure(s: dict[str, Any]):
     """Client x round map of what each client's invocation came to."""
     import numpy as np
     from matplotlib.colors import ListedColormap
@@ -179,6 +189,6 @@ def plot_participation(s: dict[str, Any], path: Path) -> Path:
                               markerfacecolor=PARTICIPATION_COLOURS["stale"], markeredgecolor="black",
                               label="+ stale update aggregated"))
     fig.legend(handles=handles, loc="outside right upper", fontsize="small")
-    return _save(fig, path)
+    return fig
 
 
