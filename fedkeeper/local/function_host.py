@@ -10,7 +10,9 @@ The HTTP server is a thread per connection with a read timeout (idle or
 slow connections cost a thread each, for a bounded time, and never hold the
 function's request slots); at most `--threads` requests run the function at
 once, as an instance's request concurrency, the others wait for a slot.
-Request bodies are bounded (413 above `--max-request-bytes`).
+Request bodies are bounded (413 above `--max-request-bytes`, chunked ones
+too). Every response closes its connection (the server does not keep
+connections alive), so a body left unread can never be taken for a request.
 
 Injected faults (`--faults`, JSON) are drawn before the function runs, with
 the local platforms' one fault model (faults.py, loaded by path):
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import io
 import itertools
 import json
 import os
@@ -86,6 +89,51 @@ class FaultInjector:
         if fault == "throttle":
             return self._answer(start_response, "429 Too Many Requests", b"Rate exceeded.",
                                 [("Retry-After", "1")])
+        return self.app(environ, start_response)
+
+
+class BodyLimit:
+    """Request bodies of at most `limit` bytes, whatever their framing: a
+    chunked body is read here (bounded) and handed on with its length, so
+    the function never sees a truncated one."""
+
+    def __init__(self, app, limit: int):
+        self.app = app
+        self.limit = limit
+
+    @staticmethod
+    def _refuse(start_response, status: str, message: str):
+        body = message.encode()
+        start_response(status, [("Content-Type", "text/plain"), ("Content-Length", str(len(body)))])
+        return [body]
+
+    def __call__(self, environ, start_response):
+        length = environ.get("CONTENT_LENGTH") or ""
+        if length:
+            if not length.isdigit():
+                return self._refuse(start_response, "400 Bad Request", "Content-Length is not a length.")
+            if int(length) > self.limit:
+                return self._refuse(start_response, "413 Request Entity Too Large",
+                                    f"The request body is over {self.limit} bytes.")
+        elif environ.get("wsgi.input_terminated"):
+            stream, parts, total = environ["wsgi.input"], [], 0
+            try:
+                while total <= self.limit:
+                    part = stream.read(min(1 << 20, self.limit + 1 - total))
+                    if not part:
+                        break
+                    parts.append(part)
+                    total += len(part)
+            except (OSError, ValueError):
+                return self._refuse(start_response, "400 Bad Request", "The chunked request body is malformed.")
+            if total > self.limit:
+                return self._refuse(start_response, "413 Request Entity Too Large",
+                                    f"The request body is over {self.limit} bytes.")
+            data = b"".join(parts)
+            environ["wsgi.input"] = io.BytesIO(data)
+            environ["CONTENT_LENGTH"] = str(len(data))
+            environ.pop("wsgi.input_terminated", None)
+            environ.pop("HTTP_TRANSFER_ENCODING", None)
         return self.app(environ, start_response)
 
 
@@ -161,6 +209,7 @@ def main() -> None:
     if a.faults:
         plan = _load_fault_model().FaultPlan.parse(json.loads(a.faults))
         app = FaultInjector(app, plan, a.name, a.timeout_s)
+    app = BodyLimit(app, a.max_request_bytes)
     server = make_server(a.host, a.port, app)
     server.serve_forever()
 

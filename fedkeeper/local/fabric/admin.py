@@ -47,14 +47,17 @@ def set_limits(f: Fabric, ns_name: str, body: Any) -> dict:
         if (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)
                 or not 0 < v <= _LIMIT_CEILING):
             raise ApiError(400, f"{k} must be a positive, finite number")
+        whole = k in PER_NAMESPACE or isinstance(getattr(f.settings, GLOBAL[k]), int)
+        if whole and v != int(v):
+            raise ApiError(400, f"{k} must be a whole number")
     with f.lock:
         for k, attr in PER_NAMESPACE.items():
             if k in body:
-                setattr(ns, attr, max(1, int(body[k])))
+                setattr(ns, attr, int(body[k]))
         for k, attr in GLOBAL.items():
             if k in body:
                 cur = getattr(f.settings, attr)
-                setattr(f.settings, attr, max(1, int(body[k])) if isinstance(cur, int) else float(body[k]))
+                setattr(f.settings, attr, int(body[k]) if isinstance(cur, int) else float(body[k]))
         if "invocationsPerMinute" in body:
             ns.minute.clear()
     return limits(f, ns.name)
