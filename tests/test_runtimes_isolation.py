@@ -98,3 +98,32 @@ def test_requirements_txt_of_a_source_zip(cache, light):
     assert isolation.env_for_requirements(text, cache) == light
     with pytest.raises(isolation.IsolationError, match="not pinned"):
         isolation.env_for_requirements("numpy\n", cache)
+
+
+def _runs(cmd, cwd) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, timeout=120)
+
+
+def test_local_openwhisk_actions_get_their_image_runtime_or_the_stdlib(cache, tmp_path):
+    from fedkeeper.runtimes.images import runtime_image
+    light_action = {"kind": "blackbox", "image": runtime_image("light", "openwhisk", "reg.example")}
+    ok = _runs(isolation.action_command(light_action, "-c", "import numpy, pymongo", cache_dir=cache), tmp_path)
+    assert ok.returncode == 0, ok.stderr
+    for stock in ({"kind": "python:3"}, {"kind": "blackbox", "image": "me/own-image:1"}):
+        r = _runs(isolation.action_command(stock, "-c", "import numpy", cache_dir=cache), tmp_path)
+        assert "No module named 'numpy'" in r.stderr, stock
+        assert _runs(isolation.action_command(stock, "-c", "import json, zipfile", cache_dir=cache),
+                     tmp_path).returncode == 0
+
+
+def test_local_cloud_functions_install_the_sources_requirements(cache, tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    bare = _runs(isolation.source_command(src, "-c", "import functions_framework, numpy", cache_dir=cache), src)
+    assert "No module named 'numpy'" in bare.stderr  # only functions-framework without a requirements.txt
+    (src / "requirements.txt").write_text(runtimes.load("light").requirements_txt(http_entry=True))
+    ok = _runs(isolation.source_command(src, "-c", "import functions_framework, numpy", cache_dir=cache), src)
+    assert ok.returncode == 0, ok.stderr
+    (src / "requirements.txt").write_text("numpy>=1\n")
+    with pytest.raises(isolation.IsolationError, match="not pinned"):
+        isolation.source_command(src, "-c", "pass", cache_dir=cache)

@@ -25,6 +25,7 @@ costs what it did before.
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import importlib.metadata as md
 import json
@@ -36,19 +37,23 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 from packaging.requirements import InvalidRequirement, Requirement
 
-from . import Pin, RuntimeDeclarationError, _parse
+from . import HTTP_ENTRY_LIST, Pin, RuntimeDeclarationError, _parse, load, load_list
+from .images import runtime_of_image
 
 BOOTSTRAP = str(Path(__file__).resolve().parent / "bootstrap.py")
+CACHE_ENV = "FEDKEEPER_RUNTIME_CACHE"
 #: bumped when the layout of a cached site changes
 LAYOUT = "1"
 
 
-class IsolationError(RuntimeError):
-    """The runtime's environment cannot be made as declared."""
+class IsolationError(OSError):
+    """The runtime's environment cannot be made as declared. An OSError, so
+    that a local platform treats it like any other failure to start a
+    function's process (and reports its message)."""
 
 
 def _key(name: str) -> str:
@@ -70,9 +75,20 @@ class IsolatedEnv:
         return [self.python, "-I", "-S", "-u", BOOTSTRAP, str(self.site), *args]
 
 
-def pins_hash(pins: Sequence[Pin]) -> str:
+def pins_hash(pins: Sequence[Pin], closure_versions: Sequence[str] = ()) -> str:
+    """The cache key of a site: the pins, and the versions of the closure
+    it links (a changed keeper environment gets a new site)."""
     text = "\n".join(sorted(f"{p.key}=={p.version}" for p in pins))
-    return hashlib.sha256(f"{LAYOUT}\n{sys.version_info[:2]}\n{text}\n".encode()).hexdigest()[:16]
+    text += "\n--\n" + "\n".join(sorted(closure_versions))
+    return hashlib.sha256(f"{LAYOUT}\n{sys.prefix}\n{sys.version_info[:2]}\n{text}\n".encode()).hexdigest()[:16]
+
+
+def default_cache_dir() -> Path:
+    """Where sites are kept: $FEDKEEPER_RUNTIME_CACHE, else beside the
+    keeper's environment (they link into it), shared by every state
+    directory so that a fresh one does not build them again."""
+    env = os.environ.get(CACHE_ENV)
+    return Path(env) if env else Path(sys.prefix) / "var" / "fedkeeper-runtimes"
 
 
 def version_mismatches(pins: Sequence[Pin]) -> list[str]:
@@ -222,30 +238,37 @@ def _build_venv(pins: Sequence[Pin], venv: Path) -> str:
     return str(venv / "bin" / "python")
 
 
-def isolated_env(pins: Sequence[Pin], cache_dir: Path) -> IsolatedEnv:
-    """The environment running exactly `pins`, made once per list hash
-    under `cache_dir` (safe to call from several processes)."""
-    h = pins_hash(pins)
-    base = cache_dir / h
-    base.mkdir(parents=True, exist_ok=True)
-    site, venv = base / "site", base / "venv"
+def isolated_env(pins: Sequence[Pin], cache_dir: Path | None = None) -> IsolatedEnv:
+    """The environment running exactly `pins`, made once per list (and
+    closure) under `cache_dir` (default_cache_dir()); safe to call from
+    several processes at once."""
+    return _isolated_env(tuple(pins), Path(cache_dir) if cache_dir else default_cache_dir())
+
+
+@functools.lru_cache(maxsize=32)
+def _isolated_env(pins: tuple[Pin, ...], cache_dir: Path) -> IsolatedEnv:
+    if version_mismatches(pins):
+        h = pins_hash(pins)
+        venv = cache_dir / h / "venv"
+        if venv.is_dir():
+            return IsolatedEnv(str(venv / "bin" / "python"), None, h)
+        (cache_dir / h).mkdir(parents=True, exist_ok=True)
+        return IsolatedEnv(_build_venv(pins, venv), None, h)
+    dists = closure(pins)
+    h = pins_hash(pins, [f"{k}=={d.version}" for k, d in dists.items()])
+    site = cache_dir / h / "site"
     if site.is_dir():
         return IsolatedEnv(sys.executable, site, h)
-    if venv.is_dir():
-        return IsolatedEnv(str(venv / "bin" / "python"), None, h)
-    if version_mismatches(pins):
-        return IsolatedEnv(_build_venv(pins, venv), None, h)
+    site.parent.mkdir(parents=True, exist_ok=True)
     try:
         _build_site(pins, site)
-    except FileExistsError:
-        pass  # another process made it first
     except OSError as exc:
-        if not site.is_dir():
+        if not site.is_dir():  # else another process made it first
             raise IsolationError(f"cannot link the runtime's packages under {site}: {exc}") from None
     return IsolatedEnv(sys.executable, site, h)
 
 
-def env_for_requirements(text: str, cache_dir: Path, origin: str = "requirements.txt") -> IsolatedEnv:
+def env_for_requirements(text: str, cache_dir: Path | None = None, origin: str = "requirements.txt") -> IsolatedEnv:
     """The environment of a `requirements.txt` (as a source zip carries it)."""
     try:
         pins = _parse("requirements", text, origin)
@@ -254,9 +277,40 @@ def env_for_requirements(text: str, cache_dir: Path, origin: str = "requirements
     return isolated_env(pins, cache_dir)
 
 
-def stock_env(cache_dir: Path) -> IsolatedEnv:
+def stock_env(cache_dir: Path | None = None) -> IsolatedEnv:
     """No packages at all: the standard library only (a stock runtime)."""
-    site = cache_dir / "stdlib-only"
+    site = (Path(cache_dir) if cache_dir else default_cache_dir()) / "stdlib-only"
     site.mkdir(parents=True, exist_ok=True)
     return IsolatedEnv(sys.executable, site, "stdlib-only")
 
+
+# ------------------------------------------------------------------ the local platforms
+
+def action_command(exec_: Mapping[str, Any], *args: str, cache_dir: Path | None = None) -> list[str]:
+    """argv for a local OpenWhisk action's process: a Docker action on a
+    runtime image gets exactly that runtime's packages; a stock kind (and an
+    image FedKeeper did not build: its packages are unknown here) the
+    standard library only, as OpenWhisk's stock runtime has none of the
+    function's."""
+    image = exec_.get("image") if exec_.get("kind") == "blackbox" else None
+    runtime = runtime_of_image(str(image)) if image else None
+    if runtime is None:
+        return stock_env(cache_dir).command(*args)
+    return isolated_env(load(runtime).pins, cache_dir).command(*args)
+
+
+def source_command(source_dir: Path, *args: str, cache_dir: Path | None = None) -> list[str]:
+    """argv for a local Cloud Functions instance serving an unpacked source:
+    what its `requirements.txt` pins, plus functions-framework (the
+    buildpack installs it when the source does not name it); without a
+    requirements.txt, functions-framework alone."""
+    reqs = Path(source_dir) / "requirements.txt"
+    pins: list[Pin] = []
+    if reqs.is_file():
+        try:
+            pins = list(_parse("requirements", reqs.read_text(), "requirements.txt of the source"))
+        except RuntimeDeclarationError as exc:
+            raise IsolationError(str(exc)) from None
+    have = {p.key for p in pins}
+    pins += [p for p in load_list(HTTP_ENTRY_LIST) if p.key not in have]
+    return isolated_env(pins, cache_dir).command(*args)
