@@ -145,6 +145,10 @@ CASES: list[tuple[tuple, Any, Any, list[str]]] = [
     (GCF + ("region",), "us central", None, ["not a Google Cloud region"]),
     (KN + ("namespace",), "FL_Space", None, ["not a valid name"]),
     (S + ("mongo_config", "db"), "my.db", None, ["not a valid MongoDB name"]),
+    (S + ("mongo_config",), {"url": "db.example.org:27017", "password": "${FK_T_KEY}"}, S + ("mongo_config", "password"),
+     ["no PASSWORD for it to replace"]),
+    (S + ("mongo_config",), {"url": "mongodb://fk:PASSWORD@db.example.org:27017"}, S + ("mongo_config", "url"),
+     ["no password (or password_file)"]),
     (FN + ("google", "region"), "central", None, ["not a region"]),
     (FN + ("google", "entry-point"), "fl-client", None, ["not a function name"]),
     # numbers with units
@@ -155,6 +159,8 @@ CASES: list[tuple[tuple, Any, Any, list[str]]] = [
     (FN + ("google", "timeout"), "-1s", None, ["a duration such as 300s"]),
     (FN + ("openwhisk", "concurrency"), "0", None, ["at least 1"]),
     (FN + ("openwhisk", "concurrency"), "1.5", None, ["whole number"]),
+    (FN + ("google", "memory"), "64Gi", None, ["65536MB exceeds the platform's limit of 32768MB"]),
+    (FN + ("google", "timeout"), "2h", None, ["7200s exceeds the platform's limit of 3600s"]),
     (OW + ("configurations", "each_host_ram"), "lots", None, ["memory size"]),
     (OW + ("configurations", "each_host_cores"), "-4", None, ["at least 1"]),
     # counts and bounds

@@ -9,6 +9,8 @@ from typing import Any, ClassVar, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+# Fault injection on local clusters: the local platforms' one fault model validates it.
+from ..local.fault_config import FaultConfig
 from .errors import one_of
 from .values import Currency, HttpUrl, Port, host_port, positive_count
 
@@ -21,10 +23,6 @@ class Open(BaseModel):
     """Keeps keys it does not know (the original schema has free-form blocks)."""
 
     model_config = ConfigDict(extra="allow", populate_by_name=True)
-
-
-# Fault injection on local clusters: the local platforms' one fault model validates it.
-from ..local.fault_config import FaultConfig  # noqa: E402
 
 
 class PrometheusConfig(Open):
@@ -86,6 +84,10 @@ class ClusterConfig(Strict):
     function_timeout_unit: ClassVar[str] = "s"
     # The original clients_info key that counts this platform's clients.
     client_count_key: ClassVar[Optional[str]] = None
+    # The most memory and time any function may have on the platform (None:
+    # each cluster's own limits decide; the provider checks them at deploy).
+    function_memory_mb_max: ClassVar[Optional[int]] = None
+    function_timeout_s_max: ClassVar[Optional[float]] = None
 
     kind: Literal["remote", "local"] = "remote"
     invocation: Literal["direct", "via_invoker"] = "direct"

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 from typing import Optional
 
+from .clusters import cluster_model, provider_sections
 from .errors import ConfigError, did_you_mean, dotted, line_for
 from .model import Config
+from .units import format_duration_s, format_memory_mb
 
 
 def known_functions() -> Optional[set[str]]:
@@ -17,6 +19,21 @@ def known_functions() -> Optional[set[str]]:
         return None
     return {p.name for p in FUNCTIONS_DIR.iterdir()
             if p.is_dir() and p.name != "flcommon" and not p.name.startswith((".", "_"))}
+
+
+def _check_function_limits(section: str, fc, refuse) -> None:
+    """Memory and timeout within what the section's platform allows anywhere
+    (a cluster's own, lower limits are checked before upload)."""
+    if section not in provider_sections():
+        return  # a section of the original schema FedKeeper ignores
+    model = cluster_model(section)
+    top_mb, top_s = model.function_memory_mb_max, model.function_timeout_s_max
+    if top_mb is not None and fc.memory is not None and fc.memory > top_mb:
+        refuse("memory", f"{format_memory_mb(fc.memory)} exceeds the platform's limit of "
+                         f"{format_memory_mb(top_mb)}")
+    if top_s is not None and fc.timeout is not None and fc.timeout > top_s:
+        refuse("timeout", f"{format_duration_s(fc.timeout)} exceeds the platform's limit of "
+                          f"{format_duration_s(top_s)}")
 
 
 def _check_via_invoker(section: str, cluster, refuse) -> None:
@@ -63,8 +80,11 @@ def check_references(cfg: Config, index: dict) -> None:
 
     for sname, scen in cfg.scenarios.items():
         at = ("scenarios", sname)
-        for fname in scen.functions:
+        for fname, per in scen.functions.items():
             check_function(at + ("functions", fname), fname)
+            for section, fc in per.items():
+                _check_function_limits(section, fc, lambda key, message, p=at + ("functions", fname, section):
+                                       refuse(p + (key,), message))
         sc = scen.server_config
         for i, fname in enumerate(sc.server_manager_functions if sc else []):
             check_function(at + ("server_config", "server_manager_functions", i), fname)

@@ -158,6 +158,16 @@ class MongoConfig(Strict):
                              "/ \\ . \" $ * < > : | ? or space)")
         return v
 
+    @model_validator(mode="after")
+    def _password_placeholder(self):
+        # The password replaces the literal PASSWORD in the URL (FedKeeper's convention).
+        if self.password is not None and self.password.get_secret_value() and "PASSWORD" not in self.url:
+            raise ValueError("password is given but url has no PASSWORD for it to replace "
+                             "(write the URL as mongodb://user:PASSWORD@host:port)")
+        if self.password is None and not self.embedded and ":PASSWORD@" in self.url:
+            raise ValueError("url has the PASSWORD placeholder but no password (or password_file) is given")
+        return self
+
     @property
     def embedded(self) -> bool:
         return self.url.strip() == "embedded"

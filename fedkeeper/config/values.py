@@ -9,7 +9,7 @@ from urllib.parse import urlsplit
 
 from pydantic import AfterValidator, BeforeValidator
 
-from .units import count, parse_duration_s
+from .units import count
 
 # The original sample's "fill me in" markers, e.g. <ADD_IP_HERE>.
 _PLACEHOLDER_RE = re.compile(r"<[^<>]*>")
@@ -119,4 +119,3 @@ OpenWhiskName = Annotated[str, AfterValidator(openwhisk_name)]
 Sha256 = Annotated[str, AfterValidator(sha256_hex)]
 Port = Annotated[int, BeforeValidator(port_number)]
 Currency = Annotated[str, AfterValidator(currency_code)]
-Duration = Annotated[float, BeforeValidator(lambda v: parse_duration_s(v, "s"))]

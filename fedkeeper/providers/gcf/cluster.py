@@ -16,6 +16,9 @@ _BASE_URL_RE = re.compile(r"https?://([a-z]+-[a-z]+[0-9]+)-([a-z0-9-]+)\.cloudfu
 
 class GoogleCluster(ClusterConfig):
     client_count_key: ClassVar[Optional[str]] = "gcf_clients_count"
+    # Cloud Functions (2nd gen) limits for any function: 32 GiB, 60 minutes (HTTP).
+    function_memory_mb_max: ClassVar[Optional[int]] = 32768
+    function_timeout_s_max: ClassVar[Optional[float]] = 3600.0
 
     base_url: Optional[HttpUrl] = None
     auth: Optional[dict[str, Any]] = None  # service-account JSON, inline
