@@ -4,6 +4,7 @@ with the store saying which and the session resumable unless finished."""
 from __future__ import annotations
 
 import logging
+import shlex
 import threading
 import time
 from typing import Any, Callable
@@ -116,8 +117,10 @@ class Keeper:
     def resume_hint(self, session: str) -> str:
         """The exact command that resumes `session`."""
         cfg = self.rt.cfg
-        scenario = f" -s {self.rt.scenario_name}" if len(cfg.scenarios) > 1 else ""
-        return f"fedkeeper start -c {cfg.source or 'CONFIG'}{scenario} --resume {session}"
+        parts = ["fedkeeper", "start", "-c", str(cfg.source or "CONFIG")]
+        if len(cfg.scenarios) > 1:
+            parts += ["-s", self.rt.scenario_name]
+        return shlex.join(parts + ["--resume", session])
 
     def start(self, resume: str | None = None, deploy: bool = True,
               session_id: str | None = None) -> SessionSummary:
