@@ -16,7 +16,7 @@ import pytest
 from flcommon.strategies import get_strategy
 from flcommon import store as fs
 from flcommon.blobs import BlobError, decode_arrays, encode_arrays
-from flcommon.update_check import UpdateRejected, check_update
+from flcommon.update_check import UpdateRejected, check_layout, subtract_base
 from reference_fedavg import fedavg
 from test_functions import call, load, make_session
 
@@ -36,21 +36,33 @@ def test_fedavg_matches_a_hand_computation():
     assert all(a.dtype == np.float32 for a in out)
 
 
-def test_check_update_names_what_is_wrong():
+def test_update_checks_name_what_is_wrong():
     ref = [((2,), F32), ((2, 2), F32)]
-    ok = [np.array([1, 2], np.float32), np.eye(2, dtype=np.float32)]
-    bad = [
-        ([np.array([1, np.inf], np.float32), np.eye(2, dtype=np.float32)], 1, "NaN or inf"),
-        ([np.array([1, np.nan], np.float32), np.eye(2, dtype=np.float32)], 1, "NaN or inf"),
-        ([np.array([1, 2], np.float64), np.eye(2, dtype=np.float32)], 1, "dtype float64"),
-        ([np.array([1, 2], np.int64), np.eye(2, dtype=np.float32)], 1, "dtype int64"),
-        ([np.array([1, 2, 3], np.float32), np.eye(2, dtype=np.float32)], 1, "shape"),
-        ([np.array([1, 2], np.float32)], 1, "has 1 arrays, the model has 2"),
+    base = [np.array([1, 1], np.float32), np.eye(2, dtype=np.float32)]
+    layout = [
+        ([np.array([1, 2], np.float64), np.eye(2, dtype=np.float32)], "dtype float64"),
+        ([np.array([1, 2], np.int64), np.eye(2, dtype=np.float32)], "dtype int64"),
+        ([np.array([1, 2, 3], np.float32), np.eye(2, dtype=np.float32)], "shape"),
+        ([np.array([1, 2], np.float32)], "has 1 arrays, the model has 2"),
     ]
-    for arrays, _, reason in bad:
+    for arrays, reason in layout:
         with pytest.raises(UpdateRejected, match=reason):
-            check_update(arrays, ref)
-    check_update(ok, ref)
+            check_layout(arrays, ref)
+    for bad in (np.inf, np.nan):
+        arrays = [np.array([1, bad], np.float32), np.eye(2, dtype=np.float32)]
+        check_layout(arrays, ref)
+        with pytest.raises(UpdateRejected, match="array 0 contains NaN or inf"):
+            subtract_base(arrays, base)
+    # Finite update, finite model, a delta beyond float32: refused all the same.
+    with pytest.raises(UpdateRejected, match="NaN or inf"):
+        subtract_base([np.array([3e38, 0], np.float32), np.eye(2, dtype=np.float32)],
+                      [np.array([-3e38, 0], np.float32), np.eye(2, dtype=np.float32)])
+    with pytest.raises(UpdateRejected, match="base model has 1 arrays"):
+        subtract_base([np.ones(2, np.float32), np.eye(2, dtype=np.float32)], iter(base[:1]))
+    ok = [np.array([1, 2], np.float32), 2 * np.eye(2, dtype=np.float32)]
+    check_layout(ok, ref)
+    delta = subtract_base(ok, base)
+    assert delta is ok and np.array_equal(delta[0], [0, 1]) and np.array_equal(delta[1], np.eye(2))
 
 
 def _put_update(db, sid, rnd, client, arrays=None, n=None, blob_round=None, blob_client=None,

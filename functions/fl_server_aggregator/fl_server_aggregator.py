@@ -7,15 +7,18 @@ stale: [{"client": c, "round": r}, ...] (optional, r < R)}.
 Every update becomes a delta against the global model its client trained
 from (model r for a stale update) and is weighted
 num_examples * (1 + staleness) ** -staleness_exponent. Updates are streamed
-from GridFS one at a time and checked whole before the strategy sees them;
-invalid ones are rejected with a recorded reason. An update already counted
+from GridFS one at a time (the next one read while the current one is
+added), none may decode to more than the model's size, and each is checked
+whole before the strategy sees it; invalid ones are rejected with a recorded
+reason and the round aggregates the rest. An update already counted
 by the aggregation of another round is rejected, never counted twice.
 Server-optimizer state (momentum, moments) is a blob referenced by the
 models document and read back by the next aggregation."""
 from __future__ import annotations
 
+import math
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import pymongo
@@ -25,7 +28,8 @@ from flcommon import store
 from flcommon.blobs import BlobError
 from flcommon.context import database, global_model, ids, num_classes, partition_arrays, session_spec
 from flcommon.entry import BadRequest, require
-from flcommon.update_check import UpdateRejected, check_update
+from flcommon.read_ahead import read_ahead
+from flcommon.update_check import UpdateRejected, check_layout, subtract_base
 from flcommon.models import evaluate
 
 
@@ -78,33 +82,20 @@ def _examples(n: Any) -> int:
     return int(n)
 
 
-def _delta(db, arrays: list[np.ndarray], base: list[np.ndarray] | None, base_blob) -> list[np.ndarray]:
-    """arrays - base model, in place. A stale update's base model is streamed
-    array by array, so at most one of its arrays is held besides the update."""
-    source = base if base is not None else store.stream_arrays(db, base_blob)
-    count = 0
-    for i, (a, g) in enumerate(zip(arrays, source)):
-        if g.shape != a.shape:
-            raise UpdateRejected(f"array {i} does not match the base model's shape {g.shape}")
-        np.subtract(a, g, out=a, casting="unsafe")
-        if not np.isfinite(a).all():
-            raise UpdateRejected(f"array {i} of the delta is not finite")
-        count += 1
-    if count != len(arrays):
-        raise UpdateRejected(f"the base model has {count} arrays, the update {len(arrays)}")
-    return arrays
+class Candidate(NamedTuple):
+    """An update that passed the checks made without reading it."""
+    index: int            # its place in the wanted list: rejections are reported in that order
+    client: str
+    round: int
+    blob_id: Any
+    files_doc: dict[str, Any]
+    num_examples: int
 
 
-def aggregate(db, session: str, rnd: int, wanted: list[tuple[str, int]], global_weights: list[np.ndarray],
-              strategy: Strategy, staleness_exponent: float = 0.5) -> tuple[list[dict], list[dict]]:
-    """Feed the strategy the delta of every valid listed update, one update
-    in memory at a time (a streaming strategy adds it to its accumulator and
-    drops it). Returns (contributions, rejections) in the order added; the
-    caller then calls strategy.finish()."""
-    reference = [(w.shape, w.dtype) for w in global_weights]
-    strategy.begin(reference)
-    accepted: list[dict[str, Any]] = []
-    rejected: list[dict[str, Any]] = []
+def _candidates(db, session: str, rnd: int, wanted: list[tuple[str, int]]) -> tuple[list[Candidate], list[dict]]:
+    """The listed updates worth reading, and the rejections decided from
+    their documents alone (missing, counted already, someone else's blob,
+    an inflated example count, no base model)."""
     by_round: dict[int, list[str]] = {}
     for client, r in wanted:
         by_round.setdefault(r, []).append(client)
@@ -116,46 +107,89 @@ def aggregate(db, session: str, rnd: int, wanted: list[tuple[str, int]], global_
     # claiming more examples than it holds.
     sizes = {d["client"]: d.get("num_examples") for d in db[store.PARTITIONS].find(
         {"session": session, "client": {"$in": sorted({c for c, _ in wanted})}}, {"client": 1, "num_examples": 1})}
-    blobs = {d["_id"]: d.get("metadata") or {} for d in db[f"{store.BUCKET}.files"].find(
-        {"_id": {"$in": [d["blob_id"] for d in docs.values() if "blob_id" in d]}}, {"metadata": 1})}
-    base_blobs = {d["round"]: d.get("blob_id") for d in db[store.MODELS].find(
-        {"session": session, "round": {"$in": [r for r in by_round if r != rnd]}}, {"round": 1, "blob_id": 1})}
-    for client, r in wanted:
+    blobs = {d["_id"]: d for d in db[f"{store.BUCKET}.files"].find(
+        {"_id": {"$in": [d["blob_id"] for d in docs.values() if "blob_id" in d]}},
+        {"metadata": 1, "length": 1, "chunkSize": 1})}
+    has_base = {d["round"] for d in db[store.MODELS].find(
+        {"session": session, "round": {"$in": [r for r in by_round if r != rnd]}}, {"round": 1, "blob_id": 1})
+        if d.get("blob_id") is not None}
+    candidates: list[Candidate] = []
+    rejected: list[dict[str, Any]] = []
+    for index, (client, r) in enumerate(wanted):
         doc = docs.get((client, r))
         if doc is None:
             reason = "no update stored for this round" if r == rnd else f"no update stored for round {r}"
-            rejected.append({"client": client, "round": r, "reason": reason, "mark": False})
+            rejected.append({"index": index, "client": client, "round": r, "reason": reason, "mark": False})
             continue
         done_in = doc.get("aggregated_in", doc.get("round"))
         if doc.get("status") == "accepted" and done_in != rnd:
             # Counted already; its record stays as that aggregation left it.
-            rejected.append({"client": client, "round": r, "reason": f"already aggregated in round {done_in}",
-                             "mark": False})
+            rejected.append({"index": index, "client": client, "round": r,
+                             "reason": f"already aggregated in round {done_in}", "mark": False})
             continue
         try:
             if doc.get("blob_id") not in blobs:
                 raise UpdateRejected("update blob does not exist")
-            meta = blobs[doc["blob_id"]]
+            files_doc = blobs[doc["blob_id"]]
+            meta = files_doc.get("metadata") or {}
             if meta.get("round") != r or meta.get("session") != session or meta.get("client") != client:
                 raise UpdateRejected(f"update blob belongs to session {meta.get('session')}, "
                                      f"round {meta.get('round')}, client {meta.get('client')}")
             n = _examples(doc.get("num_examples"))
             if sizes.get(client) is not None and n != sizes[client]:
                 raise UpdateRejected(f"update claims {n} examples, the client's partition has {sizes[client]}")
-            if r != rnd and base_blobs.get(r) is None:
+            if r != rnd and r not in has_base:
                 raise UpdateRejected(f"no global model of round {r} to take the delta against")
-            arrays = store.get_arrays(db, doc["blob_id"])
-            check_update(arrays, reference)
-            delta = _delta(db, arrays, global_weights if r == rnd else None, base_blobs.get(r))
+        except UpdateRejected as exc:
+            rejected.append({"index": index, "client": client, "round": r, "reason": str(exc)[:300], "mark": True})
+            continue
+        candidates.append(Candidate(index, client, r, doc["blob_id"], files_doc, n))
+    return candidates, rejected
+
+
+def aggregate(db, session: str, rnd: int, wanted: list[tuple[str, int]], global_weights: list[np.ndarray],
+              strategy: Strategy, staleness_exponent: float = 0.5) -> tuple[list[dict], list[dict]]:
+    """Feed the strategy the delta of every valid listed update (a streaming
+    strategy adds it to its accumulator and drops it). The next update is
+    read from the store while the current one is added (flcommon.read_ahead),
+    so at most two updates are held besides the accumulator; no update may
+    decode to more than the model's size. Returns (contributions,
+    rejections): contributions in the order added, rejections in the order
+    listed; the caller then calls strategy.finish()."""
+    reference = [(w.shape, w.dtype) for w in global_weights]
+    model_bytes = sum(w.nbytes for w in global_weights)
+    strategy.begin(reference)
+    candidates, rejected = _candidates(db, session, rnd, wanted)
+    base_blobs = {d["round"]: d["blob_id"] for d in db[store.MODELS].find(
+        {"session": session, "round": {"$in": sorted({c.round for c in candidates if c.round != rnd})}},
+        {"round": 1, "blob_id": 1})}
+
+    def read(c: Candidate) -> list[np.ndarray]:
+        return store.get_arrays(db, c.blob_id, max_bytes=model_bytes, files_doc=c.files_doc)
+
+    accepted: list[dict[str, Any]] = []
+    for c, arrays, error in read_ahead(candidates, read, expected=(BlobError,)):
+        try:
+            if error is not None:
+                raise error
+            check_layout(arrays, reference)
+            base = global_weights if c.round == rnd else \
+                store.stream_arrays(db, base_blobs[c.round], max_bytes=model_bytes)
+            delta = subtract_base(arrays, base)
             del arrays
-            staleness = rnd - r
-            weight = n * (1.0 + staleness) ** -staleness_exponent
-            strategy.add(delta, weight, mass=n)
+            staleness = rnd - c.round
+            weight = c.num_examples * (1.0 + staleness) ** -staleness_exponent
+            strategy.add(delta, weight, mass=c.num_examples)
             del delta
-            accepted.append({"client": client, "round": r, "staleness": staleness, "num_examples": n,
-                             "raw_weight": weight})
+            accepted.append({"client": c.client, "round": c.round, "staleness": staleness,
+                             "num_examples": c.num_examples, "raw_weight": weight})
         except (UpdateRejected, BlobError, StrategyError) as exc:
-            rejected.append({"client": client, "round": r, "reason": str(exc)[:300], "mark": True})
+            arrays = delta = None  # released before the next update is taken
+            rejected.append({"index": c.index, "client": c.client, "round": c.round, "reason": str(exc)[:300],
+                             "mark": True})
+    rejected.sort(key=lambda r: r["index"])
+    for r in rejected:
+        del r["index"]
     return accepted, rejected
 
 
@@ -193,7 +227,9 @@ def handle(payload: dict[str, Any], bound: dict[str, str]) -> dict[str, Any]:
     state = None
     if strategy.stateful and current.get("state_blob_id") is not None:
         try:
-            state = store.get_arrays(db, current["state_blob_id"])
+            # float32 arrays of the strategy's state layout, nothing more
+            state_bytes = 4 * sum(math.prod(shape) for shape in strategy.state_layout())
+            state = store.get_arrays(db, current["state_blob_id"], max_bytes=state_bytes)
         except BlobError as exc:
             return {"error": f"round {rnd}: server state of model {rnd} is unreadable: {exc}"}
     try:

@@ -2,7 +2,8 @@
 spec, a data partition and the global model of a round.
 
 Warm workers keep what never changes: a session's spec (written once by the
-keeper before anything is invoked) and data partitions (written once by
+keeper before anything is invoked), its model's size (recorded once by
+fl_server_init) and data partitions (written once by
 fl_server_init, keyed by blob id, so a re-initialised session can never be
 served stale data). Global models and updates are read fresh every time.
 """
@@ -19,6 +20,7 @@ from . import store
 from .entry import BadRequest, require
 
 _specs: dict[tuple[int, str, str], dict[str, Any]] = {}
+_model_bytes: dict[tuple[int, str, str], int] = {}
 _parts: "OrderedDict[tuple[int, str, str], list[np.ndarray]]" = OrderedDict()
 _parts_bytes = 0
 _lock = threading.Lock()
@@ -59,11 +61,26 @@ def ids(payload: dict[str, Any]) -> tuple[str, int]:
     return require(payload, "session", str), rnd
 
 
+def model_bytes(db, session: str) -> int | None:
+    """The size of the session's model, as fl_server_init recorded it with
+    model 0 (None before init or for sessions initialised without it).
+    Every later model has that size, so it bounds what reading one decodes."""
+    key = (id(db.client), db.name, session)
+    size = _model_bytes.get(key)
+    if size is None:
+        doc = db[store.MODELS].find_one({"session": session, "round": 0}, {"model_bytes": 1})
+        value = (doc or {}).get("model_bytes")
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            return None
+        size = _model_bytes[key] = value
+    return size
+
+
 def global_model(db, session: str, rnd: int) -> tuple[dict[str, Any], list[np.ndarray]]:
     doc = db[store.MODELS].find_one({"session": session, "round": rnd})
     if doc is None:
         raise BadRequest(f"no global model for round {rnd} of session {session}")
-    return doc, store.get_arrays(db, doc["blob_id"])
+    return doc, store.get_arrays(db, doc["blob_id"], max_bytes=model_bytes(db, session))
 
 
 def partition_arrays(db, session: str, client: str) -> list[np.ndarray]:

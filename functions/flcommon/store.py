@@ -172,8 +172,9 @@ class ChunkReader(io.RawIOBase):
         super().close()
 
 
-def get_arrays(db, blob_id: ObjectId, max_bytes: int | None = None) -> list[np.ndarray]:
-    return list(stream_arrays(db, blob_id, max_bytes))
+def get_arrays(db, blob_id: ObjectId, max_bytes: int | None = None,
+               files_doc: dict[str, Any] | None = None) -> list[np.ndarray]:
+    return list(stream_arrays(db, blob_id, max_bytes, files_doc))
 
 
 def stream_arrays(db, blob_id: ObjectId, max_bytes: int | None = None,

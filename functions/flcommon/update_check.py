@@ -3,7 +3,7 @@
 update whole, so a rejected update never touches the aggregate."""
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 
@@ -12,7 +12,8 @@ class UpdateRejected(ValueError):
     """This update cannot be counted; the message is the recorded reason."""
 
 
-def check_update(arrays: Sequence[np.ndarray], reference: Sequence[tuple[tuple[int, ...], np.dtype]]) -> None:
+def check_layout(arrays: Sequence[np.ndarray], reference: Sequence[tuple[tuple[int, ...], np.dtype]]) -> None:
+    """The update has the model's arrays: their number, shapes and dtypes."""
     if len(arrays) != len(reference):
         raise UpdateRejected(f"update has {len(arrays)} arrays, the model has {len(reference)}")
     for i, (a, (shape, dtype)) in enumerate(zip(arrays, reference)):
@@ -21,5 +22,23 @@ def check_update(arrays: Sequence[np.ndarray], reference: Sequence[tuple[tuple[i
         if a.dtype != dtype:
             # Strict: a float64 update would also double the aggregator's memory.
             raise UpdateRejected(f"array {i} has dtype {a.dtype}, expected {dtype}")
+
+
+def subtract_base(arrays: list[np.ndarray], base: Iterable[np.ndarray]) -> list[np.ndarray]:
+    """The update's delta against the model it was trained from, computed in
+    place (the update's arrays become the delta), each array checked to be
+    finite. One finiteness check covers both: a NaN or inf in the update
+    stays one in the delta. `base` may be a stream (a stale update's model,
+    read array by array), so at most one of its arrays is held here."""
+    count = 0
+    for i, (a, g) in enumerate(zip(arrays, base)):
+        if g.shape != a.shape:
+            raise UpdateRejected(f"array {i} does not match the base model's shape {g.shape}")
+        with np.errstate(over="ignore", invalid="ignore"):  # an overflow is caught just below
+            np.subtract(a, g, out=a, casting="unsafe")
         if not np.isfinite(a).all():
-            raise UpdateRejected(f"array {i} contains NaN or inf")
+            raise UpdateRejected(f"array {i} contains NaN or inf (or does once the base model is subtracted)")
+        count += 1
+    if count != len(arrays):
+        raise UpdateRejected(f"the base model has {count} arrays, the update {len(arrays)}")
+    return arrays
