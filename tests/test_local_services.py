@@ -1,0 +1,229 @@
+"""The local services as processes: what an action's environment holds, the
+identity check before any signal, activation records bounded by bytes, and
+services shared between commands (leases), down to `fabric down`."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from fedkeeper.config import GoogleCluster, OpenWhiskCluster
+from fedkeeper.local import fabric, shutdown_local_services, supervisor
+from fedkeeper.local.cloud_functions import LocalCloudFunctionsProvider
+from fedkeeper.local.openwhisk import LocalOpenWhiskProvider
+from fedkeeper.local.store import EmbeddedMongo
+from fedkeeper.local.supervisor import ProcessRecord, pid_alive
+from fedkeeper.providers.base import FunctionSpec, ProviderContext
+from fixtures_fabric import FabricClient, wait_for
+from test_gcf_local import make_artifact as gcf_artifact
+
+pytestmark = pytest.mark.timeout(120)
+
+SECRETS = {"FEDKEEPER_TOKEN_SECRET": "tok-3c1d", "FEDKEEPER_STATE_DIR_HINT": "x",
+           "MONGO_PASSWORD": "hunter2-mongo", "OW_OTHER_CLUSTER_KEY": "other:cluster-key",
+           "GOOGLE_APPLICATION_CREDENTIALS": "/secret/sa.json"}
+
+DUMP_ENV_ACTION = '''
+import os
+def main(args):
+    return {"env": dict(os.environ), "args": sorted(args)}
+'''
+
+DUMP_ENV_FUNCTION = '''
+import os
+import functions_framework
+
+
+@functions_framework.http
+def echo(request):
+    return {"env": dict(os.environ)}
+'''
+
+
+def _assert_no_secrets(env: dict, allowed_extra: set[str]) -> None:
+    leaked = {k for k in env if k.startswith("FEDKEEPER_") or k in SECRETS}
+    assert not leaked, leaked
+    assert not [v for v in env.values() if any(s in v for s in SECRETS.values())]
+    assert set(env) <= set(supervisor.PASS_ENV) | allowed_extra, set(env) - set(supervisor.PASS_ENV) - allowed_extra
+
+
+def test_fabric_actions_see_only_what_openwhisk_gives_them(tmp_path, monkeypatch):
+    for k, v in SECRETS.items():
+        monkeypatch.setenv(k, v)
+    info = fabric.fabric_up(tmp_path / "fab")    # the fabric itself runs with the keeper's env
+    try:
+        c = FabricClient(info)
+        assert c.put_action("dump", source=DUMP_ENV_ACTION, parameters={"bound": "p"}).status_code == 200
+        res = c.invoke("dump", {"x": 1}, blocking=True, result=True).json()
+        env = res["env"]
+        assert res["args"] == ["bound", "x"]                      # parameters arrive as arguments
+        assert env["__OW_ACTION_NAME"] == "/guest/dump" and "__OW_API_KEY" not in env
+        ow = {k for k in env if k.startswith("__OW_")}
+        _assert_no_secrets(env, ow | {"PYTHONDONTWRITEBYTECODE", "LC_CTYPE"})
+    finally:
+        fabric.fabric_down(tmp_path / "fab")
+
+
+def test_cloud_functions_host_passes_only_the_bound_configuration(tmp_path, monkeypatch):
+    for k, v in SECRETS.items():
+        monkeypatch.setenv(k, v)
+    p = LocalCloudFunctionsProvider("iso", GoogleCluster(kind="local"), ProviderContext(state_dir=tmp_path))
+    try:
+        bound = {"FK_FUNCTION": "echo", "FK_STORE_DB": "db"}
+        p.deploy(FunctionSpec(name="echo", source="echo", timeout_s=20, bound=bound),
+                 gcf_artifact(DUMP_ENV_FUNCTION))
+        out = p.call("echo", {}, timeout_s=20)
+        assert out.ok, out
+        env = out.result["env"]
+        assert env["FK_STORE_DB"] == "db"
+        _assert_no_secrets(env, set(bound) | {"PYTHONPATH", "PYTHONUNBUFFERED", "PYTHONDONTWRITEBYTECODE",
+                                              "FUNCTION_TARGET", "FUNCTION_SIGNATURE_TYPE", "K_SERVICE",
+                                              "LC_CTYPE"})
+    finally:
+        p.close()
+
+
+def test_nothing_is_signalled_unless_the_pid_is_still_the_recorded_process(tmp_path):
+    proc, rec = supervisor.spawn([sys.executable, "-c", "import time; time.sleep(60)"],
+                                 log_path=tmp_path / "p.log")
+    try:
+        assert supervisor.is_running(rec) and rec.cmdline
+        older = ProcessRecord(rec.pid, rec.create_time - 30.0, rec.cmdline)
+        other = ProcessRecord(rec.pid, rec.create_time, (sys.executable, "-c", "something else"))
+        assert not supervisor.stop(older) and not supervisor.stop(other)
+        assert proc.poll() is None
+        # The embedded store's record naming this pid does not make it the store.
+        (tmp_path / "mongo").mkdir()
+        (tmp_path / "mongo" / "server.json").write_text(json.dumps({"pid": rec.pid, "port": 1}))
+        assert not EmbeddedMongo(tmp_path / "mongo").shutdown()
+        (tmp_path / "mongo" / "server.json").write_text(json.dumps(
+            {"pid": rec.pid, "port": 1, "process": older.to_json()}))
+        assert not EmbeddedMongo(tmp_path / "mongo").stop()
+        assert proc.poll() is None
+        assert supervisor.stop(rec, grace_s=2.0)
+        assert proc.poll() is not None
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_activation_records_are_bounded_by_bytes(tmp_path):
+    info = fabric.fabric_up(tmp_path / "fab")
+    try:
+        c = FabricClient(info)
+        c.put_action("big", source="def main(a):\n    return {'blob': 'x' * 50000, 'i': a.get('i')}\n")
+        c.admin("limits", {"recordBytes": 300_000})
+        ids = [c.invoke("big", {"i": i}, blocking=True).json()["activationId"] for i in range(20)]
+        status = c.admin("status")["namespaces"]["guest"]
+        assert status["record_bytes"] <= 300_000 and status["records"] < 20
+        assert c.s.get(f"{c.api()}/activations/{ids[0]}").status_code == 404       # oldest dropped
+        assert c.activation(ids[-1])["response"]["result"]["i"] == 19             # newest kept
+        listed = c.s.get(f"{c.api()}/activations", params={"name": "big", "limit": 200}).json()
+        assert [a["activationId"] for a in listed] == ids[::-1][:len(listed)]
+    finally:
+        fabric.fabric_down(tmp_path / "fab")
+
+
+# --------------------------------------------------------------------------- shared services
+
+def _ow(sdir: Path, keep: bool = False) -> LocalOpenWhiskProvider:
+    return LocalOpenWhiskProvider("ow", OpenWhiskCluster(kind="local"),
+                                  ProviderContext(state_dir=sdir, keep_local_services=keep))
+
+
+def test_two_commands_do_not_stop_each_others_fabric(tmp_path):
+    first = _ow(tmp_path)
+    second = _ow(tmp_path)
+    assert first.started_fabric and not second.started_fabric
+    first.close()
+    assert fabric.fabric_status(tmp_path / "fabric") is not None, "the first command stopped a shared fabric"
+    second.close()
+    assert fabric.fabric_status(tmp_path / "fabric") is None, "the last holder left the fabric running"
+
+
+def test_a_holder_in_another_process_keeps_the_fabric_until_it_is_gone(tmp_path):
+    fdir = tmp_path / "fabric"
+    mine = _ow(tmp_path)
+    code = ("import sys, time\nfrom fedkeeper.local import fabric\n"
+            f"fabric.fabric_up({str(fdir)!r}, hold=True, auto_stop=True)\n"
+            "print('held', flush=True)\ntime.sleep(120)\n")
+    other = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert other.stdout.readline().strip() == "held"
+        mine.close()
+        assert fabric.fabric_status(fdir) is not None
+    finally:
+        other.kill()
+        other.wait()
+    # Its lease died with it: the next command's close stops the fabric.
+    again = _ow(tmp_path)
+    again.close()
+    assert fabric.fabric_status(fdir) is None
+
+
+def test_kept_services_outlive_their_command_and_fabric_down_stops_everything(tmp_path):
+    kept = _ow(tmp_path, keep=True)
+    gcf = LocalCloudFunctionsProvider("g", GoogleCluster(kind="local"),
+                                      ProviderContext(state_dir=tmp_path, keep_local_services=True))
+    gcf.deploy(FunctionSpec(name="echo", source="echo", timeout_s=20, bound={"FK_FUNCTION": "echo"}),
+               gcf_artifact())
+    store = EmbeddedMongo(tmp_path / "mongo")
+    url, started = store.start()
+    assert started
+    fabric_pid = fabric.fabric_status(tmp_path / "fabric")["pid"]
+    host_pid = gcf.host.lookup("echo").pid
+    kept.close()
+    gcf.close()
+    # --keep-services: the runtime does not stop its store either.
+    assert fabric.fabric_status(tmp_path / "fabric") is not None and gcf.host.lookup("echo") is not None
+    assert shutdown_local_services(tmp_path)
+    assert fabric.fabric_status(tmp_path / "fabric") is None
+    assert EmbeddedMongo(tmp_path / "mongo").running_url() is None
+    wait_for(lambda: not pid_alive(fabric_pid) and not pid_alive(host_pid), 10)
+    assert not shutdown_local_services(tmp_path)
+
+
+def test_the_store_stops_only_with_its_last_holder(tmp_path):
+    a, b = EmbeddedMongo(tmp_path / "m"), EmbeddedMongo(tmp_path / "m")
+    url, started = a.start()
+    url_b, started_b = b.start()
+    assert started and not started_b and url_b == url
+    assert not a.stop(), "a store another command still uses was stopped"
+    assert b.running_url() == url
+    assert b.stop()
+    assert b.running_url() is None
+
+
+def test_cloud_functions_stop_with_their_last_holder(tmp_path):
+    spec = FunctionSpec(name="echo", source="echo", timeout_s=20, bound={"FK_FUNCTION": "echo"})
+    first = LocalCloudFunctionsProvider("g", GoogleCluster(kind="local"), ProviderContext(state_dir=tmp_path))
+    second = LocalCloudFunctionsProvider("g", GoogleCluster(kind="local"), ProviderContext(state_dir=tmp_path))
+    try:
+        first.deploy(spec, gcf_artifact())
+        first.close()
+        assert second.call("echo", {"n": 3}, timeout_s=20).result["echo"] == 3
+    finally:
+        second.close()
+    assert not second.exists("echo")
+
+
+def test_a_real_timeout_on_the_cloud_functions_host_lasts_the_function_limit(tmp_path):
+    from fedkeeper.config import FaultConfig
+    from fedkeeper.providers.base import ErrorClass
+    p = LocalCloudFunctionsProvider("t", GoogleCluster(kind="local", faults=FaultConfig(timeout=1.0)),
+                                    ProviderContext(state_dir=tmp_path))
+    try:
+        p.deploy(FunctionSpec(name="echo", source="echo", timeout_s=1.5, bound={"FK_FUNCTION": "echo"}),
+                 gcf_artifact())
+        t0 = time.monotonic()
+        out = p.call("echo", {"n": 1}, timeout_s=10)
+        held = time.monotonic() - t0
+        assert out.error_class is ErrorClass.TIMEOUT
+        assert held >= 1.5, "the timeout fault answered before the function's limit"
+    finally:
+        p.close()
