@@ -157,8 +157,9 @@ class FakeProvider(Provider):
     """A platform whose functions run at once, as `behave` says.
 
     behave(function, payload, attempt) returns "ok" (fl_client stores its
-    update), an Outcome to report, a ProviderError to raise at invoke, or
-    "hang" (never finishes)."""
+    update), ("after", seconds) (the same, that much later on the clock),
+    an Outcome to report, a ProviderError to raise at invoke, or "hang"
+    (never finishes)."""
 
     platform = "fake"
     entry = "openwhisk"
@@ -171,6 +172,7 @@ class FakeProvider(Provider):
         self.behave = behave or (lambda fn, payload, n: "ok")
         self.ids = itertools.count(1)
         self.done: dict[str, Outcome] = {}
+        self.later: dict[str, tuple[float, str, dict]] = {}
         self.invoked: list[tuple[str, dict]] = []
         self.deployed: list[str] = []
         self.track_error: ProviderError | None = None
@@ -201,6 +203,8 @@ class FakeProvider(Provider):
         if what == "ok":
             result = self._run(name, payload)
             self.done[pid] = Outcome(pid, True, result=result, duration_ms=10.0, cold_start=False)
+        elif isinstance(what, tuple) and what[0] == "after":
+            self.later[pid] = (self.clock() + what[1], name, payload)
         elif isinstance(what, Outcome):
             self.done[pid] = Outcome(pid, what.ok, what.error_class, what.error, what.result,
                                      retry_after=what.retry_after)
@@ -227,6 +231,10 @@ class FakeProvider(Provider):
         self.tracks += 1
         if self.track_error is not None:
             raise self.track_error
+        for pid, (at, name, payload) in list(self.later.items()):
+            if at <= self.clock():
+                del self.later[pid]
+                self.done[pid] = Outcome(pid, True, result=self._run(name, payload), duration_ms=10.0)
         return [self.done.pop(i.platform_id) for i in pending if i.platform_id in self.done]
 
     def call(self, name, payload, timeout_s, poll_s=0.05):

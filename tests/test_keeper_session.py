@@ -258,3 +258,26 @@ def test_refused_connections_reported_per_invocation_end_in_a_lost_cluster_not_u
     assert max(a["attempt"] for a in attempts) > 3          # more than max_attempts, none counted
     assert len(attempts) < 4 * 40                            # but backed off, not a flood
     assert store.sessions["s1"]["state"] == "interrupted"
+
+
+def test_semi_async_closes_at_quorum_and_a_stragglers_update_joins_a_later_round(tmp_path):
+    def behave(fn, p, n):
+        if fn == "fl_client" and p["client"] == "client_3" and p["round"] == 0:
+            return ("after", 5.0)
+        if fn == "fl_client" and p["round"] > 0:
+            return ("after", 3.0)           # the later rounds take time
+        return "ok"
+
+    keeper, store, provider, _ = fake_keeper(tmp_path, behave, mode="semi_async", rounds=3,
+                                             training="staleness_tolerance: 2\n")
+    summary = keeper.start(session_id="s1", deploy=False)
+    assert summary.state == "finished"
+    first = store.rounds_[("s1", 0)]
+    assert first["included"] == ["client_0", "client_1", "client_2"]
+    # Its client was busy: not selected while its attempt straggled on.
+    assert "client_3" not in store.rounds_[("s1", 1)]["selected"]
+    joined = [r for r in store.rounds("s1")
+              if {"client": "client_3", "round": 0} in (r.get("stale_included") or [])]
+    assert len(joined) == 1 and joined[0]["round"] > 0
+    assert store.updates_[("s1", 0, "client_3")]["status"] == "accepted"
+    assert len([a for a in client_attempts(store, "s1") if a["client"] == "client_3" and a["round"] == 0]) == 1
