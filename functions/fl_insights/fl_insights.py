@@ -38,7 +38,7 @@ import numpy as np
 
 from flcommon import store
 from flcommon.blobs import BlobError
-from flcommon.context import database
+from flcommon.context import database, model_bytes
 from flcommon.entry import BadRequest, require
 from flcommon.update_stats import cluster_vectors, finite_or_none, score_round, shares
 from flcommon.lru import ByteLRU
@@ -123,6 +123,7 @@ class ModelVector(NamedTuple):
     blob_id: Any
     values: np.ndarray           # flat float32, read-only
     shapes: tuple[tuple[int, ...], ...]
+    nbytes: int                  # the stored arrays' size: what an update of this model may decode to
 
 
 class UpdateVector(NamedTuple):
@@ -154,8 +155,8 @@ class Reader:
             for d in self.db[f"{store.BUCKET}.files"].find({"_id": {"$in": wanted}}, {"length": 1}):
                 self._lengths[d["_id"]] = int(d.get("length") or 0)
 
-    def _read(self, blob_id: Any) -> list[np.ndarray]:
-        arrays = store.get_arrays(self.db, blob_id)
+    def _read(self, blob_id: Any, max_bytes: int | None) -> list[np.ndarray]:
+        arrays = store.get_arrays(self.db, blob_id, max_bytes=max_bytes)
         self.bytes_read += self._lengths.get(blob_id, 0)
         self.blobs_read += 1
         return arrays
@@ -176,11 +177,12 @@ class Reader:
                 self.model_misses += 1
                 self._prefetch_lengths([doc["blob_id"]])
                 try:
-                    arrays = self._read(doc["blob_id"])
+                    arrays = self._read(doc["blob_id"], model_bytes(self.db, session))
                     flat = np.concatenate([np.asarray(a, dtype=np.float32).ravel() for a in arrays]) \
                         if arrays else np.zeros(0, np.float32)
                     flat.flags.writeable = False  # shared between invocations
-                    out = ModelVector(doc["blob_id"], flat, tuple(tuple(a.shape) for a in arrays))
+                    out = ModelVector(doc["blob_id"], flat, tuple(tuple(a.shape) for a in arrays),
+                                      sum(a.nbytes for a in arrays))
                     if self.cache is not None:
                         self.cache.put(key, out, flat.nbytes + ENTRY_OVERHEAD)
                 except BlobError as exc:
@@ -220,7 +222,7 @@ class Reader:
 
     def _delta(self, u: dict[str, Any], base: ModelVector) -> UpdateVector:
         try:
-            arrays = self._read(u["blob_id"])
+            arrays = self._read(u["blob_id"], base.nbytes)  # an update is never larger than its model
         except BlobError as exc:
             return UpdateVector(u["blob_id"], base.blob_id, None, error=str(exc)[:300])
         if len(arrays) != len(base.shapes):
