@@ -11,18 +11,42 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 # Fault injection on local clusters: the local platforms' one fault model validates it.
 from ..local.fault_config import FaultConfig
-from .errors import one_of
+from .errors import closest, one_of
 from .values import Currency, HttpUrl, Port, host_port, positive_count
 
 
-class Strict(BaseModel):
+class _Keys(BaseModel):
+    """Refuses a key that looks like a misspelt known key, naming the key it
+    probably meant; Strict refuses every other unknown key too."""
+
+    # How alike an unknown key must be to a known one to be taken for its
+    # typo; Open blocks legitimately hold other keys, so they ask for more.
+    _typo_cutoff: ClassVar[float] = 0.6
+
+    @model_validator(mode="before")
+    @classmethod
+    def _misspelt_keys(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        known = set(cls.model_fields) | {f.alias for f in cls.model_fields.values() if f.alias}
+        for key in data:
+            if key not in known:
+                hint = closest(str(key), known, cls._typo_cutoff)
+                if hint:
+                    raise ValueError(f"{key}: unknown key; did you mean {hint}?")
+        return data
+
+
+class Strict(_Keys):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
 
-class Open(BaseModel):
-    """Keeps keys it does not know (the original schema has free-form blocks)."""
+class Open(_Keys):
+    """Keeps keys it does not know (the original schema has free-form blocks),
+    except those that look like a misspelt known key."""
 
     model_config = ConfigDict(extra="allow", populate_by_name=True)
+    _typo_cutoff: ClassVar[float] = 0.8
 
 
 class PrometheusConfig(Open):

@@ -21,15 +21,21 @@ class ConfigError(Exception):
         super().__init__(f"{where}: {message}")
 
 
-def closest(value: object, choices: Iterable[str]) -> Optional[str]:
-    """The choice a typo most likely meant, or None when none is close."""
+def closest(value: object, choices: Iterable[str], cutoff: float = 0.6) -> Optional[str]:
+    """The choice a typo most likely meant, or None when none is close: the
+    same letters in another order or case, or a string similarity of at
+    least `cutoff`."""
     if not isinstance(value, str):
         return None
     choices = [str(c) for c in choices]
     lowered = {c.lower(): c for c in choices}
-    if value.strip().lower() in lowered and value not in choices:
-        return lowered[value.strip().lower()]
-    found = difflib.get_close_matches(value.strip().lower(), list(lowered), n=1, cutoff=0.6)
+    v = value.strip().lower()
+    if v in lowered and value not in choices:
+        return lowered[v]
+    for c in lowered:
+        if sorted(c) == sorted(v) and c != v:
+            return lowered[c]
+    found = difflib.get_close_matches(v, list(lowered), n=1, cutoff=cutoff)
     return lowered[found[0]] if found else None
 
 

@@ -182,7 +182,7 @@ def _validation_error(exc: ValidationError, prefix: tuple = ()) -> _Located:
 def _key_named_first(path: tuple, message: str, index: dict) -> tuple:
     """A check over a whole block (e.g. faults, retries) whose message starts
     with one of the block's keys points at that key's line."""
-    first = re.match(r"[A-Za-z_][A-Za-z0-9_]*", message)
+    first = re.match(r"[A-Za-z_][A-Za-z0-9_-]*", message)
     if first and tuple(str(p) for p in path) + (first.group(0),) in index:
         return path + (first.group(0),)
     return path
