@@ -7,16 +7,25 @@ ID-token check, so invocations go end to end through the real invoke path.
 """
 from __future__ import annotations
 
+import hashlib
+import io
+import json
 import socket
 import time
+import zipfile
+from pathlib import Path
 
+import psutil
 import pytest
 
 from fedkeeper.config import GoogleCluster
 from fedkeeper.providers import make_provider
-from fedkeeper.providers.base import ErrorClass, FunctionSpec, ProviderContext, ProviderError
+from fedkeeper.artifacts import build_artifact
+from fedkeeper.providers.base import Artifact, ErrorClass, FunctionSpec, ProviderContext, ProviderError
 from fedkeeper.providers.gcf import CloudFunctionsProvider, function_id, map_api_error
 from fedkeeper.providers.gcf.provider import SHA_LABEL, memory_bytes
+
+from flcommon.auth import signed
 
 from fake_gcf_api import FakeCloudFunctions
 from test_gcf_local import ECHO_MAIN, make_artifact, wait_all
@@ -231,3 +240,51 @@ def test_helpers():
         function_id("1bad")
     assert memory_bytes("1024M") == memory_bytes("1024000k") and memory_bytes("1Gi") == 2**30
     assert map_api_error(TimeoutError(), "x").error_class is ErrorClass.TIMEOUT
+
+
+def _nodeinfo_spec(secret: str) -> FunctionSpec:
+    return FunctionSpec(name="nodeinfo", source="nodeinfo", memory_mb=256, timeout_s=60,
+                        bound={"FK_FUNCTION": "nodeinfo", "FK_TOKEN_SECRET": secret, "FK_STORE_URL": "",
+                               "FK_STORE_DB": "fk"})
+
+
+def test_the_uploaded_zip_is_what_runs_with_its_requirements(fake, provider):
+    """Cloud Functions' buildpack contract, as the fake follows it: the zip
+    the v2 client uploads is unpacked, its requirements.txt is what the
+    process gets (nothing else of the keeper's environment), and
+    functions-framework serves its main.py."""
+    art = build_artifact("nodeinfo", "http")
+    provider.deploy(_nodeinfo_spec("s3cret"), art)
+    obj = fake.functions["nodeinfo"]["buildConfig"]["source"]["storageSource"]["object"]
+    assert fake.uploads[obj] == art.data
+    out = provider.call("nodeinfo", signed("s3cret", {"function": "nodeinfo", "session": "t", "round": 0,
+                                                      "client": None, "attempt": 1}), timeout_s=60)
+    assert out.ok, out.error
+    proc = psutil.Process(out.result["pid"])
+    members = zipfile.ZipFile(io.BytesIO(art.data)).namelist()
+    cwd = Path(proc.cwd())
+    assert sorted(str(p.relative_to(cwd)) for p in cwd.rglob("*") if p.is_file() and "__pycache__" not in p.parts) \
+        == sorted(members)
+    cmd = proc.cmdline()
+    assert cmd[1:3] == ["-I", "-S"] and any(c.endswith("function_host.py") for c in cmd)
+    site = Path(cmd[cmd.index(next(c for c in cmd if c.endswith("bootstrap.py"))) + 1])
+    pins = json.loads((site / "fedkeeper-runtime.json").read_text())["pins"]
+    reqs = [line for line in zipfile.ZipFile(io.BytesIO(art.data)).read("requirements.txt").decode().splitlines()
+            if line and not line.startswith("#")]
+    assert pins == reqs
+
+
+def test_an_import_the_requirements_do_not_declare_fails_the_deploy(fake, provider):
+    base = build_artifact("nodeinfo", "http")
+    buf = io.BytesIO()
+    with zipfile.ZipFile(io.BytesIO(base.data)) as src, zipfile.ZipFile(buf, "w") as dst:
+        for info in src.infolist():
+            data = src.read(info)
+            if info.filename == "main.py":
+                data = b"import yaml  # installed for the keeper, not in the runtime\n" + data
+            dst.writestr(info, data)
+    art = Artifact(data=buf.getvalue(), sha256=hashlib.sha256(buf.getvalue()).hexdigest(), entry="http",
+                   runtime="light")
+    with pytest.raises(ProviderError) as e:
+        provider.deploy(_nodeinfo_spec("s3cret"), art)
+    assert "No module named 'yaml'" in str(e.value)

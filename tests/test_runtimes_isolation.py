@@ -14,6 +14,8 @@ import pytest
 from fedkeeper import artifacts, runtimes
 from fedkeeper.runtimes import Pin, isolation
 
+from fixtures_fabric import fabric_dir, fabric_info  # noqa: F401  (module fixtures)
+
 pytestmark = pytest.mark.timeout(180)
 
 
@@ -127,3 +129,34 @@ def test_local_cloud_functions_install_the_sources_requirements(cache, tmp_path)
     (src / "requirements.txt").write_text("numpy>=1\n")
     with pytest.raises(isolation.IsolationError, match="not pinned"):
         isolation.source_command(src, "-c", "pass", cache_dir=cache)
+
+
+def test_local_openwhisk_runs_an_action_with_exactly_its_runtime(fabric_info, tmp_path):
+    """Through the fabric, as `fedkeeper start` uses it: a Docker action on
+    the light runtime's image imports numpy; the same code on the stock kind
+    cannot; an import the runtime does not declare fails naming the module."""
+    from fedkeeper.config import OpenWhiskCluster
+    from fedkeeper.providers.base import FunctionSpec, ProviderContext
+    from fedkeeper.providers.openwhisk import OpenWhiskProvider
+    from fedkeeper.runtimes.images import runtime_image
+    from fixtures_fabric import make_artifact
+
+    p = OpenWhiskProvider("ow", OpenWhiskCluster(base_url=fabric_info["url"], auth={"ow_auth": fabric_info["auth"]}),
+                          ProviderContext(state_dir=tmp_path))
+    uses_numpy = "import numpy\ndef main(args):\n    return {'v': numpy.__version__}\n"
+    uses_yaml = "import yaml\ndef main(args):\n    return {}\n"
+    light = runtime_image("light", "openwhisk")
+    try:
+        p.deploy(FunctionSpec(name="iso_numpy", source="x", image=light), make_artifact(uses_numpy))
+        out = p.call("iso_numpy", {}, timeout_s=60)
+        assert out.ok and out.result == {"v": "2.4.6"}, out.error
+        p.deploy(FunctionSpec(name="iso_stock", source="x", runtime="python:3"), make_artifact(uses_numpy))
+        out = p.call("iso_stock", {}, timeout_s=60)
+        assert not out.ok and "No module named 'numpy'" in out.error
+        p.deploy(FunctionSpec(name="iso_yaml", source="x", image=light), make_artifact(uses_yaml))
+        out = p.call("iso_yaml", {}, timeout_s=60)
+        assert not out.ok and "No module named 'yaml'" in out.error
+    finally:
+        for name in ("iso_numpy", "iso_stock", "iso_yaml"):
+            p.remove(name)
+        p.close()

@@ -37,6 +37,7 @@ from typing import Any, Mapping
 
 import requests
 
+from ..runtimes.isolation import IsolationError, source_command
 from . import supervisor
 
 HOST_SCRIPT = str(Path(__file__).with_name("function_host.py"))
@@ -192,9 +193,14 @@ class FrameworkHost:
         for _attempt in range(3):
             port = free_port()
             log_path = src.parent / LOG_FILE
-            cmd = [self.python, HOST_SCRIPT, "--source", str(src / ENTRY_FILE), "--target", target,
-                   "--name", name, "--port", str(port), "--threads", str(max(1, threads)),
-                   "--timeout-s", str(float(timeout_s or 60.0))]
+            # what the source's requirements.txt pins, as the buildpack installs
+            # (fedkeeper/runtimes): an undeclared import fails here as there
+            try:
+                cmd = source_command(src, HOST_SCRIPT, "--source", str(src / ENTRY_FILE), "--target", target,
+                                     "--name", name, "--port", str(port), "--threads", str(max(1, threads)),
+                                     "--timeout-s", str(float(timeout_s or 60.0)))
+            except IsolationError as exc:
+                raise HostError(f"{name}: {exc}") from None
             if faults:
                 cmd += ["--faults", json.dumps(dict(faults), sort_keys=True)]
             proc, rec = supervisor.spawn(cmd, log_path=log_path, env=penv, cwd=src)

@@ -11,12 +11,12 @@ import logging
 import socket
 import struct
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 from typing import Callable
 
+from ...runtimes.isolation import action_command
 from ..supervisor import minimal_env
 from .entities import Action, Activation, annotation
 # The worker runs as a plain script (stdlib only); its framing helper is shared.
@@ -95,9 +95,10 @@ class Worker:
             with open(log_path, "ab") as logf:
                 # Only what a process needs: the action sees none of the
                 # fabric's (or the keeper's) environment.
+                # ... and only its runtime's packages (fedkeeper/runtimes).
                 self.proc = subprocess.Popen(
-                    [sys.executable, "-u", WORKER_SCRIPT, str(child.fileno()), a.code_dir,
-                     str(a.exec.get("main") or "main"), str(self.capacity)],
+                    action_command(a.exec, WORKER_SCRIPT, str(child.fileno()), a.code_dir,
+                                   str(a.exec.get("main") or "main"), str(self.capacity)),
                     pass_fds=(child.fileno(),), stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
                     cwd=a.code_dir, close_fds=True, env=minimal_env({"PYTHONDONTWRITEBYTECODE": "1"}))
         except OSError:
