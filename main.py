@@ -33,6 +33,9 @@ def main(argv=None) -> int:
     except UsageFailure as exc:
         exc.show()
         return exc.exit_code
+    except KeyboardInterrupt:  # Ctrl-C outside a session (a session says how to resume itself)
+        print("interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

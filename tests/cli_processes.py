@@ -35,3 +35,29 @@ def kill_cli_when(args: list[str], ready: Callable[[], Any], what: str, timeout_
         if proc.poll() is None:
             proc.kill()
         proc.stdout.close()
+
+
+def interrupt_cli_when(args: list[str], ready: Callable[[], Any], what: str,
+                       timeout_s: float = 180) -> tuple[Any, int, str]:
+    """Start `python -m fedkeeper.cli *args`, wait (bounded) until `ready()`
+    holds, then press Ctrl-C (SIGINT) and wait for the process to end.
+    Returns (what ready returned, exit status, stdout and stderr)."""
+    proc = subprocess.Popen([sys.executable, "-m", "fedkeeper.cli", *args], env=dict(os.environ),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            found = ready()
+            if found:
+                break
+            assert proc.poll() is None, proc.stdout.read().decode()
+            time.sleep(0.05)
+        else:
+            pytest.fail(f"{what} never happened")
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=60)
+        return found, proc.returncode, out.decode()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
