@@ -189,14 +189,24 @@ def test_kept_services_outlive_their_command_and_fabric_down_stops_everything(tm
 
 
 def test_the_store_stops_only_with_its_last_holder(tmp_path):
-    a, b = EmbeddedMongo(tmp_path / "m"), EmbeddedMongo(tmp_path / "m")
-    url, started = a.start()
-    url_b, started_b = b.start()
-    assert started and not started_b and url_b == url
-    assert not a.stop(), "a store another command still uses was stopped"
-    assert b.running_url() == url
-    assert b.stop()
-    assert b.running_url() is None
+    d = tmp_path / "m"
+    mine = EmbeddedMongo(d)
+    url, started = mine.start()
+    assert started
+    code = ("import sys, time\nfrom fedkeeper.local.store import EmbeddedMongo\n"
+            f"print(EmbeddedMongo({str(d)!r}).start()[0], flush=True)\ntime.sleep(120)\n")
+    other = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert other.stdout.readline().strip() == url
+        assert not mine.stop(), "a store another command still uses was stopped"
+        assert mine.running_url() == url
+    finally:
+        other.kill()
+        other.wait()
+    # The other command is gone (killed: its lease is stale), so this one stops it.
+    mine.start()
+    assert mine.stop()
+    assert mine.running_url() is None
 
 
 def test_cloud_functions_stop_with_their_last_holder(tmp_path):

@@ -26,7 +26,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import sys
 import threading
 import time
@@ -70,12 +69,6 @@ class HostedFunction:
 
     def running(self) -> bool:
         return supervisor.is_running(self.record())
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _safe_extract(data: bytes, dest: Path) -> None:
@@ -191,7 +184,7 @@ class FrameworkHost:
         })
         last_error = ""
         for _attempt in range(3):
-            port = free_port()
+            port = supervisor.free_port()
             log_path = src.parent / LOG_FILE
             # what the source's requirements.txt pins, as the buildpack installs
             # (fedkeeper/runtimes): an undeclared import fails here as there

@@ -9,15 +9,15 @@ the store URL stay valid across runs, and a server that is already running
 The server is supervised like every local service: `server.json` records
 its process identity (pid, creation time, command line), and nothing is
 signalled unless the pid is still that process. Every command that uses it
-holds a lease; `stop` leaves it running while another live command holds
-one, and `shutdown` (`fedkeeper fabric down`) stops it regardless.
+holds a lease (one per process); `stop` leaves it running while another
+live command holds one, and `shutdown` (`fedkeeper fabric down`) stops it
+regardless.
 """
 from __future__ import annotations
 
 import contextlib
 import json
 import shutil
-import socket
 import sys
 import time
 from dataclasses import dataclass, field
@@ -90,19 +90,6 @@ class EmbeddedMongo:
             return self.url_for(int(info["port"]))
         return None
 
-    def _free_port(self, preferred: int | None) -> int:
-        for port in ([preferred] if preferred else []) + [0]:
-            with socket.socket() as s:
-                # A port we used a moment ago sits in TIME_WAIT; servers bind it
-                # with SO_REUSEADDR, so probe the same way.
-                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                try:
-                    s.bind((self.host, port))
-                except OSError:
-                    continue
-                return s.getsockname()[1]
-        raise EmbeddedMongoError("no free loopback port")
-
     def _binary(self) -> str:
         exe = Path(sys.executable).parent / "secantusd-py"
         if exe.exists():
@@ -114,22 +101,26 @@ class EmbeddedMongo:
 
     def start(self, timeout_s: float = 30.0) -> tuple[str, bool]:
         """Return (url, started_here). Reuses a server that is already
-        running. Either way this object holds a lease on it until `stop`."""
+        running. Either way this process holds a lease on it until `stop`."""
         self.state_dir.mkdir(parents=True, exist_ok=True)
         with supervisor.locked(self.state_dir):
             url = self.running_url()
             started = url is None
             if started:
                 url = self._start(timeout_s)
-            if self._lease is None:
-                self._lease = supervisor.hold(self.state_dir, started=started, auto_stop=True)
+            # One lease per process: the runtime may replace its object
+            # after a restart, and whichever object stops it gives it back.
+            self._lease = supervisor.hold(self.state_dir, started=started, auto_stop=True, per_process=True)
             return url, started
 
     def _start(self, timeout_s: float) -> str:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         info = self._read_info() or {}
         supervisor.drop_leases(self.state_dir)
-        port = self._free_port(info.get("port"))
+        try:
+            port = supervisor.free_port(self.host, info.get("port"))
+        except OSError as exc:
+            raise EmbeddedMongoError(str(exc)) from None
         # In a session of its own: survives a killed keeper; adopted on resume.
         proc, rec = supervisor.spawn(
             [self._binary(), "--host", self.host, "--port", str(port),
@@ -150,14 +141,13 @@ class EmbeddedMongo:
         raise EmbeddedMongoError(f"embedded MongoDB did not answer within {timeout_s:.0f}s")
 
     def stop(self, timeout_s: float = 15.0) -> bool:
-        """Give this object's lease back and stop the server unless another
+        """Give this process's lease back and stop the server unless another
         live command still holds it. True when a server was stopped."""
         if not self.state_dir.is_dir():
             return False
         with supervisor.locked(self.state_dir):
-            lease, self._lease = self._lease, None
-            if lease is not None:
-                lease.release()
+            self._lease = None
+            supervisor.Lease(self.state_dir, per_process=True).release()
             if supervisor.live_holders(self.state_dir):
                 return False
             return self._stop(timeout_s)

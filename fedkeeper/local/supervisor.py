@@ -18,6 +18,7 @@ import fcntl
 import json
 import os
 import signal
+import socket
 import subprocess
 import time
 import uuid
@@ -183,11 +184,14 @@ def write_private(path: Path, text: str) -> None:
 # --------------------------------------------------------------------------- leases
 
 class Lease:
-    """One holder's claim on a shared service directory."""
+    """One holder's claim on a shared service directory: one per object by
+    default, or one for the whole process (`per_process`), which any object
+    of the process then gives back."""
 
-    def __init__(self, service_dir: Path):
+    def __init__(self, service_dir: Path, per_process: bool = False):
         self.service_dir = Path(service_dir)
-        self.path = self.service_dir / LEASE_DIR / f"{os.getpid()}-{uuid.uuid4().hex[:12]}.json"
+        key = "process" if per_process else uuid.uuid4().hex[:12]
+        self.path = self.service_dir / LEASE_DIR / f"{os.getpid()}-{key}.json"
         me = record_of(os.getpid())
         self.path.parent.mkdir(parents=True, exist_ok=True)
         write_private(self.path, json.dumps(me.to_json() if me else {"pid": os.getpid()}))
@@ -205,12 +209,12 @@ class Lease:
 AUTO_STOP_MARKER = "auto_stop"
 
 
-def hold(service_dir: Path, *, started: bool, auto_stop: bool) -> Lease:
+def hold(service_dir: Path, *, started: bool, auto_stop: bool, per_process: bool = False) -> Lease:
     """Claim a shared service (call under the service's lock). A holder that
     does not want it stopped automatically (`fabric up`, --keep-services)
     makes it permanent; one that started it with auto_stop marks it to be
     stopped by its last holder, whoever that is."""
-    lease = Lease(service_dir)
+    lease = Lease(service_dir, per_process=per_process)
     if not auto_stop:
         keep(service_dir)
     elif started:
@@ -259,6 +263,21 @@ def drop_leases(service_dir: Path) -> None:
             p.unlink()
 
 
+def free_port(host: str = "127.0.0.1", preferred: int | None = None) -> int:
+    """A port free on `host`: `preferred` when it can be bound, else any.
+    Probed with SO_REUSEADDR, as servers bind: a port used a moment ago
+    sits in TIME_WAIT and is still usable."""
+    for port in ([preferred] if preferred else []) + [0]:
+        with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+            return s.getsockname()[1]
+    raise OSError(f"no free port on {host}")
+
+
 def tail(path: Path, lines: int = 20) -> str:
     try:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
@@ -282,4 +301,4 @@ def minimal_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
 
 
 __all__ = ["ProcessRecord", "Lease", "hold", "keep", "release", "record_of", "is_running", "pid_alive", "spawn", "stop", "locked",
-           "write_private", "live_holders", "drop_leases", "tail", "minimal_env", "PASS_ENV"]
+           "write_private", "free_port", "live_holders", "drop_leases", "tail", "minimal_env", "PASS_ENV"]

@@ -88,7 +88,17 @@ def _read_state(sdir: Path) -> dict | None:
 
 
 def _process(info: dict | None) -> supervisor.ProcessRecord | None:
-    return supervisor.ProcessRecord.from_json(info.get("process") or {}) if info else None
+    if not info:
+        return None
+    rec = supervisor.ProcessRecord.from_json(info.get("process") or {})
+    if rec is None and "pid" in info:
+        # Written before identities were recorded: adopt the pid only if it
+        # runs a fabric.
+        with contextlib.suppress(TypeError, ValueError):
+            cur = supervisor.record_of(int(info["pid"]))
+            if cur is not None and "fedkeeper.local.fabric" in cur.cmdline:
+                rec = cur
+    return rec
 
 
 def _answers(info: dict, timeout: float = 2.0) -> bool:
