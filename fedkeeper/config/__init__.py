@@ -30,7 +30,7 @@ from typing import Any
 from .clusters import (ClusterConfig, FaultConfig, HostConfigurations, PricingConfig, PrometheusConfig,
                        Providers, cluster_model, provider_sections)
 from .errors import ConfigError
-from .loading import load_config, parse_config
+from .loading import error_reason, load_config, parse_config
 from .model import SECRET_KEYS, Config, redact
 from .references import check_references
 from .render import render_config, to_yaml_dict
@@ -44,7 +44,7 @@ __all__ = ["SECRET_KEYS", "STRATEGIES", "ClientsInfo", "ClusterConfig", "Config"
            "DataSampling", "FaultConfig", "FunctionConfig", "HostConfigurations", "InsightsConfig",
            "ModelParams", "MongoConfig", "PricingConfig", "PrometheusConfig", "Providers", "RetryConfig",
            "Scenario", "ServerConfig", "StrategyConfig", "TrainingConfig", "TrainingTestData",
-           "check_references", "client_placement", "cluster_model", "format_duration_s",
+           "check_references", "client_placement", "error_reason", "cluster_model", "format_duration_s",
            "format_memory_mb", "load_config", "parse_config", "parse_duration_s", "parse_memory_mb",
            "provider_sections", "redact", "render_config", "to_yaml_dict"]
 

@@ -158,7 +158,9 @@ def _validate_providers(data: dict) -> None:
 
 # --------------------------------------------------------------------------- errors
 
-def _friendly(err: dict) -> str:
+def error_reason(err: dict) -> str:
+    """One pydantic error as the reason a config line is refused, with a
+    did-you-mean hint for a misspelt choice."""
     t, msg = err.get("type", ""), err.get("msg", "")
     if t == "extra_forbidden":
         return "unknown key (check its spelling and indentation)"
@@ -176,7 +178,7 @@ def _validation_error(exc: ValidationError, prefix: tuple = ()) -> _Located:
     errs = exc.errors()
     first = errs[0]
     more = f" (and {len(errs) - 1} more problem{'s' if len(errs) > 2 else ''})" if len(errs) > 1 else ""
-    return _Located(prefix + tuple(first["loc"]), _friendly(first) + more)
+    return _Located(prefix + tuple(first["loc"]), error_reason(first) + more)
 
 
 def _key_named_first(path: tuple, message: str, index: dict) -> tuple:
