@@ -419,3 +419,85 @@ def test_session_summary_reports_each_clusters_prometheus(prometheus, state, cap
     row = next(line for line in out.splitlines() if "ow-b" in line)
     activations = int(float(row.split("│")[2].strip()))
     assert activations > 0
+
+
+class _PromStub:
+    """A Prometheus HTTP API that records each PromQL query and answers a
+    fixed scalar per metric name found in it."""
+
+    def __init__(self, answers: dict[str, float]):
+        import json
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+        from urllib.parse import parse_qs, urlsplit
+        self.queries: list[str] = []
+        stub = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def _answer(self, query: str):
+                stub.queries.append(query)
+                value = next((v for k, v in answers.items() if k in query), None)
+                result = [] if value is None else [{"metric": {}, "value": [0, str(value)]}]
+                body = json.dumps({"status": "success", "data": {"resultType": "vector", "result": result}})
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body.encode())
+
+            def do_GET(self):
+                self._answer(parse_qs(urlsplit(self.path).query).get("query", [""])[0])
+
+            def do_POST(self):
+                n = int(self.headers.get("Content-Length") or 0)
+                self._answer(parse_qs(self.rfile.read(n).decode()).get("query", [""])[0])
+
+            def log_message(self, *a):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_knative_adapter_reads_queue_proxy_and_activator_metrics():
+    from fedkeeper.config import KnativeCluster
+    from fedkeeper.providers.knative import KnativeProvider
+    stub = _PromStub({'response_code_class="5xx"': 2, "revision_app_request_count": 40,
+                      "activator_request_count": 3, "revision_app_request_latencies_sum": 8.0,
+                      "revision_app_request_latencies_count": 40, "0.5,": 0.15, "0.95,": 0.5})
+    try:
+        c = KnativeCluster(namespace="fl", prometheus_config={"url": stub.url})
+        row = KnativeProvider.cluster_metrics("kn", c, "1h", ["fl_client"])
+    finally:
+        stub.close()
+    assert row.error is None and row.note is None
+    assert (row.activations, row.cold_starts, row.errors) == (40, 3, 2)
+    assert row.error_rate == pytest.approx(0.05) and row.duration_mean_s == pytest.approx(0.2)
+    assert row.duration_p50_s == pytest.approx(0.15) and row.duration_p95_s == pytest.approx(0.5)
+    assert all('namespace_name="fl"' in q and 'service_name=~"fl\\\\-client"' in q for q in stub.queries), stub.queries
+    # latencies are exported in ms: sums and quantiles are turned into seconds by the query
+    assert all(q.endswith("/ 1000") for q in stub.queries if "latencies_sum" in q or "latencies_bucket" in q)
+
+
+def test_each_cluster_asks_its_own_platform_and_cloud_functions_is_a_note():
+    from fedkeeper.config import parse_config
+    from fedkeeper.metrics import metrics_exit_status
+    cfg = parse_config("""
+providers:
+  google:
+    gcf: {project: my-project, region: us-central1}
+  knative:
+    kn: {namespace: fl}
+scenarios:
+  s: {}
+""")
+    rows = {r.cluster: r for r in metrics_for_config(cfg, "1h")}
+    assert rows["gcf"].error is None and "Cloud Functions has no Prometheus source" in rows["gcf"].note
+    assert rows["kn"].error and "no Prometheus configured" in rows["kn"].error
+    assert metrics_exit_status(rows.values()) == 1
+    assert metrics_exit_status([rows["gcf"]]) == 0
