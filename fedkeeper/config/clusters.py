@@ -38,14 +38,14 @@ class _Keys(BaseModel):
 
 
 class Strict(_Keys):
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, allow_inf_nan=False)
 
 
 class Open(_Keys):
     """Keeps keys it does not know (the original schema has free-form blocks),
     except those that look like a misspelt known key."""
 
-    model_config = ConfigDict(extra="allow", populate_by_name=True)
+    model_config = ConfigDict(extra="allow", populate_by_name=True, allow_inf_nan=False)
     _typo_cutoff: ClassVar[float] = 0.8
 
 
