@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from dp_accounting import pld, rdp
 
-from fedkeeper.privacy import AccountingError, PrivacyBudget, epsilon
+from fedkeeper.privacy.accountant import AccountingError, PrivacyBudget, epsilon
 from flcommon.privacy import (CentralDP, PrivacyError, adaptive_clip_update, clip, global_norm,
                               privacy_settings, privatize_local, value_noise_multiplier)
 from flcommon.strategies import get_strategy

@@ -1,9 +1,12 @@
-"""The keeper's side of privacy: the DP accountant (epsilon per round, the
-budget check) and the orchestration of secure aggregation's stages. The
-mechanisms themselves (clipping, noise, masking) run inside the functions:
-flcommon.privacy and flcommon.secagg."""
-from __future__ import annotations
+"""The keeper's side of privacy (docs/privacy.md):
 
-from .accountant import ACCOUNTANTS, AccountingError, PrivacyBudget, describe_epsilon, dp_event, epsilon
+  settings.py       training.privacy and training.secure_aggregation: the
+                    config blocks, what they refuse, the session spec
+  accountant.py     epsilon per round with Google's dp-accounting, the
+                    target-epsilon check
+  secagg_stages.py  secure aggregation's stages as rounds of invocations
 
-__all__ = ["ACCOUNTANTS", "AccountingError", "PrivacyBudget", "describe_epsilon", "dp_event", "epsilon"]
+The mechanisms themselves (clipping, noise, masking) run inside the
+functions: flcommon.privacy and flcommon.secagg. Nothing is imported here:
+dp-accounting (and scipy under it) loads only where epsilon is computed.
+"""

@@ -1,0 +1,82 @@
+"""training.privacy and training.secure_aggregation as config blocks: the
+shapes accepted, what is refused where it does not compose, the session
+spec, and what `config validate` prints (the epsilon dp-accounting gives)."""
+from __future__ import annotations
+
+import pydantic
+import pytest
+
+from fedkeeper.privacy.accountant import PrivacyBudget
+from fedkeeper.privacy.settings import (AdaptiveClipping, PrivacyConfig, SecureAggregationConfig, describe,
+                                        refusal, scenario_refusal, secure_aggregation)
+
+
+def central(**kw):
+    return PrivacyConfig(**{"mode": "central", "noise_multiplier": 1.0, "clip_norm": 1.0, **kw})
+
+
+def test_clip_norm_is_a_number_or_adaptive():
+    assert central().clip_norm == 1.0 and not central().adaptive
+    assert central(clip_norm="adaptive").clip_norm == AdaptiveClipping()
+    p = central(clip_norm={"adaptive": {"initial": 0.5, "target_quantile": 0.7}})
+    assert p.adaptive and p.clip_norm.initial == 0.5 and p.clip_norm.learning_rate == 0.2
+    assert central(clip_norm={"adaptive": True}).clip_norm == AdaptiveClipping()
+    for bad in (0, -1, {"initial": 1}, {"adaptive": {"quantile": 0.5}}):
+        with pytest.raises(pydantic.ValidationError):
+            central(clip_norm=bad)
+
+
+def test_misspelt_and_unknown_keys_are_refused():
+    with pytest.raises(pydantic.ValidationError, match="did you mean noise_multiplier"):
+        PrivacyConfig(mode="central", noise_multiplyer=1.0, clip_norm=1.0)
+    with pytest.raises(pydantic.ValidationError, match="mode"):
+        central(mode="global")
+    with pytest.raises(pydantic.ValidationError):
+        central(delta=1.0)
+    with pytest.raises(pydantic.ValidationError, match="needs mode: central"):
+        PrivacyConfig(mode="local", noise_multiplier=1.0, clip_norm="adaptive")
+
+
+@pytest.mark.parametrize("privacy, secure, strategy, mode, message", [
+    (central(), False, "fedavg", "sync", None),
+    (central(), False, "fedadam", "sync", None),
+    (central(), False, "median", "sync", "FedAvg-family"),
+    (central(), False, "krum", "sync", "FedAvg-family"),
+    (central(mode="local"), False, "median", "sync", None),     # noise added by clients: post-processing
+    (central(), False, "fedavg", "async", "needs mode: sync"),
+    (central(mode="local"), False, "fedavg", "semi_async", "needs mode: sync"),
+    (None, True, "fedavg", "sync", None),
+    (None, True, "trimmed_mean", "sync", "FedAvg-family"),
+    (None, {"threshold": 0.6}, "fedavg", "async", "needs mode: sync"),
+    (central(), True, "fedavg", "sync", "cannot be combined"),
+    (central(mode="local"), True, "fedavg", "sync", None),
+])
+def test_what_does_not_compose_is_refused(privacy, secure, strategy, mode, message):
+    if isinstance(secure, dict):
+        secure = SecureAggregationConfig(**secure)
+    why = refusal(privacy, secure, strategy, mode)
+    assert (why is None) if message is None else (message in why)
+
+
+def test_session_spec_is_what_the_functions_read():
+    spec = central(clip_norm="adaptive").spec(clients_per_round=40)
+    assert spec["mode"] == "central" and spec["clients_per_round"] == 40
+    assert spec["clip_norm"]["initial"] == 0.1 and spec["clip_norm"]["clipped_count_stddev"] is None
+    # The adaptive split cannot reach this noise multiplier with 4 clients (sigma_b = 0.2).
+    assert "too small" in scenario_refusal(central(clip_norm="adaptive"), clients_per_round=4)
+    assert scenario_refusal(central(), clients_per_round=4) is None
+    assert secure_aggregation(True).spec() == {"threshold": None, "scale": 2.0 ** 24}
+    assert secure_aggregation(False) is None
+
+
+def test_validate_prints_the_epsilon_of_the_configured_rounds():
+    p = central(target_epsilon=5.0)
+    lines = describe(p, False, clients_per_round=25, total_clients=100, rounds=20)
+    eps = PrivacyBudget("central", 1.0, 25, 100, 1e-5, 20).configured_epsilon()
+    assert f"epsilon {eps:.3g}" in lines[0] and "q = 0.25" in lines[0]
+    fit = PrivacyBudget("central", 1.0, 25, 100, 1e-5, 20, target_epsilon=5.0).rounds_within_target()
+    assert f"allows {fit} of the 20 rounds" in lines[1] and fit < 20
+    lines = describe(central(noise_multiplier=0.0), True, 10, 10, 3)
+    assert "inf (no noise)" in lines[0] and "warning: delta" not in " ".join(lines)
+    assert "secure_aggregation" in lines[-1]
+    assert any("warning: delta" in line for line in describe(central(delta=0.5), False, 1, 2, 1))
