@@ -62,7 +62,8 @@ def show(path: Path, *extra: str) -> str:
 
 @pytest.mark.parametrize("as_json", [False, True], ids=["yaml", "json"])
 @pytest.mark.parametrize("name", ["config-sample.yaml", "config-local.yaml",
-                                  "tests/data/fedkeeper_original_sample.yaml"])
+                                  "tests/data/fedkeeper_original_sample.yaml",
+                                  *sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "examples").glob("*.yaml"))])
 def test_every_sample_reads_back_the_same(name, as_json, sample_secrets, tmp_path):
     source = ROOT / name
     if "original" in name:  # its placeholders filled in, its data converted (see test_config)

@@ -10,6 +10,7 @@ from urllib.parse import urlsplit
 from flcommon.data import OBJ_HELP
 from pydantic import Field, SecretStr, field_validator, model_validator
 
+from ..user_module import UserModuleConfig
 from .clusters import Open, Strict
 from .errors import did_you_mean
 from .training import InsightsConfig, ModelParams, TrainingConfig
@@ -283,6 +284,7 @@ IGNORED_FUNCTION_SECTIONS = ("openfaas",)
 
 
 class Scenario(Strict):
+    user_module: Optional[UserModuleConfig] = None  # your model, data and partition (docs/models.md)
     server_config: Optional[ServerConfig] = None
     clients_info: Optional[ClientsInfo] = None
     data_sampling: DataSampling = DataSampling()
