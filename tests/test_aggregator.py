@@ -329,9 +329,10 @@ def test_stale_entries_are_checked(fn_db):
     sid = make_session(db, clients=2)
     call("fl_server_init", db, session=sid, round=0)
     for stale, reason in (([{"client": "client_0", "round": 0}], "must be below 0"),
-                          ([{"client": "client_0"}], "stale entry"),
-                          ([["client_0", 0]], "stale entry"),
-                          ({"client_0": 0}, "stale must be a list")):
+                          ([{"client": "client_0"}], "payload field 'stale[0]' must be"),
+                          ([["client_0", 0]], "payload field 'stale[0]' must be"),
+                          ([{"client": "client_0", "round": 10**20}], "'stale[0].round' must be a whole number"),
+                          ({"client_0": 0}, "payload field 'stale' must be a list")):
         out = call("fl_server_aggregator", db, session=sid, round=0, clients=["client_1"], stale=stale)
         assert reason in out["error"], out
     assert "no update to aggregate" in call("fl_server_aggregator", db, session=sid, round=0, clients=[])["error"]

@@ -132,6 +132,45 @@ def test_http_entry_statuses(fn_db, monkeypatch):
     assert json.loads(body)["error"].startswith("crash: RuntimeError") and SECRET not in body
 
 
+# Fields out of their bounds, each refused by every function as bad input.
+OUT_OF_BOUNDS = [
+    {"round": 10**20}, {"round": -1}, {"round": True}, {"round": 1.0}, {"round": float("inf")}, {"round": "3"},
+    {"attempt": 10**20}, {"attempt": 0}, {"client": "x" * 300}, {"client": "a\nb"}, {"session": ""},
+    {"session": {"$ne": None}}, {"clients": ["client_0", 7]}, {"clients": "client_0"},
+    {"stale": [{"client": "client_0", "round": 10**20}]}, {"stale": [{"client": "client_0"}]},
+    {"rounds": [0, 10**20]}, {"rounds": [3, 1]}, {"k": 10**20}, {"k": 0},
+    {"calls": [{"client": "client_0", "attempt": 10**20, "token": "t"}]},
+]
+VALID_PAYLOADS = {
+    "fl_client": {"session": "s", "round": 0, "client": "client_0", "attempt": 1},
+    "fl_server_init": {"session": "s", "round": 0},
+    "fl_server_aggregator": {"session": "s", "round": 1, "clients": ["client_0"]},
+    "fl_insights": {"session": "s", "what": "contributions"},
+    "fl_invoker": {"session": "s", "round": 0, "target": "fl_client",
+                   "calls": [{"client": "client_0", "attempt": 1, "token": "t"}]},
+    "nodeinfo": {"session": "s", "round": 0},
+}
+
+
+@pytest.mark.parametrize("name", sorted(VALID_PAYLOADS))
+def test_every_function_refuses_out_of_bounds_fields_before_touching_the_store(name, monkeypatch):
+    """No store is bound: a function that reached its store would crash
+    (RuntimeError: FK_STORE_URL is not bound) instead of answering."""
+    handle = load(name).handle
+    bound = {"FK_TOKEN_SECRET": SECRET}
+    for bad in OUT_OF_BOUNDS:
+        body = signed(SECRET, {"function": name, **VALID_PAYLOADS[name], **bad})
+        out = openwhisk_main(handle, {**bound, **body})
+        field = next(iter(bad))
+        assert out["error"].startswith(f"bad request: payload field '{field}"), (bad, out)
+    # Over HTTP: a 400, not a crash (which the keeper would retry).
+    monkeypatch.setenv("FK_TOKEN_SECRET", SECRET)
+    body = signed(SECRET, {"function": name, **VALID_PAYLOADS[name], "round": 10**20})
+    answer, status, headers = http_main(handle, wsgi_request(body))
+    assert status == 400 and "X-Google-Status" not in headers
+    assert "'round' must be a whole number from 0 to 1000000" in json.loads(answer)["error"]
+
+
 def test_functions_framework_serves_the_http_entry(fn_db, monkeypatch):
     """main.py through Google's functions-framework itself (its Flask app)."""
     import functions_framework

@@ -313,7 +313,7 @@ def test_bad_queries_are_refused(fn_db):
     mod = worker()
     for payload, message in [({"session": "nope", "what": "clusters"}, "no session 'nope'"),
                              ({"session": sid, "what": "everything"}, "what must be one of"),
-                             ({"session": sid, "what": "clusters", "rounds": [3, 1]}, "rounds must be"),
+                             ({"session": sid, "what": "clusters", "rounds": [3, 1]}, "'rounds' must be"),
                              ({"session": sid, "what": "clusters", "k": 5}, "k=5 groups cannot be made"),
                              ({"session": sid, "what": "clusters", "cache": "maybe"}, "cache must be")]:
         body = signed(SECRET, {"function": "fl_insights", **payload})

@@ -22,8 +22,6 @@ def handle(payload: dict[str, Any], bound: dict[str, str]) -> dict[str, Any]:
     db = database(bound)
     t0 = time.perf_counter()
     spec = session_spec(db, session)
-    if attempt < 1:
-        raise BadRequest("payload field 'attempt' must be at least 1")
     if client not in spec["clients"]:
         raise BadRequest(f"{client} is not a client of session {session}")
     key = {"session": session, "round": rnd, "client": client}

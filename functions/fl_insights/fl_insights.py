@@ -92,16 +92,11 @@ def parse_query(payload: dict[str, Any]) -> Query:
     what = require(payload, "what", str)
     if what not in WHATS:
         raise BadRequest(f"what must be one of {', '.join(WHATS)}, not {what!r}")
+    # rounds and k are bounded by entry.check_fields before the handler runs.
     rounds = payload.get("rounds")
     if rounds is not None:
-        if (not isinstance(rounds, list) or len(rounds) != 2
-                or not all(isinstance(r, int) and not isinstance(r, bool) and r >= 0 for r in rounds)
-                or rounds[0] > rounds[1]):
-            raise BadRequest("rounds must be [first, last]: two round numbers, first <= last")
         rounds = (rounds[0], rounds[1])
     k = payload.get("k")
-    if k is not None and (not isinstance(k, int) or isinstance(k, bool) or k < 1):
-        raise BadRequest("k must be a positive integer")
     cache = payload.get("cache", True)
     if cache not in (True, False, "updates"):
         raise BadRequest('cache must be true, false or "updates"')

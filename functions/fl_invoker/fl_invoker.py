@@ -6,7 +6,7 @@ possibly slow link; the invoker submits them concurrently and records each
 platform id on the attempt's invocation document, where the keeper tracks it.
 
 Payload: {session, round, target: function name, calls: [signed client
-payloads {client, attempt, token, ...}]} ("clients" is accepted for "calls").
+payloads {client, attempt, token, ...}]}.
 The client payloads are forwarded untouched: their tokens were made by the
 keeper, the invoker cannot (and need not) sign anything.
 
@@ -90,10 +90,9 @@ def _invoke_http(url: str, call: dict[str, Any], timeout: float = 600.0) -> str:
 def handle(payload: dict[str, Any], bound: dict[str, str]) -> dict[str, Any]:
     session, rnd = ids(payload)
     target = require(payload, "target", str)
-    calls = payload.get("calls", payload.get("clients"))
+    calls = payload.get("calls")
     if not isinstance(calls, list) or not calls or len(calls) > MAX_CALLS or not all(
-            isinstance(c, dict) and isinstance(c.get("client"), str) and isinstance(c.get("token"), str)
-            for c in calls):
+            isinstance(c.get("client"), str) and isinstance(c.get("token"), str) for c in calls):
         raise BadRequest(f"calls must be a list of 1..{MAX_CALLS} signed client payloads")
     if os.environ.get("__OW_API_HOST") and os.environ.get("__OW_API_KEY"):
         def invoke(call):

@@ -55,18 +55,10 @@ def _result(doc: dict[str, Any]) -> dict[str, Any]:
 def _wanted(payload: dict[str, Any], rnd: int) -> list[tuple[str, int]]:
     """(client, model round) of every update to aggregate, each once, the
     round's own updates first."""
-    clients = require(payload, "clients", list)
-    if not all(isinstance(c, str) for c in clients):
-        raise BadRequest("clients must be a list of client ids")
-    stale = payload.get("stale") or []
-    if not isinstance(stale, list):
-        raise BadRequest("stale must be a list of {client, round}")
+    clients = require(payload, "clients", list)  # of ids, as entry.check_fields made sure
     wanted = [(c, rnd) for c in clients]
-    for item in stale:
-        if not isinstance(item, dict) or not isinstance(item.get("client"), str) \
-                or isinstance(item.get("round"), bool) or not isinstance(item.get("round"), int):
-            raise BadRequest("every stale entry must be {\"client\": id, \"round\": int}")
-        if not 0 <= item["round"] < rnd:
+    for item in payload.get("stale") or []:      # of {client, round}, likewise
+        if not item["round"] < rnd:
             raise BadRequest(f"stale update of {item['client']} is for round {item['round']}; "
                              f"a stale update's round must be below {rnd}")
         wanted.append((item["client"], item["round"]))

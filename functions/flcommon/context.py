@@ -55,10 +55,8 @@ def session_spec(db, session: str) -> dict[str, Any]:
 
 
 def ids(payload: dict[str, Any]) -> tuple[str, int]:
-    rnd = require(payload, "round", int)
-    if rnd < 0:
-        raise BadRequest("payload field 'round' must not be negative")
-    return require(payload, "session", str), rnd
+    """(session, round) of a payload whose fields entry.check_fields bounded."""
+    return require(payload, "session", str), require(payload, "round", int)
 
 
 def model_bytes(db, session: str) -> int | None:

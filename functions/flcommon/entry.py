@@ -9,9 +9,11 @@ Rules, the same on every platform:
 - a token that does not verify is refused: OpenWhisk gets an `error` result
   (an "application error"), HTTP a 401;
 - bad input is refused the same way (HTTP 400): a payload field that is
-  missing or of the wrong type, ids that name nothing in the store, a stored
-  blob that is not a valid pickle-free npz (`BadRequest`, `BlobError`). These
-  are application errors: retrying the same request cannot help;
+  missing, of the wrong type or out of its bounds (`check_fields`, before the
+  handler runs), ids that name nothing in the store, a stored blob that is
+  not a valid pickle-free npz or declares more than it may (`BadRequest`,
+  `BlobError`). These are application errors: retrying the same request
+  cannot help;
 - anything else is a genuine crash (a bug, the store going away, out of
   memory) and is a developer error, which the keeper may retry. On OpenWhisk
   it propagates, so the activation is an "action developer error"; on HTTP the
@@ -43,6 +45,91 @@ class BadRequest(ValueError):
 BAD_INPUT = (BadRequest, BlobError)
 
 
+# ------------------------------------------------------------------ payload fields
+# Every field a payload may carry is checked here, for every function, before
+# its handler runs and so before anything touches the store: a value the
+# store cannot hold (an integer beyond 64 bits) or one that makes no sense
+# (a negative round, a bool or a float for a count) is bad input, refused as
+# an application error and never retried, instead of a crash deep inside.
+# A handler then only asks for the fields it needs (`require`).
+MAX_ROUND = 1_000_000        # rounds of one session
+MAX_ATTEMPT = 1_000_000      # attempts of one invocation in one round
+MAX_GROUPS = 1_000           # insights: groups of clients asked for
+MAX_ID_CHARS = 256           # session, client, function and target names
+MAX_LISTED = 10_000          # clients (or calls) named in one payload
+
+
+def _whole_number(low: int, high: int) -> Callable[[Any, str], None]:
+    def check(value: Any, where: str) -> None:
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise BadRequest(f"payload field {where!r} must be a whole number from {low} to {high}, "
+                             f"not {_shown(value)}")
+    return check
+
+
+def _identifier(value: Any, where: str) -> None:
+    if not isinstance(value, str) or not 1 <= len(value) <= MAX_ID_CHARS or not value.isprintable():
+        raise BadRequest(f"payload field {where!r} must be a name of 1 to {MAX_ID_CHARS} printable "
+                         f"characters, not {_shown(value)}")
+
+
+def _round_range(value: Any, where: str) -> None:
+    if not isinstance(value, list) or len(value) != 2:
+        raise BadRequest(f"payload field {where!r} must be [first, last]")
+    for i, r in enumerate(value):
+        _ROUND(r, f"{where}[{i}]")
+    if value[0] > value[1]:
+        raise BadRequest(f"payload field {where!r} must be [first, last] with first <= last")
+
+
+def _listed(check: Callable[[Any, str], None]) -> Callable[[Any, str], None]:
+    def check_all(value: Any, where: str) -> None:
+        if not isinstance(value, list) or len(value) > MAX_LISTED:
+            raise BadRequest(f"payload field {where!r} must be a list of at most {MAX_LISTED}")
+        for i, item in enumerate(value):
+            check(item, f"{where}[{i}]")
+    return check_all
+
+
+def _stale_update(value: Any, where: str) -> None:
+    if not isinstance(value, dict) or set(value) != {"client", "round"}:
+        raise BadRequest(f"payload field {where!r} must be {{\"client\": id, \"round\": int}}")
+    _identifier(value["client"], f"{where}.client")
+    _ROUND(value["round"], f"{where}.round")
+
+
+def _call(value: Any, where: str) -> None:
+    """A signed client payload that fl_invoker forwards: its fields obey the
+    same rules (the invoker records its attempt in the store)."""
+    if not isinstance(value, dict):
+        raise BadRequest(f"payload field {where!r} must be a signed client payload")
+    check_fields(value, f"{where}.")
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+_ROUND = _whole_number(0, MAX_ROUND)
+FIELDS: dict[str, Callable[[Any, str], None]] = {
+    "function": _identifier, "session": _identifier, "client": _identifier, "target": _identifier,
+    "what": _identifier,
+    "round": _ROUND, "attempt": _whole_number(1, MAX_ATTEMPT), "k": _whole_number(1, MAX_GROUPS),
+    "rounds": _round_range,
+    "clients": _listed(_identifier), "stale": _listed(_stale_update), "calls": _listed(_call),
+}
+
+
+def check_fields(payload: Mapping[str, Any], prefix: str = "") -> None:
+    """Check every known field present (None counts as absent: a handler
+    that needs the field refuses it with `require`)."""
+    for key, check in FIELDS.items():
+        value = payload.get(key)
+        if value is not None:
+            check(value, prefix + key)
+
+
 def split_args(args: Mapping[str, Any]) -> tuple[dict[str, str], dict[str, Any]]:
     """(bound config, payload) from OpenWhisk's merged args."""
     bound = {k: v for k, v in args.items() if k.startswith(BOUND_PREFIX)}
@@ -66,6 +153,7 @@ def _checked(handle: Handler, bound: dict[str, str], payload: dict[str, Any]) ->
     except TokenError as exc:
         return 401, {"error": f"unauthorized: {exc}"}
     try:
+        check_fields(payload)
         result = handle(payload, bound)
     except BAD_INPUT as exc:
         return 400, {"error": _scrub(f"bad request: {exc}", bound)}
