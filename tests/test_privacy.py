@@ -262,3 +262,33 @@ def test_bad_accounting_parameters_are_refused():
         epsilon("central", 1.0, 1.5, 3, 1e-5)
     with pytest.raises(AccountingError, match="accountant"):
         epsilon("central", 1.0, 0.5, 3, 1e-5, "moments")
+
+
+# ---------------------------------------------------------------- what the functions call
+
+def test_functions_get_central_dp_only_when_the_session_has_it():
+    from flcommon.privacy import central_dp
+    spec = {"privacy": {"mode": "central", "noise_multiplier": 1.0, "clip_norm": 0.5, "clients_per_round": 4}}
+    dp = central_dp(spec, get_strategy("fedavg"), {})
+    assert isinstance(dp, CentralDP) and dp.clip_norm == 0.5
+    assert central_dp({}, get_strategy("fedavg"), {}) is None
+    assert central_dp({"privacy": dict(spec["privacy"], mode="local")}, get_strategy("fedavg"), {}) is None
+    adaptive = {"privacy": dict(spec["privacy"], clip_norm={"initial": 0.1, "clipped_count_stddev": 2.0})}
+    assert central_dp(adaptive, get_strategy("fedavg"), {}).clip_norm == 0.1
+    # the bound the previous aggregation stored with the model it wrote
+    assert central_dp(adaptive, get_strategy("fedavg"), {"privacy": {"next_clip_norm": 0.37}}).clip_norm == 0.37
+    assert central_dp(adaptive, get_strategy("fedavg"), {"privacy": {"next_clip_norm": -1}}).clip_norm == 0.1
+
+
+def test_local_dp_weights_move_the_global_model_by_a_clipped_noised_delta():
+    from flcommon.privacy import local_dp_weights
+    rng = np.random.default_rng(8)
+    g = [rng.standard_normal(s).astype(F32) for s in SHAPES]
+    new = [a + d for a, d in zip(g, delta_with_norm(rng, 50.0))]
+    spec = {"privacy": {"mode": "local", "noise_multiplier": 0.0, "clip_norm": 2.0, "clients_per_round": 3}}
+    out = local_dp_weights(spec, g, new)
+    assert global_norm([o - a for o, a in zip(out, g)]) == pytest.approx(2.0, rel=1e-4)
+    assert all(o.dtype == F32 for o in out)
+    noisy = local_dp_weights(dict(spec, privacy=dict(spec["privacy"], noise_multiplier=1.0)), g, new)
+    assert global_norm([o - a for o, a in zip(noisy, g)]) > 2.0  # noise on top of the clipped delta
+    assert local_dp_weights({}, g, new) is new

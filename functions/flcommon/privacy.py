@@ -253,3 +253,42 @@ class CentralDP:
             out["next_clip_norm"] = self.next_clip_norm
             out["noised_unclipped_share"] = self.noised_unclipped_share
         return out
+
+
+# --------------------------------------------------------------------------- what the functions call
+def central_dp(spec: dict[str, Any], strategy: StreamingStrategy, current_model: dict[str, Any]) -> CentralDP | None:
+    """The aggregator's DP wrapper for a session with central DP, else None.
+    With adaptive clipping the bound is the one the previous aggregation
+    stored with the current model (the configured initial one at first)."""
+    settings = privacy_settings(spec.get("privacy"))
+    if settings is None or settings["mode"] != "central":
+        return None
+    clip_norm = settings["clip_norm"]
+    previous = (current_model.get("privacy") or {}).get("next_clip_norm") if settings["adaptive"] else None
+    if isinstance(previous, (int, float)) and not isinstance(previous, bool) and math.isfinite(previous) \
+            and previous > 0:
+        clip_norm = float(previous)
+    return CentralDP(strategy, settings, clip_norm, np.random.default_rng())
+
+
+def local_dp_delta(spec: dict[str, Any], delta: Arrays) -> Arrays:
+    """The client's delta as it may leave the client: clipped and noised
+    under local DP, untouched otherwise. Nothing about the clipping is
+    reported (whether the delta was clipped is itself about the data)."""
+    settings = privacy_settings(spec.get("privacy"))
+    if settings is None or settings["mode"] != "local":
+        return delta
+    out, _ = privatize_local(delta, settings["clip_norm"], settings["noise_multiplier"], np.random.default_rng())
+    return out
+
+
+def local_dp_weights(spec: dict[str, Any], global_weights: Arrays, new_weights: Arrays) -> Arrays:
+    """New weights whose delta from the global model went through
+    local_dp_delta (in the model's dtypes)."""
+    settings = privacy_settings(spec.get("privacy"))
+    if settings is None or settings["mode"] != "local":
+        return new_weights
+    delta = local_dp_delta(spec, [np.asarray(n, np.float32) - np.asarray(g, np.float32)
+                                  for n, g in zip(new_weights, global_weights)])
+    return [(np.asarray(g, np.float32) + d).astype(np.asarray(n).dtype, copy=False)
+            for g, d, n in zip(global_weights, delta, new_weights)]

@@ -1,0 +1,68 @@
+"""What a round mode asks of privacy (fedkeeper.privacy.rounds): the
+session spec, epsilon after each round as dp-accounting gives it, and the
+target-epsilon stop with its message, recorded and announced."""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+
+from fedkeeper.privacy.accountant import PrivacyBudget
+from fedkeeper.privacy.rounds import RoundPrivacy, stored_epsilon
+from fedkeeper.privacy.settings import PrivacyConfig
+
+
+class Recorder:
+    def __init__(self):
+        self.events, self.emitted = [], []
+
+    def event(self, session, kind, message, **data):
+        self.events.append((session, kind, message, data))
+
+    def emit(self, kind, **data):
+        self.emitted.append((kind, data))
+
+
+def training(privacy=None, secure=False, rounds=20):
+    return SimpleNamespace(privacy=privacy, secure_aggregation=secure, rounds=rounds, round_deadline_s=60.0)
+
+
+def make(privacy, rounds=20):
+    rec = Recorder()
+    ci = SimpleNamespace(num_clients_per_round=25, total_num_clients=100)
+    rp = RoundPrivacy.for_session(training(privacy, rounds=rounds), ci, None, rec,
+                                  {f"client_{i}": "c" for i in range(100)}, rec, failure=RuntimeError)
+    return rp, rec
+
+
+def test_nothing_to_do_without_privacy():
+    rp, _ = make(None)
+    assert rp is None
+
+
+def test_epsilon_after_each_round_is_dp_accountings():
+    p = PrivacyConfig(mode="central", noise_multiplier=1.0, clip_norm=1.0)
+    rp, _ = make(p)
+    for r in (1, 5, 20):
+        assert rp.epsilon_after(r) == pytest.approx(PrivacyBudget("central", 1.0, 25, 100, 1e-5, 20).epsilon_after(r))
+    assert rp.session_spec() == {"privacy": {"mode": "central", "noise_multiplier": 1.0, "clip_norm": 1.0,
+                                             "clients_per_round": 25}, "secure_aggregation": None}
+    assert rp.stop_before("s", 19) is None  # no target: never stops
+
+
+def test_target_epsilon_stops_with_a_clear_message():
+    p = PrivacyConfig(mode="central", noise_multiplier=1.0, clip_norm=1.0, target_epsilon=5.0)
+    rp, rec = make(p)
+    fit = PrivacyBudget("central", 1.0, 25, 100, 1e-5, 20, target_epsilon=5.0).rounds_within_target()
+    assert all(rp.stop_before("s", r) is None for r in range(fit))
+    message = rp.stop_before("s", fit)
+    assert message and f"round {fit + 1} would bring epsilon to" in message and "target_epsilon 5" in message
+    assert f"training stops after {fit} round(s)" in message
+    assert rec.events[0][1] == "privacy_budget" and rec.events[0][3]["target_epsilon"] == 5.0
+    assert rec.emitted == [("warning", {"message": message})]
+
+
+def test_no_noise_has_no_finite_epsilon_to_store():
+    rp, _ = make(PrivacyConfig(mode="local", noise_multiplier=0.0, clip_norm=1.0))
+    assert stored_epsilon(rp.epsilon_after(3)) is None
+    assert stored_epsilon(2.5) == 2.5 and stored_epsilon(None) is None
