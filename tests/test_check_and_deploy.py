@@ -101,3 +101,19 @@ def test_main_py_deploy_and_remove_the_training_functions(env):
     r = run(["main.py", "-c", "config-local.yaml", "-r"], env)
     assert r.returncode == 0, r.stdout + r.stderr
     assert r.stdout.count("removed") == 5
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--openwhisk", "local_gcf"], "no openwhisk cluster named 'local_gcf'"),
+    (["--google", "local_ow,nowhere"], "no google cluster named 'local_ow'"),
+    # The original spelling still works, with a note (-o now means an output path).
+    (["-o", "nowhere"], "no openwhisk cluster named 'nowhere'"),
+])
+def test_check_names_cluster_families_with_long_flags(flags, message, tmp_path):
+    from click.testing import CliRunner
+
+    from fedkeeper.cli import main as cli
+    res = CliRunner().invoke(cli, ["check", "-c", str(ROOT / "config-local.yaml"), "-s", "test", *flags])
+    assert res.exit_code == 2, res.output
+    assert f"Error: {message}" in res.output
+    assert ("old spellings" in res.output) == (flags[0] == "-o")
