@@ -68,7 +68,8 @@ def _changes(before: dict[str, Any] | None, now: dict[str, Any]) -> list[str]:
     old = {r["round"]: r for r in (before or {}).get("rounds", [])}
     for r in now["rounds"]:
         if old.get(r["round"]) != r:
-            lines.append("round " + ", ".join(f"{c} {v}" for c, v in zip(COLUMNS, _cells(r))))
+            cells = _cells(r)
+            lines.append(f"round {cells[0]}: " + ", ".join(f"{c} {v}" for c, v in zip(COLUMNS[1:], cells[1:])))
     return lines
 
 
