@@ -230,6 +230,12 @@ CASES: list[tuple[tuple, Any, Any, list[str]]] = [
     (("providers", "google", "ow_local"), {"kind": "local"}, None, ["also used under providers.openwhisk"]),
     (T + ("buffer_size",), 3, None, ["exceeds num_clients_per_round 2"]),
     (OW + ("faults",), {"crash": 0.1}, None, ["only be injected on clusters of kind: local"]),
+    # privacy blocks (their rules are fedkeeper.privacy.settings'; the config reports where)
+    (T + ("privacy",), {"mode": "central", "noise_multiplier": 1.0, "clip_norm": 1.0}, None,
+     ["privacy needs mode: sync"]),
+    (T + ("secure_aggregation",), True, None, ["secure_aggregation needs mode: sync"]),
+    (T + ("privacy",), {"mode": "centrl", "noise_multiplier": 1.0, "clip_norm": 1.0}, T + ("privacy", "mode"),
+     ["did you mean central?"]),
 ]
 
 

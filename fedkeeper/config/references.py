@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Optional
 
+from ..privacy.settings import scenario_refusal
 from .clusters import cluster_model, provider_sections
 from .errors import ConfigError, did_you_mean, dotted, line_for
 from .model import Config
@@ -100,6 +101,9 @@ def check_references(cfg: Config, index: dict) -> None:
                    f"num_clients_per_round {ci.num_clients_per_round}: a buffer could never fill")
         if ci is None:
             continue
+        why = scenario_refusal(t.privacy, ci.num_clients_per_round)
+        if why:
+            refuse(at + ("training", "privacy"), why)
         if ci.clusters:
             for cname in ci.clusters:
                 if cname not in clusters:

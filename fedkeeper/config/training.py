@@ -3,13 +3,14 @@ defaults come from flcommon.strategies, where the strategies live), retries,
 the round mode, and fl_insights."""
 from __future__ import annotations
 
-from typing import Literal, Optional
+from typing import Literal, Optional, Union
 
 from flcommon.strategies import DEFAULTS as STRATEGY_DEFAULTS
 from flcommon.strategies import STRATEGIES as STRATEGY_CLASSES
 from flcommon.strategies import StrategyError, get_strategy
 from pydantic import Field, field_validator, model_validator
 
+from ..privacy.settings import PrivacyConfig, SecureAggregationConfig, refusal
 from .clusters import Strict
 
 STRATEGIES = tuple(STRATEGY_CLASSES)
@@ -110,6 +111,17 @@ class TrainingConfig(Strict):
     buffer_size: Optional[int] = Field(None, gt=0)  # async; default: half the clients per round
     selection: Literal["random", "reliability"] = "random"
     exploration: float = Field(0.2, ge=0, le=1)    # reliability: share of picks made at random
+    # Differential privacy and secure aggregation (docs/privacy.md); their
+    # rules live with them in fedkeeper.privacy.settings.
+    privacy: Optional[PrivacyConfig] = None
+    secure_aggregation: Union[bool, SecureAggregationConfig] = False
+
+    @model_validator(mode="after")
+    def _privacy_composes(self):
+        why = refusal(self.privacy, self.secure_aggregation, self.strategy.name, self.mode)
+        if why:
+            raise ValueError(why)
+        return self
 
 
 class InsightsConfig(Strict):
