@@ -59,7 +59,7 @@ def test_without_a_config_the_error_suggests_c(no_config_env):
 def test_config_from_env_then_config_yaml_then_the_latest_session(no_config_env, tmp_path, monkeypatch, mongo_url):
     elsewhere = write_cfg(tmp_path / "elsewhere.yaml", mongo_url, "unused")
     # The latest session's config, recorded in the state directory.
-    remember_config(load_config(elsewhere), "sess-latest")
+    remember_config(load_config(elsewhere), "session sess-latest")
     res = CliRunner().invoke(cli, ["config", "validate"])
     assert res.exit_code == 0, res.output
     assert f"using config {elsewhere.resolve()} (the config of session sess-latest" in res.output

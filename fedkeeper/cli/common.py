@@ -68,12 +68,12 @@ def _state_dir() -> Path:
     return state_dir()
 
 
-def remember_config(cfg: Config, session: str) -> None:
-    """Record, in the state directory, that `session` was started with
-    `cfg` (the last resort of find_config)."""
+def remember_config(cfg: Config, started: str) -> None:
+    """Record, in the state directory, that `started` ("session ID" or
+    "sweep ID") was started with `cfg` (the last resort of find_config)."""
     try:
         path = _state_dir() / LAST_CONFIG_FILE
-        path.write_text(json.dumps({"config": str(Path(cfg.source).resolve()), "session": session,
+        path.write_text(json.dumps({"config": str(Path(cfg.source).resolve()), "started": started,
                                     "time": time.time()}))
     except OSError as exc:  # a convenience only: never fail a session for it
         log.warning("cannot record the config used: %s", exc)
@@ -93,7 +93,7 @@ def find_config(given: str | None) -> tuple[str, str | None]:
     try:
         last = json.loads((_state_dir() / LAST_CONFIG_FILE).read_text())
         if isinstance(last, dict) and isinstance(last.get("config"), str) and Path(last["config"]).is_file():
-            return last["config"], f"the config of session {last.get('session')}, the latest started here"
+            return last["config"], f"the config of {last.get('started')}, the latest started here"
     except (OSError, ValueError):
         pass
     raise UsageFailure(f"no config: {CONFIG_HINT} (there is no ./{DEFAULT_CONFIG} and no session "

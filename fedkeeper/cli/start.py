@@ -178,7 +178,7 @@ def run_start(cfg: Config, scenario: str | None, resume: str | None = None, depl
         with ConsoleProgress(rt.scenario.training.rounds, out) as progress:
             def on_event(kind: str, data: dict[str, Any]) -> None:
                 if kind == "session":  # where `resume` and the config defaults find it again
-                    remember_config(cfg, data["session"])
+                    remember_config(cfg, f"session {data['session']}")
                     try:
                         rt.store.update_session(data["session"], config_path=str(Path(cfg.source).resolve()))
                     except Exception as exc:  # a convenience only

@@ -69,7 +69,7 @@ def sweep_cmd(config_path: str | None, scenario: str | None, grid: tuple[str, ..
     # Progress goes to stderr when stdout carries machine-readable results.
     out = console if fmt == "table" else Console(stderr=True, highlight=False)
     log_path = setup_run_log(plan.sweep_id, cfg.secret_values())
-    remember_config(cfg, plan.sweep_id)
+    remember_config(cfg, f"sweep {plan.sweep_id}")
     out.print(f"sweep {plan.sweep_id}: {len(plan.runs)} runs "
               f"({len(plan.runs) // plan.repeats} combinations x {plan.repeats} repeats), "
               f"{parallel} at a time; log {log_path}", markup=False, soft_wrap=True)

@@ -6,6 +6,7 @@ import logging
 import queue
 import threading
 import time
+from pathlib import Path
 from typing import Any, Callable
 
 from ..cost import format_money
@@ -93,7 +94,8 @@ class Sweep:
             keeper = Keeper(rt)
             summary = keeper.start(resume=run.session if existing else None, deploy=False,
                                    session_id=run.session)
-            rt.store.update_session(run.session, sweep=self.plan.sweep_id, sweep_run=run.key)
+            rt.store.update_session(run.session, sweep=self.plan.sweep_id, sweep_run=run.key,
+                                    config_path=str(Path(run.cfg.source).resolve()) if run.cfg.source else None)
             return {"state": summary.state, "message": summary.message, "seconds": time.time() - t0,
                     "resumed": existing is not None}
         finally:
