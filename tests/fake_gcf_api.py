@@ -43,7 +43,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from google.auth import crypt, jwt
 
-from fedkeeper.local.functions_framework import FrameworkHost, HostError
+from fedkeeper.local.cloud_functions.host import FrameworkHost, HostError
 
 TYPE_PREFIX = "type.googleapis.com/"
 FUNCTION_TYPE = TYPE_PREFIX + "google.cloud.functions.v2.Function"

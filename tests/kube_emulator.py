@@ -397,7 +397,7 @@ class FrameworkKubelet:
     from the container spec, served by functions-framework on loopback."""
 
     def __init__(self, cluster: EmulatedCluster, namespace: str, root: Path):
-        from fedkeeper.local.functions_framework import FrameworkHost
+        from fedkeeper.local.cloud_functions.host import FrameworkHost
         self.core = client.CoreV1Api(cluster.api_client())
         self.namespace = namespace
         self.host = FrameworkHost(root)

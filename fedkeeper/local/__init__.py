@@ -1,7 +1,6 @@
 """Local stand-ins for the platforms, for one machine without a cloud account:
 the embedded OpenWhisk fabric (`fabric`, `openwhisk`), the local Cloud
-Functions hosts (`functions_framework`, `function_host`, `cloud_functions`)
-and the embedded store (`store`), all run as processes of the one supervisor
+Functions hosts (`cloud_functions`) and the embedded store (`store`), all run as processes of the one supervisor
 (`supervisor`), with the one fault model (`faults`). Nothing here is
 imported unless a local cluster or the embedded store is used, and the real
 platform adapters in `fedkeeper.providers` import nothing from here."""
@@ -16,7 +15,7 @@ def shutdown_local_services(state_dir: str | Path) -> bool:
     embedded store (also one kept by --keep-services). True when anything
     was running."""
     from .fabric import fabric_down
-    from .functions_framework import FrameworkHost
+    from .cloud_functions.host import FrameworkHost
     from .store import shutdown_store
     sdir = Path(state_dir)
     stopped = fabric_down(sdir / "fabric")

@@ -36,8 +36,8 @@ from typing import Any, Mapping
 
 import requests
 
-from ..runtimes.isolation import IsolationError, source_command
-from . import supervisor
+from ...runtimes.isolation import IsolationError, source_command
+from .. import supervisor
 
 HOST_SCRIPT = str(Path(__file__).with_name("function_host.py"))
 ENTRY_FILE = "main.py"

@@ -15,7 +15,8 @@ too). Every response closes its connection (the server does not keep
 connections alive), so a body left unread can never be taken for a request.
 
 Injected faults (`--faults`, JSON) are drawn before the function runs, with
-the local platforms' one fault model (faults.py, loaded by path):
+the local platforms' one fault model (fedkeeper/local/faults.py, loaded by
+path):
   crash            500 with X-Google-Status: crash, as functions-framework
                    answers a function that raised
   timeout          held until the function's time limit, then 408
@@ -38,6 +39,8 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 # The keeper's package directory must not shadow the function's modules.
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != HERE]
+# The local platforms' fault model (standard library only), loaded by path.
+FAULT_MODEL = os.path.join(os.path.dirname(HERE), "faults.py")
 
 # How long a connection may stay silent (before or between requests, or
 # while sending one) before it is closed.
@@ -47,7 +50,7 @@ MAX_CONNECTIONS = 256
 
 
 def _load_fault_model():
-    spec = importlib.util.spec_from_file_location("_fk_fault_model", os.path.join(HERE, "faults.py"))
+    spec = importlib.util.spec_from_file_location("_fk_fault_model", FAULT_MODEL)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module   # dataclasses look their module up by name
     spec.loader.exec_module(module)

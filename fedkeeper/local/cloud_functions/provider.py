@@ -7,9 +7,9 @@ from __future__ import annotations
 import time
 from typing import Any, Mapping
 
-from ..providers.base import Artifact, DeployResult, ErrorClass, FunctionSpec, ProviderContext, ProviderError
-from ..providers.gcf.provider import CloudFunctionsProvider
-from .functions_framework import FrameworkHost, HostError
+from ...providers.base import Artifact, DeployResult, ErrorClass, FunctionSpec, ProviderContext, ProviderError
+from ...providers.gcf.provider import CloudFunctionsProvider
+from .host import FrameworkHost, HostError
 
 
 class LocalCloudFunctionsProvider(CloudFunctionsProvider):
