@@ -32,6 +32,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from .entry import BadRequest
 from .strategies.base import Arrays, Reference, StreamingStrategy
 
 MODES = ("central", "local")
@@ -45,8 +46,9 @@ ADAPTIVE_DEFAULTS: dict[str, Any] = {
 }
 
 
-class PrivacyError(ValueError):
-    """Privacy settings that cannot be used."""
+class PrivacyError(BadRequest):
+    """Privacy settings that cannot be used (bad input to a function: a
+    retry with the same session cannot help)."""
 
 
 def _positive(settings: dict[str, Any], key: str, *, zero_ok: bool = False) -> float:
@@ -292,3 +294,17 @@ def local_dp_weights(spec: dict[str, Any], global_weights: Arrays, new_weights: 
                                   for n, g in zip(new_weights, global_weights)])
     return [(np.asarray(g, np.float32) + d).astype(np.asarray(n).dtype, copy=False)
             for g, d, n in zip(global_weights, delta, new_weights)]
+
+
+def masked_upload(db, bound: dict[str, str], spec: dict[str, Any], session: str, rnd: int, client: str,
+                  attempt: int, global_weights: Arrays, new_weights: Arrays, num_examples: int):
+    """Under secure aggregation, store the client's masked delta instead of
+    its weights and return the blob id; None for a session without it (the
+    caller stores the weights). Secure aggregation's code, and the
+    `cryptography` package under it, load only for such a session."""
+    if not spec.get("secure_aggregation"):
+        return None
+    from .secagg.client import masked_update
+    delta = [np.asarray(n, np.float32) - np.asarray(g, np.float32) for n, g in zip(new_weights, global_weights)]
+    blob, _ = masked_update(db, bound, spec, session, rnd, client, attempt, delta, num_examples)
+    return blob
