@@ -33,7 +33,7 @@ def fabric_up_cmd() -> None:
 
 @fabric_group.command("down")
 def fabric_down_cmd() -> None:
-    """Stop the local fabric, its workers and the local Cloud Functions hosts."""
+    """Stop everything local: the fabric and its workers, the Cloud Functions hosts, the embedded store."""
     from ..local import shutdown_local_services
     from ..runtime import state_dir
     console.print("local services stopped" if shutdown_local_services(state_dir())
