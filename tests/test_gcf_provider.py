@@ -288,3 +288,14 @@ def test_an_import_the_requirements_do_not_declare_fails_the_deploy(fake, provid
     with pytest.raises(ProviderError) as e:
         provider.deploy(_nodeinfo_spec("s3cret"), art)
     assert "No module named 'yaml'" in str(e.value)
+
+
+def test_source_over_the_size_limit_is_refused_before_upload(fake, provider, monkeypatch):
+    from fedkeeper.providers.gcf import packaging
+    monkeypatch.setattr(packaging, "SOURCE_LIMIT", 100)
+    art = make_artifact()
+    with pytest.raises(ProviderError) as e:
+        provider.deploy(SPEC, art)
+    assert e.value.error_class is ErrorClass.PAYLOAD_TOO_LARGE
+    assert "fl_echo" in str(e.value) and str(len(art.data)) in str(e.value) and "100 bytes" in str(e.value)
+    assert not fake.uploads and not fake.calls("POST", "generateUploadUrl")

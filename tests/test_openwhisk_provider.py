@@ -234,3 +234,39 @@ def test_closing_the_provider_that_started_the_fabric_stops_it(tmp_path):
     assert fabric.fabric_status(tmp_path / "fabric") is None
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)
+
+
+def test_code_over_the_size_limit_is_refused_before_upload(local, monkeypatch):
+    from fedkeeper.providers.openwhisk import packaging
+    spec = FunctionSpec(name="too_big", source="too_big", timeout_s=3)
+    art = make_artifact(ECHO + "\n# " + "x" * 4096 + "\n")
+    # the namespace's own limit wins where GET /limits reports one (in MB)
+    assert packaging.namespace_code_limit({"codeSize": 2}) == 2 * 1024 * 1024
+    assert packaging.namespace_code_limit({"concurrentInvocations": 30}) is None
+    monkeypatch.setattr(local, "_code_limit_value", 1000, raising=False)
+    puts = []
+    real = local._control
+
+    def control(method, path, what, **kw):
+        if method == "PUT":
+            puts.append(path)
+        return real(method, path, what, **kw)
+    monkeypatch.setattr(local, "_control", control)
+    with pytest.raises(ProviderError) as e:
+        local.deploy(spec, art)
+    assert e.value.error_class is ErrorClass.PAYLOAD_TOO_LARGE and not puts
+    text = str(e.value)
+    assert "too_big" in text and str(packaging.encoded_size(len(art.data))) in text and "1000 bytes" in text
+    plan = OpenWhiskProvider.plan_upload("c", OpenWhiskCluster(kind="local"), spec, art)
+    assert plan.limit_bytes == packaging.DEFAULT_CODE_SIZE_LIMIT and plan.within_limit
+
+
+def test_actions_run_on_the_runtime_image_named_by_the_cluster(local):
+    from fedkeeper.artifacts import build_artifact
+    from fedkeeper.runtimes.images import runtime_image
+    spec = FunctionSpec(name="nodeinfo", source="nodeinfo", timeout_s=30,
+                        bound={"FK_FUNCTION": "nodeinfo", "FK_TOKEN_SECRET": "s"})
+    local.deploy(spec, build_artifact("nodeinfo", "openwhisk"))
+    got = local._session.get(local._url("/actions/nodeinfo"), params={"code": "false"}).json()
+    assert got["exec"]["kind"] == "blackbox" and got["exec"]["image"] == runtime_image("light", "openwhisk")
+    local.remove("nodeinfo")

@@ -132,3 +132,23 @@ def test_sample_config_commands_end_in_per_cluster_errors(tmp_path):
     assert "runtime-tensorflow:openwhisk-" in out and "requirements.txt (tensorflow)" in out
     code, out = run("cluster", "info")
     assert code == 2 and "has no Kubernetes clusters" in out, out
+
+
+def test_runtime_build_with_an_engine_builds_and_pushes(tmp_path, monkeypatch, isolated_dirs):
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    calls = tmp_path / "calls"
+    podman = fake / "podman"
+    podman.write_text("#!/bin/sh\n"
+                      'if [ "$1" = info ]; then echo 5.0.0; exit 0; fi\n'
+                      f'echo "$@" >> "{calls}"\n')
+    podman.chmod(podman.stat().st_mode | stat.S_IEXEC)
+    monkeypatch.setenv("PATH", str(fake))
+    r = _run(["runtime", "build", "light", "--variant", "knative", "--push", "reg.example/acme"])
+    assert r.exit_code == 0, r.output
+    image = images.recipe("light", "knative").image("reg.example/acme")
+    lines = calls.read_text().splitlines()
+    assert lines[0].startswith(f"build -t {image} ") and lines[1] == f"push {image}"
+    context = lines[0].rsplit(" ", 1)[1]
+    assert "functions-framework==" in open(f"{context}/requirements.txt").read()
+    assert f"built {image} and pushed it" in r.output
