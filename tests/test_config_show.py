@@ -159,3 +159,21 @@ def test_an_inline_secret_is_redacted_and_its_redaction_is_refused_on_read_back(
     assert res.exit_code == 2
     assert "providers.openwhisk.c1.auth.ow_auth: holds '***'" in res.output
     assert "${ENV_VAR}" in res.output
+
+
+@pytest.mark.parametrize("training", [
+    "privacy: {mode: central, noise_multiplier: 0.3, clip_norm: adaptive}",
+    "privacy: {mode: central, noise_multiplier: 0.3, clip_norm: {adaptive: {initial: 0.5}}}",
+    "privacy: {mode: local, noise_multiplier: 1.0, clip_norm: 1.0, delta: 1e-6}\n      secure_aggregation: true",
+    "secure_aggregation: {threshold: 0.6}",
+    "strategy: {name: fedadam, server_lr: 0.05, beta1: 0.8}\n      mode: semi_async",
+])
+def test_training_blocks_read_back(training, tmp_path):
+    text = (ROOT / "config-local.yaml").read_text().replace(
+        "      round_deadline_s: 300\n", f"      round_deadline_s: 300\n      {training}\n")
+    p = tmp_path / "c.yaml"
+    p.write_text(text)
+    first = load_config(p)
+    shown = tmp_path / "shown.yaml"
+    shown.write_text(show(p))
+    assert differences(plain(first), plain(load_config(shown))) == []

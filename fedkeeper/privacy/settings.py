@@ -20,7 +20,7 @@ import difflib
 import math
 from typing import Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_serializer, model_validator
 
 from flcommon.privacy import ADAPTIVE_DEFAULTS, PrivacyError, privacy_settings
 from flcommon.secagg.field import DEFAULT_SCALE
@@ -85,6 +85,11 @@ class PrivacyConfig(_Block):
             raise ValueError("clip_norm: adaptive clipping needs mode: central (a client alone cannot "
                              "estimate the quantile of everyone's update norms)")
         return self
+
+    @field_serializer("clip_norm")
+    def _clip_norm_as_written(self, clip: Union[float, AdaptiveClipping]) -> Any:
+        # Dumped as it is written, so that a dump reads back (config show, sweeps).
+        return {"adaptive": clip.model_dump()} if isinstance(clip, AdaptiveClipping) else clip
 
     @property
     def adaptive(self) -> bool:
