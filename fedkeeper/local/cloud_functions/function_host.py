@@ -208,11 +208,12 @@ def main() -> None:
     import functions_framework
     flask_app = functions_framework.create_app(a.target, a.source, "http")
     flask_app.config["MAX_CONTENT_LENGTH"] = a.max_request_bytes
-    app = Concurrency(flask_app, a.threads)
+    app = flask_app
     if a.faults:
         plan = _load_fault_model().FaultPlan.parse(json.loads(a.faults))
         app = FaultInjector(app, plan, a.name, a.timeout_s)
-    app = BodyLimit(app, a.max_request_bytes)
+    # An injected timeout holds its request slot, as a hung call holds an instance.
+    app = BodyLimit(Concurrency(app, a.threads), a.max_request_bytes)
     server = make_server(a.host, a.port, app)
     server.serve_forever()
 
