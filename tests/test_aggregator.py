@@ -15,9 +15,10 @@ import pytest
 
 from flcommon.strategies import get_strategy
 from flcommon import store as fs
-from flcommon.blobs import BlobError, decode_arrays, encode_arrays
+from flcommon.blobs import BlobError
 from flcommon.update_check import UpdateRejected, check_layout, subtract_base
 from reference_fedavg import fedavg
+from test_blob_bounds import decode_arrays, encode_arrays
 from test_functions import call, load, make_session
 
 F32 = np.dtype(np.float32)

@@ -16,14 +16,23 @@ import pytest
 
 from flcommon import blobs
 from flcommon import store as fs
-from flcommon.blobs import BlobError, decode_arrays, encode_arrays, iter_arrays
+from flcommon.blobs import BlobError, iter_arrays, write_arrays
 from reference_fedavg import fedavg
-from test_aggregator import _put_update
 from test_functions import call, make_session
 
 NAME = b"arr_0000.npy"
 TERABYTES = (1_000_000, 1_000_000)      # float32: 4e12 bytes, 3.6 TiB
 BOMB_BYTES = 3 << 30                    # what the deflated member inflates to
+
+
+def encode_arrays(arrays) -> bytes:
+    buf = io.BytesIO()
+    write_arrays(buf, arrays)
+    return buf.getvalue()
+
+
+def decode_arrays(data, **bounds) -> list[np.ndarray]:
+    return list(iter_arrays(data, **bounds))
 
 
 def npy_header(shape, descr: str = "<f4") -> bytes:
@@ -55,7 +64,7 @@ def one_member_zip(data: bytes, *, method: int, crc: int, csize: int, usize: int
 
 
 def terabyte_blob() -> bytes:
-    """266 bytes whose only array declares 3.6 TiB (and holds 4 bytes)."""
+    """254 bytes whose only array declares 3.6 TiB (and holds 4 bytes)."""
     return stored_npz(npy_header(TERABYTES) + b"\0" * 4)
 
 
@@ -193,6 +202,7 @@ def test_every_plain_array_round_trips_from_bytes_and_from_streams():
 # ---------------------------------------------------------------- through the functions
 
 def test_a_poisoned_round_aggregates_the_rest_and_insights_answer_about_it(fn_db):
+    from test_aggregator import _put_update
     db = fn_db
     sid = make_session(db, clients=5)
     call("fl_server_init", db, session=sid, round=0)

@@ -229,7 +229,7 @@ def test_small_model_reaches_093_on_digits_with_federated_averaging():
 
 
 def test_blob_round_trip_keeps_dtypes_and_shapes():
-    from flcommon.blobs import decode_arrays, encode_arrays
+    from test_blob_bounds import decode_arrays, encode_arrays
     arrays = models.initial_weights("small", (8, 8, 1), 10, seed=0) + [np.arange(3, dtype=np.int64)]
     back = decode_arrays(io.BytesIO(encode_arrays(arrays)))
     assert [(a.shape, a.dtype) for a in back] == [(a.shape, a.dtype) for a in arrays]

@@ -68,12 +68,6 @@ def human_bytes(n: int) -> str:
     return f"{n} bytes"  # unreachable
 
 
-def encode_arrays(arrays: Sequence[np.ndarray]) -> bytes:
-    buf = io.BytesIO()
-    write_arrays(buf, arrays)
-    return buf.getvalue()
-
-
 def write_arrays(fp: BinaryIO, arrays: Sequence[np.ndarray]) -> None:
     """Write arrays as an npz of stored members (`fp` must be seekable, so
     the sizes land in each member's header)."""
@@ -81,12 +75,6 @@ def write_arrays(fp: BinaryIO, arrays: Sequence[np.ndarray]) -> None:
         if np.asarray(a).dtype.hasobject:
             raise BlobError("object arrays cannot be stored (they would need pickle)")
     np.savez(fp, **{_key(i): np.asarray(a) for i, a in enumerate(arrays)})
-
-
-def decode_arrays(data: bytes | bytearray | memoryview | BinaryIO, *, length: int | None = None,
-                  max_bytes: int | None = None) -> list[np.ndarray]:
-    """Every array of an npz, in order (see iter_arrays)."""
-    return list(iter_arrays(data, length=length, max_bytes=max_bytes))
 
 
 def iter_arrays(data: bytes | bytearray | memoryview | BinaryIO, *, length: int | None = None,
@@ -156,13 +144,12 @@ def _decode(src: _Source, limit: int) -> Iterator[np.ndarray]:
         header, shape, order, dtype = _npy_header(src, name, size)
         declared = math.prod(shape) * dtype.itemsize
         if len(header) + declared != size:
-            raise BlobError(f"blob refused: {name} declares a {'x'.join(map(str, shape)) or 'scalar'} "
-                            f"{dtype} array ({human_bytes(declared)}), but its member holds "
-                            f"{human_bytes(size - len(header))}")
+            raise BlobError(f"blob refused: {name} declares a {_describe(shape, dtype)} array "
+                            f"({human_bytes(declared)}), but its member holds {human_bytes(size - len(header))}")
         total += declared
         if total > limit:
-            raise BlobError(f"blob refused: its arrays reach {human_bytes(total)} by {name}, "
-                            f"more than the {human_bytes(limit)} this read allows")
+            raise BlobError(f"blob refused: {name} ({_describe(shape, dtype)}) brings its arrays to "
+                            f"{human_bytes(total)}, more than the {human_bytes(limit)} this read allows")
         out = np.empty(shape, dtype=dtype, order=order)
         view = memoryview(out.reshape(-1, order="A").view(np.uint8)) if declared else memoryview(b"")
         src.fill(view, name)
@@ -171,6 +158,10 @@ def _decode(src: _Source, limit: int) -> Iterator[np.ndarray]:
         yield out
         index += 1
         head = src.take(4, "the archive's directory")
+
+
+def _describe(shape: tuple[int, ...], dtype: np.dtype) -> str:
+    return f"{'x'.join(map(str, shape)) or 'scalar'} {dtype}"
 
 
 def _member_header(src: _Source, index: int) -> tuple[str, int, int]:

@@ -28,8 +28,6 @@ MIN_RELATIVE_SPREAD = 0.05
 MIN_VALUES_FOR_Z = 3     # with fewer values every point is as far as the median is
 MAX_GROUPS = 8
 
-FLAGS = ("nan", "unreadable", "rejected", "norm_outlier", "negative_cosine")
-
 
 def finite_or_none(value: Any) -> float | None:
     if value is None:

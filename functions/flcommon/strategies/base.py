@@ -30,8 +30,9 @@ import numpy as np
 Reference = Sequence[tuple[tuple[int, ...], np.dtype]]
 Arrays = list[np.ndarray]
 
-# The settings and their defaults, as fedkeeper.config.StrategyConfig has
-# them (this package cannot import the config: it runs inside functions).
+# Every strategy setting and its default, defined here once: the keeper's
+# config (fedkeeper.config's StrategyConfig) takes its defaults from this
+# table, and a session spec without a setting gets the same value here.
 DEFAULTS: dict[str, Any] = {
     "server_lr": None,        # None: the strategy's own default (default_server_lr)
     "server_momentum": 0.9,   # fedavgm
