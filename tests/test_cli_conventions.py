@@ -190,3 +190,34 @@ def test_every_option_has_help_and_short_flags_mean_one_thing():
 def test_every_command_that_prints_a_table_has_json(command):
     cmds = dict(_commands(cli))
     assert any("--json" in p.opts for p in cmds[command].params), command
+
+
+def test_insights_rounds_from_1_in_and_out(store, mongo_url, tmp_path, isolated_dirs, monkeypatch):
+    """--round N asks fl_insights for the store's round N-1; the answer's
+    rounds come back counted from 1 (JSON and table)."""
+    import fedkeeper.cli.insights as insights_cli
+
+    cfg = write_cfg(tmp_path / "cfg.yaml", mongo_url, store.db.name)
+    plant(store, "sess-3", 3)
+    asked = []
+
+    class FakeClient:
+        def __init__(self, rt):
+            pass
+
+        def query(self, session, what, rounds, k, cache=True):
+            asked.append(rounds)
+            return {"what": "contributions", "session": session, "cluster": "ow1", "platform": "openwhisk",
+                    "data": {"rounds": list(rounds), "rows": [
+                        {"round": rounds[0], "trained_from": rounds[0], "client": "client_0", "status": "accepted",
+                         "num_examples": 10, "share": 0.5, "loss": 0.1, "norm": 1.0, "z": 0.0, "cosine": 0.9}]}}
+
+    monkeypatch.setattr(insights_cli, "InsightsClient", FakeClient)
+    res = CliRunner().invoke(cli, ["insights", "sess-3", "contributions", "-c", str(cfg), "--round", "3", "--json"])
+    assert res.exit_code == 0, res.output
+    assert asked == [(2, 2)]
+    data = json.loads(res.stdout)["data"]
+    assert data["rounds"] == [3, 3] and data["rows"][0]["round"] == 3 and data["rows"][0]["trained_from"] == 3
+    res = CliRunner().invoke(cli, ["insights", "sess-3", "contributions", "-c", str(cfg), "--rounds", "2:"])
+    assert res.exit_code == 0, res.output
+    assert asked[-1] == (1, 2) and "contributions of sess-3 rounds 2-3" in res.output
