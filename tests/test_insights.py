@@ -369,7 +369,9 @@ def test_fabric_session_reliability_through_the_cli(fabric_state, mongo_url, tmp
     runner = CliRunner()
 
     def insights(*args):
-        res = runner.invoke(cli, ["insights", sid, *args, "-c", str(cfg_path)], catch_exceptions=False)
+        # --keep-services: the warm action keeps its cache from one query to the next.
+        res = runner.invoke(cli, ["insights", sid, *args, "-c", str(cfg_path), "--keep-services"],
+                            catch_exceptions=False)
         assert res.exit_code == 0, res.output
         return res.output
 

@@ -41,15 +41,18 @@ def store_span(store, session: str, round_: int | None, rounds: str | None) -> t
               help="clusters: this many groups (default: the best silhouette score for 2..8).")
 @click.option("--no-cache", is_flag=True, help="Read every update from the store; keep nothing.")
 @click.option("--json", "as_json", is_flag=True, help="Print the whole answer as JSON.")
+@click.option("--keep-services", is_flag=True,
+              help="Leave the embedded MongoDB and local fabric running, so a warm fl_insights keeps its cache "
+                   "for the next query.")
 def insights_cmd(session: str, what: str, config_path: str | None, scenario: str | None, round_: int | None,
-                 rounds: str | None, k: int | None, no_cache: bool, as_json: bool) -> None:
+                 rounds: str | None, k: int | None, no_cache: bool, as_json: bool, keep_services: bool) -> None:
     """Per-update contributions, client clusters, or reliability of a session,
     computed by the fl_insights function."""
     cfg = load(config_path)
     if k is not None and what != "clusters":
         raise UsageFailure("--k applies to clusters only")
-    # Local services stay up, so a warm fl_insights keeps its cache for the next query.
-    rt = open_runtime(cfg, scenario, need_store=True, keep_local_services=True)
+    # Local services stop with the command, as for start and sweep, unless kept.
+    rt = open_runtime(cfg, scenario, need_store=True, keep_local_services=keep_services)
     try:
         if rt.store.session(session) is None:
             fail(f"no session {session!r} in the store")
@@ -59,7 +62,7 @@ def insights_cmd(session: str, what: str, config_path: str | None, scenario: str
         except (InsightsError, ValueError) as exc:
             fail(str(exc))
     finally:
-        rt.close()
+        rt.close(stop_store=not keep_services)
     result = shown_rounds(result)
     if as_json:
         print_json(result)
