@@ -60,6 +60,8 @@ def test_dry_run_shows_uploads_without_starting_anything(tmp_path, isolated_dirs
     by = {(row["cluster"], row["function"]): row for row in rows}
     assert by[("ow", "fl_client")]["what"].startswith("Docker action (blackbox) on fedkeeper/runtime-tensorflow:")
     assert by[("gcf", "fl_client")]["runtime"] == "tensorflow" and by[("gcf", "fl_client")]["bytes"] > 0
+    assert by[("gcf", "fl_client")]["target"] == "the local functions-framework host (fl-client)"
+    assert by[("ow", "fl_client")]["target"] == "the local fabric action fl_client"
     assert all(row["bytes"] <= row["limit_bytes"] for row in rows if row["limit_bytes"])
     assert not (isolated_dirs / "state" / "fabric").exists()  # no local service was started
 

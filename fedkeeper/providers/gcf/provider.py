@@ -114,8 +114,9 @@ class CloudFunctionsProvider(HttpFunctionProvider):
         project = getattr(cluster, "project", None) or "<project>"
         region = getattr(cluster, "region", None) or DEFAULT_REGION
         fid = function_id(spec.name)
-        return packaging.upload_plan(spec, artifact, cluster=cluster_name,
-                                     target=f"projects/{project}/locations/{region}/functions/{fid}",
+        target = (f"the local functions-framework host ({fid})" if getattr(cluster, "kind", "remote") == "local"
+                  else f"projects/{project}/locations/{region}/functions/{fid}")
+        return packaging.upload_plan(spec, artifact, cluster=cluster_name, target=target,
                                      python_runtime=spec.runtime or DEFAULT_RUNTIME)
 
     @property
