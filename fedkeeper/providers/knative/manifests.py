@@ -274,6 +274,30 @@ def bound_secret(spec: FunctionSpec, *, namespace: str) -> dict[str, Any]:
     }
 
 
+def service_patch(current: Mapping[str, Any], desired: dict[str, Any]) -> dict[str, Any]:
+    """A JSON merge patch: lists (containers, env, volumes) are replaced
+    whole; our scale annotations that are no longer wanted are nulled.
+    Fields Knative's webhook defaulted (traffic, probes) stay."""
+    patch = {"metadata": {k: v for k, v in desired["metadata"].items()
+                          if k in ("labels", "annotations")},
+             "spec": {"template": {"metadata": dict(desired["spec"]["template"]["metadata"]),
+                                   "spec": desired["spec"]["template"]["spec"]}}}
+    tmeta = patch["spec"]["template"]["metadata"]
+    have = (((current.get("spec") or {}).get("template") or {}).get("metadata") or {}) \
+        .get("annotations") or {}
+    annotations = dict(tmeta.get("annotations") or {})
+    for key in SCALE_ANNOTATIONS:
+        if key in have and key not in annotations:
+            annotations[key] = None
+    tmeta["annotations"] = annotations
+    # the generic image's volume is gone when a prebuilt image is named
+    tspec = patch["spec"]["template"]["spec"]
+    have_spec = ((current.get("spec") or {}).get("template") or {}).get("spec") or {}
+    if "volumes" in have_spec and "volumes" not in tspec:
+        tspec["volumes"] = None
+    return patch
+
+
 # ------------------------------------------------------------------ status
 
 def ready_condition(service: Mapping[str, Any]) -> dict[str, Any] | None:

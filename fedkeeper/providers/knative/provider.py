@@ -200,7 +200,7 @@ class KnativeProvider(HttpFunctionProvider):
             else:
                 custom.patch_namespaced_custom_object(
                     m.GROUP, m.VERSION, self.namespace, m.PLURAL, svc,
-                    self._service_patch(current, desired), _request_timeout=kube.REQUEST_TIMEOUT)
+                    m.service_patch(current, desired), _request_timeout=kube.REQUEST_TIMEOUT)
         except Exception as exc:
             raise kube.map_api_error(exc, f"deploy {spec.name} as Knative service {svc}") from None
         ready = self._wait_ready(svc, spec.name, None)
@@ -209,30 +209,6 @@ class KnativeProvider(HttpFunctionProvider):
         log.info("deployed %s on %s as Knative service %s (%s)", spec.name, self.cluster_name,
                  svc, "created" if current is None else "updated")
         return DeployResult(spec.name, skipped=False, seconds=time.monotonic() - t0, url=url)
-
-    @staticmethod
-    def _service_patch(current: Mapping[str, Any], desired: dict[str, Any]) -> dict[str, Any]:
-        """A JSON merge patch: lists (containers, env, volumes) are replaced
-        whole; our scale annotations that are no longer wanted are nulled.
-        Fields Knative's webhook defaulted (traffic, probes) stay."""
-        patch = {"metadata": {k: v for k, v in desired["metadata"].items()
-                              if k in ("labels", "annotations")},
-                 "spec": {"template": {"metadata": dict(desired["spec"]["template"]["metadata"]),
-                                       "spec": desired["spec"]["template"]["spec"]}}}
-        tmeta = patch["spec"]["template"]["metadata"]
-        have = (((current.get("spec") or {}).get("template") or {}).get("metadata") or {}) \
-            .get("annotations") or {}
-        annotations = dict(tmeta.get("annotations") or {})
-        for key in m.SCALE_ANNOTATIONS:
-            if key in have and key not in annotations:
-                annotations[key] = None
-        tmeta["annotations"] = annotations
-        # the generic image's volume is gone when a prebuilt image is named
-        tspec = patch["spec"]["template"]["spec"]
-        have_spec = ((current.get("spec") or {}).get("template") or {}).get("spec") or {}
-        if "volumes" in have_spec and "volumes" not in tspec:
-            tspec["volumes"] = None
-        return patch
 
     def _wait_ready(self, svc: str, function: str, current: dict[str, Any] | None
                     ) -> dict[str, Any]:

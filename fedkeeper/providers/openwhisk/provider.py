@@ -35,15 +35,13 @@ sent in a header only; it never appears in a URL, a message or a log line.
 """
 from __future__ import annotations
 
-import base64
 import email.utils
 import json
 import logging
-import os
 import threading
 import time
 from typing import Any, Sequence
-from urllib.parse import quote, urlencode, urlsplit
+from urllib.parse import quote, urlencode
 
 import requests
 import urllib3
@@ -51,6 +49,8 @@ import urllib3
 from ..base import (Artifact, DeployResult, ErrorClass, FunctionSpec, Invocation, Outcome, Provider,
                     ProviderContext, ProviderError, UploadPlan)
 from . import metrics, packaging
+from .errors import activation_outcome, status_error, transport_error
+from .http import connections
 from ..prometheus import ClusterMetrics
 from .prices import IBM_CLOUD_FUNCTIONS
 
@@ -67,36 +67,6 @@ FALLBACK_PER_CALL = 4
 UNKNOWN_SKEW_S = 300.0     # window before any Date header told the controller's clock
 CONTROL_TIMEOUT = (5.0, 120.0)
 HOT_TIMEOUT = urllib3.Timeout(connect=5.0, read=30.0)
-
-_STATUS_BY_CODE = {0: "success", 1: "application error", 2: "action developer error",
-                   3: "whisk internal error"}
-
-
-def _retry_after(value: str | None) -> float | None:
-    if not value:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        return max(0.0, email.utils.parsedate_to_datetime(value).timestamp() - time.time())
-    except (TypeError, ValueError):
-        return None
-
-
-def _error_text(data: bytes | str | None) -> str:
-    if not data:
-        return ""
-    try:
-        j = json.loads(data)
-        if isinstance(j, dict) and j.get("error"):
-            return str(j["error"])
-    except (ValueError, TypeError):
-        pass
-    text = data.decode("utf-8", "replace") if isinstance(data, bytes) else str(data)
-    return text.strip()[:300]
-
 
 class OpenWhiskProvider(Provider):
     tracks_foreign_invocations = True  # activations are listed by id, whoever started them
@@ -122,30 +92,10 @@ class OpenWhiskProvider(Provider):
         self.namespace = namespace or "_"
         self._prefix = f"/api/v1/namespaces/{quote(self.namespace, safe='')}"
         self._verify = verify
-        token = base64.b64encode(f"{auth[0]}:{auth[1]}".encode()).decode()
-        self._headers = {"Authorization": f"Basic {token}", "Content-Type": "application/json",
-                         "Accept": "application/json", "User-Agent": "fedkeeper"}
         if not verify:
             log.warning("cluster %s: TLS certificate verification is disabled (insecure: true)",
                         self.cluster_name)
-            urllib3.disable_warnings(urllib3.exceptions.InsecureRequestWarning)
-        self._session = requests.Session()
-        self._session.headers.update(self._headers)
-        self._session.verify = verify
-        adapter = requests.adapters.HTTPAdapter(pool_connections=1, pool_maxsize=16)
-        self._session.mount("http://", adapter)
-        self._session.mount("https://", adapter)
-        kw: dict[str, Any] = {"maxsize": 32, "block": False, "retries": False, "timeout": HOT_TIMEOUT}
-        if urlsplit(self.api_host).scheme == "https":
-            if verify:
-                # the CA bundle `requests` uses for the control plane, so that
-                # a cluster's own CA (REQUESTS_CA_BUNDLE) is trusted on both
-                ca = (os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE")
-                      or requests.certs.where())
-                kw.update(cert_reqs="CERT_REQUIRED", ca_certs=ca)
-            else:
-                kw.update(cert_reqs="CERT_NONE", assert_hostname=False)
-        self._pool = urllib3.connection_from_url(self.api_host, **kw)
+        self._headers, self._session, self._pool = connections(self.api_host, auth, verify, HOT_TIMEOUT)
         self._lock = threading.Lock()
         # Invocations made here and not yet reported: id -> submission time.
         self._issued: dict[str, float] = {}
@@ -192,51 +142,15 @@ class OpenWhiskProvider(Provider):
     def _where(self) -> str:
         return f"OpenWhisk cluster {self.cluster_name} at {self.api_host}"
 
-    def _transport_error(self, exc: BaseException) -> ProviderError:
-        text = str(exc)
-        low = text.lower()
-        if isinstance(exc, (requests.exceptions.SSLError, urllib3.exceptions.SSLError)) \
-                or "ssl" in low or "certificate" in low:
-            return ProviderError(ErrorClass.UNREACHABLE,
-                                 f"TLS with {self._where()} failed ({type(exc).__name__}); if the cluster "
-                                 "uses a self-signed certificate, trust it or set insecure: true for it")
-        if "refused" in low:
-            reason = "connection refused"
-        elif "name or service not known" in low or "nodename nor servname" in low \
-                or "name resolution" in low:
-            reason = "host name not found"
-        elif isinstance(exc, urllib3.exceptions.NewConnectionError):
-            reason = "cannot connect"
-        elif isinstance(exc, (requests.exceptions.Timeout, urllib3.exceptions.TimeoutError)):
-            return ProviderError(ErrorClass.UNREACHABLE, f"{self._where()} did not answer in time")
-        elif isinstance(exc, urllib3.exceptions.ProtocolError):
-            reason = "connection closed"
-        else:
-            reason = type(exc).__name__
-        return ProviderError(ErrorClass.UNREACHABLE, f"cannot reach {self._where()} ({reason})")
-
     def _status_error(self, status: int, data: bytes | str | None, what: str,
                       headers: Any = None) -> ProviderError:
-        detail = _error_text(data)
-        msg = f"{what}: {self._where()} answered {status}" + (f": {detail}" if detail else "")
-        if status in (401, 403):
-            return ProviderError(ErrorClass.AUTH, msg + " (check the cluster's auth key)", status=status)
-        if status == 404:
-            return ProviderError(ErrorClass.FUNCTION_MISSING, msg, status=status)
-        if status == 413:
-            return ProviderError(ErrorClass.PAYLOAD_TOO_LARGE, msg, status=status)
-        if status == 429:
-            ra = _retry_after(headers.get("Retry-After") if headers is not None else None)
-            return ProviderError(ErrorClass.THROTTLED, msg, retry_after=ra, status=status)
-        if status >= 500 or status == 409:
-            return ProviderError(ErrorClass.PLATFORM_ERROR, msg, status=status)
-        return ProviderError(ErrorClass.APPLICATION_ERROR, msg, status=status)
+        return status_error(self._where(), status, data, what, headers)
 
     def _control(self, method: str, path: str, what: str, **kw) -> requests.Response:
         try:
             return self._session.request(method, self._url(path), timeout=CONTROL_TIMEOUT, **kw)
         except requests.exceptions.RequestException as exc:
-            raise self._transport_error(exc) from None
+            raise transport_error(self._where(), exc) from None
 
     def _hot(self, method: str, url: str, body: bytes | None = None, retry_get: bool = True):
         try:
@@ -247,9 +161,9 @@ class OpenWhiskProvider(Provider):
             # repeat; a POST is not (it may have created an activation).
             if method == "GET" and retry_get:
                 return self._hot(method, url, body, retry_get=False)
-            raise self._transport_error(exc) from None
+            raise transport_error(self._where(), exc) from None
         except urllib3.exceptions.HTTPError as exc:
-            raise self._transport_error(exc) from None
+            raise transport_error(self._where(), exc) from None
 
     def _sample_clock(self, resp, received: float) -> None:
         if self._offset_known:
@@ -369,7 +283,7 @@ class OpenWhiskProvider(Provider):
         out: list[Outcome] = []
         with self._lock:
             for aid in [a for a in want if a in self._seen]:
-                out.append(self._outcome(self._seen.pop(aid)))
+                out.append(activation_outcome(self._seen.pop(aid)))
                 self._forget(aid)
                 del want[aid]
         if not want:
@@ -420,7 +334,7 @@ class OpenWhiskProvider(Provider):
                 for rec in page:
                     aid = rec.get("activationId") if isinstance(rec, dict) else None
                     if aid in want:
-                        out.append(self._outcome(rec))
+                        out.append(activation_outcome(rec))
                         del want[aid]
                         self._forget(aid)
                     elif aid in self._issued:
@@ -440,7 +354,7 @@ class OpenWhiskProvider(Provider):
             asked += 1
             r = self._hot("GET", self._url(f"/activations/{quote(aid, safe='')}"))
             if r.status == 200:
-                out.append(self._outcome(json.loads(r.data)))
+                out.append(activation_outcome(json.loads(r.data)))
                 del want[aid]
                 with self._lock:
                     self._forget(aid)
@@ -460,38 +374,6 @@ class OpenWhiskProvider(Provider):
                 self._issued.pop(k, None)
                 self._seen.pop(k, None)
                 self._fallback_at.pop(k, None)
-
-    @staticmethod
-    def _outcome(rec: dict) -> Outcome:
-        resp = rec.get("response") or {}
-        status = resp.get("status") or _STATUS_BY_CODE.get(resp.get("statusCode", rec.get("statusCode")))
-        result = resp.get("result")
-        if result is not None and not isinstance(result, dict):
-            result = {"value": result}
-        ann = {a.get("key"): a.get("value") for a in rec.get("annotations") or () if isinstance(a, dict)}
-        start = rec.get("start")
-        end = rec.get("end")
-        init_ms = ann.get("initTime")
-        out = Outcome(platform_id=rec.get("activationId", ""), ok=status == "success", result=result,
-                      start=start / 1000.0 if isinstance(start, (int, float)) else None,
-                      end=end / 1000.0 if isinstance(end, (int, float)) and end else None,
-                      duration_ms=rec.get("duration"), wait_ms=ann.get("waitTime"), init_ms=init_ms,
-                      cold_start=init_ms is not None,
-                      result_bytes=int(resp.get("size") or (len(json.dumps(result)) if result else 0)))
-        if out.ok:
-            return out
-        err = result.get("error") if isinstance(result, dict) else None
-        if err is not None and not isinstance(err, str):
-            err = json.dumps(err)
-        out.error = err or status or "failed"
-        if status == "application error":
-            out.error_class = ErrorClass.APPLICATION_ERROR
-        elif status == "action developer error":
-            timed_out = ann.get("timeout") is True or "exceeded its time limits" in (err or "")
-            out.error_class = ErrorClass.TIMEOUT if timed_out else ErrorClass.DEVELOPER_ERROR
-        else:
-            out.error_class = ErrorClass.PLATFORM_ERROR
-        return out
 
     def close(self) -> None:
         self._session.close()

@@ -1,0 +1,119 @@
+"""OpenWhisk's answers -> ErrorClass: the controller's HTTP statuses,
+failed connections, and activation records (status strings and codes,
+timeouts as OpenWhisk annotates them)."""
+from __future__ import annotations
+
+import email.utils
+import json
+import time
+from typing import Any
+
+import requests
+import urllib3
+
+from ..base import ErrorClass, Outcome, ProviderError
+
+_STATUS_BY_CODE = {0: "success", 1: "application error", 2: "action developer error",
+                   3: "whisk internal error"}
+
+
+def _retry_after(value: str | None) -> float | None:
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        return max(0.0, email.utils.parsedate_to_datetime(value).timestamp() - time.time())
+    except (TypeError, ValueError):
+        return None
+
+
+def _error_text(data: bytes | str | None) -> str:
+    if not data:
+        return ""
+    try:
+        j = json.loads(data)
+        if isinstance(j, dict) and j.get("error"):
+            return str(j["error"])
+    except (ValueError, TypeError):
+        pass
+    text = data.decode("utf-8", "replace") if isinstance(data, bytes) else str(data)
+    return text.strip()[:300]
+
+
+def transport_error(where: str, exc: BaseException) -> ProviderError:
+    """A failed connection to the controller, classified (UNREACHABLE)."""
+    text = str(exc)
+    low = text.lower()
+    if isinstance(exc, (requests.exceptions.SSLError, urllib3.exceptions.SSLError)) \
+            or "ssl" in low or "certificate" in low:
+        return ProviderError(ErrorClass.UNREACHABLE,
+                             f"TLS with {where} failed ({type(exc).__name__}); if the cluster "
+                             "uses a self-signed certificate, trust it or set insecure: true for it")
+    if "refused" in low:
+        reason = "connection refused"
+    elif "name or service not known" in low or "nodename nor servname" in low \
+            or "name resolution" in low:
+        reason = "host name not found"
+    elif isinstance(exc, urllib3.exceptions.NewConnectionError):
+        reason = "cannot connect"
+    elif isinstance(exc, (requests.exceptions.Timeout, urllib3.exceptions.TimeoutError)):
+        return ProviderError(ErrorClass.UNREACHABLE, f"{where} did not answer in time")
+    elif isinstance(exc, urllib3.exceptions.ProtocolError):
+        reason = "connection closed"
+    else:
+        reason = type(exc).__name__
+    return ProviderError(ErrorClass.UNREACHABLE, f"cannot reach {where} ({reason})")
+
+def status_error(where: str, status: int, data: bytes | str | None, what: str,
+                 headers: Any = None) -> ProviderError:
+    """An HTTP answer of the controller other than the expected one, classified."""
+    detail = _error_text(data)
+    msg = f"{what}: {where} answered {status}" + (f": {detail}" if detail else "")
+    if status in (401, 403):
+        return ProviderError(ErrorClass.AUTH, msg + " (check the cluster's auth key)", status=status)
+    if status == 404:
+        return ProviderError(ErrorClass.FUNCTION_MISSING, msg, status=status)
+    if status == 413:
+        return ProviderError(ErrorClass.PAYLOAD_TOO_LARGE, msg, status=status)
+    if status == 429:
+        ra = _retry_after(headers.get("Retry-After") if headers is not None else None)
+        return ProviderError(ErrorClass.THROTTLED, msg, retry_after=ra, status=status)
+    if status >= 500 or status == 409:
+        return ProviderError(ErrorClass.PLATFORM_ERROR, msg, status=status)
+    return ProviderError(ErrorClass.APPLICATION_ERROR, msg, status=status)
+
+
+def activation_outcome(rec: dict) -> Outcome:
+    """An activation record as an Outcome, its status mapped onto ErrorClass."""
+    resp = rec.get("response") or {}
+    status = resp.get("status") or _STATUS_BY_CODE.get(resp.get("statusCode", rec.get("statusCode")))
+    result = resp.get("result")
+    if result is not None and not isinstance(result, dict):
+        result = {"value": result}
+    ann = {a.get("key"): a.get("value") for a in rec.get("annotations") or () if isinstance(a, dict)}
+    start = rec.get("start")
+    end = rec.get("end")
+    init_ms = ann.get("initTime")
+    out = Outcome(platform_id=rec.get("activationId", ""), ok=status == "success", result=result,
+                  start=start / 1000.0 if isinstance(start, (int, float)) else None,
+                  end=end / 1000.0 if isinstance(end, (int, float)) and end else None,
+                  duration_ms=rec.get("duration"), wait_ms=ann.get("waitTime"), init_ms=init_ms,
+                  cold_start=init_ms is not None,
+                  result_bytes=int(resp.get("size") or (len(json.dumps(result)) if result else 0)))
+    if out.ok:
+        return out
+    err = result.get("error") if isinstance(result, dict) else None
+    if err is not None and not isinstance(err, str):
+        err = json.dumps(err)
+    out.error = err or status or "failed"
+    if status == "application error":
+        out.error_class = ErrorClass.APPLICATION_ERROR
+    elif status == "action developer error":
+        timed_out = ann.get("timeout") is True or "exceeded its time limits" in (err or "")
+        out.error_class = ErrorClass.TIMEOUT if timed_out else ErrorClass.DEVELOPER_ERROR
+    else:
+        out.error_class = ErrorClass.PLATFORM_ERROR
+    return out
