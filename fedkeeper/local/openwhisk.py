@@ -32,6 +32,11 @@ class LocalOpenWhiskProvider(OpenWhiskProvider):
     # local fabric estimates what the same run would cost there.
     default_prices = OpenWhiskProvider.default_prices
 
+    @classmethod
+    def metrics_namespace(cls, cluster_name: str, cluster: Any) -> str | None:
+        # the fabric's namespace of this cluster (the one its metrics carry)
+        return getattr(cluster, "namespace", None) or _namespace_for(cluster_name)
+
     def __init__(self, cluster_name: str, cluster: Any, ctx: ProviderContext):
         # Not OpenWhiskProvider.__init__: there is no remote endpoint or key
         # in the config; the fabric's own come from its state directory.
@@ -83,7 +88,9 @@ class LocalOpenWhiskProvider(OpenWhiskProvider):
             info = fabric.fabric_up(self.fabric_dir, hold=True, auto_stop=not self.ctx.keep_local_services)
         except (fabric.FabricError, OSError):
             return False
-        self._lease = info.get("lease")
+        # The old lease went with a dead fabric; on a live one the new lease holds it.
+        old, self._lease = self._lease, info.get("lease")
+        fabric.fabric_release(self.fabric_dir, old)
         self.started_fabric = self.started_fabric or bool(info.get("started"))
         self.fabric_started_at = float(info.get("started_at") or 0.0)
         user, _, key = info["auth"].partition(":")
@@ -91,7 +98,9 @@ class LocalOpenWhiskProvider(OpenWhiskProvider):
         self._pool.close()
         self._connect(info["url"], (user, key), self.namespace, verify=True, clock_offset=0.0)
         self.push_faults()
-        return True
+        # Only a fabric started now has lost what ran before (a slow one
+        # that still answers was reconnected to, not restarted).
+        return bool(info.get("started"))
 
     def lost_invocations(self, pending):
         return [inv.platform_id for inv in pending if inv.submitted_at < self.fabric_started_at]

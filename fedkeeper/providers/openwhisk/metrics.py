@@ -57,21 +57,11 @@ def cluster_report(prometheus: str, namespace: str | None = None, actions: Itera
     return fill(out, values)
 
 
-def cluster_namespace(name: str, cluster: Any) -> str | None:
-    """The namespace label a cluster's activations carry; None when the
-    config leaves it to the key's default namespace ("_")."""
-    if getattr(cluster, "kind", "remote") == "local":
-        # the embedded fabric names a cluster's namespace after the cluster
-        from ...local.openwhisk import _namespace_for
-        return getattr(cluster, "namespace", None) or _namespace_for(name)
-    ns = cluster.resolved_namespace()
-    return None if ns in ("", "_") else ns
-
-
-def cluster_metrics(name: str, cluster: Any, window: str | None, actions: Iterable[str] | None,
-                    timeout_s: float) -> ClusterMetrics:
+def cluster_metrics(name: str, cluster: Any, namespace: str | None, window: str | None,
+                    actions: Iterable[str] | None, timeout_s: float) -> ClusterMetrics:
+    """`namespace`: the label the cluster's activations carry (None: any)."""
     url = prometheus_url(getattr(cluster, "prometheus_config", None))
-    ns = cluster_namespace(name, cluster)
+    ns = namespace
     if url is None:
         return ClusterMetrics(cluster=name, prometheus=None, namespace=ns, window=window, error=NO_PROMETHEUS)
     return cluster_report(url, ns, actions, window, cluster=name, timeout_s=timeout_s,

@@ -65,11 +65,17 @@ def check_code_size(spec: FunctionSpec, artifact: Artifact, limit: int, cluster:
             "dependencies into the runtime image instead of the zip", status=413)
 
 
-def upload_plan(spec: FunctionSpec, artifact: Artifact, *, cluster: str, target: str,
-                image_prefix: str | None, limit: int, limit_source: str) -> UploadPlan:
-    image = image_for(spec, artifact, image_prefix)
+def upload_plan(spec: FunctionSpec, artifact: Artifact, cluster_name: str, cluster: Any,
+                code_limit: int | None) -> UploadPlan:
+    """What deploying `spec` would upload where; `code_limit` is the
+    namespace's own limit when known, else OpenWhisk's default applies."""
+    remote = getattr(cluster, "kind", "remote") == "remote" and hasattr(cluster, "api_host")
+    target = f"{cluster.api_host() if remote else 'the local fabric'} action {spec.name}"
+    image = image_for(spec, artifact, getattr(cluster, "image_registry", None))
     what = (f"Docker action (blackbox) on {image}" if image
             else f"action of kind {spec.runtime or STOCK_KIND}")
-    return UploadPlan(cluster=cluster, function=spec.name, platform="openwhisk", target=target,
-                      what=what, bytes=encoded_size(len(artifact.data)), limit_bytes=limit,
-                      limit_source=limit_source, runtime=artifact.runtime, image=image)
+    return UploadPlan(cluster=cluster_name, function=spec.name, platform="openwhisk", target=target,
+                      what=what, bytes=encoded_size(len(artifact.data)),
+                      limit_bytes=code_limit or DEFAULT_CODE_SIZE_LIMIT,
+                      limit_source="the namespace's codeSize limit" if code_limit else "OpenWhisk's default codeSize",
+                      runtime=artifact.runtime, image=image)

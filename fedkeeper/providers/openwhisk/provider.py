@@ -115,18 +115,20 @@ class OpenWhiskProvider(Provider):
     @classmethod
     def cluster_metrics(cls, cluster_name: str, cluster: Any, window: str | None, actions,
                         timeout_s: float = 10.0) -> ClusterMetrics:
-        return metrics.cluster_metrics(cluster_name, cluster, window, actions, timeout_s)
+        return metrics.cluster_metrics(cluster_name, cluster, cls.metrics_namespace(cluster_name, cluster),
+                                       window, actions, timeout_s)
+
+    @classmethod
+    def metrics_namespace(cls, cluster_name: str, cluster: Any) -> str | None:
+        """The namespace label the cluster's activations carry; None when the
+        config leaves it to the key's default namespace ("_")."""
+        ns = cluster.resolved_namespace()
+        return None if ns in ("", "_") else ns
 
     @classmethod
     def plan_upload(cls, cluster_name: str, cluster: Any, spec: FunctionSpec,
                     artifact: Artifact, code_limit: int | None = None) -> UploadPlan:
-        api = cluster.api_host() if hasattr(cluster, "api_host") and getattr(cluster, "kind", "remote") == "remote" \
-            else "the local fabric"
-        return packaging.upload_plan(
-            spec, artifact, cluster=cluster_name, target=f"{api} action {spec.name}",
-            image_prefix=getattr(cluster, "image_registry", None),
-            limit=code_limit or packaging.DEFAULT_CODE_SIZE_LIMIT,
-            limit_source="the namespace's codeSize limit" if code_limit else "OpenWhisk's default codeSize")
+        return packaging.upload_plan(spec, artifact, cluster_name, cluster, code_limit)
 
     def _code_limit(self) -> int | None:
         """The namespace's own code size limit where `GET /limits` reports
