@@ -37,9 +37,9 @@ def test_lists_pin_the_versions_the_tests_run_with(name):
 
 def test_loose_or_duplicate_pins_are_refused():
     with pytest.raises(RuntimeDeclarationError, match="not pinned"):
-        runtimes._parse("x", "numpy>=1\n", "x.txt")
+        runtimes.parse_pins("x", "numpy>=1\n", "x.txt")
     with pytest.raises(RuntimeDeclarationError, match="twice"):
-        runtimes._parse("x", "numpy==1\nNumPy==2\n", "x.txt")
+        runtimes.parse_pins("x", "numpy==1\nNumPy==2\n", "x.txt")
     with pytest.raises(RuntimeDeclarationError, match="no runtime named"):
         runtimes.load("nope")
 

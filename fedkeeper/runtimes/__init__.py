@@ -81,7 +81,7 @@ class FunctionRuntime:
         return head + "".join(f"{p}\n" for p in self.requirements(http_entry=http_entry))
 
 
-def _parse(name: str, text: str, origin: str) -> tuple[Pin, ...]:
+def parse_pins(name: str, text: str, origin: str) -> tuple[Pin, ...]:
     pins: list[Pin] = []
     seen: set[str] = set()
     for no, raw in enumerate(text.splitlines(), 1):
@@ -108,7 +108,7 @@ def load_list(name: str) -> tuple[Pin, ...]:
     path = RUNTIMES_DIR / f"{name}.txt"
     if not path.is_file():
         raise RuntimeDeclarationError(f"no runtime named {name!r} (known: {', '.join(runtime_names())})")
-    return _parse(name, path.read_text(), f"fedkeeper/runtimes/{name}.txt")
+    return parse_pins(name, path.read_text(), f"fedkeeper/runtimes/{name}.txt")
 
 
 def runtime_names() -> list[str]:

@@ -41,7 +41,7 @@ from typing import Any, Mapping, Sequence
 
 from packaging.requirements import InvalidRequirement, Requirement
 
-from . import HTTP_ENTRY_LIST, Pin, RuntimeDeclarationError, _parse, load, load_list
+from . import HTTP_ENTRY_LIST, Pin, RuntimeDeclarationError, load, load_list, parse_pins
 from .images import runtime_of_image
 
 BOOTSTRAP = str(Path(__file__).resolve().parent / "bootstrap.py")
@@ -271,7 +271,7 @@ def _isolated_env(pins: tuple[Pin, ...], cache_dir: Path) -> IsolatedEnv:
 def env_for_requirements(text: str, cache_dir: Path | None = None, origin: str = "requirements.txt") -> IsolatedEnv:
     """The environment of a `requirements.txt` (as a source zip carries it)."""
     try:
-        pins = _parse("requirements", text, origin)
+        pins = parse_pins("requirements", text, origin)
     except RuntimeDeclarationError as exc:
         raise IsolationError(str(exc)) from None
     return isolated_env(pins, cache_dir)
@@ -308,7 +308,7 @@ def source_command(source_dir: Path, *args: str, cache_dir: Path | None = None) 
     pins: list[Pin] = []
     if reqs.is_file():
         try:
-            pins = list(_parse("requirements", reqs.read_text(), "requirements.txt of the source"))
+            pins = list(parse_pins("requirements", reqs.read_text(), "requirements.txt of the source"))
         except RuntimeDeclarationError as exc:
             raise IsolationError(str(exc)) from None
     have = {p.key for p in pins}
