@@ -261,3 +261,25 @@ def test_retries_axis_starts_at_0_and_the_participation_title_clears_its_legend(
     fig = participation_figure(s)
     assert fig._suptitle is not None and fig._suptitle.get_text() == f"client participation: {sid}"
     assert all(not a.get_title() for a in fig.axes)
+
+
+def test_report_command_on_a_planted_session(store, mongo_url, tmp_path, isolated_dirs):
+    """The command without a training run: rounds from 1 in report.json, an
+    unknown session is exit 1 with the common error prefix."""
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(yaml.safe_dump({"name": "rep", "providers": {"openwhisk": {"ow1": {"kind": "local"}}},
+                                   "scenarios": {"federated_learning": {
+                                       "clients_info": {"total_num_clients": 2, "num_clients_per_round": 2,
+                                                        "ow_clients_count": 2},
+                                       "mongo_config": {"url": mongo_url, "db": store.db.name}}}}))
+    store.create_session({"_id": "rep-1", "state": "finished", "created": 1000.0, "ended": 1020.0,
+                          "spec": {"clients": ["client_0", "client_1"]}})
+    for r in range(2):
+        store.upsert_round("rep-1", r, selected=["client_0", "client_1"], included=["client_0", "client_1"],
+                           state="done", started=1001.0 + 9 * r, ended=1010.0 + 9 * r, retries=0, failed=0)
+    res = CliRunner().invoke(cli, ["report", "rep-1", "-c", str(cfg), "-o", str(tmp_path / "out"), "--json"])
+    assert res.exit_code == 0, res.output
+    (s,) = json.loads(res.stdout)["sessions"]
+    assert [row["round"] for row in s["rounds"]] == [1, 2] and s["wall_time_s"] == 20.0
+    missing = CliRunner().invoke(cli, ["report", "nope", "-c", str(cfg), "-o", str(tmp_path / "x")])
+    assert missing.exit_code == 1 and missing.output.startswith("Error: not in the store: session 'nope'")
