@@ -15,7 +15,7 @@ from .clusters import Open, Strict
 from .errors import did_you_mean
 from .training import InsightsConfig, ModelParams, TrainingConfig
 from .units import count, parse_duration_s, parse_memory_mb
-from .values import Sha256, http_url, host_port, no_placeholder
+from .values import ImageRef, Sha256, http_url, host_port, no_placeholder
 
 if TYPE_CHECKING:
     from .clusters import Providers
@@ -238,7 +238,7 @@ class FunctionConfig(Open):
     platform's bare-number convention)."""
 
     func_path: Optional[str] = None
-    docker_image: Optional[str] = None
+    docker_image: Optional[ImageRef] = None
     memory: Optional[int] = None
     timeout: Optional[float] = None
     concurrency: Optional[int] = None

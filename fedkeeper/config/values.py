@@ -85,6 +85,30 @@ def openwhisk_name(v: str) -> str:
     return v
 
 
+_IMAGE_PATH = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*"
+_REGISTRY = r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*(?::[0-9]+)?"
+_IMAGE_RE = re.compile(rf"(?:{_REGISTRY}/)?{_IMAGE_PATH}(?::[\w][\w.-]{{0,127}})?(?:@sha256:[0-9a-f]{{64}})?")
+_PREFIX_RE = re.compile(rf"{_REGISTRY}(?:/{_IMAGE_PATH})?")
+
+
+def image_ref(v: str) -> str:
+    """A container image reference: [registry[:port]/]path[:tag][@sha256:...]."""
+    no_placeholder(v)
+    if not _IMAGE_RE.fullmatch(v):
+        raise ValueError(f"{v!r} is not a container image reference such as ghcr.io/acme/image:tag "
+                         "(lower-case path, no scheme)")
+    return v
+
+
+def registry_prefix(v: str) -> str:
+    """Where images are pushed: registry[:port][/path], no tag, no scheme."""
+    no_placeholder(v)
+    if not _PREFIX_RE.fullmatch(v.rstrip("/")):
+        raise ValueError(f"{v!r} is not a registry prefix such as ghcr.io/acme or localhost:5000 "
+                         "(no scheme, no tag)")
+    return v
+
+
 def sha256_hex(v: str) -> str:
     if not re.fullmatch(r"[0-9a-fA-F]{64}", v):
         raise ValueError(f"{v!r} is not a sha256 checksum (64 hexadecimal digits)")
@@ -117,5 +141,7 @@ HostPort = Annotated[str, AfterValidator(host_port)]
 DnsLabel = Annotated[str, AfterValidator(dns_label)]
 OpenWhiskName = Annotated[str, AfterValidator(openwhisk_name)]
 Sha256 = Annotated[str, AfterValidator(sha256_hex)]
+ImageRef = Annotated[str, AfterValidator(image_ref)]
+RegistryPrefix = Annotated[str, AfterValidator(registry_prefix)]
 Port = Annotated[int, BeforeValidator(port_number)]
 Currency = Annotated[str, AfterValidator(currency_code)]

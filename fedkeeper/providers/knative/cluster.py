@@ -7,7 +7,7 @@ from typing import ClassVar, Literal, Optional
 from pydantic import Field
 
 from ...config.clusters import ClusterConfig
-from ...config.values import DnsLabel, HostPort, HttpUrl
+from ...config.values import DnsLabel, HostPort, HttpUrl, ImageRef, RegistryPrefix
 
 
 class KnativeCluster(ClusterConfig):
@@ -22,8 +22,8 @@ class KnativeCluster(ClusterConfig):
 
     kind: Literal["remote"] = "remote"     # no local Knative: the emulator is a remote API
     namespace: DnsLabel = "default"
-    image: Optional[str] = None        # one image for every function instead of its runtime's
-    image_registry: Optional[str] = None  # prefix of the runtime images (`fedkeeper runtime build --push`)
+    image: Optional[ImageRef] = None        # one image for every function instead of its runtime's
+    image_registry: Optional[RegistryPrefix] = None  # prefix of the runtime images (`fedkeeper runtime build --push`)
     api_server: Optional[HttpUrl] = None   # e.g. http://127.0.0.1:8001 from `kubectl proxy`
     in_cluster: bool = False           # use the pod's service account
     ready_timeout_s: float = Field(300.0, gt=0)  # bounded wait for Ready after a deploy

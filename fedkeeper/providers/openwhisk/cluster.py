@@ -9,7 +9,7 @@ from urllib.parse import urlsplit, urlunsplit
 from pydantic import SecretStr, field_validator, model_validator
 
 from ...config.clusters import ClusterConfig, Strict
-from ...config.values import HostPort, HttpUrl, OpenWhiskName, no_placeholder
+from ...config.values import HostPort, HttpUrl, OpenWhiskName, RegistryPrefix, no_placeholder
 
 
 class OpenWhiskAuth(Strict):
@@ -38,7 +38,7 @@ class OpenWhiskCluster(ClusterConfig):
     auth: OpenWhiskAuth = OpenWhiskAuth()
     namespace: Optional[OpenWhiskName] = None
     insecure: bool = False  # explicit opt-out of TLS verification
-    image_registry: Optional[str] = None  # prefix of the runtime images (`fedkeeper runtime build --push`)
+    image_registry: Optional[RegistryPrefix] = None  # prefix of the runtime images (`fedkeeper runtime build --push`)
 
     @model_validator(mode="after")
     def _need_endpoint(self):
