@@ -91,7 +91,7 @@ def test_mismatched_versions_build_a_real_virtualenv(tmp_path, monkeypatch):
     monkeypatch.setattr(isolation, "_build_venv", fake_build)
     env = isolation.isolated_env(pins, tmp_path)
     assert built and built[0][0] == pins and env.site is None
-    assert env.command("x.py")[:3] == [env.python, "-I", "-u"]
+    assert env.command("x.py")[:4] == [env.python, "-I", "-u", "-B"]
     assert isolation.isolated_env(pins, tmp_path) == env and len(built) == 1  # cached
 
 

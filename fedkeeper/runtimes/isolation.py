@@ -70,9 +70,11 @@ class IsolatedEnv:
         """argv running `args` (a script path and its arguments, or `-m
         module ...`) with only the standard library and this runtime's
         packages importable."""
+        # -I ignores PYTHON* variables, so what the platforms set there
+        # (unbuffered output, no bytecode files) is given as flags
         if self.site is None:  # a virtualenv built from the list: its own site-packages only
-            return [self.python, "-I", "-u", *args]
-        return [self.python, "-I", "-S", "-u", BOOTSTRAP, str(self.site), *args]
+            return [self.python, "-I", "-u", "-B", *args]
+        return [self.python, "-I", "-S", "-u", "-B", BOOTSTRAP, str(self.site), *args]
 
 
 def pins_hash(pins: Sequence[Pin], closure_versions: Sequence[str] = ()) -> str:
