@@ -76,7 +76,7 @@ def runtime_build(names: tuple[str, ...], registry: str | None, variants: tuple[
         why = ("neither docker nor podman is installed" if engine.path is None
                else f"{engine.command} is installed but its engine is unreachable ({engine.detail})")
         for s in steps:
-            console.print(f"[bold]{s.image}[/bold]  (context {s.context})", markup=True)
+            click.echo(f"# {s.image}  (build context {s.context})")
             click.echo(s.recipe.dockerfile)
             for cmd in s.commands:
                 click.echo("  " + shlex.join(cmd))
