@@ -235,6 +235,7 @@ CASES: list[tuple[tuple, Any, Any, list[str]]] = [
      ["client index 9"]),
     (("providers", "google", "ow_local"), {"kind": "local"}, None, ["also used under providers.openwhisk"]),
     (T + ("buffer_size",), 3, None, ["exceeds num_clients_per_round 2"]),
+    (("providers", "google"), {}, S + ("clients_info", "gcf_clients_count"), ["no cluster of the platform"]),
     (OW + ("faults",), {"crash": 0.1}, None, ["only be injected on clusters of kind: local"]),
     # privacy blocks (their rules are fedkeeper.privacy.settings'; the config reports where)
     (T + ("privacy",), {"mode": "central", "noise_multiplier": 1.0, "clip_norm": 1.0}, None,

@@ -9,6 +9,7 @@ from ..privacy.settings import scenario_refusal
 from .clusters import cluster_model, provider_sections
 from .errors import ConfigError, did_you_mean, dotted, line_for
 from .model import Config
+from .scenario import PlacementError
 from .units import format_duration_s, format_memory_mb
 
 
@@ -62,60 +63,68 @@ def check_references(cfg: Config, index: dict) -> None:
                 refuse(("providers", section, name), f"cluster name {name!r} is also used under "
                                                      f"providers.{seen[name]}; names must be unique")
             seen[name] = section
-    clusters = cfg.providers.clusters()
-    for name, (section, cluster) in clusters.items():
+    for name, (section, cluster) in cfg.providers.clusters().items():
         if getattr(cluster, "invocation", "direct") == "via_invoker":
             _check_via_invoker(section, cluster, lambda message, n=name, s=section: refuse(
                 ("providers", s, n, "invocation"), message))
+    functions = known_functions()
+    for sname, scen in cfg.scenarios.items():
+        _check_functions(("scenarios", sname), scen, functions, refuse)
+        _check_clusters_and_clients(("scenarios", sname), scen, cfg.providers, refuse)
+
+
+def _check_functions(at: tuple, scen, functions: Optional[set[str]], refuse) -> None:
+    """Every function a scenario names exists, within its platform's limits."""
+    def check_name(path: tuple, name: str) -> None:
+        if functions is not None and name not in functions:
+            refuse(path, f"no function named {name!r} (FedKeeper has {', '.join(sorted(functions))})"
+                         f"{did_you_mean(name, functions)}")
+
+    for fname, per in scen.functions.items():
+        check_name(at + ("functions", fname), fname)
+        for section, fc in per.items():
+            _check_function_limits(section, fc, lambda key, message, p=at + ("functions", fname, section):
+                                   refuse(p + (key,), message))
+    sc = scen.server_config
+    for i, fname in enumerate(sc.server_manager_functions if sc else []):
+        check_name(at + ("server_config", "server_manager_functions", i), fname)
+    for i, fname in enumerate(scen.clients_info.client_functions if scen.clients_info else []):
+        check_name(at + ("clients_info", "client_functions", i), fname)
+
+
+def _check_clusters_and_clients(at: tuple, scen, providers, refuse) -> None:
+    """The clusters a scenario names exist; its clients are placed, once
+    each; what depends on the clients per round can work."""
+    clusters = providers.clusters()
 
     def unknown(name: str) -> str:
         return (f"names cluster {name!r}, which is not under providers "
                 f"(known: {sorted(clusters) or 'none'}){did_you_mean(name, clusters)}")
 
-    functions = known_functions()
-
-    def check_function(path: tuple, name: str) -> None:
-        if functions is not None and name not in functions:
-            refuse(path, f"no function named {name!r} (FedKeeper has {', '.join(sorted(functions))})"
-                         f"{did_you_mean(name, functions)}")
-
-    for sname, scen in cfg.scenarios.items():
-        at = ("scenarios", sname)
-        for fname, per in scen.functions.items():
-            check_function(at + ("functions", fname), fname)
-            for section, fc in per.items():
-                _check_function_limits(section, fc, lambda key, message, p=at + ("functions", fname, section):
-                                       refuse(p + (key,), message))
-        sc = scen.server_config
-        for i, fname in enumerate(sc.server_manager_functions if sc else []):
-            check_function(at + ("server_config", "server_manager_functions", i), fname)
-        for i, fname in enumerate(scen.clients_info.client_functions if scen.clients_info else []):
-            check_function(at + ("clients_info", "client_functions", i), fname)
-        if sc and sc.server_cluster_name and sc.server_cluster_name not in clusters:
-            refuse(at + ("server_config", "server_cluster_name"), unknown(sc.server_cluster_name))
-        if scen.insights.cluster and scen.insights.cluster not in clusters:
-            refuse(at + ("insights", "cluster"), unknown(scen.insights.cluster))
-        t, ci = scen.training, scen.clients_info
-        if t.mode == "async" and t.buffer_size and ci and t.buffer_size > ci.num_clients_per_round:
-            refuse(at + ("training", "buffer_size"), f"buffer_size {t.buffer_size} exceeds "
-                   f"num_clients_per_round {ci.num_clients_per_round}: a buffer could never fill")
-        if ci is None:
-            continue
-        why = scenario_refusal(t.privacy, ci.num_clients_per_round)
-        if why:
-            refuse(at + ("training", "privacy"), why)
-        if ci.clusters:
-            for cname in ci.clusters:
-                if cname not in clusters:
-                    refuse(at + ("clients_info", "clusters", cname),
-                           f"no cluster named {cname!r} under providers{did_you_mean(cname, clusters)}")
-            assigned = sum(len(spec) if isinstance(spec, list) else spec for spec in ci.clusters.values())
-            if assigned != ci.total_num_clients:
-                refuse(at + ("clients_info", "clusters"),
-                       f"places {assigned} clients but total_num_clients is {ci.total_num_clients}")
-        else:
-            try:
-                ci.placement(cfg.providers)
-            except ValueError as exc:
-                key = str(exc).split(" ", 1)[0].rpartition(".")[2]
-                refuse(at + ("clients_info", key), str(exc))
+    sc, t, ci = scen.server_config, scen.training, scen.clients_info
+    if sc and sc.server_cluster_name and sc.server_cluster_name not in clusters:
+        refuse(at + ("server_config", "server_cluster_name"), unknown(sc.server_cluster_name))
+    if scen.insights.cluster and scen.insights.cluster not in clusters:
+        refuse(at + ("insights", "cluster"), unknown(scen.insights.cluster))
+    if ci is None:
+        return
+    if t.mode == "async" and t.buffer_size and t.buffer_size > ci.num_clients_per_round:
+        refuse(at + ("training", "buffer_size"), f"buffer_size {t.buffer_size} exceeds "
+               f"num_clients_per_round {ci.num_clients_per_round}: a buffer could never fill")
+    why = scenario_refusal(t.privacy, ci.num_clients_per_round)
+    if why:
+        refuse(at + ("training", "privacy"), why)
+    if ci.clusters:
+        for cname in ci.clusters:
+            if cname not in clusters:
+                refuse(at + ("clients_info", "clusters", cname),
+                       f"no cluster named {cname!r} under providers{did_you_mean(cname, clusters)}")
+        assigned = sum(len(spec) if isinstance(spec, list) else spec for spec in ci.clusters.values())
+        if assigned != ci.total_num_clients:
+            refuse(at + ("clients_info", "clusters"),
+                   f"places {assigned} clients but total_num_clients is {ci.total_num_clients}")
+        return
+    try:
+        ci.placement(providers)
+    except PlacementError as exc:
+        refuse(at + ("clients_info", exc.key), str(exc))

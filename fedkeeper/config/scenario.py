@@ -72,6 +72,14 @@ class ClientsInfo(Strict):
         return self
 
 
+class PlacementError(ValueError):
+    """Clients counted for a platform no configured cluster belongs to."""
+
+    def __init__(self, key: str, message: str):
+        super().__init__(message)
+        self.key = key
+
+
 def client_placement(ci: ClientsInfo, providers: "Providers") -> dict[str, str]:
     """client id -> cluster name, from explicit `clusters` or FedKeeper's
     counts: edge clients first, then each platform's count (the key its
@@ -95,9 +103,9 @@ def client_placement(ci: ClientsInfo, providers: "Providers") -> dict[str, str]:
     for key in ("edge_clients_count", "ow_clients_count", "gcf_clients_count"):
         n = getattr(ci, key)
         if n and key not in first:
-            raise ValueError(f"clients_info.{key} places {n} clients, but no cluster of the platform "
-                             "it counts is configured; use clients_info.clusters to place clients "
-                             "explicitly")
+            raise PlacementError(key, f"clients_info.{key} places {n} clients, but no cluster of the "
+                                      "platform it counts is configured; use clients_info.clusters to "
+                                      "place clients explicitly")
         for _ in range(n):
             out[f"client_{i}"] = first[key]
             i += 1
