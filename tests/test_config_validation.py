@@ -214,6 +214,8 @@ CASES: list[tuple[tuple, Any, Any, list[str]]] = [
     (OWL + ("faults", "slow_ms"), -1, None, []),
     (OWL + ("faults",), {"crash": 0.7, "throttle": 0.6}, OWL + ("faults", "crash"), ["more than 1"]),
     (OWL + ("faults", "crashh"), 0.1, None, ["unknown key"]),
+    (OWL + ("faults", "functions"), ["fl_client", "fl_clent"], OWL + ("faults", "functions", 1),
+     ["no function named 'fl_clent'", "did you mean fl_client?"]),
     (KN + ("ready_timeout_s",), 0, None, ["greater than 0"]),
     (OW + ("configurations", "num_hosts"), 0, None, ["greater than 0"]),
     (OW + ("pricing", "per_gb_second"), -1, None, ["greater than or equal to 0"]),

@@ -68,17 +68,25 @@ def check_references(cfg: Config, index: dict) -> None:
             _check_via_invoker(section, cluster, lambda message, n=name, s=section: refuse(
                 ("providers", s, n, "invocation"), message))
     functions = known_functions()
+    for name, (section, cluster) in cfg.providers.clusters().items():
+        faults = getattr(cluster, "faults", None)
+        for i, fname in enumerate(getattr(faults, "functions", None) or []):
+            _check_function_name(("providers", section, name, "faults", "functions", i), fname, functions, refuse)
     for sname, scen in cfg.scenarios.items():
         _check_functions(("scenarios", sname), scen, functions, refuse)
         _check_clusters_and_clients(("scenarios", sname), scen, cfg.providers, refuse)
 
 
+def _check_function_name(path: tuple, name: str, functions: Optional[set[str]], refuse) -> None:
+    if functions is not None and name not in functions:
+        refuse(path, f"no function named {name!r} (FedKeeper has {', '.join(sorted(functions))})"
+                     f"{did_you_mean(name, functions)}")
+
+
 def _check_functions(at: tuple, scen, functions: Optional[set[str]], refuse) -> None:
     """Every function a scenario names exists, within its platform's limits."""
     def check_name(path: tuple, name: str) -> None:
-        if functions is not None and name not in functions:
-            refuse(path, f"no function named {name!r} (FedKeeper has {', '.join(sorted(functions))})"
-                         f"{did_you_mean(name, functions)}")
+        _check_function_name(path, name, functions, refuse)
 
     for fname, per in scen.functions.items():
         check_name(at + ("functions", fname), fname)
