@@ -194,3 +194,23 @@ def check(cfg, scenario_name: str, scenario) -> Optional[dict[str, Any]]:
     if not out.get("ok"):
         raise UserModuleError(f"{where}: {out.get('message')}")
     return out
+
+
+#: the functions that run user code, whose artifacts carry the module
+USER_CODE_FUNCTIONS = ("fl_client", "fl_server_init", "fl_server_aggregator", "fl_model_validate")
+
+
+def artifact_members(cfg, scenario, function: str) -> tuple[tuple[str, bytes], ...]:
+    """What the artifact of `function` carries of the scenario's user module
+    (nothing for functions that never run user code, so that changing the
+    module redeploys only those that do)."""
+    if function not in USER_CODE_FUNCTIONS:
+        return ()
+    return bundle_members(cfg, scenario)
+
+
+def describe(scenario_name: str, scenario, found: dict[str, Any]) -> str:
+    """One line for `config validate` about a checked user module."""
+    return (f"scenarios.{scenario_name}.user_module {scenario.user_module.path}: defines "
+            f"{', '.join(found['defines'])}; builds a model of {found['params']} parameters for input "
+            f"{tuple(found['input_shape'])} ({found['shapes']}) with output (None, {found['num_classes']})")

@@ -66,6 +66,9 @@ def keras_model(code, spec: dict[str, Any], weights: list[np.ndarray], input_sha
     optim, lr, momentum = _settings(spec)
     model.compile(optimizer=_optimizer(optim, lr, momentum), loss="sparse_categorical_crossentropy",
                   metrics=["accuracy"])
+    # Its slots built (as fresh as training starts them), so that the saved
+    # optimizer loads whole instead of being skipped with a warning.
+    model.optimizer.build(model.trainable_variables)
     return model
 
 

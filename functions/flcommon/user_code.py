@@ -210,7 +210,7 @@ class BuiltinCode:
 
     def __init__(self, spec: dict[str, Any]):
         self.spec = spec
-        self.key = f"builtin:{spec.get('model', 'small')}"
+        self.key = spec.get("model", "small")  # flcommon.models caches compiled models by it
         self.label = f"built-in model {spec.get('model', 'small')}"
 
     def build_model(self, input_shape: Sequence[int], num_classes: int):
