@@ -10,6 +10,7 @@ from urllib.parse import urlsplit
 import yaml
 from pydantic import SecretStr
 
+from ..user_module import module_path
 from .loading import only_references
 from .model import SECRET_KEYS, Config, redact
 from .units import format_duration_s, format_memory_mb
@@ -89,6 +90,12 @@ def to_yaml_dict(cfg: Config) -> dict[str, Any]:
     data = cfg.model_dump(mode="python", by_alias=True, exclude_none=True)
     # Sections without clusters add nothing.
     data["providers"] = {s: c for s, c in data.get("providers", {}).items() if c}
+    # A user module's path is relative to the config file: written absolute,
+    # it names the same module wherever the output is saved.
+    for name, scen in cfg.scenarios.items():
+        where = module_path(cfg, scen)
+        if where is not None:
+            data["scenarios"][name]["user_module"]["path"] = str(where)
     return walk(data, ())
 
 
