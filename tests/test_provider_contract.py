@@ -380,3 +380,14 @@ def test_timeout(impl):
     assert error_class(lambda: p.call(name, {"n": 1, "sleep": 4}, timeout_s=60)) is ErrorClass.TIMEOUT
     p.remove(name)
 
+
+
+@_params()
+def test_upload_plan_needs_no_provider_and_states_its_limit(impl):
+    h, p = impl
+    art = probe(entry(p))
+    plan = type(p).plan_upload(p.cluster_name, p.cluster, spec("probe_plan"), art)
+    assert plan.function == "probe_plan" and plan.platform == p.platform and plan.target
+    assert plan.bytes >= len(art.data) and plan.within_limit
+    assert plan.limit_bytes is not None and plan.limit_source  # every platform here has an upload limit
+    assert not p.exists("probe_plan")  # nothing was deployed
