@@ -157,7 +157,7 @@ def aggregate(db, session: str, rnd: int, wanted: list[tuple[str, int]], global_
         {"round": 1, "blob_id": 1})}
 
     def read(c: Candidate) -> list[np.ndarray]:
-        return store.get_arrays(db, c.blob_id, max_bytes=model_bytes, files_doc=c.files_doc)
+        return store.get_arrays(db, c.blob_id, max_bytes=model_bytes, files_doc=c.files_doc, prefetch=True)
 
     accepted: list[dict[str, Any]] = []
     for c, arrays, error in read_ahead(candidates, read, expected=(BlobError,)):

@@ -4,9 +4,11 @@ The aggregator's work per update splits into reading it from the store
 (socket waits, chunk copies, CRC: mostly outside the GIL) and adding it to
 the aggregate (numpy, also outside the GIL). Done one after the other, each
 waits for the other; with one reader thread they overlap, and aggregation
-runs at the store's speed. At most one item is read ahead: the reader starts
-item i+1 when the caller takes item i, so besides what the caller keeps, two
-items are held at most (the one being worked on and the one being read).
+runs at the store's speed. At most `ahead` items (one by default) are read
+ahead: with one, the reader starts item i+1 when the caller takes item i, so
+besides what the caller keeps, two items are held at most (the one being
+worked on and the one being read). Items are iterated in the reader thread,
+so `items` may itself be a stream (a cursor).
 """
 from __future__ import annotations
 
@@ -21,28 +23,29 @@ _DONE = object()
 
 
 def read_ahead(items: Iterable[Item], load: Callable[[Item], Value],
-               expected: tuple[type[BaseException], ...] = ()) -> Iterator[tuple[Item, Value | None,
-                                                                                   BaseException | None]]:
+               expected: tuple[type[BaseException], ...] = (), ahead: int = 1
+               ) -> Iterator[tuple[Item, Value | None, BaseException | None]]:
     """Yield (item, load(item), None) in order, or (item, None, error) when
     load raised one of the `expected` errors (a bad item, reported with it).
-    Any other error is raised in the caller, at that item."""
-    items = list(items)
+    Any other error (from load or from iterating the items) is raised in the
+    caller, at that item."""
     results: queue.Queue = queue.Queue()
-    may_read = threading.Semaphore(1)   # reads allowed before the caller takes the last one
+    may_read = threading.Semaphore(ahead)   # reads allowed beyond what the caller has taken
     stop = threading.Event()
 
     def reader() -> None:
-        for item in items:
-            may_read.acquire()
-            if stop.is_set():
-                return
-            try:
-                results.put((item, load(item), None))
-            except expected as exc:
-                results.put((item, None, exc))
-            except BaseException as exc:  # noqa: BLE001 - handed to the caller, which raises it
-                results.put((_DONE, None, exc))
-                return
+        try:
+            for item in items:
+                may_read.acquire()
+                if stop.is_set():
+                    return
+                try:
+                    results.put((item, load(item), None))
+                except expected as exc:
+                    results.put((item, None, exc))
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller, which raises it
+            results.put((_DONE, None, exc))
+            return
         results.put((_DONE, None, None))
 
     thread = threading.Thread(target=reader, name="fk-read-ahead", daemon=True)

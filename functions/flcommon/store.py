@@ -23,6 +23,7 @@ import pymongo
 from bson import ObjectId
 
 from .blobs import BlobError, iter_arrays, write_arrays
+from .read_ahead import read_ahead
 
 BUCKET = "blobs"
 SESSIONS = "sessions"
@@ -115,6 +116,7 @@ def put_arrays(db, arrays: Sequence[np.ndarray], filename: str, metadata: dict[s
 
 
 CHUNKS_PER_BATCH = 4  # ~1 MB of chunks per round trip: larger batches read no faster here
+CHUNKS_AHEAD = 2      # chunks a prefetching reader holds beyond the cursor's batch
 
 
 class ChunkReader(io.RawIOBase):
@@ -123,10 +125,14 @@ class ChunkReader(io.RawIOBase):
     reader seeks), a batch size that bounds what is held (the server would
     otherwise send a whole update's chunks at once), and readinto() so each
     chunk is copied once, straight into the array being decoded. Each
-    chunk's number and size are checked against the files document."""
+    chunk's number and size are checked against the files document.
+
+    With `prefetch`, a thread iterates the cursor (flcommon.read_ahead), so
+    the store prepares and sends the next batch while this one is copied
+    and checked: CHUNKS_AHEAD more chunks held, the store never idle."""
 
     def __init__(self, db, blob_id: ObjectId, files_doc: dict[str, Any] | None = None,
-                 batch: int = CHUNKS_PER_BATCH):
+                 batch: int = CHUNKS_PER_BATCH, prefetch: bool = False):
         doc = files_doc
         if doc is None or "length" not in doc or "chunkSize" not in doc:
             doc = db[f"{BUCKET}.files"].find_one({"_id": blob_id}, {"length": 1, "chunkSize": 1})
@@ -138,7 +144,14 @@ class ChunkReader(io.RawIOBase):
                             f"chunk size {self.chunk_size}")
         self._cursor = db[f"{BUCKET}.chunks"].find({"files_id": blob_id}, {"n": 1, "data": 1}).sort(
             "n", pymongo.ASCENDING).batch_size(batch)
+        self._prefetched = read_ahead(self._cursor, lambda doc: None, ahead=CHUNKS_AHEAD) if prefetch else None
         self._chunk, self._off, self._next, self._pos = memoryview(b""), 0, 0, 0
+
+    def _next_doc(self) -> dict[str, Any] | None:
+        if self._prefetched is None:
+            return next(self._cursor, None)
+        doc, _, _ = next(self._prefetched, (None, None, None))
+        return doc
 
     def readable(self) -> bool:
         return True
@@ -146,7 +159,7 @@ class ChunkReader(io.RawIOBase):
     def _advance(self) -> bool:
         if self._pos >= self.length:
             return False
-        doc = next(self._cursor, None)
+        doc = self._next_doc()
         want = min(self.chunk_size, self.length - self._pos)
         if doc is None or doc.get("n") != self._next or len(doc.get("data", b"")) != want:
             raise BlobError(f"blob {self.blob_id} is corrupt in the store: chunk {self._next} "
@@ -168,22 +181,25 @@ class ChunkReader(io.RawIOBase):
         return filled
 
     def close(self) -> None:
+        if self._prefetched is not None:
+            self._prefetched.close()  # ends the thread before its cursor is closed
         self._cursor.close()
         super().close()
 
 
 def get_arrays(db, blob_id: ObjectId, max_bytes: int | None = None,
-               files_doc: dict[str, Any] | None = None) -> list[np.ndarray]:
-    return list(stream_arrays(db, blob_id, max_bytes, files_doc))
+               files_doc: dict[str, Any] | None = None, prefetch: bool = False) -> list[np.ndarray]:
+    return list(stream_arrays(db, blob_id, max_bytes, files_doc, prefetch))
 
 
 def stream_arrays(db, blob_id: ObjectId, max_bytes: int | None = None,
-                  files_doc: dict[str, Any] | None = None) -> Iterator[np.ndarray]:
+                  files_doc: dict[str, Any] | None = None, prefetch: bool = False) -> Iterator[np.ndarray]:
     """Yield a blob's arrays one by one, reading its chunks front to back,
     so nothing is held beyond the array being decoded and a batch of chunks.
     `max_bytes` bounds the arrays' total size (blobs.MAX_DECODED_BYTES when
-    None); `files_doc` (with length and chunkSize) saves looking it up."""
-    reader = ChunkReader(db, blob_id, files_doc)
+    None); `files_doc` (with length and chunkSize) saves looking it up;
+    `prefetch` reads the chunks in a thread (ChunkReader)."""
+    reader = ChunkReader(db, blob_id, files_doc, prefetch=prefetch)
     try:
         yield from iter_arrays(reader, length=reader.length, max_bytes=max_bytes)
     finally:
