@@ -68,3 +68,18 @@ def test_a_caller_that_stops_early_ends_the_reader():
     assert not any(th.name == "fk-read-ahead" and th.is_alive() for th in threading.enumerate())
     assert len(t.loaded) <= 4  # never ran ahead through the rest
     assert list(read_ahead([], t.load)) == []
+
+
+def test_a_stream_of_items_is_read_ahead_as_far_as_asked_and_its_errors_reach_the_caller():
+    t = Tracker()
+
+    def stream():
+        yield from (0, 1, 2, 4, 5, 6)
+        raise ConnectionError("the store went away")
+
+    got = []
+    with pytest.raises(ConnectionError, match="went away"):
+        for item, value, _ in read_ahead(stream(), t.load, ahead=2):
+            got.append(value)
+            t.release()
+    assert got == [0, 10, 20, 40, 50, 60] and t.most_held <= 3
