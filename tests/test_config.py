@@ -201,6 +201,9 @@ BAD = [
     (GOOD.replace("data_sampling", "x") + "    data_sampling:\n      model: resnet\n", 25,
      ["data_sampling.model", "'cnn'"]),
     (GOOD + "    training_test_data:\n      dataset: npz\n", 25, ["needs path"]),
+    (GOOD + "    model_params:\n      lr: 0.5\n", 24, ["scenarios.federated_learning.model_params",
+                                                    "given twice (first at line 16)"]),
+    (GOOD.replace("optim: adam", "optim: adam\n      optim: sgd"), 19, ["model_params.optim", "given twice"]),
 ]
 
 

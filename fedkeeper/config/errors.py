@@ -54,18 +54,34 @@ def one_of(value: object, choices: Iterable[str], what: str = "value") -> str:
 
 def line_index(text: str) -> dict[tuple, int]:
     """Key path -> 1-based line, from PyYAML's node tree."""
+    return _compose(text)[0]
+
+
+def duplicate_keys(text: str) -> list[tuple[tuple, int, int]]:
+    """(key path, first line, repeated line) of each key given twice in one
+    mapping: YAML loaders keep the last silently."""
+    return _compose(text)[1]
+
+
+def _compose(text: str) -> tuple[dict[tuple, int], list[tuple[tuple, int, int]]]:
     index: dict[tuple, int] = {}
+    duplicates: list[tuple[tuple, int, int]] = []
     try:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.YAMLError:
-        return index
+        return index, duplicates
 
     def walk(node, path: tuple):
         index.setdefault(path, node.start_mark.line + 1)
         if isinstance(node, yaml.MappingNode):
+            seen: dict[str, int] = {}
             for k, v in node.value:
                 p = path + (str(k.value),)
-                index[p] = k.start_mark.line + 1
+                line = k.start_mark.line + 1
+                if str(k.value) in seen:
+                    duplicates.append((p, seen[str(k.value)], line))
+                seen.setdefault(str(k.value), line)
+                index[p] = line
                 walk(v, p)
         elif isinstance(node, yaml.SequenceNode):
             for i, v in enumerate(node.value):
@@ -73,7 +89,7 @@ def line_index(text: str) -> dict[tuple, int]:
 
     if root is not None:
         walk(root, ())
-    return index
+    return index, duplicates
 
 
 def line_for(index: dict[tuple, int], path: tuple) -> Optional[int]:

@@ -14,7 +14,7 @@ import yaml
 from pydantic import ValidationError
 
 from .clusters import cluster_model, provider_sections
-from .errors import ConfigError, did_you_mean, dotted, line_for, line_index
+from .errors import ConfigError, did_you_mean, dotted, duplicate_keys, line_for, line_index
 from .model import SECRET_KEYS, Config
 from .references import check_references
 from .scenario import IGNORED_FUNCTION_SECTIONS
@@ -207,6 +207,9 @@ def parse_config(text: str, file: str = "<config>", base_dir: Optional[Path] = N
         raise ConfigError(f"expected a mapping at the top level, got {type(data).__name__}",
                           file=file, line=1)
     index = line_index(text)
+    for path, first, again in duplicate_keys(text)[:1]:
+        raise ConfigError(f"given twice (first at line {first}); YAML would keep only this one",
+                          file=file, line=again, path=dotted(path))
     sources: dict[tuple, tuple[str, str]] = {}
     try:
         data = _interpolate(data, (), base_dir, sources)
