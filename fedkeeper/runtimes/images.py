@@ -27,9 +27,12 @@ from pathlib import Path
 
 from . import FunctionRuntime, load
 
-#: OpenWhisk's Python 3.11 action runtime (apache/openwhisk-runtime-python);
-#: its action loop accepts a zip with `__main__.py` as a Docker action's code
-OPENWHISK_PYTHON_BASE = "openwhisk/action-python-v3.11:nightly"
+#: OpenWhisk's Python 3.11 action runtime (apache/openwhisk-runtime-python),
+#: whose action loop accepts a zip with `__main__.py` as a Docker action's
+#: code. Its CI tags each build with the commit (besides a moving `nightly`);
+#: a fixed one (Python 3.11.7, as the tests run) keeps an image's content
+#: hash meaning one content.
+OPENWHISK_PYTHON_BASE = "openwhisk/action-python-v3.11:c0a1e6d"
 #: the Knative variant's base: the Python the tests and the OpenWhisk base run
 KNATIVE_PYTHON_BASE = "python:3.11-slim"
 VARIANTS = ("openwhisk", "knative")
