@@ -238,3 +238,42 @@ def test_a_slow_request_costs_only_its_own_connection(fabric_target):
         # operations are bounded by hostile_http.IO_TIMEOUT_S).
         r = well_formed(t, 3)
         assert r.status == 200 and json.loads(r.body)["n"] == 3
+
+
+# --------------------------------------------------------------------------- archives (both platforms unpack with it)
+
+def _zip(members: dict[str, bytes], link: str | None = None) -> bytes:
+    import io
+    import zipfile
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
+        for name, data in members.items():
+            zf.writestr(name, data)
+        if link:
+            info = zipfile.ZipInfo(link)
+            info.external_attr = (0o120777 << 16)
+            zf.writestr(info, "/etc/passwd")
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("members,link,what", [
+    ({"__main__.py": b"x", "../escape.py": b"x"}, None, "unsafe member path"),
+    ({"__main__.py": b"x", "/abs.py": b"x"}, None, "unsafe member path"),
+    ({"__main__.py": b"x"}, "link.py", "symbolic link"),
+    ({"__main__.py": b"\0" * 5000}, None, "unpacks to"),
+    ({f"m{i}.py": b"" for i in range(30)}, None, "members"),
+])
+def test_archives_are_refused_before_anything_is_written(tmp_path, members, link, what):
+    from fedkeeper.local.archive import ArchiveError, extract_zip
+    with pytest.raises(ArchiveError) as e:
+        extract_zip(_zip(members, link), tmp_path / "out", max_bytes=4096, max_members=20)
+    assert what in str(e.value)
+    assert not (tmp_path / "out").exists() and not (tmp_path / "escape.py").exists()
+
+
+def test_fabric_refuses_an_action_zip_that_escapes(fabric_target):
+    t, c = fabric_target
+    code = base64.b64encode(_zip({"__main__.py": FABRIC_ECHO.encode(), "../../escape.py": b"x"})).decode()
+    r = _put(c, "escape", json.dumps({"exec": {"kind": "python:3", "binary": True, "code": code}}).encode())
+    assert r.status_code == 400 and "unsafe member path" in r.json()["error"]
+    assert_alive(t)

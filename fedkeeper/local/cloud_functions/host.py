@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import io
 import json
 import os
 import shutil
@@ -29,15 +28,15 @@ import signal
 import sys
 import threading
 import time
-import zipfile
 from dataclasses import asdict, dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any, Mapping
 
 import requests
 
 from ...runtimes.isolation import IsolationError, source_command
 from .. import supervisor
+from ..archive import ArchiveError, extract_zip
 
 HOST_SCRIPT = str(Path(__file__).with_name("function_host.py"))
 ENTRY_FILE = "main.py"
@@ -69,15 +68,6 @@ class HostedFunction:
 
     def running(self) -> bool:
         return supervisor.is_running(self.record())
-
-
-def _safe_extract(data: bytes, dest: Path) -> None:
-    with zipfile.ZipFile(io.BytesIO(data)) as zf:
-        for info in zf.infolist():
-            p = PurePosixPath(info.filename)
-            if p.is_absolute() or ".." in p.parts:
-                raise HostError(f"refusing zip member outside the source folder: {info.filename}")
-        zf.extractall(dest)
 
 
 def _config_hash(sha: str, target: str, env: Mapping[str, str], faults: Mapping[str, Any] | None,
@@ -152,7 +142,11 @@ class FrameworkHost:
                 tmp = fdir / f".unpack-{os.getpid()}-{threading.get_ident()}"
                 shutil.rmtree(tmp, ignore_errors=True)
                 tmp.mkdir(parents=True)
-                _safe_extract(source_zip, tmp)
+                try:
+                    extract_zip(source_zip, tmp)
+                except ArchiveError as exc:
+                    shutil.rmtree(tmp, ignore_errors=True)
+                    raise HostError(f"{name}: the source zip is refused: {exc}") from None
                 if not (tmp / ENTRY_FILE).is_file():
                     shutil.rmtree(tmp, ignore_errors=True)
                     raise HostError(f"{name}: the source zip has no {ENTRY_FILE}")

@@ -6,17 +6,16 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
-import io
 import json
 import logging
 import math
 import os
 import shutil
 import time
-import zipfile
 from pathlib import Path
 from typing import Any
 
+from ..archive import ArchiveError, extract_zip
 from .entities import Action, Settings, disk_name, kv_list, valid_name
 from .status import ApiError
 
@@ -126,19 +125,10 @@ class ActionFiles:
             (dest / "__main__.py").write_text(source)
             return str(dest)
         try:
-            with zipfile.ZipFile(io.BytesIO(data)) as zf:
-                root = dest.resolve()
-                for info in zf.infolist():
-                    target = (dest / info.filename).resolve()
-                    if root not in target.parents and target != root:
-                        raise ApiError(400, f"The action's zip has an unsafe member path: {info.filename!r}")
-                zf.extractall(dest)
-        except (zipfile.BadZipFile, zipfile.LargeZipFile, ValueError, OSError) as exc:
+            extract_zip(data, dest)
+        except (ArchiveError, OSError) as exc:
             shutil.rmtree(dest, ignore_errors=True)
-            raise ApiError(400, f"exec.code is not a valid zip archive: {exc}") from None
-        except ApiError:
-            shutil.rmtree(dest, ignore_errors=True)
-            raise
+            raise ApiError(400, f"exec.code is refused: {exc}") from None
         if not (dest / "__main__.py").is_file():
             shutil.rmtree(dest, ignore_errors=True)
             raise ApiError(400, "The action's zip has no __main__.py at its top level.")
