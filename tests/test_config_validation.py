@@ -94,6 +94,7 @@ CASES: list[tuple[tuple, Any, Any, list[str]]] = [
     (("providers", "openwisk"), {"x": {"kind": "local"}}, None,
      ["unknown provider section 'openwisk'", "did you mean openwhisk?"]),
     (("nme",), "x", None, ["unknown key", "did you mean name?"]),
+    (("name",), "my run/1", None, ["cannot name sessions"]),
     (("sceanrios",), {}, None, ["unknown key", "did you mean scenarios?"]),
     (S + ("data_sampling", "batchsize"), 16, None, ["unknown key", "did you mean batch_size?"]),
     (S + ("server_config", "server_cluster"), "ow_local", None, ["did you mean server_cluster_name?"]),

@@ -9,6 +9,7 @@ from pydantic import BaseModel, Field, PrivateAttr, SecretStr
 from .clusters import Providers, Strict
 from .errors import ConfigError
 from .scenario import Scenario
+from .values import SessionName
 
 # Keys whose values are secrets wherever they appear.
 SECRET_KEYS = {"ow_auth", "ow_apigw_access_token", "auth", "password", "private_key",
@@ -17,7 +18,7 @@ SECRET_KEYS = {"ow_auth", "ow_apigw_access_token", "auth", "password", "private_
 
 class Config(Strict):
     version: Optional[Union[str, float]] = None
-    name: str = "fedkeeper"
+    name: SessionName = "fedkeeper"   # prefix of every session id (file names, store keys)
     providers: Providers = Field(default_factory=Providers)
     scenarios: dict[str, Scenario] = Field(default_factory=dict)
 

@@ -109,6 +109,14 @@ def registry_prefix(v: str) -> str:
     return v
 
 
+def session_name(v: str) -> str:
+    """A name that can lead file names and store keys as it is."""
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", v):
+        raise ValueError(f"{v!r} cannot name sessions: use letters, digits, '_', '.' and '-' "
+                         "(at most 64, starting with a letter or digit)")
+    return v
+
+
 def sha256_hex(v: str) -> str:
     if not re.fullmatch(r"[0-9a-fA-F]{64}", v):
         raise ValueError(f"{v!r} is not a sha256 checksum (64 hexadecimal digits)")
@@ -141,6 +149,7 @@ HostPort = Annotated[str, AfterValidator(host_port)]
 DnsLabel = Annotated[str, AfterValidator(dns_label)]
 OpenWhiskName = Annotated[str, AfterValidator(openwhisk_name)]
 Sha256 = Annotated[str, AfterValidator(sha256_hex)]
+SessionName = Annotated[str, AfterValidator(session_name)]
 ImageRef = Annotated[str, AfterValidator(image_ref)]
 RegistryPrefix = Annotated[str, AfterValidator(registry_prefix)]
 Port = Annotated[int, BeforeValidator(port_number)]
