@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ..faults import FaultPlan
+from .records import ActivationRecords
 from .status import ApiError
 
 if TYPE_CHECKING:
@@ -135,7 +136,6 @@ class Activation:
 
 class Namespace:
     def __init__(self, name: str, settings: Settings):
-        from .records import ActivationRecords
         self.name = name
         self.actions: dict[str, Action] = {}
         self.concurrent_invocations = settings.concurrent_invocations

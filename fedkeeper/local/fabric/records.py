@@ -5,17 +5,19 @@ from __future__ import annotations
 
 import bisect
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .entities import Activation, Settings
 from .status import STATUS, SUCCESS
+
+if TYPE_CHECKING:
+    from .entities import Activation, Settings
 
 # What one kept record costs beyond its two JSON texts (index entries, tuple,
 # dict slot, id string), so that many tiny records are bounded too.
 RECORD_OVERHEAD_BYTES = 400
 
 
-def build(act: Activation, code: int, result_json: str, start_ms: int, end_ms: int, wait_ms: int,
+def build(act: "Activation", code: int, result_json: str, start_ms: int, end_ms: int, wait_ms: int,
           init_ms: int | None, timed_out: bool) -> tuple[bytes, bytes]:
     """(full record, list summary) of a finished activation, as OpenWhisk's
     API returns them."""
@@ -75,7 +77,7 @@ class ActivationRecords:
     """The finished activations of one namespace. Not locked itself: the
     fabric calls it under its lock."""
 
-    def __init__(self, settings: Settings):
+    def __init__(self, settings: "Settings"):
         self.settings = settings
         # id -> (start_ms, name, doc bytes, summary bytes)
         self.by_id: dict[str, tuple[int, str, bytes, bytes]] = {}
