@@ -146,6 +146,18 @@ def test_two_commands_do_not_stop_each_others_fabric(tmp_path):
     assert fabric.fabric_status(tmp_path / "fabric") is None, "the last holder left the fabric running"
 
 
+def test_a_fabric_started_with_fabric_up_outlives_the_commands_that_use_it(tmp_path):
+    fdir = tmp_path / "fabric"
+    info = fabric.fabric_up(fdir)              # as `fedkeeper fabric up` starts it
+    try:
+        user = _ow(tmp_path)
+        assert not user.started_fabric
+        user.close()
+        assert fabric.fabric_status(fdir)["pid"] == info["pid"]
+    finally:
+        assert fabric.fabric_down(fdir)
+
+
 def test_a_holder_in_another_process_keeps_the_fabric_until_it_is_gone(tmp_path):
     fdir = tmp_path / "fabric"
     mine = _ow(tmp_path)
