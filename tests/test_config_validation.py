@@ -237,6 +237,7 @@ CASES: list[tuple[tuple, Any, Any, list[str]]] = [
     (S + ("clients_info", "clusters"), {"ow_local": [0, 9], "gcf_local": [1, 2]}, S + ("clients_info", "clusters"),
      ["client index 9"]),
     (("providers", "google", "ow_local"), {"kind": "local"}, None, ["also used under providers.openwhisk"]),
+    (("providers", "google", "gcf/other"), {"kind": "local"}, None, ["cluster name 'gcf/other'"]),
     (T + ("buffer_size",), 3, None, ["exceeds num_clients_per_round 2"]),
     (("providers", "google"), {}, S + ("clients_info", "gcf_clients_count"), ["no cluster of the platform"]),
     (OW + ("faults",), {"crash": 0.1}, None, ["only be injected on clusters of kind: local"]),

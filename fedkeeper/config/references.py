@@ -11,6 +11,7 @@ from .errors import ConfigError, did_you_mean, dotted, line_for
 from .model import Config
 from .scenario import PlacementError
 from .units import format_duration_s, format_memory_mb
+from .values import cluster_name
 
 
 def known_functions() -> Optional[set[str]]:
@@ -59,6 +60,10 @@ def check_references(cfg: Config, index: dict) -> None:
     seen: dict[str, str] = {}
     for section, clusters in cfg.providers.sections().items():
         for name in clusters:
+            try:
+                cluster_name(name)
+            except ValueError as exc:
+                refuse(("providers", section, name), str(exc))
             if name in seen:
                 refuse(("providers", section, name), f"cluster name {name!r} is also used under "
                                                      f"providers.{seen[name]}; names must be unique")

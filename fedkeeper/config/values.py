@@ -117,6 +117,14 @@ def session_name(v: str) -> str:
     return v
 
 
+def cluster_name(v: str) -> str:
+    """A cluster's name leads state directories, namespaces and metric labels."""
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}", v):
+        raise ValueError(f"cluster name {v!r}: use letters, digits, '_', '.' and '-' "
+                         "(at most 63, starting with a letter or digit)")
+    return v
+
+
 def sha256_hex(v: str) -> str:
     if not re.fullmatch(r"[0-9a-fA-F]{64}", v):
         raise ValueError(f"{v!r} is not a sha256 checksum (64 hexadecimal digits)")
