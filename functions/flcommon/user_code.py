@@ -342,7 +342,8 @@ def code_for(spec: dict[str, Any], root: Path | None = None):
             have = content_hash(module_files(path))
             if have != um["sha256"]:
                 raise BadRequest(f"this function carries user module {um['name']} {have[:12]}, but the session "
-                                 f"was started with {um['sha256'][:12]}: deploy the functions again")
+                                 f"was started with {um['sha256'][:12]}: deploy the functions again from the "
+                                 "session's config, with the module as it was when the session started")
             module = _loaded[key] = load_module(path)
     return ModuleCode(module, path, builtin, um.get("model_params") or {}, um.get("data_params") or {},
                       um["sha256"])
