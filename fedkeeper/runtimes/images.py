@@ -33,8 +33,8 @@ from . import FunctionRuntime, load
 #: a fixed one (Python 3.11.7, as the tests run) keeps an image's content
 #: hash meaning one content.
 OPENWHISK_PYTHON_BASE = "openwhisk/action-python-v3.11:c0a1e6d"
-#: the Knative variant's base: the Python the tests and the OpenWhisk base run
-KNATIVE_PYTHON_BASE = "python:3.11-slim"
+#: the Knative variant's base: the Python the tests and the OpenWhisk base run, fixed
+KNATIVE_PYTHON_BASE = "python:3.11.7-slim-bookworm"
 VARIANTS = ("openwhisk", "knative")
 DEFAULT_PREFIX = "fedkeeper"
 ENGINES = ("docker", "podman")
