@@ -174,6 +174,7 @@ CASES: list[tuple[tuple, Any, Any, list[str]]] = [
     (FN + ("openwhisk", "memory"), "0", None, ["at least 1MB"]),
     (FN + ("openwhisk", "memory"), "2TB", None, ["memory size"]),
     (FN + ("openwhisk", "timeout"), "0", None, ["duration must be positive"]),
+    (FN + ("openwhisk", "timeout"), 120.0, None, ["is in ms, so 120.0 is 120ms", "write 120.0s"]),
     (FN + ("google", "timeout"), "5 minutes", None, ["a duration such as 300s"]),
     (FN + ("google", "timeout"), "-1s", None, ["a duration such as 300s"]),
     (FN + ("openwhisk", "concurrency"), "0", None, ["at least 1"]),

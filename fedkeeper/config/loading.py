@@ -18,7 +18,7 @@ from .errors import ConfigError, did_you_mean, dotted, duplicate_keys, line_for,
 from .model import SECRET_KEYS, Config
 from .references import check_references
 from .scenario import IGNORED_FUNCTION_SECTIONS
-from .units import is_bare_number
+from .units import format_duration_s, is_bare_number, parse_duration_s
 from .values import REDACTED
 
 ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
@@ -127,7 +127,21 @@ def _normalise_functions(data: dict) -> None:
                 except ValueError as exc:
                     raise _Located(path, str(exc)) from None
                 if isinstance(fc, dict) and is_bare_number(fc.get("timeout")):
-                    fc["timeout"] = f"{str(fc['timeout']).strip()}{model.function_timeout_unit}"
+                    bare, unit = str(fc["timeout"]).strip(), model.function_timeout_unit
+                    fc["timeout"] = f"{bare}{unit}"
+                    _refuse_sub_second(path + ("timeout",), section, bare, unit)
+
+
+def _refuse_sub_second(path: tuple, section: str, bare: str, unit: str) -> None:
+    """The trap of `timeout: 120.0` read as 120 ms where bare timeouts are in
+    ms: no function finishes that fast, so it was meant in seconds."""
+    try:
+        seconds = parse_duration_s(bare, unit)
+    except ValueError:
+        return  # the model says what is wrong with it
+    if unit != "s" and seconds < 1:
+        raise _Located(path, f"a bare timeout under {section} is in {unit}, so {bare} is "
+                             f"{format_duration_s(seconds)}; write {bare}s if you meant seconds")
 
 
 def _validate_providers(data: dict) -> None:
