@@ -90,7 +90,17 @@ def default_cache_dir() -> Path:
     keeper's environment (they link into it), shared by every state
     directory so that a fresh one does not build them again."""
     env = os.environ.get(CACHE_ENV)
-    return Path(env) if env else Path(sys.prefix) / "var" / "fedkeeper-runtimes"
+    if env:
+        return Path(env)
+    beside = Path(sys.prefix) / "var" / "fedkeeper-runtimes"
+    try:
+        beside.mkdir(parents=True, exist_ok=True)
+        if os.access(beside, os.W_OK):
+            return beside
+    except OSError:
+        pass
+    # a read-only environment (a system Python): the user's cache instead
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fedkeeper" / "runtimes"
 
 
 def version_mismatches(pins: Sequence[Pin]) -> list[str]:
