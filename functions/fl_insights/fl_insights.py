@@ -40,7 +40,8 @@ from flcommon import store
 from flcommon.blobs import BlobError
 from flcommon.context import database, model_bytes
 from flcommon.entry import BadRequest, require
-from flcommon.update_stats import cluster_vectors, finite_or_none, score_round, shares
+from flcommon.update_stats import (aggregation_round, client_order, cluster_vectors, finite_or_none,
+                                   round_rows, score_round)
 from flcommon.lru import ByteLRU
 from flcommon.reliability import client_stats, cluster_stats
 
@@ -248,20 +249,6 @@ UPDATE_FIELDS = {"_id": 0, "client": 1, "round": 1, "blob_id": 1, "num_examples"
 MODEL_FIELDS = {"_id": 0, "round": 1, "blob_id": 1, "contributions": 1, "rejected": 1, "accepted_clients": 1}
 
 
-def _client_order(client: str) -> tuple[int, str]:
-    tail = str(client).rsplit("_", 1)[-1]
-    return (int(tail), client) if tail.isdigit() else (1 << 30, client)
-
-
-def aggregation_round(u: dict[str, Any]) -> int:
-    """The aggregation an update belongs to: the one that counted it, else
-    (not counted, or counted before this was recorded) its own round's."""
-    agg = u.get("aggregated_in")
-    if u.get("status") == "accepted" and isinstance(agg, int) and not isinstance(agg, bool):
-        return agg
-    return int(u["round"])
-
-
 class Gathered(NamedTuple):
     rounds: tuple[int, int] | None
     by_round: dict[int, list[dict[str, Any]]]
@@ -287,7 +274,7 @@ def gather_updates(db, q: Query) -> Gathered:
     else:
         rounds = (min(by_round), max(by_round)) if by_round else None
     for us in by_round.values():
-        us.sort(key=lambda u: (_client_order(u["client"]), u["round"]))
+        us.sort(key=lambda u: (client_order(u["client"]), u["round"]))
     models = {}
     if by_round:
         first = min(min(u["round"] for u in us) for us in by_round.values())
@@ -298,44 +285,6 @@ def gather_updates(db, q: Query) -> Gathered:
                                              key=lambda x: (x[0], x[1]["client"], x[1]["round"])),
                            "models": [models[r] for r in sorted(models)]})
     return Gathered(rounds, dict(sorted(by_round.items())), models, fingerprint)
-
-
-def _round_rows(rnd: int, updates: list[dict[str, Any]], next_model: dict[str, Any] | None) -> list[dict[str, Any]]:
-    """The aggregator's verdict on each update of one aggregation round:
-    from the model document's contributions when recorded, else from
-    accepted_clients / the update's own status."""
-    contributions = next_model.get("contributions") if next_model else None
-    counted: dict[tuple[str, int], dict[str, Any]] = {}
-    if isinstance(contributions, list):
-        counted = {(c["client"], c.get("round", rnd)): c for c in contributions if isinstance(c, dict)}
-    rejected = {}
-    for r in (next_model or {}).get("rejected") or []:
-        if isinstance(r, dict) and "client" in r:
-            rejected[(r["client"], r.get("round", rnd))] = r.get("reason")
-    accepted_clients = (next_model or {}).get("accepted_clients")
-    rows, accepted, recorded = [], [], []
-    for u in updates:
-        key = (u["client"], u["round"])
-        if contributions is not None:
-            ok = key in counted
-        elif next_model is not None:
-            ok = u.get("status") != "rejected" and key not in rejected and (
-                accepted_clients is None or u["client"] in accepted_clients)
-        else:
-            ok = False
-        weight = u.get("weight") if u.get("weight") is not None else counted.get(key, {}).get("weight")
-        status = "accepted" if ok else ("rejected" if key in rejected and u.get("status") != "stale"
-                                        else u.get("status") or "received")
-        metrics = u.get("metrics") if isinstance(u.get("metrics"), dict) else {}
-        rows.append({"round": rnd, "client": u["client"], "trained_from": u["round"],
-                     "staleness": rnd - u["round"], "status": status, "num_examples": u.get("num_examples"),
-                     "loss": finite_or_none(metrics.get("loss")),
-                     "reason": u.get("reason") or (rejected.get(key) if not ok else None)})
-        accepted.append(ok)
-        recorded.append(finite_or_none(weight))
-    for row, share in zip(rows, shares(rows, accepted, recorded)):
-        row["share"] = share
-    return rows
 
 
 def _vectors_of_round(reader: Reader, q: Query, g: Gathered, rnd: int):
@@ -357,7 +306,7 @@ def contributions(reader: Reader, q: Query, g: Gathered) -> dict[str, Any]:
     rows_out: list[dict[str, Any]] = []
     for rnd in g.by_round:
         updates, vectors = _vectors_of_round(reader, q, g, rnd)
-        rows = _round_rows(rnd, updates, g.models.get(rnd + 1))
+        rows = round_rows(rnd, updates, g.models.get(rnd + 1))
         aggregate = None
         now, nxt = reader.model(q.session, rnd, g.models.get(rnd)), None
         if g.models.get(rnd + 1) is not None:
@@ -402,7 +351,7 @@ def clusters(reader: Reader, q: Query, g: Gathered) -> dict[str, Any]:
                 sums[c] = vec.values.copy()
             counts[c] = counts.get(c, 0) + 1
         _release_models(reader, g, rnd)
-    clients = sorted(sums, key=_client_order)
+    clients = sorted(sums, key=client_order)
     shapes = {sums[c].shape for c in clients}
     if len(shapes) > 1:
         raise BadRequest("the updates in range belong to models of different sizes")
@@ -417,7 +366,7 @@ def clusters(reader: Reader, q: Query, g: Gathered) -> dict[str, Any]:
     for grp in result["groups"]:
         grp["mean_cosine"] = finite_or_none(grp["mean_cosine"])
     result.update(rounds=list(g.rounds) if g.rounds else None, updates_per_client=counts,
-                  unusable_updates=dict(sorted(unusable.items(), key=lambda kv: _client_order(kv[0]))))
+                  unusable_updates=dict(sorted(unusable.items(), key=lambda kv: client_order(kv[0]))))
     return result
 
 
@@ -449,7 +398,7 @@ def reliability(docs: list[dict[str, Any]], rounds: tuple[int, int] | None) -> d
         where.setdefault(a.get("client"), a.get("cluster") or "?")
         platforms.setdefault(a.get("cluster") or "?", a.get("platform") or "?")
     clients = {c: dict(s, cluster=where.get(c)) for c, s in sorted(per_client.items(),
-                                                                     key=lambda kv: _client_order(kv[0]))}
+                                                                     key=lambda kv: client_order(kv[0]))}
     clusters_ = {c: dict(s, platform=platforms.get(c)) for c, s in sorted(cluster_stats(docs).items())}
     return {"rounds": list(rounds) if rounds else None, "clients": clients, "clusters": clusters_}
 

@@ -120,6 +120,60 @@ def shares(rows: list[dict[str, Any]], accepted: list[bool], recorded: list[floa
             for r, a in zip(rows, accepted)]
 
 
+# --------------------------------------------------------------------------- rounds
+
+def client_order(client: str) -> tuple[int, str]:
+    tail = str(client).rsplit("_", 1)[-1]
+    return (int(tail), client) if tail.isdigit() else (1 << 30, client)
+
+
+def aggregation_round(u: dict[str, Any]) -> int:
+    """The aggregation an update belongs to: the one that counted it, else
+    (not counted, or counted before this was recorded) its own round's."""
+    agg = u.get("aggregated_in")
+    if u.get("status") == "accepted" and isinstance(agg, int) and not isinstance(agg, bool):
+        return agg
+    return int(u["round"])
+
+
+def round_rows(rnd: int, updates: list[dict[str, Any]], next_model: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """The aggregator's verdict on each update of one aggregation round:
+    from the model document's contributions when recorded, else from
+    accepted_clients / the update's own status."""
+    contributions = next_model.get("contributions") if next_model else None
+    counted: dict[tuple[str, int], dict[str, Any]] = {}
+    if isinstance(contributions, list):
+        counted = {(c["client"], c.get("round", rnd)): c for c in contributions if isinstance(c, dict)}
+    rejected = {}
+    for r in (next_model or {}).get("rejected") or []:
+        if isinstance(r, dict) and "client" in r:
+            rejected[(r["client"], r.get("round", rnd))] = r.get("reason")
+    accepted_clients = (next_model or {}).get("accepted_clients")
+    rows, accepted, recorded = [], [], []
+    for u in updates:
+        key = (u["client"], u["round"])
+        if contributions is not None:
+            ok = key in counted
+        elif next_model is not None:
+            ok = u.get("status") != "rejected" and key not in rejected and (
+                accepted_clients is None or u["client"] in accepted_clients)
+        else:
+            ok = False
+        weight = u.get("weight") if u.get("weight") is not None else counted.get(key, {}).get("weight")
+        status = "accepted" if ok else ("rejected" if key in rejected and u.get("status") != "stale"
+                                        else u.get("status") or "received")
+        metrics = u.get("metrics") if isinstance(u.get("metrics"), dict) else {}
+        rows.append({"round": rnd, "client": u["client"], "trained_from": u["round"],
+                     "staleness": rnd - u["round"], "status": status, "num_examples": u.get("num_examples"),
+                     "loss": finite_or_none(metrics.get("loss")),
+                     "reason": u.get("reason") or (rejected.get(key) if not ok else None)})
+        accepted.append(ok)
+        recorded.append(finite_or_none(weight))
+    for row, share in zip(rows, shares(rows, accepted, recorded)):
+        row["share"] = share
+    return rows
+
+
 # --------------------------------------------------------------------------- clusters
 
 def cosine_distances(matrix: np.ndarray) -> np.ndarray:
