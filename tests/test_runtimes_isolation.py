@@ -160,3 +160,14 @@ def test_local_openwhisk_runs_an_action_with_exactly_its_runtime(fabric_info, tm
         for name in ("iso_numpy", "iso_stock", "iso_yaml"):
             p.remove(name)
         p.close()
+
+
+def test_cache_dir_beside_the_environment_else_the_users_cache(tmp_path, monkeypatch):
+    monkeypatch.delenv(isolation.CACHE_ENV, raising=False)
+    monkeypatch.setattr(isolation.sys, "prefix", str(tmp_path / "venv"))
+    assert isolation.default_cache_dir() == tmp_path / "venv" / "var" / "fedkeeper-runtimes"
+    monkeypatch.setattr(isolation.os, "access", lambda path, mode: False)  # a read-only environment
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    assert isolation.default_cache_dir() == tmp_path / "cache" / "fedkeeper" / "runtimes"
+    monkeypatch.setenv(isolation.CACHE_ENV, str(tmp_path / "chosen"))
+    assert isolation.default_cache_dir() == tmp_path / "chosen"
