@@ -133,6 +133,7 @@ class ChunkReader(io.RawIOBase):
 
     def __init__(self, db, blob_id: ObjectId, files_doc: dict[str, Any] | None = None,
                  batch: int = CHUNKS_PER_BATCH, prefetch: bool = False):
+        self._cursor = self._prefetched = None  # so that close() works whatever __init__ raises
         doc = files_doc
         if doc is None or "length" not in doc or "chunkSize" not in doc:
             doc = db[f"{BUCKET}.files"].find_one({"_id": blob_id}, {"length": 1, "chunkSize": 1})
@@ -183,7 +184,8 @@ class ChunkReader(io.RawIOBase):
     def close(self) -> None:
         if self._prefetched is not None:
             self._prefetched.close()  # ends the thread before its cursor is closed
-        self._cursor.close()
+        if self._cursor is not None:
+            self._cursor.close()
         super().close()
 
 
