@@ -143,9 +143,14 @@ class ChunkReader(io.RawIOBase):
         if self.length < 0 or self.chunk_size <= 0:
             raise BlobError(f"blob {blob_id} is corrupt in the store: length {self.length}, "
                             f"chunk size {self.chunk_size}")
+        if prefetch:
+            # A small blob gets a smaller batch and fewer chunks ahead, so
+            # that what is held beside it stays a fraction of its size.
+            batch = max(1, min(batch, -(-self.length // self.chunk_size) // 4))
         self._cursor = db[f"{BUCKET}.chunks"].find({"files_id": blob_id}, {"n": 1, "data": 1}).sort(
             "n", pymongo.ASCENDING).batch_size(batch)
-        self._prefetched = read_ahead(self._cursor, lambda doc: None, ahead=CHUNKS_AHEAD) if prefetch else None
+        self._prefetched = read_ahead(self._cursor, lambda doc: None, ahead=min(CHUNKS_AHEAD, batch)) \
+            if prefetch else None
         self._chunk, self._off, self._next, self._pos = memoryview(b""), 0, 0, 0
 
     def _next_doc(self) -> dict[str, Any] | None:

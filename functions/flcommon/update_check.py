@@ -24,6 +24,21 @@ def check_layout(arrays: Sequence[np.ndarray], reference: Sequence[tuple[tuple[i
             raise UpdateRejected(f"array {i} has dtype {a.dtype}, expected {dtype}")
 
 
+FINITE_BLOCK = 1 << 18  # elements checked at a time: the mask numpy builds stays small
+
+
+def all_finite(a: np.ndarray) -> bool:
+    """np.isfinite(a).all(), a block at a time, so the boolean mask is never
+    as large as a layer (a quarter of a float32 model's largest array)."""
+    flat = a.reshape(-1, order="A")
+    mask = np.empty(min(flat.size, FINITE_BLOCK), dtype=bool)
+    for start in range(0, flat.size, FINITE_BLOCK):
+        block = flat[start:start + FINITE_BLOCK]
+        if not np.isfinite(block, out=mask[:block.size]).all():
+            return False
+    return True
+
+
 def subtract_base(arrays: list[np.ndarray], base: Iterable[np.ndarray]) -> list[np.ndarray]:
     """The update's delta against the model it was trained from, computed in
     place (the update's arrays become the delta), each array checked to be
@@ -36,7 +51,7 @@ def subtract_base(arrays: list[np.ndarray], base: Iterable[np.ndarray]) -> list[
             raise UpdateRejected(f"array {i} does not match the base model's shape {g.shape}")
         with np.errstate(over="ignore", invalid="ignore"):  # an overflow is caught just below
             np.subtract(a, g, out=a, casting="unsafe")
-        if not np.isfinite(a).all():
+        if not all_finite(a):
             raise UpdateRejected(f"array {i} contains NaN or inf (or does once the base model is subtracted)")
         count += 1
     if count != len(arrays):
