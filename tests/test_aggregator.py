@@ -16,7 +16,7 @@ import pytest
 from flcommon.strategies import get_strategy
 from flcommon import store as fs
 from flcommon.blobs import BlobError
-from flcommon.update_check import UpdateRejected, check_layout, subtract_base
+from flcommon.update_check import FINITE_BLOCK, UpdateRejected, all_finite, check_layout, subtract_base
 from reference_fedavg import fedavg
 from test_blob_bounds import decode_arrays, encode_arrays
 from test_functions import call, load, make_session
@@ -60,6 +60,11 @@ def test_update_checks_name_what_is_wrong():
                       [np.array([-3e38, 0], np.float32), np.eye(2, dtype=np.float32)])
     with pytest.raises(UpdateRejected, match="base model has 1 arrays"):
         subtract_base([np.ones(2, np.float32), np.eye(2, dtype=np.float32)], iter(base[:1]))
+    # Checked a block at a time: a NaN in the last, short block is found too.
+    big = np.zeros((3, FINITE_BLOCK + 5), np.float32)
+    assert all_finite(big) and all_finite(np.asfortranarray(big)) and all_finite(np.zeros(0, np.float32))
+    big[2, -1] = np.nan
+    assert not all_finite(big) and not all_finite(np.asfortranarray(big))
     ok = [np.array([1, 2], np.float32), 2 * np.eye(2, dtype=np.float32)]
     check_layout(ok, ref)
     delta = subtract_base(ok, base)
