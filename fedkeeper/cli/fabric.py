@@ -44,7 +44,7 @@ def fabric_down_cmd() -> None:
 def fabric_status_cmd() -> None:
     """Is the local fabric running, and where."""
     fabric, sdir = _fabric()
-    st = fabric.fabric_status(sdir)
+    st = fabric.fabric_status(sdir, capacity=True)
     if not st:
         console.print("fabric is not running")
         sys.exit(1)

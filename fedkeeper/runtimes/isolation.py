@@ -298,17 +298,30 @@ def stock_env(cache_dir: Path | None = None) -> IsolatedEnv:
 
 # ------------------------------------------------------------------ the local platforms
 
+def action_runtime(exec_: Mapping[str, Any]) -> str | None:
+    """The runtime a local OpenWhisk action runs on: the one its Docker image
+    was built from; None for a stock kind (and an image FedKeeper did not
+    build: its packages are unknown here)."""
+    image = exec_.get("image") if exec_.get("kind") == "blackbox" else None
+    return runtime_of_image(str(image)) if image else None
+
+
+def runtime_command(runtime: str | None, *args: str, cache_dir: Path | None = None) -> list[str]:
+    """argv running `args` with exactly the packages of `runtime` (None: the
+    standard library only). A process started so before it knows its action
+    (a prewarmed worker) gets the same sys.path as one started for it."""
+    if runtime is None:
+        return stock_env(cache_dir).command(*args)
+    return isolated_env(load(runtime).pins, cache_dir).command(*args)
+
+
 def action_command(exec_: Mapping[str, Any], *args: str, cache_dir: Path | None = None) -> list[str]:
     """argv for a local OpenWhisk action's process: a Docker action on a
     runtime image gets exactly that runtime's packages; a stock kind (and an
     image FedKeeper did not build: its packages are unknown here) the
     standard library only, as OpenWhisk's stock runtime has none of the
     function's."""
-    image = exec_.get("image") if exec_.get("kind") == "blackbox" else None
-    runtime = runtime_of_image(str(image)) if image else None
-    if runtime is None:
-        return stock_env(cache_dir).command(*args)
-    return isolated_env(load(runtime).pins, cache_dir).command(*args)
+    return runtime_command(action_runtime(exec_), *args, cache_dir=cache_dir)
 
 
 def source_command(source_dir: Path, *args: str, cache_dir: Path | None = None) -> list[str]:

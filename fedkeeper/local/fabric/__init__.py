@@ -36,15 +36,26 @@ Execution model (what a real invoker does, in processes instead of containers):
     activations at once. Workers are admitted against the fabric's user
     memory (`--user-memory-mb`, the sum of the actions' `limits.memory`, as
     an invoker's userMemory); when it is full an idle worker of another
-    action is evicted, else activations queue (and wait: `waitTime`). The
-    default user memory is half the machine's memory, clamped to 2-16 GB.
+    action is evicted, else activations queue, never refused (and wait:
+    `waitTime`). The default user memory is OpenWhisk's invoker default,
+    2048 MB.
+  * Stem cells (`--stem-cells RUNTIME=N,...`, default tensorflow=1), as
+    OpenWhisk's prewarmed containers: worker processes of a runtime started
+    ahead of need (once an action of that runtime is deployed) that have
+    imported its heavy modules; a cold start takes one, so it is only the
+    action's code load (a shorter `initTime`, annotation fk-start=prewarmed),
+    and another is started when memory allows. They count against the user
+    memory (`--stem-memory-mb` each until taken).
   * `limits.timeout` is enforced by killing the worker; the activation gets
     OpenWhisk's "The action exceeded its time limits of N milliseconds." and
     the `timeout` annotation. `limits.memory` is enforced by watching the
-    worker's resident set size (RSS) every 250 ms and killing it when it is
-    exceeded ("The action exhausted its memory and was aborted."). An address
-    space limit (RLIMIT_AS) is not used: TensorFlow reserves far more virtual
-    memory than it ever touches, so RSS is the honest measure.
+    worker's anonymous memory (RssAnon + RssShmem) every 250 ms and killing
+    it when it is exceeded ("The action exhausted its memory and was
+    aborted."), as a container's memory limit counts what cannot be
+    reclaimed: the pages of shared libraries are page cache, shared by all
+    workers (TensorFlow's are 450 MB of each worker's RSS). An address space
+    limit (RLIMIT_AS) is not used: TensorFlow reserves far more virtual
+    memory than it ever touches.
   * Idle workers are reaped after `--idle-s` seconds (OpenWhisk keeps idle
     containers about ten minutes); redeploying an action retires its old
     workers (idle ones at once, busy ones when they finish).

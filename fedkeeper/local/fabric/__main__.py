@@ -7,8 +7,15 @@ import json
 import logging
 import sys
 
-from .entities import Settings
+from .entities import Settings, parse_stem_cells
 from .service import fabric_down, fabric_status, fabric_up, serve
+
+
+def _stem_cells(text: str) -> dict[str, int]:
+    try:
+        return parse_stem_cells(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -20,7 +27,13 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=0)
     d = Settings()
-    s.add_argument("--user-memory-mb", type=int, default=d.user_memory_mb)
+    s.add_argument("--user-memory-mb", type=int, default=d.user_memory_mb,
+                   help="the sum of the memory limits of the workers (and stem cells) run at once, "
+                        "as an OpenWhisk invoker's userMemory (default %(default)s)")
+    s.add_argument("--stem-cells", type=_stem_cells, default=d.stem_cells, metavar="RUNTIME=N,...",
+                   help="prewarmed workers per runtime (default: %(default)s; empty: none)")
+    s.add_argument("--stem-memory-mb", type=int, default=d.stem_memory_mb,
+                   help="what an untaken stem cell counts against the user memory")
     s.add_argument("--concurrent-invocations", type=int, default=d.concurrent_invocations)
     s.add_argument("--invocations-per-minute", type=int, default=d.invocations_per_minute)
     s.add_argument("--payload-limit", type=int, default=d.payload_limit)
@@ -38,7 +51,8 @@ def main(argv: list[str] | None = None) -> int:
         serve(a.state_dir, a.host, a.port, Settings(
             payload_limit=a.payload_limit, concurrent_invocations=a.concurrent_invocations,
             invocations_per_minute=a.invocations_per_minute, idle_s=a.idle_s,
-            user_memory_mb=a.user_memory_mb, max_records=a.max_records,
+            user_memory_mb=a.user_memory_mb, stem_cells=a.stem_cells, stem_memory_mb=a.stem_memory_mb,
+            max_records=a.max_records,
             record_bytes=max(1, int(a.record_mb * 2 ** 20))))
         return 0
     if a.cmd == "up":
@@ -48,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.cmd == "down":
         print("stopped" if fabric_down(a.state_dir) else "not running")
         return 0
-    info = fabric_status(a.state_dir)
+    info = fabric_status(a.state_dir, capacity=True)
     print(json.dumps({k: v for k, v in info.items() if k != "auth"}) if info else "not running")
     return 0 if info else 1
 

@@ -16,7 +16,7 @@ PER_NAMESPACE = {"concurrentInvocations": "concurrent_invocations",
                  "invocationsPerMinute": "invocations_per_minute"}
 GLOBAL = {"payloadLimit": "payload_limit", "idleSeconds": "idle_s", "userMemoryMb": "user_memory_mb",
           "blockingWaitSeconds": "blocking_wait_s", "maxRecords": "max_records",
-          "recordBytes": "record_bytes"}
+          "recordBytes": "record_bytes", "stemMemoryMb": "stem_memory_mb"}
 # Any limit above this is a mistake, not a setting (it also keeps int() finite).
 _LIMIT_CEILING = 2 ** 53
 
@@ -36,10 +36,22 @@ def limits(f: Fabric, ns_name: str) -> dict:
             "maxActionInstances": ns.concurrent_invocations}
 
 
+def _stem_cells(value: Any) -> dict[str, int]:
+    if not isinstance(value, dict) or not all(
+            isinstance(k, str) and 0 < len(k) <= 40 and isinstance(n, int) and not isinstance(n, bool)
+            and 0 <= n <= 16 for k, n in value.items()) or len(value) > 16:
+        raise ApiError(400, "stemCells must be an object of runtime names to counts from 0 to 16")
+    return dict(value)
+
+
 def set_limits(f: Fabric, ns_name: str, body: Any) -> dict:
     if not isinstance(body, dict):
         raise ApiError(400, "limits must be a JSON object")
     ns = f.ns(ns_name)
+    # stem cells per runtime: a fabric-wide setting; fewer are evicted now,
+    # more start as memory allows
+    stems = _stem_cells(body["stemCells"]) if "stemCells" in body else None
+    body = {k: v for k, v in body.items() if k != "stemCells"}
     unknown = set(body) - set(PER_NAMESPACE) - set(GLOBAL)
     if unknown:
         raise ApiError(400, f"unknown limit keys: {sorted(unknown)[:10]}")
@@ -60,6 +72,14 @@ def set_limits(f: Fabric, ns_name: str, body: Any) -> dict:
                 setattr(f.settings, attr, int(body[k]) if isinstance(cur, int) else float(body[k]))
         if "invocationsPerMinute" in body:
             ns.minute.clear()
+        ops: list = []
+        if stems is not None:
+            f.settings.stem_cells = stems
+            for runtime, cells in f.scheduler.stems.items():
+                for w in cells[stems.get(runtime or "", 0):]:
+                    f.scheduler.evict(w, "evicted", ops)
+    f.scheduler.run_ops(ops)
+    f.start_stem_cells()
     return limits(f, ns.name)
 
 
@@ -86,7 +106,8 @@ def status(f: Fabric) -> dict:
     with f.lock:
         s = f.scheduler
         return {"pid": os.getpid(), "memory_used_mb": s.memory_used,
-                "user_memory_mb": f.settings.user_memory_mb,
+                "user_memory_mb": f.settings.user_memory_mb, "stem_cells": dict(f.settings.stem_cells),
+                "stem_memory_mb": f.settings.stem_memory_mb,
                 "workers": [w.describe() for w in sorted(s.workers, key=lambda w: w.id)],
                 "namespaces": {n.name: {"inflight": n.inflight, "records": len(n.records),
                                         "record_bytes": n.records.bytes,

@@ -43,6 +43,13 @@ class Fabric:
         self.watchdog = Watchdog(self)
         self.watchdog.start()
 
+    def start_stem_cells(self) -> None:
+        """Start the stem cells the settings ask for (at start, and after a
+        change of the settings)."""
+        with self.lock:
+            ops = self.scheduler.replenish()
+        self.scheduler.run_ops(ops)
+
     def ns(self, name: str) -> Namespace:
         if name == "_":
             name = DEFAULT_NAMESPACE
@@ -70,6 +77,8 @@ class Fabric:
         with self.lock:
             ns.actions[name] = action
             ops = self.scheduler.retire(ns.name, name, keep_version=action.version)
+            # a stem cell of its runtime, ahead of the action's first invocation
+            ops += self.scheduler.replenish()
         self.scheduler.run_ops(ops)
         return action.to_json(code=True)
 

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import hashlib
 import itertools
-import os
 import re
 import threading
 import time
@@ -37,15 +36,34 @@ def disk_name(name: str) -> str:
     return name[:_DISK_NAME_MAX - 17] + "-" + hashlib.sha256(name.encode()).hexdigest()[:16]
 
 
-def default_user_memory_mb() -> int:
-    """Half the machine's memory, between 2 and 16 GB: room for the warm
-    workers of a whole FL scenario (1-2 GB each by default) without evicting
-    the server functions between rounds."""
-    try:
-        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // (1024 * 1024)
-    except (ValueError, OSError):
-        total = 8192
-    return int(min(16384, max(2048, total // 2)))
+#: An OpenWhisk invoker's default user memory (`CONFIG_whisk_containerPool_userMemory`,
+#: 2048m): the sum of the memory limits of the containers it runs at once.
+DEFAULT_USER_MEMORY_MB = 2048
+#: Stem cells started per runtime (OpenWhisk's default runtime manifest
+#: prewarms 2 of its python kind; on a small machine one TensorFlow cell is
+#: what a first cold start needs, and each one holds a few hundred MB).
+DEFAULT_STEM_CELLS = {"tensorflow": 1}
+#: What a stem cell counts against the user memory until an action takes it
+#: (OpenWhisk's stem cells are 256 MB containers).
+DEFAULT_STEM_MEMORY_MB = 256
+#: The modules a stem cell of a runtime imports before any action needs
+#: it: the heavy ones its functions start with. A runtime not named here
+#: gets stem cells that have only started their interpreter.
+STEM_PRELOAD = {
+    "tensorflow": ("numpy", "pymongo", "tensorflow", "keras"),
+    "light": ("numpy", "pymongo"),
+}
+
+
+def parse_stem_cells(text: str) -> dict[str, int]:
+    """`tensorflow=1,light=2` (or empty: none) -> {runtime: count}."""
+    out: dict[str, int] = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name, sep, count = part.partition("=")
+        if not sep or not name.strip() or not count.strip().isdigit() or int(count) > 16:
+            raise ValueError(f"{part!r} is not RUNTIME=COUNT (a count from 0 to 16)")
+        out[name.strip()] = int(count)
+    return out
 
 
 @dataclass
@@ -56,7 +74,9 @@ class Settings:
     invocations_per_minute: int = 60000    # per namespace, rolling minute
     blocking_wait_s: float = 60.0          # OpenWhisk's maximum blocking wait
     idle_s: float = 600.0                  # idle worker lifetime
-    user_memory_mb: int = field(default_factory=default_user_memory_mb)  # sum of limits.memory of workers
+    user_memory_mb: int = DEFAULT_USER_MEMORY_MB  # sum of limits.memory of workers (and stem cells)
+    stem_cells: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_STEM_CELLS))  # per runtime
+    stem_memory_mb: int = DEFAULT_STEM_MEMORY_MB  # what an untaken stem cell counts
     max_records: int = 100000              # activation records kept per namespace, at most
     record_bytes: int = 128 * 1024 * 1024  # bytes of activation records kept per namespace, at most
     memory_check_s: float = 0.25
@@ -110,7 +130,7 @@ class Action:
 
 
 class Activation:
-    __slots__ = ("id", "ns", "action", "args", "received", "start", "end", "cold", "init_ms",
+    __slots__ = ("id", "ns", "action", "args", "received", "start", "end", "cold", "prewarmed", "init_ms",
                  "worker", "fault", "slow_ms", "deadline", "done", "record", "status", "seq")
 
     def __init__(self, aid: str, ns: "Namespace", action: Action, args: dict, fault: str | None,
@@ -123,6 +143,7 @@ class Activation:
         self.start: float | None = None
         self.end: float | None = None
         self.cold = False
+        self.prewarmed = False        # its cold start was on a stem cell
         self.init_ms: float | None = None
         self.worker: Worker | None = None
         self.fault = fault

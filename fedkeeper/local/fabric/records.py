@@ -32,6 +32,9 @@ def build(act: "Activation", code: int, result_json: str, start_ms: int, end_ms:
     ]
     if init_ms is not None:
         annotations.append({"key": "initTime", "value": init_ms})
+        # how the cold start was served, in the terms of OpenWhisk's
+        # invoker (containerState): on a prewarmed stem cell, or a new process
+        annotations.append({"key": "fk-start", "value": "prewarmed" if act.prewarmed else "cold"})
     if act.fault:
         annotations.append({"key": "fk-fault", "value": act.fault})
     ns = act.ns.name

@@ -1,7 +1,17 @@
 """Placement of activations on warm workers within the fabric's user memory,
-as an OpenWhisk invoker does: per action a pool of workers taking up to
-`limits.concurrency` activations each, idle workers of other actions evicted
-when memory is short, else activations wait in their queue.
+as an OpenWhisk invoker's container pool does: per action a pool of workers
+taking up to `limits.concurrency` activations each, idle workers of other
+actions evicted when memory is short, else activations wait in their queue
+(queued, never refused: their wait is the record's waitTime).
+
+Stem cells (OpenWhisk's prewarmed containers): per runtime a few worker
+processes started ahead of need (once an action of the runtime is deployed),
+which have imported the runtime's heavy modules. A new worker for an action of that runtime is a stem cell taken
+for it (its cold start is only the code load), and another stem cell is
+started in its place when memory allows. Stem cells count against the user
+memory (`stem_memory_mb` each, the action's memory once taken); they are
+started only while no activation waits for memory, and an idle stem cell
+is evicted (after idle warm workers) when an action needs its memory.
 
 All state changes happen under the fabric's lock; the I/O they imply (start
 a process, kill one, send an activation) is returned as a list of
@@ -14,9 +24,10 @@ import time
 from collections import deque
 from typing import TYPE_CHECKING
 
-from .entities import Action, Activation
+from .entities import STEM_PRELOAD, Action, Activation
 from .status import (APPLICATION_ERROR, DEVELOPER_ERROR, MSG_ABNORMAL_RUN, MSG_MEMORY, MSG_REMOVED, SUCCESS,
                      WHISK_ERROR, msg_init_failed)
+from ...runtimes.isolation import action_runtime
 from .workers import Worker, activation_env
 
 if TYPE_CHECKING:
@@ -31,13 +42,15 @@ class Scheduler:
         self.pools: dict[tuple[str, str], list[Worker]] = {}
         self.queues: dict[tuple[str, str], deque[Activation]] = {}
         self.workers: set[Worker] = set()
+        self.stems: dict[str | None, list[Worker]] = {}   # runtime -> untaken stem cells
+        self.stem_failures: dict[str | None, int] = {}    # runtime -> stem cells dead before ready, in a row
         self.memory_used = 0
 
     def enqueue(self, act: Activation) -> list:
         """Queue an admitted activation (lock held); returns the I/O to do."""
         key = (act.ns.name, act.action.name)
         self.queues.setdefault(key, deque()).append(act)
-        return self.pump(key)
+        return self.pump(key) + self.replenish()
 
     def drop_queue(self, key: tuple[str, str]) -> None:
         """Fail what waits for a deleted action (lock held)."""
@@ -94,23 +107,87 @@ class Scheduler:
 
     def _new_worker(self, action: Action, ops: list) -> Worker | None:
         need = int(action.limits["memory"])
-        if self.memory_used + need > self.f.settings.user_memory_mb:
-            idle = sorted((w for w in self.workers if w.state == "ready" and not w.assigned
-                           and not w.kill_reason), key=lambda w: w.last_used)
-            for w in idle:
-                if self.memory_used + need <= self.f.settings.user_memory_mb:
-                    break
-                self.evict(w, "evicted", ops)
-            if self.memory_used + need > self.f.settings.user_memory_mb:
+        w = self._take_stem(action)
+        if w is not None:
+            # the stem cell's own memory becomes the action's
+            if not self._make_room(need - w.memory_mb, ops, keep=w):
                 return None
-        w = Worker(action)
-        self.workers.add(w)
+            self.stems[w.runtime].remove(w)
+            self.memory_used -= w.memory_mb
+            w.specialize(action)
+            if w.state == "stem":
+                w.state = "starting"
+                ops.append(("init", w))
+            # else it is still loading its modules: its code follows when it is done
+        else:
+            if not self._make_room(need, ops):
+                return None
+            w = Worker(action)
+            self.workers.add(w)
+            ops.append(("spawn", w))
         self.pools.setdefault(w.key, []).append(w)
         self.memory_used += w.memory_mb
-        ops.append(("spawn", w))
         return w
 
+    def _take_stem(self, action: Action) -> Worker | None:
+        """A stem cell of the action's runtime: a ready one, else the one
+        that started first."""
+        if action.code_dir is None:
+            return None
+        cells = [w for w in self.stems.get(action_runtime(action.exec), ())
+                 if not w.kill_reason and w.state in ("stem", "starting")]
+        if not cells:
+            return None
+        return min(cells, key=lambda w: (w.state != "stem", w.spawned))
+
+    def _make_room(self, need: int, ops: list, keep: Worker | None = None) -> bool:
+        """Free user memory for `need` MB more (lock held): idle workers
+        evicted, least recently used first, then idle stem cells (not
+        `keep`). False, having evicted nothing, when that cannot be enough."""
+        budget = self.f.settings.user_memory_mb
+        if self.memory_used + need <= budget:
+            return True
+        idle = sorted((w for w in self.workers if w.state == "ready" and not w.assigned
+                       and not w.kill_reason and w.action is not None), key=lambda w: w.last_used)
+        idle += [w for cells in self.stems.values() for w in cells if w is not keep and not w.kill_reason]
+        if self.memory_used + need - sum(w.memory_mb for w in idle) > budget:
+            return False
+        for w in idle:
+            if self.memory_used + need <= budget:
+                break
+            self.evict(w, "evicted", ops)
+        return True
+
+    def replenish(self) -> list:
+        """Start stem cells up to each runtime's count while memory allows and
+        no activation waits (lock held); returns the I/O to do."""
+        ops: list = []
+        if self.f.stopping or any(self.queues.values()):
+            return ops
+        mb = self.f.settings.stem_memory_mb
+        wanted = {r: n for r, n in self.f.settings.stem_cells.items() if n > 0}
+        # only for runtimes some deployed action runs on: a fabric serving
+        # other runtimes does not hold a TensorFlow process for nothing
+        in_use = {action_runtime(a.exec) for ns in self.f.namespaces.values() for a in ns.actions.values()
+                  if a.code_dir is not None} if wanted else set()
+        for runtime, count in wanted.items():
+            if runtime not in in_use:
+                continue
+            cells = self.stems.setdefault(runtime, [])
+            # a runtime whose stem cells keep dying before they are ready gets no more
+            while (len(cells) < count and self.stem_failures.get(runtime, 0) < 3
+                   and self.memory_used + mb <= self.f.settings.user_memory_mb):
+                w = Worker(None, runtime=runtime, memory_mb=mb)
+                cells.append(w)
+                self.workers.add(w)
+                self.memory_used += mb
+                ops.append(("spawn", w))
+        return ops
+
     def _unlist(self, w: Worker) -> None:
+        cells = self.stems.get(w.runtime)
+        if w.is_stem and cells and w in cells:
+            cells.remove(w)
         pool = self.pools.get(w.key)
         if pool and w in pool:
             pool.remove(w)
@@ -154,6 +231,14 @@ class Scheduler:
                 if w.proc is None:  # never started: nothing will report its death
                     with self.f.lock:
                         self._worker_died(w)
+            elif kind == "init":
+                a = w.action
+                try:
+                    w.send({"t": "init", "code_dir": a.code_dir, "main": str(a.exec.get("main") or "main"),
+                            "concurrency": w.capacity, "log": str(self._log_path(w))})
+                except (OSError, TypeError, ValueError) as exc:
+                    log.debug("init of stem cell %s failed: %s", w.id, exc)
+                    w.kill()
             elif kind == "send":
                 act: Activation = op[2]
                 try:
@@ -166,12 +251,18 @@ class Scheduler:
                     log.debug("send to worker %s failed: %s", w.id, exc)
                     w.kill()
 
+    def _log_path(self, w: Worker):
+        a = w.action
+        name = f"{a.namespace}.{a.name}.log" if a is not None else f"stem-cell.{w.runtime or 'stock'}.log"
+        return self.f.logs_dir / name[:250]
+
     def _spawn(self, w: Worker) -> None:
         a = w.action
         if w.kill_reason is not None or w.state == "dead":
             return
         try:
-            w.start_process(self.f.logs_dir / f"{a.namespace}.{a.name}.log"[:250])
+            w.start_process(self._log_path(w), a.code_dir if a is not None else str(self.f.logs_dir),
+                            STEM_PRELOAD.get(w.runtime or "", ()))
         except OSError as exc:
             with self.f.lock:
                 w.init_error = f"could not start a worker process: {exc}"
@@ -189,7 +280,16 @@ class Scheduler:
         ops: list = []
         with self.f.lock:
             t = msg.get("t")
-            if t == "ready":
+            if t == "stem" and w.stem and w.state == "starting":
+                stem_ms = msg.get("init_ms")
+                w.stem_ms = float(stem_ms) if isinstance(stem_ms, (int, float)) else 0.0
+                self.stem_failures.pop(w.runtime, None)
+                if w.action is None:
+                    w.state = "stem"
+                    w.last_used = time.time()
+                else:  # taken while it was loading its modules
+                    ops.append(("init", w))
+            elif t == "ready":
                 now = time.time()
                 w.state = "ready"
                 init_ms = msg.get("init_ms")
@@ -197,6 +297,7 @@ class Scheduler:
                 w.last_used = now
                 for act in w.pending:
                     act.cold = True
+                    act.prewarmed = w.stem
                     act.init_ms = w.init_ms
                     act.ns.counts["cold_starts"] += 1
                     # A cold activation starts with its code load, as
@@ -223,11 +324,14 @@ class Scheduler:
                     else:
                         ops.extend(self.pump(w.key))
                     ops.extend(self.pump_all(exclude=w.key))
+                    ops.extend(self.replenish())
         self.run_ops(ops)
 
     def _worker_died(self, w: Worker) -> list:
         """Fail what the dead worker held (lock held); returns follow-up I/O."""
         ops: list = []
+        if w.stem and w.stem_ms is None and not w.kill_reason:
+            self.stem_failures[w.runtime] = self.stem_failures.get(w.runtime, 0) + 1
         w.state = "dead"
         self._unlist(w)
         if w.init_error:
@@ -243,8 +347,10 @@ class Scheduler:
         w.assigned.clear()
         w.pending.clear()
         if not self.f.stopping:
-            ops.extend(self.pump(w.key))
+            if w.key is not None:
+                ops.extend(self.pump(w.key))
             ops.extend(self.pump_all(exclude=w.key))
+            ops.extend(self.replenish())
         return ops
 
     # ------------------------------------------------------------------ records

@@ -55,9 +55,11 @@ def serve(state_dir: str | os.PathLike, host: str = "127.0.0.1", port: int = 0,
     real_port = httpd.server_address[1]
     url = f"http://{host}:{real_port}"
     fabric.api_host = url
+    fabric.start_stem_cells()
     me = supervisor.record_of(os.getpid())
     info = {"url": url, "host": host, "port": real_port, "pid": os.getpid(), "auth": auth,
             "namespace": DEFAULT_NAMESPACE, "started_at": time.time(),
+            "user_memory_mb": fabric.settings.user_memory_mb, "stem_cells": fabric.settings.stem_cells,
             "process": me.to_json() if me else None}
     supervisor.write_private(sdir / STATE_FILE, json.dumps(info))
 
@@ -114,11 +116,38 @@ def _answers(info: dict, timeout: float = 2.0) -> bool:
         return False
 
 
-def fabric_status(state_dir: str | os.PathLike) -> dict | None:
-    """The running fabric's info (url, auth, pid, port, ...) or None."""
+def _capacity(info: dict, timeout: float = 2.0) -> dict | None:
+    """The pool's capacity now: user memory, memory used, workers and stem
+    cells, queued activations (from /_fabric/status)."""
+    try:
+        conn = http.client.HTTPConnection(info["host"], int(info["port"]), timeout=timeout)
+        try:
+            conn.request("GET", "/_fabric/status", headers={
+                "Authorization": "Basic " + base64.b64encode(info["auth"].encode()).decode()})
+            r = conn.getresponse()
+            st = json.loads(r.read(1 << 20)) if r.status == 200 else None
+        finally:
+            conn.close()
+    except (OSError, KeyError, ValueError, http.client.HTTPException):
+        return None
+    if not isinstance(st, dict):
+        return None
+    workers = [w for w in st.get("workers") or () if isinstance(w, dict)]
+    return {"user_memory_mb": st.get("user_memory_mb"), "memory_used_mb": st.get("memory_used_mb"),
+            "stem_cells": st.get("stem_cells"), "stem_memory_mb": st.get("stem_memory_mb"),
+            "workers": sum(1 for w in workers if not w.get("stem_cell")),
+            "idle_stem_cells": sum(1 for w in workers if w.get("stem_cell")),
+            "queued": sum(v for v in (st.get("queued") or {}).values() if isinstance(v, int))}
+
+
+def fabric_status(state_dir: str | os.PathLike, capacity: bool = False) -> dict | None:
+    """The running fabric's info (url, auth, pid, port, ...) or None; with
+    `capacity`, also its pool's now (info["capacity"])."""
     info = _read_state(Path(state_dir))
     if not info or not supervisor.is_running(_process(info)) or not _answers(info):
         return None
+    if capacity:
+        info["capacity"] = _capacity(info)
     return info
 
 

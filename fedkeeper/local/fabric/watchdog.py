@@ -1,6 +1,6 @@
 """What the fabric watches over time, as an invoker does: activations past
 their time limit, code loads that never finish, idle workers, and workers
-over their memory limit (by resident set size)."""
+over their memory limit (by the anonymous memory they hold: workers.held_bytes)."""
 from __future__ import annotations
 
 import logging
@@ -61,6 +61,8 @@ class Watchdog:
     def _init_limits(self, now: float, ops: list) -> None:
         f = self.fabric
         for w in list(f.scheduler.workers):
+            if w.action is None:  # a stem cell: no action's limits yet
+                continue
             limit_s = w.action.timeout_ms / 1000.0
             if w.state == "starting" and w.pending and now - w.spawned > limit_s + INIT_GRACE_S:
                 for a in w.pending:
@@ -79,23 +81,25 @@ class Watchdog:
         for w in list(f.scheduler.workers):
             if w.state == "ready" and not w.assigned and now - w.last_used > f.settings.idle_s:
                 f.scheduler.evict(w, "idle", ops)
+        # memory freed by reaping goes to stem cells again
+        ops.extend(f.scheduler.replenish())
 
     def _memory_candidates(self, now: float) -> list["Worker"]:
         f = self.fabric
         if now < self._next_mem:
             return []
         self._next_mem = now + f.settings.memory_check_s
-        return [w for w in f.scheduler.workers if w.state == "ready" and w.proc]
+        return [w for w in f.scheduler.workers if w.state == "ready" and w.proc and w.action is not None]
 
     def _check_memory(self, w: "Worker") -> None:
         f = self.fabric
-        rss = w.rss_bytes()
-        if rss is None or rss <= w.memory_mb * 1024 * 1024:
+        held = w.held_bytes()
+        if held is None or held <= w.memory_mb * 1024 * 1024:
             return
         ops: list = []
         with f.lock:
             if w.kill_reason is None:
-                log.info("worker %s of %s/%s exceeded %d MB (RSS %d MB)", w.id, *w.key,
-                         w.memory_mb, rss // (1024 * 1024))
+                log.info("worker %s of %s/%s exceeded %d MB (%d MB held)", w.id, *w.key,
+                         w.memory_mb, held // (1024 * 1024))
                 f.scheduler.evict(w, "memory", ops)
         f.scheduler.run_ops(ops)

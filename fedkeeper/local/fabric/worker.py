@@ -6,19 +6,29 @@ CONCURRENCY`), not as a module of the fedkeeper package, so that a worker
 imports nothing of the keeper: only the action's own code, which comes first
 on sys.path exactly as the unpacked zip does in an OpenWhisk python runtime.
 
+A stem cell (`python worker.py FD --stem MODULE...`) is a worker started
+before any action needs it, as OpenWhisk's prewarmed containers: it imports
+its runtime's heavy modules (numpy, TensorFlow, ...) and waits; the fabric
+then hands it an action's code (an `init` message) and it becomes that
+action's worker, so that the action's cold start is only its code load.
+
 Protocol on the inherited socket FD: frames of a 4-byte big-endian length and
 a UTF-8 JSON object (never pickle: the action's results are untrusted data).
-  worker -> fabric  {"t": "ready", "init_ms": float}
+  worker -> fabric  {"t": "stem", "init_ms": float}    (a stem cell's modules are loaded)
+                    {"t": "ready", "init_ms": float}
                     {"t": "init_error", "error": str}
                     {"t": "done", "id": str, "result": {...}}
                     {"t": "done", "id": str, "dev_error": str}
-  fabric -> worker  {"t": "run", "id": str, "args": {...}, "env": {...},
+  fabric -> worker  {"t": "init", "code_dir": str, "main": str, "concurrency": int,
+                     "log": str}                    (to a stem cell, once)
+                    {"t": "run", "id": str, "args": {...}, "env": {...},
                      "slow_ms": int, "crash": bool, "hang": bool}
 The action's stdout and stderr go to the log file the fabric opened for it;
 they never share the protocol socket.
 """
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import json
 import os
@@ -119,13 +129,11 @@ def _run(chan: Channel, fn, msg: dict) -> None:
     chan.send({"t": "done", "id": aid, "result": result})
 
 
-def serve(fd: int, code_dir: str, main_name: str, concurrency: int) -> None:
-    # The fabric's package directory must not shadow the action's modules.
-    here = os.path.dirname(os.path.abspath(__file__))
-    sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != here]
+def _load_code(chan: Channel, code_dir: str, main_name: str):
+    """The action's main function, its code load reported as `ready` (or
+    `init_error`, then None)."""
     sys.path.insert(0, code_dir)
     os.chdir(code_dir)
-    chan = Channel(socket.socket(fileno=fd))
     t0 = time.perf_counter()
     try:
         fn = _load_main(code_dir, main_name)
@@ -133,8 +141,12 @@ def serve(fd: int, code_dir: str, main_name: str, concurrency: int) -> None:
         traceback.print_exc()
         sys.stderr.flush()
         chan.send({"t": "init_error", "error": f"{type(exc).__name__}: {exc}"})
-        return
+        return None
     chan.send({"t": "ready", "init_ms": (time.perf_counter() - t0) * 1000.0})
+    return fn
+
+
+def _serve_runs(chan: Channel, fn, concurrency: int) -> None:
     while True:
         msg = chan.recv()
         if msg is None:  # the fabric closed the socket: retire
@@ -149,8 +161,55 @@ def serve(fd: int, code_dir: str, main_name: str, concurrency: int) -> None:
             threading.Thread(target=_run, args=(chan, fn, msg), daemon=True).start()
 
 
+def _leave_package_dir() -> None:
+    # The fabric's package directory must not shadow the action's modules.
+    here = os.path.dirname(os.path.abspath(__file__))
+    sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != here]
+
+
+def serve(fd: int, code_dir: str, main_name: str, concurrency: int) -> None:
+    _leave_package_dir()
+    chan = Channel(socket.socket(fileno=fd))
+    fn = _load_code(chan, code_dir, main_name)
+    if fn is not None:
+        _serve_runs(chan, fn, concurrency)
+
+
+def stem(fd: int, modules: list[str]) -> None:
+    """A stem cell: load the runtime's modules, then wait for an action's code."""
+    _leave_package_dir()
+    chan = Channel(socket.socket(fileno=fd))
+    t0 = time.perf_counter()
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except Exception:  # noqa: BLE001 - the action will meet (and report) the same failure
+            traceback.print_exc()
+    sys.stderr.flush()
+    chan.send({"t": "stem", "init_ms": (time.perf_counter() - t0) * 1000.0})
+    while True:
+        msg = chan.recv()
+        if msg is None:
+            return
+        if msg.get("t") == "init":
+            break
+    # From here on the output is the action's, in its log, as a worker
+    # started for it writes there.
+    log_fd = os.open(str(msg["log"]), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    sys.stdout.flush()
+    os.dup2(log_fd, 1)
+    os.dup2(log_fd, 2)
+    os.close(log_fd)
+    fn = _load_code(chan, str(msg["code_dir"]), str(msg.get("main") or "main"))
+    if fn is not None:
+        _serve_runs(chan, fn, int(msg.get("concurrency") or 1))
+
+
 if __name__ == "__main__":
-    serve(int(sys.argv[1]), sys.argv[2], sys.argv[3], int(sys.argv[4]))
+    if len(sys.argv) > 2 and sys.argv[2] == "--stem":
+        stem(int(sys.argv[1]), sys.argv[3:])
+    else:
+        serve(int(sys.argv[1]), sys.argv[2], sys.argv[3], int(sys.argv[4]))
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from ...runtimes.isolation import action_command
+from ...runtimes.isolation import action_runtime, runtime_command
 from ..supervisor import minimal_env
 from .entities import Action, Activation, annotation
 # The worker runs as a plain script (stdlib only); its framing helper is shared.
@@ -31,21 +31,21 @@ MAX_WORKER_MESSAGE = 4 * 1024 * 1024
 
 
 class Worker:
+    """One worker process: an action's, or a stem cell of a runtime (no
+    action yet: `action` is None until `specialize`)."""
     _ids = itertools.count(1)
 
-    def __init__(self, action: Action):
+    def __init__(self, action: Action | None, *, runtime: str | None = None, memory_mb: int = 0):
         self.id = next(Worker._ids)
-        self.key = (action.namespace, action.name)
-        self.version = action.version
-        self.action = action
-        self.capacity = max(1, int(action.limits.get("concurrency", 1)))
-        self.memory_mb = int(action.limits["memory"])
-        self.state = "starting"          # starting -> ready -> dead
+        self.runtime = runtime if action is None else action_runtime(action.exec)
+        self.stem = action is None        # started as a stem cell
+        self.state = "starting"          # starting -> (stem ->) ready -> dead
         self.assigned: dict[str, Activation] = {}
         self.pending: list[Activation] = []   # assigned before the worker was ready
         self.spawned = time.time()
         self.last_used = self.spawned
         self.init_ms: float | None = None
+        self.stem_ms: float | None = None    # a stem cell's module load
         self.init_error: str | None = None
         self.kill_reason: str | None = None
         self.retired = False
@@ -54,6 +54,28 @@ class Worker:
         self.send_lock = threading.Lock()
         self.psutil_proc = None
         self.runs = 0
+        self.action: Action | None = None
+        self.key: tuple[str, str] | None = None
+        self.version = 0
+        self.capacity = 1
+        self.memory_mb = memory_mb
+        if action is not None:
+            self.specialize(action)
+
+    def specialize(self, action: Action) -> None:
+        """Make this worker the given action's (a stem cell taken for it)."""
+        self.action = action
+        self.key = (action.namespace, action.name)
+        self.version = action.version
+        self.capacity = max(1, int(action.limits.get("concurrency", 1)))
+        self.memory_mb = int(action.limits["memory"])
+        # its code load is timed from now, not from the stem cell's start
+        self.spawned = time.time()
+
+    @property
+    def is_stem(self) -> bool:
+        """A stem cell no action has taken yet."""
+        return self.action is None
 
     @property
     def free(self) -> int:
@@ -71,8 +93,24 @@ class Worker:
             with contextlib.suppress(ProcessLookupError):
                 self.proc.kill()
 
-    def rss_bytes(self) -> int | None:
+    def held_bytes(self) -> int | None:
+        """The memory the worker holds and could not give back: its
+        anonymous (and shared-memory) pages, as a container's memory limit
+        counts them. The pages of its libraries are page cache, shared by
+        every worker of the runtime and reclaimable, so they are not
+        charged to each (the resident set size would count TensorFlow's
+        450 MB of shared libraries once per worker). None once it is gone."""
+        if self.proc is None:
+            return None
         try:
+            with open(f"/proc/{self.proc.pid}/status", "rb") as f:
+                fields = dict(line.split(b":", 1) for line in f.read().splitlines() if b":" in line)
+            return sum(int(fields[k].split()[0]) for k in (b"RssAnon", b"RssShmem")) * 1024
+        except FileNotFoundError:
+            return None
+        except (OSError, KeyError, ValueError, IndexError):
+            pass
+        try:  # no such fields here: the resident set size
             import psutil
             if self.psutil_proc is None:
                 self.psutil_proc = psutil.Process(self.proc.pid)
@@ -81,26 +119,33 @@ class Worker:
             return None
 
     def describe(self) -> dict:
-        return {"id": self.id, "namespace": self.key[0], "action": self.key[1],
-                "version": f"0.0.{self.version}", "pid": self.proc.pid if self.proc else None,
+        key = self.key or (None, None)
+        return {"id": self.id, "namespace": key[0], "action": key[1],
+                "version": f"0.0.{self.version}" if self.action else None,
+                "pid": self.proc.pid if self.proc else None, "runtime": self.runtime,
+                "stem_cell": self.is_stem, "from_stem_cell": self.stem and not self.is_stem,
                 "state": self.state, "assigned": len(self.assigned), "capacity": self.capacity,
                 "memory_mb": self.memory_mb, "runs": self.runs, "retired": self.retired,
                 "idle_s": round(time.time() - self.last_used, 3) if not self.assigned else 0.0}
 
-    def start_process(self, log_path: Path) -> None:
-        """Start the worker process (raises OSError) and its socket."""
+    def start_process(self, log_path: Path, cwd: str, preload: tuple[str, ...] = ()) -> None:
+        """Start the worker process (raises OSError) and its socket: the
+        action's worker, or (no action yet) a stem cell loading `preload`."""
         a = self.action
         parent, child = socket.socketpair()
+        if a is not None:
+            args = (a.code_dir, str(a.exec.get("main") or "main"), str(self.capacity))
+        else:
+            args = ("--stem", *preload)
         try:
             with open(log_path, "ab") as logf:
                 # Only what a process needs: the action sees none of the
                 # fabric's (or the keeper's) environment.
                 # ... and only its runtime's packages (fedkeeper/runtimes).
                 self.proc = subprocess.Popen(
-                    action_command(a.exec, WORKER_SCRIPT, str(child.fileno()), a.code_dir,
-                                   str(a.exec.get("main") or "main"), str(self.capacity)),
+                    runtime_command(self.runtime, WORKER_SCRIPT, str(child.fileno()), *args),
                     pass_fds=(child.fileno(),), stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
-                    cwd=a.code_dir, close_fds=True, env=minimal_env({"PYTHONDONTWRITEBYTECODE": "1"}))
+                    cwd=cwd, close_fds=True, env=minimal_env({"PYTHONDONTWRITEBYTECODE": "1"}))
         except OSError:
             parent.close()
             raise
