@@ -222,3 +222,29 @@ def test_generic_classification():
     assert classify_response(500, {}, j)[1] is ErrorClass.APPLICATION_ERROR
     assert classify_response(502, {}, b"")[1] is ErrorClass.PLATFORM_ERROR
     assert classify_response(503, {}, j)[1] is ErrorClass.PLATFORM_ERROR
+
+
+PRELOAD_MAIN = '''
+import os
+import sys
+
+import functions_framework
+
+
+@functions_framework.http
+def echo(request):
+    # the function itself never imports numpy: only a prewarmed instance has it
+    return {"preloaded": "numpy" in sys.modules and "pymongo" in sys.modules, "pid": os.getpid()}
+'''
+
+
+def test_an_instance_of_a_runtime_is_prewarmed_with_its_modules(provider):
+    from fedkeeper.runtimes import load
+    light = make_artifact(PRELOAD_MAIN, {"requirements.txt": load("light").requirements_txt(http_entry=True)})
+    provider.deploy(SPEC, light)
+    first = provider.call("echo", {}, timeout_s=30)
+    assert first.ok and first.result["preloaded"] is True, first
+    # a source of no runtime (functions-framework alone) preloads nothing
+    provider.deploy(SPEC, make_artifact(PRELOAD_MAIN))
+    plain = provider.call("echo", {}, timeout_s=30)
+    assert plain.ok and plain.result["preloaded"] is False and plain.result["pid"] != first.result["pid"]

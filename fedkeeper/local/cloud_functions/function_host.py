@@ -14,6 +14,12 @@ Request bodies are bounded (413 above `--max-request-bytes`, chunked ones
 too). Every response closes its connection (the server does not keep
 connections alive), so a body left unread can never be taken for a request.
 
+With `--preload MODULE,...` (the heavy modules of the function's runtime:
+numpy, TensorFlow, ...) the instance imports them in the background as soon
+as it starts, as a prewarmed (min) instance has, so that its first request
+does not pay for them; requests wait until they are loaded (never two
+threads importing TensorFlow at once).
+
 Injected faults (`--faults`, JSON) are drawn before the function runs, with
 the local platforms' one fault model (fedkeeper/local/faults.py, loaded by
 path):
@@ -156,6 +162,34 @@ class Concurrency:
             return list(self.app(environ, start_response))
 
 
+class Preloaded:
+    """Imports `modules` in a thread from the start; requests to the
+    function wait until that is done."""
+
+    def __init__(self, app, modules: list[str]):
+        self.app = app
+        self.modules = modules
+        self.done = threading.Event()
+        threading.Thread(target=self._load, name="preload", daemon=True).start()
+
+    def _load(self) -> None:
+        import importlib
+        import traceback
+        try:
+            for name in self.modules:
+                try:
+                    importlib.import_module(name)
+                except Exception:  # noqa: BLE001 - the function meets (and reports) the same failure
+                    traceback.print_exc()
+        finally:
+            self.done.set()
+
+    def __call__(self, environ, start_response):
+        if environ.get("PATH_INFO") != "/robots.txt":   # the host's liveness probe does not wait
+            self.done.wait()
+        return self.app(environ, start_response)
+
+
 def make_server(host: str, port: int, app):
     from werkzeug.serving import ThreadedWSGIServer, WSGIRequestHandler
 
@@ -202,6 +236,7 @@ def main() -> None:
     p.add_argument("--timeout-s", type=float, default=60.0)
     p.add_argument("--max-request-bytes", type=int, default=32 * 1024 * 1024)
     p.add_argument("--faults", default="")
+    p.add_argument("--preload", default="", help="modules to import ahead of the first request, comma-separated")
     a = p.parse_args()
     sys.path.insert(0, os.path.dirname(os.path.abspath(a.source)))
 
@@ -214,6 +249,9 @@ def main() -> None:
         app = FaultInjector(app, plan, a.name, a.timeout_s)
     # An injected timeout holds its request slot, as a hung call holds an instance.
     app = BodyLimit(Concurrency(app, a.threads), a.max_request_bytes)
+    modules = [m for m in a.preload.split(",") if m]
+    if modules:
+        app = Preloaded(app, modules)
     server = make_server(a.host, a.port, app)
     server.serve_forever()
 

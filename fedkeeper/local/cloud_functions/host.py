@@ -12,6 +12,11 @@ identity the supervisor checks before it signals anything) so that a keeper
 that restarts finds and reuses them, and so that none is left behind:
 `stop`/`stop_all` end them even when another keeper process started them.
 
+Each function is one instance serving `threads` requests at once (Cloud
+Functions' instance concurrency), started at deploy and kept (a minimum
+instance): it imports its runtime's heavy modules from the start
+(fedkeeper/local/prewarm.py), so its first request is not a cold import.
+
 Fault injection lives in the host process, not in the function: the local
 platforms' fault model draws per request and answers like the platform
 would (a crash, 408, 429) or delays the call, then hands over to the
@@ -34,8 +39,10 @@ from typing import Any, Mapping
 
 import requests
 
+from ...runtimes import Pin, RuntimeDeclarationError, parse_pins
 from ...runtimes.isolation import IsolationError, source_command
 from .. import supervisor
+from ..prewarm import preload_for, runtime_of_pins
 from ..archive import ArchiveError, extract_zip
 
 HOST_SCRIPT = str(Path(__file__).with_name("function_host.py"))
@@ -76,6 +83,15 @@ def _config_hash(sha: str, target: str, env: Mapping[str, str], faults: Mapping[
     h.update(json.dumps([sha, target, sorted(env.items()), faults, threads],
                         sort_keys=True, default=str).encode())
     return h.hexdigest()[:32]
+
+
+def _source_pins(src: Path) -> list[Pin]:
+    """The pins of the source's requirements.txt (none when it has none or
+    they do not parse: source_command has refused those already)."""
+    try:
+        return list(parse_pins("requirements", (src / "requirements.txt").read_text(), "requirements.txt"))
+    except (OSError, RuntimeDeclarationError):
+        return []
 
 
 class FrameworkHost:
@@ -190,6 +206,10 @@ class FrameworkHost:
                 raise HostError(f"{name}: {exc}") from None
             if faults:
                 cmd += ["--faults", json.dumps(dict(faults), sort_keys=True)]
+            # a prewarmed instance: its runtime's heavy modules load from the start
+            preload = preload_for(runtime_of_pins(_source_pins(src)))
+            if preload:
+                cmd += ["--preload", ",".join(preload)]
             proc, rec = supervisor.spawn(cmd, log_path=log_path, env=penv, cwd=src)
             hosted = HostedFunction(name=name, sha256=sha256, config=config, pid=proc.pid,
                                     port=port, url=f"http://127.0.0.1:{port}/",

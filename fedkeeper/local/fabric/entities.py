@@ -46,15 +46,6 @@ DEFAULT_STEM_CELLS = {"tensorflow": 1}
 #: What a stem cell counts against the user memory until an action takes it
 #: (OpenWhisk's stem cells are 256 MB containers).
 DEFAULT_STEM_MEMORY_MB = 256
-#: The modules a stem cell of a runtime imports before any action needs
-#: it: the heavy ones its functions start with. A runtime not named here
-#: gets stem cells that have only started their interpreter.
-STEM_PRELOAD = {
-    "tensorflow": ("numpy", "pymongo", "tensorflow", "keras"),
-    "light": ("numpy", "pymongo"),
-}
-
-
 def parse_stem_cells(text: str) -> dict[str, int]:
     """`tensorflow=1,light=2` (or empty: none) -> {runtime: count}."""
     out: dict[str, int] = {}

@@ -24,7 +24,8 @@ import time
 from collections import deque
 from typing import TYPE_CHECKING
 
-from .entities import STEM_PRELOAD, Action, Activation
+from ..prewarm import preload_for
+from .entities import Action, Activation
 from .status import (APPLICATION_ERROR, DEVELOPER_ERROR, MSG_ABNORMAL_RUN, MSG_MEMORY, MSG_REMOVED, SUCCESS,
                      WHISK_ERROR, msg_init_failed)
 from ...runtimes.isolation import action_runtime
@@ -262,7 +263,7 @@ class Scheduler:
             return
         try:
             w.start_process(self._log_path(w), a.code_dir if a is not None else str(self.f.logs_dir),
-                            STEM_PRELOAD.get(w.runtime or "", ()))
+                            preload_for(w.runtime))
         except OSError as exc:
             with self.f.lock:
                 w.init_error = f"could not start a worker process: {exc}"
