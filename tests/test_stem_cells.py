@@ -71,6 +71,10 @@ def test_cold_start_takes_a_stem_cell_and_another_replaces_it(pool):
     assert "initTime" not in ann(warm) and warm["response"]["result"]["pid"] == first["pid"]
     taken = [w for w in fw.admin("status")["workers"] if w["pid"] == first["pid"]][0]
     assert taken["from_stem_cell"] and taken["action"] == "st-probe" and not taken["stem_cell"]
+    # a redeploy beside an untaken stem cell retires the old worker, not the stem cell
+    put_light(fw, "st-probe")
+    wait_for(lambda: not pid_alive(first["pid"]), 10)
+    assert [w["pid"] for w in stem_cells(fw)] == [replacement[0]["pid"]]
 
 
 def test_without_stem_cells_a_cold_start_starts_a_process(pool):
@@ -88,12 +92,13 @@ def test_stem_cells_count_against_the_user_memory(pool):
     pool.admin("limits", {"stemCells": {}})
     put_light(fw, "st-mem", memory=512)
     fw.put_action("st-other", limits={"memory": 256})
-    # room for the action's worker only: no stem cell is started beside it
-    pool.admin("limits", {"userMemoryMb": 512, "stemCells": {"light": 1}})
-    wait_for(lambda: not stem_cells(fw), 10)
+    # room for the action's worker only (the others' idle workers evicted):
+    # no stem cell is started beside it
+    pool.admin("limits", {"userMemoryMb": 512})
     pid = fw.invoke("st-mem", {}, blocking=True, result=True).json()["pid"]
+    pool.admin("limits", {"stemCells": {"light": 1}})
     st = fw.admin("status")
-    assert st["memory_used_mb"] <= 512 and not stem_cells(fw)
+    assert st["memory_used_mb"] == 512 and not stem_cells(fw)
     # more memory: a stem cell fills it, and is counted
     pool.admin("limits", {"userMemoryMb": 1024})
     wait_for(lambda: stem_cells(fw), 10)

@@ -72,7 +72,7 @@ class Fabric:
         if code_bytes is not None or source is not None:
             action.code_dir = self.files.unpack(action, code_bytes, source)
         with self.lock:
-            in_use = {w.action.code_dir for w in self.scheduler.workers}
+            in_use = {w.action.code_dir for w in self.scheduler.workers if w.action is not None}
         self.files.persist(action, in_use)
         with self.lock:
             ns.actions[name] = action
