@@ -117,6 +117,9 @@ def test_http_entry_statuses(fn_db, monkeypatch):
     assert status == 400 and "JSON object" in json.loads(body)["error"]
     _, status, _ = http_main(handle, wsgi_request(data=b"{not json"))
     assert status == 400
+    deep = b'{"session": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    body, status, _ = http_main(handle, wsgi_request(data=deep))
+    assert status == 400 and "JSON object" in json.loads(body)["error"]
 
     def bad(payload, bound):
         raise BadRequest("wrong")

@@ -170,7 +170,10 @@ def openwhisk_main(handle: Handler, args: Mapping[str, Any]) -> dict[str, Any]:
 def http_main(handle: Handler, request) -> tuple[str, int, dict[str, str]]:
     """functions-framework entry: returns (JSON body, status, headers)."""
     bound = {k: v for k, v in os.environ.items() if k.startswith(BOUND_PREFIX)}
-    payload = request.get_json(silent=True)
+    try:
+        payload = request.get_json(silent=True)
+    except RecursionError:  # nested deeper than the parser goes: not a payload of ours
+        payload = None
     if not isinstance(payload, dict):
         return json.dumps({"error": "bad request: expected a JSON object"}), 400, dict(JSON_HEADERS)
     try:
