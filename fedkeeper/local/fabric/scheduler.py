@@ -2,7 +2,9 @@
 as an OpenWhisk invoker's container pool does: per action a pool of workers
 taking up to `limits.concurrency` activations each, idle workers of other
 actions evicted when memory is short, else activations wait in their queue
-(queued, never refused: their wait is the record's waitTime).
+(queued, never refused: their wait is the record's waitTime). Unlike
+OpenWhisk's pool, eviction makes room only for an action's first worker; a
+busy action grows its pool into free memory only.
 
 Stem cells (OpenWhisk's prewarmed containers): per runtime a few worker
 processes started ahead of need (once an action of the runtime is deployed),
@@ -108,10 +110,17 @@ class Scheduler:
 
     def _new_worker(self, action: Action, ops: list) -> Worker | None:
         need = int(action.limits["memory"])
+        # Another action's warm worker is evicted only for an action that has
+        # none: one that has grows into free memory, else its activations
+        # wait for its warm workers (a queued activation waits a fraction of
+        # what a cold start costs, and two actions evicting each other's
+        # workers would make every round cold).
+        may_evict = not any(not x.retired and x.version == action.version and not x.kill_reason
+                            for x in self.pools.get((action.namespace, action.name), ()))
         w = self._take_stem(action)
         if w is not None:
             # the stem cell's own memory becomes the action's
-            if not self._make_room(need - w.memory_mb, ops, keep=w):
+            if not self._make_room(need - w.memory_mb, ops, keep=w, evict=may_evict):
                 return None
             self.stems[w.runtime].remove(w)
             self.memory_used -= w.memory_mb
@@ -121,7 +130,7 @@ class Scheduler:
                 ops.append(("init", w))
             # else it is still loading its modules: its code follows when it is done
         else:
-            if not self._make_room(need, ops):
+            if not self._make_room(need, ops, evict=may_evict):
                 return None
             w = Worker(action)
             self.workers.add(w)
@@ -141,13 +150,16 @@ class Scheduler:
             return None
         return min(cells, key=lambda w: (w.state != "stem", w.spawned))
 
-    def _make_room(self, need: int, ops: list, keep: Worker | None = None) -> bool:
-        """Free user memory for `need` MB more (lock held): idle workers
-        evicted, least recently used first, then idle stem cells (not
-        `keep`). False, having evicted nothing, when that cannot be enough."""
+    def _make_room(self, need: int, ops: list, keep: Worker | None = None, evict: bool = True) -> bool:
+        """Free user memory for `need` MB more (lock held): with `evict`,
+        idle workers evicted, least recently used first, then idle stem
+        cells (not `keep`). False, having evicted nothing, when that cannot
+        be enough."""
         budget = self.f.settings.user_memory_mb
         if self.memory_used + need <= budget:
             return True
+        if not evict:
+            return False
         idle = sorted((w for w in self.workers if w.state == "ready" and not w.assigned
                        and not w.kill_reason and w.action is not None), key=lambda w: w.last_used)
         idle += [w for cells in self.stems.values() for w in cells if w is not keep and not w.kill_reason]
