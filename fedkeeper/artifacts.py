@@ -43,7 +43,8 @@ def _files(root: Path) -> list[Path]:
 
 
 @lru_cache(maxsize=64)
-def build_artifact(source: str, entry: str) -> Artifact:
+def build_artifact(source: str, entry: str, extra: tuple[tuple[str, bytes], ...] = ()) -> Artifact:
+    """`extra`: (arcname, bytes) added to the zip, e.g. a user module (fedkeeper.user_module)."""
     if entry not in ENTRY_FILES:
         raise ArtifactError(f"unknown entry style {entry!r}; expected one of {sorted(ENTRY_FILES)}")
     fdir = FUNCTIONS_DIR / source
@@ -74,7 +75,7 @@ def build_artifact(source: str, entry: str) -> Artifact:
         for p in _files(FUNCTIONS_DIR / "flcommon"):
             members.append(("flcommon/" + p.relative_to(FUNCTIONS_DIR / "flcommon").as_posix(), p))
         contents = [(arcname, path.read_bytes()) for arcname, path in members]
-        contents += list(generated.items())
+        contents += list(generated.items()) + list(extra)
         for arcname, data in sorted(contents):
             info = zipfile.ZipInfo(arcname, date_time=_ZIP_EPOCH)
             info.external_attr = 0o644 << 16

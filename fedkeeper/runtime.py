@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from .artifacts import build_artifact
+from .user_module import artifact_members as user_module_members
 from .config import Config, FunctionConfig, Scenario
 from .providers import Artifact, FunctionSpec, Provider, ProviderContext, make_provider
 from .store import Store, connect
@@ -257,7 +258,8 @@ class Runtime:
     # ------------------------------------------------------------------ deploy
     def artifact_for(self, placement: Placement) -> Artifact:
         provider = self.provider(placement.cluster)
-        base = build_artifact(placement.spec.source, provider.entry)
+        base = build_artifact(placement.spec.source, provider.entry,
+                              user_module_members(self.cfg, self.scenario, placement.spec.source))
         return replace(base, sha256=deployment_hash(base, placement.spec))
 
     def deploy(self, placements: list[Placement],

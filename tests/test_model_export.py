@@ -198,3 +198,39 @@ def test_validate_refusals(trained, tmp_path):
                         (["--round", "7"], "no model 7")):
         res = invoke("validate", session, "-c", str(cfg), *args)
         assert res.exit_code == 2 and words in res.output, (args, res.output)
+
+
+def test_every_model_records_its_trail(trained):
+    from flcommon import trail as model_trail
+    cfg, store, session = trained
+    spec = store.session(session)["spec"]
+    models = list(store.db[fs.MODELS].find({"session": session}).sort("round", 1))
+    functions = Path(__file__).resolve().parent.parent / "functions"
+    first = models[0]["trail"]
+    assert first["parent"] is None and first["function"] == "fl_server_init" and first["updates"] == 0
+    assert first["code_hash"] == model_trail.code_hash(str(functions / "fl_server_init"))
+    for prev, m in zip(models, models[1:]):
+        t = m["trail"]
+        assert t["parent"] == prev["round"] and t["parent_blob"] == prev["blob_id"]
+        assert t["function"] == "fl_server_aggregator" and t["strategy"] == spec["strategy"]
+        # The code that ran is this checkout's (no user module): the same hash, computed here.
+        assert t["code_hash"] == model_trail.code_hash(str(functions / "fl_server_aggregator"))
+        assert t["config_hash"] == model_trail.spec_hash(spec) and t["user_module"] is None
+        assert (t["updates"], t["examples"]) == (m["accepted"], m["num_examples"])
+    rows = json.loads(invoke("list", session, "-c", str(cfg), "--json").output)["models"]
+    assert rows[2]["trail"]["parent"] == 1 and rows[2]["trail"]["code_hash"] == models[2]["trail"]["code_hash"]
+
+
+def test_report_shows_validations(trained, tmp_path):
+    cfg, store, session = trained
+    res = invoke("validate", session, "-c", str(cfg), "--round", "2", "--data", "digits", "--json")
+    assert res.exit_code == 0, res.output
+    acc = json.loads(res.output)["metrics"]["accuracy"]
+    out = CliRunner().invoke(cli, ["report", session, "-c", str(cfg), "-o", str(tmp_path / "r"), "--json"])
+    assert out.exit_code == 0, out.output
+    report = json.loads((tmp_path / "r" / "report.json").read_text())
+    rows = report["sessions"][0]["validations"]
+    assert {"model": 2, "data": "digits", "accuracy": acc} == {k: rows[-1][k] for k in ("model", "data", "accuracy")}
+    assert all(r["model"] in (1, 2) for r in rows)
+    html = (tmp_path / "r" / "report.html").read_text()
+    assert "validations (fedkeeper model validate)" in html and "digits" in html

@@ -6,7 +6,7 @@ import json
 import click
 import yaml
 
-from .common import config_option, console, load
+from .common import UsageFailure, config_option, console, load
 
 
 @click.group("config")
@@ -20,6 +20,14 @@ def config_validate(config_path: str) -> None:
     """Check a config; exit 2 with the file, line and key when it is wrong."""
     cfg = load(config_path)
     clusters = cfg.providers.clusters()
+    from ..user_module import UserModuleError, check, describe
+    for name, scen in cfg.scenarios.items():
+        try:
+            found = check(cfg, name, scen)
+        except UserModuleError as exc:
+            raise UsageFailure(str(exc)) from None
+        if found is not None:
+            console.print(describe(name, scen, found), markup=False)
     console.print(f"{cfg.source}: valid ({len(clusters)} cluster(s), "
                   f"{len(cfg.scenarios)} scenario(s))")
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Optional
 
 from ..privacy.settings import scenario_refusal
+from ..user_module import module_path as user_module_path
 from .clusters import cluster_model, provider_sections
 from .errors import ConfigError, did_you_mean, dotted, line_for
 from .model import Config
@@ -80,6 +81,9 @@ def check_references(cfg: Config, index: dict) -> None:
     for sname, scen in cfg.scenarios.items():
         _check_functions(("scenarios", sname), scen, functions, refuse)
         _check_clusters_and_clients(("scenarios", sname), scen, cfg.providers, refuse)
+        if scen.user_module is not None and not user_module_path(cfg, scen).exists():
+            refuse(("scenarios", sname, "user_module"), f"{scen.user_module.path}: no such file or "
+                                                      "directory (relative to the config file)")
 
 
 def _check_function_name(path: tuple, name: str, functions: Optional[set[str]], refuse) -> None:

@@ -24,6 +24,8 @@ import random
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
+from flcommon.user_code import USER_CODE_MARK
+
 from ..providers import ErrorClass, Invocation
 
 Clock = Callable[[], float]
@@ -168,7 +170,9 @@ class AttemptTable:
         if not reached:
             s.uncounted += 1
         redeploy = ec == ErrorClass.FUNCTION_MISSING
-        if (ec is not None and not ec.retryable) or s.counted >= self.policy.max_attempts:
+        # An error in the user's module (flcommon.user_code) fails the same way every time.
+        if (ec is not None and not ec.retryable) or USER_CODE_MARK in error \
+                or s.counted >= self.policy.max_attempts:
             s.state = FAILED
             return Verdict(retry=False, redeploy=False)
         s.state = WAITING

@@ -11,6 +11,7 @@ from typing import Any, Callable
 
 from ..runtime import OPTIONAL_FUNCTIONS, Placement, Runtime
 from ..store import HEARTBEAT_S, StoreUnavailable
+from ..user_module import spec_entry as user_module_spec
 from .attempts import RetryPolicy
 from .dispatch import Dispatcher, Platforms
 from .errors import ClusterLost, ServiceLost, SessionError, SessionInterrupted
@@ -257,4 +258,5 @@ class Keeper:
             "mode": self.training.mode,
             "staleness_tolerance": self.training.staleness_tolerance,
             "staleness_exponent": self.training.staleness_exponent,
+            **({"user_module": um} if (um := user_module_spec(self.rt.cfg, s)) else {}),
         }

@@ -10,6 +10,8 @@ from flcommon import store as fs
 from flcommon.update_stats import finite_or_none as _num  # JSON-safe: NaN and inf become None
 from flcommon.reliability import cluster_stats
 
+from ..model_trail.catalog import validation_rows
+
 log = logging.getLogger("fedkeeper.report")
 
 ENDED = ("succeeded", "failed", "timed_out", "abandoned")
@@ -57,7 +59,7 @@ def session_params(doc: dict[str, Any]) -> dict[str, Any]:
         "lr": spec.get("lr"),
         "local_epochs": spec.get("local_epochs"),
         "mode": spec.get("mode") or "sync",
-        "model": spec.get("model"),
+        "model": (spec.get("user_module") or {}).get("name") or spec.get("model"),
         "dataset": (spec.get("data") or {}).get("dataset"),
         "partition": (spec.get("partition") or {}).get("method"),
         "clients": len(spec.get("clients") or []),
@@ -220,6 +222,7 @@ def session_series(store, session_id: str, cost: dict[str, Any] | None = None) -
         "clusters": clusters,
         "participation": _participation(clients, rounds, models, store.updates(session_id)),
         "cost": _cost_summary(cost),
+        "validations": validation_rows(store, session_id),  # fedkeeper model validate
     }
 
 

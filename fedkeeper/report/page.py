@@ -96,6 +96,10 @@ def write_html(report: dict[str, Any], pngs: dict[str, Path], path: Path) -> Pat
               row["duration_s"], row["aggregation_s"], row["accuracy"], row["loss"]]
              + ([_money(row["cost"], s["cost"]["currency"])] if with_cost else []) for row in s["rounds"]],
             "rounds"))
+        if s.get("validations"):
+            parts.append(_table(["model", "data", "accuracy", "loss", "examples"],
+                                [[v["model"], v["data"], v["accuracy"], v["loss"], v["examples"]]
+                                 for v in s["validations"]], "validations (fedkeeper model validate)"))
         classes = sorted({k for row in s["rounds"] for k in row["failures_by_class"]})
         if classes:
             parts.append(_table(["round", *classes],

@@ -31,6 +31,7 @@ from flcommon.entry import BadRequest, require
 from flcommon.read_ahead import read_ahead
 from flcommon.update_check import UpdateRejected, check_layout, subtract_base
 from flcommon.models import evaluate
+from flcommon.trail import model_trail
 
 
 MAX_LISTED = 20  # rejections listed in a result: keeps it far below any payload limit
@@ -250,6 +251,7 @@ def handle(payload: dict[str, Any], bound: dict[str, str]) -> dict[str, Any]:
            "accepted": len(contributions), "accepted_clients": [c["client"] for c in contributions],
            "rejected": rejected, "contributions": contributions, "strategy": strategy.name,
            "num_examples": sum(c["num_examples"] for c in contributions),
+           "trail": model_trail(spec, __file__, parent=current, contributions=contributions),
            "created": time.time(), "seconds": time.perf_counter() - t0}
     if state_blob is not None:
         doc["state_blob_id"] = state_blob

@@ -10,7 +10,8 @@ import pymongo
 
 from flcommon import store
 from flcommon.context import database, ids, session_spec
-from flcommon.data import load_dataset, partition
+from flcommon.trail import model_trail
+from flcommon.user_code import code_for
 from flcommon.entry import BadRequest
 from flcommon.models import MODELS, OPTIMIZERS, initial_weights
 
@@ -30,13 +31,12 @@ def handle(payload: dict[str, Any], bound: dict[str, str]) -> dict[str, Any]:
     if spec["model"] not in MODELS or spec.get("optim", "adam") not in OPTIMIZERS:
         raise BadRequest(f"session {session}: model must be one of {MODELS}, optim one of {OPTIMIZERS}")
     t0 = time.perf_counter()
-    x_tr, y_tr, x_te, y_te = load_dataset(spec.get("data", {}))
+    code = code_for(spec)  # the built-ins or the session's user module
+    x_tr, y_tr, x_te, y_te = code.load_data()
     clients: list[str] = spec["clients"]
     if not clients or len(set(clients)) != len(clients) or "_test" in clients:
         raise BadRequest("session clients must be a non-empty list of distinct ids (and not '_test')")
-    p = spec.get("partition", {})
-    parts = partition(y_tr, len(clients), p.get("method", "iid"), int(spec.get("seed", 0)),
-                      float(p.get("alpha", 0.5)), int(p.get("shards_per_client", 2)))
+    parts = code.partition(y_tr, len(clients), int(spec.get("seed", 0)))
     # Partitions are a pure function of (data, clients, seed), so a previous,
     # interrupted or concurrent init wrote the very same ones: replace each
     # (unique per session and client) and drop the blob it pointed to.
@@ -50,7 +50,7 @@ def handle(payload: dict[str, Any], bound: dict[str, str]) -> dict[str, Any]:
         if old is not None:
             store.delete_blob(db, old["blob_id"])
     n_classes = int(max(y_tr.max(), y_te.max()) + 1)
-    weights = initial_weights(spec["model"], x_tr.shape[1:], n_classes, int(spec.get("seed", 0)))
+    weights = initial_weights(spec["model"], x_tr.shape[1:], n_classes, int(spec.get("seed", 0)), code=code)
     blob = store.put_arrays(db, weights, f"{session}/model/000.npz",
                             {"kind": "model", "session": session, "round": 0})
     sizes = [len(i) for i in parts]
@@ -58,7 +58,7 @@ def handle(payload: dict[str, Any], bound: dict[str, str]) -> dict[str, Any]:
            "num_clients": len(clients), "num_params": int(sum(w.size for w in weights)),
            "model_bytes": int(sum(w.nbytes for w in weights)),
            "partition_sizes": {"min": int(min(sizes)), "median": float(np.median(sizes)), "max": int(max(sizes))},
-           "created": time.time(), "seconds": time.perf_counter() - t0}
+           "trail": model_trail(spec, __file__), "created": time.time(), "seconds": time.perf_counter() - t0}
     try:
         db[store.MODELS].insert_one(doc)
     except pymongo.errors.DuplicateKeyError:  # a concurrent attempt won

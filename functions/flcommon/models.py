@@ -29,6 +29,7 @@ import numpy as np  # noqa: E402
 from flcommon.strategies import FedProx, StrategyError, get_strategy  # noqa: E402
 
 from .entry import BadRequest  # noqa: E402
+from .user_code import code_for  # noqa: E402
 
 MODELS = ("cnn", "nn", "small")
 OPTIMIZERS = ("adam", "nadam", "sgd")
@@ -75,11 +76,14 @@ def _optimizer(optim: str, lr: float, momentum: float):
 
 
 def compiled(name: str, input_shape: Sequence[int], num_classes: int, optim: str = "adam",
-             lr: float = 1e-3, momentum: float = 0.0):
-    key = (name, tuple(input_shape), num_classes, optim, float(lr), float(momentum))
+             lr: float = 1e-3, momentum: float = 0.0, code=None):
+    """`code`: the session's flcommon.user_code interface (default: the built-in `name`)."""
+    key = (code.key if code is not None else name, tuple(input_shape), num_classes, optim, float(lr),
+           float(momentum))
     model = _cache.get(key)
     if model is None:
-        model = build(name, input_shape, num_classes)
+        model = code.build_model(input_shape, num_classes) if code is not None else build(name, input_shape,
+                                                                                          num_classes)
         model.compile(optimizer=_optimizer(optim, lr, momentum),
                       loss="sparse_categorical_crossentropy", metrics=["accuracy"])
         # Build the optimizer's slots now and remember their initial values:
@@ -198,7 +202,7 @@ def train(spec: dict[str, Any], weights: list[np.ndarray], x: np.ndarray, y: np.
     # every cached tf.function retrace (0.04 s -> 0.24 s per client). These
     # models have no stochastic layers; the batch order comes from `seed`.
     with _lock:  # functions-framework may run requests on threads
-        model = compiled(spec["model"], x.shape[1:], num_classes, *_settings(spec))
+        model = compiled(spec["model"], x.shape[1:], num_classes, *_settings(spec), code=code_for(spec))
         model.set_weights(weights)
         _reset_optimizer(model)  # a new round: no momentum carried over from the last one
         metrics = _fit(model, x, y, epochs, int(spec.get("batch_size", 10)), seed, mu)
@@ -208,7 +212,7 @@ def train(spec: dict[str, Any], weights: list[np.ndarray], x: np.ndarray, y: np.
 def evaluate(spec: dict[str, Any], weights: list[np.ndarray], x: np.ndarray, y: np.ndarray,
              num_classes: int, batch_size: int = 256) -> dict[str, float]:
     with _lock:
-        model = compiled(spec["model"], x.shape[1:], num_classes, *_settings(spec))
+        model = compiled(spec["model"], x.shape[1:], num_classes, *_settings(spec), code=code_for(spec))
         model.set_weights(weights)
         sums = {"loss": 0.0, "accuracy": 0.0}
         for start in range(0, len(y), batch_size):
@@ -219,5 +223,10 @@ def evaluate(spec: dict[str, Any], weights: list[np.ndarray], x: np.ndarray, y: 
         return {k: v / max(1, len(y)) for k, v in sums.items()}
 
 
-def initial_weights(name: str, input_shape: Sequence[int], num_classes: int, seed: int) -> list[np.ndarray]:
-    return [np.asarray(w) for w in build(name, input_shape, num_classes, seed=seed).get_weights()]
+def initial_weights(name: str, input_shape: Sequence[int], num_classes: int, seed: int,
+                    code=None) -> list[np.ndarray]:
+    if code is None:
+        return [np.asarray(w) for w in build(name, input_shape, num_classes, seed=seed).get_weights()]
+    import keras
+    keras.utils.set_random_seed(seed)
+    return [np.asarray(w) for w in code.build_model(input_shape, num_classes).get_weights()]
