@@ -6,6 +6,7 @@ import json
 import click
 import yaml
 
+from ..config import to_yaml_dict
 from .common import UsageFailure, config_option, console, load
 
 
@@ -39,7 +40,7 @@ def config_show(config_path: str, as_json: bool) -> None:
     """Print the resolved config with defaults filled in, units explicit and
     secrets as the ${ENV} or <key>_file they came from: it reads back the same."""
     cfg = load(config_path)
-    data = cfg.to_yaml_dict()
+    data = to_yaml_dict(cfg)
     if as_json:
         click.echo(json.dumps(data, indent=2, default=str))
     else:

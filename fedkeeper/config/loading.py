@@ -19,9 +19,8 @@ from .model import SECRET_KEYS, Config
 from .references import check_references
 from .scenario import IGNORED_FUNCTION_SECTIONS
 from .units import format_duration_s, is_bare_number, parse_duration_s
-from .values import REDACTED
+from .values import ENV_RE, REDACTED, only_references
 
-ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
 class _Located(ValueError):
@@ -71,12 +70,6 @@ def _interpolate(o: Any, path: tuple, base_dir: Path, sources: dict[tuple, tuple
                 out[k] = v
         return out
     return o
-
-
-def only_references(text: str) -> bool:
-    """True when `text` is nothing but ${VAR} references without defaults."""
-    return bool(text) and not ENV_RE.sub("", text).strip() and \
-        all(not m.group(2) for m in ENV_RE.finditer(text))
 
 
 def _refuse_redacted(path: tuple, value: str) -> None:

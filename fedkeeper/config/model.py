@@ -77,11 +77,6 @@ class Config(Strict):
         walk(self)
         return {s for s in found if len(s) >= 4}
 
-    def to_yaml_dict(self) -> dict[str, Any]:
-        """What `config show` prints: reads back to the same values (render.py)."""
-        from .render import to_yaml_dict
-        return to_yaml_dict(self)
-
     def redacted(self) -> dict[str, Any]:
         return redact(self.model_dump(mode="python", by_alias=True, exclude_none=True))
 

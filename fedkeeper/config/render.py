@@ -11,9 +11,9 @@ import yaml
 from pydantic import SecretStr
 
 from ..user_module import module_path
-from .loading import only_references
 from .model import SECRET_KEYS, Config, redact
 from .units import format_duration_s, format_memory_mb
+from .values import only_references
 
 # The placeholder FedKeeper's URLs carry for mongo_config.password.
 _PASSWORD_PLACEHOLDER = "PASSWORD"

@@ -11,6 +11,15 @@ from pydantic import AfterValidator, BeforeValidator
 
 from .units import count
 
+# ${VAR} or ${VAR:-default}: how a config refers to the environment.
+ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def only_references(text: str) -> bool:
+    """True when `text` is nothing but ${VAR} references without defaults."""
+    return bool(text) and not ENV_RE.sub("", text).strip() and \
+        all(not m.group(2) for m in ENV_RE.finditer(text))
+
 # The original sample's "fill me in" markers, e.g. <ADD_IP_HERE>.
 _PLACEHOLDER_RE = re.compile(r"<[^<>]*>")
 _HOST_RE = re.compile(r"(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)*"
