@@ -52,6 +52,7 @@ class PssSampler(threading.Thread):
         self.root_pid, self.marker, self.period_s = root_pid, marker, period_s
         self.peak = 0
         self.peak_by_kind: dict[str, int] = {}
+        self.count_by_kind: dict[str, int] = {}     # processes at the peak
         self.stop = threading.Event()
 
     def _processes(self) -> list[psutil.Process]:
@@ -86,7 +87,7 @@ class PssSampler(threading.Thread):
 
     def run(self) -> None:
         while not self.stop.is_set():
-            total, kinds = 0, {}
+            total, kinds, counts = 0, {}, {}
             for p in self._processes():
                 try:
                     pss = p.memory_full_info().pss
@@ -95,8 +96,9 @@ class PssSampler(threading.Thread):
                 total += pss
                 kind = self._kind(p)
                 kinds[kind] = kinds.get(kind, 0) + pss
+                counts[kind] = counts.get(kind, 0) + 1
             if total > self.peak:
-                self.peak, self.peak_by_kind = total, kinds
+                self.peak, self.peak_by_kind, self.count_by_kind = total, kinds, counts
             self.stop.wait(self.period_s)
 
 
@@ -157,8 +159,10 @@ def main() -> None:
         print(f"{name:<6} {secs:>10.1f} {len(rounds):>7} {acc if acc is not None else float('nan'):>10.4f} "
               f"{first if first is not None else float('nan'):>10.1f} {mem.peak / GIB:>13.2f}")
     print(f"cold / warm: {cold_s / warm_s:.2f}x")
-    print("peak PSS by process kind (cold run): " + ", ".join(
-        f"{k} {v / GIB:.2f} GiB" for k, v in sorted(cold_mem.peak_by_kind.items(), key=lambda kv: -kv[1])))
+    for name, mem in (("cold", cold_mem), ("warm", warm_mem)):
+        print(f"peak PSS by process kind ({name} run): " + ", ".join(
+            f"{k} {v / GIB:.2f} GiB ({mem.count_by_kind.get(k, 0)})"
+            for k, v in sorted(mem.peak_by_kind.items(), key=lambda kv: -kv[1])))
 
 
 if __name__ == "__main__":
