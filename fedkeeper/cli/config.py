@@ -28,7 +28,7 @@ def config_validate(config_path: str) -> None:
         except UserModuleError as exc:
             raise UsageFailure(str(exc)) from None
         if found is not None:
-            console.print(describe(name, scen, found), markup=False)
+            console.print(describe(name, scen, found), markup=False, soft_wrap=True)
     console.print(f"{cfg.source}: valid ({len(clusters)} cluster(s), "
                   f"{len(cfg.scenarios)} scenario(s))")
 
