@@ -234,3 +234,27 @@ def test_report_shows_validations(trained, tmp_path):
     assert all(r["model"] in (1, 2) for r in rows)
     html = (tmp_path / "r" / "report.html").read_text()
     assert "validations (fedkeeper model validate)" in html and "digits" in html
+
+
+def test_report_logs_sessions_as_mlflow_runs(trained, tmp_path):
+    from mlflow.tracking import MlflowClient
+    cfg, store, session = trained
+    uri = (tmp_path / "mlruns").as_uri()
+    for _ in range(2):  # logging again replaces the session's run
+        res = CliRunner().invoke(cli, ["report", session, "-c", str(cfg), "-o", str(tmp_path / "r"), "--mlflow", uri])
+        assert res.exit_code == 0, res.output
+        assert f"logged {session} as MLflow run" in res.output
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name("models")
+    runs = client.search_runs([exp.experiment_id], filter_string=f"tags.`fedkeeper.session` = '{session}'")
+    assert len(runs) == 1
+    run = runs[0]
+    assert run.info.status == "FINISHED" and run.info.run_name == session
+    params = run.data.params
+    assert params["model"] == "small" and params["strategy.name"] == "fedavg" and params["clients"] == "4"
+    assert params["training.rounds"] == "2" and params["mode"] == "sync"
+    history = client.get_metric_history(run.info.run_id, "accuracy")
+    stored = {r: store.model(session, r)["metrics"]["accuracy"] for r in (1, 2)}
+    assert {m.step: m.value for m in history} == stored
+    names = {a.path for a in client.list_artifacts(run.info.run_id, "model")}
+    assert names == {"model/final.npz", "model/final.keras", "model/final_trail.json"}

@@ -16,8 +16,11 @@ from .common import config_option, fail, load, open_runtime, print_json, scenari
 @click.option("-o", "--out", "out_dir", default=None, type=click.Path(file_okay=False),
               help="Output directory (default: reports/<first session id>/).")
 @click.option("--json", "as_json", is_flag=True, help="Print report.json to stdout instead of the paths.")
+@click.option("--mlflow", "mlflow_uri", is_flag=False, flag_value="mlruns", default=None, metavar="[URI]",
+              help="Also log each session as an MLflow run: its parameters, per-round metrics and final model "
+                   "(default URI: ./mlruns, a local file store; docs/models.md).")
 def report_cmd(sessions: tuple[str, ...], config_path: str | None, scenario: str | None, out_dir: str | None,
-               as_json: bool) -> None:
+               as_json: bool, mlflow_uri: str | None) -> None:
     """Plots (accuracy, loss, durations, cold starts, retries, participation)
     and a self-contained HTML page for one or more sessions; several sessions
     are overlaid in the accuracy and loss plots."""
@@ -28,6 +31,13 @@ def report_cmd(sessions: tuple[str, ...], config_path: str | None, scenario: str
             report = write_report(rt.store, list(sessions), Path(out_dir) if out_dir else None, cfg)
         except ReportError as exc:
             fail(str(exc))
+        if mlflow_uri is not None:
+            from ..model_trail.tracking import TrackingError, log_sessions
+            from ..user_module import module_path
+            try:
+                report["mlflow"] = log_sessions(rt.store, list(sessions), mlflow_uri, module_path(cfg, rt.scenario))
+            except TrackingError as exc:
+                fail(str(exc))
     finally:
         rt.close()
     if as_json:
@@ -38,3 +48,5 @@ def report_cmd(sessions: tuple[str, ...], config_path: str | None, scenario: str
     click.echo(f"wrote {files['json']}")
     for p in files["png"].values():
         click.echo(f"wrote {p}")
+    for run in report.get("mlflow", []):
+        click.echo(f"logged {run['session']} as MLflow run {run['run_id']} ({run['uri']})")
