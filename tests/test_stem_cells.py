@@ -131,3 +131,20 @@ def test_bad_stem_cell_settings_are_400(fw):
         r = fw.s.put(f"{fw.url}/_fabric/limits", json={"stemCells": bad})
         assert r.status_code == 400, bad
     assert fabric.Settings().stem_cells == {"tensorflow": 1}
+
+
+def test_a_local_cluster_config_sets_the_fabrics_capacity(tmp_path):
+    from types import SimpleNamespace
+
+    from fedkeeper.local.openwhisk import LocalOpenWhiskProvider
+    from fedkeeper.providers.base import ProviderContext
+    # the keys a local OpenWhisk cluster's config may carry for its fabric
+    cluster = SimpleNamespace(kind="local", namespace=None, faults=None, user_memory_mb=3072,
+                              stem_cells={"light": 0})
+    p = LocalOpenWhiskProvider("capacity", cluster, ProviderContext(state_dir=tmp_path))
+    try:
+        st = p.fabric_admin("status")
+        assert st["user_memory_mb"] == 3072 and st["stem_cells"] == {"light": 0}
+    finally:
+        p.close()
+        fabric.fabric_down(tmp_path / "fabric")

@@ -56,6 +56,23 @@ class LocalOpenWhiskProvider(OpenWhiskProvider):
         # Same host, same clock: the activation window needs no skew margin.
         self._connect(info["url"], (user, key), ns, verify=True, clock_offset=0.0)
         self.push_faults()
+        self.push_capacity()
+
+    def push_capacity(self) -> None:
+        """The fabric's user memory and stem cells per runtime, when the
+        cluster's config sets them (`user_memory_mb`, `stem_cells`); else the
+        fabric keeps its own (OpenWhisk's 2048 MB, one TensorFlow stem cell).
+        The fabric is shared by the local clusters of a state directory: the
+        last one connected sets them."""
+        body = {}
+        memory = getattr(self.cluster, "user_memory_mb", None)
+        if memory is not None:
+            body["userMemoryMb"] = int(memory)
+        stems = getattr(self.cluster, "stem_cells", None)
+        if stems is not None:
+            body["stemCells"] = {str(k): int(v) for k, v in dict(stems).items()}
+        if body:
+            self.fabric_admin("limits", body)
 
     def push_faults(self) -> None:
         """Send the cluster's fault injection settings to the fabric (none
@@ -98,6 +115,7 @@ class LocalOpenWhiskProvider(OpenWhiskProvider):
         self._pool.close()
         self._connect(info["url"], (user, key), self.namespace, verify=True, clock_offset=0.0)
         self.push_faults()
+        self.push_capacity()
         # Only a fabric started now has lost what ran before (a slow one
         # that still answers was reconnected to, not restarted).
         return bool(info.get("started"))
