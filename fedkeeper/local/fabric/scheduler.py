@@ -20,6 +20,7 @@ a process, kill one, send an activation) is returned as a list of
 operations and done by `run_ops` once the lock is released."""
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -37,6 +38,17 @@ if TYPE_CHECKING:
     from .core import Fabric
 
 log = logging.getLogger("fedkeeper.fabric")
+
+
+@functools.lru_cache(maxsize=256)
+def _runtime_of_exec(kind: str | None, image: str | None) -> str | None:
+    return action_runtime({"kind": kind, "image": image})
+
+
+def runtime_of(action: Action) -> str | None:
+    """The runtime an action's workers run (cached: telling it from an
+    image's tag costs a content hash)."""
+    return _runtime_of_exec(action.exec.get("kind"), action.exec.get("image"))
 
 
 class Scheduler:
@@ -144,7 +156,7 @@ class Scheduler:
         that started first."""
         if action.code_dir is None:
             return None
-        cells = [w for w in self.stems.get(action_runtime(action.exec), ())
+        cells = [w for w in self.stems.get(runtime_of(action), ())
                  if not w.kill_reason and w.state in ("stem", "starting")]
         if not cells:
             return None
@@ -178,11 +190,14 @@ class Scheduler:
         if self.f.stopping or any(self.queues.values()):
             return ops
         mb = self.f.settings.stem_memory_mb
-        wanted = {r: n for r, n in self.f.settings.stem_cells.items() if n > 0}
+        wanted = {r: n for r, n in self.f.settings.stem_cells.items()
+                  if len(self.stems.get(r, ())) < n and self.stem_failures.get(r, 0) < 3}
+        if not wanted or self.memory_used + mb > self.f.settings.user_memory_mb:
+            return ops
         # only for runtimes some deployed action runs on: a fabric serving
         # other runtimes does not hold a TensorFlow process for nothing
-        in_use = {action_runtime(a.exec) for ns in self.f.namespaces.values() for a in ns.actions.values()
-                  if a.code_dir is not None} if wanted else set()
+        in_use = {runtime_of(a) for ns in self.f.namespaces.values() for a in ns.actions.values()
+                  if a.code_dir is not None}
         for runtime, count in wanted.items():
             if runtime not in in_use:
                 continue

@@ -37,7 +37,7 @@ class Worker:
 
     def __init__(self, action: Action | None, *, runtime: str | None = None, memory_mb: int = 0):
         self.id = next(Worker._ids)
-        self.runtime = runtime if action is None else action_runtime(action.exec)
+        self.runtime = runtime if action is None else action_runtime(action.exec)  # once per process
         self.stem = action is None        # started as a stem cell
         self.state = "starting"          # starting -> (stem ->) ready -> dead
         self.assigned: dict[str, Activation] = {}
