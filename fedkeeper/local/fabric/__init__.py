@@ -36,8 +36,9 @@ Execution model (what a real invoker does, in processes instead of containers):
     activations at once. Workers are admitted against the fabric's user
     memory (`--user-memory-mb`, the sum of the actions' `limits.memory`, as
     an invoker's userMemory); when it is full an idle worker of another
-    action is evicted, else activations queue, never refused (and wait:
-    `waitTime`). The default user memory is OpenWhisk's invoker default,
+    action is evicted for an action that has no worker (one that has grows
+    into free memory only), else activations queue, never refused (and
+    wait: `waitTime`). The default user memory is OpenWhisk's invoker default,
     2048 MB.
   * Stem cells (`--stem-cells RUNTIME=N,...`, default tensorflow=1), as
     OpenWhisk's prewarmed containers: worker processes of a runtime started
