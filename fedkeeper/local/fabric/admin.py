@@ -75,9 +75,8 @@ def set_limits(f: Fabric, ns_name: str, body: Any) -> dict:
         ops: list = []
         if stems is not None:
             f.settings.stem_cells = stems
-            for runtime, cells in f.scheduler.stems.items():
-                for w in cells[stems.get(runtime or "", 0):]:
-                    f.scheduler.evict(w, "evicted", ops)
+            for w in f.scheduler.stem_cells.trim():
+                f.scheduler.evict(w, "evicted", ops)
     f.scheduler.run_ops(ops)
     f.start_stem_cells()
     return limits(f, ns.name)

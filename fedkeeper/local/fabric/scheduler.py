@@ -20,7 +20,6 @@ a process, kill one, send an activation) is returned as a list of
 operations and done by `run_ops` once the lock is released."""
 from __future__ import annotations
 
-import functools
 import logging
 import threading
 import time
@@ -31,7 +30,7 @@ from ..prewarm import preload_for
 from .entities import Action, Activation
 from .status import (APPLICATION_ERROR, DEVELOPER_ERROR, MSG_ABNORMAL_RUN, MSG_MEMORY, MSG_REMOVED, SUCCESS,
                      WHISK_ERROR, msg_init_failed)
-from ...runtimes.isolation import action_runtime
+from .stem_cells import StemCells
 from .workers import Worker, activation_env
 
 if TYPE_CHECKING:
@@ -40,25 +39,13 @@ if TYPE_CHECKING:
 log = logging.getLogger("fedkeeper.fabric")
 
 
-@functools.lru_cache(maxsize=256)
-def _runtime_of_exec(kind: str | None, image: str | None) -> str | None:
-    return action_runtime({"kind": kind, "image": image})
-
-
-def runtime_of(action: Action) -> str | None:
-    """The runtime an action's workers run (cached: telling it from an
-    image's tag costs a content hash)."""
-    return _runtime_of_exec(action.exec.get("kind"), action.exec.get("image"))
-
-
 class Scheduler:
     def __init__(self, fabric: "Fabric"):
         self.f = fabric
         self.pools: dict[tuple[str, str], list[Worker]] = {}
         self.queues: dict[tuple[str, str], deque[Activation]] = {}
         self.workers: set[Worker] = set()
-        self.stems: dict[str | None, list[Worker]] = {}   # runtime -> untaken stem cells
-        self.stem_failures: dict[str | None, int] = {}    # runtime -> stem cells dead before ready, in a row
+        self.stem_cells = StemCells(fabric)
         self.memory_used = 0
 
     def enqueue(self, act: Activation) -> list:
@@ -129,12 +116,12 @@ class Scheduler:
         # workers would make every round cold).
         may_evict = not any(not x.retired and x.version == action.version and not x.kill_reason
                             for x in self.pools.get((action.namespace, action.name), ()))
-        w = self._take_stem(action)
+        w = self.stem_cells.find(action)
         if w is not None:
             # the stem cell's own memory becomes the action's
             if not self._make_room(need - w.memory_mb, ops, keep=w, evict=may_evict):
                 return None
-            self.stems[w.runtime].remove(w)
+            self.stem_cells.discard(w)
             self.memory_used -= w.memory_mb
             w.specialize(action)
             if w.state == "stem":
@@ -151,17 +138,6 @@ class Scheduler:
         self.memory_used += w.memory_mb
         return w
 
-    def _take_stem(self, action: Action) -> Worker | None:
-        """A stem cell of the action's runtime: a ready one, else the one
-        that started first."""
-        if action.code_dir is None:
-            return None
-        cells = [w for w in self.stems.get(runtime_of(action), ())
-                 if not w.kill_reason and w.state in ("stem", "starting")]
-        if not cells:
-            return None
-        return min(cells, key=lambda w: (w.state != "stem", w.spawned))
-
     def _make_room(self, need: int, ops: list, keep: Worker | None = None, evict: bool = True) -> bool:
         """Free user memory for `need` MB more (lock held): with `evict`,
         idle workers evicted, least recently used first, then idle stem
@@ -174,7 +150,7 @@ class Scheduler:
             return False
         idle = sorted((w for w in self.workers if w.state == "ready" and not w.assigned
                        and not w.kill_reason and w.action is not None), key=lambda w: w.last_used)
-        idle += [w for cells in self.stems.values() for w in cells if w is not keep and not w.kill_reason]
+        idle += self.stem_cells.idle(keep)
         if self.memory_used + need - sum(w.memory_mb for w in idle) > budget:
             return False
         for w in idle:
@@ -189,33 +165,15 @@ class Scheduler:
         ops: list = []
         if self.f.stopping or any(self.queues.values()):
             return ops
-        mb = self.f.settings.stem_memory_mb
-        wanted = {r: n for r, n in self.f.settings.stem_cells.items()
-                  if len(self.stems.get(r, ())) < n and self.stem_failures.get(r, 0) < 3}
-        if not wanted or self.memory_used + mb > self.f.settings.user_memory_mb:
-            return ops
-        # only for runtimes some deployed action runs on: a fabric serving
-        # other runtimes does not hold a TensorFlow process for nothing
-        in_use = {runtime_of(a) for ns in self.f.namespaces.values() for a in ns.actions.values()
-                  if a.code_dir is not None}
-        for runtime, count in wanted.items():
-            if runtime not in in_use:
-                continue
-            cells = self.stems.setdefault(runtime, [])
-            # a runtime whose stem cells keep dying before they are ready gets no more
-            while (len(cells) < count and self.stem_failures.get(runtime, 0) < 3
-                   and self.memory_used + mb <= self.f.settings.user_memory_mb):
-                w = Worker(None, runtime=runtime, memory_mb=mb)
-                cells.append(w)
-                self.workers.add(w)
-                self.memory_used += mb
-                ops.append(("spawn", w))
+        for w in self.stem_cells.to_start(self.f.settings.user_memory_mb - self.memory_used):
+            self.workers.add(w)
+            self.memory_used += w.memory_mb
+            ops.append(("spawn", w))
         return ops
 
     def _unlist(self, w: Worker) -> None:
-        cells = self.stems.get(w.runtime)
-        if w.is_stem and cells and w in cells:
-            cells.remove(w)
+        if w.is_stem:
+            self.stem_cells.discard(w)
         pool = self.pools.get(w.key)
         if pool and w in pool:
             pool.remove(w)
@@ -311,7 +269,7 @@ class Scheduler:
             if t == "stem" and w.stem and w.state == "starting":
                 stem_ms = msg.get("init_ms")
                 w.stem_ms = float(stem_ms) if isinstance(stem_ms, (int, float)) else 0.0
-                self.stem_failures.pop(w.runtime, None)
+                self.stem_cells.loaded(w)
                 if w.action is None:
                     w.state = "stem"
                     w.last_used = time.time()
@@ -358,8 +316,7 @@ class Scheduler:
     def _worker_died(self, w: Worker) -> list:
         """Fail what the dead worker held (lock held); returns follow-up I/O."""
         ops: list = []
-        if w.stem and w.stem_ms is None and not w.kill_reason:
-            self.stem_failures[w.runtime] = self.stem_failures.get(w.runtime, 0) + 1
+        self.stem_cells.died(w)
         w.state = "dead"
         self._unlist(w)
         if w.init_error:
