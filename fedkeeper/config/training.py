@@ -52,6 +52,17 @@ class RetryConfig(Strict):
         return self
 
 
+class HedgingConfig(Strict):
+    """training.hedging: an attempt running past `factor` times the
+    `percentile` of its round peers' durations (once `min_peers` of them
+    delivered) gets one speculative attempt; the first result wins."""
+
+    enabled: bool = False
+    percentile: float = Field(0.9, gt=0, le=1)
+    factor: float = Field(1.5, ge=1)
+    min_peers: int = Field(3, ge=1)
+
+
 class StrategyConfig(Strict):
     """training.strategy: a name, or a mapping with the name and its settings.
 
@@ -96,6 +107,7 @@ class TrainingConfig(Strict):
     seed: int = Field(0, ge=0)
     strategy: StrategyConfig = StrategyConfig()
     retries: RetryConfig = RetryConfig()
+    hedging: HedgingConfig = HedgingConfig()
     quorum: float = Field(0.8, gt=0, le=1)
     round_deadline_s: float = Field(600.0, gt=0)
     attempt_grace_s: float = Field(10.0, ge=0)

@@ -10,6 +10,7 @@ The I/O layer (dispatch.py) asks it what to do and tells it what happened:
     table.delivered(slot)
     table.overdue()                    # running past function timeout + grace
     table.lost(slot)                   # the platform does not know it: at once again
+    table.hedge_due()                  # stragglers that get one speculative attempt
     closing = round.verdict()          # None, or why the round stops waiting
 
 Time comes from an injected clock (epoch seconds), jitter from a seeded rng,
@@ -34,6 +35,35 @@ WAITING, SUBMITTING, RUNNING, DELIVERED, FAILED = "waiting", "submitting", "runn
 
 
 @dataclass(frozen=True)
+class HedgePolicy:
+    """training.hedging as the state machine reads it: an attempt running
+    past `factor` x the `percentile` of its round peers' durations, once
+    `min_peers` of them delivered, gets one speculative attempt."""
+
+    enabled: bool = False
+    percentile: float = 0.9
+    factor: float = 1.5
+    min_peers: int = 3
+
+    @classmethod
+    def from_training(cls, training: Any) -> "HedgePolicy":
+        h = getattr(training, "hedging", None)
+        if h is None:
+            return cls()
+        return cls(h.enabled, h.percentile, h.factor, h.min_peers)
+
+    def threshold(self, peer_durations: list[float]) -> float | None:
+        """Seconds past which a running attempt is hedged (None: not yet,
+        or hedging is off). Nearest-rank percentile: no interpolation, so
+        a handful of peers gives one of their own durations."""
+        if not self.enabled or len(peer_durations) < self.min_peers:
+            return None
+        ordered = sorted(peer_durations)
+        rank = max(1, math.ceil(self.percentile * len(ordered)))
+        return ordered[rank - 1] * self.factor
+
+
+@dataclass(frozen=True)
 class RetryPolicy:
     """training.retries plus the attempt grace, as the state machine reads them."""
 
@@ -42,11 +72,13 @@ class RetryPolicy:
     backoff_max_s: float = 15.0
     jitter: float = 0.5
     grace_s: float = 10.0          # on top of the function's timeout, per attempt
+    hedging: HedgePolicy = HedgePolicy()
 
     @classmethod
     def from_training(cls, training: Any) -> "RetryPolicy":
         r = training.retries
-        return cls(r.max_attempts, r.backoff_s, r.backoff_max_s, r.jitter, training.attempt_grace_s)
+        return cls(r.max_attempts, r.backoff_s, r.backoff_max_s, r.jitter, training.attempt_grace_s,
+                   HedgePolicy.from_training(training))
 
     def backoff(self, attempt: int, rng: random.Random, retry_after: float | None = None) -> float:
         """Delay before the retry that follows failed attempt `attempt` (1-based):
@@ -55,6 +87,18 @@ class RetryPolicy:
         base = min(self.backoff_max_s, self.backoff_s * (2 ** max(0, attempt - 1)))
         delay = base * (1 + self.jitter * (2 * rng.random() - 1))
         return max(delay, retry_after or 0.0)
+
+
+@dataclass
+class Hedge:
+    """A slot's speculative attempt, running beside its own."""
+
+    cluster: str
+    attempt: int
+    doc_id: Any = None
+    inv: Invocation | None = None
+    started_at: float = 0.0
+    deadline: float = 0.0
 
 
 @dataclass
@@ -77,6 +121,9 @@ class Slot:
     # keeper (helper calls continue its numbering) or that never reached
     # the platform / were lost by it.
     uncounted: int = 0
+    started_at: float = 0.0         # when the running attempt was accepted
+    hedge: Hedge | None = None      # a speculative attempt still running
+    hedges: int = 0                 # speculative attempts made (at most one)
 
     @property
     def counted(self) -> int:
@@ -94,14 +141,21 @@ class Verdict:
 class AttemptTable:
     """The slots one dispatch drives (a round, or async's jobs)."""
 
+    KEEP_PEER_ROUNDS = 16   # rounds of peer durations kept (older stragglers are not hedged)
+
     def __init__(self, policy: RetryPolicy, clock: Clock, rng: random.Random | None = None,
-                 slots: Iterable[Slot] = ()):
+                 slots: Iterable[Slot] = (), peer_durations: dict[int, list[float]] | None = None):
         self.policy = policy
         self.clock = clock
         self.rng = rng or random.Random()
         # Keyed by (client, round): a straggler of an earlier round and the
         # same client's slot in this one are different slots.
         self.slots: dict[tuple[str, int], Slot] = {(s.client, s.round): s for s in slots}
+        # How long each round's delivered attempts ran, as this keeper saw
+        # it: the peers a straggler is measured against. Shared by the
+        # tables of one dispatcher, so a semi_async straggler moved to
+        # another table is still measured against its round.
+        self.peer_durations: dict[int, list[float]] = {} if peer_durations is None else peer_durations
 
     def add(self, slot: Slot) -> Slot:
         self.slots[(slot.client, slot.round)] = slot
@@ -146,16 +200,83 @@ class AttemptTable:
 
     def started(self, s: Slot, inv: Invocation, timeout_s: float) -> None:
         s.inv, s.state = inv, RUNNING
-        s.deadline = self.clock() + timeout_s + self.policy.grace_s
+        s.started_at = self.clock()
+        s.deadline = s.started_at + timeout_s + self.policy.grace_s
 
     def adopted(self, s: Slot, inv: Invocation, timeout_s: float) -> None:
         """A running attempt made by an earlier keeper: its deadline runs
         from when it was submitted."""
         s.inv, s.state = inv, RUNNING
+        s.started_at = inv.submitted_at
         s.deadline = inv.submitted_at + timeout_s + self.policy.grace_s
 
     def delivered(self, s: Slot, result: dict[str, Any] | None = None) -> None:
+        if s.state == RUNNING and s.started_at:
+            if s.round not in self.peer_durations:
+                for old in [r for r in self.peer_durations if r < s.round - self.KEEP_PEER_ROUNDS]:
+                    del self.peer_durations[old]
+            self.peer_durations.setdefault(s.round, []).append(self.clock() - s.started_at)
         s.state, s.inv, s.result = DELIVERED, None, result
+
+    # -------------------------------------------------------------- hedging
+    def hedge_due(self) -> list[Slot]:
+        """Running attempts past the hedging threshold of their round that
+        have had no speculative attempt yet. Draws nothing from the rng:
+        selections and backoffs stay what they are without hedging."""
+        now = self.clock()
+        due = []
+        for s in self.slots.values():
+            if s.state != RUNNING or s.inv is None or s.hedges or s.hedge is not None:
+                continue
+            limit = self.policy.hedging.threshold(self.peer_durations.get(s.round, []))
+            if limit is not None and now - s.started_at > limit:
+                due.append(s)
+        return due
+
+    def begin_hedge(self, s: Slot, cluster: str) -> Hedge:
+        """Take an attempt number for a slot's speculative attempt; it does
+        not count against max_attempts."""
+        s.attempt += 1
+        s.uncounted += 1
+        s.hedges += 1
+        s.hedge = Hedge(cluster, s.attempt)
+        return s.hedge
+
+    def hedge_started(self, s: Slot, inv: Invocation, timeout_s: float) -> None:
+        h = s.hedge
+        h.inv, h.started_at = inv, self.clock()
+        h.deadline = h.started_at + timeout_s + self.policy.grace_s
+
+    def hedge_dropped(self, s: Slot) -> Hedge | None:
+        """The speculative attempt is over without winning (refused, failed,
+        or its slot's own attempt delivered first)."""
+        h, s.hedge = s.hedge, None
+        return h
+
+    def hedge_won(self, s: Slot, result: dict[str, Any] | None = None) -> Any:
+        """The speculative attempt delivered first: it becomes the slot's
+        attempt; returns the record id of the attempt it beat."""
+        h, s.hedge = s.hedge, None
+        loser = s.doc_id
+        s.doc_id, s.cluster, s.started_at = h.doc_id, h.cluster, h.started_at
+        self.delivered(s, result)
+        return loser
+
+    def promote_hedge(self, s: Slot) -> bool:
+        """The slot's own attempt ended without an update while its
+        speculative one runs: that one carries on as the slot's attempt."""
+        h = s.hedge
+        if h is None or h.inv is None:
+            return False
+        s.hedge = None
+        s.inv, s.doc_id, s.cluster = h.inv, h.doc_id, h.cluster
+        s.started_at, s.deadline, s.state = h.started_at, h.deadline, RUNNING
+        return True
+
+    def overdue_hedges(self) -> list[Slot]:
+        now = self.clock()
+        return [s for s in self.slots.values() if s.hedge is not None and s.hedge.inv is not None
+                and now > s.hedge.deadline]
 
     def failed(self, s: Slot, ec: ErrorClass | None, error: str, retry_after: float | None = None,
                *, reached: bool = True) -> Verdict:

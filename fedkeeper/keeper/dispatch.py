@@ -27,10 +27,11 @@ from .attempts import RUNNING, AttemptTable, RetryPolicy, Slot
 from .clusters import ClusterWatch
 from .errors import SessionError
 from .events import RoundEvents, shown
+from .hedging import Hedger
 
 log = logging.getLogger("fedkeeper.keeper")
 
-ENDED_STATES = ("succeeded", "failed", "timed_out", "abandoned")
+ENDED_STATES = ("succeeded", "failed", "timed_out", "abandoned", "hedged")
 
 
 class Platforms:
@@ -98,9 +99,14 @@ class Dispatcher:
         # error_class, duration_s, cold_start, function=...), e.g. metrics.
         self.attempt_ended: Callable[..., None] | None = None
         self._attempt_where: dict[Any, tuple[str, str, str]] = {}
+        # Where a client may run besides its own cluster (hedged attempts
+        # prefer another one); the placement binds each client to one.
+        self.client_clusters: Callable[[str], list[str]] = lambda client: []
+        self.hedger = Hedger(self)
+        self.peer_durations: dict[int, list[float]] = {}   # shared by its tables (AttemptTable)
 
     def table(self, slots: Iterable[Slot] = ()) -> AttemptTable:
-        return AttemptTable(self.policy, self.clock, self.rng, slots)
+        return AttemptTable(self.policy, self.clock, self.rng, slots, self.peer_durations)
 
     def check_invocation_modes(self, clusters: Iterable[str]) -> None:
         """via_invoker needs a platform that tracks invocations by id alone:
@@ -137,8 +143,13 @@ class Dispatcher:
         """Running attempts given up: recorded as abandoned. An update one of
         them still stores cannot count twice (its key is unique)."""
         now = self.clock()
-        self.update_attempts([(s.doc_id, {"state": "abandoned", "error": why, "finished": now})
-                              for s in slots])
+        changes = []
+        for s in slots:
+            changes.append((s.doc_id, {"state": "abandoned", "error": why, "finished": now}))
+            if s.hedge is not None:
+                changes.append((s.hedge.doc_id, {"state": "abandoned", "error": why, "finished": now}))
+                s.hedge = None
+        self.update_attempts(changes)
 
     def _record_lost(self, lost: list[tuple[AttemptTable, Slot]], why: str) -> None:
         if not lost:
@@ -147,7 +158,8 @@ class Dispatcher:
         self.update_attempts([(s.doc_id, {"state": "failed", "error_class": ErrorClass.PLATFORM_ERROR.value,
                                           "error": why, "finished": now}) for _, s in lost])
         for table, s in lost:
-            table.lost(s, f"platform_error: {why}")
+            if not table.promote_hedge(s):
+                table.lost(s, f"platform_error: {why}")
 
     # ------------------------------------------------------------------ client attempts
     def submit(self, session: str, rnd: int, table: AttemptTable, ready: list[Slot]) -> None:
@@ -277,8 +289,11 @@ class Dispatcher:
                 if fields["state"] == "succeeded" or self.store.has_update(session, s.round, s.client):
                     # A failed attempt whose client has an update stored
                     # (an earlier attempt landed late) needs no retry.
+                    changes += self.hedger.own_attempt_delivered(s)
                     table.delivered(s, out.result)
                     continue
+                if table.promote_hedge(s):
+                    continue  # its speculative attempt runs on as the slot's
                 verdict = table.failed(s, out.error_class or ErrorClass.APPLICATION_ERROR,
                                        fields["error"] or "failed", out.retry_after, reached=reached)
                 if not reached:
@@ -297,7 +312,10 @@ class Dispatcher:
                                            "error": "no outcome within the function timeout plus grace",
                                            "finished": now}))
                 if self.store.has_update(session, s.round, s.client):
+                    changes += self.hedger.own_attempt_delivered(s)
                     table.delivered(s)
+                elif table.promote_hedge(s):
+                    pass
                 else:
                     table.failed(s, ErrorClass.TIMEOUT, "no outcome within timeout + grace")
         self.update_attempts(changes)
@@ -310,6 +328,8 @@ class Dispatcher:
             for _, s in running:
                 if s.cluster == cluster and s.state == "waiting":
                     s.next_try = max(s.next_try, probe)
+        self.hedger.track(session, tables, outcome_fields)
+        self.hedger.start(session, tables)
 
     # ------------------------------------------------------------------ helper calls
     def call(self, cluster: str, session: str, rnd: int, function: str, **args: Any) -> dict[str, Any]:

@@ -1,0 +1,136 @@
+"""Hedged re-invocation, as the I/O side of the attempt table's hedging.
+
+A client attempt running past `factor` x the `percentile` of its round
+peers' durations (training.hedging; the decision is `AttemptTable.hedge_due`)
+gets ONE speculative attempt. The first result wins: the winner is the
+slot's delivered attempt, the other one is recorded as `hedged` (neither
+counted nor a failure). An update the loser still stores is refused by the
+unique (session, round, client) key of updates, so it never counts twice.
+
+Every speculative attempt is an attempt record with `hedge: true` (its own
+attempt number, after the slot's), so cost and reports see it.
+
+Where it runs: on another cluster the client may run on, else on its own.
+`Dispatcher.client_clusters` says where a client may run; the runtime's
+placement binds each client to one cluster, so today the hedge runs beside
+the attempt it hedges. A cluster that is invoked through fl_invoker is not
+hedged (its clients are not invoked from here).
+
+Hedging draws nothing from any rng: selections and backoffs for a seed are
+the same with it on or off.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, Sequence
+
+from bson import ObjectId
+
+from ..providers import ProviderError
+from .attempts import RUNNING, AttemptTable, Slot
+
+log = logging.getLogger("fedkeeper.keeper")
+
+HEDGED = "hedged"
+LOST_THE_RACE = "another attempt of this client delivered first"
+
+
+def hedged_fields(now: float, why: str = LOST_THE_RACE) -> dict[str, Any]:
+    return {"state": HEDGED, "error": why, "finished": now}
+
+
+class Hedger:
+    """Starts, tracks and settles speculative attempts for a Dispatcher."""
+
+    def __init__(self, dispatcher: Any):
+        self.d = dispatcher
+
+    # ------------------------------------------------------------------ settling
+    def own_attempt_delivered(self, s: Slot) -> list[tuple[Any, dict[str, Any]]]:
+        """The slot's own attempt delivered first: its hedge lost the race."""
+        h = s.hedge
+        if h is None:
+            return []
+        s.hedge = None
+        return [(h.doc_id, hedged_fields(self.d.clock()))] if h.doc_id is not None else []
+
+    # ------------------------------------------------------------------ starting
+    def where(self, s: Slot) -> str:
+        others = [c for c in self.d.client_clusters(s.client)
+                  if c != s.cluster and self.d.clusters.may_probe(c) and not self.d.platforms.via_invoker(c)]
+        return others[0] if others else s.cluster
+
+    def start(self, session: str, tables: Sequence[AttemptTable]) -> None:
+        for table in tables:
+            due = [s for s in table.hedge_due() if not self.d.platforms.via_invoker(s.cluster)]
+            for s in due:
+                self._start_one(session, table, s)
+
+    def _start_one(self, session: str, table: AttemptTable, s: Slot) -> None:
+        cluster = self.where(s)
+        h = table.begin_hedge(s, cluster)
+        h.doc_id = ObjectId()
+        provider = self.d.platforms.provider(cluster)
+        now = self.d.clock()
+        self.d.insert_attempts([{
+            "_id": h.doc_id, "session": session, "round": s.round, "client": s.client,
+            "attempt": h.attempt, "cluster": cluster, "platform": provider.platform,
+            "function": "fl_client", "memory_mb": self.d.platforms.spec(cluster, "fl_client").memory_mb,
+            "state": "submitting", "submitted": now, "via": "direct", "hedge": True}])
+        log.info("round %d: %s runs past its peers; hedging it (attempt %d on %s)",
+                 s.round + 1, s.client, h.attempt, cluster)
+        payload = self.d.platforms.payload(function="fl_client", session=session, round=s.round,
+                                           client=s.client, attempt=h.attempt)
+        try:
+            inv = provider.invoke("fl_client", payload)
+        except ProviderError as exc:
+            table.hedge_dropped(s)
+            self.d.update_attempts([(h.doc_id, {**hedged_fields(self.d.clock(), f"not started: {exc}"),
+                                                "error_class": exc.error_class.value})])
+            return
+        table.hedge_started(s, inv, self.d.platforms.spec(cluster, "fl_client").timeout_s)
+        self.d.update_attempts([(h.doc_id, {"state": "running", "platform_id": inv.platform_id,
+                                            "submitted": inv.submitted_at})])
+
+    # ------------------------------------------------------------------ tracking
+    def track(self, session: str, tables: Sequence[AttemptTable], outcome_fields) -> None:
+        """Ask how the running speculative attempts went and settle them."""
+        hedged = [(t, s) for t in tables for s in t if s.hedge is not None and s.hedge.inv is not None]
+        if not hedged:
+            return
+        by_cluster: dict[str, list[tuple[AttemptTable, Slot]]] = {}
+        for t, s in hedged:
+            by_cluster.setdefault(s.hedge.cluster, []).append((t, s))
+        changes: list[tuple[Any, dict[str, Any]]] = []
+        for cluster, group in by_cluster.items():
+            if not self.d.clusters.may_probe(cluster):
+                continue
+            try:
+                outcomes = self.d.platforms.provider(cluster).track([s.hedge.inv for _, s in group])
+            except ProviderError:
+                continue  # the cluster's own tracking judges its health
+            by_id = {s.hedge.inv.platform_id: (t, s) for t, s in group}
+            for out in outcomes:
+                hit = by_id.get(out.platform_id)
+                if hit is None:
+                    continue
+                table, s = hit
+                fields = outcome_fields(out, self.d.clock())
+                if fields["state"] == "succeeded" and s.state == RUNNING:
+                    hedge_doc = s.hedge.doc_id
+                    loser = table.hedge_won(s, out.result)
+                    changes.append((hedge_doc, fields))
+                    if loser is not None:
+                        changes.append((loser, hedged_fields(self.d.clock())))
+                    continue
+                # A speculative attempt that failed is not a failure: the
+                # slot's own attempt carries on.
+                h = table.hedge_dropped(s)
+                changes.append((h.doc_id, {**fields, "state": HEDGED}))
+        now = self.d.clock()
+        for table in tables:
+            for s in table.overdue_hedges():
+                h = table.hedge_dropped(s)
+                changes.append((h.doc_id, {**hedged_fields(now, "no outcome within the function timeout "
+                                                               "plus grace"), "error_class": "timeout"}))
+        self.d.update_attempts(changes)

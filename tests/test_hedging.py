@@ -1,0 +1,213 @@
+"""Hedged re-invocation: the threshold and the table's decisions on an
+injected clock, then whole sessions on fakes (tests/keeper_fakes.py) in
+every round mode."""
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from fedkeeper.keeper.attempts import DELIVERED, RUNNING, AttemptTable, HedgePolicy, RetryPolicy, Slot
+from fedkeeper.providers import Invocation
+from keeper_fakes import fake_keeper
+
+HEDGING = HedgePolicy(enabled=True, percentile=0.9, factor=1.5, min_peers=3)
+
+
+@pytest.fixture(autouse=True)
+def _dirs(isolated_dirs):
+    return isolated_dirs
+
+
+class Clock:
+    def __init__(self, t: float = 1000.0):
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def running_table(n: int, clock: Clock, hedging: HedgePolicy = HEDGING) -> AttemptTable:
+    policy = RetryPolicy(max_attempts=3, backoff_s=1.0, jitter=0.0, grace_s=5.0, hedging=hedging)
+    table = AttemptTable(policy, clock, random.Random(0), [Slot(f"client_{i}", "c1") for i in range(n)])
+    for s in table.begin_due():
+        table.started(s, Invocation("fl_client", f"id-{s.client}", clock()), 60.0)
+    return table
+
+
+def deliver(table: AttemptTable, clients: list[str]) -> None:
+    for s in table:
+        if s.client in clients:
+            table.delivered(s)
+
+
+# ---------------------------------------------------------------- the policy and the table
+def test_threshold_is_factor_times_the_nearest_rank_percentile():
+    assert HEDGING.threshold([1.0, 2.0, 3.0, 4.0, 10.0]) == 15.0   # rank ceil(0.9*5)=5
+    assert HedgePolicy(True, 0.5, 2.0, 1).threshold([4.0, 1.0, 3.0, 2.0]) == 4.0   # rank 2 of 1,2,3,4
+    assert HEDGING.threshold([1.0, 1.0]) is None                     # below min_peers
+    assert HedgePolicy(False).threshold([1.0] * 10) is None          # off
+
+
+def test_a_straggler_past_the_threshold_is_hedged_exactly_once():
+    clock = Clock()
+    table = running_table(4, clock)
+    clock.t += 1.0
+    deliver(table, ["client_0", "client_1", "client_2"])   # peers ran 1 s: threshold 1.5 s
+    assert table.hedge_due() == []
+    clock.t += 0.6                                          # client_3 has run 1.6 s
+    due = table.hedge_due()
+    assert [s.client for s in due] == ["client_3"]
+    s = due[0]
+    h = table.begin_hedge(s, "c1")
+    assert (h.attempt, s.attempt, s.counted) == (2, 2, 1)   # numbered after, not counted
+    table.hedge_started(s, Invocation("fl_client", "id-hedge", clock()), 60.0)
+    clock.t += 100
+    assert table.hedge_due() == []
+    table.hedge_dropped(s)                                  # it failed: still never a second one
+    assert table.hedge_due() == [] and s.state == RUNNING
+
+
+def test_no_hedge_below_min_peers_or_when_off():
+    clock = Clock()
+    table = running_table(3, clock)
+    clock.t += 1.0
+    deliver(table, ["client_0", "client_1"])                 # 2 peers < min_peers 3
+    clock.t += 50
+    assert table.hedge_due() == []
+    off = running_table(5, clock, HedgePolicy(enabled=False))
+    clock.t += 1.0
+    deliver(off, ["client_0", "client_1", "client_2", "client_3"])
+    clock.t += 50
+    assert off.hedge_due() == []
+
+
+def test_the_winning_hedge_becomes_the_slot_and_names_the_loser():
+    clock = Clock()
+    table = running_table(4, clock)
+    clock.t += 1.0
+    deliver(table, ["client_0", "client_1", "client_2"])
+    clock.t += 1.0
+    s = table.hedge_due()[0]
+    s.doc_id = "own"
+    table.begin_hedge(s, "c2").doc_id = "spec"
+    table.hedge_started(s, Invocation("fl_client", "id-hedge", clock()), 60.0)
+    assert table.hedge_won(s) == "own"
+    assert (s.state, s.doc_id, s.cluster, s.hedge) == (DELIVERED, "spec", "c2", None)
+
+
+def test_a_failed_own_attempt_hands_over_to_its_running_hedge():
+    clock = Clock()
+    table = running_table(4, clock)
+    clock.t += 1.0
+    deliver(table, ["client_0", "client_1", "client_2"])
+    clock.t += 1.0
+    s = table.hedge_due()[0]
+    table.begin_hedge(s, "c1").doc_id = "spec"
+    table.hedge_started(s, Invocation("fl_client", "id-hedge", clock()), 60.0)
+    assert table.promote_hedge(s)
+    assert (s.state, s.doc_id, s.inv.platform_id, s.hedge) == (RUNNING, "spec", "id-hedge", None)
+
+
+# ---------------------------------------------------------------- sessions on fakes
+HEDGE_ON = "hedging: {enabled: true, percentile: 0.9, factor: 1.5, min_peers: 3}\n"
+
+
+def straggler(slow_s: float, hedge_s: float, who: str = "client_3"):
+    """Every client runs 1 s, `who`'s first invocation of a round `slow_s`
+    and its second (the hedge) `hedge_s`."""
+    def behave(fn, p, n):
+        if fn != "fl_client":
+            return "ok"
+        if p["client"] == who:
+            return ("after", slow_s if n == 1 else hedge_s)
+        return ("after", 1.0)
+    return behave
+
+
+def client_attempts(store, sid, client=None):
+    return [a for a in store.attempts(sid) if a["function"] == "fl_client"
+            and (client is None or a["client"] == client)]
+
+
+def test_the_hedge_wins_is_counted_once_and_the_straggler_is_recorded_hedged(tmp_path):
+    keeper, store, provider, _ = fake_keeper(tmp_path, straggler(100.0, 1.0), rounds=1, training=HEDGE_ON)
+    summary = keeper.start(session_id="s1")
+    assert summary.state == "finished"
+    mine = client_attempts(store, "s1", "client_3")
+    assert [(a["attempt"], a["state"], a.get("hedge", False)) for a in mine] == [
+        (1, "hedged", False), (2, "succeeded", True)]
+    rd = store.rounds_[("s1", 0)]
+    assert rd["included"].count("client_3") == 1 and rd["accepted"] == 4 and rd["failed"] == 0
+    # The straggler still lands later: its update is refused by the key, never counted twice.
+    assert list(store.updates_).count(("s1", 0, "client_3")) == 1
+    # Everyone else ran once; exactly one hedge.
+    assert sum(1 for a in client_attempts(store, "s1") if a.get("hedge")) == 1
+
+
+def test_semi_async_hedges_a_straggler_after_its_round_closed(tmp_path):
+    # Round 1 closes at quorum without client_3; hedged while it straggles,
+    # its update joins a later round once, as a stale one.
+    keeper, store, provider, _ = fake_keeper(tmp_path, straggler(100.0, 1.0), rounds=3, mode="semi_async",
+                                             training=HEDGE_ON)
+    assert keeper.start(session_id="s1").state == "finished"
+    first = [a for a in client_attempts(store, "s1", "client_3") if a["round"] == 0]
+    assert [(a["attempt"], a["state"], a.get("hedge", False)) for a in first] == [
+        (1, "hedged", False), (2, "succeeded", True)]
+    assert "client_3" not in store.rounds_[("s1", 0)]["included"]
+    stale = [u for r in (1, 2) for u in store.rounds_[("s1", r)].get("stale_included") or []]
+    assert stale.count({"client": "client_3", "round": 0}) == 1
+    assert store.updates_[("s1", 0, "client_3")]["status"] == "accepted"
+
+
+def test_the_own_attempt_wins_and_the_hedge_is_recorded_hedged(tmp_path):
+    keeper, store, provider, _ = fake_keeper(tmp_path, straggler(3.0, 100.0), rounds=1, training=HEDGE_ON)
+    summary = keeper.start(session_id="s1")
+    assert summary.state == "finished"
+    mine = client_attempts(store, "s1", "client_3")
+    assert [(a["attempt"], a["state"], a.get("hedge", False)) for a in mine] == [
+        (1, "succeeded", False), (2, "hedged", True)]
+    assert store.rounds_[("s1", 0)]["failed"] == 0
+
+
+def test_async_hedges_a_straggling_job(tmp_path):
+    keeper, store, provider, _ = fake_keeper(tmp_path, straggler(100.0, 1.0), rounds=4, mode="async",
+                                             clients=6, per_round=6, training=HEDGE_ON)
+    summary = keeper.start(session_id="s1")
+    assert summary.state == "finished"
+    hedges = [a for a in client_attempts(store, "s1") if a.get("hedge")]
+    assert hedges and all(a["client"] == "client_3" for a in hedges)
+    # One hedge per straggling job, and each job's update stored once.
+    assert len({(a["round"], a["client"]) for a in hedges}) == len(hedges)
+    won = [a for a in hedges if a["state"] == "succeeded"]
+    assert won
+    for a in won:
+        own = [b for b in client_attempts(store, "s1", "client_3")
+               if b["round"] == a["round"] and not b.get("hedge")]
+        assert [b["state"] for b in own] == ["hedged"]
+
+
+def test_no_hedge_while_fewer_than_min_peers_delivered(tmp_path):
+    keeper, store, provider, _ = fake_keeper(
+        tmp_path, straggler(30.0, 1.0, who="client_2"), rounds=1, clients=3, per_round=3,
+        training="hedging: {enabled: true, min_peers: 3}\n")
+    assert keeper.start(session_id="s1").state == "finished"
+    assert not any(a.get("hedge") for a in client_attempts(store, "s1"))
+    # Two peers delivered, the straggler ran its 30 s alone.
+    assert [a["state"] for a in client_attempts(store, "s1", "client_2")] == ["succeeded"]
+
+
+def test_selection_is_the_same_with_hedging_on_and_off(tmp_path):
+    def selected(sub: str, training: str) -> list[list[str]]:
+        d = tmp_path / sub
+        d.mkdir()
+        keeper, store, _, _ = fake_keeper(d, straggler(30.0, 1.0, who="client_5"), rounds=4, clients=10,
+                                          per_round=5, training=training)
+        assert keeper.start(session_id="s1").state == "finished"
+        hedges.append(sum(1 for a in client_attempts(store, "s1") if a.get("hedge")))
+        return [store.rounds_[("s1", r)]["selected"] for r in range(4)]
+
+    hedges: list[int] = []
+    on, off = selected("on", HEDGE_ON), selected("off", "")
+    assert on == off
+    assert hedges[0] > 0 and hedges[1] == 0   # the straggler was picked and hedged only with hedging on
