@@ -20,6 +20,8 @@ from typing import Any, Callable, Iterable
 from .artifacts import build_artifact
 from .user_module import artifact_members as user_module_members
 from .config import Config, FunctionConfig, Scenario
+from .privacy.secagg_stages import FUNCTION as SECAGG_FUNCTION, bound_for as secagg_bound
+from .privacy.settings import secure_aggregation
 from .providers import Artifact, FunctionSpec, Provider, ProviderContext, make_provider
 from .store import Store, connect
 from .local.store import EmbeddedMongo
@@ -202,6 +204,8 @@ class Runtime:
                 log.warning("fl_insights on %s has %d MB: its cache is cut to %g MB (insights.cache_mb %g)",
                             section, d["memory_mb"], cache_mb, self.scenario.insights.cache_mb)
             bound_extra["FK_INSIGHTS_CACHE_MB"] = f"{cache_mb:g}"
+        if secure_aggregation(self.scenario.training.secure_aggregation):
+            bound_extra.update(secagg_bound(function, self.state))  # client functions only
         bound = {"FK_FUNCTION": function, "FK_TOKEN_SECRET": self.secret,
                  "FK_STORE_URL": self.store_url or "", "FK_STORE_DB": self.scenario.mongo_config.db,
                  **bound_extra}
@@ -238,6 +242,8 @@ class Runtime:
         out.append(Placement(insights, section, self.function_spec("fl_insights", section)))
         ci = self.scenario.clients_info
         client_fns = ci.client_functions if ci else ["fl_client"]
+        if secure_aggregation(self.scenario.training.secure_aggregation):
+            client_fns = [*client_fns, SECAGG_FUNCTION]
         for cname in dict.fromkeys(self.client_clusters().values()):
             section, ccfg = clusters[cname]
             for fn in client_fns:

@@ -80,8 +80,9 @@ class ConsoleProgress:
                 self.bar.update(self.task, completed=rep.round + 1)
             acc = f"{rep.accuracy:.4f}" if rep.accuracy is not None else "-"
             stale = f" + {rep.stale} late" if rep.stale else ""
+            eps = f", epsilon {rep.epsilon:.3g}" if rep.epsilon is not None else ""
             self._line(f"round {rep.round + 1}/{self.rounds}: {rep.delivered}/{rep.selected} clients{stale}, "
-                       f"{rep.failed} failed, {rep.retries} retries, {rep.seconds:.1f}s, accuracy {acc}")
+                       f"{rep.failed} failed, {rep.retries} retries, {rep.seconds:.1f}s, accuracy {acc}{eps}")
 
     def line(self, text: str) -> None:
         if self.bar:

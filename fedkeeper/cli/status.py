@@ -43,6 +43,7 @@ def status_data(store, session_id: str | None) -> dict[str, Any]:
                             if a["attempt"] > 1 and a.get("state") in ("running", "submitting")),
             "retries": sum(1 for a in mine if a["attempt"] > 1),
             "duration_s": r.get("duration_s"), "accuracy": r.get("accuracy"), "loss": r.get("loss"),
+            "epsilon": r.get("epsilon"),
         })
     return {"session": sid, "state": effective_state(doc), "created": doc.get("created"),
             "error": doc.get("error"), "rounds": rounds}
@@ -56,7 +57,9 @@ def _cells(r: dict[str, Any]) -> list[str]:
 
 
 def status_table(data: dict[str, Any], width: int):
-    return table(f"session {data['session']}: {data['state']}", COLUMNS, [_cells(r) for r in data["rounds"]],
+    spent = [r["epsilon"] for r in data["rounds"] if r.get("epsilon") is not None]
+    eps = f", epsilon {spent[-1]:.3g} spent" if spent else ""
+    return table(f"session {data['session']}: {data['state']}{eps}", COLUMNS, [_cells(r) for r in data["rounds"]],
                  width=width, right=COLUMNS)
 
 

@@ -51,6 +51,7 @@ class RoundReport:
     loss: float | None = None
     rejected: list[dict[str, Any]] = field(default_factory=list)
     stale: int = 0                  # updates of earlier rounds aggregated in this one
+    epsilon: float | None = None    # DP: epsilon spent once this round is done
 
     @property
     def round_number(self) -> int:
@@ -79,7 +80,8 @@ def report_from_doc(doc: dict[str, Any]) -> RoundReport:
     return RoundReport(int(doc["round"]), len(doc.get("selected") or []), int(doc.get("delivered") or 0),
                        int(doc.get("failed") or 0), int(doc.get("retries") or 0),
                        float(doc.get("duration_s") or 0.0), doc.get("accuracy"), doc.get("loss"),
-                       list(doc.get("rejected") or []), len(doc.get("stale_included") or []))
+                       list(doc.get("rejected") or []), len(doc.get("stale_included") or []),
+                       doc.get("epsilon"))
 
 
 class RoundEvents:

@@ -9,6 +9,7 @@ import threading
 import time
 from typing import Any, Callable
 
+from ..privacy.rounds import RoundPrivacy
 from ..runtime import OPTIONAL_FUNCTIONS, Placement, Runtime
 from ..store import HEARTBEAT_S, StoreUnavailable
 from ..user_module import spec_entry as user_module_spec
@@ -81,6 +82,9 @@ class Keeper:
         self.selection = Selector(make_policy(self.training.selection, self.training, self.client_cluster,
                                               self.store), per_round)
         self.per_round = per_round
+        # Differential privacy and secure aggregation; None when the session uses neither.
+        self.privacy = RoundPrivacy.for_session(self.training, ci, self.dispatcher, self.store,
+                                                self.client_cluster, self.events, failure=SessionError)
 
     def _count_round(self, kind: str, data: dict[str, Any]) -> None:
         if kind == "round":
@@ -207,7 +211,7 @@ class Keeper:
     def _round_context(self) -> RoundContext:
         return RoundContext(store=self.store, dispatcher=self.dispatcher, selector=self.selection,
                             events=self.events, training=self.training, client_cluster=self.client_cluster,
-                            server=self.server, per_round=self.per_round)
+                            server=self.server, per_round=self.per_round, privacy=self.privacy)
 
     def _init(self, session: str) -> None:
         if self.store.model(session, 0) is not None:
@@ -259,4 +263,5 @@ class Keeper:
             "staleness_tolerance": self.training.staleness_tolerance,
             "staleness_exponent": self.training.staleness_exponent,
             **({"user_module": um} if (um := user_module_spec(self.rt.cfg, s)) else {}),
+            **(self.privacy.session_spec() if self.privacy else {}),
         }

@@ -13,6 +13,7 @@ from flcommon import store
 from flcommon.context import database, global_model, ids, num_classes, partition_arrays, session_spec
 from flcommon.entry import BadRequest, require
 from flcommon.models import train
+from flcommon.privacy import local_dp_weights, masked_upload
 
 
 def handle(payload: dict[str, Any], bound: dict[str, str]) -> dict[str, Any]:
@@ -35,12 +36,16 @@ def handle(payload: dict[str, Any], bound: dict[str, str]) -> dict[str, Any]:
     t1 = time.perf_counter()
     seed = zlib.crc32(f"{spec.get('seed', 0)}/{rnd}/{client}".encode())
     new, metrics = train(spec, weights, x, y, num_classes(db, session), seed)
+    new = local_dp_weights(spec, weights, new)  # local DP: clipped and noised before it leaves
     t2 = time.perf_counter()
-    blob = store.put_arrays(db, new, f"{session}/update/{rnd:03d}/{client}.npz",
-                            {"kind": "update", "session": session, "round": rnd, "client": client,
-                             "attempt": attempt})
+    # Secure aggregation: only the masked delta is stored.
+    masked = masked_upload(db, bound, spec, session, rnd, client, attempt, weights, new, int(len(y)))
+    blob = masked or store.put_arrays(db, new, f"{session}/update/{rnd:03d}/{client}.npz",
+                                      {"kind": "update", "session": session, "round": rnd,
+                                       "client": client, "attempt": attempt})
     doc = {"session": session, "round": rnd, "client": client, "attempt": attempt, "blob_id": blob,
-           "num_examples": int(len(y)), "metrics": metrics, "status": "received", "created": time.time()}
+           "num_examples": int(len(y)), "metrics": metrics, "status": "received", "created": time.time(),
+           **({"masked": True} if masked else {})}
     duplicate = False
     try:
         db[store.UPDATES].insert_one(doc)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 import pymongo
@@ -28,9 +28,9 @@ from flcommon import store
 from flcommon.blobs import BlobError
 from flcommon.context import database, global_model, ids, num_classes, partition_arrays, session_spec
 from flcommon.entry import BadRequest, require
-from flcommon.read_ahead import read_ahead
-from flcommon.update_check import UpdateRejected, check_layout, subtract_base
+from flcommon.update_stream import Candidate, _candidates, _examples, aggregate  # noqa: F401 (moved there)
 from flcommon.models import evaluate
+from flcommon.privacy import central_dp
 from flcommon.trail import model_trail
 
 
@@ -69,123 +69,6 @@ def _wanted(payload: dict[str, Any], rnd: int) -> list[tuple[str, int]]:
     return wanted
 
 
-def _examples(n: Any) -> int:
-    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n <= 0:
-        raise UpdateRejected(f"num_examples must be a positive integer, got {n!r}")
-    return int(n)
-
-
-class Candidate(NamedTuple):
-    """An update that passed the checks made without reading it."""
-    index: int            # its place in the wanted list: rejections are reported in that order
-    client: str
-    round: int
-    blob_id: Any
-    files_doc: dict[str, Any]
-    num_examples: int
-
-
-def _candidates(db, session: str, rnd: int, wanted: list[tuple[str, int]]) -> tuple[list[Candidate], list[dict]]:
-    """The listed updates worth reading, and the rejections decided from
-    their documents alone (missing, counted already, someone else's blob,
-    an inflated example count, no base model)."""
-    by_round: dict[int, list[str]] = {}
-    for client, r in wanted:
-        by_round.setdefault(r, []).append(client)
-    docs: dict[tuple[str, int], dict] = {}
-    for r, clients in by_round.items():
-        for d in db[store.UPDATES].find({"session": session, "round": r, "client": {"$in": clients}}):
-            docs[(d["client"], d["round"])] = d
-    # The partition sizes init wrote: a client cannot inflate its weight by
-    # claiming more examples than it holds.
-    sizes = {d["client"]: d.get("num_examples") for d in db[store.PARTITIONS].find(
-        {"session": session, "client": {"$in": sorted({c for c, _ in wanted})}}, {"client": 1, "num_examples": 1})}
-    blobs = {d["_id"]: d for d in db[f"{store.BUCKET}.files"].find(
-        {"_id": {"$in": [d["blob_id"] for d in docs.values() if "blob_id" in d]}},
-        {"metadata": 1, "length": 1, "chunkSize": 1})}
-    has_base = {d["round"] for d in db[store.MODELS].find(
-        {"session": session, "round": {"$in": [r for r in by_round if r != rnd]}}, {"round": 1, "blob_id": 1})
-        if d.get("blob_id") is not None}
-    candidates: list[Candidate] = []
-    rejected: list[dict[str, Any]] = []
-    for index, (client, r) in enumerate(wanted):
-        doc = docs.get((client, r))
-        if doc is None:
-            reason = "no update stored for this round" if r == rnd else f"no update stored for round {r}"
-            rejected.append({"index": index, "client": client, "round": r, "reason": reason, "mark": False})
-            continue
-        done_in = doc.get("aggregated_in", doc.get("round"))
-        if doc.get("status") == "accepted" and done_in != rnd:
-            # Counted already; its record stays as that aggregation left it.
-            rejected.append({"index": index, "client": client, "round": r,
-                             "reason": f"already aggregated in round {done_in}", "mark": False})
-            continue
-        try:
-            if doc.get("blob_id") not in blobs:
-                raise UpdateRejected("update blob does not exist")
-            files_doc = blobs[doc["blob_id"]]
-            meta = files_doc.get("metadata") or {}
-            if meta.get("round") != r or meta.get("session") != session or meta.get("client") != client:
-                raise UpdateRejected(f"update blob belongs to session {meta.get('session')}, "
-                                     f"round {meta.get('round')}, client {meta.get('client')}")
-            n = _examples(doc.get("num_examples"))
-            if sizes.get(client) is not None and n != sizes[client]:
-                raise UpdateRejected(f"update claims {n} examples, the client's partition has {sizes[client]}")
-            if r != rnd and r not in has_base:
-                raise UpdateRejected(f"no global model of round {r} to take the delta against")
-        except UpdateRejected as exc:
-            rejected.append({"index": index, "client": client, "round": r, "reason": str(exc)[:300], "mark": True})
-            continue
-        candidates.append(Candidate(index, client, r, doc["blob_id"], files_doc, n))
-    return candidates, rejected
-
-
-def aggregate(db, session: str, rnd: int, wanted: list[tuple[str, int]], global_weights: list[np.ndarray],
-              strategy: Strategy, staleness_exponent: float = 0.5) -> tuple[list[dict], list[dict]]:
-    """Feed the strategy the delta of every valid listed update (a streaming
-    strategy adds it to its accumulator and drops it). The next update is
-    read from the store while the current one is added (flcommon.read_ahead),
-    so at most two updates are held besides the accumulator; no update may
-    decode to more than the model's size. Returns (contributions,
-    rejections): contributions in the order added, rejections in the order
-    listed; the caller then calls strategy.finish()."""
-    reference = [(w.shape, w.dtype) for w in global_weights]
-    model_bytes = sum(w.nbytes for w in global_weights)
-    strategy.begin(reference)
-    candidates, rejected = _candidates(db, session, rnd, wanted)
-    base_blobs = {d["round"]: d["blob_id"] for d in db[store.MODELS].find(
-        {"session": session, "round": {"$in": sorted({c.round for c in candidates if c.round != rnd})}},
-        {"round": 1, "blob_id": 1})}
-
-    def read(c: Candidate) -> list[np.ndarray]:
-        return store.get_arrays(db, c.blob_id, max_bytes=model_bytes, files_doc=c.files_doc, prefetch=True)
-
-    accepted: list[dict[str, Any]] = []
-    for c, arrays, error in read_ahead(candidates, read, expected=(BlobError,)):
-        try:
-            if error is not None:
-                raise error
-            check_layout(arrays, reference)
-            base = global_weights if c.round == rnd else \
-                store.stream_arrays(db, base_blobs[c.round], max_bytes=model_bytes)
-            delta = subtract_base(arrays, base)
-            del arrays
-            staleness = rnd - c.round
-            weight = c.num_examples * (1.0 + staleness) ** -staleness_exponent
-            strategy.add(delta, weight, mass=c.num_examples)
-            del delta
-            accepted.append({"client": c.client, "round": c.round, "staleness": staleness,
-                             "num_examples": c.num_examples, "raw_weight": weight})
-        except (UpdateRejected, BlobError, StrategyError) as exc:
-            arrays = delta = None  # released before the next update is taken
-            rejected.append({"index": c.index, "client": c.client, "round": c.round, "reason": str(exc)[:300],
-                             "mark": True})
-    rejected.sort(key=lambda r: r["index"])
-    for r in rejected:
-        del r["index"]
-    return accepted, rejected
-
-
 def _staleness_exponent(spec: dict[str, Any]) -> float:
     value = spec.get("staleness_exponent", 0.5)
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
@@ -208,7 +91,15 @@ def handle(payload: dict[str, Any], bound: dict[str, str]) -> dict[str, Any]:
     exponent = _staleness_exponent(spec)
     t0 = time.perf_counter()
     current, weights = global_model(db, session, rnd)
-    accepted, rejected = aggregate(db, session, rnd, wanted, weights, strategy, exponent)
+    # Central DP wraps the strategy (clipping, one vote per client, noise);
+    # secure aggregation sums masked vectors instead of reading updates.
+    dp = central_dp(spec, strategy, current)
+    agg = dp or strategy
+    if spec.get("secure_aggregation"):
+        from flcommon.secagg.server import secure_aggregate
+        accepted, rejected = secure_aggregate(db, session, rnd, wanted, weights, strategy, spec)
+    else:
+        accepted, rejected = aggregate(db, session, rnd, wanted, weights, agg, exponent)
     for r in rejected:
         if r.pop("mark"):
             db[store.UPDATES].update_one({"session": session, "round": r["round"], "client": r["client"],
@@ -226,13 +117,13 @@ def handle(payload: dict[str, Any], bound: dict[str, str]) -> dict[str, Any]:
         except BlobError as exc:
             return {"error": f"round {rnd}: server state of model {rnd} is unreadable: {exc}"}
     try:
-        new, new_state = strategy.finish(weights, state)
+        new, new_state = agg.finish(weights, state)
     except StrategyError as exc:
         return {"error": f"round {rnd}: {exc}"}
     del weights, state
     contributions = [{"client": a["client"], "round": a["round"], "staleness": a["staleness"],
                       "num_examples": a["num_examples"], "weight": share}
-                     for a, share in zip(accepted, strategy.shares())]
+                     for a, share in zip(accepted, agg.shares())]
     x, y = partition_arrays(db, session, "_test")
     metrics = evaluate(spec, new, x, y, num_classes(db, session))
     blob = store.put_arrays(db, new, f"{session}/model/{rnd + 1:03d}.npz",
@@ -255,6 +146,8 @@ def handle(payload: dict[str, Any], bound: dict[str, str]) -> dict[str, Any]:
            "created": time.time(), "seconds": time.perf_counter() - t0}
     if state_blob is not None:
         doc["state_blob_id"] = state_blob
+    if dp is not None:  # the bound, the noise and the next adaptive bound; never the raw norms
+        doc["privacy"] = dp.report()
     try:
         db[store.MODELS].insert_one(doc)
     except pymongo.errors.DuplicateKeyError:

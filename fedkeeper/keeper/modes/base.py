@@ -9,6 +9,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar
 
+from ...privacy.rounds import stored_epsilon
 from ...providers import Invocation
 from ..attempts import DELIVERED, FAILED, RUNNING, AttemptTable, Slot
 from ..dispatch import Dispatcher
@@ -31,6 +32,7 @@ class RoundContext:
     client_cluster: dict[str, str]
     server: str
     per_round: int
+    privacy: Any = None   # fedkeeper.privacy.rounds.RoundPrivacy, or None
 
     @property
     def clock(self) -> Callable[[], float]:
@@ -167,13 +169,16 @@ class RoundMode(ABC):
         attempts = self.store.attempts(session, rnd)
         retries = sum(1 for a in attempts if a["attempt"] > 1)
         ended = self.ctx.clock()
+        epsilon = stored_epsilon(self.ctx.privacy.epsilon_after(rnd + 1)) if self.ctx.privacy else None
         self.store.upsert_round(session, rnd, state="done", ended=ended,
                                 accuracy=res.get("accuracy"), loss=res.get("loss"),
                                 accepted=res.get("accepted"), rejected=res.get("rejected", []),
                                 retries=retries, failed=failed, delivered=len(included),
-                                duration_s=ended - started, **extra(res))
+                                duration_s=ended - started,
+                                **({"epsilon": epsilon} if epsilon is not None else {}), **extra(res))
         rep = RoundReport(rnd, len(selected), len(included), failed, retries, ended - t0,
-                          res.get("accuracy"), res.get("loss"), res.get("rejected", []), stale=len(stale))
+                          res.get("accuracy"), res.get("loss"), res.get("rejected", []), stale=len(stale),
+                          epsilon=epsilon)
         self.ctx.events.emit("round", report=rep, rounds=self.training.rounds, attempts=attempts,
                              mode=self.name)
         return rep

@@ -22,6 +22,8 @@ class ClosingRounds(RoundMode):
         rnd = first_round
         with self.tracking_until_the_end():
             while rnd < self.training.rounds:
+                if self.ctx.privacy and self.ctx.privacy.stop_before(session, rnd):
+                    break
                 rep = self.run_round(session, rnd)
                 reports.append(rep)
                 if self.ctx.reached_target(rep.accuracy):
@@ -79,12 +81,16 @@ class ClosingRounds(RoundMode):
         else:
             self.store.upsert_round(session, rnd, selected=selected, state="running", mode=self.name,
                                     started=started)
-            table = self.adopt(session, rnd, selected)
+            # Secure aggregation: only the clients that shared their keys train.
+            trainers = self.ctx.privacy.before_training(session, rnd, selected) if self.ctx.privacy else selected
+            table = self.adopt(session, rnd, trainers)
             quorum = quorum_needed(self.training.quorum, len(selected))
             included = self.dispatch_round(session, rnd, table, self.close_at(quorum))
             stale = self.stale_for(session, rnd)
             if not quorum_met(len(included), len(stale), quorum):
                 self.quorum_failed(session, rnd, table, selected, included, stale, quorum)
+            if self.ctx.privacy:  # secure aggregation: the masked set and its reveals
+                included = self.ctx.privacy.before_aggregating(session, rnd, included)
             self.before_aggregating(session, rnd, included, stale)
         failed = sum(1 for s in table if s.state == FAILED)
         return self.aggregate(session, rnd, selected=selected, included=included, stale=stale, failed=failed,
