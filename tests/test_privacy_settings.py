@@ -80,3 +80,18 @@ def test_validate_prints_the_epsilon_of_the_configured_rounds():
     assert "inf (no noise)" in lines[0] and "warning: delta" not in " ".join(lines)
     assert "secure_aggregation" in lines[-1]
     assert any("warning: delta" in line for line in describe(central(delta=0.5), False, 1, 2, 1))
+
+
+def test_config_validate_prints_each_scenarios_epsilon(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parent.parent
+    out = subprocess.run([sys.executable, "-m", "fedkeeper.cli", "config", "validate", "-c",
+                          str(root / "examples" / "config-privacy.yaml")], capture_output=True, text=True,
+                         timeout=120, env={**__import__("os").environ, "FEDKEEPER_STATE_DIR": str(tmp_path)})
+    assert out.returncode == 0, out.stderr
+    eps = PrivacyBudget("central", 1.0, 25, 100, 1e-5, 20).configured_epsilon()
+    assert "scenario federated_learning: privacy: central DP" in out.stdout
+    assert f"20 rounds spend epsilon {eps:.3g} at delta 1e-05" in out.stdout
+    assert "scenario secure: secure_aggregation: pairwise masking" in out.stdout

@@ -21,6 +21,7 @@ def config_validate(config_path: str) -> None:
     """Check a config; exit 2 with the file, line and key when it is wrong."""
     cfg = load(config_path)
     clusters = cfg.providers.clusters()
+    from ..privacy.settings import scenario_lines as privacy_lines
     from ..user_module import UserModuleError, check, describe
     for name, scen in cfg.scenarios.items():
         try:
@@ -29,6 +30,8 @@ def config_validate(config_path: str) -> None:
             raise UsageFailure(str(exc)) from None
         if found is not None:
             console.print(describe(name, scen, found), markup=False, soft_wrap=True)
+        for line in privacy_lines(scen):  # the epsilon the configured rounds would spend
+            console.print(f"scenario {name}: {line}", markup=False, soft_wrap=True)
     console.print(f"{cfg.source}: valid ({len(clusters)} cluster(s), "
                   f"{len(cfg.scenarios)} scenario(s))")
 

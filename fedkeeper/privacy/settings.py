@@ -188,3 +188,11 @@ def describe(privacy: PrivacyConfig | None, secure: Union[bool, SecureAggregatio
         lines.append(f"secure_aggregation: pairwise masking, threshold {share} of each round's clients, "
                      f"3 extra invocations per client per round")
     return lines
+
+
+def scenario_lines(scenario: Any) -> list[str]:
+    """describe() for a config scenario (`config validate`)."""
+    t, ci = scenario.training, scenario.clients_info
+    if ci is None or (t.privacy is None and secure_aggregation(t.secure_aggregation) is None):
+        return []
+    return describe(t.privacy, t.secure_aggregation, ci.num_clients_per_round, ci.total_num_clients, t.rounds)
