@@ -8,7 +8,7 @@ from typing import Literal, Optional, Union
 from flcommon.strategies import DEFAULTS as STRATEGY_DEFAULTS
 from flcommon.strategies import STRATEGIES as STRATEGY_CLASSES
 from flcommon.strategies import StrategyError, get_strategy
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from ..privacy.settings import PrivacyConfig, SecureAggregationConfig, refusal
 from .clusters import Strict
@@ -127,6 +127,25 @@ class TrainingConfig(Strict):
     # rules live with them in fedkeeper.privacy.settings.
     privacy: Optional[PrivacyConfig] = None
     secure_aggregation: Union[bool, SecureAggregationConfig] = False
+    # flat: one aggregator reads every update. hierarchical: a combiner per
+    # client cluster (fl_combiner) sums its clients' updates, the aggregator
+    # combines the partial sums (flcommon.partials). After the keys it
+    # depends on, so that its check sees them.
+    aggregation: Literal["flat", "hierarchical"] = "flat"
+
+    @field_validator("aggregation")
+    @classmethod
+    def _hierarchical_composes(cls, v, info: ValidationInfo):
+        if v != "hierarchical":
+            return v
+        strategy = info.data.get("strategy")
+        if strategy is not None and not STRATEGY_CLASSES[strategy.name].streaming:
+            raise ValueError(f"hierarchical needs a streaming strategy (the FedAvg family or a server "
+                             f"optimizer); {strategy.name} needs every update at once, not partial sums")
+        if info.data.get("privacy") is not None or info.data.get("secure_aggregation"):
+            raise ValueError("hierarchical cannot be combined with privacy or secure_aggregation: "
+                             "combiners would see, clip or unmask what only the server may")
+        return v
 
     @model_validator(mode="after")
     def _privacy_composes(self):

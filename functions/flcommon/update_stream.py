@@ -1,0 +1,152 @@
+"""Streaming a round's listed updates into a strategy, shared by the
+aggregator and the combiners (fl_combiner) of hierarchical aggregation.
+
+Every update becomes a delta against the global model its client trained
+from (model r for a stale update) and is weighted
+num_examples * (1 + staleness) ** -staleness_exponent. Updates are streamed
+from GridFS one at a time (the next one read while the current one is
+added), none may decode to more than the model's size, and each is checked
+whole before the strategy sees it. An update already counted by the
+aggregation of another round is rejected, never counted twice. Partial
+aggregates written by combiners for this round (flcommon.partials) are
+added as one unit each, in place of reading their clients' updates."""
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from . import store
+from .blobs import BlobError
+from .partials import add_partials, count_members
+from .read_ahead import read_ahead
+from .strategies import Strategy, StrategyError
+from .update_check import UpdateRejected, check_layout, subtract_base
+
+
+def _examples(n: Any) -> int:
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n <= 0:
+        raise UpdateRejected(f"num_examples must be a positive integer, got {n!r}")
+    return int(n)
+
+
+class Candidate(NamedTuple):
+    """An update that passed the checks made without reading it."""
+    index: int            # its place in the wanted list: rejections are reported in that order
+    client: str
+    round: int
+    blob_id: Any
+    files_doc: dict[str, Any]
+    num_examples: int
+
+
+def _candidates(db, session: str, rnd: int, wanted: list[tuple[str, int]]) -> tuple[list[Candidate], list[dict]]:
+    """The listed updates worth reading, and the rejections decided from
+    their documents alone (missing, counted already, someone else's blob,
+    an inflated example count, no base model)."""
+    by_round: dict[int, list[str]] = {}
+    for client, r in wanted:
+        by_round.setdefault(r, []).append(client)
+    docs: dict[tuple[str, int], dict] = {}
+    for r, clients in by_round.items():
+        for d in db[store.UPDATES].find({"session": session, "round": r, "client": {"$in": clients}}):
+            docs[(d["client"], d["round"])] = d
+    # The partition sizes init wrote: a client cannot inflate its weight by
+    # claiming more examples than it holds.
+    sizes = {d["client"]: d.get("num_examples") for d in db[store.PARTITIONS].find(
+        {"session": session, "client": {"$in": sorted({c for c, _ in wanted})}}, {"client": 1, "num_examples": 1})}
+    blobs = {d["_id"]: d for d in db[f"{store.BUCKET}.files"].find(
+        {"_id": {"$in": [d["blob_id"] for d in docs.values() if "blob_id" in d]}},
+        {"metadata": 1, "length": 1, "chunkSize": 1})}
+    has_base = {d["round"] for d in db[store.MODELS].find(
+        {"session": session, "round": {"$in": [r for r in by_round if r != rnd]}}, {"round": 1, "blob_id": 1})
+        if d.get("blob_id") is not None}
+    candidates: list[Candidate] = []
+    rejected: list[dict[str, Any]] = []
+    for index, (client, r) in enumerate(wanted):
+        doc = docs.get((client, r))
+        if doc is None:
+            reason = "no update stored for this round" if r == rnd else f"no update stored for round {r}"
+            rejected.append({"index": index, "client": client, "round": r, "reason": reason, "mark": False})
+            continue
+        done_in = doc.get("aggregated_in", doc.get("round"))
+        if doc.get("status") == "accepted" and done_in != rnd:
+            # Counted already; its record stays as that aggregation left it.
+            rejected.append({"index": index, "client": client, "round": r,
+                             "reason": f"already aggregated in round {done_in}", "mark": False})
+            continue
+        try:
+            if doc.get("blob_id") not in blobs:
+                raise UpdateRejected("update blob does not exist")
+            files_doc = blobs[doc["blob_id"]]
+            meta = files_doc.get("metadata") or {}
+            if meta.get("round") != r or meta.get("session") != session or meta.get("client") != client:
+                raise UpdateRejected(f"update blob belongs to session {meta.get('session')}, "
+                                     f"round {meta.get('round')}, client {meta.get('client')}")
+            n = _examples(doc.get("num_examples"))
+            if sizes.get(client) is not None and n != sizes[client]:
+                raise UpdateRejected(f"update claims {n} examples, the client's partition has {sizes[client]}")
+            if r != rnd and r not in has_base:
+                raise UpdateRejected(f"no global model of round {r} to take the delta against")
+        except UpdateRejected as exc:
+            rejected.append({"index": index, "client": client, "round": r, "reason": str(exc)[:300], "mark": True})
+            continue
+        candidates.append(Candidate(index, client, r, doc["blob_id"], files_doc, n))
+    return candidates, rejected
+
+
+def aggregate(db, session: str, rnd: int, wanted: list[tuple[str, int]], global_weights: list[np.ndarray],
+              strategy: Strategy, staleness_exponent: float = 0.5, *, use_partials: bool = True
+              ) -> tuple[list[dict], list[dict]]:
+    """Feed the strategy the delta of every valid listed update (a streaming
+    strategy adds it to its accumulator and drops it). The next update is
+    read from the store while the current one is added (flcommon.read_ahead),
+    so at most two updates are held besides the accumulator; no update may
+    decode to more than the model's size. Returns (contributions,
+    rejections): contributions in the order added, rejections in the order
+    listed; the caller then calls strategy.finish()."""
+    reference = [(w.shape, w.dtype) for w in global_weights]
+    model_bytes = sum(w.nbytes for w in global_weights)
+    strategy.begin(reference)
+    # Hierarchical rounds: each combiner's partial aggregate counts its
+    # clients; the updates no partial counted are read here, as in a flat round.
+    accepted, wanted, partial_rejected = add_partials(db, session, rnd, wanted, reference, model_bytes, strategy) \
+        if use_partials else ([], wanted, [])
+    candidates, rejected = _candidates(db, session, rnd, wanted)
+    rejected += partial_rejected
+    base_blobs = {d["round"]: d["blob_id"] for d in db[store.MODELS].find(
+        {"session": session, "round": {"$in": sorted({c.round for c in candidates if c.round != rnd})}},
+        {"round": 1, "blob_id": 1})}
+
+    def read(c: Candidate) -> list[np.ndarray]:
+        return store.get_arrays(db, c.blob_id, max_bytes=model_bytes, files_doc=c.files_doc, prefetch=True)
+
+    from_partials = bool(accepted)
+    for c, arrays, error in read_ahead(candidates, read, expected=(BlobError,)):
+        try:
+            if error is not None:
+                raise error
+            check_layout(arrays, reference)
+            base = global_weights if c.round == rnd else \
+                store.stream_arrays(db, base_blobs[c.round], max_bytes=model_bytes)
+            delta = subtract_base(arrays, base)
+            del arrays
+            staleness = rnd - c.round
+            weight = c.num_examples * (1.0 + staleness) ** -staleness_exponent
+            strategy.add(delta, weight, mass=c.num_examples)
+            del delta
+            accepted.append({"client": c.client, "round": c.round, "staleness": staleness,
+                             "num_examples": c.num_examples, "raw_weight": weight})
+        except (UpdateRejected, BlobError, StrategyError) as exc:
+            arrays = delta = None  # released before the next update is taken
+            rejected.append({"index": c.index, "client": c.client, "round": c.round, "reason": str(exc)[:300],
+                             "mark": True})
+    rejected.sort(key=lambda r: r["index"])
+    for r in rejected:
+        del r["index"]
+    if from_partials:
+        # A partial was added once for all its clients: each client's share
+        # (weight / total examples) is told from its own weight, as if it
+        # had been added alone.
+        count_members(strategy, [a["raw_weight"] for a in accepted], [a["num_examples"] for a in accepted])
+    return accepted, rejected

@@ -1,0 +1,120 @@
+"""Hierarchical aggregation: combiners' partial sums, combined by the
+aggregator, give the model a flat aggregation of the same updates gives
+(FedAvg and a server optimizer, over two rounds for its state); the round's
+documents say which combiner counted which update, and no update is counted
+twice across levels; robust strategies and privacy refuse it at config."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from fedkeeper.config.training import TrainingConfig
+from flcommon import store as fs
+from flcommon.partials import PARTIALS
+from test_aggregator import _model, _put_update
+from test_functions import call, make_session
+
+CLUSTERS = {"alpha": ["client_0", "client_1", "client_2"], "beta": ["client_3", "client_4", "client_5"]}
+CLIENTS = [c for cs in CLUSTERS.values() for c in cs]
+
+
+def _sessions(db, strategy):
+    """Two sessions with the same spec and model 0: one flat, one hierarchical."""
+    flat = make_session(db, clients=len(CLIENTS), strategy=strategy)
+    spec = db[fs.SESSIONS].find_one({"_id": flat})["spec"]
+    hier = flat + "-h"
+    db[fs.SESSIONS].insert_one({"_id": hier, "spec": spec})
+    for sid in (flat, hier):
+        call("fl_server_init", db, session=sid, round=0)
+    assert all(np.array_equal(a, b) for a, b in zip(_model(db, flat, 0), _model(db, hier, 0)))
+    return flat, hier
+
+
+def _plant(db, sids, rnd, seed):
+    base = _model(db, sids[0], rnd)
+    rng = np.random.default_rng(seed)
+    for c in CLIENTS:
+        update = [(w + rng.standard_normal(w.shape) * 0.1).astype(w.dtype) for w in base]
+        for sid in sids:
+            _put_update(db, sid, rnd, c, [u.copy() for u in update])
+
+
+def _round(db, flat, hier, rnd, combiners=CLUSTERS):
+    out_flat = call("fl_server_aggregator", db, session=flat, round=rnd, clients=CLIENTS)
+    for cluster, clients in combiners.items():
+        out = call("fl_combiner", db, session=hier, round=rnd, cluster=cluster, clients=clients)
+        assert out["combined"] == len(clients) and out["rejected_count"] == 0
+    out_hier = call("fl_server_aggregator", db, session=hier, round=rnd, clients=CLIENTS)
+    return out_flat, out_hier
+
+
+@pytest.mark.parametrize("strategy", ["fedavg", {"name": "fedadam", "server_lr": 0.05}])
+def test_hierarchical_equals_flat(fn_db, strategy):
+    db = fn_db
+    flat, hier = _sessions(db, strategy)
+    for rnd in range(2):   # two rounds: a server optimizer's state is read back
+        _plant(db, (flat, hier), rnd, seed=rnd)
+        out_flat, out_hier = _round(db, flat, hier, rnd)
+        assert out_hier["accepted"] == out_flat["accepted"] == len(CLIENTS)
+        w_flat, w_hier = _model(db, flat, rnd + 1), _model(db, hier, rnd + 1)
+        assert max(float(np.max(np.abs(a - b))) for a, b in zip(w_flat, w_hier)) <= 1e-6
+        m_flat = db[fs.MODELS].find_one({"session": flat, "round": rnd + 1})
+        m_hier = db[fs.MODELS].find_one({"session": hier, "round": rnd + 1})
+        assert [c["client"] for c in m_hier["contributions"]] == CLIENTS
+        assert [c["weight"] for c in m_hier["contributions"]] == \
+            pytest.approx([c["weight"] for c in m_flat["contributions"]])
+        # Which combiner counted which update, on both levels' documents.
+        for cluster, clients in CLUSTERS.items():
+            part = db[PARTIALS].find_one({"session": hier, "round": rnd, "cluster": cluster})
+            assert [c["client"] for c in part["clients"]] == clients and part["used"] is True
+            for c in clients:
+                doc = db[fs.UPDATES].find_one({"session": hier, "round": rnd, "client": c})
+                assert doc["combined_by"] == cluster and doc["status"] == "accepted" \
+                    and doc["aggregated_in"] == rnd
+    if isinstance(strategy, dict):
+        assert db[fs.MODELS].find_one({"session": hier, "round": 2}).get("state_blob_id") is not None
+
+
+def test_a_client_in_two_partials_is_counted_once(fn_db):
+    db = fn_db
+    flat, hier = _sessions(db, "fedavg")
+    _plant(db, (flat, hier), 0, seed=3)
+    overlapping = {"alpha": CLIENTS[:3], "beta": CLIENTS[2:5]}   # client_2 in both; client_5 in none
+    out_flat, out_hier = _round(db, flat, hier, 0, combiners=overlapping)
+    # beta's partial lists client_2, which alpha's counted: refused whole;
+    # its clients and client_5 are read by the aggregator itself, once each.
+    beta = db[PARTIALS].find_one({"session": hier, "round": 0, "cluster": "beta"})
+    assert "refused" in beta and not beta.get("used")
+    model = db[fs.MODELS].find_one({"session": hier, "round": 1})
+    counted = [c["client"] for c in model["contributions"]]
+    assert sorted(counted) == sorted(CLIENTS) and len(counted) == len(set(counted))
+    assert out_hier["accepted"] == out_flat["accepted"] == len(CLIENTS)
+    w_flat, w_hier = _model(db, flat, 1), _model(db, hier, 1)
+    assert max(float(np.max(np.abs(a - b))) for a, b in zip(w_flat, w_hier)) <= 1e-6
+
+
+def test_a_partial_of_clients_not_listed_for_the_round_is_refused(fn_db):
+    db = fn_db
+    flat, hier = _sessions(db, "fedavg")
+    _plant(db, (flat, hier), 0, seed=4)
+    for cluster, clients in CLUSTERS.items():
+        call("fl_combiner", db, session=hier, round=0, cluster=cluster, clients=clients)
+    out = call("fl_server_aggregator", db, session=hier, round=0, clients=CLIENTS[:4])
+    assert out["accepted"] == 4   # alpha used; beta refused (lists client_5), client_3 read directly
+    beta = db[PARTIALS].find_one({"session": hier, "round": 0, "cluster": "beta"})
+    assert "refused" in beta
+    model = db[fs.MODELS].find_one({"session": hier, "round": 1})
+    assert [c["client"] for c in model["contributions"]] == CLIENTS[:4]
+
+
+@pytest.mark.parametrize("strategy", ["median", "krum", "trimmed_mean"])
+def test_robust_strategies_refuse_hierarchical(strategy):
+    with pytest.raises(ValueError, match=f"hierarchical needs a streaming strategy.*{strategy}") as info:
+        TrainingConfig(aggregation="hierarchical", strategy=strategy)
+    assert info.value.errors()[0]["loc"] == ("aggregation",)
+    assert TrainingConfig(aggregation="flat", strategy=strategy).aggregation == "flat"
+
+
+def test_privacy_and_secure_aggregation_refuse_hierarchical():
+    with pytest.raises(ValueError, match="hierarchical cannot be combined"):
+        TrainingConfig(aggregation="hierarchical", secure_aggregation=True)
