@@ -8,7 +8,7 @@ import random
 import pytest
 
 from fedkeeper.keeper.attempts import DELIVERED, RUNNING, AttemptTable, HedgePolicy, RetryPolicy, Slot
-from fedkeeper.providers import Invocation
+from fedkeeper.providers import Invocation, Outcome
 from keeper_fakes import fake_keeper
 
 HEDGING = HedgePolicy(enabled=True, percentile=0.9, factor=1.5, min_peers=3)
@@ -168,6 +168,22 @@ def test_the_own_attempt_wins_and_the_hedge_is_recorded_hedged(tmp_path):
     assert [(a["attempt"], a["state"], a.get("hedge", False)) for a in mine] == [
         (1, "succeeded", False), (2, "hedged", True)]
     assert store.rounds_[("s1", 0)]["failed"] == 0
+
+
+def test_a_hedge_whose_update_was_refused_as_a_duplicate_loses(tmp_path):
+    def behave(fn, p, n):
+        if fn == "fl_client" and p["client"] == "client_3":
+            if n == 1:
+                return ("after", 20.0)
+            return Outcome("", True, result={"num_examples": 10, "duplicate": True})
+        return ("after", 1.0) if fn == "fl_client" else "ok"
+
+    keeper, store, provider, _ = fake_keeper(tmp_path, behave, rounds=1, training=HEDGE_ON)
+    assert keeper.start(session_id="s1").state == "finished"
+    mine = client_attempts(store, "s1", "client_3")
+    assert [(a["attempt"], a["state"], a.get("hedge", False)) for a in mine] == [
+        (1, "succeeded", False), (2, "hedged", True)]
+    assert store.rounds_[("s1", 0)]["included"].count("client_3") == 1
 
 
 def test_async_hedges_a_straggling_job(tmp_path):

@@ -116,7 +116,10 @@ class Hedger:
                     continue
                 table, s = hit
                 fields = outcome_fields(out, self.d.clock())
-                if fields["state"] == "succeeded" and s.state == RUNNING:
+                # A duplicate: the update the slot's own attempt stored was
+                # there first, so that one wins (tracked to its end as usual).
+                duplicate = bool((out.result or {}).get("duplicate"))
+                if fields["state"] == "succeeded" and s.state == RUNNING and not duplicate:
                     hedge_doc = s.hedge.doc_id
                     loser = table.hedge_won(s, out.result)
                     changes.append((hedge_doc, fields))
@@ -126,7 +129,7 @@ class Hedger:
                 # A speculative attempt that failed is not a failure: the
                 # slot's own attempt carries on.
                 h = table.hedge_dropped(s)
-                changes.append((h.doc_id, {**fields, "state": HEDGED}))
+                changes.append((h.doc_id, {**fields, "state": HEDGED, "error": fields["error"] or LOST_THE_RACE}))
         now = self.d.clock()
         for table in tables:
             for s in table.overdue_hedges():
