@@ -149,7 +149,10 @@ def main() -> None:
             warm_s, warm_mem = run_start(exe, cfg, env, state, args.timeout_s)
             warm = session_rounds(exe, cfg, env)
         finally:
-            subprocess.run([exe, "fabric", "down", "-c", str(cfg)], env=env, capture_output=True, timeout=120)
+            # every local service of the state directory (kept by --keep-services)
+            down = subprocess.run([exe, "fabric", "down"], env=env, capture_output=True, text=True, timeout=120)
+            if down.returncode != 0:
+                print(f"stopping the local services failed: {down.stderr.strip()[-500:]}", file=sys.stderr)
     print()
     print(f"{'run':<6} {'command s':>10} {'rounds':>7} {'final acc':>10} {'round 1 s':>10} {'peak PSS GiB':>13}")
     for name, secs, data, mem in (("cold", cold_s, cold, cold_mem), ("warm", warm_s, warm, warm_mem)):
