@@ -227,3 +227,12 @@ def test_selection_is_the_same_with_hedging_on_and_off(tmp_path):
     on, off = selected("on", HEDGE_ON), selected("off", "")
     assert on == off
     assert hedges[0] > 0 and hedges[1] == 0   # the straggler was picked and hedged only with hedging on
+
+
+def test_training_hedging_reaches_the_policy_and_is_off_by_default(tmp_path):
+    for sub in ("on", "off"):
+        (tmp_path / sub).mkdir()
+    on, _, _, _ = fake_keeper(tmp_path / "on", training=HEDGE_ON)
+    assert on.dispatcher.policy.hedging == HEDGING
+    off, _, _, _ = fake_keeper(tmp_path / "off")
+    assert off.dispatcher.policy.hedging.enabled is False
