@@ -208,7 +208,11 @@ def main() -> None:
     ap.add_argument("--no-cache", dest="no_cache", type=int, default=5)
     ap.add_argument("--in-process", action="store_true")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--smoke", action="store_true", help="3 clients x 2 rounds of 0.1 MB, one call a phase (tests)")
     args = ap.parse_args()
+    if args.smoke:
+        args.clients, args.rounds, args.model_mb = 3, 2, 0.1
+        args.cold = args.warm = args.warm_updates = args.no_cache = 1
     with tempfile.TemporaryDirectory() as tmpdir:
         tmp = Path(tmpdir)
         server = EmbeddedMongo(tmp / "mongo")

@@ -125,7 +125,10 @@ def main() -> int:
     p.add_argument("--memory-mb", type=int, default=256)
     p.add_argument("--concurrency", type=int, default=1, help="the action's limits.concurrency")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--smoke", action="store_true", help="50 invocations (tests)")
     a = p.parse_args()
+    if a.smoke:
+        a.n = 50
     with tempfile.TemporaryDirectory(prefix="fk-bench-") as tmp:
         r = bench(a.n, a.threads, a.memory_mb, a.concurrency, Path(tmp))
     if a.json:

@@ -57,7 +57,10 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--clients", default="10,50,100")
     ap.add_argument("--rounds", type=int, default=4)
+    ap.add_argument("--smoke", action="store_true", help="4 clients, 2 rounds (tests)")
     args = ap.parse_args()
+    if args.smoke:
+        args.clients, args.rounds = "4", 2
     from fedkeeper.cli import run_start
     from fedkeeper.config import load_config
     from fedkeeper.store import connect

@@ -97,7 +97,10 @@ def main() -> None:
     ap.add_argument("--crash", type=float, default=0.4, help="crash rate of the flaky half's cluster")
     ap.add_argument("--exploration", type=float, default=0.2)
     ap.add_argument("--repeat", type=int, default=1)
+    ap.add_argument("--smoke", action="store_true", help="2 rounds of 2 out of 4 clients, no crashes (tests)")
     args = ap.parse_args()
+    if args.smoke:
+        args.rounds, args.clients, args.per_round, args.crash = 2, 4, 2, 0.0
     from fedkeeper.cli import run_start
     from fedkeeper.config import load_config
     from fedkeeper.local import shutdown_local_services

@@ -34,9 +34,14 @@ TOKEN_SECRET_ENV = "FEDKEEPER_TOKEN_SECRET"
 # Limits used when the scenario's functions block names none.
 FUNCTION_DEFAULTS: dict[str, dict[str, Any]] = {
     "fl_client": {"memory_mb": 1024, "timeout_s": 120.0, "concurrency": 1},
-    "fl_server_init": {"memory_mb": 2048, "timeout_s": 300.0, "concurrency": 1},
-    "fl_server_aggregator": {"memory_mb": 2048, "timeout_s": 300.0, "concurrency": 1},
+    # A TensorFlow function holds about 260 MB of its own; the aggregator
+    # about 3x the model on top. 512 MB lets the server functions stay warm
+    # beside a client within an OpenWhisk invoker's 2 GB; raise it for big models.
+    "fl_server_init": {"memory_mb": 512, "timeout_s": 300.0, "concurrency": 1},
+    "fl_server_aggregator": {"memory_mb": 512, "timeout_s": 300.0, "concurrency": 1},
     "fl_invoker": {"memory_mb": 512, "timeout_s": 300.0, "concurrency": 1},
+    # training.aggregation: hierarchical; holds about 3x the model, like the aggregator
+    "fl_combiner": {"memory_mb": 1024, "timeout_s": 300.0, "concurrency": 1},
     "nodeinfo": {"memory_mb": 256, "timeout_s": 60.0, "concurrency": 1},
     # Memory at least its cache bound plus INSIGHTS_WORKING_MB (function_spec).
     "fl_insights": {"memory_mb": 2048, "timeout_s": 300.0, "concurrency": 1},
@@ -250,6 +255,8 @@ class Runtime:
                 out.append(Placement(cname, section, self.function_spec(fn, section)))
             if getattr(ccfg, "invocation", "direct") == "via_invoker":
                 out.append(Placement(cname, section, self.function_spec("fl_invoker", section)))
+            if self.scenario.training.aggregation == "hierarchical":
+                out.append(Placement(cname, section, self.function_spec("fl_combiner", section)))
         return out
 
     def placements_for(self, functions: Iterable[str], clusters: Iterable[str]) -> list[Placement]:

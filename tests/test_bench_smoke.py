@@ -16,6 +16,13 @@ ROOT = Path(__file__).resolve().parent.parent
 # (script under bench/, its smoke arguments, a text its output must contain)
 BENCHES = [
     ("bench_aggregation.py", ["--smoke"], "agg MB/s"),
+    ("bench_invocations.py", ["--smoke"], "invocations/s"),
+    ("bench_insights.py", ["--smoke"], "warm median"),
+    ("bench_secagg.py", ["--smoke"], "max |diff|"),
+    ("bench_round_overhead.py", ["--smoke"], "overhead/client ms"),
+    ("bench_selection.py", ["--smoke"], "on crashing cluster"),
+    ("bench_learning.py", ["--smoke"], "Keras FedAvg reference"),
+    ("bench_main_job.py", ["--smoke"], "cold / warm"),
 ]
 
 
@@ -23,6 +30,6 @@ BENCHES = [
 def test_bench_runs_at_its_smoke_size(script, args, expect, tmp_path):
     env = dict(os.environ, FEDKEEPER_STATE_DIR=str(tmp_path / "state"), FEDKEEPER_LOG_DIR=str(tmp_path / "logs"))
     out = subprocess.run([sys.executable, str(ROOT / "bench" / script), *args], cwd=ROOT, env=env,
-                         capture_output=True, text=True, timeout=300)
+                         capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
     assert expect in out.stdout, out.stdout[-3000:]

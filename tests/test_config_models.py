@@ -61,3 +61,15 @@ def test_a_section_is_imported_only_when_the_config_uses_it(tmp_path):
                          cwd=ROOT).stdout
     assert "fedkeeper.providers.openwhisk.cluster" in out
     assert "fedkeeper.providers.gcf" not in out and "fedkeeper.providers.knative" not in out
+
+
+def test_fabric_capacity_is_a_local_openwhisk_setting():
+    model = cluster_model("openwhisk")
+    local = model.model_validate({"kind": "local", "user_memory_mb": 4096, "stem_cells": {"tensorflow": 2}})
+    assert local.user_memory_mb == 4096 and local.stem_cells == {"tensorflow": 2}
+    with pytest.raises(ValueError, match="kind: local only"):
+        model.model_validate({"base_url": "https://ow.example", "auth": {"ow_auth": "u:k"}, "user_memory_mb": 4096})
+    with pytest.raises(ValueError, match="unknown runtimes"):
+        model.model_validate({"kind": "local", "stem_cells": {"gpu": 1}})
+    with pytest.raises(ValueError):
+        model.model_validate({"kind": "local", "user_memory_mb": 0})

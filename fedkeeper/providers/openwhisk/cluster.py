@@ -6,7 +6,7 @@ import re
 from typing import ClassVar, Optional
 from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import SecretStr, field_validator, model_validator
+from pydantic import NonNegativeInt, PositiveInt, SecretStr, field_validator, model_validator
 
 from ...config.clusters import ClusterConfig, Strict
 from ...config.values import HostPort, HttpUrl, OpenWhiskName, RegistryPrefix, no_placeholder
@@ -39,6 +39,21 @@ class OpenWhiskCluster(ClusterConfig):
     namespace: Optional[OpenWhiskName] = None
     insecure: bool = False  # explicit opt-out of TLS verification
     image_registry: Optional[RegistryPrefix] = None  # prefix of the runtime images (`fedkeeper runtime build --push`)
+    # kind: local only: the embedded fabric's invoker capacity (OpenWhisk's
+    # userMemory, 2048 MB by default) and prewarmed stem cells per runtime.
+    user_memory_mb: Optional[PositiveInt] = None
+    stem_cells: Optional[dict[str, NonNegativeInt]] = None
+
+    @model_validator(mode="after")
+    def _capacity_local_only(self):
+        if self.kind != "local" and (self.user_memory_mb is not None or self.stem_cells is not None):
+            raise ValueError("user_memory_mb and stem_cells set the embedded fabric: clusters of kind: local only")
+        if self.stem_cells:
+            from ...runtimes import runtime_names
+            unknown = sorted(set(self.stem_cells) - set(runtime_names()))
+            if unknown:
+                raise ValueError(f"stem_cells names unknown runtimes {unknown}; known: {runtime_names()}")
+        return self
 
     @model_validator(mode="after")
     def _need_endpoint(self):
