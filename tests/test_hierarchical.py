@@ -42,7 +42,7 @@ def _plant(db, sids, rnd, seed):
 def _round(db, flat, hier, rnd, combiners=CLUSTERS):
     out_flat = call("fl_server_aggregator", db, session=flat, round=rnd, clients=CLIENTS)
     for cluster, clients in combiners.items():
-        out = call("fl_combiner", db, session=hier, round=rnd, cluster=cluster, clients=clients)
+        out = call("fl_combiner", db, session=hier, round=rnd, cluster_name=cluster, clients=clients)
         assert out["combined"] == len(clients) and out["rejected_count"] == 0
     out_hier = call("fl_server_aggregator", db, session=hier, round=rnd, clients=CLIENTS)
     return out_flat, out_hier
@@ -98,7 +98,7 @@ def test_a_partial_of_clients_not_listed_for_the_round_is_refused(fn_db):
     flat, hier = _sessions(db, "fedavg")
     _plant(db, (flat, hier), 0, seed=4)
     for cluster, clients in CLUSTERS.items():
-        call("fl_combiner", db, session=hier, round=0, cluster=cluster, clients=clients)
+        call("fl_combiner", db, session=hier, round=0, cluster_name=cluster, clients=clients)
     out = call("fl_server_aggregator", db, session=hier, round=0, clients=CLIENTS[:4])
     assert out["accepted"] == 4   # alpha used; beta refused (lists client_5), client_3 read directly
     beta = db[PARTIALS].find_one({"session": hier, "round": 0, "cluster": "beta"})

@@ -332,14 +332,18 @@ class Dispatcher:
         self.hedger.start(session, tables)
 
     # ------------------------------------------------------------------ helper calls
-    def call(self, cluster: str, session: str, rnd: int, function: str, **args: Any) -> dict[str, Any]:
+    def call(self, cluster: str, session: str, rnd: int, function: str, *, slot_name: str | None = None,
+             **args: Any) -> dict[str, Any]:
         """Invoke a helper function (init, aggregator, invoker) and wait, with
         the same bounded retries; every attempt is recorded. A resumed keeper
-        continues the attempt numbering of the one it replaces."""
+        continues the attempt numbering of the one it replaces. `slot_name`
+        (default `_<function>`) names its attempt records: calls of one
+        function made in parallel (one combiner per cluster) each need their own."""
         provider = self.platforms.provider(cluster)
         spec = self.platforms.spec(cluster, function)
-        before = self.store.last_attempt(session, rnd, f"_{function}")
-        slot = Slot(f"_{function}", cluster, rnd, attempt=before, uncounted=before, function=function)
+        name = slot_name or f"_{function}"
+        before = self.store.last_attempt(session, rnd, name)
+        slot = Slot(name, cluster, rnd, attempt=before, uncounted=before, function=function)
         table = self.table([slot])
         while True:
             table.begin([slot])

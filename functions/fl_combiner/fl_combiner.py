@@ -5,7 +5,7 @@ delta of its clients, their total weight and examples, stored with the list
 of the clients it counted (flcommon.partials). fl_server_aggregator then adds
 the partials instead of reading every update.
 
-Payload: {session, round: R, cluster: name, clients: [ids of the cluster's
+Payload: {session, round: R, cluster_name: the cluster, clients: [ids of the cluster's
 clients that delivered their round-R update]}.
 
 Updates are streamed and checked exactly as the aggregator does
@@ -32,9 +32,9 @@ def _result(doc: dict[str, Any]) -> dict[str, Any]:
 
 def handle(payload: dict[str, Any], bound: dict[str, str]) -> dict[str, Any]:
     session, rnd = ids(payload)
-    cluster = require(payload, "cluster", str)
+    cluster = require(payload, "cluster_name", str)
     if not 0 < len(cluster) <= MAX_CLUSTER_NAME:
-        raise BadRequest(f"cluster must be a name of 1 to {MAX_CLUSTER_NAME} characters")
+        raise BadRequest(f"cluster_name must be a name of 1 to {MAX_CLUSTER_NAME} characters")
     clients = require(payload, "clients", list)
     if not clients or not all(isinstance(c, str) for c in clients):
         raise BadRequest("clients must list the ids of the cluster's clients that delivered")

@@ -11,6 +11,7 @@ from typing import Any, Callable, ClassVar
 
 from ...privacy.rounds import stored_epsilon
 from ...providers import Invocation
+from ..aggregation import combine_clusters
 from ..attempts import DELIVERED, FAILED, RUNNING, AttemptTable, Slot
 from ..dispatch import Dispatcher
 from ..errors import SessionError
@@ -165,6 +166,9 @@ class RoundMode(ABC):
         """Run the aggregator on the round's updates, close the round's
         document and emit its `round` event."""
         self.ctx.events.emit("aggregating", round=rnd, included=len(included) + len(stale))
+        if getattr(self.training, "aggregation", "flat") == "hierarchical":
+            # Combiners first: the aggregator uses the partials they stored.
+            combine_clusters(self.dispatch, session, rnd, list(args.get("clients", [])), self.ctx.client_cluster)
         res = self.dispatch.call(self.ctx.server, session, rnd, "fl_server_aggregator", **args)
         attempts = self.store.attempts(session, rnd)
         retries = sum(1 for a in attempts if a["attempt"] > 1)
