@@ -23,6 +23,7 @@ BENCHES = [
     ("bench_selection.py", ["--smoke"], "on crashing cluster"),
     ("bench_learning.py", ["--smoke"], "Keras FedAvg reference"),
     ("bench_main_job.py", ["--smoke"], "cold / warm"),
+    ("bench_hierarchical.py", ["--smoke"], "ratio hierarchical / flat"),
 ]
 
 

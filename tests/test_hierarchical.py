@@ -118,3 +118,49 @@ def test_robust_strategies_refuse_hierarchical(strategy):
 def test_privacy_and_secure_aggregation_refuse_hierarchical():
     with pytest.raises(ValueError, match="hierarchical cannot be combined"):
         TrainingConfig(aggregation="hierarchical", secure_aggregation=True)
+
+
+def test_memory_stays_within_three_models_at_both_levels(fn_db):
+    """A combiner streams its cluster's updates (one accumulator, read-ahead
+    of one update), and the top level holds one partial at a time: peak
+    traced memory under 3x the model plus a constant at each level."""
+    import tracemalloc
+
+    from flcommon.partials import PartialSum, write_partial
+    from flcommon.strategies import get_strategy
+    from flcommon.update_stream import aggregate
+
+    db = fn_db
+    shapes = [(500, 1000), (1000,), (1000, 500), (10,)]
+    model_bytes = sum(int(np.prod(s)) * 4 for s in shapes)
+    rng = np.random.default_rng(0)
+    base = [rng.standard_normal(s).astype(np.float32) for s in shapes]
+    groups = {"alpha": [f"client_{i}" for i in range(12)], "beta": [f"client_{i}" for i in range(12, 24)]}
+    for i, c in enumerate(c for cs in groups.values() for c in cs):
+        _put_update(db, "mem", 0, c, [b + i for b in base], n=i + 1)
+    peaks = []
+    tracemalloc.start()
+    try:
+        for cluster, clients in groups.items():
+            tracemalloc.reset_peak()
+            partial = PartialSum()
+            accepted, rejected = aggregate(db, "mem", 0, [(c, 0) for c in clients], base, partial,
+                                           use_partials=False)
+            write_partial(db, "mem", 0, cluster, partial, accepted, rejected, 0.0)
+            del partial
+            peaks.append(tracemalloc.get_traced_memory()[1])
+            assert len(accepted) == len(clients) and not rejected
+        tracemalloc.reset_peak()
+        strategy = get_strategy("fedavg")
+        everyone = [(c, 0) for cs in groups.values() for c in cs]
+        accepted, rejected = aggregate(db, "mem", 0, everyone, base, strategy)
+        result, _ = strategy.finish(base, None)
+        peaks.append(tracemalloc.get_traced_memory()[1])
+    finally:
+        tracemalloc.stop()
+    assert len(accepted) == 24 and not rejected
+    assert all(p <= 3 * model_bytes + 2_000_000 for p in peaks), (peaks, model_bytes)
+    w = np.arange(1, 25)   # update i is base + i, weighted by i + 1
+    shift = float((w * (w - 1)).sum() / w.sum())
+    again = np.random.default_rng(0).standard_normal(shapes[0]).astype(np.float32)
+    assert np.allclose(result[0], again + shift, atol=1e-3)

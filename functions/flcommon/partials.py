@@ -16,13 +16,14 @@ it; otherwise the whole partial is refused and its clients' updates are read
 by the aggregator itself, as in a flat round."""
 from __future__ import annotations
 
+import io
 import time
 from typing import Any
 
 import numpy as np
 
 from . import store
-from .blobs import BlobError
+from .blobs import BlobError, write_arrays
 
 PARTIALS = "partials"
 
@@ -67,8 +68,18 @@ def write_partial(db, session: str, rnd: int, cluster: str, partial: PartialSum,
     done = db[PARTIALS].find_one({"session": session, "round": rnd, "cluster": cluster})
     if done is not None:
         return done
-    blob = store.put_arrays(db, partial.mean(), f"{session}/partial/{rnd:03d}/{cluster}.npz",
-                            {"kind": "partial", "session": session, "round": rnd, "cluster": cluster})
+    # Encoded first, the mean released, then uploaded a chunk at a time:
+    # the accumulator and its encoding are never held with the upload's
+    # own copies (store.put_arrays would hold all three).
+    buf = io.BytesIO()
+    mean = partial.mean()
+    write_arrays(buf, mean)
+    del mean
+    buf.seek(0)
+    blob = store.bucket(db).upload_from_stream(
+        f"{session}/partial/{rnd:03d}/{cluster}.npz", buf,
+        metadata={"kind": "partial", "session": session, "round": rnd, "cluster": cluster})
+    buf.close()
     doc = {"session": session, "round": rnd, "cluster": cluster, "blob_id": blob,
            "clients": contributions, "rejected": rejected, "weight": partial.weight,
            "num_examples": partial.mass, "created": time.time(), "seconds": seconds}
