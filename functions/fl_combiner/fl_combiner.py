@@ -44,7 +44,9 @@ def handle(payload: dict[str, Any], bound: dict[str, str]) -> dict[str, Any]:
     if done is not None:  # idempotent: a retried combiner changes nothing
         return _result(done)
     spec = session_spec(db, session)
-    exponent = float(spec.get("staleness_exponent", 0.5))
+    exponent = spec.get("staleness_exponent", 0.5)
+    if isinstance(exponent, bool) or not isinstance(exponent, (int, float)) or not exponent >= 0:
+        raise BadRequest(f"session staleness_exponent must be a non-negative number, got {exponent!r}")
     t0 = time.perf_counter()
     _, weights = global_model(db, session, rnd)
     partial = PartialSum()

@@ -12,6 +12,9 @@ added), none may decode to more than the model's size, and each is checked
 whole before the strategy sees it; invalid ones are rejected with a recorded
 reason and the round aggregates the rest. An update already counted
 by the aggregation of another round is rejected, never counted twice.
+In a hierarchical round (training.aggregation: hierarchical) the partial
+aggregates the combiners (fl_combiner) stored for the round are added one
+each in place of their clients' updates (flcommon.partials).
 Server-optimizer state (momentum, moments) is a blob referenced by the
 models document and read back by the next aggregation."""
 from __future__ import annotations
