@@ -13,55 +13,23 @@ per cached model; every other strategy trains with Keras' own step.
 """
 from __future__ import annotations
 
-import os
 import threading
 from typing import Any, Sequence
 
-# One intra-op thread per worker: several workers share few cores, and
-# oversubscribed thread pools make every one of them slower.
-os.environ.setdefault("TF_NUM_INTRAOP_THREADS", "1")
-os.environ.setdefault("TF_NUM_INTEROP_THREADS", "1")
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+import numpy as np
 
-import numpy as np  # noqa: E402
+from flcommon.strategies import FedProx, StrategyError, get_strategy
 
-from flcommon.strategies import FedProx, StrategyError, get_strategy  # noqa: E402
+# architectures first: it sets TensorFlow's threads before Keras is imported.
+from .architectures import MODELS, build  # noqa: F401  (build: the built-ins, for this module's callers)
+from .entry import BadRequest
+from .user_code import code_for
 
-from .entry import BadRequest  # noqa: E402
-from .user_code import code_for  # noqa: E402
-
-MODELS = ("cnn", "nn", "small")
 OPTIMIZERS = ("adam", "nadam", "sgd")
 _cache: dict[tuple, Any] = {}
 _fresh: dict[int, list[np.ndarray]] = {}  # id(model) -> its optimizer's initial variable values
 _prox: dict[int, tuple[Any, list[Any], Any]] = {}  # id(model) -> (FedProx step, anchors, mu variable)
 _lock = threading.Lock()
-
-
-def build(name: str, input_shape: Sequence[int], num_classes: int, seed: int | None = None):
-    import keras
-    from keras import layers
-    if seed is not None:
-        keras.utils.set_random_seed(seed)
-    inp = keras.Input(shape=tuple(input_shape))
-    if name == "cnn":      # McMahan et al.'s MNIST CNN
-        x = layers.Conv2D(32, 5, padding="same", activation="relu")(inp)
-        x = layers.MaxPooling2D(2, padding="same")(x)
-        x = layers.Conv2D(64, 5, padding="same", activation="relu")(x)
-        x = layers.MaxPooling2D(2, padding="same")(x)
-        x = layers.Flatten()(x)
-        x = layers.Dense(512, activation="relu")(x)
-    elif name == "nn":     # FedKeeper's 2NN: Dense 500 -> classes
-        x = layers.Flatten()(inp)
-        x = layers.Dense(500, activation="relu")(x)
-    elif name == "small":  # for 8x8 digits
-        x = layers.Flatten()(inp)
-        x = layers.Dense(64, activation="relu")(x)
-    else:
-        raise BadRequest(f"unknown model {name!r}; expected one of {MODELS}")
-    out = layers.Dense(num_classes, activation="softmax")(x)
-    return keras.Model(inp, out, name=name)
 
 
 def _optimizer(optim: str, lr: float, momentum: float):

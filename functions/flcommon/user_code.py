@@ -214,7 +214,7 @@ class BuiltinCode:
         self.label = f"built-in model {spec.get('model', 'small')}"
 
     def build_model(self, input_shape: Sequence[int], num_classes: int):
-        from .models import build
+        from .architectures import build
         return build(self.spec.get("model", "small"), input_shape, num_classes)
 
     def load_data(self) -> tuple[np.ndarray, ...]:

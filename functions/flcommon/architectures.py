@@ -1,0 +1,44 @@
+"""The built-in Keras architectures (`data_sampling.model`), apart from
+training so that the user-code interface can build them without importing
+the training loop. Importing this module sets TensorFlow's thread and log
+settings before Keras is first imported."""
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+# One intra-op thread per worker: several workers share few cores, and
+# oversubscribed thread pools make every one of them slower.
+os.environ.setdefault("TF_NUM_INTRAOP_THREADS", "1")
+os.environ.setdefault("TF_NUM_INTEROP_THREADS", "1")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+
+from .entry import BadRequest  # noqa: E402
+
+MODELS = ("cnn", "nn", "small")
+
+
+def build(name: str, input_shape: Sequence[int], num_classes: int, seed: int | None = None):
+    import keras
+    from keras import layers
+    if seed is not None:
+        keras.utils.set_random_seed(seed)
+    inp = keras.Input(shape=tuple(input_shape))
+    if name == "cnn":      # McMahan et al.'s MNIST CNN
+        x = layers.Conv2D(32, 5, padding="same", activation="relu")(inp)
+        x = layers.MaxPooling2D(2, padding="same")(x)
+        x = layers.Conv2D(64, 5, padding="same", activation="relu")(x)
+        x = layers.MaxPooling2D(2, padding="same")(x)
+        x = layers.Flatten()(x)
+        x = layers.Dense(512, activation="relu")(x)
+    elif name == "nn":     # FedKeeper's 2NN: Dense 500 -> classes
+        x = layers.Flatten()(inp)
+        x = layers.Dense(500, activation="relu")(x)
+    elif name == "small":  # for 8x8 digits
+        x = layers.Flatten()(inp)
+        x = layers.Dense(64, activation="relu")(x)
+    else:
+        raise BadRequest(f"unknown model {name!r}; expected one of {MODELS}")
+    out = layers.Dense(num_classes, activation="softmax")(x)
+    return keras.Model(inp, out, name=name)
