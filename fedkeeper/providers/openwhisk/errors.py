@@ -3,31 +3,17 @@ failed connections, and activation records (status strings and codes,
 timeouts as OpenWhisk annotates them)."""
 from __future__ import annotations
 
-import email.utils
 import json
-import time
 from typing import Any
 
 import requests
 import urllib3
 
 from ..base import ErrorClass, Outcome, ProviderError
+from ..http_invoke import retry_after_seconds
 
 _STATUS_BY_CODE = {0: "success", 1: "application error", 2: "action developer error",
                    3: "whisk internal error"}
-
-
-def _retry_after(value: str | None) -> float | None:
-    if not value:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        return max(0.0, email.utils.parsedate_to_datetime(value).timestamp() - time.time())
-    except (TypeError, ValueError):
-        return None
 
 
 def _error_text(data: bytes | str | None) -> str:
@@ -79,7 +65,7 @@ def status_error(where: str, status: int, data: bytes | str | None, what: str,
     if status == 413:
         return ProviderError(ErrorClass.PAYLOAD_TOO_LARGE, msg, status=status)
     if status == 429:
-        ra = _retry_after(headers.get("Retry-After") if headers is not None else None)
+        ra = retry_after_seconds(headers.get("Retry-After") if headers is not None else None)
         return ProviderError(ErrorClass.THROTTLED, msg, retry_after=ra, status=status)
     if status >= 500 or status == 409:
         return ProviderError(ErrorClass.PLATFORM_ERROR, msg, status=status)
