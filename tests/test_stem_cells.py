@@ -87,6 +87,21 @@ def test_without_stem_cells_a_cold_start_starts_a_process(pool):
     assert cold["response"]["result"]["preloaded"] is False
 
 
+def test_an_action_given_less_than_a_stem_cell_starts_its_own_process(pool):
+    """As OpenWhisk matches prewarm containers by memory: a cell that already
+    holds its runtime's modules would break a smaller action's limit."""
+    fw = pool
+    pool.admin("limits", {"stemCells": {"light": 1}})
+    cell_mb = fw.admin("status")["stem_memory_mb"]
+    put_light(fw, "st-small", memory=cell_mb // 2)
+    cell = wait_for(lambda: [w for w in stem_cells(fw) if w["state"] == "stem"], 60)[0]
+    cold = fw.invoke("st-small", {}, blocking=True).json()
+    assert cold["response"]["success"], cold
+    assert ann(cold)["fk-start"] == "cold"
+    assert cold["response"]["result"]["pid"] != cell["pid"]
+    assert [w["pid"] for w in stem_cells(fw)] == [cell["pid"]]  # the cell is still there, untaken
+
+
 def test_stem_cells_count_against_the_user_memory(pool):
     fw = pool
     pool.admin("limits", {"stemCells": {}})

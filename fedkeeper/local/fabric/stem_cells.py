@@ -44,8 +44,14 @@ class StemCells:
 
     def find(self, action: Action) -> Worker | None:
         """A stem cell of the action's runtime: a ready one, else the one
-        that started first (still loading its modules)."""
+        that started first (still loading its modules). Like OpenWhisk's
+        prewarm containers, a cell serves only actions given at least its
+        memory: one that already holds the runtime's modules would break a
+        smaller action's memory limit (a 128 MB no-op action on a
+        TensorFlow cell is killed)."""
         if action.code_dir is None:
+            return None
+        if int(action.limits.get("memory", 0)) < self.f.settings.stem_memory_mb:
             return None
         cells = [w for w in self.cells.get(runtime_of(action), ())
                  if not w.kill_reason and w.state in ("stem", "starting")]
