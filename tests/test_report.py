@@ -276,10 +276,22 @@ def test_report_command_on_a_planted_session(store, mongo_url, tmp_path, isolate
                           "spec": {"clients": ["client_0", "client_1"]}})
     for r in range(2):
         store.upsert_round("rep-1", r, selected=["client_0", "client_1"], included=["client_0", "client_1"],
-                           state="done", started=1001.0 + 9 * r, ended=1010.0 + 9 * r, retries=0, failed=0)
+                           state="done", started=1001.0 + 9 * r, ended=1010.0 + 9 * r, retries=0, failed=0,
+                           epsilon=1.5 * (r + 1))
+    # round 1: client_1 was retried once, client_0 was hedged (a hedge is no retry)
+    store.insert_attempts([
+        {"session": "rep-1", "round": 0, "client": "client_0", "attempt": 1, "state": "hedged"},
+        {"session": "rep-1", "round": 0, "client": "client_0", "attempt": 2, "state": "succeeded", "hedge": True},
+        {"session": "rep-1", "round": 0, "client": "client_1", "attempt": 1, "state": "failed"},
+        {"session": "rep-1", "round": 0, "client": "client_1", "attempt": 2, "state": "succeeded"},
+    ])
     res = CliRunner().invoke(cli, ["report", "rep-1", "-c", str(cfg), "-o", str(tmp_path / "out"), "--json"])
     assert res.exit_code == 0, res.output
     (s,) = json.loads(res.stdout)["sessions"]
     assert [row["round"] for row in s["rounds"]] == [1, 2] and s["wall_time_s"] == 20.0
+    assert [row["epsilon"] for row in s["rounds"]] == [1.5, 3.0]
+    assert (s["rounds"][0]["retries"], s["rounds"][0]["hedges"]) == (1, 1)
+    page = next((tmp_path / "out").glob("*.html")).read_text()
+    assert "<th>epsilon</th>" in page and "<th>hedges</th>" in page
     missing = CliRunner().invoke(cli, ["report", "nope", "-c", str(cfg), "-o", str(tmp_path / "x")])
     assert missing.exit_code == 1 and missing.output.startswith("Error: not in the store: session 'nope'")

@@ -41,7 +41,7 @@ def status_data(store, session_id: str | None) -> dict[str, Any]:
             "in_flight": sum(1 for a in latest.values() if a.get("state") in ("running", "submitting")),
             "retrying": sum(1 for a in latest.values()
                             if a["attempt"] > 1 and a.get("state") in ("running", "submitting")),
-            "retries": sum(1 for a in mine if a["attempt"] > 1),
+            "retries": sum(1 for a in mine if a["attempt"] > 1 and not a.get("hedge")),
             "duration_s": r.get("duration_s"), "accuracy": r.get("accuracy"), "loss": r.get("loss"),
             "epsilon": r.get("epsilon"),
         })

@@ -183,8 +183,11 @@ def session_series(store, session_id: str, cost: dict[str, Any] | None = None) -
             "stale_included": len(rd.get("stale_included") or []),
             "attempts": len(clients_r),
             # Every re-invocation in the round, helpers included (as rounds.retries counts them).
-            "retries": sum(1 for a in mine if a.get("attempt", 1) > 1),
-            "client_retries": sum(1 for a in clients_r if a.get("attempt", 1) > 1),
+            # (a hedge takes the next attempt number but is no retry)
+            "retries": sum(1 for a in mine if a.get("attempt", 1) > 1 and not a.get("hedge")),
+            "client_retries": sum(1 for a in clients_r if a.get("attempt", 1) > 1 and not a.get("hedge")),
+            "hedges": sum(1 for a in clients_r if a.get("hedge")),
+            "epsilon": _num(rd.get("epsilon")),  # under differential privacy
             "failed_attempts": sum(by_class.values()),
             "failures_by_class": dict(sorted(by_class.items())),
             "failed_clients": rd.get("failed"),

@@ -87,13 +87,15 @@ def write_html(report: dict[str, Any], pngs: dict[str, Path], path: Path) -> Pat
             parts.append(f"<p class='note'>error: {html.escape(str(s['error']))}</p>")
         parts.append(_table(["setting", "value"], [[k, v] for k, v in s["params"].items()], "settings"))
         with_cost = s["cost"] is not None
+        with_eps = any(row.get("epsilon") is not None for row in s["rounds"])
         parts.append(_table(
-            ["round", "state", "selected", "included", "accepted", "rejected", "stale", "retries",
+            ["round", "state", "selected", "included", "accepted", "rejected", "stale", "retries", "hedges",
              "failed attempts", "failed clients", "duration s", "aggregation s", "accuracy", "loss"]
-            + (["cost"] if with_cost else []),
+            + (["epsilon"] if with_eps else []) + (["cost"] if with_cost else []),
             [[row["round"], row["state"], row["selected"], row["included"], row["accepted"], row["rejected"],
-              row["stale_included"], row["retries"], row["failed_attempts"], row["failed_clients"],
-              row["duration_s"], row["aggregation_s"], row["accuracy"], row["loss"]]
+              row["stale_included"], row["retries"], row.get("hedges", 0), row["failed_attempts"],
+              row["failed_clients"], row["duration_s"], row["aggregation_s"], row["accuracy"], row["loss"]]
+             + ([row.get("epsilon")] if with_eps else [])
              + ([_money(row["cost"], s["cost"]["currency"])] if with_cost else []) for row in s["rounds"]],
             "rounds"))
         if s.get("validations"):

@@ -171,7 +171,8 @@ class RoundMode(ABC):
             combine_clusters(self.dispatch, session, rnd, list(args.get("clients", [])), self.ctx.client_cluster)
         res = self.dispatch.call(self.ctx.server, session, rnd, "fl_server_aggregator", **args)
         attempts = self.store.attempts(session, rnd)
-        retries = sum(1 for a in attempts if a["attempt"] > 1)
+        # A hedge takes the slot's next attempt number but is not a retry.
+        retries = sum(1 for a in attempts if a["attempt"] > 1 and not a.get("hedge"))
         ended = self.ctx.clock()
         epsilon = stored_epsilon(self.ctx.privacy.epsilon_after(rnd + 1)) if self.ctx.privacy else None
         self.store.upsert_round(session, rnd, state="done", ended=ended,
