@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from fedkeeper.config import GoogleCluster, OpenWhiskCluster
@@ -55,8 +56,10 @@ def _assert_no_secrets(env: dict, allowed_extra: set[str]) -> None:
 def test_fabric_actions_see_only_what_openwhisk_gives_them(tmp_path, monkeypatch):
     for k, v in SECRETS.items():
         monkeypatch.setenv(k, v)
-    info = fabric.fabric_up(tmp_path / "fab")    # the fabric itself runs with the keeper's env
+    info = fabric.fabric_up(tmp_path / "fab")
     try:
+        # nor does the fabric server itself hold the keeper's secrets
+        _assert_no_secrets(psutil.Process(info["pid"]).environ(), {"PYTHONPATH"})
         c = FabricClient(info)
         assert c.put_action("dump", source=DUMP_ENV_ACTION, parameters={"bound": "p"}).status_code == 200
         res = c.invoke("dump", {"x": 1}, blocking=True, result=True).json()

@@ -19,6 +19,7 @@ import uuid
 from pathlib import Path
 
 from .. import supervisor
+from ...runtimes.isolation import CACHE_ENV
 from .api import make_server
 from .entities import DEFAULT_NAMESPACE, Settings
 from .core import Fabric
@@ -179,9 +180,13 @@ def _start(sdir: Path, port: int, timeout_s: float, extra_args: list[str] | None
     supervisor.drop_leases(sdir)
     with contextlib.suppress(FileNotFoundError):
         (sdir / STATE_FILE).unlink()
-    env = dict(os.environ)
+    # The fabric holds no secret of the keeper's: a minimal environment, plus
+    # where the runtime sites are cached (its workers' isolation reads it).
     pkg_root = str(Path(__file__).resolve().parents[3])
-    env["PYTHONPATH"] = pkg_root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    inherited = os.environ.get("PYTHONPATH")
+    extra = {"PYTHONPATH": pkg_root + (os.pathsep + inherited if inherited else "")}
+    extra.update({k: os.environ[k] for k in (CACHE_ENV, "XDG_CACHE_HOME") if k in os.environ})
+    env = supervisor.minimal_env(extra)
     cmd = [sys.executable, "-m", "fedkeeper.local.fabric", "serve",
            "--state-dir", str(sdir), "--port", str(port)] + list(extra_args or [])
     proc, rec = supervisor.spawn(cmd, log_path=sdir / LOG_FILE, env=env)
