@@ -223,12 +223,17 @@ class AttemptTable:
         """Running attempts past the hedging threshold of their round that
         have had no speculative attempt yet. Draws nothing from the rng:
         selections and backoffs stay what they are without hedging."""
+        if not self.policy.hedging.enabled:
+            return []
         now = self.clock()
         due = []
+        limits: dict[int, float | None] = {}  # one sort of a round's peers per call, not one per slot
         for s in self.slots.values():
             if s.state != RUNNING or s.inv is None or s.hedges or s.hedge is not None:
                 continue
-            limit = self.policy.hedging.threshold(self.peer_durations.get(s.round, []))
+            if s.round not in limits:
+                limits[s.round] = self.policy.hedging.threshold(self.peer_durations.get(s.round, []))
+            limit = limits[s.round]
             if limit is not None and now - s.started_at > limit:
                 due.append(s)
         return due
