@@ -300,7 +300,7 @@ class Dispatcher:
                     unreachable = fields["error"] or "unreachable"
                     s.next_try = max(s.next_try, self.clusters.next_probe(cluster))
                 if verdict.redeploy:
-                    self.platforms.redeploy(s.cluster, "fl_client")
+                    self.platforms.redeploy(s.cluster, s.function)
             verdicts.append((cluster, None if answered else unreachable))
         now = self.clock()
         for table in tables:
