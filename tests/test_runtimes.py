@@ -14,6 +14,7 @@ from fedkeeper.artifacts import ArtifactError, build_artifact
 from fedkeeper.providers.base import Artifact, FunctionSpec
 from fedkeeper.providers.knative import manifests
 from fedkeeper.providers.openwhisk import packaging as ow
+from fedkeeper.providers.openwhisk.image_variant import OPENWHISK_PYTHON_BASE
 from fedkeeper.runtimes import FunctionRuntime, Pin, RuntimeDeclarationError, images
 
 FUNCTIONS = ("fl_client", "fl_server_init", "fl_server_aggregator", "fl_insights", "fl_invoker", "nodeinfo")
@@ -75,16 +76,44 @@ def test_http_zip_carries_the_runtime_requirements(fn):
 def test_image_tag_follows_the_list():
     a = FunctionRuntime("t", (Pin("numpy", "2.0.0"),))
     b = FunctionRuntime("t", (Pin("numpy", "2.0.1"),))
-    for variant in images.VARIANTS:
+    for variant in images.variant_names():
         ra, rb = images.recipe(a, variant), images.recipe(b, variant)
         assert ra.tag != rb.tag and ra.tag.startswith(variant + "-")
         assert images.recipe(a, variant).tag == ra.tag  # stable
     ow_recipe = images.recipe("tensorflow", "openwhisk")
-    assert ow_recipe.dockerfile.startswith("# ") and f"FROM {images.OPENWHISK_PYTHON_BASE}" in ow_recipe.dockerfile
+    assert ow_recipe.dockerfile.startswith("# ") and f"FROM {OPENWHISK_PYTHON_BASE}" in ow_recipe.dockerfile
     assert "tensorflow-cpu==" in ow_recipe.requirements and "functions-framework" not in ow_recipe.requirements
     kn = images.recipe("light", "knative")
     assert "functions-framework==" in kn.requirements
     assert ow_recipe.image("reg.example/team") == f"reg.example/team/runtime-tensorflow:{ow_recipe.tag}"
+
+
+def test_image_variants_come_from_the_provider_packages():
+    """images.py knows no platform: each variant (base image, HTTP entry,
+    Dockerfile) is its provider package's, found through the registry; the
+    Dockerfiles are exactly those the images were built from before."""
+    import inspect
+
+    from fedkeeper import providers
+    assert images.variant_names() == providers.image_variant_names() == ("openwhisk", "knative")
+    source = inspect.getsource(images).lower()
+    assert "openwhisk" not in source and "knative" not in source
+    with pytest.raises(ValueError, match="unknown image variant 'lambda'; expected one of openwhisk, knative"):
+        images.recipe("light", "lambda")
+    assert images.recipe("light", "openwhisk").dockerfile == (
+        "# FedKeeper runtime light for OpenWhisk Docker actions (exec.kind: blackbox).\n"
+        "# The function's zip arrives as exec.code; the action loop of the base\n"
+        "# image runs its __main__.py main(args).\n"
+        "FROM openwhisk/action-python-v3.11:c0a1e6d\n"
+        "COPY requirements.txt /fedkeeper/requirements.txt\n"
+        "RUN pip install --no-cache-dir -r /fedkeeper/requirements.txt\n")
+    assert images.recipe("light", "knative").dockerfile == (
+        "# FedKeeper runtime light for Knative: the Service mounts the function's\n"
+        "# zip and serves its main.py with functions-framework on $PORT.\n"
+        "FROM python:3.11.7-slim-bookworm\n"
+        "COPY requirements.txt /fedkeeper/requirements.txt\n"
+        "RUN pip install --no-cache-dir -r /fedkeeper/requirements.txt\n"
+        "ENV PYTHONUNBUFFERED=1\n")
 
 
 def _spec(**kw) -> FunctionSpec:
@@ -174,7 +203,7 @@ def test_config_sample_names_the_images_the_runtimes_produce():
 
 def test_an_image_names_its_runtime_only_when_built_from_the_current_list():
     for name in ("light", "tensorflow"):
-        for variant in images.VARIANTS:
+        for variant in images.variant_names():
             assert images.runtime_of_image(images.runtime_image(name, variant, "reg.example:5000/acme")) == name
     stale = images.runtime_image("light", "openwhisk").rsplit("-", 1)[0] + "-000000000000"
     for other in (stale, "me/img:1", "fedkeeper/runtime-nope:openwhisk-abc", "localhost:5000/runtime-light"):

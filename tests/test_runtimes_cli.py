@@ -7,6 +7,7 @@ import stat
 from click.testing import CliRunner
 
 from fedkeeper.cli import main
+from fedkeeper.providers.knative.image_variant import KNATIVE_PYTHON_BASE
 from fedkeeper.runtimes import images
 
 LOCAL = """
@@ -45,7 +46,7 @@ def test_runtime_build_without_an_engine_prints_dockerfile_and_commands(tmp_path
     monkeypatch.setenv("PATH", str(fake))
     r = _run(["runtime", "build", "light", "--push", "reg.example/acme"])
     assert r.exit_code == 0
-    assert "FROM openwhisk/action-python-v3.11" in r.output and f"FROM {images.KNATIVE_PYTHON_BASE}" in r.output
+    assert "FROM openwhisk/action-python-v3.11" in r.output and f"FROM {KNATIVE_PYTHON_BASE}" in r.output
     ow = images.recipe("light", "openwhisk").image("reg.example/acme")
     assert f"docker build -t {ow} " in r.output and f"docker push {ow}" in r.output
     assert "engine is unreachable" in r.output  # the note (stderr is mixed in by CliRunner)

@@ -9,6 +9,7 @@ import click
 from rich.markup import escape
 
 from ..config import Config
+from ..runtimes.images import variant_names
 from .common import UsageFailure, console, errconsole, note, open_runtime, print_json, show_table
 
 
@@ -28,7 +29,7 @@ def runtime_group() -> None:
 def runtime_show(names: tuple[str, ...], as_json: bool) -> None:
     """Each runtime's pinned list, the functions declaring it and its images."""
     rts = _runtimes()
-    from ..runtimes.images import VARIANTS, runtime_image
+    from ..runtimes.images import runtime_image
     try:
         chosen = list(names) or rts.runtime_names()
         users = rts.functions_by_runtime()
@@ -36,7 +37,7 @@ def runtime_show(names: tuple[str, ...], as_json: bool) -> None:
                  "requirements": [str(p) for p in rts.load(n).pins],
                  "http_entry_adds": [str(p) for p in rts.load_list(rts.HTTP_ENTRY_LIST)],
                  "functions": users.get(n, []),
-                 "images": {v: runtime_image(n, v) for v in VARIANTS}} for n in chosen]
+                 "images": {v: runtime_image(n, v) for v in variant_names()}} for n in chosen]
     except rts.RuntimeDeclarationError as exc:
         raise UsageFailure(str(exc)) from None
     if as_json:
@@ -55,8 +56,8 @@ def runtime_show(names: tuple[str, ...], as_json: bool) -> None:
 @click.argument("names", nargs=-1)
 @click.option("--push", "registry", default=None, metavar="REGISTRY",
               help="Name the images under REGISTRY (e.g. ghcr.io/acme) and push them there.")
-@click.option("--variant", "variants", multiple=True, type=click.Choice(["openwhisk", "knative"]),
-              help="Only these image variants (default: both).")
+@click.option("--variant", "variants", multiple=True, type=click.Choice(variant_names()),
+              help="Only these image variants (default: all).")
 def runtime_build(names: tuple[str, ...], registry: str | None, variants: tuple[str, ...]) -> None:
     """Build (and push) the runtime images with docker or podman; where
     neither can build, print the Dockerfiles and the exact commands."""
@@ -70,7 +71,7 @@ def runtime_build(names: tuple[str, ...], registry: str | None, variants: tuple[
     except rts.RuntimeDeclarationError as exc:
         raise UsageFailure(str(exc)) from None
     engine = images.find_engine()
-    steps = images.plan_build(chosen, list(variants) or list(images.VARIANTS), state_dir(),
+    steps = images.plan_build(chosen, list(variants) or list(variant_names()), state_dir(),
                               prefix=registry, push=registry is not None, engine=engine.command)
     if not engine.reachable:
         why = ("neither docker nor podman is installed" if engine.path is None

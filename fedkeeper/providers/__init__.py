@@ -10,8 +10,8 @@ from .base import (Artifact, DeployResult, ErrorClass, FunctionSpec, Invocation,
                    Provider, ProviderContext, ProviderError)
 
 __all__ = ["Artifact", "DeployResult", "ErrorClass", "FunctionSpec", "Invocation", "Outcome", "Prices",
-           "Provider", "ProviderContext", "ProviderError", "make_provider", "platform_prices",
-           "provider_class"]
+           "Provider", "ProviderContext", "ProviderError", "image_variant", "image_variant_names",
+           "make_provider", "platform_prices", "provider_class"]
 
 # (config section, cluster kind) -> "module:Class", imported on first use so
 # that a run without Google clusters never imports the Google client.
@@ -40,6 +40,25 @@ def cluster_sections() -> tuple[str, ...]:
 def cluster_model_class(section: str) -> type:
     module, _, name = _CLUSTER_MODELS[section].partition(":")
     return getattr(importlib.import_module(module), name)
+
+
+# image variant name -> "module:attribute" of the provider package's runtime
+# image variant (fedkeeper.runtimes.images asks, lazily, like above).
+_IMAGE_VARIANTS: dict[str, str] = {
+    "openwhisk": "fedkeeper.providers.openwhisk.image_variant:IMAGE_VARIANT",
+    "knative": "fedkeeper.providers.knative.image_variant:IMAGE_VARIANT",
+}
+
+
+def image_variant_names() -> tuple[str, ...]:
+    """The runtime image variants, in the order they are listed and built."""
+    return tuple(_IMAGE_VARIANTS)
+
+
+def image_variant(name: str) -> Any:
+    """The `ImageVariant` a provider package defines; KeyError if none is named `name`."""
+    module, _, attr = _IMAGE_VARIANTS[name].partition(":")
+    return getattr(importlib.import_module(module), attr)
 
 
 def provider_class(section: str, kind: str) -> type[Provider]:

@@ -1,12 +1,10 @@
 """Container images of the runtimes, and building them.
 
-Two variants of each runtime's image, both from the same pinned list:
-
-  openwhisk  FROM OpenWhisk's Python action image: deployed as a Docker
-             action (`exec.kind: blackbox`, `image`) with the function's zip
-             as `exec.code`; OpenWhisk's action loop runs its `__main__.py`.
-  knative    FROM a plain Python image, with functions-framework: the
-             Knative Service mounts the function's zip and serves `main.py`.
+Each platform that runs functions on a runtime image defines its variant of
+that image (base image, whether it serves the HTTP entry, what the
+Dockerfile says) in its provider package, and the provider registry
+(`fedkeeper.providers.image_variant`) names them; every variant installs the
+same pinned list.
 
 An image is named `<prefix>/runtime-<runtime>:<variant>-<hash>`, the hash
 taken over the Dockerfile and requirements it is built from, so that a
@@ -27,18 +25,40 @@ from pathlib import Path
 
 from . import FunctionRuntime, load
 
-#: OpenWhisk's Python 3.11 action runtime (apache/openwhisk-runtime-python),
-#: whose action loop accepts a zip with `__main__.py` as a Docker action's
-#: code. Its CI tags each build with the commit (besides a moving `nightly`);
-#: a fixed one (Python 3.11.7, as the tests run) keeps an image's content
-#: hash meaning one content.
-OPENWHISK_PYTHON_BASE = "openwhisk/action-python-v3.11:c0a1e6d"
-#: the Knative variant's base: the Python the tests and the OpenWhisk base run, fixed
-KNATIVE_PYTHON_BASE = "python:3.11.7-slim-bookworm"
-VARIANTS = ("openwhisk", "knative")
 DEFAULT_PREFIX = "fedkeeper"
 ENGINES = ("docker", "podman")
 ENGINE_PROBE_TIMEOUT_S = 20.0
+
+
+@dataclass(frozen=True)
+class ImageVariant:
+    """One platform's kind of runtime image, defined by its provider package."""
+    name: str                 # the image tag's first part, e.g. `<name>-<hash>`
+    base_image: str           # FROM, pinned so that the content hash means one content
+    http_entry: bool          # the image serves main.py over HTTP (adds the HTTP entry's packages)
+    header: str               # the Dockerfile's opening comment; `{runtime}` is the runtime's name
+    final_lines: tuple[str, ...] = ()   # Dockerfile lines after the list is installed
+
+    def dockerfile(self, runtime: str) -> str:
+        comment = "".join(f"# {line}\n" for line in self.header.format(runtime=runtime).splitlines())
+        return (f"{comment}FROM {self.base_image}\n"
+                "COPY requirements.txt /fedkeeper/requirements.txt\n"
+                "RUN pip install --no-cache-dir -r /fedkeeper/requirements.txt\n"
+                + "".join(f"{line}\n" for line in self.final_lines))
+
+
+def variant_names() -> tuple[str, ...]:
+    """The image variants the provider registry knows, in its order."""
+    from ..providers import image_variant_names
+    return image_variant_names()
+
+
+def image_variant(name: str) -> ImageVariant:
+    from ..providers import image_variant as registered
+    try:
+        return registered(name)
+    except KeyError:
+        raise ValueError(f"unknown image variant {name!r}; expected one of {', '.join(variant_names())}") from None
 
 
 @dataclass(frozen=True)
@@ -55,28 +75,11 @@ class ImageRecipe:
 
 def recipe(runtime: FunctionRuntime | str, variant: str) -> ImageRecipe:
     rt = load(runtime) if isinstance(runtime, str) else runtime
-    if variant not in VARIANTS:
-        raise ValueError(f"unknown image variant {variant!r}; expected one of {', '.join(VARIANTS)}")
-    http = variant == "knative"
-    requirements = rt.requirements_txt(http_entry=http)
-    if variant == "openwhisk":
-        dockerfile = (
-            f"# FedKeeper runtime {rt.name} for OpenWhisk Docker actions (exec.kind: blackbox).\n"
-            "# The function's zip arrives as exec.code; the action loop of the base\n"
-            "# image runs its __main__.py main(args).\n"
-            f"FROM {OPENWHISK_PYTHON_BASE}\n"
-            "COPY requirements.txt /fedkeeper/requirements.txt\n"
-            "RUN pip install --no-cache-dir -r /fedkeeper/requirements.txt\n")
-    else:
-        dockerfile = (
-            f"# FedKeeper runtime {rt.name} for Knative: the Service mounts the function's\n"
-            "# zip and serves its main.py with functions-framework on $PORT.\n"
-            f"FROM {KNATIVE_PYTHON_BASE}\n"
-            "COPY requirements.txt /fedkeeper/requirements.txt\n"
-            "RUN pip install --no-cache-dir -r /fedkeeper/requirements.txt\n"
-            "ENV PYTHONUNBUFFERED=1\n")
+    kind = image_variant(variant)
+    requirements = rt.requirements_txt(http_entry=kind.http_entry)
+    dockerfile = kind.dockerfile(rt.name)
     digest = hashlib.sha256(dockerfile.encode() + b"\0" + requirements.encode()).hexdigest()
-    return ImageRecipe(rt.name, variant, dockerfile, requirements, f"{variant}-{digest[:12]}")
+    return ImageRecipe(rt.name, kind.name, dockerfile, requirements, f"{kind.name}-{digest[:12]}")
 
 
 def runtime_image(runtime: str, variant: str, prefix: str | None = None) -> str:
@@ -167,7 +170,7 @@ def runtime_of_image(image: str) -> str | None:
         return None
     runtime = name[len("runtime-"):]
     variant = tag.split("-", 1)[0]
-    if variant not in VARIANTS:
+    if variant not in variant_names():
         return None
     try:
         return runtime if recipe(runtime, variant).tag == tag else None
