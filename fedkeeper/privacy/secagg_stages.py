@@ -6,38 +6,34 @@ invocations around a training round (docs/privacy.md):
     u3 = stages.before_aggregating(session, rnd, delivered)  # unmask
     ... fl_server_aggregator unmasks the sum of u3's vectors ...
 
-Each stage invokes fl_secagg_client once per client with the training's
-retry policy (backoff, max attempts, non-retryable errors, redeploy of a
-missing function) within the round deadline, and records every attempt as
-a document like any other (client "_secagg_<stage>/<client>", so that
-per-client views skip them as they skip helper calls). It takes the
-keeper's dispatcher as it is and imports nothing of the keeper: the keeper
-calls it, never the other way round. A client
-whose output is in the store has done the stage: a resumed keeper invokes
-only the others, and reads back the sets u1, u2 and u3 the first keeper
-fixed, which never change once written.
+Each stage invokes fl_secagg_client once per client through the keeper's
+dispatcher and attempt state machine, with the training's retries and a
+deadline of its own (secagg_dispatch.py), and records every attempt as a
+document like any other (client "_secagg_<stage>/<client>", so that
+per-client views skip them as they skip helper calls). A client out of a
+stage (failed for good, or no answer by the deadline) is out of the round's
+sets; the threshold decides whether the round goes on. A client whose output
+is in the store has done the stage: a resumed keeper invokes only the others
+(adopting attempts left running), and reads back the sets u1, u2 and u3 the
+first keeper fixed, which never change once written.
+
+The keeper calls this module, never the other way round at import time: the
+state machine is imported only when a session's stages run.
 """
 from __future__ import annotations
 
 import logging
 import os
 import secrets as pysecrets
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
-
-from bson import ObjectId
 
 from flcommon.secagg import relay
 from flcommon.secagg.session import CLIENT_SECRET_KEY, threshold
 
-from ..providers import ErrorClass, Outcome, ProviderError
-
 log = logging.getLogger("fedkeeper.keeper")
 
 FUNCTION = "fl_secagg_client"
-OUTPUT = {"advertise": "keys", "share": "shares", "unmask": "reveal"}
 CLIENT_SECRET_ENV = "FEDKEEPER_CLIENT_SECRET"
 #: what client functions get bound besides the shared settings
 CLIENT_FUNCTIONS = ("fl_client", FUNCTION)
@@ -71,28 +67,10 @@ class StageError(RuntimeError):
     aggregated securely (the keeper ends the session with this message)."""
 
 
-@dataclass
-class _Pending:
-    """One client's stage across its attempts."""
-
-    client: str
-    cluster: str
-    attempt: int          # the last attempt number taken (a resumed keeper continues it)
-    uncounted: int        # attempts that never reached the platform, or made by an earlier keeper
-    next_try: float = 0.0
-    done: bool = False
-    failed: bool = False
-    last_error: str = ""
-
-    @property
-    def key(self) -> str:
-        return f"_secagg_{self.client}"
-
-
 class SecAggStages:
     """The stages of one session. `dispatcher` is the keeper's: its
     platforms (providers, function specs, signed payloads, redeploys), its
-    retry policy, clock, sleep and rng, and its attempt records."""
+    retry policy, clock, sleep and rng, its tracking and its attempt records."""
 
     def __init__(self, dispatcher: Any, store: Any, client_cluster: dict[str, str], deadline_s: float,
                  threshold_share: float | None = None, emit: Callable[..., None] | None = None):
@@ -102,6 +80,7 @@ class SecAggStages:
         self.deadline_s = deadline_s
         self.settings = {"threshold": threshold_share}
         self.emit = emit or (lambda *a, **k: None)
+        self.dropped: dict[tuple[int, str], dict[str, str]] = {}   # (round, stage) -> client -> why
 
     @property
     def db(self):
@@ -136,6 +115,7 @@ class SecAggStages:
         u3 = sets.get("u3")
         if u3 is None:
             u3 = sorted(c for c in delivered if c in u2)
+            self.dropped[(rnd, "mask")] = {c: "no masked update delivered" for c in u2 if c not in u3}
             self._enough(rnd, "mask", u3, len(u1))
             relay.set_sets(self.db, session, rnd, u3=u3)
             u3 = relay.sets(self.db, session, rnd)["u3"]
@@ -146,88 +126,25 @@ class SecAggStages:
     def _enough(self, rnd: int, stage: str, done: list[str], of: int) -> None:
         need = self.threshold(of)
         if len(done) < need:
-            raise StageError(f"round {rnd + 1}: secure aggregation's {stage} stage reached {len(done)} "
-                             f"client(s), its threshold is {need}; the round cannot be aggregated securely")
+            dropped = self.dropped.get((rnd, stage)) or {}
+            why = "; ".join(f"{c}: {r}" for c, r in sorted(dropped.items()))
+            raise StageError(f"round {rnd + 1}: secure aggregation's {stage} stage reached {len(done)} of "
+                             f"{of} client(s), below its threshold of {need}"
+                             + (f" ({why})" if why else "") + "; the round cannot be aggregated securely")
 
     # ------------------------------------------------------------------ one stage
     def run(self, session: str, rnd: int, stage: str, clients: list[str]) -> list[str]:
-        """Invoke `stage` for every client without its output stored, with
-        the training's retry policy, until each is done or failed for good
-        or the deadline passes; returns the clients whose output is stored."""
-        output = OUTPUT[stage]
-        have = set(relay.done(self.db, session, rnd, output, clients))
-        pending = []
-        for c in clients:
-            if c not in have:
-                before = self.store.last_attempt(session, rnd, f"_secagg_{stage}/{c}")
-                pending.append(_Pending(f"{stage}/{c}", self.client_cluster[c], before, before))
-        self.emit("secagg_stage", round=rnd, stage=stage, clients=len(clients), pending=len(pending))
-        deadline = self.dispatch.clock() + self.deadline_s
-        while True:
-            now = self.dispatch.clock()
-            live = [p for p in pending if not p.done and not p.failed]
-            if not live or now >= deadline:
-                break
-            due = [p for p in live if p.next_try <= now]
-            if due:
-                self._invoke(session, rnd, stage, output, due)
-            else:
-                self.dispatch.sleep(min(0.2, max(0.005, min(p.next_try for p in live) - now)))
-        missing = [f"{p.client.split('/', 1)[1]}: {p.last_error or 'round deadline passed'}"
-                   for p in pending if not p.done]
-        if missing:
-            log.warning("secure aggregation %s, round %d: %s", stage, rnd + 1, "; ".join(missing))
-        return relay.done(self.db, session, rnd, output, clients)
-
-    def _invoke(self, session: str, rnd: int, stage: str, output: str, due: list[_Pending]) -> None:
-        platforms, policy = self.dispatch.platforms, self.dispatch.policy
-        docs = []
-        for p in due:
-            p.attempt += 1
-            docs.append({"_id": ObjectId(), "session": session, "round": rnd, "client": p.key,
-                         "attempt": p.attempt, "cluster": p.cluster,
-                         "platform": platforms.provider(p.cluster).platform, "function": FUNCTION,
-                         "memory_mb": platforms.spec(p.cluster, FUNCTION).memory_mb, "state": "submitting",
-                         "submitted": self.dispatch.clock(), "stage": stage})
-        self.dispatch.insert_attempts(docs)
-
-        def call(p: _Pending) -> Outcome:
-            payload = platforms.payload(function=FUNCTION, session=session, round=rnd,
-                                        client=p.client.split("/", 1)[1], stage=stage, attempt=p.attempt)
-            timeout = platforms.spec(p.cluster, FUNCTION).timeout_s + policy.grace_s
-            try:
-                return platforms.provider(p.cluster).call(FUNCTION, payload, timeout_s=timeout)
-            except ProviderError as exc:
-                return Outcome(platform_id="", ok=False, error_class=exc.error_class, error=str(exc),
-                               retry_after=exc.retry_after)
-
-        with ThreadPoolExecutor(max_workers=min(16, len(due))) as pool:
-            outcomes = list(pool.map(call, due))
-        changes = []
-        for p, doc, out in zip(due, docs, outcomes):
-            error = out.error or (out.result or {}).get("error")
-            ok = out.ok and not error
-            changes.append((doc["_id"], _fields(out, ok, error, self.dispatch.clock())))
-            if ok or relay.get(self.db, session, rnd, p.client.split("/", 1)[1], output) is not None:
-                p.done = True
-                continue
-            ec = out.error_class or ErrorClass.APPLICATION_ERROR
-            p.last_error = f"{ec.value}: {error or 'failed'}"
-            if ec == ErrorClass.UNREACHABLE:
-                p.uncounted += 1
-            if not ec.retryable or p.attempt - p.uncounted >= policy.max_attempts:
-                p.failed = True
-                continue
-            p.next_try = self.dispatch.clock() + policy.backoff(max(1, p.attempt - p.uncounted),
-                                                                self.dispatch.rng, out.retry_after)
-            if ec == ErrorClass.FUNCTION_MISSING:
-                platforms.redeploy(p.cluster, FUNCTION)
-        self.dispatch.update_attempts(changes)
-
-
-def _fields(out: Outcome, ok: bool, error: str | None, now: float) -> dict[str, Any]:
-    """An outcome as the fields of its attempt document (as the keeper records them)."""
-    return {"platform_id": out.platform_id or None, "state": "succeeded" if ok else "failed",
-            "error_class": out.error_class.value if out.error_class else None, "error": error,
-            "start": out.start, "end": out.end, "duration_ms": out.duration_ms, "wait_ms": out.wait_ms,
-            "init_ms": out.init_ms, "cold_start": out.cold_start, "finished": now}
+        """Run `stage` for every client without its output stored, until each
+        has done it or is out of it, or the stage deadline passes; returns
+        the clients whose output is stored."""
+        from .secagg_dispatch import StageRun   # the keeper's state machine; see the module doc
+        self.emit("secagg_stage", round=rnd, stage=stage, clients=len(clients))
+        dropped = StageRun(self.dispatch, self.store, FUNCTION, session, rnd, stage, self.client_cluster,
+                           self.deadline_s).run(clients)
+        done = relay.done(self.db, session, rnd, relay.STAGE_OUTPUT[stage], clients)
+        dropped = {c: why for c, why in dropped.items() if c not in done}
+        self.dropped[(rnd, stage)] = dropped
+        if dropped:
+            log.warning("secure aggregation %s, round %d: %s", stage, rnd + 1,
+                        "; ".join(f"{c}: {why}" for c, why in sorted(dropped.items())))
+        return done

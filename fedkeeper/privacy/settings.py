@@ -9,7 +9,7 @@ carries to the functions, and what `config validate` says about them.
       delta: 1e-5
       target_epsilon: 8          # optional
       accountant: rdp            # rdp | pld
-    secure_aggregation: true     # or {threshold: 0.6, scale: 16777216}
+    secure_aggregation: true     # or {threshold: 0.6, scale: 16777216, stage_deadline_s: 60}
 
 The config package holds these models as fields; their rules live here,
 with the mechanisms they configure (flcommon.privacy, flcommon.secagg).
@@ -115,6 +115,10 @@ class PrivacyConfig(_Block):
 class SecureAggregationConfig(_Block):
     threshold: Optional[float] = Field(None, gt=0, le=1)   # share of U1; None: more than half
     scale: float = Field(DEFAULT_SCALE, gt=0, lt=2 ** 40)
+    # How long each key stage (advertise, share, unmask) waits for its
+    # clients; None: training.round_deadline_s. A client still running then
+    # is out of the stage, and the threshold decides whether the round goes on.
+    stage_deadline_s: Optional[float] = Field(None, gt=0)
 
     def spec(self) -> dict[str, Any]:
         return {"threshold": self.threshold, "scale": self.scale}

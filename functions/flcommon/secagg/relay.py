@@ -28,6 +28,8 @@ from .shamir import Y_BYTES
 SECAGG = "secagg"
 SERVER = "_server"
 STAGES = ("keys", "shares", "reveal")
+#: the output of each client stage (fl_secagg_client), which proves the stage done
+STAGE_OUTPUT = {"advertise": "keys", "share": "shares", "unmask": "reveal"}
 CIPHERTEXT_BYTES = NONCE_BYTES + 2 * Y_BYTES + 16  # nonce, two shares, GCM tag
 MAX_CLIENTS = 10_000
 
