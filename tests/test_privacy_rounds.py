@@ -66,3 +66,23 @@ def test_no_noise_has_no_finite_epsilon_to_store():
     rp, _ = make(PrivacyConfig(mode="local", noise_multiplier=0.0, clip_norm=1.0))
     assert stored_epsilon(rp.epsilon_after(3)) is None
     assert stored_epsilon(2.5) == 2.5 and stored_epsilon(None) is None
+
+
+def test_a_resume_keeps_secure_aggregations_threshold_and_scale_but_may_change_its_stage_deadline():
+    from fedkeeper.privacy.rounds import resume_refusal
+    from fedkeeper.privacy.settings import SecureAggregationConfig
+
+    def rp(**kw):
+        return RoundPrivacy(None, SecureAggregationConfig(**kw), None, None, 4, None, None, RuntimeError)
+
+    started = rp(threshold=0.6)
+    doc = {"_id": "s1", "spec": started.session_spec(),
+           "training": {"privacy": None, "secure_aggregation": started.secure.model_dump()}}
+    assert resume_refusal(doc, rp(threshold=0.6, stage_deadline_s=30)) is None
+    refused = resume_refusal(doc, rp(threshold=0.8))
+    assert refused.startswith("session s1 was started with training.secure_aggregation {threshold: 0.6}, "
+                              "the config now says {threshold: 0.8}")
+    assert "the config now says off" in resume_refusal(doc, None)
+    # A session started with secure_aggregation: true dumps a bool; it compares as its defaults.
+    doc_true = {**doc, "spec": rp().session_spec(), "training": {"secure_aggregation": True}}
+    assert resume_refusal(doc_true, rp()) is None

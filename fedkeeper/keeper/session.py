@@ -9,7 +9,7 @@ import threading
 import time
 from typing import Any, Callable
 
-from ..privacy.rounds import RoundPrivacy
+from ..privacy.rounds import RoundPrivacy, resume_refusal
 from ..runtime import OPTIONAL_FUNCTIONS, Placement, Runtime
 from ..store import HEARTBEAT_S, StoreUnavailable
 from ..user_module import spec_entry as user_module_spec
@@ -169,6 +169,8 @@ class Keeper:
             if doc.get("state") == "finished":
                 raise SessionError(f"session {resume} already finished")
             self._check_same_round_mode(doc)
+            if (refused := resume_refusal(doc, self.privacy)) is not None:
+                raise SessionError(refused)
             session = resume
             self.store.event(session, "resumed", f"keeper resumed the session (it was {doc.get('state')})")
         else:

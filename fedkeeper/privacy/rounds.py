@@ -4,6 +4,7 @@ uses neither DP nor secure aggregation):
     privacy = RoundPrivacy.for_session(training, clients_info, dispatcher, store, client_cluster, events,
                                        failure=SessionError)
     privacy.session_spec()                        # what the functions read
+    resume_refusal(session_doc, privacy)          # a resumed session keeps its privacy settings
     if privacy.stop_before(session, rnd): break   # target_epsilon
     trainers = privacy.before_training(session, rnd, selected)       # secure aggregation: u2
     included = privacy.before_aggregating(session, rnd, delivered)   # secure aggregation: u3
@@ -47,8 +48,9 @@ class RoundPrivacy:
         budget = privacy.budget(per_round, total, training.rounds) if privacy is not None else None
         stages = None
         if secure is not None:
-            stages = SecAggStages(dispatcher, store, client_cluster, training.round_deadline_s,
-                                  secure.threshold, emit=events.emit)
+            stages = SecAggStages(dispatcher, store, client_cluster,
+                                  secure.stage_deadline_s or training.round_deadline_s, secure.threshold,
+                                  emit=events.emit)
         return cls(privacy, secure, budget, stages, per_round, events.emit, store.event, failure)
 
     # ------------------------------------------------------------------ the session spec
@@ -105,3 +107,53 @@ class RoundPrivacy:
 def stored_epsilon(value: float | None) -> float | None:
     """Epsilon as a round document holds it: a finite number, or None."""
     return value if value is not None and math.isfinite(value) else None
+
+
+#: settings a resumed session may change: where training stops, how long a stage waits
+_MAY_CHANGE = {"privacy": ("target_epsilon",), "secure_aggregation": ("stage_deadline_s",)}
+
+
+def resume_refusal(doc: dict[str, Any], privacy: RoundPrivacy | None) -> str | None:
+    """Why a stored session cannot be resumed with the privacy settings of
+    `privacy` (None: the config has neither DP nor secure aggregation), or
+    None. Epsilon composes the rounds done with the rounds to come, which
+    describes what was released only if every round ran the same mechanism
+    (mode, noise, clipping, sampling rate) and is accounted for the same
+    delta with the same accountant; secure aggregation's sets and shares
+    belong to its threshold and quantization. Only target_epsilon (where
+    training stops) and stage_deadline_s may change."""
+    spec = doc.get("spec") or {}
+    training = doc.get("training") or {}
+    now_spec = privacy.session_spec() if privacy is not None else {}
+    now_training = {"privacy": privacy.privacy.model_dump() if privacy and privacy.privacy else None,
+                    "secure_aggregation": privacy.secure.model_dump() if privacy and privacy.secure else None}
+    for key in ("privacy", "secure_aggregation"):
+        before, after = spec.get(key), now_spec.get(key)
+        if "training" in doc:   # what only the keeper reads (delta, accountant) is in the training dump
+            before = _comparable(key, before, training.get(key))
+            after = _comparable(key, after, now_training[key])
+        if before != after:
+            if before and after:   # name only what differs
+                keys = sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k))
+                before, after = ({k: side.get(k) for k in keys} for side in (before, after))
+            return (f"session {doc.get('_id')} was started with training.{key} {_shown(before)}, the config now "
+                    f"says {_shown(after)}; epsilon and secure aggregation hold only over rounds run with the "
+                    "same settings: resume it with the config it started with")
+    return None
+
+
+def _comparable(key: str, spec_block: Any, training_block: Any) -> Any:
+    """One side of a privacy block as compared on resume: the session spec's
+    block and the training dump's, less what may change."""
+    if not spec_block and not isinstance(training_block, dict):
+        return None
+    merged = {**(training_block if isinstance(training_block, dict) else {}), **(spec_block or {})}
+    for name in _MAY_CHANGE[key]:
+        merged.pop(name, None)
+    return merged
+
+
+def _shown(block: Any) -> str:
+    if not block:
+        return "off"
+    return "{" + ", ".join(f"{k}: {v}" for k, v in sorted(block.items())) + "}"
