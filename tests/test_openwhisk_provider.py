@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import ssl
 import time
 
 import pytest
@@ -218,11 +219,13 @@ def test_tls_is_verified_unless_insecure(tmp_path):
     cfg = OpenWhiskCluster(base_url="https://127.0.0.1:1", auth={"ow_auth": "u:k"})
     p = OpenWhiskProvider("ow-tls", cfg, ProviderContext(state_dir=tmp_path))
     assert p._verify and p._session.verify is True
-    assert p._pool.cert_reqs == "CERT_REQUIRED"
+    ctx = p._pool.ssl_context
+    assert ctx.verify_mode == ssl.CERT_REQUIRED and ctx.check_hostname
     p.close()
     cfg = OpenWhiskCluster(base_url="https://127.0.0.1:1", auth={"ow_auth": "u:k"}, insecure=True)
     p = OpenWhiskProvider("ow-tls", cfg, ProviderContext(state_dir=tmp_path))
     assert not p._verify and p._session.verify is False
+    assert p._pool.ssl_context.verify_mode == ssl.CERT_NONE
     p.close()
 
 

@@ -3,7 +3,9 @@ failed connections, and activation records (status strings and codes,
 timeouts as OpenWhisk annotates them)."""
 from __future__ import annotations
 
+import http.client
 import json
+import ssl
 from typing import Any
 
 import requests
@@ -11,6 +13,7 @@ import urllib3
 
 from ..base import ErrorClass, Outcome, ProviderError
 from ..http_invoke import retry_after_seconds
+from .http import ConnectFailed
 
 _STATUS_BY_CODE = {0: "success", 1: "application error", 2: "action developer error",
                    3: "whisk internal error"}
@@ -30,10 +33,12 @@ def _error_text(data: bytes | str | None) -> str:
 
 
 def transport_error(where: str, exc: BaseException) -> ProviderError:
-    """A failed connection to the controller, classified (UNREACHABLE)."""
+    """A failed connection to the controller, classified (UNREACHABLE):
+    `requests` errors of the control plane, standard library ones
+    (http.client, socket, ssl) of the hot path (http.py)."""
     text = str(exc)
     low = text.lower()
-    if isinstance(exc, (requests.exceptions.SSLError, urllib3.exceptions.SSLError)) \
+    if isinstance(exc, (requests.exceptions.SSLError, urllib3.exceptions.SSLError, ssl.SSLError)) \
             or "ssl" in low or "certificate" in low:
         return ProviderError(ErrorClass.UNREACHABLE,
                              f"TLS with {where} failed ({type(exc).__name__}); if the cluster "
@@ -43,11 +48,11 @@ def transport_error(where: str, exc: BaseException) -> ProviderError:
     elif "name or service not known" in low or "nodename nor servname" in low \
             or "name resolution" in low:
         reason = "host name not found"
-    elif isinstance(exc, urllib3.exceptions.NewConnectionError):
+    elif isinstance(exc, (urllib3.exceptions.NewConnectionError, ConnectFailed)):
         reason = "cannot connect"
-    elif isinstance(exc, (requests.exceptions.Timeout, urllib3.exceptions.TimeoutError)):
+    elif isinstance(exc, (requests.exceptions.Timeout, urllib3.exceptions.TimeoutError, TimeoutError)):
         return ProviderError(ErrorClass.UNREACHABLE, f"{where} did not answer in time")
-    elif isinstance(exc, urllib3.exceptions.ProtocolError):
+    elif isinstance(exc, (urllib3.exceptions.ProtocolError, http.client.HTTPException, ConnectionError)):
         reason = "connection closed"
     else:
         reason = type(exc).__name__
