@@ -2,11 +2,15 @@
 MongoDB-wire-protocol server (the embedded SecantusDB).
 
     .venv/bin/python bench/bench_secagg.py [--clients 10,30] [--params 100000,1000000] [--dropouts 0,0.2]
+                                           [--neighbours full,log]
     .venv/bin/python bench/bench_secagg.py --smoke      # tiny sizes, for the test suite
 
-For each (model size, clients, dropout share) one round runs twice on the
-same deltas: plain (each client stores its float32 update, the aggregator's
-aggregate() + finish()) and secure (fl_secagg_client's advertise and share
+For each (model size, clients, dropout share) one round runs plain and then
+secure once per neighbour graph (`full`: every pair of clients, as Bonawitz
+et al.; `log` or a number: SecAgg+'s sparse graph, each client masking with
+and sharing among k neighbours), all on the same deltas: plain (each
+client stores its float32 update, the aggregator's aggregate() + finish())
+and secure (fl_secagg_client's advertise and share
 stages through its OpenWhisk entry, each client's masked upload, a share of
 the clients dropping after they shared, the unmask stage, the aggregator's
 secure_aggregate() + finish()). Reported per round:
@@ -18,6 +22,7 @@ secure_aggregate() + finish()). Reported per round:
                 plain: storing the update; secure: the three stages,
                 quantizing, masking and storing the masked vector
   server ms     the aggregation (secure: unmasking included)
+  graph (k)     full, or the k neighbours of each client in SecAgg+'s graph
   max |diff|    the secure model against the plain one (quantization error)
 
 Function start-up and network time are not included: on a FaaS platform
@@ -43,13 +48,13 @@ sys.path.insert(0, str(ROOT / "functions"))
 from fedkeeper.local.store import EmbeddedMongo  # noqa: E402
 from flcommon import store as fs  # noqa: E402
 from flcommon.auth import signed  # noqa: E402
-from flcommon.entry import openwhisk_main  # noqa: E402
-from flcommon.secagg import relay  # noqa: E402
+from flcommon.entry import BadRequest, openwhisk_main  # noqa: E402
+from flcommon.secagg import graph, relay  # noqa: E402
 from flcommon.secagg.client import masked_update  # noqa: E402
 from flcommon.secagg.server import secure_aggregate  # noqa: E402
 from flcommon.strategies import get_strategy  # noqa: E402
 
-SMOKE = {"clients": "4", "params": "2000", "dropouts": "0,0.25"}
+SMOKE = {"clients": "8", "params": "2000", "dropouts": "0,0.25", "neighbours": "full,2"}
 TOKEN = "bench-token-secret"
 CLIENT_SECRET = "bench-client-secret-0123456789"
 
@@ -70,9 +75,10 @@ def doc_bytes(db, session: str) -> int:
     return sum(len(bson.encode(d)) for d in db[relay.SECAGG].find({"session": session}))
 
 
-def setup(db, sid: str, clients: list[str], n_params: int, secure: bool):
+def setup(db, sid: str, clients: list[str], n_params: int, secure: bool, neighbours=None):
+    sa = ({"neighbours": neighbours} if neighbours else True) if secure else None
     db[fs.SESSIONS].insert_one({"_id": sid, "spec": {"model": "bench", "clients": clients, "strategy": "fedavg",
-                                                     "secure_aggregation": True if secure else None}})
+                                                     "secure_aggregation": sa}})
     shapes = [(n_params * 7 // 10,), (n_params - n_params * 7 // 10,)]
     rng = np.random.default_rng(0)
     base = [rng.standard_normal(s).astype(np.float32) for s in shapes]
@@ -103,9 +109,9 @@ def plain_round(db, agg, clients, n_params, tag):
             "server_s": server_s, "model": new}
 
 
-def secure_round(db, stage_handle, clients, n_params, dropped, tag):
+def secure_round(db, stage_handle, clients, n_params, dropped, tag, neighbours=None):
     sid = f"secure-{tag}"
-    base, deltas, examples = setup(db, sid, clients, n_params, secure=True)
+    base, deltas, examples = setup(db, sid, clients, n_params, secure=True, neighbours=neighbours)
     host, port = db.client.address
     bound = {"FK_STORE_URL": f"mongodb://{host}:{port}/", "FK_STORE_DB": db.name, "FK_TOKEN_SECRET": TOKEN,
              "FK_CLIENT_SECRET": CLIENT_SECRET}
@@ -141,7 +147,10 @@ def secure_round(db, stage_handle, clients, n_params, dropped, tag):
         stage(c, "unmask")
     strategy = get_strategy("fedavg")
     t0 = time.perf_counter()
-    secure_aggregate(db, sid, 0, [(c, 0) for c in survivors], [b.copy() for b in base], strategy, spec)
+    try:
+        secure_aggregate(db, sid, 0, [(c, 0) for c in survivors], [b.copy() for b in base], strategy, spec)
+    except BadRequest as exc:   # a neighbourhood lost more than its threshold allows
+        return {"refused": str(exc)}
     new, _ = strategy.finish([b.copy() for b in base])
     server_s = time.perf_counter() - t0
     # The plain reference over the same survivors.
@@ -157,15 +166,19 @@ def main() -> None:
     ap.add_argument("--clients", default="10,30", help="comma-separated client counts")
     ap.add_argument("--params", default="100000,1000000", help="comma-separated model sizes (parameters)")
     ap.add_argument("--dropouts", default="0,0.2", help="comma-separated shares of clients dropping after share")
+    ap.add_argument("--neighbours", default="full,log",
+                    help="comma-separated neighbour graphs: full (every pair), log, or a number of neighbours")
     ap.add_argument("--smoke", action="store_true", help=f"tiny sizes ({SMOKE}), to check the bench runs")
     args = ap.parse_args()
     if args.smoke:
-        args.clients, args.params, args.dropouts = SMOKE["clients"], SMOKE["params"], SMOKE["dropouts"]
+        args.clients, args.params, args.dropouts, args.neighbours = (SMOKE["clients"], SMOKE["params"],
+                                                                      SMOKE["dropouts"], SMOKE["neighbours"])
+    graphs = [None if g == "full" else (g if g == "log" else int(g)) for g in args.neighbours.split(",")]
     agg = load("fl_server_aggregator")
     stage_handle = load("fl_secagg_client").handle
-    print(f"{'params':>9} {'clients':>7} {'drop':>4} | {'invocations':>11} {'store KB':>17} {'client ms':>17} "
-          f"{'server ms':>15} | {'max |diff|':>10}")
-    print(f"{'':>9} {'':>7} {'':>4} | {'plain/secure':>11} {'plain / secure':>17} {'plain / secure':>17} "
+    print(f"{'params':>9} {'clients':>7} {'drop':>4} {'graph':>5} | {'invocations':>11} {'store KB':>17} "
+          f"{'client ms':>17} {'server ms':>15} | {'max |diff|':>10}")
+    print(f"{'':>9} {'':>7} {'':>4} {'(k)':>5} | {'plain/secure':>11} {'plain / secure':>17} {'plain / secure':>17} "
           f"{'plain / secure':>15} |")
     with tempfile.TemporaryDirectory() as tmp:
         server = EmbeddedMongo(Path(tmp) / "mongo")
@@ -187,12 +200,19 @@ def main() -> None:
                             continue
                         tag = f"{n_params}-{k}-{share}"
                         p = plain_round(db, agg, [c for c in clients if c not in dropped], n_params, tag)
-                        s = secure_round(db, stage_handle, clients, n_params, dropped, tag)
-                        print(f"{n_params:>9} {k:>7} {share:>4g} | {p['invocations']:>5}/{s['invocations']:<5} "
-                              f"{p['bytes'] / 1e3:>8.0f} / {s['bytes'] / 1e3:<6.0f} "
-                              f"{p['client_s'] * 1e3:>8.0f} / {s['client_s'] * 1e3:<6.0f} "
-                              f"{p['server_s'] * 1e3:>6.0f} / {s['server_s'] * 1e3:<6.0f} | {s['diff']:>10.2e}",
-                              flush=True)
+                        for g in graphs:
+                            degree = graph.degree(g, k)
+                            shown = "full" if degree is None else str(degree)
+                            s = secure_round(db, stage_handle, clients, n_params, dropped, f"{tag}-{g}", g)
+                            head = f"{n_params:>9} {k:>7} {share:>4g} {shown:>5} |"
+                            if "refused" in s:
+                                print(f"{head} refused: {s['refused']}", flush=True)
+                                continue
+                            print(f"{head} {p['invocations']:>5}/{s['invocations']:<5} "
+                                  f"{p['bytes'] / 1e3:>8.0f} / {s['bytes'] / 1e3:<6.0f} "
+                                  f"{p['client_s'] * 1e3:>8.0f} / {s['client_s'] * 1e3:<6.0f} "
+                                  f"{p['server_s'] * 1e3:>6.0f} / {s['server_s'] * 1e3:<6.0f} | {s['diff']:>10.2e}",
+                                  flush=True)
         finally:
             server.stop()
 

@@ -65,7 +65,12 @@ def test_session_spec_is_what_the_functions_read():
     # The adaptive split cannot reach this noise multiplier with 4 clients (sigma_b = 0.2).
     assert "too small" in scenario_refusal(central(clip_norm="adaptive"), clients_per_round=4)
     assert scenario_refusal(central(), clients_per_round=4) is None
-    assert secure_aggregation(True).spec() == {"threshold": None, "scale": 2.0 ** 24}
+    assert secure_aggregation(True).spec() == {"threshold": None, "scale": 2.0 ** 24, "neighbours": None}
+    assert SecureAggregationConfig(neighbours="log").spec()["neighbours"] == "log"
+    with pytest.raises(ValueError, match="neighbours"):
+        SecureAggregationConfig(neighbours=1)
+    lines = describe(None, SecureAggregationConfig(neighbours="log"), 100, 100, 3)
+    assert "SecAgg+ graph of 14 neighbours per client" in lines[0] and "a client and its neighbours" in lines[0]
     assert secure_aggregation(False) is None
 
 

@@ -108,25 +108,26 @@ def test_key_agreement_is_symmetric_and_ciphertexts_are_bound_to_their_context()
 # ---------------------------------------------------------------- the protocol
 
 def run_protocol(vectors: dict[str, np.ndarray], threshold: int, never_share=(), drop_before_mask=(),
-                 silent_at_unmask=()):
+                 silent_at_unmask=(), neighbours=None):
     """The four stages over in-memory relays (what the store carries).
     never_share: advertise, then vanish; drop_before_mask: share, then
     vanish (the masks they agreed must be removed); silent_at_unmask: send
     a masked vector but no shares."""
     clients = sorted(vectors)
     roster = {c: advertise(secret_of(c), CONTEXT, c) for c in clients}
-    sent = {c: share_keys(secret_of(c), CONTEXT, c, roster, threshold) for c in clients if c not in never_share}
+    sent = {c: share_keys(secret_of(c), CONTEXT, c, roster, threshold, neighbours)
+            for c in clients if c not in never_share}
     shared = {c: roster[c] for c in sent}
-    masked = {c: mask(secret_of(c), CONTEXT, c, vectors[c], shared, threshold)
+    masked = {c: mask(secret_of(c), CONTEXT, c, vectors[c], shared, threshold, neighbours)
               for c in shared if c not in drop_before_mask}
     revealed = {}
     for c in masked:
         if c in silent_at_unmask:
             continue
-        inbox = {sender: out[c] for sender, out in sent.items()}
+        inbox = {sender: out[c] for sender, out in sent.items() if c in out}
         revealed[c] = unmask(secret_of(c), CONTEXT, c, roster, inbox, shared, masked, threshold)
-    total = unmasked_sum(CONTEXT, roster, shared, masked, revealed, threshold)
-    return total, masked, revealed
+    total = unmasked_sum(CONTEXT, roster, shared, masked, revealed, threshold, neighbours)
+    return total, masked, revealed, sent
 
 
 def quantized_vectors(n: int, length: int = 50, seed: int = 3) -> dict[str, np.ndarray]:
@@ -144,7 +145,7 @@ def field_sum(vectors):
 
 def test_masks_cancel_without_dropouts():
     vectors = quantized_vectors(5)
-    total, masked, _ = run_protocol(vectors, threshold=3)
+    total, masked, _, _ = run_protocol(vectors, threshold=3)
     assert np.array_equal(total, field_sum(vectors.values()))
     # The server only ever holds masked vectors: none equals its update, and
     # each looks uniform over the field, not like small quantized values.
@@ -161,7 +162,7 @@ def test_dropouts_below_the_threshold_are_recovered(case):
           "drop_before_mask": {"drop_before_mask": {ids[1], ids[6]}},
           "silent_at_unmask": {"silent_at_unmask": {ids[2], ids[3]}},
           "mixed": {"never_share": {ids[0]}, "drop_before_mask": {ids[5]}, "silent_at_unmask": {ids[6]}}}[case]
-    total, masked, revealed = run_protocol(vectors, threshold=4, **kw)
+    total, masked, revealed, _ = run_protocol(vectors, threshold=4, **kw)
     assert np.array_equal(total, field_sum(vectors[c] for c in masked))
     assert len(revealed) < 7  # somebody dropped at some stage
 
@@ -178,7 +179,7 @@ def test_too_many_dropouts_fail_instead_of_revealing():
 def test_a_client_never_reveals_both_secrets_of_another():
     vectors = quantized_vectors(5)
     ids = sorted(vectors)
-    _, masked, revealed = run_protocol(vectors, threshold=3, drop_before_mask={ids[2]})
+    _, masked, revealed, _ = run_protocol(vectors, threshold=3, drop_before_mask={ids[2]})
     for shares in revealed.values():
         assert set(shares["b"]) == set(masked)
         assert set(shares["s"]) == {ids[2]}
@@ -241,7 +242,7 @@ def test_secure_fedavg_equals_plain_fedavg_within_the_quantization_error(dropout
         clipped += k
     assert clipped == 0
     dropped = set(ids[:dropouts])
-    total, masked, _ = run_protocol(vectors, threshold=default_threshold(n), drop_before_mask=dropped)
+    total, masked, _, _ = run_protocol(vectors, threshold=default_threshold(n), drop_before_mask=dropped)
     survivors = sorted(masked)
     n_total = sum(examples[c] for c in survivors)
     mean_delta = decode_mean(total, n_total, REF)
@@ -252,3 +253,49 @@ def test_secure_fedavg_equals_plain_fedavg_within_the_quantization_error(dropout
         # quantization bound, plus float32 rounding of weights of magnitude ~3
         assert np.abs(s.astype(np.float64) - p.astype(np.float64)).max() <= bound + 4e-7
     assert bound < 1e-6
+
+
+# ---------------------------------------------------------------- SecAgg+: the sparse neighbour graph
+
+def test_the_neighbour_graph_is_k_regular_symmetric_and_the_same_for_every_party():
+    from flcommon.secagg import graph
+    clients = [f"client_{i}" for i in range(20)]
+    g = graph.neighbours(CONTEXT, clients, 6)
+    assert set(g) == set(clients)
+    assert all(len(ns) == 6 and c not in ns for c, ns in g.items())
+    assert all(c in g[other] for c, ns in g.items() for other in ns)
+    assert graph.neighbours(CONTEXT, list(reversed(clients)), 6) == g     # the order given does not matter
+    assert graph.neighbours(b"session-1/4", clients, 6) != g              # each round draws its own
+    assert graph.degree(5, 20) == 6                                        # odd k is rounded up
+    assert graph.degree("log", 100) == 14 and graph.degree("log", 1000) == 20
+    assert graph.neighbours(CONTEXT, clients[:7], 6) is None               # k >= n - 1: every pair
+    assert graph.neighbourhood_size(6, 20) == 7 and graph.neighbourhood_size(None, 20) == 20
+
+
+@pytest.mark.parametrize("case", ["none", "drop_before_mask", "silent_at_unmask", "mixed"])
+def test_secagg_plus_masks_cancel_and_dropouts_are_recovered_among_neighbours(case):
+    from flcommon.secagg import graph
+    vectors = quantized_vectors(16)
+    ids = sorted(vectors)
+    g = graph.neighbours(CONTEXT, ids, 6)
+    t = default_threshold(7)   # among a client and its 6 neighbours
+    kw = {"none": {}, "drop_before_mask": {"drop_before_mask": {ids[1]}},
+          "silent_at_unmask": {"silent_at_unmask": {ids[2], ids[9]}},
+          "mixed": {"never_share": {ids[0]}, "drop_before_mask": {ids[5]}, "silent_at_unmask": {ids[11]}}}[case]
+    total, masked, revealed, sent = run_protocol(vectors, threshold=t, neighbours=g, **kw)
+    assert np.array_equal(total, field_sum(vectors[c] for c in masked))
+    # Each client sent shares to its neighbours and itself only, and nobody revealed a share it does not hold.
+    assert all(set(out) == set(g[c]) | {c} for c, out in sent.items())
+    for responder, shares in revealed.items():
+        assert set(shares["b"]) | set(shares["s"]) <= set(g[responder]) | {responder}
+
+
+def test_secagg_plus_refuses_a_neighbourhood_below_its_threshold():
+    from flcommon.secagg import graph
+    vectors = quantized_vectors(16)
+    ids = sorted(vectors)
+    g = graph.neighbours(CONTEXT, ids, 4)
+    victim = ids[3]
+    silent = set(sorted(g[victim])[:3])   # 3 of its 4 neighbours send a masked vector, then no shares
+    with pytest.raises(ProtocolError, match=f"of {victim}'s b revealed, 3 needed"):
+        run_protocol(vectors, threshold=default_threshold(5), neighbours=g, silent_at_unmask=silent)

@@ -16,4 +16,6 @@ def test_bench_secagg_runs_at_its_smoke_size(tmp_path):
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     rows = [line for line in out.stdout.splitlines() if line.strip().startswith("2000")]
-    assert len(rows) == 2 and "invocations" in out.stdout, out.stdout
+    # two dropout shares, each with the full graph and SecAgg+'s 2 neighbours
+    assert len(rows) == 4 and "invocations" in out.stdout, out.stdout
+    assert sum(1 for row in rows if row.split()[3] == "2") == 2

@@ -67,7 +67,7 @@ def upload(db, sid, rnd, client, delta, n):
                                "num_examples": n, "masked": True, "status": "received", "created": time.time()})
 
 
-def run_round(db, sid, rnd, clients, deltas, examples, *, drop_after_share=(), silent_at_unmask=()):
+def run_round(db, sid, rnd, clients, deltas, examples, *, drop_after_share=(), silent_at_unmask=(), receivers=None):
     """The keeper's part: invoke each stage and fix u1, u2, u3 from what the
     store holds after it."""
     for c in clients:
@@ -75,7 +75,7 @@ def run_round(db, sid, rnd, clients, deltas, examples, *, drop_after_share=(), s
     relay.set_sets(db, sid, rnd, u1=relay.done(db, sid, rnd, "keys", clients))
     for c in clients:
         out = stage(db, sid, rnd, c, "share")
-        assert out["written"] and out["receivers"] == len(clients), out
+        assert out["written"] and out["receivers"] == (receivers or len(clients)), out
     relay.set_sets(db, sid, rnd, u2=relay.done(db, sid, rnd, "shares", clients))
     for c in clients:
         if c not in drop_after_share:
@@ -98,13 +98,17 @@ def setup_clients(db, sid, clients, seed=0):
     return global_weights, deltas, examples
 
 
-@pytest.mark.parametrize("dropouts", ["none", "after_share", "silent_at_unmask"])
-def test_secure_round_equals_plain_fedavg(fn_db, dropouts):
+@pytest.mark.parametrize("dropouts, neighbours", [("none", None), ("after_share", None), ("silent_at_unmask", None),
+                                                   ("none", 4), ("after_share", 4), ("silent_at_unmask", 4)])
+def test_secure_round_equals_plain_fedavg(fn_db, dropouts, neighbours):
     db = fn_db
-    sid, clients = make_session(db, 5)
+    # SecAgg+ (neighbours 4): 9 clients each mask with 4 of the others and share among 5.
+    sid, clients = make_session(db, 9, neighbours=neighbours) if neighbours else make_session(db, 5)
     global_weights, deltas, examples = setup_clients(db, sid, clients)
     kw = {"none": {}, "after_share": {"drop_after_share": {clients[1]}},
           "silent_at_unmask": {"silent_at_unmask": {clients[0], clients[3]}}}[dropouts]
+    if neighbours:
+        kw["receivers"] = neighbours + 1
     u3 = run_round(db, sid, 0, clients, deltas, examples, **kw)
     strategy = get_strategy("fedavg")
     spec = db[fs.SESSIONS].find_one({"_id": sid})["spec"]

@@ -87,16 +87,17 @@ def keeper_parts(store, platform, clock, *, timeout_s=10.0, max_attempts=3):
     return Dispatcher(platforms, store, policy, RoundEvents(), clock=clock, sleep=clock.sleep, rng=random.Random(0))
 
 
-def stages_for(store, platform, clock, clients, deadline_s=20.0, **kw):
+def stages_for(store, platform, clock, clients, deadline_s=20.0, neighbours=None, **kw):
     return SecAggStages(keeper_parts(store, platform, clock, **kw), store, {c: "local" for c in clients},
-                        deadline_s=deadline_s)
+                        deadline_s=deadline_s, neighbours=neighbours)
 
 
-def session(store, n):
+def session(store, n, neighbours=None):
     sid = f"st-{store.db.name}"
     clients = [f"client_{i}" for i in range(n)]
+    sa = {"neighbours": neighbours} if neighbours else True
     store.db[fs.SESSIONS].insert_one({"_id": sid, "spec": {"model": "small", "clients": clients,
-                                                           "strategy": "fedavg", "secure_aggregation": True}})
+                                                           "strategy": "fedavg", "secure_aggregation": sa}})
     rng = np.random.default_rng(0)
     global_weights = [rng.normal(0, 1, s).astype(np.float32) for s in SHAPES]
     deltas = {c: [rng.normal(0, 0.05, s).astype(np.float32) for s in SHAPES] for c in clients}
@@ -168,28 +169,30 @@ def test_failed_throttled_and_timed_out_stage_attempts_are_retried_and_the_round
                for a in every)
 
 
-@pytest.mark.parametrize("silent_at", ["share", "unmask"])
-def test_a_client_silent_past_the_stage_deadline_is_dropped_and_recovered_above_the_threshold(store, silent_at):
-    sid, clients, data = session(store, 5)
+@pytest.mark.parametrize("silent_at, n, neighbours", [("share", 5, None), ("unmask", 5, None), ("unmask", 9, 4)])
+def test_a_client_silent_past_the_stage_deadline_is_dropped_and_recovered_above_the_threshold(
+        store, silent_at, n, neighbours):
+    sid, clients, data = session(store, n, neighbours)
+    last = clients[-1]
     clock = FakeClock()
-    platform = StagePlatform(store, clock, {(silent_at, "client_4"): [HANG] * 5})
+    platform = StagePlatform(store, clock, {(silent_at, last): [HANG] * 5})
     # A function timeout past the stage deadline: the attempt is still running when the stage closes.
-    stages = stages_for(store, platform, clock, clients, deadline_s=20.0, timeout_s=100.0)
+    stages = stages_for(store, platform, clock, clients, deadline_s=20.0, timeout_s=100.0, neighbours=neighbours)
     u2 = stages.before_training(sid, 0, clients)
     trainers = [c for c in u2 if c != "client_0"]     # client_0 also drops after sharing its keys
     train(store, platform, sid, 0, trainers, data)
     u3 = stages.before_aggregating(sid, 0, trainers)
     if silent_at == "share":
-        assert u2 == clients[:4] and u3 == clients[1:4]
+        assert u2 == clients[:-1] and u3 == clients[1:-1]
     else:
         assert u2 == clients and u3 == clients[1:]
-        assert relay.done(store.db, sid, 0, "reveal", u3) == clients[1:4]
-    # The masks of client_0 (and client_4's pairwise ones) are rebuilt from the others' Shamir shares.
+        assert relay.done(store.db, sid, 0, "reveal", u3) == clients[1:-1]
+    # client_0's masks (and the silent client's pairwise ones) are rebuilt from the others' Shamir shares.
     assert_equals_fedavg(store, sid, 0, u3, data)
-    silent = records(store, sid, silent_at, "client_4")
+    silent = records(store, sid, silent_at, last)
     assert [(a["attempt"], a["state"]) for a in silent] == [(1, "abandoned")]
     assert "deadline" in silent[0]["error"]
-    assert platform.calls.count((silent_at, "client_4")) == 1
+    assert platform.calls.count((silent_at, last)) == 1
 
 
 def test_a_stage_below_the_threshold_is_refused_naming_who_dropped_and_why(store):

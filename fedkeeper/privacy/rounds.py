@@ -50,7 +50,7 @@ class RoundPrivacy:
         if secure is not None:
             stages = SecAggStages(dispatcher, store, client_cluster,
                                   secure.stage_deadline_s or training.round_deadline_s, secure.threshold,
-                                  emit=events.emit)
+                                  emit=events.emit, neighbours=secure.neighbours)
         return cls(privacy, secure, budget, stages, per_round, events.emit, store.event, failure)
 
     # ------------------------------------------------------------------ the session spec

@@ -73,12 +73,13 @@ class SecAggStages:
     retry policy, clock, sleep and rng, its tracking and its attempt records."""
 
     def __init__(self, dispatcher: Any, store: Any, client_cluster: dict[str, str], deadline_s: float,
-                 threshold_share: float | None = None, emit: Callable[..., None] | None = None):
+                 threshold_share: float | None = None, emit: Callable[..., None] | None = None,
+                 neighbours: int | str | None = None):
         self.dispatch = dispatcher
         self.store = store
         self.client_cluster = client_cluster
         self.deadline_s = deadline_s
-        self.settings = {"threshold": threshold_share}
+        self.settings = {"threshold": threshold_share, "neighbours": neighbours}
         self.emit = emit or (lambda *a, **k: None)
         self.dropped: dict[tuple[int, str], dict[str, str]] = {}   # (round, stage) -> client -> why
 

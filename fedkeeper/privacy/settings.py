@@ -9,7 +9,8 @@ carries to the functions, and what `config validate` says about them.
       delta: 1e-5
       target_epsilon: 8          # optional
       accountant: rdp            # rdp | pld
-    secure_aggregation: true     # or {threshold: 0.6, scale: 16777216, stage_deadline_s: 60}
+    secure_aggregation: true     # or {threshold: 0.6, scale: 16777216, stage_deadline_s: 60,
+                                 #     neighbours: log}
 
 The config package holds these models as fields; their rules live here,
 with the mechanisms they configure (flcommon.privacy, flcommon.secagg).
@@ -24,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_serializer, model_valid
 
 from flcommon.privacy import ADAPTIVE_DEFAULTS, PrivacyError, privacy_settings
 from flcommon.secagg.field import DEFAULT_SCALE
+from flcommon.secagg.graph import degree
 from flcommon.strategies import STRATEGIES
 
 
@@ -119,9 +121,20 @@ class SecureAggregationConfig(_Block):
     # clients; None: training.round_deadline_s. A client still running then
     # is out of the stage, and the threshold decides whether the round goes on.
     stage_deadline_s: Optional[float] = Field(None, gt=0)
+    # SecAgg+'s sparse graph (flcommon/secagg/graph.py): each client masks
+    # with and shares among k neighbours, a number from 2 or `log`
+    # (2 x ceil(log2 n)); None: every pair of clients.
+    neighbours: Optional[Union[Literal["log"], int]] = None
+
+    @model_validator(mode="after")
+    def _neighbours(self):
+        n = self.neighbours
+        if n is not None and n != "log" and not 2 <= n <= 10_000:
+            raise ValueError(f"neighbours: `log` or a number of neighbours from 2, got {n}")
+        return self
 
     def spec(self) -> dict[str, Any]:
-        return {"threshold": self.threshold, "scale": self.scale}
+        return {"threshold": self.threshold, "scale": self.scale, "neighbours": self.neighbours}
 
 
 def secure_aggregation(value: Union[bool, SecureAggregationConfig, None]) -> SecureAggregationConfig | None:
@@ -189,7 +202,15 @@ def describe(privacy: PrivacyConfig | None, secure: Union[bool, SecureAggregatio
     sa = secure_aggregation(secure)
     if sa is not None:
         share = "more than half" if sa.threshold is None else f"{sa.threshold:g}"
-        lines.append(f"secure_aggregation: pairwise masking, threshold {share} of each round's clients, "
+        if sa.neighbours is None:
+            graph = "every pair of clients"
+            holders = "each round's clients"
+        else:
+            k = degree(sa.neighbours, clients_per_round)
+            graph = (f"SecAgg+ graph of {k} neighbours per client" if k is not None
+                     else "every pair of clients (neighbours cover the round)")
+            holders = "a client and its neighbours" if k is not None else "each round's clients"
+        lines.append(f"secure_aggregation: pairwise masking over {graph}, threshold {share} of {holders}, "
                      f"3 extra invocations per client per round")
     return lines
 

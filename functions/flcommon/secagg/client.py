@@ -45,7 +45,7 @@ def run_stage(db, bound: Mapping[str, str], spec: Mapping[str, Any], sess: str, 
         t = sa_session.threshold(sa, len(u1))
         roster = relay.public_keys(db, sess, rnd, u1)
         if stage == "share":
-            out = protocol.share_keys(secret, ctx, client, roster, t)
+            out = protocol.share_keys(secret, ctx, client, roster, t, sa_session.neighbours(sa, sess, rnd, u1))
             written = relay.put(db, sess, rnd, client, "shares", {"to": out})
             return {"stage": stage, "written": written, "receivers": len(out)}
         u2 = relay.need_set(db, sess, rnd, "u2")
@@ -70,7 +70,7 @@ def masked_update(db, bound: Mapping[str, str], spec: Mapping[str, Any], sess: s
     try:
         vector, clipped = encode_update(delta, num_examples, max_clients=len(u1), scale=sa["scale"])
         masked = protocol.mask(secret, sa_session.context(sess, rnd), client, vector,
-                               relay.public_keys(db, sess, rnd, u2), t)
+                               relay.public_keys(db, sess, rnd, u2), t, sa_session.neighbours(sa, sess, rnd, u1))
     except (protocol.ProtocolError, CryptoError, FieldError) as exc:
         raise BadRequest(f"secure aggregation, masking {client}'s update in round {rnd}: {exc}") from None
     del vector

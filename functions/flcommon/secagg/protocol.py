@@ -18,6 +18,11 @@ one stage hands the next is relayed through the store by the caller.
                   the masks that do not cancel from the sum of U3's masked
                   vectors. It never holds an unmasked update.
 
+SecAgg+ (Bell et al. 2020), with `neighbours`: the same stages over a sparse
+graph (graph.py): a client shares its secrets only with its k neighbours
+and itself, masks pairwise only with its neighbours, and t counts among
+those k + 1 holders; the server rebuilds each secret from its holders.
+
 Ids are sorted lexicographically; a client's Shamir x-coordinate is its
 position in sorted U1, plus one. Everything a client computes comes from
 its own secret and the round's context (keys.client_material), so a retried
@@ -25,13 +30,15 @@ stage repeats exactly what the first try sent.
 """
 from __future__ import annotations
 
-from typing import Iterable, Mapping
+from typing import AbstractSet, Iterable, Mapping, Optional
 
 import numpy as np
 
 from . import field, keys, prg, shamir
 
 PublicKeys = Mapping[str, Mapping[str, bytes]]  # client -> {"c_pk": ..., "s_pk": ...}
+# client -> its neighbours in SecAgg+'s sparse graph (graph.py); None: every other client
+Neighbours = Optional[Mapping[str, AbstractSet[str]]]
 
 
 class ProtocolError(ValueError):
@@ -65,6 +72,13 @@ def _index(roster: Iterable[str]) -> dict[str, int]:
     return {c: i + 1 for i, c in enumerate(sorted(roster))}
 
 
+def _around(neighbours: Mapping[str, AbstractSet[str]], client: str, roster: Iterable[str]) -> list[str]:
+    """A client and its neighbours, as the roster has them."""
+    if client not in neighbours:
+        raise ProtocolError(f"{client} is not in the round's neighbour graph")
+    return [c for c in roster if c == client or c in neighbours[client]]
+
+
 def _need(count: int, threshold: int, what: str) -> None:
     if count < threshold:
         raise ProtocolError(f"{what}: {count} clients, the threshold is {threshold}")
@@ -77,9 +91,10 @@ def advertise(secret: bytes, context: bytes, client: str) -> dict[str, bytes]:
 
 
 def share_keys(secret: bytes, context: bytes, client: str, roster: PublicKeys,
-               threshold: int) -> dict[str, bytes]:
+               threshold: int, neighbours: Neighbours = None) -> dict[str, bytes]:
     """receiver -> ciphertext of (share of s key, share of b), for every
-    client of U1 (this one included)."""
+    client of U1 (this one included), or with a sparse graph for this client
+    and its neighbours."""
     if dict(roster.get(client) or {}) != advertise(secret, context, client):
         raise ProtocolError(f"the roster does not carry {client}'s keys")
     _need(len(roster), threshold, "share_keys")
@@ -92,8 +107,10 @@ def share_keys(secret: bytes, context: bytes, client: str, roster: PublicKeys,
 
     s_shares = dict(shamir.split(keys.private_bytes(s_sk), len(index), threshold, coefficients("s")))
     b_shares = dict(shamir.split(b, len(index), threshold, coefficients("b")))
+    receivers = index if neighbours is None else {c: index[c] for c in _around(neighbours, client, index)}
+    _need(len(receivers), threshold, "share_keys among the neighbours")
     out = {}
-    for receiver, x in index.items():
+    for receiver, x in receivers.items():
         key = keys.agree(c_sk, roster[receiver]["c_pk"], _enc_info(context))
         nonce = keys.client_material(secret, context, client, f"nonce/{receiver}", keys.NONCE_BYTES)
         plain = shamir.y_to_bytes(s_shares[x]) + shamir.y_to_bytes(b_shares[x])
@@ -106,16 +123,18 @@ def _associated(context: bytes, sender: str, receiver: str) -> bytes:
 
 
 def mask(secret: bytes, context: bytes, client: str, vector: np.ndarray, shared: PublicKeys,
-         threshold: int) -> np.ndarray:
+         threshold: int, neighbours: Neighbours = None) -> np.ndarray:
     """The quantized update plus its self mask and pairwise masks with every
-    other client of U2 (`shared`: the clients whose shares were delivered)."""
+    other client of U2 (`shared`: the clients whose shares were delivered),
+    or with a sparse graph with its neighbours in U2."""
     field.check(vector)
     if client not in shared:
         raise ProtocolError(f"{client} is not among the clients that shared their keys")
     _need(len(shared), threshold, "mask")
     _, s_sk, b = _own(secret, context, client)
     out = field.add(vector, prg.mask(b, vector.size))
-    for other in sorted(shared):
+    peers = shared if neighbours is None else [c for c in shared if c in neighbours.get(client, ())]
+    for other in sorted(peers):
         if other == client:
             continue
         seed = keys.agree(s_sk, shared[other]["s_pk"], _mask_info(context))
@@ -152,7 +171,7 @@ def unmask(secret: bytes, context: bytes, client: str, roster: PublicKeys, inbox
 # --------------------------------------------------------------------------- server
 def unmasked_sum(context: bytes, roster: PublicKeys, shared: Iterable[str],
                  masked: Mapping[str, np.ndarray], revealed: Mapping[str, Mapping[str, Mapping[str, bytes]]],
-                 threshold: int) -> np.ndarray:
+                 threshold: int, neighbours: Neighbours = None) -> np.ndarray:
     """The sum of the survivors' quantized updates, from their masked
     vectors and the shares at least `threshold` clients revealed."""
     shared = set(shared)
@@ -186,7 +205,8 @@ def unmasked_sum(context: bytes, roster: PublicKeys, shared: Iterable[str],
         s_sk = keys.private_key(rebuild("s", dropped))
         if keys.public_bytes(s_sk) != roster[dropped]["s_pk"]:
             raise ProtocolError(f"the shares of {dropped}'s key do not rebuild the key it advertised")
-        for owner in sorted(survivors):
+        peers = survivors if neighbours is None else survivors & set(neighbours.get(dropped, ()))
+        for owner in sorted(peers):
             m = prg.mask(keys.agree(s_sk, roster[owner]["s_pk"], _mask_info(context)), length)
             # owner added +m when it sorts before the dropped client: take it back out
             total = field.sub(total, m) if owner < dropped else field.add(total, m)

@@ -69,7 +69,7 @@ def secure_aggregate(db, sess: str, rnd: int, wanted: Sequence[tuple[str, int]],
     try:
         total = protocol.unmasked_sum(sa_session.context(sess, rnd), relay.public_keys(db, sess, rnd, u1), u2,
                                       masked, relay.revealed(db, sess, rnd, responders),
-                                      sa_session.threshold(sa, len(u1)))
+                                      sa_session.threshold(sa, len(u1)), sa_session.neighbours(sa, sess, rnd, u1))
         del masked
         n_total = sum(examples.values())
         mean = decode_mean(total, n_total, reference, sa["scale"])

@@ -2,10 +2,11 @@
 take part: the client secret bound to client functions, the round's
 context and threshold.
 
-The session spec carries `secure_aggregation: {threshold, scale}` (the
-keeper writes it): threshold is the share of the round's U1 whose key
-shares rebuild a secret (None: more than half), scale the fixed-point
-scale of quantization.
+The session spec carries `secure_aggregation: {threshold, scale,
+neighbours}` (the keeper writes it): threshold is the share of the holders
+of a client's key shares that rebuild its secrets (None: more than half),
+scale the fixed-point scale of quantization, neighbours SecAgg+'s sparse
+graph (None: every pair of clients; see graph.py).
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import math
 from typing import Any, Mapping
 
 from ..entry import BadRequest
+from . import graph
 from .field import DEFAULT_SCALE
 from .protocol import default_threshold
 
@@ -38,14 +40,27 @@ def settings(spec: Mapping[str, Any]) -> dict[str, Any] | None:
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 < scale < 2 ** 40 \
             or not math.isfinite(scale):
         raise BadRequest(f"secure_aggregation scale must be a positive number below 2^40, got {scale!r}")
-    return {"threshold": threshold, "scale": float(scale)}
+    neighbours = raw.get("neighbours")
+    if neighbours is not None and neighbours != graph.LOG and (
+            isinstance(neighbours, bool) or not isinstance(neighbours, int) or not 2 <= neighbours <= 10_000):
+        raise BadRequest(f"secure_aggregation neighbours must be `log` or a number of neighbours from 2, "
+                         f"got {neighbours!r}")
+    return {"threshold": threshold, "scale": float(scale), "neighbours": neighbours}
 
 
 def threshold(sa: Mapping[str, Any], n: int) -> int:
-    """Shares needed to rebuild a secret of a round whose U1 has n clients."""
+    """Shares needed to rebuild a secret of a round whose U1 has n clients:
+    a share of the holders of one client's shares (all of U1, or with
+    SecAgg+'s neighbours, the client and its neighbours)."""
+    m = graph.neighbourhood_size(sa.get("neighbours"), n)
     if sa.get("threshold") is None:
-        return default_threshold(n)
-    return min(n, max(2, math.ceil(sa["threshold"] * n)))
+        return default_threshold(m)
+    return min(m, max(2, math.ceil(sa["threshold"] * m)))
+
+
+def neighbours(sa: Mapping[str, Any], session: str, rnd: int, u1) -> dict[str, frozenset[str]] | None:
+    """The round's neighbour graph over U1 (None: every pair of clients)."""
+    return graph.neighbours(context(session, rnd), u1, sa.get("neighbours"))
 
 
 def client_secret(bound: Mapping[str, str]) -> bytes:
