@@ -33,9 +33,10 @@ sys.path.insert(0, str(ROOT / "functions"))
 
 from fedkeeper.local.store import EmbeddedMongo  # noqa: E402
 from flcommon import store as fs  # noqa: E402
-from flcommon.partials import PARTIALS, PartialSum, write_partial  # noqa: E402
+from flcommon.partials import PARTIALS  # noqa: E402
 from flcommon.strategies import get_strategy  # noqa: E402
 from flcommon.update_stream import aggregate  # noqa: E402
+from fl_combiner.fl_combiner import combine as combine_cluster  # noqa: E402
 
 SMOKE = {"clusters": 2, "clients": 4, "model_mb": 0.05}
 SESSION = "bench-h"
@@ -64,11 +65,9 @@ def combine(url: str, mb: float, cluster: str, clients: list[str]) -> float:
     db = fs.database(url, "bench")
     base = model(mb)
     t0 = time.perf_counter()
-    partial = PartialSum()
-    accepted, rejected = aggregate(db, SESSION, 0, [(c, 0) for c in clients], base, partial, use_partials=False)
-    if rejected or len(accepted) != len(clients):
-        raise SystemExit(f"combiner {cluster} rejected updates: {rejected[:3]}")
-    write_partial(db, SESSION, 0, cluster, partial, accepted, rejected, time.perf_counter() - t0)
+    doc = combine_cluster(db, SESSION, 0, cluster, clients, base, 0.5)
+    if "error" in doc or doc["rejected"] or len(doc["clients"]) != len(clients):
+        raise SystemExit(f"combiner {cluster} rejected updates: {doc.get('error') or doc['rejected'][:3]}")
     return time.perf_counter() - t0
 
 

@@ -23,11 +23,21 @@ def _sessions(db, strategy):
     flat = make_session(db, clients=len(CLIENTS), strategy=strategy)
     spec = db[fs.SESSIONS].find_one({"_id": flat})["spec"]
     hier = flat + "-h"
-    db[fs.SESSIONS].insert_one({"_id": hier, "spec": spec})
+    db[fs.SESSIONS].insert_one({"_id": hier, "spec": spec, "clusters": _cluster_of(CLUSTERS)})
     for sid in (flat, hier):
         call("fl_server_init", db, session=sid, round=0)
     assert all(np.array_equal(a, b) for a, b in zip(_model(db, flat, 0), _model(db, hier, 0)))
     return flat, hier
+
+
+def _cluster_of(clusters):
+    return {c: cluster for cluster, clients in clusters.items() for c in clients}
+
+
+def _close(db, sid, rnd, included):
+    """What the keeper writes before aggregating: the round's listed clients."""
+    db[fs.ROUNDS].update_one({"session": sid, "round": rnd},
+                             {"$set": {"state": "aggregating", "included": included}}, upsert=True)
 
 
 def _plant(db, sids, rnd, seed):
@@ -41,8 +51,11 @@ def _plant(db, sids, rnd, seed):
 
 def _round(db, flat, hier, rnd, combiners=CLUSTERS):
     out_flat = call("fl_server_aggregator", db, session=flat, round=rnd, clients=CLIENTS)
+    _close(db, hier, rnd, CLIENTS)
     for cluster, clients in combiners.items():
-        out = call("fl_combiner", db, session=hier, round=rnd, cluster_name=cluster, clients=clients)
+        # Each combiner finds its clients from the store: the cluster map as it is when it runs.
+        db[fs.SESSIONS].update_one({"_id": hier}, {"$set": {"clusters": _cluster_of({cluster: clients})}})
+        out = call("fl_combiner", db, session=hier, round=rnd, cluster_name=cluster)
         assert out["combined"] == len(clients) and out["rejected_count"] == 0
     out_hier = call("fl_server_aggregator", db, session=hier, round=rnd, clients=CLIENTS)
     return out_flat, out_hier
@@ -97,8 +110,10 @@ def test_a_partial_of_clients_not_listed_for_the_round_is_refused(fn_db):
     db = fn_db
     flat, hier = _sessions(db, "fedavg")
     _plant(db, (flat, hier), 0, seed=4)
-    for cluster, clients in CLUSTERS.items():
-        call("fl_combiner", db, session=hier, round=0, cluster_name=cluster, clients=clients)
+    _close(db, hier, 0, CLIENTS)
+    for cluster in CLUSTERS:
+        call("fl_combiner", db, session=hier, round=0, cluster_name=cluster)
+    # The aggregator is then given fewer clients than the round's document listed.
     out = call("fl_server_aggregator", db, session=hier, round=0, clients=CLIENTS[:4])
     assert out["accepted"] == 4   # alpha used; beta refused (lists client_5), client_3 read directly
     beta = db[PARTIALS].find_one({"session": hier, "round": 0, "cluster": "beta"})
@@ -164,3 +179,97 @@ def test_memory_stays_within_three_models_at_both_levels(fn_db):
     shift = float((w * (w - 1)).sum() / w.sum())
     again = np.random.default_rng(0).standard_normal(shapes[0]).astype(np.float32)
     assert np.allclose(result[0], again + shift, atol=1e-3)
+
+
+def _plant_many(db, sid, rnd, clients, base):
+    """`clients` updates of a small model, written in bulk (GridFS layout,
+    one chunk each) so that a thousand cost a few store round trips."""
+    import io
+
+    from bson import ObjectId
+
+    from flcommon.blobs import write_arrays
+    files, chunks, updates = [], [], []
+    for i, c in enumerate(clients):
+        buf = io.BytesIO()
+        write_arrays(buf, [b + np.float32(i % 5) for b in base])
+        blob = ObjectId()
+        data = buf.getvalue()
+        files.append({"_id": blob, "length": len(data), "chunkSize": fs.CHUNK_SIZE, "filename": "u.npz",
+                      "metadata": {"kind": "update", "session": sid, "round": rnd, "client": c}})
+        chunks.append({"files_id": blob, "n": 0, "data": data})
+        updates.append({"session": sid, "round": rnd, "client": c, "attempt": 1, "blob_id": blob,
+                        "num_examples": 1 + i % 3, "status": "received"})
+    db[f"{fs.BUCKET}.chunks"].insert_many(chunks)
+    db[f"{fs.BUCKET}.files"].insert_many(files)
+    db[fs.UPDATES].insert_many(updates)
+
+
+def test_a_combiner_of_a_thousand_clients_has_a_payload_of_constant_size(fn_db):
+    """The combiner is told its session, round and cluster only: it finds
+    the thousand clients of its cluster listed for the round in the store
+    (not the other cluster's, nor a client of its cluster left out of the
+    round), and its partial counts each of them once."""
+    from flcommon.strategies import get_strategy
+    from flcommon.update_stream import aggregate
+
+    db = fn_db
+    sid = "thousand"
+    base = [np.arange(6, dtype=np.float32).reshape(2, 3), np.ones(4, dtype=np.float32)]
+    ours = [f"client_{i}" for i in range(1000)]
+    theirs = [f"client_{i}" for i in range(1000, 1010)]
+    left_out = "client_1010"
+    clusters = {**{c: "alpha" for c in ours + [left_out]}, **{c: "beta" for c in theirs}}
+    db[fs.SESSIONS].insert_one({"_id": sid, "clusters": clusters, "spec": {
+        "model": "small", "clients": ours + theirs + [left_out], "strategy": "fedavg"}})
+    db[fs.MODELS].insert_one({"session": sid, "round": 0,
+                              "blob_id": fs.put_arrays(db, base, "m.npz", {"kind": "model"})})
+    _plant_many(db, sid, 0, ours + theirs + [left_out], base)
+    _close(db, sid, 0, ours + theirs)
+    out = call("fl_combiner", db, session=sid, round=0, cluster_name="alpha")   # asserts both sizes < 16 KB
+    assert out["combined"] == 1000 and out["rejected_count"] == 0
+    part = db[PARTIALS].find_one({"session": sid, "round": 0, "cluster": "alpha"})
+    assert [c["client"] for c in part["clients"]] == ours
+    assert db[fs.UPDATES].count_documents({"session": sid, "combined_by": "alpha"}) == 1000
+    assert db[fs.UPDATES].count_documents({"session": sid, "client": left_out, "combined_by": {"$exists": True}}) == 0
+    # The top level counts the thousand through the partial, the other ten one by one.
+    strategy = get_strategy("fedavg")
+    accepted, rejected = aggregate(db, sid, 0, [(c, 0) for c in ours + theirs], base, strategy)
+    assert not rejected and [a["client"] for a in accepted] == ours + theirs
+    result, _ = strategy.finish([b.copy() for b in base], None)
+    n = np.array([1 + i % 3 for i in range(1010)], dtype=np.float64)
+    shift = float((n * (np.arange(1010) % 5)).sum() / n.sum())
+    assert np.allclose(result[0], base[0] + shift, atol=1e-5)
+
+
+def test_a_combiner_before_the_round_lists_its_clients_refuses_to_run(fn_db):
+    db = fn_db
+    sid = make_session(db, clients=2)
+    db[fs.SESSIONS].update_one({"_id": sid}, {"$set": {"clusters": {"client_0": "alpha", "client_1": "alpha"}}})
+    out = call("fl_combiner", db, session=sid, round=0, cluster_name="alpha")
+    assert "lists no clients for aggregation yet" in out["error"]
+    _close(db, sid, 0, ["client_1"])
+    db[fs.SESSIONS].update_one({"_id": sid}, {"$unset": {"clusters": ""}})
+    assert "records no cluster for its clients" in call("fl_combiner", db, session=sid, round=0,
+                                                        cluster_name="alpha")["error"]
+
+
+def test_the_keeper_names_no_client_in_a_combiners_payload():
+    from fedkeeper.keeper.aggregation import combine_clusters
+
+    class Recording:
+        def __init__(self):
+            self.calls = []
+
+        def call(self, cluster, session, rnd, function, **payload):
+            self.calls.append((cluster, function, payload))
+            return {"combined": 1}
+
+    dispatch = Recording()
+    clients = [f"client_{i}" for i in range(3000)]
+    where = {c: ("alpha" if i % 3 else "beta") for i, c in enumerate(clients)}
+    out = combine_clusters(dispatch, "s", 4, clients, where)
+    assert sorted(out) == ["alpha", "beta"]
+    assert sorted(dispatch.calls) == [
+        ("alpha", "fl_combiner", {"slot_name": "_fl_combiner@alpha", "cluster_name": "alpha"}),
+        ("beta", "fl_combiner", {"slot_name": "_fl_combiner@beta", "cluster_name": "beta"})]

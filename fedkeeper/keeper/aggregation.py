@@ -1,7 +1,10 @@
 """Hierarchical aggregation's first level, as the keeper runs it
 (training.aggregation: hierarchical): one fl_combiner per client cluster,
-invoked in parallel through the dispatcher like any helper function, each
-given the clients of its cluster that delivered. The aggregator then adds
+invoked in parallel through the dispatcher like any helper function, for
+each cluster with a client that delivered. A combiner's payload names only
+the session, the round and its cluster, whatever the number of clients: it
+finds its clients in the store (the round's `included`, written before
+aggregation, and the session's client clusters). The aggregator then adds
 the partial aggregates they stored (flcommon.partials) and reads the other
 listed updates itself: a combiner that fails for good costs time, not
 updates."""
@@ -40,7 +43,7 @@ def combine_clusters(dispatch: Dispatcher, session: str, rnd: int, clients: list
         cluster, members = item
         try:
             return cluster, dispatch.call(cluster, session, rnd, COMBINER, slot_name=f"_{COMBINER}@{cluster}",
-                                          cluster_name=cluster, clients=members)
+                                          cluster_name=cluster)
         except SessionError as exc:
             log.warning("combiner of cluster %s failed; the aggregator reads its %d update(s) itself: %s",
                         cluster, len(members), exc)

@@ -16,16 +16,21 @@ it; otherwise the whole partial is refused and its clients' updates are read
 by the aggregator itself, as in a flat round."""
 from __future__ import annotations
 
+import datetime
 import io
 import time
 from typing import Any
 
 import numpy as np
+from bson import ObjectId
 
 from . import store
 from .blobs import BlobError, write_arrays
 
 PARTIALS = "partials"
+# Chunks per insert_many when a partial is written: a quarter of a model
+# of 4 MB or more at a time, so writing holds little beside the encoding.
+_CHUNK_BATCH = 4
 
 
 class PartialSum:
@@ -63,31 +68,58 @@ def write_partial(db, session: str, rnd: int, cluster: str, partial: PartialSum,
                   contributions: list[dict[str, Any]], rejected: list[dict[str, Any]], seconds: float
                   ) -> dict[str, Any]:
     """Store a combiner's partial (blob + document) and mark the updates it
-    counted `combined_by: cluster`. A partial already stored for (session,
-    round, cluster) is kept: a retried combiner changes nothing."""
+    counted `combined_by: cluster`, one write per round of updates (a write
+    per update cost a combiner more than reading its updates). A partial
+    already stored for (session, round, cluster) is kept: a retried combiner
+    changes nothing."""
     done = db[PARTIALS].find_one({"session": session, "round": rnd, "cluster": cluster})
     if done is not None:
         return done
-    # Encoded first, the mean released, then uploaded a chunk at a time:
-    # the accumulator and its encoding are never held with the upload's
-    # own copies (store.put_arrays would hold all three).
+    # Encoded first and the mean released, then written a batch of chunks
+    # at a time: the accumulator, its encoding and the chunks' copies are
+    # never all held at once.
     buf = io.BytesIO()
     mean = partial.mean()
     write_arrays(buf, mean)
     del mean
-    buf.seek(0)
-    blob = store.bucket(db).upload_from_stream(
-        f"{session}/partial/{rnd:03d}/{cluster}.npz", buf,
-        metadata={"kind": "partial", "session": session, "round": rnd, "cluster": cluster})
-    buf.close()
+    blob = _put_encoded(db, buf, f"{session}/partial/{rnd:03d}/{cluster}.npz",
+                        {"kind": "partial", "session": session, "round": rnd, "cluster": cluster})
     doc = {"session": session, "round": rnd, "cluster": cluster, "blob_id": blob,
            "clients": contributions, "rejected": rejected, "weight": partial.weight,
            "num_examples": partial.mass, "created": time.time(), "seconds": seconds}
     db[PARTIALS].insert_one(doc)
+    by_round: dict[int, list[str]] = {}
     for c in contributions:
-        db[store.UPDATES].update_one({"session": session, "round": c["round"], "client": c["client"]},
-                                     {"$set": {"combined_by": cluster}})
+        by_round.setdefault(c["round"], []).append(c["client"])
+    for r, clients in sorted(by_round.items()):
+        db[store.UPDATES].update_many({"session": session, "round": r, "client": {"$in": clients}},
+                                      {"$set": {"combined_by": cluster}})
     return doc
+
+
+def _put_encoded(db, buf: io.BytesIO, filename: str, metadata: dict[str, Any]) -> ObjectId:
+    """An encoded blob written in the GridFS layout store.put_arrays uses
+    (chunks first, then the files document), without GridIn's index probes
+    on every upload; `buf` is released as it is written."""
+    data = buf.getbuffer()
+    file_id = ObjectId()
+    chunks = db[f"{store.BUCKET}.chunks"]
+    try:
+        starts = range(0, len(data), store.CHUNK_SIZE)
+        for first in range(0, len(starts), _CHUNK_BATCH):
+            chunks.insert_many([{"files_id": file_id, "n": n, "data": bytes(data[s:s + store.CHUNK_SIZE])}
+                                for n, s in enumerate(starts[first:first + _CHUNK_BATCH], start=first)],
+                               ordered=True)
+        db[f"{store.BUCKET}.files"].insert_one({
+            "_id": file_id, "length": len(data), "chunkSize": store.CHUNK_SIZE, "filename": filename,
+            "uploadDate": datetime.datetime.now(datetime.timezone.utc), "metadata": metadata})
+    except BaseException:
+        chunks.delete_many({"files_id": file_id})
+        raise
+    finally:
+        data.release()
+        buf.close()
+    return file_id
 
 
 def add_partials(db, session: str, rnd: int, wanted: list[tuple[str, int]], reference, model_bytes: int,
