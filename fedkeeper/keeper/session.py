@@ -231,7 +231,8 @@ class Keeper:
         updates and round documents only make sense under one mode."""
         stored = doc.get("spec") or {}
         tr = self.training
-        for key, now in (("mode", tr.mode), ("staleness_tolerance", tr.staleness_tolerance)):
+        for key, now in (("mode", tr.mode), ("staleness_tolerance", tr.staleness_tolerance),
+                         ("aggregation", tr.aggregation)):
             if key in stored and stored[key] != now:
                 raise SessionError(f"session {doc['_id']} was started with training.{key}: {stored[key]}, "
                                    f"the config now says {now}; resume it with the config it started with")
@@ -264,6 +265,7 @@ class Keeper:
             "mode": self.training.mode,
             "staleness_tolerance": self.training.staleness_tolerance,
             "staleness_exponent": self.training.staleness_exponent,
+            "aggregation": self.training.aggregation,
             **({"user_module": um} if (um := user_module_spec(self.rt.cfg, s)) else {}),
             **(self.privacy.session_spec() if self.privacy else {}),
         }
