@@ -86,3 +86,7 @@ def test_a_resume_keeps_secure_aggregations_threshold_and_scale_but_may_change_i
     # A session started with secure_aggregation: true dumps a bool; it compares as its defaults.
     doc_true = {**doc, "spec": rp().session_spec(), "training": {"secure_aggregation": True}}
     assert resume_refusal(doc_true, rp()) is None
+    # A session stored before `neighbours` existed resumes with it left at its default, not with it set.
+    doc_old = {**doc_true, "spec": {"secure_aggregation": {"threshold": None, "scale": 2.0 ** 24}}}
+    assert resume_refusal(doc_old, rp()) is None
+    assert "{neighbours: log}" in resume_refusal(doc_old, rp(neighbours="log"))

@@ -150,7 +150,9 @@ def _comparable(key: str, spec_block: Any, training_block: Any) -> Any:
     merged = {**(training_block if isinstance(training_block, dict) else {}), **(spec_block or {})}
     for name in _MAY_CHANGE[key]:
         merged.pop(name, None)
-    return merged
+    # A setting left at its default (None) compares equal to one a session
+    # written before the setting existed does not carry.
+    return {k: v for k, v in merged.items() if v is not None}
 
 
 def _shown(block: Any) -> str:
