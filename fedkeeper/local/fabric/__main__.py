@@ -34,6 +34,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="prewarmed workers per runtime (default: %(default)s; empty: none)")
     s.add_argument("--stem-memory-mb", type=int, default=d.stem_memory_mb,
                    help="what an untaken stem cell counts against the user memory")
+    s.add_argument("--no-fork-stem-cells", dest="fork_stem_cells", action="store_false",
+                   help="start every stem cell as its own process (importing its runtime's modules) "
+                        "instead of forking it from the runtime's zygote")
     s.add_argument("--concurrent-invocations", type=int, default=d.concurrent_invocations)
     s.add_argument("--invocations-per-minute", type=int, default=d.invocations_per_minute)
     s.add_argument("--payload-limit", type=int, default=d.payload_limit)
@@ -52,6 +55,7 @@ def main(argv: list[str] | None = None) -> int:
             payload_limit=a.payload_limit, concurrent_invocations=a.concurrent_invocations,
             invocations_per_minute=a.invocations_per_minute, idle_s=a.idle_s,
             user_memory_mb=a.user_memory_mb, stem_cells=a.stem_cells, stem_memory_mb=a.stem_memory_mb,
+            fork_stem_cells=a.fork_stem_cells,
             max_records=a.max_records,
             record_bytes=max(1, int(a.record_mb * 2 ** 20))))
         return 0

@@ -78,6 +78,9 @@ def set_limits(f: Fabric, ns_name: str, body: Any) -> dict:
             for w in f.scheduler.stem_cells.trim():
                 f.scheduler.evict(w, "evicted", ops)
     f.scheduler.run_ops(ops)
+    for runtime in (z["runtime"] for z in f.scheduler.zygotes.describe()):
+        if stems is not None and not stems.get(runtime or ""):
+            f.scheduler.zygotes.stop(runtime)   # a runtime without stem cells needs no zygote
     f.start_stem_cells()
     return limits(f, ns.name)
 
@@ -101,13 +104,30 @@ def get_faults(f: Fabric, ns_name: str) -> dict:
     return n.faults.to_json() if n.faults else {}
 
 
+def _action_pools(f: Fabric) -> dict[str, dict]:
+    """Per action: its intra-worker concurrency (limits.concurrency: the
+    activations one worker runs at once), its workers and the activations
+    they run now (lock held)."""
+    out = {}
+    for n in f.namespaces.values():
+        for a in n.actions.values():
+            pool = [w for w in f.scheduler.pools.get((n.name, a.name), ()) if w.state != "dead"]
+            out[f"{n.name}/{a.name}"] = {
+                "concurrency": int(a.limits.get("concurrency", 1)), "memory_mb": int(a.limits["memory"]),
+                "workers": len(pool), "in_flight": sum(len(w.assigned) for w in pool),
+                "max_in_one_worker": max((len(w.assigned) for w in pool), default=0)}
+    return out
+
+
 def status(f: Fabric) -> dict:
     with f.lock:
         s = f.scheduler
         return {"pid": os.getpid(), "memory_used_mb": s.memory_used,
                 "user_memory_mb": f.settings.user_memory_mb, "stem_cells": dict(f.settings.stem_cells),
-                "stem_memory_mb": f.settings.stem_memory_mb,
+                "stem_memory_mb": f.settings.stem_memory_mb, "fork_stem_cells": f.settings.fork_stem_cells,
+                "zygotes": s.zygotes.describe(),
                 "workers": [w.describe() for w in sorted(s.workers, key=lambda w: w.id)],
+                "actions": _action_pools(f),
                 "namespaces": {n.name: {"inflight": n.inflight, "records": len(n.records),
                                         "record_bytes": n.records.bytes,
                                         "actions": sorted(n.actions), **n.counts,

@@ -68,6 +68,7 @@ class Settings:
     user_memory_mb: int = DEFAULT_USER_MEMORY_MB  # sum of limits.memory of workers (and stem cells)
     stem_cells: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_STEM_CELLS))  # per runtime
     stem_memory_mb: int = DEFAULT_STEM_MEMORY_MB  # what an untaken stem cell counts
+    fork_stem_cells: bool = True           # stem cells forked from their runtime's zygote
     max_records: int = 100000              # activation records kept per namespace, at most
     record_bytes: int = 128 * 1024 * 1024  # bytes of activation records kept per namespace, at most
     memory_check_s: float = 0.25

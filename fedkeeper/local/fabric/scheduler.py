@@ -8,7 +8,9 @@ busy action grows its pool into free memory only.
 
 Stem cells (OpenWhisk's prewarmed containers): per runtime a few worker
 processes started ahead of need (once an action of the runtime is deployed),
-which have imported the runtime's heavy modules. A new worker for an action of that runtime is a stem cell taken
+which have imported the runtime's heavy modules: forked from the runtime's
+zygote (zygotes.py), which imports them once for the fabric, unless
+`fork_stem_cells` is off. A new worker for an action of that runtime is a stem cell taken
 for it (its cold start is only the code load), and another stem cell is
 started in its place when memory allows. Stem cells count against the user
 memory (`stem_memory_mb` each, the action's memory once taken); they are
@@ -32,6 +34,7 @@ from .status import (APPLICATION_ERROR, DEVELOPER_ERROR, MSG_ABNORMAL_RUN, MSG_M
                      WHISK_ERROR, msg_init_failed)
 from .stem_cells import StemCells
 from .workers import Worker, activation_env
+from .zygotes import Zygotes
 
 if TYPE_CHECKING:
     from .core import Fabric
@@ -46,6 +49,7 @@ class Scheduler:
         self.queues: dict[tuple[str, str], deque[Activation]] = {}
         self.workers: set[Worker] = set()
         self.stem_cells = StemCells(fabric)
+        self.zygotes = Zygotes()
         self.memory_used = 0
 
     def enqueue(self, act: Activation) -> list:
@@ -243,6 +247,34 @@ class Scheduler:
         return self.f.logs_dir / name[:250]
 
     def _spawn(self, w: Worker) -> None:
+        if w.stem and w.action is None and self.f.settings.fork_stem_cells:
+            # the fork waits for the zygote's import: not on this thread
+            # (an invoke or a deploy may be the caller)
+            threading.Thread(target=self._spawn_forked, args=(w,), name=f"fork-{w.id}", daemon=True).start()
+            return
+        self._spawn_process(w)
+
+    def _spawn_forked(self, w: Worker) -> None:
+        if w.kill_reason is not None or self.f.stopping:
+            return
+        z = self.zygotes.get(w.runtime, preload_for(w.runtime), self._log_path(w), str(self.f.logs_dir))
+        if z is not None:
+            try:
+                w.start_forked(z)
+            except OSError as exc:
+                if self.f.stopping:
+                    return
+                log.warning("the %s zygote failed (%s): stem cells start as their own processes", w.runtime, exc)
+            else:
+                with self.f.lock:
+                    gone = w.kill_reason is not None or w.state == "dead"
+                if gone:  # evicted while it was being forked (its reader ends at once)
+                    w.kill()
+                threading.Thread(target=self._serve_worker, args=(w,), name=f"worker-{w.id}", daemon=True).start()
+                return
+        self._spawn_process(w)
+
+    def _spawn_process(self, w: Worker) -> None:
         a = w.action
         if w.kill_reason is not None or w.state == "dead":
             return
@@ -345,6 +377,7 @@ class Scheduler:
             workers = set(self.workers) | {w for p in self.pools.values() for w in p}
         for w in workers:
             w.kill()
+        self.zygotes.stop()
         for w in workers:
             if w.proc is not None:
                 try:

@@ -138,6 +138,9 @@ def _capacity(info: dict, timeout: float = 2.0) -> dict | None:
             "stem_cells": st.get("stem_cells"), "stem_memory_mb": st.get("stem_memory_mb"),
             "workers": sum(1 for w in workers if not w.get("stem_cell")),
             "idle_stem_cells": sum(1 for w in workers if w.get("stem_cell")),
+            "fork_stem_cells": st.get("fork_stem_cells"), "zygotes": st.get("zygotes"),
+            # per action: limits.concurrency and what its workers run now
+            "actions": st.get("actions"),
             "queued": sum(v for v in (st.get("queued") or {}).values() if isinstance(v, int))}
 
 

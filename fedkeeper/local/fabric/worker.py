@@ -11,6 +11,9 @@ before any action needs it, as OpenWhisk's prewarmed containers: it imports
 its runtime's heavy modules (numpy, TensorFlow, ...) and waits; the fabric
 then hands it an action's code (an `init` message) and it becomes that
 action's worker, so that the action's cold start is only its code load.
+A zygote (`python worker.py FD --zygote MODULE...`) imports the modules
+once and forks stem cells on request, so that a runtime's heavy modules
+are loaded once per fabric, not once per worker (see `zygote`).
 
 Protocol on the inherited socket FD: frames of a 4-byte big-endian length and
 a UTF-8 JSON object (never pickle: the action's results are untrusted data).
@@ -32,6 +35,7 @@ import importlib
 import importlib.util
 import json
 import os
+import signal
 import socket
 import struct
 import sys
@@ -175,10 +179,8 @@ def serve(fd: int, code_dir: str, main_name: str, concurrency: int) -> None:
         _serve_runs(chan, fn, concurrency)
 
 
-def stem(fd: int, modules: list[str]) -> None:
-    """A stem cell: load the runtime's modules, then wait for an action's code."""
-    _leave_package_dir()
-    chan = Channel(socket.socket(fileno=fd))
+def _import_all(modules: list[str]) -> float:
+    """Import the runtime's modules; milliseconds it took."""
     t0 = time.perf_counter()
     for name in modules:
         try:
@@ -186,7 +188,66 @@ def stem(fd: int, modules: list[str]) -> None:
         except Exception:  # noqa: BLE001 - the action will meet (and report) the same failure
             traceback.print_exc()
     sys.stderr.flush()
-    chan.send({"t": "stem", "init_ms": (time.perf_counter() - t0) * 1000.0})
+    return (time.perf_counter() - t0) * 1000.0
+
+
+def zygote(fd: int, modules: list[str]) -> None:
+    """The parent of a runtime's stem cells: it loads the runtime's modules
+    once, then forks a stem cell for every request, which starts with them
+    loaded (its pages shared with this process until written). It runs no
+    action code and no TensorFlow op, so forking it is safe: nothing but
+    imported modules (no thread, lock or session state of an action) is
+    copied.
+    Protocol on FD: zygote -> fabric {"t": "zygote", "init_ms": float},
+    then a one-byte request carrying the new cell's socket (SCM_RIGHTS)
+    answered by {"t": "forked", "pid": int} (or {"t": "fork_error", ...})."""
+    _leave_package_dir()
+    sock = socket.socket(fileno=fd)
+    chan = Channel(sock)
+    loaded_ms = _import_all(modules)
+    # the cells are this process's children: reaped by the kernel, not waited for
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)
+    chan.send({"t": "zygote", "init_ms": loaded_ms})
+    while True:
+        try:
+            _, fds, _, _ = socket.recv_fds(sock, 1, 1)
+        except OSError:
+            return
+        if not fds:  # the fabric closed the socket
+            return
+        cell_fd = fds[0]
+        for extra in fds[1:]:
+            os.close(extra)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        try:
+            pid = os.fork()
+        except OSError as exc:
+            os.close(cell_fd)
+            chan.send({"t": "fork_error", "error": str(exc)})
+            continue
+        if pid == 0:  # the new stem cell
+            try:
+                sock.close()
+                signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+                _stem_serve(Channel(socket.socket(fileno=cell_fd)), 0.0)
+            finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(0)
+        os.close(cell_fd)
+        chan.send({"t": "forked", "pid": pid})
+
+
+def stem(fd: int, modules: list[str]) -> None:
+    """A stem cell: load the runtime's modules, then wait for an action's code."""
+    _leave_package_dir()
+    chan = Channel(socket.socket(fileno=fd))
+    _stem_serve(chan, _import_all(modules))
+
+
+def _stem_serve(chan: Channel, loaded_ms: float) -> None:
+    chan.send({"t": "stem", "init_ms": loaded_ms})
     while True:
         msg = chan.recv()
         if msg is None:
@@ -208,6 +269,8 @@ def stem(fd: int, modules: list[str]) -> None:
 if __name__ == "__main__":
     if len(sys.argv) > 2 and sys.argv[2] == "--stem":
         stem(int(sys.argv[1]), sys.argv[3:])
+    elif len(sys.argv) > 2 and sys.argv[2] == "--zygote":
+        zygote(int(sys.argv[1]), sys.argv[3:])
     else:
         serve(int(sys.argv[1]), sys.argv[2], sys.argv[3], int(sys.argv[4]))
     sys.stdout.flush()

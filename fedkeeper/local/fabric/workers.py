@@ -21,10 +21,10 @@ from ..supervisor import minimal_env
 from .entities import Action, Activation, annotation
 # The worker runs as a plain script (stdlib only); its framing helper is shared.
 from .worker import recv_exact
+from .zygotes import WORKER_SCRIPT, ForkedProcess, Zygote
 
 log = logging.getLogger("fedkeeper.fabric")
 
-WORKER_SCRIPT = str(Path(__file__).with_name("worker.py"))
 _HDR = struct.Struct(">I")
 # A worker's message is a result (at most 1 MB of JSON) plus its framing.
 MAX_WORKER_MESSAGE = 4 * 1024 * 1024
@@ -49,7 +49,8 @@ class Worker:
         self.init_error: str | None = None
         self.kill_reason: str | None = None
         self.retired = False
-        self.proc: subprocess.Popen | None = None
+        self.proc: subprocess.Popen | None = None   # or a zygotes.ForkedProcess
+        self.forked = False               # forked from its runtime's zygote
         self.sock: socket.socket | None = None
         self.send_lock = threading.Lock()
         self.psutil_proc = None
@@ -124,6 +125,7 @@ class Worker:
                 "version": f"0.0.{self.version}" if self.action else None,
                 "pid": self.proc.pid if self.proc else None, "runtime": self.runtime,
                 "stem_cell": self.is_stem, "from_stem_cell": self.stem and not self.is_stem,
+                "forked": self.forked,
                 "state": self.state, "assigned": len(self.assigned), "capacity": self.capacity,
                 "memory_mb": self.memory_mb, "runs": self.runs, "retired": self.retired,
                 "idle_s": round(time.time() - self.last_used, 3) if not self.assigned else 0.0}
@@ -153,6 +155,22 @@ class Worker:
             child.close()
         parent.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
         self.sock = parent
+
+    def start_forked(self, zygote: Zygote) -> None:
+        """Start this stem cell as a fork of its runtime's zygote
+        (zygotes.py); raises OSError when the zygote cannot fork it."""
+        parent, child = socket.socketpair()
+        try:
+            pid = zygote.fork(child)
+        except OSError:
+            parent.close()
+            raise
+        finally:
+            child.close()
+        self.proc = ForkedProcess(pid)
+        parent.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
+        self.sock = parent
+        self.forked = True
 
     def read_messages(self, on_message: Callable[[dict], None]) -> None:
         """Hand every message of the worker to `on_message` until its socket

@@ -1,0 +1,243 @@
+"""Zygotes: per runtime, one process that has imported the runtime's heavy
+modules (fedkeeper/local/prewarm.py) and forks the runtime's stem cells
+from itself (worker.py --zygote). A stem cell then starts in milliseconds
+with TensorFlow already loaded, instead of importing it again (tens of
+seconds of CPU on a small machine, for every worker), and the pages of the
+modules stay shared between the cells until one writes them.
+
+Forking is safe here because the zygote only imports: it runs no action
+code and no TensorFlow op, so it holds no thread pool, session or lock for
+a child to inherit half-taken. A zygote that cannot start or dies leaves
+the fabric starting stem cells as separate processes, as before.
+
+A zygote is the fabric's own machinery, as an invoker's image cache is, so
+its memory is not counted against the user memory (its stem cells are)."""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import select
+import signal
+import socket
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+from ...runtimes.isolation import runtime_command
+from ..supervisor import minimal_env
+from .worker import recv_exact
+
+log = logging.getLogger("fedkeeper.fabric")
+
+WORKER_SCRIPT = str(Path(__file__).with_name("worker.py"))
+_HDR_SIZE = 4
+# a zygote's answers are a few dozen bytes of JSON
+MAX_ZYGOTE_MESSAGE = 64 * 1024
+
+
+class ForkedProcess:
+    """The handle of a stem cell a zygote forked, in place of a Popen: its
+    parent is the zygote (which reaps it), so the fabric watches it through
+    a pidfd, which names this process even once its pid is reused."""
+
+    def __init__(self, pid: int):
+        self.pid = pid
+        self.returncode: int | None = None
+        self._pidfd: int | None = None
+        with contextlib.suppress(AttributeError, OSError):
+            self._pidfd = os.pidfd_open(pid)
+        if self._pidfd is None and not _alive(pid):
+            self.returncode = -signal.SIGKILL
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            gone = (select.select([self._pidfd], [], [], 0)[0] if self._pidfd is not None
+                    else not _alive(self.pid))
+            if gone:
+                self.returncode = -signal.SIGKILL   # its status went to its parent
+                self._close()
+        return self.returncode
+
+    def kill(self) -> None:
+        if self.poll() is not None:
+            return
+        with contextlib.suppress(ProcessLookupError, OSError):
+            if self._pidfd is not None:
+                signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
+            else:
+                os.kill(self.pid, signal.SIGKILL)
+
+    def wait(self, timeout: float | None = None) -> int:
+        end = None if timeout is None else time.monotonic() + timeout
+        while self.poll() is None:
+            if self._pidfd is not None:
+                left = None if end is None else max(0.0, end - time.monotonic())
+                select.select([self._pidfd], [], [], left)
+            else:
+                time.sleep(0.01)
+            if end is not None and time.monotonic() >= end and self.poll() is None:
+                raise subprocess.TimeoutExpired(f"pid {self.pid}", timeout)
+        return self.returncode
+
+    def _close(self) -> None:
+        fd, self._pidfd = self._pidfd, None
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class Zygote:
+    """One runtime's zygote process. `fork` blocks until its modules are
+    loaded (the first fork of a fabric waits for the import; the others
+    take milliseconds); every method is thread-safe."""
+
+    def __init__(self, runtime: str | None, modules: tuple[str, ...]):
+        self.runtime = runtime
+        self.modules = modules
+        self.state = "starting"          # starting -> ready -> dead
+        self.proc: subprocess.Popen | None = None
+        self.sock: socket.socket | None = None
+        self.lock = threading.Lock()
+        self.spawned = time.time()
+        self.init_ms: float | None = None
+        self.forks = 0
+
+    def start(self, log_path: Path, cwd: str) -> None:
+        """Start the process (raises OSError); it loads its modules meanwhile."""
+        parent, child = socket.socketpair()
+        try:
+            with open(log_path, "ab") as logf:
+                self.proc = subprocess.Popen(
+                    runtime_command(self.runtime, WORKER_SCRIPT, str(child.fileno()), "--zygote", *self.modules),
+                    pass_fds=(child.fileno(),), stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
+                    cwd=cwd, close_fds=True, env=minimal_env({"PYTHONDONTWRITEBYTECODE": "1"}))
+        except OSError:
+            parent.close()
+            self.state = "dead"
+            raise
+        finally:
+            child.close()
+        self.sock = parent
+
+    def _recv(self) -> dict:
+        hdr = recv_exact(self.sock, _HDR_SIZE)
+        if hdr is None:
+            raise OSError("the zygote closed its socket")
+        size = int.from_bytes(hdr, "big")
+        if size > MAX_ZYGOTE_MESSAGE:
+            raise OSError(f"the zygote sent a {size}-byte message")
+        body = recv_exact(self.sock, size)
+        if body is None:
+            raise OSError("the zygote closed its socket")
+        msg = json.loads(body)
+        if not isinstance(msg, dict):
+            raise OSError("the zygote sent a message that is not an object")
+        return msg
+
+    def fork(self, cell_sock: socket.socket) -> int:
+        """Fork a stem cell that serves `cell_sock` (the worker's end of its
+        socket pair); its pid. Raises OSError when the zygote cannot (then
+        it is dead and the caller starts the cell as its own process)."""
+        with self.lock:
+            try:
+                if self.state == "dead" or self.sock is None:
+                    raise OSError("the zygote is not running")
+                if self.state == "starting":
+                    msg = self._recv()
+                    if msg.get("t") != "zygote":
+                        raise OSError(f"unexpected message from the zygote: {msg.get('t')!r}")
+                    ms = msg.get("init_ms")
+                    self.init_ms = float(ms) if isinstance(ms, (int, float)) else 0.0
+                    self.state = "ready"
+                socket.send_fds(self.sock, [b"f"], [cell_sock.fileno()])
+                msg = self._recv()
+                pid = msg.get("pid")
+                if msg.get("t") != "forked" or not isinstance(pid, int) or isinstance(pid, bool) or pid <= 1:
+                    raise OSError(f"the zygote could not fork: {str(msg.get('error'))[:200]}")
+            except (OSError, ValueError, RecursionError) as exc:
+                self._stop_locked()
+                raise OSError(str(exc)) from None
+            self.forks += 1
+            return pid
+
+    def _stop_locked(self) -> None:
+        self.state = "dead"
+        if self.sock is not None:
+            with contextlib.suppress(OSError):
+                self.sock.close()
+            self.sock = None
+        if self.proc is not None and self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.kill()
+
+    def stop(self) -> None:
+        # not under self.lock: a fork waiting for the import must not hold
+        # the stop back; killing the process ends that wait
+        if self.proc is not None and self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.kill()
+        self.state = "dead"
+
+    def describe(self) -> dict:
+        return {"runtime": self.runtime, "pid": self.proc.pid if self.proc else None, "state": self.state,
+                "modules": list(self.modules), "forks": self.forks,
+                "load_ms": round(self.init_ms, 1) if self.init_ms is not None else None}
+
+
+class Zygotes:
+    """The fabric's zygotes, one per runtime, started on first need."""
+
+    def __init__(self):
+        self.by_runtime: dict[str | None, Zygote] = {}
+        self.lock = threading.Lock()
+
+    def get(self, runtime: str | None, modules: tuple[str, ...], log_path: Path, cwd: str) -> Zygote | None:
+        """The runtime's zygote, started now if there is none running; None
+        when it cannot start (or died: the fabric then starts stem cells as
+        their own processes)."""
+        with self.lock:  # held while it starts: another caller must not fork a zygote not yet started
+            z = self.by_runtime.get(runtime)
+            if z is not None:
+                return z if z.state != "dead" else None
+            z = self.by_runtime[runtime] = Zygote(runtime, modules)
+            try:
+                z.start(log_path, cwd)
+            except OSError as exc:
+                log.warning("the %s zygote did not start (%s): stem cells start as their own processes",
+                            runtime, exc)
+                return None
+        return z
+
+    def stop(self, runtime: str | None = None) -> None:
+        """Stop one runtime's zygote (a running one is started again on next
+        need), or every one (None)."""
+        with self.lock:
+            if runtime is None:
+                gone = list(self.by_runtime.values())
+                self.by_runtime.clear()
+            else:
+                z = self.by_runtime.pop(runtime, None)
+                gone = [z] if z is not None else []
+        for z in gone:
+            z.stop()
+        for z in gone:
+            if z.proc is not None:
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    z.proc.wait(timeout=5)
+
+    def describe(self) -> list[dict]:
+        with self.lock:
+            return [z.describe() for z in self.by_runtime.values()]

@@ -1,0 +1,134 @@
+"""Stem cells forked from their runtime's zygote (the runtime's modules
+imported once per fabric), the fallback to separate processes when the
+zygote is gone, and per-action intra-worker concurrency (OpenWhisk's
+`limits.concurrency`): several activations in flight in one worker at
+once, set from a function's config and shown by the fabric's status. Runs
+the `light` runtime, the cheap one to preload."""
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+
+from fedkeeper.local import fabric
+from fedkeeper.local.supervisor import pid_alive
+from fedkeeper.runtimes.images import recipe
+from fixtures_fabric import ann, fabric_dir, fabric_info, fw, make_artifact, wait_for  # noqa: F401
+
+pytestmark = pytest.mark.timeout(120)
+
+LIGHT_IMAGE = recipe("light", "openwhisk").image()
+PROBE = '''
+import os, sys
+PRELOADED = "numpy" in sys.modules
+def main(args):
+    return {"pid": os.getpid(), "ppid": os.getppid(), "preloaded": PRELOADED}
+'''
+# Each activation waits (bounded) until `n` activations are inside this one
+# process at once, and reports how many it saw: run one after another they
+# would each see 1 (and wait out the bound).
+RENDEZVOUS = '''
+import os, threading
+inside = 0
+most = 0
+cond = threading.Condition()
+def main(args):
+    global inside, most
+    with cond:
+        inside += 1
+        most = max(most, inside)
+        cond.notify_all()
+        cond.wait_for(lambda: most >= args["n"], timeout=args.get("bound_s", 20))
+        seen = most
+        inside -= 1
+    return {"pid": os.getpid(), "seen": seen}
+'''
+
+
+def cells(fw, runtime: str = "light") -> list[dict]:
+    return [w for w in fw.admin("status")["workers"] if w["stem_cell"] and w["runtime"] == runtime]
+
+
+def ppid_of(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[1])
+
+
+@pytest.fixture
+def pool(fw):
+    before = fw.admin("status")
+    yield fw
+    fw.admin("limits", {"userMemoryMb": before["user_memory_mb"], "stemCells": before["stem_cells"]})
+
+
+def test_stem_cells_are_forked_from_one_zygote_per_runtime(pool):
+    fw = pool
+    fw.admin("limits", {"stemCells": {"light": 2}})
+    r = fw.put_action("zy-probe", source=PROBE, kind="blackbox", image=LIGHT_IMAGE, limits={"memory": 256})
+    assert r.status_code == 200, r.text
+    two = wait_for(lambda: [w for w in cells(fw) if w["state"] == "stem"][1:] and cells(fw), 60)
+    st = fw.admin("status")
+    assert st["fork_stem_cells"] is True
+    zygote = [z for z in st["zygotes"] if z["runtime"] == "light"][0]
+    assert zygote["state"] == "ready" and zygote["forks"] >= 2 and "numpy" in zygote["modules"]
+    # both cells are the zygote's children, not processes started with their own import
+    assert all(w["forked"] and ppid_of(w["pid"]) == zygote["pid"] for w in two)
+    cold = fw.invoke("zy-probe", {}, blocking=True).json()
+    assert cold["response"]["success"], cold
+    assert ann(cold)["fk-start"] == "prewarmed"
+    res = cold["response"]["result"]
+    assert res["preloaded"] is True and res["ppid"] == zygote["pid"]
+    assert res["pid"] in {w["pid"] for w in two}
+    # the taken cell is replaced by another fork of the same zygote
+    wait_for(lambda: len([w for w in cells(fw) if w["state"] == "stem"]) == 2, 30)
+    assert [z for z in fw.admin("status")["zygotes"] if z["runtime"] == "light"][0]["forks"] >= 3
+
+
+def test_without_its_zygote_a_runtime_starts_stem_cells_as_processes(pool):
+    fw = pool
+    fw.admin("limits", {"stemCells": {"light": 1}})
+    r = fw.put_action("zy-fallback", source=PROBE, kind="blackbox", image=LIGHT_IMAGE, limits={"memory": 256})
+    assert r.status_code == 200, r.text
+    wait_for(lambda: [w for w in cells(fw) if w["state"] == "stem"], 60)
+    zygote = wait_for(lambda: [z for z in fw.admin("status")["zygotes"]
+                               if z["runtime"] == "light" and z["state"] == "ready"], 30)[0]
+    os.kill(zygote["pid"], signal.SIGKILL)
+    wait_for(lambda: not pid_alive(zygote["pid"]), 10)
+    # the forked cell outlives its zygote and still serves its action
+    first = fw.invoke("zy-fallback", {}, blocking=True).json()
+    assert first["response"]["success"] and first["response"]["result"]["preloaded"] is True
+    # its replacement cannot be forked: it is started with its own import
+    fresh = wait_for(lambda: [w for w in cells(fw) if w["state"] == "stem" and not w["forked"]], 60)[0]
+    assert ppid_of(fresh["pid"]) == fw.admin("status")["pid"]
+    assert [z["state"] for z in fw.admin("status")["zygotes"] if z["runtime"] == "light"] == ["dead"]
+
+
+def test_several_activations_are_in_flight_in_one_worker(pool):
+    fw = pool
+    fw.admin("limits", {"stemCells": {}})
+    fw.put_action("zy-conc", source=RENDEZVOUS, limits={"concurrency": 3, "memory": 256})
+    ids = [fw.invoke("zy-conc", {"n": 3}).json()["activationId"] for _ in range(3)]
+    # the fabric's status shows the action's concurrency and the three in its one worker
+    pools = wait_for(lambda: (p := fw.admin("status")["actions"]["guest/zy-conc"])["max_in_one_worker"] == 3
+                     and p, 30)
+    assert pools["concurrency"] == 3 and pools["workers"] == 1 and pools["in_flight"] == 3
+    results = [fw.activation(i, timeout_s=40)["response"]["result"] for i in ids]
+    assert {r["pid"] for r in results} == {results[0]["pid"]}
+    assert [r["seen"] for r in results] == [3, 3, 3]
+
+
+def test_a_functions_concurrency_from_the_config_reaches_the_fabric(tmp_path):
+    from types import SimpleNamespace
+
+    from fedkeeper.local.openwhisk import LocalOpenWhiskProvider
+    from fedkeeper.providers.base import FunctionSpec, ProviderContext
+    cluster = SimpleNamespace(kind="local", namespace=None, faults=None, user_memory_mb=None, stem_cells={})
+    p = LocalOpenWhiskProvider("conc", cluster, ProviderContext(state_dir=tmp_path))
+    try:
+        spec = FunctionSpec(name="noop", source="nodeinfo", memory_mb=256, timeout_s=30, concurrency=8)
+        p.deploy(spec, make_artifact(PROBE))
+        assert p.fabric_admin("status")["actions"]["conc/noop"]["concurrency"] == 8
+    finally:
+        p.close()
+        fabric.fabric_down(tmp_path / "fabric")
