@@ -19,6 +19,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
+from fedkeeper.cost import session_cost
 from fedkeeper.keeper.attempts import RetryPolicy
 from fedkeeper.keeper.dispatch import Dispatcher
 from fedkeeper.keeper.events import RoundEvents
@@ -167,6 +168,8 @@ def test_failed_throttled_and_timed_out_stage_attempts_are_retried_and_the_round
     assert len(every) == 3 * 5 + 3      # one per client and stage, and the three retries
     assert all(a["function"] == "fl_secagg_client" and a["stage"] in ("advertise", "share", "unmask")
                for a in every)
+    # The cost estimate bills them as it bills training attempts (the refused 429 never ran).
+    assert session_cost(store, sid)["invocations"] == len(every) - 1
 
 
 @pytest.mark.parametrize("silent_at, n, neighbours", [("share", 5, None), ("unmask", 5, None), ("unmask", 9, 4)])
