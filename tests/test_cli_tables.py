@@ -119,3 +119,20 @@ def test_a_table_that_fits_stays_a_grid():
     text = render(table("t", ("a", "b"), [["1", "2"]], width=80))
     assert "┃" in text or "│" in text
     assert "a:" not in text
+
+
+def test_terminal_numbers_share_one_format():
+    """The model list, the sweep table and the sweep's progress lines print
+    numbers with one helper: floats with fixed decimals, counts whole,
+    "-" for what is missing."""
+    from fedkeeper.cli.model import model_cells
+    from fedkeeper.formatting import fixed_decimals
+    assert [fixed_decimals(v) for v in (0.93124, 1.5, 0.0, 7, None)] == ["0.9312", "1.5000", "0.0000", "7", "-"]
+    assert fixed_decimals(41.25, 1) == "41.2"
+    row = {"round": 3, "accuracy": 0.91234, "loss": 0.25, "examples": 600, "clients": None, "strategy": "fedavg",
+           "bytes": 2048, "validations": [{"data": "mnist", "metrics": {"accuracy": 0.5}}], "trail": None}
+    assert model_cells([row])[0][:8] == ["3", "0.9123", "0.2500", "600", "-", "fedavg", "2.0 KB", "mnist: 0.5000"]
+    sweep_row = {"params": {"lr": "1e-2"}, "repeat": 0, "session": "s", "state": "finished", "rounds": 10,
+                 "rounds_to_target": None, "time_to_target_s": 41.25, "final_accuracy": 0.9, "invocations": 120,
+                 "retries": 3, "cost": None}
+    assert display_cells(sweep_row)[4:10] == ["10", "-", "41.2", "0.9000", "120", "3"]

@@ -7,15 +7,12 @@ from pathlib import Path
 
 import click
 
+from ..formatting import fixed_decimals
 from ..model_trail.validate import DATA_HELP, ValidationClient, parse_data
 from ..model_trail import ModelTrailError, export_model, model_doc, model_rows, pick_model, session_code, \
     session_doc, session_spec
 from .common import UsageFailure, config_option, console, fail, load, open_runtime, print_json, scenario_option, \
     show_table
-
-
-def _fmt(value, spec: str = ".4f") -> str:
-    return "-" if value is None else format(value, spec)
 
 
 def _size(n) -> str:
@@ -28,7 +25,7 @@ def _size(n) -> str:
 
 
 def _validations_cell(row) -> str:
-    return "; ".join(f"{v.get('data')}: {_fmt((v.get('metrics') or {}).get('accuracy'))}"
+    return "; ".join(f"{v.get('data')}: {fixed_decimals((v.get('metrics') or {}).get('accuracy'))}"
                      for v in row["validations"]) or "-"
 
 
@@ -46,9 +43,9 @@ def model_cells(rows) -> list[list[str]]:
     out = []
     for r in rows:
         trail = r["trail"]
-        out.append([str(r["round"]), _fmt(r["accuracy"]), _fmt(r["loss"]), _fmt(r["examples"], "d"),
-                    _fmt(r["clients"], "d"), str(r["strategy"] or "-"), _size(r["bytes"]), _validations_cell(r),
-                    _trail_cell(trail)])
+        out.append([str(r["round"]), fixed_decimals(r["accuracy"]), fixed_decimals(r["loss"]),
+                    fixed_decimals(r["examples"]), fixed_decimals(r["clients"]), str(r["strategy"] or "-"),
+                    _size(r["bytes"]), _validations_cell(r), _trail_cell(trail)])
     return out
 
 
@@ -175,6 +172,7 @@ def model_validate(session: str, config_path: str, scenario: str | None, round_:
         print_json(result)
         return
     m = result.get("metrics") or {}
-    console.print(f"model {result['round']} of {session} on {result['data']}: accuracy {_fmt(m.get('accuracy'))}, "
-                  f"loss {_fmt(m.get('loss'))} over {result['num_examples']} examples "
+    console.print(f"model {result['round']} of {session} on {result['data']}: "
+                  f"accuracy {fixed_decimals(m.get('accuracy'))}, "
+                  f"loss {fixed_decimals(m.get('loss'))} over {result['num_examples']} examples "
                   f"({result['cluster']}, {result['seconds']:.2f} s); stored with the model", markup=False)

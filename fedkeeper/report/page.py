@@ -11,7 +11,11 @@ from typing import Any, Iterable, Sequence
 from .data import COMPARED_PARAMS
 
 
-def _fmt(value: Any, digits: int = 4) -> str:
+def _cell_text(value: Any, digits: int = 4) -> str:
+    """A summary table's cell: numbers of any magnitude in few characters
+    (a page's tables mix seconds, fractions and epsilons in one column, so
+    unlike the terminal's fixed decimals, fedkeeper.formatting), flags as
+    yes/no, "-" for a missing value."""
     if value is None:
         return "-"
     if isinstance(value, bool):
@@ -33,13 +37,13 @@ def _money(amount: Any, currency: str | None) -> str:
     try:
         from ..cost import format_money
     except ImportError:
-        return f"{_fmt(amount)} {currency or ''}".strip()
+        return f"{_cell_text(amount)} {currency or ''}".strip()
     return format_money(amount, currency or "USD")
 
 
 def _table(headers: Sequence[str], rows: Iterable[Sequence[Any]], caption: str = "") -> str:
     head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(_fmt(v))}</td>" for v in row) + "</tr>" for row in rows)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(_cell_text(v))}</td>" for v in row) + "</tr>" for row in rows)
     cap = f"<caption>{html.escape(caption)}</caption>" if caption else ""
     return f"<table>{cap}<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 

@@ -8,6 +8,7 @@ from typing import Any
 
 from ..config import Config
 from ..cost import format_money, session_cost
+from ..formatting import fixed_decimals
 
 RESULT_COLUMNS = ("repeat", "seed", "session", "state", "rounds", "rounds_to_target", "time_to_target_s",
                   "final_accuracy", "invocations", "retries", "cost", "currency")
@@ -58,14 +59,6 @@ def result_rows(sweep_doc: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
-def _fmt(value: Any, digits: int = 4) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return f"{value:.{digits}f}"
-    return str(value)
-
-
 DISPLAY_COLUMNS = ("params", "repeat", "session", "state", "rounds", "rounds to target", "time to target (s)",
                    "final accuracy", "invocations", "retries", "cost")
 
@@ -73,9 +66,9 @@ DISPLAY_COLUMNS = ("params", "repeat", "session", "state", "rounds", "rounds to 
 def display_cells(row: dict[str, Any]) -> list[str]:
     """A result row as the table and Markdown show it, in DISPLAY_COLUMNS order."""
     return [" ".join(f"{k}={v}" for k, v in row["params"].items()), str(row["repeat"]), row["session"],
-            str(row["state"]), _fmt(row["rounds"]), _fmt(row["rounds_to_target"]),
-            _fmt(row["time_to_target_s"], 1), _fmt(row["final_accuracy"]), _fmt(row["invocations"]),
-            _fmt(row["retries"]), format_money(row["cost"], row.get("currency") or "USD")]
+            str(row["state"]), fixed_decimals(row["rounds"]), fixed_decimals(row["rounds_to_target"]),
+            fixed_decimals(row["time_to_target_s"], 1), fixed_decimals(row["final_accuracy"]),
+            fixed_decimals(row["invocations"]), fixed_decimals(row["retries"]), format_money(row["cost"], row.get("currency") or "USD")]
 
 
 def render_csv(rows: list[dict[str, Any]], keys: list[str]) -> str:

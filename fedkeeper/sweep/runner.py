@@ -10,8 +10,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..cost import format_money
+from ..formatting import fixed_decimals
 from .plan import Run, SweepError, SweepPlan
-from .results import _fmt, session_result
+from .results import session_result
 
 log = logging.getLogger("fedkeeper.sweep")
 
@@ -127,7 +128,7 @@ class Sweep:
         return {**result, "state": state}
 
     def _line(self, n: int, total: int, run: Run, result: dict[str, Any], note: str) -> None:
-        acc = _fmt(result.get("final_accuracy"))
+        acc = fixed_decimals(result.get("final_accuracy"))
         cost = format_money(result.get("cost"), result.get("currency") or "USD")
         text = (f"[{n}/{total}] run {run.index + 1} {run.label} repeat {run.repeat} ({run.session}): {note} - "
                 f"{result.get('rounds', 0)} rounds, accuracy {acc}, {result.get('invocations', 0)} invocations, "
@@ -183,7 +184,7 @@ class Sweep:
                     n += 1
                     result = self._finish_run(run, outcome)
                     note = ("resumed and " if outcome.get("resumed") else "") + \
-                        f"{result['state']} in {_fmt(outcome.get('seconds'), 1)}s"
+                        f"{result['state']} in {fixed_decimals(outcome.get('seconds'), 1)}s"
                     self._line(n, total, run, result, note)
         except KeyboardInterrupt:
             # Services stay up and nothing is closed: stopping the fabric under
