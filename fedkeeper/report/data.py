@@ -7,6 +7,7 @@ import logging
 from typing import Any, Iterable, Sequence
 
 from flcommon import store as fs
+from flcommon.update_stats import client_order
 from flcommon.update_stats import finite_or_none as _num  # JSON-safe: NaN and inf become None
 from flcommon.reliability import cluster_stats
 
@@ -39,11 +40,6 @@ class ReportError(Exception):
 def _offset(ts: Any, t0: float | None) -> float | None:
     ts = _num(ts)
     return None if ts is None or t0 is None else ts - t0
-
-
-def _client_order(client: str) -> tuple[int, str]:
-    tail = client.rsplit("_", 1)[-1]
-    return (int(tail), client) if tail.isdigit() else (1 << 30, client)
 
 
 def session_params(doc: dict[str, Any]) -> dict[str, Any]:
@@ -209,7 +205,7 @@ def session_series(store, session_id: str, cost: dict[str, Any] | None = None) -
 
     spec_clients = list((doc.get("spec") or {}).get("clients") or [])
     seen = {c for rd in rounds for c in rd.get("selected") or []}
-    clients = sorted(set(spec_clients) | seen, key=_client_order)
+    clients = sorted(set(spec_clients) | seen, key=client_order)
     accuracies = [row["accuracy"] for row in round_rows if row["accuracy"] is not None]
     ended = [row["ended_s"] for row in round_rows if row["ended_s"] is not None]
     return {
