@@ -3,8 +3,10 @@ keep-alive reuse, connections the server closed, what is repeated and what
 is not, timeouts and closing; on a scripted server on 127.0.0.1."""
 from __future__ import annotations
 
+import datetime
 import http.client
 import socket
+import ssl
 import threading
 import time
 
@@ -29,15 +31,16 @@ class ScriptedServer:
     "answer-then-close" (close the idle connection right after answering),
     "drop" (read it, close without an answer) or "hang" (never answer)."""
 
-    def __init__(self, plan):
+    def __init__(self, plan, tls: ssl.SSLContext | None = None):
         self.plan = plan
+        self.tls = tls
         self.requests: list[tuple[int, str]] = []   # (connection number, request line)
         self.sock = socket.socket()
         self.sock.bind(("127.0.0.1", 0))
         self.sock.listen(16)
         self.sock.settimeout(IO_TIMEOUT_S)
         self.port = self.sock.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.url = f"{'https' if tls else 'http'}://127.0.0.1:{self.port}"
         self._stop = threading.Event()
         self._conns: list[socket.socket] = []
         threading.Thread(target=self._accept, daemon=True).start()
@@ -54,9 +57,11 @@ class ScriptedServer:
             n += 1
 
     def _serve(self, c: socket.socket, conn_no: int) -> None:
-        c.settimeout(IO_TIMEOUT_S)
         buf = b""
         try:
+            c.settimeout(IO_TIMEOUT_S)
+            if self.tls is not None:
+                c = self.tls.wrap_socket(c, server_side=True)
             for req_no in range(100):
                 while b"\r\n\r\n" not in buf:
                     data = c.recv(65536)
@@ -96,8 +101,8 @@ class ScriptedServer:
 def server_factory():
     made = []
 
-    def make(plan):
-        s = ScriptedServer(plan)
+    def make(plan, tls=None):
+        s = ScriptedServer(plan, tls)
         made.append(s)
         return s
     yield make
@@ -214,3 +219,51 @@ def test_provider_invoke_through_the_pool_and_dropped_post_is_unreachable(server
         p.close()
     assert srv.requests[0][1] == "POST /api/v1/namespaces/ns%20one/actions/pkg/act?blocking=false HTTP/1.1"
     assert len(srv.requests) == 2
+
+
+def self_signed_tls(tmp_path) -> ssl.SSLContext:
+    """A server context with a fresh self-signed certificate for 127.0.0.1."""
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(hours=1))
+            .not_valid_after(now + datetime.timedelta(hours=1))
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                           critical=False)
+            .sign(key, hashes.SHA256()))
+    cert_file, key_file = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(cert_file, key_file)
+    return ctx
+
+
+def test_tls_hot_path_verifies_the_certificate_unless_insecure(server_factory, tmp_path):
+    srv = server_factory(lambda conn, req: "answer", tls=self_signed_tls(tmp_path))
+    cfg = OpenWhiskCluster(base_url=srv.url, auth={"ow_auth": "u:secretkey"})
+    p = OpenWhiskProvider("ow-tls", cfg, ProviderContext(state_dir=tmp_path))
+    try:
+        with pytest.raises(ProviderError) as e:
+            p.invoke("act", {})
+        assert e.value.error_class == ErrorClass.UNREACHABLE and "TLS with" in str(e.value)
+    finally:
+        p.close()
+    cfg = OpenWhiskCluster(base_url=srv.url, auth={"ow_auth": "u:secretkey"}, insecure=True)
+    p = OpenWhiskProvider("ow-tls", cfg, ProviderContext(state_dir=tmp_path))
+    try:
+        assert p.invoke("act", {}).platform_id == "0123456789abcdef"
+        assert p.invoke("act", {}).platform_id == "0123456789abcdef"
+    finally:
+        p.close()
+    # the refused handshake, then one kept-alive connection for both invokes
+    assert [c for c, _ in srv.requests] == [1, 1]
