@@ -194,6 +194,7 @@ CASES: list[tuple[tuple, Any, Any, list[str]]] = [
     (S + ("model_params", "lr"), 0, None, ["greater than 0"]),
     (S + ("model_params", "local_epochs"), "-1", None, ["greater than or equal to 0"]),
     (T + ("rounds",), 0, None, ["greater than 0"]),
+    (T + ("rounds",), 1_000_001, None, ["at most 1000000 rounds"]),
     (T + ("seed",), -1, None, ["greater than or equal to 0"]),
     (T + ("target_accuracy",), 1.5, None, ["less than or equal to 1"]),
     (T + ("quorum",), 0, None, ["greater than 0"]),

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Literal, Optional, Union
 
+from flcommon.entry import MAX_ROUND
 from flcommon.strategies import DEFAULTS as STRATEGY_DEFAULTS
 from flcommon.strategies import STRATEGIES as STRATEGY_CLASSES
 from flcommon.strategies import StrategyError, get_strategy
@@ -132,6 +133,15 @@ class TrainingConfig(Strict):
     # combines the partial sums (flcommon.partials). After the keys it
     # depends on, so that its check sees them.
     aggregation: Literal["flat", "hierarchical"] = "flat"
+
+    @field_validator("rounds")
+    @classmethod
+    def _rounds_the_functions_accept(cls, v):
+        # Every payload's round number is checked against MAX_ROUND by the
+        # functions; a longer session would fail at that round, not here.
+        if v > MAX_ROUND:
+            raise ValueError(f"at most {MAX_ROUND} rounds: the functions refuse round numbers beyond that")
+        return v
 
     @field_validator("aggregation")
     @classmethod
