@@ -4,11 +4,13 @@ every round mode."""
 from __future__ import annotations
 
 import random
+from types import SimpleNamespace
 
 import pytest
 
 from fedkeeper.keeper.attempts import DELIVERED, RUNNING, AttemptTable, HedgePolicy, RetryPolicy, Slot
-from fedkeeper.providers import Invocation, Outcome
+from fedkeeper.keeper.hedging import Hedger
+from fedkeeper.providers import ErrorClass, Invocation, Outcome
 from keeper_fakes import fake_keeper
 
 HEDGING = HedgePolicy(enabled=True, percentile=0.9, factor=1.5, min_peers=3)
@@ -236,3 +238,86 @@ def test_training_hedging_reaches_the_policy_and_is_off_by_default(tmp_path):
     assert on.dispatcher.policy.hedging == HEDGING
     off, _, _, _ = fake_keeper(tmp_path / "off")
     assert off.dispatcher.policy.hedging.enabled is False
+
+
+# ---------------------------------------------------------------- failed hedges and where hedges run
+def test_a_failed_hedge_counts_and_the_straggler_may_be_hedged_again_while_attempts_remain():
+    clock = Clock()
+    table = running_table(4, clock)               # max_attempts 3
+    clock.t += 1.0
+    deliver(table, ["client_0", "client_1", "client_2"])
+    clock.t += 1.0
+    s = table.hedge_due()[0]
+    table.begin_hedge(s, "c1")
+    table.hedge_started(s, Invocation("fl_client", "h1", clock()), 60.0)
+    table.hedge_failed(s)
+    assert (s.attempt, s.counted) == (2, 2)       # the crashed hedge is one of its attempts
+    assert table.hedge_due() == [s]
+    table.begin_hedge(s, "c1")
+    table.hedge_started(s, Invocation("fl_client", "h2", clock()), 60.0)
+    table.hedge_failed(s)
+    assert (s.attempt, s.counted, table.exhausted(s)) == (3, 3, True)
+    assert table.hedge_due() == []                # no attempts left: no third hedge
+    assert s.state == RUNNING                     # its own attempt runs on
+
+
+def test_a_promoted_hedge_is_the_slots_retry():
+    clock = Clock()
+    table = running_table(4, clock)
+    clock.t += 1.0
+    deliver(table, ["client_0", "client_1", "client_2"])
+    clock.t += 1.0
+    s = table.hedge_due()[0]
+    table.begin_hedge(s, "c1")
+    table.hedge_started(s, Invocation("fl_client", "h1", clock()), 60.0)
+    assert table.promote_hedge(s)
+    assert (s.attempt, s.counted) == (2, 2)
+    clock.t += 2.0                                # the promoted attempt straggles too
+    assert table.hedge_due() == [s]
+
+
+def test_a_crashed_hedge_is_followed_by_another_after_the_backoff(tmp_path):
+    def behave(fn, p, n):
+        if fn != "fl_client":
+            return "ok"
+        if p["client"] != "client_3":
+            return ("after", 1.0)
+        if n == 1:
+            return ("after", 100.0)
+        if n == 2:
+            return Outcome("", False, ErrorClass.APPLICATION_ERROR, "the worker died")
+        return ("after", 1.0)
+
+    keeper, store, provider, clock = fake_keeper(tmp_path, behave, rounds=1, training=HEDGE_ON)
+    assert keeper.start(session_id="s1").state == "finished"
+    mine = client_attempts(store, "s1", "client_3")
+    assert [(a["attempt"], a["state"], a.get("hedge", False)) for a in mine] == [
+        (1, "hedged", False), (2, "hedged", True), (3, "succeeded", True)]
+    assert mine[1]["error"] == "the worker died"
+    # The second hedge waited for the backoff after the first one's failure (0.5 s x 2^(2-1)).
+    assert mine[2]["submitted"] - mine[1]["finished"] >= 1.0
+    rd = store.rounds_[("s1", 0)]
+    assert rd["included"].count("client_3") == 1 and rd["failed"] == 0
+
+
+class _Dispatcher:
+    """What Hedger.where reads: the placement, the config's cluster order,
+    cluster health and invocation modes."""
+
+    def __init__(self, placement: dict[str, str], order: list[str], down=(), via_invoker=()):
+        rt = SimpleNamespace(client_clusters=lambda: placement,
+                             cfg=SimpleNamespace(providers=SimpleNamespace(clusters=lambda: {c: None for c in order})))
+        self.platforms = SimpleNamespace(rt=rt, via_invoker=lambda c: c in via_invoker)
+        self.clusters = SimpleNamespace(may_probe=lambda c: c not in down)
+
+
+def test_a_hedge_goes_to_the_least_busy_other_client_cluster_else_its_own():
+    placement = {"client_0": "c1", "client_1": "c2", "client_2": "c3"}
+    order = ["server", "c3", "c1", "c2"]          # config order; the server's cluster has no clients
+    s = Slot("client_0", "c1")
+    hedger = Hedger(_Dispatcher(placement, order))
+    assert hedger.client_clusters() == ["c3", "c1", "c2"]
+    assert hedger.where(s, {"c3": 2, "c2": 1}) == "c2"
+    assert hedger.where(s, {"c3": 1, "c2": 1}) == "c3"     # equals: config order
+    assert Hedger(_Dispatcher(placement, order, down={"c3"}, via_invoker={"c2"})).where(s) == "c1"
+    assert Hedger(_Dispatcher({"client_0": "c1"}, ["c1", "c2"])).where(s) == "c1"   # c2 hosts no clients

@@ -123,7 +123,7 @@ class Slot:
     uncounted: int = 0
     started_at: float = 0.0         # when the running attempt was accepted
     hedge: Hedge | None = None      # a speculative attempt still running
-    hedges: int = 0                 # speculative attempts made (at most one)
+    hedges: int = 0                 # speculative attempts that leave no further one (see hedge_failed)
 
     @property
     def counted(self) -> int:
@@ -276,7 +276,22 @@ class AttemptTable:
         s.hedge = None
         s.inv, s.doc_id, s.cluster = h.inv, h.doc_id, h.cluster
         s.started_at, s.deadline, s.state = h.started_at, h.deadline, RUNNING
+        self._hedge_counts(s)   # it is the slot's retry now
         return True
+
+    def hedge_failed(self, s: Slot) -> Hedge | None:
+        """The speculative attempt failed on its own (crashed, refused, no
+        outcome in time) while the slot's attempt runs on."""
+        h = self.hedge_dropped(s)
+        self._hedge_counts(s)
+        return h
+
+    def _hedge_counts(self, s: Slot) -> None:
+        """A hedge that did not end its slot counts against max_attempts;
+        while attempts remain, the straggler may be hedged again."""
+        s.uncounted -= 1
+        if not self.exhausted(s):
+            s.hedges -= 1
 
     def overdue_hedges(self) -> list[Slot]:
         now = self.clock()

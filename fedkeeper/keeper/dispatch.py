@@ -99,10 +99,7 @@ class Dispatcher:
         # error_class, duration_s, cold_start, function=...), e.g. metrics.
         self.attempt_ended: Callable[..., None] | None = None
         self._attempt_where: dict[Any, tuple[str, str, str]] = {}
-        # Where a client may run besides its own cluster (hedged attempts
-        # prefer another one); the placement binds each client to one.
-        self.client_clusters: Callable[[str], list[str]] = lambda client: []
-        self.hedger = Hedger(self)
+        self.hedger = Hedger(self)   # speculative attempts; where they run: Hedger.where
         self.peer_durations: dict[int, list[float]] = {}   # shared by its tables (AttemptTable)
 
     def table(self, slots: Iterable[Slot] = ()) -> AttemptTable:

@@ -8,13 +8,21 @@ counted nor a failure). An update the loser still stores is refused by the
 unique (session, round, client) key of updates, so it never counts twice.
 
 Every speculative attempt is an attempt record with `hedge: true` (its own
-attempt number, after the slot's), so cost and reports see it.
+attempt number, after the slot's), so cost and reports see it. A hedge
+that fails on its own (crashes, is refused, has no outcome in time) counts
+against max_attempts like any failed attempt, and while attempts remain the
+straggler is hedged again, after the retry backoff (without jitter).
 
 Where it runs: on another cluster the client may run on, else on its own.
-`Dispatcher.client_clusters` says where a client may run; the runtime's
-placement binds each client to one cluster, so today the hedge runs beside
-the attempt it hedges. A cluster that is invoked through fl_invoker is not
-hedged (its clients are not invoked from here).
+A client may run on every cluster that hosts the session's client
+functions: fl_client reads the client's partition from the session's store
+(every cluster's functions are bound to the same one), not from the
+cluster. The placement only says where the client's regular attempts go.
+Of the other client clusters, the hedge goes to one that answers, is
+invoked directly and runs the fewest of this keeper's attempts (ties in
+config order), so it avoids the cluster the straggler is slow on. A
+cluster invoked through fl_invoker is neither hedged nor a hedge's target
+(its clients are not invoked from here).
 
 Hedging draws nothing from any rng: selections and backoffs for a seed are
 the same with it on or off.
@@ -44,6 +52,9 @@ class Hedger:
 
     def __init__(self, dispatcher: Any):
         self.d = dispatcher
+        self._client_clusters: list[str] | None = None
+        # (client, round) -> when a straggler whose hedge failed may be hedged again
+        self._again_at: dict[tuple[str, int], float] = {}
 
     # ------------------------------------------------------------------ settling
     def own_attempt_delivered(self, s: Slot) -> list[tuple[Any, dict[str, Any]]]:
@@ -55,19 +66,58 @@ class Hedger:
         return [(h.doc_id, hedged_fields(self.d.clock()))] if h.doc_id is not None else []
 
     # ------------------------------------------------------------------ starting
-    def where(self, s: Slot) -> str:
-        others = [c for c in self.d.client_clusters(s.client)
+    def client_clusters(self) -> list[str]:
+        """The clusters any client may run on: those the placement puts
+        clients on, in config order."""
+        if self._client_clusters is None:
+            rt = self.d.platforms.rt
+            placed = set(rt.client_clusters().values())
+            self._client_clusters = [c for c in rt.cfg.providers.clusters() if c in placed]
+        return self._client_clusters
+
+    def where(self, s: Slot, running: dict[str, int] | None = None) -> str:
+        """Another client cluster for `s`'s speculative attempt (answering,
+        invoked directly, the fewest running attempts first), else its own."""
+        others = [c for c in self.client_clusters()
                   if c != s.cluster and self.d.clusters.may_probe(c) and not self.d.platforms.via_invoker(c)]
-        return others[0] if others else s.cluster
+        if not others:
+            return s.cluster
+        load = running or {}
+        return min(others, key=lambda c: load.get(c, 0))   # min keeps the first of equals
 
     def start(self, session: str, tables: Sequence[AttemptTable]) -> None:
-        for table in tables:
-            due = [s for s in table.hedge_due() if not self.d.platforms.via_invoker(s.cluster)]
-            for s in due:
-                self._start_one(session, table, s)
+        now = self.d.clock()
+        due = [(t, s) for t in tables for s in t.hedge_due()
+               if not self.d.platforms.via_invoker(s.cluster)
+               and self._again_at.get((s.client, s.round), 0.0) <= now]
+        if not due:
+            return
+        running: dict[str, int] = {}
+        for t in tables:
+            for s in t:
+                if s.state == RUNNING:
+                    running[s.cluster] = running.get(s.cluster, 0) + 1
+                if s.hedge is not None:
+                    running[s.hedge.cluster] = running.get(s.hedge.cluster, 0) + 1
+        for table, s in due:
+            self._again_at.pop((s.client, s.round), None)
+            cluster = self.where(s, running)
+            running[cluster] = running.get(cluster, 0) + 1
+            self._start_one(session, table, s, cluster)
 
-    def _start_one(self, session: str, table: AttemptTable, s: Slot) -> None:
-        cluster = self.where(s)
+    def _failed(self, table: AttemptTable, s: Slot) -> Any:
+        """A speculative attempt failed on its own: it counts as an attempt;
+        the next one (if any) waits for the retry backoff, without jitter."""
+        h = table.hedge_failed(s)
+        p = table.policy
+        delay = min(p.backoff_max_s, p.backoff_s * 2 ** max(0, s.counted - 1))
+        self._again_at[(s.client, s.round)] = self.d.clock() + delay
+        if len(self._again_at) > 4096:   # slots long settled; keep the map small
+            now = self.d.clock()
+            self._again_at = {k: v for k, v in self._again_at.items() if v > now}
+        return h
+
+    def _start_one(self, session: str, table: AttemptTable, s: Slot, cluster: str) -> None:
         h = table.begin_hedge(s, cluster)
         h.doc_id = ObjectId()
         provider = self.d.platforms.provider(cluster)
@@ -84,7 +134,7 @@ class Hedger:
         try:
             inv = provider.invoke("fl_client", payload)
         except ProviderError as exc:
-            table.hedge_dropped(s)
+            self._failed(table, s)
             self.d.update_attempts([(h.doc_id, {**hedged_fields(self.d.clock(), f"not started: {exc}"),
                                                 "error_class": exc.error_class.value})])
             return
@@ -126,14 +176,18 @@ class Hedger:
                     if loser is not None:
                         changes.append((loser, hedged_fields(self.d.clock())))
                     continue
-                # A speculative attempt that failed is not a failure: the
-                # slot's own attempt carries on.
-                h = table.hedge_dropped(s)
+                if fields["state"] == "succeeded":   # the slot's own attempt stored its update first
+                    h = table.hedge_dropped(s)
+                    changes.append((h.doc_id, {**fields, "state": HEDGED, "error": LOST_THE_RACE}))
+                    continue
+                # A speculative attempt that failed is no failure of its
+                # client: the slot's own attempt carries on.
+                h = self._failed(table, s)
                 changes.append((h.doc_id, {**fields, "state": HEDGED, "error": fields["error"] or LOST_THE_RACE}))
         now = self.d.clock()
         for table in tables:
             for s in table.overdue_hedges():
-                h = table.hedge_dropped(s)
+                h = self._failed(table, s)
                 changes.append((h.doc_id, {**hedged_fields(now, "no outcome within the function timeout "
                                                                "plus grace"), "error_class": "timeout"}))
         self.d.update_attempts(changes)
