@@ -23,6 +23,10 @@ secure_aggregate() + finish()). Reported per round:
                 quantizing, masking and storing the masked vector
   server ms     the aggregation (secure: unmasking included)
   graph (k)     full, or the k neighbours of each client in SecAgg+'s graph
+  masks         mask expansions (a PRG stream of the model's length each):
+                the survivors' self and pairwise masks / the server's
+                (survivors' self masks, dropouts' pairwise masks); counted,
+                so free of the machine's noise
   max |diff|    the secure model against the plain one (quantization error)
 
 Function start-up and network time are not included: on a FaaS platform
@@ -49,7 +53,7 @@ from fedkeeper.local.store import EmbeddedMongo  # noqa: E402
 from flcommon import store as fs  # noqa: E402
 from flcommon.auth import signed  # noqa: E402
 from flcommon.entry import BadRequest, openwhisk_main  # noqa: E402
-from flcommon.secagg import graph, relay  # noqa: E402
+from flcommon.secagg import graph, relay, session as sa_session  # noqa: E402
 from flcommon.secagg.client import masked_update  # noqa: E402
 from flcommon.secagg.server import secure_aggregate  # noqa: E402
 from flcommon.strategies import get_strategy  # noqa: E402
@@ -157,8 +161,14 @@ def secure_round(db, stage_handle, clients, n_params, dropped, tag, neighbours=N
     total = sum(examples[c] for c in survivors)
     ref = [b + sum(deltas[c][i] * examples[c] for c in survivors) / total for i, b in enumerate(base)]
     diff = max(float(np.abs(a.astype(np.float64) - r).max()) for a, r in zip(new, ref))
+    # Mask expansions (one PRG stream of the model's length each), counted
+    # from the graph: what the timings measure, free of the machine's noise.
+    g = graph.neighbours(sa_session.context(sid, 0), clients, neighbours)
+    peers = {c: (set(clients) - {c}) if g is None else set(g[c]) for c in clients}
+    client_masks = sum(1 + len(peers[c]) for c in survivors)
+    server_masks = len(survivors) + sum(len(peers[d] & set(survivors)) for d in dropped)
     return {"invocations": invocations, "bytes": chunk_bytes(db, sid, "masked") + doc_bytes(db, sid),
-            "client_s": client_s, "server_s": server_s, "diff": diff}
+            "client_s": client_s, "server_s": server_s, "diff": diff, "masks": (client_masks, server_masks)}
 
 
 def main() -> None:
@@ -177,9 +187,9 @@ def main() -> None:
     agg = load("fl_server_aggregator")
     stage_handle = load("fl_secagg_client").handle
     print(f"{'params':>9} {'clients':>7} {'drop':>4} {'graph':>5} | {'invocations':>11} {'store KB':>17} "
-          f"{'client ms':>17} {'server ms':>15} | {'max |diff|':>10}")
+          f"{'client ms':>17} {'server ms':>15} {'masks':>11} | {'max |diff|':>10}")
     print(f"{'':>9} {'':>7} {'':>4} {'(k)':>5} | {'plain/secure':>11} {'plain / secure':>17} {'plain / secure':>17} "
-          f"{'plain / secure':>15} |")
+          f"{'plain / secure':>15} {'clnt / srv':>11} |")
     with tempfile.TemporaryDirectory() as tmp:
         server = EmbeddedMongo(Path(tmp) / "mongo")
         url, _ = server.start()
@@ -211,7 +221,8 @@ def main() -> None:
                             print(f"{head} {p['invocations']:>5}/{s['invocations']:<5} "
                                   f"{p['bytes'] / 1e3:>8.0f} / {s['bytes'] / 1e3:<6.0f} "
                                   f"{p['client_s'] * 1e3:>8.0f} / {s['client_s'] * 1e3:<6.0f} "
-                                  f"{p['server_s'] * 1e3:>6.0f} / {s['server_s'] * 1e3:<6.0f} | {s['diff']:>10.2e}",
+                                  f"{p['server_s'] * 1e3:>6.0f} / {s['server_s'] * 1e3:<6.0f} "
+                                  f"{s['masks'][0]:>5} / {s['masks'][1]:<3} | {s['diff']:>10.2e}",
                                   flush=True)
         finally:
             server.stop()
