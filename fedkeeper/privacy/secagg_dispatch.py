@@ -26,7 +26,6 @@ threshold will do.
 from __future__ import annotations
 
 import dataclasses
-import logging
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -38,7 +37,6 @@ from ..keeper.attempts import (DEADLINE, DELIVERED, FAILED, RUNNING, WAITING, At
                                RoundDispatch, Slot)
 from ..providers import ErrorClass, Invocation, ProviderError
 
-log = logging.getLogger("fedkeeper.keeper")
 
 def slot_name(stage: str, client: str) -> str:
     """The `client` of a stage's attempt records: per-client views skip
