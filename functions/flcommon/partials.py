@@ -40,10 +40,17 @@ class PartialSum:
 
     streaming = True
 
-    def begin(self, reference) -> None:
-        self.acc = [np.zeros(tuple(shape), dtype=np.float32) for shape, _ in reference]
+    def __init__(self) -> None:
+        self.acc: list[np.ndarray] = []
         self.weight = 0.0
         self.mass = 0.0
+
+    def begin(self, reference) -> None:
+        """Zeros of the model's layout; a sum already begun is kept, so a
+        combiner that follows its round folds each batch of arrivals into
+        the same partial."""
+        if not self.acc:
+            self.acc = [np.zeros(tuple(shape), dtype=np.float32) for shape, _ in reference]
 
     def add(self, delta, weight: float, mass: float | None = None) -> None:
         w = np.float32(weight)
