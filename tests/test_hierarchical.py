@@ -254,18 +254,30 @@ def test_a_combiner_before_the_round_lists_its_clients_refuses_to_run(fn_db):
                                                         cluster_name="alpha")["error"]
 
 
+class RecordingDispatch:
+    """Dispatcher.call as combine_clusters and follow_round use it: each
+    call recorded; `follow` says how each cluster's follower ends."""
+
+    def __init__(self, follow=None):
+        import types
+        self.calls, self.follow = [], follow or {}
+        self.platforms = types.SimpleNamespace(spec=lambda cluster, fn: types.SimpleNamespace(timeout_s=300.0))
+
+    def call(self, cluster, session, rnd, function, **payload):
+        from fedkeeper.keeper.errors import SessionError
+        self.calls.append((cluster, function, payload))
+        if "follow_s" in payload:
+            how = self.follow.get(cluster, "partial")
+            if how == "fails":
+                raise SessionError(f"{function} failed for round {rnd} after 3 attempt(s)")
+            return {"combined": 2} if how == "partial" else {"following": "the round did not close in time"}
+        return {"combined": 1}
+
+
 def test_the_keeper_names_no_client_in_a_combiners_payload():
     from fedkeeper.keeper.aggregation import combine_clusters
 
-    class Recording:
-        def __init__(self):
-            self.calls = []
-
-        def call(self, cluster, session, rnd, function, **payload):
-            self.calls.append((cluster, function, payload))
-            return {"combined": 1}
-
-    dispatch = Recording()
+    dispatch = RecordingDispatch()
     clients = [f"client_{i}" for i in range(3000)]
     where = {c: ("alpha" if i % 3 else "beta") for i, c in enumerate(clients)}
     out = combine_clusters(dispatch, "s", 4, clients, where)
@@ -273,3 +285,22 @@ def test_the_keeper_names_no_client_in_a_combiners_payload():
     assert sorted(dispatch.calls) == [
         ("alpha", "fl_combiner", {"slot_name": "_fl_combiner@alpha", "cluster_name": "alpha"}),
         ("beta", "fl_combiner", {"slot_name": "_fl_combiner@beta", "cluster_name": "beta"})]
+
+
+def test_followers_started_with_the_round_are_waited_for_and_replaced_when_they_store_nothing():
+    """Each cluster of the selected clients gets a follower (half the
+    combiner's time limit to follow); at the close, a follower's partial is
+    used, and a cluster whose follower failed or ran out of time gets a
+    combiner of its own slot (no retry of the follower's) at once."""
+    from fedkeeper.keeper.aggregation import combine_clusters, follow_round
+
+    where = {"client_0": "a", "client_1": "b", "client_2": "c", "client_3": "d"}
+    dispatch = RecordingDispatch(follow={"b": "times out", "c": "fails"})
+    following = follow_round(dispatch, "s", 2, list(where), where)
+    out = combine_clusters(dispatch, "s", 2, ["client_0", "client_1", "client_2"], where, following=following)
+    followers = sorted(c for c in dispatch.calls if "follow_s" in c[2])
+    assert followers == [(k, "fl_combiner", {"slot_name": f"_fl_combiner@{k}", "cluster_name": k, "follow_s": 150.0})
+                         for k in "abcd"]
+    after = sorted(c for c in dispatch.calls if "follow_s" not in c[2])
+    assert after == [(k, "fl_combiner", {"slot_name": f"_fl_combiner@{k}/closed", "cluster_name": k}) for k in "bc"]
+    assert out == {"a": {"combined": 2}, "b": {"combined": 1}, "c": {"combined": 1}}   # d delivered nothing

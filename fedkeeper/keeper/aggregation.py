@@ -7,12 +7,21 @@ finds its clients in the store (the round's `included`, written before
 aggregation, and the session's client clusters). The aggregator then adds
 the partial aggregates they stored (flcommon.partials) and reads the other
 listed updates itself: a combiner that fails for good costs time, not
-updates."""
+updates.
+
+A round mode may start the combiners with the round (follow_round), as
+FEDn's combiners run beside their clients: each folds its cluster's
+updates as they arrive and finishes once the round lists its clients, so
+that what the round pays after its last update is the few updates not
+folded yet, the partials and the top level, not a read of every update.
+A follower that ends without a partial (the round outlasted half its time
+limit, or it failed) is replaced by a combiner run once the round closed."""
 from __future__ import annotations
 
 import logging
+import threading
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, Iterable
 
 from .errors import SessionError
 from .events import client_index
@@ -21,6 +30,9 @@ from .dispatch import Dispatcher
 log = logging.getLogger("fedkeeper.keeper")
 
 COMBINER = "fl_combiner"
+# The share of a combiner's time limit it spends following its round; the
+# rest is left for the updates not folded yet and its partial.
+FOLLOW_SHARE = 0.5
 
 
 def by_cluster(clients: list[str], client_cluster: dict[str, str]) -> dict[str, list[str]]:
@@ -31,19 +43,67 @@ def by_cluster(clients: list[str], client_cluster: dict[str, str]) -> dict[str, 
     return out
 
 
+def _slot(cluster: str) -> str:
+    return f"_{COMBINER}@{cluster}"
+
+
+class Following:
+    """The combiners following one round, one per cluster, each in a daemon
+    thread (an interrupted keeper does not wait for them; a follower the
+    keeper no longer waits for stores nothing once its time is up)."""
+
+    def __init__(self, dispatch: Dispatcher, session: str, rnd: int, clusters: Iterable[str]):
+        self.results: dict[str, dict[str, Any]] = {}
+        self._threads = [threading.Thread(target=self._follow, args=(dispatch, session, rnd, cluster), daemon=True,
+                                          name=f"{COMBINER}-follow-{cluster}") for cluster in sorted(set(clusters))]
+        for t in self._threads:
+            t.start()
+
+    def _follow(self, dispatch: Dispatcher, session: str, rnd: int, cluster: str) -> None:
+        try:
+            follow_s = dispatch.platforms.spec(cluster, COMBINER).timeout_s * FOLLOW_SHARE
+            self.results[cluster] = dispatch.call(cluster, session, rnd, COMBINER, slot_name=_slot(cluster),
+                                                  cluster_name=cluster, follow_s=round(follow_s, 3))
+        except SessionError as exc:
+            log.warning("combiner following cluster %s failed; it runs again once the round closes: %s",
+                        cluster, exc)
+            self.results[cluster] = {"error": str(exc)}
+
+    def join(self) -> dict[str, dict[str, Any]]:
+        """Each cluster's result, once every follower has ended (the round
+        lists its clients before this is called, so they end soon)."""
+        for t in self._threads:
+            t.join()
+        return dict(self.results)
+
+
+def follow_round(dispatch: Dispatcher, session: str, rnd: int, selected: list[str],
+                 client_cluster: dict[str, str]) -> Following:
+    """Start a combiner on every cluster of the round's selected clients."""
+    return Following(dispatch, session, rnd, (client_cluster[c] for c in selected))
+
+
 def combine_clusters(dispatch: Dispatcher, session: str, rnd: int, clients: list[str],
-                     client_cluster: dict[str, str]) -> dict[str, dict[str, Any]]:
-    """Run every cluster's combiner for round `rnd` at once; cluster -> its
-    result, or {"error": why} for a combiner that failed after its retries."""
+                     client_cluster: dict[str, str], following: Following | None = None
+                     ) -> dict[str, dict[str, Any]]:
+    """Every cluster's combiner for round `rnd`, once the round lists its
+    clients: the followers' partials are waited for, the other clusters'
+    combiners run at once. Cluster -> its result, or {"error": why} for a
+    combiner that failed after its retries."""
     groups = by_cluster(clients, client_cluster)
+    followed = following.join() if following is not None else {}
     if not groups:
         return {}
 
     def combine(item: tuple[str, list[str]]) -> tuple[str, dict[str, Any]]:
         cluster, members = item
+        done = followed.get(cluster)
+        if done is not None and "combined" in done:
+            return cluster, done
+        # After a follower, a slot of its own: this call is no retry of it.
+        slot = _slot(cluster) if done is None else f"{_slot(cluster)}/closed"
         try:
-            return cluster, dispatch.call(cluster, session, rnd, COMBINER, slot_name=f"_{COMBINER}@{cluster}",
-                                          cluster_name=cluster)
+            return cluster, dispatch.call(cluster, session, rnd, COMBINER, slot_name=slot, cluster_name=cluster)
         except SessionError as exc:
             log.warning("combiner of cluster %s failed; the aggregator reads its %d update(s) itself: %s",
                         cluster, len(members), exc)

@@ -11,7 +11,7 @@ from typing import Any, Callable, ClassVar
 
 from ...privacy.rounds import stored_epsilon
 from ...providers import Invocation
-from ..aggregation import combine_clusters
+from ..aggregation import Following, combine_clusters, follow_round
 from ..attempts import DELIVERED, FAILED, RUNNING, AttemptTable, Slot
 from ..dispatch import Dispatcher
 from ..errors import SessionError
@@ -57,6 +57,7 @@ class RoundMode(ABC):
         self.store = ctx.store
         self.dispatch = ctx.dispatcher
         self.training = ctx.training
+        self.following: dict[int, Following] = {}   # hierarchical: combiners started with their round
 
     @abstractmethod
     def run(self, session: str, first_round: int, reports: list[RoundReport]) -> None:
@@ -159,6 +160,11 @@ class RoundMode(ABC):
         self.store.mark_updates_stale(session, rnd - self.training.staleness_tolerance)
 
     # ------------------------------------------------------------------ aggregation
+    def follow(self, session: str, rnd: int, selected: list[str]) -> None:
+        """hierarchical: combiners start with the round and fold its updates as they arrive."""
+        if getattr(self.training, "aggregation", "flat") == "hierarchical":
+            self.following[rnd] = follow_round(self.dispatch, session, rnd, selected, self.ctx.client_cluster)
+
     def aggregate(self, session: str, rnd: int, *, selected: list[str], included: list[str],
                   stale: list[dict[str, Any]], failed: int, started: float, t0: float,
                   args: dict[str, Any], extra: Callable[[dict[str, Any]], dict[str, Any]] = lambda res: {}
@@ -168,7 +174,8 @@ class RoundMode(ABC):
         self.ctx.events.emit("aggregating", round=rnd, included=len(included) + len(stale))
         if getattr(self.training, "aggregation", "flat") == "hierarchical":
             # Combiners first: the aggregator uses the partials they stored.
-            combine_clusters(self.dispatch, session, rnd, list(args.get("clients", [])), self.ctx.client_cluster)
+            combine_clusters(self.dispatch, session, rnd, list(args.get("clients", [])), self.ctx.client_cluster,
+                             following=self.following.pop(rnd, None))
         res = self.dispatch.call(self.ctx.server, session, rnd, "fl_server_aggregator", **args)
         attempts = self.store.attempts(session, rnd)
         # A hedge takes the slot's next attempt number but is not a retry.

@@ -81,6 +81,7 @@ class ClosingRounds(RoundMode):
         else:
             self.store.upsert_round(session, rnd, selected=selected, state="running", mode=self.name,
                                     started=started)
+            self.follow(session, rnd, selected)
             # Secure aggregation: only the clients that shared their keys train.
             trainers = self.ctx.privacy.before_training(session, rnd, selected) if self.ctx.privacy else selected
             table = self.adopt(session, rnd, trainers)
