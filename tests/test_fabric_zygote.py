@@ -132,3 +132,38 @@ def test_a_functions_concurrency_from_the_config_reaches_the_fabric(tmp_path):
     finally:
         p.close()
         fabric.fabric_down(tmp_path / "fabric")
+
+
+def test_prewarm_starts_a_zygote_before_any_deploy_and_hands_its_lease_over(tmp_path):
+    from types import SimpleNamespace
+
+    from fedkeeper.local.openwhisk import LocalOpenWhiskProvider
+    from fedkeeper.providers.base import ProviderContext
+    # tensorflow gets no stem cells in this cluster: no zygote is started for it
+    cluster = SimpleNamespace(kind="local", namespace=None, faults=None, user_memory_mb=None,
+                              stem_cells={"light": 1, "tensorflow": 0})
+    ctx = ProviderContext(state_dir=tmp_path)
+    LocalOpenWhiskProvider.prewarm("early", cluster, ctx, ["light", "tensorflow"])
+    fdir = tmp_path / "fabric"
+    assert fabric.fabric_status(fdir) is not None
+    p = LocalOpenWhiskProvider("early", cluster, ctx)
+    st = p.fabric_admin("status")
+    assert [z["runtime"] for z in st["zygotes"]] == ["light"] and not st["workers"]
+    zygote_pid = st["zygotes"][0]["pid"]
+    # the provider took the fabric over: when it lets go, the fabric it
+    # started for this command stops (the early lease was given back)
+    p.close()
+    assert fabric.fabric_status(fdir) is None
+    wait_for(lambda: not pid_alive(zygote_pid), 10)
+
+
+def test_the_main_jobs_clusters_and_runtimes_ahead_of_its_deploy():
+    from pathlib import Path
+
+    from fedkeeper.config.loading import load_config
+    from fedkeeper.local.prewarm import runtimes_by_cluster
+    from fedkeeper.runtime import SERVER_FUNCTIONS, Runtime
+    cfg = load_config(Path(__file__).resolve().parent.parent / "config-local.yaml")
+    name, scen = cfg.scenario("federated_learning")
+    rt = Runtime(cfg=cfg, scenario_name=name, scenario=scen, state=Path("/nonexistent"))
+    assert runtimes_by_cluster(rt, SERVER_FUNCTIONS) == {"local_ow": ["tensorflow"], "local_gcf": ["tensorflow"]}

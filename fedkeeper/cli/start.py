@@ -163,6 +163,9 @@ def run_start(cfg: Config, scenario: str | None, resume: str | None = None, depl
     service_lost = tuple(c for c in [getattr(keeper_module, "ServiceLost", None)] if c is not None)
     session_id = resume or new_session_id(cfg.name)
     log_path = setup_run_log(session_id, cfg.secret_values())
+    if deploy:  # local services load their runtimes' modules while the store starts
+        from ..local.prewarm import start_ahead
+        start_ahead(cfg, scenario, keep_services)
     rt = open_runtime(cfg, scenario, need_store=True, keep_local_services=keep_services)
     if rt.scenario.clients_info is None:
         rt.close()

@@ -12,14 +12,53 @@ reused and left running.
 """
 from __future__ import annotations
 
+import atexit
 import json
 import re
+import threading
 from pathlib import Path
 from typing import Any
+
+import requests
 
 from ..providers.base import ErrorClass, ProviderContext, ProviderError
 from ..providers.openwhisk.provider import OpenWhiskProvider
 from . import fabric
+
+
+# Leases taken by `prewarm` ahead of a command's providers, per fabric
+# directory: each is given back once a provider of that fabric holds its own
+# (so the fabric is not stopped in between), or when the process exits.
+_early_leases: dict[Path, list] = {}
+_early_lock = threading.Lock()
+
+
+def _take_early_leases(fabric_dir: Path) -> list:
+    with _early_lock:
+        return _early_leases.pop(fabric_dir.resolve(), [])
+
+
+@atexit.register
+def _release_early_leases() -> None:
+    with _early_lock:
+        left = list(_early_leases.items())
+        _early_leases.clear()
+    for fabric_dir, leases in left:
+        for lease in leases:
+            fabric.fabric_release(fabric_dir, lease)
+
+
+def _capacity_body(cluster: Any) -> dict:
+    """The fabric settings a local cluster's config sets (`user_memory_mb`,
+    `stem_cells`), as the fabric's limits body."""
+    body = {}
+    memory = getattr(cluster, "user_memory_mb", None)
+    if memory is not None:
+        body["userMemoryMb"] = int(memory)
+    stems = getattr(cluster, "stem_cells", None)
+    if stems is not None:
+        body["stemCells"] = {str(k): int(v) for k, v in dict(stems).items()}
+    return body
 
 
 def _namespace_for(cluster_name: str) -> str:
@@ -57,6 +96,30 @@ class LocalOpenWhiskProvider(OpenWhiskProvider):
         self._connect(info["url"], (user, key), ns, verify=True, clock_offset=0.0)
         self.push_faults()
         self.push_capacity()
+        # this provider's lease holds the fabric now: those taken ahead of it can go
+        for lease in _take_early_leases(self.fabric_dir):
+            fabric.fabric_release(self.fabric_dir, lease)
+
+    @classmethod
+    def prewarm(cls, cluster_name: str, cluster: Any, ctx: ProviderContext, runtimes: list[str]) -> None:
+        """Ahead of a command's deploy (fedkeeper/local/prewarm.py): start the
+        fabric and the zygotes of the runtimes about to be deployed, so that
+        TensorFlow loads while the keeper still starts its store and packages
+        the functions. Holds a lease on the fabric until this process's
+        provider of it holds its own."""
+        fabric_dir = Path(ctx.state_dir) / "fabric"
+        info = fabric.fabric_up(fabric_dir, hold=True, auto_stop=not ctx.keep_local_services)
+        with _early_lock:
+            _early_leases.setdefault(fabric_dir.resolve(), []).append(info.get("lease"))
+        with requests.Session() as s:
+            s.auth = tuple(info["auth"].split(":", 1))
+            params = {"namespace": getattr(cluster, "namespace", None) or _namespace_for(cluster_name)}
+            body = _capacity_body(cluster)
+            if body:   # the cluster's own stem cells decide which runtimes get a zygote
+                s.put(f"{info['url']}/_fabric/limits", params=params, data=json.dumps(body).encode(),
+                      timeout=10).raise_for_status()
+            s.put(f"{info['url']}/_fabric/prewarm", data=json.dumps({"runtimes": runtimes}).encode(),
+                  timeout=10).raise_for_status()
 
     def push_capacity(self) -> None:
         """The fabric's user memory and stem cells per runtime, when the
@@ -64,13 +127,7 @@ class LocalOpenWhiskProvider(OpenWhiskProvider):
         fabric keeps its own (OpenWhisk's 2048 MB, one TensorFlow stem cell).
         The fabric is shared by the local clusters of a state directory: the
         last one connected sets them."""
-        body = {}
-        memory = getattr(self.cluster, "user_memory_mb", None)
-        if memory is not None:
-            body["userMemoryMb"] = int(memory)
-        stems = getattr(self.cluster, "stem_cells", None)
-        if stems is not None:
-            body["stemCells"] = {str(k): int(v) for k, v in dict(stems).items()}
+        body = _capacity_body(self.cluster)
         if body:
             self.fabric_admin("limits", body)
 

@@ -104,6 +104,20 @@ def get_faults(f: Fabric, ns_name: str) -> dict:
     return n.faults.to_json() if n.faults else {}
 
 
+def prewarm(f: Fabric, body: Any) -> dict:
+    """Start the zygotes of runtimes whose actions are about to be deployed
+    (`{"runtimes": [...]}`), so that their modules load while the caller
+    still starts its store and packages its code. Only runtimes given stem
+    cells get one; the stem cells themselves start once an action of the
+    runtime is deployed, as before."""
+    runtimes = body.get("runtimes") if isinstance(body, dict) else None
+    if (not isinstance(runtimes, list) or len(runtimes) > 64
+            or not all(isinstance(r, str) and 0 < len(r) <= 64 for r in runtimes)):
+        raise ApiError(400, "prewarm takes {\"runtimes\": [runtime names]}")
+    f.prewarm(runtimes)
+    return {"zygotes": f.scheduler.zygotes.describe()}
+
+
 def _action_pools(f: Fabric) -> dict[str, dict]:
     """Per action: its intra-worker concurrency (limits.concurrency: the
     activations one worker runs at once), its workers and the activations

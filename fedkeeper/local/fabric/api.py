@@ -235,6 +235,8 @@ class Handler(BaseHTTPRequestHandler):
                 return self._json(200, admin.limits(f, ns))
         elif what == "status" and method == "GET":
             return self._json(200, admin.status(f))
+        elif what == "prewarm" and method == "PUT":
+            return self._json(200, admin.prewarm(f, self._body(f.settings.payload_limit)))
         raise ApiError(404, MSG_NOT_FOUND)
 
 

@@ -50,6 +50,16 @@ class Fabric:
             ops = self.scheduler.replenish()
         self.scheduler.run_ops(ops)
 
+    def prewarm(self, runtimes: list[str]) -> None:
+        """Start the zygotes of these runtimes now, ahead of their actions'
+        deploy (those given no stem cells, or when stem cells are not
+        forked, get none)."""
+        if self.stopping or not self.settings.fork_stem_cells:
+            return
+        for runtime in dict.fromkeys(runtimes):
+            if self.settings.stem_cells.get(runtime, 0) > 0:
+                self.scheduler.start_zygote(runtime)
+
     def ns(self, name: str) -> Namespace:
         if name == "_":
             name = DEFAULT_NAMESPACE

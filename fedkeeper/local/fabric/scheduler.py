@@ -254,10 +254,15 @@ class Scheduler:
             return
         self._spawn_process(w)
 
+    def start_zygote(self, runtime: str | None):
+        """The runtime's zygote, started now if none runs (None if it cannot)."""
+        return self.zygotes.get(runtime, preload_for(runtime),
+                                self.f.logs_dir / f"stem-cell.{runtime or 'stock'}.log"[:250], str(self.f.logs_dir))
+
     def _spawn_forked(self, w: Worker) -> None:
         if w.kill_reason is not None or self.f.stopping:
             return
-        z = self.zygotes.get(w.runtime, preload_for(w.runtime), self._log_path(w), str(self.f.logs_dir))
+        z = self.start_zygote(w.runtime)
         if z is not None:
             try:
                 w.start_forked(z)
