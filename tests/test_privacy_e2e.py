@@ -2,8 +2,8 @@
 `fedkeeper start` on the local clusters (local OpenWhisk and local Cloud
 Functions, a real MongoDB-wire-protocol server, the real functions): epsilon
 per round as dp-accounting gives it, the target-epsilon stop, local DP, and
-secure aggregation under injected faults and after a kill -9 and --resume,
-with nothing unmasked ever stored."""
+secure aggregation (SecAgg+'s sparse graph under injected faults, the full
+graph after a kill -9 and --resume), with nothing unmasked ever stored."""
 from __future__ import annotations
 
 import math
@@ -153,9 +153,10 @@ def check_secure_session(db, session: str, rounds: int) -> None:
 
 
 def test_secure_aggregation_under_faults(fabric_state, mongo_url, tmp_path):
+    # SecAgg+'s sparse graph: of 4 clients each masks with 2 and shares among 3.
     db_name = "e2e_secagg_faults"
     cfg = write_config(tmp_path / "cfg.yaml", mongo_url, db_name, """\
-        secure_aggregation: true
+        secure_aggregation: {neighbours: 2}
         """, rounds=2, clients=4, per_round=4,
         faults="{crash: 0.2, seed: 3, functions: [fl_client, fl_secagg_client]}")
     assert run_start(load_config(cfg), None, keep_services=True) == 0
@@ -163,6 +164,8 @@ def test_secure_aggregation_under_faults(fabric_state, mongo_url, tmp_path):
     sess = latest_session(db)
     assert sess["state"] == "finished", sess.get("error")
     check_secure_session(db, sess["_id"], 2)
+    shares = list(db[relay.SECAGG].find({"session": sess["_id"], "stage": "shares"}))
+    assert shares and all(len(d["to"]) == 3 for d in shares)   # a client and its 2 neighbours
     attempts = list(db[fs.INVOCATIONS].find({"session": sess["_id"]}))
     assert any(a["state"] == "failed" for a in attempts)          # faults happened...
     assert any(a["attempt"] > 1 for a in attempts)                # ...and were retried
