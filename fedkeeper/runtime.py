@@ -24,7 +24,7 @@ from .privacy.secagg_stages import FUNCTION as SECAGG_FUNCTION, bound_for as sec
 from .privacy.settings import secure_aggregation
 from .providers import Artifact, FunctionSpec, Provider, ProviderContext, make_provider
 from .store import Store, connect
-from .local.store import EmbeddedMongo
+from .local.store import EmbeddedMongo, register_store
 
 log = logging.getLogger("fedkeeper.runtime")
 
@@ -132,6 +132,7 @@ class Runtime:
             sdir = Path(mc.state_dir).resolve() if mc.state_dir else self.state / "mongo"
             self._embedded = EmbeddedMongo(sdir)
             self.store_url, self._started_store = self._embedded.start()
+            register_store(self.state, sdir)  # so that `fabric down` finds one kept elsewhere
             log.info("embedded MongoDB at %s (%s)", self.store_url,
                      "started" if self._started_store else "reused")
         else:
@@ -166,8 +167,10 @@ class Runtime:
         return p
 
     def close(self, *, stop_store: bool = True) -> None:
-        """Close providers (they stop local services unless kept) and stop the
-        embedded store if this runtime started it and `stop_store`."""
+        """Close providers (they stop local services unless kept). With
+        `stop_store`, give the embedded store back (its last holder stops
+        it, whichever command started it, unless one kept it); without, a
+        store this runtime started is kept for later commands."""
         for p in self.providers.values():
             try:
                 p.close()
@@ -177,8 +180,11 @@ class Runtime:
         if self.store is not None:
             self.store.close()
             self.store = None
-        if stop_store and self._embedded is not None and self._started_store:
-            self._embedded.stop()
+        if self._embedded is not None:
+            if stop_store:
+                self._embedded.stop()
+            elif self._started_store:
+                self._embedded.keep()
 
     # ------------------------------------------------------------------ placement
     def function_spec(self, function: str, section: str) -> FunctionSpec:

@@ -224,6 +224,72 @@ def test_the_store_stops_only_with_its_last_holder(tmp_path):
     assert mine.running_url() is None
 
 
+def _store_config(tmp_path: Path, store_dir: Path | None = None) -> Path:
+    cfg = tmp_path / "cfg.yaml"
+    where = f", state_dir: {str(store_dir)!r}" if store_dir else ""
+    cfg.write_text("name: t\nproviders:\n  openwhisk:\n    c1: {kind: local}\nscenarios:\n"
+                   "  federated_learning:\n    clients_info: {total_num_clients: 2, num_clients_per_round: 2,"
+                   f" clusters: {{c1: 2}}}}\n    mongo_config: {{url: embedded, db: t{where}}}\n")
+    return cfg
+
+
+@pytest.mark.parametrize("starter_keeps", [False, True], ids=["auto-stop", "kept"])
+def test_a_store_reused_by_another_command_stops_with_its_last_holder(tmp_path, monkeypatch, starter_keeps):
+    """Command A starts the store, command B reuses it, A ends first: the
+    store runs on for B and stops when B closes, unless A kept it
+    (--keep-services), which only `fabric down` undoes."""
+    from fedkeeper.config import load_config
+    from fedkeeper.runtime import Runtime
+    state = tmp_path / "state"
+    monkeypatch.setenv("FEDKEEPER_STATE_DIR", str(state))
+    cfg = _store_config(tmp_path)
+    code = ("import sys\nfrom fedkeeper.config import load_config\nfrom fedkeeper.runtime import Runtime\n"
+            f"rt = Runtime.open(load_config({str(cfg)!r}))\nprint(rt.store_url, flush=True)\n"
+            f"sys.stdin.readline()\nrt.close(stop_store={not starter_keeps})\n")
+    starter = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                               text=True)
+    store = EmbeddedMongo(state / "mongo")
+    try:
+        url = starter.stdout.readline().strip()
+        assert url.startswith("mongodb://")
+        reuser = Runtime.open(load_config(cfg))
+        assert reuser.store_url == url and not reuser._started_store
+        starter.stdin.write("\n")
+        starter.stdin.flush()
+        assert starter.wait(timeout=60) == 0
+        assert store.running_url() == url, "the store stopped under a command still using it"
+        reuser.close()
+        if starter_keeps:
+            assert store.running_url() == url, "a kept store was stopped by a command that only reused it"
+        else:
+            assert store.running_url() is None, "the store's last holder left it running"
+    finally:
+        starter.kill()
+        starter.wait()
+        shutdown_local_services(state)
+    assert store.running_url() is None
+
+
+def test_fabric_down_finds_a_store_kept_outside_the_state_directory(tmp_path, monkeypatch):
+    """mongo_config.state_dir puts the embedded store elsewhere; the state
+    directory records where, so `fabric down` stops it all the same."""
+    from fedkeeper.config import load_config
+    from fedkeeper.runtime import Runtime
+    state, elsewhere = tmp_path / "state", tmp_path / "elsewhere" / "mongo"
+    monkeypatch.setenv("FEDKEEPER_STATE_DIR", str(state))
+    rt = Runtime.open(load_config(_store_config(tmp_path, elsewhere)))
+    url = rt.store_url
+    rt.close(stop_store=False)  # kept, as after --keep-services
+    store = EmbeddedMongo(elsewhere)
+    try:
+        assert store.running_url() == url and not (state / "mongo").exists()
+        assert shutdown_local_services(state)
+        assert store.running_url() is None
+        assert not shutdown_local_services(state)
+    finally:
+        store.shutdown()
+
+
 def test_cloud_functions_stop_with_their_last_holder(tmp_path):
     spec = FunctionSpec(name="echo", source="echo", timeout_s=20, bound={"FK_FUNCTION": "echo"})
     first = LocalCloudFunctionsProvider("g", GoogleCluster(kind="local"), ProviderContext(state_dir=tmp_path))

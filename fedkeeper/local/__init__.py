@@ -16,7 +16,7 @@ def shutdown_local_services(state_dir: str | Path) -> bool:
     was running."""
     from .fabric import fabric_down
     from .cloud_functions.host import FrameworkHost
-    from .store import shutdown_store
+    from .store import shutdown_stores
     sdir = Path(state_dir)
     stopped = fabric_down(sdir / "fabric")
     gcf = sdir / "gcf"
@@ -25,4 +25,4 @@ def shutdown_local_services(state_dir: str | Path) -> bool:
             host = FrameworkHost(cluster_dir)
             stopped = bool(host.names()) or stopped
             host.stop_all()
-    return shutdown_store(sdir / "mongo") or stopped
+    return shutdown_stores(sdir) or stopped

@@ -9,14 +9,18 @@ the store URL stay valid across runs, and a server that is already running
 The server is supervised like every local service: `server.json` records
 its process identity (pid, creation time, command line), and nothing is
 signalled unless the pid is still that process. Every command that uses it
-holds a lease (one per process); `stop` leaves it running while another
-live command holds one, and `shutdown` (`fedkeeper fabric down`) stops it
-regardless.
+holds a lease (one per process), whether it started the server or reused
+it; `stop` gives the lease back, and the last live holder stops the server
+unless a command kept it (`keep`, for --keep-services). `shutdown`
+(`fedkeeper fabric down`) stops it regardless. A store kept outside the
+keeper's `<state>/mongo` (`mongo_config.state_dir`) is recorded in the
+state directory (`register_store`), so that `fabric down` finds it there.
 """
 from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shutil
 import sys
 import time
@@ -29,6 +33,11 @@ from . import supervisor
 
 INFO_FILE = "server.json"
 LOG_FILE = "server.log"
+#: the keeper state directory's default place for the store
+DEFAULT_DIR = "mongo"
+#: in the keeper state directory: the stores it used outside DEFAULT_DIR
+ELSEWHERE_FILE = "embedded-stores.json"
+MAX_ELSEWHERE = 100
 
 
 class EmbeddedMongoError(RuntimeError):
@@ -141,16 +150,22 @@ class EmbeddedMongo:
         raise EmbeddedMongoError(f"embedded MongoDB did not answer within {timeout_s:.0f}s")
 
     def stop(self, timeout_s: float = 15.0) -> bool:
-        """Give this process's lease back and stop the server unless another
-        live command still holds it. True when a server was stopped."""
+        """Give this process's lease back and stop the server if that was
+        the last live lease, unless the server was kept (`keep`). True when
+        a server was stopped."""
         if not self.state_dir.is_dir():
             return False
         with supervisor.locked(self.state_dir):
             self._lease = None
-            supervisor.Lease(self.state_dir, per_process=True).release()
-            if supervisor.live_holders(self.state_dir):
+            if not supervisor.release(supervisor.Lease(self.state_dir, per_process=True)):
                 return False
             return self._stop(timeout_s)
+
+    def keep(self) -> None:
+        """Let the server outlive its last holder, until `shutdown`."""
+        if self.state_dir.is_dir():
+            with supervisor.locked(self.state_dir):
+                supervisor.keep(self.state_dir)
 
     def shutdown(self, timeout_s: float = 15.0) -> bool:
         """Stop the server whoever holds it. True when one was running."""
@@ -173,3 +188,39 @@ def shutdown_store(state_dir: Path) -> bool:
         if (Path(state_dir) / INFO_FILE).is_file():
             return EmbeddedMongo(Path(state_dir)).shutdown()
     return False
+
+
+def _stores_elsewhere(keeper_state: Path) -> list[str]:
+    try:
+        listed = json.loads((keeper_state / ELSEWHERE_FILE).read_text())
+    except (OSError, ValueError):
+        return []
+    if not isinstance(listed, list):
+        return []
+    return [p for p in listed[:MAX_ELSEWHERE] if isinstance(p, str) and os.path.isabs(p)]
+
+
+def register_store(keeper_state: Path, store_dir: Path) -> None:
+    """Record, in the keeper's state directory, an embedded store kept
+    outside its `mongo/`, so that `shutdown_stores` (`fabric down`) finds it."""
+    keeper_state, store_dir = Path(keeper_state).resolve(), Path(store_dir).resolve()
+    if store_dir == keeper_state / DEFAULT_DIR:
+        return
+    with supervisor.locked(keeper_state, f".{ELSEWHERE_FILE}.lock"):
+        listed = _stores_elsewhere(keeper_state)
+        if str(store_dir) not in listed:
+            listed = [str(store_dir), *listed][:MAX_ELSEWHERE]
+            supervisor.write_private(keeper_state / ELSEWHERE_FILE, json.dumps(listed))
+
+
+def shutdown_stores(keeper_state: Path) -> bool:
+    """Stop the embedded stores a keeper state directory used: its own
+    `mongo/` and those recorded by `register_store`. True when any ran."""
+    keeper_state = Path(keeper_state)
+    stopped = shutdown_store(keeper_state / DEFAULT_DIR)
+    with supervisor.locked(keeper_state, f".{ELSEWHERE_FILE}.lock"):
+        for store_dir in _stores_elsewhere(keeper_state):
+            stopped = shutdown_store(Path(store_dir)) or stopped
+        with contextlib.suppress(FileNotFoundError):
+            (keeper_state / ELSEWHERE_FILE).unlink()
+    return stopped
