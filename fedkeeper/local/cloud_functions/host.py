@@ -30,7 +30,6 @@ import json
 import os
 import shutil
 import signal
-import sys
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -97,10 +96,9 @@ def _source_pins(src: Path) -> list[Pin]:
 class FrameworkHost:
     """Function processes of one local cluster, under `root`."""
 
-    def __init__(self, root: Path, *, python: str | None = None):
+    def __init__(self, root: Path):
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
-        self.python = python or sys.executable
         self._lock = threading.RLock()
 
     # ------------------------------------------------------------ state file
