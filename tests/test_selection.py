@@ -13,8 +13,9 @@ from bson import ObjectId
 
 from fedkeeper.config import load_config
 from fedkeeper.keeper import Keeper, select_clients
+from fedkeeper.keeper.selection import reliability_score
 from fedkeeper.runtime import Runtime
-from flcommon.reliability import client_stats, reliability_score
+from flcommon.reliability import client_stats
 
 RELIABLE = [f"client_{i}" for i in range(5)]
 UNRELIABLE = [f"client_{i}" for i in range(5, 10)]

@@ -20,7 +20,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from flcommon.reliability import ENDED, client_stats, cluster_stats, reliability_score
+from flcommon.reliability import ENDED, client_stats, cluster_stats
 
 from .events import client_index
 
@@ -53,6 +53,16 @@ class RandomSelection(SelectionPolicy):
 
     def pick(self, session, rnd, candidates, k, seed):
         return np.random.default_rng(seed).choice(candidates, size=k, replace=False).tolist()
+
+
+def reliability_score(stats: dict[str, Any] | None, prior: float = 0.5, weight: float = 2.0) -> float:
+    """Expected chance a client finishes, from its flcommon.reliability
+    figures: its success rate smoothed towards `prior` (as if `weight`
+    attempts of prior evidence), so a client seen once is neither favoured
+    nor shunned for ever."""
+    if not stats:
+        return prior
+    return (stats["succeeded"] + prior * weight) / (stats["attempts"] + weight)
 
 
 def select_clients(candidates: list[str], k: int, rng: np.random.Generator,

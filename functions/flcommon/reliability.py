@@ -1,8 +1,9 @@
 """Per-client and per-cluster reliability from invocation records.
 
 Shared by the fl_insights function (the `reliability` workload) and the
-keeper (`selection: reliability`), so both read the same figures from the
-same attempt documents (collection `invocations`, docs/store.md).
+keeper (`selection: reliability`, which turns them into its own scores),
+so both read the same figures from the same attempt documents (collection
+`invocations`, docs/store.md).
 Helper invocations (client ids starting with "_") are left out.
 """
 from __future__ import annotations
@@ -50,12 +51,3 @@ def client_stats(attempts: Iterable[dict[str, Any]]) -> dict[str, dict[str, Any]
 def cluster_stats(attempts: Iterable[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """cluster name -> the same figures over that cluster's client attempts."""
     return {c: _summary(rows) for c, rows in _group(attempts, "cluster").items()}
-
-
-def reliability_score(stats: dict[str, Any] | None, prior: float = 0.5, weight: float = 2.0) -> float:
-    """Expected chance a client finishes: its success rate smoothed towards
-    `prior` (as if `weight` attempts of prior evidence), so a client seen
-    once is neither favoured nor shunned for ever."""
-    if not stats:
-        return prior
-    return (stats["succeeded"] + prior * weight) / (stats["attempts"] + weight)
