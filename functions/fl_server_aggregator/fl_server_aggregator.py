@@ -7,11 +7,14 @@ stale: [{"client": c, "round": r}, ...] (optional, r < R)}.
 Every update becomes a delta against the global model its client trained
 from (model r for a stale update) and is weighted
 num_examples * (1 + staleness) ** -staleness_exponent. Updates are streamed
-from GridFS one at a time (the next one read while the current one is
-added), none may decode to more than the model's size, and each is checked
-whole before the strategy sees it; invalid ones are rejected with a recorded
-reason and the round aggregates the rest. An update already counted
-by the aggregation of another round is rejected, never counted twice.
+from GridFS one at a time, small ones a group per query (the next read
+while the current one is added), none may decode to more than the model's
+size, and each is checked whole before the strategy sees it; invalid ones
+are rejected with a recorded reason and the round aggregates the rest. An
+update already counted by the aggregation of another round is rejected,
+never counted twice. The store is asked a fixed number of times per round
+whatever the number of updates (lists in slices, writes in bulk), besides
+one query per update of more than one GridFS chunk.
 In a hierarchical round (training.aggregation: hierarchical) the partial
 aggregates the combiners (fl_combiner) stored for the round are added one
 each in place of their clients' updates (flcommon.partials).
@@ -103,11 +106,12 @@ def handle(payload: dict[str, Any], bound: dict[str, str]) -> dict[str, Any]:
         accepted, rejected = secure_aggregate(db, session, rnd, wanted, weights, strategy, spec)
     else:
         accepted, rejected = aggregate(db, session, rnd, wanted, weights, agg, exponent)
-    for r in rejected:
-        if r.pop("mark"):
-            db[store.UPDATES].update_one({"session": session, "round": r["round"], "client": r["client"],
-                                          "status": {"$ne": "accepted"}},
-                                         {"$set": {"status": "rejected", "reason": r["reason"]}})
+    marks = [pymongo.UpdateOne({"session": session, "round": r["round"], "client": r["client"],
+                                "status": {"$ne": "accepted"}},
+                               {"$set": {"status": "rejected", "reason": r["reason"]}})
+             for r in rejected if r.pop("mark")]
+    if marks:  # one round trip for them all: a write per update grows the round with its clients
+        db[store.UPDATES].bulk_write(marks, ordered=False)
     if not accepted:
         return {"error": f"round {rnd}: no valid update to aggregate", "rejected": _listed(rejected),
                 "rejected_count": len(rejected)}
@@ -136,11 +140,11 @@ def handle(payload: dict[str, Any], bound: dict[str, str]) -> dict[str, Any]:
         state_blob = store.put_arrays(db, new_state, f"{session}/state/{rnd + 1:03d}.npz",
                                       {"kind": "state", "session": session, "round": rnd + 1,
                                        "strategy": strategy.name})
-    for c in contributions:
-        db[store.UPDATES].update_one({"session": session, "round": c["round"], "client": c["client"]},
-                                     {"$set": {"status": "accepted", "aggregated_in": rnd,
-                                               "staleness": c["staleness"], "weight": c["weight"]},
-                                      "$unset": {"reason": ""}})
+    db[store.UPDATES].bulk_write([
+        pymongo.UpdateOne({"session": session, "round": c["round"], "client": c["client"]},
+                          {"$set": {"status": "accepted", "aggregated_in": rnd,
+                                    "staleness": c["staleness"], "weight": c["weight"]},
+                           "$unset": {"reason": ""}}) for c in contributions], ordered=False)
     doc = {"session": session, "round": rnd + 1, "blob_id": blob, "metrics": metrics,
            "accepted": len(contributions), "accepted_clients": [c["client"] for c in contributions],
            "rejected": rejected, "contributions": contributions, "strategy": strategy.name,

@@ -4,15 +4,15 @@ aggregator and the combiners (fl_combiner) of hierarchical aggregation.
 Every update becomes a delta against the global model its client trained
 from (model r for a stale update) and is weighted
 num_examples * (1 + staleness) ** -staleness_exponent. Updates are streamed
-from GridFS one at a time (the next one read while the current one is
-added), none may decode to more than the model's size, and each is checked
+from GridFS one at a time, small ones (a GridFS chunk each) a group per
+query (the next read while the current one is added), none may decode to more than the model's size, and each is checked
 whole before the strategy sees it. An update already counted by the
 aggregation of another round is rejected, never counted twice. Partial
 aggregates written by combiners for this round (flcommon.partials) are
 added as one unit each, in place of reading their clients' updates."""
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any, Iterator, NamedTuple
 
 import numpy as np
 
@@ -47,16 +47,19 @@ def _candidates(db, session: str, rnd: int, wanted: list[tuple[str, int]]) -> tu
     by_round: dict[int, list[str]] = {}
     for client, r in wanted:
         by_round.setdefault(r, []).append(client)
+    # Every look-up below is a few queries whatever the number of updates
+    # (store.find_in): a query per update was most of a large round's cost.
     docs: dict[tuple[str, int], dict] = {}
     for r, clients in by_round.items():
-        for d in db[store.UPDATES].find({"session": session, "round": r, "client": {"$in": clients}}):
+        for d in store.find_in(db[store.UPDATES], {"session": session, "round": r}, "client", clients):
             docs[(d["client"], d["round"])] = d
     # The partition sizes init wrote: a client cannot inflate its weight by
     # claiming more examples than it holds.
-    sizes = {d["client"]: d.get("num_examples") for d in db[store.PARTITIONS].find(
-        {"session": session, "client": {"$in": sorted({c for c, _ in wanted})}}, {"client": 1, "num_examples": 1})}
-    blobs = {d["_id"]: d for d in db[f"{store.BUCKET}.files"].find(
-        {"_id": {"$in": [d["blob_id"] for d in docs.values() if "blob_id" in d]}},
+    sizes = {d["client"]: d.get("num_examples") for d in store.find_in(
+        db[store.PARTITIONS], {"session": session}, "client", sorted({c for c, _ in wanted}),
+        {"client": 1, "num_examples": 1})}
+    blobs = {d["_id"]: d for d in store.find_in(
+        db[f"{store.BUCKET}.files"], {}, "_id", [d["blob_id"] for d in docs.values() if "blob_id" in d],
         {"metadata": 1, "length": 1, "chunkSize": 1})}
     has_base = {d["round"] for d in db[store.MODELS].find(
         {"session": session, "round": {"$in": [r for r in by_round if r != rnd]}}, {"round": 1, "blob_id": 1})
@@ -95,14 +98,20 @@ def _candidates(db, session: str, rnd: int, wanted: list[tuple[str, int]]) -> tu
     return candidates, rejected
 
 
+def _take(items: list[Any], i: int) -> Any:
+    item, items[i] = items[i], None
+    return item
+
+
 def aggregate(db, session: str, rnd: int, wanted: list[tuple[str, int]], global_weights: list[np.ndarray],
               strategy: Strategy, staleness_exponent: float = 0.5, *, use_partials: bool = True
               ) -> tuple[list[dict], list[dict]]:
     """Feed the strategy the delta of every valid listed update (a streaming
-    strategy adds it to its accumulator and drops it). The next update is
-    read from the store while the current one is added (flcommon.read_ahead),
-    so at most two updates are held besides the accumulator; no update may
-    decode to more than the model's size. Returns (contributions,
+    strategy adds it to its accumulator and drops it). The next update (or
+    group of small ones, at most store.SMALL_BATCH_BYTES) is read from the
+    store while the current one is added (flcommon.read_ahead), so at most
+    two updates or two groups are held besides the accumulator; no update
+    may decode to more than the model's size. Returns (contributions,
     rejections): contributions in the order added, rejections in the order
     listed; the caller then calls strategy.finish()."""
     reference = [(w.shape, w.dtype) for w in global_weights]
@@ -118,14 +127,32 @@ def aggregate(db, session: str, rnd: int, wanted: list[tuple[str, int]], global_
         {"session": session, "round": {"$in": sorted({c.round for c in candidates if c.round != rnd})}},
         {"round": 1, "blob_id": 1})}
 
-    def read(c: Candidate) -> list[np.ndarray]:
-        return store.get_arrays(db, c.blob_id, max_bytes=model_bytes, files_doc=c.files_doc, prefetch=True)
+    def read(group: list[Candidate]) -> list[list[np.ndarray] | BlobError]:
+        if len(group) == 1 and not store.is_small(group[0].files_doc):
+            c = group[0]
+            try:
+                return [store.get_arrays(db, c.blob_id, max_bytes=model_bytes, files_doc=c.files_doc,
+                                         prefetch=True)]
+            except BlobError as exc:
+                return [exc]
+        return store.get_small_arrays(db, [c.files_doc for c in group], max_bytes=model_bytes)
+
+    def each(groups) -> Iterator[tuple[Candidate, list[np.ndarray] | BlobError]]:
+        for group, loaded, _ in groups:
+            for i, c in enumerate(group):
+                # Handed over, not kept: the caller's `del` then frees the update.
+                yield c, _take(loaded, i)
+            del loaded
 
     from_partials = bool(accepted)
-    for c, arrays, error in read_ahead(candidates, read, expected=(BlobError,)):
+    # Small updates (one GridFS chunk each) are read a group per query
+    # (store.small_blob_batches: at most ~1 MB a group), larger ones one at
+    # a time in chunk batches; the next group is read while this one is added.
+    groups = read_ahead(store.small_blob_batches(candidates, lambda c: c.files_doc), read)
+    for c, arrays in each(groups):
         try:
-            if error is not None:
-                raise error
+            if isinstance(arrays, BlobError):
+                raise arrays
             check_layout(arrays, reference)
             base = global_weights if c.round == rnd else \
                 store.stream_arrays(db, base_blobs[c.round], max_bytes=model_bytes)

@@ -1,0 +1,141 @@
+"""Round work that must not grow with the clients: the aggregator asks the
+store a fixed number of times however many updates it reads (lists in
+slices, small blobs a group per query, writes in bulk)."""
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import pymongo
+import pytest
+from pymongo import monitoring
+
+from flcommon import store as fs
+from flcommon.blobs import BlobError
+from flcommon.strategies import get_strategy
+from flcommon.update_stream import aggregate
+
+from test_aggregator import _put_update
+
+#: Commands every connection sends on its own; not the aggregator's questions.
+HOUSEKEEPING = {"hello", "ismaster", "isMaster", "ping", "endSessions", "killCursors", "saslStart", "saslContinue"}
+
+
+class Commands(monitoring.CommandListener):
+    def __init__(self):
+        self.names: list[str] = []
+
+    def started(self, event):
+        if event.command_name not in HOUSEKEEPING:
+            self.names.append(event.command_name)
+
+    def succeeded(self, event):
+        pass
+
+    def failed(self, event):
+        pass
+
+
+@pytest.fixture
+def counted(fn_db):
+    """(db through a client that counts its commands, the listener)."""
+    listener = Commands()
+    host, port = fn_db.client.address
+    client = pymongo.MongoClient(f"mongodb://{host}:{port}/", event_listeners=[listener])
+    yield client[fn_db.name], listener
+    client.close()
+
+
+BASE = [np.zeros((3, 4), np.float32), np.zeros(4, np.float32)]
+
+
+def _round(db, session: str, clients: int) -> list[tuple[str, int]]:
+    wanted = []
+    for i in range(clients):
+        _put_update(db, session, 0, f"client_{i}", [b + i for b in BASE], n=1)
+        wanted.append((f"client_{i}", 0))
+    return wanted
+
+
+def test_aggregating_asks_the_store_as_often_for_40_updates_as_for_4(counted, monkeypatch):
+    db, listener = counted
+    monkeypatch.setattr(fs, "IN_SLICE", 64)  # every list fits one slice: the count must not move at all
+    asked = {}
+    for n in (4, 40):
+        wanted = _round(db, f"s{n}", n)
+        strategy = get_strategy("fedavg")
+        listener.names.clear()
+        accepted, rejected = aggregate(db, f"s{n}", 0, wanted, BASE, strategy, use_partials=False)
+        asked[n] = list(listener.names)
+        assert len(accepted) == n and not rejected
+        mean, _ = strategy.finish(BASE, None)
+        assert np.allclose(mean[0], (n - 1) / 2)  # every client's delta i, equally weighted
+    assert asked[4] == asked[40], asked
+
+
+def test_long_lists_are_asked_in_slices_and_nothing_is_lost(counted):
+    db, listener = counted
+    db["things"].insert_many([{"k": i} for i in range(100)])
+    listener.names.clear()
+    got = sorted(d["k"] for d in fs.find_in(db["things"], {}, "k", list(range(90)) + [5, 7, 1000]))
+    assert got == list(range(90))  # repeats asked once, unknown values match nothing
+    assert listener.names.count("find") == -(-90 // fs.IN_SLICE)
+
+
+def test_small_blobs_are_read_a_group_per_query_and_each_is_checked(counted):
+    db, listener = counted
+    ids = [fs.put_arrays(db, [np.full(3, i, np.float32)], f"b{i}", {"i": i}) for i in range(5)]
+    docs = {d["_id"]: d for d in db[f"{fs.BUCKET}.files"].find({"_id": {"$in": ids}})}
+    db[f"{fs.BUCKET}.chunks"].delete_one({"files_id": ids[1]})                        # chunk missing
+    db[f"{fs.BUCKET}.chunks"].update_one({"files_id": ids[3]}, {"$set": {"data": b"x"}})  # wrong size
+    listener.names.clear()
+    out = fs.get_small_arrays(db, [docs[i] for i in ids])
+    assert listener.names == ["find"]
+    assert [a[0].tolist() for a in (out[0], out[2], out[4])] == [[0.0] * 3, [2.0] * 3, [4.0] * 3]
+    assert isinstance(out[1], BlobError) and "missing" in str(out[1])
+    assert isinstance(out[3], BlobError) and "wrong size" in str(out[3])
+    # An encoding over the caller's bound is refused, not decoded.
+    assert isinstance(fs.get_small_arrays(db, [docs[ids[0]]], max_bytes=4)[0], BlobError)
+
+
+def test_small_blobs_are_grouped_within_the_slice_and_byte_bounds(monkeypatch):
+    monkeypatch.setattr(fs, "SMALL_BATCH_BYTES", 100)
+    small = [{"length": 40, "chunkSize": 255 * 1024} for _ in range(5)]
+    big = {"length": 300 * 1024, "chunkSize": 255 * 1024}
+    groups = list(fs.small_blob_batches(small[:3] + [big] + small[3:]))
+    # 40 + 40 fits 100 bytes, a third does not; a multi-chunk blob is read alone.
+    assert [len(g) for g in groups] == [2, 1, 1, 2]
+    assert groups[2] == [big]
+    monkeypatch.setattr(fs, "SMALL_BATCH_BYTES", 1 << 20)
+    many = [{"length": 10, "chunkSize": 100}] * (2 * fs.IN_SLICE + 1)
+    assert [len(g) for g in fs.small_blob_batches(many)] == [fs.IN_SLICE, fs.IN_SLICE, 1]
+
+
+# ---------------------------------------------------------------- the keeper
+
+def _store_calls_per_session(tmp_path, monkeypatch, clients: int) -> Counter:
+    """The keeper's store calls over a 3-round sync session on fakes (the
+    fake platform's own writes, which stand for the functions', left out)."""
+    from keeper_fakes import FakeStore, fake_keeper
+    tmp_path.mkdir()
+    monkeypatch.setenv("FEDKEEPER_STATE_DIR", str(tmp_path / "state"))
+    monkeypatch.setenv("FEDKEEPER_LOG_DIR", str(tmp_path / "logs"))
+    keeper, store, _, _ = fake_keeper(tmp_path, clients=clients, per_round=clients, rounds=3)
+    calls: Counter = Counter()
+    for name in [m for m in vars(FakeStore) if not m.startswith("_") and m not in ("add_update", "heartbeat")]:
+        method = getattr(store, name)
+
+        def counted(*args, _method=method, _name=name, **kwargs):
+            calls[_name] += 1
+            return _method(*args, **kwargs)
+        setattr(store, name, counted)
+    summary = keeper.start()
+    assert summary.state == "finished" and [r.delivered for r in summary.rounds] == [clients] * 3
+    assert len(store.invocations) == 3 * (clients + 1) + 1  # every attempt still has its record
+    return calls
+
+
+def test_the_keeper_asks_the_store_as_often_for_100_clients_as_for_5(tmp_path, monkeypatch):
+    few = _store_calls_per_session(tmp_path / "few", monkeypatch, 5)
+    many = _store_calls_per_session(tmp_path / "many", monkeypatch, 100)
+    assert many == few, (few, many)
