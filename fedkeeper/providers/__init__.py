@@ -37,9 +37,14 @@ def cluster_sections() -> tuple[str, ...]:
     return tuple(_CLUSTER_MODELS)
 
 
-def cluster_model_class(section: str) -> type:
-    module, _, name = _CLUSTER_MODELS[section].partition(":")
+def _resolve(target: str) -> Any:
+    """The attribute a registry entry ("module:attribute") names, imported now."""
+    module, _, name = target.partition(":")
     return getattr(importlib.import_module(module), name)
+
+
+def cluster_model_class(section: str) -> type:
+    return _resolve(_CLUSTER_MODELS[section])
 
 
 # image variant name -> "module:attribute" of the provider package's runtime
@@ -57,8 +62,7 @@ def image_variant_names() -> tuple[str, ...]:
 
 def image_variant(name: str) -> Any:
     """The `ImageVariant` a provider package defines; KeyError if none is named `name`."""
-    module, _, attr = _IMAGE_VARIANTS[name].partition(":")
-    return getattr(importlib.import_module(module), attr)
+    return _resolve(_IMAGE_VARIANTS[name])
 
 
 def provider_class(section: str, kind: str) -> type[Provider]:
@@ -67,9 +71,8 @@ def provider_class(section: str, kind: str) -> type[Provider]:
     except KeyError:
         raise ProviderError(ErrorClass.PLATFORM_ERROR,
                             f"no provider for {section} clusters of kind {kind!r}") from None
-    module, _, name = target.partition(":")
     try:
-        return getattr(importlib.import_module(module), name)
+        return _resolve(target)
     except (ImportError, AttributeError) as exc:
         raise ProviderError(ErrorClass.PLATFORM_ERROR,
                             f"the {section}/{kind} provider is not available: {exc}") from None
