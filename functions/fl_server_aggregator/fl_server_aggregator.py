@@ -129,7 +129,8 @@ def handle(payload: dict[str, Any], bound: dict[str, str]) -> dict[str, Any]:
         return {"error": f"round {rnd}: {exc}"}
     del weights, state
     contributions = [{"client": a["client"], "round": a["round"], "staleness": a["staleness"],
-                      "num_examples": a["num_examples"], "weight": share}
+                      "num_examples": a["num_examples"], "weight": share,
+                      **({"combined_by": a["combined_by"]} if "combined_by" in a else {})}   # hierarchical
                      for a, share in zip(accepted, agg.shares())]
     x, y = partition_arrays(db, session, "_test")
     metrics = evaluate(spec, new, x, y, num_classes(db, session))
@@ -143,7 +144,8 @@ def handle(payload: dict[str, Any], bound: dict[str, str]) -> dict[str, Any]:
     db[store.UPDATES].bulk_write([
         pymongo.UpdateOne({"session": session, "round": c["round"], "client": c["client"]},
                           {"$set": {"status": "accepted", "aggregated_in": rnd,
-                                    "staleness": c["staleness"], "weight": c["weight"]},
+                                    "staleness": c["staleness"], "weight": c["weight"],
+                                    **({"combined_by": c["combined_by"]} if "combined_by" in c else {})},
                            "$unset": {"reason": ""}}) for c in contributions], ordered=False)
     doc = {"session": session, "round": rnd + 1, "blob_id": blob, "metrics": metrics,
            "accepted": len(contributions), "accepted_clients": [c["client"] for c in contributions],

@@ -74,10 +74,12 @@ class PartialSum:
 def write_partial(db, session: str, rnd: int, cluster: str, partial: PartialSum,
                   contributions: list[dict[str, Any]], rejected: list[dict[str, Any]], seconds: float
                   ) -> dict[str, Any]:
-    """Store a combiner's partial (blob + document) and mark the updates it
-    counted `combined_by: cluster`, one write per round of updates (a write
-    per update cost a combiner more than reading its updates). A partial
-    already stored for (session, round, cluster) is kept: a retried combiner
+    """Store a combiner's partial (blob + document). Its clients' updates
+    are marked `combined_by: cluster` by the aggregator, with the rest of
+    what it records on each update, once it used the partial: a write per
+    update here cost a combiner more than reading its updates, and a
+    partial the aggregator refuses counted nothing. A partial already
+    stored for (session, round, cluster) is kept: a retried combiner
     changes nothing."""
     done = db[PARTIALS].find_one({"session": session, "round": rnd, "cluster": cluster})
     if done is not None:
@@ -95,12 +97,6 @@ def write_partial(db, session: str, rnd: int, cluster: str, partial: PartialSum,
            "clients": contributions, "rejected": rejected, "weight": partial.weight,
            "num_examples": partial.mass, "created": time.time(), "seconds": seconds}
     db[PARTIALS].insert_one(doc)
-    by_round: dict[int, list[str]] = {}
-    for c in contributions:
-        by_round.setdefault(c["round"], []).append(c["client"])
-    for r, clients in sorted(by_round.items()):
-        db[store.UPDATES].update_many({"session": session, "round": r, "client": {"$in": clients}},
-                                      {"$set": {"combined_by": cluster}})
     return doc
 
 
@@ -159,8 +155,8 @@ def add_partials(db, session: str, rnd: int, wanted: list[tuple[str, int]], refe
         strategy.add(mean, doc["weight"], mass=doc["num_examples"])
         del mean
         claimed |= set(members + refused)
-        accepted += [{k: c[k] for k in ("client", "round", "staleness", "num_examples", "raw_weight")}
-                     for c in doc["clients"]]
+        accepted += [{**{k: c[k] for k in ("client", "round", "staleness", "num_examples", "raw_weight")},
+                      "combined_by": doc["cluster"]} for c in doc["clients"]]
         rejected += [{"index": -1, "client": r["client"], "round": r["round"], "reason": r["reason"],
                       "mark": False} for r in doc.get("rejected", [])]
         db[PARTIALS].update_one({"_id": doc["_id"]}, {"$set": {"used": True}})
