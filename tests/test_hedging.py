@@ -3,6 +3,7 @@ injected clock, then whole sessions on fakes (tests/keeper_fakes.py) in
 every round mode."""
 from __future__ import annotations
 
+import dataclasses
 import random
 from types import SimpleNamespace
 
@@ -321,3 +322,39 @@ def test_a_hedge_goes_to_the_least_busy_other_client_cluster_else_its_own():
     assert hedger.where(s, {"c3": 1, "c2": 1}) == "c3"     # equals: config order
     assert Hedger(_Dispatcher(placement, order, down={"c3"}, via_invoker={"c2"})).where(s) == "c1"
     assert Hedger(_Dispatcher({"client_0": "c1"}, ["c1", "c2"])).where(s) == "c1"   # c2 hosts no clients
+
+
+def test_a_hedge_that_straggles_too_replaces_the_older_attempt_and_is_hedged_in_turn(tmp_path):
+    slow = {1: 100.0, 2: 100.0, 3: 1.0}       # the own attempt and the first hedge are both held
+
+    def behave(fn, p, n):
+        if fn == "fl_client" and p["client"] == "client_3":
+            return ("after", slow[n])
+        return ("after", 1.0) if fn == "fl_client" else "ok"
+
+    keeper, store, provider, clock = fake_keeper(tmp_path, behave, rounds=1, training=HEDGE_ON)
+    assert keeper.start(session_id="s1").state == "finished"
+    mine = client_attempts(store, "s1", "client_3")
+    assert [(a["attempt"], a["state"], a.get("hedge", False)) for a in mine] == [
+        (1, "hedged", False), (2, "hedged", True), (3, "succeeded", True)]
+    assert "given up for a younger attempt" in mine[0]["error"]
+    assert mine[1]["error"] == "another attempt of this client delivered first"
+    rd = store.rounds_[("s1", 0)]
+    assert rd["included"].count("client_3") == 1 and rd["failed"] == 0
+    assert clock() - mine[0]["submitted"] < 20     # neither held attempt was waited for
+
+
+def test_no_attempt_is_given_up_when_no_further_hedge_would_be_allowed(tmp_path):
+    def behave(fn, p, n):
+        if fn == "fl_client" and p["client"] == "client_3":
+            return ("after", {1: 30.0, 2: 100.0}[n])
+        return ("after", 1.0) if fn == "fl_client" else "ok"
+
+    keeper, store, _, _ = fake_keeper(tmp_path, behave, rounds=1, training=HEDGE_ON)
+    keeper.dispatcher.policy = dataclasses.replace(keeper.dispatcher.policy, max_attempts=2)
+    assert keeper.start(session_id="s1").state == "finished"
+    mine = client_attempts(store, "s1", "client_3")
+    # With max_attempts 2 the held hedge would leave no attempt for another one:
+    # the own attempt is kept, and wins.
+    assert [(a["attempt"], a["state"], a.get("hedge", False)) for a in mine] == [
+        (1, "succeeded", False), (2, "hedged", True)]

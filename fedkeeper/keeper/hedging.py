@@ -11,7 +11,10 @@ Every speculative attempt is an attempt record with `hedge: true` (its own
 attempt number, after the slot's), so cost and reports see it. A hedge
 that fails on its own (crashes, is refused, has no outcome in time) counts
 against max_attempts like any failed attempt, and while attempts remain the
-straggler is hedged again, after the retry backoff (without jitter).
+straggler is hedged again, after the retry backoff (without jitter). A
+hedge that straggles too (held, or on a cold worker) takes the place of the
+slot's older attempt, which is given up, and is hedged in turn while that
+leaves an attempt: at most two of a client's attempts are tracked at once.
 
 Where it runs: on another cluster the client may run on, else on its own.
 A client may run on every cluster that hosts the session's client
@@ -41,6 +44,7 @@ log = logging.getLogger("fedkeeper.keeper")
 
 HEDGED = "hedged"
 LOST_THE_RACE = "another attempt of this client delivered first"
+GIVEN_UP = "its hedge ran past the round's peers too; given up for a younger attempt"
 
 
 def hedged_fields(now: float, why: str = LOST_THE_RACE) -> dict[str, Any]:
@@ -87,6 +91,7 @@ class Hedger:
 
     def start(self, session: str, tables: Sequence[AttemptTable]) -> None:
         now = self.d.clock()
+        self._give_up_for_younger(tables, now)
         due = [(t, s) for t in tables for s in t.hedge_due()
                if not self.d.platforms.via_invoker(s.cluster)
                and self._again_at.get((s.client, s.round), 0.0) <= now]
@@ -104,6 +109,30 @@ class Hedger:
             cluster = self.where(s, running)
             running[cluster] = running.get(cluster, 0) + 1
             self._start_one(session, table, s, cluster)
+
+    def _give_up_for_younger(self, tables: Sequence[AttemptTable], now: float) -> None:
+        """A hedge that runs past its round's threshold as well (held, or on
+        a cold worker): the slot's own, older attempt is given up (recorded
+        hedged, no longer tracked) and the hedge becomes the slot's attempt,
+        which may be hedged in turn. Only while that leaves an attempt for
+        the next hedge; an update the given-up attempt still stores first is
+        the slot's (its younger attempts then report a duplicate)."""
+        changes = []
+        for table in tables:
+            limits: dict[int, float | None] = {}
+            for s in table:
+                h = s.hedge
+                if h is None or h.inv is None or s.state != RUNNING \
+                        or s.counted + 1 >= table.policy.max_attempts:
+                    continue
+                if s.round not in limits:
+                    limits[s.round] = table.policy.hedging.threshold(table.peer_durations.get(s.round, []))
+                limit = limits[s.round]
+                if limit is not None and now - h.started_at > limit:
+                    changes.append((s.doc_id, hedged_fields(now, GIVEN_UP)))
+                    table.promote_hedge(s)
+        if changes:
+            self.d.update_attempts(changes)
 
     def _failed(self, table: AttemptTable, s: Slot) -> Any:
         """A speculative attempt failed on its own: it counts as an attempt;
