@@ -167,3 +167,27 @@ def test_the_main_jobs_clusters_and_runtimes_ahead_of_its_deploy():
     name, scen = cfg.scenario("federated_learning")
     rt = Runtime(cfg=cfg, scenario_name=name, scenario=scen, state=Path("/nonexistent"))
     assert runtimes_by_cluster(rt, SERVER_FUNCTIONS) == {"local_ow": ["tensorflow"], "local_gcf": ["tensorflow"]}
+
+
+
+def test_forked_cells_draw_from_their_own_entropy():
+    """Forks of one zygote do not share numpy's global generator state (a
+    process started on its own seeds it from the OS; TensorFlow's import
+    loads numpy.random in the zygote)."""
+    import numpy.random
+
+    from fedkeeper.local.fabric.worker import _fresh_entropy
+    draws = []
+    for _ in range(2):
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:   # a cell: reseeded as the zygote's children are, then one draw
+            os.close(r)
+            _fresh_entropy()
+            os.write(w, repr(float(numpy.random.random())).encode())
+            os._exit(0)
+        os.close(w)
+        with os.fdopen(r) as f:
+            draws.append(float(f.read()))
+        os.waitpid(pid, 0)
+    assert draws[0] != draws[1]

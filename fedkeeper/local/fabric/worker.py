@@ -230,6 +230,7 @@ def zygote(fd: int, modules: list[str]) -> None:
             try:
                 sock.close()
                 signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+                _fresh_entropy()
                 _stem_serve(Channel(socket.socket(fileno=cell_fd)), 0.0)
             finally:
                 sys.stdout.flush()
@@ -237,6 +238,15 @@ def zygote(fd: int, modules: list[str]) -> None:
                 os._exit(0)
         os.close(cell_fd)
         chan.send({"t": "forked", "pid": pid})
+
+
+def _fresh_entropy() -> None:
+    """A forked cell draws from its own entropy, as a process started on its
+    own does: Python's `random` reseeds itself after a fork, numpy's legacy
+    global generator (seeded from the OS when numpy was imported) does not."""
+    np_random = sys.modules.get("numpy.random")   # numpy 2 imports it on first use only
+    if np_random is not None:
+        np_random.seed()
 
 
 def stem(fd: int, modules: list[str]) -> None:

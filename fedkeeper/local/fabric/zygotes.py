@@ -33,6 +33,11 @@ from .worker import recv_exact
 log = logging.getLogger("fedkeeper.fabric")
 
 WORKER_SCRIPT = str(Path(__file__).with_name("worker.py"))
+# Longest wait for a zygote's module import, and for one fork's answer:
+# past them the zygote is taken for hung, stopped, and cells are started as
+# processes of their own.
+LOAD_TIMEOUT_S = 600.0
+FORK_TIMEOUT_S = 30.0
 _HDR_SIZE = 4
 # a zygote's answers are a few dozen bytes of JSON
 MAX_ZYGOTE_MESSAGE = 64 * 1024
@@ -156,12 +161,14 @@ class Zygote:
                 if self.state == "dead" or self.sock is None:
                     raise OSError("the zygote is not running")
                 if self.state == "starting":
+                    self.sock.settimeout(LOAD_TIMEOUT_S)
                     msg = self._recv()
                     if msg.get("t") != "zygote":
                         raise OSError(f"unexpected message from the zygote: {msg.get('t')!r}")
                     ms = msg.get("init_ms")
                     self.init_ms = float(ms) if isinstance(ms, (int, float)) else 0.0
                     self.state = "ready"
+                self.sock.settimeout(FORK_TIMEOUT_S)
                 socket.send_fds(self.sock, [b"f"], [cell_sock.fileno()])
                 msg = self._recv()
                 pid = msg.get("pid")
@@ -193,7 +200,7 @@ class Zygote:
 
     def describe(self) -> dict:
         return {"runtime": self.runtime, "pid": self.proc.pid if self.proc else None, "state": self.state,
-                "modules": list(self.modules), "forks": self.forks,
+                "modules": list(self.modules), "forks": self.forks, "started": round(self.spawned, 3),
                 "load_ms": round(self.init_ms, 1) if self.init_ms is not None else None}
 
 
