@@ -137,6 +137,9 @@ class FakeStore:
     def has_update(self, sid, rnd, client):
         return (sid, rnd, client) in self.updates_
 
+    def clients_with_updates(self, sid, rnd, clients):
+        return {c for c in clients if (sid, rnd, c) in self.updates_}
+
     def received_updates(self, sid, lo, hi):
         return [(c, r) for (s, r, c), u in self.updates_.items()
                 if s == sid and lo <= r < hi and u["status"] == "received"]

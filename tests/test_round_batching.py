@@ -113,14 +113,14 @@ def test_small_blobs_are_grouped_within_the_slice_and_byte_bounds(monkeypatch):
 
 # ---------------------------------------------------------------- the keeper
 
-def _store_calls_per_session(tmp_path, monkeypatch, clients: int) -> Counter:
+def _store_calls_per_session(tmp_path, monkeypatch, clients: int, behave=None) -> Counter:
     """The keeper's store calls over a 3-round sync session on fakes (the
     fake platform's own writes, which stand for the functions', left out)."""
     from keeper_fakes import FakeStore, fake_keeper
     tmp_path.mkdir()
     monkeypatch.setenv("FEDKEEPER_STATE_DIR", str(tmp_path / "state"))
     monkeypatch.setenv("FEDKEEPER_LOG_DIR", str(tmp_path / "logs"))
-    keeper, store, _, _ = fake_keeper(tmp_path, clients=clients, per_round=clients, rounds=3)
+    keeper, store, _, _ = fake_keeper(tmp_path, behave, clients=clients, per_round=clients, rounds=3)
     calls: Counter = Counter()
     for name in [m for m in vars(FakeStore) if not m.startswith("_") and m not in ("add_update", "heartbeat")]:
         method = getattr(store, name)
@@ -131,7 +131,8 @@ def _store_calls_per_session(tmp_path, monkeypatch, clients: int) -> Counter:
         setattr(store, name, counted)
     summary = keeper.start()
     assert summary.state == "finished" and [r.delivered for r in summary.rounds] == [clients] * 3
-    assert len(store.invocations) == 3 * (clients + 1) + 1  # every attempt still has its record
+    client_attempts = 3 * clients * (2 if behave else 1)
+    assert len(store.invocations) == client_attempts + 3 + 1  # every attempt still has its record
     return calls
 
 
@@ -139,3 +140,26 @@ def test_the_keeper_asks_the_store_as_often_for_100_clients_as_for_5(tmp_path, m
     few = _store_calls_per_session(tmp_path / "few", monkeypatch, 5)
     many = _store_calls_per_session(tmp_path / "many", monkeypatch, 100)
     assert many == few, (few, many)
+
+
+def test_failed_attempts_cost_the_keeper_one_store_query_per_pass_not_one_each(tmp_path, monkeypatch):
+    """Every client's first attempt crashes: whether each crashed client
+    has an update stored anyway is asked once per tracking pass."""
+    from fedkeeper.providers import ErrorClass, Outcome
+
+    def crash_first(function, payload, attempt):
+        if function == "fl_client" and attempt == 1:
+            return Outcome("", False, ErrorClass.APPLICATION_ERROR, "crashed")
+        return "ok"
+    few = _store_calls_per_session(tmp_path / "few", monkeypatch, 5, crash_first)
+    many = _store_calls_per_session(tmp_path / "many", monkeypatch, 100, crash_first)
+    assert many == few and few["clients_with_updates"] == 3, (few, many)
+
+
+def test_the_store_says_which_clients_have_an_update_in_slices(store, monkeypatch):
+    monkeypatch.setattr(fs, "IN_SLICE", 4)
+    store.db[fs.UPDATES].insert_many([{"session": "s", "round": r, "client": f"client_{i}"}
+                                      for r in (0, 1) for i in range(10) if i % 3 or r == 0])
+    asked = [f"client_{i}" for i in range(12)]
+    assert store.clients_with_updates("s", 1, asked) == {f"client_{i}" for i in range(10) if i % 3}
+    assert store.clients_with_updates("s", 0, []) == set()

@@ -63,11 +63,15 @@ class Platforms:
         return signed(self.rt.secret, ids)
 
 
+def succeeded(out: Outcome) -> bool:
+    return out.ok and not (out.result or {}).get("error")
+
+
 def outcome_fields(out: Outcome, now: float) -> dict[str, Any]:
     """An outcome as the fields of its attempt document."""
     fields: dict[str, Any] = {
         "platform_id": out.platform_id or None,
-        "state": "succeeded" if out.ok and not (out.result or {}).get("error") else "failed",
+        "state": "succeeded" if succeeded(out) else "failed",
         "error_class": out.error_class.value if out.error_class else None,
         "error": out.error or (out.result or {}).get("error"),
         "start": out.start, "end": out.end, "duration_ms": out.duration_ms,
@@ -157,6 +161,16 @@ class Dispatcher:
         for table, s in lost:
             if not table.promote_hedge(s):
                 table.lost(s, f"platform_error: {why}")
+
+    def _landed(self, session: str, slots: list[Slot]) -> set[tuple[int, str]]:
+        """(round, client) of these slots whose client has an update stored
+        (an earlier attempt landed late): one query per round for a whole
+        tracking pass, not one per failed attempt."""
+        by_round: dict[int, list[str]] = {}
+        for s in slots:
+            by_round.setdefault(s.round, []).append(s.client)
+        return {(r, c) for r, clients in by_round.items()
+                for c in self.store.clients_with_updates(session, r, clients)}
 
     # ------------------------------------------------------------------ client attempts
     def submit(self, session: str, rnd: int, table: AttemptTable, ready: list[Slot]) -> None:
@@ -273,6 +287,8 @@ class Dispatcher:
                 self._record_lost(lost, "unknown to the platform (its service restarted); invoked again")
             unreachable, answered = None, not outcomes
             by_id = {s.inv.platform_id: (t, s) for t, s in group if s.inv is not None}
+            landed = self._landed(session, [by_id[o.platform_id][1] for o in outcomes
+                                            if o.platform_id in by_id and not succeeded(o)])
             for out in outcomes:
                 hit = by_id.get(out.platform_id)
                 if hit is None:
@@ -283,7 +299,7 @@ class Dispatcher:
                 # HTTP platforms report a refused connection per invocation.
                 reached = out.error_class != ErrorClass.UNREACHABLE
                 answered = answered or reached
-                if fields["state"] == "succeeded" or self.store.has_update(session, s.round, s.client):
+                if fields["state"] == "succeeded" or (s.round, s.client) in landed:
                     # A failed attempt whose client has an update stored
                     # (an earlier attempt landed late) needs no retry.
                     changes += self.hedger.own_attempt_delivered(s)
@@ -300,21 +316,22 @@ class Dispatcher:
                     self.platforms.redeploy(s.cluster, s.function)
             verdicts.append((cluster, None if answered else unreachable))
         now = self.clock()
-        for table in tables:
-            for s in table.overdue():
-                # The platform never reported: treat as lost and retry. If
-                # the lost attempt still lands, the unique update key keeps
-                # it from counting twice.
-                changes.append((s.doc_id, {"state": "timed_out", "error_class": "timeout",
-                                           "error": "no outcome within the function timeout plus grace",
-                                           "finished": now}))
-                if self.store.has_update(session, s.round, s.client):
-                    changes += self.hedger.own_attempt_delivered(s)
-                    table.delivered(s)
-                elif table.promote_hedge(s):
-                    pass
-                else:
-                    table.failed(s, ErrorClass.TIMEOUT, "no outcome within timeout + grace")
+        overdue = [(table, s) for table in tables for s in table.overdue()]
+        landed = self._landed(session, [s for _, s in overdue])
+        for table, s in overdue:
+            # The platform never reported: treat as lost and retry. If
+            # the lost attempt still lands, the unique update key keeps
+            # it from counting twice.
+            changes.append((s.doc_id, {"state": "timed_out", "error_class": "timeout",
+                                       "error": "no outcome within the function timeout plus grace",
+                                       "finished": now}))
+            if (s.round, s.client) in landed:
+                changes += self.hedger.own_attempt_delivered(s)
+                table.delivered(s)
+            elif table.promote_hedge(s):
+                pass
+            else:
+                table.failed(s, ErrorClass.TIMEOUT, "no outcome within timeout + grace")
         self.update_attempts(changes)
         for cluster, error in verdicts:
             if error is None:

@@ -198,6 +198,14 @@ class Store:
         return self._run(self.db[fs.UPDATES].find_one, {"session": session, "round": rnd, "client": client},
                          {"_id": 1}) is not None
 
+    def clients_with_updates(self, session: str, rnd: int, clients: Sequence[str]) -> set[str]:
+        """Which of `clients` have an update stored for round `rnd`: one
+        query per fs.IN_SLICE clients, however many ask."""
+        if not clients:
+            return set()
+        return self._run(lambda: {d["client"] for d in fs.find_in(
+            self.db[fs.UPDATES], {"session": session, "round": rnd}, "client", clients, {"client": 1})})
+
     def received_updates(self, session: str, lo: int, hi: int) -> list[tuple[str, int]]:
         """(client, round) of updates received and not yet aggregated, of
         rounds lo <= round < hi."""
