@@ -14,21 +14,26 @@ its own credentials through `auth_headers`.
 from __future__ import annotations
 
 import email.utils
+import http.client
 import json
+import ssl
 import threading
 import time
 import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, fields
 from typing import Any, Callable, ClassVar, Mapping, Optional, Sequence
+from urllib.parse import urlsplit
 
 import requests
 from requests.adapters import HTTPAdapter
 
 from .base import ErrorClass, Invocation, Outcome, Provider, ProviderContext, ProviderError
+from .keepalive import BodyTooLarge, ConnectFailed, ConnectTimeout, KeepAlivePool
 
 #: (status, headers, body) -> (error class, message) or None to fall through
-#: to the generic rules. Headers are case-insensitive (requests' mapping).
+#: to the generic rules. Headers are case-insensitive (http.client's message,
+#: or requests' mapping for a request sent through a proxy).
 StatusHook = Callable[[int, Mapping[str, str], bytes], Optional[tuple[ErrorClass, str]]]
 #: url -> extra request headers (e.g. Authorization); runs on a worker thread
 #: so that a token refresh never blocks the caller. May raise ProviderError.
@@ -151,12 +156,18 @@ def default_session_factory(pool_size: int) -> Callable[[], requests.Session]:
 
 
 class HttpInvoker:
-    """A bounded pool of worker threads, each with its own pooled session.
+    """A bounded pool of worker threads sending over keep-alive connections.
 
     `submit` returns immediately; at most `max_workers` requests are in
     flight, the rest wait in the queue (their wait shows up as `wait_ms`).
     Futures are kept by platform id, so `done` also works with Invocation
     objects the keeper rebuilt from its own records.
+
+    Requests go through one `http.client` pool per origin (keepalive.py
+    says why), except where the environment names a proxy for the URL
+    (HTTPS_PROXY, NO_PROXY...): those, and every request when a
+    `session_factory` is given, go through a `requests` Session per worker
+    thread, which knows proxies.
     """
 
     def __init__(self, max_workers: int = 32, *,
@@ -172,10 +183,15 @@ class HttpInvoker:
         self._auth_headers = auth_headers
         self._hook = status_hook
         self._exec_header = execution_id_header
+        self._sessions_only = session_factory is not None
+        self._max_workers = max_workers
         self._local = threading.local()
         self._sessions: list[requests.Session] = []
         self._lock = threading.Lock()
         self._futures: dict[str, Future] = {}
+        # url -> (pool of its origin, path) or None (through a proxy)
+        self._routes: dict[str, tuple[KeepAlivePool, str] | None] = {}
+        self._origins: dict[tuple[str, str, int | None], KeepAlivePool] = {}
         self._closed = False
 
     # ---------------------------------------------------------------- submit
@@ -207,46 +223,84 @@ class HttpInvoker:
                 self._sessions.append(s)
         return s
 
+    def _route(self, url: str) -> tuple[KeepAlivePool, str] | None:
+        """The pool of the URL's origin and the path to ask it for; None
+        when a proxy applies (the environment is read once per URL)."""
+        try:
+            return self._routes[url]
+        except KeyError:
+            pass
+        route = None
+        u = urlsplit(url)
+        # credentials in the URL (basic auth) are left to requests
+        if not self._sessions_only and u.scheme in ("http", "https") and "@" not in u.netloc and \
+                requests.utils.select_proxy(url, requests.utils.get_environ_proxies(url)) is None:
+            key = (u.scheme, u.hostname or "", u.port)
+            with self._lock:
+                pool = self._origins.get(key)
+                if pool is None:
+                    pool = self._origins[key] = KeepAlivePool(
+                        f"{u.scheme}://{u.netloc}", connect_timeout=CONNECT_TIMEOUT_S,
+                        read_timeout=60.0, maxsize=self._max_workers)
+            route = (pool, (u.path or "/") + (f"?{u.query}" if u.query else ""))
+        with self._lock:
+            if len(self._routes) >= 4096:
+                self._routes.clear()
+            self._routes[url] = route
+        return route
+
+    def _post(self, url: str, body: bytes, headers: dict[str, str],
+              timeout_s: float) -> tuple[int, Mapping[str, str], bytes]:
+        """(status, headers, body) of one POST, the body bounded."""
+        route = self._route(url)
+        if route is not None:
+            pool, path = route
+            r = pool.request("POST", path, body, headers=headers, read_timeout=timeout_s,
+                             connect_timeout=min(CONNECT_TIMEOUT_S, timeout_s), max_bytes=MAX_RESULT_BYTES)
+            return r.status, r.headers, r.data
+        resp = self._session().post(url, data=body, headers=headers,
+                                    timeout=(min(CONNECT_TIMEOUT_S, timeout_s), timeout_s),
+                                    stream=True, allow_redirects=False)
+        try:
+            return resp.status_code, resp.headers, self._read_capped(resp)
+        finally:
+            resp.close()
+
     def _run(self, url: str, body: bytes, headers: dict[str, str], timeout_s: float) -> _Answer:
         start = time.time()
         try:
             if self._auth_headers is not None:
                 headers.update(self._auth_headers(url))
             headers.setdefault("Content-Type", "application/json")
-            resp = self._session().post(url, data=body, headers=headers,
-                                        timeout=(min(CONNECT_TIMEOUT_S, timeout_s), timeout_s),
-                                        stream=True, allow_redirects=False)
-            try:
-                data = self._read_capped(resp)
-            finally:
-                resp.close()
+            status, resp_headers, data = self._post(url, body, headers, timeout_s)
         except ProviderError as exc:
             return _Answer(False, exc.error_class, str(exc.args[0]), None, start, time.time(),
                            retry_after=exc.retry_after)
-        except requests.exceptions.ConnectTimeout as exc:
+        except (requests.exceptions.ConnectTimeout, ConnectTimeout) as exc:
             return _Answer(False, ErrorClass.UNREACHABLE, f"connect timeout: {_reason(exc)}",
                            None, start, time.time())
-        except requests.exceptions.ReadTimeout:
+        except (requests.exceptions.ReadTimeout, TimeoutError):
             return _Answer(False, ErrorClass.TIMEOUT, f"no answer within {timeout_s:.0f}s",
                            None, start, time.time())
-        except requests.exceptions.SSLError as exc:
+        except (requests.exceptions.SSLError, ssl.SSLError) as exc:
             return _Answer(False, ErrorClass.UNREACHABLE, f"TLS: {_reason(exc)}",
                            None, start, time.time())
-        except requests.exceptions.ConnectionError as exc:
+        except (requests.exceptions.ConnectionError, ConnectFailed, ConnectionError,
+                http.client.HTTPException) as exc:
             # refused, reset before any answer, DNS failure
             return _Answer(False, ErrorClass.UNREACHABLE, f"connection: {_reason(exc)}",
                            None, start, time.time())
-        except _ResultTooLarge as exc:
+        except (_ResultTooLarge, BodyTooLarge) as exc:
             return _Answer(False, ErrorClass.APPLICATION_ERROR, str(exc), None, start, time.time())
-        except requests.exceptions.RequestException as exc:
+        except (requests.exceptions.RequestException, OSError) as exc:
             return _Answer(False, ErrorClass.PLATFORM_ERROR, f"{type(exc).__name__}: {_reason(exc)}",
                            None, start, time.time())
         end = time.time()
-        ok, ec, err, result = classify_response(resp.status_code, resp.headers, data, self._hook)
+        ok, ec, err, result = classify_response(status, resp_headers, data, self._hook)
         return _Answer(ok, ec, err, result, start, end, result_bytes=len(data),
-                       retry_after=retry_after_seconds(resp.headers.get("Retry-After"))
+                       retry_after=retry_after_seconds(resp_headers.get("Retry-After"))
                        if ec is ErrorClass.THROTTLED else None,
-                       platform_execution_id=resp.headers.get(self._exec_header)
+                       platform_execution_id=resp_headers.get(self._exec_header)
                        if self._exec_header else None)
 
     @staticmethod
@@ -264,9 +318,10 @@ class HttpInvoker:
     def done(self, pending: Sequence[Invocation]) -> list[Outcome]:
         """Outcomes of the finished ones among `pending`; no network traffic."""
         out: list[Outcome] = []
-        for inv in pending:
-            with self._lock:
-                fut = self._futures.get(inv.platform_id)
+        finished: list[str] = []
+        with self._lock:   # once per call, not per pending invocation
+            futures = [(inv, self._futures.get(inv.platform_id)) for inv in pending]
+        for inv, fut in futures:
             if fut is None:
                 # A synchronous HTTP call lives only in the process that made
                 # it; after a keeper restart its answer is gone for good.
@@ -277,9 +332,12 @@ class HttpInvoker:
                 continue
             if not fut.done():
                 continue
-            with self._lock:
-                self._futures.pop(inv.platform_id, None)
+            finished.append(inv.platform_id)
             out.append(self._outcome(inv, fut))
+        if finished:
+            with self._lock:
+                for pid in finished:
+                    self._futures.pop(pid, None)
         return out
 
     @staticmethod
@@ -317,8 +375,12 @@ class HttpInvoker:
         self._pool.shutdown(wait=False, cancel_futures=True)
         with self._lock:
             sessions, self._sessions = self._sessions, []
+            pools, self._origins = list(self._origins.values()), {}
+            self._routes.clear()
         for s in sessions:
             s.close()
+        for pool in pools:
+            pool.close()
 
 
 class _ResultTooLarge(Exception):

@@ -4,10 +4,10 @@ Two HTTP stacks, one pool each, both keep-alive:
   * control plane (deploy, remove, exists, limits) through a `requests`
     Session: rare calls, where convenience wins;
   * the hot path (invoke, activation listing) through a pool of the
-    standard library's `http.client` connections. `requests` costs about
-    0.8 ms of client CPU per call on a 2-core machine, urllib3 about 0.6 ms,
-    `http.client` about 0.25 ms (http.py); with a budget of 0.5 ms of keeper
-    CPU per invocation, invoke can afford only the last.
+    standard library's `http.client` connections (providers/keepalive.py
+    says why: about 0.25 ms of client CPU per call on a 2-core machine,
+    against 0.6 ms through urllib3; the budget is 0.5 ms of keeper CPU per
+    invocation).
 
 Tracking lists finished activations in batches instead of asking for each
 one: one `GET /activations?docs=true&since=...&limit=200` (paged) serves every

@@ -1,0 +1,124 @@
+"""HttpInvoker (Cloud Functions, Knative): POSTs over kept-alive
+`http.client` connections, a proxy from the environment honoured through
+`requests`, and every way a call can end classified; on a scripted server
+on 127.0.0.1."""
+from __future__ import annotations
+
+import json
+import socket
+import time
+
+import pytest
+
+from fedkeeper.providers import http_invoke
+from fedkeeper.providers.base import ErrorClass
+from fedkeeper.providers.http_invoke import HttpInvoker
+from scripted_http import IO_TIMEOUT_S, json_answer, server_factory  # noqa: F401 (a fixture)
+
+pytestmark = pytest.mark.timeout(60)
+
+PROXY_VARS = ("http_proxy", "https_proxy", "all_proxy", "no_proxy")
+
+
+@pytest.fixture(autouse=True)
+def no_proxy_in_environment(monkeypatch):
+    for var in PROXY_VARS:
+        monkeypatch.delenv(var, raising=False)
+        monkeypatch.delenv(var.upper(), raising=False)
+
+
+def outcome_of(invoker: HttpInvoker, inv):
+    deadline = time.monotonic() + IO_TIMEOUT_S
+    while time.monotonic() < deadline:
+        out = invoker.done([inv])
+        if out:
+            return out[0]
+        time.sleep(0.005)
+    raise AssertionError("no outcome")
+
+
+def test_invocations_share_one_kept_alive_connection(server_factory):
+    srv = server_factory(lambda conn, req: json_answer(200, json.dumps({"n": req}).encode()))
+    invoker = HttpInvoker(max_workers=2, execution_id_header="Function-Execution-Id")
+    try:
+        results = []
+        for i in range(4):
+            inv = invoker.submit("fn", f"{srv.url}/fn?x=1", {"i": i}, timeout_s=5,
+                                 headers={"Function-Execution-Id": f"e{i}"}, platform_id=f"e{i}")
+            o = outcome_of(invoker, inv)
+            assert o.ok and o.platform_id == f"e{i}"
+            results.append(o.result["n"])
+    finally:
+        invoker.close()
+    assert results == [0, 1, 2, 3]
+    assert {c for c, _ in srv.requests} == {0}
+    assert srv.requests[0][1] == "POST /fn?x=1 HTTP/1.1"
+    head = srv.heads[0].lower()
+    assert "function-execution-id: e0" in head and "content-type: application/json" in head
+
+
+def test_a_proxy_named_by_the_environment_is_used_unless_no_proxy_says_otherwise(server_factory, monkeypatch):
+    target = server_factory(lambda conn, req: json_answer(200, b'{"via": "direct"}'))
+    proxy = server_factory(lambda conn, req: json_answer(200, b'{"via": "proxy"}'))
+    monkeypatch.setenv("http_proxy", proxy.url)
+    invoker = HttpInvoker(max_workers=1)
+    try:
+        o = outcome_of(invoker, invoker.submit("fn", f"{target.url}/fn", {}, timeout_s=5))
+        assert o.ok and o.result == {"via": "proxy"}
+        assert proxy.requests[0][1] == f"POST {target.url}/fn HTTP/1.1"
+    finally:
+        invoker.close()
+    monkeypatch.setenv("no_proxy", "127.0.0.1")
+    invoker = HttpInvoker(max_workers=1)
+    try:
+        o = outcome_of(invoker, invoker.submit("fn", f"{target.url}/fn", {}, timeout_s=5))
+        assert o.ok and o.result == {"via": "direct"}
+    finally:
+        invoker.close()
+
+
+def test_a_result_over_the_bound_is_an_application_error(server_factory, monkeypatch):
+    monkeypatch.setattr(http_invoke, "MAX_RESULT_BYTES", 1000)
+    srv = server_factory(lambda conn, req: json_answer(200, json.dumps({"x": "y" * 5000}).encode()))
+    invoker = HttpInvoker(max_workers=1)
+    try:
+        o = outcome_of(invoker, invoker.submit("fn", f"{srv.url}/fn", {}, timeout_s=5))
+    finally:
+        invoker.close()
+    assert not o.ok and o.error_class == ErrorClass.APPLICATION_ERROR and "larger than 1000" in o.error
+
+
+def test_no_answer_in_time_is_a_timeout_and_a_closed_port_is_unreachable(server_factory):
+    srv = server_factory(lambda conn, req: "hang")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed_port = s.getsockname()[1]
+    invoker = HttpInvoker(max_workers=2)
+    try:
+        slow = invoker.submit("fn", f"{srv.url}/fn", {}, timeout_s=0.3)
+        gone = invoker.submit("fn", f"http://127.0.0.1:{closed_port}/fn", {}, timeout_s=5)
+        o_slow, o_gone = outcome_of(invoker, slow), outcome_of(invoker, gone)
+    finally:
+        invoker.close()
+    assert o_slow.error_class == ErrorClass.TIMEOUT and "no answer within" in o_slow.error
+    assert o_gone.error_class == ErrorClass.UNREACHABLE and "refused" in o_gone.error
+
+
+def test_status_hooks_read_headers_case_insensitively_and_429_carries_retry_after(server_factory):
+    answers = [json_answer(500, b'{"e": 1}', "X-Crash: crash\r\n"),
+               json_answer(429, b"{}", "Retry-After: 7\r\n")]
+    srv = server_factory(lambda conn, req: answers[req])
+
+    def hook(status, headers, body):
+        if headers.get("x-crash") == "crash":
+            return ErrorClass.PLATFORM_ERROR, "the function crashed"
+        return None
+    invoker = HttpInvoker(max_workers=1, status_hook=hook)
+    try:
+        crashed = outcome_of(invoker, invoker.submit("fn", f"{srv.url}/fn", {}, timeout_s=5))
+        throttled = outcome_of(invoker, invoker.submit("fn", f"{srv.url}/fn", {}, timeout_s=5))
+    finally:
+        invoker.close()
+    assert crashed.error_class == ErrorClass.PLATFORM_ERROR and crashed.error == "the function crashed"
+    assert throttled.error_class == ErrorClass.THROTTLED
+    assert getattr(throttled, "retry_after", None) == 7.0 or "retry after 7.0s" in throttled.error
