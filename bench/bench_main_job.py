@@ -18,6 +18,9 @@ Cloud Functions host and the embedded store, sampled every 0.2 s.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import csv
+import datetime
 import json
 import os
 import subprocess
@@ -103,6 +106,8 @@ class PssSampler(threading.Thread):
 
 
 def run_start(exe: str, cfg: Path, env: dict[str, str], marker: str, timeout_s: float) -> tuple[float, PssSampler]:
+    global last_start_wall
+    last_start_wall = time.time()
     t0 = time.perf_counter()
     proc = subprocess.Popen([exe, "start", "-c", str(cfg), "--keep-services"], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -116,6 +121,56 @@ def run_start(exe: str, cfg: Path, env: dict[str, str], marker: str, timeout_s: 
     if proc.returncode != 0:
         raise SystemExit(f"fedkeeper start exited {proc.returncode}: {err.strip()[-2000:]}")
     return time.perf_counter() - t0, sampler
+
+
+last_start_wall = 0.0   # when the last run_start began (wall clock, for the timeline)
+
+
+def _log_time(line: str) -> float | None:
+    """The wall time of a log line stamped `2026-01-01 12:00:00,123 ...`."""
+    try:
+        stamp = datetime.datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f")
+    except ValueError:
+        return None
+    return stamp.timestamp()
+
+
+def cold_timeline(exe: str, env: dict[str, str], t0: float) -> list[tuple[str, float | None, float | None]]:
+    """Where a run's time went, in seconds from the command's start: (phase,
+    start, end) from the run log, the fabric's log and status (its zygotes'
+    module load) and round 1's attempts (round_001.csv). Read right after
+    the run, with its services still up."""
+    logs = Path(env["FEDKEEPER_LOG_DIR"])
+    state = Path(env["FEDKEEPER_STATE_DIR"])
+    run_log = max(logs.glob("*.log"), key=lambda p: p.stat().st_mtime)
+    marks: dict[str, float] = {}
+    for path, needles in ((run_log, {"embedded MongoDB": "store up", " started": "deployed, session started"}),
+                          (state / "fabric" / "fabric.log", {"fabric listening": "fabric up"})):
+        with contextlib.suppress(OSError):
+            for line in path.read_text().splitlines():
+                for needle, name in needles.items():
+                    at = _log_time(line)
+                    if needle in line and at is not None and at >= t0 - 1 and name not in marks:
+                        marks[name] = at
+    rows: list[tuple[str, float | None, float | None]] = [
+        ("store up", None, marks.get("store up")), ("fabric up", None, marks.get("fabric up"))]
+    out = subprocess.run([exe, "fabric", "status"], env=env, capture_output=True, text=True, timeout=60).stdout
+    with contextlib.suppress(ValueError, KeyError, TypeError):
+        for z in json.loads(out)["capacity"]["zygotes"] or ():
+            rows.append((f"{z['runtime']} zygote: module import", z["started"],
+                         z["started"] + z["load_ms"] / 1000 if z.get("load_ms") is not None else None))
+    rows.append(("deployed, session started", None, marks.get("deployed, session started")))
+    csvs = sorted(logs.glob("*/round_001.csv"), key=lambda p: p.stat().st_mtime)
+    if csvs:
+        with open(csvs[-1], newline="") as f:
+            attempts = list(csv.DictReader(f))
+        for label, pick in (("init function", lambda r: r["client_id"] == "_fl_server_init"),
+                            ("round 1 clients", lambda r: not r["client_id"].startswith("_")),
+                            ("round 1 aggregation", lambda r: r["client_id"] == "_fl_server_aggregator")):
+            got = [r for r in attempts if pick(r)]
+            if got:
+                rows.append((label, min(float(r["start"]) for r in got), max(float(r["end"]) for r in got)))
+    return [(name, None if a is None else a - t0, None if b is None else b - t0) for name, a, b in rows]
 
 
 def session_rounds(exe: str, cfg: Path, env: dict[str, str]) -> dict:
@@ -146,6 +201,7 @@ def main() -> None:
         try:
             cold_s, cold_mem = run_start(exe, cfg, env, state, args.timeout_s)
             cold = session_rounds(exe, cfg, env)
+            timeline = cold_timeline(exe, env, last_start_wall)
             warm_s, warm_mem = run_start(exe, cfg, env, state, args.timeout_s)
             warm = session_rounds(exe, cfg, env)
         finally:
@@ -162,6 +218,10 @@ def main() -> None:
         print(f"{name:<6} {secs:>10.1f} {len(rounds):>7} {acc if acc is not None else float('nan'):>10.4f} "
               f"{first if first is not None else float('nan'):>10.1f} {mem.peak / GIB:>13.2f}")
     print(f"cold / warm: {cold_s / warm_s:.2f}x")
+    print("cold run, seconds from the command's start:")
+    for name, start, end in timeline:
+        span = f"{start:6.1f} -> " if start is not None else " " * 10
+        print(f"  {name:<36} {span}{end:6.1f}" if end is not None else f"  {name:<36} {span}  ?")
     for name, mem in (("cold", cold_mem), ("warm", warm_mem)):
         print(f"peak PSS by process kind ({name} run): " + ", ".join(
             f"{k} {v / GIB:.2f} GiB ({mem.count_by_kind.get(k, 0)})"
