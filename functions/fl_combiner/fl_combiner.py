@@ -66,7 +66,7 @@ def _listed(db, session: str, rnd: int, cluster: str, clusters: dict[str, Any]) 
         return None
     if rdoc.get("state") == "failed":
         raise BadRequest(f"round {rnd} of session {session} failed: there is nothing to combine")
-    return [c for c in dict.fromkeys(included) if isinstance(c, str) and clusters.get(c) == cluster]
+    return list(dict.fromkeys(c for c in included if isinstance(c, str) and clusters.get(c) == cluster))
 
 
 def cluster_clients(db, session: str, rnd: int, cluster: str) -> list[str]:
