@@ -13,7 +13,9 @@ of the same updates gives, so its server step (FedAvg, FedAvgM, FedAdam,
 No update is counted twice across levels: a partial is used only if every
 client it lists was listed for the round and no partial used before lists
 it; otherwise the whole partial is refused and its clients' updates are read
-by the aggregator itself, as in a flat round."""
+by the aggregator itself, as in a flat round. The aggregator records on
+each update it counted through a partial which combiner that was
+(`combined_by`, also in the model's contributions)."""
 from __future__ import annotations
 
 import datetime
