@@ -358,3 +358,21 @@ def test_no_attempt_is_given_up_when_no_further_hedge_would_be_allowed(tmp_path)
     # the own attempt is kept, and wins.
     assert [(a["attempt"], a["state"], a.get("hedge", False)) for a in mine] == [
         (1, "succeeded", False), (2, "hedged", True)]
+
+
+def test_an_older_attempt_is_given_up_once_per_client_and_round(tmp_path):
+    slow = {1: 40.0, 2: 40.0, 3: 40.0, 4: 1.0}     # three held attempts in a row
+
+    def behave(fn, p, n):
+        if fn == "fl_client" and p["client"] == "client_3":
+            return ("after", slow.get(n, 1.0))
+        return ("after", 1.0) if fn == "fl_client" else "ok"
+
+    keeper, store, _, _ = fake_keeper(tmp_path, behave, rounds=1, training=HEDGE_ON)
+    keeper.dispatcher.policy = dataclasses.replace(keeper.dispatcher.policy, max_attempts=8)
+    assert keeper.start(session_id="s1").state == "finished"
+    mine = client_attempts(store, "s1", "client_3")
+    # own #1 given up for hedge #2, which is hedged by #3; #3 straggles too but
+    # #2 is not given up again: no fourth attempt, #2 (held 40 s) delivers first.
+    assert [(a["attempt"], a["state"], a.get("hedge", False)) for a in mine] == [
+        (1, "hedged", False), (2, "succeeded", True), (3, "hedged", True)]

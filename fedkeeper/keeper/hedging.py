@@ -13,8 +13,9 @@ that fails on its own (crashes, is refused, has no outcome in time) counts
 against max_attempts like any failed attempt, and while attempts remain the
 straggler is hedged again, after the retry backoff (without jitter). A
 hedge that straggles too (held, or on a cold worker) takes the place of the
-slot's older attempt, which is given up, and is hedged in turn while that
-leaves an attempt: at most two of a client's attempts are tracked at once.
+slot's older attempt, which is given up, and is hedged in turn (once per
+client and round, while that leaves an attempt): at most two of a client's
+attempts are tracked at once.
 
 Where it runs: on another cluster the client may run on, else on its own.
 A client may run on every cluster that hosts the session's client
@@ -59,6 +60,7 @@ class Hedger:
         self._client_clusters: list[str] | None = None
         # (client, round) -> when a straggler whose hedge failed may be hedged again
         self._again_at: dict[tuple[str, int], float] = {}
+        self._gave_up: set[tuple[str, int]] = set()   # (client, round): an older attempt given up once
 
     # ------------------------------------------------------------------ settling
     def own_attempt_delivered(self, s: Slot) -> list[tuple[Any, dict[str, Any]]]:
@@ -114,16 +116,18 @@ class Hedger:
         """A hedge that runs past its round's threshold as well (held, or on
         a cold worker): the slot's own, older attempt is given up (recorded
         hedged, no longer tracked) and the hedge becomes the slot's attempt,
-        which may be hedged in turn. Only while that leaves an attempt for
-        the next hedge; an update the given-up attempt still stores first is
-        the slot's (its younger attempts then report a duplicate)."""
+        which may be hedged in turn. Once per client and round (a chain of
+        hedges on a loaded machine only adds cold workers), and only while
+        that leaves an attempt for the next hedge; an update the given-up
+        attempt still stores first is the slot's (its younger attempts then
+        report a duplicate)."""
         changes = []
         for table in tables:
             limits: dict[int, float | None] = {}
             for s in table:
                 h = s.hedge
                 if h is None or h.inv is None or s.state != RUNNING \
-                        or s.counted + 1 >= table.policy.max_attempts:
+                        or s.counted + 1 >= table.policy.max_attempts or (s.client, s.round) in self._gave_up:
                     continue
                 if s.round not in limits:
                     limits[s.round] = table.policy.hedging.threshold(table.peer_durations.get(s.round, []))
@@ -131,6 +135,9 @@ class Hedger:
                 if limit is not None and now - h.started_at > limit:
                     changes.append((s.doc_id, hedged_fields(now, GIVEN_UP)))
                     table.promote_hedge(s)
+                    if len(self._gave_up) > 4096:   # slots long settled
+                        self._gave_up.clear()
+                    self._gave_up.add((s.client, s.round))
         if changes:
             self.d.update_attempts(changes)
 
