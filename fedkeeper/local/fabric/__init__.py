@@ -20,7 +20,10 @@ Routes (all under basic auth `uuid:key`; `{ns}` is `_` or a namespace name):
 Administration of the fabric itself (not part of OpenWhisk's API):
   GET|PUT /_fabric/faults?namespace=NS   fault injection: crash, timeout, throttle, slow_ms, seed, functions
   GET|PUT /_fabric/limits?namespace=NS   concurrentInvocations, invocationsPerMinute, payloadLimit, ...
-  GET     /_fabric/status                workers, queues, counters
+  GET     /_fabric/status                workers, queues, counters, zygotes, and per action its
+                                         limits.concurrency and the activations its workers run
+  PUT     /_fabric/prewarm               {"runtimes": [...]}: start those runtimes' zygotes now,
+                                         ahead of their actions' deploy
   GET     /metrics                       Prometheus metrics, without auth, under the names and
                                          labels of OpenWhisk's user-events service (see
                                          UserEvents below and docs/metrics.md)
@@ -46,7 +49,13 @@ Execution model (what a real invoker does, in processes instead of containers):
     imported its heavy modules; a cold start takes one, so it is only the
     action's code load (a shorter `initTime`, annotation fk-start=prewarmed),
     and another is started when memory allows. They count against the user
-    memory (`--stem-memory-mb` each until taken).
+    memory (`--stem-memory-mb` each until taken). Each is forked from its
+    runtime's zygote (zygotes.py), one process per runtime that imports the
+    modules once, so a stem cell starts in milliseconds and shares those
+    pages (`--no-fork-stem-cells`: each imports them itself). A training
+    command has the fabric start its runtimes' zygotes at its very beginning
+    (fedkeeper/local/prewarm.py). The zygote is the fabric's own, like an
+    invoker's image cache: not counted against the user memory.
   * `limits.timeout` is enforced by killing the worker; the activation gets
     OpenWhisk's "The action exceeded its time limits of N milliseconds." and
     the `timeout` annotation. `limits.memory` is enforced by watching the
