@@ -58,7 +58,7 @@ class Fabric:
             return
         for runtime in dict.fromkeys(runtimes):
             if self.settings.stem_cells.get(runtime, 0) > 0:
-                self.scheduler.start_zygote(runtime)
+                self.scheduler.launcher.start_zygote(runtime)
 
     def ns(self, name: str) -> Namespace:
         if name == "_":

@@ -23,18 +23,16 @@ operations and done by `run_ops` once the lock is released."""
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections import deque
 from typing import TYPE_CHECKING
 
-from ..prewarm import preload_for
 from .entities import Action, Activation
 from .status import (APPLICATION_ERROR, DEVELOPER_ERROR, MSG_ABNORMAL_RUN, MSG_MEMORY, MSG_REMOVED, SUCCESS,
                      WHISK_ERROR, msg_init_failed)
+from .launcher import Launcher
 from .stem_cells import StemCells
 from .workers import Worker, activation_env
-from .zygotes import Zygotes
 
 if TYPE_CHECKING:
     from .core import Fabric
@@ -49,7 +47,8 @@ class Scheduler:
         self.queues: dict[tuple[str, str], deque[Activation]] = {}
         self.workers: set[Worker] = set()
         self.stem_cells = StemCells(fabric)
-        self.zygotes = Zygotes()
+        self.launcher = Launcher(fabric, serve=self._serve_worker, failed=self._start_failed)
+        self.zygotes = self.launcher.zygotes
         self.memory_used = 0
 
     def enqueue(self, act: Activation) -> list:
@@ -215,7 +214,7 @@ class Scheduler:
         for op in ops:
             kind, w = op[0], op[1]
             if kind == "spawn":
-                self._spawn(w)
+                self.launcher.spawn(w)
             elif kind == "kill":
                 w.kill()
                 if w.proc is None:  # never started: nothing will report its death
@@ -225,7 +224,7 @@ class Scheduler:
                 a = w.action
                 try:
                     w.send({"t": "init", "code_dir": a.code_dir, "main": str(a.exec.get("main") or "main"),
-                            "concurrency": w.capacity, "log": str(self._log_path(w))})
+                            "concurrency": w.capacity, "log": str(self.launcher.log_path(w))})
                 except (OSError, TypeError, ValueError) as exc:
                     log.debug("init of stem cell %s failed: %s", w.id, exc)
                     w.kill()
@@ -241,57 +240,10 @@ class Scheduler:
                     log.debug("send to worker %s failed: %s", w.id, exc)
                     w.kill()
 
-    def _log_path(self, w: Worker):
-        a = w.action
-        name = f"{a.namespace}.{a.name}.log" if a is not None else f"stem-cell.{w.runtime or 'stock'}.log"
-        return self.f.logs_dir / name[:250]
-
-    def _spawn(self, w: Worker) -> None:
-        if w.stem and w.action is None and self.f.settings.fork_stem_cells:
-            # the fork waits for the zygote's import: not on this thread
-            # (an invoke or a deploy may be the caller)
-            threading.Thread(target=self._spawn_forked, args=(w,), name=f"fork-{w.id}", daemon=True).start()
-            return
-        self._spawn_process(w)
-
-    def start_zygote(self, runtime: str | None):
-        """The runtime's zygote, started now if none runs (None if it cannot)."""
-        return self.zygotes.get(runtime, preload_for(runtime),
-                                self.f.logs_dir / f"stem-cell.{runtime or 'stock'}.log"[:250], str(self.f.logs_dir))
-
-    def _spawn_forked(self, w: Worker) -> None:
-        if w.kill_reason is not None or self.f.stopping:
-            return
-        z = self.start_zygote(w.runtime)
-        if z is not None:
-            try:
-                w.start_forked(z)
-            except OSError as exc:
-                if self.f.stopping:
-                    return
-                log.warning("the %s zygote failed (%s): stem cells start as their own processes", w.runtime, exc)
-            else:
-                with self.f.lock:
-                    gone = w.kill_reason is not None or w.state == "dead"
-                if gone:  # evicted while it was being forked (its reader ends at once)
-                    w.kill()
-                threading.Thread(target=self._serve_worker, args=(w,), name=f"worker-{w.id}", daemon=True).start()
-                return
-        self._spawn_process(w)
-
-    def _spawn_process(self, w: Worker) -> None:
-        a = w.action
-        if w.kill_reason is not None or w.state == "dead":
-            return
-        try:
-            w.start_process(self._log_path(w), a.code_dir if a is not None else str(self.f.logs_dir),
-                            preload_for(w.runtime))
-        except OSError as exc:
-            with self.f.lock:
-                w.init_error = f"could not start a worker process: {exc}"
-                self._worker_died(w)
-            return
-        threading.Thread(target=self._serve_worker, args=(w,), name=f"worker-{w.id}", daemon=True).start()
+    def _start_failed(self, w: Worker, error: str) -> None:
+        with self.f.lock:
+            w.init_error = error
+            self._worker_died(w)
 
     def _serve_worker(self, w: Worker) -> None:
         w.read_messages(lambda msg: self._on_message(w, msg))
