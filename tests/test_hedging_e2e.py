@@ -48,6 +48,9 @@ def write_config(path: Path, mongo_url: str, mode: str) -> Path:
               buffer_size: 4
               round_deadline_s: 300
               hedging: {{enabled: true}}
+              # two attempts: the held one and its hedge, however slow the machine
+              # (a third would be made only for a hedge that straggles too)
+              retries: {{max_attempts: 2}}
             functions:
               fl_client:
                 openwhisk: {{memory: "128", timeout: "{LIMIT_MS}"}}
