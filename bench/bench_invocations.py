@@ -10,13 +10,18 @@ the fabric runs as its own process. Reported:
                            track() returned it (same host, same clock)
 Goals on a 2-core machine: >= 300 inv/s, <= 0.5 ms CPU/inv, median < 50 ms.
 
+`--platform gcf` runs the same through the local Cloud Functions host
+(functions-framework, its own process) and the HTTP platforms' invoker:
+invoke hands the POST to a worker thread, track collects the answers; the
+detection latency is then from the answer's arrival to track().
+
 With `--against DIR` (another checkout of the project, e.g. a
 `git worktree` of an older commit) the bench runs `--runs` times in each
 tree, alternating, each run its own process with its own fabric, and prints
 the figures side by side with their medians: on a shared machine only
 figures taken this way compare.
 
-    python bench/bench_invocations.py [-n 1000] [--threads 8] [--json]
+    python bench/bench_invocations.py [-n 1000] [--threads 8] [--platform gcf] [--json]
     python bench/bench_invocations.py --against /tmp/before [--runs 3]
 """
 from __future__ import annotations
@@ -37,19 +42,31 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fedkeeper.config import OpenWhiskCluster  # noqa: E402
+from fedkeeper.config import GoogleCluster, OpenWhiskCluster  # noqa: E402
 from fedkeeper.providers.base import Artifact, FunctionSpec, ProviderContext  # noqa: E402
 from fedkeeper.local.openwhisk import LocalOpenWhiskProvider  # noqa: E402
 
 NOOP = "def main(args):\n    return {'ok': True}\n"
+NOOP_HTTP = ("import functions_framework\n\n\n@functions_framework.http\n"
+             "def noop(request):\n    return {'ok': True}\n")
 
 
-def noop_artifact() -> Artifact:
+def noop_artifact(entry: str = "openwhisk") -> Artifact:
+    name, source = ("__main__.py", NOOP) if entry == "openwhisk" else ("main.py", NOOP_HTTP)
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w") as zf:
-        zf.writestr(zipfile.ZipInfo("__main__.py", date_time=(1980, 1, 1, 0, 0, 0)), NOOP)
+        zf.writestr(zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0)), source)
     data = buf.getvalue()
-    return Artifact(data=data, sha256=hashlib.sha256(data).hexdigest(), entry="openwhisk")
+    return Artifact(data=data, sha256=hashlib.sha256(data).hexdigest(), entry=entry)
+
+
+def make_provider(platform: str, state: Path):
+    """The platform's local provider and the artifact of a no-op for it."""
+    ctx = ProviderContext(state_dir=state)
+    if platform == "gcf":
+        from fedkeeper.local.cloud_functions import LocalCloudFunctionsProvider
+        return LocalCloudFunctionsProvider("bench", GoogleCluster(kind="local"), ctx), noop_artifact("http")
+    return LocalOpenWhiskProvider("bench", OpenWhiskCluster(kind="local"), ctx), noop_artifact()
 
 
 def run_until_done(provider, invs: list, poll_s: float = 0.002) -> None:
@@ -60,13 +77,13 @@ def run_until_done(provider, invs: list, poll_s: float = 0.002) -> None:
         time.sleep(poll_s)
 
 
-def bench(n: int, threads: int, memory_mb: int, concurrency: int, state: Path) -> dict:
-    provider = LocalOpenWhiskProvider("bench", OpenWhiskCluster(kind="local"),
-                                      ProviderContext(state_dir=state))
+def bench(n: int, threads: int, memory_mb: int, concurrency: int, state: Path,
+          platform: str = "openwhisk") -> dict:
+    provider, artifact = make_provider(platform, state)
     try:
         spec = FunctionSpec(name="noop", source="noop", memory_mb=memory_mb, timeout_s=30,
-                            concurrency=concurrency)
-        provider.deploy(spec, noop_artifact())
+                            concurrency=concurrency, extra={"entry_point": "noop"})
+        provider.deploy(spec, artifact)
         # Warm-up: the cold starts of the worker pool are not what is measured.
         with ThreadPoolExecutor(threads) as ex:
             run_until_done(provider, list(ex.map(lambda i: provider.invoke("noop", {"i": i}),
@@ -121,7 +138,8 @@ def bench(n: int, threads: int, memory_mb: int, concurrency: int, state: Path) -
                 "keeper_cpu_ms_per_invocation": round((cpu1 - cpu0) * 1000 / n, 3),
                 "detection_median_ms": round(statistics.median(latencies) * 1000, 1),
                 "detection_p95_ms": round(latencies[int(0.95 * (len(latencies) - 1))] * 1000, 1),
-                "threads": threads, "memory_mb": memory_mb, "concurrency": concurrency}
+                "threads": threads, "memory_mb": memory_mb, "concurrency": concurrency,
+                "platform": platform}
     finally:
         provider.close()
 
@@ -136,6 +154,8 @@ def run_in(tree: Path, a: argparse.Namespace) -> dict:
     """One run of the bench script of `tree`, in its own process."""
     cmd = [sys.executable, str(tree / "bench" / "bench_invocations.py"), "--json", "-n", str(a.n),
            "--threads", str(a.threads), "--memory-mb", str(a.memory_mb), "--concurrency", str(a.concurrency)]
+    if a.platform != "openwhisk":   # older trees know only OpenWhisk
+        cmd += ["--platform", a.platform]
     out = subprocess.run(cmd, cwd=tree, capture_output=True, text=True, timeout=900)
     if out.returncode != 0:
         raise SystemExit(f"the bench of {tree} failed:\n{out.stderr[-2000:]}")
@@ -155,7 +175,8 @@ def side_by_side(a: argparse.Namespace) -> int:
     if a.json:
         print(json.dumps({"this_tree": runs["this tree"], "against": runs["against"], "against_dir": str(other)}))
         return 0
-    print(f"{a.runs} alternating runs of {a.n} no-op invocations each; this tree {here}, against {other}")
+    print(f"{a.runs} alternating runs of {a.n} no-op invocations each ({a.platform}); "
+          f"this tree {here}, against {other}")
     print(f"  {'':26s}{'this tree':>32s}   {'against':>32s}")
     for label, key, fmt in FIGURES:
         cells = []
@@ -175,6 +196,8 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=8, help="dispatching threads")
     p.add_argument("--memory-mb", type=int, default=256)
     p.add_argument("--concurrency", type=int, default=1, help="the action's limits.concurrency")
+    p.add_argument("--platform", choices=("openwhisk", "gcf"), default="openwhisk",
+                   help="the local fabric (OpenWhisk) or the local Cloud Functions host")
     p.add_argument("--json", action="store_true")
     p.add_argument("--smoke", action="store_true", help="50 invocations (tests)")
     p.add_argument("--against", metavar="DIR", help="another checkout to run side by side with this one")
@@ -188,11 +211,11 @@ def main() -> int:
     if a.against:
         return side_by_side(a)
     with tempfile.TemporaryDirectory(prefix="fk-bench-") as tmp:
-        r = bench(a.n, a.threads, a.memory_mb, a.concurrency, Path(tmp))
+        r = bench(a.n, a.threads, a.memory_mb, a.concurrency, Path(tmp), a.platform)
     if a.json:
         print(json.dumps(r))
     else:
-        print(f"{r['invocations']} no-op invocations ({r['failed']} failed) in {r['seconds']} s")
+        print(f"{r['invocations']} no-op invocations on {a.platform} ({r['failed']} failed) in {r['seconds']} s")
         print(f"  invocations/s            {r['invocations_per_s']:8.1f}   (goal >= 300)")
         print(f"  keeper CPU ms/invocation {r['keeper_cpu_ms_per_invocation']:8.3f}   (goal <= 0.5)")
         print(f"  detection median ms      {r['detection_median_ms']:8.1f}   (goal < 50)")

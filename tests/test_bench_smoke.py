@@ -17,6 +17,7 @@ ROOT = Path(__file__).resolve().parent.parent
 BENCHES = [
     ("bench_aggregation.py", ["--smoke"], "agg MB/s"),
     ("bench_invocations.py", ["--smoke"], "invocations/s"),
+    ("bench_invocations.py", ["--smoke", "--platform", "gcf"], "invocations/s"),
     ("bench_insights.py", ["--smoke"], "warm median"),
     ("bench_secagg.py", ["--smoke"], "max |diff|"),
     ("bench_round_overhead.py", ["--smoke"], "overhead/client ms"),
