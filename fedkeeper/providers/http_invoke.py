@@ -189,6 +189,9 @@ class HttpInvoker:
         self._sessions: list[requests.Session] = []
         self._lock = threading.Lock()
         self._futures: dict[str, Future] = {}
+        # the finished ones among them, not collected yet: `done` looks up
+        # each pending id here instead of asking every future (a lock each)
+        self._finished: dict[str, Future] = {}
         # url -> (pool of its origin, path) or None (through a proxy)
         self._routes: dict[str, tuple[KeepAlivePool, str] | None] = {}
         self._origins: dict[tuple[str, str, int | None], KeepAlivePool] = {}
@@ -211,6 +214,7 @@ class HttpInvoker:
         fut = self._pool.submit(self._run, url, body, dict(headers or {}), timeout_s)
         with self._lock:
             self._futures[pid] = fut
+        fut.add_done_callback(lambda f, pid=pid: self._finish(pid, f))
         return Invocation(function=function, platform_id=pid, submitted_at=submitted,
                           payload_bytes=len(body))
 
@@ -315,29 +319,29 @@ class HttpInvoker:
 
     # ----------------------------------------------------------------- track
 
+    def _finish(self, pid: str, fut: Future) -> None:
+        with self._lock:
+            if self._futures.get(pid) is fut:
+                self._finished[pid] = fut
+
     def done(self, pending: Sequence[Invocation]) -> list[Outcome]:
         """Outcomes of the finished ones among `pending`; no network traffic."""
         out: list[Outcome] = []
-        finished: list[str] = []
+        finished: list[tuple[Invocation, Future]] = []
         with self._lock:   # once per call, not per pending invocation
-            futures = [(inv, self._futures.get(inv.platform_id)) for inv in pending]
-        for inv, fut in futures:
-            if fut is None:
-                # A synchronous HTTP call lives only in the process that made
-                # it; after a keeper restart its answer is gone for good.
-                out.append(Outcome(platform_id=inv.platform_id, ok=False,
-                                   error_class=ErrorClass.PLATFORM_ERROR,
-                                   error="invocation is not tracked by this keeper process "
-                                         "(its answer was lost)"))
-                continue
-            if not fut.done():
-                continue
-            finished.append(inv.platform_id)
-            out.append(self._outcome(inv, fut))
-        if finished:
-            with self._lock:
-                for pid in finished:
-                    self._futures.pop(pid, None)
+            for inv in pending:
+                pid = inv.platform_id
+                fut = self._finished.pop(pid, None)
+                if fut is not None:
+                    del self._futures[pid]
+                    finished.append((inv, fut))
+                elif pid not in self._futures:
+                    # A synchronous HTTP call lives only in the process that
+                    # made it; after a keeper restart its answer is gone for good.
+                    out.append(Outcome(platform_id=pid, ok=False, error_class=ErrorClass.PLATFORM_ERROR,
+                                       error="invocation is not tracked by this keeper process "
+                                             "(its answer was lost)"))
+        out += [self._outcome(inv, fut) for inv, fut in finished]
         return out
 
     @staticmethod
@@ -369,6 +373,7 @@ class HttpInvoker:
         with self._lock:
             for pid in platform_ids:
                 self._futures.pop(pid, None)
+                self._finished.pop(pid, None)
 
     def close(self) -> None:
         self._closed = True
