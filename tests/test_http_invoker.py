@@ -11,7 +11,7 @@ import time
 import pytest
 
 from fedkeeper.providers import http_invoke
-from fedkeeper.providers.base import ErrorClass
+from fedkeeper.providers.base import ErrorClass, Invocation
 from fedkeeper.providers.http_invoke import HttpInvoker
 from scripted_http import IO_TIMEOUT_S, json_answer, server_factory  # noqa: F401 (a fixture)
 
@@ -122,3 +122,27 @@ def test_status_hooks_read_headers_case_insensitively_and_429_carries_retry_afte
     assert crashed.error_class == ErrorClass.PLATFORM_ERROR and crashed.error == "the function crashed"
     assert throttled.error_class == ErrorClass.THROTTLED
     assert getattr(throttled, "retry_after", None) == 7.0 or "retry after 7.0s" in throttled.error
+
+
+def test_each_answer_is_collected_once_and_unknown_ids_are_lost(server_factory):
+    srv = server_factory(lambda conn, req: json_answer(200, b'{"ok": true}'))
+    invoker = HttpInvoker(max_workers=3)
+    try:
+        invs = [invoker.submit("fn", f"{srv.url}/fn", {"i": i}, timeout_s=5) for i in range(3)]
+        stranger = Invocation("fn", "not-made-here", time.time())
+        got: dict[str, object] = {}
+        deadline = time.monotonic() + IO_TIMEOUT_S
+        while len(got) < 4 and time.monotonic() < deadline:
+            pending = [i for i in invs + [stranger] if i.platform_id not in got]
+            for o in invoker.done(pending):
+                assert o.platform_id not in got
+                got[o.platform_id] = o
+            time.sleep(0.005)
+        assert all(got[i.platform_id].ok for i in invs)
+        assert not got["not-made-here"].ok and "not tracked" in got["not-made-here"].error
+        # collected: asked again, an id is no longer known to this invoker
+        again = invoker.done(invs[:1])
+        assert len(again) == 1 and not again[0].ok
+        assert invoker.in_flight() == 0
+    finally:
+        invoker.close()
