@@ -16,6 +16,9 @@ IO_TIMEOUT_S = 10.0
 ANSWER = (b"HTTP/1.1 202 Accepted\r\nContent-Type: application/json\r\nContent-Length: 22\r\n"
           b"x-openwhisk-activation-id: 0123456789abcdef\r\n\r\n{\"activationId\":\"x1\"}\n")
 
+REJECTED = (b"HTTP/1.1 413 Payload Too Large\r\nContent-Type: application/json\r\nContent-Length: 26\r\n"
+            b"Connection: close\r\n\r\n{\"error\":\"entity too big\"}")
+
 
 def json_answer(status: int, body: bytes, extra: str = "") -> bytes:
     """A complete HTTP/1.1 answer with a JSON body (`extra`: header lines)."""
@@ -27,8 +30,9 @@ class ScriptedServer:
     """Accepts connections; `plan(conn_no, req_no)` says what to do with the
     req_no-th request (0-based) on the conn_no-th connection: "answer",
     "answer-then-close" (close the idle connection right after answering),
-    "drop" (read it, close without an answer), "hang" (never answer), or
-    the bytes of a whole answer to send."""
+    "drop" (read it, close without an answer), "hang" (never answer),
+    "reject-early" (413 and close before reading the body), or the bytes
+    of a whole answer to send."""
 
     def __init__(self, plan, tls: ssl.SSLContext | None = None):
         self.plan = plan
@@ -72,12 +76,17 @@ class ScriptedServer:
                 lines = head.decode().split("\r\n")
                 length = next((int(v) for k, _, v in (h.partition(":") for h in lines[1:])
                                if k.strip().lower() == "content-length"), 0)
-                while len(buf) < length:
-                    buf += c.recv(65536)
-                buf = buf[length:]
                 self.requests.append((conn_no, lines[0]))
                 self.heads.append(head.decode())
                 what = self.plan(conn_no, req_no)
+                if what == "reject-early":
+                    # 413 from the head alone, the body left unread, as the
+                    # fabric and front ends refuse a body over their limit
+                    c.sendall(REJECTED)
+                    return
+                while len(buf) < length:
+                    buf += c.recv(65536)
+                buf = buf[length:]
                 if what == "drop":
                     return
                 if what == "hang":

@@ -152,3 +152,17 @@ def test_tls_hot_path_verifies_the_certificate_unless_insecure(server_factory, t
         p.close()
     # the refused handshake, then one kept-alive connection for both invokes
     assert [c for c, _ in srv.requests] == [1, 1]
+
+
+def test_an_answer_sent_before_the_body_was_read_is_still_read(server_factory):
+    # the server answers 413 from the head and closes on a body it never
+    # reads: sending the rest fails, its answer must not be lost
+    srv = server_factory(lambda conn, req: "reject-early")
+    pool = pool_for(srv.url)
+    try:
+        for _ in range(3):
+            r = pool.request("POST", "/actions/a", b"x" * (8 * 1024 * 1024))
+            assert r.status == 413 and b"entity too big" in r.data
+    finally:
+        pool.close()
+    assert len(srv.requests) == 3

@@ -105,7 +105,14 @@ class KeepAlivePool:
         try:
             if read_timeout is not None:
                 conn.sock.settimeout(read_timeout)
-            conn.request(method, self.base_path + path, body=body, headers=headers)
+            try:
+                conn.request(method, self.base_path + path, body=body, headers=headers)
+            except (BrokenPipeError, ConnectionResetError):
+                # A server may answer before it has read the whole body (413
+                # from the Content-Length alone) and close: its answer is
+                # still there to read (urllib3 does the same). A connection
+                # that was dead already fails to answer below.
+                pass
             resp = conn.getresponse()
             data = resp.read() if max_bytes is None else self._read_capped(resp, max_bytes)
         except BaseException:
