@@ -166,3 +166,21 @@ def test_an_answer_sent_before_the_body_was_read_is_still_read(server_factory):
     finally:
         pool.close()
     assert len(srv.requests) == 3
+
+
+def test_an_activation_listing_past_its_bound_is_refused_not_held(server_factory, tmp_path, monkeypatch):
+    from scripted_http import json_answer
+    from fedkeeper.providers.openwhisk import provider as ow_provider
+    monkeypatch.setattr(ow_provider, "LIST_PAGE_MAX_BYTES", 4096)
+    page = b"[" + b",".join(b'{"activationId":"a%d","pad":"%s"}' % (i, b"x" * 200) for i in range(40)) + b"]"
+    srv = server_factory(lambda conn, req: "answer" if req == 0 else json_answer(200, page))
+    cfg = OpenWhiskCluster(base_url=srv.url, auth={"ow_auth": "u:secretkey"})
+    p = OpenWhiskProvider("ow-scripted", cfg, ProviderContext(state_dir=tmp_path))
+    try:
+        inv = p.invoke("act", {})
+        with pytest.raises(ProviderError) as e:
+            p.track([inv])
+        assert e.value.error_class == ErrorClass.PLATFORM_ERROR
+        assert "more than 4096 bytes to GET /activations" in str(e.value) and "secretkey" not in str(e.value)
+    finally:
+        p.close()

@@ -50,7 +50,7 @@ from ..base import (Artifact, DeployResult, ErrorClass, FunctionSpec, Invocation
                     ProviderContext, ProviderError, UploadPlan)
 from . import metrics, packaging
 from .errors import activation_outcome, status_error, transport_error
-from .http import HotResponse, connections
+from .http import BodyTooLarge, HotResponse, connections
 from ..prometheus import ClusterMetrics
 from .prices import IBM_CLOUD_FUNCTIONS
 
@@ -58,6 +58,11 @@ log = logging.getLogger("fedkeeper.providers.openwhisk")
 
 LIST_PAGE = 200            # OpenWhisk's maximum list limit
 MAX_PAGES = 25             # pages per poll (5,000 records); the per-id fallback covers the rest
+# Bounds on what the hot path reads from a controller. An activation's result
+# is at most 1 MB on OpenWhisk and ours are far smaller; a page of records
+# past these bounds is refused before it is held whole.
+HOT_ANSWER_MAX_BYTES = 2 * 1024 * 1024
+LIST_PAGE_MAX_BYTES = 32 * 1024 * 1024
 CPU_SHARE = 0.10           # tracking may use this share of one core
 MIN_POLL_S = 0.005
 MAX_POLL_S = 0.25
@@ -158,11 +163,16 @@ class OpenWhiskProvider(Provider):
         except requests.exceptions.RequestException as exc:
             raise transport_error(self._where(), exc) from None
 
-    def _hot(self, method: str, path: str, body: bytes | None = None) -> HotResponse:
+    def _hot(self, method: str, path: str, body: bytes | None = None, *,
+             max_bytes: int = HOT_ANSWER_MAX_BYTES) -> HotResponse:
         """`path` below the namespace; the pool repeats a GET that met a
         kept-alive connection the server had closed, never a POST."""
         try:
-            return self._pool.request(method, self._prefix + path, body)
+            return self._pool.request(method, self._prefix + path, body, max_bytes=max_bytes)
+        except BodyTooLarge:
+            raise ProviderError(ErrorClass.PLATFORM_ERROR,
+                                f"{self._where()} answered more than {max_bytes} bytes "
+                                f"to {method} {path.split('?', 1)[0]}") from None
         except (http.client.HTTPException, OSError) as exc:
             raise transport_error(self._where(), exc) from None
 
@@ -327,7 +337,7 @@ class OpenWhiskProvider(Provider):
         base = "/activations?"
         for page_no in range(MAX_PAGES):
             params["skip"] = page_no * LIST_PAGE
-            r = self._hot("GET", base + urlencode(params))
+            r = self._hot("GET", base + urlencode(params), max_bytes=LIST_PAGE_MAX_BYTES)
             if r.status != 200:
                 raise self._status_error(r.status, r.data, "listing activations", r.headers)
             page = json.loads(r.data)
