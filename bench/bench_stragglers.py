@@ -148,14 +148,15 @@ def timeline(store, session: str) -> list[str]:
 
 
 def slowest_code_load_s(store, session: str) -> float:
-    return max((a.get("init_ms") or 0) / 1000 for a in store.attempts(session) if a["client"].startswith("client_"))
+    return max(((a.get("init_ms") or 0) / 1000 for a in store.attempts(session) if a["client"].startswith("client_")),
+               default=0.0)
 
 
 def slowest_cold_run_s(store, session: str) -> float:
     """The longest run of a freshly loaded worker (its first store
     connection and model read), code load excluded."""
-    return max(((a.get("duration_ms") or 0) - (a.get("init_ms") or 0)) / 1000 for a in store.attempts(session)
-               if a["client"].startswith("client_") and a.get("cold_start"))
+    return max((((a.get("duration_ms") or 0) - (a.get("init_ms") or 0)) / 1000 for a in store.attempts(session)
+                if a["client"].startswith("client_") and a.get("cold_start")), default=0.0)
 
 
 def warm_median_s(store, session: str) -> float:
@@ -229,7 +230,8 @@ def main() -> None:
             load_floor_ms = round(max(2 * calib["code_load_s"] - INIT_GRACE_S, 2 * calib["cold_run_s"]) * 1000)
             limit_ms = max(args.min_limit_ms, load_floor_ms, round(args.limit_x * median * 1000))
             raised = limit_ms > round(args.limit_x * median * 1000)
-            for faults, hedging in ((False, False), (True, False), (False, True), (True, True)):
+            # Fault-free sessions first: a faulted one leaves dead and held workers behind.
+            for faults, hedging in ((False, False), (False, True), (True, False), (True, True)):
                 tag = f"{'faulted' if faults else 'clean'}_{'hedged' if hedging else 'plain'}"
                 rows[(faults, hedging)], _ = run(tag, faults=faults, hedging=hedging, limit_ms=limit_ms,
                                                  rounds=args.rounds)
