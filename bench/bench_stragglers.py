@@ -185,10 +185,10 @@ def main() -> None:
     # room for them, so that queueing is not what is measured.
     ap.add_argument("--user-memory-mb", type=int, default=16384)
     ap.add_argument("--timeline", action="store_true", help="print the faulted sessions' odd attempts")
-    ap.add_argument("--smoke", action="store_true", help="6 clients, 3 rounds (tests)")
+    ap.add_argument("--smoke", action="store_true", help="4 clients, 2 rounds, 3 s limit (tests)")
     args = ap.parse_args()
     if args.smoke:
-        args.clients, args.rounds = 6, 3
+        args.clients, args.rounds, args.min_limit_ms = 4, 2, 3000
     if args.hedge_min_peers is None:
         args.hedge_min_peers = max(3, args.clients // 2)
     if args.rounds < 2:

@@ -25,6 +25,7 @@ BENCHES = [
     ("bench_learning.py", ["--smoke"], "Keras FedAvg reference"),
     ("bench_main_job.py", ["--smoke"], "cold / warm"),
     ("bench_hierarchical.py", ["--smoke"], "ratio hierarchical / flat"),
+    ("bench_stragglers.py", ["--smoke"], "faulted / fault-free, hedging on"),
 ]
 
 
