@@ -6,8 +6,9 @@ import random
 
 import pytest
 
-from fedkeeper.keeper.attempts import (COMPLETE, DEADLINE, QUORUM, AttemptTable, ClusterHealth, RetryPolicy,
-                                       RoundDispatch, Slot, quorum_met, quorum_needed)
+from fedkeeper.keeper.attempts import (COMPLETE, DEADLINE, QUORUM, AttemptTable, RetryPolicy, RoundDispatch, Slot,
+                                       quorum_met, quorum_needed)
+from fedkeeper.keeper.cluster_health import ClusterHealth
 from fedkeeper.providers import ErrorClass, Invocation
 
 

@@ -13,7 +13,7 @@ import logging
 from typing import Any, Callable, Iterable
 
 from ..providers import Invocation, ProviderError
-from .attempts import ClusterHealth
+from .cluster_health import ClusterHealth
 from .errors import ClusterLost
 from .events import RoundEvents
 
