@@ -75,14 +75,18 @@ def latest_session(db):
 
 
 def test_central_dp_reports_epsilon_after_every_round(fabric_state, mongo_url, tmp_path):
+    # Under injected crashes: a retried client is the same sampled client,
+    # so the accounting does not change.
     db_name = "e2e_dp_central"
     cfg = write_config(tmp_path / "cfg.yaml", mongo_url, db_name, """\
         privacy: {mode: central, noise_multiplier: 1.0, clip_norm: 0.5, delta: 1e-3}
-        """, rounds=2)
+        """, rounds=2, faults="{crash: 0.3, seed: 4, functions: [fl_client]}")
     assert run_start(load_config(cfg), None, keep_services=True) == 0
     db = open_db(mongo_url, db_name)
     sess = latest_session(db)
     assert sess["state"] == "finished"
+    crashed = db[fs.INVOCATIONS].count_documents({"session": sess["_id"], "state": "failed"})
+    assert crashed > 0, "no injected crash happened: pick another fault seed"
     assert sess["spec"]["privacy"] == {"mode": "central", "noise_multiplier": 1.0, "clip_norm": 0.5,
                                        "clients_per_round": 3}
     budget = PrivacyBudget("central", 1.0, 3, 4, 1e-3, 2)
