@@ -51,7 +51,9 @@ FAULT_MODEL = os.path.join(os.path.dirname(HERE), "faults.py")
 # How long a connection may stay silent (before or between requests, or
 # while sending one) before it is closed.
 READ_TIMEOUT_S = 10.0
-# Connections served at once; more wait in the listen backlog.
+# Connections served at once unless --max-connections says otherwise; more
+# wait in the listen backlog. The host sets it to the requests the keeper
+# may send at once, so that those wait here for a slot, not for a connect.
 MAX_CONNECTIONS = 256
 
 
@@ -190,7 +192,7 @@ class Preloaded:
         return self.app(environ, start_response)
 
 
-def make_server(host: str, port: int, app):
+def make_server(host: str, port: int, app, max_connections: int = MAX_CONNECTIONS):
     from werkzeug.serving import ThreadedWSGIServer, WSGIRequestHandler
 
     class Handler(WSGIRequestHandler):
@@ -202,10 +204,10 @@ def make_server(host: str, port: int, app):
 
     class Server(ThreadedWSGIServer):
         daemon_threads = True
-        request_queue_size = 256
+        request_queue_size = max(256, max_connections)
 
         def __init__(self, *args, **kwargs):
-            self._conns = threading.BoundedSemaphore(MAX_CONNECTIONS)
+            self._conns = threading.BoundedSemaphore(max_connections)
             super().__init__(*args, **kwargs)
 
         def process_request(self, request, client_address):
@@ -232,7 +234,9 @@ def main() -> None:
     p.add_argument("--name", required=True)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, required=True)
-    p.add_argument("--threads", type=int, default=8)
+    p.add_argument("--threads", type=int, default=8, help="requests running the function at once")
+    p.add_argument("--max-connections", type=int, default=MAX_CONNECTIONS,
+                   help="connections served at once (requests accepted, running or waiting for a slot)")
     p.add_argument("--timeout-s", type=float, default=60.0)
     p.add_argument("--max-request-bytes", type=int, default=32 * 1024 * 1024)
     p.add_argument("--faults", default="")
@@ -252,7 +256,7 @@ def main() -> None:
     modules = [m for m in a.preload.split(",") if m]
     if modules:
         app = Preloaded(app, modules)
-    server = make_server(a.host, a.port, app)
+    server = make_server(a.host, a.port, app, max(1, a.max_connections))
     server.serve_forever()
 
 

@@ -12,9 +12,10 @@ identity the supervisor checks before it signals anything) so that a keeper
 that restarts finds and reuses them, and so that none is left behind:
 `stop`/`stop_all` end them even when another keeper process started them.
 
-Each function is one instance serving `threads` requests at once (Cloud
-Functions' instance concurrency), started at deploy and kept (a minimum
-instance): it imports its runtime's heavy modules from the start
+Each function is one instance running `threads` requests at once (Cloud
+Functions' instance concurrency, bounded by its memory: capacity.py) and
+accepting up to `in_flight` (the others wait at the host for a slot),
+started at deploy and kept (a minimum instance): it imports its runtime's heavy modules from the start
 (fedkeeper/local/prewarm.py), so its first request is not a cold import.
 
 Fault injection lives in the host process, not in the function: the local
@@ -50,6 +51,10 @@ STATE_FILE = "hosts.json"
 LOG_FILE = "function.log"
 START_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 5.0
+# Requests a function accepts at once unless its deployer says otherwise.
+DEFAULT_IN_FLIGHT = 64
+# Connections kept free beside the keeper's requests for liveness probes.
+PROBE_CONNECTIONS = 8
 
 
 class HostError(RuntimeError):
@@ -67,6 +72,7 @@ class HostedFunction:
     directory: str
     timeout_s: float | None = None
     started_at: float = 0.0
+    in_flight: int = 0   # requests it accepts at once (0: recorded before it was)
     process: dict = field(default_factory=dict)   # supervisor.ProcessRecord of the host
 
     def record(self) -> supervisor.ProcessRecord | None:
@@ -77,9 +83,9 @@ class HostedFunction:
 
 
 def _config_hash(sha: str, target: str, env: Mapping[str, str], faults: Mapping[str, Any] | None,
-                 threads: int) -> str:
+                 threads: int, in_flight: int) -> str:
     h = hashlib.sha256()
-    h.update(json.dumps([sha, target, sorted(env.items()), faults, threads],
+    h.update(json.dumps([sha, target, sorted(env.items()), faults, threads, in_flight],
                         sort_keys=True, default=str).encode())
     return h.hexdigest()[:32]
 
@@ -137,11 +143,13 @@ class FrameworkHost:
 
     def serve(self, name: str, *, target: str, source_zip: bytes, sha256: str,
               env: Mapping[str, str], faults: Mapping[str, Any] | None = None,
-              threads: int = 8, timeout_s: float | None = None,
+              threads: int = 8, in_flight: int = DEFAULT_IN_FLIGHT, timeout_s: float | None = None,
               start_timeout_s: float = START_TIMEOUT_S) -> tuple[HostedFunction, bool]:
         """(hosted function, started): reuses a live process with the same
-        source and configuration, else replaces it."""
-        config = _config_hash(sha256, target, env, faults, threads)
+        source and configuration, else replaces it. `threads` requests run
+        the function at once, up to `in_flight` are accepted."""
+        in_flight = max(1, int(in_flight))
+        config = _config_hash(sha256, target, env, faults, threads, in_flight)
         with self._state() as state:
             cur = state.get(name)
             if cur is not None and cur.config == config and cur.running() \
@@ -170,13 +178,13 @@ class FrameworkHost:
             for old in fdir.iterdir():
                 if old.is_dir() and old != src and not old.name.startswith(".unpack-"):
                     shutil.rmtree(old, ignore_errors=True)
-            hosted = self._start(name, src, target, env, faults, threads,
+            hosted = self._start(name, src, target, env, faults, threads, in_flight,
                                  config, sha256, timeout_s, start_timeout_s)
             state[name] = hosted
             return hosted, True
 
     def _start(self, name, src: Path, target: str, env: Mapping[str, str],
-               faults, threads: int, config: str, sha256: str, timeout_s,
+               faults, threads: int, in_flight: int, config: str, sha256: str, timeout_s,
                start_timeout_s: float) -> HostedFunction:
         # The function's bound configuration and what a process needs:
         # nothing else of the keeper's environment.
@@ -199,6 +207,8 @@ class FrameworkHost:
             try:
                 cmd = source_command(src, HOST_SCRIPT, "--source", str(src / ENTRY_FILE), "--target", target,
                                      "--name", name, "--port", str(port), "--threads", str(max(1, threads)),
+                                     # the keeper's requests and the host's liveness probes
+                                     "--max-connections", str(in_flight + PROBE_CONNECTIONS),
                                      "--timeout-s", str(float(timeout_s or 60.0)))
             except IsolationError as exc:
                 raise HostError(f"{name}: {exc}") from None
@@ -212,7 +222,8 @@ class FrameworkHost:
             hosted = HostedFunction(name=name, sha256=sha256, config=config, pid=proc.pid,
                                     port=port, url=f"http://127.0.0.1:{port}/",
                                     directory=str(src), timeout_s=timeout_s,
-                                    started_at=time.time(), process=rec.to_json())
+                                    started_at=time.time(), process=rec.to_json(),
+                                    in_flight=in_flight)
             deadline = time.monotonic() + start_timeout_s
             delay = 0.02
             while time.monotonic() < deadline:

@@ -4,15 +4,25 @@ path of the real provider (minus the ID token, which loopback does not
 need)."""
 from __future__ import annotations
 
+import threading
 import time
-from typing import Any, Mapping
+import uuid
+from typing import Any, Mapping, Sequence
 
-from ...providers.base import Artifact, DeployResult, ErrorClass, FunctionSpec, ProviderContext, ProviderError
+from ...providers.base import (Artifact, DeployResult, ErrorClass, FunctionSpec, Invocation, Outcome,
+                               ProviderContext, ProviderError)
 from ...providers.gcf.provider import CloudFunctionsProvider
-from .host import FrameworkHost, HostError
+from ...providers.http_invoke import HttpInvoker
+from . import capacity
+from .host import DEFAULT_IN_FLIGHT, FrameworkHost, HostError
 
 
 class LocalCloudFunctionsProvider(CloudFunctionsProvider):
+    """Each function has its own invoker, as many requests in flight as the
+    function is configured for (capacity.in_flight_cap: what Cloud Functions
+    v2 would accept for it); the cluster's invoker serves functions whose
+    capacity is not known (deployed by an older keeper)."""
+
     # Priced like the platform it stands in for, so that a sweep on
     # loopback estimates what the same run would cost there.
     default_prices = CloudFunctionsProvider.default_prices
@@ -21,10 +31,55 @@ class LocalCloudFunctionsProvider(CloudFunctionsProvider):
         super().__init__(cluster_name, cluster, ctx)
         self.host = FrameworkHost(ctx.state_dir / "gcf" / cluster_name)
         self._lease = self.host.hold(auto_stop=not ctx.keep_local_services)
+        self._caps: dict[str, int] = {}
+        self._invokers: dict[str, HttpInvoker] = {}
+        self._invokers_lock = threading.Lock()
 
     def _max_workers(self) -> int:
-        # loopback calls are cheap; what limits them is the function side
-        return 64
+        # the cluster's invoker: loopback calls are cheap, what limits them
+        # is the function side
+        return DEFAULT_IN_FLIGHT
+
+    def _cluster_cap(self) -> int | None:
+        conf = getattr(self.cluster, "configurations", None)
+        return getattr(conf, "concurrency", None) if conf is not None else None
+
+    def _invoker_for(self, name: str) -> HttpInvoker:
+        cap = self._caps.get(name)
+        if not cap:
+            return self._invoker
+        with self._invokers_lock:
+            # Made at the function's first call: its calls are tracked by the
+            # invoker that made them, so a redeploy with another capacity
+            # takes effect for the next provider (the next keeper command).
+            inv = self._invokers.get(name)
+            if inv is None:
+                inv = self._invokers[name] = HttpInvoker(
+                    max_workers=cap, auth_headers=self._auth_headers,
+                    status_hook=type(self).status_hook, execution_id_header=self.execution_id_header,
+                    name=f"{self.platform}-{self.cluster_name}-{name}")
+            return inv
+
+    def invoke(self, name: str, payload: dict[str, Any]) -> Invocation:
+        url, headers = self._target(self.function_url(name))   # learns the function's capacity
+        invoker = self._invoker_for(name)
+        if invoker is self._invoker:
+            return super().invoke(name, payload)
+        execution_id = uuid.uuid4().hex
+        headers[self.execution_id_header] = execution_id
+        timeout = self._timeouts.get(name, 60.0) + self.invoke_grace_s
+        return invoker.submit(name, url, payload, timeout_s=timeout, headers=headers,
+                              platform_id=execution_id, max_bytes=self.max_request_bytes)
+
+    def track(self, pending: Sequence[Invocation]) -> list[Outcome]:
+        by_invoker: dict[int, tuple[HttpInvoker, list[Invocation]]] = {}
+        for inv in pending:
+            invoker = self._invokers.get(inv.function, self._invoker)
+            by_invoker.setdefault(id(invoker), (invoker, []))[1].append(inv)
+        out: list[Outcome] = []
+        for invoker, invs in by_invoker.values():
+            out += invoker.done(invs)
+        return out
 
     def _auth_headers(self, url: str) -> Mapping[str, str]:
         return {}
@@ -44,16 +99,20 @@ class LocalCloudFunctionsProvider(CloudFunctionsProvider):
     def deploy(self, spec: FunctionSpec, artifact: Artifact) -> DeployResult:
         t0 = time.monotonic()
         self._require_entry(artifact)
+        in_flight = capacity.in_flight_cap(spec.concurrency, spec.extra.get("max_instances"),
+                                           self._cluster_cap())
         try:
             hosted, started = self.host.serve(
                 spec.name, target=spec.extra.get("entry_point") or spec.name,
                 source_zip=artifact.data, sha256=artifact.sha256, env=spec.bound,
-                faults=self._faults_for(spec.name), threads=max(8, int(spec.concurrency)),
-                timeout_s=spec.timeout_s)
+                faults=self._faults_for(spec.name),
+                threads=capacity.running_cap(spec.concurrency, spec.memory_mb),
+                in_flight=in_flight, timeout_s=spec.timeout_s)
         except HostError as exc:
             # the function's own import error, for example: it cannot run
             raise ProviderError(ErrorClass.DEVELOPER_ERROR, str(exc)) from None
         self._remember(spec.name, hosted.url, spec.timeout_s)
+        self._caps[spec.name] = hosted.in_flight or in_flight
         return DeployResult(spec.name, skipped=not started, seconds=time.monotonic() - t0,
                             url=hosted.url)
 
@@ -76,13 +135,20 @@ class LocalCloudFunctionsProvider(CloudFunctionsProvider):
             raise ProviderError(ErrorClass.FUNCTION_MISSING,
                                 f"function {name} is not deployed on {self.cluster_name}", status=404)
         self._remember(name, hosted.url, hosted.timeout_s)
+        if hosted.in_flight:
+            self._caps[name] = hosted.in_flight
         return hosted.url
 
     def limits(self) -> dict[str, Any]:
-        return {"max_request_bytes": 32 * 1024 * 1024, "max_in_flight": self._max_workers()}
+        return {"max_request_bytes": 32 * 1024 * 1024,
+                "max_in_flight": max([self._max_workers(), *self._caps.values()])}
 
     def close(self) -> None:
         super().close()
+        with self._invokers_lock:
+            invokers, self._invokers = list(self._invokers.values()), {}
+        for invoker in invokers:
+            invoker.close()
         # The last open provider of the cluster stops its processes, unless
         # local services are kept (ctx.keep_local_services): a later keeper
         # process reuses them then, and `remove` or `fedkeeper fabric down`
