@@ -52,6 +52,48 @@ def test_threshold_is_factor_times_the_nearest_rank_percentile():
     assert HedgePolicy(False).threshold([1.0] * 10) is None          # off
 
 
+def test_threshold_comes_from_the_warm_peers_once_min_peers_of_them_delivered():
+    assert HEDGING.threshold([1.0, 1.0, 1.0, 8.0, 8.0], [1.0, 1.0, 1.0]) == 1.5
+    assert HEDGING.threshold([1.0, 1.0, 8.0, 8.0], [1.0, 1.0]) == 12.0   # 2 warm < 3: all peers, rank 4
+    assert HEDGING.threshold([1.0, 1.0], [1.0, 1.0]) is None
+    assert HedgePolicy(False).threshold([1.0] * 5, [1.0] * 5) is None
+
+
+def test_cold_peers_do_not_lift_the_threshold_of_a_held_attempt():
+    clock = Clock()
+    table = running_table(6, clock)
+    clock.t += 1.0
+    for s in table:
+        if s.client in ("client_0", "client_1", "client_2"):
+            table.delivered(s, cold=False)
+    clock.t += 7.0
+    for s in table:
+        if s.client in ("client_3", "client_4"):
+            table.delivered(s, cold=True)                  # all peers: p90 8 s, x1.5 = 12 s
+    assert table.hedge_threshold(0) == 1.5                 # warm peers ran 1 s
+    assert [s.client for s in table.hedge_due()] == ["client_5"]   # held 8 s
+
+
+def test_too_few_warm_peers_fall_back_to_all_of_them():
+    clock = Clock()
+    table = running_table(5, clock)
+    clock.t += 1.0
+    for s in table:
+        if s.client in ("client_0", "client_1"):
+            table.delivered(s, cold=False)
+    clock.t += 7.0
+    for s in table:
+        if s.client == "client_2":
+            table.delivered(s, cold=True)
+        if s.client == "client_3":
+            table.delivered(s)                             # the platform did not say: no warm peer
+    assert table.warm_durations == {0: [1.0, 1.0]}
+    assert table.hedge_threshold(0) == 12.0               # all four peers: 1, 1, 8, 8
+    assert table.hedge_due() == []
+    clock.t += 4.1                                          # client_4 held 12.1 s
+    assert [s.client for s in table.hedge_due()] == ["client_4"]
+
+
 def test_a_straggler_past_the_threshold_is_hedged_exactly_once():
     clock = Clock()
     table = running_table(4, clock)
@@ -204,6 +246,48 @@ def test_async_hedges_a_straggling_job(tmp_path):
         own = [b for b in client_attempts(store, "s1", "client_3")
                if b["round"] == a["round"] and not b.get("hedge")]
         assert [b["state"] for b in own] == ["hedged"]
+
+
+def retried_straggler(tmp_path, warm: list[str], cold: list[str]):
+    """`warm` clients run 2 s on warm workers, `cold` ones 3 s on cold
+    workers (as the platform reports); client_4 crashes at once and its
+    retry (after the 0.5 s backoff) is held. Returns the store and the gap
+    between client_4's retry and its hedge, on the fake clock."""
+    def behave(fn, p, n):
+        if fn != "fl_client":
+            return "ok"
+        if p["client"] == "client_4":
+            if n == 1:
+                return Outcome("", False, ErrorClass.APPLICATION_ERROR, "the worker died")
+            return ("after", 100.0 if n == 2 else 1.0)
+        return ("after", 3.0 if p["client"] in cold else 2.0)
+
+    keeper, store, provider, _ = fake_keeper(tmp_path, behave, rounds=1, clients=5, per_round=5,
+                                             training=HEDGE_ON)
+    track = provider.track
+
+    def track_with_cold_flags(pending):
+        client_of = {f"act-{k}": p.get("client") for k, (_, p) in enumerate(provider.invoked, 1)}
+        return [dataclasses.replace(o, cold_start=client_of.get(o.platform_id) in cold) for o in track(pending)]
+
+    provider.track = track_with_cold_flags
+    assert keeper.start(session_id="s1").state == "finished"
+    mine = client_attempts(store, "s1", "client_4")
+    assert [(a["attempt"], a["state"], a.get("hedge", False)) for a in mine] == [
+        (1, "failed", False), (2, "hedged", False), (3, "succeeded", True)]
+    assert store.rounds_[("s1", 0)]["included"].count("client_4") == 1
+    return store, mine[2]["submitted"] - mine[1]["submitted"]
+
+
+def test_a_retry_held_past_the_warm_peers_is_hedged_although_cold_peers_ran_longer(tmp_path):
+    # Warm peers ran 2 s (threshold 3 s); with the cold ones (3 s) it would be 4.5 s.
+    _, gap = retried_straggler(tmp_path, ["client_0", "client_1", "client_2"], ["client_3"])
+    assert 3.0 <= gap < 4.5
+
+
+def test_with_too_few_warm_peers_a_retry_is_hedged_against_all_of_them(tmp_path):
+    _, gap = retried_straggler(tmp_path, ["client_0", "client_1"], ["client_2", "client_3"])
+    assert gap >= 4.5                                        # all peers: 2, 2, 3, 3 -> 3 s x 1.5
 
 
 def test_no_hedge_while_fewer_than_min_peers_delivered(tmp_path):

@@ -38,7 +38,11 @@ WAITING, SUBMITTING, RUNNING, DELIVERED, FAILED = "waiting", "submitting", "runn
 class HedgePolicy:
     """training.hedging as the state machine reads it: an attempt running
     past `factor` x the `percentile` of its round peers' durations, once
-    `min_peers` of them delivered, gets one speculative attempt."""
+    `min_peers` of them delivered, gets one speculative attempt. The peers
+    are those that ran on a warm worker once `min_peers` of them delivered:
+    a cold start (a retry after a crash, a worker loading its code) takes
+    seconds more than a warm run and would lift the threshold towards the
+    function limit, so a held attempt would not be hedged in time."""
 
     enabled: bool = False
     percentile: float = 0.9
@@ -52,10 +56,15 @@ class HedgePolicy:
             return cls()
         return cls(h.enabled, h.percentile, h.factor, h.min_peers)
 
-    def threshold(self, peer_durations: list[float]) -> float | None:
+    def threshold(self, peer_durations: list[float],
+                  warm_durations: list[float] | None = None) -> float | None:
         """Seconds past which a running attempt is hedged (None: not yet,
-        or hedging is off). Nearest-rank percentile: no interpolation, so
-        a handful of peers gives one of their own durations."""
+        or hedging is off), from the warm peers' durations when at least
+        min_peers of them delivered, else from all peers'. Nearest-rank
+        percentile: no interpolation, so a handful of peers gives one of
+        their own durations."""
+        if warm_durations is not None and len(warm_durations) >= self.min_peers:
+            peer_durations = warm_durations
         if not self.enabled or len(peer_durations) < self.min_peers:
             return None
         ordered = sorted(peer_durations)
@@ -144,7 +153,8 @@ class AttemptTable:
     KEEP_PEER_ROUNDS = 16   # rounds of peer durations kept (older stragglers are not hedged)
 
     def __init__(self, policy: RetryPolicy, clock: Clock, rng: random.Random | None = None,
-                 slots: Iterable[Slot] = (), peer_durations: dict[int, list[float]] | None = None):
+                 slots: Iterable[Slot] = (), peer_durations: dict[int, list[float]] | None = None,
+                 warm_durations: dict[int, list[float]] | None = None):
         self.policy = policy
         self.clock = clock
         self.rng = rng or random.Random()
@@ -156,6 +166,8 @@ class AttemptTable:
         # tables of one dispatcher, so a semi_async straggler moved to
         # another table is still measured against its round.
         self.peer_durations: dict[int, list[float]] = {} if peer_durations is None else peer_durations
+        # The same, of the attempts the platform said ran warm (HedgePolicy.threshold).
+        self.warm_durations: dict[int, list[float]] = {} if warm_durations is None else warm_durations
 
     def add(self, slot: Slot) -> Slot:
         self.slots[(slot.client, slot.round)] = slot
@@ -210,15 +222,24 @@ class AttemptTable:
         s.started_at = inv.submitted_at
         s.deadline = inv.submitted_at + timeout_s + self.policy.grace_s
 
-    def delivered(self, s: Slot, result: dict[str, Any] | None = None) -> None:
+    def delivered(self, s: Slot, result: dict[str, Any] | None = None, cold: bool | None = None) -> None:
+        """`cold`: whether the platform started a worker for the attempt
+        (None: it did not say; such a duration is no warm peer's)."""
         if s.state == RUNNING and s.started_at:
-            if s.round not in self.peer_durations:
-                for old in [r for r in self.peer_durations if r < s.round - self.KEEP_PEER_ROUNDS]:
-                    del self.peer_durations[old]
-            self.peer_durations.setdefault(s.round, []).append(self.clock() - s.started_at)
+            took = self.clock() - s.started_at
+            kept_in = [self.peer_durations] + ([self.warm_durations] if cold is False else [])
+            for durations in kept_in:
+                if s.round not in durations:
+                    for old in [r for r in durations if r < s.round - self.KEEP_PEER_ROUNDS]:
+                        del durations[old]
+                durations.setdefault(s.round, []).append(took)
         s.state, s.inv, s.result = DELIVERED, None, result
 
     # -------------------------------------------------------------- hedging
+    def hedge_threshold(self, round: int) -> float | None:
+        return self.policy.hedging.threshold(self.peer_durations.get(round, []),
+                                             self.warm_durations.get(round, []))
+
     def hedge_due(self) -> list[Slot]:
         """Running attempts past the hedging threshold of their round that
         have had no speculative attempt yet. Draws nothing from the rng:
@@ -232,7 +253,7 @@ class AttemptTable:
             if s.state != RUNNING or s.inv is None or s.hedges or s.hedge is not None:
                 continue
             if s.round not in limits:
-                limits[s.round] = self.policy.hedging.threshold(self.peer_durations.get(s.round, []))
+                limits[s.round] = self.hedge_threshold(s.round)
             limit = limits[s.round]
             if limit is not None and now - s.started_at > limit:
                 due.append(s)
@@ -258,13 +279,13 @@ class AttemptTable:
         h, s.hedge = s.hedge, None
         return h
 
-    def hedge_won(self, s: Slot, result: dict[str, Any] | None = None) -> Any:
+    def hedge_won(self, s: Slot, result: dict[str, Any] | None = None, cold: bool | None = None) -> Any:
         """The speculative attempt delivered first: it becomes the slot's
         attempt; returns the record id of the attempt it beat."""
         h, s.hedge = s.hedge, None
         loser = s.doc_id
         s.doc_id, s.cluster, s.started_at = h.doc_id, h.cluster, h.started_at
-        self.delivered(s, result)
+        self.delivered(s, result, cold)
         return loser
 
     def promote_hedge(self, s: Slot) -> bool:

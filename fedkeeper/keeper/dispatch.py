@@ -106,6 +106,7 @@ class Dispatcher:
         self._attempt_where: dict[Any, tuple[str, str, str]] = {}
         self.hedger = Hedger(self)   # speculative attempts; where they run: Hedger.where
         self.peer_durations: dict[int, list[float]] = {}   # shared by its tables (AttemptTable)
+        self.warm_durations: dict[int, list[float]] = {}
         # Kept for the dispatcher's life: starting threads for every submit
         # cost about 0.1 ms of keeper CPU per invocation (async top-ups
         # submit one or two clients at a time).
@@ -122,7 +123,7 @@ class Dispatcher:
         return list(self._invoke_pool.map(invoke, slots))
 
     def table(self, slots: Iterable[Slot] = ()) -> AttemptTable:
-        return AttemptTable(self.policy, self.clock, self.rng, slots, self.peer_durations)
+        return AttemptTable(self.policy, self.clock, self.rng, slots, self.peer_durations, self.warm_durations)
 
     def check_invocation_modes(self, clusters: Iterable[str]) -> None:
         """via_invoker needs a platform that tracks invocations by id alone:
@@ -317,7 +318,7 @@ class Dispatcher:
                     # A failed attempt whose client has an update stored
                     # (an earlier attempt landed late) needs no retry.
                     changes += self.hedger.own_attempt_delivered(s)
-                    table.delivered(s, out.result)
+                    table.delivered(s, out.result, out.cold_start)
                     continue
                 if table.promote_hedge(s):
                     continue  # its speculative attempt runs on as the slot's

@@ -1,7 +1,9 @@
 """Hedged re-invocation, as the I/O side of the attempt table's hedging.
 
 A client attempt running past `factor` x the `percentile` of its round
-peers' durations (training.hedging; the decision is `AttemptTable.hedge_due`)
+peers' durations (training.hedging; the decision is `AttemptTable.hedge_due`;
+the peers are the warm ones once min_peers of them delivered, see
+`HedgePolicy`)
 gets a speculative attempt (one at a time). The first result wins: the
 winner is the slot's delivered attempt, the other one is recorded as
 `hedged` (neither counted nor a failure). An update the loser still stores
@@ -131,7 +133,7 @@ class Hedger:
                         or s.counted + 1 >= table.policy.max_attempts or (s.client, s.round) in self._gave_up:
                     continue
                 if s.round not in limits:
-                    limits[s.round] = table.policy.hedging.threshold(table.peer_durations.get(s.round, []))
+                    limits[s.round] = table.hedge_threshold(s.round)
                 limit = limits[s.round]
                 if limit is not None and now - h.started_at > limit:
                     changes.append((s.doc_id, hedged_fields(now, GIVEN_UP)))
@@ -208,7 +210,7 @@ class Hedger:
                 duplicate = bool((out.result or {}).get("duplicate"))
                 if fields["state"] == "succeeded" and s.state == RUNNING and not duplicate:
                     hedge_doc = s.hedge.doc_id
-                    loser = table.hedge_won(s, out.result)
+                    loser = table.hedge_won(s, out.result, out.cold_start)
                     changes.append((hedge_doc, fields))
                     if loser is not None:
                         changes.append((loser, hedged_fields(self.d.clock())))
