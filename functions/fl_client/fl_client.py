@@ -10,7 +10,7 @@ from typing import Any
 import pymongo
 
 from flcommon import store
-from flcommon.context import database, global_model, ids, num_classes, partition_arrays, session_spec
+from flcommon.context import database, ids, num_classes, partition_arrays, session_spec, shared_global_model
 from flcommon.entry import BadRequest, require
 from flcommon.models import train
 from flcommon.privacy import local_dp_weights, masked_upload
@@ -31,7 +31,8 @@ def handle(payload: dict[str, Any], bound: dict[str, str]) -> dict[str, Any]:
         return {"num_examples": earlier.get("num_examples", 0), "metrics": earlier.get("metrics", {}),
                 "duplicate": True, "timings": {"load_ms": round((time.perf_counter() - t0) * 1000, 1),
                                                "train_ms": 0.0, "store_ms": 0.0}}
-    _, weights = global_model(db, session, rnd)
+    # read-only: the warm worker serves the same arrays to its next run
+    _, weights = shared_global_model(db, session, rnd)
     x, y = partition_arrays(db, session, client)
     t1 = time.perf_counter()
     seed = zlib.crc32(f"{spec.get('seed', 0)}/{rnd}/{client}".encode())

@@ -5,7 +5,9 @@ Warm workers keep what never changes: a session's spec (written once by the
 keeper before anything is invoked), its model's size (recorded once by
 fl_server_init) and data partitions (written once by
 fl_server_init, keyed by blob id, so a re-initialised session can never be
-served stale data). Global models and updates are read fresh every time.
+served stale data). A global model's blob is never rewritten either, so a
+client keeps the last one it decoded, by blob id (shared_global_model);
+which blob is a round's model, and updates, are read fresh every time.
 """
 from __future__ import annotations
 
@@ -18,12 +20,23 @@ import numpy as np
 
 from . import store
 from .entry import BadRequest, require
+from .lru import ByteLRU
 
 _specs: dict[tuple[int, str, str], dict[str, Any]] = {}
 _model_bytes: dict[tuple[int, str, str], int] = {}
 _parts: "OrderedDict[tuple[int, str, str], list[np.ndarray]]" = OrderedDict()
 _parts_bytes = 0
 _lock = threading.Lock()
+
+
+def _model_cache_limit() -> int:
+    # A warm client holds one global model between runs: the next one it
+    # decodes replaces it (shared_global_model). A model over this bound is
+    # read every time, as before.
+    return int(float(os.environ.get("FK_MODEL_CACHE_MB", "64")) * 1e6)
+
+
+_models = ByteLRU(_model_cache_limit())
 
 
 def _cache_limit() -> int:
@@ -79,6 +92,37 @@ def global_model(db, session: str, rnd: int) -> tuple[dict[str, Any], list[np.nd
     if doc is None:
         raise BadRequest(f"no global model for round {rnd} of session {session}")
     return doc, store.get_arrays(db, doc["blob_id"], max_bytes=model_bytes(db, session))
+
+
+def _read_only_views(arrays: list[np.ndarray]) -> list[np.ndarray]:
+    # A view of a read-only array cannot be made writeable again, so no
+    # caller can change what the next run is served; a view costs nothing.
+    views = []
+    for a in arrays:
+        v = a.view()
+        v.flags.writeable = False
+        views.append(v)
+    return views
+
+
+def shared_global_model(db, session: str, rnd: int) -> tuple[dict[str, Any], list[np.ndarray]]:
+    """global_model, its arrays read-only: served from the warm worker's
+    copy when its blob is the one decoded last, so a client of every round
+    reads one small document, not the model, after its first run."""
+    doc = db[store.MODELS].find_one({"session": session, "round": rnd})
+    if doc is None:
+        raise BadRequest(f"no global model for round {rnd} of session {session}")
+    key = (id(db.client), db.name, str(doc["blob_id"]))
+    arrays = _models.get(key)
+    if arrays is None:
+        # One model at a time: the last one goes before the next is decoded,
+        # so the worker never holds two of them for the cache's sake.
+        _models.clear()
+        arrays = store.get_arrays(db, doc["blob_id"], max_bytes=model_bytes(db, session))
+        for a in arrays:
+            a.flags.writeable = False
+        _models.put(key, arrays, sum(a.nbytes for a in arrays))
+    return doc, _read_only_views(arrays)
 
 
 def partition_arrays(db, session: str, client: str) -> list[np.ndarray]:
