@@ -51,10 +51,13 @@ STATE_FILE = "hosts.json"
 LOG_FILE = "function.log"
 START_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 5.0
-# Requests a function accepts at once unless its deployer says otherwise.
+# Requests the keeper sends a function at once when it does not know the
+# function's own capacity (capacity.py).
 DEFAULT_IN_FLIGHT = 64
 # Connections kept free beside the keeper's requests for liveness probes.
 PROBE_CONNECTIONS = 8
+# Requests a function accepts at once unless its deployer says otherwise.
+DEFAULT_ACCEPTED = 256 - PROBE_CONNECTIONS
 
 
 class HostError(RuntimeError):
@@ -143,7 +146,7 @@ class FrameworkHost:
 
     def serve(self, name: str, *, target: str, source_zip: bytes, sha256: str,
               env: Mapping[str, str], faults: Mapping[str, Any] | None = None,
-              threads: int = 8, in_flight: int = DEFAULT_IN_FLIGHT, timeout_s: float | None = None,
+              threads: int = 8, in_flight: int = DEFAULT_ACCEPTED, timeout_s: float | None = None,
               start_timeout_s: float = START_TIMEOUT_S) -> tuple[HostedFunction, bool]:
         """(hosted function, started): reuses a live process with the same
         source and configuration, else replaces it. `threads` requests run
