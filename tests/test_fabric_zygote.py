@@ -191,3 +191,35 @@ def test_forked_cells_draw_from_their_own_entropy():
             draws.append(float(f.read()))
         os.waitpid(pid, 0)
     assert draws[0] != draws[1]
+
+
+@pytest.fixture
+def sleeper():
+    """A process to watch as a forked cell is watched (by its pid only)."""
+    import subprocess
+    import sys
+    p = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    yield p
+    p.kill()
+    p.wait(timeout=10)
+
+
+def test_a_cell_whose_pidfd_another_thread_closed_is_taken_for_gone_and_its_reader_ends(sleeper):
+    import socket
+
+    from fedkeeper.local.fabric.workers import Worker
+    from fedkeeper.local.fabric.zygotes import ForkedProcess
+    cell = ForkedProcess(sleeper.pid)
+    assert cell.poll() is None
+    # the descriptor is closed under the handle, as by another thread
+    # between its check of the handle and its select
+    os.close(cell._pidfd)
+    assert cell.poll() is not None
+    # a worker's reader still ends (the scheduler then frees what it held)
+    w = Worker(None, runtime="light")
+    w.proc = ForkedProcess(sleeper.pid)
+    os.close(w.proc._pidfd)
+    w.sock, fabric_end = socket.socketpair()
+    fabric_end.close()
+    w.read_messages(lambda msg: None)
+    assert w.proc.returncode is not None

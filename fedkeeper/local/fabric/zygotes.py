@@ -46,11 +46,17 @@ MAX_ZYGOTE_MESSAGE = 64 * 1024
 class ForkedProcess:
     """The handle of a stem cell a zygote forked, in place of a Popen: its
     parent is the zygote (which reaps it), so the fabric watches it through
-    a pidfd, which names this process even once its pid is reused."""
+    a pidfd, which names this process even once its pid is reused.
+
+    Its worker's reader, the scheduler and the fabric's stop poll and kill
+    it from different threads: the pidfd is used and closed only under
+    `_lock`, so no thread selects on (or signals) a descriptor another has
+    just closed, or one the number was reused for since."""
 
     def __init__(self, pid: int):
         self.pid = pid
         self.returncode: int | None = None
+        self._lock = threading.Lock()
         self._pidfd: int | None = None
         with contextlib.suppress(AttributeError, OSError):
             self._pidfd = os.pidfd_open(pid)
@@ -58,36 +64,53 @@ class ForkedProcess:
             self.returncode = -signal.SIGKILL
 
     def poll(self) -> int | None:
-        if self.returncode is None:
-            gone = (select.select([self._pidfd], [], [], 0)[0] if self._pidfd is not None
-                    else not _alive(self.pid))
-            if gone:
-                self.returncode = -signal.SIGKILL   # its status went to its parent
-                self._close()
-        return self.returncode
+        with self._lock:
+            if self.returncode is None:
+                try:
+                    gone = (select.select([self._pidfd], [], [], 0)[0] if self._pidfd is not None
+                            else not _alive(self.pid))
+                except (OSError, ValueError):
+                    gone = True     # its pidfd is no longer usable: nothing left to watch it by
+                if gone:
+                    self.returncode = -signal.SIGKILL   # its status went to its parent
+                    self._close_locked()
+            return self.returncode
 
     def kill(self) -> None:
-        if self.poll() is not None:
-            return
-        with contextlib.suppress(ProcessLookupError, OSError):
-            if self._pidfd is not None:
-                signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
-            else:
-                os.kill(self.pid, signal.SIGKILL)
+        with self._lock:
+            if self.returncode is not None:
+                return
+            with contextlib.suppress(ProcessLookupError, OSError):
+                if self._pidfd is not None:
+                    signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
+                else:
+                    os.kill(self.pid, signal.SIGKILL)
 
     def wait(self, timeout: float | None = None) -> int:
         end = None if timeout is None else time.monotonic() + timeout
         while self.poll() is None:
-            if self._pidfd is not None:
-                left = None if end is None else max(0.0, end - time.monotonic())
-                select.select([self._pidfd], [], [], left)
+            left = None if end is None else max(0.0, end - time.monotonic())
+            with self._lock:
+                # a copy of the pidfd to wait on: another thread may close
+                # the original meanwhile
+                fd = None
+                if self._pidfd is not None:
+                    with contextlib.suppress(OSError):
+                        fd = os.dup(self._pidfd)
+            if fd is not None:
+                try:
+                    select.select([fd], [], [], left)
+                except (OSError, ValueError):
+                    pass
+                finally:
+                    os.close(fd)
             else:
                 time.sleep(0.01)
             if end is not None and time.monotonic() >= end and self.poll() is None:
                 raise subprocess.TimeoutExpired(f"pid {self.pid}", timeout)
         return self.returncode
 
-    def _close(self) -> None:
+    def _close_locked(self) -> None:
         fd, self._pidfd = self._pidfd, None
         if fd is not None:
             with contextlib.suppress(OSError):
