@@ -121,3 +121,17 @@ def test_a_following_combiner_stops_on_a_failed_round_and_checks_follow_s(fn_db)
     for bad in (0, -1, True, 1e9, "5"):
         out = call("fl_combiner", db, session=hier, round=0, cluster_name="alpha", follow_s=bad)
         assert "follow_s must be a number of seconds" in out["error"]
+
+
+def test_a_refused_update_the_round_does_not_list_needs_no_new_start(fn_db):
+    db = fn_db
+    flat, hier = _sessions(db, "fedavg")
+    listed = [c for c in CLIENTS if c != "client_1"]
+    updates = _updates(db, flat, CLIENTS)
+    updates[[c for c, _ in updates].index("client_1")] = ("client_1", [np.zeros(3, np.float32)])   # wrong shape
+    rnd_ = Round(db, (hier,), updates, listed)
+    folds: list[list[str]] = []
+    doc = _follow(db, hier, rnd_, folds=folds)
+    assert [c for fold in folds for c in fold] == ALPHA and folds[-1] == []   # nothing read twice
+    assert [c["client"] for c in doc["clients"]] == ["client_0", "client_2"]
+    assert db[fs.UPDATES].find_one({"session": hier, "client": "client_1"})["status"] == "rejected"

@@ -30,6 +30,7 @@ import time
 from typing import Any
 
 import numpy as np
+import pymongo
 
 from flcommon import store
 from flcommon.context import database, global_model, ids, session_spec
@@ -99,23 +100,31 @@ class Following:
         self.t0 = time.perf_counter()
 
     @property
+    def counted(self) -> set[str]:
+        return {a["client"] for a in self.accepted}
+
+    @property
     def seen(self) -> set[str]:
-        return {a["client"] for a in self.accepted} | set(self.refused)
+        return self.counted | set(self.refused)
 
     def fold(self, clients: list[str]) -> None:
         accepted, rejected = aggregate(self.db, self.session, self.rnd, [(c, self.rnd) for c in clients],
                                        self.weights, self.partial, self.exponent, use_partials=False)
         self.accepted += accepted
+        marks = [pymongo.UpdateOne({"session": self.session, "round": r["round"], "client": r["client"],
+                                    "status": {"$ne": "accepted"}},
+                                   {"$set": {"status": "rejected", "reason": r["reason"]}})
+                 for r in rejected if r["mark"]]
+        if marks:
+            self.db[store.UPDATES].bulk_write(marks, ordered=False)
         for r in rejected:
-            if r["mark"]:
-                self.db[store.UPDATES].update_one(
-                    {"session": self.session, "round": r["round"], "client": r["client"],
-                     "status": {"$ne": "accepted"}}, {"$set": {"status": "rejected", "reason": r["reason"]}})
             self.refused[r["client"]] = r
 
     def finish(self, listed: list[str]) -> dict[str, Any]:
         """Fold what `listed` names and was not folded yet, and store the partial."""
-        if self.seen - set(listed):   # folded an update the round does not list: start again
+        # Only a counted update the round does not list forces a new start:
+        # a refused one added nothing to the sum.
+        if self.counted - set(listed):
             self.restart()
         seen = self.seen
         self.fold([c for c in listed if c not in seen])
