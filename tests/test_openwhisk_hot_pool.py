@@ -184,3 +184,36 @@ def test_an_activation_listing_past_its_bound_is_refused_not_held(server_factory
         assert "more than 4096 bytes to GET /activations" in str(e.value) and "secretkey" not in str(e.value)
     finally:
         p.close()
+
+
+@pytest.mark.parametrize("answer", [
+    b"not json",
+    b"[" * 100000,                                    # nested past the parser's depth
+    b'[{"activationId": ["x"]}, {"activationId": "a1", "response": "no"}, 7]',
+])
+def test_a_bad_activation_listing_is_a_platform_error_or_skipped_never_a_traceback(server_factory, tmp_path,
+                                                                                    answer):
+    from scripted_http import json_answer
+    srv = server_factory(lambda conn, req: "answer" if req == 0 else json_answer(200, answer))
+    cfg = OpenWhiskCluster(base_url=srv.url, auth={"ow_auth": "u:secretkey"})
+    p = OpenWhiskProvider("ow-scripted", cfg, ProviderContext(state_dir=tmp_path))
+    try:
+        inv = p.invoke("act", {})
+        try:
+            out = p.track([inv])
+        except ProviderError as exc:
+            assert exc.error_class == ErrorClass.PLATFORM_ERROR and "no valid JSON" in str(exc)
+        else:
+            assert answer.startswith(b"[{") and out == []
+    finally:
+        p.close()
+
+
+def test_an_activation_record_of_the_wrong_shape_is_a_failed_outcome():
+    from fedkeeper.providers.openwhisk.errors import activation_outcome
+    out = activation_outcome({"activationId": "a1", "response": "no"})
+    assert not out.ok and out.error_class == ErrorClass.PLATFORM_ERROR
+    out = activation_outcome({"activationId": "a2", "duration": "long", "annotations": [["k"], {"key": 1}],
+                              "response": {"status": "action developer error", "statusCode": [1],
+                                           "result": {"error": "x" * 10000}, "size": "big"}})
+    assert out.duration_ms is None and out.error_class == ErrorClass.DEVELOPER_ERROR and len(out.error) == 2000

@@ -77,29 +77,48 @@ def status_error(where: str, status: int, data: bytes | str | None, what: str,
     return ProviderError(ErrorClass.APPLICATION_ERROR, msg, status=status)
 
 
+# Longest error text kept from an activation record (the rest is cut).
+MAX_ERROR_CHARS = 2000
+
+
+def _number(v: Any) -> float | None:
+    return v if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+
+
 def activation_outcome(rec: dict) -> Outcome:
-    """An activation record as an Outcome, its status mapped onto ErrorClass."""
-    resp = rec.get("response") or {}
-    status = resp.get("status") or _STATUS_BY_CODE.get(resp.get("statusCode", rec.get("statusCode")))
+    """An activation record as an Outcome, its status mapped onto ErrorClass.
+    The record comes from the controller: fields of the wrong type are
+    dropped, and a record without a response object is a platform error."""
+    aid = rec.get("activationId")
+    aid = aid if isinstance(aid, str) else ""
+    resp = rec.get("response")
+    if not isinstance(resp, dict):
+        return Outcome(platform_id=aid, ok=False, error_class=ErrorClass.PLATFORM_ERROR,
+                       error="the activation record has no response")
+    code = resp.get("statusCode", rec.get("statusCode"))
+    status = resp.get("status") or (_STATUS_BY_CODE.get(code) if isinstance(code, int) else None)
     result = resp.get("result")
     if result is not None and not isinstance(result, dict):
         result = {"value": result}
-    ann = {a.get("key"): a.get("value") for a in rec.get("annotations") or () if isinstance(a, dict)}
-    start = rec.get("start")
-    end = rec.get("end")
-    init_ms = ann.get("initTime")
-    out = Outcome(platform_id=rec.get("activationId", ""), ok=status == "success", result=result,
-                  start=start / 1000.0 if isinstance(start, (int, float)) else None,
-                  end=end / 1000.0 if isinstance(end, (int, float)) and end else None,
-                  duration_ms=rec.get("duration"), wait_ms=ann.get("waitTime"), init_ms=init_ms,
-                  cold_start=init_ms is not None,
-                  result_bytes=int(resp.get("size") or (len(json.dumps(result)) if result else 0)))
+    annotations = rec.get("annotations")
+    ann = {a["key"]: a.get("value") for a in annotations
+           if isinstance(a, dict) and isinstance(a.get("key"), str)} if isinstance(annotations, list) else {}
+    start = _number(rec.get("start"))
+    end = _number(rec.get("end"))
+    init_ms = _number(ann.get("initTime"))
+    size = _number(resp.get("size"))
+    out = Outcome(platform_id=aid, ok=status == "success", result=result,
+                  start=start / 1000.0 if start is not None else None,
+                  end=end / 1000.0 if end else None,
+                  duration_ms=_number(rec.get("duration")), wait_ms=_number(ann.get("waitTime")),
+                  init_ms=init_ms, cold_start=init_ms is not None,
+                  result_bytes=int(size) if size else (len(json.dumps(result)) if result else 0))
     if out.ok:
         return out
     err = result.get("error") if isinstance(result, dict) else None
     if err is not None and not isinstance(err, str):
         err = json.dumps(err)
-    out.error = err or status or "failed"
+    out.error = (err or (status if isinstance(status, str) else None) or "failed")[:MAX_ERROR_CHARS]
     if status == "application error":
         out.error_class = ErrorClass.APPLICATION_ERROR
     elif status == "action developer error":

@@ -63,6 +63,7 @@ MAX_PAGES = 25             # pages per poll (5,000 records); the per-id fallback
 # past these bounds is refused before it is held whole.
 HOT_ANSWER_MAX_BYTES = 2 * 1024 * 1024
 LIST_PAGE_MAX_BYTES = 32 * 1024 * 1024
+MAX_ACTIVATION_ID = 64     # OpenWhisk's are 32 hex digits
 CPU_SHARE = 0.10           # tracking may use this share of one core
 MIN_POLL_S = 0.005
 MAX_POLL_S = 0.25
@@ -176,6 +177,15 @@ class OpenWhiskProvider(Provider):
         except (http.client.HTTPException, OSError) as exc:
             raise transport_error(self._where(), exc) from None
 
+    def _json_answer(self, r: HotResponse, what: str) -> Any:
+        """A controller's JSON answer, or a platform error naming what was
+        asked (never a traceback from a bad answer)."""
+        try:
+            return json.loads(r.data)
+        except (ValueError, RecursionError):
+            raise ProviderError(ErrorClass.PLATFORM_ERROR,
+                                f"{what}: {self._where()} answered {r.status} with no valid JSON") from None
+
     def _sample_clock(self, resp, received: float) -> None:
         if self._offset_known:
             return
@@ -276,12 +286,12 @@ class OpenWhiskProvider(Provider):
         if r.status == 202 or r.status == 200:
             aid = r.headers.get("x-openwhisk-activation-id")
             if not aid:
-                try:
-                    aid = json.loads(r.data)["activationId"]
-                except (ValueError, KeyError, TypeError):
+                answer = self._json_answer(r, f"invoking {name}")
+                aid = answer.get("activationId") if isinstance(answer, dict) else None
+                if not isinstance(aid, str) or not aid or len(aid) > MAX_ACTIVATION_ID:
                     raise ProviderError(ErrorClass.PLATFORM_ERROR,
                                         f"invoking {name}: {self._where()} answered {r.status} "
-                                        "without an activation id") from None
+                                        "without an activation id")
             self._sample_clock(r, received)
             with self._lock:
                 self._issued[aid] = submitted
@@ -340,13 +350,15 @@ class OpenWhiskProvider(Provider):
             r = self._hot("GET", base + urlencode(params), max_bytes=LIST_PAGE_MAX_BYTES)
             if r.status != 200:
                 raise self._status_error(r.status, r.data, "listing activations", r.headers)
-            page = json.loads(r.data)
+            page = self._json_answer(r, "listing activations")
             if not isinstance(page, list):
                 raise ProviderError(ErrorClass.PLATFORM_ERROR,
                                     f"listing activations: {self._where()} answered a non-list")
             with self._lock:
                 for rec in page:
                     aid = rec.get("activationId") if isinstance(rec, dict) else None
+                    if not isinstance(aid, str):
+                        continue
                     if aid in want:
                         out.append(activation_outcome(rec))
                         del want[aid]
@@ -368,7 +380,11 @@ class OpenWhiskProvider(Provider):
             asked += 1
             r = self._hot("GET", f"/activations/{quote(aid, safe='')}")
             if r.status == 200:
-                out.append(activation_outcome(json.loads(r.data)))
+                rec = self._json_answer(r, "reading an activation")
+                if not isinstance(rec, dict):
+                    raise ProviderError(ErrorClass.PLATFORM_ERROR,
+                                        f"reading an activation: {self._where()} answered a non-object")
+                out.append(activation_outcome(rec))
                 del want[aid]
                 with self._lock:
                     self._forget(aid)
