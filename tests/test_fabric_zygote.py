@@ -223,3 +223,33 @@ def test_a_cell_whose_pidfd_another_thread_closed_is_taken_for_gone_and_its_read
     fabric_end.close()
     w.read_messages(lambda msg: None)
     assert w.proc.returncode is not None
+
+
+def test_a_dead_zygote_is_started_again_after_a_growing_delay_a_bounded_number_of_times(monkeypatch, tmp_path):
+    from fedkeeper.local.fabric import zygotes
+    started = []
+
+    def start(z, log_path, cwd):   # a zygote that starts without a process
+        started.append(z)
+        z.state = "ready"
+    monkeypatch.setattr(zygotes.Zygote, "start", start)
+    now = [0.0]
+    zs = zygotes.Zygotes(clock=lambda: now[0])
+    get = lambda: zs.get("light", ("numpy",), tmp_path / "z.log", str(tmp_path))  # noqa: E731
+    first = get()
+    assert first is started[0] and get() is first
+    for delay in zs.RESTART_DELAYS_S:
+        started[-1].state = "dead"          # a fork answered too late
+        assert get() is None                # stem cells start as their own processes meanwhile
+        assert [z["state"] for z in zs.describe()] == ["dead"]
+        now[0] += delay - 1
+        assert get() is None
+        now[0] += 1
+        again = get()
+        assert again is started[-1] and again.state == "ready" and len(started) >= 2
+    assert len(started) == 1 + len(zs.RESTART_DELAYS_S)
+    # one death more than it has restarts for: the runtime keeps plain processes
+    started[-1].state = "dead"
+    now[0] += 10 ** 6
+    assert get() is None and get() is None
+    assert len(started) == 1 + len(zs.RESTART_DELAYS_S)

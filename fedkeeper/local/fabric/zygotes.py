@@ -25,6 +25,7 @@ import subprocess
 import threading
 import time
 from pathlib import Path
+from typing import Callable
 
 from ...runtimes.isolation import runtime_command
 from ..supervisor import minimal_env
@@ -142,6 +143,7 @@ class Zygote:
         self.spawned = time.time()
         self.init_ms: float | None = None
         self.forks = 0
+        self.death_counted = False       # by Zygotes, once it is dead
 
     def start(self, log_path: Path, cwd: str) -> None:
         """Start the process (raises OSError); it loads its modules meanwhile."""
@@ -228,28 +230,57 @@ class Zygote:
 
 
 class Zygotes:
-    """The fabric's zygotes, one per runtime, started on first need."""
+    """The fabric's zygotes, one per runtime, started on first need. A
+    zygote that died (a fork answered late on a loaded machine is enough)
+    is started again on a later need, RESTART_DELAYS_S[n] seconds after its
+    n-th death, stem cells starting as their own processes meanwhile; once
+    those are spent, the runtime's stem cells stay processes of their own."""
+    RESTART_DELAYS_S = (10.0, 60.0, 300.0)
 
-    def __init__(self):
+    def __init__(self, clock: Callable[[], float] = time.monotonic):
         self.by_runtime: dict[str | None, Zygote] = {}
         self.lock = threading.Lock()
+        self._clock = clock
+        self._deaths: dict[str | None, int] = {}          # zygotes of the runtime seen dead
+        self._retry_at: dict[str | None, float] = {}      # when the last one died, plus its delay
 
     def get(self, runtime: str | None, modules: tuple[str, ...], log_path: Path, cwd: str) -> Zygote | None:
         """The runtime's zygote, started now if there is none running; None
-        when it cannot start (or died: the fabric then starts stem cells as
-        their own processes)."""
+        when it cannot start, or died and is not due to start again yet (the
+        fabric then starts stem cells as their own processes)."""
         with self.lock:  # held while it starts: another caller must not fork a zygote not yet started
             z = self.by_runtime.get(runtime)
+            if z is not None and z.state == "dead" and not self._restart_due_locked(runtime, z):
+                return None
+            if z is not None and z.state != "dead":
+                return z
             if z is not None:
-                return z if z.state != "dead" else None
+                z.stop()
+                log.info("starting the %s zygote again", runtime)
             z = self.by_runtime[runtime] = Zygote(runtime, modules)
             try:
                 z.start(log_path, cwd)
             except OSError as exc:
                 log.warning("the %s zygote did not start (%s): stem cells start as their own processes",
                             runtime, exc)
+                self._restart_due_locked(runtime, z)
                 return None
         return z
+
+    def _restart_due_locked(self, runtime: str | None, dead: Zygote) -> bool:
+        """Whether the runtime's dead zygote `dead` is to be started again
+        now; counts its death the first time it is seen."""
+        if not dead.death_counted:
+            dead.death_counted = True
+            n = self._deaths[runtime] = self._deaths.get(runtime, 0) + 1
+            if n <= len(self.RESTART_DELAYS_S):
+                self._retry_at[runtime] = self._clock() + self.RESTART_DELAYS_S[n - 1]
+            else:
+                self._retry_at[runtime] = float("inf")
+                log.warning("the %s zygote died %d times: its stem cells start as their own processes",
+                            runtime, n)
+            return False
+        return self._clock() >= self._retry_at[runtime]
 
     def stop(self, runtime: str | None = None) -> None:
         """Stop one runtime's zygote (a running one is started again on next
