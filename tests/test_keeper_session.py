@@ -281,3 +281,15 @@ def test_semi_async_closes_at_quorum_and_a_stragglers_update_joins_a_later_round
     assert len(joined) == 1 and joined[0]["round"] > 0
     assert store.updates_[("s1", 0, "client_3")]["status"] == "accepted"
     assert len([a for a in client_attempts(store, "s1") if a["client"] == "client_3" and a["round"] == 0]) == 1
+
+
+def test_a_finished_session_lets_its_invoke_threads_go(tmp_path):
+    import threading
+    keeper, store, provider, _ = fake_keeper(tmp_path, rounds=2)
+    before = {t.ident for t in threading.enumerate()}
+    assert keeper.start(session_id="s1").state == "finished"
+    assert keeper.dispatcher._invoke_pool is None
+    left = [t for t in threading.enumerate() if t.ident not in before and t.name.startswith("fk-invoke")]
+    for t in left:
+        t.join(timeout=5)
+    assert not [t for t in left if t.is_alive()]

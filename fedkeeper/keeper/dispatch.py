@@ -122,6 +122,13 @@ class Dispatcher:
                                                    thread_name_prefix="fk-invoke")
         return list(self._invoke_pool.map(invoke, slots))
 
+    def close(self) -> None:
+        """Let the invoke threads go (a sweep runs many keepers in one
+        process); the pool starts again if this dispatcher is used again."""
+        pool, self._invoke_pool = self._invoke_pool, None
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
+
     def table(self, slots: Iterable[Slot] = ()) -> AttemptTable:
         return AttemptTable(self.policy, self.clock, self.rng, slots, self.peer_durations, self.warm_durations)
 

@@ -160,6 +160,7 @@ class Keeper:
             raise ServiceLost(session, f"cluster {exc.cluster}", exc.reason, self.resume_hint(session)) from None
         finally:
             self.events.observers.remove(csv)
+            self.dispatcher.close()
 
     def _open(self, resume: str | None, session_id: str | None) -> str:
         if resume:
