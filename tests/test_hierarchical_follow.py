@@ -46,7 +46,10 @@ def _updates(db, sid, clients, seed=7):
     return [(c, [(w + rng.standard_normal(w.shape) * 0.1).astype(w.dtype) for w in base]) for c in clients]
 
 
-def _follow(db, sid, rnd_, cluster="alpha", follow_s=60.0, folds=None):
+def _follow(db, sid, rnd_, cluster="alpha", follow_s=60.0, folds=None, selected=CLIENTS):
+    # What the keeper writes as the round starts: the clients it selected.
+    db[fs.ROUNDS].update_one({"session": sid, "round": 0}, {"$set": {"selected": selected, "state": "running"}},
+                             upsert=True)
     mod = load("fl_combiner")
     if folds is not None:   # what each fold reads, in order
         real = mod.aggregate
@@ -135,3 +138,14 @@ def test_a_refused_update_the_round_does_not_list_needs_no_new_start(fn_db):
     assert [c for fold in folds for c in fold] == ALPHA and folds[-1] == []   # nothing read twice
     assert [c["client"] for c in doc["clients"]] == ["client_0", "client_2"]
     assert db[fs.UPDATES].find_one({"session": hier, "client": "client_1"})["status"] == "rejected"
+
+
+def test_a_following_combiner_looks_only_for_the_rounds_selected_clients_of_its_cluster(fn_db):
+    db = fn_db
+    flat, hier = _sessions(db, "fedavg")
+    selected = ["client_0", "client_2", "client_3"]   # client_1 is not in this round
+    rnd_ = Round(db, (hier,), _updates(db, flat, CLIENTS), selected)   # ... yet an update of it is stored
+    folds: list[list[str]] = []
+    doc = _follow(db, hier, rnd_, folds=folds, selected=selected)
+    assert [c for fold in folds for c in fold] == ["client_0", "client_2"]
+    assert [c["client"] for c in doc["clients"]] == ["client_0", "client_2"]

@@ -70,6 +70,17 @@ def _listed(db, session: str, rnd: int, cluster: str, clusters: dict[str, Any]) 
     return list(dict.fromkeys(c for c in included if isinstance(c, str) and clusters.get(c) == cluster))
 
 
+def _selected(db, session: str, rnd: int, cluster: str, clusters: dict[str, Any]) -> list[str]:
+    """The clients of `cluster` selected for round `rnd` (the round document
+    has them before any follower starts): the only ones whose updates a
+    follower looks for, whatever the number of clients the session has."""
+    rdoc = db[store.ROUNDS].find_one({"session": session, "round": rnd}, {"selected": 1}) or {}
+    selected = rdoc.get("selected")
+    if not isinstance(selected, list):
+        return []
+    return list(dict.fromkeys(c for c in selected if isinstance(c, str) and clusters.get(c) == cluster))
+
+
 def cluster_clients(db, session: str, rnd: int, cluster: str) -> list[str]:
     """The clients of `cluster` listed for round `rnd`'s aggregation."""
     listed = _listed(db, session, rnd, cluster, _clusters(db, session))
@@ -142,7 +153,7 @@ def follow(db, session: str, rnd: int, cluster: str, weights: list[np.ndarray], 
     lists its clients (then store the partial and return its document) or
     `follow_s` passes (then return None: nothing is stored)."""
     clusters = _clusters(db, session)
-    members = sorted(c for c, where in clusters.items() if where == cluster)
+    members = _selected(db, session, rnd, cluster, clusters)
     run = Following(db, session, rnd, cluster, weights, exponent)
     until, pause = clock() + follow_s, POLL_S[0]
     while True:
@@ -154,9 +165,9 @@ def follow(db, session: str, rnd: int, cluster: str, weights: list[np.ndarray], 
             return None
         seen = run.seen
         waiting = [c for c in members if c not in seen]
-        arrived = sorted(d["client"] for d in db[store.UPDATES].find(
-            {"session": session, "round": rnd, "client": {"$in": waiting}, "status": "received"},
-            {"client": 1})) if waiting else []
+        arrived = sorted(d["client"] for d in store.find_in(
+            db[store.UPDATES], {"session": session, "round": rnd, "status": "received"}, "client", waiting,
+            {"client": 1}))
         if arrived:
             run.fold(arrived)
             pause = POLL_S[0]
