@@ -253,3 +253,59 @@ def test_a_dead_zygote_is_started_again_after_a_growing_delay_a_bounded_number_o
     now[0] += 10 ** 6
     assert get() is None and get() is None
     assert len(started) == 1 + len(zs.RESTART_DELAYS_S)
+
+
+def test_a_stopped_zygote_ends_a_waiting_fork_is_reaped_and_its_socket_closed(sleeper):
+    import socket
+    import threading
+
+    from fedkeeper.local.fabric.zygotes import Zygote
+    # a fork waiting for the import when the zygote is stopped
+    z = Zygote("light", ("numpy",))
+    z.proc = sleeper
+    z.sock, zygote_end = socket.socketpair()
+    errors = []
+
+    def fork():
+        cell, other = socket.socketpair()
+        try:
+            z.fork(cell)
+        except OSError as exc:
+            errors.append(exc)
+        finally:
+            cell.close()
+            other.close()
+    t = threading.Thread(target=fork, daemon=True)
+    t.start()
+    wait_for(lambda: z.lock.locked(), 10)
+    sock = z.sock
+    z.stop()
+    t.join(timeout=20)
+    assert not t.is_alive() and errors and z.state == "dead"
+    assert sock.fileno() == -1 and z.sock is None
+    assert sleeper.returncode == -signal.SIGKILL    # reaped, not left a zombie
+    zygote_end.close()
+
+
+def test_a_zygote_whose_fork_fails_is_reaped():
+    import socket
+    import subprocess
+    import sys
+
+    from fedkeeper.local.fabric.zygotes import Zygote
+    z = Zygote("light", ("numpy",))
+    z.proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        z.state = "ready"
+        z.sock, zygote_end = socket.socketpair()
+        zygote_end.close()          # the zygote hung up
+        cell, other = socket.socketpair()
+        with pytest.raises(OSError):
+            z.fork(cell)
+        cell.close()
+        other.close()
+        assert z.state == "dead" and z.sock is None
+        assert z.proc.returncode == -signal.SIGKILL
+    finally:
+        z.proc.kill()
+        z.proc.wait(timeout=10)

@@ -39,6 +39,8 @@ WORKER_SCRIPT = str(Path(__file__).with_name("worker.py"))
 # processes of their own.
 LOAD_TIMEOUT_S = 600.0
 FORK_TIMEOUT_S = 30.0
+# Longest wait for a killed zygote to be reaped (or for a fork to let go of it).
+STOP_WAIT_S = 5.0
 _HDR_SIZE = 4
 # a zygote's answers are a few dozen bytes of JSON
 MAX_ZYGOTE_MESSAGE = 64 * 1024
@@ -211,17 +213,32 @@ class Zygote:
             with contextlib.suppress(OSError):
                 self.sock.close()
             self.sock = None
-        if self.proc is not None and self.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                self.proc.kill()
+        if self.proc is not None:
+            if self.proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    self.proc.kill()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(timeout=STOP_WAIT_S)   # reaped: no zombie left till the fabric stops
 
     def stop(self) -> None:
-        # not under self.lock: a fork waiting for the import must not hold
-        # the stop back; killing the process ends that wait
+        """Kill the zygote, close its socket and reap it."""
+        # A fork waiting for the import holds self.lock: the kill ends that
+        # wait (its socket's other end closes), and the shutdown ends any
+        # other, so the lock is free soon after.
         if self.proc is not None and self.proc.poll() is None:
             with contextlib.suppress(ProcessLookupError):
                 self.proc.kill()
-        self.state = "dead"
+        sock = self.sock
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+        if self.lock.acquire(timeout=STOP_WAIT_S):
+            try:
+                self._stop_locked()
+            finally:
+                self.lock.release()
+        else:
+            self.state = "dead"
 
     def describe(self) -> dict:
         return {"runtime": self.runtime, "pid": self.proc.pid if self.proc else None, "state": self.state,
@@ -294,10 +311,6 @@ class Zygotes:
                 gone = [z] if z is not None else []
         for z in gone:
             z.stop()
-        for z in gone:
-            if z.proc is not None:
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    z.proc.wait(timeout=5)
 
     def describe(self) -> list[dict]:
         with self.lock:
