@@ -6,9 +6,13 @@ seconds of CPU on a small machine, for every worker), and the pages of the
 modules stay shared between the cells until one writes them.
 
 Forking is safe here because the zygote only imports: it runs no action
-code and no TensorFlow op, so it holds no thread pool, session or lock for
-a child to inherit half-taken. A zygote that cannot start or dies leaves
-the fabric starting stem cells as separate processes, as before.
+code and no TensorFlow op, so it holds no session, and no lock of an action
+for a child to inherit half-taken. Its imports do start threads of their
+own: numpy's OpenBLAS starts its thread pool on import, and handles a fork
+itself (it stops the pool before a fork; parent and child start it again
+when they next need it). A zygote that cannot start or dies leaves the
+fabric starting stem cells as separate processes until it is started
+again (Zygotes).
 
 A zygote is the fabric's own machinery, as an invoker's image cache is, so
 its memory is not counted against the user memory (its stem cells are)."""
