@@ -134,9 +134,6 @@ class FakeStore:
     def delivered_clients(self, sid, rnd):
         return {c for (s, r, c) in self.updates_ if (s, r) == (sid, rnd)}
 
-    def has_update(self, sid, rnd, client):
-        return (sid, rnd, client) in self.updates_
-
     def clients_with_updates(self, sid, rnd, clients):
         return {c for c in clients if (sid, rnd, c) in self.updates_}
 

@@ -199,7 +199,7 @@ def test_keeper_queries_answer_from_the_store(store: Store):
     assert set(store.attempts_by_id([1, 3])) == {1, 3}
     for rnd, client in ((0, "client_0"), (1, "client_1"), (1, "client_2"), (2, "client_0")):
         store.db[fs.UPDATES].insert_one({"session": "s", "round": rnd, "client": client, "status": "received"})
-    assert store.has_update("s", 1, "client_2") and not store.has_update("s", 0, "client_2")
+    assert store.clients_with_updates("s", 1, ["client_2", "client_0"]) == {"client_2"}
     assert sorted(store.received_updates("s", 1, 2)) == [("client_1", 1), ("client_2", 1)]
     assert store.count_received_updates("s", 0, 2) == 3
     store.mark_updates_stale("s", 1)

@@ -194,10 +194,6 @@ class Store:
         return self._run(lambda: {d["client"] for d in self.db[fs.UPDATES].find(
             {"session": session, "round": rnd}, {"client": 1})})
 
-    def has_update(self, session: str, rnd: int, client: str) -> bool:
-        return self._run(self.db[fs.UPDATES].find_one, {"session": session, "round": rnd, "client": client},
-                         {"_id": 1}) is not None
-
     def clients_with_updates(self, session: str, rnd: int, clients: Sequence[str]) -> set[str]:
         """Which of `clients` have an update stored for round `rnd`: one
         query per fs.IN_SLICE clients, however many ask."""
