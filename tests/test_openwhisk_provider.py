@@ -168,7 +168,7 @@ def test_remote_provider_against_the_fabric(local, state):
     try:
         assert p.exists("echo")
         invs = [p.invoke("echo", {"i": i}) for i in range(20)]
-        assert p._offset_lo is not None and p._offset_lo <= 0.001  # learnt from Date headers
+        assert p._clock.offset_lo is not None and p._clock.offset_lo <= 0.001  # learnt from Date headers
         outs = track_all(p, invs)
         assert [o.result["args"]["i"] for o in outs] == list(range(20))
     finally:

@@ -35,7 +35,6 @@ sent in a header only; it never appears in a URL, a message or a log line.
 """
 from __future__ import annotations
 
-import email.utils
 import http.client
 import json
 import logging
@@ -49,6 +48,7 @@ import requests
 from ..base import (Artifact, DeployResult, ErrorClass, FunctionSpec, Invocation, Outcome, Provider,
                     ProviderContext, ProviderError, UploadPlan)
 from . import metrics, packaging
+from .clock import ControllerClock
 from .errors import activation_outcome, status_error, transport_error
 from .http import BodyTooLarge, HotResponse, connections
 from ..prometheus import ClusterMetrics
@@ -70,7 +70,6 @@ MAX_POLL_S = 0.25
 FALLBACK_AFTER_S = 10.0    # ask for an id by itself once it is this old and unlisted
 FALLBACK_MAX_S = 120.0
 FALLBACK_PER_CALL = 4
-UNKNOWN_SKEW_S = 300.0     # window before any Date header told the controller's clock
 CONTROL_TIMEOUT = (5.0, 120.0)
 HOT_CONNECT_TIMEOUT_S = 5.0
 HOT_READ_TIMEOUT_S = 30.0
@@ -114,10 +113,7 @@ class OpenWhiskProvider(Provider):
         self._fallback_at: dict[str, float] = {}
         self._next_poll = 0.0
         self._poll_cost = 0.0
-        # Lower bound of (controller clock - keeper clock), seconds.
-        self._offset_lo: float | None = clock_offset
-        self._offset_known = clock_offset is not None
-        self._next_date_sample = 0.0
+        self._clock = ControllerClock(clock_offset)
 
     def _url(self, path: str) -> str:
         return self.api_host + self._prefix + path
@@ -185,27 +181,6 @@ class OpenWhiskProvider(Provider):
         except (ValueError, RecursionError):
             raise ProviderError(ErrorClass.PLATFORM_ERROR,
                                 f"{what}: {self._where()} answered {r.status} with no valid JSON") from None
-
-    def _sample_clock(self, resp, received: float) -> None:
-        if self._offset_known:
-            return
-        mono = time.monotonic()
-        if mono < self._next_date_sample:
-            return
-        self._next_date_sample = mono + 1.0
-        date = resp.headers.get("Date")
-        if not date:
-            return
-        try:
-            server = email.utils.parsedate_to_datetime(date).timestamp()
-        except (TypeError, ValueError):
-            return
-        # The controller's clock read at least `server` when it answered, and
-        # that was no later than `received` on ours.
-        bound = server - received
-        with self._lock:
-            if self._offset_lo is None or bound > self._offset_lo:
-                self._offset_lo = bound
 
     # ------------------------------------------------------------------ control plane
     def deploy(self, spec: FunctionSpec, artifact: Artifact) -> DeployResult:
@@ -292,7 +267,7 @@ class OpenWhiskProvider(Provider):
                     raise ProviderError(ErrorClass.PLATFORM_ERROR,
                                         f"invoking {name}: {self._where()} answered {r.status} "
                                         "without an activation id")
-            self._sample_clock(r, received)
+            self._clock.sample(r.headers, received)
             with self._lock:
                 self._issued[aid] = submitted
             return Invocation(function=name, platform_id=aid, submitted_at=submitted,
@@ -328,19 +303,8 @@ class OpenWhiskProvider(Provider):
                                                                      self._poll_cost / CPU_SHARE))
         return out
 
-    def _since_ms(self, want: dict[str, Invocation]) -> int:
-        oldest = min(inv.submitted_at for inv in want.values())
-        with self._lock:
-            off = self._offset_lo
-        if off is None:
-            off = -UNKNOWN_SKEW_S
-        # Same host: exact to the ms; otherwise a little slack for the
-        # rounding of epoch milliseconds on both sides.
-        slack = 0.001 if self._offset_known else 0.25
-        return int((oldest + off - slack) * 1000)
-
     def _poll_list(self, want: dict[str, Invocation], out: list[Outcome]) -> None:
-        params: dict[str, Any] = {"docs": "true", "limit": LIST_PAGE, "since": self._since_ms(want)}
+        params: dict[str, Any] = {"docs": "true", "limit": LIST_PAGE, "since": self._clock.since_ms(min(inv.submitted_at for inv in want.values()))}
         names = {inv.function for inv in want.values()}
         if len(names) == 1:
             params["name"] = next(iter(names))
