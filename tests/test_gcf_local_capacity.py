@@ -94,3 +94,15 @@ def test_memory_bounds_what_runs_and_the_rest_waits_at_the_host(provider):
     # queued at the host, not refused: every request ran
     assert all(o.ok for o in outs), [o.error for o in outs if not o.ok][:3]
     assert max(o.result["peak"] for o in outs) == running
+
+
+def test_a_function_keeps_the_invoker_of_its_first_call(provider):
+    # first called with its capacity unknown (deployed by an older keeper):
+    # its calls are tracked by the cluster's invoker, so a redeploy that
+    # makes the capacity known must not move later lookups to a new invoker
+    # that never saw the calls still in flight
+    first = provider._invoker_for("f")
+    provider._caps["f"] = 100
+    assert provider._invoker_for("f") is first is provider._invoker
+    provider._caps["g"] = 100
+    assert provider._invoker_for("g") is not provider._invoker

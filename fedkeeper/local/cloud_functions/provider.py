@@ -46,13 +46,15 @@ class LocalCloudFunctionsProvider(CloudFunctionsProvider):
 
     def _invoker_for(self, name: str) -> HttpInvoker:
         cap = self._caps.get(name)
-        if not cap:
-            return self._invoker
         with self._invokers_lock:
-            # Made at the function's first call: its calls are tracked by the
-            # invoker that made them, so a redeploy with another capacity
-            # takes effect for the next provider (the next keeper command).
+            # Fixed at the function's first call: its calls are tracked by
+            # the invoker that made them, so a function first called with an
+            # unknown capacity stays on the cluster's invoker, and a redeploy
+            # with another capacity takes effect for the next provider (the
+            # next keeper command).
             inv = self._invokers.get(name)
+            if inv is None and not cap:
+                inv = self._invokers[name] = self._invoker
             if inv is None:
                 inv = self._invokers[name] = HttpInvoker(
                     max_workers=cap, auth_headers=self._auth_headers,
@@ -148,7 +150,8 @@ class LocalCloudFunctionsProvider(CloudFunctionsProvider):
         with self._invokers_lock:
             invokers, self._invokers = list(self._invokers.values()), {}
         for invoker in invokers:
-            invoker.close()
+            if invoker is not self._invoker:     # super().close() closed it
+                invoker.close()
         # The last open provider of the cluster stops its processes, unless
         # local services are kept (ctx.keep_local_services): a later keeper
         # process reuses them then, and `remove` or `fedkeeper fabric down`
