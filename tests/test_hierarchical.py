@@ -265,8 +265,9 @@ class RecordingDispatch:
         import types
         self.calls, self.follow = [], follow or {}
         self.platforms = types.SimpleNamespace(spec=lambda cluster, fn: types.SimpleNamespace(timeout_s=300.0))
+        self.policy = types.SimpleNamespace(grace_s=10.0)
 
-    def call(self, cluster, session, rnd, function, **payload):
+    def call(self, cluster, session, rnd, function, stop=None, **payload):
         from fedkeeper.keeper.errors import SessionError
         self.calls.append((cluster, function, payload))
         if "follow_s" in payload:

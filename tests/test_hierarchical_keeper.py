@@ -13,7 +13,7 @@ import pytest
 
 from fedkeeper.keeper import Keeper, SessionError, SessionInterrupted
 from fedkeeper.runtime import Runtime
-from fedkeeper.providers import Outcome
+from fedkeeper.providers import ErrorClass, Outcome
 from keeper_fakes import FakeClock, FakeProvider, fake_config, fake_keeper
 
 
@@ -97,3 +97,31 @@ def test_each_round_starts_a_following_combiner_and_waits_for_its_partial(tmp_pa
     assert [(p["round"], "follow_s" in p) for p in combiner_calls] == [(0, True), (1, True)]   # none after the close
     assert seen == [("partial", 0), ("aggregator", 0), ("partial", 1), ("aggregator", 1)]
     assert store.session("h1")["spec"]["aggregation"] == "hierarchical"
+
+
+def _follower_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith("fl_combiner-follow-")]
+
+
+def test_a_round_that_fails_its_quorum_leaves_no_follower_retrying(tmp_path):
+    ended = threading.Event()
+
+    def behave(function, payload, n):
+        if function == "fl_client":
+            return Outcome("", False, ErrorClass.DEVELOPER_ERROR, "boom")
+        if function == "fl_combiner":
+            ended.wait(10)   # still following when the round fails (real time, bounded)
+            return Outcome("p", False, ErrorClass.PLATFORM_ERROR, "round 0 failed: there is nothing to combine")
+        return "ok"
+
+    keeper, store, provider, _ = fake_keeper(tmp_path, behave, rounds=2, clients=4, per_round=4,
+                                             training="aggregation: hierarchical\n")
+    assert keeper.start(session_id="h1").state == "failed"
+    ended.set()
+    for t in _follower_threads():
+        t.join(10)
+    assert not _follower_threads()
+    # The attempt under way when the round failed ends; no other is made.
+    combiner = [a for a in store.attempts("h1", 0) if a["function"] == "fl_combiner"]
+    assert [a["attempt"] for a in combiner] == [1]
+

@@ -15,11 +15,14 @@ updates as they arrive and finishes once the round lists its clients, so
 that what the round pays after its last update is the few updates not
 folded yet, the partials and the top level, not a read of every update.
 A follower that ends without a partial (the round outlasted half its time
-limit, or it failed) is replaced by a combiner run once the round closed."""
+limit, or it failed) is replaced by a combiner run once the round closed.
+Once the round closes (or fails, or the session ends) a follower makes no
+further attempt, and the keeper waits for one at most the attempt it is in."""
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Iterable
 
@@ -54,8 +57,13 @@ class Following:
 
     def __init__(self, dispatch: Dispatcher, session: str, rnd: int, clusters: Iterable[str]):
         self.results: dict[str, dict[str, Any]] = {}
+        self.stopped = threading.Event()   # set: no follower makes another attempt
+        clusters = sorted(set(clusters))
+        # The longest one attempt of a follower can take (as the dispatcher waits for it).
+        self.attempt_s = max((dispatch.platforms.spec(c, COMBINER).timeout_s for c in clusters), default=0.0) \
+            + dispatch.policy.grace_s
         self._threads = [threading.Thread(target=self._follow, args=(dispatch, session, rnd, cluster), daemon=True,
-                                          name=f"{COMBINER}-follow-{cluster}") for cluster in sorted(set(clusters))]
+                                          name=f"{COMBINER}-follow-{cluster}") for cluster in clusters]
         for t in self._threads:
             t.start()
 
@@ -63,6 +71,7 @@ class Following:
         try:
             follow_s = dispatch.platforms.spec(cluster, COMBINER).timeout_s * FOLLOW_SHARE
             self.results[cluster] = dispatch.call(cluster, session, rnd, COMBINER, slot_name=_slot(cluster),
+                                                  stop=self.stopped,
                                                   cluster_name=cluster, follow_s=round(follow_s, 3))
         except Exception as exc:  # noqa: BLE001 - a follower only saves time: whatever ends it, the
             # combiner runs once the round closes (a lost cluster is the round's own loop to report)
@@ -72,10 +81,19 @@ class Following:
 
     def join(self) -> dict[str, dict[str, Any]]:
         """Each cluster's result, once every follower has ended (the round
-        lists its clients before this is called, so they end soon)."""
+        lists its clients before this is called, so they end soon). None
+        starts another attempt: a combiner run on the closed round replaces
+        it. One still running after an attempt's time (the combiner's
+        timeout + grace) is left behind, as a failed one."""
+        self.stopped.set()
+        until = time.monotonic() + self.attempt_s
         for t in self._threads:
-            t.join()
+            t.join(max(0.0, until - time.monotonic()))
         return dict(self.results)
+
+    def abandon(self) -> None:
+        """The round failed or the session ends: no follower makes another attempt."""
+        self.stopped.set()
 
 
 def follow_round(dispatch: Dispatcher, session: str, rnd: int, selected: list[str],

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import random
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Iterable, Sequence
@@ -369,12 +370,15 @@ class Dispatcher:
 
     # ------------------------------------------------------------------ helper calls
     def call(self, cluster: str, session: str, rnd: int, function: str, *, slot_name: str | None = None,
+             stop: threading.Event | None = None,
              **args: Any) -> dict[str, Any]:
         """Invoke a helper function (init, aggregator, invoker) and wait, with
         the same bounded retries; every attempt is recorded. A resumed keeper
         continues the attempt numbering of the one it replaces. `slot_name`
         (default `_<function>`) names its attempt records: calls of one
-        function made in parallel (one combiner per cluster) each need their own."""
+        function made in parallel (one combiner per cluster) each need their own.
+        A call made off the keeper's thread may be given a `stop` event:
+        once set, no further attempt is made."""
         provider = self.platforms.provider(cluster)
         spec = self.platforms.spec(cluster, function)
         name = slot_name or f"_{function}"
@@ -382,6 +386,9 @@ class Dispatcher:
         slot = Slot(name, cluster, rnd, attempt=before, uncounted=before, function=function)
         table = self.table([slot])
         while True:
+            if stop is not None and stop.is_set():
+                raise SessionError(f"{function} for round {shown(rnd)} was abandoned after {slot.counted} "
+                                   "attempt(s)")
             table.begin([slot])
             payload = self.platforms.payload(function=function, session=session, round=rnd, client=None,
                                              attempt=slot.attempt, **args)

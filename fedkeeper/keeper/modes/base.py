@@ -79,7 +79,9 @@ class RoundMode(ABC):
         """Abandon the attempts still running when the session ends, finished
         or failed. An interrupted keeper (Ctrl-C, a crash, a lost service)
         leaves them as kill -9 would, `running`, so that --resume adopts them
-        instead of invoking their clients again while they still run."""
+        instead of invoking their clients again while they still run.
+        Combiners still following a round (one that failed, or any when the
+        keeper is interrupted) make no further attempt, whatever ends it."""
         try:
             yield
         except SessionError:
@@ -87,6 +89,12 @@ class RoundMode(ABC):
             raise
         else:
             self.stop_tracking("the session ended")
+        finally:
+            self.stop_following()
+
+    def stop_following(self) -> None:
+        while self.following:
+            self.following.popitem()[1].abandon()
 
     def stop_tracking(self, why: str) -> None:
         slots = [s for s in self.running() if s.state == RUNNING]
