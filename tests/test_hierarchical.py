@@ -267,8 +267,9 @@ class RecordingDispatch:
         self.platforms = types.SimpleNamespace(spec=lambda cluster, fn: types.SimpleNamespace(timeout_s=300.0))
         self.policy = types.SimpleNamespace(grace_s=10.0)
 
-    def call(self, cluster, session, rnd, function, stop=None, **payload):
+    def call(self, cluster, session, rnd, function, rng=None, stop=None, **payload):
         from fedkeeper.keeper.errors import SessionError
+        assert rng is not None   # combiners run off the round loop: their backoffs draw from their own
         self.calls.append((cluster, function, payload))
         if "follow_s" in payload:
             how = self.follow.get(cluster, "partial")

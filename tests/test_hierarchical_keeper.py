@@ -6,6 +6,7 @@ another setting is refused with one line naming both, before anything is
 invoked)."""
 from __future__ import annotations
 
+import random
 import threading
 import time
 
@@ -125,3 +126,27 @@ def test_a_round_that_fails_its_quorum_leaves_no_follower_retrying(tmp_path):
     combiner = [a for a in store.attempts("h1", 0) if a["function"] == "fl_combiner"]
     assert [a["attempt"] for a in combiner] == [1]
 
+
+class _DrawsByThread(random.Random):
+    def __init__(self, seed):
+        super().__init__(seed)
+        self.threads: set[str] = set()
+
+    def random(self):
+        self.threads.add(threading.current_thread().name)
+        return super().random()
+
+
+def test_a_followers_retries_draw_no_backoff_from_the_keepers_generator(tmp_path):
+    def behave(function, payload, n):
+        if function == "fl_combiner" and n == 1:
+            return Outcome("p", False, ErrorClass.PLATFORM_ERROR, "a platform hiccup")
+        return "ok"
+
+    keeper, store, provider, _ = fake_keeper(tmp_path, behave, rounds=1, clients=4, per_round=4,
+                                             training="aggregation: hierarchical\n")
+    keeper.dispatcher.rng = draws = _DrawsByThread(3)
+    assert keeper.start(session_id="h1").state == "finished"
+    attempts = [a["attempt"] for a in store.attempts("h1", 0) if a["function"] == "fl_combiner"]
+    assert attempts[:2] == [1, 2]   # the follower retried ...
+    assert not any(name.startswith("fl_combiner") for name in draws.threads)   # ... on a generator of its own

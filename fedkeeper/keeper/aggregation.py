@@ -17,10 +17,15 @@ folded yet, the partials and the top level, not a read of every update.
 A follower that ends without a partial (the round outlasted half its time
 limit, or it failed) is replaced by a combiner run once the round closed.
 Once the round closes (or fails, or the session ends) a follower makes no
-further attempt, and the keeper waits for one at most the attempt it is in."""
+further attempt, and the keeper waits for one at most the attempt it is in.
+
+Combiners run off the round loop's thread, so each draws its backoffs from
+its own generator, seeded by session, round and cluster: the dispatcher's
+seeded one keeps the round loop's backoffs repeatable."""
 from __future__ import annotations
 
 import logging
+import random
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -50,6 +55,11 @@ def _slot(cluster: str) -> str:
     return f"_{COMBINER}@{cluster}"
 
 
+def _backoffs(session: str, rnd: int, slot: str) -> random.Random:
+    """A combiner's own backoff generator, the same in every run."""
+    return random.Random(f"{session}/{rnd}/{slot}")
+
+
 class Following:
     """The combiners following one round, one per cluster, each in a daemon
     thread (an interrupted keeper does not wait for them; a follower the
@@ -71,7 +81,7 @@ class Following:
         try:
             follow_s = dispatch.platforms.spec(cluster, COMBINER).timeout_s * FOLLOW_SHARE
             self.results[cluster] = dispatch.call(cluster, session, rnd, COMBINER, slot_name=_slot(cluster),
-                                                  stop=self.stopped,
+                                                  rng=_backoffs(session, rnd, _slot(cluster)), stop=self.stopped,
                                                   cluster_name=cluster, follow_s=round(follow_s, 3))
         except Exception as exc:  # noqa: BLE001 - a follower only saves time: whatever ends it, the
             # combiner runs once the round closes (a lost cluster is the round's own loop to report)
@@ -122,7 +132,8 @@ def combine_clusters(dispatch: Dispatcher, session: str, rnd: int, clients: list
         # After a follower, a slot of its own: this call is no retry of it.
         slot = _slot(cluster) if done is None else f"{_slot(cluster)}/closed"
         try:
-            return cluster, dispatch.call(cluster, session, rnd, COMBINER, slot_name=slot, cluster_name=cluster)
+            return cluster, dispatch.call(cluster, session, rnd, COMBINER, slot_name=slot,
+                                          rng=_backoffs(session, rnd, slot), cluster_name=cluster)
         except SessionError as exc:
             log.warning("combiner of cluster %s failed; the aggregator reads its %d update(s) itself: %s",
                         cluster, len(members), exc)

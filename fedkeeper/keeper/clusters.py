@@ -10,6 +10,7 @@ after a bounded wait with `ClusterLost`, which leaves the session resumable.
 from __future__ import annotations
 
 import logging
+import threading
 from typing import Any, Callable, Iterable
 
 from ..providers import Invocation, ProviderError
@@ -29,12 +30,17 @@ class ClusterWatch:
         # When this keeper restarted a cluster's local service: what was
         # submitted before is unknown to the new one.
         self.restarted_at: dict[str, float] = {}
+        # Combiners report from their own threads while the round loop does:
+        # one report at a time, so that one outage restarts a service once.
+        self._lock = threading.RLock()
 
     def may_probe(self, cluster: str) -> bool:
-        return self.health.may_probe(cluster)
+        with self._lock:
+            return self.health.may_probe(cluster)
 
     def next_probe(self, cluster: str) -> float:
-        return self.health.next_probe(cluster)
+        with self._lock:
+            return self.health.next_probe(cluster)
 
     def _emit(self, cluster: str, state: str, message: str) -> None:
         self.events.emit("service", service=f"cluster {cluster}", state=state, message=message)
@@ -42,6 +48,10 @@ class ClusterWatch:
     def failed(self, cluster: str, error: str) -> None:
         """The cluster did not answer (tracking or invoking). Raises
         ClusterLost once it has been gone for longer than the patience."""
+        with self._lock:
+            self._failed(cluster, error)
+
+    def _failed(self, cluster: str, error: str) -> None:
         # Every provider answers restart_local_service (False: it owns none).
         verdict = self.health.failed(cluster, error, can_restart=True)
         outage = self.health.down[cluster]
@@ -69,13 +79,15 @@ class ClusterWatch:
                 self.health.restarted(cluster)
 
     def answered(self, cluster: str) -> None:
-        outage = self.health.ok(cluster)
+        with self._lock:
+            outage = self.health.ok(cluster)
         if outage is not None:
             log.warning("cluster %s answers again after %.0fs", cluster, self.clock() - outage.since)
             self._emit(cluster, "back", "")
 
     def lost_by_restart(self, cluster: str, pending: Iterable[Invocation]) -> set[str]:
-        since = self.restarted_at.get(cluster)
+        with self._lock:
+            since = self.restarted_at.get(cluster)
         if since is None:
             return set()
         return {inv.platform_id for inv in pending if inv.submitted_at < since}
@@ -83,5 +95,7 @@ class ClusterWatch:
     def check(self) -> None:
         """Raise ClusterLost for a cluster still unreachable: a round that
         failed while one was gone failed because of it, and stays resumable."""
-        for cluster, outage in self.health.down.items():
+        with self._lock:
+            down = list(self.health.down.items())
+        for cluster, outage in down:
             raise ClusterLost(cluster, f"no answer for {self.clock() - outage.since:.0f}s: {outage.error}")

@@ -130,8 +130,9 @@ class Dispatcher:
         if pool is not None:
             pool.shutdown(wait=False, cancel_futures=True)
 
-    def table(self, slots: Iterable[Slot] = ()) -> AttemptTable:
-        return AttemptTable(self.policy, self.clock, self.rng, slots, self.peer_durations, self.warm_durations)
+    def table(self, slots: Iterable[Slot] = (), rng: random.Random | None = None) -> AttemptTable:
+        return AttemptTable(self.policy, self.clock, rng or self.rng, slots, self.peer_durations,
+                            self.warm_durations)
 
     def check_invocation_modes(self, clusters: Iterable[str]) -> None:
         """via_invoker needs a platform that tracks invocations by id alone:
@@ -370,21 +371,22 @@ class Dispatcher:
 
     # ------------------------------------------------------------------ helper calls
     def call(self, cluster: str, session: str, rnd: int, function: str, *, slot_name: str | None = None,
-             stop: threading.Event | None = None,
+             rng: random.Random | None = None, stop: threading.Event | None = None,
              **args: Any) -> dict[str, Any]:
         """Invoke a helper function (init, aggregator, invoker) and wait, with
         the same bounded retries; every attempt is recorded. A resumed keeper
         continues the attempt numbering of the one it replaces. `slot_name`
         (default `_<function>`) names its attempt records: calls of one
         function made in parallel (one combiner per cluster) each need their own.
-        A call made off the keeper's thread may be given a `stop` event:
-        once set, no further attempt is made."""
+        A call made off the keeper's thread passes its own `rng` for its
+        backoffs (the dispatcher's seeded one stays the round loop's) and may
+        be given a `stop` event: once set, no further attempt is made."""
         provider = self.platforms.provider(cluster)
         spec = self.platforms.spec(cluster, function)
         name = slot_name or f"_{function}"
         before = self.store.last_attempt(session, rnd, name)
         slot = Slot(name, cluster, rnd, attempt=before, uncounted=before, function=function)
-        table = self.table([slot])
+        table = self.table([slot], rng)
         while True:
             if stop is not None and stop.is_set():
                 raise SessionError(f"{function} for round {shown(rnd)} was abandoned after {slot.counted} "
