@@ -3,8 +3,8 @@
 Invokes clients (directly or through fl_invoker), tracks them in batches,
 records every attempt as a store document (written before the invocation,
 so a killed keeper leaves a trace of everything it may have started), calls
-the helper functions (init, aggregator, invoker) with the same bounded
-retries, redeploys a missing function, and keeps a cluster that stopped
+the helper functions (init, aggregator, invoker; helper_calls.py) with the
+same bounded retries, redeploys a missing function, and keeps a cluster that stopped
 answering from flooding the log: it is asked again with a capped backoff,
 its local service is restarted when its provider owns one, and it is given
 up (ClusterLost) after a bounded wait.
@@ -22,13 +22,15 @@ from bson import ObjectId
 
 from flcommon.auth import signed
 
-from ..providers import ErrorClass, Invocation, Outcome, ProviderError
+from ..providers import ErrorClass, Invocation, ProviderError
 from ..runtime import Placement
 from .attempts import RUNNING, AttemptTable, RetryPolicy, Slot
 from .clusters import ClusterWatch
 from .errors import SessionError
-from .events import RoundEvents, shown
+from .events import RoundEvents
 from .hedging import Hedger
+from .helper_calls import call_helper
+from .outcomes import outcome_fields, succeeded
 
 log = logging.getLogger("fedkeeper.keeper")
 
@@ -62,28 +64,6 @@ class Platforms:
 
     def payload(self, **ids: Any) -> dict[str, Any]:
         return signed(self.rt.secret, ids)
-
-
-def succeeded(out: Outcome) -> bool:
-    return out.ok and not (out.result or {}).get("error")
-
-
-def outcome_fields(out: Outcome, now: float) -> dict[str, Any]:
-    """An outcome as the fields of its attempt document."""
-    fields: dict[str, Any] = {
-        "platform_id": out.platform_id or None,
-        "state": "succeeded" if succeeded(out) else "failed",
-        "error_class": out.error_class.value if out.error_class else None,
-        "error": out.error or (out.result or {}).get("error"),
-        "start": out.start, "end": out.end, "duration_ms": out.duration_ms,
-        "wait_ms": out.wait_ms, "init_ms": out.init_ms, "cold_start": out.cold_start,
-        "finished": now,
-    }
-    res = out.result or {}
-    summary = {k: res[k] for k in ("num_examples", "metrics", "timings", "duplicate") if k in res}
-    if summary:
-        fields["result"] = summary
-    return fields
 
 
 class Dispatcher:
@@ -373,52 +353,7 @@ class Dispatcher:
     def call(self, cluster: str, session: str, rnd: int, function: str, *, slot_name: str | None = None,
              rng: random.Random | None = None, stop: threading.Event | None = None,
              **args: Any) -> dict[str, Any]:
-        """Invoke a helper function (init, aggregator, invoker) and wait, with
-        the same bounded retries; every attempt is recorded. A resumed keeper
-        continues the attempt numbering of the one it replaces. `slot_name`
-        (default `_<function>`) names its attempt records: calls of one
-        function made in parallel (one combiner per cluster) each need their own.
-        A call made off the keeper's thread passes its own `rng` for its
-        backoffs (the dispatcher's seeded one stays the round loop's) and may
-        be given a `stop` event: once set, no further attempt is made."""
-        provider = self.platforms.provider(cluster)
-        spec = self.platforms.spec(cluster, function)
-        name = slot_name or f"_{function}"
-        before = self.store.last_attempt(session, rnd, name)
-        slot = Slot(name, cluster, rnd, attempt=before, uncounted=before, function=function)
-        table = self.table([slot], rng)
-        while True:
-            if stop is not None and stop.is_set():
-                raise SessionError(f"{function} for round {shown(rnd)} was abandoned after {slot.counted} "
-                                   "attempt(s)")
-            table.begin([slot])
-            payload = self.platforms.payload(function=function, session=session, round=rnd, client=None,
-                                             attempt=slot.attempt, **args)
-            doc = {"_id": ObjectId(), "session": session, "round": rnd, "client": slot.client,
-                   "attempt": slot.attempt, "cluster": cluster, "platform": provider.platform,
-                   "function": function, "memory_mb": spec.memory_mb, "state": "submitting",
-                   "submitted": self.clock()}
-            self.insert_attempts([doc])
-            try:
-                out = provider.call(function, payload, timeout_s=spec.timeout_s + self.policy.grace_s)
-            except ProviderError as exc:
-                out = Outcome(platform_id="", ok=False, error_class=exc.error_class, error=str(exc),
-                              retry_after=exc.retry_after)
-            self.update_attempts([(doc["_id"], outcome_fields(out, self.clock()))])
-            if out.ok and out.result and "error" not in out.result:
-                self.clusters.answered(cluster)
-                return out.result
-            error = out.error or (out.result or {}).get("error") or "failed"
-            reached = out.error_class != ErrorClass.UNREACHABLE
-            if reached:
-                log.warning("%s round %d attempt %d failed: %s", function, shown(rnd), slot.attempt, error)
-            verdict = table.failed(slot, out.error_class, error, out.retry_after, reached=reached)
-            if not reached:
-                self.clusters.failed(cluster, error)
-                slot.next_try = max(slot.next_try, self.clusters.next_probe(cluster))
-            if verdict.redeploy:
-                self.platforms.redeploy(cluster, function)
-            if not verdict.retry:
-                raise SessionError(f"{function} failed for round {shown(rnd)} after {slot.counted} "
-                                   f"attempt(s): {error}")
-            self.sleep(max(0.0, slot.next_try - self.clock()))
+        """Invoke a helper function (init, aggregator, combiner, invoker) and
+        wait for it, with the same bounded retries (helper_calls.py)."""
+        return call_helper(self, cluster, session, rnd, function, slot_name=slot_name, rng=rng, stop=stop,
+                           **args)
