@@ -11,7 +11,7 @@ import pytest
 
 from fedkeeper.keeper.attempts import DELIVERED, RUNNING, AttemptTable, HedgePolicy, RetryPolicy, Slot
 from fedkeeper.keeper.hedging import Hedger
-from fedkeeper.providers import ErrorClass, Invocation, Outcome
+from fedkeeper.providers import ErrorClass, Invocation, Outcome, ProviderError
 from keeper_fakes import fake_keeper
 
 HEDGING = HedgePolicy(enabled=True, percentile=0.9, factor=1.5, min_peers=3)
@@ -460,3 +460,29 @@ def test_an_older_attempt_is_given_up_once_per_client_and_round(tmp_path):
     # #2 is not given up again: no fourth attempt, #2 (held 40 s) delivers first.
     assert [(a["attempt"], a["state"], a.get("hedge", False)) for a in mine] == [
         (1, "hedged", False), (2, "succeeded", True), (3, "hedged", True)]
+
+
+def test_a_hedge_its_cluster_did_not_answer_costs_no_attempt(tmp_path):
+    # The first hedge is refused as unreachable: nothing ran, so it is no
+    # attempt of the client's; the straggler is hedged again and still has
+    # the attempts to win.
+    def behave(fn, p, n):
+        if fn != "fl_client":
+            return "ok"
+        if p["client"] != "client_3":
+            return ("after", 1.0)
+        if n == 1:
+            return ("after", 100.0)
+        if n == 2:
+            return ProviderError(ErrorClass.UNREACHABLE, "connection refused")
+        return ("after", 1.0)
+
+    keeper, store, provider, clock = fake_keeper(tmp_path, behave, rounds=1,
+                                                 training=HEDGE_ON)   # max_attempts: 3
+    assert keeper.start(session_id="s1").state == "finished"
+    mine = client_attempts(store, "s1", "client_3")
+    assert [(a["attempt"], a["state"], a.get("hedge", False)) for a in mine] == [
+        (1, "hedged", False), (2, "hedged", True), (3, "succeeded", True)]
+    assert mine[1]["error_class"] == "unreachable" and mine[1].get("hedge")
+    rd = store.rounds_[("s1", 0)]
+    assert rd["included"].count("client_3") == 1 and rd["failed"] == 0

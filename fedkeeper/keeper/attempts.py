@@ -279,6 +279,13 @@ class AttemptTable:
         h, s.hedge = s.hedge, None
         return h
 
+    def hedge_not_started(self, s: Slot) -> Hedge | None:
+        """The speculative attempt never reached its cluster (unreachable):
+        it counts against nothing, and the straggler may be hedged again."""
+        h = self.hedge_dropped(s)
+        s.hedges -= 1
+        return h
+
     def hedge_won(self, s: Slot, result: dict[str, Any] | None = None, cold: bool | None = None) -> Any:
         """The speculative attempt delivered first: it becomes the slot's
         attempt; returns the record id of the attempt it beat."""

@@ -41,7 +41,7 @@ from typing import Any, Sequence
 
 from bson import ObjectId
 
-from ..providers import ProviderError
+from ..providers import ErrorClass, ProviderError
 from .attempts import RUNNING, AttemptTable, Slot
 
 log = logging.getLogger("fedkeeper.keeper")
@@ -112,6 +112,8 @@ class Hedger:
         for table, s in due:
             self._again_at.pop((s.client, s.round), None)
             cluster = self.where(s, running)
+            if not self.d.clusters.may_probe(cluster):
+                continue        # every cluster it could run on is down for now
             running[cluster] = running.get(cluster, 0) + 1
             self._start_one(session, table, s, cluster)
 
@@ -138,8 +140,9 @@ class Hedger:
                 if limit is not None and now - h.started_at > limit:
                     changes.append((s.doc_id, hedged_fields(now, GIVEN_UP)))
                     table.promote_hedge(s)
-                    if len(self._gave_up) > 4096:   # slots long settled
-                        self._gave_up.clear()
+                    if len(self._gave_up) > 4096:   # keep the map small: drop settled rounds
+                        oldest = min((x.round for t in tables for x in t), default=s.round)
+                        self._gave_up = {k for k in self._gave_up if k[1] >= oldest}
                     self._gave_up.add((s.client, s.round))
         if changes:
             self.d.update_attempts(changes)
@@ -173,7 +176,14 @@ class Hedger:
         try:
             inv = provider.invoke("fl_client", payload)
         except ProviderError as exc:
-            self._failed(table, s)
+            if exc.error_class == ErrorClass.UNREACHABLE:
+                # Nothing ran: the cluster's health pays for it (the next
+                # hedge goes elsewhere while it is down), not the
+                # straggler's attempts.
+                table.hedge_not_started(s)
+                self.d.clusters.failed(cluster, str(exc))
+            else:
+                self._failed(table, s)
             self.d.update_attempts([(h.doc_id, {**hedged_fields(self.d.clock(), f"not started: {exc}"),
                                                 "error_class": exc.error_class.value})])
             return
