@@ -56,7 +56,8 @@ class RetryConfig(Strict):
 class HedgingConfig(Strict):
     """training.hedging: an attempt running past `factor` times the
     `percentile` of its round peers' durations (once `min_peers` of them
-    delivered) gets one speculative attempt; the first result wins."""
+    delivered; of its warm peers only, once that many warm ones did) gets
+    one speculative attempt; the first result wins."""
 
     enabled: bool = False
     percentile: float = Field(0.9, gt=0, le=1)
