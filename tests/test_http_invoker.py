@@ -146,3 +146,24 @@ def test_each_answer_is_collected_once_and_unknown_ids_are_lost(server_factory):
         assert invoker.in_flight() == 0
     finally:
         invoker.close()
+
+
+def test_answers_nobody_collects_are_dropped_after_a_while(server_factory, monkeypatch):
+    # an attempt the keeper gave up is never asked for again: its answer
+    # must not be held for the invoker's life
+    monkeypatch.setattr(http_invoke, "UNCOLLECTED_CHECK_AT", 2)
+    srv = server_factory(lambda conn, req: json_answer(200, b'{"ok": true}'))
+    invoker = HttpInvoker(max_workers=2)
+    try:
+        given_up = [invoker.submit("fn", f"{srv.url}/fn", {"i": i}, timeout_s=5) for i in range(3)]
+        deadline = time.monotonic() + IO_TIMEOUT_S
+        while len(invoker._finished) < 3 and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert len(invoker._finished) == 3
+        monkeypatch.setattr(http_invoke, "UNCOLLECTED_S", 0.0)
+        kept = invoker.submit("fn", f"{srv.url}/fn", {"i": 9}, timeout_s=5)
+        assert outcome_of(invoker, kept).ok
+        assert not any(i.platform_id in invoker._futures for i in given_up)
+        assert "not tracked" in invoker.done(given_up[:1])[0].error
+    finally:
+        invoker.close()

@@ -42,6 +42,11 @@ AuthHeaders = Callable[[str], Mapping[str, str]]
 #: results are small JSON dicts (references, metrics); anything bigger is a
 #: broken function, not something to buffer in the keeper
 MAX_RESULT_BYTES = 4 * 1024 * 1024
+# An answer not collected this long after it came belongs to an attempt the
+# keeper gave up (it collects within a tracking pass); looked for once more
+# than this many answers wait.
+UNCOLLECTED_S = 600.0
+UNCOLLECTED_CHECK_AT = 256
 #: connecting is separate from the function's own run time: a loopback or
 #: regional endpoint that does not accept a connection within this is down
 CONNECT_TIMEOUT_S = 10.0
@@ -189,9 +194,10 @@ class HttpInvoker:
         self._sessions: list[requests.Session] = []
         self._lock = threading.Lock()
         self._futures: dict[str, Future] = {}
-        # the finished ones among them, not collected yet: `done` looks up
-        # each pending id here instead of asking every future (a lock each)
-        self._finished: dict[str, Future] = {}
+        # the finished ones among them, not collected yet, with when they
+        # finished: `done` looks up each pending id here instead of asking
+        # every future (a lock each)
+        self._finished: dict[str, tuple[Future, float]] = {}
         # url -> (pool of its origin, path) or None (through a proxy)
         self._routes: dict[str, tuple[KeepAlivePool, str] | None] = {}
         self._origins: dict[tuple[str, str, int | None], KeepAlivePool] = {}
@@ -214,6 +220,8 @@ class HttpInvoker:
         fut = self._pool.submit(self._run, url, body, dict(headers or {}), timeout_s)
         with self._lock:
             self._futures[pid] = fut
+            if len(self._finished) > UNCOLLECTED_CHECK_AT:
+                self._drop_uncollected()
         fut.add_done_callback(lambda f, pid=pid: self._finish(pid, f))
         return Invocation(function=function, platform_id=pid, submitted_at=submitted,
                           payload_bytes=len(body))
@@ -322,7 +330,16 @@ class HttpInvoker:
     def _finish(self, pid: str, fut: Future) -> None:
         with self._lock:
             if self._futures.get(pid) is fut:
-                self._finished[pid] = fut
+                self._finished[pid] = (fut, time.monotonic())
+
+    def _drop_uncollected(self) -> None:
+        """Answers nobody asked for long after they came (the keeper gave
+        their attempts up: abandoned at a round's close, lost to a hedge)
+        are dropped, so that a long session does not hold every one."""
+        old = time.monotonic() - UNCOLLECTED_S
+        for pid in [p for p, (_, at) in self._finished.items() if at < old]:
+            del self._finished[pid]
+            del self._futures[pid]
 
     def done(self, pending: Sequence[Invocation]) -> list[Outcome]:
         """Outcomes of the finished ones among `pending`; no network traffic."""
@@ -331,10 +348,10 @@ class HttpInvoker:
         with self._lock:   # once per call, not per pending invocation
             for inv in pending:
                 pid = inv.platform_id
-                fut = self._finished.pop(pid, None)
-                if fut is not None:
+                hit = self._finished.pop(pid, None)
+                if hit is not None:
                     del self._futures[pid]
-                    finished.append((inv, fut))
+                    finished.append((inv, hit[0]))
                 elif pid not in self._futures:
                     # A synchronous HTTP call lives only in the process that
                     # made it; after a keeper restart its answer is gone for good.
@@ -367,13 +384,6 @@ class HttpInvoker:
     def in_flight(self) -> int:
         with self._lock:
             return sum(1 for f in self._futures.values() if not f.done())
-
-    def forget(self, platform_ids: Sequence[str]) -> None:
-        """Drop futures the keeper gave up on (their threads still finish)."""
-        with self._lock:
-            for pid in platform_ids:
-                self._futures.pop(pid, None)
-                self._finished.pop(pid, None)
 
     def close(self) -> None:
         self._closed = True
