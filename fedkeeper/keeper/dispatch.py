@@ -93,7 +93,7 @@ class Dispatcher:
         # submit one or two clients at a time).
         self._invoke_pool: ThreadPoolExecutor | None = None
 
-    def _invoke_each(self, invoke: Callable[[Slot], Any], slots: list[Slot]) -> list[Any]:
+    def invoke_each(self, invoke: Callable[[Slot], Any], slots: list[Slot]) -> list[Any]:
         """invoke(slot) for every slot, up to INVOKE_THREADS at once; a
         single one on the calling thread."""
         if len(slots) == 1:
@@ -205,7 +205,7 @@ class Dispatcher:
         direct = [s for s in ready if not self.platforms.via_invoker(s.cluster)]
         results = []
         if direct:
-            results = self._invoke_each(invoke, direct)
+            results = self.invoke_each(invoke, direct)
         results += self._submit_via_invoker(session, rnd, [s for s in ready if self.platforms.via_invoker(s.cluster)])
         changes = []
         unreachable: dict[str, str] = {}

@@ -26,7 +26,6 @@ threshold will do.
 from __future__ import annotations
 
 import dataclasses
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from bson import ObjectId
@@ -143,8 +142,7 @@ class StageRun:
             except ProviderError as exc:
                 return s, None, exc
 
-        with ThreadPoolExecutor(max_workers=min(16, len(ready))) as pool:
-            results = list(pool.map(invoke, ready))
+        results = self.dispatch.invoke_each(invoke, ready)   # the dispatcher's kept pool
         changes = []
         unreachable: dict[str, str] = {}
         for s, inv, err in results:
