@@ -361,7 +361,9 @@ def test_a_promoted_hedge_is_the_slots_retry():
     assert table.hedge_due() == [s]
 
 
-def test_a_crashed_hedge_is_followed_by_another_after_the_backoff(tmp_path):
+def first_hedge_fails(how):
+    """client_3's own attempt runs 100 s, its first hedge ends as `how`
+    (an Outcome, or a ProviderError raised at invoke), later ones run 1 s."""
     def behave(fn, p, n):
         if fn != "fl_client":
             return "ok"
@@ -370,9 +372,13 @@ def test_a_crashed_hedge_is_followed_by_another_after_the_backoff(tmp_path):
         if n == 1:
             return ("after", 100.0)
         if n == 2:
-            return Outcome("", False, ErrorClass.APPLICATION_ERROR, "the worker died")
+            return how
         return ("after", 1.0)
+    return behave
 
+
+def test_a_crashed_hedge_is_followed_by_another_after_the_backoff(tmp_path):
+    behave = first_hedge_fails(Outcome("", False, ErrorClass.APPLICATION_ERROR, "the worker died"))
     keeper, store, provider, clock = fake_keeper(tmp_path, behave, rounds=1, training=HEDGE_ON)
     assert keeper.start(session_id="s1").state == "finished"
     mine = client_attempts(store, "s1", "client_3")
@@ -466,17 +472,7 @@ def test_a_hedge_its_cluster_did_not_answer_costs_no_attempt(tmp_path):
     # The first hedge is refused as unreachable: nothing ran, so it is no
     # attempt of the client's; the straggler is hedged again and still has
     # the attempts to win.
-    def behave(fn, p, n):
-        if fn != "fl_client":
-            return "ok"
-        if p["client"] != "client_3":
-            return ("after", 1.0)
-        if n == 1:
-            return ("after", 100.0)
-        if n == 2:
-            return ProviderError(ErrorClass.UNREACHABLE, "connection refused")
-        return ("after", 1.0)
-
+    behave = first_hedge_fails(ProviderError(ErrorClass.UNREACHABLE, "connection refused"))
     keeper, store, provider, clock = fake_keeper(tmp_path, behave, rounds=1,
                                                  training=HEDGE_ON)   # max_attempts: 3
     assert keeper.start(session_id="s1").state == "finished"
