@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
+from typing import Any
 from types import SimpleNamespace
 
 import pytest
@@ -361,20 +362,21 @@ def test_a_promoted_hedge_is_the_slots_retry():
     assert table.hedge_due() == [s]
 
 
-def first_hedge_fails(how):
-    """client_3's own attempt runs 100 s, its first hedge ends as `how`
-    (an Outcome, or a ProviderError raised at invoke), later ones run 1 s."""
+def client_3_runs(runs: dict[int, Any]):
+    """client_3's n-th invocation runs runs[n] seconds (1 s when not given)
+    or ends as runs[n] (an Outcome, or a ProviderError raised at invoke);
+    every other client runs 1 s."""
     def behave(fn, p, n):
         if fn != "fl_client":
             return "ok"
-        if p["client"] != "client_3":
-            return ("after", 1.0)
-        if n == 1:
-            return ("after", 100.0)
-        if n == 2:
-            return how
-        return ("after", 1.0)
+        run = runs.get(n, 1.0) if p["client"] == "client_3" else 1.0
+        return ("after", run) if isinstance(run, float) else run
     return behave
+
+
+def first_hedge_fails(how):
+    """client_3's own attempt runs 100 s, its first hedge ends as `how`."""
+    return client_3_runs({1: 100.0, 2: how})
 
 
 def test_a_crashed_hedge_is_followed_by_another_after_the_backoff(tmp_path):
@@ -415,13 +417,7 @@ def test_a_hedge_goes_to_the_least_busy_other_client_cluster_else_its_own():
 
 
 def test_a_hedge_that_straggles_too_replaces_the_older_attempt_and_is_hedged_in_turn(tmp_path):
-    slow = {1: 100.0, 2: 100.0, 3: 1.0}       # the own attempt and the first hedge are both held
-
-    def behave(fn, p, n):
-        if fn == "fl_client" and p["client"] == "client_3":
-            return ("after", slow[n])
-        return ("after", 1.0) if fn == "fl_client" else "ok"
-
+    behave = client_3_runs({1: 100.0, 2: 100.0})   # the own attempt and the first hedge are both held
     keeper, store, provider, clock = fake_keeper(tmp_path, behave, rounds=1, training=HEDGE_ON)
     assert keeper.start(session_id="s1").state == "finished"
     mine = client_attempts(store, "s1", "client_3")
@@ -435,11 +431,7 @@ def test_a_hedge_that_straggles_too_replaces_the_older_attempt_and_is_hedged_in_
 
 
 def test_no_attempt_is_given_up_when_no_further_hedge_would_be_allowed(tmp_path):
-    def behave(fn, p, n):
-        if fn == "fl_client" and p["client"] == "client_3":
-            return ("after", {1: 30.0, 2: 100.0}[n])
-        return ("after", 1.0) if fn == "fl_client" else "ok"
-
+    behave = client_3_runs({1: 30.0, 2: 100.0})
     keeper, store, _, _ = fake_keeper(tmp_path, behave, rounds=1, training=HEDGE_ON)
     keeper.dispatcher.policy = dataclasses.replace(keeper.dispatcher.policy, max_attempts=2)
     assert keeper.start(session_id="s1").state == "finished"
@@ -451,13 +443,7 @@ def test_no_attempt_is_given_up_when_no_further_hedge_would_be_allowed(tmp_path)
 
 
 def test_an_older_attempt_is_given_up_once_per_client_and_round(tmp_path):
-    slow = {1: 40.0, 2: 40.0, 3: 40.0, 4: 1.0}     # three held attempts in a row
-
-    def behave(fn, p, n):
-        if fn == "fl_client" and p["client"] == "client_3":
-            return ("after", slow.get(n, 1.0))
-        return ("after", 1.0) if fn == "fl_client" else "ok"
-
+    behave = client_3_runs({1: 40.0, 2: 40.0, 3: 40.0})     # three held attempts in a row
     keeper, store, _, _ = fake_keeper(tmp_path, behave, rounds=1, training=HEDGE_ON)
     keeper.dispatcher.policy = dataclasses.replace(keeper.dispatcher.policy, max_attempts=8)
     assert keeper.start(session_id="s1").state == "finished"
