@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 import random
-from typing import Any
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 
