@@ -60,7 +60,10 @@ def test_check_local_clusters_and_a_dead_one(tmp_path, env):
     for name, platform in (("local_ow", "openwhisk"), ("local_gcf", "gcf")):
         r = rows[name]
         assert r["ok"] and r["platform"] == platform, r
-        assert r["cold_ms"] > 0 and r["warm_ms"] > 0 and r["deploy_s"] > 0
+        # a warm run of nodeinfo may take under a millisecond (OpenWhisk
+        # records whole milliseconds)
+        assert r["cold_ms"] > 0 and r["deploy_s"] > 0
+        assert isinstance(r["warm_ms"], (int, float)) and r["warm_ms"] >= 0
         assert r["host"]["cpu_count"] >= 1 and r["host"]["warm"] is True
     dead = rows["dead_ow"]
     assert not dead["ok"] and dead["stage"] == "deploy" and dead["error_class"] == "unreachable"
