@@ -275,10 +275,18 @@ class _Recorder(http.server.BaseHTTPRequestHandler):
         pass
 
 
+class _RecorderServer(http.server.ThreadingHTTPServer):
+    # The invoker opens up to 32 connections at once. With the default
+    # backlog of 5, Linux drops handshakes it cannot queue: a client may
+    # then send into a connection the server later forgets, as a real
+    # function front end (whose backlog is large) would not.
+    request_queue_size = 128
+
+
 def test_invoker_fans_out_over_http_and_records_platform_ids(fn_db):
     db = fn_db
     _Recorder.received = []
-    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Recorder)
+    srv = _RecorderServer(("127.0.0.1", 0), _Recorder)
     threading.Thread(target=srv.serve_forever, daemon=True).start()
     try:
         sid = "inv"
