@@ -10,7 +10,7 @@ import pymongo
 import pytest
 
 from fedkeeper.store import INDEXES, Store
-from fedkeeper.local.store import EmbeddedMongo
+from fedkeeper.local.store import POOL_PER_PROCESS, EmbeddedMongo
 from flcommon import store as fs
 from flcommon.blobs import BlobError
 
@@ -112,6 +112,10 @@ def test_embedded_server_is_reused_and_stops_cleanly(tmp_path):
         assert (url2, started2) == (url, False)
         with pymongo.MongoClient(url) as c:
             c.db.k.insert_one({"x": 1})
+            # What every client of the embedded store gets from its URL
+            # (the keeper's and the functions'): see EmbeddedMongo.url_for.
+            assert c.options.retry_writes is False
+            assert c.options.pool_options.max_pool_size == POOL_PER_PROCESS
     finally:
         assert server.stop()
     assert server.running_url() is None
@@ -233,7 +237,7 @@ def test_the_embedded_store_killed_under_a_runtime_is_started_again(tmp_path, mo
     """The keeper owns the embedded store: when it dies, the runtime starts
     it again on the same port and data, and the store calls go on."""
     from fedkeeper.config import load_config
-    from fedkeeper.local.store import EmbeddedMongo
+    from fedkeeper.local.store import POOL_PER_PROCESS, EmbeddedMongo
     from fedkeeper.runtime import Runtime
     monkeypatch.setenv("FEDKEEPER_STATE_DIR", str(tmp_path / "state"))
     cfg = tmp_path / "cfg.yaml"

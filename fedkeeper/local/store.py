@@ -38,6 +38,8 @@ DEFAULT_DIR = "mongo"
 #: in the keeper state directory: the stores it used outside DEFAULT_DIR
 ELSEWHERE_FILE = "embedded-stores.json"
 MAX_ELSEWHERE = 100
+#: connections each process opens to the embedded store (see url_for)
+POOL_PER_PROCESS = 8
 
 
 class EmbeddedMongoError(RuntimeError):
@@ -91,7 +93,21 @@ class EmbeddedMongo:
             return False
 
     def url_for(self, port: int) -> str:
-        return f"mongodb://{self.host}:{port}"
+        # What the URL asks of every client of this store (the keeper and
+        # the functions, which receive it), for this server only:
+        # - no retryable writes: SecantusDB keeps a record of each and scans
+        #   them all (up to 10,000, sorted once full) on every write, so a
+        #   write cost more the longer a session ran. Over loopback there is
+        #   no failover to retry across; the keeper's Patience retries
+        #   connection failures, and every FedKeeper write is keyed, so a
+        #   repeated one is refused or sets the same values;
+        # - at most 8 connections a process: the server runs one thread per
+        #   connection behind one lock, and a thousand clients' connections
+        #   at once made each command slower. A command waits for a
+        #   connection in its own process instead.
+        # bench/bench_round_overhead.py --clients 1000: a round took
+        # 52.7-56.4 s with neither, 22.2-26.2 s with both.
+        return f"mongodb://{self.host}:{port}/?retryWrites=false&maxPoolSize={POOL_PER_PROCESS}"
 
     def running_url(self) -> str | None:
         info = self._read_info()
