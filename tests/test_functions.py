@@ -228,7 +228,11 @@ def test_init_client_aggregate_round_trip(fn_db):
             assert set(out["timings"]) == {"load_ms", "train_ms", "store_ms"}
         # A second attempt of a client in the same round is never counted twice.
         again = call("fl_client", db, session=sid, round=rnd, client="client_0", attempt=2)
-        assert again["duplicate"] is True
+        assert again["duplicate"] is True and again["timings"]["train_ms"] == 0.0   # found, not trained
+        # A first attempt delivered twice trains again (it does not look
+        # first), and its second update is refused and its blob deleted.
+        twice = call("fl_client", db, session=sid, round=rnd, client="client_1", attempt=1)
+        assert twice["duplicate"] is True and twice["timings"]["train_ms"] > 0
         assert db[fs.UPDATES].count_documents({"session": sid, "round": rnd}) == 3
         assert db["blobs.files"].count_documents({"metadata.kind": "update", "metadata.round": rnd}) == 3
         agg = call("fl_server_aggregator", db, session=sid, round=rnd, clients=[f"client_{c}" for c in range(3)])

@@ -26,8 +26,12 @@ def handle(payload: dict[str, Any], bound: dict[str, str]) -> dict[str, Any]:
     if client not in spec["clients"]:
         raise BadRequest(f"{client} is not a client of session {session}")
     key = {"session": session, "round": rnd, "client": client}
-    earlier = db[store.UPDATES].find_one(key, {"num_examples": 1, "metrics": 1})
-    if earlier is not None:  # a retry after the update landed: nothing to train
+    # A retry or a hedge (attempt 2 on) may find its client's update landed
+    # already: nothing to train. A first attempt skips the look-up (one of a
+    # no-op client's seven store queries); should it run twice, the
+    # update's unique key still keeps one.
+    earlier = db[store.UPDATES].find_one(key, {"num_examples": 1, "metrics": 1}) if attempt > 1 else None
+    if earlier is not None:
         return {"num_examples": earlier.get("num_examples", 0), "metrics": earlier.get("metrics", {}),
                 "duplicate": True, "timings": {"load_ms": round((time.perf_counter() - t0) * 1000, 1),
                                                "train_ms": 0.0, "store_ms": 0.0}}

@@ -2,8 +2,8 @@
 spec, a data partition and the global model of a round.
 
 Warm workers keep what never changes: a session's spec (written once by the
-keeper before anything is invoked), its model's size (recorded once by
-fl_server_init) and data partitions (written once by
+keeper before anything is invoked), its model's size and its number of
+classes (recorded once by fl_server_init) and data partitions (written once by
 fl_server_init, keyed by blob id, so a re-initialised session can never be
 served stale data). A global model's blob is never rewritten either, so a
 client keeps the last one it decoded, by blob id (shared_global_model);
@@ -24,6 +24,7 @@ from .lru import ByteLRU
 
 _specs: dict[tuple[int, str, str], dict[str, Any]] = {}
 _model_bytes: dict[tuple[int, str, str], int] = {}
+_num_classes: dict[tuple[int, str, str], int] = {}
 _parts: "OrderedDict[tuple[int, str, str], list[np.ndarray]]" = OrderedDict()
 _parts_bytes = 0
 _lock = threading.Lock()
@@ -154,5 +155,13 @@ def partition_arrays(db, session: str, client: str) -> list[np.ndarray]:
 
 
 def num_classes(db, session: str) -> int:
-    doc = db[store.MODELS].find_one({"session": session, "round": 0}, {"num_classes": 1})
-    return int(doc["num_classes"]) if doc and doc.get("num_classes") else 10
+    # Cached like the model's size: every client run asked the store again,
+    # one query of a no-op client's seven.
+    key = (id(db.client), db.name, session)
+    n = _num_classes.get(key)
+    if n is None:
+        doc = db[store.MODELS].find_one({"session": session, "round": 0}, {"num_classes": 1})
+        if not (doc and doc.get("num_classes")):
+            return 10
+        n = _num_classes[key] = int(doc["num_classes"])
+    return n
