@@ -13,7 +13,7 @@ import pytest
 
 from fedkeeper.config import FaultConfig, GoogleCluster
 from fedkeeper.providers.base import Artifact, ErrorClass, FunctionSpec, ProviderContext, ProviderError
-from fedkeeper.providers.http_invoke import classify_response
+from fedkeeper.providers.http_answers import classify_response
 from fedkeeper.local.cloud_functions import LocalCloudFunctionsProvider
 
 pytestmark = pytest.mark.timeout(120)

@@ -6,14 +6,12 @@ to poll, so "submit" hands the request to a bounded pool of worker threads
 and returns at once, and "track" only collects finished futures; it never
 sends a request of its own.
 
-This module knows nothing about any platform. It maps HTTP statuses onto
-`ErrorClass` generically; a platform adds its own rules through
-`status_hook` (for example a header that marks a crashed function), and
-its own credentials through `auth_headers`.
+This module knows nothing about any platform. Answers are read by
+http_answers.py, with the platform's own rules (`status_hook`); a
+platform adds its credentials through `auth_headers`.
 """
 from __future__ import annotations
 
-import email.utils
 import http.client
 import json
 import ssl
@@ -22,19 +20,16 @@ import time
 import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, fields
-from typing import Any, Callable, ClassVar, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, Sequence
 from urllib.parse import urlsplit
 
 import requests
 from requests.adapters import HTTPAdapter
 
-from .base import ErrorClass, Invocation, Outcome, Provider, ProviderContext, ProviderError
+from .base import ErrorClass, Invocation, Outcome, ProviderError
+from .http_answers import ERROR_TEXT_CHARS, StatusHook, classify_response, retry_after_seconds
 from .keepalive import BodyTooLarge, ConnectFailed, ConnectTimeout, KeepAlivePool
 
-#: (status, headers, body) -> (error class, message) or None to fall through
-#: to the generic rules. Headers are case-insensitive (http.client's message,
-#: or requests' mapping for a request sent through a proxy).
-StatusHook = Callable[[int, Mapping[str, str], bytes], Optional[tuple[ErrorClass, str]]]
 #: url -> extra request headers (e.g. Authorization); runs on a worker thread
 #: so that a token refresh never blocks the caller. May raise ProviderError.
 AuthHeaders = Callable[[str], Mapping[str, str]]
@@ -50,89 +45,10 @@ UNCOLLECTED_CHECK_AT = 256
 #: connecting is separate from the function's own run time: a loopback or
 #: regional endpoint that does not accept a connection within this is down
 CONNECT_TIMEOUT_S = 10.0
-_ERROR_TEXT_CHARS = 300
 
 # Outcome may gain a retry_after field; fill it only when it exists so that
 # this module works with either shape of the dataclass.
 _OUTCOME_HAS_RETRY_AFTER = any(f.name == "retry_after" for f in fields(Outcome))
-
-
-def retry_after_seconds(value: str | None) -> float | None:
-    """Retry-After is either delta-seconds or an HTTP date (RFC 9110)."""
-    if not value:
-        return None
-    value = value.strip()
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    if when is None:
-        return None
-    return max(0.0, when.timestamp() - time.time())
-
-
-def _json_object(body: bytes) -> dict[str, Any] | None:
-    if not body:
-        return None
-    try:
-        obj = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
-        return None
-    return obj if isinstance(obj, dict) else None
-
-
-def _snippet(body: bytes) -> str:
-    text = body[:_ERROR_TEXT_CHARS * 2].decode("utf-8", "replace").strip()
-    text = " ".join(text.split())
-    return text[:_ERROR_TEXT_CHARS]
-
-
-def classify_response(status: int, headers: Mapping[str, str], body: bytes,
-                      hook: StatusHook | None = None
-                      ) -> tuple[bool, ErrorClass | None, str | None, dict[str, Any] | None]:
-    """(ok, error class, error text, result) for one HTTP answer.
-
-    The platform's own answers (throttling, size limits, gateway errors) are
-    decided by status. For 4xx/5xx statuses that a function itself may send
-    (400, 401, 403, 404, 500...) a JSON object with an "error" key means the
-    function ran and refused: that is an application error, not an auth or
-    missing-function problem of the platform.
-    """
-    if 200 <= status < 300:
-        if status == 204 or not body:
-            return True, None, None, {}
-        obj = _json_object(body)
-        if obj is None:
-            return False, ErrorClass.APPLICATION_ERROR, \
-                f"function answered {status} with a body that is not a JSON object", None
-        return True, None, None, obj
-    if hook is not None:
-        decided = hook(status, headers, body)
-        if decided is not None:
-            return False, decided[0], decided[1], None
-    obj = _json_object(body)
-    if status in (408, 504):
-        return False, ErrorClass.TIMEOUT, f"HTTP {status}: {_snippet(body) or 'timed out'}", None
-    if status == 429:
-        return False, ErrorClass.THROTTLED, f"HTTP 429: {_snippet(body) or 'too many requests'}", None
-    if status == 413:
-        return False, ErrorClass.PAYLOAD_TOO_LARGE, "HTTP 413: request entity too large", None
-    if status in (502, 503):
-        return False, ErrorClass.PLATFORM_ERROR, f"HTTP {status}: {_snippet(body)}", None
-    if obj is not None and "error" in obj:
-        return False, ErrorClass.APPLICATION_ERROR, \
-            f"HTTP {status}: {str(obj['error'])[:_ERROR_TEXT_CHARS]}", None
-    if status in (401, 403):
-        return False, ErrorClass.AUTH, f"HTTP {status}: {_snippet(body) or 'not authorized'}", None
-    if status == 404:
-        return False, ErrorClass.FUNCTION_MISSING, f"HTTP 404: {_snippet(body) or 'not found'}", None
-    if 400 <= status < 500:
-        return False, ErrorClass.APPLICATION_ERROR, f"HTTP {status}: {_snippet(body)}", None
-    return False, ErrorClass.PLATFORM_ERROR, f"HTTP {status}: {_snippet(body)}", None
 
 
 @dataclass
@@ -414,81 +330,4 @@ def _reason(exc: Exception) -> str:
             break
     reason = getattr(inner, "reason", None)
     text = str(reason if reason is not None else inner)
-    return text[:_ERROR_TEXT_CHARS]
-
-
-class HttpFunctionProvider(Provider):
-    """What every platform whose functions are HTTP endpoints shares: a URL
-    and timeout per deployed function, invocation through one HttpInvoker
-    with a keeper-generated execution id, and tracking of those calls.
-
-    A subclass says how to find a function's URL (`_lookup_url`), may add
-    headers (`_auth_headers`), route requests (`_target`) and classify its
-    platform's own answers (`status_hook`)."""
-
-    #: header carrying the keeper's execution id (functions-framework adopts it)
-    execution_id_header: ClassVar[str] = "Function-Execution-Id"
-    #: platform-specific HTTP answer rules, see HttpInvoker
-    status_hook: ClassVar[Callable | None] = None
-    #: added to a function's timeout for the HTTP read timeout
-    invoke_grace_s: ClassVar[float] = 10.0
-    #: largest request body the platform accepts (None: no check)
-    max_request_bytes: ClassVar[int | None] = None
-    default_workers: ClassVar[int] = 64
-
-    def __init__(self, cluster_name: str, cluster: Any, ctx: ProviderContext):
-        super().__init__(cluster_name, cluster, ctx)
-        self._urls: dict[str, str] = {}
-        self._timeouts: dict[str, float] = {}
-        hook = type(self).status_hook
-        self._invoker = HttpInvoker(max_workers=self._max_workers(), auth_headers=self._auth_headers,
-                                    status_hook=hook, execution_id_header=self.execution_id_header,
-                                    name=f"{self.platform}-{cluster_name}")
-
-    def _max_workers(self) -> int:
-        """Requests in flight at most: the cluster's `configurations.concurrency`."""
-        conf = getattr(self.cluster, "configurations", None)
-        n = getattr(conf, "concurrency", None) if conf is not None else None
-        try:
-            return max(1, min(256, int(n))) if n else self.default_workers
-        except (TypeError, ValueError):
-            return self.default_workers
-
-    def _auth_headers(self, url: str) -> Mapping[str, str]:
-        return {}
-
-    def _target(self, url: str) -> tuple[str, dict[str, str]]:
-        """Where to send a request for `url`, and extra headers."""
-        return url, {}
-
-    def _remember(self, name: str, url: str, timeout_s: float | None) -> None:
-        self._urls[name] = url
-        if timeout_s:
-            self._timeouts[name] = float(timeout_s)
-
-    def _lookup_url(self, name: str) -> tuple[str, float | None]:
-        """(URL, timeout) of a deployed function, from the platform; raises
-        ProviderError(FUNCTION_MISSING) when it is not deployed."""
-        raise NotImplementedError
-
-    def function_url(self, name: str) -> str:
-        url = self._urls.get(name)
-        if not url:
-            url, timeout = self._lookup_url(name)
-            self._remember(name, url, timeout)
-        return url
-
-    def invoke(self, name: str, payload: dict[str, Any]) -> Invocation:
-        url, headers = self._target(self.function_url(name))
-        # The execution id is ours, so the Invocation is known before any answer.
-        execution_id = uuid.uuid4().hex
-        headers[self.execution_id_header] = execution_id
-        timeout = self._timeouts.get(name, 60.0) + self.invoke_grace_s
-        return self._invoker.submit(name, url, payload, timeout_s=timeout, headers=headers,
-                                    platform_id=execution_id, max_bytes=self.max_request_bytes)
-
-    def track(self, pending: Sequence[Invocation]) -> list[Outcome]:
-        return self._invoker.done(pending)
-
-    def close(self) -> None:
-        self._invoker.close()
+    return text[:ERROR_TEXT_CHARS]

@@ -14,7 +14,7 @@ from google.api_core import exceptions as gexc
 from google.auth import exceptions as auth_exc
 
 from ..base import ErrorClass, ProviderError
-from ..http_invoke import retry_after_seconds
+from ..http_answers import retry_after_seconds
 
 # functions-framework (and the Cloud Functions front end) mark an uncaught
 # exception in the function with this header on the 500 answer.

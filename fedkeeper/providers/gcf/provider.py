@@ -24,7 +24,7 @@ from google.api_core import retry as gretry
 from google.protobuf import field_mask_pb2
 
 from ..base import Artifact, DeployResult, ErrorClass, FunctionSpec, ProviderContext, ProviderError, UploadPlan
-from ..http_invoke import HttpFunctionProvider
+from ..http_provider import HttpFunctionProvider
 from . import packaging
 from .auth import IdTokenCache, control_plane_credentials
 from .errors import google_status_hook, map_api_error

@@ -24,7 +24,7 @@ from urllib.parse import urlsplit, urlunsplit
 from .. import kube
 from ..base import (Artifact, DeployResult, ErrorClass, FunctionSpec, Invocation, Outcome,
                     ProviderContext, ProviderError, UploadPlan)
-from ..http_invoke import HttpFunctionProvider
+from ..http_provider import HttpFunctionProvider
 from . import manifests as m
 from . import metrics
 from ..prometheus import ClusterMetrics

@@ -82,7 +82,7 @@ def map_api_error(exc: BaseException, what: str) -> ProviderError:
         if status == 413:
             return ProviderError(ErrorClass.PAYLOAD_TOO_LARGE, msg, status=status)
         if status == 429:
-            from ..http_invoke import retry_after_seconds
+            from ..http_answers import retry_after_seconds
             headers = exc.headers or {}
             return ProviderError(ErrorClass.THROTTLED, msg, status=status,
                                  retry_after=retry_after_seconds(headers.get("Retry-After")))

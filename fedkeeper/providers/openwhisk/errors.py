@@ -12,7 +12,7 @@ import requests
 import urllib3
 
 from ..base import ErrorClass, Outcome, ProviderError
-from ..http_invoke import retry_after_seconds
+from ..http_answers import retry_after_seconds
 from .http import ConnectFailed
 
 _STATUS_BY_CODE = {0: "success", 1: "application error", 2: "action developer error",
