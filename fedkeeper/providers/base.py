@@ -189,11 +189,12 @@ POLL_MAX_S = 1.0
 
 def poll_delay(elapsed_s: float, poll_s: float) -> float:
     """How long `Provider.call` sleeps before it looks again, `elapsed_s`
-    into the call: a tenth of the time waited so far (at least `poll_s`, at
-    most a second), so an outcome is seen at most 10% (or `poll_s`) after it
-    lands, at a few dozen looks for the longest call. Every round waits for
-    its aggregation through this: a delay growing by half at each look saw
-    a 2.0 s aggregation at 2.5 s, and one of 0.28 s at 0.41 s."""
+    into the call: a tenth of the time waited so far, at least `poll_s` and
+    at most a second. An outcome is seen at most max(10%, `poll_s`) after it
+    lands, and never more than a second late: about 40 looks in the first
+    10 s, then one a second. Every round waits for its aggregation through
+    this: a delay growing by half at each look saw a 2.0 s aggregation at
+    2.5 s, and one of 0.28 s at 0.41 s."""
     return min(POLL_MAX_S, max(poll_s, POLL_LATE_FRACTION * elapsed_s))
 
 
@@ -299,10 +300,13 @@ class Provider(ABC):
         inv = self.invoke(name, payload)
         started = time.monotonic()
         deadline = started + timeout_s
-        while (now := time.monotonic()) < deadline:
+        while True:
             done = self.track([inv])
             if done:
                 return done[0]
-            time.sleep(min(poll_delay(now - started, poll_s), max(0.0, deadline - now)))
+            now = time.monotonic()
+            if now >= deadline:   # looked once more at the deadline itself
+                break
+            time.sleep(min(poll_delay(now - started, poll_s), deadline - now))
         return Outcome(platform_id=inv.platform_id, ok=False, error_class=ErrorClass.TIMEOUT,
                        error=f"no outcome within {timeout_s:.0f}s")

@@ -42,7 +42,7 @@ FUNCTIONS_FRAMEWORK_CRASH = "X-Google-Status"
 
 
 def knative_status_hook(status: int, headers: Mapping[str, str], body: bytes):
-    """Knative-specific answers; the generic rules of http_invoke do the rest."""
+    """Knative-specific answers; the generic rules of http_answers do the rest."""
     if status == 500 and (headers.get(FUNCTIONS_FRAMEWORK_CRASH) or "").strip().lower() == "crash":
         # functions-framework marks an uncaught exception in the function
         text = body[:300].decode("utf-8", "replace").strip() or "function crashed"
