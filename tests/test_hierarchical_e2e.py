@@ -4,7 +4,6 @@ per cluster and round with that cluster's delivered clients, and the
 aggregator counts each update once, through its cluster's partial."""
 from __future__ import annotations
 
-import textwrap
 from pathlib import Path
 
 import pymongo
@@ -15,42 +14,19 @@ from fedkeeper.config import load_config
 from flcommon import store as fs
 from flcommon.partials import PARTIALS
 
+from session_config import write_session_config
+
 DB = "e2e_hierarchical"
 ROUNDS = 2
 
 
 def write_config(path: Path, mongo_url: str) -> Path:
-    path.write_text(textwrap.dedent(f"""\
-        name: {DB}
-        providers:
-          openwhisk:
-            local_ow: {{kind: local}}
-          google:
-            local_gcf: {{kind: local}}
-        scenarios:
-          federated_learning:
-            server_config: {{server_cluster_name: local_ow}}
-            clients_info: {{total_num_clients: 4, num_clients_per_round: 4, ow_clients_count: 2,
-                            gcf_clients_count: 2}}
-            data_sampling: {{model: small, batch_size: 16}}
-            mongo_config: {{url: "{mongo_url}", db: {DB}}}
-            model_params: {{lr: "1e-2", optim: adam, local_epochs: "1"}}
-            training:
-              rounds: {ROUNDS}
-              seed: 3
-              strategy: fedavg
-              aggregation: hierarchical
-              round_deadline_s: 240
-            functions:
-              fl_client:
-                openwhisk: {{timeout: "60000", memory: "1024"}}
-                google: {{timeout: 60s, memory: 1024MB}}
-              fl_server_init:
-                openwhisk: {{timeout: "120000"}}
-              fl_server_aggregator:
-                openwhisk: {{timeout: "120000"}}
-        """))
-    return path
+    return write_session_config(
+        path, name=DB, mongo={"url": mongo_url, "db": DB}, google={"local_gcf": {"kind": "local"}},
+        clients_info={"total_num_clients": 4, "num_clients_per_round": 4, "ow_clients_count": 2,
+                      "gcf_clients_count": 2},
+        training={"rounds": ROUNDS, "seed": 3, "strategy": "fedavg", "aggregation": "hierarchical",
+                  "round_deadline_s": 240})
 
 
 @pytest.fixture

@@ -5,7 +5,6 @@ The bounded give-up paths are tested on fakes (test_keeper_session.py)."""
 from __future__ import annotations
 
 import logging
-import textwrap
 
 import pymongo
 from fedkeeper.config import load_config
@@ -13,35 +12,17 @@ from fedkeeper.keeper import Keeper, new_session_id
 from fedkeeper.runtime import Runtime
 from flcommon import store as fs
 
+from session_config import fragment, write_session_config
+
 
 def write_config(path, mongo: str, *, rounds: int = 2, clients: int = 4) -> object:
-    path.write_text(textwrap.dedent(f"""\
-        name: lost
-        providers:
-          openwhisk:
-            local_ow: {{kind: local}}
-        scenarios:
-          federated_learning:
-            server_config: {{server_cluster_name: local_ow}}
-            clients_info:
-              total_num_clients: {clients}
-              num_clients_per_round: {clients}
-              clusters: {{local_ow: {clients}}}
-            data_sampling: {{model: small, batch_size: 16}}
-            mongo_config: {mongo}
-            model_params: {{lr: "1e-2", optim: adam, local_epochs: "1"}}
-            training:
-              rounds: {rounds}
-              seed: 5
-              quorum: 0.5
-              round_deadline_s: 240
-              attempt_grace_s: 5
-              retries: {{max_attempts: 3, backoff_s: 0.1, backoff_max_s: 1}}
-            functions:
-              fl_client:
-                openwhisk: {{timeout: "60000", memory: "1024"}}
-        """))
-    return load_config(path)
+    return load_config(write_session_config(
+        path, name="lost", mongo=fragment(mongo),
+        clients_info={"total_num_clients": clients, "num_clients_per_round": clients,
+                      "clusters": {"local_ow": clients}},
+        training={"rounds": rounds, "seed": 5, "quorum": 0.5, "round_deadline_s": 240, "attempt_grace_s": 5,
+                  "retries": {"max_attempts": 3, "backoff_s": 0.1, "backoff_max_s": 1}},
+        functions={"fl_client": {"openwhisk": {"timeout": "60000", "memory": "1024"}}}))
 
 
 def run_until(cfg, when, act) -> tuple[str, object]:

@@ -20,42 +20,21 @@ from fedkeeper.config import load_config
 from fedkeeper.store import connect
 from flcommon import store as fs
 
+from session_config import FUNCTIONS, fragment, write_session_config
+
 DB = "model_export"
 
 
 def write_config(path: Path, mongo_url: str, db: str, *, rounds: int = 2, extra: str = "", mode: str = "sync",
                  training_extra: str = "") -> Path:
-    path.write_text(textwrap.dedent(f"""\
-        name: models
-        providers:
-          openwhisk:
-            local_ow: {{kind: local}}
-          google:
-            local_gcf: {{kind: local}}
-        scenarios:
-          federated_learning:
-            server_config: {{server_cluster_name: local_ow}}
-            clients_info: {{total_num_clients: 4, num_clients_per_round: 4, ow_clients_count: 2,
-                            gcf_clients_count: 2}}
-            data_sampling: {{model: small, batch_size: 16}}
-            mongo_config: {{url: "{mongo_url}", db: {db}}}
-            model_params: {{lr: "1e-2", optim: adam, local_epochs: "1"}}
-        {textwrap.indent(extra, '    ')}
-            training:
-              rounds: {rounds}
-              mode: {mode}
-              seed: 5
-              quorum: 0.5
-              round_deadline_s: 240
-              attempt_grace_s: 5
-              retries: {{max_attempts: 2, backoff_s: 0.1, backoff_max_s: 1}}
-        {textwrap.indent(training_extra, '      ')}
-            functions:
-              fl_client:
-                openwhisk: {{timeout: "60000", memory: "1024"}}
-                google: {{timeout: 60s, memory: 1024MB}}
-        """))
-    return path
+    return write_session_config(
+        path, name="models", mongo={"url": mongo_url, "db": db}, google={"local_gcf": {"kind": "local"}},
+        clients_info={"total_num_clients": 4, "num_clients_per_round": 4, "ow_clients_count": 2,
+                      "gcf_clients_count": 2},
+        scenario=fragment(extra), functions={"fl_client": FUNCTIONS["fl_client"]},
+        training={"rounds": rounds, "mode": mode, "seed": 5, "quorum": 0.5, "round_deadline_s": 240,
+                  "attempt_grace_s": 5, "retries": {"max_attempts": 2, "backoff_s": 0.1, "backoff_max_s": 1},
+                  **fragment(training_extra)})
 
 
 @pytest.fixture(scope="module")

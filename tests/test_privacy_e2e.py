@@ -10,7 +10,6 @@ import math
 import os
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pymongo
@@ -23,47 +22,20 @@ from flcommon import store as fs
 from flcommon.secagg import relay
 
 from cli_processes import kill_cli_when
+from session_config import fragment, write_session_config
 
 
 def write_config(path: Path, mongo_url: str, db: str, training: str, *, rounds: int = 2, clients: int = 4,
                  per_round: int = 3, faults: str = "{}") -> Path:
     ow = clients // 2
-    path.write_text(textwrap.dedent(f"""\
-        name: {db}
-        providers:
-          openwhisk:
-            local_ow: {{kind: local, faults: {faults}}}
-          google:
-            local_gcf: {{kind: local, faults: {faults}}}
-        scenarios:
-          federated_learning:
-            server_config: {{server_cluster_name: local_ow}}
-            clients_info:
-              total_num_clients: {clients}
-              num_clients_per_round: {per_round}
-              ow_clients_count: {ow}
-              gcf_clients_count: {clients - ow}
-            data_sampling: {{model: small, batch_size: 16}}
-            mongo_config: {{url: "{mongo_url}", db: {db}}}
-            model_params: {{lr: "1e-2", optim: adam, local_epochs: "1"}}
-            training:
-              rounds: {rounds}
-              seed: 5
-              quorum: 0.5
-              round_deadline_s: 240
-              attempt_grace_s: 5
-              retries: {{max_attempts: 4, backoff_s: 0.1, backoff_max_s: 1}}
-        {textwrap.indent(textwrap.dedent(training), '      ')}
-            functions:
-              fl_client:
-                openwhisk: {{timeout: "60000", memory: "1024"}}
-                google: {{timeout: 60s, memory: 1024MB}}
-              fl_server_init:
-                openwhisk: {{timeout: "120000"}}
-              fl_server_aggregator:
-                openwhisk: {{timeout: "120000"}}
-        """))
-    return path
+    local = {"kind": "local", "faults": fragment(faults)}
+    return write_session_config(
+        path, name=db, mongo={"url": mongo_url, "db": db},
+        openwhisk={"local_ow": local}, google={"local_gcf": dict(local)},
+        clients_info={"total_num_clients": clients, "num_clients_per_round": per_round,
+                      "ow_clients_count": ow, "gcf_clients_count": clients - ow},
+        training={"rounds": rounds, "seed": 5, "quorum": 0.5, "round_deadline_s": 240, "attempt_grace_s": 5,
+                  "retries": {"max_attempts": 4, "backoff_s": 0.1, "backoff_max_s": 1}, **fragment(training)})
 
 
 def open_db(mongo_url: str, name: str):

@@ -6,7 +6,6 @@ every round."""
 from __future__ import annotations
 
 import json
-import textwrap
 from pathlib import Path
 
 import pymongo
@@ -18,42 +17,19 @@ from fedkeeper.config import load_config
 from fedkeeper.local import fabric
 from flcommon import store as fs
 
+from session_config import write_session_config
+
 pytestmark = pytest.mark.timeout(600)
 
 
 def write_config(path: Path, mongo_url: str, db: str) -> Path:
-    # the smallest real training: 2 clients on the local fabric, 2 rounds
-    path.write_text(textwrap.dedent(f"""\
-        name: stems
-        providers:
-          openwhisk:
-            local_ow:
-              kind: local
-        scenarios:
-          federated_learning:
-            server_config: {{server_cluster_name: local_ow}}
-            clients_info:
-              total_num_clients: 2
-              num_clients_per_round: 2
-              ow_clients_count: 2
-              gcf_clients_count: 0
-            data_sampling: {{model: small, batch_size: 16}}
-            mongo_config: {{url: "{mongo_url}", db: {db}}}
-            model_params: {{lr: "1e-2", optim: adam, local_epochs: "1"}}
-            training:
-              rounds: 2
-              seed: 11
-              quorum: 1.0
-              round_deadline_s: 300
-            functions:
-              fl_client:
-                openwhisk: {{timeout: "120000", memory: "512"}}
-              fl_server_init:
-                openwhisk: {{timeout: "120000", memory: "512"}}
-              fl_server_aggregator:
-                openwhisk: {{timeout: "120000", memory: "512"}}
-        """))
-    return path
+    half_gb = {"openwhisk": {"timeout": "120000", "memory": "512"}}
+    return write_session_config(
+        path, name="stems", mongo={"url": mongo_url, "db": db},
+        clients_info={"total_num_clients": 2, "num_clients_per_round": 2, "ow_clients_count": 2,
+                      "gcf_clients_count": 0},
+        training={"rounds": 2, "seed": 11, "quorum": 1.0, "round_deadline_s": 300},
+        functions={"fl_client": half_gb, "fl_server_init": half_gb, "fl_server_aggregator": half_gb})
 
 
 def cold_starts(fabric_dir: Path) -> list[str]:

@@ -5,16 +5,18 @@ store for the module, one short session per strategy."""
 from __future__ import annotations
 
 import math
-import textwrap
 from pathlib import Path
 
 import pymongo
 import pytest
+import yaml
 
 from fedkeeper.cli import run_start
 from fedkeeper.config import load_config
 from flcommon.strategies import STRATEGIES
 from flcommon import store as fs
+
+from session_config import FUNCTIONS, write_session_config
 
 DB = "e2e_strategies"
 ROUNDS = 2
@@ -26,32 +28,12 @@ SETTINGS = {"trimmed_mean": "{name: trimmed_mean, trim_ratio: 0.34}",
 
 
 def write_config(path: Path, mongo_url: str, strategy: str) -> Path:
-    path.write_text(textwrap.dedent(f"""\
-        name: strategy_{strategy}
-        providers:
-          openwhisk:
-            local_ow: {{kind: local}}
-        scenarios:
-          federated_learning:
-            server_config: {{server_cluster_name: local_ow}}
-            clients_info: {{total_num_clients: 4, num_clients_per_round: 3, ow_clients_count: 4}}
-            data_sampling: {{model: small, batch_size: 16}}
-            mongo_config: {{url: "{mongo_url}", db: {DB}}}
-            model_params: {{lr: "1e-2", optim: adam, local_epochs: "1"}}
-            training:
-              rounds: {ROUNDS}
-              seed: 11
-              strategy: {SETTINGS.get(strategy, strategy)}
-              round_deadline_s: 120
-            functions:
-              fl_client:
-                openwhisk: {{timeout: "60000", memory: "1024"}}
-              fl_server_init:
-                openwhisk: {{timeout: "120000"}}
-              fl_server_aggregator:
-                openwhisk: {{timeout: "120000"}}
-        """))
-    return path
+    functions = dict(FUNCTIONS, fl_client={"openwhisk": FUNCTIONS["fl_client"]["openwhisk"]})
+    return write_session_config(
+        path, name=f"strategy_{strategy}", mongo={"url": mongo_url, "db": DB}, functions=functions,
+        clients_info={"total_num_clients": 4, "num_clients_per_round": 3, "ow_clients_count": 4},
+        training={"rounds": ROUNDS, "seed": 11, "strategy": yaml.safe_load(SETTINGS.get(strategy, strategy)),
+                  "round_deadline_s": 120})
 
 
 

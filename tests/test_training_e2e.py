@@ -17,6 +17,7 @@ from fedkeeper.config import load_config
 from flcommon import store as fs
 
 from cli_processes import kill_cli_when
+from session_config import FUNCTIONS, fragment, write_session_config
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -24,46 +25,17 @@ ROOT = Path(__file__).resolve().parent.parent
 def write_config(path: Path, mongo_url: str, db: str, *, rounds: int, clients: int, per_round: int,
                  faults: str, timeout_s: int = 30, extra_training: str = "", deadline: int = 240) -> Path:
     ow = clients // 2
-    path.write_text(textwrap.dedent(f"""\
-        name: e2e
-        providers:
-          openwhisk:
-            local_ow:
-              kind: local
-              faults: {faults}
-          google:
-            local_gcf:
-              kind: local
-              faults: {faults}
-        scenarios:
-          federated_learning:
-            server_config: {{server_cluster_name: local_ow}}
-            clients_info:
-              total_num_clients: {clients}
-              num_clients_per_round: {per_round}
-              ow_clients_count: {ow}
-              gcf_clients_count: {clients - ow}
-            data_sampling: {{model: small, batch_size: 16}}
-            mongo_config: {{url: "{mongo_url}", db: {db}}}
-            model_params: {{lr: "1e-2", optim: adam, local_epochs: "1"}}
-            training:
-              rounds: {rounds}
-              seed: 3
-              quorum: 0.5
-              round_deadline_s: {deadline}
-              attempt_grace_s: 5
-              retries: {{max_attempts: 3, backoff_s: 0.1, backoff_max_s: 1}}
-        {textwrap.indent(extra_training, '      ')}
-            functions:
-              fl_client:
-                openwhisk: {{timeout: "{timeout_s * 1000}", memory: "1024"}}
-                google: {{timeout: {timeout_s}s, memory: 1024MB}}
-              fl_server_init:
-                openwhisk: {{timeout: "120000"}}
-              fl_server_aggregator:
-                openwhisk: {{timeout: "120000"}}
-        """))
-    return path
+    local = {"kind": "local", "faults": fragment(faults)}
+    functions = dict(FUNCTIONS, fl_client={"openwhisk": {"timeout": str(timeout_s * 1000), "memory": "1024"},
+                                           "google": {"timeout": f"{timeout_s}s", "memory": "1024MB"}})
+    return write_session_config(
+        path, name="e2e", mongo={"url": mongo_url, "db": db},
+        openwhisk={"local_ow": local}, google={"local_gcf": dict(local)}, functions=functions,
+        clients_info={"total_num_clients": clients, "num_clients_per_round": per_round,
+                      "ow_clients_count": ow, "gcf_clients_count": clients - ow},
+        training={"rounds": rounds, "seed": 3, "quorum": 0.5, "round_deadline_s": deadline,
+                  "attempt_grace_s": 5, "retries": {"max_attempts": 3, "backoff_s": 0.1, "backoff_max_s": 1},
+                  **fragment(extra_training)})
 
 
 
