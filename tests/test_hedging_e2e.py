@@ -9,7 +9,6 @@ no-op clients (`local_epochs: 0`, the `small` model), in each round mode,
 all on one fabric."""
 from __future__ import annotations
 
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -21,41 +20,26 @@ from fedkeeper.report.data import session_series
 from fedkeeper.store import connect
 from flcommon import store as fs
 
+from session_config import write_session_config
+
 DB = "e2e_hedging"
 LIMIT_MS = 60000   # far past what the hedge needs: the held attempt never ends inside a test
 
 
 def write_config(path: Path, mongo_url: str, mode: str) -> Path:
-    path.write_text(textwrap.dedent(f"""\
-        name: {DB}_{mode}
-        providers:
-          openwhisk:
-            ow_a: {{kind: local, faults: {{timeout: 1.0, functions: [fl_client]}}}}
-            ow_b: {{kind: local}}
-        scenarios:
-          federated_learning:
-            server_config: {{server_cluster_name: ow_b}}
-            clients_info: {{total_num_clients: 4, num_clients_per_round: 4,
-                            clusters: {{ow_a: [0], ow_b: [1, 2, 3]}}}}
-            data_sampling: {{model: small, batch_size: 16}}
-            mongo_config: {{url: "{mongo_url}", db: {DB}}}
-            model_params: {{local_epochs: 0}}
-            training:
-              rounds: 1
-              seed: 5
-              mode: {mode}
-              quorum: 1.0
-              buffer_size: 4
-              round_deadline_s: 300
-              hedging: {{enabled: true}}
-              # two attempts: the held one and its hedge, however slow the machine
-              # (a third would be made only for a hedge that straggles too)
-              retries: {{max_attempts: 2}}
-            functions:
-              fl_client:
-                openwhisk: {{memory: "128", timeout: "{LIMIT_MS}"}}
-        """))
-    return path
+    return write_session_config(
+        path, name=f"{DB}_{mode}", mongo={"url": mongo_url, "db": DB}, server="ow_b",
+        openwhisk={"ow_a": {"kind": "local", "faults": {"timeout": 1.0, "functions": ["fl_client"]}},
+                   "ow_b": {"kind": "local"}},
+        clients_info={"total_num_clients": 4, "num_clients_per_round": 4,
+                      "clusters": {"ow_a": [0], "ow_b": [1, 2, 3]}},
+        model_params={"local_epochs": 0},
+        training={"rounds": 1, "seed": 5, "mode": mode, "quorum": 1.0, "buffer_size": 4, "round_deadline_s": 300,
+                  "hedging": {"enabled": True},
+                  # two attempts: the held one and its hedge, however slow the machine
+                  # (a third would be made only for a hedge that straggles too)
+                  "retries": {"max_attempts": 2}},
+        functions={"fl_client": {"openwhisk": {"memory": "128", "timeout": str(LIMIT_MS)}}})
 
 
 @pytest.fixture(scope="module")

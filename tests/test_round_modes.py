@@ -14,7 +14,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import textwrap
 from collections import Counter
 from pathlib import Path
 
@@ -26,6 +25,7 @@ from fedkeeper.config import load_config
 from flcommon import store as fs
 
 from cli_processes import kill_cli_when
+from session_config import FUNCTIONS, fragment, write_session_config
 
 # Every fl_client activation on the fast cluster gets FAST_MS added to its
 # run time, on the slow one SLOW_MS: a round (a fast client plus the
@@ -42,45 +42,18 @@ def write_config(path: Path, mongo_url: str, *, mode: str, rounds: int, per_roun
     # Fault seeds whose sequences put a timeout and a crash (fast cluster)
     # and a timeout (slow cluster) among each session's first few client
     # invocations: even a short session meets faults.
-    path.write_text(textwrap.dedent(f"""\
-        name: modes
-        providers:
-          openwhisk:
-            rm_fast:
-              kind: local
-              faults: {{crash: 0.1, timeout_instant: 0.15, slow_ms: {FAST_MS}, seed: 9, functions: [fl_client]}}
-            rm_slow:
-              kind: local
-              faults: {{timeout_instant: 0.15, slow_ms: {SLOW_MS}, seed: 6, functions: [fl_client]}}
-        scenarios:
-          federated_learning:
-            server_config: {{server_cluster_name: rm_fast}}
-            clients_info:
-              total_num_clients: 4
-              num_clients_per_round: {per_round}
-              clusters: {{rm_fast: 2, rm_slow: 2}}
-            data_sampling: {{model: small, batch_size: 16}}
-            mongo_config: {{url: "{mongo_url}", db: {DB}}}
-            model_params: {{lr: "1e-2", optim: adam, local_epochs: "1"}}
-            training:
-              mode: {mode}
-              rounds: {rounds}
-              seed: 3
-              quorum: 0.5
-              round_deadline_s: 120
-              attempt_grace_s: 5
-              staleness_tolerance: {TOLERANCE}
-              retries: {{max_attempts: 3, backoff_s: 0.1, backoff_max_s: 1}}
-        {textwrap.indent(extra_training, '      ')}
-            functions:
-              fl_client:
-                openwhisk: {{timeout: "30000", memory: "1024"}}
-              fl_server_init:
-                openwhisk: {{timeout: "120000"}}
-              fl_server_aggregator:
-                openwhisk: {{timeout: "120000"}}
-        """))
-    return path
+    fast = {"crash": 0.1, "timeout_instant": 0.15, "slow_ms": FAST_MS, "seed": 9, "functions": ["fl_client"]}
+    slow = {"timeout_instant": 0.15, "slow_ms": SLOW_MS, "seed": 6, "functions": ["fl_client"]}
+    return write_session_config(
+        path, name="modes", mongo={"url": mongo_url, "db": DB}, server="rm_fast",
+        openwhisk={"rm_fast": {"kind": "local", "faults": fast}, "rm_slow": {"kind": "local", "faults": slow}},
+        clients_info={"total_num_clients": 4, "num_clients_per_round": per_round,
+                      "clusters": {"rm_fast": 2, "rm_slow": 2}},
+        training={"mode": mode, "rounds": rounds, "seed": 3, "quorum": 0.5, "round_deadline_s": 120,
+                  "attempt_grace_s": 5, "staleness_tolerance": TOLERANCE,
+                  "retries": {"max_attempts": 3, "backoff_s": 0.1, "backoff_max_s": 1},
+                  **fragment(extra_training)},
+        functions=dict(FUNCTIONS, fl_client={"openwhisk": {"timeout": "30000", "memory": "1024"}}))
 
 
 
