@@ -21,6 +21,14 @@ MODEL_PARAMS: dict[str, Any] = {"lr": "1e-2", "optim": "adam", "local_epochs": "
 LOCAL = {"kind": "local"}
 
 
+class _PlainDumper(yaml.SafeDumper):
+    """Writes a mapping shared by two clusters out twice, as a user would,
+    not as an anchor and an alias."""
+
+    def ignore_aliases(self, data: Any) -> bool:
+        return True
+
+
 def fragment(text: str) -> dict[str, Any]:
     """A YAML mapping written inline by a test ("" is an empty one)."""
     doc = yaml.safe_load(textwrap.dedent(text)) if text.strip() else {}
@@ -53,5 +61,5 @@ def write_session_config(path: Path, *, name: str, mongo: dict[str, Any], client
             "functions": functions if functions is not None else copy.deepcopy(FUNCTIONS),
         }},
     }
-    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    path.write_text(yaml.dump(doc, Dumper=_PlainDumper, sort_keys=False))
     return path
