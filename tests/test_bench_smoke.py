@@ -26,6 +26,7 @@ BENCHES = [
     ("bench_main_job.py", ["--smoke"], "cold / warm"),
     ("bench_hierarchical.py", ["--smoke"], "ratio hierarchical / flat"),
     ("bench_stragglers.py", ["--smoke"], "faulted / fault-free, hedging on"),
+    ("bench_store_writes.py", ["--smoke"], "store CPU ms per document"),
 ]
 
 
