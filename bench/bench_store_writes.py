@@ -9,9 +9,10 @@ and why a round's cost at scale is the documents it writes per client.
 Each setting gets a fresh store in a temporary directory (started as
 `mongo_config.url: embedded` starts it) and a collection with a unique
 compound index like the updates'. The store's CPU is read from its process
-before and after each step. Inserts come before updates, and the one-by-one
-inserts run after `--docs` bulk-inserted documents, so the retryable-write
-record the server keeps is as large as a session's would be by then.
+before and after each step (in clock ticks of 10 ms: use a few thousand
+documents). With retryable writes on, every write command adds to the
+record the server checks each later write against, as a session's writes
+do: the one-by-one steps write `--docs` commands each.
 """
 from __future__ import annotations
 
@@ -51,8 +52,6 @@ def measure(url: str, pid: int, n: int) -> dict[str, float]:
         return {"session": "s", "round": rnd, "client": f"c{i}", "status": "received", "pad": "x" * 100}
 
     step("insert_many", n, lambda: coll.insert_many([doc(0, i) for i in range(n)]))
-    # retryable writes are recorded per write command: these n commands
-    # grow the record the next ones are checked against
     step("insert_one", n, lambda: [coll.insert_one(doc(1, i)) for i in range(n)])
     step("update_one", n, lambda: [coll.update_one({"session": "s", "round": 1, "client": f"c{i}"},
                                                    {"$set": {"status": "accepted"}}) for i in range(n)])
