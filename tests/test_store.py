@@ -237,7 +237,7 @@ def test_the_embedded_store_killed_under_a_runtime_is_started_again(tmp_path, mo
     """The keeper owns the embedded store: when it dies, the runtime starts
     it again on the same port and data, and the store calls go on."""
     from fedkeeper.config import load_config
-    from fedkeeper.local.store import POOL_PER_PROCESS, EmbeddedMongo
+    from fedkeeper.local.store import EmbeddedMongo
     from fedkeeper.runtime import Runtime
     monkeypatch.setenv("FEDKEEPER_STATE_DIR", str(tmp_path / "state"))
     cfg = tmp_path / "cfg.yaml"

@@ -21,7 +21,7 @@ class HttpFunctionProvider(Provider):
 
     #: header carrying the keeper's execution id (functions-framework adopts it)
     execution_id_header: ClassVar[str] = "Function-Execution-Id"
-    #: platform-specific HTTP answer rules, see HttpInvoker
+    #: platform-specific HTTP answer rules (http_answers.StatusHook)
     status_hook: ClassVar[Callable | None] = None
     #: added to a function's timeout for the HTTP read timeout
     invoke_grace_s: ClassVar[float] = 10.0
