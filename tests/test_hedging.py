@@ -442,14 +442,32 @@ def test_no_attempt_is_given_up_when_no_further_hedge_would_be_allowed(tmp_path)
         (1, "succeeded", False), (2, "hedged", True)]
 
 
-def test_an_older_attempt_is_given_up_once_per_client_and_round(tmp_path):
+def test_each_further_give_up_of_a_client_waits_twice_as_long(tmp_path):
     behave = client_3_runs({1: 40.0, 2: 40.0, 3: 40.0})     # three held attempts in a row
-    keeper, store, _, _ = fake_keeper(tmp_path, behave, rounds=1, training=HEDGE_ON)
+    keeper, store, _, clock = fake_keeper(tmp_path, behave, rounds=1, training=HEDGE_ON)
     keeper.dispatcher.policy = dataclasses.replace(keeper.dispatcher.policy, max_attempts=8)
     assert keeper.start(session_id="s1").state == "finished"
     mine = client_attempts(store, "s1", "client_3")
-    # own #1 given up for hedge #2, which is hedged by #3; #3 straggles too but
-    # #2 is not given up again: no fourth attempt, #2 (held 40 s) delivers first.
+    # own #1 given up for hedge #2, #2 given up for hedge #3, which is hedged
+    # by #4 (1 s): no held attempt is waited for.
+    assert [(a["attempt"], a["state"], a.get("hedge", False)) for a in mine] == [
+        (1, "hedged", False), (2, "hedged", True), (3, "hedged", True), (4, "succeeded", True)]
+    assert all("given up for a younger attempt" in a["error"] for a in mine[:2])
+    assert clock() - mine[0]["submitted"] < 20
+    # The peers ran 1 s: threshold 1.5 s. #2 was given up (and #4 started)
+    # once #3 had run twice that, not once.
+    assert mine[3]["submitted"] - mine[2]["submitted"] >= 3.0
+    assert mine[1]["finished"] >= mine[2]["submitted"] + 3.0
+
+
+def test_give_ups_stop_where_no_attempt_would_be_left(tmp_path):
+    behave = client_3_runs({1: 40.0, 2: 40.0, 3: 40.0})
+    keeper, store, _, _ = fake_keeper(tmp_path, behave, rounds=1, training=HEDGE_ON)
+    keeper.dispatcher.policy = dataclasses.replace(keeper.dispatcher.policy, max_attempts=3)
+    assert keeper.start(session_id="s1").state == "finished"
+    mine = client_attempts(store, "s1", "client_3")
+    # own #1 given up for #2, which is hedged by #3; giving #2 up too would
+    # leave no attempt for a fourth: #2 (held 40 s) delivers first.
     assert [(a["attempt"], a["state"], a.get("hedge", False)) for a in mine] == [
         (1, "hedged", False), (2, "succeeded", True), (3, "hedged", True)]
 

@@ -16,9 +16,10 @@ that fails on its own (crashes, is refused, has no outcome in time) counts
 against max_attempts like any failed attempt, and while attempts remain the
 straggler is hedged again, after the retry backoff (without jitter). A
 hedge that straggles too (held, or on a cold worker) takes the place of the
-slot's older attempt, which is given up, and is hedged in turn (once per
-client and round, while that leaves an attempt): at most two of a client's
-attempts are tracked at once.
+slot's older attempt, which is given up, and is hedged in turn (while that
+leaves an attempt; each further give-up of the same client and round waits
+twice as long as the one before): at most two of a client's attempts are
+tracked at once.
 
 Where it runs: on another cluster the client may run on, else on its own.
 A client may run on every cluster that hosts the session's client
@@ -63,7 +64,8 @@ class Hedger:
         self._client_clusters: list[str] | None = None
         # (client, round) -> when a straggler whose hedge failed may be hedged again
         self._again_at: dict[tuple[str, int], float] = {}
-        self._gave_up: set[tuple[str, int]] = set()   # (client, round): an older attempt given up once
+        # (client, round) -> how many of its older attempts were given up
+        self._gave_up: dict[tuple[str, int], int] = {}
 
     # ------------------------------------------------------------------ settling
     def own_attempt_delivered(self, s: Slot) -> list[tuple[Any, dict[str, Any]]]:
@@ -121,29 +123,32 @@ class Hedger:
         """A hedge that runs past its round's threshold as well (held, or on
         a cold worker): the slot's own, older attempt is given up (recorded
         hedged, no longer tracked) and the hedge becomes the slot's attempt,
-        which may be hedged in turn. Once per client and round (a chain of
-        hedges on a loaded machine only adds cold workers), and only while
-        that leaves an attempt for the next hedge; an update the given-up
-        attempt still stores first is the slot's (its younger attempts then
-        report a duplicate)."""
+        which may be hedged in turn, only while that leaves an attempt for
+        the next hedge. The n-th give-up of a client and round waits until
+        the hedge ran 2^(n-1) times the threshold: a held hedge is replaced
+        soon, as a held own attempt is, while a chain of hedges on a loaded
+        machine (where every new worker is a cold one) is slowed down, not
+        fed. An update the given-up attempt still stores first is the
+        slot's (its younger attempts then report a duplicate)."""
         changes = []
         for table in tables:
             limits: dict[int, float | None] = {}
             for s in table:
                 h = s.hedge
                 if h is None or h.inv is None or s.state != RUNNING \
-                        or s.counted + 1 >= table.policy.max_attempts or (s.client, s.round) in self._gave_up:
+                        or s.counted + 1 >= table.policy.max_attempts:
                     continue
                 if s.round not in limits:
                     limits[s.round] = table.hedge_threshold(s.round)
                 limit = limits[s.round]
-                if limit is not None and now - h.started_at > limit:
+                given_up = self._gave_up.get((s.client, s.round), 0)
+                if limit is not None and now - h.started_at > limit * 2 ** given_up:
                     changes.append((s.doc_id, hedged_fields(now, GIVEN_UP)))
                     table.promote_hedge(s)
                     if len(self._gave_up) > 4096:   # keep the map small: drop settled rounds
                         oldest = min((x.round for t in tables for x in t), default=s.round)
-                        self._gave_up = {k for k in self._gave_up if k[1] >= oldest}
-                    self._gave_up.add((s.client, s.round))
+                        self._gave_up = {k: n for k, n in self._gave_up.items() if k[1] >= oldest}
+                    self._gave_up[(s.client, s.round)] = given_up + 1
         if changes:
             self.d.update_attempts(changes)
 
