@@ -47,7 +47,9 @@ def _json_object(body: bytes) -> dict[str, Any] | None:
     return obj if isinstance(obj, dict) else None
 
 
-def _snippet(body: bytes) -> str:
+def error_snippet(body: bytes) -> str:
+    """The start of an error answer's body, on one line, at most
+    ERROR_TEXT_CHARS characters."""
     text = body[:ERROR_TEXT_CHARS * 2].decode("utf-8", "replace").strip()
     text = " ".join(text.split())
     return text[:ERROR_TEXT_CHARS]
@@ -78,20 +80,20 @@ def classify_response(status: int, headers: Mapping[str, str], body: bytes,
             return False, decided[0], decided[1], None
     obj = _json_object(body)
     if status in (408, 504):
-        return False, ErrorClass.TIMEOUT, f"HTTP {status}: {_snippet(body) or 'timed out'}", None
+        return False, ErrorClass.TIMEOUT, f"HTTP {status}: {error_snippet(body) or 'timed out'}", None
     if status == 429:
-        return False, ErrorClass.THROTTLED, f"HTTP 429: {_snippet(body) or 'too many requests'}", None
+        return False, ErrorClass.THROTTLED, f"HTTP 429: {error_snippet(body) or 'too many requests'}", None
     if status == 413:
         return False, ErrorClass.PAYLOAD_TOO_LARGE, "HTTP 413: request entity too large", None
     if status in (502, 503):
-        return False, ErrorClass.PLATFORM_ERROR, f"HTTP {status}: {_snippet(body)}", None
+        return False, ErrorClass.PLATFORM_ERROR, f"HTTP {status}: {error_snippet(body)}", None
     if obj is not None and "error" in obj:
         return False, ErrorClass.APPLICATION_ERROR, \
             f"HTTP {status}: {str(obj['error'])[:ERROR_TEXT_CHARS]}", None
     if status in (401, 403):
-        return False, ErrorClass.AUTH, f"HTTP {status}: {_snippet(body) or 'not authorized'}", None
+        return False, ErrorClass.AUTH, f"HTTP {status}: {error_snippet(body) or 'not authorized'}", None
     if status == 404:
-        return False, ErrorClass.FUNCTION_MISSING, f"HTTP 404: {_snippet(body) or 'not found'}", None
+        return False, ErrorClass.FUNCTION_MISSING, f"HTTP 404: {error_snippet(body) or 'not found'}", None
     if 400 <= status < 500:
-        return False, ErrorClass.APPLICATION_ERROR, f"HTTP {status}: {_snippet(body)}", None
-    return False, ErrorClass.PLATFORM_ERROR, f"HTTP {status}: {_snippet(body)}", None
+        return False, ErrorClass.APPLICATION_ERROR, f"HTTP {status}: {error_snippet(body)}", None
+    return False, ErrorClass.PLATFORM_ERROR, f"HTTP {status}: {error_snippet(body)}", None

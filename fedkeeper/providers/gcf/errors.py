@@ -14,7 +14,7 @@ from google.api_core import exceptions as gexc
 from google.auth import exceptions as auth_exc
 
 from ..base import ErrorClass, ProviderError
-from ..http_answers import retry_after_seconds
+from ..http_answers import error_snippet, retry_after_seconds
 
 # functions-framework (and the Cloud Functions front end) mark an uncaught
 # exception in the function with this header on the 500 answer.
@@ -24,7 +24,7 @@ GOOGLE_STATUS_HEADER = "X-Google-Status"
 def google_status_hook(status: int, headers: Mapping[str, str], body: bytes):
     marker = (headers.get(GOOGLE_STATUS_HEADER) or "").strip().lower()
     if status == 500 and marker == "crash":
-        text = body[:300].decode("utf-8", "replace").strip() or "function crashed"
+        text = error_snippet(body) or "function crashed"
         return ErrorClass.DEVELOPER_ERROR, f"crash: {text}"
     return None
 

@@ -24,6 +24,7 @@ from urllib.parse import urlsplit, urlunsplit
 from .. import kube
 from ..base import (Artifact, DeployResult, ErrorClass, FunctionSpec, Invocation, Outcome,
                     ProviderContext, ProviderError, UploadPlan)
+from ..http_answers import error_snippet
 from ..http_provider import HttpFunctionProvider
 from . import manifests as m
 from . import metrics
@@ -45,10 +46,10 @@ def knative_status_hook(status: int, headers: Mapping[str, str], body: bytes):
     """Knative-specific answers; the generic rules of http_answers do the rest."""
     if status == 500 and (headers.get(FUNCTIONS_FRAMEWORK_CRASH) or "").strip().lower() == "crash":
         # functions-framework marks an uncaught exception in the function
-        text = body[:300].decode("utf-8", "replace").strip() or "function crashed"
+        text = error_snippet(body) or "function crashed"
         return ErrorClass.DEVELOPER_ERROR, f"crash: {text}"
     if status == 503:
-        text = " ".join(body[:300].decode("utf-8", "replace").split())
+        text = error_snippet(body)
         if "overload" in text.lower() or "queue full" in text.lower():
             # the queue-proxy's or activator's breaker is full: back off
             return ErrorClass.THROTTLED, f"HTTP 503 (Knative overload): {text}"
