@@ -1,5 +1,6 @@
-"""Running the CLI as a real process and killing it with SIGKILL at a chosen
-moment: how the resume tests leave a keeper's work half done."""
+"""Running the CLI as a real process and stopping it at a chosen moment,
+with SIGKILL (how the resume tests leave a keeper's work half done) or
+with SIGINT (a user's Ctrl-C)."""
 from __future__ import annotations
 
 import os
@@ -42,8 +43,12 @@ def interrupt_cli_when(args: list[str], ready: Callable[[], Any], what: str,
     """Start `python -m fedkeeper.cli *args`, wait (bounded) until `ready()`
     holds, then press Ctrl-C (SIGINT) and wait for the process to end.
     Returns (what ready returned, exit status, stdout and stderr)."""
+    # As a terminal's Ctrl-C reaches it: a suite started in the background
+    # of a shell without job control (`./scripts/test &`, nohup) ignores
+    # SIGINT, the CLI would inherit that, and Python then leaves it ignored.
     proc = subprocess.Popen([sys.executable, "-m", "fedkeeper.cli", *args], env=dict(os.environ),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
