@@ -145,9 +145,16 @@ def test_semi_async_aggregates_stragglers_as_stale_updates(fabric_state, mongo_u
                 compared += 1
     assert compared
     # A client busy with a straggling attempt was not selected again meanwhile.
+    # Selection may wait past the round's start for a straggler to end (when
+    # every client is busy), and an attempt's `finished` is when the keeper
+    # saw it end: compare with the round's first invocation, which follows
+    # its selection and precedes any later look at the stragglers.
     for r in info["rounds"]:
+        submitted = [a["submitted"] for a in info["attempts"]
+                     if a["round"] == r["round"] and a["client"] in r["selected"]]
+        chosen_by = min(submitted, default=r["started"])
         running_elsewhere = {a["client"] for a in info["attempts"] if a["round"] < r["round"]
-                             and a["submitted"] < r["started"] and a.get("finished", 0) > r["started"]
+                             and a["submitted"] < chosen_by and a.get("finished", 0) > chosen_by
                              and a["state"] == "succeeded"}
         assert not running_elsewhere & set(r["selected"]), r["round"]
 
