@@ -4,6 +4,7 @@ is not, timeouts and closing; on a scripted server on 127.0.0.1."""
 from __future__ import annotations
 
 import http.client
+import json
 import socket
 import time
 
@@ -13,7 +14,8 @@ from urllib3.util.wait import wait_for_read
 from fedkeeper.config import OpenWhiskCluster
 from fedkeeper.providers.base import ErrorClass, ProviderContext, ProviderError
 from fedkeeper.providers.openwhisk import OpenWhiskProvider
-from fedkeeper.providers.openwhisk.errors import transport_error
+from fedkeeper.providers.http_answers import ERROR_TEXT_CHARS
+from fedkeeper.providers.openwhisk.errors import status_error, transport_error
 from fedkeeper.providers.openwhisk.http import ConnectFailed, KeepAlivePool
 from scripted_http import IO_TIMEOUT_S, self_signed_tls, server_factory  # noqa: F401 (a fixture)
 
@@ -115,6 +117,17 @@ def test_idle_connections_are_bounded(server_factory):
 def test_standard_library_transport_errors_are_classified(exc, reason):
     err = transport_error("OpenWhisk cluster c at http://h", exc)
     assert err.error_class == ErrorClass.UNREACHABLE and f"({reason})" in str(err)
+
+
+@pytest.mark.parametrize("body", [
+    json.dumps({"error": "quota\nexceeded " + "x" * 100_000}).encode(),   # the controller's JSON error
+    b"<html>\n" + b"y" * 100_000,                                          # a proxy's page
+])
+def test_a_controllers_error_text_is_cut_to_one_bounded_line(body):
+    err = status_error("OpenWhisk cluster c at http://h", 503, body, "invoke")
+    detail = str(err).split("answered 503: ", 1)[1]
+    assert err.error_class == ErrorClass.PLATFORM_ERROR
+    assert "\n" not in detail and len(detail) == ERROR_TEXT_CHARS
 
 
 def test_provider_invoke_through_the_pool_and_dropped_post_is_unreachable(server_factory, tmp_path):

@@ -12,7 +12,7 @@ import requests
 import urllib3
 
 from ..base import ErrorClass, Outcome, ProviderError
-from ..http_answers import retry_after_seconds
+from ..http_answers import error_snippet, retry_after_seconds
 from .http import ConnectFailed
 
 _STATUS_BY_CODE = {0: "success", 1: "application error", 2: "action developer error",
@@ -25,11 +25,10 @@ def _error_text(data: bytes | str | None) -> str:
     try:
         j = json.loads(data)
         if isinstance(j, dict) and j.get("error"):
-            return str(j["error"])
+            return error_snippet(str(j["error"]).encode())
     except (ValueError, TypeError):
         pass
-    text = data.decode("utf-8", "replace") if isinstance(data, bytes) else str(data)
-    return text.strip()[:300]
+    return error_snippet(data if isinstance(data, bytes) else str(data).encode())
 
 
 def transport_error(where: str, exc: BaseException) -> ProviderError:
