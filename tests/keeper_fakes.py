@@ -254,7 +254,8 @@ class FakeProvider(Provider):
 
 
 def fake_config(tmp_path, *, mode: str = "sync", rounds: int = 2, clients: int = 4, per_round: int = 4,
-                extra_cluster: str = "", training: str = "", deadline_s: float = 60) -> Any:
+                extra_cluster: str = "", training: str = "", deadline_s: float = 60,
+                fast_first_retry: bool = True) -> Any:
     path = tmp_path / "fake.yaml"
     path.write_text(textwrap.dedent(f"""\
         name: fake
@@ -274,7 +275,8 @@ def fake_config(tmp_path, *, mode: str = "sync", rounds: int = 2, clients: int =
               quorum: 0.5
               round_deadline_s: {deadline_s}
               attempt_grace_s: 5
-              retries: {{max_attempts: 3, backoff_s: 0.5, backoff_max_s: 4, jitter: 0.0}}
+              retries: {{max_attempts: 3, backoff_s: 0.5, backoff_max_s: 4, jitter: 0.0,
+                        fast_first_retry: {str(fast_first_retry).lower()}}}
         """) + textwrap.indent(textwrap.dedent(training), " " * 6))
     return load_config(path)
 

@@ -61,16 +61,46 @@ def test_a_failed_attempt_waits_for_its_backoff_then_retries_until_attempts_run_
     assert s.attempt == 1 and s.state == "running"
     v = table.failed(s, ErrorClass.DEVELOPER_ERROR, "crash")
     assert v.retry and not v.redeploy and s.state == "waiting"
-    assert table.due() == []                 # backoff not over
-    clock.advance(1.0)
+    assert table.due() == [s]                # the function's own first failure: retried at once
     (s,) = start_all(table, clock)
     assert s.attempt == 2
     assert table.failed(s, ErrorClass.TIMEOUT, "slow").retry
-    clock.advance(2.0)
+    assert table.due() == []                 # from the second failure on, it backs off
+    clock.advance(1.0)
     start_all(table, clock)
     v = table.failed(s, ErrorClass.PLATFORM_ERROR, "500")
     assert not v.retry and s.state == "failed" and s.attempt == 3
     assert s.last_error == "platform_error: 500"
+
+
+@pytest.mark.parametrize("ec", [ErrorClass.THROTTLED, ErrorClass.PLATFORM_ERROR, ErrorClass.UNREACHABLE,
+                                ErrorClass.FUNCTION_MISSING, None])
+def test_a_platform_short_of_capacity_is_backed_off_from_the_first_failure(ec):
+    clock = Clock()
+    table = table_of(1, clock)
+    (s,) = start_all(table, clock)
+    assert table.failed(s, ec, "busy").retry
+    assert table.due() == []
+    clock.advance(1.0)
+    assert table.due() == [s]
+
+
+def test_without_fast_first_retry_every_failure_backs_off_on_the_same_jitter_draws():
+    schedule = {}
+    for fast in (True, False):
+        policy = RetryPolicy(max_attempts=5, backoff_s=1.0, backoff_max_s=100.0, jitter=0.5,
+                             fast_first_retry=fast)
+        rng = random.Random(7)
+        schedule[fast] = [policy.retry_delay(n, ErrorClass.DEVELOPER_ERROR, rng) for n in (1, 2, 3, 4)]
+        schedule[fast, "next draw"] = rng.random()
+    assert schedule[True][0] == 0.0 and 0.5 <= schedule[True][1] <= 1.5      # backoff_s +- jitter
+    assert 0.5 <= schedule[False][0] <= 1.5 and schedule[False][3] >= 4.0    # 8 s +- jitter
+    # On, the backoff starts one failure later (half as long, same draw); the
+    # rng ends where it would with it off.
+    assert schedule[True][1:] == pytest.approx([d / 2 for d in schedule[False][1:]])
+    assert schedule[True, "next draw"] == schedule[False, "next draw"]
+    # Retry-After still wins over an at-once retry.
+    assert POLICY.retry_delay(1, ErrorClass.DEVELOPER_ERROR, random.Random(0), retry_after=3.0) == 3.0
 
 
 @pytest.mark.parametrize("ec", [ErrorClass.AUTH, ErrorClass.PAYLOAD_TOO_LARGE])

@@ -379,16 +379,21 @@ def first_hedge_fails(how):
     return client_3_runs({1: 100.0, 2: how})
 
 
-def test_a_crashed_hedge_is_followed_by_another_after_the_backoff(tmp_path):
+@pytest.mark.parametrize("fast_first_retry", [True, False])
+def test_a_crashed_hedge_is_followed_by_another_when_a_retry_would_be(tmp_path, fast_first_retry):
     behave = first_hedge_fails(Outcome("", False, ErrorClass.APPLICATION_ERROR, "the worker died"))
-    keeper, store, provider, clock = fake_keeper(tmp_path, behave, rounds=1, training=HEDGE_ON)
+    keeper, store, provider, clock = fake_keeper(tmp_path, behave, rounds=1, training=HEDGE_ON,
+                                                 fast_first_retry=fast_first_retry)
     assert keeper.start(session_id="s1").state == "finished"
     mine = client_attempts(store, "s1", "client_3")
     assert [(a["attempt"], a["state"], a.get("hedge", False)) for a in mine] == [
         (1, "hedged", False), (2, "hedged", True), (3, "succeeded", True)]
     assert mine[1]["error"] == "the worker died"
-    # The second hedge waited for the backoff after the first one's failure (0.5 s x 2^(2-1)).
-    assert mine[2]["submitted"] - mine[1]["finished"] >= 1.0
+    gap = mine[2]["submitted"] - mine[1]["finished"]
+    if fast_first_retry:   # the client's first failure: the next hedge at the keeper's next look
+        assert gap < 0.5
+    else:                  # after the backoff of a first failure (backoff_s 0.5 s, no jitter)
+        assert gap >= 0.5
     rd = store.rounds_[("s1", 0)]
     assert rd["included"].count("client_3") == 1 and rd["failed"] == 0
 

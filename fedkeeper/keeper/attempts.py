@@ -72,6 +72,13 @@ class HedgePolicy:
         return ordered[rank - 1] * self.factor
 
 
+#: Failures of the attempt itself: the function crashed, returned an error
+#: or ran out of time. Nothing says the platform is short of capacity, so a
+#: first retry at once costs it nothing; throttling, platform errors and an
+#: unreachable cluster always back off.
+FUNCTION_FAILURES = frozenset({ErrorClass.DEVELOPER_ERROR, ErrorClass.APPLICATION_ERROR, ErrorClass.TIMEOUT})
+
+
 @dataclass(frozen=True)
 class RetryPolicy:
     """training.retries plus the attempt grace, as the state machine reads them."""
@@ -82,20 +89,48 @@ class RetryPolicy:
     jitter: float = 0.5
     grace_s: float = 10.0          # on top of the function's timeout, per attempt
     hedging: HedgePolicy = HedgePolicy()
+    fast_first_retry: bool = True
 
     @classmethod
     def from_training(cls, training: Any) -> "RetryPolicy":
         r = training.retries
         return cls(r.max_attempts, r.backoff_s, r.backoff_max_s, r.jitter, training.attempt_grace_s,
-                   HedgePolicy.from_training(training))
+                   HedgePolicy.from_training(training), r.fast_first_retry)
 
     def backoff(self, attempt: int, rng: random.Random, retry_after: float | None = None) -> float:
         """Delay before the retry that follows failed attempt `attempt` (1-based):
         exponential, capped at backoff_max_s, +-jitter; never shorter than
         what the platform asked for (Retry-After)."""
-        base = min(self.backoff_max_s, self.backoff_s * (2 ** max(0, attempt - 1)))
-        delay = base * (1 + self.jitter * (2 * rng.random() - 1))
+        delay = self._base(attempt) * (1 + self.jitter * (2 * rng.random() - 1))
         return max(delay, retry_after or 0.0)
+
+    def _base(self, failures: int) -> float:
+        return min(self.backoff_max_s, self.backoff_s * (2 ** max(0, failures - 1)))
+
+    def _fast(self, ec: ErrorClass | None) -> bool:
+        return self.fast_first_retry and ec in FUNCTION_FAILURES
+
+    def retry_delay(self, failures: int, ec: ErrorClass | None, rng: random.Random,
+                    retry_after: float | None = None) -> float:
+        """Delay before the retry that follows a client's `failures`-th
+        failed attempt (1-based). With fast_first_retry, the first failure
+        of the function itself (FUNCTION_FAILURES) is retried at once and
+        the backoff starts with the second (backoff_s, then doubling);
+        any other failure backs off from the first. One jitter draw either
+        way, so the rng's sequence, and with it every later draw, is the
+        same with fast_first_retry on or off."""
+        if not self._fast(ec):
+            return self.backoff(failures, rng, retry_after)
+        delay = self.backoff(max(1, failures - 1), rng, retry_after)
+        return delay if failures > 1 else (retry_after or 0.0)
+
+    def hedge_delay(self, failures: int, ec: ErrorClass | None) -> float:
+        """retry_delay without jitter: how long the next speculative attempt
+        of a straggler waits after its `failures`-th failed attempt (hedging
+        draws nothing from the rng)."""
+        if not self._fast(ec):
+            return self._base(failures)
+        return self._base(failures - 1) if failures > 1 else 0.0
 
 
 @dataclass
@@ -345,7 +380,7 @@ class AttemptTable:
             s.state = FAILED
             return Verdict(retry=False, redeploy=False)
         s.state = WAITING
-        s.next_try = self.clock() + self.policy.backoff(max(1, s.counted), self.rng, retry_after)
+        s.next_try = self.clock() + self.policy.retry_delay(max(1, s.counted), ec, self.rng, retry_after)
         return Verdict(retry=True, redeploy=redeploy)
 
     def lost(self, s: Slot, why: str) -> None:

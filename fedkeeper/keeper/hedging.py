@@ -14,7 +14,7 @@ Every speculative attempt is an attempt record with `hedge: true` (its own
 attempt number, after the slot's), so cost and reports see it. A hedge
 that fails on its own (crashes, is refused, has no outcome in time) counts
 against max_attempts like any failed attempt, and while attempts remain the
-straggler is hedged again, after the retry backoff (without jitter). A
+straggler is hedged again when a retry would be made (without jitter). A
 hedge that straggles too (held, or on a cold worker) takes the place of the
 slot's older attempt, which is given up, and is hedged in turn (while that
 leaves an attempt; each further give-up of the same client and round waits
@@ -152,12 +152,12 @@ class Hedger:
         if changes:
             self.d.update_attempts(changes)
 
-    def _failed(self, table: AttemptTable, s: Slot) -> Any:
+    def _failed(self, table: AttemptTable, s: Slot, ec: ErrorClass | None) -> Any:
         """A speculative attempt failed on its own: it counts as an attempt;
-        the next one (if any) waits for the retry backoff, without jitter."""
+        the next one (if any) waits as a retry would (RetryPolicy.hedge_delay)."""
         h = table.hedge_failed(s)
-        p = table.policy
-        delay = min(p.backoff_max_s, p.backoff_s * 2 ** max(0, s.counted - 1))
+        # Every counted attempt but the slot's own running one has failed.
+        delay = table.policy.hedge_delay(s.counted - 1, ec)
         self._again_at[(s.client, s.round)] = self.d.clock() + delay
         if len(self._again_at) > 4096:   # slots long settled; keep the map small
             now = self.d.clock()
@@ -188,7 +188,7 @@ class Hedger:
                 table.hedge_not_started(s)
                 self.d.clusters.failed(cluster, str(exc))
             else:
-                self._failed(table, s)
+                self._failed(table, s, exc.error_class)
             self.d.update_attempts([(h.doc_id, {**hedged_fields(self.d.clock(), f"not started: {exc}"),
                                                 "error_class": exc.error_class.value})])
             return
@@ -236,12 +236,12 @@ class Hedger:
                     continue
                 # A speculative attempt that failed is no failure of its
                 # client: the slot's own attempt carries on.
-                h = self._failed(table, s)
+                h = self._failed(table, s, out.error_class)
                 changes.append((h.doc_id, {**fields, "state": HEDGED, "error": fields["error"] or LOST_THE_RACE}))
         now = self.d.clock()
         for table in tables:
             for s in table.overdue_hedges():
-                h = self._failed(table, s)
+                h = self._failed(table, s, ErrorClass.TIMEOUT)
                 changes.append((h.doc_id, {**hedged_fields(now, "no outcome within the function timeout "
                                                                "plus grace"), "error_class": "timeout"}))
         self.d.update_attempts(changes)
