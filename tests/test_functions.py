@@ -229,6 +229,7 @@ def test_init_client_aggregate_round_trip(fn_db):
         # A second attempt of a client in the same round is never counted twice.
         again = call("fl_client", db, session=sid, round=rnd, client="client_0", attempt=2)
         assert again["duplicate"] is True and again["timings"]["train_ms"] == 0.0   # found, not trained
+        assert again["stored_by"] == 1          # the attempt whose update it found
         # A first attempt delivered twice trains again (it does not look
         # first), and its second update is refused and its blob deleted.
         twice = call("fl_client", db, session=sid, round=rnd, client="client_1", attempt=1)

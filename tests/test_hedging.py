@@ -435,6 +435,38 @@ def test_a_hedge_that_straggles_too_replaces_the_older_attempt_and_is_hedged_in_
     assert clock() - mine[0]["submitted"] < 20     # neither held attempt was waited for
 
 
+@pytest.mark.parametrize("stored_by", [1, 2])
+def test_a_duplicate_stored_by_a_given_up_attempt_settles_its_client_at_once(tmp_path, stored_by):
+    # #1 and its hedge #2 are held; #1 is given up for #2, which is hedged
+    # by #3. #3 finds the client's update stored and says by which attempt.
+    store_of = {}
+
+    def behave(fn, p, n):
+        if fn != "fl_client" or p["client"] != "client_3":
+            return "ok" if fn != "fl_client" else ("after", 1.0)
+        if n < 3:
+            return ("after", 100.0)
+        store_of["store"].add_update(p["session"], p["round"], p["client"])
+        return Outcome("", True, result={"num_examples": 10, "duplicate": True, "stored_by": stored_by})
+
+    keeper, store, provider, clock = fake_keeper(tmp_path, behave, rounds=1, training=HEDGE_ON, deadline_s=300)
+    store_of["store"] = store
+    assert keeper.start(session_id="s1").state == "finished"
+    mine = client_attempts(store, "s1", "client_3")
+    assert [a["state"] for a in mine] == ["hedged", "hedged" if stored_by == 1 else "succeeded", "hedged"]
+    assert "given up for a younger attempt" in mine[0]["error"]
+    assert mine[2]["error"] == "another attempt of this client delivered first"
+    rd = store.rounds_[("s1", 0)]
+    assert rd["included"].count("client_3") == 1 and rd["failed"] == 0
+    if stored_by == 1:
+        # Stored by the given-up #1: the held #2 is no longer waited for.
+        assert "an attempt given up earlier stored" in mine[1]["error"]
+        assert clock() - mine[0]["submitted"] < 20
+    else:
+        # Stored by the running #2 itself: it is tracked to its report.
+        assert clock() - mine[0]["submitted"] >= 100
+
+
 def test_no_attempt_is_given_up_when_no_further_hedge_would_be_allowed(tmp_path):
     behave = client_3_runs({1: 30.0, 2: 100.0})
     keeper, store, _, _ = fake_keeper(tmp_path, behave, rounds=1, training=HEDGE_ON)

@@ -168,6 +168,7 @@ class Slot:
     started_at: float = 0.0         # when the running attempt was accepted
     hedge: Hedge | None = None      # a speculative attempt still running
     hedges: int = 0                 # speculative attempts that leave no further one (see hedge_failed)
+    running_attempt: int = 0        # the number of the slot's own running attempt
 
     @property
     def counted(self) -> int:
@@ -238,6 +239,7 @@ class AttemptTable:
         out = []
         for s in slots:
             s.attempt += 1
+            s.running_attempt = s.attempt
             s.state, s.inv, s.result = SUBMITTING, None, None
             out.append(s)
         return out
@@ -254,6 +256,7 @@ class AttemptTable:
         """A running attempt made by an earlier keeper: its deadline runs
         from when it was submitted."""
         s.inv, s.state = inv, RUNNING
+        s.running_attempt = s.attempt
         s.started_at = inv.submitted_at
         s.deadline = inv.submitted_at + timeout_s + self.policy.grace_s
 
@@ -337,10 +340,23 @@ class AttemptTable:
         if h is None or h.inv is None:
             return False
         s.hedge = None
-        s.inv, s.doc_id, s.cluster = h.inv, h.doc_id, h.cluster
+        s.inv, s.doc_id, s.cluster, s.running_attempt = h.inv, h.doc_id, h.cluster, h.attempt
         s.started_at, s.deadline, s.state = h.started_at, h.deadline, RUNNING
         self._hedge_counts(s)   # it is the slot's retry now
         return True
+
+    def stored_by_untracked(self, s: Slot, stored_by: Any) -> bool:
+        """Whether a duplicate's update was stored by an attempt of the
+        slot that is no longer tracked (given up for a younger one): not by
+        its running attempt, which would report it soon, nor by its hedge."""
+        if isinstance(stored_by, bool) or not isinstance(stored_by, int):
+            return False      # unknown (a race at the insert): the running attempt reports
+        return stored_by != s.running_attempt and (s.hedge is None or stored_by != s.hedge.attempt)
+
+    def delivered_untracked(self, s: Slot, result: dict[str, Any] | None = None) -> None:
+        """The client's update was stored by an attempt no longer tracked:
+        delivered, with no duration to learn from (nothing tracked it)."""
+        s.state, s.inv, s.result = DELIVERED, None, result
 
     def hedge_failed(self, s: Slot) -> Hedge | None:
         """The speculative attempt failed on its own (crashed, refused, no

@@ -50,6 +50,7 @@ log = logging.getLogger("fedkeeper.keeper")
 HEDGED = "hedged"
 LOST_THE_RACE = "another attempt of this client delivered first"
 GIVEN_UP = "its hedge ran past the round's peers too; given up for a younger attempt"
+STORED_BY_ANOTHER = "no longer tracked: an attempt given up earlier stored the client's update"
 
 
 def hedged_fields(now: float, why: str = LOST_THE_RACE) -> dict[str, Any]:
@@ -129,7 +130,8 @@ class Hedger:
         soon, as a held own attempt is, while a chain of hedges on a loaded
         machine (where every new worker is a cold one) is slowed down, not
         fed. An update the given-up attempt still stores first is the
-        slot's (its younger attempts then report a duplicate)."""
+        slot's: the first younger attempt to report it as a duplicate
+        settles the slot (see track)."""
         changes = []
         for table in tables:
             limits: dict[int, float | None] = {}
@@ -229,6 +231,17 @@ class Hedger:
                     changes.append((hedge_doc, fields))
                     if loser is not None:
                         changes.append((loser, hedged_fields(self.d.clock())))
+                    continue
+                if fields["state"] == "succeeded" and duplicate and s.state == RUNNING \
+                        and table.stored_by_untracked(s, (out.result or {}).get("stored_by")):
+                    # An attempt given up for a younger one stored the update:
+                    # the client delivered. Waiting for the running attempt
+                    # (held, perhaps to the function's limit) would hold the
+                    # round for nothing.
+                    h = table.hedge_dropped(s)
+                    changes.append((h.doc_id, {**fields, "state": HEDGED, "error": LOST_THE_RACE}))
+                    changes.append((s.doc_id, hedged_fields(self.d.clock(), STORED_BY_ANOTHER)))
+                    table.delivered_untracked(s, out.result)
                     continue
                 if fields["state"] == "succeeded":   # the slot's own attempt stored its update first
                     h = table.hedge_dropped(s)

@@ -24,7 +24,7 @@ def outcome_fields(out: Outcome, now: float) -> dict[str, Any]:
         "finished": now,
     }
     res = out.result or {}
-    summary = {k: res[k] for k in ("num_examples", "metrics", "timings", "duplicate") if k in res}
+    summary = {k: res[k] for k in ("num_examples", "metrics", "timings", "duplicate", "stored_by") if k in res}
     if summary:
         fields["result"] = summary
     return fields

@@ -30,11 +30,15 @@ def handle(payload: dict[str, Any], bound: dict[str, str]) -> dict[str, Any]:
     # already: nothing to train. A first attempt skips the look-up (one of a
     # no-op client's seven store queries); should it run twice, the
     # update's unique key still keeps one.
-    earlier = db[store.UPDATES].find_one(key, {"num_examples": 1, "metrics": 1}) if attempt > 1 else None
+    earlier = db[store.UPDATES].find_one(key, {"num_examples": 1, "metrics": 1, "attempt": 1}) \
+        if attempt > 1 else None
     if earlier is not None:
+        # stored_by: the keeper may have stopped tracking that attempt (given
+        # up for a younger one), and then settles the client on this answer.
         return {"num_examples": earlier.get("num_examples", 0), "metrics": earlier.get("metrics", {}),
-                "duplicate": True, "timings": {"load_ms": round((time.perf_counter() - t0) * 1000, 1),
-                                               "train_ms": 0.0, "store_ms": 0.0}}
+                "duplicate": True, "stored_by": earlier.get("attempt"),
+                "timings": {"load_ms": round((time.perf_counter() - t0) * 1000, 1),
+                            "train_ms": 0.0, "store_ms": 0.0}}
     # read-only: the warm worker serves the same arrays to its next run
     _, weights = shared_global_model(db, session, rnd)
     x, y = partition_arrays(db, session, client)
