@@ -65,6 +65,10 @@ def serve(state_dir: str | os.PathLike, host: str = "127.0.0.1", port: int = 0,
     supervisor.write_private(sdir / STATE_FILE, json.dumps(info))
 
     def stop(signum, frame):
+        # Stopping from here on: a stop signal reaches the whole process
+        # group, so the zygote may already be dead when a stem cell is
+        # forked next, which must not read as the zygote failing.
+        fabric.stopping = True
         threading.Thread(target=httpd.shutdown, daemon=True).start()
 
     signal.signal(signal.SIGTERM, stop)
