@@ -45,9 +45,9 @@ class RetryConfig(Strict):
     backoff_s: float = Field(0.5, ge=0)
     backoff_max_s: float = Field(15.0, ge=0)
     jitter: float = Field(0.5, ge=0, le=1)
-    # The function's own crash, error or timeout is retried at once the
-    # first time (backoff from the second); throttling and platform errors
-    # always back off (fedkeeper.keeper.attempts.RetryPolicy.retry_delay).
+    # A first attempt that crashed or returned an error is retried at once
+    # (backoff from the second failure); timeouts, throttling and platform
+    # errors always back off (fedkeeper.keeper.attempts.RetryPolicy.retry_delay).
     fast_first_retry: bool = True
 
     @model_validator(mode="after")

@@ -72,11 +72,13 @@ class HedgePolicy:
         return ordered[rank - 1] * self.factor
 
 
-#: Failures of the attempt itself: the function crashed, returned an error
-#: or ran out of time. Nothing says the platform is short of capacity, so a
-#: first retry at once costs it nothing; throttling, platform errors and an
-#: unreachable cluster always back off.
-FUNCTION_FAILURES = frozenset({ErrorClass.DEVELOPER_ERROR, ErrorClass.APPLICATION_ERROR, ErrorClass.TIMEOUT})
+#: Failures of the function itself: it crashed or returned an error. Nothing
+#: says the platform is short of capacity, so a first retry at once costs it
+#: nothing. A timeout is not one of them: HTTP platforms answer 408/504 when
+#: a request queued for a cold instance too long, and a retry at once would
+#: send every such client back at the same moment. Throttling, platform
+#: errors and an unreachable cluster always back off.
+FUNCTION_FAILURES = frozenset({ErrorClass.DEVELOPER_ERROR, ErrorClass.APPLICATION_ERROR})
 
 
 @dataclass(frozen=True)
@@ -112,13 +114,14 @@ class RetryPolicy:
 
     def retry_delay(self, failures: int, ec: ErrorClass | None, rng: random.Random,
                     retry_after: float | None = None) -> float:
-        """Delay before the retry that follows a client's `failures`-th
-        failed attempt (1-based). With fast_first_retry, the first failure
-        of the function itself (FUNCTION_FAILURES) is retried at once and
-        the backoff starts with the second (backoff_s, then doubling);
-        any other failure backs off from the first. One jitter draw either
-        way, so the rng's sequence, and with it every later draw, is the
-        same with fast_first_retry on or off."""
+        """Delay before the retry that follows a slot's `failures`-th
+        counted attempt that did not deliver (1-based). With
+        fast_first_retry, when the first one failed in the function itself
+        (FUNCTION_FAILURES) it is retried at once, and the backoff starts
+        with the second (backoff_s, then doubling); otherwise it backs off
+        from the first. One jitter draw either way, so the rng's sequence,
+        and with it every later draw, is the same with fast_first_retry on
+        or off."""
         if not self._fast(ec):
             return self.backoff(failures, rng, retry_after)
         delay = self.backoff(max(1, failures - 1), rng, retry_after)
@@ -380,8 +383,9 @@ class AttemptTable:
     def failed(self, s: Slot, ec: ErrorClass | None, error: str, retry_after: float | None = None,
                *, reached: bool = True) -> Verdict:
         """An attempt failed. Non-retryable classes (auth, payload too large)
-        end the slot at once; otherwise it waits for a backed-off retry while
-        attempts remain. A missing function asks for a redeploy first.
+        end the slot at once; otherwise it waits for a retry while attempts
+        remain (RetryPolicy.retry_delay: at once, or backed off). A missing
+        function asks for a redeploy first.
         `reached=False`: the attempt never reached the platform (it was
         unreachable): it does not count against max_attempts, the caller
         bounds such waits per cluster (ClusterHealth)."""
