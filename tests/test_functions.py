@@ -234,6 +234,7 @@ def test_init_client_aggregate_round_trip(fn_db):
         # first), and its second update is refused and its blob deleted.
         twice = call("fl_client", db, session=sid, round=rnd, client="client_1", attempt=1)
         assert twice["duplicate"] is True and twice["timings"]["train_ms"] > 0
+        assert twice["stored_by"] == 1          # refused at the insert, it still says whose update won
         assert db[fs.UPDATES].count_documents({"session": sid, "round": rnd}) == 3
         assert db["blobs.files"].count_documents({"metadata.kind": "update", "metadata.round": rnd}) == 3
         agg = call("fl_server_aggregator", db, session=sid, round=rnd, clients=[f"client_{c}" for c in range(3)])

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from fedkeeper.keeper.attempts import DELIVERED, RUNNING, AttemptTable, HedgePolicy, RetryPolicy, Slot
+from fedkeeper.keeper.attempts import DELIVERED, RUNNING, AttemptTable, Hedge, HedgePolicy, RetryPolicy, Slot
 from fedkeeper.keeper.hedging import Hedger
 from fedkeeper.providers import ErrorClass, Invocation, Outcome, ProviderError
 from keeper_fakes import fake_keeper
@@ -433,6 +433,18 @@ def test_a_hedge_that_straggles_too_replaces_the_older_attempt_and_is_hedged_in_
     rd = store.rounds_[("s1", 0)]
     assert rd["included"].count("client_3") == 1 and rd["failed"] == 0
     assert clock() - mine[0]["submitted"] < 20     # neither held attempt was waited for
+
+
+@pytest.mark.parametrize("stored_by, untracked", [
+    (1, True),                                    # older than the hedge, not the running attempt
+    (2, False), (3, False),                       # the running attempt, the hedge itself
+    (0, False), (-5, False), (4, False), (10 ** 9, False),   # no attempt of the slot's before the hedge
+    (None, False), (True, False), ("1", False), (1.0, False)])
+def test_only_an_older_untracked_attempt_number_settles_a_duplicate(stored_by, untracked):
+    table = AttemptTable(RetryPolicy(), lambda: 0.0)
+    s = table.add(Slot("client_0", "c1", attempt=3, running_attempt=2))
+    s.hedge = Hedge("c1", 3)
+    assert table.stored_by_untracked(s, stored_by) is untracked
 
 
 @pytest.mark.parametrize("stored_by", [1, 2])

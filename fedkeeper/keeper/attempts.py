@@ -349,12 +349,15 @@ class AttemptTable:
         return True
 
     def stored_by_untracked(self, s: Slot, stored_by: Any) -> bool:
-        """Whether a duplicate's update was stored by an attempt of the
-        slot that is no longer tracked (given up for a younger one): not by
-        its running attempt, which would report it soon, nor by its hedge."""
-        if isinstance(stored_by, bool) or not isinstance(stored_by, int):
-            return False      # unknown (a race at the insert): the running attempt reports
-        return stored_by != s.running_attempt and (s.hedge is None or stored_by != s.hedge.attempt)
+        """Whether the update a hedge found was stored by an attempt of the
+        slot that is no longer tracked (given up for a younger one): an
+        older attempt than the hedge, and not the running one, which would
+        report it soon. `stored_by` comes from the function's answer:
+        anything but such an attempt number leaves the running attempt
+        tracked to its report."""
+        if isinstance(stored_by, bool) or not isinstance(stored_by, int) or s.hedge is None:
+            return False
+        return 1 <= stored_by < s.hedge.attempt and stored_by != s.running_attempt
 
     def delivered_untracked(self, s: Slot, result: dict[str, Any] | None = None) -> None:
         """The client's update was stored by an attempt no longer tracked:

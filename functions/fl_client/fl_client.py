@@ -55,15 +55,16 @@ def handle(payload: dict[str, Any], bound: dict[str, str]) -> dict[str, Any]:
     doc = {"session": session, "round": rnd, "client": client, "attempt": attempt, "blob_id": blob,
            "num_examples": int(len(y)), "metrics": metrics, "status": "received", "created": time.time(),
            **({"masked": True} if masked else {})}
-    duplicate = False
+    duplicate: dict[str, Any] = {"duplicate": False}
     try:
         db[store.UPDATES].insert_one(doc)
     except pymongo.errors.DuplicateKeyError:
         # Another attempt of this client delivered this round while we
         # trained: keep that one, drop ours, so it is never counted twice.
         store.delete_blob(db, blob)
-        duplicate = True
+        stored = db[store.UPDATES].find_one(key, {"attempt": 1}) or {}
+        duplicate = {"duplicate": True, "stored_by": stored.get("attempt")}
     t3 = time.perf_counter()
-    return {"num_examples": int(len(y)), "metrics": metrics, "duplicate": duplicate,
+    return {"num_examples": int(len(y)), "metrics": metrics, **duplicate,
             "timings": {"load_ms": round((t1 - t0) * 1000, 1), "train_ms": round((t2 - t1) * 1000, 1),
                         "store_ms": round((t3 - t2) * 1000, 1)}}
