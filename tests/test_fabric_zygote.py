@@ -309,3 +309,17 @@ def test_a_zygote_whose_fork_fails_is_reaped():
     finally:
         z.proc.kill()
         z.proc.wait(timeout=10)
+
+
+@pytest.mark.parametrize("sig, by_stop", [(signal.SIGTERM, True), (signal.SIGKILL, False)])
+def test_a_zygote_killed_by_the_stop_signal_is_told_from_one_that_failed(tmp_path, sig, by_stop):
+    # The fabric's stop signal reaches its whole process group; a stem cell
+    # forked in between meets a dead zygote, which must not read as failing.
+    from fedkeeper.local.fabric.zygotes import Zygote
+    z = Zygote(None, ())
+    z.start(tmp_path / "zygote.log", str(tmp_path))
+    try:
+        os.kill(z.proc.pid, sig)
+        assert z.ended_by(signal.SIGTERM, wait_s=10) is by_stop
+    finally:
+        z.stop()

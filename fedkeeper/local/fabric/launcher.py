@@ -6,6 +6,7 @@ process of its own (worker.py), importing what it needs itself."""
 from __future__ import annotations
 
 import logging
+import signal
 import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
@@ -58,9 +59,15 @@ class Launcher:
             try:
                 w.start_forked(z)
             except OSError as exc:
+                # A stop signal reaches the whole process group: the zygote
+                # may die of it before this process's handler marks the
+                # fabric stopping. That is no failure of the zygote's.
+                stopped = z.ended_by(signal.SIGTERM)
                 if self.f.stopping:
                     return
-                log.warning("the %s zygote failed (%s): stem cells start as their own processes", w.runtime, exc)
+                if not stopped:
+                    log.warning("the %s zygote failed (%s): stem cells start as their own processes",
+                                w.runtime, exc)
             else:
                 with self.f.lock:
                     gone = w.kill_reason is not None or w.state == "dead"

@@ -244,6 +244,16 @@ class Zygote:
         else:
             self.state = "dead"
 
+    def ended_by(self, sig: int, wait_s: float = 0.5) -> bool:
+        """Whether the process ended by signal `sig`, waiting up to wait_s
+        for it to end (a dead socket may precede the process's exit)."""
+        if self.proc is None:
+            return False
+        try:
+            return self.proc.wait(timeout=wait_s) == -sig
+        except subprocess.TimeoutExpired:
+            return False
+
     def describe(self) -> dict:
         return {"runtime": self.runtime, "pid": self.proc.pid if self.proc else None, "state": self.state,
                 "modules": list(self.modules), "forks": self.forks, "started": round(self.spawned, 3),
