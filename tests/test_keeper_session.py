@@ -105,6 +105,23 @@ def test_throttling_waits_retry_after(tmp_path):
         assert a["submitted"] - first[c]["submitted"] >= 7.0
 
 
+@pytest.mark.parametrize("fast_first_retry", [True, False])
+def test_an_aggregator_that_answers_an_error_is_retried_as_a_clients_error_is(tmp_path, fast_first_retry):
+    def behave(fn, p, n):
+        if fn == "fl_server_aggregator" and n == 1:
+            return Outcome("", True, result={"error": "the store did not answer"})
+        return "ok"
+
+    keeper, store, provider, clock = fake_keeper(tmp_path, behave, rounds=1, fast_first_retry=fast_first_retry)
+    assert keeper.start(session_id="s1", deploy=False).state == "finished"
+    agg = sorted((a for a in store.attempts("s1") if a["function"] == "fl_server_aggregator"),
+                 key=lambda a: a["attempt"])
+    assert [a["state"] for a in agg] == ["failed", "succeeded"]
+    gap = agg[1]["submitted"] - agg[0]["finished"]
+    # The function's own error: at once with fast_first_retry, else after backoff_s (0.5 s, no jitter).
+    assert gap < 0.5 if fast_first_retry else gap >= 0.5
+
+
 def test_an_attempt_without_outcome_is_timed_out_and_the_round_deadline_abandons(tmp_path):
     def behave(fn, p, n):
         return "hang" if fn == "fl_client" and p["client"] == "client_3" else "ok"

@@ -64,7 +64,9 @@ def call_helper(d: "Dispatcher", cluster: str, session: str, rnd: int, function:
         reached = out.error_class != ErrorClass.UNREACHABLE
         if reached:
             log.warning("%s round %d attempt %d failed: %s", function, shown(rnd), slot.attempt, error)
-        verdict = table.failed(slot, out.error_class, error, out.retry_after, reached=reached)
+        # An answer with an error field is the function's own error, as for a client.
+        ec = out.error_class or (ErrorClass.APPLICATION_ERROR if out.ok else None)
+        verdict = table.failed(slot, ec, error, out.retry_after, reached=reached)
         if not reached:
             d.clusters.failed(cluster, error)
             slot.next_try = max(slot.next_try, d.clusters.next_probe(cluster))
