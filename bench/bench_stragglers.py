@@ -28,7 +28,8 @@ hedging see the same faults until their invocations diverge.
    --hedge-percentile, --hedge-factor) and min_peers half the round
    (--hedge-min-peers; see below). Faulted sessions inject per fl_client
    activation `crash` (the worker dies under it: a fast failure, then a
-   backed-off retry) and `timeout` (held until the limit, then recorded as
+   retry, at once the first time: retries.fast_first_retry, backed off
+   after that) and `timeout` (held until the limit, then recorded as
    a time-limit overrun, as OpenWhisk does). Either way the worker is gone
    (or held): the next attempt that finds no idle warm worker is a cold
    start, which is what --timeline shows dominating on a loaded machine.
