@@ -99,20 +99,16 @@ class RetryPolicy:
         return cls(r.max_attempts, r.backoff_s, r.backoff_max_s, r.jitter, training.attempt_grace_s,
                    HedgePolicy.from_training(training), r.fast_first_retry)
 
-    def backoff(self, attempt: int, rng: random.Random, retry_after: float | None = None) -> float:
+    def backoff(self, attempt: int, rng: random.Random | None, retry_after: float | None = None) -> float:
         """Delay before the retry that follows failed attempt `attempt` (1-based):
-        exponential, capped at backoff_max_s, +-jitter; never shorter than
-        what the platform asked for (Retry-After)."""
-        delay = self._base(attempt) * (1 + self.jitter * (2 * rng.random() - 1))
+        exponential, capped at backoff_max_s, +-jitter (none without an
+        rng); never shorter than what the platform asked for (Retry-After)."""
+        delay = min(self.backoff_max_s, self.backoff_s * (2 ** max(0, attempt - 1)))
+        if rng is not None:
+            delay *= 1 + self.jitter * (2 * rng.random() - 1)
         return max(delay, retry_after or 0.0)
 
-    def _base(self, failures: int) -> float:
-        return min(self.backoff_max_s, self.backoff_s * (2 ** max(0, failures - 1)))
-
-    def _fast(self, ec: ErrorClass | None) -> bool:
-        return self.fast_first_retry and ec in FUNCTION_FAILURES
-
-    def retry_delay(self, failures: int, ec: ErrorClass | None, rng: random.Random,
+    def retry_delay(self, failures: int, ec: ErrorClass | None, rng: random.Random | None,
                     retry_after: float | None = None) -> float:
         """Delay before the retry that follows a slot's `failures`-th
         counted attempt that did not deliver (1-based). With
@@ -121,19 +117,12 @@ class RetryPolicy:
         with the second (backoff_s, then doubling); otherwise it backs off
         from the first. One jitter draw either way, so the rng's sequence,
         and with it every later draw, is the same with fast_first_retry on
-        or off."""
-        if not self._fast(ec):
+        or off. Without an rng (a hedge's successor: hedging draws
+        nothing), the same delay without jitter."""
+        if not (self.fast_first_retry and ec in FUNCTION_FAILURES):
             return self.backoff(failures, rng, retry_after)
         delay = self.backoff(max(1, failures - 1), rng, retry_after)
         return delay if failures > 1 else (retry_after or 0.0)
-
-    def hedge_delay(self, failures: int, ec: ErrorClass | None) -> float:
-        """retry_delay without jitter: how long the next speculative attempt
-        of a straggler waits after its `failures`-th failed attempt (hedging
-        draws nothing from the rng)."""
-        if not self._fast(ec):
-            return self._base(failures)
-        return self._base(failures - 1) if failures > 1 else 0.0
 
 
 @dataclass

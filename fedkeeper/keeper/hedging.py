@@ -156,10 +156,10 @@ class Hedger:
 
     def _failed(self, table: AttemptTable, s: Slot, ec: ErrorClass | None) -> Any:
         """A speculative attempt failed on its own: it counts as an attempt;
-        the next one (if any) waits as a retry would (RetryPolicy.hedge_delay)."""
+        the next one (if any) waits as a retry would, without jitter."""
         h = table.hedge_failed(s)
         # Every counted attempt but the slot's own running one has failed.
-        delay = table.policy.hedge_delay(s.counted - 1, ec)
+        delay = table.policy.retry_delay(s.counted - 1, ec, rng=None)
         self._again_at[(s.client, s.round)] = self.d.clock() + delay
         if len(self._again_at) > 4096:   # slots long settled; keep the map small
             now = self.d.clock()
