@@ -1,13 +1,14 @@
-"""The attempt state machine (fedkeeper/keeper/attempts.py) on its own: every
-failure path of a round with an injected clock, no store, no platform."""
+"""The attempt state machine (fedkeeper/keeper/attempts.py) and the round
+closing rules (round_closing.py) on their own: every failure path of a round
+with an injected clock, no store, no platform."""
 from __future__ import annotations
 
 import random
 
 import pytest
 
-from fedkeeper.keeper.attempts import (COMPLETE, DEADLINE, QUORUM, AttemptTable, RetryPolicy, RoundDispatch, Slot,
-                                       quorum_met, quorum_needed)
+from fedkeeper.keeper.attempts import AttemptTable, RetryPolicy, Slot
+from fedkeeper.keeper.round_closing import COMPLETE, DEADLINE, QUORUM, RoundDispatch, quorum_met, quorum_needed
 from fedkeeper.keeper.cluster_health import ClusterHealth
 from fedkeeper.providers import ErrorClass, Invocation
 

@@ -8,7 +8,8 @@ interrupted, or stopped by a lost store or cluster is resumed from those
 documents (`fedkeeper start -c CONFIG --resume SESSION`).
 
   attempts.py   the pure attempt state machine (slots, backoff, deadlines,
-                quorum, round deadline, unreachable clusters)
+                hedging decisions)
+  round_closing.py  when a round stops waiting (quorum, round deadline)
   dispatch.py   carries its decisions out: invoke, track, record, redeploy
   modes/        sync, semi_async, async (FedBuff), one interface
   selection.py  selection policies (random, reliability, a registry for more)

@@ -32,8 +32,8 @@ from bson import ObjectId
 
 from flcommon.secagg import relay
 
-from ..keeper.attempts import (DEADLINE, DELIVERED, FAILED, RUNNING, WAITING, AttemptTable, HedgePolicy,
-                               RoundDispatch, Slot)
+from ..keeper.attempts import DELIVERED, FAILED, RUNNING, WAITING, AttemptTable, HedgePolicy, Slot
+from ..keeper.round_closing import DEADLINE, RoundDispatch
 from ..providers import ErrorClass, Invocation, ProviderError
 
 

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..attempts import RUNNING, AttemptTable, Closing
+from ..attempts import RUNNING, AttemptTable
+from ..round_closing import Closing
 from ..events import RoundReport
 from .sync import ClosingRounds
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..attempts import FAILED, AttemptTable, Closing, RoundDispatch, Slot, quorum_met, quorum_needed
+from ..attempts import FAILED, AttemptTable, Slot
+from ..round_closing import Closing, RoundDispatch, quorum_met, quorum_needed
 from ..errors import SessionError
 from ..events import RoundReport, client_index, shown
 from .base import RoundMode, log
