@@ -154,7 +154,8 @@ def timeline(store, session: str) -> list[str]:
             lines.append(f"    {a['client']:>10} #{a['attempt']}{' hedge' if a.get('hedge') else '      '} "
                          f"{a['state']:>9} {a.get('error_class') or '':>17} submitted {a['submitted'] - t0:6.2f} "
                          f"ended {(end - t0) if end else float('nan'):6.2f} "
-                         f"ran {(a.get('duration_ms') or 0) / 1000:6.2f}{' cold' if a.get('cold_start') else ''}")
+                         f"ran {(a.get('duration_ms') or 0) / 1000:6.2f}"
+                         + (f" cold, code load {(a.get('init_ms') or 0) / 1000:.2f}" if a.get('cold_start') else ""))
     return lines
 
 

@@ -68,8 +68,9 @@ class FabricClient:
 
     def put_action(self, name: str, source: str = ECHO, ns: str = "_", overwrite: bool = True,
                    limits: dict | None = None, parameters: dict | None = None,
-                   annotations: list | None = None, kind: str = "python:3", **exec_extra):
-        body = {"exec": {"kind": kind, "code": base64.b64encode(make_zip(source)).decode(),
+                   annotations: list | None = None, kind: str = "python:3",
+                   files: dict[str, str] | None = None, **exec_extra):
+        body = {"exec": {"kind": kind, "code": base64.b64encode(make_zip(source, files)).decode(),
                          "binary": True, **exec_extra}}
         if limits:
             body["limits"] = limits

@@ -17,8 +17,8 @@ log = logging.getLogger("fedkeeper.local")
 #: runtime -> modules imported ahead of need. A runtime not named here
 #: preloads nothing (its processes still start ahead of need).
 PRELOAD: dict[str, tuple[str, ...]] = {
-    "tensorflow": ("numpy", "pymongo", "tensorflow", "keras"),
-    "light": ("numpy", "pymongo"),
+    "tensorflow": ("numpy", "pymongo", "gridfs", "tensorflow", "keras"),
+    "light": ("numpy", "pymongo", "gridfs"),
 }
 
 

@@ -43,7 +43,7 @@ from ...runtimes import Pin, RuntimeDeclarationError, parse_pins
 from ...runtimes.isolation import IsolationError, source_command
 from .. import supervisor
 from ..prewarm import preload_for, runtime_of_pins
-from ..archive import ArchiveError, extract_zip
+from ..archive import ArchiveError, compile_python, extract_zip
 
 HOST_SCRIPT = str(Path(__file__).with_name("function_host.py"))
 ENTRY_FILE = "main.py"
@@ -175,6 +175,7 @@ class FrameworkHost:
                 if not (tmp / ENTRY_FILE).is_file():
                     shutil.rmtree(tmp, ignore_errors=True)
                     raise HostError(f"{name}: the source zip has no {ENTRY_FILE}")
+                compile_python(tmp)
                 shutil.rmtree(src, ignore_errors=True)
                 os.replace(tmp, src)
             # older versions of this function are of no further use

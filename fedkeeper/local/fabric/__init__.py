@@ -31,7 +31,10 @@ Administration of the fabric itself (not part of OpenWhisk's API):
 Execution model (what a real invoker does, in processes instead of containers):
   * An action's code is a python zip (`exec.binary`) with `__main__.py`
     defining `main(args)` (or plain python source). It is unpacked once per
-    action version; a worker process (worker.py, same interpreter) loads it
+    action version, and its modules compiled then (checked-hash bytecode:
+    workers may not write any, and each cold start would otherwise compile
+    them again, most of a code load); a worker process (worker.py, same
+    interpreter) loads it
     and then serves many activations: a warm start. A new worker is a cold
     start; its code load is the activation's `initTime`, the process start
     is part of its `waitTime`, as container creation is in OpenWhisk.

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..archive import ArchiveError, extract_zip
+from ..archive import ArchiveError, compile_python, extract_zip
 from .entities import Action, Settings, disk_name, kv_list, valid_name
 from .status import ApiError
 
@@ -123,6 +123,7 @@ class ActionFiles:
         dest.mkdir(parents=True)
         if source is not None:
             (dest / "__main__.py").write_text(source)
+            compile_python(dest)
             return str(dest)
         try:
             extract_zip(data, dest)
@@ -132,6 +133,7 @@ class ActionFiles:
         if not (dest / "__main__.py").is_file():
             shutil.rmtree(dest, ignore_errors=True)
             raise ApiError(400, "The action's zip has no __main__.py at its top level.")
+        compile_python(dest)
         return str(dest)
 
     def persist(self, action: Action, in_use: set[str]) -> None:
