@@ -16,6 +16,8 @@ import sys
 import zipfile
 from pathlib import Path, PurePosixPath
 
+from .supervisor import minimal_env
+
 # What the largest platform accepts unpacked (Cloud Functions: 500 MB
 # uncompressed source; OpenWhisk actions are smaller), with room to spare.
 MAX_UNPACKED_BYTES = 1024 * 1024 * 1024
@@ -59,16 +61,16 @@ def compile_python(dest: Path) -> None:
     Checked-hash bytecode (PEP 552): it stays valid for exactly the source
     it was compiled from, whatever the files' modification times. It is
     compiled by a separate interpreter, the one the local function
-    processes run (so the bytecode is theirs), in isolated mode: the code is
-    untrusted, and compiling it runs none of it but must not be able to
-    take the platform's process down. A module that does not compile is
-    left to fail where it is imported, with the error the action's author
-    should see."""
+    processes run (so the bytecode is theirs), in isolated mode and with the
+    minimal environment they get: the code is untrusted, and compiling it
+    runs none of it but must not be able to take the platform's process
+    down. A module that does not compile is left to fail where it is
+    imported, with the error the action's author should see."""
     try:
         done = subprocess.run(
             [sys.executable, "-I", "-m", "compileall", "-q", "--invalidation-mode", "checked-hash", str(dest)],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            timeout=COMPILE_TIMEOUT_S, check=False)
+            env=minimal_env(), timeout=COMPILE_TIMEOUT_S, check=False)
     except (OSError, subprocess.TimeoutExpired) as exc:
         log.debug("compiling %s: %s", dest, exc)
         return
