@@ -34,10 +34,10 @@ Execution model (what a real invoker does, in processes instead of containers):
     action version, and its modules compiled then (checked-hash bytecode:
     workers may not write any, and each cold start would otherwise compile
     them again, most of a code load); a worker process (worker.py, same
-    interpreter) loads it
-    and then serves many activations: a warm start. A new worker is a cold
-    start; its code load is the activation's `initTime`, the process start
-    is part of its `waitTime`, as container creation is in OpenWhisk.
+    interpreter) loads it and then serves many activations: a warm start.
+    A new worker is a cold start; its code load is the activation's
+    `initTime`, the process start is part of its `waitTime`, as container
+    creation is in OpenWhisk.
   * Per action, a pool of workers, each taking up to `limits.concurrency`
     activations at once. Workers are admitted against the fabric's user
     memory (`--user-memory-mb`, the sum of the actions' `limits.memory`, as
