@@ -123,8 +123,13 @@ class ActionFiles:
         dest.mkdir(parents=True)
         if source is not None:
             (dest / "__main__.py").write_text(source)
-            compile_python(dest)
-            return str(dest)
+        else:
+            self._extract(data, dest)
+        compile_python(dest)
+        return str(dest)
+
+    @staticmethod
+    def _extract(data: bytes, dest: Path) -> None:
         try:
             extract_zip(data, dest)
         except (ArchiveError, OSError) as exc:
@@ -133,8 +138,6 @@ class ActionFiles:
         if not (dest / "__main__.py").is_file():
             shutil.rmtree(dest, ignore_errors=True)
             raise ApiError(400, "The action's zip has no __main__.py at its top level.")
-        compile_python(dest)
-        return str(dest)
 
     def persist(self, action: Action, in_use: set[str]) -> None:
         d = self.dir_of(action.namespace, action.name)
