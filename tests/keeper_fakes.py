@@ -118,6 +118,18 @@ class FakeStore:
         return [dict(a) for a in self.invocations.values()
                 if a["session"] == sid and a["function"] == "fl_client" and a["state"] in ended]
 
+    def close_unaccepted_attempts(self, sid, why, now):
+        n = 0
+        with self._lock:
+            for a in self.invocations.values():
+                if a["session"] == sid and a["state"] == "submitting":
+                    if a.get("platform_id"):
+                        a["state"] = "running"
+                    else:
+                        a.update(state="abandoned", error=why, finished=now)
+                        n += 1
+        return n
+
     def running_client_attempts(self, sid, before):
         return [dict(a) for a in self.invocations.values() if a["session"] == sid and a["state"] == "running"
                 and a["function"] == "fl_client" and a["round"] < before]

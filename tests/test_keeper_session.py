@@ -215,9 +215,11 @@ def test_a_cluster_whose_local_service_restarts_goes_on(tmp_path):
                if a["round"] == 0 and a["state"] == "succeeded")
 
 
-def test_on_resume_attempts_the_platform_does_not_know_are_invoked_again_at_once(tmp_path):
+def interrupted_with_four_running(tmp_path, first_attempt):
+    """A one-round session on fakes, interrupted once its four clients'
+    first attempts (behaving as `first_attempt`) run."""
     def behave(fn, p, n):
-        return "hang" if fn == "fl_client" and n == 1 else "ok"
+        return first_attempt if fn == "fl_client" and n == 1 else "ok"
 
     keeper, store, provider, clock = fake_keeper(tmp_path, behave, rounds=1)
 
@@ -228,10 +230,15 @@ def test_on_resume_attempts_the_platform_does_not_know_are_invoked_again_at_once
     keeper.progress = interrupt
     with pytest.raises(SessionInterrupted):
         keeper.start(session_id="s1", deploy=False)
-    running = [a for a in client_attempts(store, "s1") if a["state"] == "running"]
-    assert len(running) == 4
-    provider.forgotten = {a["platform_id"] for a in running}
     keeper.progress = lambda kind, data: None
+    running = client_attempts(store, "s1")
+    assert [a["state"] for a in running] == ["running"] * 4
+    return keeper, store, provider, clock, running
+
+
+def test_on_resume_attempts_the_platform_does_not_know_are_invoked_again_at_once(tmp_path):
+    keeper, store, provider, clock, running = interrupted_with_four_running(tmp_path, "hang")
+    provider.forgotten = {a["platform_id"] for a in running}
     t0 = clock()
     summary = keeper.start(resume="s1", deploy=False)
     assert summary.state == "finished" and summary.rounds[0].delivered == 4
@@ -240,6 +247,25 @@ def test_on_resume_attempts_the_platform_does_not_know_are_invoked_again_at_once
     for a in running:
         assert store.invocations[a["_id"]]["state"] == "failed"
         assert "unknown to the platform" in store.invocations[a["_id"]]["error"]
+
+
+def test_on_resume_attempts_a_killed_keeper_was_submitting_are_closed_and_their_clients_invoked_again(tmp_path):
+    """kill -9 between recording an attempt and recording the platform's
+    answer leaves it `submitting`: resume records it abandoned, unless
+    fl_invoker wrote its platform id (then it runs and is tracked)."""
+    keeper, store, _, _, first = interrupted_with_four_running(tmp_path, ("after", 1.0))
+    unsent, via_invoker = first[0], first[1]
+    store.invocations[unsent["_id"]]["state"] = "submitting"
+    del store.invocations[unsent["_id"]]["platform_id"]
+    store.invocations[via_invoker["_id"]]["state"] = "submitting"
+    summary = keeper.start(resume="s1", deploy=False)
+    assert summary.state == "finished" and summary.rounds[0].delivered == 4
+    closed = store.invocations[unsent["_id"]]
+    assert closed["state"] == "abandoned" and "keeper stopped" in closed["error"]
+    assert store.invocations[via_invoker["_id"]]["state"] == "succeeded"
+    again = [a for a in client_attempts(store, "s1") if a["client"] == unsent["client"]]
+    assert [(a["attempt"], a["state"]) for a in again] == [(1, "abandoned"), (2, "succeeded")]
+    assert all(a["state"] in ("succeeded", "abandoned") for a in store.attempts("s1"))
 
 
 def test_heartbeat_is_written_while_the_session_runs(tmp_path, monkeypatch):

@@ -102,6 +102,23 @@ def test_sessions_rounds_attempts_and_events(store: Store):
     assert store.events("b")[0]["n"] == 1
 
 
+def test_attempts_left_submitting_are_closed_on_resume(store: Store):
+    from bson import ObjectId
+    ids = [ObjectId() for _ in range(4)]
+    base = {"session": "r", "round": 0, "function": "fl_client"}
+    store.insert_attempts([
+        {**base, "_id": ids[0], "client": "client_0", "attempt": 1, "state": "submitting"},
+        {**base, "_id": ids[1], "client": "client_1", "attempt": 1, "state": "submitting", "platform_id": "p1"},
+        {**base, "_id": ids[2], "client": "client_2", "attempt": 1, "state": "running", "platform_id": "p2"},
+        {**base, "_id": ids[3], "session": "other", "client": "client_0", "attempt": 1, "state": "submitting"}])
+    assert store.close_unaccepted_attempts("r", "keeper stopped", 5.0) == 1
+    docs = store.attempts_by_id(ids)
+    assert docs[ids[0]]["state"] == "abandoned" and docs[ids[0]]["error"] == "keeper stopped"
+    assert docs[ids[0]]["finished"] == 5.0
+    assert [docs[i]["state"] for i in ids[1:]] == ["running", "running", "submitting"]
+    assert store.close_unaccepted_attempts("r", "keeper stopped", 6.0) == 0
+
+
 def test_embedded_server_is_reused_and_stops_cleanly(tmp_path):
     server = EmbeddedMongo(tmp_path / "m")
     url, started = server.start()

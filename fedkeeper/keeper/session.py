@@ -174,6 +174,14 @@ class Keeper:
                 raise SessionError(refused)
             session = resume
             self.store.event(session, "resumed", f"keeper resumed the session (it was {doc.get('state')})")
+            # The keeper that stopped may have invoked these or not: their
+            # clients are invoked again, and the unique update key keeps an
+            # update from counting twice should both land.
+            closed = self.store.close_unaccepted_attempts(
+                session, "the keeper stopped before the platform's answer was recorded", time.time())
+            if closed:
+                log.info("session %s: %d attempt(s) the stopped keeper was submitting recorded as abandoned",
+                         session, closed)
         else:
             session = session_id or new_session_id(self.rt.cfg.name)
             self.store.create_session({

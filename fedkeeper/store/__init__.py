@@ -175,6 +175,18 @@ class Store:
             {"session": session, "function": "fl_client", "state": {"$in": list(ended_states)}},
             {"client": 1, "cluster": 1, "state": 1, "error_class": 1, "cold_start": 1, "duration_ms": 1})))
 
+    def close_unaccepted_attempts(self, session: str, why: str, now: float) -> int:
+        """Attempts a stopped keeper left `submitting` (the platform's answer
+        never recorded) are recorded as abandoned, or as running when
+        fl_invoker wrote the platform's id on them; the number abandoned."""
+        def close() -> int:
+            inv = self.db[fs.INVOCATIONS]
+            inv.update_many({"session": session, "state": "submitting", "platform_id": {"$exists": True, "$nin": [None, ""]}},
+                            {"$set": {"state": "running"}})
+            return inv.update_many({"session": session, "state": "submitting"},
+                                   {"$set": {"state": "abandoned", "error": why, "finished": now}}).modified_count
+        return self._run(close)
+
     def running_client_attempts(self, session: str, before_round: int) -> list[dict[str, Any]]:
         """fl_client attempts of rounds before `before_round` still `running`."""
         return self._run(lambda: list(self.db[fs.INVOCATIONS].find(
