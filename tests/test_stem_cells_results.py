@@ -46,6 +46,14 @@ def cold_starts(fabric_dir: Path) -> list[str]:
     return out
 
 
+def tensorflow_zygote(fabric_dir: Path) -> dict:
+    info = fabric.fabric_status(fabric_dir)
+    r = requests.get(f"{info['url']}/_fabric/status", params={"namespace": "_"},
+                     auth=tuple(info["auth"].split(":", 1)), timeout=10)
+    r.raise_for_status()
+    return next(z for z in r.json()["zygotes"] if z["runtime"] == "tensorflow")
+
+
 def session_rounds(db, session: str) -> list[tuple]:
     rounds = list(db[fs.ROUNDS].find({"session": session}).sort("round", 1))
     return [(r["round"], sorted(r["selected"]), sorted(r["included"]), r.get("accuracy")) for r in rounds]
@@ -62,6 +70,9 @@ def test_same_seed_same_results_with_and_without_stem_cells(fabric_state, mongo_
     with_stems = db[fs.SESSIONS].find_one(sort=[("created", -1)])["_id"]
     starts = cold_starts(fabric_dir)
     assert "prewarmed" in starts, starts
+    # its zygote loaded TensorFlow and Keras without scikit-learn (prewarm.PRELOAD)
+    zygote_maps = Path(f"/proc/{tensorflow_zygote(fabric_dir)['pid']}/maps").read_text()
+    assert "/tensorflow/" in zygote_maps and "/sklearn/" not in zygote_maps
 
     # a fabric without stem cells: every worker is started for its action
     fabric.fabric_down(fabric_dir)

@@ -1,11 +1,14 @@
 """The built-in Keras architectures (`data_sampling.model`), apart from
 training so that the user-code interface can build them without importing
 the training loop. Importing this module sets TensorFlow's thread and log
-settings before Keras is first imported."""
+settings before Keras is first imported, and `load_keras` is how the
+functions import Keras."""
 from __future__ import annotations
 
 import os
-from typing import Sequence
+import sys
+import threading
+from typing import Any, Sequence
 
 # One intra-op thread per worker: several workers share few cores, and
 # oversubscribed thread pools make every one of them slower.
@@ -18,10 +21,39 @@ from .entry import BadRequest  # noqa: E402
 
 MODELS = ("cnn", "nn", "small")
 
+#: Kept out of sys.modules while Keras is first imported. Keras imports
+#: scikit-learn, when it is installed, only for its keras.wrappers
+#: estimators, which no function uses: in the tensorflow runtime (which
+#: carries scikit-learn for the digits data set and insights) that is about
+#: 1 s of CPU and 60 MB in every process that imports TensorFlow (measured
+#: with `python -X importtime`). A function that needs scikit-learn imports
+#: it later as usual; only keras.wrappers' estimators then say it is missing.
+#: The local platforms' preloads keep it out the same way (fedkeeper/local/prewarm.py).
+KEPT_OUT_OF_KERAS = ("sklearn",)
+_keras_lock = threading.Lock()
+
+
+def load_keras() -> Any:
+    """The keras module, imported once per process without scikit-learn."""
+    keras = sys.modules.get("keras")
+    if keras is not None:
+        return keras
+    with _keras_lock:
+        held = [name for name in KEPT_OUT_OF_KERAS if name not in sys.modules]
+        for name in held:
+            sys.modules[name] = None   # `import name` raises ImportError while it is there
+        try:
+            import keras
+        finally:
+            for name in held:
+                if name in sys.modules and sys.modules[name] is None:
+                    del sys.modules[name]
+    return keras
+
 
 def build(name: str, input_shape: Sequence[int], num_classes: int, seed: int | None = None):
-    import keras
-    from keras import layers
+    keras = load_keras()
+    layers = keras.layers
     if seed is not None:
         keras.utils.set_random_seed(seed)
     inp = keras.Input(shape=tuple(input_shape))

@@ -21,7 +21,7 @@ import numpy as np
 from flcommon.strategies import FedProx, StrategyError, get_strategy
 
 # architectures first: it sets TensorFlow's threads before Keras is imported.
-from .architectures import MODELS, build  # noqa: F401  (build: the built-ins, for this module's callers)
+from .architectures import MODELS, build, load_keras  # noqa: F401  (build: the built-ins, for this module's callers)
 from .entry import BadRequest
 from .user_code import code_for
 
@@ -33,7 +33,7 @@ _lock = threading.Lock()
 
 
 def _optimizer(optim: str, lr: float, momentum: float):
-    import keras
+    keras = load_keras()
     if optim == "adam":
         return keras.optimizers.Adam(learning_rate=lr)
     if optim == "nadam":
@@ -76,7 +76,7 @@ def _prox_step(model):
     round or another mu never retraces the step."""
     hit = _prox.get(id(model))
     if hit is None:
-        import keras
+        keras = load_keras()
         import tensorflow as tf
         variables = model.trainable_variables
         anchors = [tf.Variable(tf.zeros(v.shape, v.dtype), trainable=False) for v in variables]
@@ -195,6 +195,6 @@ def initial_weights(name: str, input_shape: Sequence[int], num_classes: int, see
                     code=None) -> list[np.ndarray]:
     if code is None:
         return [np.asarray(w) for w in build(name, input_shape, num_classes, seed=seed).get_weights()]
-    import keras
+    keras = load_keras()
     keras.utils.set_random_seed(seed)
     return [np.asarray(w) for w in code.build_model(input_shape, num_classes).get_weights()]

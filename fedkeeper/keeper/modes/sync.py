@@ -48,7 +48,8 @@ class ClosingRounds(RoundMode):
         self.dispatch.abandon(closing.abandoned, "round deadline passed")
 
     def resumed_while_aggregating(self, table: AttemptTable) -> None:
-        """The keeper stopped after the round closed; its running attempts..."""
+        """The keeper stopped after the round closed. sync abandoned the
+        round's running attempts as it closed; semi_async tracks them on."""
 
     def before_aggregating(self, session: str, rnd: int, included: list[str],
                            stale: list[dict[str, Any]]) -> None:

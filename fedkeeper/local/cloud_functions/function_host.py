@@ -165,7 +165,8 @@ class Concurrency:
 
 
 class Preloaded:
-    """Imports `modules` in a thread from the start; requests to the
+    """Imports `modules` in a thread from the start, those named `!name`
+    kept out meanwhile (fedkeeper/local/prewarm.py); requests to the
     function wait until that is done."""
 
     def __init__(self, app, modules: list[str]):
@@ -177,13 +178,19 @@ class Preloaded:
     def _load(self) -> None:
         import importlib
         import traceback
+        held = {m[1:] for m in self.modules if m.startswith("!")} - set(sys.modules)
+        for name in held:
+            sys.modules[name] = None   # importing it fails until the preload is done
         try:
-            for name in self.modules:
+            for name in (m for m in self.modules if not m.startswith("!")):
                 try:
                     importlib.import_module(name)
                 except Exception:  # noqa: BLE001 - the function meets (and reports) the same failure
                     traceback.print_exc()
         finally:
+            for name in held:
+                if name in sys.modules and sys.modules[name] is None:
+                    del sys.modules[name]
             self.done.set()
 
     def __call__(self, environ, start_response):

@@ -180,13 +180,23 @@ def serve(fd: int, code_dir: str, main_name: str, concurrency: int) -> None:
 
 
 def _import_all(modules: list[str]) -> float:
-    """Import the runtime's modules; milliseconds it took."""
+    """Import the runtime's modules, those named `!name` kept out meanwhile
+    (fedkeeper/local/prewarm.py); milliseconds it took."""
     t0 = time.perf_counter()
-    for name in modules:
-        try:
-            importlib.import_module(name)
-        except Exception:  # noqa: BLE001 - the action will meet (and report) the same failure
-            traceback.print_exc()
+    kept_out = [m[1:] for m in modules if m.startswith("!") and m[1:] not in sys.modules]
+    sys.modules.update(dict.fromkeys(kept_out))
+    try:
+        for name in modules:
+            if name.startswith("!"):
+                continue
+            try:
+                importlib.import_module(name)
+            except Exception:  # noqa: BLE001 - the action will meet (and report) the same failure
+                traceback.print_exc()
+    finally:
+        for name in kept_out:
+            if name in sys.modules and sys.modules[name] is None:
+                del sys.modules[name]
     sys.stderr.flush()
     return (time.perf_counter() - t0) * 1000.0
 
