@@ -70,6 +70,28 @@ def test_digits_is_bundled_and_scaled():
     assert len(x_tr) + len(x_te) == 1797 and set(np.unique(y_te)) == set(range(10))
 
 
+def test_digits_are_scikit_learns_split_as_train_test_split_draws_it():
+    """Read without importing scikit-learn, exactly what its loader and
+    stratified split give, row for row (a session's partitions and test set
+    depend on the order)."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+    d = load_digits()
+    x = (d.images / 16.0).astype(np.float32)[..., None]
+    y = d.target.astype(np.int64)
+    x_tr, x_te, y_tr, y_te = train_test_split(x, y, test_size=0.25, random_state=0, stratify=y)
+    ours = data.load_digits_split()
+    for want, got in zip((x_tr, y_tr, x_te, y_te), ours):
+        assert want.dtype == got.dtype and want.shape == got.shape
+        assert np.array_equal(want, got)
+
+
+def test_digits_without_scikit_learn_installed_is_a_clear_error(monkeypatch):
+    monkeypatch.setattr(data.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(BadRequest, match="comes with scikit-learn"):
+        data.load_digits_split()
+
+
 def _mnist_like(path: Path, one_hot: bool = False) -> Path:
     rng = np.random.default_rng(0)
     y_train = rng.integers(0, 10, 20)

@@ -6,6 +6,8 @@ Only these loaders touch the network, and only for a URL the config names.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
+import json
 import os
 import tempfile
 import urllib.request
@@ -43,15 +45,29 @@ def _labels(y: np.ndarray) -> np.ndarray:
     return y.reshape(-1).astype(np.int64)
 
 
-def load_digits_split(seed: int = 0) -> tuple[np.ndarray, ...]:
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-    d = load_digits()
-    x = (d.images / 16.0).astype(np.float32)[..., None]
-    y = d.target.astype(np.int64)
-    # A fixed, stratified split: the test set is the same for every session.
-    x_tr, x_te, y_tr, y_te = train_test_split(x, y, test_size=0.25, random_state=0, stratify=y)
-    return x_tr, y_tr, x_te, y_te
+#: scikit-learn's bundled digits, inside its package (the file its load_digits reads).
+DIGITS_CSV = ("datasets", "data", "digits.csv.gz")
+#: The fixed, stratified split of the digits, the same for every session:
+#: row numbers of the training set, then of the test set, in the order
+#: sklearn.model_selection.train_test_split(test_size=0.25, random_state=0,
+#: stratify=labels) draws them (tests/test_data_models.py checks both
+#: against scikit-learn).
+DIGITS_SPLIT = Path(__file__).with_name("digits_split.json")
+
+
+def load_digits_split() -> tuple[np.ndarray, ...]:
+    """The digits as float32 (N, 8, 8, 1) in [0, 1] and int64 labels,
+    split. Read from scikit-learn's package data without importing
+    scikit-learn, whose import would cost a cold function about 1 s of CPU."""
+    spec = importlib.util.find_spec("sklearn")
+    if spec is None or not spec.submodule_search_locations:
+        raise BadRequest("the digits data set comes with scikit-learn, which this runtime does not carry")
+    rows = np.loadtxt(Path(spec.submodule_search_locations[0], *DIGITS_CSV), delimiter=",")
+    x = (rows[:, :-1].reshape(-1, 8, 8) / 16.0).astype(np.float32)[..., None]
+    y = rows[:, -1].astype(np.int64)
+    split = json.loads(DIGITS_SPLIT.read_text())
+    train, test = np.asarray(split["train"], dtype=np.int64), np.asarray(split["test"], dtype=np.int64)
+    return x[train], y[train], x[test], y[test]
 
 
 def cache_dir() -> Path:

@@ -160,6 +160,10 @@ def load_module(path: Path):
     if existing is not None and not _under(getattr(existing, "__file__", None) or "", path.parent):
         raise UserCodeError(f"{USER_CODE_MARK} {path.name}: its name {name!r} is already an installed "
                             "module; rename the user module")
+    # Keras first, as the functions import it (flcommon.architectures.load_keras):
+    # a module importing it itself gets the same Keras wherever it runs.
+    from .architectures import load_keras
+    load_keras()
     spec = importlib.util.spec_from_file_location(
         name, init, submodule_search_locations=[str(path)] if path.is_dir() else None)
     module = importlib.util.module_from_spec(spec)
