@@ -181,7 +181,8 @@ class Store:
         fl_invoker wrote the platform's id on them; the number abandoned."""
         def close() -> int:
             inv = self.db[fs.INVOCATIONS]
-            inv.update_many({"session": session, "state": "submitting", "platform_id": {"$exists": True, "$nin": [None, ""]}},
+            inv.update_many({"session": session, "state": "submitting",
+                             "platform_id": {"$exists": True, "$nin": [None, ""]}},
                             {"$set": {"state": "running"}})
             return inv.update_many({"session": session, "state": "submitting"},
                                    {"$set": {"state": "abandoned", "error": why, "finished": now}}).modified_count

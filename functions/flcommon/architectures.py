@@ -24,31 +24,34 @@ MODELS = ("cnn", "nn", "small")
 #: Kept out of sys.modules while Keras is first imported. Keras imports
 #: scikit-learn, when it is installed, only for its keras.wrappers
 #: estimators, which no function uses: in the tensorflow runtime (which
-#: carries scikit-learn for the digits data set and insights) that is about
-#: 1 s of CPU and 60 MB in every process that imports TensorFlow (measured
-#: with `python -X importtime`). A function that needs scikit-learn imports
-#: it later as usual; only keras.wrappers' estimators then say it is missing.
-#: The local platforms' preloads keep it out the same way (fedkeeper/local/prewarm.py).
+#: carries scikit-learn for insights and the digits file) that is about 1 s
+#: of CPU and 60 MB in every process that imports TensorFlow (measured with
+#: `python -X importtime` and /usr/bin/time). A function that needs
+#: scikit-learn imports it later as usual; only keras.wrappers' estimators
+#: then say it is missing. The local platforms' preloads keep it out the
+#: same way (fedkeeper/local/prewarm.py).
 KEPT_OUT_OF_KERAS = ("sklearn",)
 _keras_lock = threading.Lock()
+_keras: Any = None   # set once Keras is wholly imported (sys.modules has it while it is half)
 
 
 def load_keras() -> Any:
     """The keras module, imported once per process without scikit-learn."""
-    keras = sys.modules.get("keras")
-    if keras is not None:
-        return keras
-    with _keras_lock:
-        held = [name for name in KEPT_OUT_OF_KERAS if name not in sys.modules]
-        for name in held:
-            sys.modules[name] = None   # `import name` raises ImportError while it is there
-        try:
-            import keras
-        finally:
-            for name in held:
-                if name in sys.modules and sys.modules[name] is None:
-                    del sys.modules[name]
-    return keras
+    global _keras
+    if _keras is None:
+        with _keras_lock:
+            if _keras is None:
+                held = [name for name in KEPT_OUT_OF_KERAS if name not in sys.modules]
+                for name in held:
+                    sys.modules[name] = None   # `import name` raises ImportError while it is there
+                try:
+                    import keras
+                finally:
+                    for name in held:
+                        if name in sys.modules and sys.modules[name] is None:
+                            del sys.modules[name]
+                _keras = keras
+    return _keras
 
 
 def build(name: str, input_shape: Sequence[int], num_classes: int, seed: int | None = None):
