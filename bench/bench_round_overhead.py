@@ -2,7 +2,7 @@
 function duration, against clients per round, with no-op training.
 
     .venv/bin/python bench/bench_round_overhead.py [--clients 10,100,1000] [--rounds 3]
-                                                   [--concurrency 100]
+                                                   [--concurrency 100] [--aggregation hierarchical]
 
 Each setting is a real session on the local fabric (half the clients on a
 local OpenWhisk cluster, half on a local Cloud Functions cluster) with an
@@ -20,6 +20,11 @@ Cloud Functions instance serves at once. A cloud runs a round's clients side
 by side; with one activation a worker, the fabric's 2 GB of user memory
 holds about a dozen no-op workers, 500 clients would queue in waves, and the
 queue would count as overhead. `--concurrency 1` measures that too.
+
+`--aggregation hierarchical` runs the same sessions with a combiner per
+cluster that folds its clients' updates in as they arrive
+(`training.aggregation`), so that the aggregator, once the round's last
+client ends, only combines the two clusters' partial aggregates.
 """
 from __future__ import annotations
 
@@ -35,7 +40,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 
-def config(tmp: Path, clients: int, rounds: int, concurrency: int = 1) -> Path:
+def config(tmp: Path, clients: int, rounds: int, concurrency: int = 1, aggregation: str = "flat") -> Path:
     ow = clients // 2
     p = tmp / f"bench-{clients}.yaml"
     p.write_text(textwrap.dedent(f"""\
@@ -51,7 +56,7 @@ def config(tmp: Path, clients: int, rounds: int, concurrency: int = 1) -> Path:
             data_sampling: {{model: small, batch_size: 16}}
             mongo_config: {{url: embedded, db: bench}}
             model_params: {{local_epochs: 0}}
-            training: {{rounds: {rounds}, seed: 1, round_deadline_s: 600}}
+            training: {{rounds: {rounds}, seed: 1, round_deadline_s: 600, aggregation: {aggregation}}}
             functions:
               fl_client:
                 # A no-op client needs ~60 MB; at 128 MB a worker, the fabric's memory
@@ -68,6 +73,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3, help="rounds per session (round 0 is the cold one)")
     ap.add_argument("--concurrency", type=int, default=100,
                     help="activations per fl_client worker / requests per Cloud Functions instance")
+    ap.add_argument("--aggregation", choices=("flat", "hierarchical"), default="flat",
+                    help="training.aggregation: hierarchical folds updates in per cluster during the round")
     ap.add_argument("--smoke", action="store_true", help="4 clients, 2 rounds (tests)")
     args = ap.parse_args()
     if args.smoke:
@@ -80,7 +87,7 @@ def main() -> None:
         os.environ["FEDKEEPER_STATE_DIR"] = str(Path(tmp) / "state")
         os.environ["FEDKEEPER_LOG_DIR"] = str(Path(tmp) / "logs")
         for k in [int(x) for x in args.clients.split(",")]:
-            cfg = load_config(config(Path(tmp), k, args.rounds, args.concurrency))
+            cfg = load_config(config(Path(tmp), k, args.rounds, args.concurrency, args.aggregation))
             rc = run_start(cfg, None, keep_services=True)
             assert rc == 0, f"session with {k} clients failed"
             from fedkeeper.local.store import EmbeddedMongo
@@ -110,7 +117,7 @@ def main() -> None:
         shutdown_local_services(Path(tmp) / "state")
         EmbeddedMongo(Path(tmp) / "state" / "mongo").stop()
     print()
-    print(f"concurrency {args.concurrency}; medians over rounds 1..{args.rounds - 1}")
+    print(f"concurrency {args.concurrency}, {args.aggregation} aggregation; medians over rounds 1..{args.rounds - 1}")
     print(f"{'clients':>7} {'round0 wall s':>13} {'wall s':>7} {'slowest fn s':>12} {'overhead s':>10} "
           f"{'of it aggregator s':>18} {'overhead/client ms':>18}")
     for k, cold, wall, slow, ov, agg in rows:
