@@ -468,12 +468,16 @@ def test_a_duplicate_stored_by_a_given_up_attempt_settles_its_client_at_once(tmp
     assert [a["state"] for a in mine] == ["hedged", "hedged" if stored_by == 1 else "succeeded", "hedged"]
     assert "given up for a younger attempt" in mine[0]["error"]
     assert mine[2]["error"] == "another attempt of this client delivered first"
+    assert (mine[0].get("stored_update") is True) == (stored_by == 1)
     rd = store.rounds_[("s1", 0)]
     assert rd["included"].count("client_3") == 1 and rd["failed"] == 0
     if stored_by == 1:
-        # Stored by the given-up #1: the held #2 is no longer waited for.
+        # Stored by the given-up #1: the held #2 is no longer waited for,
+        # and #1's record says its update is the one counted.
         assert "an attempt given up earlier stored" in mine[1]["error"]
         assert clock() - mine[0]["submitted"] < 20
+        assert mine[0]["stored_update"] is True and "is the one counted" in mine[0]["error"]
+        assert not any(a.get("stored_update") for a in mine[1:])
     else:
         # Stored by the running #2 itself: it is tracked to its report.
         assert clock() - mine[0]["submitted"] >= 100

@@ -51,6 +51,7 @@ HEDGED = "hedged"
 LOST_THE_RACE = "another attempt of this client delivered first"
 GIVEN_UP = "its hedge ran past the round's peers too; given up for a younger attempt"
 STORED_BY_ANOTHER = "no longer tracked: an attempt given up earlier stored the client's update"
+STORED_FIRST = "given up for a younger attempt, but its update was stored first and is the one counted"
 
 
 def hedged_fields(now: float, why: str = LOST_THE_RACE) -> dict[str, Any]:
@@ -67,6 +68,8 @@ class Hedger:
         self._again_at: dict[tuple[str, int], float] = {}
         # (client, round) -> how many of its older attempts were given up
         self._gave_up: dict[tuple[str, int], int] = {}
+        # (client, round, attempt) -> the record of an attempt given up, should its update be the one stored
+        self._given_up_docs: dict[tuple[str, int, int], Any] = {}
 
     # ------------------------------------------------------------------ settling
     def own_attempt_delivered(self, s: Slot) -> list[tuple[Any, dict[str, Any]]]:
@@ -146,11 +149,13 @@ class Hedger:
                 given_up = self._gave_up.get((s.client, s.round), 0)
                 if limit is not None and now - h.started_at > limit * 2 ** given_up:
                     changes.append((s.doc_id, hedged_fields(now, GIVEN_UP)))
-                    table.promote_hedge(s)
-                    if len(self._gave_up) > 4096:   # keep the map small: drop settled rounds
+                    if len(self._gave_up) > 4096:   # keep the maps small: drop settled rounds
                         oldest = min((x.round for t in tables for x in t), default=s.round)
                         self._gave_up = {k: n for k, n in self._gave_up.items() if k[1] >= oldest}
+                        self._given_up_docs = {k: d for k, d in self._given_up_docs.items() if k[1] >= oldest}
                     self._gave_up[(s.client, s.round)] = given_up + 1
+                    self._given_up_docs[(s.client, s.round, s.running_attempt)] = s.doc_id
+                    table.promote_hedge(s)
         if changes:
             self.d.update_attempts(changes)
 
@@ -241,6 +246,9 @@ class Hedger:
                     h = table.hedge_dropped(s)
                     changes.append((h.doc_id, {**fields, "state": HEDGED, "error": LOST_THE_RACE}))
                     changes.append((s.doc_id, hedged_fields(self.d.clock(), STORED_BY_ANOTHER)))
+                    stored_by = self._given_up_docs.pop((s.client, s.round, out.result["stored_by"]), None)
+                    if stored_by is not None:   # its record says it was not counted: it was
+                        changes.append((stored_by, {"error": STORED_FIRST, "stored_update": True}))
                     table.delivered_untracked(s, out.result)
                     continue
                 if fields["state"] == "succeeded":   # the slot's own attempt stored its update first
