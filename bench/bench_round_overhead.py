@@ -12,7 +12,10 @@ the real aggregator. Round 0 carries the cold starts and is reported apart.
 Overhead covers dispatch, tracking, the attempt records, the aggregator
 invocation (a real FedAvg over the round's updates plus evaluation) and the
 round bookkeeping; `per client` divides it by the clients, and should fall
-as they grow.
+as they grow. A second table splits each round's time from the keeper's
+own records: before its first invocation, invoking the round's clients,
+from the last client the keeper saw deliver to the aggregator's call, the
+aggregator's call, and after it.
 
 `--concurrency` is how many activations one fl_client worker of the local
 OpenWhisk takes at once (limits.concurrency) and how many requests the local
@@ -82,7 +85,7 @@ def main() -> None:
     from fedkeeper.cli import run_start
     from fedkeeper.config import load_config
     from fedkeeper.store import connect
-    rows = []
+    rows, split = [], []
     with tempfile.TemporaryDirectory() as tmp:
         os.environ["FEDKEEPER_STATE_DIR"] = str(Path(tmp) / "state")
         os.environ["FEDKEEPER_LOG_DIR"] = str(Path(tmp) / "logs")
@@ -94,12 +97,12 @@ def main() -> None:
             url = EmbeddedMongo(Path(tmp) / "state" / "mongo").running_url()
             store = connect(url, "bench")
             sess = store.latest_session()
-            over, walls, slowest, aggregator = [], [], [], []
+            over, walls, slowest, aggregator, phases = [], [], [], [], []
             for r in store.rounds(sess["_id"]):
                 every = store.attempts(sess["_id"], r["round"])
                 attempts = [a for a in every if a["client"].startswith("client_") and a["state"] == "succeeded"]
-                agg = [a["finished"] - a["submitted"] for a in every
-                       if a["function"] == "fl_server_aggregator" and a["state"] == "succeeded"]
+                agg_calls = [a for a in every if a["function"] == "fl_server_aggregator" and a["state"] == "succeeded"]
+                agg = [a["finished"] - a["submitted"] for a in agg_calls]
                 wall = r["ended"] - r["started"]
                 slow = max(a["duration_ms"] for a in attempts) / 1000
                 if r["round"] == 0:
@@ -109,9 +112,15 @@ def main() -> None:
                 slowest.append(slow)
                 over.append(wall - slow)
                 aggregator.append(sum(agg))
+                sent = [a["submitted"] for a in attempts]
+                last_seen = max(a["finished"] for a in attempts)
+                phases.append((min(sent) - r["started"], max(sent) - min(sent),
+                               agg_calls[0]["submitted"] - last_seen, sum(agg),
+                               r["ended"] - agg_calls[-1]["finished"]))
             store.close()
             rows.append((k, cold, statistics.median(walls), statistics.median(slowest),
                          statistics.median(over), statistics.median(aggregator)))
+            split.append((k, [statistics.median(p[i] for p in phases) for i in range(5)]))
         from fedkeeper.local import shutdown_local_services
         from fedkeeper.local.store import EmbeddedMongo
         shutdown_local_services(Path(tmp) / "state")
@@ -123,6 +132,10 @@ def main() -> None:
     for k, cold, wall, slow, ov, agg in rows:
         print(f"{k:>7} {cold[0]:>13.2f} {wall:>7.2f} {slow:>12.3f} {ov:>10.3f} {agg:>18.3f} "
               f"{ov / k * 1000:>18.2f}")
+    print(f"\nwhere a round's time goes, medians in s (keeper's records)\n{'clients':>7} {'to 1st invoke':>13} "
+          f"{'invoking':>9} {'last delivery to aggregator':>27} {'aggregator':>10} {'after it':>8}")
+    for k, (first, invoking, to_agg, agg, after) in split:
+        print(f"{k:>7} {first:>13.3f} {invoking:>9.3f} {to_agg:>27.3f} {agg:>10.3f} {after:>8.3f}")
     for (k1, *_, ov1, _), (k2, *_, ov2, _) in zip(rows, rows[1:]):
         trend = "falls" if ov2 / k2 < ov1 / k1 else "rises"
         print(f"per-client overhead {trend} from {k1} to {k2} clients: "
