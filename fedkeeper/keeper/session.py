@@ -20,6 +20,7 @@ from .events import Progress, RoundEvents, RoundReport, SessionSummary, new_sess
 from .modes import RoundContext, make_mode
 from .output import RoundCsv, RunLog
 from .selection import Selector, make_policy
+from .session_owner import resume_blocked, this_keeper
 
 log = logging.getLogger("fedkeeper.keeper")
 
@@ -172,6 +173,8 @@ class Keeper:
             self._check_same_round_mode(doc)
             if (refused := resume_refusal(doc, self.privacy)) is not None:
                 raise SessionError(refused)
+            if (busy := resume_blocked(doc)) is not None:
+                raise SessionError(busy)
             session = resume
             self.store.event(session, "resumed", f"keeper resumed the session (it was {doc.get('state')})")
             # The keeper that stopped may have invoked these or not: their
@@ -189,7 +192,7 @@ class Keeper:
                 "spec": self._session_spec(), "training": self.training.model_dump(),
                 "clusters": self.client_cluster, "server_cluster": self.server,
             })
-        self.store.update_session(session, state="running", heartbeat=time.time())
+        self.store.update_session(session, state="running", heartbeat=time.time(), keeper=this_keeper())
         self._warn_capacity(session)
         self.events.emit("session", session=session, resumed=bool(resume))
         log.info("session %s %s", session, "resumed" if resume else "started")

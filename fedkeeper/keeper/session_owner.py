@@ -1,0 +1,64 @@
+"""Which keeper runs a session, so that two never run one at once: both
+would invoke its clients and record its attempts.
+
+A keeper that opens a session writes itself (host, process id, process
+start time) on the session document. Another keeper may resume a session
+that is not `running`, or whose recorded keeper is gone:
+  - on this host, its process is no longer alive (checked by process id and
+    start time, so a reused id does not count): a keeper killed with kill -9
+    is resumed at once;
+  - elsewhere, its heartbeat is older than STALE_AFTER_S, the only sign of
+    life another machine's keeper gives;
+  - this very process ran it before (a sweep retrying its own session).
+"""
+from __future__ import annotations
+
+import os
+import socket
+import time
+from typing import Any, Callable
+
+import psutil
+
+from ..store import STALE_AFTER_S
+
+
+def this_keeper() -> dict[str, Any]:
+    """What a keeper writes on the session document it opens."""
+    return {"host": socket.gethostname(), "pid": os.getpid(), "started": psutil.Process().create_time()}
+
+
+def process_alive(pid: Any, started: Any) -> bool:
+    """Whether process `pid` runs on this host and is the one that started
+    at `started` (seconds since the epoch, as psutil gives)."""
+    if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0 or not isinstance(started, (int, float)):
+        return False
+    try:
+        return abs(psutil.Process(pid).create_time() - float(started)) < 1.0
+    except (psutil.Error, OSError, ValueError):
+        return False
+
+
+def resume_blocked(doc: dict[str, Any], *, me: dict[str, Any] | None = None, now: float | None = None,
+                   alive: Callable[[Any, Any], bool] = process_alive) -> str | None:
+    """Why the session of `doc` may not be resumed now (another keeper runs
+    it), or None when it may."""
+    if doc.get("state") != "running":
+        return None
+    me = me or this_keeper()
+    owner = doc.get("keeper") or {}
+    session = doc.get("_id")
+    if owner.get("host") == me["host"]:
+        if owner.get("pid") == me["pid"] and owner.get("started") == me["started"]:
+            return None
+        if alive(owner.get("pid"), owner.get("started")):
+            return (f"session {session} is running in another keeper on this machine (process "
+                    f"{owner.get('pid')}); stop it (Ctrl-C) before resuming the session here")
+        return None
+    beat = doc.get("heartbeat")
+    age = (time.time() if now is None else now) - float(beat) if isinstance(beat, (int, float)) else None
+    if age is not None and age <= STALE_AFTER_S:
+        where = f"on {owner['host']}" if owner.get("host") else "elsewhere"
+        return (f"session {session} is running in a keeper {where} (its heartbeat is {max(age, 0):.0f}s old); "
+                f"stop that keeper, or resume once its heartbeat is {STALE_AFTER_S:.0f}s old")
+    return None

@@ -1,0 +1,79 @@
+"""Two keepers never run one session: a `running` session is resumed only
+once the keeper recorded on it is gone (fedkeeper/keeper/session_owner.py)."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import psutil
+import pytest
+
+from fedkeeper.keeper import SessionError
+from fedkeeper.keeper.session_owner import process_alive, resume_blocked, this_keeper
+from fedkeeper.store import STALE_AFTER_S
+from keeper_fakes import fake_keeper
+
+ME = {"host": "h1", "pid": 100, "started": 5.0}
+
+
+def running(keeper: dict | None, heartbeat: float | None = 1000.0) -> dict:
+    return {"_id": "s1", "state": "running", "heartbeat": heartbeat, **({"keeper": keeper} if keeper else {})}
+
+
+def test_a_session_not_running_may_always_be_resumed():
+    for state in ("interrupted", "failed", "created"):
+        doc = {"_id": "s1", "state": state, "heartbeat": 1000.0, "keeper": {"host": "h1", "pid": 7, "started": 1.0}}
+        assert resume_blocked(doc, me=ME, now=1000.0, alive=lambda pid, started: True) is None
+
+
+def test_on_this_host_a_live_keeper_blocks_and_a_dead_one_does_not():
+    doc = running({"host": "h1", "pid": 7, "started": 1.0})
+    why = resume_blocked(doc, me=ME, now=1000.0, alive=lambda pid, started: (pid, started) == (7, 1.0))
+    assert "running in another keeper on this machine (process 7)" in why and "Ctrl-C" in why
+    # killed (kill -9): resumed at once, however fresh its heartbeat
+    assert resume_blocked(doc, me=ME, now=1000.0, alive=lambda pid, started: False) is None
+    # this very process ran it before
+    assert resume_blocked(running(dict(ME)), me=ME, now=1000.0, alive=lambda pid, started: True) is None
+
+
+def test_elsewhere_the_heartbeat_decides():
+    doc = running({"host": "h2", "pid": 7, "started": 1.0}, heartbeat=1000.0)
+    why = resume_blocked(doc, me=ME, now=1010.0, alive=lambda pid, started: False)
+    assert "running in a keeper on h2 (its heartbeat is 10s old)" in why
+    assert resume_blocked(doc, me=ME, now=1000.0 + STALE_AFTER_S + 1, alive=lambda pid, started: True) is None
+    # written before keepers recorded themselves: the heartbeat alone
+    assert "elsewhere" in resume_blocked(running(None), me=ME, now=1001.0)
+    assert resume_blocked(running(None, heartbeat=None), me=ME, now=1001.0) is None
+
+
+def test_a_process_is_alive_only_with_its_own_start_time():
+    me = this_keeper()
+    assert process_alive(me["pid"], me["started"])
+    assert not process_alive(me["pid"], me["started"] - 100)   # a reused process id
+    for pid in (None, 0, -1, True, "1", 2 ** 40):
+        assert not process_alive(pid, me["started"])
+
+
+@pytest.fixture
+def other_keeper_process():
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        yield {"host": this_keeper()["host"], "pid": proc.pid, "started": psutil.Process(proc.pid).create_time()}
+    finally:
+        proc.kill()
+        proc.wait(timeout=10)
+
+
+def test_resume_is_refused_while_another_keeper_runs_the_session(tmp_path, isolated_dirs, other_keeper_process):
+    keeper, store, _, _ = fake_keeper(tmp_path, rounds=1)
+    assert keeper.start(session_id="s1").state == "finished"
+    assert store.sessions["s1"]["keeper"] == this_keeper()
+    # as if another keeper on this machine had opened it and still ran it
+    store.sessions["s1"].update(state="running", keeper=other_keeper_process)
+    with pytest.raises(SessionError, match="running in another keeper on this machine"):
+        keeper.start(resume="s1", deploy=False)
+    assert store.sessions["s1"]["keeper"] == other_keeper_process
+    psutil.Process(other_keeper_process["pid"]).kill()
+    psutil.Process(other_keeper_process["pid"]).wait(timeout=10)
+    summary = keeper.start(resume="s1", deploy=False)
+    assert summary.state == "finished" and store.sessions["s1"]["keeper"] == this_keeper()
