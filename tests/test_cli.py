@@ -34,7 +34,8 @@ def cfg_for(tmp_path: Path, mongo_url: str, db: str) -> Path:
 
 def test_status_reads_rounds_from_the_store(tmp_path, store, mongo_url, isolated_dirs):
     sid = "sess-1"
-    store.create_session({"_id": sid, "name": "clitest", "state": "running"})
+    store.create_session({"_id": sid, "name": "clitest", "state": "running",
+                          "keeper": {"host": "node-7", "pid": 4242, "started": 1.0}})
     store.upsert_round(sid, 0, state="done", selected=["client_0", "client_1"], duration_s=2.5,
                        accuracy=0.5, loss=1.2)
     store.upsert_round(sid, 1, state="running", selected=["client_0", "client_1"])
@@ -49,12 +50,14 @@ def test_status_reads_rounds_from_the_store(tmp_path, store, mongo_url, isolated
     assert res.exit_code == 0, res.output
     data = json.loads(res.output)
     assert data["session"] == sid and data["state"] == "running"
+    assert data["keeper"] == {"host": "node-7", "pid": 4242}
     r0, r1 = data["rounds"]
     assert (r0["done"], r0["failed"], r0["in_flight"], r0["retries"], r0["accuracy"]) == (2, 0, 0, 1, 0.5)
     assert (r1["done"], r1["failed"], r1["in_flight"], r1["retrying"], r1["retries"]) == (0, 0, 2, 1, 1)
     assert r0["retrying"] == 0
     table = CliRunner().invoke(cli, ["status", sid, "-c", str(cfg)])
     assert table.exit_code == 0 and "0.5000" in table.output
+    assert "running (keeper 4242 on node-7)" in table.output
     # --watch refreshes until the session is no longer running.
     import threading
     finisher = threading.Timer(1.0, lambda: store.update_session(sid, state="finished"))

@@ -45,8 +45,11 @@ def status_data(store, session_id: str | None) -> dict[str, Any]:
             "duration_s": r.get("duration_s"), "accuracy": r.get("accuracy"), "loss": r.get("loss"),
             "epsilon": r.get("epsilon"),
         })
-    return {"session": sid, "state": effective_state(doc), "created": doc.get("created"),
-            "error": doc.get("error"), "rounds": rounds}
+    state = effective_state(doc)
+    owner = doc.get("keeper") or {}
+    keeper = {"host": owner.get("host"), "pid": owner.get("pid")} if state == "running" and owner else None
+    return {"session": sid, "state": state, "created": doc.get("created"),
+            "error": doc.get("error"), "keeper": keeper, "rounds": rounds}
 
 
 def _cells(r: dict[str, Any]) -> list[str]:
@@ -59,8 +62,10 @@ def _cells(r: dict[str, Any]) -> list[str]:
 def status_table(data: dict[str, Any], width: int):
     spent = [r["epsilon"] for r in data["rounds"] if r.get("epsilon") is not None]
     eps = f", epsilon {spent[-1]:.3g} spent" if spent else ""
-    return table(f"session {data['session']}: {data['state']}{eps}", COLUMNS, [_cells(r) for r in data["rounds"]],
-                 width=width, right=COLUMNS)
+    k = data.get("keeper")
+    by = f" (keeper {k['pid']} on {k['host']})" if k else ""
+    return table(f"session {data['session']}: {data['state']}{by}{eps}", COLUMNS,
+                 [_cells(r) for r in data["rounds"]], width=width, right=COLUMNS)
 
 
 def _changes(before: dict[str, Any] | None, now: dict[str, Any]) -> list[str]:
