@@ -65,13 +65,15 @@ def other_keeper_process():
 
 
 def test_resume_is_refused_while_another_keeper_runs_the_session(tmp_path, isolated_dirs, other_keeper_process):
-    keeper, store, _, _ = fake_keeper(tmp_path, rounds=1)
+    keeper, store, provider, _ = fake_keeper(tmp_path, rounds=1)
     assert keeper.start(session_id="s1").state == "finished"
     assert store.sessions["s1"]["keeper"] == this_keeper()
     # as if another keeper on this machine had opened it and still ran it
     store.sessions["s1"].update(state="running", keeper=other_keeper_process)
+    deployed = len(provider.deployed)
     with pytest.raises(SessionError, match="running in another keeper on this machine"):
-        keeper.start(resume="s1", deploy=False)
+        keeper.start(resume="s1")
+    assert len(provider.deployed) == deployed   # refused before deploying anything
     assert store.sessions["s1"]["keeper"] == other_keeper_process
     psutil.Process(other_keeper_process["pid"]).kill()
     psutil.Process(other_keeper_process["pid"]).wait(timeout=10)

@@ -134,6 +134,8 @@ class Keeper:
         failed; raises SessionInterrupted (Ctrl-C) or ServiceLost (store or
         cluster gone), both leaving it resumable."""
         self.dispatcher.check_invocation_modes(self.client_cluster.values())
+        if resume:
+            self._resumable(resume)   # before deploying: a refusal should not wait for a deploy
         if deploy:
             self.deploy()
         session = self._open(resume, session_id)
@@ -163,18 +165,24 @@ class Keeper:
             self.events.observers.remove(csv)
             self.dispatcher.close()
 
+    def _resumable(self, resume: str) -> dict[str, Any]:
+        """The session document of `resume`, or SessionError saying why it
+        cannot be resumed here."""
+        doc = self.store.session(resume)
+        if doc is None:
+            raise SessionError(f"no session {resume!r} in the store")
+        if doc.get("state") == "finished":
+            raise SessionError(f"session {resume} already finished")
+        self._check_same_round_mode(doc)
+        if (refused := resume_refusal(doc, self.privacy)) is not None:
+            raise SessionError(refused)
+        if (busy := resume_blocked(doc)) is not None:
+            raise SessionError(busy)
+        return doc
+
     def _open(self, resume: str | None, session_id: str | None) -> str:
         if resume:
-            doc = self.store.session(resume)
-            if doc is None:
-                raise SessionError(f"no session {resume!r} in the store")
-            if doc.get("state") == "finished":
-                raise SessionError(f"session {resume} already finished")
-            self._check_same_round_mode(doc)
-            if (refused := resume_refusal(doc, self.privacy)) is not None:
-                raise SessionError(refused)
-            if (busy := resume_blocked(doc)) is not None:
-                raise SessionError(busy)
+            doc = self._resumable(resume)   # again: the deploy took time
             session = resume
             self.store.event(session, "resumed", f"keeper resumed the session (it was {doc.get('state')})")
             # The keeper that stopped may have invoked these or not: their
