@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 
 import psutil
 import pytest
@@ -52,6 +53,22 @@ def test_a_process_is_alive_only_with_its_own_start_time():
     assert not process_alive(me["pid"], me["started"] - 100)   # a reused process id
     for pid in (None, 0, -1, True, "1", 2 ** 40):
         assert not process_alive(pid, me["started"])
+
+
+def test_a_killed_process_not_yet_reaped_is_not_alive():
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        started = psutil.Process(proc.pid).create_time()
+        assert process_alive(proc.pid, started)
+        proc.kill()
+        for _ in range(100):   # bounded: the kernel marks it a zombie at once
+            if psutil.Process(proc.pid).status() == psutil.STATUS_ZOMBIE:
+                break
+            time.sleep(0.05)
+        assert not process_alive(proc.pid, started)   # a zombie: not waited for yet
+    finally:
+        proc.kill()
+        proc.wait(timeout=10)
 
 
 @pytest.fixture

@@ -30,11 +30,13 @@ def this_keeper() -> dict[str, Any]:
 
 def process_alive(pid: Any, started: Any) -> bool:
     """Whether process `pid` runs on this host and is the one that started
-    at `started` (seconds since the epoch, as psutil gives)."""
+    at `started` (seconds since the epoch, as psutil gives). A killed
+    process its parent has not reaped yet (a zombie) runs no more."""
     if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0 or not isinstance(started, (int, float)):
         return False
     try:
-        return abs(psutil.Process(pid).create_time() - float(started)) < 1.0
+        proc = psutil.Process(pid)
+        return abs(proc.create_time() - float(started)) < 1.0 and proc.status() != psutil.STATUS_ZOMBIE
     except (psutil.Error, OSError, ValueError):
         return False
 
