@@ -14,6 +14,7 @@ documents (`fedkeeper start -c CONFIG --resume SESSION`).
   modes/        sync, semi_async, async (FedBuff), one interface
   selection.py  selection policies (random, reliability, a registry for more)
   session.py    Keeper: deploy, start, resume, heartbeat, Ctrl-C, lost services
+  session_owner.py  which keeper runs a session (resume waits until it is gone)
   events.py     round events and reports; output.py: run log and CSVs observe them
 
 Round numbers: the store counts rounds from 0 (every session ever written
