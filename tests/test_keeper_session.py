@@ -285,6 +285,30 @@ def test_the_other_round_modes_finish_on_fakes(tmp_path, mode):
     assert statuses <= {"accepted", "stale", "received"}
 
 
+def test_async_clients_picked_when_the_last_step_is_already_full_are_not_listed_as_selected(tmp_path):
+    """The last step opens with a full buffer (two stragglers of the first
+    step stored their updates while it aggregated): the clients it picks
+    are never invoked, so its round does not list them as selected."""
+    sid = "s1"
+
+    def behave(fn, p, n):
+        if fn == "fl_server_aggregator" and p["round"] == 0:
+            for c in ("client_2", "client_3"):
+                store.add_update(sid, 0, c)   # landed while step 1 aggregated
+        if fn == "fl_client" and p["client"] in ("client_2", "client_3"):
+            return ("after", 100.0)   # their outcomes come long after
+        return "ok"
+
+    keeper, store, provider, _ = fake_keeper(tmp_path, behave, mode="async", rounds=2, clients=4, per_round=4,
+                                             training="buffer_size: 2\n")
+    assert keeper.start(session_id=sid, deploy=False).state == "finished"
+    for rnd in (0, 1):
+        invoked = {a["client"] for a in client_attempts(store, sid) if a["round"] == rnd}
+        assert set(store.rounds_[(sid, rnd)]["selected"]) == invoked, rnd
+    assert store.rounds_[(sid, 1)]["selected"] == [] and store.rounds_[(sid, 1)]["state"] == "done"
+    assert len(store.rounds_[(sid, 1)]["stale_included"]) == 2
+
+
 def test_refused_connections_reported_per_invocation_end_in_a_lost_cluster_not_used_up_retries(tmp_path):
     """HTTP platforms report a refused connection as each invocation's
     outcome: those attempts never reached the function and must not use up

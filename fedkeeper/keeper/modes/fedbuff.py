@@ -39,6 +39,24 @@ class AsyncRounds(RoundMode):
                 if self.ctx.reached_target(rep.accuracy):
                     break
                 version += 1
+            self.unselect_never_invoked(session)
+
+    def unselect_never_invoked(self, session: str) -> None:
+        """A step whose buffer was full when it topped up its jobs leaves
+        them to the next step to invoke; after the last step none will be."""
+        self.unselect(session, [s for s in self.jobs if s.state == WAITING and s.attempt == 0])
+
+    def unselect(self, session: str, slots: list[Slot]) -> None:
+        """Jobs never invoked leave their rounds' `selected`, which lists the
+        clients invoked from each round's model."""
+        never: dict[int, set[str]] = {}
+        for s in slots:
+            never.setdefault(s.round, set()).add(s.client)
+        for rnd, clients in sorted(never.items()):
+            doc = self.store.round(session, rnd)
+            if doc is not None:
+                self.store.upsert_round(session, rnd, selected=[c for c in doc.get("selected", [])
+                                                                if c not in clients])
 
     def buffer_size(self) -> int:
         return self.training.buffer_size or math.ceil(self.ctx.per_round / 2)
@@ -150,5 +168,6 @@ class AsyncRounds(RoundMode):
             if rnd < v - self.training.staleness_tolerance:
                 for s in ready:
                     s.state, s.last_error = FAILED, s.last_error or "too stale to retry"
+                self.unselect(session, [s for s in ready if s.attempt == 0])
             else:
                 self.dispatch.submit(session, rnd, self.jobs, self.jobs.begin(ready))
