@@ -20,7 +20,7 @@ from typing import Any, Callable
 
 import psutil
 
-from ..store import STALE_AFTER_S
+from ..store import STALE_AFTER_S, effective_state
 
 
 def this_keeper() -> dict[str, Any]:
@@ -58,9 +58,9 @@ def resume_blocked(doc: dict[str, Any], *, me: dict[str, Any] | None = None, now
                     f"{owner.get('pid')}); stop it (Ctrl-C) before resuming the session here")
         return None
     beat = doc.get("heartbeat")
-    age = (time.time() if now is None else now) - float(beat) if isinstance(beat, (int, float)) else None
-    if age is not None and age <= STALE_AFTER_S:
-        where = f"on {owner['host']}" if owner.get("host") else "elsewhere"
-        return (f"session {session} is running in a keeper {where} (its heartbeat is {max(age, 0):.0f}s old); "
-                f"stop that keeper, or resume once its heartbeat is {STALE_AFTER_S:.0f}s old")
-    return None
+    now = time.time() if now is None else now
+    if not isinstance(beat, (int, float)) or effective_state(doc, now) != "running":
+        return None   # no heartbeat was ever written, or it stopped: that keeper is gone
+    where = f"on {owner['host']}" if owner.get("host") else "elsewhere"
+    return (f"session {session} is running in a keeper {where} (its heartbeat is {max(now - beat, 0):.0f}s "
+            f"old); stop that keeper, or resume once its heartbeat is {STALE_AFTER_S:.0f}s old")

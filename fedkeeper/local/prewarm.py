@@ -16,11 +16,10 @@ log = logging.getLogger("fedkeeper.local")
 
 #: runtime -> modules imported ahead of need, in order. A runtime not named
 #: here preloads nothing (its processes still start ahead of need). An entry
-#: `!name` keeps module `name` out while the others load (importing it
-#: fails, so an optional import of it is skipped) and lets it be imported
-#: as usual afterwards: the tensorflow runtime keeps scikit-learn out of
-#: Keras, as the functions' own first import of Keras does
-#: (functions/flcommon/architectures.py). Not gridfs, though every function
+#: `!name` keeps module `name` out while the others load (preloading.py,
+#: which both local platforms' processes run): the tensorflow runtime keeps
+#: scikit-learn out of Keras, as the functions' own first import of Keras
+#: does (functions/flcommon/architectures.py). Not gridfs, though every function
 #: that reads a blob imports it: preloaded, it added about 70 MB to the PSS
 #: of the zygote and its cells (the main job's peak went from 1.11-1.12 to
 #: 1.18-1.19 GiB), for 3 ms of import.

@@ -45,8 +45,9 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 # The keeper's package directory must not shadow the function's modules.
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != HERE]
-# The local platforms' fault model (standard library only), loaded by path.
+# The local platforms' fault model and preloading (standard library only), loaded by path.
 FAULT_MODEL = os.path.join(os.path.dirname(HERE), "faults.py")
+PRELOADING = os.path.join(os.path.dirname(HERE), "preloading.py")
 
 # How long a connection may stay silent (before or between requests, or
 # while sending one) before it is closed.
@@ -57,8 +58,8 @@ READ_TIMEOUT_S = 10.0
 MAX_CONNECTIONS = 256
 
 
-def _load_fault_model():
-    spec = importlib.util.spec_from_file_location("_fk_fault_model", FAULT_MODEL)
+def _load_local(path: str, name: str):
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module   # dataclasses look their module up by name
     spec.loader.exec_module(module)
@@ -165,9 +166,8 @@ class Concurrency:
 
 
 class Preloaded:
-    """Imports `modules` in a thread from the start, those named `!name`
-    kept out meanwhile (fedkeeper/local/prewarm.py); requests to the
-    function wait until that is done."""
+    """Imports `modules` in a thread from the start (fedkeeper/local/
+    preloading.py); requests to the function wait until that is done."""
 
     def __init__(self, app, modules: list[str]):
         self.app = app
@@ -176,21 +176,9 @@ class Preloaded:
         threading.Thread(target=self._load, name="preload", daemon=True).start()
 
     def _load(self) -> None:
-        import importlib
-        import traceback
-        held = {m[1:] for m in self.modules if m.startswith("!")} - set(sys.modules)
-        for name in held:
-            sys.modules[name] = None   # importing it fails until the preload is done
         try:
-            for name in (m for m in self.modules if not m.startswith("!")):
-                try:
-                    importlib.import_module(name)
-                except Exception:  # noqa: BLE001 - the function meets (and reports) the same failure
-                    traceback.print_exc()
+            _load_local(PRELOADING, "_fk_preloading").import_all(self.modules)
         finally:
-            for name in held:
-                if name in sys.modules and sys.modules[name] is None:
-                    del sys.modules[name]
             self.done.set()
 
     def __call__(self, environ, start_response):
@@ -256,7 +244,7 @@ def main() -> None:
     flask_app.config["MAX_CONTENT_LENGTH"] = a.max_request_bytes
     app = flask_app
     if a.faults:
-        plan = _load_fault_model().FaultPlan.parse(json.loads(a.faults))
+        plan = _load_local(FAULT_MODEL, "_fk_fault_model").FaultPlan.parse(json.loads(a.faults))
         app = FaultInjector(app, plan, a.name, a.timeout_s)
     # An injected timeout holds its request slot, as a hung call holds an instance.
     app = BodyLimit(Concurrency(app, a.threads), a.max_request_bytes)

@@ -44,6 +44,8 @@ import time
 import traceback
 
 _HDR = struct.Struct(">I")
+# How a stem cell imports its runtime's modules, shared with the local Cloud Functions host.
+PRELOADING = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "preloading.py")
 # OpenWhisk's size limit on a result; a bigger one is a developer error.
 MAX_RESULT_BYTES = 1024 * 1024
 
@@ -180,23 +182,13 @@ def serve(fd: int, code_dir: str, main_name: str, concurrency: int) -> None:
 
 
 def _import_all(modules: list[str]) -> float:
-    """Import the runtime's modules, those named `!name` kept out meanwhile
-    (fedkeeper/local/prewarm.py); milliseconds it took."""
+    """Import the runtime's modules (fedkeeper/local/preloading.py, loaded
+    by path: this process may not import FedKeeper); milliseconds it took."""
     t0 = time.perf_counter()
-    kept_out = [m[1:] for m in modules if m.startswith("!") and m[1:] not in sys.modules]
-    sys.modules.update(dict.fromkeys(kept_out))
-    try:
-        for name in modules:
-            if name.startswith("!"):
-                continue
-            try:
-                importlib.import_module(name)
-            except Exception:  # noqa: BLE001 - the action will meet (and report) the same failure
-                traceback.print_exc()
-    finally:
-        for name in kept_out:
-            if name in sys.modules and sys.modules[name] is None:
-                del sys.modules[name]
+    spec = importlib.util.spec_from_file_location("_fk_preloading", PRELOADING)
+    preloading = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(preloading)
+    preloading.import_all(modules)
     sys.stderr.flush()
     return (time.perf_counter() - t0) * 1000.0
 
