@@ -135,6 +135,54 @@ def test_aggregator_rejects_bad_updates_with_reasons(fn_db):
         assert a.dtype == b.dtype and np.allclose(a, b, atol=1e-6)
 
 
+def _put_inline(db, sid, rnd, client, data, length=None, n=None):
+    """An update kept in its document (flcommon.update_data), as fl_client writes a small one."""
+    if n is None:
+        n = db[fs.PARTITIONS].find_one({"session": sid, "client": client})["num_examples"]
+    db[fs.UPDATES].insert_one({"session": sid, "round": rnd, "client": client, "attempt": 1, "data": data,
+                               "length": len(data) if length is None else length, "num_examples": n,
+                               "status": "received"})
+
+
+def test_inline_updates_are_bounded_checked_and_counted_with_blob_ones(fn_db):
+    from flcommon import update_data
+    db = fn_db
+    sid = make_session(db, clients=9)
+    call("fl_server_init", db, session=sid, round=0)
+    weights = fs.get_arrays(db, db[fs.MODELS].find_one({"session": sid, "round": 0})["blob_id"])
+    good = [w + 0.01 for w in weights]
+    other = [w + 0.03 for w in weights]
+    data = encode_arrays(good)
+    assert len(data) <= update_data.INLINE_MAX_BYTES
+    _put_inline(db, sid, 0, "client_0", data)
+    _put_update(db, sid, 0, "client_1", other)                  # a blob beside inline ones
+    _put_inline(db, sid, 0, "client_2", data, length=len(data) + 1)            # not the size declared
+    _put_inline(db, sid, 0, "client_3", b"x" * 10, length=update_data.INLINE_MAX_BYTES + 1)  # too large
+    _put_inline(db, sid, 0, "client_4", "not bytes", length=9)
+    larger = encode_arrays([np.zeros(sum(w.size for w in weights) + 100, np.float32)])   # decodes past the model
+    assert len(larger) <= update_data.INLINE_MAX_BYTES
+    _put_inline(db, sid, 0, "client_5", larger)
+    _put_inline(db, sid, 0, "client_6", data, length=True)
+    _put_inline(db, sid, 0, "client_7", pickle.dumps({"w": 1}))
+    _put_inline(db, sid, 0, "client_8", data)
+    out = call("fl_server_aggregator", db, session=sid, round=0, clients=[f"client_{i}" for i in range(9)])
+    reasons = {r["client"]: r["reason"] for r in out["rejected"]}
+    assert out["accepted"] == 3 and set(reasons) == {f"client_{i}" for i in range(2, 8)}, reasons
+    assert f"{len(data)} bytes, {len(data) + 1} declared" in reasons["client_2"]
+    assert "at most" in reasons["client_3"] and "at most" in reasons["client_6"]
+    assert "no data" in reasons["client_4"]
+    assert "exceed" in reasons["client_5"] or "more than" in reasons["client_5"], reasons["client_5"]
+    assert "pickle" in reasons["client_7"]
+    # The model is the examples-weighted mean of the three valid updates.
+    sizes = {c: db[fs.PARTITIONS].find_one({"session": sid, "client": c})["num_examples"]
+             for c in ("client_0", "client_1", "client_8")}
+    total = sum(sizes.values())
+    model = fs.get_arrays(db, db[fs.MODELS].find_one({"session": sid, "round": 1})["blob_id"])
+    for m, g, o in zip(model, good, other):
+        want = (g * (sizes["client_0"] + sizes["client_8"]) + o * sizes["client_1"]) / total
+        assert np.allclose(m, want, atol=1e-6)
+
+
 def test_update_documents_in_the_wrong_round_are_not_counted(fn_db):
     """Only round r's documents are read; a doc whose round disagrees with its
     blob (written for r, filed under r+1) is rejected when r+1 is aggregated."""

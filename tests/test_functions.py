@@ -211,7 +211,13 @@ def test_nodeinfo_reports_the_host(fn_db):
 
 # ---------------------------------------------------------------- training round trip
 
-def test_init_client_aggregate_round_trip(fn_db):
+@pytest.mark.parametrize("kept", ["inline", "blob"])
+def test_init_client_aggregate_round_trip(fn_db, monkeypatch, kept):
+    """Small updates are kept in their documents; with the inline limit at
+    0, every update is a GridFS blob: both aggregate alike."""
+    from flcommon import update_data
+    if kept == "blob":
+        monkeypatch.setattr(update_data, "INLINE_MAX_BYTES", 0)
     db = fn_db
     sid = make_session(db)
     init = call("fl_server_init", db, session=sid, round=0, client=None, attempt=1)
@@ -236,7 +242,12 @@ def test_init_client_aggregate_round_trip(fn_db):
         assert twice["duplicate"] is True and twice["timings"]["train_ms"] > 0
         assert twice["stored_by"] == 1          # refused at the insert, it still says whose update won
         assert db[fs.UPDATES].count_documents({"session": sid, "round": rnd}) == 3
-        assert db["blobs.files"].count_documents({"metadata.kind": "update", "metadata.round": rnd}) == 3
+        blobs = db["blobs.files"].count_documents({"metadata.kind": "update", "metadata.round": rnd})
+        docs = list(db[fs.UPDATES].find({"session": sid, "round": rnd}))
+        if kept == "blob":   # the refused duplicate's blob was deleted
+            assert blobs == 3 and all(d.get("blob_id") and "data" not in d for d in docs)
+        else:                # one document each, no blob
+            assert blobs == 0 and all(d.get("blob_id") is None and len(d["data"]) == d["length"] for d in docs)
         agg = call("fl_server_aggregator", db, session=sid, round=rnd, clients=[f"client_{c}" for c in range(3)])
         assert agg["accepted"] == 3 and agg["rejected"] == [] and agg["model_round"] == rnd + 1
         # Idempotent: a retried aggregation returns the stored result.

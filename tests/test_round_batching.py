@@ -24,10 +24,12 @@ HOUSEKEEPING = {"hello", "ismaster", "isMaster", "ping", "endSessions", "killCur
 class Commands(monitoring.CommandListener):
     def __init__(self):
         self.names: list[str] = []
+        self.collections: list[str] = []
 
     def started(self, event):
         if event.command_name not in HOUSEKEEPING:
             self.names.append(event.command_name)
+            self.collections.append(str(event.command.get(event.command_name)))
 
     def succeeded(self, event):
         pass
@@ -49,28 +51,41 @@ def counted(fn_db):
 BASE = [np.zeros((3, 4), np.float32), np.zeros(4, np.float32)]
 
 
-def _round(db, session: str, clients: int) -> list[tuple[str, int]]:
+def _round(db, session: str, clients: int, inline: bool = False) -> list[tuple[str, int]]:
+    from flcommon import update_data
     wanted = []
     for i in range(clients):
-        _put_update(db, session, 0, f"client_{i}", [b + i for b in BASE], n=1)
+        arrays = [b + i for b in BASE]
+        if inline:   # as fl_client keeps a small update: in its own document
+            data = update_data.encode(arrays)
+            db[fs.UPDATES].insert_one({"session": session, "round": 0, "client": f"client_{i}", "attempt": 1,
+                                       "data": data, "length": len(data), "num_examples": 1,
+                                       "status": "received"})
+        else:
+            _put_update(db, session, 0, f"client_{i}", arrays, n=1)
         wanted.append((f"client_{i}", 0))
     return wanted
 
 
-def test_aggregating_asks_the_store_as_often_for_40_updates_as_for_4(counted, monkeypatch):
+@pytest.mark.parametrize("inline", [False, True], ids=["blobs", "inline"])
+def test_aggregating_asks_the_store_as_often_for_40_updates_as_for_4(counted, monkeypatch, inline):
     db, listener = counted
     monkeypatch.setattr(fs, "IN_SLICE", 64)  # every list fits one slice: the count must not move at all
     asked = {}
     for n in (4, 40):
-        wanted = _round(db, f"s{n}", n)
+        wanted = _round(db, f"s{n}", n, inline)
         strategy = get_strategy("fedavg")
         listener.names.clear()
+        listener.collections.clear()
         accepted, rejected = aggregate(db, f"s{n}", 0, wanted, BASE, strategy, use_partials=False)
         asked[n] = list(listener.names)
         assert len(accepted) == n and not rejected
         mean, _ = strategy.finish(BASE, None)
         assert np.allclose(mean[0], (n - 1) / 2)  # every client's delta i, equally weighted
     assert asked[4] == asked[40], asked
+    if inline:   # GridFS is never asked; the updates' listing, then their data
+        assert not [c for c in listener.collections if c.startswith(fs.BUCKET)], listener.collections
+        assert listener.collections.count(fs.UPDATES) == 2, listener.collections
 
 
 def test_long_lists_are_asked_in_slices_and_nothing_is_lost(counted):

@@ -24,6 +24,7 @@ from pymongo import ASCENDING, DESCENDING, UpdateOne
 
 from flcommon import store as fs
 from flcommon.blobs import BlobError
+from flcommon.update_data import WITHOUT_DATA
 
 from .patience import SERVER_SELECTION_MS, Patience, StoreUnavailable, display_address
 
@@ -239,7 +240,8 @@ class Store:
         q: dict[str, Any] = {"session": session}
         if rnd is not None:
             q["round"] = rnd
-        return self._run(lambda: list(self.db[fs.UPDATES].find(q).sort([("round", 1), ("client", 1)])))
+        # A listing never holds the updates' arrays (inline ones are in their documents).
+        return self._run(lambda: list(self.db[fs.UPDATES].find(q, WITHOUT_DATA).sort([("round", 1), ("client", 1)])))
 
     def model(self, session: str, rnd: int) -> dict[str, Any] | None:
         return self._run(self.db[fs.MODELS].find_one, {"session": session, "round": rnd})

@@ -9,7 +9,7 @@ from typing import Any
 
 import pymongo
 
-from flcommon import store
+from flcommon import store, update_data
 from flcommon.context import database, ids, num_classes, partition_arrays, session_spec, shared_global_model
 from flcommon.entry import BadRequest, require
 from flcommon.models import train
@@ -49,10 +49,11 @@ def handle(payload: dict[str, Any], bound: dict[str, str]) -> dict[str, Any]:
     t2 = time.perf_counter()
     # Secure aggregation: only the masked delta is stored.
     masked = masked_upload(db, bound, spec, session, rnd, client, attempt, weights, new, int(len(y)))
-    blob = masked or store.put_arrays(db, new, f"{session}/update/{rnd:03d}/{client}.npz",
-                                      {"kind": "update", "session": session, "round": rnd,
-                                       "client": client, "attempt": attempt})
-    doc = {"session": session, "round": rnd, "client": client, "attempt": attempt, "blob_id": blob,
+    # A small update goes in its own document (one write), a larger one in GridFS.
+    arrays = {"blob_id": masked} if masked else update_data.stored_fields(
+        db, new, f"{session}/update/{rnd:03d}/{client}.npz",
+        {"kind": "update", "session": session, "round": rnd, "client": client, "attempt": attempt})
+    doc = {"session": session, "round": rnd, "client": client, "attempt": attempt, **arrays,
            "num_examples": int(len(y)), "metrics": metrics, "status": "received", "created": time.time(),
            **({"masked": True} if masked else {})}
     duplicate: dict[str, Any] = {"duplicate": False}
@@ -61,7 +62,7 @@ def handle(payload: dict[str, Any], bound: dict[str, str]) -> dict[str, Any]:
     except pymongo.errors.DuplicateKeyError:
         # Another attempt of this client delivered this round while we
         # trained: keep that one, drop ours, so it is never counted twice.
-        store.delete_blob(db, blob)
+        update_data.discard(db, arrays)
         stored = db[store.UPDATES].find_one(key, {"attempt": 1}) or {}
         duplicate = {"duplicate": True, "stored_by": stored.get("attempt")}
     t3 = time.perf_counter()

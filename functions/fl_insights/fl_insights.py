@@ -36,7 +36,7 @@ from typing import Any, Callable, NamedTuple
 
 import numpy as np
 
-from flcommon import store
+from flcommon import store, update_data
 from flcommon.blobs import BlobError
 from flcommon.context import database, model_bytes
 from flcommon.entry import BadRequest, require
@@ -123,7 +123,7 @@ class ModelVector(NamedTuple):
 
 
 class UpdateVector(NamedTuple):
-    blob_id: Any
+    stored_as: Any               # update_data.identity: its blob, or its document when inline
     base_blob_id: Any
     values: np.ndarray | None    # flat float32 delta, read-only; None when unusable
     nan: bool = False
@@ -154,6 +154,14 @@ class Reader:
     def _read(self, blob_id: Any, max_bytes: int | None) -> list[np.ndarray]:
         arrays = store.get_arrays(self.db, blob_id, max_bytes=max_bytes)
         self.bytes_read += self._lengths.get(blob_id, 0)
+        self.blobs_read += 1
+        return arrays
+
+    def _read_update(self, u: dict[str, Any], max_bytes: int | None) -> list[np.ndarray]:
+        if not update_data.is_inline(u):
+            return self._read(u["blob_id"], max_bytes)
+        arrays = update_data.get_update_arrays(self.db, u, max_bytes)
+        self.bytes_read += u["length"]
         self.blobs_read += 1
         return arrays
 
@@ -195,18 +203,19 @@ class Reader:
             if isinstance(base, str):
                 out[i] = base
                 continue
-            if u.get("blob_id") is None:
+            if u.get("blob_id") is None and not update_data.is_inline(u):
                 out[i] = "the update names no blob"
                 continue
             key = ("update", session, u["round"], u["client"])
             hit = self.cache.get(key) if self.cache is not None else None
-            if isinstance(hit, UpdateVector) and hit.blob_id == u["blob_id"] and hit.base_blob_id == base.blob_id:
+            if isinstance(hit, UpdateVector) and hit.stored_as == update_data.identity(u) \
+                    and hit.base_blob_id == base.blob_id:
                 self.update_hits += 1
                 out[i] = hit
             else:
                 self.update_misses += 1
                 missing.append(i)
-        self._prefetch_lengths([docs[i]["blob_id"] for i in missing])
+        self._prefetch_lengths([docs[i].get("blob_id") for i in missing])
         for i in missing:
             u, base = docs[i], bases[i]
             vec = self._delta(u, base)
@@ -217,26 +226,27 @@ class Reader:
         return out  # type: ignore[return-value]
 
     def _delta(self, u: dict[str, Any], base: ModelVector) -> UpdateVector:
+        stored_as = update_data.identity(u)
         try:
-            arrays = self._read(u["blob_id"], base.nbytes)  # an update is never larger than its model
+            arrays = self._read_update(u, base.nbytes)  # an update is never larger than its model
         except BlobError as exc:
-            return UpdateVector(u["blob_id"], base.blob_id, None, error=str(exc)[:300])
+            return UpdateVector(stored_as, base.blob_id, None, error=str(exc)[:300])
         if len(arrays) != len(base.shapes):
-            return UpdateVector(u["blob_id"], base.blob_id, None,
+            return UpdateVector(stored_as, base.blob_id, None,
                                 error=f"update has {len(arrays)} arrays, the model has {len(base.shapes)}")
         for i, (a, shape) in enumerate(zip(arrays, base.shapes)):
             if tuple(a.shape) != shape:
-                return UpdateVector(u["blob_id"], base.blob_id, None,
+                return UpdateVector(stored_as, base.blob_id, None,
                                     error=f"array {i} has shape {tuple(a.shape)}, expected {shape}")
         flat = np.concatenate([np.asarray(a, dtype=np.float32).ravel() for a in arrays]) \
             if arrays else np.zeros(0, np.float32)
         del arrays
         if not np.isfinite(flat).all():
             # No norm or cosine for it; nothing worth keeping but the fact.
-            return UpdateVector(u["blob_id"], base.blob_id, None, nan=True)
+            return UpdateVector(stored_as, base.blob_id, None, nan=True)
         np.subtract(flat, base.values, out=flat)
         flat.flags.writeable = False
-        return UpdateVector(u["blob_id"], base.blob_id, flat)
+        return UpdateVector(stored_as, base.blob_id, flat)
 
 
 # --------------------------------------------------------------------------- updates in range
@@ -244,7 +254,7 @@ class Reader:
 # Round ranges are queried as [first, last + 1): the embedded store
 # (SecantusDB 0.7.0b3) treats $lte on a key followed by further keys of a
 # compound index, e.g. round in (session, round, client), as $lt.
-UPDATE_FIELDS = {"_id": 0, "client": 1, "round": 1, "blob_id": 1, "num_examples": 1, "metrics": 1, "status": 1,
+UPDATE_FIELDS = {"_id": 1, "client": 1, "round": 1, "blob_id": 1, "length": 1, "num_examples": 1, "metrics": 1, "status": 1,
                  "reason": 1, "aggregated_in": 1, "staleness": 1, "weight": 1}
 MODEL_FIELDS = {"_id": 0, "round": 1, "blob_id": 1, "contributions": 1, "rejected": 1, "accepted_clients": 1}
 

@@ -7,14 +7,15 @@ stale: [{"client": c, "round": r}, ...] (optional, r < R)}.
 Every update becomes a delta against the global model its client trained
 from (model r for a stale update) and is weighted
 num_examples * (1 + staleness) ** -staleness_exponent. Updates are streamed
-from GridFS one at a time, small ones a group per query (the next read
-while the current one is added), none may decode to more than the model's
+one at a time, small ones (kept in their documents, flcommon.update_data)
+a group per query (the next read while the current one is added), none
+may decode to more than the model's
 size, and each is checked whole before the strategy sees it; invalid ones
 are rejected with a recorded reason and the round aggregates the rest. An
 update already counted by the aggregation of another round is rejected,
 never counted twice. The store is asked a fixed number of times per round
 whatever the number of updates (lists in slices, writes in bulk), besides
-one query per update of more than one GridFS chunk.
+one query per update too large to be kept in its document.
 In a hierarchical round (training.aggregation: hierarchical) the partial
 aggregates the combiners (fl_combiner) stored for the round are added one
 each in place of their clients' updates (flcommon.partials).

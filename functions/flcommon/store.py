@@ -15,7 +15,7 @@ from __future__ import annotations
 import datetime
 import io
 import threading
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import gridfs
 import numpy as np
@@ -284,19 +284,31 @@ def get_small_arrays(db, files_docs: Sequence[dict[str, Any]], max_bytes: int | 
     for doc in find_in(db[f"{BUCKET}.chunks"], {"n": 0}, "files_id", [d["_id"] for d in files_docs],
                        {"files_id": 1, "data": 1}):
         data[doc["files_id"]] = doc.get("data", b"")
+
+    def check(d: dict[str, Any], chunk: Any) -> None:
+        if not is_small(d):
+            raise BlobError(f"blob {d['_id']} is not stored in one chunk")
+        if chunk is None or len(chunk) != int(d["length"]):
+            raise BlobError(f"blob {d['_id']} is corrupt in the store: chunk 0 "
+                            f"{'missing' if chunk is None else 'has the wrong size'}")
+    return decode_fetched(files_docs, data, check, max_bytes)
+
+
+def decode_fetched(docs: Sequence[dict[str, Any]], fetched: dict[Any, Any],
+                   check: Callable[[dict[str, Any], Any], None], max_bytes: int | None
+                   ) -> list[list[np.ndarray] | BlobError]:
+    """For each of `docs` in order, the arrays of its encoding in `fetched`
+    (by `_id`, popped as it is decoded, so that it is freed), or the
+    BlobError that `check(doc, encoding)` or the bounded decoding raised."""
     out: list[list[np.ndarray] | BlobError] = []
-    for d in files_docs:
-        chunk = data.pop(d["_id"], None)
+    for d in docs:
+        raw = fetched.pop(d["_id"], None)
         try:
-            if not is_small(d):
-                raise BlobError(f"blob {d['_id']} is not stored in one chunk")
-            if chunk is None or len(chunk) != int(d["length"]):
-                raise BlobError(f"blob {d['_id']} is corrupt in the store: chunk 0 "
-                                f"{'missing' if chunk is None else 'has the wrong size'}")
-            out.append(list(iter_arrays(chunk, max_bytes=max_bytes)))
+            check(d, raw)
+            out.append(list(iter_arrays(raw, max_bytes=max_bytes)))
         except BlobError as exc:
             out.append(exc)
-        del chunk
+        del raw
     return out
 
 

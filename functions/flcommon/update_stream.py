@@ -4,9 +4,10 @@ aggregator and the combiners (fl_combiner) of hierarchical aggregation.
 Every update becomes a delta against the global model its client trained
 from (model r for a stale update) and is weighted
 num_examples * (1 + staleness) ** -staleness_exponent. Updates are streamed
-from GridFS one at a time, small ones (a GridFS chunk each) a group per
-query (the next read while the current one is added), none may decode to more than the model's size, and each is checked
-whole before the strategy sees it. An update already counted by the
+one at a time, small ones (inline in their documents, flcommon.update_data,
+or a GridFS chunk each) a group per query, the next read while the current
+one is added; none may decode to more than the model's size, and each is
+checked whole before the strategy sees it. An update already counted by the
 aggregation of another round is rejected, never counted twice. Partial
 aggregates written by combiners for this round (flcommon.partials) are
 added as one unit each, in place of reading their clients' updates."""
@@ -16,7 +17,7 @@ from typing import Any, Iterator, NamedTuple
 
 import numpy as np
 
-from . import store
+from . import store, update_data
 from .blobs import BlobError
 from .partials import add_partials, count_members
 from .read_ahead import read_ahead
@@ -35,9 +36,20 @@ class Candidate(NamedTuple):
     index: int            # its place in the wanted list: rejections are reported in that order
     client: str
     round: int
-    blob_id: Any
-    files_doc: dict[str, Any]
+    blob_id: Any          # None for an inline update (flcommon.update_data)
+    files_doc: dict[str, Any]   # its blob's GridFS files document, or its update document without data
     num_examples: int
+
+    @property
+    def inline(self) -> bool:
+        return self.blob_id is None
+
+    def sizes(self) -> dict[str, Any]:
+        """Length and chunk size, as small_blob_batches groups them: an
+        inline update reads like a blob of one chunk."""
+        if self.inline:
+            return {"length": self.files_doc["length"], "chunkSize": update_data.INLINE_MAX_BYTES}
+        return self.files_doc
 
 
 def _candidates(db, session: str, rnd: int, wanted: list[tuple[str, int]]) -> tuple[list[Candidate], list[dict]]:
@@ -51,7 +63,8 @@ def _candidates(db, session: str, rnd: int, wanted: list[tuple[str, int]]) -> tu
     # (store.find_in): a query per update was most of a large round's cost.
     docs: dict[tuple[str, int], dict] = {}
     for r, clients in by_round.items():
-        for d in store.find_in(db[store.UPDATES], {"session": session, "round": r}, "client", clients):
+        for d in store.find_in(db[store.UPDATES], {"session": session, "round": r}, "client", clients,
+                               update_data.WITHOUT_DATA):
             docs[(d["client"], d["round"])] = d
     # The partition sizes init wrote: a client cannot inflate its weight by
     # claiming more examples than it holds.
@@ -59,7 +72,7 @@ def _candidates(db, session: str, rnd: int, wanted: list[tuple[str, int]]) -> tu
         db[store.PARTITIONS], {"session": session}, "client", sorted({c for c, _ in wanted}),
         {"client": 1, "num_examples": 1})}
     blobs = {d["_id"]: d for d in store.find_in(
-        db[f"{store.BUCKET}.files"], {}, "_id", [d["blob_id"] for d in docs.values() if "blob_id" in d],
+        db[f"{store.BUCKET}.files"], {}, "_id", [d["blob_id"] for d in docs.values() if d.get("blob_id") is not None],
         {"metadata": 1, "length": 1, "chunkSize": 1})}
     has_base = {d["round"] for d in db[store.MODELS].find(
         {"session": session, "round": {"$in": [r for r in by_round if r != rnd]}}, {"round": 1, "blob_id": 1})
@@ -79,22 +92,26 @@ def _candidates(db, session: str, rnd: int, wanted: list[tuple[str, int]]) -> tu
                              "reason": f"already aggregated in round {done_in}", "mark": False})
             continue
         try:
-            if doc.get("blob_id") not in blobs:
-                raise UpdateRejected("update blob does not exist")
-            files_doc = blobs[doc["blob_id"]]
-            meta = files_doc.get("metadata") or {}
-            if meta.get("round") != r or meta.get("session") != session or meta.get("client") != client:
-                raise UpdateRejected(f"update blob belongs to session {meta.get('session')}, "
-                                     f"round {meta.get('round')}, client {meta.get('client')}")
+            if update_data.is_inline(doc):
+                update_data.inline_length(doc)   # its arrays are its own: no one else's to check
+                files_doc = doc
+            else:
+                if doc.get("blob_id") not in blobs:
+                    raise UpdateRejected("update blob does not exist")
+                files_doc = blobs[doc["blob_id"]]
+                meta = files_doc.get("metadata") or {}
+                if meta.get("round") != r or meta.get("session") != session or meta.get("client") != client:
+                    raise UpdateRejected(f"update blob belongs to session {meta.get('session')}, "
+                                         f"round {meta.get('round')}, client {meta.get('client')}")
             n = _examples(doc.get("num_examples"))
             if sizes.get(client) is not None and n != sizes[client]:
                 raise UpdateRejected(f"update claims {n} examples, the client's partition has {sizes[client]}")
             if r != rnd and r not in has_base:
                 raise UpdateRejected(f"no global model of round {r} to take the delta against")
-        except UpdateRejected as exc:
+        except (UpdateRejected, BlobError) as exc:
             rejected.append({"index": index, "client": client, "round": r, "reason": str(exc)[:300], "mark": True})
             continue
-        candidates.append(Candidate(index, client, r, doc["blob_id"], files_doc, n))
+        candidates.append(Candidate(index, client, r, doc.get("blob_id"), files_doc, n))
     return candidates, rejected
 
 
@@ -128,14 +145,19 @@ def aggregate(db, session: str, rnd: int, wanted: list[tuple[str, int]], global_
         {"round": 1, "blob_id": 1})}
 
     def read(group: list[Candidate]) -> list[list[np.ndarray] | BlobError]:
-        if len(group) == 1 and not store.is_small(group[0].files_doc):
+        if len(group) == 1 and not group[0].inline and not store.is_small(group[0].files_doc):
             c = group[0]
             try:
                 return [store.get_arrays(db, c.blob_id, max_bytes=model_bytes, files_doc=c.files_doc,
                                          prefetch=True)]
             except BlobError as exc:
                 return [exc]
-        return store.get_small_arrays(db, [c.files_doc for c in group], max_bytes=model_bytes)
+        # Small ones: inline updates and one-chunk blobs, one query for each kind.
+        inline = [c.files_doc for c in group if c.inline]
+        blobs = [c.files_doc for c in group if not c.inline]
+        from_docs = iter(update_data.get_inline_arrays(db, inline, max_bytes=model_bytes) if inline else [])
+        from_blobs = iter(store.get_small_arrays(db, blobs, max_bytes=model_bytes) if blobs else [])
+        return [next(from_docs) if c.inline else next(from_blobs) for c in group]
 
     def each(groups) -> Iterator[tuple[Candidate, list[np.ndarray] | BlobError]]:
         for group, loaded, _ in groups:
@@ -145,10 +167,11 @@ def aggregate(db, session: str, rnd: int, wanted: list[tuple[str, int]], global_
             del loaded
 
     from_partials = bool(accepted)
-    # Small updates (one GridFS chunk each) are read a group per query
-    # (store.small_blob_batches: at most ~1 MB a group), larger ones one at
-    # a time in chunk batches; the next group is read while this one is added.
-    groups = read_ahead(store.small_blob_batches(candidates, lambda c: c.files_doc), read)
+    # Small updates (inline, or one GridFS chunk each) are read a group per
+    # query (store.small_blob_batches: at most ~1 MB a group), larger ones
+    # one at a time in chunk batches; the next group is read while this one
+    # is added.
+    groups = read_ahead(store.small_blob_batches(candidates, Candidate.sizes), read)
     for c, arrays in each(groups):
         try:
             if isinstance(arrays, BlobError):

@@ -9,7 +9,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from .. import store
+from .. import store, update_data
 from ..blobs import BlobError
 from ..entry import BadRequest
 from ..strategies import Strategy, StrategyError
@@ -49,7 +49,8 @@ def secure_aggregate(db, sess: str, rnd: int, wanted: Sequence[tuple[str, int]],
                  "mark": False} for c, r in wanted if r != rnd or c not in u3]
     reference = [(w.shape, w.dtype) for w in global_weights]
     length = sum(int(np.prod(s)) for s, _ in reference)
-    docs = {d["client"]: d for d in db[store.UPDATES].find({"session": sess, "round": rnd, "client": {"$in": u3}})}
+    docs = {d["client"]: d for d in db[store.UPDATES].find({"session": sess, "round": rnd, "client": {"$in": u3}},
+                                                          update_data.WITHOUT_DATA)}
     sizes = {d["client"]: d.get("num_examples") for d in db[store.PARTITIONS].find(
         {"session": sess, "client": {"$in": u3}}, {"client": 1, "num_examples": 1})}
     masked, examples = {}, {}

@@ -1,0 +1,104 @@
+"""Where an update's arrays are kept: in its own document when they are
+small, else in a GridFS blob.
+
+An update that encodes to at most INLINE_MAX_BYTES (one GridFS chunk) is
+written as the `data` field of its update document, so storing it is one
+insert instead of three (chunk, files document, update document) and
+reading a round's small updates never touches GridFS. On the embedded
+store, 1,000 updates of 19.5 KB took 1.5 s of writes inline against 3.8 s
+as blobs, and 0.19 s of reads against 0.60 s. A larger update is a blob
+(`blob_id`), read a batch of chunks at a time, as before.
+
+Readers never list `data` with the other fields: they ask for it by the
+documents' ids, a bounded group at a time (get_inline_arrays), so that a
+round's listing holds no update's arrays. The bytes are untrusted like a
+blob's: their size is checked before decoding and the decoding is bounded.
+"""
+from __future__ import annotations
+
+import io
+from typing import Any, Sequence
+
+import numpy as np
+
+from . import store
+from .blobs import BlobError, write_arrays
+
+#: An update encoded to at most this many bytes is kept in its document.
+INLINE_MAX_BYTES = store.CHUNK_SIZE
+
+#: Projection that leaves the arrays out of an update listing.
+WITHOUT_DATA = {"data": 0}
+
+
+def encode(arrays: Sequence[np.ndarray]) -> bytes:
+    buf = io.BytesIO()
+    write_arrays(buf, arrays)
+    return buf.getvalue()
+
+
+def stored_fields(db, arrays: Sequence[np.ndarray], filename: str, metadata: dict[str, Any]) -> dict[str, Any]:
+    """The update document's fields that hold its arrays: `data` and
+    `length` when the encoding fits INLINE_MAX_BYTES, else `blob_id` of a
+    GridFS blob written now (the caller deletes it with discard() should its
+    document not be stored)."""
+    data = encode(arrays)
+    if len(data) <= INLINE_MAX_BYTES:
+        return {"data": data, "length": len(data)}
+    return {"blob_id": store.put_arrays(db, arrays, filename, metadata)}
+
+
+def discard(db, fields: dict[str, Any]) -> None:
+    """Undo stored_fields for a document that was not stored."""
+    if fields.get("blob_id") is not None:
+        store.delete_blob(db, fields["blob_id"])
+
+
+def is_inline(doc: dict[str, Any]) -> bool:
+    """An update document (listed WITHOUT_DATA) whose arrays are its own."""
+    return doc.get("blob_id") is None and "length" in doc
+
+
+def identity(doc: dict[str, Any]) -> Any:
+    """What names an update's stored arrays: its blob, or for an inline
+    update its document (updates are never rewritten in place)."""
+    return doc.get("blob_id") if doc.get("blob_id") is not None else doc.get("_id")
+
+
+def inline_length(doc: dict[str, Any]) -> int:
+    """The encoded size an inline update document declares, checked."""
+    n = doc.get("length")
+    if isinstance(n, bool) or not isinstance(n, int) or not 0 < n <= INLINE_MAX_BYTES:
+        raise BlobError(f"inline update declares {n!r} bytes; at most {INLINE_MAX_BYTES} are kept inline")
+    return n
+
+
+def get_inline_arrays(db, docs: Sequence[dict[str, Any]], max_bytes: int | None = None
+                      ) -> list[list[np.ndarray] | BlobError]:
+    """The arrays of inline update documents (listed WITHOUT_DATA, with
+    their `_id`), one query per store.IN_SLICE of them; in the order given,
+    each its arrays or the BlobError that makes it unreadable (data missing
+    or not of the declared size, a bad encoding, more than `max_bytes`
+    decoded)."""
+    data: dict[Any, Any] = {}
+    for d in store.find_in(db[store.UPDATES], {}, "_id", [d["_id"] for d in docs], {"data": 1}):
+        data[d["_id"]] = d.get("data")
+
+    def check(d: dict[str, Any], raw: Any) -> None:
+        n = inline_length(d)
+        if not isinstance(raw, bytes) or len(raw) != n:
+            raise BlobError(f"inline update {d['_id']} is corrupt in the store: "
+                            f"{'no data' if not isinstance(raw, bytes) else f'{len(raw)} bytes, {n} declared'}")
+    return store.decode_fetched(docs, data, check, max_bytes)
+
+
+def get_update_arrays(db, doc: dict[str, Any], max_bytes: int | None = None) -> list[np.ndarray]:
+    """One update's arrays, wherever they are kept (BlobError if unreadable)."""
+    if doc.get("blob_id") is not None:
+        return store.get_arrays(db, doc["blob_id"], max_bytes=max_bytes)
+    if "length" not in doc:
+        raise BlobError("the update names no blob and holds no data")
+    got = get_inline_arrays(db, [doc], max_bytes)[0]
+    if isinstance(got, BlobError):
+        raise got
+    return got
