@@ -167,3 +167,25 @@ def test_answers_nobody_collects_are_dropped_after_a_while(server_factory, monke
         assert "not tracked" in invoker.done(given_up[:1])[0].error
     finally:
         invoker.close()
+
+
+def test_waiting_for_one_answer_returns_when_it_comes_and_not_before(server_factory):
+    """A helper call (Provider.wait) waits on its own request's answer."""
+    def slow(conn, req):
+        time.sleep(0.4)
+        return json_answer(200, b'{"ok": 1}')
+    srv = server_factory(slow)
+    invoker = HttpInvoker(max_workers=2)
+    try:
+        inv = invoker.submit("fn", f"{srv.url}/fn", {}, timeout_s=5, platform_id="w1")
+        assert invoker.wait_for(inv, 0.05) is False and invoker.done([inv]) == []
+        t0 = time.monotonic()
+        assert invoker.wait_for(inv, 5) is True
+        assert time.monotonic() - t0 < 1.0
+        out = invoker.done([inv])       # there at once: no poll needed
+        assert len(out) == 1 and out[0].ok and out[0].result == {"ok": 1}
+        # An id this invoker never sent is not waited for; done() says it is lost.
+        lost = Invocation("fn", "never-sent", time.time())
+        assert invoker.wait_for(lost, 5) is True and invoker.done([lost])[0].error_class == ErrorClass.PLATFORM_ERROR
+    finally:
+        invoker.close()

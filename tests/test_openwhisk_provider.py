@@ -273,3 +273,32 @@ def test_actions_run_on_the_runtime_image_named_by_the_cluster(local):
     got = local._session.get(local._url("/actions/nodeinfo"), params={"code": "false"}).json()
     assert got["exec"]["kind"] == "blackbox" and got["exec"]["image"] == runtime_image("light", "openwhisk")
     local.remove("nodeinfo")
+
+
+def test_a_helper_call_is_answered_by_one_blocking_invoke(local, monkeypatch):
+    """call() gets the record in the invoke's answer: no activation is
+    listed or fetched, and failures are classified as when tracked."""
+    polled = []
+    monkeypatch.setattr(local, "track", lambda pending: polled.append(pending) or [])
+    out = local.call("echo", {"i": 7}, timeout_s=10)
+    assert out.ok and out.result["args"]["i"] == 7 and out.duration_ms is not None and out.platform_id
+    failed = local.call("echo", {"fail": "x"}, timeout_s=10)
+    assert not failed.ok and failed.error_class == ErrorClass.APPLICATION_ERROR and "refused: x" in failed.error
+    assert polled == []
+    with pytest.raises(ProviderError) as e:
+        local.call("no-such-action", {}, timeout_s=10)
+    assert e.value.error_class == ErrorClass.FUNCTION_MISSING
+
+
+def test_a_helper_call_longer_than_the_blocking_wait_is_polled_to_its_end(local, monkeypatch):
+    monkeypatch.setattr(owp, "BLOCKING_WAIT_S", 0.2)   # OpenWhisk answers 202 after its blocking wait
+    tracked = []
+    track = local.track
+    monkeypatch.setattr(local, "track", lambda pending: tracked.append(pending) or track(pending))
+    t0 = time.monotonic()
+    out = local.call("echo", {"sleep": 1, "i": 3}, timeout_s=10)
+    assert out.ok and out.result["args"]["i"] == 3 and time.monotonic() - t0 >= 1
+    assert tracked and tracked[0][0].function == "echo"
+    # The whole call stays within its timeout: past it, a timeout outcome.
+    late = local.call("echo", {"sleep": 3}, timeout_s=0.5)
+    assert not late.ok and late.error_class == ErrorClass.TIMEOUT

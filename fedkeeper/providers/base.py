@@ -297,7 +297,11 @@ class Provider(ABC):
     def call(self, name: str, payload: dict[str, Any], timeout_s: float,
              poll_s: float = 0.05) -> Outcome:
         """Invoke and wait for the outcome (used for init and aggregation)."""
-        inv = self.invoke(name, payload)
+        return self.wait(self.invoke(name, payload), timeout_s, poll_s)
+
+    def wait(self, inv: Invocation, timeout_s: float, poll_s: float = 0.05) -> Outcome:
+        """Track one invocation until its outcome, or a timeout outcome
+        after `timeout_s` (polling as poll_delay says)."""
         started = time.monotonic()
         deadline = started + timeout_s
         while True:
@@ -308,5 +312,9 @@ class Provider(ABC):
             if now >= deadline:   # looked once more at the deadline itself
                 break
             time.sleep(min(poll_delay(now - started, poll_s), deadline - now))
+        return self.timed_out(inv, timeout_s)
+
+    @staticmethod
+    def timed_out(inv: Invocation, timeout_s: float) -> Outcome:
         return Outcome(platform_id=inv.platform_id, ok=False, error_class=ErrorClass.TIMEOUT,
                        error=f"no outcome within {timeout_s:.0f}s")

@@ -18,7 +18,7 @@ import ssl
 import threading
 import time
 import uuid
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait as wait_futures
 from dataclasses import dataclass, fields
 from typing import Any, Callable, Mapping, Sequence
 from urllib.parse import urlsplit
@@ -256,6 +256,18 @@ class HttpInvoker:
         for pid in [p for p, (_, at) in self._finished.items() if at < old]:
             del self._finished[pid]
             del self._futures[pid]
+
+    def wait_for(self, inv: Invocation, timeout_s: float) -> bool:
+        """Wait until `inv`'s answer came (or it is not ours to wait for):
+        True, and done() then has its outcome; False after `timeout_s`."""
+        with self._lock:
+            fut = self._futures.get(inv.platform_id)
+        if fut is None:
+            return True
+        if not wait_futures([fut], timeout=max(0.0, timeout_s)).done:
+            return False
+        self._finish(inv.platform_id, fut)   # its done-callback may not have run yet
+        return True
 
     def done(self, pending: Sequence[Invocation]) -> list[Outcome]:
         """Outcomes of the finished ones among `pending`; no network traffic."""

@@ -83,5 +83,15 @@ class HttpFunctionProvider(Provider):
     def track(self, pending: Sequence[Invocation]) -> list[Outcome]:
         return self._invoker.done(pending)
 
+    def wait(self, inv: Invocation, timeout_s: float, poll_s: float = 0.05) -> Outcome:
+        """An HTTP function answers the request itself: a helper call waits
+        for that answer, seen the moment it comes, instead of polling."""
+        done = self.track([inv]) if self._invoker_of(inv).wait_for(inv, timeout_s) else []
+        return done[0] if done else self.timed_out(inv, timeout_s)
+
+    def _invoker_of(self, inv: Invocation) -> HttpInvoker:
+        """The invoker that sent `inv`."""
+        return self._invoker
+
     def close(self) -> None:
         self._invoker.close()

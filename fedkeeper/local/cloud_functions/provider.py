@@ -73,10 +73,13 @@ class LocalCloudFunctionsProvider(CloudFunctionsProvider):
         return invoker.submit(name, url, payload, timeout_s=timeout, headers=headers,
                               platform_id=execution_id, max_bytes=self.max_request_bytes)
 
+    def _invoker_of(self, inv: Invocation) -> HttpInvoker:
+        return self._invokers.get(inv.function, self._invoker)
+
     def track(self, pending: Sequence[Invocation]) -> list[Outcome]:
         by_invoker: dict[int, tuple[HttpInvoker, list[Invocation]]] = {}
         for inv in pending:
-            invoker = self._invokers.get(inv.function, self._invoker)
+            invoker = self._invoker_of(inv)
             by_invoker.setdefault(id(invoker), (invoker, []))[1].append(inv)
         out: list[Outcome] = []
         for invoker, invs in by_invoker.values():
