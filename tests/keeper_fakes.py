@@ -12,7 +12,7 @@ from typing import Any, Callable, Sequence
 from fedkeeper.config import load_config
 from fedkeeper.providers import ErrorClass, Invocation, Outcome, Provider, ProviderError
 from fedkeeper.runtime import Runtime
-from fedkeeper.store import StoreUnavailable
+from fedkeeper.store import OWNER_FIELDS, StoreUnavailable
 
 
 class FakeClock:
@@ -62,6 +62,20 @@ class FakeStore:
     def update_session(self, sid, **fields):
         self._check("update_session")
         self.sessions[sid].update(fields)
+
+    def claim_session(self, sid, seen, me, **fields):
+        self._check("claim_session")
+        with self._lock:
+            doc = self.sessions[sid]
+            owner = doc.get("keeper")
+            if seen and owner:
+                still_seen = all(owner.get(k) == seen.get(k) for k in OWNER_FIELDS)
+            else:
+                still_seen = not seen and not owner
+            if not still_seen:
+                return False   # another keeper claimed it since it was checked
+            doc.update(fields, keeper=me)
+            return True
 
     def heartbeat(self, sid, now=None, timeout_s=5.0):
         self.beats.append(now or 0.0)

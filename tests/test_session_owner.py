@@ -96,3 +96,24 @@ def test_resume_is_refused_while_another_keeper_runs_the_session(tmp_path, isola
     psutil.Process(other_keeper_process["pid"]).wait(timeout=10)
     summary = keeper.start(resume="s1", deploy=False)
     assert summary.state == "finished" and store.sessions["s1"]["keeper"] == this_keeper()
+
+
+def test_of_two_keepers_resuming_at_once_the_second_to_claim_stops(tmp_path, isolated_dirs, other_keeper_process):
+    """Both find the session's keeper gone; another claims it between this
+    keeper's check and its claim: this one stops before invoking anything."""
+    keeper, store, provider, _ = fake_keeper(tmp_path, rounds=2)
+    assert keeper.start(session_id="s1").state == "finished"
+    store.sessions["s1"].update(state="running", keeper={"host": "h", "pid": 1, "started": 1.0},
+                                heartbeat=0.0)   # a keeper elsewhere, long silent: gone
+    claim = store.claim_session
+
+    def claimed_first(sid, seen, me, **fields):
+        assert claim(sid, seen, other_keeper_process, **fields)   # the other keeper, a moment earlier
+        return claim(sid, seen, me, **fields)
+    store.claim_session = claimed_first
+    invoked = len(provider.invoked)
+    with pytest.raises(SessionError, match="just resumed by another keeper"):
+        keeper.start(resume="s1", deploy=False)
+    assert len(provider.invoked) == invoked
+    assert store.sessions["s1"]["keeper"] == other_keeper_process
+    assert not [e for e in store.events_ if e["session"] == "s1" and e["kind"] == "resumed"]

@@ -270,3 +270,18 @@ def test_the_embedded_store_killed_under_a_runtime_is_started_again(tmp_path, mo
         assert rt.store.session("s")["_id"] == "s"
     finally:
         rt.close()
+
+
+def test_a_session_is_claimed_only_from_the_keeper_a_check_saw(store: Store):
+    """claim_session is one conditional write: of two keepers that both saw
+    the same gone keeper, the second finds the session claimed."""
+    store.create_session({"_id": "c"})
+    gone = {"host": "h", "pid": 7, "started": 1.5}
+    a, b = {"host": "h", "pid": 8, "started": 2.5}, {"host": "h", "pid": 9, "started": 3.5}
+    assert store.claim_session("c", None, gone, state="running")       # none recorded yet
+    assert not store.claim_session("c", None, a, state="x")             # not "none" any more
+    assert store.claim_session("c", gone, a, state="running", heartbeat=10.0)
+    assert not store.claim_session("c", gone, b, state="y")             # a claimed it first
+    doc = store.session("c")
+    assert doc["keeper"] == a and doc["state"] == "running" and doc["heartbeat"] == 10.0
+    assert store.claim_session("c", a, a)                                # the same keeper again

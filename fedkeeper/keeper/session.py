@@ -184,6 +184,11 @@ class Keeper:
         if resume:
             doc = self._resumable(resume)   # again: the deploy took time
             session = resume
+            # The check and this write are one step for the store: a keeper
+            # that claimed the session in between wins, this one stops.
+            if not self.store.claim_session(session, doc.get("keeper"), this_keeper(),
+                                            state="running", heartbeat=time.time()):
+                raise SessionError(f"session {session} was just resumed by another keeper")
             self.store.event(session, "resumed", f"keeper resumed the session (it was {doc.get('state')})")
             # The keeper that stopped may have invoked these or not: their
             # clients are invoked again, and the unique update key keeps an
@@ -200,7 +205,7 @@ class Keeper:
                 "spec": self._session_spec(), "training": self.training.model_dump(),
                 "clusters": self.client_cluster, "server_cluster": self.server,
             })
-        self.store.update_session(session, state="running", heartbeat=time.time(), keeper=this_keeper())
+            self.store.update_session(session, state="running", heartbeat=time.time(), keeper=this_keeper())
         self._warn_capacity(session)
         self.events.emit("session", session=session, resumed=bool(resume))
         log.info("session %s %s", session, "resumed" if resume else "started")

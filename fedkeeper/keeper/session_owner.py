@@ -10,6 +10,8 @@ that is not `running`, or whose recorded keeper is gone:
   - elsewhere, its heartbeat is older than STALE_AFTER_S, the only sign of
     life another machine's keeper gives;
   - this very process ran it before (a sweep retrying its own session).
+The keeper then claims it with one conditional write (Store.claim_session):
+should another keeper have claimed it since the check, this one stops.
 """
 from __future__ import annotations
 

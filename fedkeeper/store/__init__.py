@@ -59,6 +59,10 @@ HEARTBEAT_S = 5.0
 STALE_AFTER_S = 30.0
 
 
+#: what names a session's keeper (fedkeeper/keeper/session_owner.py)
+OWNER_FIELDS = ("host", "pid", "started")
+
+
 class Store:
     def __init__(self, url: str, db_name: str, patience_s: float = 0.0):
         self.url = url
@@ -106,6 +110,20 @@ class Store:
 
     def update_session(self, session_id: str, **fields: Any) -> None:
         self._run(self.db[fs.SESSIONS].update_one, {"_id": session_id}, {"$set": fields})
+
+    def claim_session(self, session_id: str, seen: dict[str, Any] | None, me: dict[str, Any],
+                      **fields: Any) -> bool:
+        """Record `me` as the keeper of the session (with `fields`), in one
+        conditional write: only if its keeper is still `seen`, the one a
+        check found gone (None: no keeper recorded). False when another
+        keeper claimed it since, so two resumes never both run it."""
+        flt: dict[str, Any] = {"_id": session_id}
+        if seen:
+            flt.update({f"keeper.{k}": seen.get(k) for k in OWNER_FIELDS})
+        else:
+            flt["keeper"] = {"$exists": False}
+        res = self._run(self.db[fs.SESSIONS].update_one, flt, {"$set": {**fields, "keeper": me}})
+        return res.matched_count == 1
 
     def heartbeat(self, session_id: str, now: float | None = None, timeout_s: float = HEARTBEAT_S) -> bool:
         """Write the keeper's heartbeat on the session (see effective_state).
