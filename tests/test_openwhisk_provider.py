@@ -2,6 +2,7 @@
 remote controller (base_url + key), with error classification."""
 from __future__ import annotations
 
+import json
 import os
 import socket
 import ssl
@@ -17,6 +18,7 @@ from fedkeeper.local.openwhisk import LocalOpenWhiskProvider
 from fedkeeper.providers.openwhisk import OpenWhiskProvider
 from fedkeeper.providers.openwhisk import provider as owp
 from fixtures_fabric import ECHO, make_artifact, wait_for
+from scripted_http import json_answer, server_factory  # noqa: F401 (a fixture)
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -302,3 +304,24 @@ def test_a_helper_call_longer_than_the_blocking_wait_is_polled_to_its_end(local,
     # The whole call stays within its timeout: past it, a timeout outcome.
     late = local.call("echo", {"sleep": 3}, timeout_s=0.5)
     assert not late.ok and late.error_class == ErrorClass.TIMEOUT
+
+
+def test_a_blocking_answer_is_an_outcome_only_when_it_is_a_record(server_factory, tmp_path):
+    """OpenWhisk answers a whisk error with 500 and the record; a 500
+    without one is the controller's own error."""
+    record = {"activationId": "a" * 32, "start": 1, "end": 2, "duration": 1,
+              "response": {"status": "whisk internal error", "statusCode": 3, "result": {"error": "lost"}}}
+    answers = [json_answer(500, json.dumps(record).encode()), json_answer(500, b'{"error": "The server is down"}'),
+               json_answer(503, json.dumps(record).encode())]
+    srv = server_factory(lambda conn, req: answers.pop(0))
+    p = OpenWhiskProvider("ow-scripted", OpenWhiskCluster(base_url=srv.url, auth={"ow_auth": "u:p"}, namespace="ns"),
+                          ProviderContext(state_dir=tmp_path))
+    try:
+        out = p.call("f", {}, timeout_s=5)
+        assert not out.ok and out.error_class == ErrorClass.PLATFORM_ERROR and out.error == "lost"
+        for _ in range(2):   # no record; a record under a status that never carries one
+            with pytest.raises(ProviderError):
+                p.call("f", {}, timeout_s=5)
+        assert all("blocking=true" in line for _, line in srv.requests)
+    finally:
+        p.close()

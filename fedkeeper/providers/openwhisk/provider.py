@@ -66,8 +66,10 @@ HOT_ANSWER_MAX_BYTES = 2 * 1024 * 1024
 BLOCKING_WAIT_S = 60.0
 #: beyond the blocking wait, how long the answer to a blocking invoke may take to arrive
 BLOCKING_READ_GRACE_S = 10.0
-#: statuses whose blocking answer is the ended activation's record (502: it failed)
-BLOCKING_RECORD_STATUS = (200, 502)
+#: statuses whose blocking answer may be the ended activation's record (502:
+#: an application or developer error, 500: a whisk error); other answers,
+#: and these without a record, are the controller's own errors
+BLOCKING_RECORD_STATUS = (200, 500, 502)
 LIST_PAGE_MAX_BYTES = 32 * 1024 * 1024
 MAX_ACTIVATION_ID = 64     # OpenWhisk's are 32 hex digits
 CPU_SHARE = 0.10           # tracking may use this share of one core
