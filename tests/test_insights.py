@@ -27,6 +27,7 @@ from fedkeeper.cli import run_start
 from fedkeeper.config import load_config
 from fedkeeper.insights import parse_rounds
 from flcommon import store as fs
+from flcommon import update_data
 from flcommon.auth import signed
 from flcommon.entry import openwhisk_main
 from flcommon.update_stats import OUTLIER_Z, robust_z
@@ -57,11 +58,13 @@ def flat(arrays) -> np.ndarray:
     return np.concatenate([np.asarray(a, np.float64).ravel() for a in arrays])
 
 
-def plant_session(db, groups: list[list[str]], rounds: int, seed: int = 0, spread: float = 0.1) -> str:
+def plant_session(db, groups: list[list[str]], rounds: int, seed: int = 0, spread: float = 0.1,
+                  inline: bool = False) -> str:
     """Updates whose deltas point along one random direction per group (plus
     noise) for `rounds` rounds, aggregated as the aggregator records it:
     models R+1 = model R + the num_examples-weighted mean delta, with
-    contributions, weights and aggregated_in."""
+    contributions, weights and aggregated_in. `inline`: the updates kept in
+    their documents, as fl_client keeps small ones; else GridFS blobs."""
     sid = f"syn-{uuid.uuid4().hex[:8]}"
     clients = [c for g in groups for c in g]
     db[fs.SESSIONS].insert_one({"_id": sid, "spec": {"model": "synthetic", "clients": clients}})
@@ -76,9 +79,11 @@ def plant_session(db, groups: list[list[str]], rounds: int, seed: int = 0, sprea
             for c in members:
                 d = [x + rng.normal(size=x.shape).astype(np.float32) * 0.01 * spread for x in directions[g]]
                 n = int(rng.integers(20, 60))
-                blob = fs.put_arrays(db, [m + x for m, x in zip(model, d)], f"{sid}/u{r}{c}",
-                                     {"kind": "update", "session": sid, "round": r, "client": c})
-                db[fs.UPDATES].insert_one({"session": sid, "round": r, "client": c, "attempt": 1, "blob_id": blob,
+                arrays = [m + x for m, x in zip(model, d)]
+                meta = {"kind": "update", "session": sid, "round": r, "client": c}
+                stored = update_data.stored_fields(db, arrays, f"{sid}/u{r}{c}", meta) if inline \
+                    else {"blob_id": fs.put_arrays(db, arrays, f"{sid}/u{r}{c}", meta)}
+                db[fs.UPDATES].insert_one({"session": sid, "round": r, "client": c, "attempt": 1, **stored,
                                            "num_examples": n, "metrics": {"loss": float(rng.random())},
                                            "status": "received"})
                 deltas.append(d)
@@ -174,17 +179,21 @@ def test_two_planted_groups_are_two_clusters(fn_db):
         assert any(set(g["clients"]) <= set(p) for p in groups)
 
 
-def test_warm_answers_equal_cold_ones_and_bytes_are_counted(fn_db):
+@pytest.mark.parametrize("inline", [False, True], ids=["blobs", "inline"])
+def test_warm_answers_equal_cold_ones_and_bytes_are_counted(fn_db, inline):
     groups = [[f"client_{i}" for i in range(4)], [f"client_{i}" for i in range(4, 8)]]
-    sid = plant_session(fn_db, groups, rounds=3, seed=2)
+    sid = plant_session(fn_db, groups, rounds=3, seed=2, inline=inline)
     updates = list(fn_db[fs.UPDATES].find({"session": sid}))
+    assert all(("data" in u) == inline for u in updates)
+    inline_bytes = sum(len(u["data"]) for u in updates if "data" in u)
     models = list(fn_db[fs.MODELS].find({"session": sid}))
     mod = worker()
     for what in ("contributions", "clusters"):
         cold = ask(worker(), fn_db, session=sid, what=what, cache=False)
         # Contributions read every model (bases and aggregates); clusters only the bases.
         needed = [m["blob_id"] for m in models if what == "contributions" or m["round"] < 3]
-        assert cold["bytes_read"] == blob_bytes(fn_db, [u["blob_id"] for u in updates] + needed)
+        assert cold["bytes_read"] == inline_bytes + blob_bytes(
+            fn_db, [u["blob_id"] for u in updates if "blob_id" in u] + needed)
         first = ask(mod, fn_db, session=sid, what=what)
         assert first["from_cache"] is False and first["data"] == cold["data"]
         again = ask(mod, fn_db, session=sid, what=what)

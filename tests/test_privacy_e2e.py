@@ -19,6 +19,7 @@ from fedkeeper.cli import run_start
 from fedkeeper.config import load_config
 from fedkeeper.privacy.accountant import PrivacyBudget
 from flcommon import store as fs
+from flcommon import update_data
 from flcommon.secagg import relay
 
 from cli_processes import kill_cli_when
@@ -104,7 +105,7 @@ def test_local_dp_clients_upload_noised_deltas(fabric_state, mongo_url, tmp_path
     # std 0.5 per coordinate: far more than the bound of 1 alone.
     g = fs.get_arrays(db, db[fs.MODELS].find_one({"session": sess["_id"], "round": 0})["blob_id"])
     for u in db[fs.UPDATES].find({"session": sess["_id"], "round": 0}):
-        w = fs.get_arrays(db, u["blob_id"])
+        w = update_data.get_update_arrays(db, u)
         moved = math.sqrt(sum(float(((a - b).astype("float64") ** 2).sum()) for a, b in zip(w, g)))
         n = sum(a.size for a in g)
         assert moved == pytest.approx(0.5 * math.sqrt(n), rel=0.2)

@@ -10,6 +10,7 @@ from pymongo import monitoring
 
 from flcommon import context
 from flcommon import store as fs
+from flcommon import update_data
 from flcommon.lru import ByteLRU
 
 MODEL = [np.arange(12, dtype=np.float32).reshape(3, 4), np.ones(4, np.float32)]
@@ -139,4 +140,4 @@ def test_a_warm_client_reads_the_model_blob_once_per_model(fn_db, fresh_cache, m
     # what each client stored is the model it was served
     for rnd, client, want in ((0, "client_1", MODEL), (1, "client_0", [a + 1 for a in MODEL])):
         doc = db[fs.UPDATES].find_one({"session": sid, "round": rnd, "client": client})
-        assert all(np.array_equal(a, b) for a, b in zip(real(db, doc["blob_id"]), want))
+        assert all(np.array_equal(a, b) for a, b in zip(update_data.get_update_arrays(db, doc), want))
