@@ -136,13 +136,17 @@ def followed_round(db, pool, url: str, args, clusters, base):
     followers' part, the model)."""
     db[fs.SESSIONS].insert_one({"_id": FOLLOWED, "clusters": {c: k for k, cs in clusters.items() for c in cs}})
     made = updates(base, clusters)
+    # As the keeper does: the round's selected clients are recorded before
+    # its combiners start following it (they look only for those).
+    db[fs.ROUNDS].insert_one({"session": FOLLOWED, "round": 0, "state": "running",
+                              "selected": [c for c, _, _ in made]})
     running = [pool.submit(follower, url, args.model_mb, k, len(cs)) for k, cs in clusters.items()]
     for client, update, examples in made:
         put(db, FOLLOWED, client, update, examples)
         time.sleep(args.arrival_ms / 1000)
     last = time.time()   # the last update is stored; the keeper closes the round
-    db[fs.ROUNDS].insert_one({"session": FOLLOWED, "round": 0, "state": "aggregating",
-                              "included": [c for c, _, _ in made]})
+    db[fs.ROUNDS].update_one({"session": FOLLOWED, "round": 0},
+                             {"$set": {"state": "aggregating", "included": [c for c, _, _ in made]}})
     partials_at = max(f.result() for f in running)
     hier = top_level(db, FOLLOWED, [(c, 0) for c, _, _ in made], base)
     return time.time() - last, partials_at - last, hier
