@@ -266,22 +266,25 @@ class OpenWhiskProvider(Provider):
             path = self._invoke_paths[name] = f"/actions/{quote(name, safe='/')}?blocking=false"
         submitted = time.time()
         r = self._hot("POST", path, body)
-        received = time.time()
+        self._clock.sample(r.headers, time.time())
         if r.status == 202 or r.status == 200:
-            aid = r.headers.get("x-openwhisk-activation-id")
-            if not aid:
-                answer = self._json_answer(r, f"invoking {name}")
-                aid = answer.get("activationId") if isinstance(answer, dict) else None
-                if not isinstance(aid, str) or not aid or len(aid) > MAX_ACTIVATION_ID:
-                    raise ProviderError(ErrorClass.PLATFORM_ERROR,
-                                        f"invoking {name}: {self._where()} answered {r.status} "
-                                        "without an activation id")
-            self._clock.sample(r.headers, received)
-            with self._lock:
-                self._issued[aid] = submitted
-            return Invocation(function=name, platform_id=aid, submitted_at=submitted,
-                              payload_bytes=len(body))
+            return self._accepted(r, name, submitted, len(body))
         raise self._status_error(r.status, r.data, f"invoking {name}", r.headers)
+
+    def _accepted(self, r: HotResponse, name: str, submitted: float, body_bytes: int) -> Invocation:
+        """The Invocation of an activation the controller accepted (its id
+        in a header or the answer), remembered as this keeper's."""
+        aid = r.headers.get("x-openwhisk-activation-id")
+        if not aid:
+            answer = self._json_answer(r, f"invoking {name}")
+            aid = answer.get("activationId") if isinstance(answer, dict) else None
+            if not isinstance(aid, str) or not aid or len(aid) > MAX_ACTIVATION_ID:
+                raise ProviderError(ErrorClass.PLATFORM_ERROR,
+                                    f"invoking {name}: {self._where()} answered {r.status} "
+                                    "without an activation id")
+        with self._lock:
+            self._issued[aid] = submitted
+        return Invocation(function=name, platform_id=aid, submitted_at=submitted, payload_bytes=body_bytes)
 
     def call(self, name: str, payload: dict[str, Any], timeout_s: float, poll_s: float = 0.05) -> Outcome:
         """Invoke and wait in one blocking request, as `wsk action invoke
@@ -302,15 +305,7 @@ class OpenWhiskProvider(Provider):
             if not isinstance(rec, dict) or not isinstance(rec.get("response"), dict):
                 raise self._status_error(r.status, r.data, f"invoking {name}", r.headers)
             return activation_outcome(rec)
-        answer = self._json_answer(r, f"invoking {name}")
-        aid = r.headers.get("x-openwhisk-activation-id") or (answer.get("activationId")
-                                                              if isinstance(answer, dict) else None)
-        if not isinstance(aid, str) or not aid or len(aid) > MAX_ACTIVATION_ID:
-            raise ProviderError(ErrorClass.PLATFORM_ERROR, f"invoking {name}: {self._where()} answered 202 "
-                                "without an activation id")
-        with self._lock:
-            self._issued[aid] = submitted
-        inv = Invocation(function=name, platform_id=aid, submitted_at=submitted, payload_bytes=len(body))
+        inv = self._accepted(r, name, submitted, len(body))
         return self.wait(inv, max(0.0, timeout_s - (time.monotonic() - started)), poll_s)
 
     # ------------------------------------------------------------------ track
