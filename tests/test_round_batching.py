@@ -52,12 +52,11 @@ BASE = [np.zeros((3, 4), np.float32), np.zeros(4, np.float32)]
 
 
 def _round(db, session: str, clients: int, inline: bool = False) -> list[tuple[str, int]]:
-    from flcommon import update_data
     wanted = []
     for i in range(clients):
         arrays = [b + i for b in BASE]
         if inline:   # as fl_client keeps a small update: in its own document
-            data = update_data.encode(arrays)
+            data = bytes(fs.encode_arrays(arrays))
             db[fs.UPDATES].insert_one({"session": session, "round": 0, "client": f"client_{i}", "attempt": 1,
                                        "data": data, "length": len(data), "num_examples": 1,
                                        "status": "received"})

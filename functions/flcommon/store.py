@@ -108,11 +108,25 @@ def put_arrays(db, arrays: Sequence[np.ndarray], filename: str, metadata: dict[s
     embedded server answers by scanning the chunks, so uploads slowed from
     26 ms to 110 ms per MB as the store grew. ensure_function_indexes()
     creates those indexes once instead."""
-    # np.savez needs a seekable target for its zip directory, so encode to
-    # memory first; arrays are at most one model in size.
+    data = encode_arrays(arrays)
+    try:
+        return put_encoded(db, data, filename, metadata)
+    finally:
+        data.release()
+
+
+def encode_arrays(arrays: Sequence[np.ndarray]) -> memoryview:
+    """Arrays as the npz bytes a blob holds, without a copy of the buffer
+    (release() the view when done). np.savez needs a seekable target for
+    its zip directory, so this is encoded in memory; arrays are at most one
+    model in size."""
     buf = io.BytesIO()
     write_arrays(buf, arrays)
-    data = buf.getbuffer()
+    return buf.getbuffer()
+
+
+def put_encoded(db, data: bytes | memoryview, filename: str, metadata: dict[str, Any]) -> ObjectId:
+    """Store npz bytes (encode_arrays) as one blob, as put_arrays does."""
     file_id = ObjectId()
     chunks = db[f"{BUCKET}.chunks"]
     try:
@@ -128,12 +142,8 @@ def put_arrays(db, arrays: Sequence[np.ndarray], filename: str, metadata: dict[s
             "_id": file_id, "length": len(data), "chunkSize": CHUNK_SIZE, "filename": filename,
             "uploadDate": datetime.datetime.now(datetime.timezone.utc), "metadata": metadata})
     except BaseException:
-        try:
-            chunks.delete_many({"files_id": file_id})
-        finally:
-            data.release()
+        chunks.delete_many({"files_id": file_id})
         raise
-    data.release()
     return file_id
 
 

@@ -16,13 +16,12 @@ blob's: their size is checked before decoding and the decoding is bounded.
 """
 from __future__ import annotations
 
-import io
 from typing import Any, Sequence
 
 import numpy as np
 
 from . import store
-from .blobs import BlobError, write_arrays
+from .blobs import BlobError
 
 #: An update encoded to at most this many bytes is kept in its document.
 INLINE_MAX_BYTES = store.CHUNK_SIZE
@@ -31,21 +30,18 @@ INLINE_MAX_BYTES = store.CHUNK_SIZE
 WITHOUT_DATA = {"data": 0}
 
 
-def encode(arrays: Sequence[np.ndarray]) -> bytes:
-    buf = io.BytesIO()
-    write_arrays(buf, arrays)
-    return buf.getvalue()
-
-
 def stored_fields(db, arrays: Sequence[np.ndarray], filename: str, metadata: dict[str, Any]) -> dict[str, Any]:
     """The update document's fields that hold its arrays: `data` and
     `length` when the encoding fits INLINE_MAX_BYTES, else `blob_id` of a
-    GridFS blob written now (the caller deletes it with discard() should its
-    document not be stored)."""
-    data = encode(arrays)
-    if len(data) <= INLINE_MAX_BYTES:
-        return {"data": data, "length": len(data)}
-    return {"blob_id": store.put_arrays(db, arrays, filename, metadata)}
+    GridFS blob written now from the same encoding (the caller deletes it
+    with discard() should its document not be stored)."""
+    data = store.encode_arrays(arrays)
+    try:
+        if len(data) <= INLINE_MAX_BYTES:
+            return {"data": bytes(data), "length": len(data)}
+        return {"blob_id": store.put_encoded(db, data, filename, metadata)}
+    finally:
+        data.release()
 
 
 def discard(db, fields: dict[str, Any]) -> None:
