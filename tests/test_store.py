@@ -9,7 +9,7 @@ import numpy as np
 import pymongo
 import pytest
 
-from fedkeeper.store import INDEXES, Store
+from fedkeeper.store import INDEXES, OBSOLETE_INDEXES, Store
 from fedkeeper.local.store import POOL_PER_PROCESS, EmbeddedMongo
 from flcommon import store as fs
 from flcommon.blobs import BlobError
@@ -68,7 +68,7 @@ def test_updates_are_unique_per_session_round_client(store: Store):
     assert len(store.updates("s1")) == 2
 
 
-def test_every_filtered_field_is_indexed(store: Store):
+def test_the_round_loops_queries_are_indexed(store: Store):
     for coll, specs in INDEXES.items():
         info = store.db[coll].index_information()
         keys = {tuple(tuple(k) for k in v["key"]) for v in info.values()}
@@ -77,6 +77,18 @@ def test_every_filtered_field_is_indexed(store: Store):
     # The queries the keeper runs use those indexes rather than scanning.
     plan = store.db[fs.INVOCATIONS].find({"session": "x", "round": 1}).explain()
     assert "COLLSCAN" not in str(plan.get("queryPlanner", plan))
+
+
+def test_indexes_no_query_needs_are_dropped_from_an_older_store(store: Store):
+    # As an earlier version left them: paid on every attempt write.
+    store.db[fs.INVOCATIONS].create_index([("session", 1), ("state", 1)])
+    store.db[fs.INVOCATIONS].create_index([("platform_id", 1)])
+    store.ensure_indexes()
+    for coll, names in OBSOLETE_INDEXES.items():
+        present = set(store.db[coll].index_information())
+        assert not present & set(names), coll
+        assert len(present) == 1 + len(INDEXES[coll]), present   # _id and the ones kept
+    store.ensure_indexes()   # nothing left to drop: no error
 
 
 def test_sessions_rounds_attempts_and_events(store: Store):
