@@ -178,7 +178,12 @@ def test_memory_stays_within_three_models_at_both_levels(fn_db):
     finally:
         tracemalloc.stop()
     assert len(accepted) == 24 and not rejected
-    assert all(p <= 3 * model_bytes + 2_000_000 for p in peaks), (peaks, model_bytes)
+    # The constant is the chunk reader's, whatever the model's size: a
+    # cursor batch of 4 chunks received and decoded (2 x 1 MB) and 2 chunks
+    # ahead (0.5 MB). With 2 MB, one run in three or four peaked at
+    # 3 x model + 2.3-2.4 MB, as the next update's read caught those
+    # buffers full.
+    assert all(p <= 3 * model_bytes + 3_000_000 for p in peaks), (peaks, model_bytes)
     w = np.arange(1, 25)   # update i is base + i, weighted by i + 1
     shift = float((w * (w - 1)).sum() / w.sum())
     again = np.random.default_rng(0).standard_normal(shapes[0]).astype(np.float32)
