@@ -204,6 +204,7 @@ class FakeProvider(Provider):
         self.track_error: ProviderError | None = None
         self.tracks = 0
         self.restarts = 0
+        self.aggregations: list[dict] = []   # the aggregator's payloads, in order
         self.can_restart = False
         self.forgotten: set[str] = set()
         self._lock = threading.Lock()
@@ -245,10 +246,12 @@ class FakeProvider(Provider):
             self.store.models.add((sid, 0))
             return {"ok": True}
         if name == "fl_server_aggregator":
-            for c in p.get("clients", []):
-                self.store.updates_[(sid, rnd, c)]["status"] = "accepted"
-            for u in p.get("stale", []):
-                self.store.updates_[(sid, u["round"], u["client"])]["status"] = "accepted"
+            self.aggregations.append(dict(p))
+            if p.get("mark_counted"):   # as the real one: only when asked
+                for c in p.get("clients", []):
+                    self.store.updates_[(sid, rnd, c)]["status"] = "accepted"
+                for u in p.get("stale", []):
+                    self.store.updates_[(sid, u["round"], u["client"])]["status"] = "accepted"
             self.store.models.add((sid, rnd + 1))
             return {"accuracy": 0.5 + 0.01 * rnd, "loss": 1.0, "accepted": len(p.get("clients", []))}
         return {}

@@ -123,11 +123,15 @@ def test_aggregator_rejects_bad_updates_with_reasons(fn_db):
     assert "of the blob are left" in reasons["client_9"]
     assert "client client_0" in reasons["client_10"]
     assert "no update stored" in reasons["client_11"]
-    # The reasons are on the update documents too; only the valid one is accepted.
+    # The reasons are on the update documents too; only the valid one is
+    # counted, which the model's contributions record (nothing is written on
+    # it unless the keeper asks: mark_counted).
     for i in range(1, 11):
         doc = db[fs.UPDATES].find_one({"session": sid, "client": f"client_{i}"})
         assert doc["status"] == "rejected" and doc["reason"] == reasons[f"client_{i}"]
-    assert db[fs.UPDATES].find_one({"session": sid, "client": "client_0"})["status"] == "accepted"
+    assert db[fs.UPDATES].find_one({"session": sid, "client": "client_0"})["status"] == "received"
+    assert [c["client"] for c in db[fs.MODELS].find_one({"session": sid, "round": 1})["contributions"]] \
+        == ["client_0"]
     # The new model is exactly the one valid update, counted once although listed twice.
     model = db[fs.MODELS].find_one({"session": sid, "round": 1})
     assert model["accepted"] == 1 and len(model["rejected"]) == 11
@@ -314,7 +318,7 @@ def test_stale_updates_are_deltas_against_their_own_model_weighted_by_staleness(
     # delivers late, and joins round 1 as a stale update.
     _put_update(db, sid, 0, "client_0", [w + 1 for w in w0])
     _put_update(db, sid, 0, "client_1", [w + 4 for w in w0])
-    out = call("fl_server_aggregator", db, session=sid, round=0, clients=["client_0"])
+    out = call("fl_server_aggregator", db, mark_counted=True, session=sid, round=0, clients=["client_0"])
     assert out["accepted"] == 1 and out["stale_accepted"] == 0
     w1 = _model(db, sid, 1)
     assert np.allclose(w1[0], w0[0] + 1, atol=1e-6)
@@ -322,7 +326,7 @@ def test_stale_updates_are_deltas_against_their_own_model_weighted_by_staleness(
     # A retried aggregation may find its updates marked already: still counted.
     db[fs.UPDATES].update_one({"session": sid, "round": 1, "client": "client_2"},
                               {"$set": {"status": "accepted", "aggregated_in": 1}})
-    out = call("fl_server_aggregator", db, session=sid, round=1, clients=["client_2"],
+    out = call("fl_server_aggregator", db, mark_counted=True, session=sid, round=1, clients=["client_2"],
                stale=[{"client": "client_1", "round": 0}])
     assert out["accepted"] == 2 and out["stale_accepted"] == 1 and out["rejected_count"] == 0
     # Deltas: client_2 +2 against model 1 (staleness 0, weight n2);
@@ -346,18 +350,23 @@ def test_stale_updates_are_deltas_against_their_own_model_weighted_by_staleness(
     first = db[fs.UPDATES].find_one({"session": sid, "round": 0, "client": "client_0"})
     assert first["aggregated_in"] == 0 and first["staleness"] == 0 and first["weight"] == pytest.approx(1.0)
     # Idempotent with stale updates too: the stored result comes back.
-    assert call("fl_server_aggregator", db, session=sid, round=1, clients=["client_2"],
+    assert call("fl_server_aggregator", db, mark_counted=True, session=sid, round=1, clients=["client_2"],
                 stale=[{"client": "client_1", "round": 0}]) == out
 
 
-def test_an_update_is_never_counted_twice(fn_db):
+@pytest.mark.parametrize("marked", [False, True], ids=["by_the_model", "marked_too"])
+def test_an_update_is_never_counted_twice(fn_db, marked):
+    # Refused from the model's contributions alone (sync), and with the
+    # updates' own marks as well (as semi_async and async ask).
     db = fn_db
     sid = make_session(db, clients=3)
     call("fl_server_init", db, session=sid, round=0)
     w0 = _model(db, sid, 0)
     for c in ("client_0", "client_1"):
         _put_update(db, sid, 0, c, [w + 1 for w in w0])
-    call("fl_server_aggregator", db, session=sid, round=0, clients=["client_0", "client_1"])
+    call("fl_server_aggregator", db, session=sid, round=0, clients=["client_0", "client_1"], mark_counted=marked)
+    assert {d["status"] for d in db[fs.UPDATES].find({"session": sid, "round": 0})} \
+        == {"accepted" if marked else "received"}
     before = {d["client"]: d for d in db[fs.UPDATES].find({"session": sid, "round": 0})}
     # Listed again as stale in round 1, alone: nothing valid to aggregate.
     out = call("fl_server_aggregator", db, session=sid, round=1, clients=[],
@@ -391,6 +400,9 @@ def test_stale_entries_are_checked(fn_db):
                           ({"client_0": 0}, "payload field 'stale' must be a list")):
         out = call("fl_server_aggregator", db, session=sid, round=0, clients=["client_1"], stale=stale)
         assert reason in out["error"], out
+    for flag in ("yes", 1, [True]):
+        out = call("fl_server_aggregator", db, session=sid, round=0, clients=["client_1"], mark_counted=flag)
+        assert "payload field 'mark_counted' must be true or false" in out["error"], out
     assert "no update to aggregate" in call("fl_server_aggregator", db, session=sid, round=0, clients=[])["error"]
     # A stale update that was never stored is rejected like a missing one.
     w0 = _model(db, sid, 0)
@@ -412,13 +424,13 @@ def test_staleness_weight_follows_the_exponent(fn_db):
     w0 = _model(db, sid, 0)
     _put_update(db, sid, 0, "client_0", [w + 1 for w in w0])
     _put_update(db, sid, 0, "client_1", [w - 1 for w in w0])
-    call("fl_server_aggregator", db, session=sid, round=0, clients=["client_0"])
+    call("fl_server_aggregator", db, mark_counted=True, session=sid, round=0, clients=["client_0"])
     w1 = _model(db, sid, 1)
     _put_update(db, sid, 1, "client_2", [w + 2 for w in w1])
-    call("fl_server_aggregator", db, session=sid, round=1, clients=["client_2"])
+    call("fl_server_aggregator", db, mark_counted=True, session=sid, round=1, clients=["client_2"])
     w2 = _model(db, sid, 2)
     _put_update(db, sid, 2, "client_0", [w + 5 for w in w2])
-    out = call("fl_server_aggregator", db, session=sid, round=2, clients=["client_0"],
+    out = call("fl_server_aggregator", db, mark_counted=True, session=sid, round=2, clients=["client_0"],
                stale=[{"client": "client_1", "round": 0}])
     assert out["accepted"] == 2 and out["stale_accepted"] == 1
     raw = {"client_0": n["client_0"] * 1.0, "client_1": n["client_1"] * 3 ** -0.5}

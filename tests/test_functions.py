@@ -257,7 +257,10 @@ def test_init_client_aggregate_round_trip(fn_db, monkeypatch, kept):
     assert accs[-1] > 0.5  # 10 classes: far above chance
     assert [d["round"] for d in db[fs.MODELS].find({"session": sid}).sort("round")] == [0, 1, 2]
     updates = list(db[fs.UPDATES].find({"session": sid}))
-    assert all(u["status"] == "accepted" and u["metrics"]["loss"] > 0 for u in updates)
+    assert all(u["status"] == "received" and u["metrics"]["loss"] > 0 for u in updates)
+    counted = sorted((c["client"], c["round"]) for m in db[fs.MODELS].find({"session": sid, "round": {"$gt": 0}})
+                     for c in m["contributions"])
+    assert counted == sorted((u["client"], u["round"]) for u in updates) and len(counted) == 6
     # Bad input is refused with a reason, not a crash.
     assert "not a client" in call("fl_client", db, session=sid, round=0, client="client_9", attempt=1)["error"]
     assert "no global model" in call("fl_client", db, session=sid, round=7, client="client_1", attempt=1)["error"]

@@ -95,11 +95,13 @@ def test_an_update_folded_that_the_round_does_not_list_is_not_counted(fn_db):
     assert "client_1" in [c for fold in folds for c in fold]   # folded while the round ran ...
     assert folds[-1] == ["client_0", "client_2"]                # ... so the partial started again
     assert [c["client"] for c in doc["clients"]] == ["client_0", "client_2"]
-    assert db[fs.UPDATES].find_one({"session": hier, "client": "client_1"}).get("combined_by") is None
     call("fl_combiner", db, session=hier, round=0, cluster_name="beta")
     call("fl_server_aggregator", db, session=flat, round=0, clients=listed)
     out = call("fl_server_aggregator", db, session=hier, round=0, clients=listed)
     assert out["accepted"] == 5
+    by = {c["client"]: c.get("combined_by") for c in db[fs.MODELS].find_one({"session": hier, "round": 1})
+          ["contributions"]}
+    assert "client_1" not in by and by["client_0"] == by["client_2"] == "alpha"
     w_flat, w_hier = _model(db, flat, 1), _model(db, hier, 1)
     assert max(float(np.max(np.abs(a - b))) for a, b in zip(w_flat, w_hier)) <= 1e-6
 

@@ -147,15 +147,17 @@ def test_planted_outlier_flip_and_nan_are_flagged(fn_db):
     for c in clients[:7]:
         assert rows[c]["flags"] == [], rows[c]
     # Norms, cosines and shares against a computation of their own.
-    model1 = fs.get_arrays(db, db[fs.MODELS].find_one({"session": sid, "round": 1})["blob_id"])
+    model1_doc = db[fs.MODELS].find_one({"session": sid, "round": 1})
+    model1 = fs.get_arrays(db, model1_doc["blob_id"])
     aggregate = flat(model1) - flat(model0)
+    weights = {c["client"]: c["weight"] for c in model1_doc["contributions"]}
     for c in clients[:9]:
         doc = db[fs.UPDATES].find_one({"session": sid, "client": c})
         delta = flat(fs.get_arrays(db, doc["blob_id"])) - flat(model0)
         assert rows[c]["norm"] == pytest.approx(np.linalg.norm(delta), rel=1e-4)
         cos = delta @ aggregate / (np.linalg.norm(delta) * np.linalg.norm(aggregate))
         assert rows[c]["cosine"] == pytest.approx(cos, abs=1e-4)
-        assert rows[c]["share"] == pytest.approx(doc["weight"]) and rows[c]["num_examples"] == doc["num_examples"]
+        assert rows[c]["share"] == pytest.approx(weights[c]) and rows[c]["num_examples"] == doc["num_examples"]
     assert sum(rows[c]["share"] for c in clients[:9]) == pytest.approx(1.0)
     # Warm: the same answer from the query cache, nothing read.
     warm = ask(mod, db, session=sid, what="contributions", rounds=[0, 0])
@@ -403,10 +405,14 @@ def test_fabric_session_reliability_through_the_cli(fabric_state, mongo_url, tmp
     assert first["from_cache"] is False and first["bytes_read"] > 0
     updates = list(db[fs.UPDATES].find({"session": sid}))
     assert len(first["data"]["rows"]) == len(updates)
+    # A sync session: what counted, and its share, is in the models' contributions.
+    weights = {(c["client"], c["round"]): c["weight"]
+               for m in db[fs.MODELS].find({"session": sid}) for c in m.get("contributions") or []}
     for row in first["data"]["rows"]:
         # Rounds in the answer count from 1; the store counts from 0.
         doc = next(u for u in updates if u["client"] == row["client"] and u["round"] + 1 == row["trained_from"])
-        assert row["status"] == doc["status"] == "accepted" and row["share"] == pytest.approx(doc["weight"])
+        assert row["status"] == "accepted" and doc["status"] == "received"
+        assert row["share"] == pytest.approx(weights[(doc["client"], doc["round"])])
         assert row["norm"] > 0 and -1 <= row["cosine"] <= 1
     second = json.loads(insights("contributions", "--json"))
     assert second["from_cache"] is True and second["bytes_read"] == 0 and second["data"] == first["data"]

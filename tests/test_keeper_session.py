@@ -360,3 +360,15 @@ def test_a_finished_session_lets_its_invoke_threads_go(tmp_path):
     for t in left:
         t.join(timeout=5)
     assert not [t for t in left if t.is_alive()]
+
+
+@pytest.mark.parametrize("mode, marked", [("sync", False), ("semi_async", True), ("async", True)])
+def test_only_modes_that_find_waiting_updates_by_status_ask_for_counted_marks(tmp_path, mode, marked):
+    # In sync a round lists only its own updates: the model's contributions
+    # are record enough, and a mark per update would cost a write each.
+    keeper, store, provider, _ = fake_keeper(tmp_path, mode=mode, rounds=2, clients=4, per_round=4)
+    assert keeper.start(session_id="s1", deploy=False).state == "finished"
+    assert len(provider.aggregations) == 2
+    assert all(p.get("mark_counted", False) is marked for p in provider.aggregations)
+    statuses = {u["status"] for u in store.updates_.values()}
+    assert statuses == ({"accepted"} if marked else {"received"})

@@ -68,6 +68,10 @@ def test_a_session_trains_with_each_strategy(strategy, fabric_state, mongo_url, 
             assert state["metadata"]["kind"] == "state" and state["metadata"]["strategy"] == strategy
         else:
             assert "state_blob_id" not in m
-    accepted = list(db[fs.UPDATES].find({"session": sess["_id"], "status": "accepted"}))
-    assert len(accepted) == 3 * ROUNDS
-    assert all(u["aggregated_in"] == u["round"] and u["staleness"] == 0 for u in accepted)
+    # A sync session: the models' contributions are the record of what
+    # counted, each update in its own round's aggregation, none marked.
+    counted = [(c["client"], c["round"], m["round"] - 1, c["staleness"])
+               for m in models if m["round"] > 0 for c in m["contributions"]]
+    assert len(counted) == len(set(counted)) == 3 * ROUNDS
+    assert all(r == agg and staleness == 0 for _, r, agg, staleness in counted)
+    assert db[fs.UPDATES].count_documents({"session": sess["_id"], "status": "accepted"}) == 0

@@ -39,6 +39,7 @@ import numpy as np
 from flcommon import store, update_data
 from flcommon.blobs import BlobError
 from flcommon.context import database, model_bytes
+from flcommon.contributions import counted_in
 from flcommon.entry import BadRequest, require
 from flcommon.update_stats import (aggregation_round, client_order, cluster_vectors, finite_or_none,
                                    round_rows, score_round)
@@ -274,9 +275,18 @@ def gather_updates(db, q: Query) -> Gathered:
         # An update counted in round R may be older (stale) but never newer.
         flt["round"] = {"$lt": q.rounds[1] + 1}
     docs = list(db[store.UPDATES].find(flt, UPDATE_FIELDS))
+    # The models from the oldest update's round on: the bases of the updates,
+    # and (their contributions) which aggregation counted each one.
+    models: dict[int, dict[str, Any]] = {}
+    if docs:
+        mflt: dict[str, Any] = {"$gte": min(u["round"] for u in docs)}
+        if q.rounds:
+            mflt["$lt"] = q.rounds[1] + 2
+        models = {m["round"]: m for m in db[store.MODELS].find({"session": q.session, "round": mflt}, MODEL_FIELDS)}
+    counted = counted_in(models.values())
     by_round: dict[int, list[dict[str, Any]]] = {}
     for u in docs:
-        by_round.setdefault(aggregation_round(u), []).append(u)
+        by_round.setdefault(aggregation_round(u, counted), []).append(u)
     if q.rounds:
         lo, hi = q.rounds
         by_round = {r: us for r, us in by_round.items() if lo <= r <= hi}
@@ -285,12 +295,11 @@ def gather_updates(db, q: Query) -> Gathered:
         rounds = (min(by_round), max(by_round)) if by_round else None
     for us in by_round.values():
         us.sort(key=lambda u: (client_order(u["client"]), u["round"]))
-    models = {}
-    if by_round:
+    if by_round:   # those the rounds in range need: their updates' bases, their own and the next
         first = min(min(u["round"] for u in us) for us in by_round.values())
-        for m in db[store.MODELS].find({"session": q.session,
-                                        "round": {"$gte": first, "$lt": max(by_round) + 2}}, MODEL_FIELDS):
-            models[m["round"]] = m
+        models = {r: m for r, m in models.items() if first <= r < max(by_round) + 2}
+    else:
+        models = {}
     fingerprint = _digest({"updates": sorted(([r, u] for r, us in by_round.items() for u in us),
                                              key=lambda x: (x[0], x[1]["client"], x[1]["round"])),
                            "models": [models[r] for r in sorted(models)]})

@@ -2,7 +2,8 @@
 keeper lists into model R+1, with the session's aggregation strategy.
 
 Payload: {session, round: R, clients: [ids whose round-R update to use],
-stale: [{"client": c, "round": r}, ...] (optional, r < R)}.
+stale: [{"client": c, "round": r}, ...] (optional, r < R), mark_counted:
+true to also mark each counted update `accepted` (optional)}.
 
 Every update becomes a delta against the global model its client trained
 from (model r for a stale update) and is weighted
@@ -13,7 +14,8 @@ may decode to more than the model's
 size, and each is checked whole before the strategy sees it; invalid ones
 are rejected with a recorded reason and the round aggregates the rest. An
 update already counted by the aggregation of another round is rejected,
-never counted twice. The store is asked a fixed number of times per round
+never counted twice: model R+1's contributions list what this aggregation
+counted, its one record of it (flcommon.contributions). The store is asked a fixed number of times per round
 whatever the number of updates (lists in slices, writes in bulk), besides
 one query per update too large to be kept in its document.
 In a hierarchical round (training.aggregation: hierarchical) the partial
@@ -142,12 +144,18 @@ def handle(payload: dict[str, Any], bound: dict[str, str]) -> dict[str, Any]:
         state_blob = store.put_arrays(db, new_state, f"{session}/state/{rnd + 1:03d}.npz",
                                       {"kind": "state", "session": session, "round": rnd + 1,
                                        "strategy": strategy.name})
-    db[store.UPDATES].bulk_write([
-        pymongo.UpdateOne({"session": session, "round": c["round"], "client": c["client"]},
-                          {"$set": {"status": "accepted", "aggregated_in": rnd,
-                                    "staleness": c["staleness"], "weight": c["weight"],
-                                    **({"combined_by": c["combined_by"]} if "combined_by" in c else {})},
-                           "$unset": {"reason": ""}}) for c in contributions], ordered=False)
+    # The model's contributions are the record of what this aggregation
+    # counted (flcommon.contributions). The updates themselves are marked
+    # only for a keeper that finds the updates still waiting by their
+    # status (semi_async, async): a write per update, most of a large
+    # sync round's aggregation on the embedded store, that nothing else reads.
+    if payload.get("mark_counted"):
+        db[store.UPDATES].bulk_write([
+            pymongo.UpdateOne({"session": session, "round": c["round"], "client": c["client"]},
+                              {"$set": {"status": "accepted", "aggregated_in": rnd,
+                                        "staleness": c["staleness"], "weight": c["weight"],
+                                        **({"combined_by": c["combined_by"]} if "combined_by" in c else {})},
+                               "$unset": {"reason": ""}}) for c in contributions], ordered=False)
     doc = {"session": session, "round": rnd + 1, "blob_id": blob, "metrics": metrics,
            "accepted": len(contributions), "accepted_clients": [c["client"] for c in contributions],
            "rejected": rejected, "contributions": contributions, "strategy": strategy.name,

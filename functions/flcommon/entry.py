@@ -106,6 +106,11 @@ def _call(value: Any, where: str) -> None:
     check_fields(value, f"{where}.")
 
 
+def _flag(value: Any, where: str) -> None:
+    if not isinstance(value, bool):
+        raise BadRequest(f"payload field {where!r} must be true or false, not {_shown(value)}")
+
+
 def _shown(value: Any) -> str:
     text = repr(value)
     return text if len(text) <= 40 else text[:37] + "..."
@@ -118,6 +123,7 @@ FIELDS: dict[str, Callable[[Any, str], None]] = {
     "round": _ROUND, "attempt": _whole_number(1, MAX_ATTEMPT), "k": _whole_number(1, MAX_GROUPS),
     "rounds": _round_range,
     "clients": _listed(_identifier), "stale": _listed(_stale_update), "calls": _listed(_call),
+    "mark_counted": _flag,
 }
 
 

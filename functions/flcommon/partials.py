@@ -13,9 +13,8 @@ of the same updates gives, so its server step (FedAvg, FedAvgM, FedAdam,
 No update is counted twice across levels: a partial is used only if every
 client it lists was listed for the round and no partial used before lists
 it; otherwise the whole partial is refused and its clients' updates are read
-by the aggregator itself, as in a flat round. The aggregator records on
-each update it counted through a partial which combiner that was
-(`combined_by`, also in the model's contributions)."""
+by the aggregator itself, as in a flat round. The model's contributions
+say which combiner counted each update through its partial (`combined_by`)."""
 from __future__ import annotations
 
 import datetime
@@ -76,13 +75,11 @@ class PartialSum:
 def write_partial(db, session: str, rnd: int, cluster: str, partial: PartialSum,
                   contributions: list[dict[str, Any]], rejected: list[dict[str, Any]], seconds: float
                   ) -> dict[str, Any]:
-    """Store a combiner's partial (blob + document). Its clients' updates
-    are marked `combined_by: cluster` by the aggregator, with the rest of
-    what it records on each update, once it used the partial: a write per
-    update here cost a combiner more than reading its updates, and a
-    partial the aggregator refuses counted nothing. A partial already
-    stored for (session, round, cluster) is kept: a retried combiner
-    changes nothing."""
+    """Store a combiner's partial (blob + document). Nothing is written on
+    its clients' updates: the model's contributions name the partial's
+    cluster (`combined_by`) once the aggregator used it, and a partial it
+    refuses counted nothing. A partial already stored for (session, round,
+    cluster) is kept: a retried combiner changes nothing."""
     done = db[PARTIALS].find_one({"session": session, "round": rnd, "cluster": cluster})
     if done is not None:
         return done

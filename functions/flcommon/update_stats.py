@@ -13,6 +13,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from .contributions import aggregation_of
+
 # Iglewicz and Hoaglin's modified z-score: 0.6745 * (x - median) / MAD; a
 # value beyond 3.5 is an outlier. 0.6745 makes the MAD consistent with the
 # standard deviation of a normal sample.
@@ -127,13 +129,11 @@ def client_order(client: str) -> tuple[int, str]:
     return (int(tail), client) if tail.isdigit() else (1 << 30, client)
 
 
-def aggregation_round(u: dict[str, Any]) -> int:
-    """The aggregation an update belongs to: the one that counted it, else
-    (not counted, or counted before this was recorded) its own round's."""
-    agg = u.get("aggregated_in")
-    if u.get("status") == "accepted" and isinstance(agg, int) and not isinstance(agg, bool):
-        return agg
-    return int(u["round"])
+def aggregation_round(u: dict[str, Any], counted: dict[tuple[str, int], int]) -> int:
+    """The aggregation an update belongs to: the one that counted it (from
+    the models' contributions, flcommon.contributions), else its own round's."""
+    agg = aggregation_of(u, counted)
+    return int(u["round"]) if agg is None else agg
 
 
 def round_rows(rnd: int, updates: list[dict[str, Any]], next_model: dict[str, Any] | None) -> list[dict[str, Any]]:

@@ -17,7 +17,7 @@ from typing import Any, Iterator, NamedTuple
 
 import numpy as np
 
-from . import store, update_data
+from . import contributions, store, update_data
 from .blobs import BlobError
 from .partials import add_partials, count_members
 from .read_ahead import read_ahead
@@ -74,9 +74,15 @@ def _candidates(db, session: str, rnd: int, wanted: list[tuple[str, int]]) -> tu
     blobs = {d["_id"]: d for d in store.find_in(
         db[f"{store.BUCKET}.files"], {}, "_id", [d["blob_id"] for d in docs.values() if d.get("blob_id") is not None],
         {"metadata": 1, "length": 1, "chunkSize": 1})}
-    has_base = {d["round"] for d in db[store.MODELS].find(
-        {"session": session, "round": {"$in": [r for r in by_round if r != rnd]}}, {"round": 1, "blob_id": 1})
-        if d.get("blob_id") is not None}
+    # A stale update (trained from an older model) needs that model as its
+    # base, and may have been counted by an aggregation since: the models
+    # from its round on say both. The round's own updates are newer than
+    # every model but the current one, so no model counted them yet.
+    stale = [r for r in by_round if r != rnd]
+    models = list(db[store.MODELS].find({"session": session, "round": {"$gte": min(stale), "$lt": rnd + 1}},
+                                        {**contributions.PROJECTION, "blob_id": 1})) if stale else []
+    has_base = {d["round"] for d in models if d["round"] in by_round and d.get("blob_id") is not None}
+    counted = contributions.counted_in(models)
     candidates: list[Candidate] = []
     rejected: list[dict[str, Any]] = []
     for index, (client, r) in enumerate(wanted):
@@ -85,8 +91,8 @@ def _candidates(db, session: str, rnd: int, wanted: list[tuple[str, int]]) -> tu
             reason = "no update stored for this round" if r == rnd else f"no update stored for round {r}"
             rejected.append({"index": index, "client": client, "round": r, "reason": reason, "mark": False})
             continue
-        done_in = doc.get("aggregated_in", doc.get("round"))
-        if doc.get("status") == "accepted" and done_in != rnd:
+        done_in = contributions.aggregation_of(doc, counted)
+        if done_in is not None and done_in != rnd:
             # Counted already; its record stays as that aggregation left it.
             rejected.append({"index": index, "client": client, "round": r,
                              "reason": f"already aggregated in round {done_in}", "mark": False})

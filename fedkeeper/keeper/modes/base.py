@@ -51,6 +51,10 @@ class RoundMode(ABC):
     """One way of running a session's rounds (training.mode)."""
 
     name: ClassVar[str]
+    #: whether this mode finds the updates still waiting for an aggregation
+    #: by their status (received), so the aggregator must mark those it
+    #: counted; otherwise the model's contributions are the only record.
+    finds_waiting_updates: ClassVar[bool] = True
 
     def __init__(self, ctx: RoundContext):
         self.ctx = ctx
@@ -184,7 +188,8 @@ class RoundMode(ABC):
             # Combiners first: the aggregator uses the partials they stored.
             combine_clusters(self.dispatch, session, rnd, list(args.get("clients", [])), self.ctx.client_cluster,
                              following=self.following.pop(rnd, None))
-        res = self.dispatch.call(self.ctx.server, session, rnd, "fl_server_aggregator", **args)
+        res = self.dispatch.call(self.ctx.server, session, rnd, "fl_server_aggregator", **args,
+                                 **({"mark_counted": True} if self.finds_waiting_updates else {}))
         attempts = self.store.attempts(session, rnd)
         # A hedge takes the slot's next attempt number but is not a retry.
         retries = sum(1 for a in attempts if a["attempt"] > 1 and not a.get("hedge"))

@@ -140,6 +140,7 @@ class ClosingRounds(RoundMode):
 
 class SyncRounds(ClosingRounds):
     name = "sync"
+    finds_waiting_updates = False   # a round lists only its own updates
 
     def finish(self, session: str) -> None:
         """Nothing in sync is ever aggregated late."""
