@@ -87,6 +87,23 @@ def test_aggregating_asks_the_store_as_often_for_40_updates_as_for_4(counted, mo
         assert listener.collections.count(fs.UPDATES) == 2, listener.collections
 
 
+def test_a_warm_worker_reads_a_sessions_partition_sizes_once(counted):
+    db, listener = counted
+    wanted = _round(db, "sizes", 40, inline=True)
+    db[fs.PARTITIONS].insert_many([{"session": "sizes", "client": c, "num_examples": 1} for c, _ in wanted])
+    asked = []
+    for _ in range(2):
+        listener.collections.clear()
+        accepted, rejected = aggregate(db, "sizes", 0, wanted, BASE, get_strategy("fedavg"), use_partials=False)
+        assert len(accepted) == 40 and not rejected
+        asked.append(listener.collections.count(fs.PARTITIONS))
+    assert asked[0] >= 1 and asked[1] == 0, asked
+    # A claim beyond the partition is still refused from the kept sizes.
+    db[fs.UPDATES].update_one({"session": "sizes", "client": "client_3"}, {"$set": {"num_examples": 7}})
+    _, rejected = aggregate(db, "sizes", 0, wanted, BASE, get_strategy("fedavg"), use_partials=False)
+    assert [r["client"] for r in rejected] == ["client_3"] and "partition has 1" in rejected[0]["reason"]
+
+
 def test_long_lists_are_asked_in_slices_and_nothing_is_lost(counted):
     db, listener = counted
     db["things"].insert_many([{"k": i} for i in range(100)])

@@ -19,6 +19,7 @@ import numpy as np
 
 from . import contributions, store, update_data
 from .blobs import BlobError
+from .context import partition_sizes
 from .partials import add_partials, count_members
 from .read_ahead import read_ahead
 from .strategies import Strategy, StrategyError
@@ -68,9 +69,7 @@ def _candidates(db, session: str, rnd: int, wanted: list[tuple[str, int]]) -> tu
             docs[(d["client"], d["round"])] = d
     # The partition sizes init wrote: a client cannot inflate its weight by
     # claiming more examples than it holds.
-    sizes = {d["client"]: d.get("num_examples") for d in store.find_in(
-        db[store.PARTITIONS], {"session": session}, "client", sorted({c for c, _ in wanted}),
-        {"client": 1, "num_examples": 1})}
+    sizes = partition_sizes(db, session, sorted({c for c, _ in wanted}))
     blobs = {d["_id"]: d for d in store.find_in(
         db[f"{store.BUCKET}.files"], {}, "_id", [d["blob_id"] for d in docs.values() if d.get("blob_id") is not None],
         {"metadata": 1, "length": 1, "chunkSize": 1})}
