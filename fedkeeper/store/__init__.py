@@ -59,8 +59,9 @@ INDEXES: dict[str, list[tuple[list[tuple[str, int]], dict[str, Any]]]] = {
 # three times per client, dropped from a store that has them. The embedded
 # store rewrites every index entry of a document it updates, whichever
 # fields changed: each secondary index added 0.2-0.4 ms to every attempt
-# update and 0.1-0.2 ms to every insert. Nothing queries by platform id, and attempts are asked
-# by state only once a session ends or resumes (see the module's note).
+# update and 0.1-0.2 ms to every insert. Nothing queries by platform id,
+# and attempts are asked by state only once a session ends or resumes (see
+# the module's note).
 OBSOLETE_INDEXES: dict[str, list[str]] = {
     fs.INVOCATIONS: ["session_1_state_1", "platform_id_1"],
 }

@@ -15,9 +15,10 @@ size, and each is checked whole before the strategy sees it; invalid ones
 are rejected with a recorded reason and the round aggregates the rest. An
 update already counted by the aggregation of another round is rejected,
 never counted twice: model R+1's contributions list what this aggregation
-counted, its one record of it (flcommon.contributions). The store is asked a fixed number of times per round
-whatever the number of updates (lists in slices, writes in bulk), besides
-one query per update too large to be kept in its document.
+counted, its one record of it (flcommon.contributions). The store is asked
+a fixed number of times per round whatever the number of updates (lists in
+slices, writes in bulk), besides one query per update too large to be kept
+in its document.
 In a hierarchical round (training.aggregation: hierarchical) the partial
 aggregates the combiners (fl_combiner) stored for the round are added one
 each in place of their clients' updates (flcommon.partials).

@@ -2,11 +2,13 @@
 
 The model document an aggregation writes (round R + 1 for the aggregation
 of round R) lists in `contributions` every update it counted, each with
-the round its client trained from. That list is the record: the aggregator
-writes nothing on the updates it counts, so a round costs one write for
-them all rather than one per client, and the model's insert is the single
-moment an aggregation's counting becomes true. An update listed by one
-model is refused by every later aggregation.
+the round its client trained from. That list is the record, written once
+for all of them, and the model's insert is the single moment an
+aggregation's counting becomes true. An update listed by one model is
+refused by every later aggregation. The aggregator also marks each update
+it counted only when the keeper asks (`mark_counted`: semi_async and
+async, which find the updates still waiting by their status); a mark is a
+write per update.
 
 Stores written by earlier versions also marked each counted update itself
 (`status: accepted`, `aggregated_in`); those marks are still honoured."""
