@@ -3,11 +3,13 @@ makes is a method here.
 
 Writes from the round loop are batched (`bulk_write`) because the embedded
 server is slow with many concurrent writers. Queries the round loop makes
-are served by an index. The few made once at a session's end or resume
-(its attempts by state) have none of their own, since every index is paid
-on every write (OBSOLETE_INDEXES): MongoDB serves them from the unique
-index's session prefix; the embedded store scans, reading only the
-session's own documents in full (0.6 s for 20,000 attempts).
+are served by an index, except the session's attempts by state, since
+every index is paid on every write (OBSOLETE_INDEXES). Those are asked
+once at a session's end or resume, and once a round by the `reliability`
+selection, whose answer is most of the session's attempts anyway: MongoDB
+serves them from the unique index's session prefix; the embedded store
+scans, reading only the session's own documents in full (0.6 s for
+20,000 attempts).
 
 Every call waits out a store that stopped answering for at most
 `Store.patience_s` (0: pymongo's own server selection wait only), then
@@ -60,8 +62,8 @@ INDEXES: dict[str, list[tuple[list[tuple[str, int]], dict[str, Any]]]] = {
 # store rewrites every index entry of a document it updates, whichever
 # fields changed: each secondary index added 0.2-0.4 ms to every attempt
 # update and 0.1-0.2 ms to every insert. Nothing queries by platform id,
-# and attempts are asked by state only once a session ends or resumes (see
-# the module's note).
+# and the queries of attempts by state need no index of their own (see the
+# module's note).
 OBSOLETE_INDEXES: dict[str, list[str]] = {
     fs.INVOCATIONS: ["session_1_state_1", "platform_id_1"],
 }
