@@ -233,6 +233,28 @@ def query_entries(mod) -> list[tuple[bytes, int]]:
     return [item for key, item in mod._cache._items.items() if key[0] == "query"]
 
 
+def test_a_stale_update_is_shown_in_the_aggregation_whose_model_counted_it(fn_db):
+    # As a sync or unmarked session leaves it: nothing on the updates, the
+    # models' contributions alone say that client_0's round-0 update was
+    # counted late, by the aggregation of round 2 (model 3).
+    sid = plant_session(fn_db, [[f"client_{i}" for i in range(4)]], rounds=3, seed=7)
+    fn_db[fs.UPDATES].update_many({"session": sid}, {"$set": {"status": "received"},
+                                                     "$unset": {"weight": "", "aggregated_in": "", "staleness": ""}})
+    fn_db[fs.MODELS].update_one({"session": sid, "round": 1}, {"$pull": {"contributions": {"client": "client_0"}}})
+    fn_db[fs.MODELS].update_one({"session": sid, "round": 3}, {"$push": {"contributions": {
+        "client": "client_0", "round": 0, "staleness": 2, "num_examples": 30, "weight": 0.1}}})
+    mod = worker()
+    for span in ([2, 2], None):
+        data = ask(mod, fn_db, session=sid, what="contributions", cache=False,
+                   **({"rounds": span} if span else {}))["data"]
+        late = [r for r in data["rows"] if r["client"] == "client_0" and r["trained_from"] == 0]
+        assert len(late) == 1 and late[0]["round"] == 2 and late[0]["status"] == "accepted", late
+        # Its delta is taken against model 0, read although round 0 is out of the range.
+        assert late[0]["error"] is None and late[0]["norm"] > 0 and late[0]["share"] == pytest.approx(0.1)
+    assert not [r for r in ask(mod, fn_db, session=sid, what="contributions", cache=False, rounds=[0, 0])
+                ["data"]["rows"] if r["client"] == "client_0"]
+
+
 def test_shares_fall_back_to_num_examples_without_recorded_weights(fn_db):
     sid = plant_session(fn_db, [[f"client_{i}" for i in range(4)]], rounds=1, seed=3)
     fn_db[fs.UPDATES].update_many({"session": sid}, {"$set": {"status": "received"},

@@ -39,7 +39,7 @@ import numpy as np
 from flcommon import store, update_data
 from flcommon.blobs import BlobError
 from flcommon.context import database, model_bytes
-from flcommon.contributions import counted_in
+from flcommon.contributions import PROJECTION as COUNTED_FIELDS, counted_in
 from flcommon.entry import BadRequest, require
 from flcommon.update_stats import (aggregation_round, client_order, cluster_vectors, finite_or_none,
                                    round_rows, score_round)
@@ -267,6 +267,12 @@ class Gathered(NamedTuple):
     fingerprint: str
 
 
+def _models(db, session: str, first: int, end: int | None) -> dict[int, dict[str, Any]]:
+    """The session's model documents of rounds first <= round < end (no end: all from first on)."""
+    rounds: dict[str, Any] = {"$gte": first} if end is None else {"$gte": first, "$lt": end}
+    return {m["round"]: m for m in db[store.MODELS].find({"session": session, "round": rounds}, MODEL_FIELDS)}
+
+
 def gather_updates(db, q: Query) -> Gathered:
     """The update and model documents of the rounds in range; their digest
     is the query cache's check that the answer still holds."""
@@ -275,15 +281,22 @@ def gather_updates(db, q: Query) -> Gathered:
         # An update counted in round R may be older (stale) but never newer.
         flt["round"] = {"$lt": q.rounds[1] + 1}
     docs = list(db[store.UPDATES].find(flt, UPDATE_FIELDS))
-    # The models from the oldest update's round on: the bases of the updates,
-    # and (their contributions) which aggregation counted each one.
+    # Models' contributions say which aggregation counted each update. An
+    # update is counted after its own round, so the models from lo on say
+    # all that matters (one counted before lo is out of range either way);
+    # without a range, every model from the oldest update's on. Past the
+    # range only their contributions are read: a stale update counted after
+    # hi belongs to no round in range.
     models: dict[int, dict[str, Any]] = {}
+    later: list[dict[str, Any]] = []
+    read_from = None
     if docs:
-        mflt: dict[str, Any] = {"$gte": min(u["round"] for u in docs)}
+        read_from = q.rounds[0] if q.rounds else min(u["round"] for u in docs)
+        models = _models(db, q.session, read_from, q.rounds[1] + 2 if q.rounds else None)
         if q.rounds:
-            mflt["$lt"] = q.rounds[1] + 2
-        models = {m["round"]: m for m in db[store.MODELS].find({"session": q.session, "round": mflt}, MODEL_FIELDS)}
-    counted = counted_in(models.values())
+            later = list(db[store.MODELS].find({"session": q.session, "round": {"$gte": q.rounds[1] + 2}},
+                                               COUNTED_FIELDS))
+    counted = counted_in([*models.values(), *later])
     by_round: dict[int, list[dict[str, Any]]] = {}
     for u in docs:
         by_round.setdefault(aggregation_round(u, counted), []).append(u)
@@ -297,6 +310,8 @@ def gather_updates(db, q: Query) -> Gathered:
         us.sort(key=lambda u: (client_order(u["client"]), u["round"]))
     if by_round:   # those the rounds in range need: their updates' bases, their own and the next
         first = min(min(u["round"] for u in us) for us in by_round.values())
+        if read_from is not None and first < read_from:   # stale updates' older bases
+            models.update(_models(db, q.session, first, read_from))
         models = {r: m for r, m in models.items() if first <= r < max(by_round) + 2}
     else:
         models = {}
