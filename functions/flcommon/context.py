@@ -138,6 +138,8 @@ def partition_sizes(db, session: str, clients: list[str]) -> dict[str, Any]:
     key = (id(db.client), db.name, session)
     with _lock:
         known = _sizes.get(key) or {}
+        if known:
+            _sizes.move_to_end(key)   # the least recently used session goes first
         missing = [c for c in clients if c not in known]
         out = {c: known[c] for c in clients if c in known}
     if missing:
