@@ -14,6 +14,12 @@ summed PSS (proportional set size: shared pages are split between the
 processes sharing them, so the sum is what the job really holds) of every
 process the command starts: the keeper, the fabric and its workers, the
 Cloud Functions host and the embedded store, sampled every 0.2 s.
+
+Time and memory come from separate pairs of runs: reading a TensorFlow
+process's PSS costs the kernel about 17 ms (it walks every mapping, under
+the lock the process's own page faults need), so sampling it five times a
+second held back the CPU-bound cold run far more than the warm one. The
+timed runs only read each process's CPU time, once a second.
 """
 from __future__ import annotations
 
@@ -45,17 +51,14 @@ def _belongs(proc: psutil.Process, marker: str) -> bool:
         return False
 
 
-class PssSampler(threading.Thread):
-    """Sums the PSS of the command's process tree and of every process whose
-    command line or working directory lies in the state directory (services
-    run detached from the command), with their children."""
+class ProcessSampler(threading.Thread):
+    """Samples the command's process tree and every process whose command
+    line or working directory lies in the state directory (services run
+    detached from the command), with their children."""
 
-    def __init__(self, root_pid: int, marker: str, period_s: float = 0.2):
+    def __init__(self, root_pid: int, marker: str, period_s: float):
         super().__init__(daemon=True)
         self.root_pid, self.marker, self.period_s = root_pid, marker, period_s
-        self.peak = 0
-        self.peak_by_kind: dict[str, int] = {}
-        self.count_by_kind: dict[str, int] = {}     # processes at the peak
         self.stop = threading.Event()
 
     def _processes(self) -> list[psutil.Process]:
@@ -88,30 +91,77 @@ class PssSampler(threading.Thread):
                 return name
         return "other"
 
+    def sample(self) -> None:
+        raise NotImplementedError   # each sampler reads what it measures
+
     def run(self) -> None:
         while not self.stop.is_set():
-            total, kinds, counts = 0, {}, {}
-            for p in self._processes():
-                try:
-                    pss = p.memory_full_info().pss
-                except (psutil.Error, OSError):
-                    continue
-                total += pss
-                kind = self._kind(p)
-                kinds[kind] = kinds.get(kind, 0) + pss
-                counts[kind] = counts.get(kind, 0) + 1
-            if total > self.peak:
-                self.peak, self.peak_by_kind, self.count_by_kind = total, kinds, counts
+            self.sample()
             self.stop.wait(self.period_s)
 
 
-def run_start(exe: str, cfg: Path, env: dict[str, str], marker: str, timeout_s: float) -> tuple[float, PssSampler]:
+class PssSampler(ProcessSampler):
+    """The peak of the summed PSS, with its split by process kind."""
+
+    def __init__(self, root_pid: int, marker: str, period_s: float = 0.2):
+        super().__init__(root_pid, marker, period_s)
+        self.peak = 0
+        self.peak_by_kind: dict[str, int] = {}
+        self.count_by_kind: dict[str, int] = {}     # processes at the peak
+
+    def sample(self) -> None:
+        total, kinds, counts = 0, {}, {}
+        for p in self._processes():
+            try:
+                pss = p.memory_full_info().pss
+            except (psutil.Error, OSError):
+                continue
+            total += pss
+            kind = self._kind(p)
+            kinds[kind] = kinds.get(kind, 0) + pss
+            counts[kind] = counts.get(kind, 0) + 1
+        if total > self.peak:
+            self.peak, self.peak_by_kind, self.count_by_kind = total, kinds, counts
+
+
+class CpuSampler(ProcessSampler):
+    """CPU seconds (user and system) by process kind spent during the run:
+    each process's last reading, less its first one when it is older than
+    the run (a warm run's services and workers); a process that ends between
+    two samples loses at most one period's worth."""
+
+    def __init__(self, root_pid: int, marker: str, period_s: float = 1.0):
+        super().__init__(root_pid, marker, period_s)
+        self.started = time.time() - 0.5   # the command was started just before
+        self.first: dict[int, float] = {}
+        self.last: dict[int, tuple[str, float]] = {}
+
+    def sample(self) -> None:
+        for p in self._processes():
+            try:
+                t = p.cpu_times()
+                secs = t.user + t.system
+                if p.pid not in self.first:
+                    self.first[p.pid] = secs if p.create_time() < self.started else 0.0
+                self.last[p.pid] = (self._kind(p), secs)
+            except (psutil.Error, OSError):
+                continue
+
+    def by_kind(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for pid, (kind, secs) in self.last.items():
+            out[kind] = out.get(kind, 0.0) + secs - self.first[pid]
+        return out
+
+
+def run_start(exe: str, cfg: Path, env: dict[str, str], marker: str, timeout_s: float,
+              sampler_class: type[ProcessSampler]) -> tuple[float, ProcessSampler]:
     global last_start_wall
     last_start_wall = time.time()
     t0 = time.perf_counter()
     proc = subprocess.Popen([exe, "start", "-c", str(cfg), "--keep-services"], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    sampler = PssSampler(proc.pid, marker)
+    sampler = sampler_class(proc.pid, marker)
     sampler.start()
     try:
         _, err = proc.communicate(timeout=timeout_s)
@@ -179,11 +229,41 @@ def session_rounds(exe: str, cfg: Path, env: dict[str, str]) -> dict:
     return json.loads(out)
 
 
+def cold_then_warm(exe: str, cfg: Path, base: Path, sampler_class: type[ProcessSampler],
+                   timeout_s: float) -> dict:
+    """A cold run in a fresh state directory under `base`, then a warm one in
+    the same directory; its local services are stopped afterwards."""
+    state = str(base / "state")
+    env = dict(os.environ, FEDKEEPER_STATE_DIR=state, FEDKEEPER_LOG_DIR=str(base / "logs"))
+    out: dict = {}
+    try:
+        out["cold_s"], out["cold_sampler"] = run_start(exe, cfg, env, state, timeout_s, sampler_class)
+        out["cold"] = session_rounds(exe, cfg, env)
+        out["timeline"] = cold_timeline(exe, env, last_start_wall)
+        out["warm_s"], out["warm_sampler"] = run_start(exe, cfg, env, state, timeout_s, sampler_class)
+        out["warm"] = session_rounds(exe, cfg, env)
+    finally:
+        # every local service of the state directory (kept by --keep-services)
+        down = subprocess.run([exe, "fabric", "down"], env=env, capture_output=True, text=True, timeout=120)
+        if down.returncode != 0:
+            print(f"stopping the local services failed: {down.stderr.strip()[-500:]}", file=sys.stderr)
+    return out
+
+
+def _rounds_row(name: str, secs: float, data: dict) -> str:
+    rounds = data["rounds"]
+    acc = rounds[-1].get("accuracy") if rounds else None
+    first = rounds[0].get("duration_s") if rounds else None
+    return (f"{name:<6} {secs:>10.1f} {len(rounds):>7} {acc if acc is not None else float('nan'):>10.4f} "
+            f"{first if first is not None else float('nan'):>10.1f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", default=str(ROOT / "config-local.yaml"))
     ap.add_argument("--timeout-s", type=float, default=1200)
     ap.add_argument("--smoke", action="store_true", help="one round per run")
+    ap.add_argument("--no-memory", action="store_true", help="only the timed pair of runs")
     args = ap.parse_args()
     exe = str(Path(sys.executable).with_name("fedkeeper"))
     with tempfile.TemporaryDirectory(prefix="fk-mainjob-") as tmp:
@@ -196,34 +276,29 @@ def main() -> None:
                     sc["training"]["rounds"] = 1
             cfg = Path(tmp) / "smoke.yaml"
             cfg.write_text(yaml.safe_dump(doc))
-        state = str(Path(tmp) / "state")
-        env = dict(os.environ, FEDKEEPER_STATE_DIR=state, FEDKEEPER_LOG_DIR=str(Path(tmp) / "logs"))
-        try:
-            cold_s, cold_mem = run_start(exe, cfg, env, state, args.timeout_s)
-            cold = session_rounds(exe, cfg, env)
-            timeline = cold_timeline(exe, env, last_start_wall)
-            warm_s, warm_mem = run_start(exe, cfg, env, state, args.timeout_s)
-            warm = session_rounds(exe, cfg, env)
-        finally:
-            # every local service of the state directory (kept by --keep-services)
-            down = subprocess.run([exe, "fabric", "down"], env=env, capture_output=True, text=True, timeout=120)
-            if down.returncode != 0:
-                print(f"stopping the local services failed: {down.stderr.strip()[-500:]}", file=sys.stderr)
+        timed = cold_then_warm(exe, cfg, Path(tmp) / "timed", CpuSampler, args.timeout_s)
+        memory = None if args.no_memory else cold_then_warm(exe, cfg, Path(tmp) / "memory", PssSampler,
+                                                            args.timeout_s)
     print()
-    print(f"{'run':<6} {'command s':>10} {'rounds':>7} {'final acc':>10} {'round 1 s':>10} {'peak PSS GiB':>13}")
-    for name, secs, data, mem in (("cold", cold_s, cold, cold_mem), ("warm", warm_s, warm, warm_mem)):
-        rounds = data["rounds"]
-        acc = rounds[-1].get("accuracy") if rounds else None
-        first = rounds[0].get("duration_s") if rounds else None
-        print(f"{name:<6} {secs:>10.1f} {len(rounds):>7} {acc if acc is not None else float('nan'):>10.4f} "
-              f"{first if first is not None else float('nan'):>10.1f} {mem.peak / GIB:>13.2f}")
-    print(f"cold / warm: {cold_s / warm_s:.2f}x")
+    print(f"{'run':<6} {'command s':>10} {'rounds':>7} {'final acc':>10} {'round 1 s':>10}")
+    print(_rounds_row("cold", timed["cold_s"], timed["cold"]))
+    print(_rounds_row("warm", timed["warm_s"], timed["warm"]))
+    print(f"cold / warm: {timed['cold_s'] / timed['warm_s']:.2f}x")
     print("cold run, seconds from the command's start:")
-    for name, start, end in timeline:
+    for name, start, end in timed["timeline"]:
         span = f"{start:6.1f} -> " if start is not None else " " * 10
         print(f"  {name:<36} {span}{end:6.1f}" if end is not None else f"  {name:<36} {span}  ?")
-    for name, mem in (("cold", cold_mem), ("warm", warm_mem)):
-        print(f"peak PSS by process kind ({name} run): " + ", ".join(
+    for run in ("cold", "warm"):
+        cpu = timed[f"{run}_sampler"].by_kind()
+        print(f"CPU seconds by process kind ({run} run, {sum(cpu.values()):.1f} in all): " + ", ".join(
+            f"{k} {v:.1f}" for k, v in sorted(cpu.items(), key=lambda kv: -kv[1])))
+    if memory is None:
+        return
+    print(f"memory, from a second pair of runs (cold {memory['cold_s']:.1f} s, warm {memory['warm_s']:.1f} s "
+          f"while sampled):")
+    for run in ("cold", "warm"):
+        mem = memory[f"{run}_sampler"]
+        print(f"  peak PSS ({run} run): {mem.peak / GIB:.2f} GiB: " + ", ".join(
             f"{k} {v / GIB:.2f} GiB ({mem.count_by_kind.get(k, 0)})"
             for k, v in sorted(mem.peak_by_kind.items(), key=lambda kv: -kv[1])))
 
