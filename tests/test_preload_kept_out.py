@@ -5,6 +5,7 @@ scikit-learn only for its wrappers; the functions and the local platforms'
 preloads import Keras without it."""
 from __future__ import annotations
 
+import gc
 import os
 import subprocess
 import sys
@@ -34,6 +35,7 @@ def optional_modules(tmp_path, monkeypatch):
     yield
     for name in ("fk_optional_dep", "fk_optional_user"):
         sys.modules.pop(name, None)
+    gc.unfreeze()   # the preload froze this test process's objects (preloading.py)
 
 
 def assert_kept_out_then_importable() -> None:
@@ -51,7 +53,7 @@ def test_the_fabric_workers_preload_keeps_a_module_out_while_the_others_load(opt
 
 def test_the_cloud_functions_instances_preload_keeps_a_module_out_while_the_others_load(optional_modules):
     from fedkeeper.local.cloud_functions.function_host import Preloaded
-    loaded = Preloaded(lambda environ, start_response: [], ["!fk_optional_dep", "fk_optional_user"])
+    loaded = Preloaded(["!fk_optional_dep", "fk_optional_user"])
     assert loaded.done.wait(30)
     assert_kept_out_then_importable()
 
