@@ -39,6 +39,9 @@ from pathlib import Path
 import psutil
 
 ROOT = Path(__file__).resolve().parent.parent
+# what a local Cloud Functions instance logs once its runtime's modules are
+# loaded (fedkeeper/local/cloud_functions/function_host.py, a script)
+PRELOAD_LOG_PREFIX = "[instance] runtime modules loaded:"
 GIB = 1024 ** 3
 
 
@@ -209,6 +212,13 @@ def cold_timeline(exe: str, env: dict[str, str], t0: float) -> list[tuple[str, f
         for z in json.loads(out)["capacity"]["zygotes"] or ():
             rows.append((f"{z['runtime']} zygote: module import", z["started"],
                          z["started"] + z["load_ms"] / 1000 if z.get("load_ms") is not None else None))
+    for log in sorted(state.glob("gcf/*/*/function.log")):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            line = next(ln for ln in log.read_text().splitlines() if ln.startswith(PRELOAD_LOG_PREFIX))
+            fields = dict(part.split("=", 1) for part in line[len(PRELOAD_LOG_PREFIX):].split())
+            started = float(fields["started"])
+            rows.append((f"Cloud Functions {log.parent.name}: module import", started,
+                         started + float(fields["load_ms"]) / 1000))
     rows.append(("deployed, session started", None, marks.get("deployed, session started")))
     csvs = sorted(logs.glob("*/round_001.csv"), key=lambda p: p.stat().st_mtime)
     if csvs:

@@ -16,9 +16,10 @@ connections alive), so a body left unread can never be taken for a request.
 
 With `--preload MODULE,...` (the heavy modules of the function's runtime:
 numpy, TensorFlow, ...) the instance imports them in the background as soon
-as it starts, as a prewarmed (min) instance has, so that its first request
-does not pay for them; requests wait until they are loaded (never two
-threads importing TensorFlow at once).
+as it starts, before functions-framework and the function's source, as a
+prewarmed (min) instance has, so that its first request does not pay for
+them; requests wait until they are loaded. Python's import locks keep a
+module the source imports meanwhile from being imported twice at once.
 
 Injected faults (`--faults`, JSON) are drawn before the function runs, with
 the local platforms' one fault model (fedkeeper/local/faults.py, loaded by
@@ -48,6 +49,7 @@ sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != HERE]
 # The local platforms' fault model and preloading (standard library only), loaded by path.
 FAULT_MODEL = os.path.join(os.path.dirname(HERE), "faults.py")
 PRELOADING = os.path.join(os.path.dirname(HERE), "preloading.py")
+PRELOAD_LOG_PREFIX = "[instance] runtime modules loaded:"
 
 # How long a connection may stay silent (before or between requests, or
 # while sending one) before it is closed.
@@ -166,20 +168,25 @@ class Concurrency:
 
 
 class Preloaded:
-    """Imports `modules` in a thread from the start (fedkeeper/local/
-    preloading.py); requests to the function wait until that is done."""
+    """Imports `modules` in a thread from its creation (fedkeeper/local/
+    preloading.py); requests to the function (`app`, set once it is
+    created) wait until that is done."""
 
-    def __init__(self, app, modules: list[str]):
+    def __init__(self, modules: list[str], app=None):
         self.app = app
         self.modules = modules
         self.done = threading.Event()
         threading.Thread(target=self._load, name="preload", daemon=True).start()
 
     def _load(self) -> None:
+        started = time.time()
         try:
             _load_local(PRELOADING, "_fk_preloading").import_all(self.modules)
         finally:
             self.done.set()
+            # the instance's log: when its cold start's module load began and how long it took
+            print(f"{PRELOAD_LOG_PREFIX} started={started:.3f} load_ms={(time.time() - started) * 1000:.0f}",
+                  file=sys.stderr, flush=True)
 
     def __call__(self, environ, start_response):
         if environ.get("PATH_INFO") != "/robots.txt":   # the host's liveness probe does not wait
@@ -238,6 +245,12 @@ def main() -> None:
     p.add_argument("--preload", default="", help="modules to import ahead of the first request, comma-separated")
     a = p.parse_args()
     sys.path.insert(0, os.path.dirname(os.path.abspath(a.source)))
+    # The runtime's modules start loading before functions-framework and the
+    # function's source: on a cold start the import of TensorFlow is the long
+    # part, and the source's own imports (numpy, ...) only wait for the
+    # modules the preload is importing at that moment.
+    modules = [m for m in a.preload.split(",") if m]
+    preloaded = Preloaded(modules) if modules else None
 
     import functions_framework
     flask_app = functions_framework.create_app(a.target, a.source, "http")
@@ -248,9 +261,8 @@ def main() -> None:
         app = FaultInjector(app, plan, a.name, a.timeout_s)
     # An injected timeout holds its request slot, as a hung call holds an instance.
     app = BodyLimit(Concurrency(app, a.threads), a.max_request_bytes)
-    modules = [m for m in a.preload.split(",") if m]
-    if modules:
-        app = Preloaded(app, modules)
+    if preloaded is not None:
+        preloaded.app, app = app, preloaded
     server = make_server(a.host, a.port, app, max(1, a.max_connections))
     server.serve_forever()
 
