@@ -4,7 +4,8 @@ created cost 15-20% of the import), and what the imports left frozen
 afterwards (fedkeeper/local/preloading.py), so that later collections, in
 the process and in the stem cells forked from it, never walk it. The
 functions' own first import of Keras turns it off the same way
-(flcommon.architectures.load_keras)."""
+(flcommon.architectures.load_keras). And `fedkeeper start` runs its
+session with what was alive at its start frozen."""
 from __future__ import annotations
 
 import gc
@@ -69,3 +70,23 @@ def test_the_functions_import_keras_with_the_collector_off(tmp_path, monkeypatch
     keras = architectures.load_keras()
     assert keras.__file__ == str(tmp_path / "keras.py")
     assert keras.COLLECTING is False and gc.isenabled()
+
+
+def test_a_session_runs_with_what_was_alive_at_its_start_frozen_then_unfrozen():
+    from fedkeeper.cli.start import frozen_for_the_session
+    gc.unfreeze()   # whatever an earlier test in this process left frozen
+    with frozen_for_the_session():
+        assert gc.get_freeze_count() > 0
+    assert gc.get_freeze_count() == 0   # what the session left can be collected
+
+
+def test_a_process_that_froze_objects_of_its_own_keeps_them_frozen():
+    from fedkeeper.cli.start import frozen_for_the_session
+    gc.freeze()
+    try:
+        frozen = gc.get_freeze_count()
+        with frozen_for_the_session():
+            pass
+        assert gc.get_freeze_count() >= frozen
+    finally:
+        gc.unfreeze()

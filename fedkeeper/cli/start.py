@@ -6,11 +6,13 @@ the rounds the store keeps and the exact `--resume` command, and exits 130.
 """
 from __future__ import annotations
 
+import contextlib
+import gc
 import shlex
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import click
 from rich.console import Console
@@ -153,6 +155,25 @@ def summary_cells(result: dict[str, Any]) -> list[str]:
             result["run_log"]]
 
 
+@contextlib.contextmanager
+def frozen_for_the_session() -> Iterator[None]:
+    """What is alive when a session starts (modules, config, providers)
+    lives as long as it: frozen (`gc.freeze`), the session's garbage
+    collections stop walking it again and again. In a 1,000-client bench
+    run (3 rounds) the keeper's collections took 0.56 s, then 0.26 s. It is
+    unfrozen afterwards, so that what a session left behind can be collected
+    in a process that runs several; a process that had frozen objects of its
+    own is left as it was."""
+    if gc.get_freeze_count():
+        yield
+        return
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+
+
 def run_start(cfg: Config, scenario: str | None, resume: str | None = None, deploy: bool = True,
               keep_services: bool = False, metrics_port: int | None = None, as_json: bool = False) -> int:
     """Train one session; returns the exit status (0, 1, or 130 on Ctrl-C)."""
@@ -196,7 +217,8 @@ def run_start(cfg: Config, scenario: str | None, resume: str | None = None, depl
                 progress.line(f"keeper metrics at http://127.0.0.1:{port}/metrics")
                 keeper.progress = fan_out(on_event, metrics)
                 keeper.attempt_ended = metrics.record_attempt
-            summary = keeper.start(resume=resume, deploy=deploy, session_id=session_id)
+            with frozen_for_the_session():
+                summary = keeper.start(resume=resume, deploy=deploy, session_id=session_id)
         from ..cost import session_cost
         cost = session_cost(rt.store, summary.session, cfg)
         doc = rt.store.session(summary.session)
