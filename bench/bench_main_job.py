@@ -16,10 +16,12 @@ process the command starts: the keeper, the fabric and its workers, the
 Cloud Functions host and the embedded store, sampled every 0.2 s.
 
 Time and memory come from separate pairs of runs: reading a TensorFlow
-process's PSS costs the kernel about 17 ms (it walks every mapping, under
-the lock the process's own page faults need), so sampling it five times a
-second held back the CPU-bound cold run far more than the warm one. The
-timed runs only read each process's CPU time, once a second.
+process's PSS costs the kernel about 17 ms (it walks every mapping), and
+the sampler reads every process five times a second, on a machine whose
+cold run is CPU-bound. Side by side the sampled runs were not slower
+beyond the noise (cold 11.0-12.3 s against 11.0-12.6 s, 3 runs each), but
+a timing should not carry its own load. The timed runs only read each
+process's CPU time, once a second.
 """
 from __future__ import annotations
 
@@ -38,10 +40,9 @@ from pathlib import Path
 
 import psutil
 
+from fedkeeper.local.cloud_functions.function_host import PRELOAD_LOG_PREFIX
+
 ROOT = Path(__file__).resolve().parent.parent
-# what a local Cloud Functions instance logs once its runtime's modules are
-# loaded (fedkeeper/local/cloud_functions/function_host.py, a script)
-PRELOAD_LOG_PREFIX = "[instance] runtime modules loaded:"
 GIB = 1024 ** 3
 
 
