@@ -29,6 +29,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "functions"))
+# This tree's fedkeeper in the commands it starts: the `fedkeeper` script
+# alone would import the checkout the .venv was installed from.
+TREE_ENV = {"PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)}
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -128,7 +131,7 @@ def fedkeeper_rounds(args) -> tuple[int | None, list[float]]:
                                      gcf=args.clients - args.clients // 2, batch=args.batch,
                                      lr=args.lr, epochs=args.epochs, max_rounds=args.max_rounds,
                                      target=args.target, seed=args.seed))
-        env = dict(os.environ, FEDKEEPER_STATE_DIR=str(Path(tmp) / "state"),
+        env = dict(os.environ, **TREE_ENV, FEDKEEPER_STATE_DIR=str(Path(tmp) / "state"),
                    FEDKEEPER_LOG_DIR=str(Path(tmp) / "logs"))
         subprocess.run([exe, "start", "-c", str(cfg)], env=env, check=True,
                        stdout=subprocess.DEVNULL, timeout=args.timeout_s)

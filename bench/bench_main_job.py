@@ -40,9 +40,14 @@ from pathlib import Path
 
 import psutil
 
-from fedkeeper.local.cloud_functions.function_host import PRELOAD_LOG_PREFIX
-
 ROOT = Path(__file__).resolve().parent.parent
+# This tree's fedkeeper, here and in the commands it starts (TREE_ENV): the
+# `fedkeeper` script alone would import the checkout the .venv was installed
+# from, so a bench run from another worktree would time that checkout's keeper.
+sys.path.insert(0, str(ROOT))
+TREE_ENV = {"PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)}
+
+from fedkeeper.local.cloud_functions.function_host import PRELOAD_LOG_PREFIX  # noqa: E402
 GIB = 1024 ** 3
 
 
@@ -214,8 +219,10 @@ def cold_timeline(exe: str, env: dict[str, str], t0: float) -> list[tuple[str, f
             rows.append((f"{z['runtime']} zygote: module import", z["started"],
                          z["started"] + z["load_ms"] / 1000 if z.get("load_ms") is not None else None))
     for log in sorted(state.glob("gcf/*/*/function.log")):
-        with contextlib.suppress(OSError, ValueError, IndexError):
-            line = next(ln for ln in log.read_text().splitlines() if ln.startswith(PRELOAD_LOG_PREFIX))
+        with contextlib.suppress(OSError, ValueError, KeyError):
+            line = next((ln for ln in log.read_text().splitlines() if ln.startswith(PRELOAD_LOG_PREFIX)), None)
+            if line is None:   # an instance that preloads nothing
+                continue
             fields = dict(part.split("=", 1) for part in line[len(PRELOAD_LOG_PREFIX):].split())
             started = float(fields["started"])
             rows.append((f"Cloud Functions {log.parent.name}: module import", started,
@@ -245,7 +252,7 @@ def cold_then_warm(exe: str, cfg: Path, base: Path, sampler_class: type[ProcessS
     """A cold run in a fresh state directory under `base`, then a warm one in
     the same directory; its local services are stopped afterwards."""
     state = str(base / "state")
-    env = dict(os.environ, FEDKEEPER_STATE_DIR=state, FEDKEEPER_LOG_DIR=str(base / "logs"))
+    env = dict(os.environ, **TREE_ENV, FEDKEEPER_STATE_DIR=state, FEDKEEPER_LOG_DIR=str(base / "logs"))
     out: dict = {}
     try:
         out["cold_s"], out["cold_sampler"] = run_start(exe, cfg, env, state, timeout_s, sampler_class)
