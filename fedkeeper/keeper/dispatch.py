@@ -31,6 +31,7 @@ from .events import RoundEvents
 from .hedging import Hedger
 from .helper_calls import call_helper
 from .outcomes import outcome_fields, succeeded
+from .running_marks import RunningMarks
 
 log = logging.getLogger("fedkeeper.keeper")
 
@@ -85,6 +86,7 @@ class Dispatcher:
         # error_class, duration_s, cold_start, function=...), e.g. metrics.
         self.attempt_ended: Callable[..., None] | None = None
         self._attempt_where: dict[Any, tuple[str, str, str]] = {}
+        self.running_marks = RunningMarks(clock)   # accepted client attempts' marks, held a while
         self.hedger = Hedger(self)   # speculative attempts; where they run: Hedger.where
         self.peer_durations: dict[int, list[float]] = {}   # shared by its tables (AttemptTable)
         self.warm_durations: dict[int, list[float]] = {}
@@ -134,6 +136,9 @@ class Dispatcher:
         self.store.insert_attempts(docs)
 
     def update_attempts(self, changes: list[tuple[Any, dict[str, Any]]]) -> None:
+        """Write `changes` to attempt documents, with the running marks
+        they supersede and those now due (running_marks.py)."""
+        changes = self.running_marks.with_changes(changes)
         self.store.update_attempts(changes)
         if self.attempt_ended is None:
             return
@@ -144,6 +149,11 @@ class Dispatcher:
                 self.attempt_ended(where[0], where[1], fields["state"], fields.get("error_class"),
                                    d / 1000 if d is not None else None, fields.get("cold_start"),
                                    function=where[2])
+
+    def write_running_marks(self) -> None:
+        """Write every running mark still held: the keeper stops, and
+        --resume should adopt those attempts."""
+        self.store.update_attempts(self.running_marks.due(everything=True))
 
     def abandon(self, slots: Iterable[Slot], why: str) -> None:
         """Running attempts given up: recorded as abandoned. An update one of
@@ -212,8 +222,8 @@ class Dispatcher:
         for s, inv, err in results:
             if inv is not None:
                 table.started(s, inv, self.platforms.spec(s.cluster, "fl_client").timeout_s)
-                changes.append((s.doc_id, {"state": "running", "platform_id": inv.platform_id,
-                                           "submitted": inv.submitted_at}))
+                self.running_marks.hold(s.doc_id, {"state": "running", "platform_id": inv.platform_id,
+                                                   "submitted": inv.submitted_at})
                 continue
             changes.append((s.doc_id, {"state": "failed", "error_class": err.error_class.value,
                                        "error": str(err), "finished": self.clock()}))

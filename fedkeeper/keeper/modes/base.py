@@ -11,6 +11,7 @@ from typing import Any, Callable, ClassVar
 
 from ...privacy.rounds import stored_epsilon
 from ...providers import Invocation
+from ...store import StoreUnavailable
 from ..aggregation import Following, combine_clusters, follow_round
 from ..attempts import DELIVERED, FAILED, RUNNING, AttemptTable, Slot
 from ..dispatch import Dispatcher
@@ -81,15 +82,23 @@ class RoundMode(ABC):
     @contextlib.contextmanager
     def tracking_until_the_end(self):
         """Abandon the attempts still running when the session ends, finished
-        or failed. An interrupted keeper (Ctrl-C, a crash, a lost service)
-        leaves them as kill -9 would, `running`, so that --resume adopts them
-        instead of invoking their clients again while they still run.
+        or failed. An interrupted keeper (Ctrl-C, a crash, a lost cluster)
+        leaves them `running`, writing the marks it still held, so that
+        --resume adopts them instead of invoking their clients again while
+        they still run.
         Combiners still following a round (one that failed, or any when the
         keeper is interrupted) make no further attempt, whatever ends it."""
         try:
             yield
         except SessionError:
             self.stop_tracking("the session ended")
+            raise
+        except StoreUnavailable:
+            raise    # nothing more can be written
+        except BaseException:
+            # With the running marks the dispatcher still holds, so that
+            # --resume adopts those attempts too (running_marks.py).
+            self.dispatch.write_running_marks()
             raise
         else:
             self.stop_tracking("the session ended")

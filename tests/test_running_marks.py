@@ -1,0 +1,92 @@
+"""Running marks held for a while (fedkeeper/keeper/running_marks.py): an
+attempt that ends soon is written twice, one still running gets its mark,
+and an interrupted keeper writes the marks it held."""
+from __future__ import annotations
+
+from fedkeeper.keeper.running_marks import RunningMarks
+from keeper_fakes import FakeClock, fake_keeper
+from test_keeper_session import interrupted_with_four_running
+
+
+def test_a_mark_is_due_after_its_hold_in_the_order_held():
+    clock = FakeClock(100.0)
+    marks = RunningMarks(clock, after_s=2.0)
+    marks.hold("a", {"state": "running", "platform_id": "p-a"})
+    clock.t = 101.0
+    marks.hold("b", {"state": "running", "platform_id": "p-b"})
+    assert marks.due() == []
+    clock.t = 102.0
+    assert marks.due() == [("a", {"state": "running", "platform_id": "p-a"})]
+    assert len(marks) == 1
+    assert marks.due(everything=True) == [("b", {"state": "running", "platform_id": "p-b"})]
+    assert len(marks) == 0
+
+
+def test_a_change_carries_the_mark_it_supersedes_and_its_own_fields_win():
+    clock = FakeClock(100.0)
+    marks = RunningMarks(clock, after_s=2.0)
+    marks.hold("a", {"state": "running", "platform_id": "p-a", "submitted": 100.0})
+    marks.hold("b", {"state": "running", "platform_id": "p-b", "submitted": 100.5})
+    out = marks.with_changes([("a", {"state": "succeeded", "platform_id": "p-a2", "finished": 101.0}),
+                              ("c", {"state": "failed"})])
+    assert out == [("a", {"platform_id": "p-a2", "submitted": 100.0, "state": "succeeded", "finished": 101.0}),
+                   ("c", {"state": "failed"})]
+    clock.t = 103.0   # b's mark is now due: it joins the next write
+    assert marks.with_changes([]) == [("b", {"state": "running", "platform_id": "p-b", "submitted": 100.5})]
+    assert len(marks) == 0
+
+
+def recording(store, clock):
+    """The states written to each attempt document, with when, in order."""
+    written: dict = {}
+    update = store.update_attempts
+
+    def update_attempts(changes):
+        changes = list(changes)
+        for doc_id, fields in changes:
+            written.setdefault(doc_id, []).append((fields.get("state"), clock()))
+        update(changes)
+    store.update_attempts = update_attempts
+    return written
+
+
+def client_docs(store):
+    return [a for a in store.invocations.values() if a["function"] == "fl_client"]
+
+
+def test_attempts_that_end_within_the_hold_are_written_twice_with_their_platform_id(tmp_path):
+    keeper, store, provider, clock = fake_keeper(tmp_path, rounds=2)
+    written = recording(store, clock)
+    assert keeper.start(session_id="s1", deploy=False).state == "finished"
+    docs = client_docs(store)
+    assert len(docs) == 8
+    for a in docs:
+        # the insert (submitting), then the outcome: no running mark between
+        assert [state for state, _ in written[a["_id"]]] == ["succeeded"], a
+        assert a["platform_id"].startswith("act-") and a["submitted"] <= a["finished"]
+
+
+def test_an_attempt_still_running_after_the_hold_gets_its_mark_before_its_outcome(tmp_path):
+    def behave(fn, p, n):
+        return ("after", 10.0) if fn == "fl_client" else "ok"
+
+    keeper, store, provider, clock = fake_keeper(tmp_path, behave, rounds=1)
+    written = recording(store, clock)
+    assert keeper.start(session_id="s1", deploy=False).state == "finished"
+    hold = keeper.dispatcher.running_marks.after_s
+    for a in client_docs(store):
+        states = written[a["_id"]]
+        assert [s for s, _ in states] == ["running", "succeeded"], a
+        marked_at = states[0][1]
+        assert a["submitted"] + hold <= marked_at < a["submitted"] + hold + 0.5
+        assert a["state"] == "succeeded" and a["platform_id"].startswith("act-")
+
+
+def test_an_interrupted_keeper_writes_the_marks_it_held(tmp_path):
+    # interrupted at the first tick with four clients running: their
+    # attempts are left `running` (the helper asserts it) ...
+    keeper, store, provider, clock, running = interrupted_with_four_running(tmp_path, "hang")
+    for a in running:
+        # ... though interrupted well within the hold, while the marks were still held
+        assert clock() - a["submitted"] < keeper.dispatcher.running_marks.after_s
+        assert a["platform_id"].startswith("act-")
