@@ -11,7 +11,9 @@ their updates to it.
 
 So a mark is held for `after_s`. An attempt that ends sooner has the mark's
 fields written with its outcome, in the write it needed anyway. An attempt
-still running then has its mark written with the next tracking pass, and
+still running then has its mark written with the keeper's next write to
+the attempts (every tracking pass makes one; a helper call, such as the
+aggregation semi_async stragglers run beside, makes one when it ends), and
 an interrupted keeper (Ctrl-C, a cluster given up) writes every mark it
 holds before it stops. A keeper killed within those seconds leaves the
 attempt `submitting`: --resume records it as abandoned and invokes its
