@@ -25,11 +25,14 @@ class Commands(monitoring.CommandListener):
     def __init__(self):
         self.names: list[str] = []
         self.collections: list[str] = []
+        self.finds: list[tuple[str, dict]] = []   # (collection, filter) of each find
 
     def started(self, event):
         if event.command_name not in HOUSEKEEPING:
             self.names.append(event.command_name)
             self.collections.append(str(event.command.get(event.command_name)))
+        if event.command_name == "find":
+            self.finds.append((str(event.command["find"]), dict(event.command.get("filter", {}))))
 
     def succeeded(self, event):
         pass
@@ -194,3 +197,21 @@ def test_the_store_says_which_clients_have_an_update_in_slices(store, monkeypatc
     asked = [f"client_{i}" for i in range(12)]
     assert store.clients_with_updates("s", 1, asked) == {f"client_{i}" for i in range(10) if i % 3}
     assert store.clients_with_updates("s", 0, []) == set()
+
+
+def test_a_long_list_of_a_rounds_updates_is_one_query_and_counts_only_the_listed(counted, monkeypatch):
+    """More listed clients than one `$in` slice: the round's updates are
+    listed by one query (update_stream._listed), and an update of the round
+    that is not listed (one the keeper left out) is never counted."""
+    db, listener = counted
+    monkeypatch.setattr(fs, "IN_SLICE", 4)
+    every = _round(db, "long", 10, inline=True)
+    wanted = every[:8] + [("client_99", 0)]        # two left out, one never stored
+    strategy = get_strategy("fedavg")
+    accepted, rejected = aggregate(db, "long", 0, wanted, BASE, strategy, use_partials=False)
+    assert sorted(a["client"] for a in accepted) == sorted(c for c, _ in every[:8])
+    assert [(r["client"], r["reason"]) for r in rejected] == [("client_99", "no update stored for this round")]
+    mean, _ = strategy.finish(BASE, None)
+    assert np.allclose(mean[0], 3.5)   # clients 0..7, equally weighted: not 8 and 9
+    listings = [f for c, f in listener.finds if c == fs.UPDATES and "_id" not in f]
+    assert listings == [{"session": "long", "round": 0}], listener.finds
