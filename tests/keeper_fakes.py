@@ -39,6 +39,7 @@ class FakeStore:
         self.sessions: dict[str, dict] = {}
         self.rounds_: dict[tuple[str, int], dict] = {}
         self.invocations: dict[Any, dict] = {}
+        self.mark_batches: list[dict] = []   # running marks written in batches (insert_running_marks)
         self.events_: list[dict] = []
         self.updates_: dict[tuple[str, int, str], dict] = {}
         self.models: set[tuple[str, int]] = set()
@@ -132,7 +133,27 @@ class FakeStore:
         return [dict(a) for a in self.invocations.values()
                 if a["session"] == sid and a["function"] == "fl_client" and a["state"] in ended]
 
+    def insert_running_marks(self, sid, marks):
+        self._check("insert_running_marks")
+        with self._lock:
+            self.mark_batches.append({"session": sid, "marks": [{"attempt": i, **f} for i, f in marks]})
+
+    def fold_running_marks(self, sid):
+        self._check("fold_running_marks")
+        with self._lock:
+            mine = [b for b in self.mark_batches if b["session"] == sid]
+            self.mark_batches = [b for b in self.mark_batches if b["session"] != sid]
+            n = 0
+            for b in mine:
+                for m in b["marks"]:
+                    a = self.invocations.get(m["attempt"])
+                    if a is not None and a["state"] == "submitting":
+                        a.update({k: v for k, v in m.items() if k != "attempt"})
+                        n += 1
+            return n
+
     def close_unaccepted_attempts(self, sid, why, now):
+        self.fold_running_marks(sid)
         n = 0
         with self._lock:
             for a in self.invocations.values():

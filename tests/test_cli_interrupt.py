@@ -11,8 +11,8 @@ from click.testing import CliRunner
 
 import test_sweep as sweep_tests
 from cli_processes import interrupt_cli_when
+from in_flight import first_marked_running
 from fedkeeper.cli import main as cli
-from flcommon import store as fs
 
 
 def two_round_config(tmp_path, mongo_url, db_name):
@@ -25,7 +25,7 @@ def two_round_config(tmp_path, mongo_url, db_name):
 
 
 def round_1_in_flight(db):
-    return lambda: db[fs.INVOCATIONS].find_one({"round": 1, "state": "running", "function": "fl_client"})
+    return lambda: first_marked_running(db, 1)
 
 
 def test_ctrl_c_in_start_then_resume(fabric_state, mongo_url, tmp_path):

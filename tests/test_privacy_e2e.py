@@ -23,6 +23,7 @@ from flcommon import update_data
 from flcommon.secagg import relay
 
 from cli_processes import kill_cli_when
+from in_flight import first_marked_running
 from session_config import fragment, write_session_config
 
 
@@ -157,8 +158,7 @@ def test_secure_aggregation_resumes_after_kill_minus_9(fabric_state, mongo_url, 
         """, rounds=2, clients=4, per_round=4, faults="{slow_ms: 1500, seed: 1, functions: [fl_client]}")
     cmd = [sys.executable, "-m", "fedkeeper.cli", "start", "-c", str(cfg), "--keep-services"]
     db = open_db(mongo_url, db_name)
-    kill_cli_when(cmd[3:], lambda: db[fs.INVOCATIONS].find_one(
-        {"round": 1, "state": "running", "function": "fl_client"}), "round 2 training in flight")
+    kill_cli_when(cmd[3:], lambda: first_marked_running(db, 1), "round 2 training in flight")
     sess = latest_session(db)
     before = relay.sets(db, sess["_id"], 1)
     assert "u2" in before and "u3" not in before

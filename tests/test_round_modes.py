@@ -25,6 +25,7 @@ from fedkeeper.config import load_config
 from flcommon import store as fs
 
 from cli_processes import kill_cli_when
+from in_flight import marked_running
 from session_config import FUNCTIONS, fragment, write_session_config
 
 # Every fl_client activation on the fast cluster gets FAST_MS added to its
@@ -206,10 +207,11 @@ def test_async_session_resumes_after_kill_minus_9(fabric_state, mongo_url, tmp_p
             {"session": sess["_id"], "round": 2, "state": in_flight_states, "function": "fl_client"}) else None
 
     # Kill -9 once step 2 has clients in flight. Their attempts are
-    # `submitting` (the keeper holds a running mark for a second: a fast
-    # client ends sooner) or `running`.
+    # `submitting`, marked running (on the document or in a batch of marks)
+    # once they ran a second (keeper/running_marks.py).
     sess = kill_cli_when(cmd[3:], step_2_in_flight, "step 2 with invocations in flight")
     in_flight = list(db[fs.INVOCATIONS].find({"session": sess["_id"], "state": in_flight_states}))
+    marked = {a["_id"] for a in marked_running(db, session=sess["_id"])}
     assert in_flight
     res = subprocess.run(cmd + ["--resume", sess["_id"], "--no-deploy"], env=dict(os.environ),
                          capture_output=True, text=True, timeout=600)
@@ -223,7 +225,7 @@ def test_async_session_resumes_after_kill_minus_9(fabric_state, mongo_url, tmp_p
     for a in in_flight:
         state = db[fs.INVOCATIONS].find_one({"_id": a["_id"]})["state"]
         assert state not in ("submitting", "running"), a
-        if a["state"] == "submitting":
+        if a["_id"] not in marked:
             assert state == "abandoned", a
 
 
@@ -246,11 +248,10 @@ def test_semi_async_interrupted_keeper_leaves_stragglers_for_resume(fabric_state
 
     def interrupt(kind, data):
         # "round": round R is aggregated and done. The keeper does not track
-        # during the aggregation, so attempts still `running` in the store
+        # during the aggregation, so attempts marked running in the store
         # are the stragglers of R (or earlier rounds) as of its last poll.
         if kind == "round":
-            running = list(db[fs.INVOCATIONS].find({"session": sid, "state": "running",
-                                                    "function": "fl_client"}))
+            running = marked_running(db, session=sid)
             if running:
                 seen.update(round=data["report"].round, running=running)
                 raise KeyboardInterrupt

@@ -11,29 +11,31 @@ from test_keeper_session import interrupted_with_four_running
 def test_a_mark_is_due_after_its_hold_in_the_order_held():
     clock = FakeClock(100.0)
     marks = RunningMarks(clock, after_s=2.0)
-    marks.hold("a", {"state": "running", "platform_id": "p-a"})
+    marks.hold("a", "s1", {"state": "running", "platform_id": "p-a"})
     clock.t = 101.0
-    marks.hold("b", {"state": "running", "platform_id": "p-b"})
+    marks.hold("b", "s2", {"state": "running", "platform_id": "p-b"})
     assert marks.due() == []
     clock.t = 102.0
-    assert marks.due() == [("a", {"state": "running", "platform_id": "p-a"})]
-    assert len(marks) == 1
-    assert marks.due(everything=True) == [("b", {"state": "running", "platform_id": "p-b"})]
-    assert len(marks) == 0
+    assert marks.due() == [("a", "s1", {"state": "running", "platform_id": "p-a"})]
+    assert len(marks) == 1 and marks.sessions == {"s1"}
+    assert marks.due(everything=True) == [("b", "s2", {"state": "running", "platform_id": "p-b"})]
+    assert len(marks) == 0 and marks.sessions == {"s1", "s2"}
 
 
-def test_a_change_carries_the_mark_it_supersedes_and_its_own_fields_win():
+def test_a_change_carries_the_mark_it_supersedes_held_or_written_and_its_own_fields_win():
     clock = FakeClock(100.0)
     marks = RunningMarks(clock, after_s=2.0)
-    marks.hold("a", {"state": "running", "platform_id": "p-a", "submitted": 100.0})
-    marks.hold("b", {"state": "running", "platform_id": "p-b", "submitted": 100.5})
+    marks.hold("a", "s", {"state": "running", "platform_id": "p-a", "submitted": 100.0})
+    marks.hold("b", "s", {"state": "running", "platform_id": "p-b", "submitted": 100.5})
     out = marks.with_changes([("a", {"state": "succeeded", "platform_id": "p-a2", "finished": 101.0}),
                               ("c", {"state": "failed"})])
     assert out == [("a", {"platform_id": "p-a2", "submitted": 100.0, "state": "succeeded", "finished": 101.0}),
                    ("c", {"state": "failed"})]
-    clock.t = 103.0   # b's mark is now due: it joins the next write
-    assert marks.with_changes([]) == [("b", {"state": "running", "platform_id": "p-b", "submitted": 100.5})]
-    assert len(marks) == 0
+    clock.t = 103.0
+    assert [m[0] for m in marks.due()] == ["b"]      # written in a batch: b is still running
+    assert marks.with_changes([("b", {"state": "succeeded"})]) == [
+        ("b", {"platform_id": "p-b", "submitted": 100.5, "state": "succeeded"})]
+    assert marks.with_changes([("b", {"state": "failed"})]) == [("b", {"state": "failed"})]   # done with
 
 
 def recording(store, clock):
@@ -66,20 +68,30 @@ def test_attempts_that_end_within_the_hold_are_written_twice_with_their_platform
         assert a["platform_id"].startswith("act-") and a["submitted"] <= a["finished"]
 
 
-def test_an_attempt_still_running_after_the_hold_gets_its_mark_before_its_outcome(tmp_path):
+def test_an_attempt_still_running_after_the_hold_has_its_mark_written_in_a_batch(tmp_path):
     def behave(fn, p, n):
         return ("after", 10.0) if fn == "fl_client" else "ok"
 
     keeper, store, provider, clock = fake_keeper(tmp_path, behave, rounds=1)
     written = recording(store, clock)
+    batches = []
+    insert = store.insert_running_marks
+
+    def insert_running_marks(sid, marks):
+        batches.append((clock(), sid, [i for i, _ in marks]))
+        insert(sid, marks)
+    store.insert_running_marks = insert_running_marks
     assert keeper.start(session_id="s1", deploy=False).state == "finished"
     hold = keeper.dispatcher.running_marks.after_s
-    for a in client_docs(store):
-        states = written[a["_id"]]
-        assert [s for s, _ in states] == ["running", "succeeded"], a
-        marked_at = states[0][1]
-        assert a["submitted"] + hold <= marked_at < a["submitted"] + hold + 0.5
+    docs = client_docs(store)
+    # one batch for the four clients, written once their hold had passed
+    assert [(sid, sorted(ids)) for _, sid, ids in batches] == [("s1", sorted(a["_id"] for a in docs))]
+    assert all(a["submitted"] + hold <= batches[0][0] < a["submitted"] + hold + 0.5 for a in docs)
+    for a in docs:
+        # the attempt document itself: the insert, then the outcome only
+        assert [s for s, _ in written[a["_id"]]] == ["succeeded"], a
         assert a["state"] == "succeeded" and a["platform_id"].startswith("act-")
+    assert store.mark_batches == []   # dropped when the session ended
 
 
 def test_an_interrupted_keeper_writes_the_marks_it_held(tmp_path):

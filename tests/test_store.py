@@ -131,6 +131,34 @@ def test_attempts_left_submitting_are_closed_on_resume(store: Store):
     assert store.close_unaccepted_attempts("r", "keeper stopped", 6.0) == 0
 
 
+def test_running_marks_written_in_batches_are_folded_into_the_attempts_they_name(store: Store):
+    """keeper/running_marks.py: on resume (or when a keeper is interrupted)
+    an attempt still `submitting` that a batch marks becomes `running`, an
+    attempt that ended keeps its outcome, an unmarked one is abandoned, and
+    the session's batches are dropped."""
+    from bson import ObjectId
+    from fedkeeper.store import RUNNING_MARKS
+    ids = [ObjectId() for _ in range(4)]
+    base = {"session": "m", "round": 0, "function": "fl_client", "attempt": 1, "submitted": 1.0}
+    store.insert_attempts([
+        {**base, "_id": ids[0], "client": "client_0", "state": "submitting"},
+        {**base, "_id": ids[1], "client": "client_1", "state": "submitting"},
+        {**base, "_id": ids[2], "client": "client_2", "state": "succeeded", "platform_id": "p2"},
+        {**base, "_id": ids[3], "session": "other", "client": "client_0", "state": "submitting"}])
+    mark = {"state": "running", "submitted": 2.5}
+    store.insert_running_marks("m", [(ids[0], {**mark, "platform_id": "p0"}),
+                                     (ids[2], {**mark, "platform_id": "p2-late"})])
+    store.insert_running_marks("other", [(ids[3], {**mark, "platform_id": "p3"})])
+    assert store.close_unaccepted_attempts("m", "keeper stopped", 5.0) == 1
+    docs = store.attempts_by_id(ids)
+    assert (docs[ids[0]]["state"], docs[ids[0]]["platform_id"], docs[ids[0]]["submitted"]) == ("running", "p0", 2.5)
+    assert docs[ids[1]]["state"] == "abandoned"
+    assert (docs[ids[2]]["state"], docs[ids[2]]["platform_id"]) == ("succeeded", "p2")
+    assert docs[ids[3]]["state"] == "submitting"            # another session's, untouched
+    assert store.db[RUNNING_MARKS].count_documents({"session": "m"}) == 0
+    assert store.db[RUNNING_MARKS].count_documents({"session": "other"}) == 1
+
+
 def test_embedded_server_is_reused_and_stops_cleanly(tmp_path):
     server = EmbeddedMongo(tmp_path / "m")
     url, started = server.start()

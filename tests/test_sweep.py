@@ -19,6 +19,7 @@ from fedkeeper.store import SWEEPS, connect
 from flcommon import store as fs
 
 from cli_processes import kill_cli_when
+from in_flight import first_marked_running
 
 
 def write_config(path: Path, mongo_url: str, db: str, faults: str = "null") -> Path:
@@ -126,8 +127,7 @@ def test_interrupted_sweep_resumes_the_killed_session(fabric_state, mongo_url, t
                        faults="{slow_ms: 1500, seed: 1, functions: [fl_client]}")
     args = ["sweep", "-c", str(cfg), "--grid", "local_epochs=0", "--keep-services"]
     db = pymongo.MongoClient(mongo_url)[db_name]
-    kill_cli_when(args, lambda: db[fs.INVOCATIONS].find_one(
-        {"round": 1, "state": "running", "function": "fl_client"}), "round 1 with invocations in flight")
+    kill_cli_when(args, lambda: first_marked_running(db, 1), "round 1 with invocations in flight")
     sweep = db[SWEEPS].find_one()
     (run,) = sweep["runs"].values()
     assert run["state"] == "running" and sweep["state"] == "running"

@@ -140,6 +140,7 @@ class Dispatcher:
         they supersede and those now due (running_marks.py)."""
         changes = self.running_marks.with_changes(changes)
         self.store.update_attempts(changes)
+        self._write_marks(self.running_marks.due())
         if self.attempt_ended is None:
             return
         for doc_id, fields in changes:
@@ -150,10 +151,20 @@ class Dispatcher:
                                    d / 1000 if d is not None else None, fields.get("cold_start"),
                                    function=where[2])
 
+    def _write_marks(self, marks: list[tuple[Any, str, dict[str, Any]]]) -> None:
+        by_session: dict[str, list[tuple[Any, dict[str, Any]]]] = {}
+        for doc_id, session, fields in marks:
+            by_session.setdefault(session, []).append((doc_id, fields))
+        for session, batch in by_session.items():
+            self.store.insert_running_marks(session, batch)
+
     def write_running_marks(self) -> None:
-        """Write every running mark still held: the keeper stops, and
-        --resume should adopt those attempts."""
-        self.store.update_attempts(self.running_marks.due(everything=True))
+        """The keeper stops: every running mark it holds is written, and
+        its sessions' marks are folded into their attempts, which are left
+        `running` for --resume to adopt."""
+        self._write_marks(self.running_marks.due(everything=True))
+        for session in sorted(self.running_marks.sessions):
+            self.store.fold_running_marks(session)
 
     def abandon(self, slots: Iterable[Slot], why: str) -> None:
         """Running attempts given up: recorded as abandoned. An update one of
@@ -222,8 +233,8 @@ class Dispatcher:
         for s, inv, err in results:
             if inv is not None:
                 table.started(s, inv, self.platforms.spec(s.cluster, "fl_client").timeout_s)
-                self.running_marks.hold(s.doc_id, {"state": "running", "platform_id": inv.platform_id,
-                                                   "submitted": inv.submitted_at})
+                self.running_marks.hold(s.doc_id, session, {"state": "running", "platform_id": inv.platform_id,
+                                                            "submitted": inv.submitted_at})
                 continue
             changes.append((s.doc_id, {"state": "failed", "error_class": err.error_class.value,
                                        "error": str(err), "finished": self.clock()}))

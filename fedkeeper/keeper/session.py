@@ -224,12 +224,14 @@ class Keeper:
             mode.run(session, first, reports)
             mode.finish(session)
         except SessionError as exc:
+            self.store.fold_running_marks(session)   # every attempt ended: only drops the batches
             self.store.update_session(session, state="failed", error=str(exc), ended=time.time())
             self.store.event(session, "failed", str(exc))
             log.error("session %s failed: %s", session, exc)
             return SessionSummary(session, "failed", earlier + reports, str(exc), rounds_this_run=len(reports))
         every = earlier + reports
         acc = every[-1].accuracy if every else None
+        self.store.fold_running_marks(session)   # every attempt ended: only drops the batches
         self.store.update_session(session, state="finished", ended=time.time(), final_accuracy=acc)
         self.store.event(session, "finished", f"finished after {len(every)} rounds "
                                               f"({len(reports)} in this run)")

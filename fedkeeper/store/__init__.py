@@ -40,6 +40,11 @@ __all__ = ["Store", "BlobError", "SWEEPS", "StoreUnavailable", "connect", "effec
 # One document per parameter sweep (`fedkeeper sweep`); only the keeper uses it.
 SWEEPS = "sweeps"
 
+# Running marks of attempts that ran past their hold, one document per
+# batch (keeper/running_marks.py); folded into the attempts they name when
+# a keeper resumes or is interrupted, and dropped when the session ends.
+RUNNING_MARKS = "running_marks"
+
 INDEXES: dict[str, list[tuple[list[tuple[str, int]], dict[str, Any]]]] = {
     fs.SESSIONS: [([("created", DESCENDING)], {}), ([("state", ASCENDING)], {})],
     fs.ROUNDS: [([("session", ASCENDING), ("round", ASCENDING)], {"unique": True}),
@@ -54,6 +59,7 @@ INDEXES: dict[str, list[tuple[list[tuple[str, int]], dict[str, Any]]]] = {
     fs.MODELS: [([("session", ASCENDING), ("round", ASCENDING)], {"unique": True})],
     fs.PARTITIONS: [([("session", ASCENDING), ("client", ASCENDING)], {"unique": True})],
     SWEEPS: [([("created", DESCENDING)], {})],
+    RUNNING_MARKS: [([("session", ASCENDING)], {})],
     f"{fs.BUCKET}.files": [([("metadata.session", ASCENDING), ("metadata.kind", ASCENDING)], {})],
 }
 
@@ -219,10 +225,33 @@ class Store:
             {"session": session, "function": "fl_client", "state": {"$in": list(ended_states)}},
             {"client": 1, "cluster": 1, "state": 1, "error_class": 1, "cold_start": 1, "duration_ms": 1})))
 
+    def insert_running_marks(self, session: str, marks: Sequence[tuple[Any, dict[str, Any]]]) -> None:
+        """One document for a batch of (attempt id, running mark fields)."""
+        if marks:
+            self._run(self.db[RUNNING_MARKS].insert_one,
+                      {"session": session, "marks": [{"attempt": i, **fields} for i, fields in marks]}, insert=True)
+
+    def fold_running_marks(self, session: str) -> int:
+        """The session's attempts still `submitting` whose running mark a
+        batch holds become `running` with it, and the batches are dropped;
+        the number of attempts changed. Attempts that ended keep their
+        outcome (the mark only applies to `submitting`)."""
+        def fold() -> int:
+            ops = [UpdateOne({"_id": m["attempt"], "state": "submitting"},
+                             {"$set": {k: v for k, v in m.items() if k != "attempt"}})
+                   for doc in self.db[RUNNING_MARKS].find({"session": session}) for m in doc.get("marks", [])]
+            changed = self.db[fs.INVOCATIONS].bulk_write(ops, ordered=False).modified_count if ops else 0
+            self.db[RUNNING_MARKS].delete_many({"session": session})
+            return changed
+        return self._run(fold)
+
     def close_unaccepted_attempts(self, session: str, why: str, now: float) -> int:
         """Attempts a stopped keeper left `submitting` (the platform's answer
-        never recorded) are recorded as abandoned, or as running when
-        fl_invoker wrote the platform's id on them; the number abandoned."""
+        never recorded) are recorded as abandoned, or as running when a
+        running mark names them (fold_running_marks) or fl_invoker wrote the
+        platform's id on them; the number abandoned."""
+        self.fold_running_marks(session)
+
         def close() -> int:
             inv = self.db[fs.INVOCATIONS]
             inv.update_many({"session": session, "state": "submitting",
