@@ -146,8 +146,10 @@ def test_running_marks_written_in_batches_are_folded_into_the_attempts_they_name
         {**base, "_id": ids[2], "client": "client_2", "state": "succeeded", "platform_id": "p2"},
         {**base, "_id": ids[3], "session": "other", "client": "client_0", "state": "submitting"}])
     mark = {"state": "running", "submitted": 2.5}
+    store.MARKS_PER_DOC = 1   # a batch over several documents
     store.insert_running_marks("m", [(ids[0], {**mark, "platform_id": "p0"}),
                                      (ids[2], {**mark, "platform_id": "p2-late"})])
+    assert store.db[RUNNING_MARKS].count_documents({"session": "m"}) == 2
     store.insert_running_marks("other", [(ids[3], {**mark, "platform_id": "p3"})])
     assert store.close_unaccepted_attempts("m", "keeper stopped", 5.0) == 1
     docs = store.attempts_by_id(ids)

@@ -225,11 +225,17 @@ class Store:
             {"session": session, "function": "fl_client", "state": {"$in": list(ended_states)}},
             {"client": 1, "cluster": 1, "state": 1, "error_class": 1, "cold_start": 1, "duration_ms": 1})))
 
+    #: Marks per running_marks document: about 100 bytes each, far below a
+    #: document's 16 MB limit however many clients a round invokes.
+    MARKS_PER_DOC = 10_000
+
     def insert_running_marks(self, session: str, marks: Sequence[tuple[Any, dict[str, Any]]]) -> None:
-        """One document for a batch of (attempt id, running mark fields)."""
-        if marks:
-            self._run(self.db[RUNNING_MARKS].insert_one,
-                      {"session": session, "marks": [{"attempt": i, **fields} for i, fields in marks]}, insert=True)
+        """A batch of (attempt id, running mark fields), one document per
+        MARKS_PER_DOC of them."""
+        docs = [{"session": session, "marks": [{"attempt": i, **fields} for i, fields in marks[k:k + self.MARKS_PER_DOC]]}
+                for k in range(0, len(marks), self.MARKS_PER_DOC)]
+        if docs:
+            self._run(self.db[RUNNING_MARKS].insert_many, docs, ordered=False, insert=True)
 
     def fold_running_marks(self, session: str) -> int:
         """The session's attempts still `submitting` whose running mark a

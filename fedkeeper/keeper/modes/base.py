@@ -83,7 +83,8 @@ class RoundMode(ABC):
     def tracking_until_the_end(self):
         """Abandon the attempts still running when the session ends, finished
         or failed. An interrupted keeper (Ctrl-C, a crash, a lost cluster)
-        leaves them `running`, writing the marks it still held, so that
+        leaves them `running`: it writes the marks it still holds and folds
+        every batch of marks into the attempts (running_marks.py), so that
         --resume adopts them instead of invoking their clients again while
         they still run.
         Combiners still following a round (one that failed, or any when the
