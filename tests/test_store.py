@@ -327,3 +327,17 @@ def test_a_session_is_claimed_only_from_the_keeper_a_check_saw(store: Store):
     doc = store.session("c")
     assert doc["keeper"] == a and doc["state"] == "running" and doc["heartbeat"] == 10.0
     assert store.claim_session("c", a, a)                                # the same keeper again
+
+
+def test_the_embedded_store_writes_no_oplog(mongo_url):
+    """FedKeeper reads no change stream: the embedded store runs standalone,
+    so no write pays for an oplog entry (about a sixth of an update's cost)."""
+    client = pymongo.MongoClient(mongo_url)
+    try:
+        assert "setName" not in client.admin.command("hello")
+        coll = client["oplog_check"]["docs"]
+        coll.insert_one({"_id": 1, "state": "submitting"})
+        coll.update_one({"_id": 1}, {"$set": {"state": "succeeded"}})
+        assert client["local"]["oplog.rs"].count_documents({"ns": "oplog_check.docs"}) == 0
+    finally:
+        client.close()

@@ -147,9 +147,12 @@ class EmbeddedMongo:
         except OSError as exc:
             raise EmbeddedMongoError(str(exc)) from None
         # In a session of its own: survives a killed keeper; adopted on resume.
+        # Standalone: SecantusDB otherwise poses as a one-node replica set and
+        # writes an oplog entry for every document written, which only change
+        # streams read and FedKeeper opens none (a sixth of an update's cost).
         proc, rec = supervisor.spawn(
             [self._binary(), "--host", self.host, "--port", str(port),
-             "--storage-path", str(self.data_dir), "--log-level", "WARNING"],
+             "--storage-path", str(self.data_dir), "--log-level", "WARNING", "--standalone"],
             log_path=self.state_dir / LOG_FILE)
         url = self.url_for(port)
         deadline = time.monotonic() + timeout_s
