@@ -31,6 +31,8 @@ def all_finite(a: np.ndarray) -> bool:
     """np.isfinite(a).all(), a block at a time, so the boolean mask is never
     as large as a layer (a quarter of a float32 model's largest array)."""
     flat = a.reshape(-1, order="A")
+    if flat.size <= FINITE_BLOCK:   # one mask of at most a block: no buffer to slice
+        return bool(np.isfinite(flat).all())
     mask = np.empty(min(flat.size, FINITE_BLOCK), dtype=bool)
     for start in range(0, flat.size, FINITE_BLOCK):
         block = flat[start:start + FINITE_BLOCK]
@@ -46,14 +48,14 @@ def subtract_base(arrays: list[np.ndarray], base: Iterable[np.ndarray]) -> list[
     stays one in the delta. `base` may be a stream (a stale update's model,
     read array by array), so at most one of its arrays is held here."""
     count = 0
-    for i, (a, g) in enumerate(zip(arrays, base)):
-        if g.shape != a.shape:
-            raise UpdateRejected(f"array {i} does not match the base model's shape {g.shape}")
-        with np.errstate(over="ignore", invalid="ignore"):  # an overflow is caught just below
+    with np.errstate(over="ignore", invalid="ignore"):  # an overflow is caught by the finiteness check
+        for i, (a, g) in enumerate(zip(arrays, base)):
+            if g.shape != a.shape:
+                raise UpdateRejected(f"array {i} does not match the base model's shape {g.shape}")
             np.subtract(a, g, out=a, casting="unsafe")
-        if not all_finite(a):
-            raise UpdateRejected(f"array {i} contains NaN or inf (or does once the base model is subtracted)")
-        count += 1
+            if not all_finite(a):
+                raise UpdateRejected(f"array {i} contains NaN or inf (or does once the base model is subtracted)")
+            count += 1
     if count != len(arrays):
         raise UpdateRejected(f"the base model has {count} arrays, the update {len(arrays)}")
     return arrays
