@@ -88,7 +88,18 @@ def _put_update(db, sid, rnd, client, arrays=None, n=None, blob_round=None, blob
     return blob
 
 
-def test_aggregator_rejects_bad_updates_with_reasons(fn_db):
+@pytest.fixture(params=["listed then read by id", "read in one pass"])
+def read_path(request, monkeypatch):
+    """Both ways a round's updates are read: a short list is listed, then
+    read a group at a time by id; a list longer than one `$in` slice is
+    read in one pass over the round's documents (update_stream._read_round).
+    Every check must refuse the same updates with the same reasons on both."""
+    if request.param == "read in one pass":
+        monkeypatch.setattr(fs, "IN_SLICE", 4)
+    return request.param
+
+
+def test_aggregator_rejects_bad_updates_with_reasons(fn_db, read_path):
     db = fn_db
     sid = make_session(db, clients=12)
     call("fl_server_init", db, session=sid, round=0)
@@ -148,7 +159,7 @@ def _put_inline(db, sid, rnd, client, data, length=None, n=None):
                                "status": "received"})
 
 
-def test_inline_updates_are_bounded_checked_and_counted_with_blob_ones(fn_db):
+def test_inline_updates_are_bounded_checked_and_counted_with_blob_ones(fn_db, read_path):
     from flcommon import update_data
     db = fn_db
     sid = make_session(db, clients=9)

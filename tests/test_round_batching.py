@@ -201,8 +201,9 @@ def test_the_store_says_which_clients_have_an_update_in_slices(store, monkeypatc
 
 def test_a_long_list_of_a_rounds_updates_is_one_query_and_counts_only_the_listed(counted, monkeypatch):
     """More listed clients than one `$in` slice: the round's updates are
-    listed by one query (update_stream._listed), and an update of the round
-    that is not listed (one the keeper left out) is never counted."""
+    read, with their data, by one query (update_stream._read_round), and an
+    update of the round that is not listed (one the keeper left out) is
+    never counted."""
     db, listener = counted
     monkeypatch.setattr(fs, "IN_SLICE", 4)
     every = _round(db, "long", 10, inline=True)
@@ -215,3 +216,4 @@ def test_a_long_list_of_a_rounds_updates_is_one_query_and_counts_only_the_listed
     assert np.allclose(mean[0], 3.5)   # clients 0..7, equally weighted: not 8 and 9
     listings = [f for c, f in listener.finds if c == fs.UPDATES and "_id" not in f]
     assert listings == [{"session": "long", "round": 0}], listener.finds
+    assert not [f for c, f in listener.finds if c == fs.UPDATES and "_id" in f], listener.finds   # no second read

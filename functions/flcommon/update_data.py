@@ -9,10 +9,14 @@ store, 1,000 updates of 19.5 KB took 1.5 s of writes inline against 3.8 s
 as blobs, and 0.19 s of reads against 0.60 s. A larger update is a blob
 (`blob_id`), read a batch of chunks at a time, as before.
 
-Readers never list `data` with the other fields: they ask for it by the
-documents' ids, a bounded group at a time (get_inline_arrays), so that a
-round's listing holds no update's arrays. The bytes are untrusted like a
-blob's: their size is checked before decoding and the decoding is bounded.
+A listing of updates leaves `data` out (WITHOUT_DATA) and asks for it by
+the documents' ids, a bounded group at a time (get_inline_arrays), so that
+it holds no update's arrays. The one reader that takes `data` with the
+other fields, the aggregation of a long list of a round's own updates
+(update_stream._read_round), streams the round's documents in groups of
+the same bounds and drops each one's data once decoded. The bytes are
+untrusted like a blob's: their size is checked before decoding
+(check_inline) and the decoding is bounded.
 """
 from __future__ import annotations
 
@@ -79,13 +83,16 @@ def get_inline_arrays(db, docs: Sequence[dict[str, Any]], max_bytes: int | None 
     data: dict[Any, Any] = {}
     for d in store.find_in(db[store.UPDATES], {}, "_id", [d["_id"] for d in docs], {"data": 1}):
         data[d["_id"]] = d.get("data")
+    return store.decode_fetched(docs, data, check_inline, max_bytes)
 
-    def check(d: dict[str, Any], raw: Any) -> None:
-        n = inline_length(d)
-        if not isinstance(raw, bytes) or len(raw) != n:
-            raise BlobError(f"inline update {d['_id']} is corrupt in the store: "
-                            f"{'no data' if not isinstance(raw, bytes) else f'{len(raw)} bytes, {n} declared'}")
-    return store.decode_fetched(docs, data, check, max_bytes)
+
+def check_inline(doc: dict[str, Any], raw: Any) -> None:
+    """BlobError unless `raw` is the data of the inline update `doc`
+    declares: bytes of its declared length."""
+    n = inline_length(doc)
+    if not isinstance(raw, bytes) or len(raw) != n:
+        raise BlobError(f"inline update {doc['_id']} is corrupt in the store: "
+                        f"{'no data' if not isinstance(raw, bytes) else f'{len(raw)} bytes, {n} declared'}")
 
 
 def get_update_arrays(db, doc: dict[str, Any], max_bytes: int | None = None) -> list[np.ndarray]:

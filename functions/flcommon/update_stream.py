@@ -13,7 +13,7 @@ aggregates written by combiners for this round (flcommon.partials) are
 added as one unit each, in place of reading their clients' updates."""
 from __future__ import annotations
 
-from typing import Any, Iterator, NamedTuple
+from typing import Any, Iterable, Iterator, NamedTuple
 
 import numpy as np
 
@@ -71,10 +71,58 @@ def _listed(db, session: str, rnd: int, clients: list[str]) -> Iterator[dict[str
             yield d
 
 
-def _candidates(db, session: str, rnd: int, wanted: list[tuple[str, int]]) -> tuple[list[Candidate], list[dict]]:
+def _counted_elsewhere(doc: dict[str, Any], counted: dict[tuple[str, int], int], rnd: int) -> str | None:
+    """Why an update counted by another aggregation is refused, if it was."""
+    done_in = contributions.aggregation_of(doc, counted)
+    if done_in is not None and done_in != rnd:
+        return f"already aggregated in round {done_in}"
+    return None
+
+
+def _checked(doc: dict[str, Any], client: str, r: int, rnd: int, session: str, sizes: dict[str, Any],
+             blobs: dict[Any, dict], has_base: set[int]) -> tuple[dict[str, Any], int]:
+    """(what its arrays are read by, its example count) for an update worth
+    reading; UpdateRejected or BlobError for one refused from its document:
+    someone else's blob, an inflated example count, no base model."""
+    if update_data.is_inline(doc):
+        update_data.inline_length(doc)   # its arrays are its own: no one else's to check
+        files_doc = doc
+    else:
+        if doc.get("blob_id") not in blobs:
+            raise UpdateRejected("update blob does not exist")
+        files_doc = blobs[doc["blob_id"]]
+        meta = files_doc.get("metadata") or {}
+        if meta.get("round") != r or meta.get("session") != session or meta.get("client") != client:
+            raise UpdateRejected(f"update blob belongs to session {meta.get('session')}, "
+                                 f"round {meta.get('round')}, client {meta.get('client')}")
+    n = _examples(doc.get("num_examples"))
+    if sizes.get(client) is not None and n != sizes[client]:
+        raise UpdateRejected(f"update claims {n} examples, the client's partition has {sizes[client]}")
+    if r != rnd and r not in has_base:
+        raise UpdateRejected(f"no global model of round {r} to take the delta against")
+    return files_doc, n
+
+
+def _files_docs(db, docs: Iterable[dict[str, Any]]) -> dict[Any, dict]:
+    """The GridFS files documents of these update documents' blobs, by id."""
+    return {d["_id"]: d for d in store.find_in(
+        db[f"{store.BUCKET}.files"], {}, "_id", [d["blob_id"] for d in docs if d.get("blob_id") is not None],
+        {"metadata": 1, "length": 1, "chunkSize": 1})}
+
+
+def _missing(index: int, client: str, r: int, rnd: int) -> dict[str, Any]:
+    reason = "no update stored for this round" if r == rnd else f"no update stored for round {r}"
+    return {"index": index, "client": client, "round": r, "reason": reason, "mark": False}
+
+
+def _candidates(db, session: str, rnd: int, wanted: list[tuple[str, int]],
+                index_of: dict[tuple[str, int], int] | None = None) -> tuple[list[Candidate], list[dict]]:
     """The listed updates worth reading, and the rejections decided from
     their documents alone (missing, counted already, someone else's blob,
-    an inflated example count, no base model)."""
+    an inflated example count, no base model). `index_of` gives each its
+    place in the aggregation's whole list (default: its place in `wanted`)."""
+    if index_of is None:
+        index_of = {w: i for i, w in enumerate(wanted)}
     by_round: dict[int, list[str]] = {}
     for client, r in wanted:
         by_round.setdefault(r, []).append(client)
@@ -87,9 +135,7 @@ def _candidates(db, session: str, rnd: int, wanted: list[tuple[str, int]]) -> tu
     # The partition sizes init wrote: a client cannot inflate its weight by
     # claiming more examples than it holds.
     sizes = partition_sizes(db, session, sorted({c for c, _ in wanted}))
-    blobs = {d["_id"]: d for d in store.find_in(
-        db[f"{store.BUCKET}.files"], {}, "_id", [d["blob_id"] for d in docs.values() if d.get("blob_id") is not None],
-        {"metadata": 1, "length": 1, "chunkSize": 1})}
+    blobs = _files_docs(db, docs.values())
     # A stale update (trained from an older model) needs that model as its
     # base, and may have been counted by an aggregation since: the models
     # from its round on say both. The round's own updates are newer than
@@ -101,40 +147,75 @@ def _candidates(db, session: str, rnd: int, wanted: list[tuple[str, int]]) -> tu
     counted = contributions.counted_in(models)
     candidates: list[Candidate] = []
     rejected: list[dict[str, Any]] = []
-    for index, (client, r) in enumerate(wanted):
+    for client, r in wanted:
+        index = index_of[(client, r)]
         doc = docs.get((client, r))
         if doc is None:
-            reason = "no update stored for this round" if r == rnd else f"no update stored for round {r}"
-            rejected.append({"index": index, "client": client, "round": r, "reason": reason, "mark": False})
+            rejected.append(_missing(index, client, r, rnd))
             continue
-        done_in = contributions.aggregation_of(doc, counted)
-        if done_in is not None and done_in != rnd:
-            # Counted already; its record stays as that aggregation left it.
-            rejected.append({"index": index, "client": client, "round": r,
-                             "reason": f"already aggregated in round {done_in}", "mark": False})
+        why = _counted_elsewhere(doc, counted, rnd)
+        if why is not None:   # its record stays as that aggregation left it
+            rejected.append({"index": index, "client": client, "round": r, "reason": why, "mark": False})
             continue
         try:
-            if update_data.is_inline(doc):
-                update_data.inline_length(doc)   # its arrays are its own: no one else's to check
-                files_doc = doc
-            else:
-                if doc.get("blob_id") not in blobs:
-                    raise UpdateRejected("update blob does not exist")
-                files_doc = blobs[doc["blob_id"]]
-                meta = files_doc.get("metadata") or {}
-                if meta.get("round") != r or meta.get("session") != session or meta.get("client") != client:
-                    raise UpdateRejected(f"update blob belongs to session {meta.get('session')}, "
-                                         f"round {meta.get('round')}, client {meta.get('client')}")
-            n = _examples(doc.get("num_examples"))
-            if sizes.get(client) is not None and n != sizes[client]:
-                raise UpdateRejected(f"update claims {n} examples, the client's partition has {sizes[client]}")
-            if r != rnd and r not in has_base:
-                raise UpdateRejected(f"no global model of round {r} to take the delta against")
+            files_doc, n = _checked(doc, client, r, rnd, session, sizes, blobs, has_base)
         except (UpdateRejected, BlobError) as exc:
             rejected.append({"index": index, "client": client, "round": r, "reason": str(exc)[:300], "mark": True})
             continue
         candidates.append(Candidate(index, client, r, doc.get("blob_id"), files_doc, n))
     return candidates, rejected
+
+
+def _streamed(wanted: list[tuple[str, int]], rnd: int) -> set[str]:
+    """The round's own clients whose updates are read in one pass
+    (_read_round): all of them when there are more than one `$in` slice
+    holds, else none (a short list is asked by client)."""
+    own = {c for c, r in wanted if r == rnd}
+    return own if len(own) > store.IN_SLICE else set()
+
+
+def _round_groups(db, session: str, rnd: int, clients: set[str], model_bytes: int
+                  ) -> Iterator[list[dict[str, Any]]]:
+    """The round's update documents with their data, listed clients only,
+    in the order of their unique key, in groups of at most IN_SLICE
+    documents and about SMALL_BATCH_BYTES, fetched as the groups are taken."""
+    # A document holds the model's encoding at most (larger ones are blobs
+    # and hold none): a batch is then about SMALL_BATCH_BYTES.
+    per_batch = max(1, min(store.IN_SLICE,
+                           store.SMALL_BATCH_BYTES // max(1, min(model_bytes, update_data.INLINE_MAX_BYTES))))
+    # Sorted by client: the unique key's order, which the index serves.
+    cursor = db[store.UPDATES].find({"session": session, "round": rnd}).sort("client", 1).batch_size(per_batch)
+    group: list[dict[str, Any]] = []
+    size = 0
+    with cursor:
+        for d in cursor:
+            if d.get("client") not in clients:
+                continue   # not listed: never counted, its data dropped at once
+            group.append(d)
+            size += len(d["data"]) if isinstance(d.get("data"), bytes) else 0
+            if len(group) >= per_batch or size >= store.SMALL_BATCH_BYTES:
+                yield group
+                group, size = [], 0
+    if group:
+        yield group
+
+
+def _decoded(group: list[dict[str, Any]], model_bytes: int) -> list[list[np.ndarray] | BlobError | None]:
+    """Each inline document's arrays (or why they are unreadable), its data
+    dropped from the document; None for an update kept as a blob."""
+    out: list[list[np.ndarray] | BlobError | None] = []
+    for d in group:
+        if not update_data.is_inline(d):
+            out.append(None)
+            continue
+        raw = d.pop("data", None)
+        try:
+            update_data.check_inline(d, raw)
+            out.append(list(store.iter_arrays(raw, max_bytes=model_bytes)))
+        except BlobError as exc:
+            out.append(exc)
+        del raw
+    return out
 
 
 def _take(items: list[Any], i: int) -> Any:
@@ -152,7 +233,13 @@ def aggregate(db, session: str, rnd: int, wanted: list[tuple[str, int]], global_
     two updates or two groups are held besides the accumulator; no update
     may decode to more than the model's size. Returns (contributions,
     rejections): contributions in the order added, rejections in the order
-    listed; the caller then calls strategy.finish()."""
+    listed; the caller then calls strategy.finish().
+
+    A long list of the round's own updates (more than one `$in` slice) is
+    read in one pass, the documents with their data in the order of their
+    unique key (_read_round); the others, and any of the round's kept as
+    blobs, are listed first and read a group at a time by id, in the
+    listed order."""
     reference = [(w.shape, w.dtype) for w in global_weights]
     model_bytes = sum(w.nbytes for w in global_weights)
     strategy.begin(reference)
@@ -160,11 +247,38 @@ def aggregate(db, session: str, rnd: int, wanted: list[tuple[str, int]], global_
     # clients; the updates no partial counted are read here, as in a flat round.
     accepted, wanted, partial_rejected = add_partials(db, session, rnd, wanted, reference, model_bytes, strategy) \
         if use_partials else ([], wanted, [])
-    candidates, rejected = _candidates(db, session, rnd, wanted)
+    from_partials = bool(accepted)
+    index_of = {w: i for i, w in enumerate(wanted)}
+    one_pass = _streamed(wanted, rnd)
+    candidates, rejected = _candidates(db, session, rnd, [w for w in wanted if w[0] not in one_pass or w[1] != rnd],
+                                       index_of)
     rejected += partial_rejected
     base_blobs = {d["round"]: d["blob_id"] for d in db[store.MODELS].find(
         {"session": session, "round": {"$in": sorted({c.round for c in candidates if c.round != rnd})}},
         {"round": 1, "blob_id": 1})}
+
+    def add(c: Candidate, arrays: list[np.ndarray] | BlobError) -> None:
+        try:
+            if isinstance(arrays, BlobError):
+                raise arrays
+            check_layout(arrays, reference)
+            base = global_weights if c.round == rnd else \
+                store.stream_arrays(db, base_blobs[c.round], max_bytes=model_bytes)
+            delta = subtract_base(arrays, base)
+            del arrays
+            staleness = rnd - c.round
+            weight = c.num_examples * (1.0 + staleness) ** -staleness_exponent
+            strategy.add(delta, weight, mass=c.num_examples)
+            del delta
+            accepted.append({"client": c.client, "round": c.round, "staleness": staleness,
+                             "num_examples": c.num_examples, "raw_weight": weight})
+        except (UpdateRejected, BlobError, StrategyError) as exc:
+            rejected.append({"index": c.index, "client": c.client, "round": c.round, "reason": str(exc)[:300],
+                             "mark": True})
+
+    if one_pass:
+        candidates = _read_round(db, session, rnd, one_pass, index_of, model_bytes, add, rejected) + candidates
+        candidates.sort(key=lambda c: c.index)
 
     def read(group: list[Candidate]) -> list[list[np.ndarray] | BlobError]:
         if len(group) == 1 and not group[0].inline and not store.is_small(group[0].files_doc):
@@ -181,38 +295,14 @@ def aggregate(db, session: str, rnd: int, wanted: list[tuple[str, int]], global_
         from_blobs = iter(store.get_small_arrays(db, blobs, max_bytes=model_bytes) if blobs else [])
         return [next(from_docs) if c.inline else next(from_blobs) for c in group]
 
-    def each(groups) -> Iterator[tuple[Candidate, list[np.ndarray] | BlobError]]:
-        for group, loaded, _ in groups:
-            for i, c in enumerate(group):
-                # Handed over, not kept: the caller's `del` then frees the update.
-                yield c, _take(loaded, i)
-            del loaded
-
-    from_partials = bool(accepted)
     # Small updates (inline, or one GridFS chunk each) are read a group per
     # query (store.small_blob_batches: at most ~1 MB a group), larger ones
     # one at a time in chunk batches; the next group is read while this one
     # is added.
-    groups = read_ahead(store.small_blob_batches(candidates, Candidate.sizes), read)
-    for c, arrays in each(groups):
-        try:
-            if isinstance(arrays, BlobError):
-                raise arrays
-            check_layout(arrays, reference)
-            base = global_weights if c.round == rnd else \
-                store.stream_arrays(db, base_blobs[c.round], max_bytes=model_bytes)
-            delta = subtract_base(arrays, base)
-            del arrays
-            staleness = rnd - c.round
-            weight = c.num_examples * (1.0 + staleness) ** -staleness_exponent
-            strategy.add(delta, weight, mass=c.num_examples)
-            del delta
-            accepted.append({"client": c.client, "round": c.round, "staleness": staleness,
-                             "num_examples": c.num_examples, "raw_weight": weight})
-        except (UpdateRejected, BlobError, StrategyError) as exc:
-            arrays = delta = None  # released before the next update is taken
-            rejected.append({"index": c.index, "client": c.client, "round": c.round, "reason": str(exc)[:300],
-                             "mark": True})
+    for group, loaded, _ in read_ahead(store.small_blob_batches(candidates, Candidate.sizes), read):
+        for i, c in enumerate(group):
+            add(c, _take(loaded, i))   # handed over, not kept: the update is freed once added
+        del loaded
     rejected.sort(key=lambda r: r["index"])
     for r in rejected:
         del r["index"]
@@ -222,3 +312,53 @@ def aggregate(db, session: str, rnd: int, wanted: list[tuple[str, int]], global_
         # had been added alone.
         count_members(strategy, [a["raw_weight"] for a in accepted], [a["num_examples"] for a in accepted])
     return accepted, rejected
+
+
+def _read_round(db, session: str, rnd: int, clients: set[str], index_of: dict[tuple[str, int], int],
+                model_bytes: int, add, rejected: list[dict[str, Any]]) -> list[Candidate]:
+    """Add the round's inline updates of `clients` in one pass over the
+    round's documents with their data, in key order, the next group read
+    while this one is added, instead of listing the round and then reading
+    each group by id: an aggregation of 1,000 no-op updates took 0.72-0.92 s
+    in process against 0.90-1.15 s, one of 100 0.08-0.14 s against
+    0.12-0.16 s (eight calls each, alternating). Rejections go to `rejected`. Returns the candidates kept as blobs, to be read
+    like the others, once checked against their files documents."""
+    sizes = partition_sizes(db, session, sorted(clients))
+    seen: set[str] = set()
+    as_blobs: list[dict[str, Any]] = []
+    for group, loaded, _ in read_ahead(_round_groups(db, session, rnd, clients, model_bytes),
+                                       lambda g: _decoded(g, model_bytes)):
+        for i, doc in enumerate(group):
+            arrays = _take(loaded, i)
+            client = doc["client"]
+            seen.add(client)
+            index = index_of[(client, rnd)]
+            why = _counted_elsewhere(doc, {}, rnd)   # no model counted the round's own updates yet
+            if why is not None:
+                rejected.append({"index": index, "client": client, "round": rnd, "reason": why, "mark": False})
+                continue
+            if arrays is None:
+                as_blobs.append(doc)
+                continue
+            try:
+                _, n = _checked(doc, client, rnd, rnd, session, sizes, {}, set())
+            except (UpdateRejected, BlobError) as exc:
+                rejected.append({"index": index, "client": client, "round": rnd, "reason": str(exc)[:300],
+                                 "mark": True})
+                continue
+            add(Candidate(index, client, rnd, None, doc, n), arrays)
+            del arrays
+        del loaded
+    rejected.extend(_missing(index_of[(c, rnd)], c, rnd, rnd) for c in sorted(clients - seen))
+    blobs = _files_docs(db, as_blobs)
+    out: list[Candidate] = []
+    for doc in as_blobs:
+        index = index_of[(doc["client"], rnd)]
+        try:
+            files_doc, n = _checked(doc, doc["client"], rnd, rnd, session, sizes, blobs, set())
+        except (UpdateRejected, BlobError) as exc:
+            rejected.append({"index": index, "client": doc["client"], "round": rnd, "reason": str(exc)[:300],
+                             "mark": True})
+            continue
+        out.append(Candidate(index, doc["client"], rnd, doc.get("blob_id"), files_doc, n))
+    return out
