@@ -170,6 +170,24 @@ def test_only_plain_numbers_in_well_formed_members_decode():
     refused_without_allocating(bytes(flipped), "CRC mismatch")
 
 
+def test_a_header_is_parsed_once_and_what_it_declares_is_checked_every_time():
+    """The updates of one model share their .npy headers: numpy's parse of
+    one (a compiled literal) is kept, and every check after it still runs."""
+    blobs._parsed_header.cache_clear()
+    data = encode_arrays([np.zeros((3, 4), np.float32), np.ones(5, np.float32)])
+    for _ in range(3):
+        assert [a.shape for a in decode_arrays(data)] == [(3, 4), (5,)]
+    info = blobs._parsed_header.cache_info()
+    assert (info.misses, info.hits) == (2, 4)
+    for _ in range(2):   # parsed once, refused each time
+        refused_without_allocating(stored_npz(npy_header((2,), "<U3") + b"\0" * 24), "only plain numbers")
+        refused_without_allocating(stored_npz(npy_header((3,)) + b"\0" * 8), "declares a 3 float32 array")
+    unparsable = b"\x93NUMPY\x01\x00" + struct.pack("<H", 54) + b"{'descr': <f4 ...}".ljust(53) + b"\n"
+    for _ in range(2):
+        refused_without_allocating(stored_npz(unparsable + b"\0" * 8), "blob refused: arr_0000.npy")
+    assert blobs._parsed_header.cache_info().currsize == 4
+
+
 def test_every_plain_array_round_trips_from_bytes_and_from_streams():
     arrays = [np.asfortranarray(np.arange(12, dtype=np.float32).reshape(3, 4)), np.array([True, False]),
               np.array([1 + 2j], np.complex64), np.arange(-3, 3, dtype=np.int8), np.zeros((0, 5)),

@@ -25,6 +25,7 @@ its own buffer.
 """
 from __future__ import annotations
 
+import functools
 import io
 import math
 import struct
@@ -207,9 +208,20 @@ def _zip64_sizes(extra: bytes, usize: int, csize: int, name: str) -> tuple[int, 
     raise BlobError(f"blob is not a valid npz archive: zip64 member {name} without its sizes")
 
 
+@functools.lru_cache(maxsize=256)
+def _parsed_header(major: int, header: bytes) -> tuple[tuple[int, ...], bool, np.dtype]:
+    """numpy's parse of an .npy header (its length field and text): a
+    Python literal compiled with `ast`, 60 us, most of decoding a small
+    array. The updates of one model share their headers, so a parse is kept
+    for the same bytes (the result is immutable); a header that does not
+    parse raises each time, and is never kept."""
+    from numpy.lib import format as npy
+    reader = npy.read_array_header_1_0 if major == 1 else npy.read_array_header_2_0
+    return reader(io.BytesIO(header), max_header_size=MAX_NPY_HEADER)
+
+
 def _npy_header(src: _Source, name: str, size: int) -> tuple[bytes, tuple[int, ...], str, np.dtype]:
     """(raw header bytes, shape, order, dtype) of a member's .npy header."""
-    from numpy.lib import format as npy
     lead = src.take(min(10, size), f"{name}'s header")
     if len(lead) < 10 or lead[:6] != _NPY_MAGIC:
         raise BlobError(f"blob is not a valid npz archive: {name} is not an .npy array")
@@ -227,9 +239,8 @@ def _npy_header(src: _Source, name: str, size: int) -> tuple[bytes, tuple[int, .
     if len(raw) + text_len > size:
         raise BlobError(f"blob is not a valid npz archive: {name}'s header is longer than its member")
     text = src.take(text_len, f"{name}'s header")
-    reader = npy.read_array_header_1_0 if major == 1 else npy.read_array_header_2_0
     try:
-        shape, fortran, dtype = reader(io.BytesIO(hlen_bytes + text), max_header_size=MAX_NPY_HEADER)
+        shape, fortran, dtype = _parsed_header(major, hlen_bytes + text)
     except (ValueError, SyntaxError, TypeError) as exc:
         raise BlobError(f"blob refused: {name}: {exc}") from None
     if any(int(n) < 0 for n in shape):
