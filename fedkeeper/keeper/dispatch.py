@@ -67,6 +67,19 @@ class Platforms:
         return signed(self.rt.secret, ids)
 
 
+def across_clusters(slots: Sequence[Slot]) -> list[Slot]:
+    """The slots one cluster after another in turn, each cluster's in their
+    own order, so that every cluster starts on its clients at once. Sent in
+    client order, a cluster whose clients came last waited for every other
+    cluster's invocations first: 1.3 s of a 1,000-client round for the
+    second of two local clusters, whose clients then ended last."""
+    queues: dict[str, list[Slot]] = {}
+    for s in slots:
+        queues.setdefault(s.cluster, []).append(s)
+    longest = max((len(q) for q in queues.values()), default=0)
+    return [q[i] for i in range(longest) for q in queues.values() if i < len(q)]
+
+
 class Dispatcher:
     INVOKER_BATCH = 40  # client payloads per fl_invoker call: keeps its payload small
     INVOKE_THREADS = 16  # client invocations sent at once
@@ -223,7 +236,7 @@ class Dispatcher:
             except ProviderError as exc:
                 return s, None, exc
 
-        direct = [s for s in ready if not self.platforms.via_invoker(s.cluster)]
+        direct = across_clusters([s for s in ready if not self.platforms.via_invoker(s.cluster)])
         results = []
         if direct:
             results = self.invoke_each(invoke, direct)
