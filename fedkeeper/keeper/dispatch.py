@@ -31,6 +31,7 @@ from .events import RoundEvents
 from .hedging import Hedger
 from .helper_calls import call_helper
 from .outcomes import outcome_fields, succeeded
+from .round_records import RoundRecords
 from .running_marks import RunningMarks
 
 log = logging.getLogger("fedkeeper.keeper")
@@ -100,6 +101,7 @@ class Dispatcher:
         self.attempt_ended: Callable[..., None] | None = None
         self._attempt_where: dict[Any, tuple[str, str, str]] = {}
         self.running_marks = RunningMarks(clock)   # accepted client attempts' marks, held a while
+        self.round_records = RoundRecords()        # the attempts of rounds this keeper started
         self.hedger = Hedger(self)   # speculative attempts; where they run: Hedger.where
         self.peer_durations: dict[int, list[float]] = {}   # shared by its tables (AttemptTable)
         self.warm_durations: dict[int, list[float]] = {}
@@ -147,12 +149,14 @@ class Dispatcher:
         for d in docs:
             self.remember(d["_id"], d["cluster"], d["platform"], d["function"])
         self.store.insert_attempts(docs)
+        self.round_records.inserted(docs)
 
     def update_attempts(self, changes: list[tuple[Any, dict[str, Any]]]) -> None:
         """Write `changes` to attempt documents, with the running marks
         they supersede and those now due (running_marks.py)."""
         changes = self.running_marks.with_changes(changes)
         self.store.update_attempts(changes)
+        self.round_records.changed(changes)
         self._write_marks(self.running_marks.due())
         if self.attempt_ended is None:
             return

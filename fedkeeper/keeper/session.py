@@ -138,7 +138,10 @@ class Keeper:
             self._resumable(resume)   # before deploying: a refusal should not wait for a deploy
         if deploy:
             self.deploy()
+        self.dispatcher.round_records.clear()
         session = self._open(resume, session_id)
+        if not resume:   # nothing of it exists: its init call and first round are kept as written
+            self.dispatcher.round_records.begin(session, 0)
         earlier = [report_from_doc(r) for r in self.store.rounds(session) if r.get("state") == "done"]
         reports: list[RoundReport] = []
         self._done_this_run = 0

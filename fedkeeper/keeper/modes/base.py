@@ -120,9 +120,13 @@ class RoundMode(ABC):
     def _timeout(self, cluster: str) -> float:
         return self.dispatch.platforms.spec(cluster, "fl_client").timeout_s
 
-    def adopt(self, session: str, rnd: int, selected: list[str]) -> AttemptTable:
-        """Rebuild a round's slots from the store (a fresh round or a resume)."""
+    def adopt(self, session: str, rnd: int, selected: list[str], fresh: bool = False) -> AttemptTable:
+        """Rebuild a round's slots from the store (a resume), or start them
+        (`fresh`: a round that had no round document, so none of its
+        clients was invoked and the store has nothing to say about it)."""
         table = self.dispatch.table(Slot(c, self.ctx.client_cluster[c], rnd) for c in selected)
+        if fresh:
+            return table
         by_client = {s.client: s for s in table}
         delivered = self.store.delivered_clients(session, rnd)
         now = self.ctx.clock()
@@ -200,7 +204,9 @@ class RoundMode(ABC):
                              following=self.following.pop(rnd, None))
         res = self.dispatch.call(self.ctx.server, session, rnd, "fl_server_aggregator", **args,
                                  **({"mark_counted": True} if self.finds_waiting_updates else {}))
-        attempts = self.store.attempts(session, rnd)
+        attempts = self.dispatch.round_records.take(session, rnd)
+        if attempts is None:   # a round this keeper resumed
+            attempts = self.store.attempts(session, rnd)
         # A hedge takes the slot's next attempt number but is not a retry.
         retries = sum(1 for a in attempts if a["attempt"] > 1 and not a.get("hedge"))
         ended = self.ctx.clock()

@@ -81,12 +81,14 @@ class ClosingRounds(RoundMode):
             table = self.adopt(session, rnd, selected)
             self.resumed_while_aggregating(table)
         else:
+            if not existing and rnd > 0:   # none of its attempts exists (round 0: the session's start)
+                self.dispatch.round_records.begin(session, rnd)
             self.store.upsert_round(session, rnd, selected=selected, state="running", mode=self.name,
                                     started=started)
             self.follow(session, rnd, selected)
             # Secure aggregation: only the clients that shared their keys train.
             trainers = self.ctx.privacy.before_training(session, rnd, selected) if self.ctx.privacy else selected
-            table = self.adopt(session, rnd, trainers)
+            table = self.adopt(session, rnd, trainers, fresh=not existing)
             quorum = quorum_needed(self.training.quorum, len(selected))
             included = self.dispatch_round(session, rnd, table, self.close_at(quorum))
             stale = self.stale_for(session, rnd)
