@@ -209,7 +209,7 @@ def test_a_long_list_of_a_rounds_updates_is_one_query_and_counts_only_the_listed
     every = _round(db, "long", 10, inline=True)
     wanted = every[:8] + [("client_99", 0)]        # two left out, one never stored
     strategy = get_strategy("fedavg")
-    accepted, rejected = aggregate(db, "long", 0, wanted, BASE, strategy, use_partials=False)
+    accepted, rejected = aggregate(db, "long", 0, wanted, BASE, strategy, use_partials=False, whole_round=True)
     assert sorted(a["client"] for a in accepted) == sorted(c for c, _ in every[:8])
     assert [(r["client"], r["reason"]) for r in rejected] == [("client_99", "no update stored for this round")]
     mean, _ = strategy.finish(BASE, None)
@@ -217,3 +217,17 @@ def test_a_long_list_of_a_rounds_updates_is_one_query_and_counts_only_the_listed
     listings = [f for c, f in listener.finds if c == fs.UPDATES and "_id" not in f]
     assert listings == [{"session": "long", "round": 0}], listener.finds
     assert not [f for c, f in listener.finds if c == fs.UPDATES and "_id" in f], listener.finds   # no second read
+
+
+def test_a_combiners_long_list_is_read_by_id_not_with_the_whole_rounds_data(counted, monkeypatch):
+    """A combiner lists one cluster's updates, or those arrived since its
+    last fold: reading the whole round with its data for each list would
+    read every other cluster's updates too. Only the aggregator's call
+    (whole_round) reads the round in one pass."""
+    db, listener = counted
+    monkeypatch.setattr(fs, "IN_SLICE", 4)
+    every = _round(db, "part", 10, inline=True)
+    accepted, rejected = aggregate(db, "part", 0, every[:6], BASE, get_strategy("fedavg"), use_partials=False)
+    assert sorted(a["client"] for a in accepted) == sorted(c for c, _ in every[:6]) and not rejected
+    by_id = [f for c, f in listener.finds if c == fs.UPDATES and "_id" in f]
+    assert len(by_id) == 2, listener.finds   # six updates' data, four ids a query

@@ -109,7 +109,7 @@ def handle(payload: dict[str, Any], bound: dict[str, str]) -> dict[str, Any]:
         from flcommon.secagg.server import secure_aggregate
         accepted, rejected = secure_aggregate(db, session, rnd, wanted, weights, strategy, spec)
     else:
-        accepted, rejected = aggregate(db, session, rnd, wanted, weights, agg, exponent)
+        accepted, rejected = aggregate(db, session, rnd, wanted, weights, agg, exponent, whole_round=True)
     marks = [pymongo.UpdateOne({"session": session, "round": r["round"], "client": r["client"],
                                 "status": {"$ne": "accepted"}},
                                {"$set": {"status": "rejected", "reason": r["reason"]}})

@@ -224,8 +224,8 @@ def _take(items: list[Any], i: int) -> Any:
 
 
 def aggregate(db, session: str, rnd: int, wanted: list[tuple[str, int]], global_weights: list[np.ndarray],
-              strategy: Strategy, staleness_exponent: float = 0.5, *, use_partials: bool = True
-              ) -> tuple[list[dict], list[dict]]:
+              strategy: Strategy, staleness_exponent: float = 0.5, *, use_partials: bool = True,
+              whole_round: bool = False) -> tuple[list[dict], list[dict]]:
     """Feed the strategy the delta of every valid listed update (a streaming
     strategy adds it to its accumulator and drops it). The next update (or
     group of small ones, at most store.SMALL_BATCH_BYTES) is read from the
@@ -235,11 +235,13 @@ def aggregate(db, session: str, rnd: int, wanted: list[tuple[str, int]], global_
     rejections): contributions in the order added, rejections in the order
     listed; the caller then calls strategy.finish().
 
-    A long list of the round's own updates (more than one `$in` slice) is
-    read in one pass, the documents with their data in the order of their
-    unique key (_read_round); the others, and any of the round's kept as
-    blobs, are listed first and read a group at a time by id, in the
-    listed order."""
+    When the caller lists (nearly) all of the round's updates
+    (`whole_round`: the aggregator, not a combiner, which lists one
+    cluster's or those arrived since its last fold), a long list of the
+    round's own (more than one `$in` slice) is read in one pass, the
+    documents with their data in the order of their unique key
+    (_read_round); the others, and any of the round's kept as blobs, are
+    listed first and read a group at a time by id, in the listed order."""
     reference = [(w.shape, w.dtype) for w in global_weights]
     model_bytes = sum(w.nbytes for w in global_weights)
     strategy.begin(reference)
@@ -249,7 +251,7 @@ def aggregate(db, session: str, rnd: int, wanted: list[tuple[str, int]], global_
         if use_partials else ([], wanted, [])
     from_partials = bool(accepted)
     index_of = {w: i for i, w in enumerate(wanted)}
-    one_pass = _streamed(wanted, rnd)
+    one_pass = _streamed(wanted, rnd) if whole_round else set()
     candidates, rejected = _candidates(db, session, rnd, [w for w in wanted if w[0] not in one_pass or w[1] != rnd],
                                        index_of)
     rejected += partial_rejected
