@@ -237,8 +237,9 @@ def aggregate(db, session: str, rnd: int, wanted: list[tuple[str, int]], global_
 
     When the caller lists (nearly) all of the round's updates
     (`whole_round`: the aggregator, not a combiner, which lists one
-    cluster's or those arrived since its last fold), a long list of the
-    round's own (more than one `$in` slice) is read in one pass, the
+    cluster's or those arrived since its last fold) and the model's
+    updates are small enough to be kept in their documents, a long list of
+    the round's own (more than one `$in` slice) is read in one pass, the
     documents with their data in the order of their unique key
     (_read_round); the others, and any of the round's kept as blobs, are
     listed first and read a group at a time by id, in the listed order."""
@@ -251,7 +252,9 @@ def aggregate(db, session: str, rnd: int, wanted: list[tuple[str, int]], global_
         if use_partials else ([], wanted, [])
     from_partials = bool(accepted)
     index_of = {w: i for i, w in enumerate(wanted)}
-    one_pass = _streamed(wanted, rnd) if whole_round else set()
+    # A model larger than one chunk has its updates kept as blobs: a pass
+    # over the round's documents would bring no data, only small batches.
+    one_pass = _streamed(wanted, rnd) if whole_round and model_bytes <= update_data.INLINE_MAX_BYTES else set()
     candidates, rejected = _candidates(db, session, rnd, [w for w in wanted if w[0] not in one_pass or w[1] != rnd],
                                        index_of)
     rejected += partial_rejected
