@@ -13,7 +13,7 @@ aggregates written by combiners for this round (flcommon.partials) are
 added as one unit each, in place of reading their clients' updates."""
 from __future__ import annotations
 
-from typing import Any, Iterable, Iterator, NamedTuple
+from typing import Any, Callable, Iterable, Iterator, NamedTuple
 
 import numpy as np
 
@@ -320,14 +320,16 @@ def aggregate(db, session: str, rnd: int, wanted: list[tuple[str, int]], global_
 
 
 def _read_round(db, session: str, rnd: int, clients: set[str], index_of: dict[tuple[str, int], int],
-                model_bytes: int, add, rejected: list[dict[str, Any]]) -> list[Candidate]:
+                model_bytes: int, add: Callable[[Candidate, list[np.ndarray] | BlobError], None],
+                rejected: list[dict[str, Any]]) -> list[Candidate]:
     """Add the round's inline updates of `clients` in one pass over the
     round's documents with their data, in key order, the next group read
     while this one is added, instead of listing the round and then reading
     each group by id: an aggregation of 1,000 no-op updates took 0.72-0.92 s
     in process against 0.90-1.15 s, one of 100 0.08-0.14 s against
-    0.12-0.16 s (eight calls each, alternating). Rejections go to `rejected`. Returns the candidates kept as blobs, to be read
-    like the others, once checked against their files documents."""
+    0.12-0.16 s (eight calls each, alternating). Rejections go to
+    `rejected`. Returns the candidates kept as blobs, to be read like the
+    others once checked against their files documents."""
     sizes = partition_sizes(db, session, sorted(clients))
     seen: set[str] = set()
     as_blobs: list[dict[str, Any]] = []
