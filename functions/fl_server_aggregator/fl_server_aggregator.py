@@ -11,8 +11,9 @@ num_examples * (1 + staleness) ** -staleness_exponent. Updates are streamed
 one at a time, small ones (kept in their documents, flcommon.update_data)
 a group per query (the next read while the current one is added; a long
 list of the round's own in one pass over its documents), none may decode
-to more than the model's size, and each is checked whole before the strategy sees it; invalid ones
-are rejected with a recorded reason and the round aggregates the rest. An
+to more than the model's size, and each is checked whole before the
+strategy sees it; invalid ones are rejected with a recorded reason and the
+round aggregates the rest. An
 update already counted by the aggregation of another round is rejected,
 never counted twice: model R+1's contributions list what this aggregation
 counted, its one record of it (flcommon.contributions). The store is asked
