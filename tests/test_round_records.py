@@ -24,9 +24,13 @@ def test_only_the_rounds_begun_are_kept_each_until_it_is_taken():
 
 
 def _round_events(keeper) -> dict[int, list[dict]]:
+    """Each round's attempts as its `round` event carries them."""
     seen: dict[int, list[dict]] = {}
-    keeper.progress = lambda kind, data: seen.__setitem__(data["report"].round, data["attempts"]) \
-        if kind == "round" else None
+
+    def on_event(kind: str, data: dict) -> None:
+        if kind == "round":
+            seen[data["report"].round] = data["attempts"]
+    keeper.progress = on_event
     return seen
 
 
