@@ -102,3 +102,36 @@ def test_an_interrupted_keeper_writes_the_marks_it_held(tmp_path):
         # ... though interrupted well within the hold, while the marks were still held
         assert clock() - a["submitted"] < keeper.dispatcher.running_marks.after_s
         assert a["platform_id"].startswith("act-")
+
+
+def test_marks_taken_from_several_threads_are_each_written_once():
+    """Combiners write their attempts from threads of their own through
+    the same dispatcher: every due mark goes to exactly one writer."""
+    import sys
+    import threading
+    marks = RunningMarks(lambda: 0.0, after_s=0.0)
+    taken: list[list] = [[] for _ in range(4)]
+    errors: list[BaseException] = []
+    done = threading.Event()
+
+    def writer(mine: list) -> None:
+        try:
+            while not done.is_set() or len(marks):
+                mine += [doc_id for doc_id, _, _ in marks.due()]
+        except BaseException as exc:  # noqa: BLE001 - reported by the assertion below
+            errors.append(exc)
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)   # threads interleave between any two bytecodes
+    try:
+        threads = [threading.Thread(target=writer, args=(t,)) for t in taken]
+        for t in threads:
+            t.start()
+        for i in range(20_000):
+            marks.hold(i, "s", {"state": "running"})
+        done.set()
+        for t in threads:
+            t.join(30)
+    finally:
+        sys.setswitchinterval(switch)
+    assert not errors, errors
+    assert sorted(i for mine in taken for i in mine) == list(range(20_000))

@@ -23,9 +23,11 @@ A keeper killed within an attempt's hold leaves it `submitting`: --resume
 records it as abandoned and invokes its client again, which is what it
 always did for a keeper killed between an invocation and its mark. The
 unique update key keeps the two from counting twice. Pure: an injected
-clock, no store."""
+clock, no store. Combiners write their attempts from threads of their own
+(keeper/aggregation.py) through the same dispatcher, hence the lock."""
 from __future__ import annotations
 
+import threading
 from typing import Any, Callable, Iterable
 
 Change = tuple[Any, dict[str, Any]]
@@ -45,23 +47,26 @@ class RunningMarks:
         self._held: dict[Any, tuple[float, str, dict[str, Any]]] = {}
         self._written: dict[Any, dict[str, Any]] = {}   # doc id -> fields, for attempts still running
         self.sessions: set[str] = set()                 # every session a mark was written for
+        self._lock = threading.Lock()
 
     def __len__(self) -> int:
         return len(self._held)
 
     def hold(self, doc_id: Any, session: str, fields: dict[str, Any]) -> None:
-        self._held[doc_id] = (self.clock() + self.after_s, session, fields)
+        with self._lock:
+            self._held[doc_id] = (self.clock() + self.after_s, session, fields)
 
     def with_changes(self, changes: Iterable[Change]) -> list[Change]:
         """`changes` to attempt documents, each carrying the fields of the
         mark it supersedes (its own win); those marks are done with."""
         out = []
-        for doc_id, fields in changes:
-            held = self._held.pop(doc_id, None)
-            mark = held[2] if held is not None else self._written.pop(doc_id, None)
-            if mark is not None:
-                fields = {**{k: v for k, v in mark.items() if k != "state"}, **fields}
-            out.append((doc_id, fields))
+        with self._lock:
+            for doc_id, fields in changes:
+                held = self._held.pop(doc_id, None)
+                mark = held[2] if held is not None else self._written.pop(doc_id, None)
+                if mark is not None:
+                    fields = {**{k: v for k, v in mark.items() if k != "state"}, **fields}
+                out.append((doc_id, fields))
         return out
 
     def due(self, everything: bool = False) -> list[Mark]:
@@ -69,13 +74,14 @@ class RunningMarks:
         no longer held: the caller writes them."""
         now = self.clock()
         out: list[Mark] = []
-        while self._held:
-            doc_id = next(iter(self._held))
-            at, session, fields = self._held[doc_id]
-            if at > now and not everything:
-                break
-            del self._held[doc_id]
-            self._written[doc_id] = fields
-            self.sessions.add(session)
-            out.append((doc_id, session, fields))
+        with self._lock:
+            while self._held:
+                doc_id = next(iter(self._held))
+                at, session, fields = self._held[doc_id]
+                if at > now and not everything:
+                    break
+                del self._held[doc_id]
+                self._written[doc_id] = fields
+                self.sessions.add(session)
+                out.append((doc_id, session, fields))
         return out
