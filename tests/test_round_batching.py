@@ -219,7 +219,7 @@ def test_a_long_list_of_a_rounds_updates_is_one_query_and_counts_only_the_listed
     assert not [f for c, f in listener.finds if c == fs.UPDATES and "_id" in f], listener.finds   # no second read
 
 
-def test_a_combiners_long_list_is_read_by_id_not_with_the_whole_rounds_data(counted, monkeypatch):
+def test_a_combiners_long_list_is_asked_by_client_and_id_not_by_the_whole_round(counted, monkeypatch):
     """A combiner lists one cluster's updates, or those arrived since its
     last fold: reading the whole round with its data for each list would
     read every other cluster's updates too. Only the aggregator's call
@@ -231,3 +231,5 @@ def test_a_combiners_long_list_is_read_by_id_not_with_the_whole_rounds_data(coun
     assert sorted(a["client"] for a in accepted) == sorted(c for c, _ in every[:6]) and not rejected
     by_id = [f for c, f in listener.finds if c == fs.UPDATES and "_id" in f]
     assert len(by_id) == 2, listener.finds   # six updates' data, four ids a query
+    listings = [f for c, f in listener.finds if c == fs.UPDATES and "_id" not in f]
+    assert len(listings) == 2 and all("client" in f for f in listings), listener.finds   # by client, not the round
