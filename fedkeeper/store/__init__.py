@@ -232,7 +232,8 @@ class Store:
     def insert_running_marks(self, session: str, marks: Sequence[tuple[Any, dict[str, Any]]]) -> None:
         """A batch of (attempt id, running mark fields), one document per
         MARKS_PER_DOC of them."""
-        docs = [{"session": session, "marks": [{"attempt": i, **fields} for i, fields in marks[k:k + self.MARKS_PER_DOC]]}
+        docs = [{"session": session,
+                 "marks": [{"attempt": i, **fields} for i, fields in marks[k:k + self.MARKS_PER_DOC]]}
                 for k in range(0, len(marks), self.MARKS_PER_DOC)]
         if docs:
             self._run(self.db[RUNNING_MARKS].insert_many, docs, ordered=False, insert=True)
