@@ -1,8 +1,9 @@
 """A module kept out while a runtime's modules load (`!name` in
 fedkeeper/local/prewarm.py, KEPT_OUT_OF_KERAS in flcommon): an optional
 import of it is skipped, and it imports as usual afterwards. Keras imports
-scikit-learn only for its wrappers; the functions and the local platforms'
-preloads import Keras without it."""
+scikit-learn only for its wrappers, TensorFlow's legacy Keras SciPy and
+h5py; the functions and the local platforms' preloads import Keras without
+them."""
 from __future__ import annotations
 
 import gc
@@ -66,27 +67,42 @@ def test_a_module_already_imported_is_not_kept_out(optional_modules):
     assert sys.modules["fk_optional_dep"] is fk_optional_dep
 
 
-def test_the_tensorflow_runtime_preloads_keras_without_scikit_learn():
+def test_the_tensorflow_runtime_preloads_keras_without_what_the_functions_keep_out():
+    sys.path.insert(0, str(ROOT / "functions"))
+    try:
+        from flcommon.architectures import KEPT_OUT_OF_KERAS
+    finally:
+        sys.path.remove(str(ROOT / "functions"))
     modules = preload_for("tensorflow")
-    assert "!sklearn" in modules
-    assert modules.index("!sklearn") < modules.index("tensorflow")
+    kept_out = [m[1:] for m in modules if m.startswith("!")]
+    assert sorted(kept_out) == sorted(KEPT_OUT_OF_KERAS) == ["h5py", "scipy", "sklearn"]
+    assert all(modules.index(f"!{m}") < modules.index("tensorflow") for m in kept_out)
 
 
-def test_the_functions_import_keras_without_scikit_learn_which_imports_later():
+def test_the_functions_import_keras_without_scikit_learn_scipy_or_h5py_which_import_later():
     """In a fresh process, as a cold start on a cluster: the functions'
-    first import of Keras and the digits data set leave scikit-learn out;
-    it imports afterwards, and only keras.wrappers' estimators miss it."""
+    first import of Keras and the digits data set leave scikit-learn, SciPy
+    and h5py out; they import afterwards, only the legacy parts that took
+    their absence miss them, and a model still saves as .keras."""
     code = """
-import sys
-from flcommon.architectures import load_keras
+import os, sys, tempfile
+from flcommon.architectures import build, load_keras
 keras = load_keras()
 assert load_keras() is keras
-assert "tensorflow" in sys.modules and "sklearn" not in sys.modules, "sklearn imported with keras"
+assert "tensorflow" in sys.modules, "no tensorflow"
+for name in ("sklearn", "scipy", "h5py"):
+    assert name not in sys.modules, name + " imported with keras"
 from keras.src.wrappers import utils
 assert utils.sklearn is None
 from flcommon.data import load_digits_split
 assert len(load_digits_split()[0]) > 1000 and "sklearn" not in sys.modules, "sklearn imported for the digits"
-import sklearn.base
+import sklearn.base, scipy.sparse, h5py
+with tempfile.TemporaryDirectory() as tmp:
+    path = os.path.join(tmp, "m.keras")
+    model = build("small", (8, 8, 1), 10, seed=1)
+    model.save(path)
+    again = keras.saving.load_model(path)
+    assert all((a == b).all() for a, b in zip(model.get_weights(), again.get_weights()))
 print("ok")
 """
     env = {**os.environ, "PYTHONPATH": str(ROOT / "functions")}

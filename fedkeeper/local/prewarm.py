@@ -18,13 +18,14 @@ log = logging.getLogger("fedkeeper.local")
 #: here preloads nothing (its processes still start ahead of need). An entry
 #: `!name` keeps module `name` out while the others load (preloading.py,
 #: which both local platforms' processes run): the tensorflow runtime keeps
-#: scikit-learn out of Keras, as the functions' own first import of Keras
-#: does (functions/flcommon/architectures.py). Not gridfs, though every function
+#: scikit-learn, SciPy and h5py out of TensorFlow and Keras, as the
+#: functions' own first import of Keras does (KEPT_OUT_OF_KERAS in
+#: functions/flcommon/architectures.py). Not gridfs, though every function
 #: that reads a blob imports it: preloaded, it added about 70 MB to the PSS
 #: of the zygote and its cells (the main job's peak went from 1.11-1.12 to
 #: 1.18-1.19 GiB), for 3 ms of import.
 PRELOAD: dict[str, tuple[str, ...]] = {
-    "tensorflow": ("!sklearn", "numpy", "pymongo", "tensorflow", "keras"),
+    "tensorflow": ("!sklearn", "!scipy", "!h5py", "numpy", "pymongo", "tensorflow", "keras"),
     "light": ("numpy", "pymongo"),
 }
 

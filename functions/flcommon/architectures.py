@@ -27,11 +27,16 @@ MODELS = ("cnn", "nn", "small")
 #: estimators, which no function uses: in the tensorflow runtime (which
 #: carries scikit-learn for insights and the digits file) that is about 1 s
 #: of CPU and 60 MB in every process that imports TensorFlow (measured with
-#: `python -X importtime` and /usr/bin/time). A function that needs
-#: scikit-learn imports it later as usual; only keras.wrappers' estimators
-#: then say it is missing. The local platforms' preloads keep it out the
-#: same way (fedkeeper/local/prewarm.py).
-KEPT_OUT_OF_KERAS = ("sklearn",)
+#: `python -X importtime` and /usr/bin/time). SciPy and h5py are imported,
+#: when they can be, by TensorFlow's own legacy Keras (tensorflow.python.keras,
+#: which FedKeeper never uses: its sparse-input checks and .h5 saving) and by
+#: Keras' legacy .h5 format: 178 modules and about 0.27 s of the import's
+#: 4.1-4.6 s of CPU (medians of six runs each). Keras' own .keras saving
+#: imports h5py when it saves. A function that needs any of them imports it
+#: later as usual; only keras.wrappers' estimators, Keras' legacy .h5 format
+#: and TensorFlow's legacy Keras then say it is missing. The local platforms'
+#: preloads keep the same modules out (fedkeeper/local/prewarm.py).
+KEPT_OUT_OF_KERAS = ("sklearn", "scipy", "h5py")
 _keras_lock = threading.Lock()
 _keras: Any = None   # set once Keras is wholly imported (sys.modules has it while it is half)
 
