@@ -2,11 +2,13 @@
 same session without faults, with and without hedged re-invocation.
 
     .venv/bin/python bench/bench_stragglers.py [--clients 10] [--rounds 8] [--crash 0.2] [--timeout 0.1] [--timeline]
+        [--local-epochs 0]
     .venv/bin/python bench/bench_stragglers.py --smoke
 
 Every session is a real sync session on the local fabric (embedded MongoDB,
-model "small", `local_epochs: 0`: a client reads the global model and writes
-it back, with the real aggregator), its clients on one local OpenWhisk
+model "small", `local_epochs: 0` unless --local-epochs says otherwise: a
+client reads the global model and writes it back, with the real
+aggregator), its clients on one local OpenWhisk
 cluster, same seed and settings. All sessions share one fabric namespace,
 so each starts from the warm workers the one before left, and the fault
 sequence (a pure function of seed, namespace and invocation number) restarts
@@ -97,7 +99,7 @@ def config(tmp: Path, tag: str, args: argparse.Namespace, *, faults: bool, hedgi
                             clusters: {{{cluster}: {args.clients}}}}}
             data_sampling: {{model: small, batch_size: 16}}
             mongo_config: {{url: embedded, db: {DB}}}
-            model_params: {{local_epochs: 0}}
+            model_params: {{local_epochs: {args.local_epochs}}}
             training:
               rounds: {rounds}
               seed: 7
@@ -181,6 +183,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--clients", type=int, default=10)
     ap.add_argument("--rounds", type=int, default=8, help="rounds per session; the first is not counted")
+    ap.add_argument("--local-epochs", type=int, default=0, help="model_params.local_epochs (0: no-op clients)")
     ap.add_argument("--crash", type=float, default=0.2)
     ap.add_argument("--timeout", type=float, default=0.1, help="share of activations held to the limit")
     ap.add_argument("--limit-x", type=float, default=10.0, help="function limit / median client duration")
@@ -254,7 +257,8 @@ def main() -> None:
             EmbeddedMongo(state / "mongo").stop()
 
     print()
-    print(f"sync, {args.clients} clients x {args.rounds - 1} counted rounds (after one uncounted), no-op clients; "
+    print(f"sync, {args.clients} clients x {args.rounds - 1} counted rounds (after one uncounted), "
+          f"{'no-op clients' if args.local_epochs == 0 else f'{args.local_epochs} local epoch(s) a client'}; "
           f"faulted: crash {args.crash:.0%}, real timeout {args.timeout:.0%} of fl_client activations; "
           f"median warm client duration {median * 1000:.0f} ms, function limit {limit_ms} ms "
           f"({limit_ms / 1000 / median:.1f}x"
