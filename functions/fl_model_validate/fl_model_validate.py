@@ -24,7 +24,7 @@ import numpy as np
 
 from flcommon import store
 from flcommon.context import database, global_model, ids, num_classes, partition_arrays, session_spec
-from flcommon.entry import BadRequest, require
+from flcommon.entry import BadRequest
 from flcommon.models import evaluate
 from flcommon.user_code import BuiltinCode, code_for
 

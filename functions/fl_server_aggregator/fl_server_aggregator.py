@@ -31,15 +31,14 @@ import math
 import time
 from typing import Any
 
-import numpy as np
 import pymongo
 
-from flcommon.strategies import Strategy, StrategyError, get_strategy
+from flcommon.strategies import StrategyError, get_strategy
 from flcommon import store
 from flcommon.blobs import BlobError
 from flcommon.context import database, global_model, ids, num_classes, partition_arrays, session_spec
 from flcommon.entry import BadRequest, require
-from flcommon.update_stream import Candidate, _candidates, _examples, aggregate  # noqa: F401 (moved there)
+from flcommon.update_stream import aggregate
 from flcommon.models import evaluate
 from flcommon.privacy import central_dp
 from flcommon.trail import model_trail
