@@ -7,7 +7,7 @@ import itertools
 import textwrap
 import threading
 from types import SimpleNamespace
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 from fedkeeper.config import load_config
 from fedkeeper.providers import ErrorClass, Invocation, Outcome, Provider, ProviderError
@@ -198,6 +198,28 @@ class FakeStore:
 
     def model(self, sid, rnd):
         return {"round": rnd} if (sid, rnd) in self.models else None
+
+
+class FakePlatforms:
+    """Dispatch's view of fake clusters (keeper Platforms): each cluster's
+    provider, a 128 MB, 60 s spec for every function, and the clusters
+    whose clients fl_invoker invokes."""
+
+    def __init__(self, providers: dict[str, Any], via_invoker: Iterable[str] = ()):
+        self.providers = providers
+        self.through_invoker = set(via_invoker)
+
+    def provider(self, cluster):
+        return self.providers[cluster]
+
+    def spec(self, cluster, function):
+        return SimpleNamespace(memory_mb=128, timeout_s=60.0)
+
+    def via_invoker(self, cluster):
+        return cluster in self.through_invoker
+
+    def payload(self, **ids):
+        return ids
 
 
 class FakeProvider(Provider):

@@ -2,12 +2,10 @@
 its clients at once, whatever their order in the round."""
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 from fedkeeper.keeper.attempts import RUNNING, RetryPolicy, Slot
 from fedkeeper.keeper.dispatch import Dispatcher, across_clusters
 from fedkeeper.keeper.events import RoundEvents
-from keeper_fakes import FakeClock, FakeProvider, FakeStore
+from keeper_fakes import FakeClock, FakePlatforms, FakeProvider, FakeStore
 
 
 def test_slots_are_taken_from_each_cluster_in_turn_each_clusters_in_order():
@@ -18,35 +16,22 @@ def test_slots_are_taken_from_each_cluster_in_turn_each_clusters_in_order():
     assert across_clusters([]) == []
 
 
-class _TwoClusters:
-    """Dispatch's view of two fake clusters that log every invocation in one list."""
+def _two_clusters(store: FakeStore, clock: FakeClock, log: list[tuple[str, str]]) -> FakePlatforms:
+    """Two fake clusters that log every invocation in one list."""
+    providers = {c: FakeProvider(c, store, clock) for c in ("c1", "c2")}
+    for name, p in providers.items():
+        invoke = p.invoke
 
-    def __init__(self, store: FakeStore, clock: FakeClock, log: list[tuple[str, str]]):
-        self.providers = {c: FakeProvider(c, store, clock) for c in ("c1", "c2")}
-        for name, p in self.providers.items():
-            invoke = p.invoke
-
-            def logged(fn, payload, _invoke=invoke, _name=name):
-                log.append((_name, payload["client"]))
-                return _invoke(fn, payload)
-            p.invoke = logged
-
-    def provider(self, cluster):
-        return self.providers[cluster]
-
-    def spec(self, cluster, function):
-        return SimpleNamespace(memory_mb=128, timeout_s=60.0)
-
-    def via_invoker(self, cluster):
-        return False
-
-    def payload(self, **ids):
-        return ids
+        def logged(fn, payload, _invoke=invoke, _name=name):
+            log.append((_name, payload["client"]))
+            return _invoke(fn, payload)
+        p.invoke = logged
+    return FakePlatforms(providers)
 
 
 def test_a_round_whose_clients_are_listed_cluster_by_cluster_is_invoked_across_clusters():
     store, clock, log = FakeStore(), FakeClock(), []
-    d = Dispatcher(_TwoClusters(store, clock, log), store, RetryPolicy(), RoundEvents(), clock=clock,
+    d = Dispatcher(_two_clusters(store, clock, log), store, RetryPolicy(), RoundEvents(), clock=clock,
                    sleep=clock.sleep)
     d.INVOKE_THREADS = 1   # one sender: the log is the order sent
     placement = ["c1"] * 4 + ["c2"] * 2

@@ -4,9 +4,17 @@ order, as the store holds, without reading them back; a resumed round's
 are read from the store."""
 from __future__ import annotations
 
+from types import SimpleNamespace
+
+import pytest
+
+from fedkeeper.keeper.attempts import RetryPolicy, Slot
+from fedkeeper.keeper.dispatch import Dispatcher
+from fedkeeper.keeper.errors import SessionError
+from fedkeeper.keeper.events import RoundEvents
 from fedkeeper.keeper.round_records import RoundRecords
 from fedkeeper.providers import ErrorClass, Outcome
-from keeper_fakes import fake_keeper
+from keeper_fakes import FakeClock, FakePlatforms, FakeStore, fake_keeper
 from test_keeper_session import interrupted_with_four_running
 
 
@@ -63,3 +71,39 @@ def test_a_resumed_rounds_record_is_read_from_the_store(tmp_path):
     assert keeper.start(resume="s1", deploy=False).state == "finished"
     assert seen[0] == read("s1", 0) and {a["_id"] for a in running} <= {a["_id"] for a in seen[0]}
     assert asked.count(0) == 2   # adopted from the store, and its record read back
+
+
+def _invoker(store, *, invoked, then_fail=False):
+    """fl_invoker as the dispatcher calls it: writes `running` and a platform
+    id on the attempts of the clients in `invoked` itself, as the function
+    does, then answers (or fails, after invoking them)."""
+    def call(cluster, session, rnd, function, **args):
+        assert function == "fl_invoker"
+        for c in args["calls"]:
+            if c["client"] in invoked:
+                doc = next(a for a in store.invocations.values()
+                           if (a["session"], a["round"], a["client"], a["attempt"]) ==
+                           (session, rnd, c["client"], c["attempt"]))
+                doc.update(platform_id=f"act-{c['client']}", state="running", via="invoker")
+        if then_fail:
+            raise SessionError("fl_invoker: the cluster stopped answering")
+        return {"failed": [{"client": c["client"], "error": "refused"} for c in args["calls"]
+                           if c["client"] not in invoked]}
+    return call
+
+
+@pytest.mark.parametrize("then_fail", [False, True], ids=["answered", "failed after invoking"])
+def test_what_fl_invoker_writes_on_the_attempts_reaches_the_rounds_record(then_fail):
+    store, clock = FakeStore(), FakeClock()
+    # one cluster whose clients fl_invoker invokes: none is invoked directly
+    platforms = FakePlatforms({"c1": SimpleNamespace(platform="fake")}, via_invoker=["c1"])
+    d = Dispatcher(platforms, store, RetryPolicy(), RoundEvents(), clock=clock, sleep=clock.sleep)
+    d.round_records.begin("s", 0)
+    d.call = _invoker(store, invoked={"client_0", "client_2"}, then_fail=then_fail)
+    table = d.table(Slot(f"client_{i}", "c1", 0) for i in range(3))
+    d.submit("s", 0, table, table.begin(list(table)))
+    kept = d.round_records.take("s", 0)
+    assert kept == store.attempts("s", 0)
+    assert [(a["client"], a.get("platform_id")) for a in kept] == [
+        ("client_0", "act-client_0"), ("client_1", None), ("client_2", "act-client_2")]
+    d.close()

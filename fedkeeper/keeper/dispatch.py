@@ -81,6 +81,10 @@ def across_clusters(slots: Sequence[Slot]) -> list[Slot]:
     return [q[i] for i in range(longest) for q in queues.values() if i < len(q)]
 
 
+#: The fields fl_invoker sets on an attempt document it invoked.
+INVOKER_FIELDS = ("platform_id", "state", "via")
+
+
 class Dispatcher:
     INVOKER_BATCH = 40  # client payloads per fl_invoker call: keeps its payload small
     INVOKE_THREADS = 16  # client invocations sent at once
@@ -286,10 +290,17 @@ class Dispatcher:
                 try:
                     res = self.call(cluster, session, rnd, "fl_invoker", target="fl_client", calls=calls)
                 except SessionError as exc:
-                    out += [(s, None, ProviderError(ErrorClass.PLATFORM_ERROR, str(exc))) for s in batch]
+                    res, error = None, exc
+                docs = self.store.attempts_by_id([s.doc_id for s in batch])
+                # What fl_invoker wrote itself on the attempts it invoked (even
+                # when its call then failed), copied to the round's records.
+                self.round_records.changed(
+                    [(s.doc_id, {k: docs[s.doc_id][k] for k in INVOKER_FIELDS if k in docs[s.doc_id]})
+                     for s in batch if docs.get(s.doc_id, {}).get("platform_id")])
+                if res is None:
+                    out += [(s, None, ProviderError(ErrorClass.PLATFORM_ERROR, str(error))) for s in batch]
                     continue
                 failed = {f["client"]: f.get("error", "failed") for f in res.get("failed", [])}
-                docs = self.store.attempts_by_id([s.doc_id for s in batch])
                 for s in batch:
                     pid = docs.get(s.doc_id, {}).get("platform_id")
                     if pid and s.client not in failed:
