@@ -26,6 +26,7 @@ class Commands(monitoring.CommandListener):
         self.names: list[str] = []
         self.collections: list[str] = []
         self.finds: list[tuple[str, dict]] = []   # (collection, filter) of each find
+        self.projections: list[dict | None] = []  # each find's projection, in the same order
 
     def started(self, event):
         if event.command_name not in HOUSEKEEPING:
@@ -33,6 +34,8 @@ class Commands(monitoring.CommandListener):
             self.collections.append(str(event.command.get(event.command_name)))
         if event.command_name == "find":
             self.finds.append((str(event.command["find"]), dict(event.command.get("filter", {}))))
+            projection = event.command.get("projection")
+            self.projections.append(dict(projection) if projection is not None else None)
 
     def succeeded(self, event):
         pass
@@ -233,3 +236,68 @@ def test_a_combiners_long_list_is_asked_by_client_and_id_not_by_the_whole_round(
     assert len(by_id) == 2, listener.finds   # six updates' data, four ids a query
     listings = [f for c, f in listener.finds if c == fs.UPDATES and "_id" not in f]
     assert len(listings) == 2 and all("client" in f for f in listings), listener.finds   # by client, not the round
+
+
+def test_after_partials_the_clients_left_are_read_by_id_not_by_a_pass_over_the_round(counted, monkeypatch):
+    """A hierarchical round: the aggregator reads only the updates no
+    partial counted. Those are usually a few of the round's; a pass over
+    the round with the data would read every counted one's again."""
+    from flcommon.partials import PartialSum, write_partial
+    db, listener = counted
+    monkeypatch.setattr(fs, "IN_SLICE", 4)
+    every = _round(db, "tail", 10, inline=True)
+    partial = PartialSum()
+    counted_by_alpha, _ = aggregate(db, "tail", 0, every[:3], BASE, partial, use_partials=False)
+    write_partial(db, "tail", 0, "alpha", partial, counted_by_alpha, [], 0.0)
+    del listener.finds[:], listener.projections[:]
+    strategy = get_strategy("fedavg")
+    accepted, rejected = aggregate(db, "tail", 0, every, BASE, strategy, whole_round=True)
+    assert sorted(a["client"] for a in accepted) == sorted(c for c, _ in every) and not rejected
+    mean, _ = strategy.finish(BASE, None)
+    assert np.allclose(mean[0], 4.5)   # clients 0..9, equally weighted
+    updates = [(f, p) for (c, f), p in zip(listener.finds, listener.projections) if c == fs.UPDATES]
+    assert [f for f, _ in updates if "_id" in f], updates   # the seven left, read by id
+    assert all(p == {"data": 0} for f, p in updates if "_id" not in f), updates   # listed without their data
+
+
+@pytest.mark.parametrize("floats", [100, 65140, 65150, 65300])
+def test_an_update_is_taken_for_inline_exactly_when_its_encoding_fits_a_chunk(floats):
+    """A model just under a chunk may encode to more (the archive's
+    headers): its updates are then blobs, and a pass over the round's
+    documents would bring no data."""
+    from flcommon import update_data
+    arrays = [np.zeros(floats, np.float32), np.zeros(10, np.float32)]
+    fits = len(fs.encode_arrays(arrays)) <= update_data.INLINE_MAX_BYTES
+    assert update_data.kept_inline([(a.shape, a.dtype) for a in arrays]) is fits
+    assert fits is (floats <= 65140)
+
+
+def test_a_pass_over_the_round_drops_every_documents_data_once_decoded():
+    """The documents of blobs are kept till the pass ends: a `data` field
+    on one (written by anyone holding the store's credentials) must not
+    stay held with it."""
+    from flcommon.update_stream import _decoded
+    data = bytes(fs.encode_arrays(BASE))
+    group = [{"client": "a", "blob_id": "b1", "data": b"x" * 1000},
+             {"client": "b", "length": len(data), "data": data}]
+    out = _decoded(group, sum(b.nbytes for b in BASE))
+    assert out[0] is None and [a.shape for a in out[1]] == [b.shape for b in BASE]
+    assert all("data" not in d for d in group)
+
+
+def test_a_round_document_whose_client_is_no_name_is_nobodys(counted, monkeypatch):
+    """Documents whose `client` is a mapping or a list (which a set cannot
+    hold) in the round: the listed clients are aggregated as usual, whether
+    the round is read in one pass or listed first (as after partials)."""
+    from flcommon.update_stream import _listed
+    db, _ = counted
+    monkeypatch.setattr(fs, "IN_SLICE", 4)
+    every = _round(db, "odd", 10, inline=True)
+    for weird in ({"$oops": 1}, ["not_listed"]):
+        db[fs.UPDATES].insert_one({"session": "odd", "round": 0, "client": weird, "attempt": 1, "length": 8,
+                                   "data": b"12345678", "num_examples": 1, "status": "received"})
+    accepted, rejected = aggregate(db, "odd", 0, every, BASE, get_strategy("fedavg"), use_partials=False,
+                                   whole_round=True)
+    assert sorted(a["client"] for a in accepted) == sorted(c for c, _ in every) and not rejected
+    listed = list(_listed(db, "odd", 0, [c for c, _ in every], whole_round=True))
+    assert sorted(d["client"] for d in listed) == sorted(c for c, _ in every)

@@ -20,6 +20,7 @@ untrusted like a blob's: their size is checked before decoding
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Sequence
 
 import numpy as np
@@ -44,6 +45,26 @@ def stored_fields(db, arrays: Sequence[np.ndarray], filename: str, metadata: dic
         if len(data) <= INLINE_MAX_BYTES:
             return {"data": bytes(data), "length": len(data)}
         return {"blob_id": store.put_encoded(db, data, filename, metadata)}
+    finally:
+        data.release()
+
+
+def kept_inline(layout: Sequence[tuple[Sequence[int], Any]]) -> bool:
+    """Whether stored_fields keeps an update of a model of this layout
+    ((shape, dtype) per array) in its document: its encoding's size does
+    not depend on the values, but a model just under INLINE_MAX_BYTES may
+    encode to more (headers)."""
+    if sum(int(np.prod(shape)) * np.dtype(dtype).itemsize for shape, dtype in layout) > INLINE_MAX_BYTES:
+        return False
+    return _encoded_size(tuple((tuple(int(n) for n in shape), np.dtype(dtype).str) for shape, dtype in layout)) \
+        <= INLINE_MAX_BYTES
+
+
+@functools.lru_cache(maxsize=64)
+def _encoded_size(layout: tuple[tuple[tuple[int, ...], str], ...]) -> int:
+    data = store.encode_arrays([np.zeros(shape, np.dtype(dtype)) for shape, dtype in layout])
+    try:
+        return len(data)
     finally:
         data.release()
 

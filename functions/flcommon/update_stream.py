@@ -69,8 +69,16 @@ def _listed(db, session: str, rnd: int, clients: list[str], whole_round: bool) -
         return
     wanted = set(clients)
     for d in db[store.UPDATES].find({"session": session, "round": rnd}, update_data.WITHOUT_DATA):
-        if d.get("client") in wanted:
+        if _listed_client(d, wanted):
             yield d
+
+
+def _listed_client(doc: dict[str, Any], clients: set[str]) -> bool:
+    """Whether a document of the round is a listed client's (a document
+    whose `client` is not even a string, written by anyone holding the
+    store's credentials, is nobody's)."""
+    client = doc.get("client")
+    return isinstance(client, str) and client in clients
 
 
 def _counted_elsewhere(doc: dict[str, Any], counted: dict[tuple[str, int], int], rnd: int) -> str | None:
@@ -191,7 +199,7 @@ def _round_groups(db, session: str, rnd: int, clients: set[str], model_bytes: in
     size = 0
     with cursor:
         for d in cursor:
-            if d.get("client") not in clients:
+            if not _listed_client(d, clients):
                 continue   # not listed: never counted, its data dropped at once
             group.append(d)
             size += len(d["data"]) if isinstance(d.get("data"), bytes) else 0
@@ -203,14 +211,14 @@ def _round_groups(db, session: str, rnd: int, clients: set[str], model_bytes: in
 
 
 def _decoded(group: list[dict[str, Any]], model_bytes: int) -> list[list[np.ndarray] | BlobError | None]:
-    """Each inline document's arrays (or why they are unreadable), its data
-    dropped from the document; None for an update kept as a blob."""
+    """Each inline document's arrays (or why they are unreadable); None for
+    an update kept as a blob. Every document's data is dropped from it."""
     out: list[list[np.ndarray] | BlobError | None] = []
     for d in group:
+        raw = d.pop("data", None)   # also a blob's document's: it is kept till the pass ends
         if not update_data.is_inline(d):
             out.append(None)
             continue
-        raw = d.pop("data", None)
         try:
             update_data.check_inline(d, raw)
             out.append(list(store.iter_arrays(raw, max_bytes=model_bytes)))
@@ -239,8 +247,9 @@ def aggregate(db, session: str, rnd: int, wanted: list[tuple[str, int]], global_
 
     When the caller lists (nearly) all of the round's updates
     (`whole_round`: the aggregator, not a combiner, which lists one
-    cluster's or those arrived since its last fold) and the model's
-    updates are small enough to be kept in their documents, a long list of
+    cluster's or those arrived since its last fold), no partial counted any
+    of them and the model's updates are small enough to be kept in their
+    documents (update_data.kept_inline), a long list of
     the round's own (more than one `$in` slice) is read in one pass, the
     documents with their data in the order of their unique key
     (_read_round); the others, and any of the round's kept as blobs, are
@@ -254,9 +263,12 @@ def aggregate(db, session: str, rnd: int, wanted: list[tuple[str, int]], global_
         if use_partials else ([], wanted, [])
     from_partials = bool(accepted)
     index_of = {w: i for i, w in enumerate(wanted)}
-    # A model larger than one chunk has its updates kept as blobs: a pass
-    # over the round's documents would bring no data, only small batches.
-    one_pass = _streamed(wanted, rnd) if whole_round and model_bytes <= update_data.INLINE_MAX_BYTES else set()
+    # A model whose updates are kept as blobs (larger than one chunk) would
+    # bring no data in a pass over the round's documents, only small
+    # batches; after partials, the clients left are usually a few of the
+    # round's, and a pass would read every other one's data for nothing.
+    one_pass = _streamed(wanted, rnd) if whole_round and not from_partials and \
+        update_data.kept_inline(reference) else set()
     candidates, rejected = _candidates(db, session, rnd, [w for w in wanted if w[0] not in one_pass or w[1] != rnd],
                                        index_of, whole_round)
     rejected += partial_rejected
