@@ -83,3 +83,20 @@ def test_a_stream_of_items_is_read_ahead_as_far_as_asked_and_its_errors_reach_th
             got.append(value)
             t.release()
     assert got == [0, 10, 20, 40, 50, 60] and t.most_held <= 3
+
+
+def test_a_stream_the_caller_stops_reading_is_closed_by_the_reader():
+    """A generator over a cursor, left unfinished: its cleanup (closing the
+    cursor) runs before read_ahead returns, not when the collector finds it."""
+    closed = threading.Event()
+
+    def stream():
+        try:
+            yield from range(100)
+        finally:
+            closed.set()
+    items = stream()
+    for item, value, _ in read_ahead(items, lambda i: i):
+        if item == 3:
+            break
+    assert closed.is_set()

@@ -46,6 +46,13 @@ def read_ahead(items: Iterable[Item], load: Callable[[Item], Value],
         except BaseException as exc:  # noqa: BLE001 - handed to the caller, which raises it
             results.put((_DONE, None, exc))
             return
+        finally:
+            # A caller that stopped early: a stream left unfinished (a
+            # generator over a cursor) is closed here, in the thread that
+            # iterates it, not whenever the collector finds it.
+            close = getattr(items, "close", None)
+            if stop.is_set() and callable(close):
+                close()
         results.put((_DONE, None, None))
 
     thread = threading.Thread(target=reader, name="fk-read-ahead", daemon=True)
