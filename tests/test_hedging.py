@@ -539,3 +539,17 @@ def test_a_hedge_its_cluster_did_not_answer_costs_no_attempt(tmp_path):
     assert mine[1]["error_class"] == "unreachable" and mine[1].get("hedge")
     rd = store.rounds_[("s1", 0)]
     assert rd["included"].count("client_3") == 1 and rd["failed"] == 0
+
+
+def test_a_straggler_on_its_last_allowed_attempt_is_not_hedged():
+    """Should that attempt fail, its hedge would carry on as one attempt
+    more than max_attempts allows."""
+    clock = Clock()
+    policy = RetryPolicy(max_attempts=1, backoff_s=1.0, jitter=0.0, grace_s=5.0, hedging=HEDGING)
+    table = AttemptTable(policy, clock, random.Random(0), [Slot(f"client_{i}", "c1") for i in range(4)])
+    for s in table.begin_due():
+        table.started(s, Invocation("fl_client", f"id-{s.client}", clock()), 60.0)
+    clock.t += 1.0
+    deliver(table, ["client_0", "client_1", "client_2"])
+    clock.t += 10.0                                 # client_3 runs far past the threshold
+    assert table.exhausted(table.slots[("client_3", 0)]) and table.hedge_due() == []

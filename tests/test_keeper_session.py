@@ -372,3 +372,38 @@ def test_only_modes_that_find_waiting_updates_by_status_ask_for_counted_marks(tm
     assert all(p.get("mark_counted", False) is marked for p in provider.aggregations)
     statuses = {u["status"] for u in store.updates_.values()}
     assert statuses == ({"accepted"} if marked else {"received"})
+
+
+def test_each_ended_attempt_is_reported_once_and_then_forgotten(tmp_path):
+    """The dispatcher keeps where each running attempt runs (for the
+    metrics of its end) and forgets it once it ended: a long session does
+    not hold every attempt it ever made."""
+    def crash_first(fn, p, n):
+        if fn == "fl_client" and p["client"] == "client_1" and n == 1:
+            return Outcome("", False, ErrorClass.APPLICATION_ERROR, "crashed")
+        return "ok"
+    keeper, store, _, _ = fake_keeper(tmp_path, crash_first, rounds=2)
+    ended = []
+    keeper.attempt_ended = lambda cluster, platform, state, *rest, function: ended.append((function, state))
+    assert keeper.start(session_id="s1").state == "finished"
+    records = store.attempts("s1")
+    assert sorted(ended) == sorted((a["function"], a["state"]) for a in records)
+    assert ("fl_client", "failed") in ended
+    assert keeper.dispatcher._attempt_where == {}
+
+
+def test_an_attempt_that_stored_its_update_but_never_reported_teaches_no_duration(tmp_path):
+    """It is delivered once its time is up (its update is there), but the
+    wait was the function's timeout, not its run: a peer duration that
+    long would lift the round's hedging threshold past the limit."""
+    def behave(fn, p, n):
+        if fn == "fl_client" and p["client"] == "client_3" and n == 1:
+            store.add_update(p["session"], p["round"], "client_3")   # stored, never reported
+            return "hang"
+        return "ok"
+    keeper, store, provider, _ = fake_keeper(tmp_path, behave, rounds=1, deadline_s=600)
+    summary = keeper.start(session_id="s1")
+    assert summary.state == "finished" and summary.rounds[0].delivered == 4
+    assert summary.rounds[0].seconds > 120   # it waited for client_3's timeout plus grace
+    assert len(keeper.dispatcher.peer_durations[0]) == 3   # the three that reported
+    assert max(keeper.dispatcher.peer_durations[0]) < 60

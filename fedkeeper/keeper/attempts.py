@@ -272,7 +272,8 @@ class AttemptTable:
 
     def hedge_due(self) -> list[Slot]:
         """Running attempts past the hedging threshold of their round that
-        have had no speculative attempt yet. Draws nothing from the rng:
+        have had no speculative attempt yet, and may have another attempt
+        (max_attempts). Draws nothing from the rng:
         selections and backoffs stay what they are without hedging."""
         if not self.policy.hedging.enabled:
             return []
@@ -280,7 +281,9 @@ class AttemptTable:
         due = []
         limits: dict[int, float | None] = {}  # one sort of a round's peers per call, not one per slot
         for s in self.slots.values():
-            if s.state != RUNNING or s.inv is None or s.hedges or s.hedge is not None:
+            # A slot on its last allowed attempt gets none: should that
+            # attempt fail, the hedge would carry on as one attempt too many.
+            if s.state != RUNNING or s.inv is None or s.hedges or s.hedge is not None or self.exhausted(s):
                 continue
             if s.round not in limits:
                 limits[s.round] = self.hedge_threshold(s.round)
@@ -349,8 +352,9 @@ class AttemptTable:
         return 1 <= stored_by < s.hedge.attempt and stored_by != s.running_attempt
 
     def delivered_untracked(self, s: Slot, result: dict[str, Any] | None = None) -> None:
-        """The client's update was stored by an attempt no longer tracked:
-        delivered, with no duration to learn from (nothing tracked it)."""
+        """The client's update is stored, by an attempt whose run was not
+        seen end (one no longer tracked, or one that never reported):
+        delivered, with no duration to learn from."""
         s.state, s.inv, s.result = DELIVERED, None, result
 
     def hedge_failed(self, s: Slot) -> Hedge | None:

@@ -162,11 +162,14 @@ class Dispatcher:
         self.store.update_attempts(changes)
         self.round_records.changed(changes)
         self._write_marks(self.running_marks.due())
+        # An attempt that ended is forgotten here: the map would otherwise
+        # hold every attempt of a long session.
+        ended = [(fields, self._attempt_where.pop(doc_id, None)) for doc_id, fields in changes
+                 if fields.get("state") in ENDED_STATES]
         if self.attempt_ended is None:
             return
-        for doc_id, fields in changes:
-            where = self._attempt_where.get(doc_id)
-            if where and fields.get("state") in ENDED_STATES:
+        for fields, where in ended:
+            if where:
                 d = fields.get("duration_ms")
                 self.attempt_ended(where[0], where[1], fields["state"], fields.get("error_class"),
                                    d / 1000 if d is not None else None, fields.get("cold_start"),
@@ -380,7 +383,9 @@ class Dispatcher:
                                        "finished": now}))
             if (s.round, s.client) in landed:
                 changes += self.hedger.own_attempt_delivered(s)
-                table.delivered(s)
+                # Delivered, but when is not known: nothing for the peers'
+                # durations (the wait here is the timeout, not the run).
+                table.delivered_untracked(s)
             elif table.promote_hedge(s):
                 pass
             else:
