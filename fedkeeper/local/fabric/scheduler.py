@@ -39,6 +39,23 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("fedkeeper.fabric")
 
+#: The longest code load a worker may report (its own message says it):
+#: more than a day is no measurement.
+MAX_REPORTED_MS = 86_400_000.0
+
+
+def _millis(value: object) -> float:
+    """A worker's reported milliseconds, as a finite number within bounds
+    (0 when it is not one): its messages come from a process that runs the
+    action's code."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return 0.0
+    try:
+        ms = float(value)
+    except OverflowError:   # an int too large for a float
+        return 0.0
+    return ms if 0.0 <= ms <= MAX_REPORTED_MS else 0.0
+
 
 class Scheduler:
     def __init__(self, fabric: "Fabric"):
@@ -211,6 +228,9 @@ class Scheduler:
 
     # ------------------------------------------------------------------ worker I/O
     def run_ops(self, ops: list) -> None:
+        # A worker's death implies I/O of its own (what it held is placed
+        # again, a stem cell replaces it): appended here and done in turn.
+        ops = list(ops)
         for op in ops:
             kind, w = op[0], op[1]
             if kind == "spawn":
@@ -219,7 +239,7 @@ class Scheduler:
                 w.kill()
                 if w.proc is None:  # never started: nothing will report its death
                     with self.f.lock:
-                        self._worker_died(w)
+                        ops.extend(self._worker_died(w))
             elif kind == "init":
                 a = w.action
                 try:
@@ -243,21 +263,26 @@ class Scheduler:
     def _start_failed(self, w: Worker, error: str) -> None:
         with self.f.lock:
             w.init_error = error
-            self._worker_died(w)
-
-    def _serve_worker(self, w: Worker) -> None:
-        w.read_messages(lambda msg: self._on_message(w, msg))
-        with self.f.lock:
             ops = self._worker_died(w)
         self.run_ops(ops)
+
+    def _serve_worker(self, w: Worker) -> None:
+        try:
+            w.read_messages(lambda msg: self._on_message(w, msg))
+        except Exception:  # noqa: BLE001 - a message this reader could not take: the worker goes
+            log.warning("worker %s sent a message the fabric cannot take; stopping it", w.id, exc_info=True)
+            w.kill()
+        finally:
+            with self.f.lock:
+                ops = self._worker_died(w)
+            self.run_ops(ops)
 
     def _on_message(self, w: Worker, msg: dict) -> None:
         ops: list = []
         with self.f.lock:
             t = msg.get("t")
             if t == "stem" and w.stem and w.state == "starting":
-                stem_ms = msg.get("init_ms")
-                w.stem_ms = float(stem_ms) if isinstance(stem_ms, (int, float)) else 0.0
+                w.stem_ms = _millis(msg.get("init_ms"))
                 self.stem_cells.loaded(w)
                 if w.action is None:
                     w.state = "stem"
@@ -267,8 +292,7 @@ class Scheduler:
             elif t == "ready":
                 now = time.time()
                 w.state = "ready"
-                init_ms = msg.get("init_ms")
-                w.init_ms = float(init_ms) if isinstance(init_ms, (int, float)) else 0.0
+                w.init_ms = _millis(msg.get("init_ms"))
                 w.last_used = now
                 for act in w.pending:
                     act.cold = True

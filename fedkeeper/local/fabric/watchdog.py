@@ -33,16 +33,23 @@ class Watchdog:
         f = self.fabric
         while not f.stopping:
             time.sleep(TICK_S)
-            now = time.time()
-            ops: list = []
-            with f.lock:
-                self._time_limits(now, ops)
-                self._init_limits(now, ops)
-                self._idle(now, ops)
-                watch = self._memory_candidates(now)
-            f.scheduler.run_ops(ops)
-            for w in watch:
-                self._check_memory(w)
+            try:
+                self._tick()
+            except Exception:  # noqa: BLE001 - time limits must outlive one bad tick
+                log.exception("fabric watchdog: a tick failed; going on")
+
+    def _tick(self) -> None:
+        f = self.fabric
+        now = time.time()
+        ops: list = []
+        with f.lock:
+            self._time_limits(now, ops)
+            self._init_limits(now, ops)
+            self._idle(now, ops)
+            watch = self._memory_candidates(now)
+        f.scheduler.run_ops(ops)
+        for w in watch:
+            self._check_memory(w)
 
     def _time_limits(self, now: float, ops: list) -> None:
         f = self.fabric

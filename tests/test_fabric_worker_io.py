@@ -1,0 +1,66 @@
+"""The fabric's handling of its workers' I/O, in process (no worker runs):
+what a worker's death implies is done, a reader that cannot take a message
+still reports the worker gone, and the numbers a worker reports are
+bounded before use."""
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from fedkeeper.local.fabric.core import Fabric
+from fedkeeper.local.fabric.entities import Settings
+from fedkeeper.local.fabric.scheduler import MAX_REPORTED_MS, _millis
+from fedkeeper.local.fabric.workers import Worker
+
+
+@pytest.fixture
+def fabric(tmp_path):
+    f = Fabric(tmp_path / "fabric", Settings(stem_cells={}), "user:key")
+    yield f
+    f.stopping = True
+
+
+def test_what_a_dead_never_started_worker_implies_is_done(fabric, monkeypatch):
+    """A worker killed before its process started: nothing will report its
+    death, so the kill reports it, and the I/O that implies (a worker for
+    what it held, a stem cell in its place) is done too, not dropped."""
+    s = fabric.scheduler
+    gone, replacement = Worker(None, runtime=None, memory_mb=128), Worker(None, runtime=None, memory_mb=128)
+    spawned = []
+    monkeypatch.setattr(s, "_worker_died", lambda w: [("spawn", replacement)] if w is gone else [])
+    monkeypatch.setattr(s.launcher, "spawn", spawned.append)
+    s.run_ops([("kill", gone)])
+    assert spawned == [replacement]
+
+
+def test_a_worker_that_failed_to_start_has_what_its_death_implies_done(fabric, monkeypatch):
+    s = fabric.scheduler
+    w, replacement = Worker(None, runtime=None, memory_mb=128), Worker(None, runtime=None, memory_mb=128)
+    spawned = []
+    monkeypatch.setattr(s, "_worker_died", lambda dead: [("spawn", replacement)] if dead is w else [])
+    monkeypatch.setattr(s.launcher, "spawn", spawned.append)
+    s._start_failed(w, "cannot start: EAGAIN")
+    assert w.init_error == "cannot start: EAGAIN" and spawned == [replacement]
+
+
+def test_a_message_the_reader_cannot_take_still_reports_the_worker_gone(fabric, monkeypatch):
+    s = fabric.scheduler
+    w = Worker(None, runtime=None, memory_mb=128)
+    died = []
+
+    def unreadable(on_message):
+        on_message({"t": "done", "id": 7})
+        raise ValueError("a message no reader expects")
+    monkeypatch.setattr(w, "read_messages", unreadable)
+    monkeypatch.setattr(s, "_worker_died", lambda dead: died.append(dead) or [])
+    s._serve_worker(w)
+    assert died == [w]
+
+
+@pytest.mark.parametrize("value, expected", [
+    (12.5, 12.5), (0, 0.0), (MAX_REPORTED_MS, MAX_REPORTED_MS), (10 ** 400, 0.0), (math.inf, 0.0),
+    (math.nan, 0.0), (-5.0, 0.0), (True, 0.0), ("12", 0.0), (None, 0.0),
+])
+def test_a_workers_reported_milliseconds_are_a_bounded_finite_number(value, expected):
+    assert _millis(value) == expected
