@@ -227,6 +227,7 @@ class FakeProvider(Provider):
 
     behave(function, payload, attempt) returns "ok" (fl_client stores its
     update), ("after", seconds) (the same, that much later on the clock),
+    ("after", seconds, result) (that result then, nothing stored),
     an Outcome to report, a ProviderError to raise at invoke, or "hang"
     (never finishes)."""
 
@@ -241,7 +242,7 @@ class FakeProvider(Provider):
         self.behave = behave or (lambda fn, payload, n: "ok")
         self.ids = itertools.count(1)
         self.done: dict[str, Outcome] = {}
-        self.later: dict[str, tuple[float, str, dict]] = {}
+        self.later: dict[str, tuple[float, str, dict, dict | None]] = {}
         self.invoked: list[tuple[str, dict]] = []
         self.deployed: list[str] = []
         self.track_error: ProviderError | None = None
@@ -274,7 +275,7 @@ class FakeProvider(Provider):
             result = self._run(name, payload)
             self.done[pid] = Outcome(pid, True, result=result, duration_ms=10.0, cold_start=False)
         elif isinstance(what, tuple) and what[0] == "after":
-            self.later[pid] = (self.clock() + what[1], name, payload)
+            self.later[pid] = (self.clock() + what[1], name, payload, what[2] if len(what) > 2 else None)
         elif isinstance(what, Outcome):
             self.done[pid] = Outcome(pid, what.ok, what.error_class, what.error, what.result,
                                      retry_after=what.retry_after)
@@ -303,10 +304,11 @@ class FakeProvider(Provider):
         self.tracks += 1
         if self.track_error is not None:
             raise self.track_error
-        for pid, (at, name, payload) in list(self.later.items()):
+        for pid, (at, name, payload, result) in list(self.later.items()):
             if at <= self.clock():
                 del self.later[pid]
-                self.done[pid] = Outcome(pid, True, result=self._run(name, payload), duration_ms=10.0)
+                self.done[pid] = Outcome(pid, True, result=self._run(name, payload) if result is None else result,
+                                         duration_ms=10.0)
         return [self.done.pop(i.platform_id) for i in pending if i.platform_id in self.done]
 
     def call(self, name, payload, timeout_s, poll_s=0.05):

@@ -483,12 +483,20 @@ def test_a_duplicate_stored_by_a_given_up_attempt_settles_its_client_at_once(tmp
         assert clock() - mine[0]["submitted"] >= 100
 
 
-def test_no_attempt_is_given_up_when_no_further_hedge_would_be_allowed(tmp_path):
-    behave = client_3_runs({1: 30.0, 2: 100.0})
+def with_two_attempts_at_most(tmp_path, behave, shared: dict | None = None) -> tuple[Any, list[dict]]:
+    """(store, client_3's attempt records) of a one-round hedged session
+    whose clients have two attempts at most: a running hedge is never given
+    up for a third. `shared["store"]` is the store, for `behave`."""
     keeper, store, _, _ = fake_keeper(tmp_path, behave, rounds=1, training=HEDGE_ON)
+    if shared is not None:
+        shared["store"] = store
     keeper.dispatcher.policy = dataclasses.replace(keeper.dispatcher.policy, max_attempts=2)
     assert keeper.start(session_id="s1").state == "finished"
-    mine = client_attempts(store, "s1", "client_3")
+    return store, client_attempts(store, "s1", "client_3")
+
+
+def test_no_attempt_is_given_up_when_no_further_hedge_would_be_allowed(tmp_path):
+    _, mine = with_two_attempts_at_most(tmp_path, client_3_runs({1: 30.0, 2: 100.0}))
     # With max_attempts 2 the held hedge would leave no attempt for another one:
     # the own attempt is kept, and wins.
     assert [(a["attempt"], a["state"], a.get("hedge", False)) for a in mine] == [
@@ -553,3 +561,27 @@ def test_a_straggler_on_its_last_allowed_attempt_is_not_hedged():
     deliver(table, ["client_0", "client_1", "client_2"])
     clock.t += 10.0                                 # client_3 runs far past the threshold
     assert table.exhausted(table.slots[("client_3", 0)]) and table.hedge_due() == []
+
+
+def test_a_hedge_that_stored_first_wins_though_the_own_attempt_reports_first(tmp_path):
+    """The hedge stores client_3's update, then the own attempt reports
+    its own refused as a duplicate the hedge stored, before the hedge
+    reports: the hedge is the winner, tracked to its report, and the own
+    attempt is the one recorded as having lost the race."""
+    def behave(fn, p, n):
+        if fn != "fl_client":
+            return "ok"
+        if p["client"] != "client_3":
+            return ("after", 1.0)
+        if n == 1:
+            return ("after", 20.0, {"num_examples": 10, "duplicate": True, "stored_by": 2})
+        shared["store"].add_update(p["session"], p["round"], p["client"])   # stored at once, reported at 30 s
+        return ("after", 30.0)
+    shared: dict[str, Any] = {}
+    store, mine = with_two_attempts_at_most(tmp_path, behave, shared)
+    assert [(a["attempt"], a["state"], a.get("hedge", False)) for a in mine] == [
+        (1, "hedged", False), (2, "succeeded", True)]
+    assert mine[0]["error"] == "another attempt of this client delivered first"
+    assert mine[1]["finished"] - mine[0]["submitted"] >= 30   # the hedge was tracked to its own report
+    rd = store.rounds_[("s1", 0)]
+    assert rd["included"].count("client_3") == 1 and rd["failed"] == 0

@@ -351,10 +351,16 @@ class Dispatcher:
                     continue
                 table, s = hit
                 fields = outcome_fields(out, self.clock())
-                changes.append((s.doc_id, fields))
                 # HTTP platforms report a refused connection per invocation.
                 reached = out.error_class != ErrorClass.UNREACHABLE
                 answered = answered or reached
+                if fields["state"] == "succeeded" and (out.result or {}).get("duplicate"):
+                    # Another attempt of the client stored its update first.
+                    settled = self.hedger.own_attempt_refused(table, s, fields, out.result)
+                    if settled is not None:
+                        changes += settled
+                        continue
+                changes.append((s.doc_id, fields))
                 if fields["state"] == "succeeded" or (s.round, s.client) in landed:
                     # A failed attempt whose client has an update stored
                     # (an earlier attempt landed late) needs no retry.

@@ -80,6 +80,31 @@ class Hedger:
         s.hedge = None
         return [(h.doc_id, hedged_fields(self.d.clock()))] if h.doc_id is not None else []
 
+    def own_attempt_refused(self, table: AttemptTable, s: Slot, fields: dict[str, Any],
+                            result: dict[str, Any]) -> list[tuple[Any, dict[str, Any]]] | None:
+        """The slot's own attempt succeeded but its update was refused: the
+        client's was stored first by the attempt `result["stored_by"]`
+        names. When that is its running hedge, the hedge becomes the slot's
+        attempt (it reports next); when it is an attempt given up for a
+        younger one, the client is delivered and that attempt's record says
+        its update is the one counted. Either way the own attempt lost the
+        race and its record says so; the changes to write, or None when the
+        answer names neither (the caller delivers the slot as before)."""
+        stored_by = result.get("stored_by")
+        if isinstance(stored_by, bool) or not isinstance(stored_by, int):
+            return None
+        lost = {**fields, "state": HEDGED, "error": LOST_THE_RACE}
+        h = s.hedge
+        if h is not None and h.inv is not None and stored_by == h.attempt:
+            return [(table.hedge_stored_first(s), lost)]
+        stored = self._given_up_docs.pop((s.client, s.round, stored_by), None)
+        if stored is None:
+            return None
+        changes = [(s.doc_id, lost)] + self.own_attempt_delivered(s)
+        changes.append((stored, {"error": STORED_FIRST, "stored_update": True}))
+        table.delivered_untracked(s, result)
+        return changes
+
     # ------------------------------------------------------------------ starting
     def client_clusters(self) -> list[str]:
         """The clusters any client may run on: those the placement puts
