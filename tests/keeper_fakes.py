@@ -208,6 +208,10 @@ class FakePlatforms:
     def __init__(self, providers: dict[str, Any], via_invoker: Iterable[str] = ()):
         self.providers = providers
         self.through_invoker = set(via_invoker)
+        # what the hedger asks of the runtime: every cluster hosts clients
+        in_order = SimpleNamespace(clusters=lambda: dict.fromkeys(providers))
+        self.rt = SimpleNamespace(client_clusters=lambda: {c: c for c in providers},
+                                  cfg=SimpleNamespace(providers=in_order))
 
     def provider(self, cluster):
         return self.providers[cluster]

@@ -585,3 +585,28 @@ def test_a_hedge_that_stored_first_wins_though_the_own_attempt_reports_first(tmp
     assert mine[1]["finished"] - mine[0]["submitted"] >= 30   # the hedge was tracked to its own report
     rd = store.rounds_[("s1", 0)]
     assert rd["included"].count("client_3") == 1 and rd["failed"] == 0
+
+
+def test_no_hedge_is_started_in_a_pass_told_not_to(tmp_path):
+    """A sync round past its deadline abandons what runs: a hedge started in
+    that pass would be an invocation abandoned at once."""
+    from fedkeeper.keeper.dispatch import Dispatcher
+    from fedkeeper.keeper.events import RoundEvents
+    from keeper_fakes import FakeClock, FakePlatforms, FakeProvider, FakeStore
+    store, clock = FakeStore(), FakeClock()
+    provider = FakeProvider("c1", store, clock,
+                            lambda fn, p, n: "hang" if p["client"] == "client_3" else ("after", 1.0))
+    d = Dispatcher(FakePlatforms({"c1": provider}), store, RetryPolicy(hedging=HEDGING), RoundEvents(),
+                   clock=clock, sleep=clock.sleep)
+    table = d.table(Slot(f"client_{i}", "c1", 0) for i in range(4))
+    d.submit("s", 0, table, table.begin(list(table)))
+    clock.sleep(1.0)
+    d.track("s", [table])                        # three peers delivered in 1 s: the threshold is 1.5 s
+    clock.sleep(5.0)
+    d.track("s", [table], start_hedges=False)
+    straggler = table.slots[("client_3", 0)]
+    assert straggler.hedge is None and not [a for a in store.invocations.values() if a.get("hedge")]
+    d.track("s", [table])
+    assert straggler.hedge is not None and [a["client"] for a in store.invocations.values() if a.get("hedge")] == [
+        "client_3"]
+    d.close()

@@ -313,10 +313,12 @@ class Dispatcher:
                                                            f"fl_invoker: {failed.get(s.client, 'no platform id')}")))
         return out
 
-    def track(self, session: str, tables: Sequence[AttemptTable]) -> None:
+    def track(self, session: str, tables: Sequence[AttemptTable], start_hedges: bool = True) -> None:
         """Ask each cluster how the running attempts went, record the
         outcomes and move each slot on: delivered, waiting for a retry, or
-        failed for good; an attempt past its own deadline is timed out."""
+        failed for good; an attempt past its own deadline is timed out.
+        Stragglers are hedged unless `start_hedges` is false (a round past
+        its deadline, whose running attempts are abandoned next)."""
         running = [(t, s) for t in tables for s in t if s.state == RUNNING]
         by_cluster: dict[str, list[tuple[AttemptTable, Slot]]] = {}
         for t, s in running:
@@ -407,7 +409,8 @@ class Dispatcher:
                 if s.cluster == cluster and s.state == "waiting":
                     s.next_try = max(s.next_try, probe)
         self.hedger.track(session, tables, outcome_fields)
-        self.hedger.start(session, tables)
+        if start_hedges:
+            self.hedger.start(session, tables)
 
     # ------------------------------------------------------------------ helper calls
     def call(self, cluster: str, session: str, rnd: int, function: str, *, slot_name: str | None = None,

@@ -119,7 +119,8 @@ class ClosingRounds(RoundMode):
         rd = RoundDispatch(table, self.training.round_deadline_s, close_at)
         while True:
             self.dispatch.submit(session, rnd, table, rd.to_invoke())
-            self.dispatch.track(session, [table] + self.also_tracked())
+            # past the deadline, the round closes this pass: a hedge started now would only be abandoned
+            self.dispatch.track(session, [table] + self.also_tracked(), start_hedges=not rd.past_deadline())
             self.after_tracking()
             self.ctx.events.emit("tick", round=rnd, **table.counts())
             why = rd.verdict()
