@@ -77,6 +77,8 @@ def set_limits(f: Fabric, ns_name: str, body: Any) -> dict:
             f.settings.stem_cells = stems
             for w in f.scheduler.stem_cells.trim():
                 f.scheduler.evict(w, "evicted", ops)
+        # what waits is placed under the new limits (or failed, if it can never be)
+        ops.extend(f.scheduler.pump_all())
     f.scheduler.run_ops(ops)
     for runtime in (z["runtime"] for z in f.scheduler.zygotes.describe()):
         if stems is not None and not stems.get(runtime or ""):

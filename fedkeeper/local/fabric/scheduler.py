@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING
 
 from .entities import Action, Activation
 from .status import (APPLICATION_ERROR, DEVELOPER_ERROR, MSG_ABNORMAL_RUN, MSG_MEMORY, MSG_REMOVED, SUCCESS,
-                     WHISK_ERROR, msg_init_failed)
+                     WHISK_ERROR, msg_init_failed, msg_too_large)
 from .launcher import Launcher
 from .stem_cells import StemCells
 from .workers import Worker, activation_env
@@ -89,6 +89,15 @@ class Scheduler:
         if action is None:
             while q:
                 self.f.complete(q.popleft(), WHISK_ERROR, {"error": MSG_REMOVED})
+            return ops
+        need, budget = int(action.limits["memory"]), self.f.settings.user_memory_mb
+        if need > budget:
+            # The user memory was lowered below the action's limit after it
+            # was deployed (the fabric's limits are shared): no worker could
+            # ever take these, and waiting would hold stem cells back too.
+            while q:
+                self.f.complete(q.popleft(), WHISK_ERROR, {"error": msg_too_large(need, budget)})
+            self.queues.pop(key, None)
             return ops
         while q:
             w = self._free_worker(key, action.version)

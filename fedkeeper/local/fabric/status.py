@@ -49,3 +49,10 @@ class ApiError(Exception):
 
 class FabricError(RuntimeError):
     """The fabric could not be started, reached or stopped."""
+
+
+def msg_too_large(need_mb: int, user_memory_mb: int) -> str:
+    """An activation no worker can take: its action's memory limit is above
+    the invoker's user memory (lowered after the action was deployed)."""
+    return (f"The action needs {need_mb} MB, more than the invoker's user memory ({user_memory_mb} MB): "
+            "no container can run it.")
