@@ -64,3 +64,50 @@ def test_a_message_the_reader_cannot_take_still_reports_the_worker_gone(fabric, 
 ])
 def test_a_workers_reported_milliseconds_are_a_bounded_finite_number(value, expected):
     assert _millis(value) == expected
+
+
+def test_a_worker_evicted_while_its_process_starts_is_killed_once_started(fabric, monkeypatch):
+    """The eviction saw no process to kill; the process that then started
+    would hold its memory, uncounted, until the fabric stopped."""
+    launcher = fabric.scheduler.launcher
+    w = Worker(None, runtime=None, memory_mb=128)
+    killed = []
+
+    class Started:
+        def poll(self):
+            return None
+
+        def kill(self):
+            killed.append(w)
+
+    def start_process(*args):
+        w.kill_reason = "evicted"   # what an eviction does meanwhile, under the lock
+        w.proc = Started()
+    monkeypatch.setattr(w, "start_process", start_process)
+    monkeypatch.setattr(launcher, "_serve_in_thread", lambda worker: None)
+    launcher._spawn_process(w)
+    assert killed == [w]
+
+
+def test_status_waits_for_a_starting_zygote_without_holding_the_fabric(fabric):
+    """A zygote that starts holds the zygotes' lock while its runtime's site
+    is built (minutes, the first time): a status request asking about it
+    meanwhile must not hold the fabric's lock, which every invoke, reader
+    and the watchdog need."""
+    import threading
+    import time
+
+    from fedkeeper.local.fabric.admin import status
+    starting = fabric.scheduler.zygotes.lock
+    starting.acquire()
+    asking = threading.Thread(target=status, args=(fabric,), daemon=True)
+    try:
+        asking.start()
+        time.sleep(0.2)                       # status is waiting for the zygotes now
+        free = fabric.lock.acquire(timeout=2)
+        if free:
+            fabric.lock.release()
+    finally:
+        starting.release()
+    asking.join(5)
+    assert free and not asking.is_alive()

@@ -136,12 +136,16 @@ def _action_pools(f: Fabric) -> dict[str, dict]:
 
 
 def status(f: Fabric) -> dict:
+    # Asked before the fabric's lock is taken: a zygote that starts holds
+    # the zygotes' lock while its runtime's site is built (minutes, the
+    # first time), and everything else waits for the fabric's.
+    zygotes = f.scheduler.zygotes.describe()
     with f.lock:
         s = f.scheduler
         return {"pid": os.getpid(), "memory_used_mb": s.memory_used,
                 "user_memory_mb": f.settings.user_memory_mb, "stem_cells": dict(f.settings.stem_cells),
                 "stem_memory_mb": f.settings.stem_memory_mb, "fork_stem_cells": f.settings.fork_stem_cells,
-                "zygotes": s.zygotes.describe(),
+                "zygotes": zygotes,
                 "workers": [w.describe() for w in sorted(s.workers, key=lambda w: w.id)],
                 "actions": _action_pools(f),
                 "namespaces": {n.name: {"inflight": n.inflight, "records": len(n.records),

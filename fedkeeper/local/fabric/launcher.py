@@ -87,4 +87,8 @@ class Launcher:
         except OSError as exc:
             self._failed(w, f"could not start a worker process: {exc}")
             return
+        with self.f.lock:
+            gone = w.kill_reason is not None or w.state == "dead" or self.f.stopping
+        if gone:  # evicted (or the fabric stopped) while its process started: nothing else would end it
+            w.kill()
         self._serve_in_thread(w)
