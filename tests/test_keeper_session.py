@@ -407,3 +407,54 @@ def test_an_attempt_that_stored_its_update_but_never_reported_teaches_no_duratio
     assert summary.rounds[0].seconds > 120   # it waited for client_3's timeout plus grace
     assert len(keeper.dispatcher.peer_durations[0]) == 3   # the three that reported
     assert max(keeper.dispatcher.peer_durations[0]) < 60
+
+
+def _with_a_later_attempt(store, running: dict, state: str) -> dict:
+    """A hedge of `running`'s client recorded after it (attempt 2), in
+    `state`, as a keeper that stopped meanwhile left it."""
+    doc = {**running, "_id": f"{running['_id']}-hedge", "attempt": 2, "hedge": True, "state": state,
+           "platform_id": "act-hedge-gone"}
+    store.invocations[doc["_id"]] = doc
+    return doc
+
+
+def test_on_resume_a_clients_running_attempt_is_tracked_though_a_later_one_failed(tmp_path):
+    """client_0's own attempt runs; its hedge failed before the keeper
+    stopped. Resumed, the running attempt is tracked to its end: the client
+    is not invoked a third time while it runs."""
+    keeper, store, _, _, running = interrupted_with_four_running(tmp_path, ("after", 1.0))
+    own = running[0]
+    _with_a_later_attempt(store, own, "hedged")
+    summary = keeper.start(resume="s1", deploy=False)
+    assert summary.state == "finished" and summary.rounds[0].delivered == 4
+    mine = sorted((a["attempt"], a["state"]) for a in store.attempts("s1", 0) if a["client"] == own["client"])
+    assert mine == [(1, "succeeded"), (2, "hedged")]
+
+
+def test_on_resume_an_older_running_attempt_beside_a_younger_one_is_closed(tmp_path):
+    """Both client_0's own attempt and its hedge ran when the keeper
+    stopped: the hedge is tracked, and the own attempt's record does not
+    say running forever."""
+    keeper, store, provider, _, running = interrupted_with_four_running(tmp_path, ("after", 1.0))
+    own = running[0]
+    hedge = _with_a_later_attempt(store, own, "running")
+    provider.later["act-hedge-gone"] = (0.0, "fl_client", {"session": "s1", "round": 0, "client": own["client"]},
+                                        {"num_examples": 10})
+    summary = keeper.start(resume="s1", deploy=False)
+    assert summary.state == "finished" and summary.rounds[0].delivered == 4
+    assert store.invocations[hedge["_id"]]["state"] == "succeeded"
+    closed = store.invocations[own["_id"]]
+    assert closed["state"] == "abandoned" and "a younger attempt of its client runs" in closed["error"]
+    assert all(a["state"] != "running" for a in store.attempts("s1"))
+
+
+def test_a_resume_tracks_each_clients_youngest_running_attempt_and_closes_the_older():
+    from fedkeeper.keeper.modes.base import youngest_running
+    attempts = [{"_id": i, "client": c, "round": r, "attempt": n, "state": st, "platform_id": pid}
+                for i, (c, r, n, st, pid) in enumerate([
+                    ("a", 0, 2, "running", "p2"), ("a", 0, 1, "running", "p1"), ("a", 0, 3, "hedged", "p3"),
+                    ("b", 0, 1, "running", "q1"), ("b", 1, 1, "running", "q2"), ("b", 1, 2, "running", None),
+                    ("c", 0, 1, "failed", "r1")])]
+    youngest, older = youngest_running(attempts)
+    assert {k: a["platform_id"] for k, a in youngest.items()} == {("a", 0): "p2", ("b", 0): "q1", ("b", 1): "q2"}
+    assert [a["platform_id"] for a in older] == ["p1"]

@@ -244,11 +244,12 @@ class AttemptTable:
         s.started_at = self.clock()
         s.deadline = s.started_at + timeout_s + self.policy.grace_s
 
-    def adopted(self, s: Slot, inv: Invocation, timeout_s: float) -> None:
-        """A running attempt made by an earlier keeper: its deadline runs
-        from when it was submitted."""
+    def adopted(self, s: Slot, inv: Invocation, timeout_s: float, attempt: int | None = None) -> None:
+        """A running attempt made by an earlier keeper (`attempt`: its
+        number, when not the slot's last): its deadline runs from when it
+        was submitted."""
         s.inv, s.state = inv, RUNNING
-        s.running_attempt = s.attempt
+        s.running_attempt = s.attempt if attempt is None else attempt
         s.started_at = inv.submitted_at
         s.deadline = inv.submitted_at + timeout_s + self.policy.grace_s
 

@@ -22,6 +22,32 @@ from ..selection import Selector
 log = logging.getLogger("fedkeeper.keeper")
 
 
+#: Why an older attempt still running at a resume is not tracked on.
+STRAY = "no longer tracked after the keeper stopped: a younger attempt of its client runs"
+
+
+def youngest_running(attempts: list[dict[str, Any]]) -> tuple[dict[tuple[str, int], dict[str, Any]],
+                                                               list[dict[str, Any]]]:
+    """Of attempt records a stopped keeper left: per (client, round) the
+    youngest one running with a platform id, which a resume tracks on
+    (invoking the client again would run it twice), and the older ones
+    running beside it (a hedge ran too), which it no longer tracks."""
+    youngest: dict[tuple[str, int], dict[str, Any]] = {}
+    older: list[dict[str, Any]] = []
+    for a in attempts:
+        if a.get("state") != "running" or not a.get("platform_id"):
+            continue
+        key = (a["client"], a["round"])
+        cur = youngest.get(key)
+        if cur is not None and cur["attempt"] > a["attempt"]:
+            older.append(a)
+            continue
+        if cur is not None:
+            older.append(cur)
+        youngest[key] = a
+    return youngest, older
+
+
 @dataclass
 class RoundContext:
     """What a round mode works with."""
@@ -130,19 +156,27 @@ class RoundMode(ABC):
         by_client = {s.client: s for s in table}
         delivered = self.store.delivered_clients(session, rnd)
         now = self.ctx.clock()
-        for a in self.store.attempts(session, rnd):
-            s = by_client.get(a["client"])
-            if s is None:
-                continue
+        attempts = [a for a in self.store.attempts(session, rnd) if a["client"] in by_client]
+        # a client's youngest running attempt is tracked on, whatever came after it
+        tracked, older = youngest_running(attempts)
+        for a in attempts:
+            s = by_client[a["client"]]
             s.attempt = max(s.attempt, a["attempt"])
-            if a["attempt"] == s.attempt:
-                s.doc_id = a["_id"]
-                self.dispatch.remember(a["_id"], a["cluster"], a.get("platform", ""), a.get("function", ""))
-                if a.get("state") == "running" and a.get("platform_id"):
-                    inv = Invocation("fl_client", a["platform_id"], a.get("submitted", now))
-                    table.adopted(s, inv, self._timeout(s.cluster))
-                elif a.get("state") == "succeeded":
-                    s.state = DELIVERED
+        for a in attempts:
+            s = by_client[a["client"]]
+            mine = tracked.get((s.client, rnd))
+            if mine is not None and a is not mine:
+                continue
+            if mine is None and a["attempt"] != s.attempt:
+                continue
+            s.doc_id = a["_id"]
+            self.dispatch.remember(a["_id"], a["cluster"], a.get("platform", ""), a.get("function", ""))
+            if mine is not None:
+                inv = Invocation("fl_client", a["platform_id"], a.get("submitted", now))
+                table.adopted(s, inv, self._timeout(s.cluster), attempt=a["attempt"])
+            elif a.get("state") == "succeeded":
+                s.state = DELIVERED
+        self._close_stray(older, now)
         for c in delivered:
             # A running attempt is still tracked to its end (its record is
             # wanted); anything else with a stored update has delivered.
@@ -153,15 +187,20 @@ class RoundMode(ABC):
                 s.state = FAILED
         return table
 
+    def _close_stray(self, attempts: list[dict[str, Any]], now: float) -> None:
+        if attempts:
+            self.dispatch.update_attempts([(a["_id"], {"state": "abandoned", "finished": now, "error": STRAY})
+                                           for a in attempts])
+
     def adopt_running(self, session: str, before_round: int) -> list[Slot]:
         """Client attempts of rounds before `before_round` still running (a
         resumed semi_async or async session): tracked on to their end."""
         out = []
         now = self.ctx.clock()
         table = self.dispatch.table()
-        for a in self.store.running_client_attempts(session, before_round):
-            if not a.get("platform_id"):
-                continue
+        youngest, older = youngest_running(self.store.running_client_attempts(session, before_round))
+        self._close_stray(older, now)
+        for a in youngest.values():
             s = Slot(a["client"], a["cluster"], a["round"], attempt=a["attempt"], doc_id=a["_id"])
             table.adopted(s, Invocation("fl_client", a["platform_id"], a.get("submitted", now)),
                           self._timeout(s.cluster))
