@@ -85,18 +85,34 @@ def test_a_stream_of_items_is_read_ahead_as_far_as_asked_and_its_errors_reach_th
     assert got == [0, 10, 20, 40, 50, 60] and t.most_held <= 3
 
 
-def test_a_stream_the_caller_stops_reading_is_closed_by_the_reader():
-    """A generator over a cursor, left unfinished: its cleanup (closing the
-    cursor) runs before read_ahead returns, not when the collector finds it."""
-    closed = threading.Event()
+def _watched_stream(closed: threading.Event):
+    """A generator over a cursor, as the aggregator's: its cleanup sets `closed`."""
+    try:
+        yield from range(100)
+    finally:
+        closed.set()
 
-    def stream():
-        try:
-            yield from range(100)
-        finally:
-            closed.set()
-    items = stream()
+
+def test_a_stream_the_caller_stops_reading_is_closed_by_the_reader():
+    """Left unfinished, its cleanup (closing the cursor) runs before
+    read_ahead returns, not when the collector finds it."""
+    closed = threading.Event()
+    items = _watched_stream(closed)
     for item, value, _ in read_ahead(items, lambda i: i):
         if item == 3:
             break
+    assert closed.is_set()
+
+
+def test_a_stream_whose_item_fails_unexpectedly_is_closed_too():
+    closed = threading.Event()
+
+    def load(i):
+        if i == 2:
+            raise RuntimeError("the store went away")
+        return i
+    items = _watched_stream(closed)
+    with pytest.raises(RuntimeError):
+        for _ in read_ahead(items, load):
+            pass
     assert closed.is_set()

@@ -429,22 +429,31 @@ def test_on_resume_a_clients_running_attempt_is_tracked_though_a_later_one_faile
     assert summary.state == "finished" and summary.rounds[0].delivered == 4
     mine = sorted((a["attempt"], a["state"]) for a in store.attempts("s1", 0) if a["client"] == own["client"])
     assert mine == [(1, "succeeded"), (2, "hedged")]
+    assert keeper.dispatcher._attempt_where == {}   # nothing kept of the attempts that had ended
 
 
-def test_on_resume_an_older_running_attempt_beside_a_younger_one_is_closed(tmp_path):
+@pytest.mark.parametrize("stored_by_own", [False, True], ids=["hedge stores", "own attempt stored first"])
+def test_on_resume_an_older_running_attempt_beside_a_younger_one_is_closed(tmp_path, stored_by_own):
     """Both client_0's own attempt and its hedge ran when the keeper
     stopped: the hedge is tracked, and the own attempt's record does not
-    say running forever."""
+    say running forever; if its update is the one stored (the hedge finds
+    its own refused), its record says so."""
     keeper, store, provider, _, running = interrupted_with_four_running(tmp_path, ("after", 1.0))
     own = running[0]
     hedge = _with_a_later_attempt(store, own, "running")
+    result = {"num_examples": 10}
+    if stored_by_own:
+        store.add_update("s1", 0, own["client"])
+        result.update(duplicate=True, stored_by=1)
     provider.later["act-hedge-gone"] = (0.0, "fl_client", {"session": "s1", "round": 0, "client": own["client"]},
-                                        {"num_examples": 10})
+                                        result)
     summary = keeper.start(resume="s1", deploy=False)
     assert summary.state == "finished" and summary.rounds[0].delivered == 4
-    assert store.invocations[hedge["_id"]]["state"] == "succeeded"
+    assert store.invocations[hedge["_id"]]["state"] == ("hedged" if stored_by_own else "succeeded")
     closed = store.invocations[own["_id"]]
-    assert closed["state"] == "abandoned" and "a younger attempt of its client runs" in closed["error"]
+    assert closed["state"] == "abandoned"
+    assert bool(closed.get("stored_update")) is stored_by_own
+    assert ("is the one counted" if stored_by_own else "a younger attempt of its client runs") in closed["error"]
     assert all(a["state"] != "running" for a in store.attempts("s1"))
 
 
@@ -458,3 +467,17 @@ def test_a_resume_tracks_each_clients_youngest_running_attempt_and_closes_the_ol
     youngest, older = youngest_running(attempts)
     assert {k: a["platform_id"] for k, a in youngest.items()} == {("a", 0): "p2", ("b", 0): "q1", ("b", 1): "q2"}
     assert [a["platform_id"] for a in older] == ["p1"]
+
+
+def test_a_resumed_straggler_is_numbered_after_every_attempt_its_client_made(tmp_path):
+    """semi_async and async adopt the running attempts of earlier rounds:
+    one whose hedge (attempt 2) failed before the keeper stopped is tracked
+    as attempt 1, and its next attempt is numbered 3, not a second 2."""
+    from fedkeeper.keeper.modes import make_mode
+    keeper, store, _, _, running = interrupted_with_four_running(tmp_path, ("after", 1.0))
+    own = running[0]
+    _with_a_later_attempt(store, own, "hedged")
+    mode = make_mode("semi_async", keeper._round_context())
+    slots = {s.client: s for s in mode.adopt_running("s1", 1)}
+    s = slots[own["client"]]
+    assert (s.running_attempt, s.attempt, s.doc_id) == (1, 2, own["_id"])

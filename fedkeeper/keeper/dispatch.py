@@ -317,8 +317,8 @@ class Dispatcher:
         """Ask each cluster how the running attempts went, record the
         outcomes and move each slot on: delivered, waiting for a retry, or
         failed for good; an attempt past its own deadline is timed out.
-        Stragglers are hedged unless `start_hedges` is false (a round past
-        its deadline, whose running attempts are abandoned next)."""
+        Stragglers are hedged unless `start_hedges` is false (a sync round
+        past its deadline, whose running attempts are abandoned next)."""
         running = [(t, s) for t in tables for s in t if s.state == RUNNING]
         by_cluster: dict[str, list[tuple[AttemptTable, Slot]]] = {}
         for t, s in running:

@@ -4,9 +4,9 @@ A client attempt running past `factor` x the `percentile` of its round
 peers' durations (training.hedging; the decision is `AttemptTable.hedge_due`;
 the peers are the warm ones once min_peers of them delivered, see
 `HedgePolicy`)
-gets a speculative attempt (one at a time). The first result wins: the
-winner is the slot's delivered attempt, the other one is recorded as
-`hedged` (neither counted nor a failure). An update the loser still stores
+gets a speculative attempt (one at a time). The first update stored
+wins: the winner is the slot's delivered attempt, the other one is
+recorded as `hedged` (neither counted nor a failure). An update the loser still stores
 is refused by the unique (session, round, client) key of updates, so it
 never counts twice.
 
@@ -70,6 +70,12 @@ class Hedger:
         self._gave_up: dict[tuple[str, int], int] = {}
         # (client, round, attempt) -> the record of an attempt given up, should its update be the one stored
         self._given_up_docs: dict[tuple[str, int, int], Any] = {}
+
+    def given_up(self, client: str, rnd: int, attempt: int, doc_id: Any) -> None:
+        """An attempt no longer tracked (given up for a younger one, or left
+        running beside it by a stopped keeper): should its update be the
+        one stored, the record of `doc_id` is told so."""
+        self._given_up_docs[(client, rnd, attempt)] = doc_id
 
     # ------------------------------------------------------------------ settling
     def own_attempt_delivered(self, s: Slot) -> list[tuple[Any, dict[str, Any]]]:
@@ -179,7 +185,7 @@ class Hedger:
                         self._gave_up = {k: n for k, n in self._gave_up.items() if k[1] >= oldest}
                         self._given_up_docs = {k: d for k, d in self._given_up_docs.items() if k[1] >= oldest}
                     self._gave_up[(s.client, s.round)] = given_up + 1
-                    self._given_up_docs[(s.client, s.round, s.running_attempt)] = s.doc_id
+                    self.given_up(s.client, s.round, s.running_attempt, s.doc_id)
                     table.promote_hedge(s)
         if changes:
             self.d.update_attempts(changes)

@@ -34,6 +34,7 @@ def read_ahead(items: Iterable[Item], load: Callable[[Item], Value],
     stop = threading.Event()
 
     def reader() -> None:
+        finished = False
         try:
             for item in items:
                 may_read.acquire()
@@ -43,15 +44,16 @@ def read_ahead(items: Iterable[Item], load: Callable[[Item], Value],
                     results.put((item, load(item), None))
                 except expected as exc:
                     results.put((item, None, exc))
+            finished = True
         except BaseException as exc:  # noqa: BLE001 - handed to the caller, which raises it
             results.put((_DONE, None, exc))
             return
         finally:
-            # A caller that stopped early: a stream left unfinished (a
-            # generator over a cursor) is closed here, in the thread that
-            # iterates it, not whenever the collector finds it.
+            # A stream left unfinished (the caller stopped early, or an
+            # unexpected error ended the reading) is closed here, in the
+            # thread that iterates it, not whenever the collector finds it.
             close = getattr(items, "close", None)
-            if stop.is_set() and callable(close):
+            if not finished and callable(close):
                 close()
         results.put((_DONE, None, None))
 

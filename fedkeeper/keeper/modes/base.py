@@ -170,8 +170,8 @@ class RoundMode(ABC):
             if mine is None and a["attempt"] != s.attempt:
                 continue
             s.doc_id = a["_id"]
-            self.dispatch.remember(a["_id"], a["cluster"], a.get("platform", ""), a.get("function", ""))
             if mine is not None:
+                self.dispatch.remember(a["_id"], a["cluster"], a.get("platform", ""), a.get("function", ""))
                 inv = Invocation("fl_client", a["platform_id"], a.get("submitted", now))
                 table.adopted(s, inv, self._timeout(s.cluster), attempt=a["attempt"])
             elif a.get("state") == "succeeded":
@@ -188,9 +188,15 @@ class RoundMode(ABC):
         return table
 
     def _close_stray(self, attempts: list[dict[str, Any]], now: float) -> None:
+        """Record older running attempts no longer tracked; should one of
+        them have stored its client's update, the younger one that finds it
+        refused says so (Hedger.own_attempt_refused), as for an attempt
+        given up for a hedge."""
         if attempts:
             self.dispatch.update_attempts([(a["_id"], {"state": "abandoned", "finished": now, "error": STRAY})
                                            for a in attempts])
+        for a in attempts:
+            self.dispatch.hedger.given_up(a["client"], a["round"], a["attempt"], a["_id"])
 
     def adopt_running(self, session: str, before_round: int) -> list[Slot]:
         """Client attempts of rounds before `before_round` still running (a
@@ -201,9 +207,11 @@ class RoundMode(ABC):
         youngest, older = youngest_running(self.store.running_client_attempts(session, before_round))
         self._close_stray(older, now)
         for a in youngest.values():
-            s = Slot(a["client"], a["cluster"], a["round"], attempt=a["attempt"], doc_id=a["_id"])
+            # numbered after every attempt recorded for it (a hedge may have come after)
+            last = max(a["attempt"], self.store.last_attempt(session, a["round"], a["client"]))
+            s = Slot(a["client"], a["cluster"], a["round"], attempt=last, doc_id=a["_id"])
             table.adopted(s, Invocation("fl_client", a["platform_id"], a.get("submitted", now)),
-                          self._timeout(s.cluster))
+                          self._timeout(s.cluster), attempt=a["attempt"])
             self.dispatch.remember(a["_id"], a["cluster"], a.get("platform", ""), "fl_client")
             out.append(s)
         return out

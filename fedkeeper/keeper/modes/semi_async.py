@@ -15,6 +15,7 @@ from .sync import ClosingRounds
 
 class SemiAsyncRounds(ClosingRounds):
     name = "semi_async"
+    ABANDONS_AT_CLOSE = False   # they straggle on, tracked (closed())
 
     def __init__(self, ctx):
         super().__init__(ctx)

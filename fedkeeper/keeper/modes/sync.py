@@ -19,6 +19,9 @@ from .base import RoundMode, log
 class ClosingRounds(RoundMode):
     """Rounds that each select clients, dispatch them and close."""
 
+    #: whether the attempts still running when a round closes are abandoned (closed())
+    ABANDONS_AT_CLOSE = True
+
     def run(self, session: str, first_round: int, reports: list[RoundReport]) -> None:
         rnd = first_round
         with self.tracking_until_the_end():
@@ -119,8 +122,10 @@ class ClosingRounds(RoundMode):
         rd = RoundDispatch(table, self.training.round_deadline_s, close_at)
         while True:
             self.dispatch.submit(session, rnd, table, rd.to_invoke())
-            # past the deadline, the round closes this pass: a hedge started now would only be abandoned
-            self.dispatch.track(session, [table] + self.also_tracked(), start_hedges=not rd.past_deadline())
+            # Past the deadline the round closes this pass; where its running
+            # attempts are abandoned then (sync), a hedge started now would be too.
+            self.dispatch.track(session, [table] + self.also_tracked(),
+                                start_hedges=not (self.ABANDONS_AT_CLOSE and rd.past_deadline()))
             self.after_tracking()
             self.ctx.events.emit("tick", round=rnd, **table.counts())
             why = rd.verdict()
