@@ -111,3 +111,23 @@ def test_status_waits_for_a_starting_zygote_without_holding_the_fabric(fabric):
         starting.release()
     asking.join(5)
     assert free and not asking.is_alive()
+
+
+def test_a_run_of_workers_that_fail_to_start_is_a_loop_not_a_recursion(fabric, monkeypatch):
+    """Each failed start places what its worker held on a new worker, whose
+    start fails too (the system refuses new processes): the follow-up I/O
+    is done in turn by the run_ops already at work, however long the run."""
+    import sys
+    s = fabric.scheduler
+    workers = [Worker(None, runtime=None, memory_mb=128) for _ in range(sys.getrecursionlimit() // 2)]
+    following = dict(zip(workers, workers[1:]))
+    depth = []
+
+    def failing_spawn(w):
+        import inspect
+        depth.append(len(inspect.stack(0)))
+        s._start_failed(w, "EAGAIN")
+    monkeypatch.setattr(s.launcher, "spawn", failing_spawn)
+    monkeypatch.setattr(s, "_worker_died", lambda w: [("spawn", following[w])] if w in following else [])
+    s.run_ops([("spawn", workers[0])])
+    assert len(depth) == len(workers) and max(depth) == min(depth)

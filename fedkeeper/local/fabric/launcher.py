@@ -70,8 +70,8 @@ class Launcher:
                                 w.runtime, exc)
             else:
                 with self.f.lock:
-                    gone = w.kill_reason is not None or w.state == "dead"
-                if gone:  # evicted while it was being forked (its reader ends at once)
+                    gone = w.kill_reason is not None or w.state == "dead" or self.f.stopping
+                if gone:  # evicted (or the fabric stopped) while it was being forked (its reader ends at once)
                     w.kill()
                 self._serve_in_thread(w)
                 return

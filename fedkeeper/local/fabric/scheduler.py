@@ -23,6 +23,7 @@ operations and done by `run_ops` once the lock is released."""
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections import deque
 from typing import TYPE_CHECKING
@@ -67,6 +68,7 @@ class Scheduler:
         self.launcher = Launcher(fabric, serve=self._serve_worker, failed=self._start_failed)
         self.zygotes = self.launcher.zygotes
         self.memory_used = 0
+        self._doing = threading.local()   # the ops list run_ops works through on this thread
 
     def enqueue(self, act: Activation) -> list:
         """Queue an admitted activation (lock held); returns the I/O to do."""
@@ -91,17 +93,17 @@ class Scheduler:
                 self.f.complete(q.popleft(), WHISK_ERROR, {"error": MSG_REMOVED})
             return ops
         need, budget = int(action.limits["memory"]), self.f.settings.user_memory_mb
-        if need > budget:
-            # The user memory was lowered below the action's limit after it
-            # was deployed (the fabric's limits are shared): no worker could
-            # ever take these, and waiting would hold stem cells back too.
-            while q:
-                self.f.complete(q.popleft(), WHISK_ERROR, {"error": msg_too_large(need, budget)})
-            self.queues.pop(key, None)
-            return ops
         while q:
             w = self._free_worker(key, action.version)
             if w is None:
+                if need > budget and not self._live_workers(key, action.version):
+                    # The user memory was lowered below the action's limit
+                    # after it was deployed (the fabric's limits are shared)
+                    # and none of its workers is left: none could ever be
+                    # started, and waiting would hold stem cells back too.
+                    while q:
+                        self.f.complete(q.popleft(), WHISK_ERROR, {"error": msg_too_large(need, budget)})
+                    break
                 w = self._new_worker(action, ops)
                 if w is None:
                     break
@@ -135,6 +137,12 @@ class Scheduler:
             if best is None or rank > best[0]:
                 best = (rank, w)
         return best[1] if best else None
+
+    def _live_workers(self, key, version) -> bool:
+        """Whether the action has a worker of this version that will take
+        activations once it is free."""
+        return any(w.version == version and not w.retired and w.state != "dead" and not w.kill_reason
+                   for w in self.pools.get(key, ()))
 
     def _new_worker(self, action: Action, ops: list) -> Worker | None:
         need = int(action.limits["memory"])
@@ -238,8 +246,21 @@ class Scheduler:
     # ------------------------------------------------------------------ worker I/O
     def run_ops(self, ops: list) -> None:
         # A worker's death implies I/O of its own (what it held is placed
-        # again, a stem cell replaces it): appended here and done in turn.
-        ops = list(ops)
+        # again, a stem cell replaces it): appended here and done in turn,
+        # also when it comes from an op this thread is doing (a spawn that
+        # failed reports through _start_failed), so a run of failures is a
+        # loop, not a recursion.
+        active = getattr(self._doing, "ops", None)
+        if active is not None:
+            active.extend(ops)
+            return
+        self._doing.ops = ops = list(ops)
+        try:
+            self._run_each(ops)
+        finally:
+            self._doing.ops = None
+
+    def _run_each(self, ops: list) -> None:
         for op in ops:
             kind, w = op[0], op[1]
             if kind == "spawn":
