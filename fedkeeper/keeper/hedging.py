@@ -3,12 +3,11 @@
 A client attempt running past `factor` x the `percentile` of its round
 peers' durations (training.hedging; the decision is `AttemptTable.hedge_due`;
 the peers are the warm ones once min_peers of them delivered, see
-`HedgePolicy`)
-gets a speculative attempt (one at a time). The first update stored
-wins: the winner is the slot's delivered attempt, the other one is
-recorded as `hedged` (neither counted nor a failure). An update the loser still stores
-is refused by the unique (session, round, client) key of updates, so it
-never counts twice.
+`HedgePolicy`) gets a speculative attempt (one at a time). The first
+update stored wins: the winner is the slot's delivered attempt, the other
+one is recorded as `hedged` (neither counted nor a failure). An update the
+loser still stores is refused by the unique (session, round, client) key of
+updates, so it never counts twice.
 
 Every speculative attempt is an attempt record with `hedge: true` (its own
 attempt number, after the slot's), so cost and reports see it. A hedge

@@ -8,9 +8,9 @@ round 0, a later round that had no round document), and only until it is
 taken. Every write to such a round's attempts goes through the dispatcher,
 and what fl_invoker writes on an attempt it invoked (`running`, its
 platform id) the dispatcher reads back right after the call and copies, so
-the copy is what the store holds. A
-round resumed from the store is not kept, and its records are read back as
-before. Combiners write from their own threads, hence the lock."""
+the copy is what the store holds. A round resumed from the store is not
+kept, and its records are read back as before. Combiners write from their
+own threads, hence the lock."""
 from __future__ import annotations
 
 import threading

@@ -206,10 +206,17 @@ class RoundMode(ABC):
         table = self.dispatch.table()
         youngest, older = youngest_running(self.store.running_client_attempts(session, before_round))
         self._close_stray(older, now)
+        # Each straggler is numbered after every attempt recorded for its
+        # client (a hedge may have come after it): one read per round they
+        # come from, not one per straggler.
+        last: dict[tuple[str, int], int] = {}
+        for r in sorted({a["round"] for a in youngest.values()}):
+            for d in self.store.attempts(session, r):
+                key = (d["client"], r)
+                last[key] = max(last.get(key, 0), int(d["attempt"]))
         for a in youngest.values():
-            # numbered after every attempt recorded for it (a hedge may have come after)
-            last = max(a["attempt"], self.store.last_attempt(session, a["round"], a["client"]))
-            s = Slot(a["client"], a["cluster"], a["round"], attempt=last, doc_id=a["_id"])
+            numbered = max(a["attempt"], last.get((a["client"], a["round"]), 0))
+            s = Slot(a["client"], a["cluster"], a["round"], attempt=numbered, doc_id=a["_id"])
             table.adopted(s, Invocation("fl_client", a["platform_id"], a.get("submitted", now)),
                           self._timeout(s.cluster), attempt=a["attempt"])
             self.dispatch.remember(a["_id"], a["cluster"], a.get("platform", ""), "fl_client")
