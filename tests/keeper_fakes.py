@@ -175,14 +175,14 @@ class FakeStore:
         self.events_.append({"session": sid, "kind": kind, "message": message, **data})
 
     # updates, models
-    def add_update(self, sid, rnd, client):
-        self.updates_.setdefault((sid, rnd, client), {"status": "received"})
+    def add_update(self, sid, rnd, client, attempt=None):
+        self.updates_.setdefault((sid, rnd, client), {"status": "received", "attempt": attempt})
 
     def delivered_clients(self, sid, rnd):
         return {c for (s, r, c) in self.updates_ if (s, r) == (sid, rnd)}
 
-    def clients_with_updates(self, sid, rnd, clients):
-        return {c for c in clients if (sid, rnd, c) in self.updates_}
+    def storing_attempts(self, sid, rnd, clients):
+        return {c: self.updates_[(sid, rnd, c)]["attempt"] for c in clients if (sid, rnd, c) in self.updates_}
 
     def received_updates(self, sid, lo, hi):
         return [(c, r) for (s, r, c), u in self.updates_.items()
@@ -231,7 +231,8 @@ class FakeProvider(Provider):
 
     behave(function, payload, attempt) returns "ok" (fl_client stores its
     update), ("after", seconds) (the same, that much later on the clock),
-    ("after", seconds, result) (that result then, nothing stored),
+    ("after", seconds, result) (that result then, nothing stored; an
+    Outcome for a failure),
     an Outcome to report, a ProviderError to raise at invoke, or "hang"
     (never finishes)."""
 
@@ -288,7 +289,7 @@ class FakeProvider(Provider):
     def _run(self, name: str, p: dict) -> dict:
         sid, rnd = p["session"], p["round"]
         if name == "fl_client":
-            self.store.add_update(sid, rnd, p["client"])
+            self.store.add_update(sid, rnd, p["client"], p.get("attempt"))
             return {"num_examples": 10}
         if name == "fl_server_init":
             self.store.models.add((sid, 0))
@@ -311,6 +312,9 @@ class FakeProvider(Provider):
         for pid, (at, name, payload, result) in list(self.later.items()):
             if at <= self.clock():
                 del self.later[pid]
+                if isinstance(result, Outcome):
+                    self.done[pid] = Outcome(pid, result.ok, result.error_class, result.error, result.result)
+                    continue
                 self.done[pid] = Outcome(pid, True, result=self._run(name, payload) if result is None else result,
                                          duration_ms=10.0)
         return [self.done.pop(i.platform_id) for i in pending if i.platform_id in self.done]

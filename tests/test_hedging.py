@@ -458,7 +458,7 @@ def test_a_duplicate_stored_by_a_given_up_attempt_settles_its_client_at_once(tmp
             return "ok" if fn != "fl_client" else ("after", 1.0)
         if n < 3:
             return ("after", 100.0)
-        store_of["store"].add_update(p["session"], p["round"], p["client"])
+        store_of["store"].add_update(p["session"], p["round"], p["client"], stored_by)
         return Outcome("", True, result={"num_examples": 10, "duplicate": True, "stored_by": stored_by})
 
     keeper, store, provider, clock = fake_keeper(tmp_path, behave, rounds=1, training=HEDGE_ON, deadline_s=300)
@@ -575,7 +575,7 @@ def test_a_hedge_that_stored_first_wins_though_the_own_attempt_reports_first(tmp
             return ("after", 1.0)
         if n == 1:
             return ("after", 20.0, {"num_examples": 10, "duplicate": True, "stored_by": 2})
-        shared["store"].add_update(p["session"], p["round"], p["client"])   # stored at once, reported at 30 s
+        shared["store"].add_update(p["session"], p["round"], p["client"], 2)   # stored at once, reported at 30 s
         return ("after", 30.0)
     shared: dict[str, Any] = {}
     store, mine = with_two_attempts_at_most(tmp_path, behave, shared)
@@ -610,3 +610,39 @@ def test_no_hedge_is_started_in_a_pass_told_not_to(tmp_path):
     assert straggler.hedge is not None and [a["client"] for a in store.invocations.values() if a.get("hedge")] == [
         "client_3"]
     d.close()
+
+
+@pytest.mark.parametrize("stored_by", [2, 1], ids=["the hedge stored it", "the own attempt stored it"])
+def test_a_failed_own_attempt_whose_client_has_an_update_stored_leaves_the_winner_to_whoever_stored_it(
+        tmp_path, stored_by):
+    """client_3's hedge stores the update at once but reports only at 30 s;
+    its own attempt fails at 20 s, when the update is already there. The
+    attempt the update document names is the winner: the hedge is tracked
+    to its report, while an update the own attempt stored before failing
+    delivers the client at once and the hedge lost the race."""
+    crashed = Outcome("", False, ErrorClass.APPLICATION_ERROR, "crashed after storing")
+
+    def behave(fn, p, n):
+        if fn != "fl_client":
+            return "ok"
+        if p["client"] != "client_3":
+            return ("after", 1.0)
+        if n == stored_by:
+            shared["store"].add_update(p["session"], p["round"], p["client"], n)
+        if n == 1:
+            return ("after", 20.0, crashed)
+        return ("after", 30.0, {"num_examples": 10, **({} if stored_by == 2 else {"duplicate": True,
+                                                                                  "stored_by": 1})})
+    shared: dict[str, Any] = {}
+    store, mine = with_two_attempts_at_most(tmp_path, behave, shared)
+    rd = store.rounds_[("s1", 0)]
+    assert rd["included"].count("client_3") == 1 and rd["failed"] == 0
+    if stored_by == 2:
+        assert [(a["attempt"], a["state"], a.get("hedge", False)) for a in mine] == [
+            (1, "failed", False), (2, "succeeded", True)]
+        assert mine[1]["finished"] - mine[0]["submitted"] >= 30   # tracked to its own report
+    else:
+        assert [(a["attempt"], a["state"], a.get("hedge", False)) for a in mine] == [
+            (1, "failed", False), (2, "hedged", True)]
+        assert mine[1]["error"] == "another attempt of this client delivered first"
+        assert mine[1]["finished"] - mine[0]["submitted"] < 30    # not waited for

@@ -398,7 +398,7 @@ def test_an_attempt_that_stored_its_update_but_never_reported_teaches_no_duratio
     long would lift the round's hedging threshold past the limit."""
     def behave(fn, p, n):
         if fn == "fl_client" and p["client"] == "client_3" and n == 1:
-            store.add_update(p["session"], p["round"], "client_3")   # stored, never reported
+            store.add_update(p["session"], p["round"], "client_3", 1)   # stored, never reported
             return "hang"
         return "ok"
     keeper, store, provider, _ = fake_keeper(tmp_path, behave, rounds=1, deadline_s=600)
@@ -443,7 +443,7 @@ def test_on_resume_an_older_running_attempt_beside_a_younger_one_is_closed(tmp_p
     hedge = _with_a_later_attempt(store, own, "running")
     result = {"num_examples": 10}
     if stored_by_own:
-        store.add_update("s1", 0, own["client"])
+        store.add_update("s1", 0, own["client"], 1)
         result.update(duplicate=True, stored_by=1)
     provider.later["act-hedge-gone"] = (0.0, "fl_client", {"session": "s1", "round": 0, "client": own["client"]},
                                         result)

@@ -260,13 +260,18 @@ def test_keeper_queries_answer_from_the_store(store: Store):
     assert store.running_client_attempts("s", 0) == []
     assert [a["_id"] for a in store.ended_client_attempts("s", ["succeeded", "failed"])] == [3]
     assert set(store.attempts_by_id([1, 3])) == {1, 3}
-    for rnd, client in ((0, "client_0"), (1, "client_1"), (1, "client_2"), (2, "client_0")):
-        store.db[fs.UPDATES].insert_one({"session": "s", "round": rnd, "client": client, "status": "received"})
-    assert store.clients_with_updates("s", 1, ["client_2", "client_0"]) == {"client_2"}
-    assert sorted(store.received_updates("s", 1, 2)) == [("client_1", 1), ("client_2", 1)]
-    assert store.count_received_updates("s", 0, 2) == 3
+    for rnd, client, attempt in ((0, "client_0", 1), (1, "client_1", 1), (1, "client_2", 3), (2, "client_0", 1),
+                                 (1, "client_3", True), (1, "client_4", None)):
+        store.db[fs.UPDATES].insert_one({"session": "s", "round": rnd, "client": client, "status": "received",
+                                         **({"attempt": attempt} if attempt is not None else {})})
+    # the attempt that stored each (None where the document gives no attempt number)
+    assert store.storing_attempts("s", 1, ["client_2", "client_0", "client_3", "client_4"]) == {
+        "client_2": 3, "client_3": None, "client_4": None}
+    assert sorted(store.received_updates("s", 1, 2)) == [("client_1", 1), ("client_2", 1), ("client_3", 1),
+                                                         ("client_4", 1)]
+    assert store.count_received_updates("s", 0, 2) == 5
     store.mark_updates_stale("s", 1)
-    assert store.count_received_updates("s", 0, 3) == 3
+    assert store.count_received_updates("s", 0, 3) == 5   # rounds 1 and 2
     assert store.received_updates("s", 0, 1) == []
     assert store.heartbeat("s", now=123.0) and store.session("s")["heartbeat"] == 123.0
     store.update_session("s", state="running")

@@ -212,15 +212,16 @@ class Dispatcher:
             if not table.promote_hedge(s):
                 table.lost(s, f"platform_error: {why}")
 
-    def _landed(self, session: str, slots: list[Slot]) -> set[tuple[int, str]]:
+    def _landed(self, session: str, slots: list[Slot]) -> dict[tuple[int, str], int | None]:
         """(round, client) of these slots whose client has an update stored
-        (an earlier attempt landed late): one query per round for a whole
-        tracking pass, not one per failed attempt."""
+        (an earlier attempt landed late, or the running hedge stored it), and
+        the attempt that stored it: one query per round for a whole tracking
+        pass, not one per failed attempt."""
         by_round: dict[int, list[str]] = {}
         for s in slots:
             by_round.setdefault(s.round, []).append(s.client)
-        return {(r, c) for r, clients in by_round.items()
-                for c in self.store.clients_with_updates(session, r, clients)}
+        return {(r, c): attempt for r, clients in by_round.items()
+                for c, attempt in self.store.storing_attempts(session, r, clients).items()}
 
     # ------------------------------------------------------------------ client attempts
     def submit(self, session: str, rnd: int, table: AttemptTable, ready: list[Slot]) -> None:
@@ -363,11 +364,13 @@ class Dispatcher:
                         changes += settled
                         continue
                 changes.append((s.doc_id, fields))
-                if fields["state"] == "succeeded" or (s.round, s.client) in landed:
-                    # A failed attempt whose client has an update stored
-                    # (an earlier attempt landed late) needs no retry.
+                if fields["state"] == "succeeded":
                     changes += self.hedger.own_attempt_delivered(s)
                     table.delivered(s, out.result, out.cold_start)
+                    continue
+                if (s.round, s.client) in landed:
+                    # A failed attempt whose client has an update stored needs no retry.
+                    changes += self.hedger.update_found_stored(table, s, landed[(s.round, s.client)], out)
                     continue
                 if table.promote_hedge(s):
                     continue  # its speculative attempt runs on as the slot's
@@ -390,10 +393,9 @@ class Dispatcher:
                                        "error": "no outcome within the function timeout plus grace",
                                        "finished": now}))
             if (s.round, s.client) in landed:
-                changes += self.hedger.own_attempt_delivered(s)
                 # Delivered, but when is not known: nothing for the peers'
                 # durations (the wait here is the timeout, not the run).
-                table.delivered_untracked(s)
+                changes += self.hedger.update_found_stored(table, s, landed[(s.round, s.client)])
             elif table.promote_hedge(s):
                 pass
             else:

@@ -41,7 +41,7 @@ from typing import Any, Sequence
 
 from bson import ObjectId
 
-from ..providers import ErrorClass, ProviderError
+from ..providers import ErrorClass, Outcome, ProviderError
 from .attempts import RUNNING, AttemptTable, Slot
 
 log = logging.getLogger("fedkeeper.keeper")
@@ -84,6 +84,31 @@ class Hedger:
             return []
         s.hedge = None
         return [(h.doc_id, hedged_fields(self.d.clock()))] if h.doc_id is not None else []
+
+    def update_found_stored(self, table: AttemptTable, s: Slot, stored_by: int | None,
+                            outcome: Outcome | None = None) -> list[tuple[Any, dict[str, Any]]]:
+        """The slot's own attempt ended without reporting an update (it
+        failed, or never reported), but the client's update is stored, by
+        the attempt `stored_by` (as the update document says). When that is
+        its running hedge, the hedge becomes the slot's attempt and reports
+        next. Otherwise the client is delivered and a running hedge lost the
+        race; when `stored_by` is an attempt given up for a younger one, its
+        record says its update is the one counted. `outcome`: the own
+        attempt's, when it reported one (its run then counts among the
+        peers' durations if it stored the update itself)."""
+        h = s.hedge
+        if h is not None and h.inv is not None and stored_by == h.attempt:
+            table.promote_hedge(s)
+            return []
+        changes = self.own_attempt_delivered(s)
+        given_up = self._given_up_docs.pop((s.client, s.round, stored_by), None)
+        if given_up is not None:
+            changes.append((given_up, {"error": STORED_FIRST, "stored_update": True}))
+        if outcome is not None and stored_by == s.running_attempt:
+            table.delivered(s, outcome.result, outcome.cold_start)
+        else:
+            table.delivered_untracked(s, outcome.result if outcome is not None else None)
+        return changes
 
     def own_attempt_refused(self, table: AttemptTable, s: Slot, fields: dict[str, Any],
                             result: dict[str, Any]) -> list[tuple[Any, dict[str, Any]]] | None:

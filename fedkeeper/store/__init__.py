@@ -287,13 +287,15 @@ class Store:
         return self._run(lambda: {d["client"] for d in self.db[fs.UPDATES].find(
             {"session": session, "round": rnd}, {"client": 1})})
 
-    def clients_with_updates(self, session: str, rnd: int, clients: Sequence[str]) -> set[str]:
-        """Which of `clients` have an update stored for round `rnd`: one
+    def storing_attempts(self, session: str, rnd: int, clients: Sequence[str]) -> dict[str, int | None]:
+        """Which of `clients` have an update stored for round `rnd`, and the
+        attempt that stored each (None where the update does not say): one
         query per fs.IN_SLICE clients, however many ask."""
         if not clients:
-            return set()
-        return self._run(lambda: {d["client"] for d in fs.find_in(
-            self.db[fs.UPDATES], {"session": session, "round": rnd}, "client", clients, {"client": 1})})
+            return {}
+        return self._run(lambda: {d["client"]: _attempt_number(d.get("attempt")) for d in fs.find_in(
+            self.db[fs.UPDATES], {"session": session, "round": rnd}, "client", clients,
+            {"client": 1, "attempt": 1})})
 
     def received_updates(self, session: str, lo: int, hi: int) -> list[tuple[str, int]]:
         """(client, round) of updates received and not yet aggregated, of
@@ -348,6 +350,11 @@ class Store:
 
     def get_arrays(self, blob_id: ObjectId) -> list[np.ndarray]:
         return fs.get_arrays(self.db, blob_id)
+
+
+def _attempt_number(value: Any) -> int | None:
+    """An update document's `attempt`, when it is an attempt number."""
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 def effective_state(session_doc: dict[str, Any], now: float | None = None) -> str:
