@@ -44,6 +44,8 @@ def main(args):
         os._exit(3)
     if args.get("nondict"):
         return [1, 2]
+    if args.get("nan"):
+        return {"loss": float("nan")}
     if args.get("alloc_mb"):
         block = b"x" * (args["alloc_mb"] * 1024 * 1024)
         time.sleep(3)

@@ -102,6 +102,11 @@ def test_blocking_statuses_and_result_variant(fw):
     assert r.status_code == 502 and r.json()["response"]["status"] == "action developer error"
     assert "valid JSON response" in r.json()["response"]["result"]["error"]
 
+    # NaN is no JSON number: a strict parser (OpenWhisk's) refuses such a result.
+    r = fw.invoke("blk", {"nan": 1}, blocking=True)
+    assert r.status_code == 502 and r.json()["response"]["status"] == "action developer error"
+    assert "valid JSON response" in r.json()["response"]["result"]["error"]
+
     r = fw.invoke("blk", {"exit": 1}, blocking=True)
     assert r.status_code == 502
     assert r.json()["response"]["result"]["error"] == fabric.MSG_ABNORMAL_RUN

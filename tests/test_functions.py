@@ -103,6 +103,23 @@ def test_error_rule_bad_input_is_an_error_result_a_crash_propagates(fn_db):
         openwhisk_main(crash, {**bound, **body})
 
 
+def test_non_finite_numbers_in_a_result_become_null_on_both_entries(fn_db, monkeypatch):
+    """A diverged loss is NaN: the result must stay strict JSON, which
+    OpenWhisk requires, and say nothing it does not know."""
+    bound = bound_for(fn_db)
+    for k, v in bound.items():
+        monkeypatch.setenv(k, v)
+    body = signed(SECRET, {"session": "s", "round": 0})
+
+    def diverged(payload, bound):
+        return {"num_examples": 10, "metrics": {"loss": float("nan"), "accuracy": 0.5,
+                                                "history": [float("inf"), 1.0, float("-inf")]}}
+    expected = {"num_examples": 10, "metrics": {"loss": None, "accuracy": 0.5, "history": [None, 1.0, None]}}
+    assert openwhisk_main(diverged, {**bound, **body}) == expected
+    text, status, _ = http_main(diverged, wsgi_request(body))
+    assert status == 200 and json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} in {text}")) == expected
+
+
 def test_http_entry_statuses(fn_db, monkeypatch):
     for k, v in bound_for(fn_db).items():
         monkeypatch.setenv(k, v)

@@ -19,11 +19,14 @@ Rules, the same on every platform:
   it propagates, so the activation is an "action developer error"; on HTTP the
   entry answers 500 with a JSON body and `X-Google-Status: crash`, exactly the
   marker functions-framework itself puts on an unhandled exception, so the
-  keeper classifies it the same way and the body stays JSON.
+  keeper classifies it the same way and the body stays JSON;
+- a result is strict JSON: a NaN or infinite number in it (a diverged loss)
+  is sent as null, since OpenWhisk refuses a result it cannot parse.
 """
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import traceback
@@ -165,7 +168,21 @@ def _checked(handle: Handler, bound: dict[str, str], payload: dict[str, Any]) ->
         return 400, {"error": _scrub(f"bad request: {exc}", bound)}
     if not isinstance(result, dict):  # a handler bug, not bad input
         raise TypeError(f"handler returned {type(result).__name__}, not a dict")
-    return (400 if "error" in result else 200), result
+    return (400 if "error" in result else 200), _finite(result)
+
+
+def _finite(value: Any) -> Any:
+    """`value` with every NaN or infinity made null. A loss diverges to NaN
+    on a bad learning rate; strict JSON has no such number, and OpenWhisk
+    refuses an action whose result it cannot parse, which would fail the
+    client instead of reporting its (meaningless) loss."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
 
 
 def openwhisk_main(handle: Handler, args: Mapping[str, Any]) -> dict[str, Any]:

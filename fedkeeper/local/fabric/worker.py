@@ -122,7 +122,8 @@ def _run(chan: Channel, fn, msg: dict) -> None:
                    "instead of a dictionary."})
         return
     try:
-        text = json.dumps(result, separators=(",", ":"))
+        # allow_nan=False: NaN and Infinity are not JSON; OpenWhisk refuses them.
+        text = json.dumps(result, separators=(",", ":"), allow_nan=False)
     except (TypeError, ValueError) as exc:
         chan.send({"t": "done", "id": aid,
                    "dev_error": f"The action did not produce a valid JSON response: {exc}"})
