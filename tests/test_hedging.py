@@ -587,22 +587,29 @@ def test_a_hedge_that_stored_first_wins_though_the_own_attempt_reports_first(tmp
     assert rd["included"].count("client_3") == 1 and rd["failed"] == 0
 
 
-def test_no_hedge_is_started_in_a_pass_told_not_to(tmp_path):
-    """A sync round past its deadline abandons what runs: a hedge started in
-    that pass would be an invocation abandoned at once."""
+def past_the_threshold(clients: int, held: set[str]):
+    """(dispatcher, table, store, provider) of a round on one fake cluster
+    whose `held` clients never finish, the others in 1 s, 5 s later: the
+    held ones are past the threshold (1.5 s) and due a hedge."""
     from fedkeeper.keeper.dispatch import Dispatcher
     from fedkeeper.keeper.events import RoundEvents
     from keeper_fakes import FakeClock, FakePlatforms, FakeProvider, FakeStore
     store, clock = FakeStore(), FakeClock()
-    provider = FakeProvider("c1", store, clock,
-                            lambda fn, p, n: "hang" if p["client"] == "client_3" else ("after", 1.0))
+    provider = FakeProvider("c1", store, clock, lambda fn, p, n: "hang" if p["client"] in held else ("after", 1.0))
     d = Dispatcher(FakePlatforms({"c1": provider}), store, RetryPolicy(hedging=HEDGING), RoundEvents(),
                    clock=clock, sleep=clock.sleep)
-    table = d.table(Slot(f"client_{i}", "c1", 0) for i in range(4))
+    table = d.table(Slot(f"client_{i}", "c1", 0) for i in range(clients))
     d.submit("s", 0, table, table.begin(list(table)))
     clock.sleep(1.0)
-    d.track("s", [table])                        # three peers delivered in 1 s: the threshold is 1.5 s
+    d.track("s", [table])                        # the peers delivered in 1 s
     clock.sleep(5.0)
+    return d, table, store, provider
+
+
+def test_no_hedge_is_started_in_a_pass_told_not_to(tmp_path):
+    """A sync round past its deadline abandons what runs: a hedge started in
+    that pass would be an invocation abandoned at once."""
+    d, table, store, _ = past_the_threshold(4, {"client_3"})
     d.track("s", [table], start_hedges=False)
     straggler = table.slots[("client_3", 0)]
     assert straggler.hedge is None and not [a for a in store.invocations.values() if a.get("hedge")]
@@ -646,3 +653,36 @@ def test_a_failed_own_attempt_whose_client_has_an_update_stored_leaves_the_winne
             (1, "failed", False), (2, "hedged", True)]
         assert mine[1]["error"] == "another attempt of this client delivered first"
         assert mine[1]["finished"] - mine[0]["submitted"] < 30    # not waited for
+
+
+def test_stragglers_due_at_once_are_hedged_in_one_write_and_in_parallel(tmp_path):
+    """Four stragglers due in the same pass: their records are written at
+    once and their hedges invoked side by side, as a round's first
+    attempts are, not one after another on the keeper's loop."""
+    import threading
+    held = {f"client_{i}" for i in range(4, 8)}
+    d, table, store, provider = past_the_threshold(8, held)
+
+    together = threading.Barrier(2, timeout=10.0)
+    side_by_side: list[bool] = []
+    invoke = provider.invoke
+
+    def hedge_invoke(name, payload):
+        try:
+            together.wait()                      # returns only when another invoke runs meanwhile
+            side_by_side.append(True)
+        except threading.BrokenBarrierError:
+            side_by_side.append(False)
+        return invoke(name, payload)
+    provider.invoke = hedge_invoke
+    writes = []
+    for name in ("insert_attempts", "update_attempts"):
+        method = getattr(store, name)
+        setattr(store, name, lambda docs, _m=method, _n=name: (writes.append((_n, len(docs))), _m(docs))[1])
+    d.track("s", [table])
+    hedges = sorted(a["client"] for a in store.invocations.values() if a.get("hedge"))
+    assert hedges == sorted(held)
+    assert ("insert_attempts", 4) in writes and sum(1 for n, k in writes if n == "insert_attempts") == 1
+    assert side_by_side and all(side_by_side[:2]), side_by_side
+    assert all(table.slots[(c, 0)].hedge.inv is not None for c in held)
+    d.close()

@@ -114,9 +114,9 @@ class Dispatcher:
         # submit one or two clients at a time).
         self._invoke_pool: ThreadPoolExecutor | None = None
 
-    def invoke_each(self, invoke: Callable[[Slot], Any], slots: list[Slot]) -> list[Any]:
-        """invoke(slot) for every slot, up to INVOKE_THREADS at once; a
-        single one on the calling thread."""
+    def invoke_each(self, invoke: Callable[[Any], Any], slots: Sequence[Any]) -> list[Any]:
+        """invoke(item) for every item (a slot, or a hedge to start), up to
+        INVOKE_THREADS at once; a single one on the calling thread."""
         if len(slots) == 1:
             return [invoke(slots[0])]
         if self._invoke_pool is None:

@@ -170,13 +170,16 @@ class Hedger:
                     running[s.cluster] = running.get(s.cluster, 0) + 1
                 if s.hedge is not None:
                     running[s.hedge.cluster] = running.get(s.hedge.cluster, 0) + 1
+        chosen: list[tuple[AttemptTable, Slot, str]] = []
         for table, s in due:
             self._again_at.pop((s.client, s.round), None)
             cluster = self.where(s, running)
             if not self.d.clusters.may_probe(cluster):
                 continue        # every cluster it could run on is down for now
             running[cluster] = running.get(cluster, 0) + 1
-            self._start_one(session, table, s, cluster)
+            chosen.append((table, s, cluster))
+        if chosen:
+            self._start(session, chosen)
 
     def _give_up_for_younger(self, tables: Sequence[AttemptTable], now: float) -> None:
         """A hedge that runs past its round's threshold as well (held, or on
@@ -226,23 +229,41 @@ class Hedger:
             self._again_at = {k: v for k, v in self._again_at.items() if v > now}
         return h
 
-    def _start_one(self, session: str, table: AttemptTable, s: Slot, cluster: str) -> None:
-        h = table.begin_hedge(s, cluster)
-        h.doc_id = ObjectId()
-        provider = self.d.platforms.provider(cluster)
+    def _start(self, session: str, chosen: list[tuple[AttemptTable, Slot, str]]) -> None:
+        """Start a speculative attempt for each (table, slot, cluster): the
+        records in one write, the invocations in parallel (as a round's
+        first attempts are), their outcomes in one more write."""
         now = self.d.clock()
-        self.d.insert_attempts([{
-            "_id": h.doc_id, "session": session, "round": s.round, "client": s.client,
-            "attempt": h.attempt, "cluster": cluster, "platform": provider.platform,
-            "function": "fl_client", "memory_mb": self.d.platforms.spec(cluster, "fl_client").memory_mb,
-            "state": "submitting", "submitted": now, "via": "direct", "hedge": True}])
-        log.info("round %d: %s runs past its peers; hedging it (attempt %d on %s)",
-                 s.round + 1, s.client, h.attempt, cluster)
-        payload = self.d.platforms.payload(function="fl_client", session=session, round=s.round,
-                                           client=s.client, attempt=h.attempt)
-        try:
-            inv = provider.invoke("fl_client", payload)
-        except ProviderError as exc:
+        docs = []
+        for table, s, cluster in chosen:
+            h = table.begin_hedge(s, cluster)
+            h.doc_id = ObjectId()
+            docs.append({
+                "_id": h.doc_id, "session": session, "round": s.round, "client": s.client,
+                "attempt": h.attempt, "cluster": cluster, "platform": self.d.platforms.provider(cluster).platform,
+                "function": "fl_client", "memory_mb": self.d.platforms.spec(cluster, "fl_client").memory_mb,
+                "state": "submitting", "submitted": now, "via": "direct", "hedge": True})
+            log.info("round %d: %s runs past its peers; hedging it (attempt %d on %s)",
+                     s.round + 1, s.client, h.attempt, cluster)
+        self.d.insert_attempts(docs)
+
+        def invoke(item: tuple[AttemptTable, Slot, str]):
+            _, s, cluster = item
+            payload = self.d.platforms.payload(function="fl_client", session=session, round=s.round,
+                                               client=s.client, attempt=s.hedge.attempt)
+            try:
+                return item, self.d.platforms.provider(cluster).invoke("fl_client", payload), None
+            except ProviderError as exc:
+                return item, None, exc
+
+        changes: list[tuple[Any, dict[str, Any]]] = []
+        for (table, s, cluster), inv, exc in self.d.invoke_each(invoke, chosen):
+            h = s.hedge
+            if inv is not None:
+                table.hedge_started(s, inv, self.d.platforms.spec(cluster, "fl_client").timeout_s)
+                changes.append((h.doc_id, {"state": "running", "platform_id": inv.platform_id,
+                                           "submitted": inv.submitted_at}))
+                continue
             if exc.error_class == ErrorClass.UNREACHABLE:
                 # Nothing ran: the cluster's health pays for it (the next
                 # hedge goes elsewhere while it is down), not the
@@ -251,12 +272,9 @@ class Hedger:
                 self.d.clusters.failed(cluster, str(exc))
             else:
                 self._failed(table, s, exc.error_class)
-            self.d.update_attempts([(h.doc_id, {**hedged_fields(self.d.clock(), f"not started: {exc}"),
-                                                "error_class": exc.error_class.value})])
-            return
-        table.hedge_started(s, inv, self.d.platforms.spec(cluster, "fl_client").timeout_s)
-        self.d.update_attempts([(h.doc_id, {"state": "running", "platform_id": inv.platform_id,
-                                            "submitted": inv.submitted_at})])
+            changes.append((h.doc_id, {**hedged_fields(self.d.clock(), f"not started: {exc}"),
+                                       "error_class": exc.error_class.value}))
+        self.d.update_attempts(changes)
 
     # ------------------------------------------------------------------ tracking
     def track(self, session: str, tables: Sequence[AttemptTable], outcome_fields) -> None:
