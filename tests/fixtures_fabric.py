@@ -65,6 +65,12 @@ class FabricClient:
         self.s = requests.Session()
         self.s.auth = tuple(info["auth"].split(":", 1))
 
+    def __enter__(self) -> "FabricClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.s.close()
+
     def api(self, ns: str = "_") -> str:
         return f"{self.url}/api/v1/namespaces/{ns}"
 

@@ -442,3 +442,39 @@ def test_an_action_above_a_lowered_user_memory_fails_at_once_not_queued_forever(
     finally:
         fw.admin("limits", {"userMemoryMb": before})
     assert fw.invoke("big2", {}, blocking=True, result=True).status_code == 200
+
+
+def test_concurrent_writes_of_one_action_each_get_their_own_version_and_leave_it_runnable(fw):
+    """PUTs of the same action at once each make a version of their own (as
+    OpenWhisk's revisions do), and a DELETE racing PUTs never leaves an
+    action whose code is gone."""
+    from concurrent.futures import ThreadPoolExecutor
+    assert fw.put_action("race").status_code == 200
+    first = fw.s.get(f"{fw.api()}/actions/race").json()["version"]
+
+    def put(i: int) -> str:
+        with FabricClient(fw.info) as c:   # a connection of its own, as separate deploys have
+            r = c.put_action("race", source=ECHO_AS.format(i=i))
+            assert r.status_code == 200, r.text
+            return r.json()["version"]
+    with ThreadPoolExecutor(6) as pool:
+        versions = list(pool.map(put, range(6)))
+    major, minor, patch = (int(x) for x in first.split("."))
+    assert sorted(versions) == [f"{major}.{minor}.{patch + k}" for k in range(1, 7)], versions
+    last = versions.index(max(versions, key=lambda v: tuple(int(x) for x in v.split("."))))
+    r = fw.invoke("race", {}, blocking=True, result=True)
+    assert r.status_code == 200 and r.json() == {"written_by": last}
+
+    def put_or_delete(i: int) -> int:
+        with FabricClient(fw.info) as c:
+            if i % 2:
+                return c.s.delete(f"{c.api()}/actions/race").status_code
+            return c.put_action("race", source=ECHO_AS.format(i=i)).status_code
+    for _ in range(3):
+        with ThreadPoolExecutor(4) as pool:
+            assert set(pool.map(put_or_delete, range(4))) <= {200, 404}
+        r = fw.invoke("race", {}, blocking=True, result=True)
+        assert r.status_code == 404 or (r.status_code == 200 and "written_by" in r.json()), r.text
+
+
+ECHO_AS = "def main(args):\n    return {{'written_by': {i}}}\n"

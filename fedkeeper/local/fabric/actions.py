@@ -139,7 +139,7 @@ class ActionFiles:
             shutil.rmtree(dest, ignore_errors=True)
             raise ApiError(400, "The action's zip has no __main__.py at its top level.")
 
-    def persist(self, action: Action, in_use: set[str]) -> None:
+    def persist(self, action: Action) -> None:
         d = self.dir_of(action.namespace, action.name)
         d.mkdir(parents=True, exist_ok=True)
         tmp = d / "action.json.tmp"
@@ -148,8 +148,10 @@ class ActionFiles:
             json.dump({**action.to_json(code=True), "version": action.version,
                        "code_dir": action.code_dir, "run_error": action.run_error}, f)
         os.replace(tmp, d / "action.json")
-        # Code of versions no worker can use any more.
-        for old in d.iterdir():
+
+    def prune(self, action: Action, in_use: set[str]) -> None:
+        """Remove the code of the action's versions no worker uses any more."""
+        for old in self.dir_of(action.namespace, action.name).iterdir():
             if old.is_dir() and str(old) not in in_use and str(old) != action.code_dir:
                 shutil.rmtree(old, ignore_errors=True)
 

@@ -30,6 +30,8 @@ class Fabric:
         self.auth = auth
         self.api_host = api_host
         self.lock = threading.RLock()
+        # PUT and DELETE of an action, by a hash of its name (bounded: names are the callers')
+        self._write_locks = [threading.Lock() for _ in range(16)]
         self.namespaces: dict[str, Namespace] = {}
         self.stopping = False
         self.events = UserEvents()
@@ -74,23 +76,32 @@ class Fabric:
     # ------------------------------------------------------------------ actions
     def put_action(self, ns_name: str, name: str, body: Any, overwrite: bool) -> dict:
         ns = self.ns(ns_name)
-        with self.lock:
-            old = ns.actions.get(name)
-            if old is not None and not overwrite:
-                raise ApiError(409, MSG_EXISTS)
-        action, code_bytes, source = define(ns.name, name, body, old, self.settings)
-        if code_bytes is not None or source is not None:
-            action.code_dir = self.files.unpack(action, code_bytes, source)
-        with self.lock:
-            in_use = {w.action.code_dir for w in self.scheduler.workers if w.action is not None}
-        self.files.persist(action, in_use)
-        with self.lock:
-            ns.actions[name] = action
-            ops = self.scheduler.retire(ns.name, name, keep_version=action.version)
-            # a stem cell of its runtime, ahead of the action's first invocation
-            ops += self.scheduler.replenish()
+        # One write of an action at a time (concurrent PUTs would both become
+        # version N+1, a DELETE could remove the files of a PUT racing in);
+        # invocations and other actions' writes go on meanwhile.
+        with self._write_lock(ns.name, name):
+            with self.lock:
+                old = ns.actions.get(name)
+                if old is not None and not overwrite:
+                    raise ApiError(409, MSG_EXISTS)
+            action, code_bytes, source = define(ns.name, name, body, old, self.settings)
+            if code_bytes is not None or source is not None:
+                action.code_dir = self.files.unpack(action, code_bytes, source)
+            self.files.persist(action)
+            with self.lock:
+                ns.actions[name] = action
+                ops = self.scheduler.retire(ns.name, name, keep_version=action.version)
+                # a stem cell of its runtime, ahead of the action's first invocation
+                ops += self.scheduler.replenish()
+                # Asked once the new version is in place: no worker can start
+                # on an older one after this.
+                in_use = {w.action.code_dir for w in self.scheduler.workers if w.action is not None}
+            self.files.prune(action, in_use)
         self.scheduler.run_ops(ops)
         return action.to_json(code=True)
+
+    def _write_lock(self, ns: str, name: str) -> threading.Lock:
+        return self._write_locks[hash((ns, name)) % len(self._write_locks)]
 
     def get_action(self, ns_name: str, name: str) -> Action:
         a = self.ns(ns_name).actions.get(name)
@@ -100,14 +111,15 @@ class Fabric:
 
     def delete_action(self, ns_name: str, name: str) -> dict:
         ns = self.ns(ns_name)
-        with self.lock:
-            a = ns.actions.pop(name, None)
-            if a is None:
-                raise ApiError(404, MSG_NOT_FOUND)
-            ops = self.scheduler.retire(ns.name, name, keep_version=None)
-            self.scheduler.drop_queue((ns.name, name))
-        self.scheduler.run_ops(ops)
-        self.files.remove(ns.name, name)
+        with self._write_lock(ns.name, name):
+            with self.lock:
+                a = ns.actions.pop(name, None)
+                if a is None:
+                    raise ApiError(404, MSG_NOT_FOUND)
+                ops = self.scheduler.retire(ns.name, name, keep_version=None)
+                self.scheduler.drop_queue((ns.name, name))
+            self.scheduler.run_ops(ops)
+            self.files.remove(ns.name, name)
         return a.to_json(code=False)
 
     def list_actions(self, ns_name: str, limit: int, skip: int) -> list[dict]:
