@@ -265,7 +265,25 @@ def cold_then_warm(exe: str, cfg: Path, base: Path, sampler_class: type[ProcessS
         down = subprocess.run([exe, "fabric", "down"], env=env, capture_output=True, text=True, timeout=120)
         if down.returncode != 0:
             print(f"stopping the local services failed: {down.stderr.strip()[-500:]}", file=sys.stderr)
+        _stop_leftovers(state, down)
     return out
+
+
+def _stop_leftovers(state: str, down: subprocess.CompletedProcess) -> None:
+    """Kill any process of the state directory that `fabric down` left
+    running (its directory is about to be deleted, so nothing else would
+    ever stop it), and say which, with what `fabric down` answered."""
+    left = [p for p in psutil.process_iter() if p.pid != os.getpid() and _belongs(p, state)]
+    if not left:
+        return
+    names = []
+    for p in left:
+        with contextlib.suppress(psutil.Error):
+            names.append(f"{p.pid} {' '.join(p.cmdline())[:120]}")
+            p.kill()
+    psutil.wait_procs(left, timeout=10)
+    print(f"`fabric down` (exit {down.returncode}: {down.stdout.strip()[-200:]!r}) left {len(left)} process(es) "
+          f"of {state} running; killed: " + "; ".join(names), file=sys.stderr)
 
 
 def _rounds_row(name: str, secs: float, data: dict) -> str:
