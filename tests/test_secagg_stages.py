@@ -245,6 +245,9 @@ def test_a_resumed_keeper_adopts_a_running_stage_attempt_and_repeats_nothing_don
     first.dispatch.sleep = interrupting_sleep
     with pytest.raises(KeyboardInterrupt):
         first.before_training(sid, 0, clients)
+    # What the interrupted keeper's session does on its way out
+    # (modes/base.tracking_until_the_end): the running marks it holds.
+    first.dispatch.write_running_marks()
     assert [a["state"] for a in records(store, sid, "share", "client_3")] == ["running"]
 
     second = stages_for(store, platform, clock, clients)

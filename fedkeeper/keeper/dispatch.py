@@ -224,10 +224,20 @@ class Dispatcher:
                 for c, attempt in self.store.storing_attempts(session, r, clients).items()}
 
     # ------------------------------------------------------------------ client attempts
-    def submit(self, session: str, rnd: int, table: AttemptTable, ready: list[Slot]) -> None:
-        """Invoke slots whose attempt numbers were taken (table.begin)."""
+    def submit(self, session: str, rnd: int, table: AttemptTable, ready: list[Slot], *,
+               function: str = "fl_client", payload_of: Callable[[Slot], dict[str, Any]] | None = None,
+               record: dict[str, Any] | None = None) -> None:
+        """Invoke slots whose attempt numbers were taken (table.begin): their
+        records in one write first, then the invocations, the clusters' in
+        turn. Each payload carries `payload_of(slot)` (by default the slot's
+        client) and its attempt number; `record`: fields every attempt
+        record also gets (a secure-aggregation stage's name). Only fl_client
+        is relayed through fl_invoker."""
         if not ready:
             return
+        payload_of = payload_of or (lambda s: {"client": s.client})
+        relayed = (lambda s: self.platforms.via_invoker(s.cluster)) if function == "fl_client" \
+            else (lambda s: False)
         now = self.clock()
         docs = []
         for s in ready:
@@ -235,29 +245,29 @@ class Dispatcher:
             docs.append({"_id": s.doc_id, "session": session, "round": rnd, "client": s.client,
                          "attempt": s.attempt, "cluster": s.cluster,
                          "platform": self.platforms.provider(s.cluster).platform,
-                         "function": "fl_client", "memory_mb": self.platforms.spec(s.cluster, "fl_client").memory_mb,
+                         "function": function, "memory_mb": self.platforms.spec(s.cluster, function).memory_mb,
                          "state": "submitting", "submitted": now,
-                         "via": "invoker" if self.platforms.via_invoker(s.cluster) else "direct"})
+                         "via": "invoker" if relayed(s) else "direct", **(record or {})})
         self.insert_attempts(docs)
 
         def invoke(s: Slot):
-            payload = self.platforms.payload(function="fl_client", session=session, round=rnd,
-                                             client=s.client, attempt=s.attempt)
+            payload = self.platforms.payload(function=function, session=session, round=rnd, **payload_of(s),
+                                             attempt=s.attempt)
             try:
-                return s, self.platforms.provider(s.cluster).invoke("fl_client", payload), None
+                return s, self.platforms.provider(s.cluster).invoke(function, payload), None
             except ProviderError as exc:
                 return s, None, exc
 
-        direct = across_clusters([s for s in ready if not self.platforms.via_invoker(s.cluster)])
+        direct = across_clusters([s for s in ready if not relayed(s)])
         results = []
         if direct:
             results = self.invoke_each(invoke, direct)
-        results += self._submit_via_invoker(session, rnd, [s for s in ready if self.platforms.via_invoker(s.cluster)])
+        results += self._submit_via_invoker(session, rnd, [s for s in ready if relayed(s)])
         changes = []
         unreachable: dict[str, str] = {}
         for s, inv, err in results:
             if inv is not None:
-                table.started(s, inv, self.platforms.spec(s.cluster, "fl_client").timeout_s)
+                table.started(s, inv, self.platforms.spec(s.cluster, function).timeout_s)
                 self.running_marks.hold(s.doc_id, session, {"state": "running", "platform_id": inv.platform_id,
                                                             "submitted": inv.submitted_at})
                 continue
@@ -269,7 +279,7 @@ class Dispatcher:
                 unreachable[s.cluster] = str(err)
                 s.next_try = max(s.next_try, self.clusters.next_probe(s.cluster))
             if verdict.redeploy:
-                self.platforms.redeploy(s.cluster, "fl_client")
+                self.platforms.redeploy(s.cluster, function)
         self.update_attempts(changes)
         for cluster, error in unreachable.items():
             self.clusters.failed(cluster, error)

@@ -28,13 +28,11 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from bson import ObjectId
-
 from flcommon.secagg import relay
 
 from ..keeper.attempts import DELIVERED, FAILED, RUNNING, WAITING, AttemptTable, HedgePolicy, Slot
 from ..keeper.round_closing import DEADLINE, RoundDispatch
-from ..providers import ErrorClass, Invocation, ProviderError
+from ..providers import Invocation
 
 
 def slot_name(stage: str, client: str) -> str:
@@ -117,55 +115,11 @@ class StageRun:
 
     # ------------------------------------------------------------------ attempts
     def _submit(self, table: AttemptTable, ready: list[Slot]) -> None:
-        """Invoke slots whose attempt numbers were taken, as Dispatcher.submit
-        does for training (fl_invoker relays only fl_client: stages are
-        always invoked directly)."""
-        if not ready:
-            return
-        platforms, now = self.dispatch.platforms, self.dispatch.clock()
-        docs = []
-        for s in ready:
-            s.doc_id = ObjectId()
-            docs.append({"_id": s.doc_id, "session": self.session, "round": self.rnd, "client": s.client,
-                         "attempt": s.attempt, "cluster": s.cluster,
-                         "platform": platforms.provider(s.cluster).platform, "function": self.function,
-                         "memory_mb": platforms.spec(s.cluster, self.function).memory_mb,
-                         "state": "submitting",
-                         "submitted": now, "via": "direct", "stage": self.stage})
-        self.dispatch.insert_attempts(docs)
-
-        def invoke(s: Slot):
-            payload = platforms.payload(function=self.function, session=self.session, round=self.rnd,
-                                        client=client_of(s), stage=self.stage, attempt=s.attempt)
-            try:
-                return s, platforms.provider(s.cluster).invoke(self.function, payload), None
-            except ProviderError as exc:
-                return s, None, exc
-
-        results = self.dispatch.invoke_each(invoke, ready)   # the dispatcher's kept pool
-        changes = []
-        unreachable: dict[str, str] = {}
-        for s, inv, err in results:
-            if inv is not None:
-                table.started(s, inv, self._timeout(s.cluster))
-                changes.append((s.doc_id, {"state": "running", "platform_id": inv.platform_id,
-                                           "submitted": inv.submitted_at}))
-                continue
-            changes.append((s.doc_id, {"state": "failed", "error_class": err.error_class.value,
-                                       "error": str(err), "finished": self.dispatch.clock()}))
-            reached = err.error_class != ErrorClass.UNREACHABLE
-            verdict = table.failed(s, err.error_class, str(err), err.retry_after, reached=reached)
-            if not reached:
-                unreachable[s.cluster] = str(err)
-            if verdict.redeploy:
-                platforms.redeploy(s.cluster, self.function)
-        self.dispatch.update_attempts(changes)
-        for cluster, error in unreachable.items():
-            self.dispatch.clusters.failed(cluster, error)   # ClusterLost past its patience
-            probe = self.dispatch.clusters.next_probe(cluster)
-            for s in ready:
-                if s.cluster == cluster and s.state == WAITING:
-                    s.next_try = max(s.next_try, probe)
+        """Invoke slots whose attempt numbers were taken, as training's are
+        (Dispatcher.submit); each payload and record names the stage."""
+        self.dispatch.submit(self.session, self.rnd, table, ready, function=self.function,
+                             payload_of=lambda s: {"client": client_of(s), "stage": self.stage},
+                             record={"stage": self.stage})
 
     def _settle(self, table: AttemptTable) -> None:
         """A client whose attempt failed but whose output is stored (an
