@@ -18,7 +18,10 @@ driven by the keeper's dispatcher and attempt state machine
 - a client whose output is in the store has done the stage, whatever its
   attempts said (a retried stage writes nothing new);
 - a resumed keeper adopts an attempt an earlier keeper left running (it is
-  tracked to its end, not invoked again) and continues the numbering.
+  tracked to its end, not invoked again) and continues the numbering. As
+  for training, an attempt's running mark is held a moment
+  (keeper/running_marks.py): one a keeper killed with -9 left within it is
+  invoked again, which writes nothing new.
 
 Stage attempts are never hedged: a stage is short and any answer above the
 threshold will do.
