@@ -262,9 +262,13 @@ def cold_then_warm(exe: str, cfg: Path, base: Path, sampler_class: type[ProcessS
         out["warm"] = session_rounds(exe, cfg, env)
     finally:
         # every local service of the state directory (kept by --keep-services)
-        down = subprocess.run([exe, "fabric", "down"], env=env, capture_output=True, text=True, timeout=120)
+        try:
+            down = subprocess.run([exe, "fabric", "down"], env=env, capture_output=True, text=True, timeout=120)
+        except subprocess.TimeoutExpired as exc:
+            down = subprocess.CompletedProcess(exc.cmd, -1, "timed out after 120 s", "")
         if down.returncode != 0:
-            print(f"stopping the local services failed: {down.stderr.strip()[-500:]}", file=sys.stderr)
+            print(f"stopping the local services failed: {(down.stderr or down.stdout).strip()[-500:]}",
+                  file=sys.stderr)
         _stop_leftovers(state, down)
     return out
 

@@ -483,16 +483,18 @@ def test_a_duplicate_stored_by_a_given_up_attempt_settles_its_client_at_once(tmp
         assert clock() - mine[0]["submitted"] >= 100
 
 
-def with_two_attempts_at_most(tmp_path, behave, shared: dict | None = None) -> tuple[Any, list[dict]]:
-    """(store, client_3's attempt records) of a one-round hedged session
-    whose clients have two attempts at most: a running hedge is never given
-    up for a third. `shared["store"]` is the store, for `behave`."""
-    keeper, store, _, _ = fake_keeper(tmp_path, behave, rounds=1, training=HEDGE_ON)
+def with_two_attempts_at_most(tmp_path, behave, shared: dict | None = None, rounds: int = 1
+                              ) -> tuple[Any, list[dict]]:
+    """(store, client_3's attempt records) of a hedged session whose
+    clients have two attempts at most: a running hedge is never given up
+    for a third. `shared["store"]` and `shared["clock"]` are the store and
+    the clock, for `behave`."""
+    keeper, store, _, clock = fake_keeper(tmp_path, behave, rounds=rounds, training=HEDGE_ON)
     if shared is not None:
-        shared["store"] = store
+        shared.update(store=store, clock=clock)
     keeper.dispatcher.policy = dataclasses.replace(keeper.dispatcher.policy, max_attempts=2)
     assert keeper.start(session_id="s1").state == "finished"
-    return store, client_attempts(store, "s1", "client_3")
+    return store, [a for a in client_attempts(store, "s1", "client_3") if a["round"] == 0]
 
 
 def test_no_attempt_is_given_up_when_no_further_hedge_would_be_allowed(tmp_path):
@@ -563,40 +565,65 @@ def test_a_straggler_on_its_last_allowed_attempt_is_not_hedged():
     assert table.exhausted(table.slots[("client_3", 0)]) and table.hedge_due() == []
 
 
-def test_a_hedge_that_stored_first_wins_though_the_own_attempt_reports_first(tmp_path):
-    """The hedge stores client_3's update, then the own attempt reports
-    its own refused as a duplicate the hedge stored, before the hedge
-    reports: the hedge is the winner, tracked to its report, and the own
-    attempt is the one recorded as having lost the race."""
+HEDGE_REPORTS = pytest.mark.parametrize("reports_at,record", [(20.5, "succeeded"), (60.0, "abandoned")],
+                                        ids=["it reports in the next round", "it has not reported at the end"])
+
+
+def stored_by_the_hedge_first(own: Any, reports_at: float):
+    """behave: in round 1, client_3's own attempt ends 20 s after its
+    start as `own` says; its hedge (attempt 2) stores the update at once
+    and reports `reports_at` s after that start. Every other run takes 1 s."""
     def behave(fn, p, n):
         if fn != "fl_client":
             return "ok"
-        if p["client"] != "client_3":
+        if p["client"] != "client_3" or p["round"] > 0:
             return ("after", 1.0)
         if n == 1:
-            return ("after", 20.0, {"num_examples": 10, "duplicate": True, "stored_by": 2})
-        shared["store"].add_update(p["session"], p["round"], p["client"], 2)   # stored at once, reported at 30 s
-        return ("after", 30.0)
+            shared["own_start"] = shared["clock"]()
+            return ("after", 20.0, own)
+        shared["store"].add_update(p["session"], p["round"], p["client"], 2)
+        return ("after", shared["own_start"] + reports_at - shared["clock"]())
     shared: dict[str, Any] = {}
-    store, mine = with_two_attempts_at_most(tmp_path, behave, shared)
+    return behave, shared
+
+
+def assert_the_hedge_won_without_holding_the_round(store, mine, own_state: str, record: str) -> None:
+    """client_3's round counted it once, ended at 20 s, when its own
+    attempt ended, not when the hedge reported; the hedge's record is its
+    outcome or, when the session ended first, abandoned, and says its
+    update is the one counted."""
     assert [(a["attempt"], a["state"], a.get("hedge", False)) for a in mine] == [
-        (1, "hedged", False), (2, "succeeded", True)]
-    assert mine[0]["error"] == "another attempt of this client delivered first"
-    assert mine[1]["finished"] - mine[0]["submitted"] >= 30   # the hedge was tracked to its own report
+        (1, own_state, False), (2, record, True)]
+    assert mine[1]["stored_update"] is True and not mine[0].get("stored_update")
     rd = store.rounds_[("s1", 0)]
     assert rd["included"].count("client_3") == 1 and rd["failed"] == 0
+    assert rd["duration_s"] < 20.5
 
 
-def past_the_threshold(clients: int, held: set[str]):
-    """(dispatcher, table, store, provider) of a round on one fake cluster
+@HEDGE_REPORTS
+def test_a_hedge_that_stored_first_wins_though_the_own_attempt_reports_first(tmp_path, reports_at, record):
+    """The hedge stores client_3's update, then the own attempt reports
+    its own refused as a duplicate the hedge stored, before the hedge
+    reports: the hedge is the winner and the own attempt is the one
+    recorded as having lost the race."""
+    behave, shared = stored_by_the_hedge_first({"num_examples": 10, "duplicate": True, "stored_by": 2}, reports_at)
+    store, mine = with_two_attempts_at_most(tmp_path, behave, shared, rounds=2)
+    assert_the_hedge_won_without_holding_the_round(store, mine, "hedged", record)
+    assert mine[0]["error"] == "another attempt of this client delivered first"
+
+
+def past_the_threshold(clients: int, held: set[str], other_cluster=None):
+    """(dispatcher, table, store, provider) of a round on fake cluster c1
     whose `held` clients never finish, the others in 1 s, 5 s later: the
-    held ones are past the threshold (1.5 s) and due a hedge."""
+    held ones are past the threshold (1.5 s) and due a hedge.
+    `other_cluster(store, clock)`: a provider for a second cluster, c2."""
     from fedkeeper.keeper.dispatch import Dispatcher
     from fedkeeper.keeper.events import RoundEvents
     from keeper_fakes import FakeClock, FakePlatforms, FakeProvider, FakeStore
     store, clock = FakeStore(), FakeClock()
     provider = FakeProvider("c1", store, clock, lambda fn, p, n: "hang" if p["client"] in held else ("after", 1.0))
-    d = Dispatcher(FakePlatforms({"c1": provider}), store, RetryPolicy(hedging=HEDGING), RoundEvents(),
+    providers = {"c1": provider, **({"c2": other_cluster(store, clock)} if other_cluster else {})}
+    d = Dispatcher(FakePlatforms(providers), store, RetryPolicy(hedging=HEDGING), RoundEvents(),
                    clock=clock, sleep=clock.sleep)
     table = d.table(Slot(f"client_{i}", "c1", 0) for i in range(clients))
     d.submit("s", 0, table, table.begin(list(table)))
@@ -619,40 +646,39 @@ def test_no_hedge_is_started_in_a_pass_told_not_to(tmp_path):
     d.close()
 
 
-@pytest.mark.parametrize("stored_by", [2, 1], ids=["the hedge stored it", "the own attempt stored it"])
-def test_a_failed_own_attempt_whose_client_has_an_update_stored_leaves_the_winner_to_whoever_stored_it(
-        tmp_path, stored_by):
-    """client_3's hedge stores the update at once but reports only at 30 s;
-    its own attempt fails at 20 s, when the update is already there. The
-    attempt the update document names is the winner: the hedge is tracked
-    to its report, while an update the own attempt stored before failing
-    delivers the client at once and the hedge lost the race."""
-    crashed = Outcome("", False, ErrorClass.APPLICATION_ERROR, "crashed after storing")
+@HEDGE_REPORTS
+def test_a_failed_own_attempt_whose_hedge_stored_the_update_leaves_the_win_to_the_hedge(tmp_path, reports_at,
+                                                                                       record):
+    """client_3's own attempt fails at 20 s, when its hedge has stored the
+    update (the update document says which attempt did) but not reported:
+    the hedge is the winner."""
+    behave, shared = stored_by_the_hedge_first(Outcome("", False, ErrorClass.APPLICATION_ERROR, "crashed"),
+                                               reports_at)
+    store, mine = with_two_attempts_at_most(tmp_path, behave, shared, rounds=2)
+    assert_the_hedge_won_without_holding_the_round(store, mine, "failed", record)
 
+
+def test_a_failed_own_attempt_that_stored_the_update_first_delivers_at_once_and_its_hedge_lost(tmp_path):
+    """client_3's own attempt stores the update, then fails at 20 s while
+    its hedge runs on (to 30 s): the client is delivered at once and the
+    hedge lost the race."""
     def behave(fn, p, n):
         if fn != "fl_client":
             return "ok"
         if p["client"] != "client_3":
             return ("after", 1.0)
-        if n == stored_by:
-            shared["store"].add_update(p["session"], p["round"], p["client"], n)
         if n == 1:
-            return ("after", 20.0, crashed)
-        return ("after", 30.0, {"num_examples": 10, **({} if stored_by == 2 else {"duplicate": True,
-                                                                                  "stored_by": 1})})
+            shared["store"].add_update(p["session"], p["round"], p["client"], 1)
+            return ("after", 20.0, Outcome("", False, ErrorClass.APPLICATION_ERROR, "crashed after storing"))
+        return ("after", 30.0, {"num_examples": 10, "duplicate": True, "stored_by": 1})
     shared: dict[str, Any] = {}
     store, mine = with_two_attempts_at_most(tmp_path, behave, shared)
     rd = store.rounds_[("s1", 0)]
     assert rd["included"].count("client_3") == 1 and rd["failed"] == 0
-    if stored_by == 2:
-        assert [(a["attempt"], a["state"], a.get("hedge", False)) for a in mine] == [
-            (1, "failed", False), (2, "succeeded", True)]
-        assert mine[1]["finished"] - mine[0]["submitted"] >= 30   # tracked to its own report
-    else:
-        assert [(a["attempt"], a["state"], a.get("hedge", False)) for a in mine] == [
-            (1, "failed", False), (2, "hedged", True)]
-        assert mine[1]["error"] == "another attempt of this client delivered first"
-        assert mine[1]["finished"] - mine[0]["submitted"] < 30    # not waited for
+    assert [(a["attempt"], a["state"], a.get("hedge", False)) for a in mine] == [
+        (1, "failed", False), (2, "hedged", True)]
+    assert mine[1]["error"] == "another attempt of this client delivered first"
+    assert mine[1]["finished"] - mine[0]["submitted"] < 30    # not waited for
 
 
 def test_stragglers_due_at_once_are_hedged_in_one_write_and_in_parallel(tmp_path):
@@ -685,4 +711,28 @@ def test_stragglers_due_at_once_are_hedged_in_one_write_and_in_parallel(tmp_path
     assert ("insert_attempts", 4) in writes and sum(1 for n, k in writes if n == "insert_attempts") == 1
     assert side_by_side and all(side_by_side[:2]), side_by_side
     assert all(table.slots[(c, 0)].hedge.inv is not None for c in held)
+    d.close()
+
+
+def test_hedges_refused_by_an_unreachable_cluster_count_once_and_are_recorded_before_it_is_judged(tmp_path):
+    """Four hedges sent to a cluster that does not answer, in one pass: the
+    cluster's health hears of it once (as for a round's first attempts),
+    and only after every hedge's record is written, so that a cluster
+    given up then leaves none of them `submitting`."""
+    from keeper_fakes import FakeProvider
+    held = {f"client_{i}" for i in range(4, 8)}
+    refusing = lambda store, clock: FakeProvider(   # noqa: E731
+        "c2", store, clock, lambda fn, p, n: ProviderError(ErrorClass.UNREACHABLE, "connection refused"))
+    d, table, store, _ = past_the_threshold(8, held, refusing)
+    judged = []
+
+    def failed(cluster, error):
+        judged.append((cluster, [a["state"] for a in store.invocations.values() if a.get("hedge")]))
+        raise RuntimeError("given up")   # as ClusterLost would
+    d.clusters.failed = failed
+    with pytest.raises(RuntimeError, match="given up"):
+        d.track("s", [table])
+    assert [c for c, _ in judged] == ["c2"]
+    assert judged[0][1] == ["hedged"] * 4             # every hedge recorded, none left `submitting`
+    assert all(table.slots[(c, 0)].hedge is None and table.slots[(c, 0)].hedges == 0 for c in held)
     d.close()

@@ -329,17 +329,6 @@ class AttemptTable:
         self.delivered(s, result, cold)
         return loser
 
-    def hedge_stored_first(self, s: Slot) -> Any:
-        """The slot's own attempt found the client's update stored by its
-        running speculative attempt: that one becomes the slot's attempt,
-        tracked to its own report (as hedge_won, the slot's count
-        unchanged); returns the record id of the attempt it beat."""
-        h, s.hedge = s.hedge, None
-        loser = s.doc_id
-        s.inv, s.doc_id, s.cluster, s.running_attempt = h.inv, h.doc_id, h.cluster, h.attempt
-        s.started_at, s.deadline, s.state = h.started_at, h.deadline, RUNNING
-        return loser
-
     def promote_hedge(self, s: Slot) -> bool:
         """The slot's own attempt ended without an update while its
         speculative one runs: that one carries on as the slot's attempt."""

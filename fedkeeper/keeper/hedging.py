@@ -42,7 +42,7 @@ from typing import Any, Sequence
 from bson import ObjectId
 
 from ..providers import ErrorClass, Outcome, ProviderError
-from .attempts import RUNNING, AttemptTable, Slot
+from .attempts import RUNNING, AttemptTable, Hedge, Slot
 
 log = logging.getLogger("fedkeeper.keeper")
 
@@ -69,6 +69,9 @@ class Hedger:
         self._gave_up: dict[tuple[str, int], int] = {}
         # (client, round, attempt) -> the record of an attempt given up, should its update be the one stored
         self._given_up_docs: dict[tuple[str, int, int], Any] = {}
+        # platform id -> a hedge whose update is its client's (delivered) but that has not reported:
+        # tracked on for its own record only
+        self._reporting: dict[str, Hedge] = {}
 
     def given_up(self, client: str, rnd: int, attempt: int, doc_id: Any) -> None:
         """An attempt no longer tracked (given up for a younger one, or left
@@ -98,8 +101,7 @@ class Hedger:
         peers' durations if it stored the update itself)."""
         h = s.hedge
         if h is not None and h.inv is not None and stored_by == h.attempt:
-            table.promote_hedge(s)
-            return []
+            return self._delivered_by_hedge(table, s)
         changes = self.own_attempt_delivered(s)
         given_up = self._given_up_docs.pop((s.client, s.round, stored_by), None)
         if given_up is not None:
@@ -126,7 +128,7 @@ class Hedger:
         lost = {**fields, "state": HEDGED, "error": LOST_THE_RACE}
         h = s.hedge
         if h is not None and h.inv is not None and stored_by == h.attempt:
-            return [(table.hedge_stored_first(s), lost)]
+            return [(s.doc_id, lost)] + self._delivered_by_hedge(table, s)
         stored = self._given_up_docs.pop((s.client, s.round, stored_by), None)
         if stored is None:
             return None
@@ -134,6 +136,55 @@ class Hedger:
         changes.append((stored, {"error": STORED_FIRST, "stored_update": True}))
         table.delivered_untracked(s, result)
         return changes
+
+    def _delivered_by_hedge(self, table: AttemptTable, s: Slot) -> list[tuple[Any, dict[str, Any]]]:
+        """The slot's running hedge stored the client's update and has not
+        reported yet: the client is delivered now (its round does not wait
+        for that report, which a hedge held after storing would delay to
+        its limit), and the hedge is tracked on for its own record, which
+        says that its update is the one counted."""
+        h, s.hedge = s.hedge, None
+        table.delivered_untracked(s)
+        self._reporting[h.inv.platform_id] = h
+        return [(h.doc_id, {"stored_update": True})]
+
+    def _reported(self, outcome_fields) -> list[tuple[Any, dict[str, Any]]]:
+        """The outcomes of the hedges tracked for their record only, and a
+        time-out for those past their deadline."""
+        if not self._reporting:
+            return []
+        changes: list[tuple[Any, dict[str, Any]]] = []
+        by_cluster: dict[str, list[Hedge]] = {}
+        for h in self._reporting.values():
+            by_cluster.setdefault(h.cluster, []).append(h)
+        for cluster, group in by_cluster.items():
+            if not self.d.clusters.may_probe(cluster):
+                continue
+            try:
+                outcomes = self.d.platforms.provider(cluster).track([h.inv for h in group])
+            except ProviderError:
+                continue  # the cluster's own tracking judges its health
+            for out in outcomes:
+                h = self._reporting.pop(out.platform_id, None)
+                if h is not None:
+                    changes.append((h.doc_id, {**outcome_fields(out, self.d.clock()), "stored_update": True}))
+        now = self.d.clock()
+        for pid, h in list(self._reporting.items()):
+            if now > h.deadline:
+                del self._reporting[pid]
+                changes.append((h.doc_id, {"state": "timed_out", "error_class": "timeout", "finished": now,
+                                           "error": "no outcome within the function timeout plus grace"}))
+        return changes
+
+    def stop_reporting(self, why: str) -> None:
+        """The session ends: the hedges still tracked for their record only
+        are recorded as abandoned (their records keep `stored_update`)."""
+        now = self.d.clock()
+        changes = [(h.doc_id, {"state": "abandoned", "error": why, "finished": now})
+                   for h in self._reporting.values()]
+        self._reporting.clear()
+        if changes:
+            self.d.update_attempts(changes)
 
     # ------------------------------------------------------------------ starting
     def client_clusters(self) -> list[str]:
@@ -257,6 +308,7 @@ class Hedger:
                 return item, None, exc
 
         changes: list[tuple[Any, dict[str, Any]]] = []
+        unreachable: dict[str, str] = {}
         for (table, s, cluster), inv, exc in self.d.invoke_each(invoke, chosen):
             h = s.hedge
             if inv is not None:
@@ -269,23 +321,26 @@ class Hedger:
                 # hedge goes elsewhere while it is down), not the
                 # straggler's attempts.
                 table.hedge_not_started(s)
-                self.d.clusters.failed(cluster, str(exc))
+                unreachable[cluster] = str(exc)
             else:
                 self._failed(table, s, exc.error_class)
             changes.append((h.doc_id, {**hedged_fields(self.d.clock(), f"not started: {exc}"),
                                        "error_class": exc.error_class.value}))
         self.d.update_attempts(changes)
+        # Once per cluster, as Dispatcher.submit does, and after the records
+        # are written: a cluster given up (ClusterLost) leaves none of them
+        # `submitting`.
+        for cluster, error in unreachable.items():
+            self.d.clusters.failed(cluster, error)
 
     # ------------------------------------------------------------------ tracking
     def track(self, session: str, tables: Sequence[AttemptTable], outcome_fields) -> None:
         """Ask how the running speculative attempts went and settle them."""
+        changes = self._reported(outcome_fields)
         hedged = [(t, s) for t in tables for s in t if s.hedge is not None and s.hedge.inv is not None]
-        if not hedged:
-            return
         by_cluster: dict[str, list[tuple[AttemptTable, Slot]]] = {}
         for t, s in hedged:
             by_cluster.setdefault(s.hedge.cluster, []).append((t, s))
-        changes: list[tuple[Any, dict[str, Any]]] = []
         for cluster, group in by_cluster.items():
             if not self.d.clusters.may_probe(cluster):
                 continue

@@ -139,6 +139,7 @@ class RoundMode(ABC):
     def stop_tracking(self, why: str) -> None:
         slots = [s for s in self.running() if s.state == RUNNING]
         self.dispatch.abandon(slots, why)
+        self.dispatch.hedger.stop_reporting(why)
         for s in slots:
             s.state, s.inv = FAILED, None
 
