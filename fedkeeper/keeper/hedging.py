@@ -338,6 +338,10 @@ class Hedger:
         """Ask how the running speculative attempts went and settle them."""
         changes = self._reported(outcome_fields)
         hedged = [(t, s) for t in tables for s in t if s.hedge is not None and s.hedge.inv is not None]
+        if not hedged:   # nor any overdue hedge
+            if changes:
+                self.d.update_attempts(changes)
+            return
         by_cluster: dict[str, list[tuple[AttemptTable, Slot]]] = {}
         for t, s in hedged:
             by_cluster.setdefault(s.hedge.cluster, []).append((t, s))
