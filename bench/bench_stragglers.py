@@ -157,8 +157,18 @@ def timeline(store, session: str) -> list[str]:
                          f"{a['state']:>9} {a.get('error_class') or '':>17} submitted {a['submitted'] - t0:6.2f} "
                          f"ended {(end - t0) if end else float('nan'):6.2f} "
                          f"ran {(a.get('duration_ms') or 0) / 1000:6.2f}"
-                         + (f" cold, code load {(a.get('init_ms') or 0) / 1000:.2f}" if a.get('cold_start') else ""))
+                         + (f" cold, code load {(a.get('init_ms') or 0) / 1000:.2f}" if a.get('cold_start') else "")
+                         + _client_timings(a))
     return lines
+
+
+def _client_timings(attempt: dict) -> str:
+    """What fl_client said its run spent: reading the model and partition,
+    training, storing the update (seconds)."""
+    t = (attempt.get("result") or {}).get("timings") or {}
+    parts = [f"{k[:-3]} {t[k] / 1000:.2f}" for k in ("load_ms", "train_ms", "store_ms")
+             if isinstance(t.get(k), (int, float))]
+    return f" ({', '.join(parts)})" if parts else ""
 
 
 def slowest_code_load_s(store, session: str) -> float:
