@@ -161,6 +161,31 @@ def test_running_marks_written_in_batches_are_folded_into_the_attempts_they_name
     assert store.db[RUNNING_MARKS].count_documents({"session": "other"}) == 1
 
 
+def test_a_batch_of_marks_written_while_marks_are_folded_is_kept_for_the_next_fold(store, monkeypatch):
+    """A combiner thread may write a batch while an interrupted keeper folds
+    its marks: the fold drops only the batches it read."""
+    from bson import ObjectId
+    from pymongo.collection import Collection
+    from fedkeeper.store import RUNNING_MARKS
+    ids = [ObjectId() for _ in range(2)]
+    store.insert_attempts([{"_id": i, "session": "m", "round": 0, "client": f"client_{k}", "function": "fl_client",
+                            "attempt": 1, "submitted": 1.0, "state": "submitting"} for k, i in enumerate(ids)])
+    store.insert_running_marks("m", [(ids[0], {"state": "running", "platform_id": "p0"})])
+    bulk_write, raced = Collection.bulk_write, []
+
+    def racing_bulk_write(self, ops, **kw):
+        if not raced:   # the other thread's batch lands between the fold's read and its delete
+            raced.append(store.insert_running_marks("m", [(ids[1], {"state": "running", "platform_id": "p1"})]))
+        return bulk_write(self, ops, **kw)
+    monkeypatch.setattr(Collection, "bulk_write", racing_bulk_write)
+    assert store.fold_running_marks("m") == 1
+    assert store.db[RUNNING_MARKS].count_documents({"session": "m"}) == 1
+    assert store.fold_running_marks("m") == 1
+    docs = store.attempts_by_id(ids)
+    assert [docs[i]["platform_id"] for i in ids] == ["p0", "p1"]
+    assert store.db[RUNNING_MARKS].count_documents({"session": "m"}) == 0
+
+
 def test_embedded_server_is_reused_and_stops_cleanly(tmp_path):
     server = EmbeddedMongo(tmp_path / "m")
     url, started = server.start()

@@ -242,13 +242,17 @@ class Store:
         """The session's attempts still `submitting` whose running mark a
         batch holds become `running` with it, and the batches are dropped;
         the number of attempts changed. Attempts that ended keep their
-        outcome (the mark only applies to `submitting`)."""
+        outcome (the mark only applies to `submitting`). Only the batches
+        read are dropped: one a keeper's combiner thread writes meanwhile
+        is folded next time."""
         def fold() -> int:
+            batches = list(self.db[RUNNING_MARKS].find({"session": session}))
             ops = [UpdateOne({"_id": m["attempt"], "state": "submitting"},
                              {"$set": {k: v for k, v in m.items() if k != "attempt"}})
-                   for doc in self.db[RUNNING_MARKS].find({"session": session}) for m in doc.get("marks", [])]
+                   for doc in batches for m in doc.get("marks", [])]
             changed = self.db[fs.INVOCATIONS].bulk_write(ops, ordered=False).modified_count if ops else 0
-            self.db[RUNNING_MARKS].delete_many({"session": session})
+            for part in fs.slices([doc["_id"] for doc in batches]):
+                self.db[RUNNING_MARKS].delete_many({"_id": {"$in": part}})
             return changed
         return self._run(fold)
 
