@@ -364,6 +364,7 @@ class FakeCloudFunctions:
         raise ApiError(405, f"Method {method} not allowed")
 
     def handle_token(self, body: bytes) -> tuple[int, dict[str, Any]]:
+        self._check_injected("POST", "/token")   # inject_error("POST", "/token", 503): an outage
         form = {k: v[0] for k, v in parse_qs(body.decode()).items()}
         if form.get("grant_type") != "urn:ietf:params:oauth:grant-type:jwt-bearer":
             return 400, {"error": "unsupported_grant_type"}

@@ -134,6 +134,36 @@ def test_invoke_end_to_end_with_cached_id_token(fake, provider):
     assert all(o.platform_id == i.platform_id for o, i in zip(outs, invs))
 
 
+def test_a_token_endpoint_outage_is_unreachable_and_refused_credentials_are_auth(fake, provider):
+    """google-auth marks a 5xx from the token endpoint retryable (after its
+    own tries): the clients invoked meanwhile are not failed for good, as
+    with credentials the endpoint refuses."""
+    provider.deploy(SPEC, make_artifact())
+    fake.inject_error("POST", "/token", 503, "backend unavailable", times=10)
+    (out,) = wait_all(provider, [provider.invoke("fl_echo", {"n": 1})])
+    assert out.error_class is ErrorClass.UNREACHABLE and "token endpoint unavailable" in out.error
+    fake._injected.clear()
+    (ok,) = wait_all(provider, [provider.invoke("fl_echo", {"n": 2})])
+    assert ok.ok and ok.result["echo"] == 2
+    from google.auth import exceptions as auth_exc
+    from fedkeeper.providers.gcf.errors import map_api_error
+    assert map_api_error(auth_exc.RefreshError("invalid_grant"), "list").error_class is ErrorClass.AUTH
+    assert map_api_error(auth_exc.RefreshError("503", retryable=True), "list").error_class is ErrorClass.UNREACHABLE
+
+
+def test_a_failed_source_upload_does_not_quote_its_signed_url(fake, provider, monkeypatch):
+    import requests
+    from fedkeeper.providers.gcf import provider as gcf_provider
+
+    def refused(url, **kw):
+        raise requests.exceptions.ConnectionError(f"HTTPConnectionPool: Max retries exceeded with url: {url}")
+    monkeypatch.setattr(gcf_provider.requests, "put", refused)
+    with pytest.raises(ProviderError) as ei:
+        provider.deploy(SPEC, make_artifact())
+    assert ei.value.error_class is ErrorClass.UNREACHABLE and "source upload failed" in str(ei.value)
+    assert "upload/" not in str(ei.value) and "?" not in str(ei.value), str(ei.value)
+
+
 def test_fresh_provider_finds_the_url(fake, provider, tmp_path):
     provider.deploy(SPEC, make_artifact())
     other = CloudFunctionsProvider("gcf1", cluster_for(fake), ProviderContext(state_dir=tmp_path))

@@ -189,3 +189,13 @@ def test_waiting_for_one_answer_returns_when_it_comes_and_not_before(server_fact
         assert invoker.wait_for(lost, 5) is True and invoker.done([lost])[0].error_class == ErrorClass.PLATFORM_ERROR
     finally:
         invoker.close()
+
+
+@pytest.mark.parametrize("value,seconds", [
+    ("7", 7.0), ("0", 0.0), ("-3", 0.0), ("inf", None), ("nan", None), ("1e9", 600.0), ("garbage", None),
+    ("Fri, 31 Dec 9999 23:59:59 GMT", 600.0), ("Mon, 01 Jan 2001 00:00:00 GMT", 0.0), (None, None)])
+def test_retry_after_is_bounded_and_a_value_that_is_no_time_is_ignored(value, seconds):
+    """A proxy's `inf` or a date years ahead would hold a retry (or a helper
+    call's sleep, which `inf` makes raise) for good."""
+    from fedkeeper.providers.http_answers import retry_after_seconds
+    assert retry_after_seconds(value) == seconds

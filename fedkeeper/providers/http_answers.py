@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import email.utils
 import json
+import math
 import time
 from typing import Any, Callable, Mapping, Optional
 
@@ -19,22 +20,30 @@ StatusHook = Callable[[int, Mapping[str, str], bytes], Optional[tuple[ErrorClass
 ERROR_TEXT_CHARS = 300
 
 
+#: The longest Retry-After honoured: a proxy's `inf` or a date years ahead
+#: would stall a retry (or a helper call's sleep) for good.
+MAX_RETRY_AFTER_S = 600.0
+
+
 def retry_after_seconds(value: str | None) -> float | None:
-    """Retry-After is either delta-seconds or an HTTP date (RFC 9110)."""
+    """Retry-After is either delta-seconds or an HTTP date (RFC 9110);
+    bounded to MAX_RETRY_AFTER_S, None when it is neither (or not finite)."""
     if not value:
         return None
     value = value.strip()
     try:
-        return max(0.0, float(value))
+        seconds = float(value)
     except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError, OverflowError):
+            return None
+        if when is None:
+            return None
+        seconds = when.timestamp() - time.time()
+    if not math.isfinite(seconds):
         return None
-    if when is None:
-        return None
-    return max(0.0, when.timestamp() - time.time())
+    return min(MAX_RETRY_AFTER_S, max(0.0, seconds))
 
 
 def _json_object(body: bytes) -> dict[str, Any] | None:

@@ -68,6 +68,9 @@ class IdTokenCache:
                 try:
                     creds.refresh(self._request)
                 except auth_exc.RefreshError as exc:
+                    if getattr(exc, "retryable", False):   # the endpoint's 5xx or 429: an outage
+                        raise ProviderError(ErrorClass.UNREACHABLE,
+                                            f"token endpoint unavailable: {exc}") from None
                     raise ProviderError(ErrorClass.AUTH, f"ID token refused: {exc}") from None
                 except auth_exc.TransportError as exc:
                     raise ProviderError(ErrorClass.UNREACHABLE,

@@ -62,6 +62,10 @@ def map_api_error(exc: BaseException, what: str) -> ProviderError:
             return ProviderError(ErrorClass.UNREACHABLE, msg, status=status)
         return ProviderError(ErrorClass.PLATFORM_ERROR, msg, status=status)
     if isinstance(exc, auth_exc.RefreshError):
+        if getattr(exc, "retryable", False):
+            # google-auth marks the token endpoint's 5xx and 429 (after its
+            # own tries) retryable: an outage, not refused credentials.
+            return ProviderError(ErrorClass.UNREACHABLE, f"{what}: token endpoint unavailable: {exc}")
         return ProviderError(ErrorClass.AUTH, f"{what}: credentials refused: {exc}")
     if isinstance(exc, (auth_exc.TransportError, requests.exceptions.ConnectionError,
                         requests.exceptions.Timeout)):

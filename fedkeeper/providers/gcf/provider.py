@@ -17,6 +17,7 @@ import re
 import threading
 import time
 from typing import Any, Mapping
+from urllib.parse import urlsplit
 
 import requests
 from google.api_core import exceptions as gexc
@@ -250,7 +251,11 @@ class CloudFunctionsProvider(HttpFunctionProvider):
             r = requests.put(up.upload_url, data=artifact.data,
                              headers={"Content-Type": "application/zip"}, timeout=(10, 300))
         except requests.exceptions.RequestException as exc:
-            raise ProviderError(ErrorClass.UNREACHABLE, f"source upload failed: {exc}") from None
+            # Not the exception's text: it quotes the signed URL, whose
+            # signature is a (short-lived) credential.
+            raise ProviderError(ErrorClass.UNREACHABLE,
+                                f"source upload failed: {type(exc).__name__} "
+                                f"(to {urlsplit(up.upload_url).hostname})") from None
         if r.status_code >= 300:
             cls = (ErrorClass.AUTH if r.status_code in (401, 403) else
                    ErrorClass.PAYLOAD_TOO_LARGE if r.status_code == 413 else
