@@ -191,13 +191,31 @@ def test_close_stops_everything(tmp_path):
         os.kill(pid, 0)
 
 
-def test_closed_port_is_unreachable(provider):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    provider._remember("ghost", f"http://127.0.0.1:{port}/", 5)
-    (out,) = wait_all(provider, [provider.invoke("ghost", {"n": 1})])
-    assert out.error_class is ErrorClass.UNREACHABLE
+def test_a_function_whose_process_died_is_missing_and_a_deploy_starts_it_again(provider):
+    """The process was killed (out of memory, say), before a call and
+    during one: FUNCTION_MISSING, which has the keeper deploy it again and
+    retry (Cloud Functions would start a new instance), not UNREACHABLE,
+    which only waited for the cluster to come back."""
+    import signal
+    provider.deploy(SPEC, make_artifact())
+    os.kill(provider.host.lookup("echo").pid, signal.SIGKILL)
+    wait_for_exit = time.monotonic() + 10
+    while provider.host.lookup("echo") is not None and time.monotonic() < wait_for_exit:
+        time.sleep(0.02)
+    (before,) = wait_all(provider, [provider.invoke("echo", {"n": 1})])
+    assert before.error_class is ErrorClass.FUNCTION_MISSING and "is gone" in before.error, before
+    assert not provider.deploy(SPEC, make_artifact()).skipped   # a new process
+    (again,) = wait_all(provider, [provider.invoke("echo", {"n": 2})])
+    assert again.ok and again.result["echo"] == 2
+    during = provider.invoke("echo", {"sleep": 5})
+    time.sleep(0.5)
+    os.kill(again.result["pid"], signal.SIGKILL)
+    (out,) = wait_all(provider, [during])
+    assert out.error_class is ErrorClass.FUNCTION_MISSING and "lost after the request was sent" in out.error, out
+    # a live function's failures stand as they are
+    provider.deploy(SPEC, make_artifact())
+    (refused,) = wait_all(provider, [provider.invoke("echo", {"refuse": True})])
+    assert refused.error_class is not ErrorClass.FUNCTION_MISSING
 
 
 def test_import_error_is_reported(provider):

@@ -199,3 +199,24 @@ def test_retry_after_is_bounded_and_a_value_that_is_no_time_is_ignored(value, se
     call's sleep, which `inf` makes raise) for good."""
     from fedkeeper.providers.http_answers import retry_after_seconds
     assert retry_after_seconds(value) == seconds
+
+
+@pytest.mark.parametrize("through", ["pool", "requests"])
+def test_a_connection_lost_after_the_request_was_sent_is_an_attempt_that_ran(server_factory, through):
+    """The function's process died under the request (the server read it,
+    then closed without an answer): the attempt ran and failed, which is no
+    unreachable cluster; a port nobody listens on still is."""
+    import requests
+    srv = server_factory(lambda conn, req: "drop")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed_port = s.getsockname()[1]
+    invoker = HttpInvoker(max_workers=2, **({"session_factory": requests.Session} if through == "requests" else {}))
+    try:
+        lost = outcome_of(invoker, invoker.submit("fn", f"{srv.url}/fn", {}, timeout_s=5))
+        gone = outcome_of(invoker, invoker.submit("fn", f"http://127.0.0.1:{closed_port}/fn", {}, timeout_s=5))
+    finally:
+        invoker.close()
+    assert lost.error_class == ErrorClass.PLATFORM_ERROR and "lost after the request was sent" in lost.error
+    assert gone.error_class == ErrorClass.UNREACHABLE
+    assert [line.split()[0] for _, line in srv.requests] == ["POST"]

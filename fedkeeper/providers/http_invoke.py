@@ -24,11 +24,12 @@ from typing import Any, Callable, Mapping, Sequence
 from urllib.parse import urlsplit
 
 import requests
+import urllib3
 from requests.adapters import HTTPAdapter
 
 from .base import ErrorClass, Invocation, Outcome, ProviderError
 from .http_answers import ERROR_TEXT_CHARS, StatusHook, classify_response, retry_after_seconds
-from .keepalive import BodyTooLarge, ConnectFailed, ConnectTimeout, KeepAlivePool
+from .keepalive import AnswerLost, BodyTooLarge, ConnectFailed, ConnectTimeout, KeepAlivePool
 
 #: url -> extra request headers (e.g. Authorization); runs on a worker thread
 #: so that a token refresh never blocks the caller. May raise ProviderError.
@@ -213,9 +214,18 @@ class HttpInvoker:
         except (requests.exceptions.SSLError, ssl.SSLError) as exc:
             return _Answer(False, ErrorClass.UNREACHABLE, f"TLS: {_reason(exc)}",
                            None, start, time.time())
-        except (requests.exceptions.ConnectionError, ConnectFailed, ConnectionError,
+        except (requests.exceptions.ConnectionError, AnswerLost, ConnectFailed, ConnectionError,
                 http.client.HTTPException) as exc:
-            # refused, reset before any answer, DNS failure
+            if _timed_out_reading(exc):
+                return _Answer(False, ErrorClass.TIMEOUT, f"no answer within {timeout_s:.0f}s",
+                               None, start, time.time())
+            if _lost_after_sending(exc):
+                # The function had the request: its process died under it,
+                # say. An attempt that ran, not an unreachable cluster.
+                return _Answer(False, ErrorClass.PLATFORM_ERROR,
+                               f"connection lost after the request was sent: {_reason(exc)}",
+                               None, start, time.time())
+            # refused, DNS failure, no connection
             return _Answer(False, ErrorClass.UNREACHABLE, f"connection: {_reason(exc)}",
                            None, start, time.time())
         except (_ResultTooLarge, BodyTooLarge) as exc:
@@ -328,6 +338,27 @@ class HttpInvoker:
 
 class _ResultTooLarge(Exception):
     pass
+
+
+def _urllib3_cause(exc: Exception) -> Any:
+    """The urllib3 error a requests ConnectionError wraps (a MaxRetryError's
+    reason when it wraps one), else None."""
+    if not isinstance(exc, requests.exceptions.ConnectionError) or not exc.args:
+        return None
+    inner = exc.args[0]
+    return inner.reason if isinstance(inner, urllib3.exceptions.MaxRetryError) else inner
+
+
+def _lost_after_sending(exc: Exception) -> bool:
+    """Whether the connection failed after the request was sent (the pool's
+    AnswerLost, requests' "Connection aborted"), rather than not opening."""
+    return isinstance(exc, AnswerLost) or isinstance(_urllib3_cause(exc), urllib3.exceptions.ProtocolError)
+
+
+def _timed_out_reading(exc: Exception) -> bool:
+    """requests reports a read timeout met while streaming the answer's
+    body as a ConnectionError."""
+    return isinstance(_urllib3_cause(exc), urllib3.exceptions.ReadTimeoutError)
 
 
 def _reason(exc: Exception) -> str:

@@ -29,6 +29,12 @@ class ConnectFailed(OSError):
     failure, which keep their own types), or the pool is closed."""
 
 
+class AnswerLost(ConnectionError):
+    """The request was sent, then the connection failed before a whole
+    answer came: the server may have started on it (its process died
+    under it, say), so it is no unreachable server."""
+
+
 class ConnectTimeout(TimeoutError):
     """No connection (TCP and TLS handshake) within the connect timeout."""
 
@@ -92,11 +98,11 @@ class KeepAlivePool:
         conn, reused = self._take(connect_timeout)
         try:
             return self._exchange(conn, method, path, body, hdrs, read_timeout, max_bytes)
-        except (http.client.HTTPException, ConnectionError):
+        except (http.client.HTTPException, ConnectionError) as exc:
             # A kept-alive connection the server had closed: a GET is safe to
             # repeat; a POST is not (it may have started something).
             if not (reused and method == "GET"):
-                raise
+                raise AnswerLost(f"{type(exc).__name__}: {exc}") from exc
         return self._exchange(self._open(connect_timeout), method, path, body, hdrs, read_timeout, max_bytes)
 
     def _exchange(self, conn: http.client.HTTPConnection, method: str, path: str, body: bytes | None,

@@ -4,6 +4,7 @@ path of the real provider (minus the ID token, which loopback does not
 need)."""
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 import uuid
@@ -15,6 +16,11 @@ from ...providers.gcf.provider import CloudFunctionsProvider
 from ...providers.http_invoke import HttpInvoker
 from . import capacity
 from .host import DEFAULT_IN_FLIGHT, FrameworkHost, HostError
+
+
+#: Outcomes that may mean the function's process died (http_invoke: no
+#: connection, or one lost after the request was sent).
+LOST_INSTANCE = (ErrorClass.UNREACHABLE, ErrorClass.PLATFORM_ERROR)
 
 
 class LocalCloudFunctionsProvider(CloudFunctionsProvider):
@@ -84,7 +90,22 @@ class LocalCloudFunctionsProvider(CloudFunctionsProvider):
         out: list[Outcome] = []
         for invoker, invs in by_invoker.values():
             out += invoker.done(invs)
-        return out
+        function_of = {inv.platform_id: inv.function for inv in pending}
+        return [self._instance_gone(o, function_of[o.platform_id]) if o.error_class in LOST_INSTANCE else o
+                for o in out]
+
+    def _instance_gone(self, out: Outcome, name: str) -> Outcome:
+        """A call that could not reach its function, or lost its answer,
+        because the function's process is gone (killed, out of memory):
+        FUNCTION_MISSING, so that the keeper deploys it again (which starts
+        a new process) and retries, where Cloud Functions would start a new
+        instance itself. While the process lives, the outcome stands."""
+        if self.host.lookup(name) is not None:
+            return out
+        self._urls.pop(name, None)
+        return dataclasses.replace(
+            out, error_class=ErrorClass.FUNCTION_MISSING,
+            error=f"function {name}'s process on {self.cluster_name} is gone ({out.error})")
 
     def _auth_headers(self, url: str) -> Mapping[str, str]:
         return {}
