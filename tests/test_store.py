@@ -74,15 +74,26 @@ def test_the_round_loops_queries_are_indexed(store: Store):
         keys = {tuple(tuple(k) for k in v["key"]) for v in info.values()}
         for fields, _ in specs:
             assert tuple(fields) in keys, f"{coll} lacks index {fields}"
-    # The queries the keeper runs use those indexes rather than scanning.
-    plan = store.db[fs.INVOCATIONS].find({"session": "x", "round": 1}).explain()
-    assert "COLLSCAN" not in str(plan.get("queryPlanner", plan))
+    # The queries the keeper runs use those indexes rather than scanning:
+    # a round's attempts, and the updates waiting for an aggregation (a
+    # status and a range of rounds, asked every semi_async round and async
+    # step).
+    store.db[fs.UPDATES].insert_many([{"session": "x", "round": r, "client": f"c{c}",
+                                       "status": "received" if r > 5 else "accepted"}
+                                      for r in range(10) for c in range(5)])
+    for cursor in (store.db[fs.INVOCATIONS].find({"session": "x", "round": 1}),
+                   store.db[fs.UPDATES].find({"session": "x", "status": "received", "round": {"$gte": 2, "$lt": 8}})):
+        plan = cursor.explain()
+        assert "COLLSCAN" not in str(plan.get("queryPlanner", plan)), plan
+    assert sorted(store.received_updates("x", 2, 8)) == sorted((f"c{c}", r) for r in (6, 7) for c in range(5))
+    assert store.count_received_updates("x", 2, 8) == 10
 
 
 def test_indexes_no_query_needs_are_dropped_from_an_older_store(store: Store):
     # As an earlier version left them: paid on every attempt write.
     store.db[fs.INVOCATIONS].create_index([("session", 1), ("state", 1)])
     store.db[fs.INVOCATIONS].create_index([("platform_id", 1)])
+    store.db[fs.UPDATES].create_index([("session", 1), ("round", 1), ("status", 1)])
     store.ensure_indexes()
     for coll, names in OBSOLETE_INDEXES.items():
         present = set(store.db[coll].index_information())

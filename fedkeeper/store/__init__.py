@@ -52,10 +52,12 @@ INDEXES: dict[str, list[tuple[list[tuple[str, int]], dict[str, Any]]]] = {
     fs.INVOCATIONS: [([("session", ASCENDING), ("round", ASCENDING), ("client", ASCENDING),
                        ("attempt", ASCENDING)], {"unique": True})],
     fs.EVENTS: [([("session", ASCENDING), ("ts", ASCENDING)], {})],
-    # (session, round, status): semi_async and async list and count the
-    # updates still waiting for an aggregation every step.
+    # (session, status, round): semi_async and async list and count the
+    # updates still waiting for an aggregation (one status, a range of
+    # rounds) every step. Equalities first: with the range on round ahead
+    # of status, the embedded store scanned every update of the session.
     fs.UPDATES: [([("session", ASCENDING), ("round", ASCENDING), ("client", ASCENDING)], {"unique": True}),
-                 ([("session", ASCENDING), ("round", ASCENDING), ("status", ASCENDING)], {})],
+                 ([("session", ASCENDING), ("status", ASCENDING), ("round", ASCENDING)], {})],
     fs.MODELS: [([("session", ASCENDING), ("round", ASCENDING)], {"unique": True})],
     fs.PARTITIONS: [([("session", ASCENDING), ("client", ASCENDING)], {"unique": True})],
     SWEEPS: [([("created", DESCENDING)], {})],
@@ -72,6 +74,7 @@ INDEXES: dict[str, list[tuple[list[tuple[str, int]], dict[str, Any]]]] = {
 # module's note).
 OBSOLETE_INDEXES: dict[str, list[str]] = {
     fs.INVOCATIONS: ["session_1_state_1", "platform_id_1"],
+    fs.UPDATES: ["session_1_round_1_status_1"],   # replaced by (session, status, round)
 }
 
 # A running keeper writes `heartbeat` (epoch seconds) on its session document
