@@ -370,6 +370,29 @@ def test_a_session_is_claimed_only_from_the_keeper_a_check_saw(store: Store):
     assert store.claim_session("c", a, a)                                # the same keeper again
 
 
+def test_a_claim_whose_answer_was_lost_is_still_the_keepers(store: Store, monkeypatch):
+    """The claim's write lands, its answer is lost, the store layer retries
+    it: the retry matches nothing (the keeper is no longer the one seen),
+    yet the session is this keeper's, not another's."""
+    from pymongo.collection import Collection
+    store.create_session({"_id": "c", "keeper": {"host": "h", "pid": 7, "started": 1.5}})
+    me, other = {"host": "h", "pid": 8, "started": 2.5}, {"host": "h", "pid": 9, "started": 3.5}
+    update_one, lost = Collection.update_one, []
+
+    def answer_lost_once(self, *args, **kw):
+        res = update_one(self, *args, **kw)
+        if self.name == fs.SESSIONS and not lost:
+            lost.append(1)
+            raise pymongo.errors.AutoReconnect("connection reset")
+        return res
+    monkeypatch.setattr(Collection, "update_one", answer_lost_once)
+    monkeypatch.setattr(store.patience, "patience_s", 10.0)   # the keeper's store waits out an outage
+    monkeypatch.setattr(store.patience, "_sleep", lambda s: None)
+    assert store.claim_session("c", {"host": "h", "pid": 7, "started": 1.5}, me, state="running") and lost
+    assert store.session("c")["keeper"] == me
+    assert not store.claim_session("c", {"host": "h", "pid": 7, "started": 1.5}, other)
+
+
 def test_the_embedded_store_writes_no_oplog(mongo_url):
     """FedKeeper reads no change stream: the embedded store runs standalone,
     so no write pays for an oplog entry (about a sixth of an update's cost)."""

@@ -157,7 +157,14 @@ class Store:
         else:
             flt["keeper"] = {"$exists": False}
         res = self._run(self.db[fs.SESSIONS].update_one, flt, {"$set": {**fields, "keeper": me}})
-        return res.matched_count == 1
+        if res.matched_count == 1:
+            return True
+        # A write retried after an outage (Patience) matches nothing when its
+        # first try landed and only the answer was lost: the session then
+        # names this keeper already.
+        doc = self._run(self.db[fs.SESSIONS].find_one, {"_id": session_id}, {"keeper": 1}) or {}
+        keeper = doc.get("keeper")
+        return isinstance(keeper, dict) and all(keeper.get(k) == me.get(k) for k in OWNER_FIELDS)
 
     def heartbeat(self, session_id: str, now: float | None = None, timeout_s: float = HEARTBEAT_S) -> bool:
         """Write the keeper's heartbeat on the session (see effective_state).
