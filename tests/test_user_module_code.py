@@ -118,3 +118,25 @@ def test_a_function_refuses_a_module_other_than_the_sessions(tmp_path):
         code.build_model((2,), 2)
     with pytest.raises(BadRequest, match="carries no user module"):
         code_for(dict(spec, user_module=dict(spec["user_module"], name="other.py")), root=tmp_path / "fk_user")
+
+
+def test_a_package_over_its_size_limit_is_refused_without_being_read_whole(tmp_path, monkeypatch):
+    """A data set left in the package directory is refused having read no
+    more than the limit, not after loading it into memory."""
+    import tracemalloc
+    import flcommon.user_code as uc
+    monkeypatch.setattr(uc, "MAX_MODULE_BYTES", 1000)
+    pkg = tmp_path / "mymodel"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("x = 1\n")
+    (pkg / "data.bin").write_bytes(b"\0" * 20_000_000)
+    tracemalloc.start()
+    try:
+        with pytest.raises(UserCodeError, match="larger than"):
+            uc.module_files(pkg)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 1_000_000, peak
+    (pkg / "data.bin").write_bytes(b"\0" * 900)
+    assert [rel for rel, _ in uc.module_files(pkg)] == ["mymodel/__init__.py", "mymodel/data.bin"]

@@ -81,7 +81,10 @@ def module_files(path: Path) -> list[tuple[str, bytes]]:
         raise UserCodeError(f"{USER_CODE_MARK} {path}: no such file or directory")
     out, total = [], 0
     for rel, p in sorted(items):
-        data = p.read_bytes()
+        # Read no more than the budget left: a data set left in the package
+        # must be refused, not loaded into memory first.
+        with open(p, "rb") as f:
+            data = f.read(MAX_MODULE_BYTES - total + 1)
         total += len(data)
         if total > MAX_MODULE_BYTES:
             raise UserCodeError(f"{USER_CODE_MARK} {path.name}: larger than {MAX_MODULE_BYTES // 2**20} MB; "
