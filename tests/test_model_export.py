@@ -237,3 +237,24 @@ def test_report_logs_sessions_as_mlflow_runs(trained, tmp_path):
     assert {m.step: m.value for m in history} == stored
     names = {a.path for a in client.list_artifacts(run.info.run_id, "model")}
     assert names == {"model/final.npz", "model/final.keras", "model/final_trail.json"}
+
+
+def test_a_report_that_fails_midway_keeps_the_sessions_earlier_mlflow_run(trained, tmp_path, monkeypatch):
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+    cfg, store, session = trained
+    uri = (tmp_path / "mlruns").as_uri()
+    args = ["report", session, "-c", str(cfg), "-o", str(tmp_path / "r"), "--mlflow", uri]
+    assert CliRunner().invoke(cli, args).exit_code == 0
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name("models")
+    query = f"tags.`fedkeeper.session` = '{session}'"
+    (first,) = client.search_runs([exp.experiment_id], filter_string=query)
+
+    def unavailable(self, *a, **kw):
+        raise MlflowException("artifact store unavailable")
+    monkeypatch.setattr(MlflowClient, "log_artifact", unavailable)
+    res = CliRunner().invoke(cli, args)
+    assert res.exit_code != 0 and "artifact store unavailable" in res.output and "Traceback" not in res.output
+    runs = client.search_runs([exp.experiment_id], filter_string=query)
+    assert [r.info.run_id for r in runs] == [first.info.run_id] and runs[0].info.status == "FINISHED"

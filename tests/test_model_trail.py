@@ -4,6 +4,8 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import pytest
+
 from flcommon import trail
 
 FUNCTIONS = Path(__file__).resolve().parent.parent / "functions"
@@ -39,3 +41,16 @@ def test_trail_of_an_aggregated_model():
     assert len(t["code_hash"]) == 64
     init = trail.model_trail({"model": "small"}, str(FUNCTIONS / "fl_server_init" / "fl_server_init.py"))
     assert init["parent"] is None and init["updates"] == 0 and init["user_module"] is None
+
+
+def test_a_user_module_that_cannot_be_read_is_a_model_trail_error_not_a_traceback(tmp_path):
+    """`model export` and `report --mlflow` catch ModelTrailError: the user
+    module's own errors (over its size limit, not a module) must become one."""
+    from fedkeeper.model_trail import ModelTrailError, session_code
+    doc = {"_id": "s", "spec": {"model": "user", "user_module": {"name": "mymodel", "sha256": "0" * 64}}}
+    (tmp_path / "mymodel").mkdir()                       # a package directory without __init__.py
+    with pytest.raises(ModelTrailError, match="__init__.py"):
+        session_code(doc, tmp_path / "mymodel")
+    (tmp_path / "mymodel.txt").write_text("x = 1\n")     # not a .py file
+    with pytest.raises(ModelTrailError, match=".py file"):
+        session_code(doc, tmp_path / "mymodel.txt")

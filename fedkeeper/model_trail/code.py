@@ -35,7 +35,10 @@ def session_code(doc: dict[str, Any], module_path: Path | None):
                               f"({str(um.get('sha256'))[:12]}); pass the config that names it (-c, -s)")
     from ..user_module import module_hash
     path = Path(module_path)
-    have = module_hash(path)
+    try:
+        have = module_hash(path)
+    except BadRequest as exc:   # UserCodeError: over its size limit, not a module, gone
+        raise ModelTrailError(str(exc)) from None
     if path.name != um.get("name") or have != um.get("sha256"):
         raise ModelTrailError(f"session {doc['_id']} was trained with user module {um.get('name')} "
                               f"{str(um.get('sha256'))[:12]}, but the config names {path.name} {have[:12]}: "

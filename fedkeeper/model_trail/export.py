@@ -38,7 +38,10 @@ def data_shape(store, session: str) -> tuple[tuple[int, ...], int]:
     if part is None or init is None or not init.get("num_classes"):
         raise ModelTrailError(f"session {session} has no stored test split or class count, so the "
                               "architecture cannot be rebuilt; export it as .npz instead")
-    x = next(iter(fs.stream_arrays(store.db, part["blob_id"])))
+    try:
+        x = next(iter(fs.stream_arrays(store.db, part["blob_id"])))
+    except (BlobError, StopIteration) as exc:
+        raise ModelTrailError(f"session {session}'s stored test split cannot be read: {exc}") from None
     return tuple(int(d) for d in x.shape[1:]), int(init["num_classes"])
 
 
@@ -46,7 +49,10 @@ def test_split(store, session: str) -> tuple[np.ndarray, np.ndarray]:
     part = store.db[fs.PARTITIONS].find_one({"session": session, "client": "_test"}, {"blob_id": 1})
     if part is None:
         raise ModelTrailError(f"session {session} has no stored test split")
-    x, y = store.get_arrays(part["blob_id"])
+    try:
+        x, y = store.get_arrays(part["blob_id"])
+    except (BlobError, ValueError) as exc:
+        raise ModelTrailError(f"session {session}'s stored test split cannot be read: {exc}") from None
     return x, y
 
 

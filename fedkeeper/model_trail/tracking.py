@@ -14,6 +14,7 @@ MLFLOW_ALLOW_FILE_STORE, which this module sets for such URIs only.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
@@ -98,13 +99,34 @@ def _model_files(store, doc: dict[str, Any], module_path, folder: Path) -> list[
     return files + [folder / "final_trail.json"]
 
 
+def _log_run(client, rid: str, store, doc: dict[str, Any], module_path) -> tuple[list, list]:
+    """Log one session's parameters, metrics and model files to run `rid`
+    and end it; (params, metrics) logged."""
+    from mlflow.entities import Metric, Param   # log_sessions checked that MLflow is there
+    sid = doc["_id"]
+    now = int(time.time() * 1000)
+    params = [Param(k, v) for k, v in sorted(session_params(doc).items())]
+    metrics = [Metric(k, v, now, step) for k, v, step in session_metrics(store, sid)]
+    for i in range(0, len(params), 100):  # MLflow's batch limits: 100 params, 1000 metrics
+        client.log_batch(rid, params=params[i:i + 100])
+    for i in range(0, len(metrics), 1000):
+        client.log_batch(rid, metrics=metrics[i:i + 1000])
+    if doc.get("final_accuracy") is not None:
+        client.set_tag(rid, "fedkeeper.final_accuracy", str(doc["final_accuracy"]))
+    with tempfile.TemporaryDirectory() as tmp:
+        for path in _model_files(store, doc, module_path, Path(tmp)):
+            client.log_artifact(rid, str(path), artifact_path="model")
+    client.set_terminated(rid, status="FINISHED" if doc.get("state") == "finished" else "FAILED",
+                          end_time=int(1000 * doc["ended"]) if doc.get("ended") else None)
+    return params, metrics
+
+
 def log_sessions(store, session_ids: list[str], uri: str | None = None, module_path=None) -> list[dict[str, Any]]:
     """Log each session as one MLflow run; returns where each went."""
     target = tracking_uri(uri)
     if target.startswith("file:"):
         os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
     try:
-        from mlflow.entities import Metric, Param
         from mlflow.exceptions import MlflowException
         from mlflow.tracking import MlflowClient
     except ImportError:
@@ -119,25 +141,20 @@ def log_sessions(store, session_ids: list[str], uri: str | None = None, module_p
             name = doc.get("name") or "fedkeeper"
             exp = client.get_experiment_by_name(name)
             exp_id = exp.experiment_id if exp is not None else client.create_experiment(name)
-            for old in client.search_runs([exp_id], filter_string=f"tags.`{SESSION_TAG}` = '{sid}'"):
-                client.delete_run(old.info.run_id)
+            earlier = [r.info.run_id for r in
+                       client.search_runs([exp_id], filter_string=f"tags.`{SESSION_TAG}` = '{sid}'")]
             run = client.create_run(exp_id, run_name=sid, start_time=int(1000 * (doc.get("created") or time.time())),
                                     tags={SESSION_TAG: sid, "fedkeeper.state": str(doc.get("state"))})
             rid = run.info.run_id
-            now = int(time.time() * 1000)
-            params = [Param(k, v) for k, v in sorted(session_params(doc).items())]
-            metrics = [Metric(k, v, now, step) for k, v, step in session_metrics(store, sid)]
-            for i in range(0, len(params), 100):  # MLflow's batch limits: 100 params, 1000 metrics
-                client.log_batch(rid, params=params[i:i + 100])
-            for i in range(0, len(metrics), 1000):
-                client.log_batch(rid, metrics=metrics[i:i + 1000])
-            if doc.get("final_accuracy") is not None:
-                client.set_tag(rid, "fedkeeper.final_accuracy", str(doc["final_accuracy"]))
-            with tempfile.TemporaryDirectory() as tmp:
-                for path in _model_files(store, doc, module_path, Path(tmp)):
-                    client.log_artifact(rid, str(path), artifact_path="model")
-            client.set_terminated(rid, status="FINISHED" if doc.get("state") == "finished" else "FAILED",
-                                  end_time=int(1000 * doc["ended"]) if doc.get("ended") else None)
+            try:
+                params, metrics = _log_run(client, rid, store, doc, module_path)
+            except BaseException:
+                # The session's earlier run stays; this half-logged one goes.
+                with contextlib.suppress(Exception):
+                    client.delete_run(rid)
+                raise
+            for old in earlier:   # replaced only once the new run is complete
+                client.delete_run(old)
             logged.append({"session": sid, "run_id": rid, "experiment": name, "uri": target,
                            "metrics": len(metrics), "params": len(params)})
     except MlflowException as exc:
