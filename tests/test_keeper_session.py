@@ -178,6 +178,22 @@ def test_a_lost_store_stops_the_session_with_one_line_saying_how_to_resume(tmp_p
     assert summary.state == "finished" and len(summary.rounds) == 3
 
 
+@pytest.mark.parametrize("lost_at", ["create_session", "rounds"])
+def test_a_store_lost_while_the_session_opens_is_one_line_too(tmp_path, lost_at):
+    """Before the session exists there is nothing to resume; once it does,
+    the line says how, and the session is not left running."""
+    keeper, store, provider, _ = fake_keeper(tmp_path, rounds=1)
+    store.fail_on = lambda method: method == lost_at
+    with pytest.raises(SessionError if lost_at == "create_session" else ServiceLost) as info:
+        keeper.start(session_id="s1", deploy=False)
+    text = str(info.value)
+    assert "\n" not in text and "127.0.0.1:27017" in text
+    if lost_at == "create_session":
+        assert text.endswith("no session was started") and "s1" not in store.sessions
+    else:
+        assert "--resume s1" in text and store.sessions["s1"]["state"] == "interrupted"
+
+
 def test_a_dead_cluster_is_asked_again_with_backoff_then_given_up_resumably(tmp_path, caplog):
     def behave(fn, p, n):
         return "hang" if fn == "fl_client" else "ok"

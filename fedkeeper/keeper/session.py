@@ -7,7 +7,7 @@ import logging
 import shlex
 import threading
 import time
-from typing import Any, Callable
+from typing import Any, Callable, NoReturn
 
 from ..privacy.rounds import RoundPrivacy, resume_refusal
 from ..runtime import OPTIONAL_FUNCTIONS, Placement, Runtime
@@ -134,15 +134,19 @@ class Keeper:
         failed; raises SessionInterrupted (Ctrl-C) or ServiceLost (store or
         cluster gone), both leaving it resumable."""
         self.dispatcher.check_invocation_modes(self.client_cluster.values())
-        if resume:
-            self._resumable(resume)   # before deploying: a refusal should not wait for a deploy
-        if deploy:
-            self.deploy()
-        self.dispatcher.round_records.clear()
-        session = self._open(resume, session_id)
-        if not resume:   # nothing of it exists: its init call and first round are kept as written
-            self.dispatcher.round_records.begin(session, 0)
-        earlier = [report_from_doc(r) for r in self.store.rounds(session) if r.get("state") == "done"]
+        opened = None
+        try:
+            if resume:
+                self._resumable(resume)   # before deploying: a refusal should not wait for a deploy
+            if deploy:
+                self.deploy()
+            self.dispatcher.round_records.clear()
+            session = opened = self._open(resume, session_id)
+            if not resume:   # nothing of it exists: its init call and first round are kept as written
+                self.dispatcher.round_records.begin(session, 0)
+            earlier = [report_from_doc(r) for r in self.store.rounds(session) if r.get("state") == "done"]
+        except StoreUnavailable as exc:
+            self._store_lost_before_the_rounds(exc, resume or opened)
         reports: list[RoundReport] = []
         self._done_this_run = 0
         csv = RoundCsv(session)
@@ -182,6 +186,15 @@ class Keeper:
         if (busy := resume_blocked(doc)) is not None:
             raise SessionError(busy)
         return doc
+
+    def _store_lost_before_the_rounds(self, exc: StoreUnavailable, session: str | None) -> NoReturn:
+        """The store went away while the session was being opened: one
+        line, and the way back when there is a session to resume."""
+        if session is None:
+            raise SessionError(f"{exc}; no session was started") from None
+        self.store.mark_interrupted(session, timeout_s=1.0, error=str(exc))
+        raise ServiceLost(session, f"the store at {exc.where}", f"no answer for {exc.waited_s:.0f}s",
+                          self.resume_hint(session)) from None
 
     def _open(self, resume: str | None, session_id: str | None) -> str:
         if resume:
