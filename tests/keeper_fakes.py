@@ -78,8 +78,12 @@ class FakeStore:
             doc.update(fields, keeper=me)
             return True
 
-    def heartbeat(self, sid, now=None, timeout_s=5.0):
+    def heartbeat(self, sid, now=None, timeout_s=5.0, keeper=None):
         self.beats.append(now or 0.0)
+        owner = self.sessions.get(sid, {}).get("keeper")
+        if keeper is not None and isinstance(owner, dict) and any(owner.get(k) != keeper.get(k)
+                                                                   for k in ("host", "pid", "started")):
+            return None
         return True
 
     def mark_interrupted(self, sid, timeout_s=2.0, **fields):

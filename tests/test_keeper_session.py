@@ -194,6 +194,30 @@ def test_a_store_lost_while_the_session_opens_is_one_line_too(tmp_path, lost_at)
         assert "--resume s1" in text and store.sessions["s1"]["state"] == "interrupted"
 
 
+def test_a_keeper_whose_session_another_keeper_resumed_stops_and_writes_nothing_more(tmp_path):
+    """Cut off from the store past the staleness limit, a keeper may find
+    its session resumed by another when the store answers again: its next
+    heartbeat finds another keeper named, and it stops without marking the
+    session or abandoning the attempts the other keeper adopted."""
+    other = {"host": "elsewhere", "pid": 4242, "started": 1.0}
+
+    def behave(fn, p, n):
+        if fn == "fl_client" and p["client"] == "client_3":
+            store.sessions[p["session"]]["keeper"] = other   # resumed elsewhere meanwhile
+            return "hang"
+        return "ok"
+    keeper, store, provider, _ = fake_keeper(tmp_path, behave, rounds=2, deadline_s=600)
+    keeper.heartbeat_s = 0.01
+    with pytest.raises(SessionError, match="resumed by elsewhere \\(pid 4242\\)"):
+        keeper.start(session_id="s1", deploy=False)
+    doc = store.sessions["s1"]
+    assert doc["keeper"] == other and doc["state"] == "running"
+    mine = [a for a in store.attempts("s1") if a["client"] == "client_3"]
+    # not abandoned: left as it was (its running mark held), for the other keeper to settle
+    assert [a["state"] for a in mine] == ["submitting"]
+    assert not any(r.get("state") == "done" for r in store.rounds("s1"))
+
+
 def test_a_dead_cluster_is_asked_again_with_backoff_then_given_up_resumably(tmp_path, caplog):
     def behave(fn, p, n):
         return "hang" if fn == "fl_client" else "ok"

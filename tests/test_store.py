@@ -310,6 +310,11 @@ def test_keeper_queries_answer_from_the_store(store: Store):
     assert store.count_received_updates("s", 0, 3) == 5   # rounds 1 and 2
     assert store.received_updates("s", 0, 1) == []
     assert store.heartbeat("s", now=123.0) and store.session("s")["heartbeat"] == 123.0
+    me, other = {"host": "h", "pid": 8, "started": 2.5}, {"host": "h", "pid": 9, "started": 3.5}
+    store.update_session("s", keeper=me)
+    assert store.heartbeat("s", now=124.0, keeper=me) is True and store.session("s")["heartbeat"] == 124.0
+    assert store.heartbeat("s", now=125.0, keeper=other) is None     # the session names another keeper
+    assert store.session("s")["heartbeat"] == 124.0
     store.update_session("s", state="running")
     assert store.mark_interrupted("s") and store.session("s")["state"] == "interrupted"
     store.update_session("s", state="finished")

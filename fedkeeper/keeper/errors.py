@@ -1,6 +1,8 @@
 """How a session stops early, as exceptions the CLI prints with `str(exc)`."""
 from __future__ import annotations
 
+from typing import Any
+
 
 class SessionError(RuntimeError):
     """A session cannot go on (quorum not met, init or aggregation failed)."""
@@ -30,6 +32,18 @@ class ServiceLost(Exception):
         self.service = service
         self.reason = reason
         self.resume_hint = resume_hint
+
+
+class SessionTakenOver(Exception):
+    """Another keeper resumed the session while this one could not reach
+    the store (its heartbeat went stale): this one stops at once and writes
+    nothing more to the session, whose attempts the other keeper adopted."""
+
+    def __init__(self, session: str, keeper: Any):
+        where = f"{keeper.get('host')} (pid {keeper.get('pid')})" if isinstance(keeper, dict) else "another keeper"
+        super().__init__(f"session {session} was resumed by {where} while this keeper could not reach "
+                         "the store; this keeper stopped and leaves the session to it")
+        self.session = session
 
 
 class ClusterLost(Exception):

@@ -15,7 +15,7 @@ from ..store import HEARTBEAT_S, StoreUnavailable
 from ..user_module import spec_entry as user_module_spec
 from .attempts import RetryPolicy
 from .dispatch import Dispatcher, Platforms
-from .errors import ClusterLost, ServiceLost, SessionError, SessionInterrupted
+from .errors import ClusterLost, ServiceLost, SessionError, SessionInterrupted, SessionTakenOver
 from .events import Progress, RoundEvents, RoundReport, SessionSummary, new_session_id, report_from_doc
 from .modes import RoundContext, make_mode
 from .output import RoundCsv, RunLog
@@ -35,16 +35,31 @@ CLUSTER_PATIENCE_S = 60.0
 class Heartbeat:
     """Writes `heartbeat` on the session document every HEARTBEAT_S while
     the keeper runs, so `status` can tell a live session from one whose
-    keeper is gone (store.effective_state)."""
+    keeper is gone (store.effective_state), and only while the session
+    still names this keeper: a keeper cut off from the store for longer
+    than STALE_AFTER_S may find it resumed by another when the store
+    answers again, and `check` then stops this one (SessionTakenOver)."""
 
-    def __init__(self, store: Any, session: str, every_s: float = HEARTBEAT_S):
-        self.store, self.session, self.every_s = store, session, every_s
+    def __init__(self, store: Any, session: str, keeper: dict[str, Any], every_s: float = HEARTBEAT_S):
+        self.store, self.session, self.keeper, self.every_s = store, session, keeper, every_s
         self._stop = threading.Event()
+        self._taken_by: Any = None   # the session's keeper once it is another one
         self._thread = threading.Thread(target=self._beat, name=f"heartbeat-{session}", daemon=True)
 
     def _beat(self) -> None:
         while not self._stop.wait(self.every_s):
-            self.store.heartbeat(self.session, timeout_s=self.every_s)
+            if self.store.heartbeat(self.session, timeout_s=self.every_s, keeper=self.keeper) is None:
+                try:
+                    doc = self.store.session(self.session) or {}
+                except Exception:   # noqa: BLE001 - only for the message
+                    doc = {}
+                self._taken_by = doc.get("keeper") or {}
+                return
+
+    def check(self) -> None:
+        """Raise SessionTakenOver once another keeper holds the session."""
+        if self._taken_by is not None:
+            raise SessionTakenOver(self.session, self._taken_by)
 
     def __enter__(self) -> "Heartbeat":
         self._thread.start()
@@ -63,6 +78,7 @@ class Keeper:
         # An embedded store this runtime uses is started again, once per outage.
         self.store.patience.restart = rt.restart_store
         self.training = rt.scenario.training
+        self.heartbeat_s = HEARTBEAT_S   # how often the session's heartbeat is written (and its keeper checked)
         self.progress: Progress = progress or (lambda kind, data: None)
         self.client_cluster = rt.client_clusters()
         self.server = rt.server_cluster()
@@ -151,9 +167,20 @@ class Keeper:
         self._done_this_run = 0
         csv = RoundCsv(session)
         self.events.subscribe(csv)
+        beat = Heartbeat(self.store, session, this_keeper(), self.heartbeat_s)
+        sleep = self.dispatcher.sleep
+
+        def sleep_while_the_keeper(seconds: float) -> None:   # every loop of the session sleeps here
+            beat.check()
+            sleep(seconds)
+        self.dispatcher.sleep = sleep_while_the_keeper
         try:
-            with Heartbeat(self.store, session):
+            with beat:
                 return self._run(session, earlier, reports)
+        except SessionTakenOver as exc:
+            # Nothing more is written: the session and its attempts are the other keeper's.
+            log.error("%s", exc)
+            raise SessionError(str(exc)) from None
         except KeyboardInterrupt:
             self.store.mark_interrupted(session)
             log.warning("session %s interrupted by the user", session)
@@ -169,6 +196,7 @@ class Keeper:
             log.error("session %s stopped: %s", session, exc)
             raise ServiceLost(session, f"cluster {exc.cluster}", exc.reason, self.resume_hint(session)) from None
         finally:
+            self.dispatcher.sleep = sleep
             self.events.observers.remove(csv)
             self.dispatcher.close()
 

@@ -166,17 +166,22 @@ class Store:
         keeper = doc.get("keeper")
         return isinstance(keeper, dict) and all(keeper.get(k) == me.get(k) for k in OWNER_FIELDS)
 
-    def heartbeat(self, session_id: str, now: float | None = None, timeout_s: float = HEARTBEAT_S) -> bool:
+    def heartbeat(self, session_id: str, now: float | None = None, timeout_s: float = HEARTBEAT_S,
+                  keeper: dict[str, Any] | None = None) -> bool | None:
         """Write the keeper's heartbeat on the session (see effective_state).
         Best effort, never waits longer than `timeout_s`: False when the
-        store did not take it."""
+        store did not take it. With `keeper`, only while the session names
+        that keeper: None when it names another (one that resumed it while
+        this keeper could not reach the store)."""
+        flt: dict[str, Any] = {"_id": session_id}
+        if keeper is not None:
+            flt.update({f"keeper.{k}": keeper.get(k) for k in OWNER_FIELDS})
         try:
             with pymongo.timeout(timeout_s):
-                self.db[fs.SESSIONS].update_one({"_id": session_id},
-                                                {"$set": {"heartbeat": time.time() if now is None else now}})
-            return True
+                res = self.db[fs.SESSIONS].update_one(flt, {"$set": {"heartbeat": time.time() if now is None else now}})
         except pymongo.errors.PyMongoError:
             return False
+        return True if keeper is None or res.matched_count == 1 else None
 
     def mark_interrupted(self, session_id: str, timeout_s: float = 2.0, **fields: Any) -> bool:
         """state: interrupted, best effort within `timeout_s` (the user is

@@ -15,7 +15,7 @@ from ...store import StoreUnavailable
 from ..aggregation import Following, combine_clusters, follow_round
 from ..attempts import DELIVERED, FAILED, RUNNING, AttemptTable, Slot
 from ..dispatch import Dispatcher
-from ..errors import SessionError
+from ..errors import SessionError, SessionTakenOver
 from ..events import RoundEvents, RoundReport, client_index
 from ..selection import Selector
 
@@ -120,8 +120,8 @@ class RoundMode(ABC):
         except SessionError:
             self.stop_tracking("the session ended")
             raise
-        except StoreUnavailable:
-            raise    # nothing more can be written
+        except (StoreUnavailable, SessionTakenOver):
+            raise    # nothing more can be written, or may be: the session is another keeper's
         except BaseException:
             # With the running marks the dispatcher still holds, so that
             # --resume adopts those attempts too (running_marks.py).
