@@ -186,17 +186,19 @@ def test_an_activation_listing_past_its_bound_is_refused_not_held(server_factory
     from fedkeeper.providers.openwhisk import provider as ow_provider
     monkeypatch.setattr(ow_provider, "LIST_PAGE_MAX_BYTES", 4096)
     page = b"[" + b",".join(b'{"activationId":"a%d","pad":"%s"}' % (i, b"x" * 200) for i in range(40)) + b"]"
-    srv = server_factory(lambda conn, req: "answer" if req == 0 else json_answer(200, page))
+    # the invocation's answer, then every listing (on any connection) the same long page
+    srv = server_factory(lambda conn, req: "answer" if (conn, req) == (0, 0) else json_answer(200, page))
     cfg = OpenWhiskCluster(base_url=srv.url, auth={"ow_auth": "u:secretkey"})
     p = OpenWhiskProvider("ow-scripted", cfg, ProviderContext(state_dir=tmp_path))
     try:
         inv = p.invoke("act", {})
-        with pytest.raises(ProviderError) as e:
-            p.track([inv])
-        assert e.value.error_class == ErrorClass.PLATFORM_ERROR
-        assert "more than 4096 bytes to GET /activations" in str(e.value) and "secretkey" not in str(e.value)
+        assert p.track([inv]) == []   # nothing readable yet; the per-id read reports it later
     finally:
         p.close()
+    # Each page past the bound was refused unread and asked again smaller,
+    # down to one record, then past it: a bounded number of requests.
+    limits = [int(line.split("limit=")[1].split("&")[0].split()[0]) for _, line in srv.requests[1:]]
+    assert limits[:5] == [200, 50, 12, 3, 1] and set(limits[5:]) <= {1} and len(limits) <= ow_provider.MAX_PAGES
 
 
 @pytest.mark.parametrize("answer", [
@@ -230,3 +232,87 @@ def test_an_activation_record_of_the_wrong_shape_is_a_failed_outcome():
                               "response": {"status": "action developer error", "statusCode": [1],
                                            "result": {"error": "x" * 10000}, "size": "big"}})
     assert out.duration_ms is None and out.error_class == ErrorClass.DEVELOPER_ERROR and len(out.error) == 2000
+
+
+class ChattyController:
+    """An OpenWhisk controller's invoke and activation endpoints whose
+    records carry `log_bytes` of logs each (what an action that prints a
+    lot leaves, up to its limits.logs), on a real HTTP server."""
+
+    def __init__(self, log_bytes: dict[str, int]):
+        import http.server
+        import threading
+        self.records = {aid: {"activationId": aid, "name": "act", "start": 1000, "end": 2000, "duration": 1000,
+                              "annotations": [], "logs": ["x" * n],
+                              "response": {"status": "success", "statusCode": 0, "result": {"aid": aid}}}
+                        for aid, n in log_bytes.items()}
+        self.pages: list[int] = []
+        controller = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *a):
+                pass
+
+            def _send(self, code: int, obj) -> None:
+                body = json.dumps(obj).encode()
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def do_POST(self):
+                self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                self._send(202, {"activationId": next(iter(controller.records))})
+
+            def do_GET(self):
+                from urllib.parse import parse_qs, urlsplit
+                u = urlsplit(self.path)
+                if u.path.endswith("/activations"):
+                    q = {k: v[0] for k, v in parse_qs(u.query).items()}
+                    skip, limit = int(q.get("skip", 0)), int(q.get("limit", 200))
+                    controller.pages.append(limit)
+                    return self._send(200, list(controller.records.values())[skip:skip + limit])
+                rec = controller.records.get(u.path.rsplit("/", 1)[-1])
+                self._send(200 if rec else 404, rec or {"error": "not found"})
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_long_activation_logs_shrink_the_listing_pages_and_never_block_tracking(tmp_path, monkeypatch):
+    """Records with long logs: a listing page past its bound is asked again
+    in smaller pages, and one record past the bound of a single record is
+    that invocation's failure, not every other one's lost outcome."""
+    from fedkeeper.providers.base import Invocation
+    from fedkeeper.providers.openwhisk import provider as owp
+    monkeypatch.setattr(owp, "LIST_PAGE_MAX_BYTES", 20_000)
+    monkeypatch.setattr(owp, "RECORD_MAX_BYTES", 12_000)
+    monkeypatch.setattr(owp, "FALLBACK_AFTER_S", 0.0)
+    ctl = ChattyController({**{f"a{i}": 4_000 for i in range(12)}, "huge": 30_000})
+    p = OpenWhiskProvider("ow-chatty", OpenWhiskCluster(base_url=ctl.url, auth={"ow_auth": "u:k"}),
+                          ProviderContext(state_dir=tmp_path))
+    try:
+        pending = [Invocation("act", aid, time.time() - 1) for aid in ctl.records]
+        seen = {}
+        for _ in range(50):
+            for o in p.track([i for i in pending if i.platform_id not in seen]):
+                seen[o.platform_id] = o
+            if len(seen) == len(pending):
+                break
+            p._next_poll = 0.0   # no wait between passes
+        assert len(seen) == len(pending), sorted(seen)
+        assert all(seen[f"a{i}"].ok and seen[f"a{i}"].result == {"aid": f"a{i}"} for i in range(12))
+        assert not seen["huge"].ok and seen["huge"].error_class is ErrorClass.PLATFORM_ERROR
+        assert "more than 12000 bytes" in seen["huge"].error
+        assert ctl.pages[0] == 200 and min(ctl.pages) < 200
+    finally:
+        p.close()
+        ctl.close()

@@ -62,6 +62,10 @@ MAX_PAGES = 25             # pages per poll (5,000 records); the per-id fallback
 # is at most 1 MB on OpenWhisk and ours are far smaller; a page of records
 # past these bounds is refused before it is held whole.
 HOT_ANSWER_MAX_BYTES = 2 * 1024 * 1024
+#: One activation record: its result (1 MB at most) and its logs, which an
+#: action may fill up to its `limits.logs` (10 MB at most on a stock
+#: OpenWhisk), so a function that prints a lot still reports.
+RECORD_MAX_BYTES = 12 * 1024 * 1024
 #: OpenWhisk's longest blocking wait: an activation not ended by then is answered 202
 BLOCKING_WAIT_S = 60.0
 #: beyond the blocking wait, how long the answer to a blocking invoke may take to arrive
@@ -81,6 +85,10 @@ FALLBACK_PER_CALL = 4
 CONTROL_TIMEOUT = (5.0, 120.0)
 HOT_CONNECT_TIMEOUT_S = 5.0
 HOT_READ_TIMEOUT_S = 30.0
+
+class AnswerTooLarge(ProviderError):
+    """A controller's answer past the bound the hot path reads."""
+
 
 class OpenWhiskProvider(Provider):
     tracks_foreign_invocations = True  # activations are listed by id, whoever started them
@@ -119,6 +127,7 @@ class OpenWhiskProvider(Provider):
         # Finished records seen in a listing before anyone asked for them.
         self._seen: dict[str, dict] = {}
         self._fallback_at: dict[str, float] = {}
+        self._list_page = LIST_PAGE   # records per listing page; smaller while records are long
         self._next_poll = 0.0
         self._poll_cost = 0.0
         self._clock = ControllerClock(clock_offset)
@@ -176,9 +185,9 @@ class OpenWhiskProvider(Provider):
             return self._pool.request(method, self._prefix + path, body, max_bytes=max_bytes,
                                       read_timeout=read_timeout)
         except BodyTooLarge:
-            raise ProviderError(ErrorClass.PLATFORM_ERROR,
-                                f"{self._where()} answered more than {max_bytes} bytes "
-                                f"to {method} {path.split('?', 1)[0]}") from None
+            raise AnswerTooLarge(ErrorClass.PLATFORM_ERROR,
+                                 f"{self._where()} answered more than {max_bytes} bytes "
+                                 f"to {method} {path.split('?', 1)[0]}") from None
         except (http.client.HTTPException, OSError) as exc:
             raise transport_error(self._where(), exc) from None
 
@@ -298,7 +307,7 @@ class OpenWhiskProvider(Provider):
         body = json.dumps(payload, separators=(",", ":")).encode()
         path = f"/actions/{quote(name, safe='/')}?blocking=true&timeout={int(wait_s * 1000)}"
         started, submitted = time.monotonic(), time.time()
-        r = self._hot("POST", path, body, read_timeout=wait_s + BLOCKING_READ_GRACE_S)
+        r = self._hot("POST", path, body, max_bytes=RECORD_MAX_BYTES, read_timeout=wait_s + BLOCKING_READ_GRACE_S)
         self._clock.sample(r.headers, time.time())
         if r.status != 202:
             rec = self._json_answer(r, f"invoking {name}") if r.status in BLOCKING_RECORD_STATUS else None
@@ -328,6 +337,11 @@ class OpenWhiskProvider(Provider):
         try:
             self._poll_list(want, out)
             self._poll_fallback(want, out)
+        except ProviderError:
+            # The outcomes this pass found are forgotten here once returned:
+            # hand them over; the failure, if it lasts, is met next pass.
+            if not out:
+                raise
         finally:
             # Smoothed, so that one costly poll (a garbage collection, a burst
             # of pages) does not stall detection for long.
@@ -338,14 +352,25 @@ class OpenWhiskProvider(Provider):
         return out
 
     def _poll_list(self, want: dict[str, Invocation], out: list[Outcome]) -> None:
-        params: dict[str, Any] = {"docs": "true", "limit": LIST_PAGE, "since": self._clock.since_ms(min(inv.submitted_at for inv in want.values()))}
+        since = self._clock.since_ms(min(inv.submitted_at for inv in want.values()))
+        params: dict[str, Any] = {"docs": "true", "since": since}
         names = {inv.function for inv in want.values()}
         if len(names) == 1:
             params["name"] = next(iter(names))
         base = "/activations?"
-        for page_no in range(MAX_PAGES):
-            params["skip"] = page_no * LIST_PAGE
-            r = self._hot("GET", base + urlencode(params), max_bytes=LIST_PAGE_MAX_BYTES)
+        skip = 0
+        for _ in range(MAX_PAGES):
+            params.update(skip=skip, limit=self._list_page)
+            try:
+                r = self._hot("GET", base + urlencode(params), max_bytes=LIST_PAGE_MAX_BYTES)
+            except AnswerTooLarge:
+                # Records with long logs: this page again in smaller pages,
+                # down to one record; a record too large even alone is left
+                # to the per-id read, which reports it as failed.
+                if self._list_page == 1:
+                    skip += 1
+                self._list_page = max(1, self._list_page // 4)
+                continue
             if r.status != 200:
                 raise self._status_error(r.status, r.data, "listing activations", r.headers)
             page = self._json_answer(r, "listing activations")
@@ -363,8 +388,10 @@ class OpenWhiskProvider(Provider):
                         self._forget(aid)
                     elif aid in self._issued:
                         self._seen[aid] = rec
-            if len(page) < LIST_PAGE or not want:
+            if len(page) < self._list_page or not want:
+                self._list_page = min(LIST_PAGE, self._list_page * 2)   # back to full pages over time
                 return
+            skip += len(page)
 
     def _poll_fallback(self, want: dict[str, Invocation], out: list[Outcome]) -> None:
         now = time.time()
@@ -376,7 +403,16 @@ class OpenWhiskProvider(Provider):
             if age < FALLBACK_AFTER_S or now < self._fallback_at.get(aid, 0.0):
                 continue
             asked += 1
-            r = self._hot("GET", f"/activations/{quote(aid, safe='')}")
+            try:
+                r = self._hot("GET", f"/activations/{quote(aid, safe='')}", max_bytes=RECORD_MAX_BYTES)
+            except AnswerTooLarge as exc:
+                # Its outcome cannot be read: a failure of its own, not of
+                # the tracking of every other invocation.
+                out.append(Outcome(aid, False, ErrorClass.PLATFORM_ERROR, f"its activation record: {exc}"))
+                del want[aid]
+                with self._lock:
+                    self._forget(aid)
+                continue
             if r.status == 200:
                 rec = self._json_answer(r, "reading an activation")
                 if not isinstance(rec, dict):
