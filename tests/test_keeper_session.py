@@ -308,6 +308,22 @@ def test_on_resume_attempts_a_killed_keeper_was_submitting_are_closed_and_their_
     assert all(a["state"] in ("succeeded", "abandoned") for a in store.attempts("s1"))
 
 
+def test_an_attempt_a_killed_keeper_left_unsent_costs_its_client_no_attempt(tmp_path):
+    """With no retries allowed (max_attempts 1), a client whose only attempt
+    a killed keeper left `submitting` is still invoked on resume: that
+    attempt was never known to reach the platform, as an unreachable one."""
+    import dataclasses
+    keeper, store, _, _, first = interrupted_with_four_running(tmp_path, ("after", 1.0))
+    unsent = first[0]
+    store.invocations[unsent["_id"]]["state"] = "submitting"
+    del store.invocations[unsent["_id"]]["platform_id"]
+    keeper.dispatcher.policy = dataclasses.replace(keeper.dispatcher.policy, max_attempts=1)
+    summary = keeper.start(resume="s1", deploy=False)
+    assert summary.state == "finished" and summary.rounds[0].delivered == 4 and summary.rounds[0].failed == 0
+    again = [a for a in client_attempts(store, "s1") if a["client"] == unsent["client"]]
+    assert [(a["attempt"], a["state"]) for a in again] == [(1, "abandoned"), (2, "succeeded")]
+
+
 def test_heartbeat_is_written_while_the_session_runs(tmp_path, monkeypatch):
     import fedkeeper.keeper.session as session_mod
     keeper, store, provider, _ = fake_keeper(tmp_path, rounds=1)
