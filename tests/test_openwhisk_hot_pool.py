@@ -316,3 +316,29 @@ def test_long_activation_logs_shrink_the_listing_pages_and_never_block_tracking(
     finally:
         p.close()
         ctl.close()
+
+
+def test_the_hot_path_goes_through_the_proxy_the_environment_names(server_factory, tmp_path, monkeypatch):
+    """Behind a proxy (HTTPS_PROXY and the like), invocations and tracking
+    take it as the control plane does; NO_PROXY still sends them direct."""
+    for var in ("http_proxy", "https_proxy", "all_proxy", "no_proxy"):
+        monkeypatch.delenv(var, raising=False)
+        monkeypatch.delenv(var.upper(), raising=False)
+    proxy = server_factory(lambda conn, req: "answer")
+    target = server_factory(lambda conn, req: "answer")
+    monkeypatch.setenv("http_proxy", proxy.url)
+    cfg = OpenWhiskCluster(base_url=target.url, auth={"ow_auth": "u:secretkey"})
+    p = OpenWhiskProvider("ow-proxied", cfg, ProviderContext(state_dir=tmp_path))
+    try:
+        assert p.invoke("act", {"x": 1}).platform_id == "0123456789abcdef"
+    finally:
+        p.close()
+    assert proxy.requests[0][1] == f"POST {target.url}/api/v1/namespaces/_/actions/act?blocking=false HTTP/1.1"
+    assert target.requests == []
+    monkeypatch.setenv("no_proxy", "127.0.0.1")
+    p = OpenWhiskProvider("ow-direct", cfg, ProviderContext(state_dir=tmp_path))
+    try:
+        assert p.invoke("act", {"x": 2}).platform_id == "0123456789abcdef"
+    finally:
+        p.close()
+    assert len(proxy.requests) == 1 and target.requests[0][1].startswith("POST /api/v1/namespaces/_/actions/act")

@@ -119,6 +119,10 @@ class OpenWhiskProvider(Provider):
                         self.cluster_name)
         self._headers, self._session, self._pool = connections(
             self.api_host, auth, verify, connect_timeout=HOT_CONNECT_TIMEOUT_S, read_timeout=HOT_READ_TIMEOUT_S)
+        # A proxy the environment names for the controller (HTTPS_PROXY,
+        # NO_PROXY): the hot path goes through it as the control plane does.
+        self._proxied = requests.utils.select_proxy(
+            self.api_host, requests.utils.get_environ_proxies(self.api_host)) is not None
         # path of each action's non-blocking invoke, quoted once
         self._invoke_paths: dict[str, str] = {}
         self._lock = threading.Lock()
@@ -181,6 +185,8 @@ class OpenWhiskProvider(Provider):
              max_bytes: int = HOT_ANSWER_MAX_BYTES, read_timeout: float | None = None) -> HotResponse:
         """`path` below the namespace; the pool repeats a GET that met a
         kept-alive connection the server had closed, never a POST."""
+        if self._proxied:
+            return self._hot_via_proxy(method, path, body, max_bytes, read_timeout)
         try:
             return self._pool.request(method, self._prefix + path, body, max_bytes=max_bytes,
                                       read_timeout=read_timeout)
@@ -190,6 +196,29 @@ class OpenWhiskProvider(Provider):
                                  f"to {method} {path.split('?', 1)[0]}") from None
         except (http.client.HTTPException, OSError) as exc:
             raise transport_error(self._where(), exc) from None
+
+    def _hot_via_proxy(self, method: str, path: str, body: bytes | None, max_bytes: int,
+                       read_timeout: float | None) -> HotResponse:
+        """The hot path's request through the control plane's session (which
+        honours the environment's proxy), its answer bounded the same way."""
+        try:
+            r = self._session.request(method, self._url(path), data=body, stream=True, allow_redirects=False,
+                                      timeout=(HOT_CONNECT_TIMEOUT_S, read_timeout or HOT_READ_TIMEOUT_S))
+        except requests.exceptions.RequestException as exc:
+            raise transport_error(self._where(), exc) from None
+        try:
+            data = bytearray()
+            for chunk in r.iter_content(65536):
+                data += chunk
+                if len(data) > max_bytes:
+                    raise AnswerTooLarge(ErrorClass.PLATFORM_ERROR,
+                                         f"{self._where()} answered more than {max_bytes} bytes "
+                                         f"to {method} {path.split('?', 1)[0]}")
+        except requests.exceptions.RequestException as exc:
+            raise transport_error(self._where(), exc) from None
+        finally:
+            r.close()
+        return HotResponse(r.status_code, r.headers, bytes(data))
 
     def _json_answer(self, r: HotResponse, what: str) -> Any:
         """A controller's JSON answer, or a platform error naming what was
@@ -387,7 +416,8 @@ class OpenWhiskProvider(Provider):
                         del want[aid]
                         self._forget(aid)
                     elif aid in self._issued:
-                        self._seen[aid] = rec
+                        # kept until asked for (an abandoned one for hours): not its logs
+                        self._seen[aid] = {k: v for k, v in rec.items() if k != "logs"}
             if len(page) < self._list_page or not want:
                 self._list_page = min(LIST_PAGE, self._list_page * 2)   # back to full pages over time
                 return
