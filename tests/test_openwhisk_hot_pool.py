@@ -342,3 +342,33 @@ def test_the_hot_path_goes_through_the_proxy_the_environment_names(server_factor
     finally:
         p.close()
     assert len(proxy.requests) == 1 and target.requests[0][1].startswith("POST /api/v1/namespaces/_/actions/act")
+
+
+def test_control_plane_answers_are_bounded_and_a_bad_one_is_a_platform_error(server_factory, tmp_path, monkeypatch):
+    """An action looked up (without its code) or the namespace's limits:
+    an answer past the bound is refused unread, one that is no JSON
+    object is a platform error, never a traceback."""
+    from scripted_http import json_answer
+    from fedkeeper.providers.base import Artifact, FunctionSpec
+    from fedkeeper.providers.openwhisk import provider as ow_provider
+    monkeypatch.setattr(ow_provider, "CONTROL_MAX_BYTES", 1000)
+    answers = [json_answer(200, b'{"annotations": "' + b"x" * 5000 + b'"}'), json_answer(200, b"[1, 2]"),
+               json_answer(200, b"not json")]
+    asked = []
+
+    def answer(conn, req):   # in order, whichever connection asks
+        asked.append(conn)
+        return answers[min(len(asked), len(answers)) - 1]
+    srv = server_factory(answer)
+    p = OpenWhiskProvider("ow-ctl", OpenWhiskCluster(base_url=srv.url, auth={"ow_auth": "u:k"}),
+                          ProviderContext(state_dir=tmp_path))
+    art = Artifact(data=b"zip", sha256="0" * 64, entry="openwhisk")
+    try:
+        with pytest.raises(ProviderError, match="more than 1000 bytes"):
+            p.deploy(FunctionSpec(name="act", source="act"), art)
+        for words in ("non-object", "no valid JSON"):
+            with pytest.raises(ProviderError, match=words) as e:
+                p.limits()
+            assert e.value.error_class is ErrorClass.PLATFORM_ERROR
+    finally:
+        p.close()

@@ -252,10 +252,10 @@ def test_code_over_the_size_limit_is_refused_before_upload(local, monkeypatch):
     puts = []
     real = local._control
 
-    def control(method, path, what, **kw):
+    def control(method, path, **kw):
         if method == "PUT":
             puts.append(path)
-        return real(method, path, what, **kw)
+        return real(method, path, **kw)
     monkeypatch.setattr(local, "_control", control)
     with pytest.raises(ProviderError) as e:
         local.deploy(spec, art)

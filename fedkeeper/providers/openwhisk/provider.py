@@ -83,6 +83,9 @@ FALLBACK_AFTER_S = 10.0    # ask for an id by itself once it is this old and unl
 FALLBACK_MAX_S = 120.0
 FALLBACK_PER_CALL = 4
 CONTROL_TIMEOUT = (5.0, 120.0)
+#: What the control plane's answers are read up to: an action without its
+#: code, the namespace's limits, an error.
+CONTROL_MAX_BYTES = 4 * 1024 * 1024
 HOT_CONNECT_TIMEOUT_S = 5.0
 HOT_READ_TIMEOUT_S = 30.0
 
@@ -175,11 +178,41 @@ class OpenWhiskProvider(Provider):
                       headers: Any = None) -> ProviderError:
         return status_error(self._where(), status, data, what, headers)
 
-    def _control(self, method: str, path: str, what: str, **kw) -> requests.Response:
+    def _control(self, method: str, path: str, *, params: dict[str, str] | None = None,
+                 data: bytes | None = None) -> HotResponse:
+        """A control-plane request. Its answer is read up to
+        CONTROL_MAX_BYTES: a longer one is cut there when only its status
+        matters (a PUT echoes the action, code included), else refused."""
+        return self._via_session(method, path, body=data, params=params, max_bytes=CONTROL_MAX_BYTES,
+                                 timeout=CONTROL_TIMEOUT, cut=method in ("PUT", "DELETE"))
+
+    def _via_session(self, method: str, path: str, *, body: bytes | None, max_bytes: int,
+                     timeout: tuple[float, float], params: dict[str, str] | None = None,
+                     cut: bool = False) -> HotResponse:
+        """A request through the requests session (which honours the
+        environment's proxy), its answer bounded (`cut`: truncated at the
+        bound rather than refused)."""
         try:
-            return self._session.request(method, self._url(path), timeout=CONTROL_TIMEOUT, **kw)
+            r = self._session.request(method, self._url(path), params=params, data=body, stream=True,
+                                      allow_redirects=False, timeout=timeout)
         except requests.exceptions.RequestException as exc:
             raise transport_error(self._where(), exc) from None
+        try:
+            data = bytearray()
+            for chunk in r.iter_content(65536):
+                data += chunk
+                if len(data) > max_bytes:
+                    if cut:
+                        del data[max_bytes:]
+                        break
+                    raise AnswerTooLarge(ErrorClass.PLATFORM_ERROR,
+                                         f"{self._where()} answered more than {max_bytes} bytes "
+                                         f"to {method} {path.split('?', 1)[0]}")
+        except requests.exceptions.RequestException as exc:
+            raise transport_error(self._where(), exc) from None
+        finally:
+            r.close()
+        return HotResponse(r.status_code, r.headers, bytes(data))
 
     def _hot(self, method: str, path: str, body: bytes | None = None, *,
              max_bytes: int = HOT_ANSWER_MAX_BYTES, read_timeout: float | None = None) -> HotResponse:
@@ -199,26 +232,19 @@ class OpenWhiskProvider(Provider):
 
     def _hot_via_proxy(self, method: str, path: str, body: bytes | None, max_bytes: int,
                        read_timeout: float | None) -> HotResponse:
-        """The hot path's request through the control plane's session (which
-        honours the environment's proxy), its answer bounded the same way."""
-        try:
-            r = self._session.request(method, self._url(path), data=body, stream=True, allow_redirects=False,
-                                      timeout=(HOT_CONNECT_TIMEOUT_S, read_timeout or HOT_READ_TIMEOUT_S))
-        except requests.exceptions.RequestException as exc:
-            raise transport_error(self._where(), exc) from None
-        try:
-            data = bytearray()
-            for chunk in r.iter_content(65536):
-                data += chunk
-                if len(data) > max_bytes:
-                    raise AnswerTooLarge(ErrorClass.PLATFORM_ERROR,
-                                         f"{self._where()} answered more than {max_bytes} bytes "
-                                         f"to {method} {path.split('?', 1)[0]}")
-        except requests.exceptions.RequestException as exc:
-            raise transport_error(self._where(), exc) from None
-        finally:
-            r.close()
-        return HotResponse(r.status_code, r.headers, bytes(data))
+        return self._via_session(method, path, body=body, max_bytes=max_bytes,
+                                 timeout=(HOT_CONNECT_TIMEOUT_S, read_timeout or HOT_READ_TIMEOUT_S))
+
+    def _ok_answer(self, r: HotResponse, what: str, kind: type) -> Any:
+        """The JSON `kind` (dict or list) a request answered with 200; else
+        the controller's error, or a platform error naming what was asked."""
+        if r.status != 200:
+            raise self._status_error(r.status, r.data, what, r.headers)
+        value = self._json_answer(r, what)
+        if not isinstance(value, kind):
+            raise ProviderError(ErrorClass.PLATFORM_ERROR, f"{what}: {self._where()} answered a non-"
+                                                           f"{'object' if kind is dict else 'list'}")
+        return value
 
     def _json_answer(self, r: HotResponse, what: str) -> Any:
         """A controller's JSON answer, or a platform error naming what was
@@ -233,14 +259,16 @@ class OpenWhiskProvider(Provider):
     def deploy(self, spec: FunctionSpec, artifact: Artifact) -> DeployResult:
         t0 = time.monotonic()
         path = f"/actions/{quote(spec.name, safe='/')}"
-        r = self._control("GET", path, f"looking up action {spec.name}", params={"code": "false"})
-        if r.status_code == 200:
-            current = next((a.get("value") for a in r.json().get("annotations") or []
-                            if isinstance(a, dict) and a.get("key") == "fk-sha256"), None)
+        r = self._control("GET", path, params={"code": "false"})
+        if r.status == 200:
+            action = self._json_answer(r, f"looking up action {spec.name}")
+            annotations = action.get("annotations") if isinstance(action, dict) else None
+            current = next((a.get("value") for a in annotations if isinstance(a, dict)
+                            and a.get("key") == "fk-sha256"), None) if isinstance(annotations, list) else None
             if current == artifact.sha256:
                 return DeployResult(spec.name, True, time.monotonic() - t0, self._url(path))
-        elif r.status_code != 404:
-            raise self._status_error(r.status_code, r.content, f"looking up action {spec.name}", r.headers)
+        elif r.status != 404:
+            raise self._status_error(r.status, r.data, f"looking up action {spec.name}", r.headers)
         plan = self.plan_upload(self.cluster_name, self.cluster, spec, artifact, self._code_limit())
         packaging.check_code_size(spec, artifact, plan.limit_bytes, self.cluster_name)
         body = {
@@ -254,34 +282,29 @@ class OpenWhiskProvider(Provider):
                             # Only functions that invoke others get the namespace key.
                             {"key": "provide-api-key", "value": bool(spec.platform_api)}],
         }
-        r = self._control("PUT", path, f"deploying action {spec.name}", params={"overwrite": "true"},
-                          data=json.dumps(body).encode())
-        if r.status_code != 200:
-            raise self._status_error(r.status_code, r.content, f"deploying action {spec.name}", r.headers)
+        r = self._control("PUT", path, params={"overwrite": "true"}, data=json.dumps(body).encode())
+        if r.status != 200:
+            raise self._status_error(r.status, r.data, f"deploying action {spec.name}", r.headers)
         return DeployResult(spec.name, False, time.monotonic() - t0, self._url(path))
 
     def remove(self, name: str) -> bool:
-        r = self._control("DELETE", f"/actions/{quote(name, safe='/')}", f"removing action {name}")
-        if r.status_code == 404:
+        r = self._control("DELETE", f"/actions/{quote(name, safe='/')}")
+        if r.status == 404:
             return False
-        if r.status_code >= 300:
-            raise self._status_error(r.status_code, r.content, f"removing action {name}", r.headers)
+        if r.status >= 300:
+            raise self._status_error(r.status, r.data, f"removing action {name}", r.headers)
         return True
 
     def exists(self, name: str) -> bool:
-        r = self._control("GET", f"/actions/{quote(name, safe='/')}", f"looking up action {name}",
-                          params={"code": "false"})
-        if r.status_code == 404:
+        r = self._control("GET", f"/actions/{quote(name, safe='/')}", params={"code": "false"})
+        if r.status == 404:
             return False
-        if r.status_code != 200:
-            raise self._status_error(r.status_code, r.content, f"looking up action {name}", r.headers)
+        if r.status != 200:
+            raise self._status_error(r.status, r.data, f"looking up action {name}", r.headers)
         return True
 
     def limits(self) -> dict[str, Any]:
-        r = self._control("GET", "/limits", "reading namespace limits")
-        if r.status_code != 200:
-            raise self._status_error(r.status_code, r.content, "reading namespace limits", r.headers)
-        return r.json()
+        return self._ok_answer(self._control("GET", "/limits"), "reading namespace limits", dict)
 
     def capacity_warning(self, n: int) -> str | None:
         """A warning when n concurrent invocations exceed the namespace's
@@ -400,12 +423,7 @@ class OpenWhiskProvider(Provider):
                     skip += 1
                 self._list_page = max(1, self._list_page // 4)
                 continue
-            if r.status != 200:
-                raise self._status_error(r.status, r.data, "listing activations", r.headers)
-            page = self._json_answer(r, "listing activations")
-            if not isinstance(page, list):
-                raise ProviderError(ErrorClass.PLATFORM_ERROR,
-                                    f"listing activations: {self._where()} answered a non-list")
+            page = self._ok_answer(r, "listing activations", list)
             with self._lock:
                 for rec in page:
                     aid = rec.get("activationId") if isinstance(rec, dict) else None
