@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import io
+import os
 import pickle
+import threading
 import time
 
 import numpy as np
@@ -221,6 +223,27 @@ def test_embedded_server_is_reused_and_stops_cleanly(tmp_path):
         with pymongo.MongoClient(url3) as c:
             assert c.db.k.find_one({"x": 1}) is not None
     finally:
+        server.stop()
+
+
+def test_a_server_that_runs_but_answers_slowly_is_waited_for_not_started_twice(tmp_path):
+    """A loaded machine's server misses the quick ping: a second command
+    waits for it (a second server on the same data would be refused and
+    the first one's leases dropped), and says so if it never answers."""
+    import signal
+    from fedkeeper.local.store import EmbeddedMongoError
+    server = EmbeddedMongo(tmp_path / "m")
+    url, _ = server.start()
+    pid = server._read_info()["pid"]
+    try:
+        os.kill(pid, signal.SIGSTOP)   # alive, answering nothing
+        with pytest.raises(EmbeddedMongoError, match=f"pid {pid}\\) runs but has not answered"):
+            EmbeddedMongo(tmp_path / "m").start(timeout_s=2.0)
+        threading.Timer(1.0, os.kill, (pid, signal.SIGCONT)).start()   # answers again a moment later
+        assert EmbeddedMongo(tmp_path / "m").start(timeout_s=20.0) == (url, False)   # this process's lease
+        assert server._read_info()["pid"] == pid
+    finally:
+        os.kill(pid, signal.SIGCONT)
         server.stop()
 
 

@@ -129,7 +129,7 @@ class EmbeddedMongo:
         running. Either way this process holds a lease on it until `stop`."""
         self.state_dir.mkdir(parents=True, exist_ok=True)
         with supervisor.locked(self.state_dir):
-            url = self.running_url()
+            url = self.running_url() or self._slow_but_alive(timeout_s)
             started = url is None
             if started:
                 url = self._start(timeout_s)
@@ -137,6 +137,26 @@ class EmbeddedMongo:
             # after a restart, and whichever object stops it gives it back.
             self._lease = supervisor.hold(self.state_dir, started=started, auto_stop=True, per_process=True)
             return url, started
+
+    def _slow_but_alive(self, timeout_s: float) -> str | None:
+        """The URL of a recorded server whose process runs but did not
+        answer the quick ping (a loaded machine): waited for, since a second
+        server on the same data directory would be refused. None when no
+        such process runs (or it ends meanwhile)."""
+        info = self._read_info()
+        rec = self._process(info)
+        if not supervisor.is_running(rec):
+            return None
+        url = self.url_for(int(info["port"]))
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if not supervisor.is_running(rec):
+                return None
+            if self._answers(url, 2000):
+                return url
+            time.sleep(0.2)
+        raise EmbeddedMongoError(f"the embedded MongoDB (pid {rec.pid}) runs but has not answered for "
+                                 f"{timeout_s:.0f}s; stop it with `fedkeeper fabric down`")
 
     def _start(self, timeout_s: float) -> str:
         self.data_dir.mkdir(parents=True, exist_ok=True)
