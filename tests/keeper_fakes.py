@@ -78,16 +78,18 @@ class FakeStore:
             doc.update(fields, keeper=me)
             return True
 
+    def _names_another(self, sid, keeper) -> bool:
+        owner = self.sessions.get(sid, {}).get("keeper")
+        return keeper is not None and isinstance(owner, dict) and any(owner.get(k) != keeper.get(k)
+                                                                      for k in OWNER_FIELDS)
+
     def heartbeat(self, sid, now=None, timeout_s=5.0, keeper=None):
         self.beats.append(now or 0.0)
-        owner = self.sessions.get(sid, {}).get("keeper")
-        if keeper is not None and isinstance(owner, dict) and any(owner.get(k) != keeper.get(k)
-                                                                   for k in ("host", "pid", "started")):
-            return None
-        return True
+        return None if self._names_another(sid, keeper) else True
 
-    def mark_interrupted(self, sid, timeout_s=2.0, **fields):
-        if self.sessions.get(sid, {}).get("state") in ("running", "interrupted"):
+    def mark_interrupted(self, sid, timeout_s=2.0, keeper=None, **fields):
+        if self.sessions.get(sid, {}).get("state") in ("running", "interrupted") \
+                and not self._names_another(sid, keeper):
             self.sessions[sid].update(state="interrupted", **fields)
         return True
 

@@ -47,6 +47,20 @@ def test_elsewhere_the_heartbeat_decides():
     assert resume_blocked(running(None, heartbeat=None), me=ME, now=1001.0) is None
 
 
+def test_another_machine_of_the_same_host_name_is_elsewhere():
+    """Cloned virtual machines, containers on the host's network: one host
+    name, another boot. Its keeper's process id means nothing here, so its
+    heartbeat decides; a record without a boot time is this machine's."""
+    me = {**ME, "boot": 50.0}
+    clone = running({"host": "h1", "boot": 60.0, "pid": 7, "started": 1.0}, heartbeat=1000.0)
+    why = resume_blocked(clone, me=me, now=1010.0, alive=lambda pid, started: False)
+    assert "running in a keeper on h1 (its heartbeat is 10s old)" in why
+    assert resume_blocked(clone, me=me, now=1000.0 + STALE_AFTER_S + 1, alive=lambda pid, started: False) is None
+    legacy = running({"host": "h1", "pid": 7, "started": 1.0})
+    assert resume_blocked(legacy, me=me, now=1010.0, alive=lambda pid, started: False) is None
+    assert "boot" in this_keeper() and this_keeper()["boot"] == psutil.boot_time()
+
+
 def test_a_process_is_alive_only_with_its_own_start_time():
     me = this_keeper()
     assert process_alive(me["pid"], me["started"])

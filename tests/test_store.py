@@ -339,6 +339,11 @@ def test_keeper_queries_answer_from_the_store(store: Store):
     assert store.heartbeat("s", now=125.0, keeper=other) is None     # the session names another keeper
     assert store.session("s")["heartbeat"] == 124.0
     store.update_session("s", state="running")
+    store.mark_interrupted("s", keeper=other)                       # not other's to mark
+    assert store.session("s")["state"] == "running"
+    store.mark_interrupted("s", keeper=me)
+    assert store.session("s")["state"] == "interrupted"
+    store.update_session("s", state="running")
     assert store.mark_interrupted("s") and store.session("s")["state"] == "interrupted"
     store.update_session("s", state="finished")
     store.mark_interrupted("s")

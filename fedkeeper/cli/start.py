@@ -126,7 +126,9 @@ def _interrupted(cfg: Config, scenario: str | None, store, session: str) -> int:
     try:
         doc = store.session(session)
         if doc is not None and doc.get("state") == "running":
-            store.update_session(session, state="interrupted")
+            # Only while it is this keeper's: another may have claimed it meanwhile.
+            from ..keeper.session_owner import this_keeper
+            store.mark_interrupted(session, keeper=this_keeper())
     except Exception:  # best effort: status shows a keeper-less session as interrupted anyway
         doc = None
     if doc is None and store is not None:

@@ -182,17 +182,17 @@ class Keeper:
             log.error("%s", exc)
             raise SessionError(str(exc)) from None
         except KeyboardInterrupt:
-            self.store.mark_interrupted(session)
+            self.store.mark_interrupted(session, keeper=this_keeper())
             log.warning("session %s interrupted by the user", session)
             raise SessionInterrupted(session, len(earlier) + self._done_this_run,
                                      self.resume_hint(session)) from None
         except StoreUnavailable as exc:
-            self.store.mark_interrupted(session, timeout_s=1.0, error=str(exc))
+            self.store.mark_interrupted(session, timeout_s=1.0, keeper=this_keeper(), error=str(exc))
             log.error("session %s stopped: %s", session, exc)
             raise ServiceLost(session, f"the store at {exc.where}", f"no answer for {exc.waited_s:.0f}s",
                               self.resume_hint(session)) from None
         except ClusterLost as exc:
-            self.store.mark_interrupted(session, timeout_s=1.0, error=str(exc))
+            self.store.mark_interrupted(session, timeout_s=1.0, keeper=this_keeper(), error=str(exc))
             log.error("session %s stopped: %s", session, exc)
             raise ServiceLost(session, f"cluster {exc.cluster}", exc.reason, self.resume_hint(session)) from None
         finally:
@@ -220,7 +220,7 @@ class Keeper:
         line, and the way back when there is a session to resume."""
         if session is None:
             raise SessionError(f"{exc}; no session was started") from None
-        self.store.mark_interrupted(session, timeout_s=1.0, error=str(exc))
+        self.store.mark_interrupted(session, timeout_s=1.0, keeper=this_keeper(), error=str(exc))
         raise ServiceLost(session, f"the store at {exc.where}", f"no answer for {exc.waited_s:.0f}s",
                           self.resume_hint(session)) from None
 

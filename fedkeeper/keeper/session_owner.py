@@ -1,10 +1,10 @@
 """Which keeper runs a session, so that two never run one at once: both
 would invoke its clients and record its attempts.
 
-A keeper that opens a session writes itself (host, process id, process
-start time) on the session document. Another keeper may resume a session
-that is not `running`, or whose recorded keeper is gone:
-  - on this host, its process is no longer alive (checked by process id and
+A keeper that opens a session writes itself (host, boot time, process id,
+process start time) on the session document. Another keeper may resume a
+session that is not `running`, or whose recorded keeper is gone:
+  - on this machine (same host name and boot time), its process is no longer alive (checked by process id and
     start time, so a reused id does not count): a keeper killed with kill -9
     is resumed at once;
   - elsewhere, its heartbeat is older than STALE_AFTER_S, the only sign of
@@ -26,8 +26,12 @@ from ..store import STALE_AFTER_S, effective_state
 
 
 def this_keeper() -> dict[str, Any]:
-    """What a keeper writes on the session document it opens."""
-    return {"host": socket.gethostname(), "pid": os.getpid(), "started": psutil.Process().create_time()}
+    """What a keeper writes on the session document it opens. `boot` (when
+    the machine booted) tells two machines of one host name apart (cloned
+    virtual machines, containers on the host's network), whose process ids
+    mean nothing to each other."""
+    return {"host": socket.gethostname(), "boot": psutil.boot_time(), "pid": os.getpid(),
+            "started": psutil.Process().create_time()}
 
 
 def process_alive(pid: Any, started: Any) -> bool:
@@ -52,7 +56,9 @@ def resume_blocked(doc: dict[str, Any], *, me: dict[str, Any] | None = None, now
     me = me or this_keeper()
     owner = doc.get("keeper") or {}
     session = doc.get("_id")
-    if owner.get("host") == me["host"]:
+    # One machine: its host name, and its boot time where the record has one
+    # (a keeper of an earlier version recorded none).
+    if owner.get("host") == me["host"] and owner.get("boot", me.get("boot")) == me.get("boot"):
         if owner.get("pid") == me["pid"] and owner.get("started") == me["started"]:
             return None
         if alive(owner.get("pid"), owner.get("started")):

@@ -86,7 +86,7 @@ STALE_AFTER_S = 30.0
 
 
 #: what names a session's keeper (fedkeeper/keeper/session_owner.py)
-OWNER_FIELDS = ("host", "pid", "started")
+OWNER_FIELDS = ("host", "boot", "pid", "started")
 
 
 class Store:
@@ -183,14 +183,19 @@ class Store:
             return False
         return True if keeper is None or res.matched_count == 1 else None
 
-    def mark_interrupted(self, session_id: str, timeout_s: float = 2.0, **fields: Any) -> bool:
+    def mark_interrupted(self, session_id: str, timeout_s: float = 2.0, keeper: dict[str, Any] | None = None,
+                         **fields: Any) -> bool:
         """state: interrupted, best effort within `timeout_s` (the user is
-        waiting for the prompt); False when the store did not take it."""
+        waiting for the prompt); False when the store did not take it. With
+        `keeper`, only while the session names that keeper or none (another
+        may have resumed it meanwhile)."""
+        flt: dict[str, Any] = {"_id": session_id, "state": {"$in": ["running", "interrupted"]}}
+        if keeper is not None:   # that keeper's, or nobody's (recorded by an earlier version)
+            flt["$or"] = [{f"keeper.{k}": keeper.get(k) for k in OWNER_FIELDS}, {"keeper": {"$exists": False}}]
         try:
             with pymongo.timeout(timeout_s):
-                self.db[fs.SESSIONS].update_one(
-                    {"_id": session_id, "state": {"$in": ["running", "interrupted"]}},
-                    {"$set": {"state": "interrupted", "interrupted": time.time(), **fields}})
+                self.db[fs.SESSIONS].update_one(flt, {"$set": {"state": "interrupted", "interrupted": time.time(),
+                                                               **fields}})
             return True
         except pymongo.errors.PyMongoError:
             return False
