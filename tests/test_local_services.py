@@ -318,3 +318,23 @@ def test_a_real_timeout_on_the_cloud_functions_host_lasts_the_function_limit(tmp
         assert held >= 1.5, "the timeout fault answered before the function's limit"
     finally:
         p.close()
+
+
+def test_a_logs_tail_reads_only_its_end(tmp_path):
+    """What a failed start quotes of a log: its last lines, read from the
+    log's end, however long the log grew."""
+    import tracemalloc
+    log = tmp_path / "function.log"
+    with open(log, "w") as f:
+        for i in range(300_000):
+            f.write(f"line {i}\n")
+    tracemalloc.start()
+    try:
+        assert supervisor.tail(log, 3) == "line 299997\nline 299998\nline 299999"
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 1_000_000, peak   # the 3.3 MB log was not read whole
+    assert supervisor.tail(tmp_path / "missing.log") == ""
+    log.write_text("only one line, no newline")
+    assert supervisor.tail(log) == "only one line, no newline"

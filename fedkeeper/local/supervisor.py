@@ -278,11 +278,20 @@ def free_port(host: str = "127.0.0.1", preferred: int | None = None) -> int:
     raise OSError(f"no free port on {host}")
 
 
+#: How much of a log's end `tail` reads: a function may have written
+#: hundreds of megabytes before it failed.
+TAIL_BYTES = 64 * 1024
+
+
 def tail(path: Path, lines: int = 20) -> str:
+    """The last `lines` lines of a log, read from its last TAIL_BYTES."""
     try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+        with open(path, "rb") as f:
+            f.seek(max(0, f.seek(0, 2) - TAIL_BYTES))
+            data = f.read(TAIL_BYTES)
     except OSError:
         return ""
+    return "\n".join(data.decode(errors="replace").splitlines()[-lines:])
 
 
 
