@@ -58,6 +58,9 @@ def test_another_machine_of_the_same_host_name_is_elsewhere():
     assert resume_blocked(clone, me=me, now=1000.0 + STALE_AFTER_S + 1, alive=lambda pid, started: False) is None
     legacy = running({"host": "h1", "pid": 7, "started": 1.0})
     assert resume_blocked(legacy, me=me, now=1010.0, alive=lambda pid, started: False) is None
+    # this machine, its boot time read again after the clock was stepped
+    stepped = running({"host": "h1", "boot": 51.0, "pid": 7, "started": 1.0})
+    assert resume_blocked(stepped, me=me, now=1010.0, alive=lambda pid, started: False) is None
     assert "boot" in this_keeper() and this_keeper()["boot"] == psutil.boot_time()
 
 

@@ -34,6 +34,16 @@ def this_keeper() -> dict[str, Any]:
             "started": psutil.Process().create_time()}
 
 
+def same_boot(recorded: Any, mine: Any) -> bool:
+    """Whether a keeper's recorded boot time is this machine's: the kernel
+    derives it from the clock, which may be stepped by a second or two
+    since; a record without one (an earlier version's) is taken as this
+    machine's."""
+    if not isinstance(recorded, (int, float)) or isinstance(recorded, bool) or not isinstance(mine, (int, float)):
+        return True
+    return abs(float(recorded) - float(mine)) < 10.0
+
+
 def process_alive(pid: Any, started: Any) -> bool:
     """Whether process `pid` runs on this host and is the one that started
     at `started` (seconds since the epoch, as psutil gives). A killed
@@ -56,9 +66,7 @@ def resume_blocked(doc: dict[str, Any], *, me: dict[str, Any] | None = None, now
     me = me or this_keeper()
     owner = doc.get("keeper") or {}
     session = doc.get("_id")
-    # One machine: its host name, and its boot time where the record has one
-    # (a keeper of an earlier version recorded none).
-    if owner.get("host") == me["host"] and owner.get("boot", me.get("boot")) == me.get("boot"):
+    if owner.get("host") == me["host"] and same_boot(owner.get("boot"), me.get("boot")):
         if owner.get("pid") == me["pid"] and owner.get("started") == me["started"]:
             return None
         if alive(owner.get("pid"), owner.get("started")):

@@ -86,7 +86,7 @@ STALE_AFTER_S = 30.0
 
 
 #: what names a session's keeper (fedkeeper/keeper/session_owner.py)
-OWNER_FIELDS = ("host", "boot", "pid", "started")
+OWNER_FIELDS = ("host", "pid", "started")
 
 
 class Store:
