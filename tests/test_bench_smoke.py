@@ -27,6 +27,7 @@ BENCHES = [
     ("bench_hierarchical.py", ["--smoke"], "ratio hierarchical / flat"),
     ("bench_stragglers.py", ["--smoke"], "faulted / fault-free, hedging on"),
     ("bench_store_writes.py", ["--smoke"], "store CPU ms per document"),
+    ("bench_waiting_updates.py", ["--smoke"], "range-first / current"),
 ]
 
 
