@@ -87,6 +87,12 @@ class FakeStore:
         self.beats.append(now or 0.0)
         return None if self._names_another(sid, keeper) else True
 
+    def end_session(self, sid, keeper, **fields):
+        if self._names_another(sid, keeper):
+            return False
+        self.update_session(sid, **fields)
+        return True
+
     def mark_interrupted(self, sid, timeout_s=2.0, keeper=None, **fields):
         if self.sessions.get(sid, {}).get("state") in ("running", "interrupted") \
                 and not self._names_another(sid, keeper):

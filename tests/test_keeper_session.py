@@ -218,6 +218,21 @@ def test_a_keeper_whose_session_another_keeper_resumed_stops_and_writes_nothing_
     assert not any(r.get("state") == "done" for r in store.rounds("s1"))
 
 
+def test_a_session_another_keeper_took_over_is_not_ended_by_this_one(tmp_path):
+    """Taken over between two heartbeats, just before its end: the end is
+    written only while the session names this keeper."""
+    other = {"host": "elsewhere", "pid": 4242, "started": 1.0}
+
+    def behave(fn, p, n):
+        if fn == "fl_server_aggregator":
+            store.sessions[p["session"]]["keeper"] = other
+        return "ok"
+    keeper, store, provider, _ = fake_keeper(tmp_path, behave, rounds=1)
+    with pytest.raises(SessionError, match="resumed by elsewhere"):
+        keeper.start(session_id="s1", deploy=False)
+    assert store.sessions["s1"]["state"] == "running" and "ended" not in store.sessions["s1"]
+
+
 def test_a_dead_cluster_is_asked_again_with_backoff_then_given_up_resumably(tmp_path, caplog):
     def behave(fn, p, n):
         return "hang" if fn == "fl_client" else "ok"

@@ -24,24 +24,24 @@ def running(keeper: dict | None, heartbeat: float | None = 1000.0) -> dict:
 def test_a_session_not_running_may_always_be_resumed():
     for state in ("interrupted", "failed", "created"):
         doc = {"_id": "s1", "state": state, "heartbeat": 1000.0, "keeper": {"host": "h1", "pid": 7, "started": 1.0}}
-        assert resume_blocked(doc, me=ME, now=1000.0, alive=lambda pid, started: True) is None
+        assert resume_blocked(doc, me=ME, now=1000.0, alive=lambda pid, started, boot=None: True) is None
 
 
 def test_on_this_host_a_live_keeper_blocks_and_a_dead_one_does_not():
     doc = running({"host": "h1", "pid": 7, "started": 1.0})
-    why = resume_blocked(doc, me=ME, now=1000.0, alive=lambda pid, started: (pid, started) == (7, 1.0))
+    why = resume_blocked(doc, me=ME, now=1000.0, alive=lambda pid, started, boot=None: (pid, started) == (7, 1.0))
     assert "running in another keeper on this machine (process 7)" in why and "Ctrl-C" in why
     # killed (kill -9): resumed at once, however fresh its heartbeat
-    assert resume_blocked(doc, me=ME, now=1000.0, alive=lambda pid, started: False) is None
+    assert resume_blocked(doc, me=ME, now=1000.0, alive=lambda pid, started, boot=None: False) is None
     # this very process ran it before
-    assert resume_blocked(running(dict(ME)), me=ME, now=1000.0, alive=lambda pid, started: True) is None
+    assert resume_blocked(running(dict(ME)), me=ME, now=1000.0, alive=lambda pid, started, boot=None: True) is None
 
 
 def test_elsewhere_the_heartbeat_decides():
     doc = running({"host": "h2", "pid": 7, "started": 1.0}, heartbeat=1000.0)
-    why = resume_blocked(doc, me=ME, now=1010.0, alive=lambda pid, started: False)
+    why = resume_blocked(doc, me=ME, now=1010.0, alive=lambda pid, started, boot=None: False)
     assert "running in a keeper on h2 (its heartbeat is 10s old)" in why
-    assert resume_blocked(doc, me=ME, now=1000.0 + STALE_AFTER_S + 1, alive=lambda pid, started: True) is None
+    assert resume_blocked(doc, me=ME, now=1000.0 + STALE_AFTER_S + 1, alive=lambda pid, started, boot=None: True) is None
     # written before keepers recorded themselves: the heartbeat alone
     assert "elsewhere" in resume_blocked(running(None), me=ME, now=1001.0)
     assert resume_blocked(running(None, heartbeat=None), me=ME, now=1001.0) is None
@@ -53,15 +53,30 @@ def test_another_machine_of_the_same_host_name_is_elsewhere():
     heartbeat decides; a record without a boot time is this machine's."""
     me = {**ME, "boot": 50.0}
     clone = running({"host": "h1", "boot": 60.0, "pid": 7, "started": 1.0}, heartbeat=1000.0)
-    why = resume_blocked(clone, me=me, now=1010.0, alive=lambda pid, started: False)
+    why = resume_blocked(clone, me=me, now=1010.0, alive=lambda pid, started, boot=None: False)
     assert "running in a keeper on h1 (its heartbeat is 10s old)" in why
-    assert resume_blocked(clone, me=me, now=1000.0 + STALE_AFTER_S + 1, alive=lambda pid, started: False) is None
+    assert resume_blocked(clone, me=me, now=1000.0 + STALE_AFTER_S + 1, alive=lambda pid, started, boot=None: False) is None
     legacy = running({"host": "h1", "pid": 7, "started": 1.0})
-    assert resume_blocked(legacy, me=me, now=1010.0, alive=lambda pid, started: False) is None
-    # this machine, its boot time read again after the clock was stepped
+    assert resume_blocked(legacy, me=me, now=1010.0, alive=lambda pid, started, boot=None: False) is None
+    # this machine, its boot time read again after the clock was stepped:
+    # its keeper's process is asked after, and a live one blocks
     stepped = running({"host": "h1", "boot": 51.0, "pid": 7, "started": 1.0})
-    assert resume_blocked(stepped, me=me, now=1010.0, alive=lambda pid, started: False) is None
+    asked = []
+    why = resume_blocked(stepped, me=me, now=1010.0, alive=lambda *who: asked.append(who) or True)
+    assert asked == [(7, 1.0, 51.0)] and "on this machine (process 7)" in why
     assert "boot" in this_keeper() and this_keeper()["boot"] == psutil.boot_time()
+
+
+def test_a_live_process_stays_alive_across_a_step_of_the_wall_clock():
+    """psutil derives a process's start and the machine's boot from the
+    wall clock: after a step of it both move, and a record taken before
+    still names the live process, counted from boot."""
+    me = this_keeper()
+    step = 3.0
+    assert process_alive(me["pid"], me["started"] + step, me["boot"] + step)      # recorded before the step
+    assert not process_alive(me["pid"], me["started"] + step)                      # absolute times: no
+    assert not process_alive(me["pid"], me["started"] + step, me["boot"])          # a reused process id
+    assert this_keeper() == me and this_keeper() is not this_keeper()              # read once, handed out as copies
 
 
 def test_a_process_is_alive_only_with_its_own_start_time():

@@ -343,6 +343,8 @@ def test_keeper_queries_answer_from_the_store(store: Store):
     assert store.session("s")["state"] == "running"
     store.mark_interrupted("s", keeper=me)
     assert store.session("s")["state"] == "interrupted"
+    assert not store.end_session("s", other, state="finished") and store.session("s")["state"] == "interrupted"
+    assert store.end_session("s", me, state="finished") and store.session("s")["state"] == "finished"
     store.update_session("s", state="running")
     assert store.mark_interrupted("s") and store.session("s")["state"] == "interrupted"
     store.update_session("s", state="finished")

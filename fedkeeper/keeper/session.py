@@ -269,17 +269,23 @@ class Keeper:
             mode.finish(session)
         except SessionError as exc:
             self.store.fold_running_marks(session)   # every attempt ended: only drops the batches
-            self.store.update_session(session, state="failed", error=str(exc), ended=time.time())
+            self._end(session, state="failed", error=str(exc), ended=time.time())
             self.store.event(session, "failed", str(exc))
             log.error("session %s failed: %s", session, exc)
             return SessionSummary(session, "failed", earlier + reports, str(exc), rounds_this_run=len(reports))
         every = earlier + reports
         acc = every[-1].accuracy if every else None
         self.store.fold_running_marks(session)   # every attempt ended: only drops the batches
-        self.store.update_session(session, state="finished", ended=time.time(), final_accuracy=acc)
+        self._end(session, state="finished", ended=time.time(), final_accuracy=acc)
         self.store.event(session, "finished", f"finished after {len(every)} rounds "
                                               f"({len(reports)} in this run)")
         return SessionSummary(session, "finished", every, rounds_this_run=len(reports))
+
+    def _end(self, session: str, **fields: Any) -> None:
+        """The session's end, written only while it is this keeper's: one
+        that another keeper resumed meanwhile is left to that one."""
+        if not self.store.end_session(session, this_keeper(), **fields):
+            raise SessionTakenOver(session, (self.store.session(session) or {}).get("keeper"))
 
     def _round_context(self) -> RoundContext:
         return RoundContext(store=self.store, dispatcher=self.dispatcher, selector=self.selection,

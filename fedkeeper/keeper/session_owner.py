@@ -15,6 +15,7 @@ should another keeper have claimed it since the check, this one stops.
 """
 from __future__ import annotations
 
+import functools
 import os
 import socket
 import time
@@ -29,9 +30,16 @@ def this_keeper() -> dict[str, Any]:
     """What a keeper writes on the session document it opens. `boot` (when
     the machine booted) tells two machines of one host name apart (cloned
     virtual machines, containers on the host's network), whose process ids
-    mean nothing to each other."""
-    return {"host": socket.gethostname(), "boot": psutil.boot_time(), "pid": os.getpid(),
-            "started": psutil.Process().create_time()}
+    mean nothing to each other. Read once per process: both times derive
+    from the wall clock, which may be stepped while the keeper runs, and
+    every conditional write must name the keeper as it was recorded."""
+    return dict(_identity(os.getpid()))
+
+
+@functools.lru_cache(maxsize=4)
+def _identity(pid: int) -> tuple[tuple[str, Any], ...]:
+    return (("host", socket.gethostname()), ("boot", psutil.boot_time()), ("pid", pid),
+            ("started", psutil.Process(pid).create_time()))
 
 
 def same_boot(recorded: Any, mine: Any) -> bool:
@@ -44,21 +52,28 @@ def same_boot(recorded: Any, mine: Any) -> bool:
     return abs(float(recorded) - float(mine)) < 10.0
 
 
-def process_alive(pid: Any, started: Any) -> bool:
+def process_alive(pid: Any, started: Any, boot: Any = None) -> bool:
     """Whether process `pid` runs on this host and is the one that started
-    at `started` (seconds since the epoch, as psutil gives). A killed
-    process its parent has not reaped yet (a zombie) runs no more."""
+    at `started` (seconds since the epoch, as psutil gives). With the
+    machine's `boot` time recorded beside it, the start is compared as
+    seconds after boot, which a step of the wall clock since (moving both)
+    leaves as they were. A killed process its parent has not reaped yet (a
+    zombie) runs no more."""
     if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0 or not isinstance(started, (int, float)):
         return False
     try:
         proc = psutil.Process(pid)
-        return abs(proc.create_time() - float(started)) < 1.0 and proc.status() != psutil.STATUS_ZOMBIE
+        if isinstance(boot, (int, float)) and not isinstance(boot, bool):
+            moved = (proc.create_time() - psutil.boot_time()) - (float(started) - float(boot))
+        else:
+            moved = proc.create_time() - float(started)
+        return abs(moved) < 1.0 and proc.status() != psutil.STATUS_ZOMBIE
     except (psutil.Error, OSError, ValueError):
         return False
 
 
 def resume_blocked(doc: dict[str, Any], *, me: dict[str, Any] | None = None, now: float | None = None,
-                   alive: Callable[[Any, Any], bool] = process_alive) -> str | None:
+                   alive: Callable[[Any, Any, Any], bool] = process_alive) -> str | None:
     """Why the session of `doc` may not be resumed now (another keeper runs
     it), or None when it may."""
     if doc.get("state") != "running":
@@ -69,7 +84,7 @@ def resume_blocked(doc: dict[str, Any], *, me: dict[str, Any] | None = None, now
     if owner.get("host") == me["host"] and same_boot(owner.get("boot"), me.get("boot")):
         if owner.get("pid") == me["pid"] and owner.get("started") == me["started"]:
             return None
-        if alive(owner.get("pid"), owner.get("started")):
+        if alive(owner.get("pid"), owner.get("started"), owner.get("boot")):
             return (f"session {session} is running in another keeper on this machine (process "
                     f"{owner.get('pid')}); stop it (Ctrl-C) before resuming the session here")
         return None

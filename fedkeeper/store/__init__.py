@@ -145,6 +145,13 @@ class Store:
     def update_session(self, session_id: str, **fields: Any) -> None:
         self._run(self.db[fs.SESSIONS].update_one, {"_id": session_id}, {"$set": fields})
 
+    def end_session(self, session_id: str, keeper: dict[str, Any], **fields: Any) -> bool:
+        """Write a session's end (state, ended, ...) if it still names
+        `keeper` (or none); False when another keeper holds it now."""
+        flt = {"_id": session_id, "$or": [{f"keeper.{k}": keeper.get(k) for k in OWNER_FIELDS},
+                                          {"keeper": {"$exists": False}}]}
+        return self._run(self.db[fs.SESSIONS].update_one, flt, {"$set": fields}).matched_count == 1
+
     def claim_session(self, session_id: str, seen: dict[str, Any] | None, me: dict[str, Any],
                       **fields: Any) -> bool:
         """Record `me` as the keeper of the session (with `fields`), in one
