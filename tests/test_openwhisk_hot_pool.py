@@ -198,7 +198,7 @@ def test_an_activation_listing_past_its_bound_is_refused_not_held(server_factory
     # Each page past the bound was refused unread and asked again smaller,
     # down to one record, then past it: a bounded number of requests.
     limits = [int(line.split("limit=")[1].split("&")[0].split()[0]) for _, line in srv.requests[1:]]
-    assert limits[:5] == [200, 50, 12, 3, 1] and set(limits[5:]) <= {1} and len(limits) <= ow_provider.MAX_PAGES
+    assert limits[:5] == [200, 50, 12, 3, 1] and set(limits[5:]) <= {1} and len(limits) <= 2 * ow_provider.MAX_PAGES
 
 
 @pytest.mark.parametrize("answer", [
@@ -274,7 +274,8 @@ class ChattyController:
                     q = {k: v[0] for k, v in parse_qs(u.query).items()}
                     skip, limit = int(q.get("skip", 0)), int(q.get("limit", 200))
                     controller.pages.append(limit)
-                    return self._send(200, list(controller.records.values())[skip:skip + limit])
+                    newest_first = list(reversed(controller.records.values()))   # as OpenWhisk lists
+                    return self._send(200, newest_first[skip:skip + limit])
                 rec = controller.records.get(u.path.rsplit("/", 1)[-1])
                 self._send(200 if rec else 404, rec or {"error": "not found"})
 
@@ -372,3 +373,25 @@ def test_control_plane_answers_are_bounded_and_a_bad_one_is_a_platform_error(ser
             assert e.value.error_class is ErrorClass.PLATFORM_ERROR
     finally:
         p.close()
+
+
+def test_pages_shrunk_by_a_few_long_records_grow_back_and_reach_the_older_ones(tmp_path, monkeypatch):
+    """The newest records have long logs, many older ones short: after the
+    pages shrank past the long ones they grow back, so one pass still lists
+    as far back as full pages would, instead of crawling one record a page."""
+    from fedkeeper.providers.base import Invocation
+    from fedkeeper.providers.openwhisk import provider as owp
+    monkeypatch.setattr(owp, "LIST_PAGE", 8)
+    monkeypatch.setattr(owp, "MAX_PAGES", 10)
+    monkeypatch.setattr(owp, "LIST_PAGE_MAX_BYTES", 12_000)
+    ctl = ChattyController({**{f"a{i}": 500 for i in range(60)}, **{f"long{i}": 5_000 for i in range(3)}})
+    p = OpenWhiskProvider("ow-chatty", OpenWhiskCluster(base_url=ctl.url, auth={"ow_auth": "u:k"}),
+                          ProviderContext(state_dir=tmp_path))
+    try:
+        pending = [Invocation("act", aid, time.time()) for aid in ctl.records]
+        found = p.track(pending)   # one pass, before any per-id read is due
+        assert len(found) == len(pending) and all(o.ok for o in found), len(found)
+        assert min(ctl.pages) < 8 and ctl.pages[-1] == 8
+    finally:
+        p.close()
+        ctl.close()

@@ -410,8 +410,12 @@ class OpenWhiskProvider(Provider):
         if len(names) == 1:
             params["name"] = next(iter(names))
         base = "/activations?"
-        skip = 0
-        for _ in range(MAX_PAGES):
+        skip, pages = 0, 0
+        # Pages read, plus the retries of pages refused as too long (a
+        # refused page costs the controller nothing the read page would not).
+        for _ in range(2 * MAX_PAGES):
+            if pages >= MAX_PAGES:
+                return
             params.update(skip=skip, limit=self._list_page)
             try:
                 r = self._hot("GET", base + urlencode(params), max_bytes=LIST_PAGE_MAX_BYTES)
@@ -420,9 +424,10 @@ class OpenWhiskProvider(Provider):
                 # down to one record; a record too large even alone is left
                 # to the per-id read, which reports it as failed.
                 if self._list_page == 1:
-                    skip += 1
+                    skip, pages = skip + 1, pages + 1
                 self._list_page = max(1, self._list_page // 4)
                 continue
+            pages += 1
             page = self._ok_answer(r, "listing activations", list)
             with self._lock:
                 for rec in page:
@@ -436,8 +441,11 @@ class OpenWhiskProvider(Provider):
                     elif aid in self._issued:
                         # kept until asked for (an abandoned one for hours): not its logs
                         self._seen[aid] = {k: v for k, v in rec.items() if k != "logs"}
-            if len(page) < self._list_page or not want:
-                self._list_page = min(LIST_PAGE, self._list_page * 2)   # back to full pages over time
+            full = len(page) >= self._list_page
+            # Back towards full pages after every page read: the long records
+            # that shrank them are usually a few among many.
+            self._list_page = min(LIST_PAGE, self._list_page * 2)
+            if not full or not want:
                 return
             skip += len(page)
 
