@@ -222,8 +222,7 @@ class HttpInvoker:
             if _lost_after_sending(exc):
                 # The function had the request: its process died under it,
                 # say. An attempt that ran, not an unreachable cluster.
-                return _Answer(False, ErrorClass.PLATFORM_ERROR,
-                               f"connection lost after the request was sent: {_reason(exc)}",
+                return _Answer(False, ErrorClass.PLATFORM_ERROR, f"{ANSWER_LOST}: {_reason(exc)}",
                                None, start, time.time())
             # refused, DNS failure, no connection
             return _Answer(False, ErrorClass.UNREACHABLE, f"connection: {_reason(exc)}",
@@ -338,6 +337,10 @@ class HttpInvoker:
 
 class _ResultTooLarge(Exception):
     pass
+
+
+#: How an outcome whose answer was lost after its request was sent begins.
+ANSWER_LOST = "connection lost after the request was sent"
 
 
 def _urllib3_cause(exc: Exception) -> Any:

@@ -13,14 +13,17 @@ from typing import Any, Mapping, Sequence
 from ...providers.base import (Artifact, DeployResult, ErrorClass, FunctionSpec, Invocation, Outcome,
                                ProviderContext, ProviderError)
 from ...providers.gcf.provider import CloudFunctionsProvider
-from ...providers.http_invoke import HttpInvoker
+from ...providers.http_invoke import ANSWER_LOST, HttpInvoker
 from . import capacity
 from .host import DEFAULT_IN_FLIGHT, FrameworkHost, HostError
 
 
-#: Outcomes that may mean the function's process died (http_invoke: no
-#: connection, or one lost after the request was sent).
-LOST_INSTANCE = (ErrorClass.UNREACHABLE, ErrorClass.PLATFORM_ERROR)
+def _instance_may_be_gone(out: Outcome) -> bool:
+    """Whether an outcome may mean the function's process died: no
+    connection, or one lost after the request was sent (http_invoke), not
+    an answer the function gave (whose host is asked nothing)."""
+    return out.error_class is ErrorClass.UNREACHABLE or (
+        out.error_class is ErrorClass.PLATFORM_ERROR and (out.error or "").startswith(ANSWER_LOST))
 
 
 class LocalCloudFunctionsProvider(CloudFunctionsProvider):
@@ -91,7 +94,7 @@ class LocalCloudFunctionsProvider(CloudFunctionsProvider):
         for invoker, invs in by_invoker.values():
             out += invoker.done(invs)
         function_of = {inv.platform_id: inv.function for inv in pending}
-        return [self._instance_gone(o, function_of[o.platform_id]) if o.error_class in LOST_INSTANCE else o
+        return [self._instance_gone(o, function_of[o.platform_id]) if _instance_may_be_gone(o) else o
                 for o in out]
 
     def _instance_gone(self, out: Outcome, name: str) -> Outcome:
