@@ -92,10 +92,10 @@ class Hedger:
                             outcome: Outcome | None = None) -> list[tuple[Any, dict[str, Any]]]:
         """The slot's own attempt ended without reporting an update (it
         failed, or never reported), but the client's update is stored, by
-        the attempt `stored_by` (as the update document says). When that is
-        its running hedge, the hedge becomes the slot's attempt and reports
-        next. Otherwise the client is delivered and a running hedge lost the
-        race; when `stored_by` is an attempt given up for a younger one, its
+        the attempt `stored_by` (as the update document says): the client
+        is delivered. When that is its running hedge, the hedge won
+        (_delivered_by_hedge); otherwise a running hedge lost the race, and
+        when `stored_by` is an attempt given up for a younger one, its
         record says its update is the one counted. `outcome`: the own
         attempt's, when it reported one (its run then counts among the
         peers' durations if it stored the update itself)."""
