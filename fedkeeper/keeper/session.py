@@ -151,6 +151,8 @@ class Keeper:
         cluster gone), both leaving it resumable."""
         self.dispatcher.check_invocation_modes(self.client_cluster.values())
         opened = None
+        if not resume:
+            session_id = session_id or new_session_id(self.rt.cfg.name)
         try:
             if resume:
                 self._resumable(resume)   # before deploying: a refusal should not wait for a deploy
@@ -162,7 +164,7 @@ class Keeper:
                 self.dispatcher.round_records.begin(session, 0)
             earlier = [report_from_doc(r) for r in self.store.rounds(session) if r.get("state") == "done"]
         except StoreUnavailable as exc:
-            self._store_lost_before_the_rounds(exc, resume or opened)
+            self._store_lost_before_the_rounds(exc, resume or opened, session_id)
         reports: list[RoundReport] = []
         self._done_this_run = 0
         csv = RoundCsv(session)
@@ -215,11 +217,14 @@ class Keeper:
             raise SessionError(busy)
         return doc
 
-    def _store_lost_before_the_rounds(self, exc: StoreUnavailable, session: str | None) -> NoReturn:
+    def _store_lost_before_the_rounds(self, exc: StoreUnavailable, session: str | None,
+                                      new_session: str | None) -> NoReturn:
         """The store went away while the session was being opened: one
-        line, and the way back when there is a session to resume."""
+        line, and the way back when there is a session to resume (a new
+        one's creation may have been recorded before the store went)."""
         if session is None:
-            raise SessionError(f"{exc}; no session was started") from None
+            raise SessionError(f"{exc}; session {new_session} did not start (should `fedkeeper status` list it "
+                               f"once the store is back, resume it with: {self.resume_hint(new_session)})") from None
         self.store.mark_interrupted(session, timeout_s=1.0, keeper=this_keeper(), error=str(exc))
         raise ServiceLost(session, f"the store at {exc.where}", f"no answer for {exc.waited_s:.0f}s",
                           self.resume_hint(session)) from None
