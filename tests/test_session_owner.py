@@ -41,7 +41,8 @@ def test_elsewhere_the_heartbeat_decides():
     doc = running({"host": "h2", "pid": 7, "started": 1.0}, heartbeat=1000.0)
     why = resume_blocked(doc, me=ME, now=1010.0, alive=lambda pid, started, boot=None: False)
     assert "running in a keeper on h2 (its heartbeat is 10s old)" in why
-    assert resume_blocked(doc, me=ME, now=1000.0 + STALE_AFTER_S + 1, alive=lambda pid, started, boot=None: True) is None
+    stale = 1000.0 + STALE_AFTER_S + 1
+    assert resume_blocked(doc, me=ME, now=stale, alive=lambda pid, started, boot=None: True) is None
     # written before keepers recorded themselves: the heartbeat alone
     assert "elsewhere" in resume_blocked(running(None), me=ME, now=1001.0)
     assert resume_blocked(running(None, heartbeat=None), me=ME, now=1001.0) is None
@@ -55,7 +56,8 @@ def test_another_machine_of_the_same_host_name_is_elsewhere():
     clone = running({"host": "h1", "boot": 60.0, "pid": 7, "started": 1.0}, heartbeat=1000.0)
     why = resume_blocked(clone, me=me, now=1010.0, alive=lambda pid, started, boot=None: False)
     assert "running in a keeper on h1 (its heartbeat is 10s old)" in why
-    assert resume_blocked(clone, me=me, now=1000.0 + STALE_AFTER_S + 1, alive=lambda pid, started, boot=None: False) is None
+    stale = 1000.0 + STALE_AFTER_S + 1
+    assert resume_blocked(clone, me=me, now=stale, alive=lambda pid, started, boot=None: False) is None
     legacy = running({"host": "h1", "pid": 7, "started": 1.0})
     assert resume_blocked(legacy, me=me, now=1010.0, alive=lambda pid, started, boot=None: False) is None
     # this machine, its boot time read again after the clock was stepped:
