@@ -220,3 +220,17 @@ def test_a_connection_lost_after_the_request_was_sent_is_an_attempt_that_ran(ser
     assert lost.error_class == ErrorClass.PLATFORM_ERROR and "lost after the request was sent" in lost.error
     assert gone.error_class == ErrorClass.UNREACHABLE
     assert [line.split()[0] for _, line in srv.requests] == ["POST"]
+
+
+def test_an_answer_is_read_up_to_its_bound_then_refused_or_cut():
+    from fedkeeper.providers.keepalive import BodyTooLarge, read_bounded
+    chunks = [b"abcd", b"efgh", b"ij"]
+    assert read_bounded(iter(chunks), 10) == b"abcdefghij"
+    with pytest.raises(BodyTooLarge, match="larger than 9 bytes"):
+        read_bounded(iter(chunks), 9)
+    assert read_bounded(iter(chunks), 6, cut=True) == b"abcdef"
+    assert read_bounded(iter(chunks), 8, cut=True) == b"abcdefgh"
+    # a cut answer stops reading: the chunks after the bound are never asked for
+    asked = []
+    read_bounded((asked.append(c) or c for c in chunks), 3, cut=True)
+    assert asked == [b"abcd"]

@@ -29,7 +29,7 @@ from requests.adapters import HTTPAdapter
 
 from .base import ErrorClass, Invocation, Outcome, ProviderError
 from .http_answers import ERROR_TEXT_CHARS, StatusHook, classify_response, retry_after_seconds
-from .keepalive import AnswerLost, BodyTooLarge, ConnectFailed, ConnectTimeout, KeepAlivePool
+from .keepalive import AnswerLost, BodyTooLarge, ConnectFailed, ConnectTimeout, KeepAlivePool, read_bounded
 
 #: url -> extra request headers (e.g. Authorization); runs on a worker thread
 #: so that a token refresh never blocks the caller. May raise ProviderError.
@@ -191,7 +191,7 @@ class HttpInvoker:
                                     timeout=(min(CONNECT_TIMEOUT_S, timeout_s), timeout_s),
                                     stream=True, allow_redirects=False)
         try:
-            return resp.status_code, resp.headers, self._read_capped(resp)
+            return resp.status_code, resp.headers, read_bounded(resp.iter_content(65536), MAX_RESULT_BYTES)
         finally:
             resp.close()
 
@@ -227,7 +227,7 @@ class HttpInvoker:
             # refused, DNS failure, no connection
             return _Answer(False, ErrorClass.UNREACHABLE, f"connection: {_reason(exc)}",
                            None, start, time.time())
-        except (_ResultTooLarge, BodyTooLarge) as exc:
+        except BodyTooLarge as exc:
             return _Answer(False, ErrorClass.APPLICATION_ERROR, str(exc), None, start, time.time())
         except (requests.exceptions.RequestException, OSError) as exc:
             return _Answer(False, ErrorClass.PLATFORM_ERROR, f"{type(exc).__name__}: {_reason(exc)}",
@@ -239,16 +239,6 @@ class HttpInvoker:
                        if ec is ErrorClass.THROTTLED else None,
                        platform_execution_id=resp_headers.get(self._exec_header)
                        if self._exec_header else None)
-
-    @staticmethod
-    def _read_capped(resp: requests.Response) -> bytes:
-        chunks, total = [], 0
-        for chunk in resp.iter_content(65536):
-            total += len(chunk)
-            if total > MAX_RESULT_BYTES:
-                raise _ResultTooLarge(f"result larger than {MAX_RESULT_BYTES} bytes")
-            chunks.append(chunk)
-        return b"".join(chunks)
 
     # ----------------------------------------------------------------- track
 
@@ -333,10 +323,6 @@ class HttpInvoker:
             s.close()
         for pool in pools:
             pool.close()
-
-
-class _ResultTooLarge(Exception):
-    pass
 
 
 #: How an outcome whose answer was lost after its request was sent begins.

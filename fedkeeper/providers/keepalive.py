@@ -17,7 +17,7 @@ import http.client
 import os
 import ssl
 import threading
-from typing import Mapping, NamedTuple
+from typing import Iterable, Mapping, NamedTuple
 from urllib.parse import urlsplit
 
 import requests
@@ -41,6 +41,21 @@ class ConnectTimeout(TimeoutError):
 
 class BodyTooLarge(Exception):
     """An answer larger than the caller's bound; the connection is dropped."""
+
+
+def read_bounded(chunks: Iterable[bytes], max_bytes: int, *, cut: bool = False) -> bytes:
+    """An answer's body from its chunks, at most `max_bytes` of it held:
+    past that BodyTooLarge, or with `cut` its first `max_bytes`."""
+    parts, total = [], 0
+    for chunk in chunks:
+        total += len(chunk)
+        if total > max_bytes:
+            if not cut:
+                raise BodyTooLarge(f"result larger than {max_bytes} bytes")
+            parts.append(chunk[:len(chunk) - (total - max_bytes)])
+            break
+        parts.append(chunk)
+    return b"".join(parts)
 
 
 class HotResponse(NamedTuple):
@@ -120,7 +135,8 @@ class KeepAlivePool:
                 # that was dead already fails to answer below.
                 pass
             resp = conn.getresponse()
-            data = resp.read() if max_bytes is None else self._read_capped(resp, max_bytes)
+            data = resp.read() if max_bytes is None else read_bounded(iter(lambda: resp.read(65536), b""),
+                                                                      max_bytes)
         except BaseException:
             conn.close()
             raise
@@ -131,18 +147,6 @@ class KeepAlivePool:
                 conn.sock.settimeout(self.read_timeout)
             self._give_back(conn)
         return HotResponse(resp.status, resp.headers, data)
-
-    @staticmethod
-    def _read_capped(resp: http.client.HTTPResponse, max_bytes: int) -> bytes:
-        chunks, total = [], 0
-        while True:
-            chunk = resp.read(65536)
-            if not chunk:
-                return b"".join(chunks)
-            total += len(chunk)
-            if total > max_bytes:
-                raise BodyTooLarge(f"result larger than {max_bytes} bytes")
-            chunks.append(chunk)
 
     def _take(self, connect_timeout: float | None) -> tuple[http.client.HTTPConnection, bool]:
         while True:

@@ -11,9 +11,9 @@ from urllib.parse import urlsplit
 import requests
 import urllib3
 
-from ..keepalive import BodyTooLarge, ConnectFailed, HotResponse, KeepAlivePool, tls_context
+from ..keepalive import BodyTooLarge, ConnectFailed, HotResponse, KeepAlivePool, read_bounded, tls_context
 
-__all__ = ["BodyTooLarge", "ConnectFailed", "HotResponse", "KeepAlivePool", "connections"]
+__all__ = ["BodyTooLarge", "ConnectFailed", "HotResponse", "KeepAlivePool", "connections", "read_bounded"]
 
 
 def connections(api_host: str, auth: tuple[str, str], verify: bool, *, connect_timeout: float,

@@ -50,7 +50,7 @@ from ..base import (Artifact, DeployResult, ErrorClass, FunctionSpec, Invocation
 from . import metrics, packaging
 from .clock import ControllerClock
 from .errors import activation_outcome, status_error, transport_error
-from .http import BodyTooLarge, HotResponse, connections
+from .http import BodyTooLarge, HotResponse, connections, read_bounded
 from ..prometheus import ClusterMetrics
 from .prices import IBM_CLOUD_FUNCTIONS
 
@@ -198,21 +198,18 @@ class OpenWhiskProvider(Provider):
         except requests.exceptions.RequestException as exc:
             raise transport_error(self._where(), exc) from None
         try:
-            data = bytearray()
-            for chunk in r.iter_content(65536):
-                data += chunk
-                if len(data) > max_bytes:
-                    if cut:
-                        del data[max_bytes:]
-                        break
-                    raise AnswerTooLarge(ErrorClass.PLATFORM_ERROR,
-                                         f"{self._where()} answered more than {max_bytes} bytes "
-                                         f"to {method} {path.split('?', 1)[0]}")
+            data = read_bounded(r.iter_content(65536), max_bytes, cut=cut)
+        except BodyTooLarge:
+            raise self._too_large(method, path, max_bytes) from None
         except requests.exceptions.RequestException as exc:
             raise transport_error(self._where(), exc) from None
         finally:
             r.close()
-        return HotResponse(r.status_code, r.headers, bytes(data))
+        return HotResponse(r.status_code, r.headers, data)
+
+    def _too_large(self, method: str, path: str, max_bytes: int) -> AnswerTooLarge:
+        return AnswerTooLarge(ErrorClass.PLATFORM_ERROR, f"{self._where()} answered more than {max_bytes} bytes "
+                                                         f"to {method} {path.split('?', 1)[0]}")
 
     def _hot(self, method: str, path: str, body: bytes | None = None, *,
              max_bytes: int = HOT_ANSWER_MAX_BYTES, read_timeout: float | None = None) -> HotResponse:
@@ -224,9 +221,7 @@ class OpenWhiskProvider(Provider):
             return self._pool.request(method, self._prefix + path, body, max_bytes=max_bytes,
                                       read_timeout=read_timeout)
         except BodyTooLarge:
-            raise AnswerTooLarge(ErrorClass.PLATFORM_ERROR,
-                                 f"{self._where()} answered more than {max_bytes} bytes "
-                                 f"to {method} {path.split('?', 1)[0]}") from None
+            raise self._too_large(method, path, max_bytes) from None
         except (http.client.HTTPException, OSError) as exc:
             raise transport_error(self._where(), exc) from None
 
