@@ -148,8 +148,7 @@ class Store:
     def end_session(self, session_id: str, keeper: dict[str, Any], **fields: Any) -> bool:
         """Write a session's end (state, ended, ...) if it still names
         `keeper` (or none); False when another keeper holds it now."""
-        flt = {"_id": session_id, "$or": [{f"keeper.{k}": keeper.get(k) for k in OWNER_FIELDS},
-                                          {"keeper": {"$exists": False}}]}
+        flt = {"_id": session_id, **_kept_by(keeper, or_nobody=True)}
         return self._run(self.db[fs.SESSIONS].update_one, flt, {"$set": fields}).matched_count == 1
 
     def claim_session(self, session_id: str, seen: dict[str, Any] | None, me: dict[str, Any],
@@ -160,7 +159,7 @@ class Store:
         keeper claimed it since, so two resumes never both run it."""
         flt: dict[str, Any] = {"_id": session_id}
         if seen:
-            flt.update({f"keeper.{k}": seen.get(k) for k in OWNER_FIELDS})
+            flt.update(_kept_by(seen))
         else:
             flt["keeper"] = {"$exists": False}
         res = self._run(self.db[fs.SESSIONS].update_one, flt, {"$set": {**fields, "keeper": me}})
@@ -182,7 +181,7 @@ class Store:
         this keeper could not reach the store)."""
         flt: dict[str, Any] = {"_id": session_id}
         if keeper is not None:
-            flt.update({f"keeper.{k}": keeper.get(k) for k in OWNER_FIELDS})
+            flt.update(_kept_by(keeper))
         try:
             with pymongo.timeout(timeout_s):
                 res = self.db[fs.SESSIONS].update_one(flt, {"$set": {"heartbeat": time.time() if now is None else now}})
@@ -198,7 +197,7 @@ class Store:
         may have resumed it meanwhile)."""
         flt: dict[str, Any] = {"_id": session_id, "state": {"$in": ["running", "interrupted"]}}
         if keeper is not None:   # that keeper's, or nobody's (recorded by an earlier version)
-            flt["$or"] = [{f"keeper.{k}": keeper.get(k) for k in OWNER_FIELDS}, {"keeper": {"$exists": False}}]
+            flt.update(_kept_by(keeper, or_nobody=True))
         try:
             with pymongo.timeout(timeout_s):
                 self.db[fs.SESSIONS].update_one(flt, {"$set": {"state": "interrupted", "interrupted": time.time(),
@@ -381,6 +380,14 @@ class Store:
 
     def get_arrays(self, blob_id: ObjectId) -> list[np.ndarray]:
         return fs.get_arrays(self.db, blob_id)
+
+
+def _kept_by(keeper: dict[str, Any], or_nobody: bool = False) -> dict[str, Any]:
+    """A filter for a session document naming `keeper` (by OWNER_FIELDS),
+    or with `or_nobody`, naming no keeper at all (written by an earlier
+    version)."""
+    named = {f"keeper.{k}": keeper.get(k) for k in OWNER_FIELDS}
+    return {"$or": [named, {"keeper": {"$exists": False}}]} if or_nobody else named
 
 
 def _attempt_number(value: Any) -> int | None:
