@@ -154,20 +154,10 @@ class Hedger:
         if not self._reporting:
             return []
         changes: list[tuple[Any, dict[str, Any]]] = []
-        by_cluster: dict[str, list[Hedge]] = {}
-        for h in self._reporting.values():
-            by_cluster.setdefault(h.cluster, []).append(h)
-        for cluster, group in by_cluster.items():
-            if not self.d.clusters.may_probe(cluster):
-                continue
-            try:
-                outcomes = self.d.platforms.provider(cluster).track([h.inv for h in group])
-            except ProviderError:
-                continue  # the cluster's own tracking judges its health
-            for out in outcomes:
-                h = self._reporting.pop(out.platform_id, None)
-                if h is not None:
-                    changes.append((h.doc_id, {**outcome_fields(out, self.d.clock()), "stored_update": True}))
+        for out in self._outcomes_of(list(self._reporting.values())):
+            h = self._reporting.pop(out.platform_id, None)
+            if h is not None:
+                changes.append((h.doc_id, {**outcome_fields(out, self.d.clock()), "stored_update": True}))
         now = self.d.clock()
         for pid, h in list(self._reporting.items()):
             if now > h.deadline:
@@ -175,6 +165,23 @@ class Hedger:
                 changes.append((h.doc_id, {"state": "timed_out", "error_class": "timeout", "finished": now,
                                            "error": "no outcome within the function timeout plus grace"}))
         return changes
+
+    def _outcomes_of(self, hedges: Sequence[Hedge]) -> list[Outcome]:
+        """The outcomes the hedges' clusters report for them, each cluster
+        asked once; one that does not answer (or may not be asked now) is
+        left to its own tracking, which judges its health."""
+        by_cluster: dict[str, list[Hedge]] = {}
+        for h in hedges:
+            by_cluster.setdefault(h.cluster, []).append(h)
+        outcomes: list[Outcome] = []
+        for cluster, group in by_cluster.items():
+            if not self.d.clusters.may_probe(cluster):
+                continue
+            try:
+                outcomes += self.d.platforms.provider(cluster).track([h.inv for h in group])
+            except ProviderError:
+                continue
+        return outcomes
 
     def stop_reporting(self, why: str) -> None:
         """The session ends: the hedges still tracked for their record only
@@ -342,55 +349,45 @@ class Hedger:
             if changes:
                 self.d.update_attempts(changes)
             return
-        by_cluster: dict[str, list[tuple[AttemptTable, Slot]]] = {}
-        for t, s in hedged:
-            by_cluster.setdefault(s.hedge.cluster, []).append((t, s))
-        for cluster, group in by_cluster.items():
-            if not self.d.clusters.may_probe(cluster):
+        by_id = {s.hedge.inv.platform_id: (t, s) for t, s in hedged}
+        for out in self._outcomes_of([s.hedge for _, s in hedged]):
+            hit = by_id.get(out.platform_id)
+            if hit is None:
                 continue
-            try:
-                outcomes = self.d.platforms.provider(cluster).track([s.hedge.inv for _, s in group])
-            except ProviderError:
-                continue  # the cluster's own tracking judges its health
-            by_id = {s.hedge.inv.platform_id: (t, s) for t, s in group}
-            for out in outcomes:
-                hit = by_id.get(out.platform_id)
-                if hit is None:
-                    continue
-                table, s = hit
-                fields = outcome_fields(out, self.d.clock())
-                # A duplicate: the update the slot's own attempt stored was
-                # there first, so that one wins (tracked to its end as usual).
-                duplicate = bool((out.result or {}).get("duplicate"))
-                if fields["state"] == "succeeded" and s.state == RUNNING and not duplicate:
-                    hedge_doc = s.hedge.doc_id
-                    loser = table.hedge_won(s, out.result, out.cold_start)
-                    changes.append((hedge_doc, fields))
-                    if loser is not None:
-                        changes.append((loser, hedged_fields(self.d.clock())))
-                    continue
-                if fields["state"] == "succeeded" and duplicate and s.state == RUNNING \
-                        and table.stored_by_untracked(s, (out.result or {}).get("stored_by")):
-                    # An attempt given up for a younger one stored the update:
-                    # the client delivered. Waiting for the running attempt
-                    # (held, perhaps to the function's limit) would hold the
-                    # round for nothing.
-                    h = table.hedge_dropped(s)
-                    changes.append((h.doc_id, {**fields, "state": HEDGED, "error": LOST_THE_RACE}))
-                    changes.append((s.doc_id, hedged_fields(self.d.clock(), STORED_BY_ANOTHER)))
-                    stored_by = self._given_up_docs.pop((s.client, s.round, out.result["stored_by"]), None)
-                    if stored_by is not None:   # its record says it was not counted: it was
-                        changes.append((stored_by, {"error": STORED_FIRST, "stored_update": True}))
-                    table.delivered_untracked(s, out.result)
-                    continue
-                if fields["state"] == "succeeded":   # the slot's own attempt stored its update first
-                    h = table.hedge_dropped(s)
-                    changes.append((h.doc_id, {**fields, "state": HEDGED, "error": LOST_THE_RACE}))
-                    continue
-                # A speculative attempt that failed is no failure of its
-                # client: the slot's own attempt carries on.
-                h = self._failed(table, s, out.error_class)
-                changes.append((h.doc_id, {**fields, "state": HEDGED, "error": fields["error"] or LOST_THE_RACE}))
+            table, s = hit
+            fields = outcome_fields(out, self.d.clock())
+            # A duplicate: the update the slot's own attempt stored was
+            # there first, so that one wins (tracked to its end as usual).
+            duplicate = bool((out.result or {}).get("duplicate"))
+            if fields["state"] == "succeeded" and s.state == RUNNING and not duplicate:
+                hedge_doc = s.hedge.doc_id
+                loser = table.hedge_won(s, out.result, out.cold_start)
+                changes.append((hedge_doc, fields))
+                if loser is not None:
+                    changes.append((loser, hedged_fields(self.d.clock())))
+                continue
+            if fields["state"] == "succeeded" and duplicate and s.state == RUNNING \
+                    and table.stored_by_untracked(s, (out.result or {}).get("stored_by")):
+                # An attempt given up for a younger one stored the update:
+                # the client delivered. Waiting for the running attempt
+                # (held, perhaps to the function's limit) would hold the
+                # round for nothing.
+                h = table.hedge_dropped(s)
+                changes.append((h.doc_id, {**fields, "state": HEDGED, "error": LOST_THE_RACE}))
+                changes.append((s.doc_id, hedged_fields(self.d.clock(), STORED_BY_ANOTHER)))
+                stored_by = self._given_up_docs.pop((s.client, s.round, out.result["stored_by"]), None)
+                if stored_by is not None:   # its record says it was not counted: it was
+                    changes.append((stored_by, {"error": STORED_FIRST, "stored_update": True}))
+                table.delivered_untracked(s, out.result)
+                continue
+            if fields["state"] == "succeeded":   # the slot's own attempt stored its update first
+                h = table.hedge_dropped(s)
+                changes.append((h.doc_id, {**fields, "state": HEDGED, "error": LOST_THE_RACE}))
+                continue
+            # A speculative attempt that failed is no failure of its
+            # client: the slot's own attempt carries on.
+            h = self._failed(table, s, out.error_class)
+            changes.append((h.doc_id, {**fields, "state": HEDGED, "error": fields["error"] or LOST_THE_RACE}))
         now = self.d.clock()
         for table in tables:
             for s in table.overdue_hedges():
