@@ -173,7 +173,7 @@ class FakeStore:
                     if a.get("platform_id"):
                         a["state"] = "running"
                     else:
-                        a.update(state="abandoned", error=why, finished=now)
+                        a.update(state="abandoned", error=why, finished=now, unsent=True)
                         n += 1
         return n
 

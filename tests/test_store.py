@@ -167,7 +167,8 @@ def test_running_marks_written_in_batches_are_folded_into_the_attempts_they_name
     assert store.close_unaccepted_attempts("m", "keeper stopped", 5.0) == 1
     docs = store.attempts_by_id(ids)
     assert (docs[ids[0]]["state"], docs[ids[0]]["platform_id"], docs[ids[0]]["submitted"]) == ("running", "p0", 2.5)
-    assert docs[ids[1]]["state"] == "abandoned"
+    assert docs[ids[1]]["state"] == "abandoned" and docs[ids[1]]["unsent"] is True   # not counted on resume
+    assert "unsent" not in docs[ids[0]]
     assert (docs[ids[2]]["state"], docs[ids[2]]["platform_id"]) == ("succeeded", "p2")
     assert docs[ids[3]]["state"] == "submitting"            # another session's, untouched
     assert store.db[RUNNING_MARKS].count_documents({"session": "m"}) == 0

@@ -33,10 +33,6 @@ Clock = Callable[[], float]
 
 WAITING, SUBMITTING, RUNNING, DELIVERED, FAILED = "waiting", "submitting", "running", "delivered", "failed"
 
-#: The record of an attempt a stopped keeper left `submitting` (never known
-#: to have reached its platform): on resume, not one of its client's attempts.
-STOPPED_BEFORE_ACCEPTED = "the keeper stopped before the platform's answer was recorded"
-
 
 @dataclass(frozen=True)
 class HedgePolicy:

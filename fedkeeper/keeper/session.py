@@ -13,7 +13,7 @@ from ..privacy.rounds import RoundPrivacy, resume_refusal
 from ..runtime import OPTIONAL_FUNCTIONS, Placement, Runtime
 from ..store import HEARTBEAT_S, StoreUnavailable
 from ..user_module import spec_entry as user_module_spec
-from .attempts import STOPPED_BEFORE_ACCEPTED, RetryPolicy
+from .attempts import RetryPolicy
 from .dispatch import Dispatcher, Platforms
 from .errors import ClusterLost, ServiceLost, SessionError, SessionInterrupted, SessionTakenOver
 from .events import Progress, RoundEvents, RoundReport, SessionSummary, new_session_id, report_from_doc
@@ -243,7 +243,7 @@ class Keeper:
             # clients are invoked again, and the unique update key keeps an
             # update from counting twice should both land.
             closed = self.store.close_unaccepted_attempts(
-                session, STOPPED_BEFORE_ACCEPTED, time.time())
+                session, "the keeper stopped before the platform's answer was recorded", time.time())
             if closed:
                 log.info("session %s: %d attempt(s) the stopped keeper was submitting recorded as abandoned",
                          session, closed)

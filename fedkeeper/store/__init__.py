@@ -284,9 +284,11 @@ class Store:
 
     def close_unaccepted_attempts(self, session: str, why: str, now: float) -> int:
         """Attempts a stopped keeper left `submitting` (the platform's answer
-        never recorded) are recorded as abandoned, or as running when a
-        running mark names them (fold_running_marks) or fl_invoker wrote the
-        platform's id on them; the number abandoned."""
+        never recorded) are recorded as abandoned, with `unsent: true` (never
+        known to have reached the platform: a resume does not count them
+        against max_attempts), or as running when a running mark names them
+        (fold_running_marks) or fl_invoker wrote the platform's id on them;
+        the number abandoned."""
         self.fold_running_marks(session)
 
         def close() -> int:
@@ -295,7 +297,8 @@ class Store:
                              "platform_id": {"$exists": True, "$nin": [None, ""]}},
                             {"$set": {"state": "running"}})
             return inv.update_many({"session": session, "state": "submitting"},
-                                   {"$set": {"state": "abandoned", "error": why, "finished": now}}).modified_count
+                                   {"$set": {"state": "abandoned", "error": why, "finished": now,
+                                             "unsent": True}}).modified_count
         return self._run(close)
 
     def running_client_attempts(self, session: str, before_round: int) -> list[dict[str, Any]]:

@@ -13,7 +13,7 @@ from ...privacy.rounds import stored_epsilon
 from ...providers import Invocation
 from ...store import StoreUnavailable
 from ..aggregation import Following, combine_clusters, follow_round
-from ..attempts import DELIVERED, FAILED, RUNNING, STOPPED_BEFORE_ACCEPTED, AttemptTable, Slot
+from ..attempts import DELIVERED, FAILED, RUNNING, AttemptTable, Slot
 from ..dispatch import Dispatcher
 from ..errors import SessionError, SessionTakenOver
 from ..events import RoundEvents, RoundReport, client_index
@@ -163,7 +163,7 @@ class RoundMode(ABC):
         for a in attempts:
             s = by_client[a["client"]]
             s.attempt = max(s.attempt, a["attempt"])
-            if a.get("state") == "abandoned" and a.get("error") == STOPPED_BEFORE_ACCEPTED:
+            if a.get("unsent") is True:   # a stopped keeper left it `submitting` (close_unaccepted_attempts)
                 s.uncounted += 1   # as an attempt that never reached its platform (AttemptTable.failed)
         for a in attempts:
             s = by_client[a["client"]]
