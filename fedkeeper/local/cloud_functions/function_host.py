@@ -21,12 +21,22 @@ prewarmed (min) instance has, so that its first request does not pay for
 them; requests wait until they are loaded. Python's import locks keep a
 module the source imports meanwhile from being imported twice at once.
 
+A request still running at the function's time limit (`--timeout-s`) is
+answered 504 at once, as Cloud Functions (2nd gen) does: the function
+carries on in its thread until it returns on its own, and what it returns
+then is dropped. Its request slot is freed at the limit, as the platform
+counts the request as over. So that runs which never return cannot pile
+up without end in one process, an instance with as many of them still
+running as it has request slots exits, as an instance the platform
+replaces; the keeper then finds the function gone and deploys it again.
+
 Injected faults (`--faults`, JSON) are drawn before the function runs, with
 the local platforms' one fault model (fedkeeper/local/faults.py, loaded by
 path):
   crash            500 with X-Google-Status: crash, as functions-framework
                    answers a function that raised
-  timeout          held until the function's time limit, then 408
+  timeout          held until the function's time limit, then 504, as the
+                   platform answers a function that overran it
   timeout_instant  408 at once
   throttle         429 with Retry-After: 1
   slow_ms          added before the function runs
@@ -50,6 +60,8 @@ sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != HERE]
 FAULT_MODEL = os.path.join(os.path.dirname(HERE), "faults.py")
 PRELOADING = os.path.join(os.path.dirname(HERE), "preloading.py")
 PRELOAD_LOG_PREFIX = "[instance] runtime modules loaded:"
+# The body Cloud Functions' front end answers a request past its time limit with.
+TIME_LIMIT_ANSWER = b"upstream request timeout"
 
 # How long a connection may stay silent (before or between requests, or
 # while sending one) before it is closed.
@@ -98,8 +110,9 @@ class FaultInjector:
                                 [("X-Google-Status", "crash")])
         if fault == "timeout":
             time.sleep(self.timeout_s)
-        if fault in ("timeout", "timeout_instant"):
-            return self._answer(start_response, "408 Request Timeout", b"upstream request timeout")
+            return self._answer(start_response, "504 Gateway Timeout", TIME_LIMIT_ANSWER)
+        if fault == "timeout_instant":
+            return self._answer(start_response, "408 Request Timeout", TIME_LIMIT_ANSWER)
         if fault == "throttle":
             return self._answer(start_response, "429 Too Many Requests", b"Rate exceeded.",
                                 [("Retry-After", "1")])
@@ -165,6 +178,81 @@ class Concurrency:
             # The response is produced inside the slot (Flask answers with a
             # list of bytes, so nothing of the function runs after this).
             return list(self.app(environ, start_response))
+
+
+class TimeLimit:
+    """Each request of the function answered by `limit_s` after it began to
+    run: past it, 504 at once, while the function's thread carries on and
+    its answer is dropped. When `max_overrunning` runs are past their limit
+    and still going, the process exits (`exit`), as a wedged instance is
+    replaced."""
+
+    def __init__(self, app, limit_s: float, max_overrunning: int, exit=os._exit):
+        self.app = app
+        self.limit_s = limit_s
+        self.max_overrunning = max(1, max_overrunning)
+        self._exit = exit
+        self._lock = threading.Lock()
+        self.overrunning = 0
+
+    def __call__(self, environ, start_response):
+        if environ.get("PATH_INFO") == "/robots.txt":
+            return self.app(environ, start_response)
+        run = _Run(self.app, environ)
+        thread = threading.Thread(target=run.go, name="function", daemon=True)
+        thread.start()
+        if run.done.wait(self.limit_s):
+            return run.answer(start_response)
+        with self._lock:
+            if run.done.is_set():   # it ended as the limit passed: its answer stands
+                return run.answer(start_response)
+            run.overran = True
+            self.overrunning += 1
+            wedged = self.overrunning >= self.max_overrunning
+        print(f"[instance] a request ran past its time limit of {self.limit_s:g} s: answered 504; "
+              f"{self.overrunning} run(s) past their limit still running", file=sys.stderr, flush=True)
+        threading.Thread(target=self._forget, args=(run,), daemon=True).start()
+        if wedged:
+            print(f"[instance] stopping: {self.overrunning} run(s) past their time limit hold the instance",
+                  file=sys.stderr, flush=True)
+            self._exit(3)
+        start_response("504 Gateway Timeout", [("Content-Type", "text/plain"),
+                                               ("Content-Length", str(len(TIME_LIMIT_ANSWER)))])
+        return [TIME_LIMIT_ANSWER]
+
+    def _forget(self, run: "_Run") -> None:
+        run.done.wait()
+        with self._lock:
+            self.overrunning -= 1
+
+
+class _Run:
+    """One call of the function in its own thread, its answer kept whole."""
+
+    def __init__(self, app, environ):
+        self.app = app
+        self.environ = environ
+        self.done = threading.Event()
+        self.overran = False
+        self.status = self.headers = self.body = self.error = None
+
+    def _start_response(self, status, headers, exc_info=None):
+        self.status, self.headers = status, headers
+        return lambda data: None    # the write() callable of WSGI, which Flask never uses
+
+    def go(self) -> None:
+        try:
+            self.body = list(self.app(self.environ, self._start_response))
+        except BaseException as exc:  # noqa: BLE001 - handed to the request's thread
+            self.error = exc
+        finally:
+            self.done.set()
+
+    def answer(self, start_response):
+        if self.error is not None:
+            raise self.error
+        start_response(self.status, self.headers)
+        return self.body
 
 
 class Preloaded:
@@ -255,11 +343,11 @@ def main() -> None:
     import functions_framework
     flask_app = functions_framework.create_app(a.target, a.source, "http")
     flask_app.config["MAX_CONTENT_LENGTH"] = a.max_request_bytes
-    app = flask_app
+    app = TimeLimit(flask_app, a.timeout_s, a.threads)
     if a.faults:
         plan = _load_local(FAULT_MODEL, "_fk_fault_model").FaultPlan.parse(json.loads(a.faults))
+        # An injected timeout holds its request slot to the limit, as a hung call holds an instance.
         app = FaultInjector(app, plan, a.name, a.timeout_s)
-    # An injected timeout holds its request slot, as a hung call holds an instance.
     app = BodyLimit(Concurrency(app, a.threads), a.max_request_bytes)
     if preloaded is not None:
         preloaded.app, app = app, preloaded
