@@ -121,6 +121,9 @@ def test_sessions_rounds_attempts_and_events(store: Store):
                             "state": "submitting"}])
     store.update_attempts([(ids[0], {"state": "failed"}), (ids[1], {"state": "succeeded"})])
     assert [a["state"] for a in store.attempts("b", 0)] == ["failed", "succeeded"]
+    # only the fields asked for (and the id), in the same order
+    assert store.attempts("b", fields=("attempt", "state")) == [
+        {"_id": ids[0], "attempt": 1, "state": "failed"}, {"_id": ids[1], "attempt": 2, "state": "succeeded"}]
     with pytest.raises(pymongo.errors.BulkWriteError):
         store.insert_attempts([{"session": "b", "round": 0, "client": "client_0", "attempt": 2}])
     store.event("b", "note", "hello", n=1)

@@ -17,6 +17,8 @@ from .common import (UsageFailure, config_option, console, load, open_runtime, p
 # `status --watch` runs while the session is in one of these; it stops on
 # finished, failed or interrupted (nothing will change any more).
 ACTIVE_STATES = ("created", "running")
+# what the table reads of each attempt (`--watch` reads them every refresh)
+STATUS_FIELDS = ("round", "client", "attempt", "state", "hedge")
 COLUMNS = ("round", "state", "done", "failed", "in flight", "retrying", "retries", "seconds", "accuracy")
 
 
@@ -26,10 +28,13 @@ def status_data(store, session_id: str | None) -> dict[str, Any]:
     if doc is None:
         raise UsageFailure(f"no session {session_id!r} in the store" if session_id else "no sessions in the store")
     sid = doc["_id"]
-    attempts = store.attempts(sid)
+    by_round: dict[Any, list[dict]] = {}
+    for a in store.attempts(sid, fields=STATUS_FIELDS):
+        if not a["client"].startswith("_"):
+            by_round.setdefault(a["round"], []).append(a)
     rounds = []
     for r in store.rounds(sid):
-        mine = [a for a in attempts if a["round"] == r["round"] and not a["client"].startswith("_")]
+        mine = by_round.get(r["round"], [])
         latest: dict[str, dict] = {}
         for a in mine:
             if a["attempt"] >= latest.get(a["client"], {}).get("attempt", 0):

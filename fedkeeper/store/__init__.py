@@ -227,11 +227,17 @@ class Store:
         if ops:
             self._run(self.db[fs.INVOCATIONS].bulk_write, ops, ordered=False)
 
-    def attempts(self, session: str, rnd: int | None = None) -> list[dict[str, Any]]:
+    def attempts(self, session: str, rnd: int | None = None,
+                 fields: Sequence[str] | None = None) -> list[dict[str, Any]]:
+        """The session's attempt documents (of round `rnd` only, if given),
+        by round, client and attempt; with only `fields` of each when given
+        (a long session's documents, results and errors included, can be
+        far larger than what a caller reads)."""
         q: dict[str, Any] = {"session": session}
         if rnd is not None:
             q["round"] = rnd
-        return self._run(lambda: list(self.db[fs.INVOCATIONS].find(q).sort(
+        projection = dict.fromkeys(fields, 1) if fields is not None else None
+        return self._run(lambda: list(self.db[fs.INVOCATIONS].find(q, projection).sort(
             [("round", 1), ("client", 1), ("attempt", 1)])))
 
     def attempts_by_id(self, ids: Sequence[Any]) -> dict[Any, dict[str, Any]]:
