@@ -108,11 +108,12 @@ def test_key_agreement_is_symmetric_and_ciphertexts_are_bound_to_their_context()
 # ---------------------------------------------------------------- the protocol
 
 def run_protocol(vectors: dict[str, np.ndarray], threshold: int, never_share=(), drop_before_mask=(),
-                 silent_at_unmask=(), neighbours=None):
+                 silent_at_unmask=(), neighbours=None, graph_unknown_at_unmask=False):
     """The four stages over in-memory relays (what the store carries).
     never_share: advertise, then vanish; drop_before_mask: share, then
     vanish (the masks they agreed must be removed); silent_at_unmask: send
-    a masked vector but no shares."""
+    a masked vector but no shares. graph_unknown_at_unmask: the clients
+    reveal as if every pair were neighbours (only the aggregator checks)."""
     clients = sorted(vectors)
     roster = {c: advertise(secret_of(c), CONTEXT, c) for c in clients}
     sent = {c: share_keys(secret_of(c), CONTEXT, c, roster, threshold, neighbours)
@@ -125,7 +126,8 @@ def run_protocol(vectors: dict[str, np.ndarray], threshold: int, never_share=(),
         if c in silent_at_unmask:
             continue
         inbox = {sender: out[c] for sender, out in sent.items() if c in out}
-        revealed[c] = unmask(secret_of(c), CONTEXT, c, roster, inbox, shared, masked, threshold)
+        revealed[c] = unmask(secret_of(c), CONTEXT, c, roster, inbox, shared, masked, threshold,
+                             None if graph_unknown_at_unmask else neighbours)
     total = unmasked_sum(CONTEXT, roster, shared, masked, revealed, threshold, neighbours)
     return total, masked, revealed, sent
 
@@ -299,3 +301,28 @@ def test_secagg_plus_refuses_a_neighbourhood_below_its_threshold():
     silent = set(sorted(g[victim])[:3])   # 3 of its 4 neighbours send a masked vector, then no shares
     with pytest.raises(ProtocolError, match=f"of {victim}'s b revealed, 3 needed"):
         run_protocol(vectors, threshold=default_threshold(5), neighbours=g, silent_at_unmask=silent)
+
+
+def test_survivors_split_by_dropouts_reveal_nothing_and_the_aggregator_unmasks_nothing():
+    """With k = 2 (a ring), three dropouts leave three arcs with no edge
+    between them: each arc's pairwise masks cancel on their own, so
+    unmasking would give the server each arc's sum (two clients' updates)."""
+    from flcommon.secagg import graph
+    vectors = quantized_vectors(10)
+    ids = sorted(vectors)
+    g = graph.neighbours(CONTEXT, ids, 2)
+    ring = [ids[0]]
+    while len(ring) < len(ids):
+        ring.append(next(c for c in sorted(g[ring[-1]]) if c not in ring))
+    dropped = {ring[0], ring[3], ring[6]}
+    survivors = [c for c in ids if c not in dropped]
+    assert [len(p) for p in graph.parts(g, survivors)] == [3, 2, 2]
+    assert graph.parts(g, ids) == [ids] and graph.parts(None, survivors) == [survivors]
+    t = default_threshold(3)
+    with pytest.raises(ProtocolError, match="3 unconnected parts"):
+        run_protocol(vectors, threshold=t, neighbours=g, drop_before_mask=dropped)
+    with pytest.raises(ProtocolError, match="3 unconnected parts"):
+        run_protocol(vectors, threshold=t, neighbours=g, drop_before_mask=dropped, graph_unknown_at_unmask=True)
+    # one dropout leaves the ring one arc: the round is unmasked as before
+    total, masked, _, _ = run_protocol(vectors, threshold=t, neighbours=g, drop_before_mask={ring[0]})
+    assert np.array_equal(total, field_sum(vectors[c] for c in masked))

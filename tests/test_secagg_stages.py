@@ -275,3 +275,22 @@ def test_the_client_secret_is_bound_to_client_functions_only(tmp_path, monkeypat
     assert bound_for("fl_secagg_client", tmp_path) == {"FK_CLIENT_SECRET": secret}
     assert bound_for("fl_server_aggregator", tmp_path) == {}
     assert bound_for("fl_insights", tmp_path) == {}
+
+
+def test_dropouts_that_split_the_survivors_in_the_neighbour_graph_end_the_round_before_any_reveal(store):
+    from flcommon.secagg import graph
+    from flcommon.secagg.session import context
+    sid, clients, data = session(store, 10, neighbours=2)
+    clock = FakeClock()
+    platform = StagePlatform(store, clock)
+    stages = stages_for(store, platform, clock, clients, neighbours=2)
+    u2 = stages.before_training(sid, 0, clients)
+    g = graph.neighbours(context(sid, 0), u2, 2)
+    ring = [u2[0]]
+    while len(ring) < len(u2):
+        ring.append(next(c for c in sorted(g[ring[-1]]) if c not in ring))
+    delivered = [c for c in u2 if c not in {ring[0], ring[3], ring[6]}]
+    train(store, platform, sid, 0, delivered, data)
+    with pytest.raises(StageError, match="fall into 3 unconnected parts of the neighbour graph"):
+        stages.before_aggregating(sid, 0, delivered)
+    assert not any(stage == "unmask" for stage, _ in platform.calls)

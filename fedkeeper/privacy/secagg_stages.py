@@ -28,8 +28,8 @@ import secrets as pysecrets
 from pathlib import Path
 from typing import Any, Callable
 
-from flcommon.secagg import relay
-from flcommon.secagg.session import CLIENT_SECRET_KEY, threshold
+from flcommon.secagg import graph, relay
+from flcommon.secagg.session import CLIENT_SECRET_KEY, neighbours, threshold
 
 log = logging.getLogger("fedkeeper.keeper")
 
@@ -120,9 +120,22 @@ class SecAggStages:
             self._enough(rnd, "mask", u3, len(u1))
             relay.set_sets(self.db, session, rnd, u3=u3)
             u3 = relay.sets(self.db, session, rnd)["u3"]
+        self._one_part(session, rnd, u1, u3)
         revealed = self.run(session, rnd, "unmask", u3)
         self._enough(rnd, "unmask", revealed, len(u1))
         return u3
+
+    def _one_part(self, session: str, rnd: int, u1: list[str], u3: list[str]) -> None:
+        """Dropouts that split u3 in the neighbour graph would let unmasking
+        reveal each part's own sum: the clients would refuse to reveal and
+        the aggregator to unmask, so the round ends here, saying why."""
+        split = graph.parts(neighbours(self.settings, session, rnd, u1), u3)
+        if len(split) > 1:
+            raise StageError(f"round {rnd + 1}: the {len(u3)} clients that delivered a masked update fall into "
+                             f"{len(split)} unconnected parts of the neighbour graph (sizes "
+                             f"{', '.join(str(len(p)) for p in split)}); unmasking would reveal each part's sum, "
+                             "so the round cannot be aggregated securely (more neighbours make such a split "
+                             "less likely)")
 
     def _enough(self, rnd: int, stage: str, done: list[str], of: int) -> None:
         need = self.threshold(of)

@@ -51,7 +51,7 @@ def run_stage(db, bound: Mapping[str, str], spec: Mapping[str, Any], sess: str, 
         u2 = relay.need_set(db, sess, rnd, "u2")
         u3 = _need(db, sess, rnd, "u3", client)
         inbox = relay.inbox(db, sess, rnd, client, u2)
-        out = protocol.unmask(secret, ctx, client, roster, inbox, u2, u3, t)
+        out = protocol.unmask(secret, ctx, client, roster, inbox, u2, u3, t, sa_session.neighbours(sa, sess, rnd, u1))
         written = relay.put(db, sess, rnd, client, "reveal", out)
         return {"stage": stage, "written": written, "revealed": len(out["b"]) + len(out["s"])}
     except (protocol.ProtocolError, CryptoError) as exc:

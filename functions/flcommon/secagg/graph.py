@@ -60,3 +60,23 @@ def neighbours(context: bytes, clients: Iterable[str], setting: Any) -> dict[str
             out[c].add(other)
             out[other].add(c)
     return {c: frozenset(v) for c, v in out.items()}
+
+
+def parts(neighbours: dict[str, frozenset[str]] | None, clients: Iterable[str]) -> list[list[str]]:
+    """The connected parts of the graph the `clients` form among themselves
+    (one part for the complete graph), each sorted, largest first."""
+    members = set(clients)
+    if neighbours is None:
+        return [sorted(members)] if members else []
+    left, out = set(members), []
+    while left:
+        start = min(left)
+        seen, todo = {start}, [start]
+        while todo:
+            for other in neighbours.get(todo.pop(), ()):
+                if other in left and other not in seen:
+                    seen.add(other)
+                    todo.append(other)
+        left -= seen
+        out.append(sorted(seen))
+    return sorted(out, key=lambda part: (-len(part), part))

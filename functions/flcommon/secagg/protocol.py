@@ -34,7 +34,7 @@ from typing import AbstractSet, Iterable, Mapping, Optional
 
 import numpy as np
 
-from . import field, keys, prg, shamir
+from . import field, graph, keys, prg, shamir
 
 PublicKeys = Mapping[str, Mapping[str, bytes]]  # client -> {"c_pk": ..., "s_pk": ...}
 # client -> its neighbours in SecAgg+'s sparse graph (graph.py); None: every other client
@@ -77,6 +77,16 @@ def _around(neighbours: Mapping[str, AbstractSet[str]], client: str, roster: Ite
     if client not in neighbours:
         raise ProtocolError(f"{client} is not in the round's neighbour graph")
     return [c for c in roster if c == client or c in neighbours[client]]
+
+
+def _one_part(neighbours: Neighbours, survivors: AbstractSet[str]) -> None:
+    """Refuse survivors that the neighbour graph splits: each part's masks
+    would cancel on their own, and unmasking would reveal each part's sum."""
+    split = graph.parts(neighbours, survivors)
+    if len(split) > 1:
+        raise ProtocolError(f"the clients that sent masked input fall into {len(split)} unconnected parts of "
+                            f"the neighbour graph (sizes {', '.join(str(len(p)) for p in split)}): unmasking "
+                            "would reveal each part's own sum, so nothing is unmasked")
 
 
 def _need(count: int, threshold: int, what: str) -> None:
@@ -144,17 +154,20 @@ def mask(secret: bytes, context: bytes, client: str, vector: np.ndarray, shared:
 
 
 def unmask(secret: bytes, context: bytes, client: str, roster: PublicKeys, inbox: Mapping[str, bytes],
-           shared: Iterable[str], survivors: Iterable[str], threshold: int) -> dict[str, dict[str, bytes]]:
+           shared: Iterable[str], survivors: Iterable[str], threshold: int,
+           neighbours: Neighbours = None) -> dict[str, dict[str, bytes]]:
     """This client's shares: of b for every survivor (U3), of the s key for
     every client that shared (U2) but sent no masked input. Never both for
     the same client: with b and the s key the server could unmask that
-    client's vector alone."""
+    client's vector alone. Nothing when the survivors do not form one part
+    of the neighbour graph (graph.parts)."""
     shared, survivors = set(shared), set(survivors)
     if client not in survivors:
         raise ProtocolError(f"{client} sent no masked input; it reveals nothing")
     if not survivors <= shared <= set(roster):
         raise ProtocolError("survivors must have shared their keys, and those must be in the roster")
     _need(len(survivors), threshold, "unmask")
+    _one_part(neighbours, survivors)
     c_sk, _, _ = _own(secret, context, client)
     out: dict[str, dict[str, bytes]] = {"b": {}, "s": {}}
     for sender in sorted(shared):
@@ -180,6 +193,7 @@ def unmasked_sum(context: bytes, roster: PublicKeys, shared: Iterable[str],
         raise ProtocolError("masked vectors from clients that did not share their keys")
     _need(len(survivors), threshold, "aggregation")
     _need(len(revealed), threshold, "revealed shares")
+    _one_part(neighbours, survivors)
     index = _index(roster)
     vectors = [field.check(masked[c]) for c in sorted(survivors)]
     length = vectors[0].size
