@@ -158,10 +158,52 @@ def test_adaptive_clipping_moves_the_bound_to_the_target_quantile():
             c, trail = start, []
             for _ in range(300):
                 norms = rng.uniform(1.0, 3.0, size=20)
-                c, _ = adaptive_clip_update(c, int((norms <= c).sum()), 20, adaptive, rng)
+                c, _ = adaptive_clip_update(c, int((norms <= c).sum()), 20, 20, adaptive, rng)
                 trail.append(c)
             late = np.mean(trail[-100:])
             assert late == pytest.approx(quantile_norm, rel=0.12), (target, start, late)
+
+
+def test_one_client_moves_the_clipped_count_by_half_at_most():
+    """The noise split (value_noise_multiplier) holds only if one client
+    more or less moves the count by 1/2: each adds its bit minus 1/2."""
+    adaptive = {"initial": 1.0, "target_quantile": 0.5, "learning_rate": 0.2, "clipped_count_stddev": 1.0}
+    rng = np.random.default_rng(0)
+    clients = 10
+
+    def centred_count(unclipped, counted):
+        _, share = adaptive_clip_update(1.0, unclipped, counted, clients, adaptive, rng, noised=False)
+        return (share - 0.5) * clients
+
+    for unclipped, counted in [(0, 0), (3, 7), (7, 7), (0, 9)]:
+        base = centred_count(unclipped, counted)
+        assert centred_count(unclipped + 1, counted + 1) - base == pytest.approx(0.5)   # one more, unclipped
+        assert centred_count(unclipped, counted + 1) - base == pytest.approx(-0.5)      # one more, clipped
+
+
+def test_the_adaptive_bound_stays_finite_and_positive_whatever_the_noised_share():
+    adaptive = {"initial": 1.0, "target_quantile": 0.5, "learning_rate": 10.0, "clipped_count_stddev": 1e6}
+    rng = np.random.default_rng(1)
+    for _ in range(50):
+        c, _ = adaptive_clip_update(1.0, 3, 5, 5, adaptive, rng)
+        assert 0 < c < math.inf
+
+
+def test_without_noise_the_adaptive_bound_is_the_same_whatever_the_rng():
+    """noise_multiplier 0 claims no privacy: the count is not noised either,
+    so a clipping-only session is reproducible."""
+    s = settings(noise_multiplier=0.0, clip_norm={"initial": 1.0, "clipped_count_stddev": 2.0},
+                 clients_per_round=4)
+    bounds = set()
+    for seed in (1, 2, 3):
+        rng = np.random.default_rng(seed)
+        dp = CentralDP(get_strategy("fedavg"), s, 1.0, rng)
+        dp.begin(REF)
+        for n in (0.5, 2.0, 3.0):
+            dp.add(delta_with_norm(np.random.default_rng(0), n))
+        dp.finish(zeros())
+        bounds.add(dp.report()["next_clip_norm"])
+    assert len(bounds) == 1
 
 
 def test_central_dp_reports_the_next_adaptive_bound():
@@ -262,6 +304,9 @@ def test_bad_accounting_parameters_are_refused():
         epsilon("central", 1.0, 1.5, 3, 1e-5)
     with pytest.raises(AccountingError, match="accountant"):
         epsilon("central", 1.0, 0.5, 3, 1e-5, "moments")
+    # dp-accounting's own failure (it divides by z squared) is one error, naming the multiplier
+    with pytest.raises(AccountingError, match="noise multiplier 1e-300"):
+        epsilon("central", 1e-300, 0.25, 3, 1e-5)
 
 
 # ---------------------------------------------------------------- what the functions call

@@ -21,9 +21,21 @@ def test_clip_norm_is_a_number_or_adaptive():
     p = central(clip_norm={"adaptive": {"initial": 0.5, "target_quantile": 0.7}})
     assert p.adaptive and p.clip_norm.initial == 0.5 and p.clip_norm.learning_rate == 0.2
     assert central(clip_norm={"adaptive": True}).clip_norm == AdaptiveClipping()
-    for bad in (0, -1, {"initial": 1}, {"adaptive": {"quantile": 0.5}}):
+    for bad in (0, -1, {"initial": 1}, {"adaptive": {"quantile": 0.5}}, {"adaptive": {"learning_rate": 11}}):
         with pytest.raises(pydantic.ValidationError):
             central(clip_norm=bad)
+    # a number under `adaptive` is not taken for a fixed clip norm
+    for bad in (0.5, False, "yes"):
+        with pytest.raises(pydantic.ValidationError, match="clip_norm.adaptive: true or a mapping"):
+            central(clip_norm={"adaptive": bad})
+
+
+def test_a_noise_multiplier_is_zero_or_large_enough_to_account_for():
+    assert central(noise_multiplier=0).noise_multiplier == 0
+    assert central(noise_multiplier=1e-3).noise_multiplier == 1e-3
+    for tiny in (1e-300, 1e-4):
+        with pytest.raises(pydantic.ValidationError, match="protects nothing"):
+            central(noise_multiplier=tiny)
 
 
 def test_misspelt_and_unknown_keys_are_refused():

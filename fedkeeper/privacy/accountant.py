@@ -74,6 +74,9 @@ def epsilon(mode: str, noise_multiplier: float, sampling_rate: float, rounds: in
     try:
         acc.compose(event)
         return float(acc.get_epsilon(delta))
+    except (ArithmeticError, ValueError) as exc:   # e.g. a noise multiplier of 1e-300
+        raise AccountingError(f"the {accountant.upper()} accountant cannot compute epsilon for noise multiplier "
+                              f"{noise_multiplier:g} over {rounds} round(s): {exc}") from None
     finally:
         absl.setLevel(level)
 

@@ -23,7 +23,7 @@ from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_serializer, model_validator
 
-from flcommon.privacy import ADAPTIVE_DEFAULTS, PrivacyError, privacy_settings
+from flcommon.privacy import ADAPTIVE_DEFAULTS, MAX_LEARNING_RATE, PrivacyError, privacy_settings
 from flcommon.secagg.field import DEFAULT_SCALE
 from flcommon.secagg.graph import degree
 from flcommon.strategies import STRATEGIES
@@ -46,12 +46,17 @@ class _Block(BaseModel):
         return data
 
 
+# Below this a noise multiplier is noise in name only, and the accountants
+# fail on the smallest ones (dp-accounting divides by z squared).
+MIN_NOISE_MULTIPLIER = 1e-3
+
+
 class AdaptiveClipping(_Block):
     """Andrew et al. 2021: the bound follows a quantile of the update norms."""
 
     initial: float = Field(ADAPTIVE_DEFAULTS["initial"], gt=0)
     target_quantile: float = Field(ADAPTIVE_DEFAULTS["target_quantile"], gt=0, lt=1)
-    learning_rate: float = Field(ADAPTIVE_DEFAULTS["learning_rate"], ge=0)
+    learning_rate: float = Field(ADAPTIVE_DEFAULTS["learning_rate"], ge=0, le=MAX_LEARNING_RATE)
     clipped_count_stddev: Optional[float] = Field(None, ge=0)  # None: clients_per_round / 20
 
 
@@ -76,10 +81,23 @@ class PrivacyConfig(_Block):
                 raise ValueError("clip_norm: a number, `adaptive`, or {adaptive: {initial, target_quantile, "
                                  "learning_rate, clipped_count_stddev}}")
             inner = clip["adaptive"]
-            return {**data, "clip_norm": {} if inner in (True, None) else inner}
+            if inner is True or inner is None:
+                return {**data, "clip_norm": {}}
+            if not isinstance(inner, dict):
+                # a number here would otherwise be taken for a fixed clip norm
+                raise ValueError(f"clip_norm.adaptive: true or a mapping of {{initial, target_quantile, "
+                                 f"learning_rate, clipped_count_stddev}}, got {inner!r}")
+            return {**data, "clip_norm": inner}
         if isinstance(clip, (int, float)) and not isinstance(clip, bool) and not clip > 0:
             raise ValueError(f"clip_norm must be positive, got {clip}")
         return data
+
+    @model_validator(mode="after")
+    def _some_noise_or_none(self):
+        if 0 < self.noise_multiplier < MIN_NOISE_MULTIPLIER:
+            raise ValueError(f"noise_multiplier {self.noise_multiplier:g} protects nothing (epsilon past 10^7 in one "
+                             f"round); use 0 for no noise, or at least {MIN_NOISE_MULTIPLIER:g}")
+        return self
 
     @model_validator(mode="after")
     def _composes(self):

@@ -46,6 +46,11 @@ ADAPTIVE_DEFAULTS: dict[str, Any] = {
 }
 
 
+# Adaptive clipping's learning rate at most: Andrew et al. use 0.2; past a
+# few units the bound jumps by orders of magnitude each round.
+MAX_LEARNING_RATE = 10.0
+
+
 class PrivacyError(BadRequest):
     """Privacy settings that cannot be used (bad input to a function: a
     retry with the same session cannot help)."""
@@ -85,7 +90,9 @@ def privacy_settings(raw: dict[str, Any] | None) -> dict[str, Any] | None:
                                "the quantile of everyone's update norms")
         adaptive = {k: clip.get(k, d) if clip.get(k) is not None else d for k, d in ADAPTIVE_DEFAULTS.items()}
         _positive(adaptive, "initial")
-        _positive(adaptive, "learning_rate", zero_ok=True)
+        if _positive(adaptive, "learning_rate", zero_ok=True) > MAX_LEARNING_RATE:
+            raise PrivacyError(f"privacy learning_rate must be at most {MAX_LEARNING_RATE:g}, "
+                               f"got {adaptive['learning_rate']!r}")
         q = adaptive["target_quantile"]
         if isinstance(q, bool) or not isinstance(q, (int, float)) or not 0 < q < 1:
             raise PrivacyError(f"privacy target_quantile must be in (0, 1), got {q!r}")
@@ -163,15 +170,29 @@ def privatize_local(delta: Arrays, clip_norm: float, noise_multiplier: float,
     return delta, norm
 
 
-def adaptive_clip_update(clip_norm: float, unclipped: int, clients: int, adaptive: dict[str, Any],
-                         rng: np.random.Generator) -> tuple[float, float]:
-    """Andrew et al. 2021, geometric update: the share of updates whose norm
-    was at most the bound, noised (N(0, sigma_b^2) on the count, divided by
-    the expected clients), moves the bound toward the target quantile:
-    C <- C * exp(-lr * (share - target)). Returns (new bound, noised share)."""
-    noised = (unclipped + rng.normal(0.0, adaptive["clipped_count_stddev"])) / clients
-    new = clip_norm * math.exp(-adaptive["learning_rate"] * (noised - adaptive["target_quantile"]))
-    return new, noised
+# Largest change of the bound in one round, as a power of e: a noised share
+# far off (a large learning rate or count noise) must not take the bound to
+# 0 or to infinity, where it would never come back.
+MAX_LOG_STEP = 20.0
+
+
+def adaptive_clip_update(clip_norm: float, unclipped: int, counted: int, clients: int, adaptive: dict[str, Any],
+                         rng: np.random.Generator, noised: bool = True) -> tuple[float, float]:
+    """Andrew et al. 2021, geometric update: the share of the `counted`
+    updates whose norm was at most the bound moves the bound toward the
+    target quantile, C <- C * exp(-lr * (share - target)). Each update adds
+    its bit minus 1/2 to the count, so that one client more or less moves
+    the count by 1/2 at most: the sensitivity value_noise_multiplier's
+    split assumes. The count gets N(0, sigma_b^2) (not when `noised` is
+    False: a session without noise), is divided by the expected clients,
+    and 1/2 is added back. Returns (new bound, noised share)."""
+    centred = unclipped - counted / 2
+    if noised:
+        centred += rng.normal(0.0, adaptive["clipped_count_stddev"])
+    share = centred / clients + 0.5
+    step = -adaptive["learning_rate"] * (share - adaptive["target_quantile"])
+    new = clip_norm * math.exp(min(MAX_LOG_STEP, max(-MAX_LOG_STEP, step)))
+    return new, share
 
 
 # --------------------------------------------------------------------------- central DP
@@ -238,7 +259,8 @@ class CentralDP:
         if adaptive:
             unclipped = sum(1 for n in self.norms if n <= self.clip_norm)
             self.next_clip_norm, self.noised_unclipped_share = adaptive_clip_update(
-                self.clip_norm, unclipped, self.settings["clients_per_round"], adaptive, self.rng)
+                self.clip_norm, unclipped, len(self.norms), self.settings["clients_per_round"], adaptive, self.rng,
+                noised=self.settings["noise_multiplier"] > 0)
         return s.step(global_weights, total, state)
 
     def shares(self) -> list[float]:
