@@ -182,3 +182,25 @@ def test_the_aggregator_refuses_a_round_without_enough_reveals(fn_db):
         secure_aggregate(db, sid, 0, [(c, 0) for c in u3], global_weights, get_strategy("fedavg"), spec)
     with pytest.raises(BadRequest, match="FedAvg-family"):
         secure_aggregate(db, sid, 0, [(c, 0) for c in u3], global_weights, get_strategy("median"), spec)
+
+
+def test_values_clipped_to_the_fields_bound_are_counted_and_reach_the_aggregation(fn_db):
+    from flcommon.privacy import masked_upload
+    db = fn_db
+    sid, clients = make_session(db, 4)
+    global_weights, deltas, examples = setup_clients(db, sid, clients)
+    run_round(db, sid, 0, clients, deltas, examples)
+    spec = db[fs.SESSIONS].find_one({"_id": sid})["spec"]
+    # fl_client's own path: a delta past the field's bound is clipped, and the count comes back
+    huge = [g + np.float32(1e12) for g in global_weights]
+    blob, clipped = masked_upload(db, bound(db), spec, sid, 0, clients[0], 2, global_weights, huge, 10)
+    assert blob is not None and clipped == sum(g.size for g in global_weights)
+    assert masked_upload(db, bound(db), {**spec, "secure_aggregation": None}, sid, 0, clients[0], 2,
+                         global_weights, huge, 1) == (None, 0)
+    # the aggregation passes each update's count on, and ignores one that is not a count
+    for client, count in zip(clients, (3, -5, "7", 10 ** 15)):
+        db[fs.UPDATES].update_one({"session": sid, "round": 0, "client": client},
+                                  {"$set": {"quantization_clipped": count}})
+    accepted, _ = secure_aggregate(db, sid, 0, [(c, 0) for c in clients], [w.copy() for w in global_weights],
+                                   get_strategy("fedavg"), spec)
+    assert [a["quantization_clipped"] for a in accepted] == [3, 0, 0, 0]

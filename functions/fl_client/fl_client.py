@@ -48,14 +48,14 @@ def handle(payload: dict[str, Any], bound: dict[str, str]) -> dict[str, Any]:
     new = local_dp_weights(spec, weights, new)  # local DP: clipped and noised before it leaves
     t2 = time.perf_counter()
     # Secure aggregation: only the masked delta is stored.
-    masked = masked_upload(db, bound, spec, session, rnd, client, attempt, weights, new, int(len(y)))
+    masked, clipped = masked_upload(db, bound, spec, session, rnd, client, attempt, weights, new, int(len(y)))
     # A small update goes in its own document (one write), a larger one in GridFS.
     arrays = {"blob_id": masked} if masked else update_data.stored_fields(
         db, new, f"{session}/update/{rnd:03d}/{client}.npz",
         {"kind": "update", "session": session, "round": rnd, "client": client, "attempt": attempt})
     doc = {"session": session, "round": rnd, "client": client, "attempt": attempt, **arrays,
            "num_examples": int(len(y)), "metrics": metrics, "status": "received", "created": time.time(),
-           **({"masked": True} if masked else {})}
+           **({"masked": True, "quantization_clipped": int(clipped)} if masked else {})}
     duplicate: dict[str, Any] = {"duplicate": False}
     try:
         db[store.UPDATES].insert_one(doc)

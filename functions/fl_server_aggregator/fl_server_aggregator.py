@@ -60,7 +60,8 @@ def _result(doc: dict[str, Any]) -> dict[str, Any]:
     return {"round": doc["round"] - 1, "model_round": doc["round"], "loss": m.get("loss"),
             "accuracy": m.get("accuracy"), "accepted": doc.get("accepted", 0),
             "rejected": _listed(rejected), "rejected_count": len(rejected),
-            "stale_accepted": sum(1 for c in doc.get("contributions", []) if c.get("staleness", 0) > 0)}
+            "stale_accepted": sum(1 for c in doc.get("contributions", []) if c.get("staleness", 0) > 0),
+            **({"quantization_clipped": doc["quantization_clipped"]} if doc.get("quantization_clipped") else {})}
 
 
 def _wanted(payload: dict[str, Any], rnd: int) -> list[tuple[str, int]]:
@@ -167,6 +168,10 @@ def handle(payload: dict[str, Any], bound: dict[str, str]) -> dict[str, Any]:
         doc["state_blob_id"] = state_blob
     if dp is not None:  # the bound, the noise and the next adaptive bound; never the raw norms
         doc["privacy"] = dp.report()
+    # secure aggregation: values the clients clipped to the field's bound (the sum is off by them)
+    clipped = sum(a.get("quantization_clipped", 0) for a in accepted)
+    if clipped:
+        doc["quantization_clipped"] = clipped
     try:
         db[store.MODELS].insert_one(doc)
     except pymongo.errors.DuplicateKeyError:

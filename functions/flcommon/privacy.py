@@ -321,12 +321,12 @@ def local_dp_weights(spec: dict[str, Any], global_weights: Arrays, new_weights: 
 def masked_upload(db, bound: dict[str, str], spec: dict[str, Any], session: str, rnd: int, client: str,
                   attempt: int, global_weights: Arrays, new_weights: Arrays, num_examples: int):
     """Under secure aggregation, store the client's masked delta instead of
-    its weights and return the blob id; None for a session without it (the
-    caller stores the weights). Secure aggregation's code, and the
-    `cryptography` package under it, load only for such a session."""
+    its weights and return (blob id, values clipped to the field's bound);
+    (None, 0) for a session without it (the caller stores the weights).
+    Secure aggregation's code, and the `cryptography` package under it,
+    load only for such a session."""
     if not spec.get("secure_aggregation"):
-        return None
+        return None, 0
     from .secagg.client import masked_update
     delta = [np.asarray(n, np.float32) - np.asarray(g, np.float32) for n, g in zip(new_weights, global_weights)]
-    blob, _ = masked_update(db, bound, spec, session, rnd, client, attempt, delta, num_examples)
-    return blob
+    return masked_update(db, bound, spec, session, rnd, client, attempt, delta, num_examples)

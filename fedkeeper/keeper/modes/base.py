@@ -268,12 +268,18 @@ class RoundMode(ABC):
         retries = sum(1 for a in attempts if a["attempt"] > 1 and not a.get("hedge"))
         ended = self.ctx.clock()
         epsilon = stored_epsilon(self.ctx.privacy.epsilon_after(rnd + 1)) if self.ctx.privacy else None
+        clipped = res.get("quantization_clipped")
+        clipped = clipped if isinstance(clipped, int) and not isinstance(clipped, bool) and clipped > 0 else 0
+        if clipped:
+            log.warning("round %d: secure aggregation clipped %s value(s) to the field's bound, so the sum is off "
+                        "by them: lower secure_aggregation.scale", rnd + 1, clipped)
         self.store.upsert_round(session, rnd, state="done", ended=ended,
                                 accuracy=res.get("accuracy"), loss=res.get("loss"),
                                 accepted=res.get("accepted"), rejected=res.get("rejected", []),
                                 retries=retries, failed=failed, delivered=len(included),
                                 duration_s=ended - started,
-                                **({"epsilon": epsilon} if epsilon is not None else {}), **extra(res))
+                                **({"epsilon": epsilon} if epsilon is not None else {}),
+                                **({"quantization_clipped": clipped} if clipped else {}), **extra(res))
         rep = RoundReport(rnd, len(selected), len(included), failed, retries, ended - t0,
                           res.get("accuracy"), res.get("loss"), res.get("rejected", []), stale=len(stale),
                           epsilon=epsilon)

@@ -53,7 +53,7 @@ def secure_aggregate(db, sess: str, rnd: int, wanted: Sequence[tuple[str, int]],
                                                           update_data.WITHOUT_DATA)}
     sizes = {d["client"]: d.get("num_examples") for d in db[store.PARTITIONS].find(
         {"session": sess, "client": {"$in": u3}}, {"client": 1, "num_examples": 1})}
-    masked, examples = {}, {}
+    masked, examples, clipped = {}, {}, {}
     for c in u3:
         doc = docs.get(c)
         if doc is None or not doc.get("masked"):
@@ -66,6 +66,8 @@ def secure_aggregate(db, sess: str, rnd: int, wanted: Sequence[tuple[str, int]],
         except BlobError as exc:
             raise BadRequest(f"round {rnd}: {c}'s masked vector is unreadable: {exc}") from None
         examples[c] = n
+        k = doc.get("quantization_clipped", 0)
+        clipped[c] = k if isinstance(k, int) and not isinstance(k, bool) and 0 <= k <= length else 0
     responders = relay.done(db, sess, rnd, "reveal", u3)
     try:
         total = protocol.unmasked_sum(sa_session.context(sess, rnd), relay.public_keys(db, sess, rnd, u1), u2,
@@ -89,7 +91,8 @@ def secure_aggregate(db, sess: str, rnd: int, wanted: Sequence[tuple[str, int]],
             delta = [m * np.float32(n_total / n) for m in mean] if c == first else \
                 [np.zeros(s, np.float32) for s, _ in reference]
             strategy.add(delta, n, mass=n)
-            accepted.append({"client": c, "round": rnd, "staleness": 0, "num_examples": n, "raw_weight": n})
+            accepted.append({"client": c, "round": rnd, "staleness": 0, "num_examples": n, "raw_weight": n,
+                             "quantization_clipped": clipped[c]})
     except StrategyError as exc:
         raise BadRequest(f"round {rnd}: {exc}") from None
     return accepted, rejected
