@@ -2,14 +2,13 @@
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 from typing import Any, Sequence
 
 import click
 from rich.markup import escape
 
-from .common import (config_option, errconsole, load, note, open_runtime, print_json, scenario_option,
-                     select_clusters, show_table, split_list)
+from .common import (check_output_path, config_option, errconsole, load, note, open_runtime, print_json,
+                     scenario_option, select_clusters, show_table, split_list, write_output)
 
 COLUMNS = ("cluster", "platform", "deploy s", "cold ms", "warm ms", "host", "result")
 
@@ -21,7 +20,7 @@ def check_rows(results: Sequence[Any]) -> list[list[str]]:
         host = r.host
         hinfo = (f"{host.get('hostname', '?')} {host.get('cpu_count', '?')} cpu "
                  f"{(host.get('memory_total_mb') or 0) / 1024:.1f} GiB py{host.get('python', '?')}") if host else ""
-        rows.append([r.cluster, r.platform, f"{r.deploy_s:.2f}" if r.deploy_s is not None else "-",
+        rows.append([escape(r.cluster), escape(r.platform), f"{r.deploy_s:.2f}" if r.deploy_s is not None else "-",
                      f"{r.cold_ms:.0f}" if r.cold_ms is not None else "-",
                      f"{r.warm_ms:.0f}" if r.warm_ms is not None else "-", escape(hinfo),
                      "[green]ok[/green]" if r.ok else f"[red]{escape(f'{r.stage} failed: {r.error}')}[/red]"])
@@ -52,6 +51,8 @@ def check_cmd(config_path: str | None, scenario: str | None, clusters: tuple[str
     from ..check import as_dicts, junit_xml, run_checks
     if legacy_ow or legacy_gcf:
         note("check: -o and -g are old spellings; use --openwhisk and --google")
+    if junit_path:
+        check_output_path(junit_path, "--junit-xml")
     cfg = load(config_path)
     chosen = select_clusters(cfg, split_list(clusters),
                              sections={"openwhisk": split_list(ow_clusters + legacy_ow),
@@ -62,7 +63,7 @@ def check_cmd(config_path: str | None, scenario: str | None, clusters: tuple[str
     finally:
         rt.close()
     if junit_path:
-        Path(junit_path).write_bytes(junit_xml(results))
+        write_output(junit_path, junit_xml(results))
     if as_json:
         print_json(as_dicts(results))
     else:

@@ -19,6 +19,7 @@ from typing import Any, Iterable, NoReturn, Sequence
 import click
 from rich import box
 from rich.console import Console, Group, RenderableType
+from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
@@ -43,8 +44,10 @@ class UsageFailure(click.ClickException):
 
 
 def fail(message: str, code: int = 1) -> NoReturn:
-    """A run failed: one `Error:` line on stderr, exit `code`."""
-    errconsole.print(f"[red]Error:[/red] {message}", markup=True, highlight=False, soft_wrap=True)
+    """A run failed: one `Error:` line on stderr, exit `code`. The message
+    is plain text: names and values in it (a session id, a path) may hold
+    brackets, which must print as they are."""
+    errconsole.print(Text.assemble(("Error:", "red"), " ", message), highlight=False, soft_wrap=True)
     sys.exit(code)
 
 
@@ -163,6 +166,30 @@ def print_json(data: Any) -> None:
     click.echo(json.dumps(data, indent=2, default=str))
 
 
+# --------------------------------------------------------------------------- output files
+
+def check_output_path(path: str, option: str) -> None:
+    """Refuse (exit 2) an output file whose directory is missing or not
+    writable before the command does its work, not after."""
+    folder = Path(path).parent
+    if not folder.is_dir():
+        raise UsageFailure(f"{option} {path}: there is no directory {folder}")
+    if not os.access(folder, os.W_OK):
+        raise UsageFailure(f"{option} {path}: the directory {folder} is not writable")
+
+
+def write_output(path: str, data: str | bytes) -> None:
+    """Write an output file; a failure (the disk filled up, the directory
+    went away since check_output_path) is one error line, exit 1."""
+    try:
+        if isinstance(data, bytes):
+            Path(path).write_bytes(data)
+        else:
+            Path(path).write_text(data)
+    except OSError as exc:
+        fail(f"cannot write {path}: {exc.strerror or exc}")
+
+
 # --------------------------------------------------------------------------- tables
 
 def _cell_width(cell: str) -> int:
@@ -177,14 +204,17 @@ def _grid(title: str, columns: Sequence[str], rows: list[list[str]], right: set[
           compact: bool) -> Table:
     """A boxed table, or a compact one (no frame, headers wrapped at spaces,
     each column exactly as wide as its widest value)."""
+    # Title, caption and headers are plain text; rich would read brackets in them as markup.
+    title = escape(title)
+    caption = None if caption is None else escape(caption)
     if compact:
         t = Table(title=title, caption=caption, box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False,
                   collapse_padding=True)
     else:
         t = Table(title=title, caption=caption)
     for i, c in enumerate(columns):
-        widest = max([_cell_width(r[i]) for r in rows] + [_longest_word(c) if compact else _cell_width(c)])
-        t.add_column(c, justify="right" if c in right else "left", overflow="fold",
+        widest = max([_cell_width(r[i]) for r in rows] + [_longest_word(c) if compact else Text(c).cell_len])
+        t.add_column(escape(c), justify="right" if c in right else "left", overflow="fold",
                      width=widest if compact else None, min_width=widest)
     for r in rows:
         t.add_row(*r)
@@ -202,7 +232,8 @@ def table(title: str, columns: Sequence[str], rows: Sequence[Sequence[str]], *, 
           right: Iterable[str] = (), caption: str | None = None) -> RenderableType:
     """Rows as a boxed table when it fits in `width`, else as a compact one,
     else one block per row with `column: value` per line. Values are never
-    cut (cells may hold markup); only headers wrap."""
+    cut; only headers wrap. Cells are console markup (escape values with
+    rich.markup.escape); the title, columns and caption are plain text."""
     rows = [[str(c) for c in r] for r in rows]
     right = set(right)
     for compact in (False, True):
@@ -216,7 +247,7 @@ def table(title: str, columns: Sequence[str], rows: Sequence[Sequence[str]], *, 
         block.add_column(no_wrap=True)
         block.add_column(overflow="fold")
         for c, v in zip(columns, r):
-            block.add_row(f"{c + ':':<{label + 1}}", v)
+            block.add_row(Text(f"{c + ':':<{label + 1}}"), v)
         parts += [Text(""), block]
     if caption:
         parts += [Text(""), Text(caption)]

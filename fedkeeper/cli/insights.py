@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import click
+from pymongo.errors import PyMongoError
 
 from ..insights import (WHATS, InsightsClient, InsightsError, last_round, parse_rounds, provenance, shown_rounds,
                         tables)
+from ..providers import ProviderError
+from ..store import StoreUnavailable
 from .common import UsageFailure, config_option, console, fail, load, open_runtime, print_json, scenario_option, table
 
 
@@ -54,12 +57,14 @@ def insights_cmd(session: str, what: str, config_path: str | None, scenario: str
     # Local services stop with the command, as for start and sweep, unless kept.
     rt = open_runtime(cfg, scenario, need_store=True, keep_local_services=keep_services)
     try:
-        if rt.store.session(session) is None:
-            fail(f"no session {session!r} in the store")
-        span = store_span(rt.store, session, round_, rounds)
         try:
+            if rt.store.session(session) is None:
+                fail(f"no session {session!r} in the store")
+            span = store_span(rt.store, session, round_, rounds)
             result = InsightsClient(rt).query(session, what, span, k, cache=False if no_cache else True)
-        except (InsightsError, ValueError) as exc:
+        # A provider that cannot be made or deploy (credentials, a fabric
+        # that will not start) and a store that stops answering: say what, not where.
+        except (InsightsError, ValueError, ProviderError, StoreUnavailable, PyMongoError) as exc:
             fail(str(exc))
     finally:
         rt.close(stop_store=not keep_services)

@@ -12,17 +12,17 @@ import json
 import os
 import shlex
 import sys
-from pathlib import Path
 
 import click
 from rich.console import Console
+from rich.markup import escape
 
 from ..logs import setup_run_log
 from ..local.store import EmbeddedMongoError
 from ..sweep import (DISPLAY_COLUMNS, RESULT_COLUMNS, Sweep, SweepError, SweepPlan, display_cells, parse_grid,
                      plan_sweep, render_csv, render_markdown, result_rows)
-from .common import (INTERRUPTED_EXIT, UsageFailure, config_option, console, errconsole, fail, load,
-                     remember_config, scenario_option, table)
+from .common import (INTERRUPTED_EXIT, UsageFailure, check_output_path, config_option, console, errconsole, fail,
+                     load, remember_config, scenario_option, table, write_output)
 
 
 def rerun_command(cfg_source: str, plan: SweepPlan, parallel: int) -> str:
@@ -61,6 +61,8 @@ def sweep_cmd(config_path: str | None, scenario: str | None, grid: tuple[str, ..
     tries failed runs again."""
     if as_json:
         fmt = "json"
+    if output:
+        check_output_path(output, "-o/--output")
     cfg = load(config_path)
     try:
         plan = plan_sweep(cfg, scenario, parse_grid(grid), repeats, sweep_id)
@@ -106,14 +108,15 @@ def sweep_cmd(config_path: str | None, scenario: str | None, grid: tuple[str, ..
                                      "error": r.get("error")} for r in rows]}, indent=2, default=str) + "\n"
         click.echo(text, nl=False)
     else:
-        cells = [display_cells(r) for r in rows]
+        # Table cells are markup; grid values, sweep ids and states are text.
+        cells = [[escape(c) for c in display_cells(r)] for r in rows]
         console.print(table(title, DISPLAY_COLUMNS, cells, width=console.width,
                             right=DISPLAY_COLUMNS[4:] + ("repeat",)))
         buf = Console(file=io.StringIO(), width=200, color_system=None)
         buf.print(table(title, DISPLAY_COLUMNS, cells, width=200, right=DISPLAY_COLUMNS[4:] + ("repeat",)))
         text = buf.file.getvalue()
     if output:
-        Path(output).write_text(text)
+        write_output(output, text)
     unfinished = [r for r in rows if r["state"] != "finished"]
     if unfinished:
         errconsole.print(f"{len(unfinished)} of {len(rows)} runs did not finish; run the same command again to "
