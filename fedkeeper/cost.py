@@ -1,11 +1,11 @@
 """What a session would cost on the platforms it ran on (docs/cost.md).
 
-Every attempt document is one invocation the platform bills: its duration,
-rounded up to the platform's billing increment, times the function's memory
-(GB-seconds) and the CPU clock that comes with that memory (GHz-seconds),
-plus a charge per invocation. Prices are each platform's defaults (the
-provider classes' `default_prices`, from public price sheets) with a
-cluster's `pricing` block laid over them.
+Every attempt document that ran the function is one invocation the
+platform bills: its duration, rounded up to the platform's billing
+increment, times the function's memory (GB-seconds) and the CPU clock that
+comes with that memory (GHz-seconds), plus a charge per invocation. Prices
+are each platform's defaults (the provider classes' `default_prices`, from
+public price sheets) with a cluster's `pricing` block laid over them.
 
 Free tiers are not subtracted: a free tier is shared by everything on a
 billing account in a month, so one session's share of it is unknowable;
@@ -16,6 +16,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from typing import Any
+
+from flcommon.update_stats import finite_or_none
 
 from .config import Config, ConfigError
 from .providers import Prices, ProviderError, platform_prices, provider_class
@@ -51,10 +53,28 @@ def billed_ms(duration_ms: float, increment_ms: int) -> int:
     return max(1, steps) * inc
 
 
+# Error classes (ErrorClass values) of an attempt that never ran the
+# function: refused (a 429, Knative's overload 503), never delivered
+# (refused connection, DNS, TLS) or with no function to run (404). On the
+# HTTP platforms such an attempt still has a platform id (the keeper makes
+# the execution id before sending) and a duration (the keeper's request
+# time), so neither shows that the platform ran anything.
+NOT_RUN = frozenset({"throttled", "unreachable", "function_missing"})
+
+
+def measured_ms(attempt: dict[str, Any]) -> float | None:
+    """The attempt's recorded duration; None when it has none or it is not
+    a finite number (stores outlive the versions that wrote them)."""
+    return finite_or_none(attempt.get("duration_ms"))
+
+
 def invoked(attempt: dict[str, Any]) -> bool:
-    """The attempt reached the platform (it has a platform id or a measured
-    duration); one refused at submission (a 429, say) is not billed."""
-    return bool(attempt.get("platform_id")) or attempt.get("duration_ms") is not None
+    """The attempt ran on the platform: it has a platform id or a recorded
+    duration, and did not fail in a way that shows the function never ran.
+    One refused at submission (no platform id) or answered 429 is not billed."""
+    if attempt.get("error_class") in NOT_RUN:
+        return False
+    return bool(attempt.get("platform_id")) or measured_ms(attempt) is not None
 
 
 def attempt_charge(attempt: dict[str, Any], prices: Prices, memory_mb: float) -> Charge:
@@ -64,7 +84,7 @@ def attempt_charge(attempt: dict[str, Any], prices: Prices, memory_mb: float) ->
     if not invoked(attempt):
         return Charge()
     charge = Charge(invocations=1, cost=prices.per_million_invocations / 1e6)
-    duration = attempt.get("duration_ms")
+    duration = measured_ms(attempt)
     if duration is not None:
         seconds = billed_ms(duration, prices.billing_increment_ms) / 1000.0
         charge.gb_seconds = memory_mb / 1024.0 * seconds
@@ -106,8 +126,9 @@ class PriceBook:
     def memory_mb(self, attempt: dict[str, Any]) -> float:
         """The memory recorded on the attempt, else what the config deploys
         the function with, else the runtime's default for the function."""
-        if attempt.get("memory_mb"):
-            return float(attempt["memory_mb"])
+        recorded = finite_or_none(attempt.get("memory_mb"))
+        if recorded is not None and recorded > 0:
+            return recorded
         function = attempt.get("function") or "fl_client"
         known = self.clusters.get(attempt.get("cluster", ""))
         if self.scenario is not None and known is not None:
@@ -117,6 +138,18 @@ class PriceBook:
         return float(FUNCTION_DEFAULTS.get(function, FUNCTION_DEFAULTS["nodeinfo"])["memory_mb"])
 
 
+def _round_of(attempt: dict[str, Any]) -> int | None:
+    """The attempt's round; None when it has none or not a whole number."""
+    rnd = attempt.get("round")
+    if isinstance(rnd, bool):
+        return None
+    if isinstance(rnd, int):
+        return rnd
+    if isinstance(rnd, float) and rnd.is_integer():
+        return int(rnd)
+    return None
+
+
 def attempts_cost(attempts: list[dict[str, Any]], book: PriceBook) -> dict[str, Any]:
     """Cost of a list of attempt documents, in total, per round and per cluster."""
     total = Charge()
@@ -124,11 +157,13 @@ def attempts_cost(attempts: list[dict[str, Any]], book: PriceBook) -> dict[str, 
     per_cluster: dict[str, Charge] = {}
     cluster_meta: dict[str, dict[str, Any]] = {}
     for a in attempts:
-        cluster, platform = a.get("cluster", ""), a.get("platform", "")
+        cluster, platform = str(a.get("cluster") or ""), str(a.get("platform") or "")
         prices = book.prices(cluster, platform)
         charge = attempt_charge(a, prices, book.memory_mb(a))
         total.add(charge)
-        per_round.setdefault(int(a.get("round", 0)), Charge()).add(charge)
+        rnd = _round_of(a)
+        if rnd is not None:  # an attempt without a usable round is in the totals, in no round
+            per_round.setdefault(rnd, Charge()).add(charge)
         per_cluster.setdefault(cluster, Charge()).add(charge)
         cluster_meta.setdefault(cluster, {"platform": platform, "currency": prices.currency,
                                           "prices_source": prices.source})

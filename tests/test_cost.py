@@ -5,6 +5,7 @@ the price sheets quoted in docs/cost.md."""
 from __future__ import annotations
 
 import json
+import math
 import textwrap
 
 import pytest
@@ -13,7 +14,7 @@ from click.testing import CliRunner
 
 from fedkeeper.cli import main as cli
 from fedkeeper.config import parse_config
-from fedkeeper.cost import attempt_charge, billed_ms, session_cost
+from fedkeeper.cost import Charge, PriceBook, attempt_charge, attempts_cost, billed_ms, session_cost
 from fedkeeper.providers import platform_prices
 
 SESSION = "cost-1"
@@ -141,3 +142,60 @@ def test_status_json_reports_the_cost(priced_session, mongo_url, tmp_path, isola
     expected = session_cost(priced_session, SESSION, parse_config(cfg_path.read_text()))
     assert data["cost"]["total"] == pytest.approx(expected["total"])
     assert data["cost"]["per_round"]["1"]["invocations"] == 3
+
+
+# -- attempts that never ran, and attempt documents with values that are not numbers
+
+GCF = platform_prices("gcf")
+
+
+@pytest.mark.parametrize("platform", ["gcf", "knative"])
+@pytest.mark.parametrize("error_class", ["throttled", "unreachable", "function_missing"])
+def test_http_attempts_that_never_ran_the_function_cost_nothing(platform, error_class):
+    # What the HTTP invoker records for a 429, a refused connection or a
+    # 404: the execution id the keeper made before sending, and its request time.
+    never_ran = {"platform_id": "5f0c9d1e", "duration_ms": 12.5, "state": "failed", "error_class": error_class,
+                 "cluster": "c", "platform": platform, "round": 0}
+    assert attempt_charge(never_ran, platform_prices(platform), 1024) == Charge()
+    cost = attempts_cost([never_ran], PriceBook())
+    assert cost["invocations"] == 0 and cost["total"] == 0 and cost["gb_seconds"] == 0
+
+
+@pytest.mark.parametrize("error_class", ["timeout", "platform_error", "application_error", "developer_error"])
+def test_http_attempts_that_ran_and_failed_are_billed(error_class):
+    ran = {"platform_id": "5f0c9d1e", "duration_ms": 150.0, "state": "failed", "error_class": error_class}
+    charge = attempt_charge(ran, GCF, 1024)
+    assert charge.invocations == 1 and charge.gb_seconds == pytest.approx(0.2)
+
+
+def test_openwhisk_billing_is_unchanged():
+    ow = platform_prices("openwhisk")
+    # refused at submission: no activation id
+    assert attempt_charge({"platform_id": None, "state": "failed", "error_class": "throttled"}, ow, 256) == Charge()
+    # a failed activation bills its run; a lost one its invocation only
+    failed = attempt_charge({"platform_id": "a", "duration_ms": 250, "error_class": "developer_error"}, ow, 256)
+    assert failed.invocations == 1 and failed.gb_seconds == pytest.approx(0.075)
+    lost = attempt_charge({"platform_id": "a", "state": "timed_out", "error_class": "timeout"}, ow, 256)
+    assert lost.invocations == 1 and lost.gb_seconds == 0
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf, "soon", [1]])
+def test_a_duration_that_is_not_a_finite_number_counts_as_unmeasured(bad):
+    charge = attempt_charge({"platform_id": "a", "duration_ms": bad}, GCF, 1024)
+    assert charge.invocations == 1 and charge.gb_seconds == 0 and charge.cost == pytest.approx(0.4e-6)
+    # without a platform id, nothing shows that it ran
+    assert attempt_charge({"platform_id": None, "duration_ms": bad}, GCF, 1024) == Charge()
+
+
+def test_attempts_without_a_usable_round_or_memory_count_in_no_round():
+    attempts = [{"platform_id": "a", "duration_ms": 100, "round": rnd, "cluster": "c", "platform": "gcf",
+                 "memory_mb": memory}
+                for rnd, memory in [(None, 1024), (math.nan, 1024), ("x", 1024), (1.0, math.nan), (1, "lots"),
+                                    (True, None)]]
+    attempts.append({"platform_id": "a", "duration_ms": 100, "cluster": None, "platform": None})  # no round at all
+    cost = attempts_cost(attempts, PriceBook())
+    assert cost["invocations"] == 7
+    assert sorted(cost["per_round"]) == [1] and cost["per_round"][1]["invocations"] == 2
+    # bad memory falls back on fl_client's default of 1024 MB: 1 GB x 0.1 s each
+    assert cost["per_round"][1]["gb_seconds"] == pytest.approx(0.2)
+    assert sorted(cost["per_cluster"]) == ["", "c"]
