@@ -6,6 +6,8 @@ import csv
 import io
 from typing import Any
 
+from flcommon.update_stats import finite_or_none
+
 from ..config import Config
 from ..cost import format_money, session_cost
 from ..formatting import fixed_decimals
@@ -25,7 +27,7 @@ def session_result(store, session: str, cfg: Config | None, target: float | None
     rounds_to_target = time_to_target = None
     elapsed = 0.0
     for r in done:
-        elapsed += r.get("duration_s") or 0.0
+        elapsed += finite_or_none(r.get("duration_s")) or 0.0
         acc = r.get("accuracy")
         if target is not None and acc is not None and acc >= target:
             rounds_to_target, time_to_target = r["round"] + 1, elapsed
@@ -37,24 +39,38 @@ def session_result(store, session: str, cfg: Config | None, target: float | None
         "rounds": len(done),
         "rounds_to_target": rounds_to_target,
         "time_to_target_s": time_to_target,
-        "final_accuracy": done[-1].get("accuracy") if done else None,
+        # JSON has no NaN: a diverged model's accuracy is unknown, not a number.
+        "final_accuracy": finite_or_none(done[-1].get("accuracy")) if done else None,
         "invocations": cost["invocations"],
-        "retries": sum(1 for a in attempts if a.get("attempt", 1) > 1),
+        # As the keeper counts them: a hedge takes the slot's next attempt number but is not a retry.
+        "retries": sum(1 for a in attempts if (a.get("attempt") or 1) > 1 and not a.get("hedge")),
         "cost": cost["total"],
         "currency": cost["currency"],
         "error": doc.get("error"),
     }
 
 
+def _run_order(item: tuple[str, dict[str, Any]]) -> tuple[int, str]:
+    """A run's place in the grid: its index (the key's digits for a run
+    without one). Keys sort wrongly as text past run999 (run1000 < run101)."""
+    key, run = item
+    index = run.get("index")
+    if not isinstance(index, int) or isinstance(index, bool):
+        digits = "".join(ch for ch in key if ch.isdigit())
+        index = int(digits) if digits else -1
+    return index, key
+
+
 def result_rows(sweep_doc: dict[str, Any]) -> list[dict[str, Any]]:
     """Rows of a sweep document, in run order: params, then RESULT_COLUMNS."""
     rows = []
-    for key in sorted(sweep_doc.get("runs", {})):
-        run = sweep_doc["runs"][key]
+    for _, run in sorted((sweep_doc.get("runs") or {}).items(), key=_run_order):
         res = run.get("result") or {}
         rows.append({"params": run["labels"], "repeat": run["repeat"], "seed": run["seed"],
                      "session": run["session"], "state": run.get("state"),
                      **{c: res.get(c) for c in RESULT_COLUMNS if c not in ("repeat", "seed", "session", "state")},
+                     # a result stored by a version that kept a NaN accuracy
+                     "final_accuracy": finite_or_none(res.get("final_accuracy")),
                      "error": res.get("error"), "failed_sessions": run.get("failed_sessions") or []})
     return rows
 
@@ -68,7 +84,8 @@ def display_cells(row: dict[str, Any]) -> list[str]:
     return [" ".join(f"{k}={v}" for k, v in row["params"].items()), str(row["repeat"]), row["session"],
             str(row["state"]), fixed_decimals(row["rounds"]), fixed_decimals(row["rounds_to_target"]),
             fixed_decimals(row["time_to_target_s"], 1), fixed_decimals(row["final_accuracy"]),
-            fixed_decimals(row["invocations"]), fixed_decimals(row["retries"]), format_money(row["cost"], row.get("currency") or "USD")]
+            fixed_decimals(row["invocations"]), fixed_decimals(row["retries"]),
+            format_money(row["cost"], row.get("currency") or "USD")]
 
 
 def render_csv(rows: list[dict[str, Any]], keys: list[str]) -> str:
