@@ -150,6 +150,11 @@ def _round_of(attempt: dict[str, Any]) -> int | None:
     return None
 
 
+# What the estimate reads of each attempt document: a long session's
+# documents, with their results and errors, are far larger.
+COST_FIELDS = ("cluster", "platform", "function", "round", "platform_id", "duration_ms", "memory_mb", "error_class")
+
+
 def attempts_cost(attempts: list[dict[str, Any]], book: PriceBook) -> dict[str, Any]:
     """Cost of a list of attempt documents, in total, per round and per cluster."""
     total = Charge()
@@ -186,7 +191,7 @@ def session_cost(store, session: str, cfg: Config | None = None) -> dict[str, An
     platforms' default prices and the runtime's default memory apply."""
     doc = store.session(session) or {}
     book = PriceBook(cfg, doc.get("scenario"))
-    return attempts_cost(store.attempts(session), book)
+    return attempts_cost(store.attempts(session, fields=COST_FIELDS), book)
 
 
 def format_money(amount: float | None, currency: str = "USD") -> str:

@@ -33,7 +33,7 @@ def session_result(store, session: str, cfg: Config | None, target: float | None
             rounds_to_target, time_to_target = r["round"] + 1, elapsed
             break
     cost = session_cost(store, session, cfg)
-    attempts = store.attempts(session)
+    attempts = store.attempts(session, fields=("attempt", "hedge"))
     return {
         "state": doc.get("state"),
         "rounds": len(done),
