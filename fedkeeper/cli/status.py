@@ -103,7 +103,10 @@ def status_cmd(session: str | None, config_path: str | None, scenario: str | Non
         if as_json:
             from ..cost import session_cost
             data = status_data(rt.store, session)
-            data["cost"] = session_cost(rt.store, data["session"], cfg)
+            cost = session_cost(rt.store, data["session"], cfg)
+            # rounds counted from 1 here too (the initialisation is round 1's)
+            cost["per_round"] = {r + 1: v for r, v in cost["per_round"].items()}
+            data["cost"] = cost
             print_json(data)
             return
         if not watch:
