@@ -100,6 +100,14 @@ class FakeStore:
         return True
 
     # rounds
+    def pause_open_rounds(self, sid, since, now):
+        self._check("pause_open_rounds")
+        for (s, _), r in self.rounds_.items():
+            if s == sid and r.get("state") in ("running", "aggregating"):
+                began = max(since, r.get("started", since))
+                if now > began:
+                    r["paused_s"] = r.get("paused_s", 0.0) + now - began
+
     def upsert_round(self, sid, rnd, **fields):
         self._check("upsert_round")
         self.rounds_.setdefault((sid, rnd), {"session": sid, "round": rnd}).update(fields)

@@ -126,6 +126,13 @@ def test_sessions_rounds_attempts_and_events(store: Store):
         {"_id": ids[0], "attempt": 1, "state": "failed"}, {"_id": ids[1], "attempt": 2, "state": "succeeded"}]
     with pytest.raises(pymongo.errors.BulkWriteError):
         store.insert_attempts([{"session": "b", "round": 0, "client": "client_0", "attempt": 2}])
+    # a resume adds the time the open rounds stood still, and leaves finished ones alone
+    store.upsert_round("b", 1, state="running", started=100.0)
+    store.upsert_round("b", 2, state="aggregating", started=110.0)
+    store.pause_open_rounds("b", since=105.0, now=117.5)   # from the last heartbeat, or a later start
+    store.pause_open_rounds("b", since=120.0, now=122.5)
+    assert store.round("b", 1)["paused_s"] == 15.0 and store.round("b", 2)["paused_s"] == 10.0
+    assert "paused_s" not in store.round("b", 0)
     store.event("b", "note", "hello", n=1)
     assert store.events("b")[0]["n"] == 1
 

@@ -4,6 +4,7 @@ with the store saying which and the session resumable unless finished."""
 from __future__ import annotations
 
 import logging
+import math
 import shlex
 import threading
 import time
@@ -233,12 +234,14 @@ class Keeper:
         if resume:
             doc = self._resumable(resume)   # again: the deploy took time
             session = resume
+            last_beat = doc.get("heartbeat")   # the stopped keeper's, before this one's claim replaces it
             # The check and this write are one step for the store: a keeper
             # that claimed the session in between wins, this one stops.
             if not self.store.claim_session(session, doc.get("keeper"), this_keeper(),
                                             state="running", heartbeat=time.time()):
                 raise SessionError(f"session {session} was just resumed by another keeper")
             self.store.event(session, "resumed", f"keeper resumed the session (it was {doc.get('state')})")
+            self._pause_open_rounds(session, last_beat)
             # The keeper that stopped may have invoked these or not: their
             # clients are invoked again, and the unique update key keeps an
             # update from counting twice should both land.
@@ -259,6 +262,14 @@ class Keeper:
         self.events.emit("session", session=session, resumed=bool(resume))
         log.info("session %s %s", session, "resumed" if resume else "started")
         return session
+
+    def _pause_open_rounds(self, session: str, beat: Any) -> None:
+        """The round a stopped keeper left open stood still from its last
+        heartbeat until now (overnight, say): recorded as paused, so that
+        its duration, and the time to a target it reaches, leave that out.
+        It counts up to one heartbeat period of work as paused."""
+        if isinstance(beat, (int, float)) and not isinstance(beat, bool) and math.isfinite(beat):
+            self.store.pause_open_rounds(session, since=beat, now=time.time())
 
     def _run(self, session: str, earlier: list[RoundReport], reports: list[RoundReport]) -> SessionSummary:
         try:

@@ -20,6 +20,7 @@ what a user sees counts them from 1.
 """
 from __future__ import annotations
 
+import math
 import time
 from typing import Any, Iterable, Sequence
 
@@ -207,6 +208,19 @@ class Store:
             return False
 
     # ------------------------------------------------------------- rounds
+    def pause_open_rounds(self, session: str, since: float, now: float) -> None:
+        """Add to `paused_s` of each of the session's rounds left running or
+        aggregating the time no keeper ran it: from `since` (the stopped
+        keeper's last heartbeat), or from its start if later, to `now`.
+        Their `duration_s` leaves that out."""
+        rounds = self.db[fs.ROUNDS]
+        for r in self._run(lambda: list(rounds.find({"session": session, "state": {"$in": ["running", "aggregating"]}},
+                                                    {"started": 1}))):
+            started = r.get("started")
+            began = max(since, started) if isinstance(started, (int, float)) and math.isfinite(started) else since
+            if now > began:
+                self._run(rounds.update_one, {"_id": r["_id"]}, {"$inc": {"paused_s": now - began}})
+
     def upsert_round(self, session: str, rnd: int, **fields: Any) -> None:
         self._run(self.db[fs.ROUNDS].update_one, {"session": session, "round": rnd},
                   {"$set": fields, "$setOnInsert": {"session": session, "round": rnd}}, upsert=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar
@@ -20,6 +21,15 @@ from ..events import RoundEvents, RoundReport, client_index
 from ..selection import Selector
 
 log = logging.getLogger("fedkeeper.keeper")
+
+
+def paused_s(round_doc: dict[str, Any] | None) -> float:
+    """How long the round stood still between a stopped keeper and the one
+    that resumed it (`paused_s`, Store.pause_open_rounds): its duration
+    leaves that out."""
+    paused = (round_doc or {}).get("paused_s")
+    ok = isinstance(paused, (int, float)) and not isinstance(paused, bool) and math.isfinite(paused)
+    return float(paused) if ok and paused > 0 else 0.0
 
 
 #: Why an older attempt still running at a resume is not tracked on.

@@ -10,7 +10,7 @@ import math
 from ..attempts import DELIVERED, FAILED, RUNNING, WAITING, AttemptTable, Slot
 from ..errors import SessionError
 from ..events import RoundReport, shown
-from .base import RoundMode, log
+from .base import RoundMode, log, paused_s
 
 
 class AsyncRounds(RoundMode):
@@ -89,7 +89,7 @@ class AsyncRounds(RoundMode):
         busy = {s.client for s in self.jobs}
         failed = sum(1 for c in selected if c not in delivered and c not in busy)
         return self.aggregate(session, v, selected=selected, included=fresh, stale=stale, failed=failed,
-                              started=started, t0=t0, args={"clients": fresh, "stale": stale},
+                              started=started + paused_s(existing), t0=t0, args={"clients": fresh, "stale": stale},
                               extra=lambda res: {"stale_accepted": res.get("stale_accepted")})
 
     def buffered(self, session: str, v: int) -> int:

@@ -13,7 +13,7 @@ from ..attempts import FAILED, AttemptTable, Slot
 from ..round_closing import Closing, RoundDispatch, quorum_met, quorum_needed
 from ..errors import SessionError
 from ..events import RoundReport, client_index, shown
-from .base import RoundMode, log
+from .base import RoundMode, log, paused_s
 
 
 class ClosingRounds(RoundMode):
@@ -102,7 +102,7 @@ class ClosingRounds(RoundMode):
             self.before_aggregating(session, rnd, included, stale)
         failed = sum(1 for s in table if s.state == FAILED)
         return self.aggregate(session, rnd, selected=selected, included=included, stale=stale, failed=failed,
-                              started=started, t0=t0, args=self.aggregator_args(included, stale),
+                              started=started + paused_s(existing), t0=t0, args=self.aggregator_args(included, stale),
                               extra=self.extra_fields)
 
     def quorum_failed(self, session: str, rnd: int, table: AttemptTable, selected: list[str],
