@@ -16,7 +16,7 @@ import pytest
 from flcommon.strategies import get_strategy
 from flcommon import store as fs
 from flcommon.blobs import BlobError
-from flcommon.update_check import FINITE_BLOCK, UpdateRejected, all_finite, check_layout, subtract_base
+from flcommon.update_check import FINITE_BLOCK, UpdateRejected, all_within, check_layout, subtract_base
 from reference_fedavg import fedavg
 from test_blob_bounds import decode_arrays, encode_arrays
 from test_functions import call, load, make_session
@@ -52,19 +52,24 @@ def test_update_checks_name_what_is_wrong():
     for bad in (np.inf, np.nan):
         arrays = [np.array([1, bad], np.float32), np.eye(2, dtype=np.float32)]
         check_layout(arrays, ref)
-        with pytest.raises(UpdateRejected, match="array 0 contains NaN or inf"):
+        with pytest.raises(UpdateRejected, match="array 0 contains NaN, inf"):
             subtract_base(arrays, base)
     # Finite update, finite model, a delta beyond float32: refused all the same.
-    with pytest.raises(UpdateRejected, match="NaN or inf"):
+    with pytest.raises(UpdateRejected, match="NaN, inf"):
         subtract_base([np.array([3e38, 0], np.float32), np.eye(2, dtype=np.float32)],
                       [np.array([-3e38, 0], np.float32), np.eye(2, dtype=np.float32)])
     with pytest.raises(UpdateRejected, match="base model has 1 arrays"):
         subtract_base([np.ones(2, np.float32), np.eye(2, dtype=np.float32)], iter(base[:1]))
-    # Checked a block at a time: a NaN in the last, short block is found too.
+    # Finite but huge: weighted by its examples it would overflow the sum to inf.
+    with pytest.raises(UpdateRejected, match="a change beyond 1e\\+24"):
+        subtract_base([np.array([3e37, 0], np.float32), np.eye(2, dtype=np.float32)], base)
+    # Checked a block at a time: a NaN (or a value past the bound) in the last, short block is found too.
     big = np.zeros((3, FINITE_BLOCK + 5), np.float32)
-    assert all_finite(big) and all_finite(np.asfortranarray(big)) and all_finite(np.zeros(0, np.float32))
+    assert all_within(big, 1.0) and all_within(np.asfortranarray(big), 1.0) and all_within(np.zeros(0), 1.0)
     big[2, -1] = np.nan
-    assert not all_finite(big) and not all_finite(np.asfortranarray(big))
+    assert not all_within(big, 1.0) and not all_within(np.asfortranarray(big), 1.0)
+    big[2, -1] = -2.0
+    assert not all_within(big, 1.0) and all_within(big, 2.0)
     ok = [np.array([1, 2], np.float32), 2 * np.eye(2, dtype=np.float32)]
     check_layout(ok, ref)
     delta = subtract_base(ok, base)
@@ -123,7 +128,7 @@ def test_aggregator_rejects_bad_updates_with_reasons(fn_db, read_path):
     out = call("fl_server_aggregator", db, session=sid, round=0, clients=clients + ["client_0"])
     reasons = {r["client"]: r["reason"] for r in out["rejected"]}
     assert out["accepted"] == 1 and out["rejected_count"] == 11 == len(reasons)
-    assert "NaN or inf" in reasons["client_1"]
+    assert "NaN, inf" in reasons["client_1"]
     assert "shape" in reasons["client_2"]
     assert "round 5" in reasons["client_3"]
     assert "not a valid npz" in reasons["client_4"]

@@ -285,6 +285,18 @@ def test_init_client_aggregate_round_trip(fn_db, monkeypatch, kept):
     assert "'attempt'" in call("fl_client", db, session=sid, round=0, client="client_1")["error"]
 
 
+def test_an_aggregate_that_is_not_finite_fails_the_round_and_is_not_stored(fn_db):
+    db = fn_db
+    sid = make_session(db, strategy={"name": "fedavg", "server_lr": 1e300})
+    call("fl_server_init", db, session=sid, round=0, attempt=1)
+    for c in range(3):
+        call("fl_client", db, session=sid, round=0, client=f"client_{c}", attempt=1)
+    agg = call("fl_server_aggregator", db, session=sid, round=0, clients=[f"client_{c}" for c in range(3)])
+    assert "the aggregate holds NaN or inf (fedavg); the model is not stored" in agg["error"]
+    assert db[fs.MODELS].count_documents({"session": sid, "round": 1}) == 0
+    assert db["blobs.files"].count_documents({"metadata.kind": "model", "metadata.round": 1}) == 0
+
+
 def test_init_refuses_bad_specs(fn_db):
     sid = make_session(fn_db, model="resnet")
     assert "model must be one of" in call("fl_server_init", fn_db, session=sid, round=0)["error"]

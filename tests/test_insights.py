@@ -142,7 +142,7 @@ def test_planted_outlier_flip_and_nan_are_flagged(fn_db):
     nan_row = rows["client_9"]
     recorded = db[fs.UPDATES].find_one({"session": sid, "client": "client_9"})
     assert {"nan", "rejected"} <= set(nan_row["flags"]) and nan_row["status"] == "rejected"
-    assert nan_row["reason"] == recorded["reason"] and "NaN or inf" in nan_row["reason"]
+    assert nan_row["reason"] == recorded["reason"] and "NaN, inf" in nan_row["reason"]
     assert nan_row["norm"] is None and nan_row["cosine"] is None and nan_row["share"] is None
     for c in clients[:7]:
         assert rows[c]["flags"] == [], rows[c]

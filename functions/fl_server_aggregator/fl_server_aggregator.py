@@ -31,6 +31,7 @@ import math
 import time
 from typing import Any
 
+import numpy as np
 import pymongo
 
 from flcommon.strategies import StrategyError, get_strategy
@@ -38,6 +39,7 @@ from flcommon import store
 from flcommon.blobs import BlobError
 from flcommon.context import database, global_model, ids, num_classes, partition_arrays, session_spec
 from flcommon.entry import BadRequest, require
+from flcommon.update_check import all_within
 from flcommon.update_stream import aggregate
 from flcommon.models import evaluate
 from flcommon.privacy import central_dp
@@ -132,6 +134,11 @@ def handle(payload: dict[str, Any], bound: dict[str, str]) -> dict[str, Any]:
         new, new_state = agg.finish(weights, state)
     except StrategyError as exc:
         return {"error": f"round {rnd}: {exc}"}
+    # A model with NaN or inf could never be moved again (every later delta
+    # against it is NaN or inf too): such a round fails, and nothing is stored.
+    if not all(all_within(w, float(np.finfo(w.dtype).max)) for w in new):
+        return {"error": f"round {rnd}: the aggregate holds NaN or inf ({strategy.name}); the model is not stored "
+                         "(a server learning rate too large?)"}
     del weights, state
     contributions = [{"client": a["client"], "round": a["round"], "staleness": a["staleness"],
                       "num_examples": a["num_examples"], "weight": share,

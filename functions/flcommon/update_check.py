@@ -24,19 +24,28 @@ def check_layout(arrays: Sequence[np.ndarray], reference: Sequence[tuple[tuple[i
             raise UpdateRejected(f"array {i} has dtype {a.dtype}, expected {dtype}")
 
 
-FINITE_BLOCK = 1 << 18  # elements checked at a time: the mask numpy builds stays small
+FINITE_BLOCK = 1 << 18  # elements checked at a time: the buffer numpy fills stays small
+
+# Largest |value| a delta may hold. Finite is not enough: a client that sends
+# 3e37 passes a finiteness check, and weighted by its examples it overflows
+# the float32 sum to inf, a global model no later update can move (every
+# delta against it is inf too). Weights of 1e24 are no model's; a million
+# clients of ten million examples each at this bound still sum below
+# float32's maximum (3.4e38).
+MAX_ABS_DELTA = 1e24
 
 
-def all_finite(a: np.ndarray) -> bool:
-    """np.isfinite(a).all(), a block at a time, so the boolean mask is never
-    as large as a layer (a quarter of a float32 model's largest array)."""
+def all_within(a: np.ndarray, bound: float) -> bool:
+    """Every value finite with |value| <= bound: the largest |value| of a
+    block at a time (NaN fails the comparison, inf the bound), so the
+    buffer is never as large as a layer."""
     flat = a.reshape(-1, order="A")
-    if flat.size <= FINITE_BLOCK:   # one mask of at most a block: no buffer to slice
-        return bool(np.isfinite(flat).all())
-    mask = np.empty(min(flat.size, FINITE_BLOCK), dtype=bool)
+    if flat.size == 0:
+        return True
+    buf = np.empty(min(flat.size, FINITE_BLOCK), dtype=flat.dtype)
     for start in range(0, flat.size, FINITE_BLOCK):
         block = flat[start:start + FINITE_BLOCK]
-        if not np.isfinite(block, out=mask[:block.size]).all():
+        if not np.abs(block, out=buf[:block.size]).max() <= bound:
             return False
     return True
 
@@ -44,17 +53,19 @@ def all_finite(a: np.ndarray) -> bool:
 def subtract_base(arrays: list[np.ndarray], base: Iterable[np.ndarray]) -> list[np.ndarray]:
     """The update's delta against the model it was trained from, computed in
     place (the update's arrays become the delta), each array checked to be
-    finite. One finiteness check covers both: a NaN or inf in the update
-    stays one in the delta. `base` may be a stream (a stale update's model,
-    read array by array), so at most one of its arrays is held here."""
+    finite and within MAX_ABS_DELTA. One check covers both: a NaN or inf in
+    the update stays one in the delta. `base` may be a stream (a stale
+    update's model, read array by array), so at most one of its arrays is
+    held here."""
     count = 0
-    with np.errstate(over="ignore", invalid="ignore"):  # an overflow is caught by the finiteness check
+    with np.errstate(over="ignore", invalid="ignore"):  # an overflow is caught by the check
         for i, (a, g) in enumerate(zip(arrays, base)):
             if g.shape != a.shape:
                 raise UpdateRejected(f"array {i} does not match the base model's shape {g.shape}")
             np.subtract(a, g, out=a, casting="unsafe")
-            if not all_finite(a):
-                raise UpdateRejected(f"array {i} contains NaN or inf (or does once the base model is subtracted)")
+            if not all_within(a, MAX_ABS_DELTA):
+                raise UpdateRejected(f"array {i} contains NaN, inf or a change beyond {MAX_ABS_DELTA:g} "
+                                     "(or does once the base model is subtracted)")
             count += 1
     if count != len(arrays):
         raise UpdateRejected(f"the base model has {count} arrays, the update {len(arrays)}")
