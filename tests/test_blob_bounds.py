@@ -273,3 +273,22 @@ def test_a_poisoned_global_model_is_bad_input_for_the_client(fn_db):
         out = call("fl_client", db, session=sid, round=0, client="client_0", attempt=1)
         assert out["error"].startswith("bad request: blob refused")
     assert db[fs.UPDATES].count_documents({"session": sid}) == 0
+
+
+@pytest.mark.parametrize("length", ["x", None, float("nan"), True])
+def test_a_blob_record_with_a_malformed_length_is_refused_and_the_round_aggregates_the_rest(fn_db, length):
+    """Anyone who can write to the store can write a blob's files document:
+    a length that is not a whole number rejects that update, it does not
+    crash the aggregation."""
+    from test_aggregator import _put_update
+    db = fn_db
+    sid = make_session(db, clients=3)
+    call("fl_server_init", db, session=sid, round=0)
+    weights = fs.get_arrays(db, db[fs.MODELS].find_one({"session": sid, "round": 0})["blob_id"])
+    for i in range(3):
+        blob = _put_update(db, sid, 0, f"client_{i}", [w + 0.01 for w in weights])
+    db[f"{fs.BUCKET}.files"].update_one({"_id": blob}, {"$set": {"length": length}})
+    out = call("fl_server_aggregator", db, session=sid, round=0, clients=[f"client_{i}" for i in range(3)])
+    assert "error" not in out, out
+    assert out["accepted"] == 2 and [r["client"] for r in out["rejected"]] == ["client_2"]
+    assert "corrupt in the store" in out["rejected"][0]["reason"]

@@ -151,6 +151,14 @@ CHUNKS_PER_BATCH = 4  # ~1 MB of chunks per round trip: larger batches read no f
 CHUNKS_AHEAD = 2      # chunks a prefetching reader holds beyond the cursor's batch
 
 
+def _whole(value: Any) -> bool:
+    """A whole number as the store may hold one (int, Int64, or a float with
+    no fraction), not a bool."""
+    if isinstance(value, bool):
+        return False
+    return isinstance(value, int) or (isinstance(value, float) and value.is_integer())
+
+
 class ChunkReader(io.RawIOBase):
     """A GridFS file read front to back over one chunk cursor: one query
     for the whole file (pymongo's GridOut may issue one per chunk when a
@@ -171,10 +179,11 @@ class ChunkReader(io.RawIOBase):
             doc = db[f"{BUCKET}.files"].find_one({"_id": blob_id}, {"length": 1, "chunkSize": 1})
         if doc is None:
             raise BlobError(f"blob {blob_id} does not exist")
-        self.blob_id, self.length, self.chunk_size = blob_id, int(doc["length"]), int(doc["chunkSize"])
-        if self.length < 0 or self.chunk_size <= 0:
-            raise BlobError(f"blob {blob_id} is corrupt in the store: length {self.length}, "
-                            f"chunk size {self.chunk_size}")
+        length, chunk_size = doc.get("length"), doc.get("chunkSize")
+        # Whoever can write to the store can write these: whole numbers or a BlobError, never a crash.
+        if not _whole(length) or not _whole(chunk_size) or length < 0 or chunk_size <= 0:
+            raise BlobError(f"blob {blob_id} is corrupt in the store: length {length!r}, chunk size {chunk_size!r}")
+        self.blob_id, self.length, self.chunk_size = blob_id, int(length), int(chunk_size)
         if prefetch:
             # A small blob gets a smaller batch and fewer chunks ahead, so
             # that what is held beside it stays a fraction of its size.
@@ -251,10 +260,8 @@ SMALL_BATCH_BYTES = 1 << 20
 
 def is_small(files_doc: dict[str, Any]) -> bool:
     """A blob stored in one chunk (its files document says so)."""
-    try:
-        return 0 < int(files_doc["length"]) <= int(files_doc["chunkSize"])
-    except (KeyError, TypeError, ValueError):
-        return False
+    length, chunk_size = files_doc.get("length"), files_doc.get("chunkSize")
+    return _whole(length) and _whole(chunk_size) and 0 < length <= chunk_size
 
 
 def small_blob_batches(items: Sequence[Any], files_doc=lambda item: item) -> Iterator[list[Any]]:
