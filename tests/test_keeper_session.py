@@ -405,6 +405,34 @@ def test_async_clients_picked_when_the_last_step_is_already_full_are_not_listed_
     assert len(store.rounds_[(sid, 1)]["stale_included"]) == 2
 
 
+def test_async_clients_picked_when_a_step_is_already_full_train_from_the_model_current_when_invoked(tmp_path):
+    """A step whose buffer is full when it tops up leaves its picks to the
+    next step; that step invokes them from the model then current, and
+    lists them in its own round, not in the one they were picked in."""
+    sid = "s1"
+
+    def behave(fn, p, n):
+        if fn == "fl_server_aggregator" and p["round"] == 0:
+            for c in ("client_2", "client_3"):
+                store.add_update(sid, 0, c)   # landed while step 1 aggregated
+        if fn == "fl_client" and p["client"] in ("client_2", "client_3") and p["round"] == 0:
+            return ("after", 100.0)
+        return "ok"
+
+    keeper, store, provider, _ = fake_keeper(tmp_path, behave, mode="async", rounds=3, clients=6, per_round=4,
+                                             training="buffer_size: 2\n")
+    assert keeper.start(session_id=sid, deploy=False).state == "finished"
+    newest = 0   # the newest model when each call was made: one more after each aggregation
+    for name, payload in provider.invoked:
+        if name == "fl_client":
+            assert payload["round"] == newest, (payload["client"], payload["round"], newest)
+        elif name == "fl_server_aggregator":
+            newest = payload["round"] + 1
+    for rnd in (0, 1, 2):
+        invoked = {a["client"] for a in client_attempts(store, sid) if a["round"] == rnd}
+        assert set(store.rounds_[(sid, rnd)]["selected"]) == invoked, rnd
+
+
 def test_refused_connections_reported_per_invocation_end_in_a_lost_cluster_not_used_up_retries(tmp_path):
     """HTTP platforms report a refused connection as each invocation's
     outcome: those attempts never reached the function and must not use up

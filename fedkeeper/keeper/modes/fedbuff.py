@@ -46,6 +46,21 @@ class AsyncRounds(RoundMode):
         them to the next step to invoke; after the last step none will be."""
         self.unselect(session, [s for s in self.jobs if s.state == WAITING and s.attempt == 0])
 
+    def carry_never_invoked(self, session: str, v: int, selected: list[str]) -> None:
+        """Jobs an earlier step picked when its buffer was already full were
+        never invoked: they are invoked now, so they train from model `v`
+        and belong to round v's `selected`, not the round they were picked in."""
+        carried = [s for s in list(self.jobs) if s.state == WAITING and s.attempt == 0 and s.round < v]
+        if not carried:
+            return
+        self.unselect(session, carried)
+        for s in carried:
+            self.jobs.remove(s)
+            s.round = v
+            self.jobs.add(s)
+            if s.client not in selected:
+                selected.append(s.client)
+
     def unselect(self, session: str, slots: list[Slot]) -> None:
         """Jobs never invoked leave their rounds' `selected`, which lists the
         clients invoked from each round's model."""
@@ -76,6 +91,7 @@ class AsyncRounds(RoundMode):
                 if s.state == RUNNING and self._job(s.client) is None:
                     self.jobs.add(s)
         else:
+            self.carry_never_invoked(session, v, selected)
             self.store.upsert_round(session, v, selected=selected, state="running", mode="async",
                                     started=started)
             for s in self.adopt(session, v, selected):
