@@ -575,7 +575,7 @@ def test_on_resume_an_older_running_attempt_beside_a_younger_one_is_closed(tmp_p
     assert summary.state == "finished" and summary.rounds[0].delivered == 4
     assert store.invocations[hedge["_id"]]["state"] == ("hedged" if stored_by_own else "succeeded")
     closed = store.invocations[own["_id"]]
-    assert closed["state"] == "abandoned"
+    assert closed["state"] == "abandoned" and closed["stray"] is True   # not the client's doing: reliability skips it
     assert bool(closed.get("stored_update")) is stored_by_own
     assert ("is the one counted" if stored_by_own else "a younger attempt of its client runs") in closed["error"]
     assert all(a["state"] != "running" for a in store.attempts("s1"))

@@ -208,3 +208,15 @@ def test_a_new_selection_policy_plugs_in_by_name():
         POLICIES.pop("lowest_index_test")
     with pytest.raises(ValueError, match="no selection policy 'nope'"):
         make_policy("nope", SimpleNamespace(seed=0), {}, None)
+
+
+def test_attempts_the_keeper_left_unsent_or_closed_as_stray_say_nothing_about_their_client():
+    docs = attempt_records()
+    one = [d for d in docs if d["client"] == "client_0"]
+    before = client_stats(docs)["client_0"]
+    for extra in ({"unsent": True}, {"stray": True}):
+        docs.append({**one[0], "_id": ObjectId(), "attempt": 2, "state": "abandoned", **extra})
+    after = client_stats(docs)["client_0"]
+    assert after == before and after["success_rate"] == 1.0
+    docs.append({**one[0], "_id": ObjectId(), "attempt": 3, "state": "abandoned"})   # a deadline's: it counts
+    assert client_stats(docs)["client_0"]["attempts"] == before["attempts"] + 1

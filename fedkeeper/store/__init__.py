@@ -269,7 +269,8 @@ class Store:
         reliability scores read."""
         return self._run(lambda: list(self.db[fs.INVOCATIONS].find(
             {"session": session, "function": "fl_client", "state": {"$in": list(ended_states)}},
-            {"client": 1, "cluster": 1, "state": 1, "error_class": 1, "cold_start": 1, "duration_ms": 1})))
+            {"client": 1, "cluster": 1, "state": 1, "error_class": 1, "cold_start": 1, "duration_ms": 1,
+             "unsent": 1, "stray": 1})))
 
     #: Marks per running_marks document: about 100 bytes each, far below a
     #: document's 16 MB limit however many clients a round invokes.

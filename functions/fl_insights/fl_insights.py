@@ -271,7 +271,7 @@ def clusters(reader: Reader, q: Query, g: Gathered) -> dict[str, Any]:
 # --------------------------------------------------------------------------- reliability
 
 ATTEMPT_FIELDS = {"client": 1, "cluster": 1, "platform": 1, "function": 1, "round": 1, "attempt": 1,
-                  "state": 1, "error_class": 1, "cold_start": 1, "duration_ms": 1}
+                  "state": 1, "error_class": 1, "cold_start": 1, "duration_ms": 1, "unsent": 1, "stray": 1}
 
 
 def gather_attempts(db, q: Query) -> tuple[list[dict[str, Any]], tuple[int, int] | None, str]:

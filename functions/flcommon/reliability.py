@@ -15,8 +15,15 @@ import numpy as np
 ENDED = ("succeeded", "failed", "timed_out", "abandoned")
 
 
+def _ended(a: dict[str, Any]) -> bool:
+    """An attempt that ended and says something about its client and
+    cluster: not one a stopped keeper left unsent (it never ran), nor one a
+    resumed keeper closed as stray (its client had a younger attempt)."""
+    return a.get("state") in ENDED and not a.get("unsent") and not a.get("stray")
+
+
 def _summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    ended = [a for a in rows if a.get("state") in ENDED]
+    ended = [a for a in rows if _ended(a)]
     ok = [a for a in ended if a.get("state") == "succeeded"]
     timeouts = [a for a in ended if a.get("state") == "timed_out" or a.get("error_class") == "timeout"]
     colds = [a for a in ended if a.get("cold_start") is not None]

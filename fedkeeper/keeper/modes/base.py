@@ -206,8 +206,9 @@ class RoundMode(ABC):
         refused says so (Hedger.own_attempt_refused), as for an attempt
         given up for a hedge."""
         if attempts:
-            self.dispatch.update_attempts([(a["_id"], {"state": "abandoned", "finished": now, "error": STRAY})
-                                           for a in attempts])
+            # stray: the keeper's own bookkeeping, not the client's doing (reliability leaves it out)
+            self.dispatch.update_attempts([(a["_id"], {"state": "abandoned", "finished": now, "error": STRAY,
+                                                       "stray": True}) for a in attempts])
         for a in attempts:
             self.dispatch.hedger.given_up(a["client"], a["round"], a["attempt"], a["_id"])
 
