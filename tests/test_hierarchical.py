@@ -312,3 +312,35 @@ def test_followers_started_with_the_round_are_waited_for_and_replaced_when_they_
     after = sorted(c for c in dispatch.calls if "follow_s" not in c[2])
     assert after == [(k, "fl_combiner", {"slot_name": f"_fl_combiner@{k}/closed", "cluster_name": k}) for k in "bc"]
     assert out == {"a": {"combined": 2}, "b": {"combined": 1}, "c": {"combined": 1}}   # d delivered nothing
+
+
+def test_a_partial_stored_meanwhile_by_another_combiner_stands_and_ours_leaves_nothing(fn_db, monkeypatch):
+    """Two combiners of one cluster (a follower left behind and the one run
+    at the round's close) may both find no partial and both write one: the
+    store keeps one per (session, round, cluster), and the second's blob is
+    deleted."""
+    from pymongo.collection import Collection
+
+    from flcommon.partials import PartialSum, write_partial
+
+    db = fn_db
+    first = PartialSum()
+    first.add([np.ones(3, np.float32)], 2.0, 2.0)
+    kept = write_partial(db, "s", 0, "alpha", first, [{"client": "client_0"}], [], 0.0)
+    # the second combiner's look-up ran before the first one's write landed
+    find_one = Collection.find_one
+    missed = []
+
+    def misses_once(coll, *args, **kwargs):
+        if coll.name == PARTIALS and not missed:
+            missed.append(True)
+            return None
+        return find_one(coll, *args, **kwargs)
+
+    monkeypatch.setattr(Collection, "find_one", misses_once)
+    second = PartialSum()
+    second.add([np.zeros(3, np.float32)], 5.0, 5.0)
+    out = write_partial(db, "s", 0, "alpha", second, [{"client": "client_1"}], [], 0.0)
+    assert missed and out["_id"] == kept["_id"] and out["clients"] == [{"client": "client_0"}]
+    assert db[PARTIALS].count_documents({"session": "s", "round": 0, "cluster": "alpha"}) == 1
+    assert db[f"{fs.BUCKET}.files"].count_documents({"metadata.kind": "partial"}) == 1

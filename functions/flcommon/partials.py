@@ -23,12 +23,13 @@ import time
 from typing import Any
 
 import numpy as np
+import pymongo
 from bson import ObjectId
 
 from . import store
 from .blobs import BlobError, write_arrays
 
-PARTIALS = "partials"
+PARTIALS = store.PARTIALS
 # Chunks per insert_many when a partial is written: a quarter of a model
 # of 4 MB or more at a time, so writing holds little beside the encoding.
 _CHUNK_BATCH = 4
@@ -95,7 +96,12 @@ def write_partial(db, session: str, rnd: int, cluster: str, partial: PartialSum,
     doc = {"session": session, "round": rnd, "cluster": cluster, "blob_id": blob,
            "clients": contributions, "rejected": rejected, "weight": partial.weight,
            "num_examples": partial.mass, "created": time.time(), "seconds": seconds}
-    db[PARTIALS].insert_one(doc)
+    try:
+        db[PARTIALS].insert_one(doc)
+    except pymongo.errors.DuplicateKeyError:
+        # another combiner of this cluster stored its partial meanwhile: that one stands
+        store.delete_blob(db, blob)
+        return db[PARTIALS].find_one({"session": session, "round": rnd, "cluster": cluster})
     return doc
 
 

@@ -33,6 +33,7 @@ EVENTS = "events"
 UPDATES = "updates"
 MODELS = "models"
 PARTITIONS = "partitions"
+PARTIALS = "partials"   # hierarchical rounds' partial aggregates (flcommon/partials.py)
 
 _clients: dict[str, pymongo.MongoClient] = {}
 _clients_lock = threading.Lock()
@@ -62,6 +63,9 @@ def ensure_function_indexes(db) -> None:
     db[UPDATES].create_index([("session", asc), ("round", asc), ("client", asc)], unique=True)
     db[MODELS].create_index([("session", asc), ("round", asc)], unique=True)
     db[PARTITIONS].create_index([("session", asc), ("client", asc)], unique=True)
+    # One combiner's partial per cluster and round (hierarchical): a follower
+    # combiner and the one run at the round's close may both try to store it.
+    db[PARTIALS].create_index([("session", asc), ("round", asc), ("cluster", asc)], unique=True)
     # GridFS's own indexes (the names and keys pymongo's GridFS creates),
     # made once here because put_arrays writes chunks directly.
     db[f"{BUCKET}.files"].create_index([("filename", asc), ("uploadDate", asc)])
