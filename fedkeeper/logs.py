@@ -44,6 +44,9 @@ class RedactingFilter(logging.Filter):
 
 def setup_run_log(name: str, secrets: Iterable[str], level: int = logging.INFO) -> Path:
     """Send the `fedkeeper` logger to logs/<name>.log; returns the path."""
+    if not name or name in (".", "..") or Path(name).name != name:
+        # A path would write outside the log directory or into a missing one.
+        raise ValueError(f"run log name {name!r} is not a file name")
     path = log_dir() / f"{name}.log"
     handler = logging.FileHandler(path, encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))

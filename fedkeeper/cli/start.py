@@ -19,6 +19,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from ..config import Config
+from ..config.values import session_id as check_session_id
 from .common import (INTERRUPTED_EXIT, UsageFailure, config_option, console, errconsole, fail, load,
                      open_runtime, print_json, remember_config, scenario_option, show_table)
 
@@ -184,6 +185,12 @@ def run_start(cfg: Config, scenario: str | None, resume: str | None = None, depl
     from ..logs import setup_run_log
     # The keeper's "a service is gone for good" error, where the keeper has one.
     service_lost = tuple(c for c in [getattr(keeper_module, "ServiceLost", None)] if c is not None)
+    if resume is not None:
+        # It names the run log: checked first, so that it cannot be a path.
+        try:
+            check_session_id(resume)
+        except ValueError as exc:
+            raise UsageFailure(f"--resume {exc}") from None
     session_id = resume or new_session_id(cfg.name)
     log_path = setup_run_log(session_id, cfg.secret_values())
     if deploy:  # local services load their runtimes' modules while the store starts

@@ -3,24 +3,30 @@ platform's unit conventions, validation, and the checks across sections.
 Every refusal is a ConfigError naming the file, the line and the key."""
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
+import stat
 from pathlib import Path
 from typing import Any, Optional
-from urllib.parse import urlsplit
 
 import yaml
 from pydantic import ValidationError
 
 from .clusters import cluster_model, provider_sections
-from .errors import ConfigError, did_you_mean, dotted, duplicate_keys, line_for, line_index
+from .errors import ConfigError, YamlBoundError, compose, construct, did_you_mean, dotted, line_for, node_index
 from .model import SECRET_KEYS, Config
 from .references import check_references
 from .scenario import IGNORED_FUNCTION_SECTIONS
 from .units import format_duration_s, is_bare_number, parse_duration_s
-from .values import ENV_RE, REDACTED, only_references
+from .values import ENV_RE, REDACTED, only_references, url_userinfo
 
+
+# Reads are bounded: a config or secret path naming a FIFO would block for
+# ever, and /dev/zero or a huge file would fill the memory.
+CONFIG_MAX_BYTES = 1 << 20   # real configs are a few kilobytes
+SECRET_MAX_BYTES = 64 << 10  # a service account key is about 2 KiB
 
 
 class _Located(ValueError):
@@ -74,8 +80,7 @@ def _interpolate(o: Any, path: tuple, base_dir: Path, sources: dict[tuple, tuple
 
 def _refuse_redacted(path: tuple, value: str) -> None:
     key = str(path[-1]) if path else ""
-    userinfo = urlsplit(value).netloc.rpartition("@")[0] if "://" in value else ""
-    if (key in SECRET_KEYS and value.strip() == REDACTED) or userinfo == REDACTED:
+    if (key in SECRET_KEYS and value.strip() == REDACTED) or url_userinfo(value) == REDACTED:
         raise _Located(path, f"holds {REDACTED!r}, what `config show` prints in place of a secret: "
                              "give the secret as ${ENV_VAR} or through a <key>_file sibling")
 
@@ -88,15 +93,45 @@ def _secret_path(raw: str, base_dir: Path) -> Path:
 def _read_secret_file(raw: str, path: tuple, base_dir: Path, target: str) -> Any:
     fp = _secret_path(raw, base_dir)
     try:
-        content = fp.read_text().strip()
+        content = read_text_bounded(fp, SECRET_MAX_BYTES).strip()
     except OSError as exc:
-        raise _Located(path, f"cannot read secret file {fp}: {exc.strerror}") from None
+        raise _Located(path, f"cannot read secret file {fp}: {exc.strerror or exc}") from None
+    except ValueError as exc:
+        raise _Located(path, f"secret file {fp} {exc}") from None
     if target == "auth" and content.startswith("{"):
         try:
             return json.loads(content)
         except json.JSONDecodeError as exc:
             raise _Located(path, f"secret file {fp} is not valid JSON: {exc.msg}") from None
+        except (ValueError, RecursionError):  # an integer too long to convert, or nesting too deep
+            raise _Located(path, f"secret file {fp} is not JSON a service account key can be "
+                                 "(nested too deeply or a number too long)") from None
     return content
+
+
+def _size_text(n: int) -> str:
+    return f"{n >> 20} MiB" if n % (1 << 20) == 0 else f"{n >> 10} KiB"
+
+
+def read_text_bounded(fp: Path, limit: int) -> str:
+    """The UTF-8 text of the regular file `fp`, if it holds at most `limit`
+    bytes. Raises OSError, or ValueError with the reason as the end of a
+    sentence naming the file."""
+    # O_NONBLOCK: opening a FIFO must not wait for a writer; fstat then refuses it.
+    fd = os.open(fp, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    with os.fdopen(fd, "rb") as f:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR))
+        if not stat.S_ISREG(mode):
+            raise ValueError("is not a regular file (a FIFO, socket or device would block or never end)")
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise ValueError(f"is larger than {_size_text(limit)}, the most it may hold")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"is not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start})") from None
 
 
 # --------------------------------------------------------------------------- sections
@@ -202,19 +237,23 @@ def _key_named_first(path: tuple, message: str, index: dict) -> tuple:
 def parse_config(text: str, file: str = "<config>", base_dir: Optional[Path] = None) -> Config:
     base_dir = base_dir or Path.cwd()
     try:
-        data = yaml.safe_load(text)
+        root = compose(text)
+        # Walked before construct(), which merges `<<` keys into the tree.
+        index, duplicates = node_index(root)
+        data = None if root is None else construct(root)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         problem = getattr(exc, "problem", None) or str(exc)
         raise ConfigError(f"not valid YAML: {problem}", file=file,
                           line=(mark.line + 1) if mark else None) from None
+    except YamlBoundError as exc:
+        raise ConfigError(str(exc), file=file, line=exc.line) from None
     if data is None:
         raise ConfigError("the file is empty", file=file)
     if not isinstance(data, dict):
         raise ConfigError(f"expected a mapping at the top level, got {type(data).__name__}",
                           file=file, line=1)
-    index = line_index(text)
-    for path, first, again in duplicate_keys(text)[:1]:
+    for path, first, again in duplicates[:1]:
         raise ConfigError(f"given twice (first at line {first}); YAML would keep only this one",
                           file=file, line=again, path=dotted(path))
     sources: dict[tuple, tuple[str, str]] = {}
@@ -241,12 +280,14 @@ def parse_config(text: str, file: str = "<config>", base_dir: Optional[Path] = N
 def load_config(path: str | os.PathLike) -> Config:
     p = Path(path)
     try:
-        text = p.read_text()
+        text = read_text_bounded(p, CONFIG_MAX_BYTES)
     except FileNotFoundError:
         raise ConfigError("config file not found", file=str(p)) from None
     except IsADirectoryError:
         raise ConfigError("is a directory, not a config file", file=str(p)) from None
     except OSError as exc:
-        raise ConfigError(f"cannot read config: {exc.strerror}", file=str(p)) from None
+        raise ConfigError(f"cannot read config: {exc.strerror or exc}", file=str(p)) from None
+    except ValueError as exc:
+        raise ConfigError(f"the config file {exc}", file=str(p)) from None
     return parse_config(text, file=str(p), base_dir=p.resolve().parent)
 

@@ -1,15 +1,16 @@
 """The whole config (`Config`), and how secrets are found and hidden."""
 from __future__ import annotations
 
+import re
 from typing import Any, Optional, Union
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import quote_plus
 
 from pydantic import BaseModel, Field, PrivateAttr, SecretStr
 
 from .clusters import Providers, Strict
 from .errors import ConfigError
 from .scenario import Scenario
-from .values import SessionName
+from .values import MIN_SECRET_LEN, PASSWORD_PLACEHOLDER, SessionName, url_credential
 
 # Keys whose values are secrets wherever they appear.
 SECRET_KEYS = {"ow_auth", "ow_apigw_access_token", "auth", "password", "private_key",
@@ -54,6 +55,7 @@ class Config(Strict):
                 v = o.get_secret_value()
                 if v and v != "embedded":
                     found.add(v)
+                    found.add(quote_plus(v))  # as it appears in a URL it was put in (mongo_config)
                     if ":" in v:  # uuid:key -> the key alone too
                         found.add(v.split(":", 1)[1])
             elif isinstance(o, BaseModel):
@@ -70,12 +72,12 @@ class Config(Strict):
                 for v in o:
                     walk(v)
             elif isinstance(o, str):
-                u = urlsplit(o) if "://" in o else None
-                if u is not None and u.password:
-                    found.add(u.password)
+                credential = url_credential(o)
+                if credential and credential != PASSWORD_PLACEHOLDER:
+                    found.add(credential)
 
         walk(self)
-        return {s for s in found if len(s) >= 4}
+        return {s for s in found if len(s) >= MIN_SECRET_LEN}
 
     def redacted(self) -> dict[str, Any]:
         return redact(self.model_dump(mode="python", by_alias=True, exclude_none=True))
@@ -90,9 +92,15 @@ def redact(o: Any) -> Any:
     if isinstance(o, list):
         return [redact(v) for v in o]
     if isinstance(o, str) and "://" in o:
-        u = urlsplit(o)
-        if u.password or u.username:
-            host = u.hostname or ""
-            netloc = f"***@{host}" + (f":{u.port}" if u.port else "")
-            return urlunsplit((u.scheme, netloc, u.path, u.query, u.fragment))
+        return _without_userinfo(o)
     return o
+
+
+def _without_userinfo(url: str) -> str:
+    """`url` with its user info, if any, as *** and the rest as written:
+    string work, so that a bad port or host in a section nothing checks
+    (extra keys) cannot make it raise."""
+    scheme, _, rest = url.partition("://")
+    netloc, path = re.match(r"([^/?#]*)(.*)", rest, re.S).groups()
+    userinfo, at, host = netloc.rpartition("@")
+    return f"{scheme}://***@{host}{path}" if at else url

@@ -5,7 +5,6 @@ or as `***` (which loading refuses) when it was written inline."""
 from __future__ import annotations
 
 from typing import Any
-from urllib.parse import urlsplit
 
 import yaml
 from pydantic import SecretStr
@@ -13,10 +12,7 @@ from pydantic import SecretStr
 from ..user_module import module_path
 from .model import SECRET_KEYS, Config, redact
 from .units import format_duration_s, format_memory_mb
-from .values import only_references
-
-# The placeholder FedKeeper's URLs carry for mongo_config.password.
-_PASSWORD_PLACEHOLDER = "PASSWORD"
+from .values import PASSWORD_PLACEHOLDER, only_references, url_credential
 
 
 def _secret_in(key: str, value: Any) -> bool:
@@ -24,9 +20,9 @@ def _secret_in(key: str, value: Any) -> bool:
         return value.get_secret_value() not in ("", "embedded")
     if key in SECRET_KEYS and isinstance(value, str):
         return bool(value)
-    if isinstance(value, str) and "://" in value:
-        u = urlsplit(value)
-        return bool(u.password) and u.password != _PASSWORD_PLACEHOLDER
+    if isinstance(value, str):
+        credential = url_credential(value)
+        return bool(credential) and credential != PASSWORD_PLACEHOLDER
     return False
 
 
@@ -57,8 +53,8 @@ def _written_is_safe(key: str, written: tuple[str, str]) -> bool:
     if written_key != key:
         return True
     if "://" in text and key not in SECRET_KEYS:
-        password = urlsplit(text).password
-        return not password or password == _PASSWORD_PLACEHOLDER or only_references(password)
+        credential = url_credential(text)
+        return not credential or credential == PASSWORD_PLACEHOLDER or only_references(credential)
     return only_references(text)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import re
 from typing import TYPE_CHECKING, Literal, Optional, Union
-from urllib.parse import urlsplit
+from urllib.parse import quote_plus, urlsplit
 
 from flcommon.data import OBJ_HELP
 from pydantic import Field, SecretStr, field_validator, model_validator
@@ -15,7 +15,7 @@ from .clusters import Open, Strict
 from .errors import did_you_mean
 from .training import InsightsConfig, ModelParams, TrainingConfig
 from .units import count, parse_duration_s, parse_memory_mb
-from .values import ImageRef, Sha256, http_url, host_port, no_placeholder
+from .values import ImageRef, Sha256, host_port, http_url, no_placeholder, shown_url
 
 if TYPE_CHECKING:
     from .clusters import Providers
@@ -26,12 +26,17 @@ class ServerConfig(Open):
     server_manager_functions: list[str] = Field(default_factory=list)
 
 
+# The keeper holds a record per client (placement, selection, attempts):
+# validating 3e6 clients took 466 MB, and a mistyped 1e9 would need 150 GB.
+MAX_CLIENTS = 1_000_000
+
+
 class ClientsInfo(Strict):
-    total_num_clients: int = Field(gt=0)
+    total_num_clients: int = Field(gt=0, le=MAX_CLIENTS)
     num_clients_per_round: int = Field(gt=0)
-    edge_clients_count: int = Field(0, ge=0)
-    ow_clients_count: int = Field(0, ge=0)
-    gcf_clients_count: int = Field(0, ge=0)
+    edge_clients_count: int = Field(0, ge=0, le=MAX_CLIENTS)
+    ow_clients_count: int = Field(0, ge=0, le=MAX_CLIENTS)
+    gcf_clients_count: int = Field(0, ge=0, le=MAX_CLIENTS)
     client_functions: list[str] = Field(default_factory=lambda: ["fl_client"], min_length=1)
     # New: explicit placement, cluster name -> number of clients or client indices.
     clusters: Optional[dict[str, Union[int, list[int]]]] = None
@@ -43,6 +48,8 @@ class ClientsInfo(Strict):
         for name, spec in (v or {}).items():
             if isinstance(spec, int) and spec < 1:
                 raise ValueError(f"{name}: places {spec} clients; give a count of at least 1 or a list of indices")
+            if isinstance(spec, int) and spec > MAX_CLIENTS:
+                raise ValueError(f"{name}: places {spec} clients; at most {MAX_CLIENTS:,} in all")
             for i in spec if isinstance(spec, list) else []:
                 if i < 0:
                     raise ValueError(f"{name}: client index {i} is negative")
@@ -140,23 +147,24 @@ class MongoConfig(Strict):
         if s == "embedded":
             return v
         no_placeholder(s)
+        shown = shown_url(s)
         if "://" in s:
             u = urlsplit(s)
             if u.scheme not in ("mongodb", "mongodb+srv"):
-                raise ValueError(f"{s!r} has scheme {u.scheme!r}; expected mongodb:// or mongodb+srv://")
+                raise ValueError(f"{shown!r} has scheme {u.scheme!r}; expected mongodb:// or mongodb+srv://")
             hosts = u.netloc.rpartition("@")[2]
             if not hosts:
-                raise ValueError(f"{s!r} names no host")
+                raise ValueError(f"{shown!r} names no host")
             for h in hosts.split(","):
                 host_port(h)
             return v
         if ":" not in s:
-            raise ValueError(f"{s!r} is not embedded, a mongodb:// URL or host:port"
+            raise ValueError(f"{shown!r} is not embedded, a mongodb:// URL or host:port"
                              f"{did_you_mean(s, ['embedded'])}")
         try:
             host_port(s)
         except ValueError:
-            raise ValueError(f"{s!r} is not embedded, a mongodb:// URL or host:port") from None
+            raise ValueError(f"{shown!r} is not embedded, a mongodb:// URL or host:port") from None
         return v
 
     @field_validator("db", "collection")
@@ -188,7 +196,9 @@ class MongoConfig(Strict):
         if "://" not in url:  # FedKeeper's bare host:port form
             url = f"mongodb://{url}"
         if self.password is not None:
-            url = url.replace("PASSWORD", self.password.get_secret_value())
+            # Escaped as pymongo documents: an '@', ':' or '/' in the password
+            # would otherwise end the user info and change the host.
+            url = url.replace("PASSWORD", quote_plus(self.password.get_secret_value()))
         return url
 
 
@@ -229,7 +239,7 @@ class TrainingTestData(Open):
         if "://" in v:
             http_url(v)
         if not urlsplit(v).path.lower().endswith(".npz"):
-            raise ValueError(f"{v!r} is not an .npz file; the functions read Keras' mnist.npz layout "
+            raise ValueError(f"{shown_url(v)!r} is not an .npz file; the functions read Keras' mnist.npz layout "
                              "(x_train, y_train, x_test, y_test) from a local path or an http(s) URL")
         return v
 

@@ -15,6 +15,8 @@ from ..privacy.settings import PrivacyConfig, SecureAggregationConfig, refusal
 from .clusters import Strict
 
 STRATEGIES = tuple(STRATEGY_CLASSES)
+# numpy's legacy seeding and keras.utils.set_random_seed take 32-bit seeds.
+MAX_SEED = 2**32 - 1
 
 
 class ModelParams(Strict):
@@ -110,7 +112,7 @@ class TrainingConfig(Strict):
 
     rounds: int = Field(20, gt=0)
     target_accuracy: Optional[float] = Field(None, gt=0, le=1)
-    seed: int = Field(0, ge=0)
+    seed: int = Field(0, ge=0, le=MAX_SEED)
     strategy: StrategyConfig = StrategyConfig()
     retries: RetryConfig = RetryConfig()
     hedging: HedgingConfig = HedgingConfig()

@@ -4,7 +4,7 @@ plain strings, and each refusal says what was expected."""
 from __future__ import annotations
 
 import re
-from typing import Annotated, Any
+from typing import Annotated, Any, Optional
 from urllib.parse import urlsplit
 
 from pydantic import AfterValidator, BeforeValidator
@@ -26,6 +26,11 @@ _HOST_RE = re.compile(r"(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)*"
                       r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?|\[[0-9A-Fa-f:.]+\]")
 # The placeholder `config show` prints for a secret it cannot name a source for.
 REDACTED = "***"
+# What mongo_config.url holds where mongo_config.password goes: not a secret.
+PASSWORD_PLACEHOLDER = "PASSWORD"
+# Shorter values are not masked in logs (they would mask common words) and a
+# user name this short in a URL is a login name, not a token.
+MIN_SECRET_LEN = 4
 
 
 def no_placeholder(v: str) -> str:
@@ -35,26 +40,68 @@ def no_placeholder(v: str) -> str:
     return v
 
 
+def shown_url(v: str) -> str:
+    """`v` as an error message may print it: what precedes its last '@' (the
+    user info, so a key or token) as ***, and its query and fragment (signed
+    URLs carry tokens there) elided. The last '@' of the whole string, not
+    of the host part: a password with an unescaped '/', '?' or '#' must not
+    show either. Plain string work, so that no malformed URL makes it raise."""
+    scheme, sep, rest = v.partition("://")
+    if not sep:
+        scheme, rest = "", v
+    userinfo, at, rest = rest.rpartition("@")
+    cut = min((i for i in (rest.find("?"), rest.find("#")) if i >= 0), default=-1)
+    if cut >= 0:
+        rest = rest[:cut + 1] + "..."
+    return scheme + sep + (f"{REDACTED}@" if at else "") + rest
+
+
+def url_userinfo(v: str) -> str:
+    """The user info of a URL as urlsplit finds it ('' when none), without
+    urlsplit, which raises on an unclosed '[' in any string of the config."""
+    if "://" not in v:
+        return ""
+    netloc = re.split(r"[/?#]", v.partition("://")[2], maxsplit=1)[0]
+    return netloc.rpartition("@")[0]
+
+
+def url_credential(v: str) -> Optional[str]:
+    """The secret in a URL's user info: its password, else the user name, as
+    a token is written (https://<token>@host), unless it is too short to be
+    one (`git@`); None when there is neither."""
+    user, _, password = url_userinfo(v).partition(":")
+    if password:
+        return password
+    return user if len(user) >= MIN_SECRET_LEN else None
+
+
 def _check_port(port: str, text: str) -> None:
     if not port.isdigit() or not 1 <= int(port) <= 65535:
-        raise ValueError(f"{text!r} has port {port!r}; expected a number from 1 to 65535")
+        shown = shown_url(text)
+        # What looks like a port is part of the password when one holds an unescaped '/', '?' or '#'.
+        which = f"port {port!r}" if port in shown else "a port that is not a number"
+        raise ValueError(f"{shown!r} has {which}; expected a number from 1 to 65535")
 
 
 def url(v: str, schemes: tuple[str, ...] = ("http", "https")) -> str:
     """A URL with one of `schemes` and a host."""
     no_placeholder(v)
     expected = " or ".join(f"{s}://" for s in schemes)
+    shown = shown_url(v)
     if any(c.isspace() for c in v):
-        raise ValueError(f"{v!r} is not a URL: it contains white space")
-    u = urlsplit(v)
+        raise ValueError(f"{shown!r} is not a URL: it contains white space")
+    try:
+        u = urlsplit(v)
+    except ValueError:  # e.g. an unclosed '[' of an IPv6 address
+        raise ValueError(f"{shown!r} is not a URL; expected {expected}host...") from None
     if not u.scheme or "://" not in v:
-        raise ValueError(f"{v!r} is not a URL; expected {expected}host...")
+        raise ValueError(f"{shown!r} is not a URL; expected {expected}host...")
     if u.scheme.lower() not in schemes:
-        raise ValueError(f"{v!r} has scheme {u.scheme!r}; expected {expected}")
+        raise ValueError(f"{shown!r} has scheme {u.scheme!r}; expected {expected}")
     netloc = u.netloc.rpartition("@")[2]
     host, port = (netloc.rsplit(":", 1) + [""])[:2] if not netloc.endswith("]") else (netloc, "")
     if not host or not _HOST_RE.fullmatch(host):
-        raise ValueError(f"{v!r} has no valid host name")
+        raise ValueError(f"{shown!r} has no valid host name")
     if port or netloc.endswith(":"):
         _check_port(port, v)
     return v
@@ -73,7 +120,7 @@ def host_port(v: str) -> str:
     if not sep:
         host = v
     if not host or not _HOST_RE.fullmatch(host):
-        raise ValueError(f"{v!r} is not a host name or host:port")
+        raise ValueError(f"{shown_url(v)!r} is not a host name or host:port")
     if sep:
         _check_port(port, v)
     return v
@@ -123,6 +170,15 @@ def session_name(v: str) -> str:
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", v):
         raise ValueError(f"{v!r} cannot name sessions: use letters, digits, '_', '.' and '-' "
                          "(at most 64, starting with a letter or digit)")
+    return v
+
+
+def session_id(v: str) -> str:
+    """A session id as `start` and `sweep` make them, <name>-<time>-<hex> or
+    <sweep id>-<run>: one file name (of the run log), never a path."""
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}", v):
+        raise ValueError(f"{v!r} is not a session id: letters, digits, '_', '.' and '-' (at most 128, "
+                         "starting with a letter or digit), as `fedkeeper status` lists them")
     return v
 
 

@@ -222,6 +222,11 @@ def plan_sweep(cfg: Config, scenario: str | None, axes: list[GridAxis], repeats:
         raise SweepError(str(exc)) from None
     if scen.clients_info is None:
         raise SweepError(f"scenario {name!r} has no clients_info; it cannot be trained")
+    from ..config.training import MAX_SEED
+    last_seed = scen.training.seed + repeats - 1  # repeat r trains with seed + r
+    if last_seed > MAX_SEED:
+        raise SweepError(f"--repeats {repeats} from training.seed {scen.training.seed} would reach seed "
+                         f"{last_seed}; seeds go up to {MAX_SEED} (2**32 - 1): lower the seed or the repeats")
     digest = content_hash(cfg, name, axes, repeats)
     if sweep_id is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,80}", sweep_id):
         raise SweepError(f"--sweep-id {sweep_id!r}: use letters, digits, '_', '.', '-' (at most 81)")
