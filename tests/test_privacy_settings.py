@@ -70,6 +70,19 @@ def test_what_does_not_compose_is_refused(privacy, secure, strategy, mode, messa
     assert (why is None) if message is None else (message in why)
 
 
+@pytest.mark.parametrize("privacy, selection, hedging, message", [
+    (central(), "reliability", False, "needs selection: random"),
+    (central(), "random", True, None),                    # the aggregator sees raw updates anyway
+    (central(mode="local"), "reliability", False, None),  # local DP counts on no sampling
+    (central(mode="local"), "random", True, "cannot be combined with hedging"),
+    (None, "reliability", True, None),
+])
+def test_selection_and_hedging_that_the_accounting_does_not_describe_are_refused(privacy, selection, hedging,
+                                                                                 message):
+    why = refusal(privacy, None, "fedavg", "sync", selection=selection, hedging=hedging)
+    assert (why is None) if message is None else (message in why)
+
+
 def test_session_spec_is_what_the_functions_read():
     spec = central(clip_norm="adaptive").spec(clients_per_round=40)
     assert spec["mode"] == "central" and spec["clients_per_round"] == 40
@@ -112,3 +125,13 @@ def test_config_validate_prints_each_scenarios_epsilon(tmp_path):
     assert "scenario federated_learning: privacy: central DP" in out.stdout
     assert f"20 rounds spend epsilon {eps:.3g} at delta 1e-05" in out.stdout
     assert "scenario secure: secure_aggregation: pairwise masking" in out.stdout
+
+
+def test_the_training_config_asks_the_privacy_refusal_about_selection_and_hedging():
+    from fedkeeper.config.training import TrainingConfig
+    dp = {"mode": "local", "noise_multiplier": 1.0, "clip_norm": 1.0}
+    TrainingConfig(privacy=dp)
+    with pytest.raises(pydantic.ValidationError, match="cannot be combined with hedging"):
+        TrainingConfig(privacy=dp, hedging={"enabled": True})
+    with pytest.raises(pydantic.ValidationError, match="needs selection: random"):
+        TrainingConfig(privacy={**dp, "mode": "central"}, selection="reliability")

@@ -166,7 +166,8 @@ class TrainingConfig(Strict):
 
     @model_validator(mode="after")
     def _privacy_composes(self):
-        why = refusal(self.privacy, self.secure_aggregation, self.strategy.name, self.mode)
+        why = refusal(self.privacy, self.secure_aggregation, self.strategy.name, self.mode,
+                      selection=self.selection, hedging=self.hedging.enabled)
         if why:
             raise ValueError(why)
         return self

@@ -163,9 +163,9 @@ def secure_aggregation(value: Union[bool, SecureAggregationConfig, None]) -> Sec
 
 
 def refusal(privacy: PrivacyConfig | None, secure: Union[bool, SecureAggregationConfig, None],
-            strategy: str, mode: str) -> Optional[str]:
-    """Why these settings do not compose with the strategy and round mode
-    (docs/privacy.md), or None."""
+            strategy: str, mode: str, selection: str = "random", hedging: bool = False) -> Optional[str]:
+    """Why these settings do not compose with the strategy, round mode,
+    client selection and hedging (docs/privacy.md), or None."""
     streaming = STRATEGIES[strategy].streaming
     if privacy is not None:
         if mode != "sync":
@@ -174,6 +174,12 @@ def refusal(privacy: PrivacyConfig | None, secure: Union[bool, SecureAggregation
         if privacy.mode == "central" and not streaming:
             return (f"privacy mode central needs a FedAvg-family strategy; {strategy} holds every update "
                     "and has no bounded per-client sensitivity")
+        if privacy.mode == "central" and selection != "random":
+            return (f"privacy mode central needs selection: random; the accounting counts on clients sampled "
+                    f"uniformly, and {selection} picks them by their past")
+        if privacy.mode == "local" and hedging:
+            return ("privacy mode local cannot be combined with hedging: a hedge trains its client again and "
+                    "uploads a second, independently noised copy, which the accounting does not count")
     if secure_aggregation(secure) is not None:
         if mode != "sync":
             return f"secure_aggregation needs mode: sync (late updates cannot join a masked sum; mode is {mode})"
