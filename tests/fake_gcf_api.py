@@ -20,10 +20,19 @@ error body {"error": {"code", "message", "status"}}):
   *      /run/{id}/...                             the deployed function: the
          bearer ID token is checked (signature, audience) and the call is
          passed to a real functions-framework process serving the uploaded zip
-Operations finish on their first poll, as a quick deployment would.
+and of Secret Manager v1 (what secretEnvironmentVariables name):
+  POST   /v1/projects/{p}/secrets?secretId=ID      -> Secret (409 if it exists)
+  GET    /v1/projects/{p}/secrets[?filter=labels.K=V] -> {secrets: [...]}
+  DELETE /v1/projects/{p}/secrets/{id}             -> {}
+  POST   /v1/projects/{p}/secrets/{id}:addVersion  -> SecretVersion
+  GET    /v1/projects/{p}/secrets/{id}/versions/{v|latest}:access -> {name, payload}
+Operations finish on their first poll, as a quick deployment would. A
+function's secretEnvironmentVariables are resolved when it is served: a
+secret or version that does not exist fails the deploy, as on the service.
 """
 from __future__ import annotations
 
+import base64
 import datetime as dt
 import hashlib
 import json
@@ -124,6 +133,7 @@ class FakeCloudFunctions:
     def __init__(self, project: str = "fk-test", region: str = "europe-west3"):
         self.project, self.region = project, region
         self.functions: dict[str, dict[str, Any]] = {}   # id -> Function JSON
+        self.secrets: dict[str, dict[str, Any]] = {}     # id -> Secret JSON, with "_versions": [bytes]
         self.operations: dict[str, dict[str, Any]] = {}
         self.uploads: dict[str, bytes] = {}
         self.upload_headers: list[dict[str, str]] = []
@@ -269,9 +279,14 @@ class FakeCloudFunctions:
         data = self.uploads[obj]
         sc = fn.setdefault("serviceConfig", {})
         env = {k: v for k, v in (sc.get("environmentVariables") or {}).items()}
+        # the instance's environment: the plain variables and the secrets' values, read now
+        instance_env = dict(env)
+        for ref in sc.get("secretEnvironmentVariables") or []:
+            instance_env[ref["key"]] = self._secret_value(ref.get("projectId"), ref.get("secret"),
+                                                          ref.get("version"))
         try:
             self.host.serve(fid, target=fn["buildConfig"].get("entryPoint") or fid, source_zip=data,
-                            sha256=hashlib.sha256(data).hexdigest(), env=env,
+                            sha256=hashlib.sha256(data).hexdigest(), env=instance_env,
                             timeout_s=sc.get("timeoutSeconds"))
         except HostError as exc:
             raise ApiError(400, f"Build failed: {exc}") from None
@@ -287,6 +302,66 @@ class FakeCloudFunctions:
 
     # -------------------------------------------------------------- handlers
 
+    def _secret_value(self, project: str | None, sid: str | None, version: str | None) -> str:
+        with self._lock:
+            secret = self.secrets.get(sid or "") if project in (self.project, None) else None
+            versions = (secret or {}).get("_versions") or []
+            n = len(versions) if version == "latest" else int(version) if str(version).isdigit() else 0
+        if not 1 <= n <= len(versions):
+            raise ApiError(400, f"Secret projects/{project}/secrets/{sid}/versions/{version} was not found "
+                                "or the runtime service account may not access it")
+        return versions[n - 1].decode()
+
+    def handle_secrets(self, method: str, path: str, query: dict[str, list[str]],
+                       body: bytes) -> tuple[int, dict[str, Any]]:
+        m = re.fullmatch(r"/v1/projects/([^/]+)/secrets(?:/([A-Za-z0-9_-]{1,255}))?"
+                         r"(?::(addVersion)|/versions/([0-9]+|latest):(access))?", path)
+        if not m or m.group(1) != self.project:
+            raise ApiError(404, f"Requested entity was not found: {path}")
+        sid, add, version, access = m.group(2), m.group(3), m.group(4), m.group(5)
+        parent = f"projects/{self.project}/secrets"
+        payload = json.loads(body) if body else {}
+        with self._lock:
+            if sid is None and method == "POST":
+                new = (query.get("secretId") or [""])[0]
+                if not re.fullmatch(r"[A-Za-z0-9_-]{1,255}", new):
+                    raise ApiError(400, f"Invalid secret id {new!r}")
+                if new in self.secrets:
+                    raise ApiError(409, f"Secret [{parent}/{new}] already exists.")
+                self.secrets[new] = {"name": f"{parent}/{new}", "createTime": _now(),
+                                     "replication": payload.get("replication") or {},
+                                     "labels": payload.get("labels") or {}, "_versions": []}
+                return 200, self._public(self.secrets[new])
+            if sid is None and method == "GET":
+                want = (query.get("filter") or [""])[0]
+                key, _, value = want.partition("=")
+                found = [s for s in self.secrets.values()
+                         if not want or (key.startswith("labels.") and s["labels"].get(key[7:]) == value)]
+                return 200, {"secrets": [self._public(s) for s in found], "totalSize": len(found)}
+            secret = self.secrets.get(sid or "")
+            if secret is None:
+                raise ApiError(404, f"Secret [{parent}/{sid}] not found.")
+            if add and method == "POST":
+                data = base64.b64decode((payload.get("payload") or {}).get("data") or "")
+                secret["_versions"].append(data)
+                return 200, {"name": f"{secret['name']}/versions/{len(secret['_versions'])}",
+                             "state": "ENABLED", "createTime": _now()}
+            if access and method == "GET":
+                n = len(secret["_versions"]) if version == "latest" else int(version)
+                if not 1 <= n <= len(secret["_versions"]):
+                    raise ApiError(404, f"Secret Version [{secret['name']}/versions/{version}] not found.")
+                data = secret["_versions"][n - 1]
+                return 200, {"name": f"{secret['name']}/versions/{n}",
+                             "payload": {"data": base64.b64encode(data).decode()}}
+            if method == "DELETE" and not add and not access:
+                del self.secrets[sid]
+                return 200, {}
+        raise ApiError(405, f"Method {method} not allowed")
+
+    @staticmethod
+    def _public(secret: dict[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in secret.items() if not k.startswith("_")}
+
     def handle_api(self, method: str, path: str, query: dict[str, list[str]], headers,
                    body: bytes) -> tuple[int, dict[str, Any]]:
         self.log.append({"method": method, "path": path, "query": query,
@@ -294,6 +369,8 @@ class FakeCloudFunctions:
                          "user_agent": headers.get("User-Agent", "")})
         self._check_control_auth(headers)
         self._check_injected(method, path)
+        if path.startswith("/v1/"):
+            return self.handle_secrets(method, path, query, body)
         m = re.fullmatch(r"/v2/projects/([^/]+)/locations/([^/]+)/(functions|operations)(?:/([^/:]+))?"
                          r"(:generateUploadUrl)?", path)
         if not m or m.group(1) != self.project or m.group(2) != self.region:

@@ -84,7 +84,16 @@ def test_deploy_creates_function_with_spec(fake, provider):
     sc = fn["serviceConfig"]
     assert sc["availableMemory"] == "1024M" and sc["timeoutSeconds"] == 120
     assert sc["maxInstanceCount"] == 5
-    assert {k: v for k, v in sc["environmentVariables"].items() if k.startswith("FK_")} == SPEC.bound
+    # Bound configuration: none of it in the plain variables anyone who may view the function
+    # reads, each value a Secret Manager secret the function names at a pinned version.
+    assert not [k for k in sc.get("environmentVariables", {}) if k.startswith("FK_")]
+    assert "not-for-logs" not in json.dumps(fn)
+    pinned = {e["key"]: (e["secret"], e["version"]) for e in sc["secretEnvironmentVariables"]}
+    assert pinned == {k: (f"fedkeeper-fl-echo-{k}", "1") for k in SPEC.bound}
+    for key, value in SPEC.bound.items():
+        secret = fake.secrets[f"fedkeeper-fl-echo-{key}"]
+        assert secret["_versions"] == [value.encode()] and secret["labels"] == {"fedkeeper_function": "fl_echo"}
+    assert provider.call("fl_echo", {"n": 1}, timeout_s=30).result["fn"] == "fl_echo"   # the instance has them
     assert fn["labels"][SHA_LABEL] == art.sha256[:32] and fn["labels"]["fk-function"] == "fl_echo"
     assert res.url == sc["uri"]
     # the signed-URL upload: zip content type, no credentials attached
@@ -329,3 +338,25 @@ def test_source_over_the_size_limit_is_refused_before_upload(fake, provider, mon
     assert e.value.error_class is ErrorClass.PAYLOAD_TOO_LARGE
     assert "fl_echo" in str(e.value) and str(len(art.data)) in str(e.value) and "100 bytes" in str(e.value)
     assert not fake.uploads and not fake.calls("POST", "generateUploadUrl")
+
+
+def test_bound_values_are_versioned_secrets_kept_while_unchanged_and_removed_with_the_function(fake, provider):
+    art = make_artifact()
+    provider.deploy(SPEC, art)
+    assert provider.deploy(SPEC, art).skipped   # same values: no new version, nothing updated
+    assert all(len(s["_versions"]) == 1 for s in fake.secrets.values())
+    # a changed value is a new version, a changed pin, an update the instance reads
+    rotated = FunctionSpec(**{**SPEC.__dict__, "bound": {**SPEC.bound, "FK_FUNCTION": "fl_echo_2"}})
+    assert not provider.deploy(rotated, art).skipped
+    assert fake.secrets["fedkeeper-fl-echo-FK_FUNCTION"]["_versions"] == [b"fl_echo", b"fl_echo_2"]
+    pinned = {e["key"]: e["version"] for e in fake.functions["fl-echo"]["serviceConfig"]["secretEnvironmentVariables"]}
+    assert pinned == {"FK_FUNCTION": "2", "FK_STORE_DB": "1", "FK_TOKEN_SECRET": "1"}
+    assert provider.call("fl_echo", {"n": 1}, timeout_s=30).result["fn"] == "fl_echo_2"
+    # a function an earlier version deployed with its bound values in plain variables is updated
+    fake.functions["fl-echo"]["serviceConfig"]["environmentVariables"]["FK_TOKEN_SECRET"] = "not-for-logs"
+    assert not provider.deploy(rotated, art).skipped
+    assert "FK_TOKEN_SECRET" not in fake.functions["fl-echo"]["serviceConfig"]["environmentVariables"]
+    # removing the function removes its secrets, and nobody else's
+    fake.secrets["someone-elses"] = {"name": "x", "labels": {}, "_versions": [b"v"]}
+    assert provider.remove("fl_echo")
+    assert set(fake.secrets) == {"someone-elses"} and not provider.remove("fl_echo")

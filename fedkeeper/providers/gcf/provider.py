@@ -3,8 +3,9 @@
 Control plane: `google.cloud.functions_v2.FunctionServiceClient` with the
 cluster's service account (REST transport when an endpoint override is
 configured, so private endpoints and local fakes work the same way).
-Deploy = generateUploadUrl, PUT of the source zip to the signed URL,
-create/update, wait on the long-running operation.
+Deploy = the bound configuration into Secret Manager (secrets.py),
+generateUploadUrl, PUT of the source zip to the signed URL, create/update,
+wait on the long-running operation.
 
 Data plane: a function is an HTTPS endpoint. Invocations are POSTs with an ID
 token, sent by the shared non-blocking HTTP invoker; tracking only collects
@@ -30,6 +31,7 @@ from . import packaging
 from .auth import IdTokenCache, control_plane_credentials
 from .errors import google_status_hook, map_api_error
 from .prices import DEFAULT_PRICES
+from .secrets import BoundSecrets
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +110,7 @@ class CloudFunctionsProvider(HttpFunctionProvider):
         self._client = None
         self._client_lock = threading.Lock()
         self._tokens: IdTokenCache | None = None
+        self._secrets: BoundSecrets | None = None
 
     @classmethod
     def plan_upload(cls, cluster_name: str, cluster: Any, spec: FunctionSpec,
@@ -140,26 +143,37 @@ class CloudFunctionsProvider(HttpFunctionProvider):
 
     # -------------------------------------------------------------- client
 
+    def _official_client(self, client_class):
+        """An official Google client with the cluster's service account; REST
+        towards the endpoint override when one is configured."""
+        info = self.cluster.service_account_info()
+        if not info:
+            raise ProviderError(ErrorClass.AUTH, f"cluster {self.cluster_name}: no "
+                                "service-account credentials (auth or auth_file)")
+        creds = control_plane_credentials(info)
+        endpoint = getattr(self.cluster, "api_endpoint", None)
+        if endpoint:
+            # The REST transport keeps an explicit http:// or https://
+            # scheme from the endpoint; the gRPC one would not.
+            return client_class(credentials=creds, transport="rest", client_options={"api_endpoint": endpoint})
+        return client_class(credentials=creds)
+
     def client(self):
-        """The official client, created on first use."""
+        """The official Cloud Functions client, created on first use."""
         with self._client_lock:
             if self._client is None:
                 from google.cloud import functions_v2
-                info = self.cluster.service_account_info()
-                if not info:
-                    raise ProviderError(ErrorClass.AUTH, f"cluster {self.cluster_name}: no "
-                                        "service-account credentials (auth or auth_file)")
-                creds = control_plane_credentials(info)
-                endpoint = getattr(self.cluster, "api_endpoint", None)
-                if endpoint:
-                    # The REST transport keeps an explicit http:// or https://
-                    # scheme from the endpoint; the gRPC one would not.
-                    self._client = functions_v2.FunctionServiceClient(
-                        credentials=creds, transport="rest",
-                        client_options={"api_endpoint": endpoint})
-                else:
-                    self._client = functions_v2.FunctionServiceClient(credentials=creds)
+                self._client = self._official_client(functions_v2.FunctionServiceClient)
             return self._client
+
+    def secrets(self) -> BoundSecrets:
+        """The project's Secret Manager, where bound configuration goes."""
+        with self._client_lock:
+            if self._secrets is None:
+                from google.cloud import secretmanager_v1
+                self._secrets = BoundSecrets(
+                    self.project, lambda: self._official_client(secretmanager_v1.SecretManagerServiceClient))
+            return self._secrets
 
     def _get(self, name: str):
         """The Function message, or None when it does not exist."""
@@ -183,16 +197,19 @@ class CloudFunctionsProvider(HttpFunctionProvider):
 
     # -------------------------------------------------------------- deploy
 
-    def _desired(self, spec: FunctionSpec, artifact: Artifact, storage_source=None):
+    def _desired(self, spec: FunctionSpec, artifact: Artifact, secret_env: list, storage_source=None):
         from google.cloud import functions_v2
         build = functions_v2.BuildConfig(runtime=spec.runtime or DEFAULT_RUNTIME,
                                          entry_point=spec.extra.get("entry_point") or spec.name)
         if storage_source is not None:
             build.source = functions_v2.Source(storage_source=storage_source)
+        # Bound configuration only as secrets (secrets.py): none of it in the
+        # plain variables, which anyone who may view the function can read.
         service = functions_v2.ServiceConfig(
             available_memory=memory_string(spec.memory_mb),
             timeout_seconds=int(round(spec.timeout_s)),
-            environment_variables=dict(spec.bound),
+            environment_variables={},
+            secret_environment_variables=secret_env,
             all_traffic_on_latest_revision=True)
         max_instances = spec.extra.get("max_instances")
         if max_instances:
@@ -215,7 +232,7 @@ class CloudFunctionsProvider(HttpFunctionProvider):
     UPDATE_MASK = ("build_config.runtime", "build_config.entry_point", "build_config.source",
                    "service_config.available_memory", "service_config.available_cpu",
                    "service_config.timeout_seconds", "service_config.environment_variables",
-                   "service_config.max_instance_count",
+                   "service_config.secret_environment_variables", "service_config.max_instance_count",
                    "service_config.max_instance_request_concurrency", "labels", "description")
 
     @staticmethod
@@ -231,7 +248,11 @@ class CloudFunctionsProvider(HttpFunctionProvider):
         # ours, and notice ones we no longer bind.
         cur_env, want_env = dict(cs.environment_variables), dict(ds.environment_variables)
         ours = {k: v for k, v in cur_env.items() if k.startswith("FK_") or k in want_env}
+
+        def pins(config) -> set[tuple[str, str, str]]:
+            return {(e.key, e.secret, e.version) for e in config.secret_environment_variables}
         return (cb.runtime == db.runtime and cb.entry_point == db.entry_point
+                and pins(cs) == pins(ds)
                 and memory_bytes(cs.available_memory) == memory_bytes(ds.available_memory)
                 and cs.timeout_seconds == ds.timeout_seconds
                 and ours == want_env
@@ -268,14 +289,15 @@ class CloudFunctionsProvider(HttpFunctionProvider):
         t0 = time.monotonic()
         self._require_entry(artifact)
         current = self._get(spec.name)
-        desired = self._desired(spec, artifact)
+        secret_env = self.secrets().pin(function_id(spec.name), label_value(spec.name), spec.bound)
+        desired = self._desired(spec, artifact, secret_env)
         if current is not None and self._unchanged(current, desired):
             url = current.service_config.uri or current.url
             self._remember(spec.name, url, spec.timeout_s)
             return DeployResult(spec.name, skipped=True, seconds=time.monotonic() - t0, url=url)
         packaging.check_source_size(spec, artifact, self.cluster_name)
         storage = self._upload(artifact)
-        desired = self._desired(spec, artifact, storage)
+        desired = self._desired(spec, artifact, secret_env, storage)
         client = self.client()
         try:
             if current is None:
@@ -304,11 +326,14 @@ class CloudFunctionsProvider(HttpFunctionProvider):
             op = self.client().delete_function(request={"name": self._resource(name)},
                                                timeout=RPC_TIMEOUT_S)
         except gexc.NotFound:
-            return False
+            op = None
         except Exception as exc:
             raise map_api_error(exc, f"remove {name}") from None
-        self._wait(op, f"remove {name}")
-        return True
+        if op is not None:
+            self._wait(op, f"remove {name}")
+        # its secrets too, also those a deploy that failed after writing them left
+        secrets = self.secrets().remove(label_value(name))
+        return op is not None or secrets > 0
 
     def exists(self, name: str) -> bool:
         return self._get(name) is not None
@@ -353,6 +378,9 @@ class CloudFunctionsProvider(HttpFunctionProvider):
             self._tokens.close()
         with self._client_lock:
             client, self._client = self._client, None
+            secrets, self._secrets = self._secrets, None
+        if secrets is not None:
+            secrets.close()
         if client is not None:
             try:
                 client.transport.close()
