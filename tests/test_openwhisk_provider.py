@@ -73,6 +73,25 @@ def test_deploy_is_skipped_when_the_hash_matches(local):
     assert {p["key"] for p in got["parameters"]} == {"FK_STORE_URL", "FK_TOKEN_SECRET"}
     keys = {a["key"]: a["value"] for a in got["annotations"]}
     assert keys["fk-sha256"] == changed.sha256 and keys["final"] is True
+
+
+def test_a_new_runtime_image_is_deployed_though_the_zip_is_the_same(local, monkeypatch):
+    """The image follows the runtime's pins, the base image and the
+    cluster's registry, which the zip does not hold: a changed image is a
+    deploy, never a skip that leaves the action on the old one."""
+    from fedkeeper.providers.openwhisk import packaging
+    spec = FunctionSpec(name="img", source="img", timeout_s=3, bound={"FK_FUNCTION": "img"})
+    art = make_artifact(ECHO)
+    image = ["registry.example/fedkeeper/runtime-openwhisk-aaaa"]
+    monkeypatch.setattr(packaging, "image_for", lambda spec, artifact, prefix: image[0])
+    assert not local.deploy(spec, art).skipped
+    assert local.deploy(spec, art).skipped
+    image[0] = "registry.example/fedkeeper/runtime-openwhisk-bbbb"
+    assert not local.deploy(spec, art).skipped
+    got = local._session.get(local._url("/actions/img"), params={"code": "false"}).json()
+    assert got["exec"]["image"] == image[0]
+    assert {a["key"]: a["value"] for a in got["annotations"]}["fk-exec"] == f"blackbox {image[0]}"
+    assert local.deploy(spec, art).skipped
     assert local.exists("dep")
     assert local.remove("dep") is True
     assert not local.exists("dep")

@@ -254,24 +254,29 @@ class OpenWhiskProvider(Provider):
     def deploy(self, spec: FunctionSpec, artifact: Artifact) -> DeployResult:
         t0 = time.monotonic()
         path = f"/actions/{quote(spec.name, safe='/')}"
+        exec_ = packaging.action_exec(spec, artifact, getattr(self.cluster, "image_registry", None))
+        # What the action runs on: the image follows the runtime's pins, the
+        # base image and the cluster's registry, none of which is in the zip.
+        runs_on = f"{exec_['kind']} {exec_.get('image') or ''}".strip()
         r = self._control("GET", path, params={"code": "false"})
         if r.status == 200:
             action = self._json_answer(r, f"looking up action {spec.name}")
             annotations = action.get("annotations") if isinstance(action, dict) else None
-            current = next((a.get("value") for a in annotations if isinstance(a, dict)
-                            and a.get("key") == "fk-sha256"), None) if isinstance(annotations, list) else None
-            if current == artifact.sha256:
+            marks = {a.get("key"): a.get("value") for a in annotations
+                     if isinstance(a, dict)} if isinstance(annotations, list) else {}
+            if marks.get("fk-sha256") == artifact.sha256 and marks.get("fk-exec") == runs_on:
                 return DeployResult(spec.name, True, time.monotonic() - t0, self._url(path))
         elif r.status != 404:
             raise self._status_error(r.status, r.data, f"looking up action {spec.name}", r.headers)
         plan = self.plan_upload(self.cluster_name, self.cluster, spec, artifact, self._code_limit())
         packaging.check_code_size(spec, artifact, plan.limit_bytes, self.cluster_name)
         body = {
-            "exec": packaging.action_exec(spec, artifact, getattr(self.cluster, "image_registry", None)),
+            "exec": exec_,
             "limits": {"memory": int(spec.memory_mb), "timeout": int(round(spec.timeout_s * 1000)),
                        "concurrency": int(spec.concurrency)},
             "parameters": [{"key": k, "value": v} for k, v in sorted(spec.bound.items())],
             "annotations": [{"key": "fk-sha256", "value": artifact.sha256},
+                            {"key": "fk-exec", "value": runs_on},
                             {"key": "fk-source", "value": spec.source},
                             {"key": "final", "value": True},
                             # Only functions that invoke others get the namespace key.
