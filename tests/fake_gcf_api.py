@@ -101,6 +101,12 @@ def convert_enums(obj: Any, numeric: bool) -> Any:
     return out
 
 
+def _mebibytes(memory: str) -> float:
+    m = re.fullmatch(r"([0-9]+)(k|M|G|Mi|Gi)?", memory)
+    scale = {None: 2 ** -20, "k": 1e3 / 2 ** 20, "M": 1e6 / 2 ** 20, "G": 1e9 / 2 ** 20, "Mi": 1, "Gi": 1024}
+    return int(m.group(1)) * scale[m.group(2)] if m else 0.0
+
+
 def _now() -> str:
     return dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
@@ -264,6 +270,15 @@ class FakeCloudFunctions:
         mem = sc.get("availableMemory")
         if mem is not None and not _MEMORY_RE.match(mem):
             raise ApiError(400, f"Invalid available memory {mem!r}")
+        cpu = sc.get("availableCpu")
+        if cpu is not None:
+            # Cloud Run's floor of vCPUs for a memory size, and a whole one for concurrency
+            mib = _mebibytes(mem or "256M")
+            need = 8 if mib > 24 * 1024 else 6 if mib > 16 * 1024 else 4 if mib > 8 * 1024 else \
+                2 if mib > 4 * 1024 else 1 if int(sc.get("maxInstanceRequestConcurrency") or 1) > 1 else 0
+            if float(cpu) < need:
+                raise ApiError(400, f"Invalid value specified for cpu: {cpu} vCPU with {mem} of memory; "
+                                    f"at least {need} vCPU are required")
         t = int(sc.get("timeoutSeconds") or 60)
         if not 1 <= t <= 3600:
             raise ApiError(400, f"timeoutSeconds must be between 1 and 3600, got {t}")

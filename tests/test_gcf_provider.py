@@ -360,3 +360,13 @@ def test_bound_values_are_versioned_secrets_kept_while_unchanged_and_removed_wit
     fake.secrets["someone-elses"] = {"name": "x", "labels": {}, "_versions": [b"v"]}
     assert provider.remove("fl_echo")
     assert set(fake.secrets) == {"someone-elses"} and not provider.remove("fl_echo")
+
+
+@pytest.mark.parametrize("memory_mb, cpus", [(512, "1"), (2048, "1"), (8192, "2"), (16384, "4"), (32768, "8")])
+def test_concurrency_asks_for_the_vcpus_the_memory_needs(fake, provider, memory_mb, cpus):
+    """Several requests per instance need a whole vCPU, and more memory
+    needs more: 1 vCPU with 8 GiB is refused by the service."""
+    spec = FunctionSpec(**{**SPEC.__dict__, "memory_mb": memory_mb, "concurrency": 4})
+    provider.deploy(spec, make_artifact())
+    sc = fake.functions["fl-echo"]["serviceConfig"]
+    assert sc["availableCpu"] == cpus and sc["maxInstanceRequestConcurrency"] == 4

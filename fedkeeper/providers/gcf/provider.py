@@ -77,6 +77,17 @@ def memory_string(mb: int) -> str:
     return f"{int(mb)}M"
 
 
+def whole_cpus_for(memory_mb: float) -> int:
+    """The vCPUs Cloud Functions gives a function of this memory by default,
+    at least one: its tiers (2 GiB 1, 4 and 8 GiB 2, 16 GiB 4, 32 GiB 8)
+    are what the service accepts, where 1 vCPU with more than 4 GiB is
+    refused."""
+    for limit_mb, cpus in ((2048, 1), (8192, 2), (16384, 4)):
+        if memory_mb <= limit_mb:
+            return cpus
+    return 8
+
+
 _MEM_UNITS = {"": 1, "k": 10**3, "M": 10**6, "G": 10**9, "Ki": 2**10, "Mi": 2**20, "Gi": 2**30}
 
 
@@ -218,7 +229,7 @@ class CloudFunctionsProvider(HttpFunctionProvider):
             # 2nd gen serves several requests per instance only with a whole
             # vCPU; asking for concurrency without it is rejected.
             service.max_instance_request_concurrency = int(spec.concurrency)
-            service.available_cpu = str(spec.extra.get("cpu") or "1")
+            service.available_cpu = str(spec.extra.get("cpu") or whole_cpus_for(spec.memory_mb))
         elif spec.extra.get("cpu"):
             service.available_cpu = str(spec.extra["cpu"])
         labels = {SHA_LABEL: artifact.sha256[:SHA_LABEL_CHARS], NAME_LABEL: label_value(spec.name)}
