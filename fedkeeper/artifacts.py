@@ -21,7 +21,7 @@ import io
 import zipfile
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from .providers.base import Artifact, UploadPlan
 from .runtimes import RuntimeDeclarationError, runtime_for
@@ -85,18 +85,22 @@ def build_artifact(source: str, entry: str, extra: tuple[tuple[str, bytes], ...]
     return Artifact(data=data, sha256=hashlib.sha256(data).hexdigest(), entry=entry, runtime=runtime.name)
 
 
-def plan_uploads(placements: Iterable[Any], clusters: dict[str, tuple[str, Any]]
+def plan_uploads(placements: Iterable[Any], clusters: dict[str, tuple[str, Any]],
+                 extra_for: Callable[[str], tuple[tuple[str, bytes], ...]] = lambda source: ()
                  ) -> list[tuple[Any, UploadPlan | None, str | None]]:
     """What deploying `placements` would upload where, each checked against
     its platform's limit, without a provider: no network call, no local
-    service started. (placement, plan or None, error or None) per placement."""
+    service started. `extra_for(source)`: the files a deploy adds to that
+    function's zip (the scenario's user module), so that the sizes are the
+    deploy's. (placement, plan or None, error or None) per placement."""
     from .providers import ProviderError, provider_class
     out: list[tuple[Any, UploadPlan | None, str | None]] = []
     for pl in placements:
         section, cluster = clusters[pl.cluster]
         try:
             cls = provider_class(section, getattr(cluster, "kind", "remote"))
-            plan = cls.plan_upload(pl.cluster, cluster, pl.spec, build_artifact(pl.spec.source, cls.entry))
+            artifact = build_artifact(pl.spec.source, cls.entry, extra_for(pl.spec.source))
+            plan = cls.plan_upload(pl.cluster, cluster, pl.spec, artifact)
         except (ArtifactError, ProviderError) as exc:
             out.append((pl, None, str(exc)))
             continue

@@ -155,3 +155,31 @@ def test_runtime_build_with_an_engine_builds_and_pushes(tmp_path, monkeypatch, i
     context = lines[0].rsplit(" ", 1)[1]
     assert "functions-framework==" in open(f"{context}/requirements.txt").read()
     assert f"built {image} and pushed it" in r.output
+
+
+def test_dry_run_counts_the_user_module_a_deploy_adds(tmp_path, isolated_dirs):
+    """The sizes are the deploy's: the user module travels in the zips of the
+    functions that run user code, so it is in their dry-run size too."""
+    import random
+    from pathlib import Path
+    root = Path(__file__).resolve().parent.parent
+    plain = tmp_path / "plain.yaml"
+    plain.write_text(LOCAL)
+    module = tmp_path / "digits_cnn.py"
+    # incompressible bytes, so the zip grows by about their size
+    rng = random.Random(0)
+    noise = "".join(rng.choice("abcdefghijklmnopqrstuvwxyz0123456789") for _ in range(200_000))
+    module.write_text((root / "examples" / "digits_cnn.py").read_text() + f"\nNOISE = {noise!r}\n")
+    with_module = tmp_path / "mod.yaml"
+    with_module.write_text(LOCAL.replace("  federated_learning:\n", "  federated_learning:\n    user_module: "
+                                         "{path: digits_cnn.py, model_params: {filters: 4}}\n"))
+
+    def sizes(cfg):
+        r = _run(["deploy", "--dry-run", "--json", "-c", str(cfg)])
+        assert r.exit_code == 0, r.output
+        return {(row["cluster"], row["function"]): row["bytes"] for row in json.loads(r.output[r.output.index("["):])}
+    before, after = sizes(plain), sizes(with_module)
+    assert after[("gcf", "fl_client")] - before[("gcf", "fl_client")] > 100_000
+    from fedkeeper.user_module import USER_CODE_FUNCTIONS
+    others = [key for key in before if key[1] not in USER_CODE_FUNCTIONS]
+    assert others and all(after[key] == before[key] for key in others)   # no user code runs there

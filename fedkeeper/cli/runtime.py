@@ -97,6 +97,7 @@ def dry_run_deploy(cfg: Config, scenario: str | None, functions: list[str] | Non
     """`deploy --dry-run`: what would be uploaded where, with sizes and
     limits; no network, no store. Exit 1 when something would not fit."""
     from ..artifacts import plan_uploads
+    from ..user_module import UserModuleError, artifact_members as user_module_members
     rt = open_runtime(cfg, scenario, need_store=False)
     try:
         try:
@@ -107,7 +108,13 @@ def dry_run_deploy(cfg: Config, scenario: str | None, functions: list[str] | Non
         except ValueError as exc:
             raise UsageFailure(str(exc)) from None
         rows = []
-        for pl, plan, error in plan_uploads(placements, cfg.providers.clusters()):
+        try:
+            # the scenario's user module, which a deploy adds to the functions that run it
+            uploads = plan_uploads(placements, cfg.providers.clusters(),
+                                   lambda source: user_module_members(cfg, rt.scenario, source))
+        except UserModuleError as exc:
+            raise UsageFailure(str(exc)) from None
+        for pl, plan, error in uploads:
             rows.append({"cluster": pl.cluster, "function": pl.spec.name,
                          "platform": plan.platform if plan else None, "target": plan.target if plan else None,
                          "what": plan.what if plan else None, "runtime": plan.runtime if plan else None,
