@@ -171,3 +171,25 @@ def test_cache_dir_beside_the_environment_else_the_users_cache(tmp_path, monkeyp
     assert isolation.default_cache_dir() == tmp_path / "cache" / "fedkeeper" / "runtimes"
     monkeypatch.setenv(isolation.CACHE_ENV, str(tmp_path / "chosen"))
     assert isolation.default_cache_dir() == tmp_path / "chosen"
+
+
+def test_a_virtualenv_another_process_finished_first_is_used_and_ours_removed(tmp_path, monkeypatch):
+    """Each process builds in a directory of its own; when another moved its
+    virtualenv into place while ours was installing, ours is dropped and
+    theirs used, not an error."""
+    from pathlib import Path
+    venv = tmp_path / "cache" / "venv-abc"
+
+    def run(cmd, **kw):
+        if cmd[1:3] == ["-m", "venv"]:
+            (Path(cmd[3]) / "bin").mkdir(parents=True)
+            (Path(cmd[3]) / "bin" / "python").write_text("")
+        else:   # pip install: meanwhile the other process finishes first
+            (venv / "bin").mkdir(parents=True, exist_ok=True)
+            (venv / "bin" / "python").write_text("theirs")
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    monkeypatch.setattr(isolation.subprocess, "run", run)
+    python = isolation._build_venv([Pin("numpy", "==1.0")], venv)
+    assert python == str(venv / "bin" / "python") and (venv / "bin" / "python").read_text() == "theirs"
+    assert sorted(p.name for p in venv.parent.iterdir()) == ["venv-abc"]   # our build left nothing

@@ -230,9 +230,11 @@ def _build_site(pins: Sequence[Pin], site: Path) -> None:
 
 def _build_venv(pins: Sequence[Pin], venv: Path) -> str:
     """A real virtualenv with exactly the pins installed (pip resolves the
-    rest); its interpreter."""
-    tmp = venv.with_name(venv.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
+    rest); its interpreter. Each process builds in a directory of its own
+    and moves it into place; one that finds the virtualenv there already
+    (another process won the race) uses that one."""
+    venv.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{venv.name}.partial-", dir=venv.parent))
     try:
         subprocess.run([sys.executable, "-m", "venv", str(tmp)], check=True, capture_output=True, timeout=300)
         reqs = tmp / "requirements.txt"
@@ -242,7 +244,11 @@ def _build_venv(pins: Sequence[Pin], venv: Path) -> str:
         if r.returncode != 0:
             tail = (r.stderr or r.stdout).strip().splitlines()[-3:]
             raise IsolationError("installing the runtime's packages failed: " + " | ".join(tail))
-        os.replace(tmp, venv)
+        try:
+            os.replace(tmp, venv)
+        except OSError:
+            if not (venv / "bin" / "python").exists():
+                raise
     except (OSError, subprocess.SubprocessError) as exc:
         raise IsolationError(f"cannot build a virtualenv for the runtime: {exc}") from None
     finally:
