@@ -135,11 +135,13 @@ def test_desired_service_shape():
                               "limits": {"memory": "512Mi"}}
     assert "functions_framework" in c["command"][-1] and "zipfile -e" in c["command"][-1]
     assert c["volumeMounts"][0]["mountPath"] == m.SOURCE_MOUNT
-    assert pod["volumes"] == [{"name": "fk-source", "configMap": {"name": "fl-echo-source"}}]
+    # named by their content: a new zip or new values are new objects only the new revision names
+    assert pod["volumes"] == [{"name": "fk-source", "configMap": {"name": f"fl-echo-source-{art.sha256[:12]}"}}]
     env = {e["name"]: e for e in c["env"]}
     assert env["FUNCTION_TARGET"]["value"] == "fl_echo"
     assert env["FK_TOKEN_SECRET"]["valueFrom"] == {
-        "secretKeyRef": {"name": "fl-echo-bound", "key": "FK_TOKEN_SECRET"}}
+        "secretKeyRef": {"name": m.secret_name("fl-echo", spec().bound), "key": "FK_TOKEN_SECRET"}}
+    assert m.secret_name("fl-echo", spec().bound).startswith("fl-echo-bound-")
     text = json.dumps(body)
     assert SECRET not in text and "pw@db" not in text  # secrets only by reference
     # a different secret value gives a different hash (a new revision)
@@ -180,10 +182,10 @@ def test_deploy_creates_service_configmap_secret_then_skips_same_hash(cluster, p
         c = svc["spec"]["template"]["spec"]["containers"][0]
         assert c["resources"]["limits"]["memory"] == "512Mi"
         assert svc["spec"]["template"]["metadata"]["annotations"][m.MIN_SCALE] == "1"
-        cm = core.read_namespaced_config_map("fl-echo-source", NS)
-        assert base64.b64decode(cm.binary_data["source.zip"]) == art.data
-        sec = core.read_namespaced_secret("fl-echo-bound", NS)
-        assert base64.b64decode(sec.data["FK_TOKEN_SECRET"]).decode() == SECRET
+        cm = core.read_namespaced_config_map(m.configmap_name("fl-echo", art.sha256), NS)
+        assert base64.b64decode(cm.binary_data["source.zip"]) == art.data and cm.immutable
+        sec = core.read_namespaced_secret(m.secret_name("fl-echo", spec().bound), NS)
+        assert base64.b64decode(sec.data["FK_TOKEN_SECRET"]).decode() == SECRET and sec.immutable
         assert provider.exists("fl_echo") and provider.list_functions() == ["fl_echo"]
 
         before = len(writes(cluster))
@@ -198,8 +200,11 @@ def test_deploy_creates_service_configmap_secret_then_skips_same_hash(cluster, p
         svc = custom.get_namespaced_custom_object(m.GROUP, m.VERSION, NS, m.PLURAL, "fl-echo")
         assert svc["metadata"]["generation"] == 2
         assert svc["metadata"]["annotations"][m.SOURCE_ANNOTATION] == art2.sha256
-        cm = core.read_namespaced_config_map("fl-echo-source", NS)
+        cm = core.read_namespaced_config_map(m.configmap_name("fl-echo", art2.sha256), NS)
         assert base64.b64decode(cm.binary_data["source.zip"]) == art2.data
+        # the earlier zip, which only the earlier revision named, went once the new one was Ready
+        names = [c.metadata.name for c in core.list_namespaced_config_map(NS).items]
+        assert names == [m.configmap_name("fl-echo", art2.sha256)]
 
         # dropping max_scale removes the annotation instead of keeping the old one
         provider.deploy(spec(extra={"min_scale": 1}), art2)
@@ -209,14 +214,15 @@ def test_deploy_creates_service_configmap_secret_then_skips_same_hash(cluster, p
 
 
 def test_remove_deletes_service_configmap_and_secret(cluster, provider):
+    art = make_artifact()
     with FakeKnativeController(cluster, NS, ready_at("http://fl-echo.fl.example.com")):
-        provider.deploy(spec(), make_artifact())
+        provider.deploy(spec(), art)
     assert provider.remove("fl_echo") is True
     custom, core = api(cluster)
     for read in (lambda: custom.get_namespaced_custom_object(m.GROUP, m.VERSION, NS, m.PLURAL,
                                                              "fl-echo"),
-                 lambda: core.read_namespaced_config_map("fl-echo-source", NS),
-                 lambda: core.read_namespaced_secret("fl-echo-bound", NS)):
+                 lambda: core.read_namespaced_config_map(m.configmap_name("fl-echo", art.sha256), NS),
+                 lambda: core.read_namespaced_secret(m.secret_name("fl-echo", spec().bound), NS)):
         with pytest.raises(client.ApiException) as e:
             read()
         assert e.value.status == 404
@@ -237,6 +243,25 @@ def test_ready_false_is_a_classified_error_with_knatives_reason(cluster, provide
     with pytest.raises(ProviderError) as e2:
         provider.invoke("fl_echo", {"x": 1})
     assert "Ready=False" in str(e2.value) and "RevisionFailed" in str(e2.value)
+
+
+def test_a_rollout_that_never_becomes_ready_leaves_the_serving_revision_its_code(cluster, provider):
+    """Pods of the revision still serving (a cold start during the rollout)
+    read the ConfigMap and Secret their revision names: a new zip is a new
+    object, and the old ones stay until a new revision is Ready."""
+    old_art, new_art = make_artifact(), make_artifact(ECHO_MAIN + "\n# v2\n")
+    with FakeKnativeController(cluster, NS, ready_at("http://fl-echo.fl.example.com")):
+        provider.deploy(spec(), old_art)
+    failing = lambda svc: {"ready": False, "reason": "RevisionFailed", "message": "ImagePullBackOff"}  # noqa: E731
+    with FakeKnativeController(cluster, NS, failing):
+        with pytest.raises(ProviderError):
+            provider.deploy(spec(bound={**spec().bound, "FK_TOKEN_SECRET": "y" * 32}), new_art)
+    _, core = api(cluster)
+    old_cm = core.read_namespaced_config_map(m.configmap_name("fl-echo", old_art.sha256), NS)
+    assert base64.b64decode(old_cm.binary_data["source.zip"]) == old_art.data   # not overwritten
+    old_secret = core.read_namespaced_secret(m.secret_name("fl-echo", spec().bound), NS)
+    assert base64.b64decode(old_secret.data["FK_TOKEN_SECRET"]).decode() == SECRET
+    assert len(core.list_namespaced_config_map(NS).items) == 2 and len(core.list_namespaced_secret(NS).items) == 2
 
 
 def test_ready_wait_is_bounded(cluster, provider):
@@ -278,8 +303,7 @@ def test_prebuilt_image_needs_no_configmap(cluster, provider):
     c = svc["spec"]["template"]["spec"]["containers"][0]
     assert c["image"] == "registry.example/fl-echo:1" and "command" not in c
     assert "volumes" not in svc["spec"]["template"]["spec"]
-    with pytest.raises(client.ApiException):
-        core.read_namespaced_config_map("fl-echo-source", NS)
+    assert core.list_namespaced_config_map(NS).items == []
 
 
 def test_unreachable_api_server_is_classified(tmp_path):

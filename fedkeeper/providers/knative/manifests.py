@@ -1,12 +1,18 @@
 """The Kubernetes objects one FedKeeper function becomes on Knative.
 
   Service    serving.knative.dev/v1, named after the function (DNS-1035)
-  ConfigMap  <service>-source: the function's source zip (binaryData),
-             mounted read-only into the generic runtime image; absent when
-             the function names a prebuilt image
-  Secret     <service>-bound: the bound configuration (store URL, token
-             secret...), read by the container through env valueFrom, so
-             that no secret value sits in the Service spec
+  ConfigMap  <service>-source-<hash>: the function's source zip
+             (binaryData), mounted read-only into the generic runtime
+             image; absent when the function names a prebuilt image
+  Secret     <service>-bound-<hash>: the bound configuration (store URL,
+             token secret...), read by the container through env valueFrom,
+             so that no secret value sits in the Service spec
+
+Both are named by their content and immutable: a new zip or new values are
+new objects that only the new revision names, so pods of the revision still
+serving (a cold start during a rollout, or a rollout that never becomes
+Ready) keep reading the code and values they were made with. Earlier ones
+are deleted once the new revision is Ready.
 
 Pure functions only: nothing here talks to the API server, so the shapes
 can be checked without one.
@@ -86,12 +92,21 @@ def label_value(text: str) -> str:
     return f"{cleaned}-{hashlib.sha256(text.encode()).hexdigest()[:8]}".strip("-")
 
 
-def configmap_name(service: str) -> str:
-    return f"{service}-source"
+#: hex digits of the content hash in a ConfigMap's or Secret's name
+NAME_HASH_CHARS = 12
 
 
-def secret_name(service: str) -> str:
-    return f"{service}-bound"
+def configmap_name(service: str, artifact_sha256: str) -> str:
+    return f"{service}-source-{artifact_sha256[:NAME_HASH_CHARS]}"
+
+
+def secret_name(service: str, bound: Mapping[str, str]) -> str:
+    return f"{service}-bound-{bound_digest(bound)[:NAME_HASH_CHARS]}"
+
+
+def function_selector(function: str) -> str:
+    """The label selector of every object of `function`."""
+    return f"{FUNCTION_LABEL}={label_value(function)}"
 
 
 def _quantity_cpu(value: Any) -> str:
@@ -165,7 +180,8 @@ def upload_plan(spec: FunctionSpec, artifact: Artifact, *, cluster: str, namespa
                           what=f"Knative Service on {image} (code in the image)", bytes=0,
                           runtime=artifact.runtime, image=image)
     return UploadPlan(cluster=cluster, function=spec.name, platform="knative",
-                      target=f"namespace {namespace}, service {svc}, ConfigMap {configmap_name(svc)}",
+                      target=f"namespace {namespace}, service {svc}, "
+                             f"ConfigMap {configmap_name(svc, artifact.sha256)}",
                       what=f"Knative Service on {image or '(no image)'}, source zip in a ConfigMap",
                       bytes=len(artifact.data), limit_bytes=CONFIGMAP_LIMIT - CONFIGMAP_HEADROOM,
                       limit_source="Kubernetes' 1 MiB ConfigMap limit, less metadata room",
@@ -196,9 +212,9 @@ def desired_service(spec: FunctionSpec, artifact: Artifact, *, namespace: str,
         container["command"] = list(GENERIC_COMMAND)
         container["volumeMounts"] = [{"name": "fk-source", "mountPath": SOURCE_MOUNT,
                                       "readOnly": True}]
-        volumes.append({"name": "fk-source", "configMap": {"name": configmap_name(name)}})
+        volumes.append({"name": "fk-source", "configMap": {"name": configmap_name(name, artifact.sha256)}})
     for key in sorted(spec.bound):
-        env.append({"name": key, "valueFrom": {"secretKeyRef": {"name": secret_name(name),
+        env.append({"name": key, "valueFrom": {"secretKeyRef": {"name": secret_name(name, spec.bound),
                                                                 "key": key}}})
     container["env"] = env
     memory = f"{int(spec.memory_mb)}Mi"
@@ -255,8 +271,8 @@ def source_configmap(spec: FunctionSpec, artifact: Artifact, *, namespace: str) 
     name = service_name(spec.name)
     check_source_size(artifact, spec.name)
     return {
-        "apiVersion": "v1", "kind": "ConfigMap",
-        "metadata": {"name": configmap_name(name), "namespace": namespace,
+        "apiVersion": "v1", "kind": "ConfigMap", "immutable": True,
+        "metadata": {"name": configmap_name(name, artifact.sha256), "namespace": namespace,
                      "labels": {FUNCTION_LABEL: label_value(spec.name), **MANAGED_BY},
                      "annotations": {SOURCE_ANNOTATION: artifact.sha256}},
         "binaryData": {SOURCE_KEY: base64.b64encode(artifact.data).decode("ascii")},
@@ -266,8 +282,8 @@ def source_configmap(spec: FunctionSpec, artifact: Artifact, *, namespace: str) 
 def bound_secret(spec: FunctionSpec, *, namespace: str) -> dict[str, Any]:
     name = service_name(spec.name)
     return {
-        "apiVersion": "v1", "kind": "Secret", "type": "Opaque",
-        "metadata": {"name": secret_name(name), "namespace": namespace,
+        "apiVersion": "v1", "kind": "Secret", "type": "Opaque", "immutable": True,
+        "metadata": {"name": secret_name(name, spec.bound), "namespace": namespace,
                      "labels": {FUNCTION_LABEL: label_value(spec.name), **MANAGED_BY}},
         "data": {k: base64.b64encode(str(v).encode()).decode("ascii")
                  for k, v in sorted(spec.bound.items())},

@@ -119,34 +119,29 @@ class KnativeProvider(HttpFunctionProvider):
                 return None
             raise kube.map_api_error(exc, f"read Knative service {svc}") from None
 
-    def _apply_core(self, kind: str, body: dict[str, Any]) -> None:
-        """Create a ConfigMap or Secret, or merge-patch it into shape. Keys
-        the object has but `body` no longer names are removed (a merge
-        patch deletes a key given as null)."""
-        core = self._core()
+    def _create_core(self, kind: str, body: dict[str, Any]) -> None:
+        """Create a ConfigMap or Secret named by its content (manifests.py):
+        one that exists already holds the same content, and is kept."""
         name = body["metadata"]["name"]
-        field = "binaryData" if kind == "config_map" else "data"
-        read = getattr(core, f"read_namespaced_{kind}")
         try:
-            current = read(name, self.namespace, _request_timeout=kube.REQUEST_TIMEOUT)
+            getattr(self._core(), f"create_namespaced_{kind}")(
+                self.namespace, body, _request_timeout=kube.REQUEST_TIMEOUT)
         except Exception as exc:
-            if getattr(exc, "status", None) != 404:
-                raise kube.map_api_error(exc, f"read {kind} {name}") from None
-            current = None
-        try:
-            if current is None:
-                getattr(core, f"create_namespaced_{kind}")(
-                    self.namespace, body, _request_timeout=kube.REQUEST_TIMEOUT)
+            if getattr(exc, "status", None) == 409:   # AlreadyExists
                 return
-            have = getattr(current, "binary_data" if kind == "config_map" else "data") or {}
-            patch = {"metadata": {"labels": body["metadata"].get("labels"),
-                                  "annotations": body["metadata"].get("annotations")},
-                     field: {**{k: None for k in have if k not in body[field]}, **body[field]}}
-            getattr(core, f"patch_namespaced_{kind}")(
-                name, self.namespace, patch, _request_timeout=kube.REQUEST_TIMEOUT)
-        except Exception as exc:
             # never the body: a Secret's data would end up in a log line
             raise kube.map_api_error(exc, f"write {kind} {name}") from None
+
+    def _delete_function_objects(self, kind: str, function: str, keep: str | None = None) -> int:
+        """Delete the function's ConfigMaps or Secrets, all but `keep`."""
+        try:
+            found = getattr(self._core(), f"list_namespaced_{kind}")(
+                self.namespace, label_selector=m.function_selector(function),
+                _request_timeout=kube.REQUEST_TIMEOUT).items
+        except Exception as exc:
+            raise kube.map_api_error(exc, f"list {kind}s of {function}") from None
+        names = [o.metadata.name for o in found if o.metadata.name != keep]
+        return sum(1 for name in names if self._delete_core(kind, name))
 
     def _delete_core(self, kind: str, name: str) -> bool:
         try:
@@ -187,11 +182,11 @@ class KnativeProvider(HttpFunctionProvider):
                 self._remember(spec.name, url, spec.timeout_s)
                 return DeployResult(spec.name, skipped=True, seconds=time.monotonic() - t0,
                                     url=url)
-        if spec.bound:
-            self._apply_core("secret", m.bound_secret(spec, namespace=self.namespace))
-        if not spec.image:
-            self._apply_core("config_map", m.source_configmap(spec, artifact,
-                                                             namespace=self.namespace))
+        secret = m.bound_secret(spec, namespace=self.namespace) if spec.bound else None
+        source = None if spec.image else m.source_configmap(spec, artifact, namespace=self.namespace)
+        for kind, body in (("secret", secret), ("config_map", source)):
+            if body is not None:
+                self._create_core(kind, body)
         custom = self._custom()
         try:
             if current is None:
@@ -205,6 +200,9 @@ class KnativeProvider(HttpFunctionProvider):
         except Exception as exc:
             raise kube.map_api_error(exc, f"deploy {spec.name} as Knative service {svc}") from None
         ready = self._wait_ready(svc, spec.name, None)
+        # The new revision serves: the code and values earlier ones named can go.
+        for kind, body in (("secret", secret), ("config_map", source)):
+            self._delete_function_objects(kind, spec.name, keep=body["metadata"]["name"] if body else None)
         url = self._service_url(ready)
         self._remember(spec.name, url, spec.timeout_s)
         log.info("deployed %s on %s as Knative service %s (%s)", spec.name, self.cluster_name,
@@ -263,8 +261,8 @@ class KnativeProvider(HttpFunctionProvider):
             if getattr(exc, "status", None) != 404:
                 raise kube.map_api_error(exc, f"remove Knative service {svc}") from None
             existed = False
-        self._delete_core("config_map", m.configmap_name(svc))
-        self._delete_core("secret", m.secret_name(svc))
+        self._delete_function_objects("config_map", name)
+        self._delete_function_objects("secret", name)
         return existed
 
     def exists(self, name: str) -> bool:
