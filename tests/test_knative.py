@@ -264,6 +264,27 @@ def test_a_rollout_that_never_becomes_ready_leaves_the_serving_revision_its_code
     assert len(core.list_namespaced_config_map(NS).items) == 2 and len(core.list_namespaced_secret(NS).items) == 2
 
 
+def test_a_failed_rollout_of_an_unchanged_configuration_is_tried_again_by_a_redeploy(cluster, provider):
+    """An image pull that failed once leaves Ready=False with the same
+    configuration hash: a redeploy must roll a new revision, not report the
+    old failure for ever."""
+    art = make_artifact()
+    failing = lambda svc: {"ready": False, "reason": "RevisionFailed", "message": "ImagePullBackOff"}  # noqa: E731
+    with FakeKnativeController(cluster, NS, failing):
+        with pytest.raises(ProviderError):
+            provider.deploy(spec(), art)
+    custom, _ = api(cluster)
+    first = custom.get_namespaced_custom_object(m.GROUP, m.VERSION, NS, m.PLURAL, "fl-echo")
+    with FakeKnativeController(cluster, NS, ready_at("http://fl-echo.fl.example.com")):
+        res = provider.deploy(spec(), art)
+    assert not res.skipped and res.url == "http://fl-echo.fl.example.com"
+    svc = custom.get_namespaced_custom_object(m.GROUP, m.VERSION, NS, m.PLURAL, "fl-echo")
+    assert svc["metadata"]["generation"] == first["metadata"]["generation"] + 1
+    assert m.RETRY_ANNOTATION in svc["spec"]["template"]["metadata"]["annotations"]
+    with FakeKnativeController(cluster, NS, ready_at("http://fl-echo.fl.example.com")):
+        assert provider.deploy(spec(), art).skipped   # Ready now: nothing to write
+
+
 def test_ready_wait_is_bounded(cluster, provider):
     provider.ready_timeout_s = 0.4
     with FakeKnativeController(cluster, NS, lambda svc: {"ready": None, "reason": "Deploying"}):

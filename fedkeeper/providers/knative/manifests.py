@@ -34,6 +34,8 @@ API_VERSION = f"{GROUP}/{VERSION}"
 FUNCTION_LABEL = "fedkeeper.io/function"
 MANAGED_BY = {"app.kubernetes.io/managed-by": "fedkeeper"}
 SOURCE_ANNOTATION = "fedkeeper.io/source-sha256"
+# on the revision template when a failed rollout of an unchanged configuration is tried again
+RETRY_ANNOTATION = "fedkeeper.io/retried-at-ns"
 CONFIG_ANNOTATION = "fedkeeper.io/config-hash"
 MIN_SCALE = "autoscaling.knative.dev/min-scale"
 MAX_SCALE = "autoscaling.knative.dev/max-scale"
@@ -302,7 +304,7 @@ def service_patch(current: Mapping[str, Any], desired: dict[str, Any]) -> dict[s
     have = (((current.get("spec") or {}).get("template") or {}).get("metadata") or {}) \
         .get("annotations") or {}
     annotations = dict(tmeta.get("annotations") or {})
-    for key in SCALE_ANNOTATIONS:
+    for key in SCALE_ANNOTATIONS + (RETRY_ANNOTATION,):
         if key in have and key not in annotations:
             annotations[key] = None
     tmeta["annotations"] = annotations

@@ -174,7 +174,13 @@ class KnativeProvider(HttpFunctionProvider):
                                     f"{spec.name!r} (their names map to the same service name)")
             have_hash = ((current.get("metadata") or {}).get("annotations") or {}).get(
                 m.CONFIG_ANNOTATION)
-            if have_hash == want_hash:
+            cond = m.ready_condition(current)
+            failed = m.observed_current(current) and cond is not None and cond.get("status") == "False"
+            if have_hash == want_hash and failed:
+                # Its last rollout failed (an image pull that failed then, say): a
+                # new revision of the same configuration is the retry, as a redeploy asks.
+                desired["spec"]["template"]["metadata"]["annotations"][m.RETRY_ANNOTATION] = str(time.time_ns())
+            elif have_hash == want_hash:
                 # unchanged: nothing to write; a rollout still under way is
                 # waited for, a failed one is reported
                 ready = self._wait_ready(svc, spec.name, current)
