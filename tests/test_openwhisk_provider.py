@@ -344,3 +344,48 @@ def test_a_blocking_answer_is_an_outcome_only_when_it_is_a_record(server_factory
         assert all("blocking=true" in line for _, line in srv.requests)
     finally:
         p.close()
+
+
+def test_an_insecure_clusters_invoker_is_told_not_to_verify_the_controller(local, state):
+    """`insecure: true` covers the keeper's calls to the controller; the
+    invoker, which calls the same controller from inside the cluster, gets
+    FK_OW_INSECURE, and only it (and a change of it redeploys)."""
+    info = fabric.fabric_status(state / "fabric")
+
+    def deployed(p, name, platform_api):
+        p.deploy(FunctionSpec(name=name, source="echo", bound={"FK_FUNCTION": name}, platform_api=platform_api),
+                 make_artifact(ECHO))
+        got = local._session.get(local._url(f"/actions/{name}"), params={"code": "false"}).json()
+        return {x["key"]: x["value"] for x in got["parameters"]}, {a["key"]: a["value"] for a in got["annotations"]}
+
+    for insecure in (True, False):
+        cfg = OpenWhiskCluster(base_url=info["url"], auth={"ow_auth": info["auth"]}, namespace="ow-local",
+                               insecure=insecure)
+        p = make_provider("ow-remote", "openwhisk", cfg, ProviderContext(state_dir=state))
+        try:
+            params, marks = deployed(p, "inv", True)
+            assert params.get("FK_OW_INSECURE") == ("1" if insecure else None)
+            assert marks["fk-exec"].endswith(" insecure") is insecure
+            params, _ = deployed(p, "plain", False)
+            assert "FK_OW_INSECURE" not in params
+        finally:
+            p.close()
+
+
+def test_the_invoker_verifies_the_controllers_certificate_unless_told_not_to(server_factory, tmp_path, monkeypatch):
+    import importlib.util
+    from pathlib import Path
+
+    from scripted_http import self_signed_tls
+    path = Path(__file__).resolve().parent.parent / "functions" / "fl_invoker" / "fl_invoker.py"
+    spec = importlib.util.spec_from_file_location("_fn_fl_invoker_tls", path)
+    invoker = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(invoker)
+    srv = server_factory(lambda conn, req: json_answer(202, b'{"activationId": "a1"}'), tls=self_signed_tls(tmp_path))
+    monkeypatch.setenv("__OW_API_HOST", srv.url)
+    monkeypatch.setenv("__OW_API_KEY", "u:k")
+    with pytest.raises(Exception) as e:
+        invoker._invoke_openwhisk("fl_client", {"client": "c"}, timeout=5)
+    assert "CERTIFICATE_VERIFY_FAILED" in str(e.value)
+    assert invoker._invoke_openwhisk("fl_client", {"client": "c"}, timeout=5,
+                                     context=ssl._create_unverified_context()) == "a1"

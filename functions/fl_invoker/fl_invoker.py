@@ -14,6 +14,9 @@ keeper, the invoker cannot (and need not) sign anything.
   (__OW_API_HOST / __OW_API_KEY, present when the action is deployed with
   the provide-api-key annotation) and the REST invoke
   POST /api/v1/namespaces/NS/actions/NAME?blocking=false -> 202 {activationId}.
+  The controller's certificate is verified, unless the cluster is
+  configured `insecure: true` (a self-signed controller, as the keeper's own
+  calls to it are then made): the provider binds FK_OW_INSECURE to it.
 - HTTP platforms: a POST to the client function's URL (bound as
   FK_CLIENT_URL). An HTTP function answers only when it has finished, so the
   request is sent completely (the client is then running) before the
@@ -27,6 +30,7 @@ import base64
 import http.client
 import json
 import os
+import ssl
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -43,7 +47,8 @@ MAX_CALLS = 200
 _readers = ThreadPoolExecutor(max_workers=64, thread_name_prefix="fk-answer")
 
 
-def _invoke_openwhisk(target: str, call: dict[str, Any], timeout: float = 30.0) -> str:
+def _invoke_openwhisk(target: str, call: dict[str, Any], timeout: float = 30.0,
+                      context: ssl.SSLContext | None = None) -> str:
     host = os.environ["__OW_API_HOST"].rstrip("/")
     if "://" not in host:
         host = "https://" + host
@@ -54,7 +59,7 @@ def _invoke_openwhisk(target: str, call: dict[str, Any], timeout: float = 30.0) 
     req = urllib.request.Request(url, data=json.dumps(call).encode(), method="POST",
                                  headers={"Content-Type": "application/json", "Authorization": f"Basic {auth}"})
     try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp:
+        with urllib.request.urlopen(req, timeout=timeout, context=context) as resp:
             status, body = resp.status, resp.read()
     except urllib.error.HTTPError as exc:
         status, body = exc.code, exc.read()
@@ -95,8 +100,10 @@ def handle(payload: dict[str, Any], bound: dict[str, str]) -> dict[str, Any]:
             isinstance(c.get("client"), str) and isinstance(c.get("token"), str) for c in calls):
         raise BadRequest(f"calls must be a list of 1..{MAX_CALLS} signed client payloads")
     if os.environ.get("__OW_API_HOST") and os.environ.get("__OW_API_KEY"):
+        context = ssl._create_unverified_context() if bound.get("FK_OW_INSECURE") == "1" else None
+
         def invoke(call):
-            return _invoke_openwhisk(target, call)
+            return _invoke_openwhisk(target, call, context=context)
     elif bound.get("FK_CLIENT_URL"):
         def invoke(call):
             return _invoke_http(bound["FK_CLIENT_URL"], call)

@@ -255,9 +255,15 @@ class OpenWhiskProvider(Provider):
         t0 = time.monotonic()
         path = f"/actions/{quote(spec.name, safe='/')}"
         exec_ = packaging.action_exec(spec, artifact, getattr(self.cluster, "image_registry", None))
+        parameters = dict(spec.bound)
+        if spec.platform_api and getattr(self.cluster, "insecure", False):
+            # It calls the controller too, which the cluster says has a certificate not to verify.
+            parameters["FK_OW_INSECURE"] = "1"
         # What the action runs on: the image follows the runtime's pins, the
-        # base image and the cluster's registry, none of which is in the zip.
-        runs_on = f"{exec_['kind']} {exec_.get('image') or ''}".strip()
+        # base image and the cluster's registry, none of which is in the zip;
+        # and what the provider adds to its parameters.
+        runs_on = " ".join(filter(None, (exec_["kind"], exec_.get("image"),
+                                         "insecure" if "FK_OW_INSECURE" in parameters else None)))
         r = self._control("GET", path, params={"code": "false"})
         if r.status == 200:
             action = self._json_answer(r, f"looking up action {spec.name}")
@@ -274,7 +280,7 @@ class OpenWhiskProvider(Provider):
             "exec": exec_,
             "limits": {"memory": int(spec.memory_mb), "timeout": int(round(spec.timeout_s * 1000)),
                        "concurrency": int(spec.concurrency)},
-            "parameters": [{"key": k, "value": v} for k, v in sorted(spec.bound.items())],
+            "parameters": [{"key": k, "value": v} for k, v in sorted(parameters.items())],
             "annotations": [{"key": "fk-sha256", "value": artifact.sha256},
                             {"key": "fk-exec", "value": runs_on},
                             {"key": "fk-source", "value": spec.source},
