@@ -16,6 +16,11 @@ from ..model_trail.catalog import validation_rows
 log = logging.getLogger("fedkeeper.report")
 
 ENDED = ("succeeded", "failed", "timed_out", "abandoned")
+# What a report reads of each attempt (the reliability figures' fields
+# included): a long session's documents, results and errors with them, are
+# far larger.
+REPORT_FIELDS = ("client", "round", "attempt", "hedge", "state", "error_class", "cluster", "platform",
+                 "duration_ms", "cold_start", "unsent", "stray")
 FAILED = ("failed", "timed_out", "abandoned")
 # Session settings that tell sweep runs apart; the legend shows those that differ.
 COMPARED_PARAMS = ("strategy", "optim", "lr", "local_epochs", "mode")
@@ -142,7 +147,7 @@ def session_series(store, session_id: str, cost: dict[str, Any] | None = None) -
     models = {m["round"]: m for m in store.db[fs.MODELS].find(
         {"session": session_id}, {"round": 1, "metrics": 1, "accepted": 1, "accepted_clients": 1,
                                   "rejected": 1, "contributions": 1, "seconds": 1})}
-    attempts = store.attempts(session_id)
+    attempts = store.attempts(session_id, fields=REPORT_FIELDS)
     client_attempts = [a for a in attempts if not str(a.get("client", "")).startswith("_")]
     per_round_cost = {int(k): v for k, v in ((cost or {}).get("per_round") or {}).items()}
     attempts_by_round: dict[Any, list[dict[str, Any]]] = {}
