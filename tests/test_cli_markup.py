@@ -82,3 +82,19 @@ def test_sweep_table_prints_grid_values_literally(tmp_path, isolated_dirs, monke
     assert res.exit_code == 0, res.output
     for text in (res.stdout, out.read_text()):
         assert "lr=[/a] note=[bold]b[/bold]" in text, text
+
+
+def test_session_summary_metrics_and_model_cells_print_literally():
+    from fedkeeper.cli.metrics import metrics_cells
+    from fedkeeper.cli.model import COLUMNS as MODEL_COLUMNS, model_cells
+    from fedkeeper.cli.start import SUMMARY_COLUMNS, summary_cells
+    summary = summary_cells({"rounds": 1, "rounds_planned": 2, "final_accuracy": 0.5, "wall_time_s": 1.0,
+                             "cost": None, "currency": "USD", "run_log": f"/logs/{BRACKETS}.log"})
+    assert BRACKETS in render(table("s", SUMMARY_COLUMNS, [summary], width=300), 300)
+    cols, cells = metrics_cells([{"cluster": BRACKETS, "activations": 3, "error": "bad [/x]"}])
+    text = render(table("m", cols, cells, width=300), 300)
+    assert BRACKETS in text and "bad [/x]" in text
+    row = {"round": 1, "accuracy": 0.5, "loss": 1.0, "examples": 10, "clients": 2, "strategy": "fedavg",
+           "bytes": 100, "validations": [{"data": f"/data/{BRACKETS}.npz", "metrics": {"accuracy": 0.9}}],
+           "trail": None}
+    assert f"/data/{BRACKETS}.npz" in render(table("models", MODEL_COLUMNS, model_cells([row]), width=300), 300)

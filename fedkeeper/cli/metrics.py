@@ -5,6 +5,7 @@ import sys
 from typing import Any
 
 import click
+from rich.markup import escape
 
 from ..config import ConfigError
 from .common import (UsageFailure, config_option, load, print_json, scenario_option, select_clusters,
@@ -14,7 +15,8 @@ from .common import (UsageFailure, config_option, load, print_json, scenario_opt
 def metrics_cells(data: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
     """(columns, cells) of metrics rows (MetricsRow.row() dicts)."""
     cols = list(data[0].keys()) if data else ["cluster"]
-    cells = [[("-" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)) for v in row.values()]
+    # cells are markup: a cluster name or an error text may hold brackets
+    cells = [[("-" if v is None else f"{v:.3f}" if isinstance(v, float) else escape(str(v))) for v in row.values()]
              for row in data]
     return cols, cells
 

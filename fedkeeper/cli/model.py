@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import click
+from rich.markup import escape
 
 from ..formatting import fixed_decimals
 from ..model_trail.validate import DATA_HELP, ValidationClient, parse_data
@@ -43,9 +44,10 @@ def model_cells(rows) -> list[list[str]]:
     out = []
     for r in rows:
         trail = r["trail"]
+        # cells are markup: a strategy or a validation's data path may hold brackets
         out.append([str(r["round"]), fixed_decimals(r["accuracy"]), fixed_decimals(r["loss"]),
-                    fixed_decimals(r["examples"]), fixed_decimals(r["clients"]), str(r["strategy"] or "-"),
-                    _size(r["bytes"]), _validations_cell(r), _trail_cell(trail)])
+                    fixed_decimals(r["examples"]), fixed_decimals(r["clients"]), escape(str(r["strategy"] or "-")),
+                    _size(r["bytes"]), escape(_validations_cell(r)), escape(_trail_cell(trail))])
     return out
 
 

@@ -155,7 +155,7 @@ def summary_cells(result: dict[str, Any]) -> list[str]:
     acc, wall = result["final_accuracy"], result["wall_time_s"]
     return [f"{result['rounds']}/{result['rounds_planned']}", f"{acc:.4f}" if acc is not None else "-",
             f"{wall:.1f}s" if wall is not None else "-", format_money(result["cost"], result["currency"]),
-            result["run_log"]]
+            escape(str(result["run_log"]))]   # cells are markup: a path may hold brackets
 
 
 @contextlib.contextmanager
@@ -275,9 +275,9 @@ def session_metrics(cfg: Config, scenario, elapsed_s: float) -> None:
     cells = []
     for r in rows:
         d = r.row()
-        cells.append([str(d.get("cluster")), fmt(d.get("activations")), fmt(d.get("cold_starts")),
+        cells.append([escape(str(d.get("cluster"))), fmt(d.get("activations")), fmt(d.get("cold_starts")),
                       fmt(d.get("error_rate")), fmt(d.get("duration_p50_s")), fmt(d.get("duration_p95_s")),
-                      str(d.get("error") or "")])
+                      escape(str(d.get("error") or ""))])
     show_table("clusters' Prometheus during the session",
                ("cluster", "activations", "cold starts", "error rate", "p50 s", "p95 s", "note"), cells)
 
