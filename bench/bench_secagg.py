@@ -58,7 +58,7 @@ from flcommon.secagg.client import masked_update  # noqa: E402
 from flcommon.secagg.server import secure_aggregate  # noqa: E402
 from flcommon.strategies import get_strategy  # noqa: E402
 
-SMOKE = {"clients": "8", "params": "2000", "dropouts": "0,0.25", "neighbours": "full,2"}
+SMOKE = {"clients": "8", "params": "2000", "dropouts": "0,0.25", "neighbours": "full,4"}
 TOKEN = "bench-token-secret"
 CLIENT_SECRET = "bench-client-secret-0123456789"
 
@@ -147,6 +147,10 @@ def secure_round(db, stage_handle, clients, n_params, dropped, tag, neighbours=N
         db[fs.UPDATES].insert_one({"session": sid, "round": 0, "client": c, "attempt": 1, "blob_id": blob,
                                    "num_examples": examples[c], "masked": True, "status": "received"})
     relay.set_sets(db, sid, 0, u3=survivors)
+    # As the keeper does: survivors the dropouts split in the graph reveal nothing.
+    split = graph.parts(graph.neighbours(sa_session.context(sid, 0), clients, neighbours), survivors)
+    if len(split) > 1:
+        return {"refused": f"the survivors fall into {len(split)} unconnected parts of the neighbour graph"}
     for c in survivors:
         stage(c, "unmask")
     strategy = get_strategy("fedavg")
