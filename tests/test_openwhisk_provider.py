@@ -73,6 +73,10 @@ def test_deploy_is_skipped_when_the_hash_matches(local):
     assert {p["key"] for p in got["parameters"]} == {"FK_STORE_URL", "FK_TOKEN_SECRET"}
     keys = {a["key"]: a["value"] for a in got["annotations"]}
     assert keys["fk-sha256"] == changed.sha256 and keys["final"] is True
+    assert local.exists("dep")
+    assert local.remove("dep") is True
+    assert not local.exists("dep")
+    assert local.remove("dep") is False
 
 
 def test_a_new_runtime_image_is_deployed_though_the_zip_is_the_same(local, monkeypatch):
@@ -92,10 +96,6 @@ def test_a_new_runtime_image_is_deployed_though_the_zip_is_the_same(local, monke
     assert got["exec"]["image"] == image[0]
     assert {a["key"]: a["value"] for a in got["annotations"]}["fk-exec"] == f"blackbox {image[0]}"
     assert local.deploy(spec, art).skipped
-    assert local.exists("dep")
-    assert local.remove("dep") is True
-    assert not local.exists("dep")
-    assert local.remove("dep") is False
 
 
 def test_invoke_and_track_many(local):
