@@ -24,8 +24,11 @@ and of Secret Manager v1 (what secretEnvironmentVariables name):
   POST   /v1/projects/{p}/secrets?secretId=ID      -> Secret (409 if it exists)
   GET    /v1/projects/{p}/secrets[?filter=labels.K=V] -> {secrets: [...]}
   DELETE /v1/projects/{p}/secrets/{id}             -> {}
-  POST   /v1/projects/{p}/secrets/{id}:addVersion  -> SecretVersion
+  POST   /v1/projects/{p}/secrets/{id}:addVersion  -> SecretVersion (an empty payload is refused)
   GET    /v1/projects/{p}/secrets/{id}/versions/{v|latest}:access -> {name, payload}
+         (FAILED_PRECONDITION for a destroyed version)
+  POST   /v1/projects/{p}/secrets/{id}/versions/{v}:destroy -> SecretVersion
+  the list filter takes `labels.K=V` terms joined by AND.
 Operations finish on their first poll, as a quick deployment would. A
 function's secretEnvironmentVariables are resolved when it is served: a
 secret or version that does not exist fails the deploy, as on the service.
@@ -322,18 +325,19 @@ class FakeCloudFunctions:
             secret = self.secrets.get(sid or "") if project in (self.project, None) else None
             versions = (secret or {}).get("_versions") or []
             n = len(versions) if version == "latest" else int(version) if str(version).isdigit() else 0
-        if not 1 <= n <= len(versions):
-            raise ApiError(400, f"Secret projects/{project}/secrets/{sid}/versions/{version} was not found "
-                                "or the runtime service account may not access it")
+        if not 1 <= n <= len(versions) or versions[n - 1] is None:
+            raise ApiError(400, f"Secret projects/{project}/secrets/{sid}/versions/{version} was not found, "
+                                "is destroyed, or the runtime service account may not access it")
         return versions[n - 1].decode()
 
     def handle_secrets(self, method: str, path: str, query: dict[str, list[str]],
                        body: bytes) -> tuple[int, dict[str, Any]]:
         m = re.fullmatch(r"/v1/projects/([^/]+)/secrets(?:/([A-Za-z0-9_-]{1,255}))?"
-                         r"(?::(addVersion)|/versions/([0-9]+|latest):(access))?", path)
+                         r"(?::(addVersion)|/versions/([0-9]+|latest):(access|destroy))?", path)
         if not m or m.group(1) != self.project:
             raise ApiError(404, f"Requested entity was not found: {path}")
-        sid, add, version, access = m.group(2), m.group(3), m.group(4), m.group(5)
+        sid, add, version, verb = m.group(2), m.group(3), m.group(4), m.group(5)
+        access = verb == "access"
         parent = f"projects/{self.project}/secrets"
         payload = json.loads(body) if body else {}
         with self._lock:
@@ -348,27 +352,37 @@ class FakeCloudFunctions:
                                      "labels": payload.get("labels") or {}, "_versions": []}
                 return 200, self._public(self.secrets[new])
             if sid is None and method == "GET":
-                want = (query.get("filter") or [""])[0]
-                key, _, value = want.partition("=")
-                found = [s for s in self.secrets.values()
-                         if not want or (key.startswith("labels.") and s["labels"].get(key[7:]) == value)]
+                terms = [t.strip().partition("=") for t in (query.get("filter") or [""])[0].split(" AND ")
+                         if t.strip()]
+                if any(not k.startswith("labels.") for k, _, _ in terms):
+                    raise ApiError(400, "the fake filters by labels only")
+                found = [s for s in self.secrets.values() if all(s["labels"].get(k[7:]) == v for k, _, v in terms)]
                 return 200, {"secrets": [self._public(s) for s in found], "totalSize": len(found)}
             secret = self.secrets.get(sid or "")
             if secret is None:
                 raise ApiError(404, f"Secret [{parent}/{sid}] not found.")
             if add and method == "POST":
                 data = base64.b64decode((payload.get("payload") or {}).get("data") or "")
+                if not data:
+                    raise ApiError(400, "Field [payload] is required and may not be empty.")
                 secret["_versions"].append(data)
                 return 200, {"name": f"{secret['name']}/versions/{len(secret['_versions'])}",
                              "state": "ENABLED", "createTime": _now()}
-            if access and method == "GET":
+            if verb:
                 n = len(secret["_versions"]) if version == "latest" else int(version)
                 if not 1 <= n <= len(secret["_versions"]):
                     raise ApiError(404, f"Secret Version [{secret['name']}/versions/{version}] not found.")
-                data = secret["_versions"][n - 1]
-                return 200, {"name": f"{secret['name']}/versions/{n}",
-                             "payload": {"data": base64.b64encode(data).decode()}}
-            if method == "DELETE" and not add and not access:
+                vname = f"{secret['name']}/versions/{n}"
+                if verb == "destroy" and method == "POST":
+                    secret["_versions"][n - 1] = None   # its data is gone for good
+                    return 200, {"name": vname, "state": "DESTROYED", "createTime": _now()}
+                if access and method == "GET":
+                    data = secret["_versions"][n - 1]
+                    if data is None:
+                        raise ApiError(400, f"Secret Version [{vname}] is in DESTROYED state.",
+                                       status="FAILED_PRECONDITION")
+                    return 200, {"name": vname, "payload": {"data": base64.b64encode(data).decode()}}
+            if method == "DELETE" and not add and not verb:
                 del self.secrets[sid]
                 return 200, {}
         raise ApiError(405, f"Method {method} not allowed")

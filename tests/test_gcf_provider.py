@@ -57,7 +57,7 @@ def fake():
 
 def cluster_for(fake: FakeCloudFunctions, **over) -> GoogleCluster:
     kw = dict(kind="remote", project=fake.project, region=fake.region,
-              api_endpoint=fake.base_url, auth=fake.service_account)
+              api_endpoint=fake.base_url, secret_manager_endpoint=fake.base_url, auth=fake.service_account)
     kw.update(over)
     return GoogleCluster(**kw)
 
@@ -89,10 +89,11 @@ def test_deploy_creates_function_with_spec(fake, provider):
     assert not [k for k in sc.get("environmentVariables", {}) if k.startswith("FK_")]
     assert "not-for-logs" not in json.dumps(fn)
     pinned = {e["key"]: (e["secret"], e["version"]) for e in sc["secretEnvironmentVariables"]}
-    assert pinned == {k: (f"fedkeeper-fl-echo-{k}", "1") for k in SPEC.bound}
+    assert pinned == {k: (f"fedkeeper-{fake.region}-fl-echo-{k}", "1") for k in SPEC.bound}
     for key, value in SPEC.bound.items():
-        secret = fake.secrets[f"fedkeeper-fl-echo-{key}"]
-        assert secret["_versions"] == [value.encode()] and secret["labels"] == {"fedkeeper_function": "fl_echo"}
+        secret = fake.secrets[f"fedkeeper-{fake.region}-fl-echo-{key}"]
+        assert secret["_versions"] == [value.encode()]
+        assert secret["labels"] == {"fedkeeper_function": "fl_echo", "fedkeeper_region": fake.region}
     assert provider.call("fl_echo", {"n": 1}, timeout_s=30).result["fn"] == "fl_echo"   # the instance has them
     assert fn["labels"][SHA_LABEL] == art.sha256[:32] and fn["labels"]["fk-function"] == "fl_echo"
     assert res.url == sc["uri"]
@@ -342,24 +343,37 @@ def test_source_over_the_size_limit_is_refused_before_upload(fake, provider, mon
 
 def test_bound_values_are_versioned_secrets_kept_while_unchanged_and_removed_with_the_function(fake, provider):
     art = make_artifact()
+    name = f"fedkeeper-{fake.region}-fl-echo-FK_FUNCTION"
     provider.deploy(SPEC, art)
     assert provider.deploy(SPEC, art).skipped   # same values: no new version, nothing updated
     assert all(len(s["_versions"]) == 1 for s in fake.secrets.values())
-    # a changed value is a new version, a changed pin, an update the instance reads
+    # a changed value is a new version, a changed pin, an update the instance reads; the
+    # version it replaced is destroyed once the function runs on the new one
     rotated = FunctionSpec(**{**SPEC.__dict__, "bound": {**SPEC.bound, "FK_FUNCTION": "fl_echo_2"}})
     assert not provider.deploy(rotated, art).skipped
-    assert fake.secrets["fedkeeper-fl-echo-FK_FUNCTION"]["_versions"] == [b"fl_echo", b"fl_echo_2"]
-    pinned = {e["key"]: e["version"] for e in fake.functions["fl-echo"]["serviceConfig"]["secretEnvironmentVariables"]}
+    assert fake.secrets[name]["_versions"] == [None, b"fl_echo_2"]
+    pinned = {e["key"]: e["version"]
+              for e in fake.functions["fl-echo"]["serviceConfig"]["secretEnvironmentVariables"]}
     assert pinned == {"FK_FUNCTION": "2", "FK_STORE_DB": "1", "FK_TOKEN_SECRET": "1"}
     assert provider.call("fl_echo", {"n": 1}, timeout_s=30).result["fn"] == "fl_echo_2"
     # a function an earlier version deployed with its bound values in plain variables is updated
     fake.functions["fl-echo"]["serviceConfig"]["environmentVariables"]["FK_TOKEN_SECRET"] = "not-for-logs"
     assert not provider.deploy(rotated, art).skipped
     assert "FK_TOKEN_SECRET" not in fake.functions["fl-echo"]["serviceConfig"]["environmentVariables"]
-    # removing the function removes its secrets, and nobody else's
+    # an empty value is no secret (and no secret can hold it): a plain, empty variable
+    empty = FunctionSpec(**{**SPEC.__dict__, "bound": {**SPEC.bound, "FK_STORE_URL": ""}})
+    assert not provider.deploy(empty, art).skipped
+    sc = fake.functions["fl-echo"]["serviceConfig"]
+    assert sc["environmentVariables"]["FK_STORE_URL"] == ""
+    assert "FK_STORE_URL" not in {e["key"] for e in sc["secretEnvironmentVariables"]}
+    assert provider.deploy(empty, art).skipped
+    # removing the function removes its secrets, and nobody else's: not another region's
     fake.secrets["someone-elses"] = {"name": "x", "labels": {}, "_versions": [b"v"]}
+    fake.secrets["fedkeeper-us-east1-fl-echo-FK_FUNCTION"] = {
+        "name": "y", "labels": {"fedkeeper_function": "fl_echo", "fedkeeper_region": "us-east1"}, "_versions": [b"v"]}
     assert provider.remove("fl_echo")
-    assert set(fake.secrets) == {"someone-elses"} and not provider.remove("fl_echo")
+    assert set(fake.secrets) == {"someone-elses", "fedkeeper-us-east1-fl-echo-FK_FUNCTION"}
+    assert not provider.remove("fl_echo")
 
 
 @pytest.mark.parametrize("memory_mb, cpus", [(512, "1"), (2048, "1"), (8192, "2"), (16384, "4"), (32768, "8")])
@@ -370,3 +384,13 @@ def test_concurrency_asks_for_the_vcpus_the_memory_needs(fake, provider, memory_
     provider.deploy(spec, make_artifact())
     sc = fake.functions["fl-echo"]["serviceConfig"]
     assert sc["availableCpu"] == cpus and sc["maxInstanceRequestConcurrency"] == 4
+
+
+def test_a_secret_whose_latest_version_was_destroyed_gets_a_new_one(fake, provider):
+    art = make_artifact()
+    provider.deploy(SPEC, art)
+    name = f"fedkeeper-{fake.region}-fl-echo-FK_TOKEN_SECRET"
+    fake.secrets[name]["_versions"][-1] = None   # an operator destroyed it: reading it fails
+    assert not provider.deploy(SPEC, art).skipped
+    assert fake.secrets[name]["_versions"] == [None, b"not-for-logs"]
+    assert provider.call("fl_echo", {"n": 1}, timeout_s=30).ok

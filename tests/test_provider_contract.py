@@ -161,7 +161,7 @@ class CloudFunctionsV2Fake(Harness):
     def provider(self) -> Provider:
         f = self.fake
         c = GoogleCluster(kind="remote", project=f.project, region=f.region, api_endpoint=f.base_url,
-                          auth=f.service_account)
+                          secret_manager_endpoint=f.base_url, auth=f.service_account)
         p = make_provider("gcf", "google", c, ProviderContext(state_dir=self.tmp))
         assert type(p) is CloudFunctionsProvider
         return p

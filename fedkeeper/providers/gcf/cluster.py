@@ -25,6 +25,7 @@ class GoogleCluster(ClusterConfig):
     project: Optional[str] = None
     region: Optional[str] = None
     api_endpoint: Optional[HostPort] = None  # control-plane override (tests, private endpoints)
+    secret_manager_endpoint: Optional[HostPort] = None  # the same for Secret Manager (bound configuration)
 
     @field_validator("project")
     @classmethod

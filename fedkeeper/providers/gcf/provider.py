@@ -154,15 +154,14 @@ class CloudFunctionsProvider(HttpFunctionProvider):
 
     # -------------------------------------------------------------- client
 
-    def _official_client(self, client_class):
+    def _official_client(self, client_class, endpoint: str | None):
         """An official Google client with the cluster's service account; REST
-        towards the endpoint override when one is configured."""
+        towards `endpoint` when the cluster overrides that API's endpoint."""
         info = self.cluster.service_account_info()
         if not info:
             raise ProviderError(ErrorClass.AUTH, f"cluster {self.cluster_name}: no "
                                 "service-account credentials (auth or auth_file)")
         creds = control_plane_credentials(info)
-        endpoint = getattr(self.cluster, "api_endpoint", None)
         if endpoint:
             # The REST transport keeps an explicit http:// or https://
             # scheme from the endpoint; the gRPC one would not.
@@ -174,7 +173,8 @@ class CloudFunctionsProvider(HttpFunctionProvider):
         with self._client_lock:
             if self._client is None:
                 from google.cloud import functions_v2
-                self._client = self._official_client(functions_v2.FunctionServiceClient)
+                self._client = self._official_client(functions_v2.FunctionServiceClient,
+                                                     getattr(self.cluster, "api_endpoint", None))
             return self._client
 
     def secrets(self) -> BoundSecrets:
@@ -182,8 +182,9 @@ class CloudFunctionsProvider(HttpFunctionProvider):
         with self._client_lock:
             if self._secrets is None:
                 from google.cloud import secretmanager_v1
-                self._secrets = BoundSecrets(
-                    self.project, lambda: self._official_client(secretmanager_v1.SecretManagerServiceClient))
+                endpoint = getattr(self.cluster, "secret_manager_endpoint", None)
+                self._secrets = BoundSecrets(self.project, self.region, lambda: self._official_client(
+                    secretmanager_v1.SecretManagerServiceClient, endpoint))
             return self._secrets
 
     def _get(self, name: str):
@@ -215,11 +216,12 @@ class CloudFunctionsProvider(HttpFunctionProvider):
         if storage_source is not None:
             build.source = functions_v2.Source(storage_source=storage_source)
         # Bound configuration only as secrets (secrets.py): none of it in the
-        # plain variables, which anyone who may view the function can read.
+        # plain variables, which anyone who may view the function can read,
+        # but for empty values, which are no secret and no secret can hold.
         service = functions_v2.ServiceConfig(
             available_memory=memory_string(spec.memory_mb),
             timeout_seconds=int(round(spec.timeout_s)),
-            environment_variables={},
+            environment_variables={k: v for k, v in spec.bound.items() if v == ""},
             secret_environment_variables=secret_env,
             all_traffic_on_latest_revision=True)
         max_instances = spec.extra.get("max_instances")
@@ -300,7 +302,7 @@ class CloudFunctionsProvider(HttpFunctionProvider):
         t0 = time.monotonic()
         self._require_entry(artifact)
         current = self._get(spec.name)
-        secret_env = self.secrets().pin(function_id(spec.name), label_value(spec.name), spec.bound)
+        secret_env, replaced = self.secrets().pin(function_id(spec.name), label_value(spec.name), spec.bound)
         desired = self._desired(spec, artifact, secret_env)
         if current is not None and self._unchanged(current, desired):
             url = current.service_config.uri or current.url
@@ -327,6 +329,8 @@ class CloudFunctionsProvider(HttpFunctionProvider):
             raise ProviderError(ErrorClass.PLATFORM_ERROR,
                                 f"deployed {spec.name} but the service reported no URL")
         self._remember(spec.name, url, spec.timeout_s)
+        # the function runs on the new versions: the values they replaced can go
+        self.secrets().destroy(replaced)
         log.info("deployed %s on %s (%s)", spec.name, self.cluster_name,
                  "created" if current is None else "updated")
         return DeployResult(spec.name, skipped=False, seconds=time.monotonic() - t0, url=url)
