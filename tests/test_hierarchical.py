@@ -344,3 +344,11 @@ def test_a_partial_stored_meanwhile_by_another_combiner_stands_and_ours_leaves_n
     assert missed and out["_id"] == kept["_id"] and out["clients"] == [{"client": "client_0"}]
     assert db[PARTIALS].count_documents({"session": "s", "round": 0, "cluster": "alpha"}) == 1
     assert db[f"{fs.BUCKET}.files"].count_documents({"metadata.kind": "partial"}) == 1
+
+
+def test_a_store_that_holds_duplicate_partials_from_before_the_unique_key_still_opens(fn_db):
+    db = fn_db
+    db[PARTIALS].drop_indexes()
+    db[PARTIALS].insert_many([{"session": "old", "round": 0, "cluster": "alpha", "n": i} for i in range(2)])
+    fs.ensure_function_indexes(db)   # no error: the index is left out
+    assert db[PARTIALS].count_documents({"session": "old"}) == 2

@@ -65,7 +65,13 @@ def ensure_function_indexes(db) -> None:
     db[PARTITIONS].create_index([("session", asc), ("client", asc)], unique=True)
     # One combiner's partial per cluster and round (hierarchical): a follower
     # combiner and the one run at the round's close may both try to store it.
-    db[PARTIALS].create_index([("session", asc), ("round", asc), ("cluster", asc)], unique=True)
+    # A store written before this index may hold such pairs already: it then
+    # goes without the index (write_partial still looks before it writes),
+    # rather than refusing every connection.
+    try:
+        db[PARTIALS].create_index([("session", asc), ("round", asc), ("cluster", asc)], unique=True)
+    except pymongo.errors.DuplicateKeyError:
+        pass
     # GridFS's own indexes (the names and keys pymongo's GridFS creates),
     # made once here because put_arrays writes chunks directly.
     db[f"{BUCKET}.files"].create_index([("filename", asc), ("uploadDate", asc)])
