@@ -167,8 +167,7 @@ def test_ctrl_c_marks_the_session_interrupted_and_resume_finishes_it(tmp_path):
 def test_a_resumed_round_leaves_out_the_time_no_keeper_ran_it(tmp_path):
     """Interrupted in round 2 and resumed 1,000 s later (overnight, say):
     round 2's duration is its working time, not the night."""
-    import time
-    keeper, store, provider, _ = fake_keeper(tmp_path, rounds=3)
+    keeper, store, provider, clock = fake_keeper(tmp_path, rounds=3)
 
     def interrupt(kind, data):
         if kind == "round" and data["report"].round == 0:
@@ -180,12 +179,12 @@ def test_a_resumed_round_leaves_out_the_time_no_keeper_ran_it(tmp_path):
     # as a keeper killed in round 2 leaves it: the round open, its last heartbeat long ago
     first = store.rounds_[("s1", 0)]
     store.upsert_round("s1", 1, selected=first["selected"], state="running", started=first["ended"])
-    store.sessions["s1"]["heartbeat"] = time.time() - 1000
+    store.sessions["s1"]["heartbeat"] = first["ended"] + 2   # its keeper's last sign of life
+    clock.t += 1000   # the night
     keeper.progress = lambda kind, data: None
     assert keeper.start(resume="s1", deploy=False).state == "finished"
     second = store.rounds_[("s1", 1)]
-    # (the fake keeper's clock starts at 0, so only the paused time is wall seconds)
-    assert second["paused_s"] >= 1000 and second["duration_s"] < 100
+    assert 998 <= second["paused_s"] <= 1000 and 0 <= second["duration_s"] < 100
     assert "paused_s" not in store.rounds_[("s1", 0)] and "paused_s" not in store.rounds_[("s1", 2)]
 
 

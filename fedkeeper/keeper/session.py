@@ -267,9 +267,10 @@ class Keeper:
         """The round a stopped keeper left open stood still from its last
         heartbeat until now (overnight, say): recorded as paused, so that
         its duration, and the time to a target it reaches, leave that out.
-        It counts up to one heartbeat period of work as paused."""
+        It counts up to one heartbeat period of work as paused. The rounds'
+        times are the keeper's clock (the wall clock, as the heartbeat's)."""
         if isinstance(beat, (int, float)) and not isinstance(beat, bool) and math.isfinite(beat):
-            self.store.pause_open_rounds(session, since=beat, now=time.time())
+            self.store.pause_open_rounds(session, since=beat, now=self.dispatcher.clock())
 
     def _run(self, session: str, earlier: list[RoundReport], reports: list[RoundReport]) -> SessionSummary:
         try:
