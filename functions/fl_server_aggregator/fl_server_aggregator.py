@@ -136,7 +136,7 @@ def handle(payload: dict[str, Any], bound: dict[str, str]) -> dict[str, Any]:
         return {"error": f"round {rnd}: {exc}"}
     # A model with NaN or inf could never be moved again (every later delta
     # against it is NaN or inf too): such a round fails, and nothing is stored.
-    if not all(all_within(w, float(np.finfo(w.dtype).max)) for w in new):
+    if not all(all_within(w, float(np.finfo(w.dtype).max)) for w in new if np.issubdtype(w.dtype, np.floating)):
         return {"error": f"round {rnd}: the aggregate holds NaN or inf ({strategy.name}); the model is not stored "
                          "(a server learning rate too large?)"}
     del weights, state
