@@ -206,21 +206,48 @@ def load_in_thread(path: Path, fifo: Path, seconds: float = 10.0) -> BaseExcepti
 
 
 @pytest.mark.timeout(60)
-def test_a_fifo_as_the_config_is_refused_without_waiting(tmp_path):
+def test_a_fifo_nobody_writes_as_the_config_is_refused_within_the_pipe_time_limit(tmp_path, monkeypatch):
+    from fedkeeper.config import loading
+    monkeypatch.setattr(loading, "PIPE_TIMEOUT_S", 0.3)
     fifo = tmp_path / "cfg.yaml"
     os.mkfifo(fifo)
     exc = load_in_thread(fifo, fifo)
-    assert isinstance(exc, ConfigError) and "is not a regular file" in str(exc)
+    assert isinstance(exc, ConfigError) and "writer did not finish within 0.3 s" in str(exc)
 
 
 @pytest.mark.timeout(60)
-def test_a_fifo_as_a_secret_file_is_refused_without_waiting(tmp_path):
+def test_a_fifo_nobody_writes_as_a_secret_file_is_refused_within_the_pipe_time_limit(tmp_path, monkeypatch):
+    from fedkeeper.config import loading
+    monkeypatch.setattr(loading, "PIPE_TIMEOUT_S", 0.3)
     fifo = tmp_path / "ow_auth"
     os.mkfifo(fifo)
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text(with_cluster(f"base_url: https://ow.example.org/\nauth: {{ow_auth_file: {fifo}}}\n"))
     exc = load_in_thread(cfg, fifo)
-    assert isinstance(exc, ConfigError) and f"secret file {fifo} is not a regular file" in str(exc)
+    assert isinstance(exc, ConfigError) and f"secret file {fifo} is a pipe whose writer did not finish" in str(exc)
+
+
+@pytest.mark.timeout(60)
+def test_a_config_from_a_pipe_loads_and_a_writer_that_never_finishes_is_refused(tmp_path, monkeypatch):
+    """`-c <(sops -d cfg.yaml)`: a pipe written to its end is a config; one
+    whose writer stalls is refused after the pipe's time limit."""
+    from fedkeeper.config import loading
+    r, w = os.pipe()
+    os.write(w, GOOD.encode())
+    os.close(w)
+    try:
+        assert load_config(f"/dev/fd/{r}").scenarios
+    finally:
+        os.close(r)
+    monkeypatch.setattr(loading, "PIPE_TIMEOUT_S", 0.3)
+    r, w = os.pipe()
+    os.write(w, b"name: t\n")
+    try:
+        with pytest.raises(ConfigError, match="writer did not finish within 0.3 s"):
+            load_config(f"/dev/fd/{r}")
+    finally:
+        os.close(r)
+        os.close(w)
 
 
 def test_a_config_over_1_mib_is_refused(tmp_path):

@@ -7,7 +7,9 @@ import errno
 import json
 import os
 import re
+import select
 import stat
+import time
 from pathlib import Path
 from typing import Any, Optional
 
@@ -109,23 +111,52 @@ def _read_secret_file(raw: str, path: tuple, base_dir: Path, target: str) -> Any
     return content
 
 
+# How long a pipe may take to be written to its end.
+PIPE_TIMEOUT_S = 10.0
+
+
+def _read_pipe(fd: int, limit: int) -> bytes:
+    """Up to limit + 1 bytes of a non-blocking pipe, until its writer closes
+    it; ValueError if that takes past PIPE_TIMEOUT_S."""
+    deadline = time.monotonic() + PIPE_TIMEOUT_S
+    parts, size = [], 0
+    while size <= limit:
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([fd], [], [], left)[0]:
+            raise ValueError(f"is a pipe whose writer did not finish within {PIPE_TIMEOUT_S:g} s")
+        try:
+            part = os.read(fd, min(1 << 16, limit + 1 - size))
+        except BlockingIOError:
+            continue
+        if not part:
+            break
+        parts.append(part)
+        size += len(part)
+    return b"".join(parts)
+
+
 def _size_text(n: int) -> str:
     return f"{n >> 20} MiB" if n % (1 << 20) == 0 else f"{n >> 10} KiB"
 
 
 def read_text_bounded(fp: Path, limit: int) -> str:
-    """The UTF-8 text of the regular file `fp`, if it holds at most `limit`
-    bytes. Raises OSError, or ValueError with the reason as the end of a
-    sentence naming the file."""
-    # O_NONBLOCK: opening a FIFO must not wait for a writer; fstat then refuses it.
+    """The UTF-8 text of the regular file or pipe `fp` (`-c <(sops -d ...)`),
+    if it holds at most `limit` bytes; a pipe must be written to its end
+    within PIPE_TIMEOUT_S. Raises OSError, or ValueError with the reason as
+    the end of a sentence naming the file."""
+    # O_NONBLOCK: opening a FIFO must not wait for a writer (one without any
+    # reads as empty at once).
     fd = os.open(fp, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
     with os.fdopen(fd, "rb") as f:
         mode = os.fstat(fd).st_mode
         if stat.S_ISDIR(mode):
             raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR))
-        if not stat.S_ISREG(mode):
-            raise ValueError("is not a regular file (a FIFO, socket or device would block or never end)")
-        data = f.read(limit + 1)
+        if stat.S_ISFIFO(mode):
+            data = _read_pipe(fd, limit)
+        elif stat.S_ISREG(mode):
+            data = f.read(limit + 1)
+        else:
+            raise ValueError("is not a regular file or a pipe (a socket or device would block or never end)")
     if len(data) > limit:
         raise ValueError(f"is larger than {_size_text(limit)}, the most it may hold")
     try:
