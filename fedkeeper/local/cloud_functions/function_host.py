@@ -185,11 +185,11 @@ class TimeLimit:
     """Each request of the function answered by `limit_s` after it began to
     run: past it, 504 at once, while the function's thread carries on and
     its answer is dropped. When `max_overrunning` runs are past their limit
-    and still going, the instance is replaced: it takes no new request (429
-    with Retry-After, as the platform answers when no instance can take a
-    request: the run never started, so it is retried at no cost), lets the requests
-    running within their limit finish (up to `limit_s`), and then its
-    process exits (`exit`)."""
+    and still going, the instance is replaced: it takes no new request
+    (429 with Retry-After, as the platform answers when no instance can
+    take one: the run never started, so it is retried at no cost), lets the
+    requests running within their limit finish (up to `limit_s`), and then
+    its process exits (`exit`)."""
 
     def __init__(self, app, limit_s: float, max_overrunning: int, exit=os._exit):
         self.app = app
