@@ -7,6 +7,7 @@ and reports one row per cluster. Failures are classified by the provider
 """
 from __future__ import annotations
 
+import re
 import time
 import xml.etree.ElementTree as ET
 from concurrent.futures import ThreadPoolExecutor
@@ -54,14 +55,16 @@ def _explain(exc: BaseException) -> tuple[str | None, str]:
 
 def check_cluster(rt: Runtime, cluster: str, keep: bool, timeout_s: float = 120.0) -> ClusterCheck:
     res = ClusterCheck(cluster)
+    provider = None
     try:
         provider = rt.provider(cluster)
         res.platform = provider.platform
         section = rt.cfg.providers.clusters()[cluster][0]
         pl = Placement(cluster, section, rt.function_spec(PROBE, section))
+        artifact = rt.artifact_for(pl)   # built here: deploy_s is the platform's time
         res.stage = "deploy"
         t0 = time.perf_counter()
-        provider.deploy(pl.spec, rt.artifact_for(pl))
+        provider.deploy(pl.spec, artifact)
         res.deploy_s = time.perf_counter() - t0
         res.stage = "invoke"
         for which in ("cold_ms", "warm_ms"):
@@ -76,14 +79,27 @@ def check_cluster(rt: Runtime, cluster: str, keep: bool, timeout_s: float = 120.
                 return res
             setattr(res, which, out.duration_ms if out.duration_ms is not None else elapsed)
             res.host = {k: v for k, v in (out.result or {}).items() if k != "error"}
-        if not keep:
-            res.stage = "remove"
-            provider.remove(PROBE)
-        res.stage, res.ok = "", True
-        _introspect(rt, cluster, res)
+        res.ok = True
     except Exception as exc:  # reported per cluster; the others go on
         res.error_class, res.error = _explain(exc)
+    finally:
+        # The probe goes whatever happened once its deploy was tried (a
+        # failed check must not leave it on the cluster), unless kept.
+        if provider is not None and res.stage in ("deploy", "invoke") and not keep:
+            _remove_probe(provider, res)
+    if res.ok:
+        res.stage = ""
+        _introspect(rt, cluster, res)
     return res
+
+
+def _remove_probe(provider, res: ClusterCheck) -> None:
+    try:
+        provider.remove(PROBE)
+    except Exception as exc:
+        if res.ok:   # the check itself passed: its failing clean-up is the failure
+            res.ok, res.stage = False, "remove"
+            res.error_class, res.error = _explain(exc)
 
 
 def _introspect(rt: Runtime, cluster: str, res: ClusterCheck) -> None:
@@ -109,16 +125,27 @@ def run_checks(rt: Runtime, clusters: list[str], keep: bool) -> list[ClusterChec
         return list(ex.map(lambda c: check_cluster(rt, c, keep), clusters))
 
 
+# What XML 1.0 cannot carry (control characters but tab, newline and carriage
+# return; lone surrogates): an error text may hold them (ANSI colour codes
+# from a platform's log), and a report holding them is not well-formed.
+_NOT_XML = re.compile("[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
+
+
+def _xml_text(text: str) -> str:
+    return _NOT_XML.sub("\ufffd", text)
+
+
 def junit_xml(results: list[ClusterCheck]) -> bytes:
     suite = ET.Element("testsuite", name="fedkeeper.check", tests=str(len(results)),
                        failures=str(sum(not r.ok for r in results)))
     for r in results:
-        case = ET.SubElement(suite, "testcase", classname=f"fedkeeper.check.{r.platform or 'unknown'}",
-                             name=r.cluster, time=f"{(r.deploy_s or 0) + ((r.cold_ms or 0) + (r.warm_ms or 0)) / 1000:.3f}")
+        case = ET.SubElement(suite, "testcase", classname=_xml_text(f"fedkeeper.check.{r.platform or 'unknown'}"),
+                             name=_xml_text(r.cluster),
+                             time=f"{(r.deploy_s or 0) + ((r.cold_ms or 0) + (r.warm_ms or 0)) / 1000:.3f}")
         if not r.ok:
             f = ET.SubElement(case, "failure", type=r.error_class or "error",
-                              message=f"{r.stage}: {r.error}")
-            f.text = f"cluster {r.cluster} failed at {r.stage}: {r.error}"
+                              message=_xml_text(f"{r.stage}: {r.error}"))
+            f.text = _xml_text(f"cluster {r.cluster} failed at {r.stage}: {r.error}")
     return ET.tostring(ET.ElementTree(suite).getroot(), encoding="utf-8", xml_declaration=True)
 
 
