@@ -338,3 +338,43 @@ def test_a_logs_tail_reads_only_its_end(tmp_path):
     assert supervisor.tail(tmp_path / "missing.log") == ""
     log.write_text("only one line, no newline")
     assert supervisor.tail(log) == "only one line, no newline"
+
+
+def test_the_embedded_store_gets_none_of_the_commands_secrets(tmp_path, monkeypatch):
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-for-the-store")
+    store = EmbeddedMongo(tmp_path / "mongo")
+    store.start()
+    try:
+        pid = json.loads((tmp_path / "mongo" / "server.json").read_text())["pid"]
+        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        assert not [v for v in environ if b"not-for-the-store" in v] and any(v.startswith(b"PATH=") for v in environ)
+    finally:
+        assert store.stop()
+
+
+def test_a_start_interrupted_while_the_store_comes_up_leaves_no_server_behind(tmp_path, monkeypatch):
+    store = EmbeddedMongo(tmp_path / "mongo")
+
+    def interrupted(url, ms):
+        # the command's record of the server is written before it answers
+        assert (tmp_path / "mongo" / "server.json").exists()
+        raise KeyboardInterrupt
+    monkeypatch.setattr(store, "_answers", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        store.start()
+    assert not (tmp_path / "mongo" / "server.json").exists()
+    assert not [p for p in psutil.process_iter(["cmdline"])
+                if str(tmp_path / "mongo") in " ".join(p.info["cmdline"] or [])]
+
+
+def test_a_creation_time_a_second_off_is_still_the_recorded_process(tmp_path):
+    """psutil derives creation times from the boot time, which moves when
+    the wall clock is stepped: a live service is still itself."""
+    proc, rec = supervisor.spawn([sys.executable, "-c", "import time; time.sleep(60)"],
+                                 log_path=tmp_path / "p.log")
+    try:
+        assert supervisor.is_running(ProcessRecord(rec.pid, rec.create_time + 1.0, rec.cmdline))
+        assert not supervisor.is_running(ProcessRecord(rec.pid, rec.create_time - 30.0, rec.cmdline))
+    finally:
+        proc.kill()
+        proc.wait()

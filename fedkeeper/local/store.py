@@ -161,7 +161,10 @@ class EmbeddedMongo:
     def _start(self, timeout_s: float) -> str:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         info = self._read_info() or {}
-        supervisor.drop_leases(self.state_dir)
+        # Leases of commands that are gone go; those of live commands stay:
+        # their clients reconnect to this server on their own, and it must not
+        # be stopped under them when this command is done.
+        supervisor.live_holders(self.state_dir)
         try:
             port = supervisor.free_port(self.host, info.get("port"))
         except OSError as exc:
@@ -170,23 +173,32 @@ class EmbeddedMongo:
         # Standalone: SecantusDB otherwise poses as a one-node replica set and
         # writes an oplog entry for every document written, which only change
         # streams read and FedKeeper opens none (a sixth of an update's cost).
+        # Nothing of the command's environment (cloud keys, tokens) goes to a
+        # server that outlives it.
         proc, rec = supervisor.spawn(
             [self._binary(), "--host", self.host, "--port", str(port),
              "--storage-path", str(self.data_dir), "--log-level", "WARNING", "--standalone"],
-            log_path=self.state_dir / LOG_FILE)
+            log_path=self.state_dir / LOG_FILE, env=supervisor.minimal_env())
+        # Recorded at once: a command interrupted while the server starts
+        # leaves it findable (`fabric down`, or the next command waits for it).
+        supervisor.write_private(self.info_file, json.dumps({"pid": proc.pid, "port": port,
+                                                             "process": rec.to_json()}))
         url = self.url_for(port)
         deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                raise EmbeddedMongoError(f"embedded MongoDB exited with status {proc.returncode}; "
-                                         f"see {self.state_dir / LOG_FILE}")
-            if self._answers(url, 300):
-                supervisor.write_private(self.info_file, json.dumps(
-                    {"pid": proc.pid, "port": port, "process": rec.to_json()}))
-                return url
-            time.sleep(0.1)
-        supervisor.stop(rec, grace_s=2.0)
-        raise EmbeddedMongoError(f"embedded MongoDB did not answer within {timeout_s:.0f}s")
+        try:
+            while time.monotonic() < deadline:
+                if proc.poll() is not None:
+                    raise EmbeddedMongoError(f"embedded MongoDB exited with status {proc.returncode}; "
+                                             f"see {self.state_dir / LOG_FILE}")
+                if self._answers(url, 300):
+                    return url
+                time.sleep(0.1)
+            raise EmbeddedMongoError(f"embedded MongoDB did not answer within {timeout_s:.0f}s")
+        except BaseException:   # not answering, exited, or the command interrupted meanwhile
+            supervisor.stop(rec, grace_s=2.0)
+            with contextlib.suppress(FileNotFoundError):
+                self.info_file.unlink()
+            raise
 
     def stop(self, timeout_s: float = 15.0) -> bool:
         """Give this process's lease back and stop the server if that was

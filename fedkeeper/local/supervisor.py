@@ -28,8 +28,12 @@ from typing import Iterator, Mapping, Sequence
 
 import psutil
 
-# psutil's creation times come from clock ticks (1/100 s) since boot.
-_CREATE_TIME_TOLERANCE_S = 0.05
+# psutil's creation times are clock ticks (1/100 s) since boot plus the boot
+# time, which the kernel derives from the wall clock and which moves by a
+# second or so when the clock is stepped: a live service must not be taken
+# for gone then. The command line is compared too, so a reused pid still
+# does not pass for the service.
+_CREATE_TIME_TOLERANCE_S = 2.0
 LEASE_DIR = "leases"
 
 # Processes started by this process, so that they are reaped, not left as zombies.
