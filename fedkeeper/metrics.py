@@ -189,6 +189,14 @@ def fan_out(*listeners: Listener | None) -> Listener:
 
 # --------------------------------------------------------------------------- reports
 
+def fedkeeper_functions() -> list[str]:
+    """The names of every function FedKeeper deploys: what a cluster's
+    metrics are about (a namespace may hold other actions too). Not the
+    config's `functions` section, which lists only those it configures."""
+    from .runtime import FUNCTION_DEFAULTS
+    return sorted(FUNCTION_DEFAULTS)
+
+
 def metrics_for_config(cfg: Any, window: str | None = "1h", actions: Iterable[str] | None = None,
                        clusters: Iterable[str] | None = None,
                        timeout_s: float = 10.0) -> list[ClusterMetrics]:

@@ -27,6 +27,7 @@ from fedkeeper.providers.base import ErrorClass, FunctionSpec, ProviderContext, 
 from fedkeeper.local import fabric
 from fedkeeper.local.fabric import UserEvents
 from fixtures_fabric import ECHO, make_artifact
+from scripted_http import json_answer, server_factory  # noqa: F401 (a fixture)
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -401,10 +402,13 @@ def test_metrics_endpoint_needs_no_auth_and_reports_unreachable_prometheus(prome
 
 
 @needs_prometheus
-def test_session_summary_reports_each_clusters_prometheus(prometheus, state, capsys):
+def test_session_summary_reports_each_clusters_prometheus(prometheus, state, capsys, monkeypatch):
     """After a session, `fedkeeper start` prints what each configured
-    Prometheus saw; clusters without one are left out."""
+    Prometheus saw of FedKeeper's functions; clusters without one are left
+    out. (The fabric here ran `echo`, which stands for them.)"""
+    import fedkeeper.metrics
     from fedkeeper.cli import _session_metrics
+    monkeypatch.setattr(fedkeeper.metrics, "fedkeeper_functions", lambda: ["echo"])
     from fedkeeper.config import Config, Scenario
     url = prometheus["url"] if isinstance(prometheus, dict) else prometheus
     port = int(str(url).rsplit(":", 1)[1].rstrip("/"))
@@ -501,3 +505,36 @@ scenarios:
     assert rows["kn"].error and "no Prometheus configured" in rows["kn"].error
     assert metrics_exit_status(rows.values()) == 1
     assert metrics_exit_status([rows["gcf"]]) == 0
+
+
+def test_metrics_are_about_every_function_fedkeeper_deploys_not_the_configured_overrides(tmp_path, monkeypatch):
+    """The config's `functions` section lists only the functions it
+    configures: overriding fl_server_init alone must not leave fl_client out."""
+    from click.testing import CliRunner
+
+    import fedkeeper.metrics as metrics
+    from fedkeeper.cli import main as cli
+    asked = {}
+
+    def fake_metrics(cfg, window, actions=None, clusters=None, timeout_s=10.0):
+        asked["actions"] = actions
+        return []
+    monkeypatch.setattr(metrics, "metrics_for_config", fake_metrics)
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text("name: t\nproviders:\n  openwhisk:\n    c1: {kind: local}\nscenarios:\n  federated_learning:\n"
+                   "    clients_info: {total_num_clients: 2, num_clients_per_round: 2, ow_clients_count: 2}\n"
+                   "    functions: {fl_server_init: {openwhisk: {memory: '512'}}}\n")
+    result = CliRunner().invoke(cli, ["metrics", "-c", str(cfg), "--json"])
+    assert result.exit_code == 0, result.output
+    assert {"fl_client", "fl_server_aggregator", "fl_server_init", "nodeinfo"} <= set(asked["actions"])
+
+
+def test_a_prometheus_urls_credentials_and_long_answers_stay_out_of_rows_and_errors(server_factory):
+    from fedkeeper.providers.prometheus import ClusterMetrics, run_queries
+    body = b'{"status": "error", "errorType": "bad_data", "error": "' + b"x" * 5000 + b'"}'
+    srv = server_factory(lambda conn, req: json_answer(400, body))
+    url = srv.url.replace("http://", "http://admin:S3cretPromPw@")
+    values, error = run_queries(url, {"activations": "sum(up)"}, timeout_s=5)
+    assert error and "S3cretPromPw" not in error and len(error) < 600, error
+    row = ClusterMetrics(cluster="c", prometheus=url, namespace=None, window=None).row()
+    assert "S3cretPromPw" not in row["prometheus"] and row["prometheus"].startswith("http://***@")

@@ -32,16 +32,16 @@ def metrics_cmd(config_path: str | None, scenario: str | None, window: str, clus
                 as_json: bool) -> None:
     """Per-cluster cold starts, duration percentiles and error rates from each
     cluster's Prometheus (prometheus_config)."""
-    from ..metrics import metrics_exit_status, metrics_for_config
+    from ..metrics import fedkeeper_functions, metrics_exit_status, metrics_for_config
     cfg = load(config_path)
     try:
-        name, scen = cfg.scenario(scenario)
+        cfg.scenario(scenario)   # a scenario the config lacks is a usage error
     except ConfigError as exc:
         raise UsageFailure(str(exc)) from None
     chosen = select_clusters(cfg, split_list(clusters)) if clusters else None
     try:
         rows = metrics_for_config(cfg, None if window == "all" else window,
-                                  actions=list(scen.functions) or None, clusters=chosen)
+                                  actions=fedkeeper_functions(), clusters=chosen)
     except ValueError as exc:
         raise UsageFailure(str(exc)) from None
     data = [r.row() for r in rows]

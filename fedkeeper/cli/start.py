@@ -264,12 +264,12 @@ def run_start(cfg: Config, scenario: str | None, resume: str | None = None, depl
 def session_metrics(cfg: Config, scenario, elapsed_s: float) -> None:
     """After a session: what each cluster's own Prometheus saw during it
     (cold starts, duration percentiles, error rate), where one is configured."""
-    from ..metrics import metrics_for_config, prometheus_url
+    from ..metrics import fedkeeper_functions, metrics_for_config, prometheus_url
     with_prom = [n for n, (_, c) in cfg.providers.clusters().items()
                  if prometheus_url(getattr(c, "prometheus_config", None))]
     if not with_prom:
         return
-    rows = metrics_for_config(cfg, f"{int(elapsed_s) + 30}s", actions=list(scenario.functions) or None,
+    rows = metrics_for_config(cfg, f"{int(elapsed_s) + 30}s", actions=fedkeeper_functions(),
                               clusters=with_prom)
     fmt = lambda v: "-" if v is None else (f"{v:.3f}" if isinstance(v, float) else str(v))  # noqa: E731
     cells = []

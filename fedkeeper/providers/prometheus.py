@@ -13,6 +13,10 @@ import re
 from dataclasses import asdict, dataclass
 from typing import Any, Iterable
 
+from ..config.values import shown_url
+
+# How much of Prometheus' own error text a message quotes.
+ERROR_CHARS = 300
 _WINDOW_RE = re.compile(r"^([0-9]+(ms|s|m|h|d|w|y))+$")
 
 
@@ -42,7 +46,10 @@ class ClusterMetrics:
     note: str | None = None
 
     def row(self) -> dict[str, Any]:
-        return asdict(self)
+        out = asdict(self)
+        if out["prometheus"]:   # a URL may carry user:password@: never printed
+            out["prometheus"] = shown_url(out["prometheus"])
+        return out
 
 
 def label_value(v: str) -> str:
@@ -104,13 +111,17 @@ def run_queries(url: str, queries: dict[str, str], *, timeout_s: float = 10.0, d
                   allowed_methods=None)
     prom = PrometheusConnect(url=url, disable_ssl=disable_ssl, headers=headers, timeout=timeout_s, retry=retry)
     values: dict[str, float | None] = {}
+    where = shown_url(url)   # a URL may carry user:password@: never in a message
     try:
         for key, q in queries.items():
             values[key] = _number(prom.custom_query(q))
     except PrometheusApiClientException as exc:
-        return values, f"Prometheus at {url} refused a query: {exc}"
+        # the client quotes the server's whole answer: the start says why
+        return values, f"Prometheus at {where} refused a query: {' '.join(str(exc).split())[:ERROR_CHARS]}"
     except requests.exceptions.RequestException as exc:
-        return values, f"cannot reach Prometheus at {url} ({type(exc).__name__})"
+        return values, f"cannot reach Prometheus at {where} ({type(exc).__name__})"
+    except ValueError:   # an answer that is not JSON (a proxy's HTML page, say)
+        return values, f"Prometheus at {where} answered with something that is not JSON"
     return values, None
 
 
