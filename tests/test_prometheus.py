@@ -538,3 +538,15 @@ def test_a_prometheus_urls_credentials_and_long_answers_stay_out_of_rows_and_err
     assert error and "S3cretPromPw" not in error and len(error) < 600, error
     row = ClusterMetrics(cluster="c", prometheus=url, namespace=None, window=None).row()
     assert "S3cretPromPw" not in row["prometheus"] and row["prometheus"].startswith("http://***@")
+
+
+def test_no_series_at_all_is_a_note_not_a_silent_idle_cluster():
+    from fedkeeper.config import KnativeCluster
+    from fedkeeper.providers.knative import KnativeProvider
+    stub = _PromStub({})   # a Prometheus that scrapes nothing of the platform
+    try:
+        row = KnativeProvider.cluster_metrics("kn", KnativeCluster(namespace="fl", prometheus_config={"url": stub.url}),
+                                              "1h", ["fl_client"])
+    finally:
+        stub.close()
+    assert row.error is None and row.activations == 0 and "no activation series" in row.note

@@ -128,7 +128,12 @@ def run_queries(url: str, queries: dict[str, str], *, timeout_s: float = 10.0, d
 def fill(out: ClusterMetrics, values: dict[str, float | None]) -> ClusterMetrics:
     """Counts and quantiles from the adapters' common keys (activations,
     cold_starts, errors, duration_sum/count in seconds, p50, p95)."""
-    # No series at all: nothing ran in the window.
+    # No series at all: nothing ran in the window, or nothing is scraped
+    # (the wrong Prometheus, user events not enabled), which no figure tells
+    # apart from an idle cluster: a note says so.
+    if values.get("activations") is None:
+        out.note = ("Prometheus holds no activation series of these functions for this window: nothing ran, "
+                    "or the platform's metrics are not scraped there")
     out.activations = values.get("activations") or 0.0
     out.cold_starts = values.get("cold_starts") or 0.0
     out.errors = values.get("errors") or 0.0
