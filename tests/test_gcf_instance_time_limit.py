@@ -62,41 +62,23 @@ def test_a_run_past_the_limit_is_answered_504_and_carries_on():
     assert call(limited) == ("200 OK", b"late")
 
 
-def test_an_instance_whose_slots_all_hold_overrunning_runs_answers_then_drains_then_exits():
-    """The request that wedges it still gets its 504; new requests are
-    turned away (429, retried at no cost); one running within its limit
-    finishes; then the process exits."""
-    hung, healthy = Blocking(), Blocking()
+def test_an_instance_whose_slots_all_hold_overrunning_runs_answers_its_504_then_exits():
+    app = Blocking()
     exits = []
-    limited = function_host.TimeLimit(
-        lambda environ, start_response: (healthy if environ.get("healthy") else hung)(environ, start_response),
-        0.4, 2, exit=exits.append)
-    call(limited)                      # one run past its limit: not wedged yet
-    assert not exits and limited.overrunning == 1
-    answers = {}
-
-    def request(name, **environ):
-        def start_response(status, headers, exc_info=None):
-            answers[name] = status
-        b"".join(limited({"PATH_INFO": "/", **environ}, start_response))
-
-    wedging = threading.Thread(target=request, args=("wedging",))
-    wedging.start()
-    threading.Event().wait(0.2)
-    within = threading.Thread(target=request, args=("healthy",), kwargs={"healthy": True})
-    within.start()
-    wedging.join(5)                    # at its limit: the second run past it
-    assert answers == {"wedging": "504 Gateway Timeout"} and limited.draining and not exits
-    assert call(limited)[0] == "429 Too Many Requests"    # turned away while draining
-    healthy.release.set()              # the healthy run ends within its own limit
-    within.join(5)
-    assert answers["healthy"] == "200 OK"
+    limited = function_host.TimeLimit(app, 0.05, 2, exit=exits.append)
+    call(limited)
+    assert not exits
+    assert call(limited) == ("504 Gateway Timeout", function_host.TIME_LIMIT_ANSWER)   # answered first
+    assert not exits           # the process exits a moment after, once the answer is written
     for _ in range(100):
         if exits:
             break
         threading.Event().wait(0.05)
     assert exits == [3]
-    hung.release.set()
+    call(limited)              # a third overrun does not ask for a second exit
+    threading.Event().wait(3 * function_host.TimeLimit.EXIT_DELAY_S)
+    assert exits == [3]
+    app.release.set()
 
 
 def test_an_error_of_the_app_reaches_the_request_thread():

@@ -27,9 +27,9 @@ carries on in its thread until it returns on its own, and what it returns
 then is dropped. Its request slot is freed at the limit, as the platform
 counts the request as over. So that runs which never return cannot pile
 up without end in one process, an instance with as many of them still
-running as it has request slots is replaced: it turns new requests away,
-lets those within their limit finish, and exits; the keeper then finds
-the function gone and deploys it again.
+running as it has request slots is replaced: it answers that request's
+504 and exits; the keeper then finds the function gone, deploys it again
+and retries what was running in it.
 
 Injected faults (`--faults`, JSON) are drawn before the function runs, with
 the local platforms' one fault model (fedkeeper/local/faults.py, loaded by
@@ -185,11 +185,16 @@ class TimeLimit:
     """Each request of the function answered by `limit_s` after it began to
     run: past it, 504 at once, while the function's thread carries on and
     its answer is dropped. When `max_overrunning` runs are past their limit
-    and still going, the instance is replaced: it takes no new request
-    (429 with Retry-After, as the platform answers when no instance can
-    take one: the run never started, so it is retried at no cost), lets the
-    requests running within their limit finish (up to `limit_s`), and then
-    its process exits (`exit`)."""
+    and still going, the instance is replaced: the request that made it so
+    gets its 504, and the process exits (`exit`) a moment later. Requests
+    still running in it then lose their connection: the host finds the
+    instance gone, and the keeper deploys the function again and retries
+    them (turning new requests away while the others finished, for up to
+    the function's limit, would have cost every caller meanwhile an
+    attempt)."""
+
+    #: how long the 504 has to be written before the process exits
+    EXIT_DELAY_S = 0.2
 
     def __init__(self, app, limit_s: float, max_overrunning: int, exit=os._exit):
         self.app = app
@@ -198,52 +203,33 @@ class TimeLimit:
         self._exit = exit
         self._lock = threading.Lock()
         self.overrunning = 0
-        self.running = 0          # runs within their limit
-        self.draining = False
+        self.replaced = False
 
     def __call__(self, environ, start_response):
         if environ.get("PATH_INFO") == "/robots.txt":
             return self.app(environ, start_response)
-        with self._lock:
-            if self.draining:
-                return _plain(start_response, "429 Too Many Requests", b"the instance is being replaced",
-                              [("Retry-After", "1")])
-            self.running += 1
         run = _Run(self.app, environ)
         threading.Thread(target=run.go, name="function", daemon=True).start()
         finished = run.done.wait(self.limit_s)
         with self._lock:
-            self.running -= 1
             if finished or run.done.is_set():   # ended, or as the limit passed: its answer stands
                 return run.answer(start_response)
             self.overrunning += 1
-            wedged = self.overrunning >= self.max_overrunning and not self.draining
-            self.draining = self.draining or wedged
+            wedged = self.overrunning >= self.max_overrunning and not self.replaced
+            self.replaced = self.replaced or wedged
         print(f"[instance] a request ran past its time limit of {self.limit_s:g} s: answered 504; "
               f"{self.overrunning} run(s) past their limit still running", file=sys.stderr, flush=True)
         threading.Thread(target=self._forget, args=(run,), daemon=True).start()
         if wedged:
             print(f"[instance] stopping: {self.overrunning} run(s) past their time limit hold the instance",
                   file=sys.stderr, flush=True)
-            threading.Thread(target=self._exit_when_drained, daemon=True).start()
+            threading.Timer(self.EXIT_DELAY_S, self._exit, args=(3,)).start()
         return _plain(start_response, "504 Gateway Timeout", TIME_LIMIT_ANSWER)
 
     def _forget(self, run: "_Run") -> None:
         run.done.wait()
         with self._lock:
             self.overrunning -= 1
-
-    def _exit_when_drained(self) -> None:
-        # The 504 that started the draining is written meanwhile; the runs
-        # within their limit end, at the latest, at it.
-        deadline = time.monotonic() + max(self.limit_s, 0.5)
-        while time.monotonic() < deadline:
-            with self._lock:
-                if self.running == 0:
-                    break
-            time.sleep(0.05)
-        time.sleep(0.2)
-        self._exit(3)
 
 
 def _plain(start_response, status: str, body: bytes, headers: list | None = None):
