@@ -239,6 +239,16 @@ def test_a_config_from_a_pipe_loads_and_a_writer_that_never_finishes_is_refused(
         assert load_config(f"/dev/fd/{r}").scenarios
     finally:
         os.close(r)
+    # its relative secret files are the working directory's (a pipe has no directory of its own)
+    (tmp_path / "ow.key").write_text("user:key\n")
+    monkeypatch.chdir(tmp_path)
+    r, w = os.pipe()
+    os.write(w, with_cluster("base_url: https://ow.example.org/\nauth: {ow_auth_file: ow.key}\n").encode())
+    os.close(w)
+    try:
+        load_config(f"/dev/fd/{r}")
+    finally:
+        os.close(r)
     monkeypatch.setattr(loading, "PIPE_TIMEOUT_S", 0.3)
     r, w = os.pipe()
     os.write(w, b"name: t\n")

@@ -7,7 +7,7 @@ import errno
 import json
 import os
 import re
-import select
+import selectors
 import stat
 import time
 from pathlib import Path
@@ -120,18 +120,20 @@ def _read_pipe(fd: int, limit: int) -> bytes:
     it; ValueError if that takes past PIPE_TIMEOUT_S."""
     deadline = time.monotonic() + PIPE_TIMEOUT_S
     parts, size = [], 0
-    while size <= limit:
-        left = deadline - time.monotonic()
-        if left <= 0 or not select.select([fd], [], [], left)[0]:
-            raise ValueError(f"is a pipe whose writer did not finish within {PIPE_TIMEOUT_S:g} s")
-        try:
-            part = os.read(fd, min(1 << 16, limit + 1 - size))
-        except BlockingIOError:
-            continue
-        if not part:
-            break
-        parts.append(part)
-        size += len(part)
+    with selectors.DefaultSelector() as waiting:   # any descriptor number (select() stops at 1024)
+        waiting.register(fd, selectors.EVENT_READ)
+        while size <= limit:
+            left = deadline - time.monotonic()
+            if left <= 0 or not waiting.select(left):
+                raise ValueError(f"is a pipe whose writer did not finish within {PIPE_TIMEOUT_S:g} s")
+            try:
+                part = os.read(fd, min(1 << 16, limit + 1 - size))
+            except BlockingIOError:
+                continue
+            if not part:
+                break
+            parts.append(part)
+            size += len(part)
     return b"".join(parts)
 
 
@@ -320,5 +322,9 @@ def load_config(path: str | os.PathLike) -> Config:
         raise ConfigError(f"cannot read config: {exc.strerror or exc}", file=str(p)) from None
     except ValueError as exc:
         raise ConfigError(f"the config file {exc}", file=str(p)) from None
-    return parse_config(text, file=str(p), base_dir=p.resolve().parent)
+    # Relative *_file paths are relative to the config's directory; a pipe
+    # (/dev/fd/N) has none of its own, so they are relative to the
+    # working directory, where the command that made the pipe runs.
+    base_dir = Path.cwd() if stat.S_ISFIFO(os.stat(p).st_mode) else p.resolve().parent
+    return parse_config(text, file=str(p), base_dir=base_dir)
 
