@@ -100,6 +100,8 @@ def _remove_probe(provider, res: ClusterCheck) -> None:
         if res.ok:   # the check itself passed: its failing clean-up is the failure
             res.ok, res.stage = False, "remove"
             res.error_class, res.error = _explain(exc)
+        else:        # the report says the probe may still be there
+            res.error = f"{res.error}; {PROBE} may be left on the cluster: {_explain(exc)[1]}"
 
 
 def _introspect(rt: Runtime, cluster: str, res: ClusterCheck) -> None:

@@ -190,11 +190,12 @@ def fan_out(*listeners: Listener | None) -> Listener:
 # --------------------------------------------------------------------------- reports
 
 def fedkeeper_functions() -> list[str]:
-    """The names of every function FedKeeper deploys: what a cluster's
-    metrics are about (a namespace may hold other actions too). Not the
-    config's `functions` section, which lists only those it configures."""
-    from .runtime import FUNCTION_DEFAULTS
-    return sorted(FUNCTION_DEFAULTS)
+    """The names of every function FedKeeper deploys (each a folder of
+    functions/ with its function.toml): what a cluster's metrics are about
+    (a namespace may hold other actions too). Not the config's `functions`
+    section, which lists only those it configures."""
+    from .artifacts import FUNCTIONS_DIR
+    return sorted(d.name for d in FUNCTIONS_DIR.iterdir() if (d / "function.toml").is_file())
 
 
 def metrics_for_config(cfg: Any, window: str | None = "1h", actions: Iterable[str] | None = None,

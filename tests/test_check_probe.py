@@ -72,3 +72,11 @@ def test_the_junit_report_is_well_formed_whatever_the_error_text():
     failure = doc.getElementsByTagName("failure")[0]
     assert "red" in failure.getAttribute("message") and "<tag>" in failure.firstChild.data
     assert doc.getElementsByTagName("testcase")[0].getAttribute("name") == "c<1>&"
+
+
+def test_a_failed_check_whose_probe_cannot_be_removed_says_so():
+    provider = ScriptedProvider(outcome=Outcome("a1", False, ErrorClass.DEVELOPER_ERROR, "boom"),
+                                remove_error=ProviderError(ErrorClass.AUTH, "may not delete"))
+    res = check_cluster(runtime_for(provider), "c1", keep=False)
+    assert res.stage == "invoke" and res.error.startswith("boom; nodeinfo may be left on the cluster")
+    assert "may not delete" in res.error

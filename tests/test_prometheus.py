@@ -526,7 +526,8 @@ def test_metrics_are_about_every_function_fedkeeper_deploys_not_the_configured_o
                    "    functions: {fl_server_init: {openwhisk: {memory: '512'}}}\n")
     result = CliRunner().invoke(cli, ["metrics", "-c", str(cfg), "--json"])
     assert result.exit_code == 0, result.output
-    assert {"fl_client", "fl_server_aggregator", "fl_server_init", "nodeinfo"} <= set(asked["actions"])
+    assert {"fl_client", "fl_server_aggregator", "fl_server_init", "nodeinfo", "fl_secagg_client",
+            "fl_model_validate", "fl_invoker", "fl_combiner", "fl_insights"} == set(asked["actions"])
 
 
 def test_a_prometheus_urls_credentials_and_long_answers_stay_out_of_rows_and_errors(server_factory):
@@ -550,3 +551,12 @@ def test_no_series_at_all_is_a_note_not_a_silent_idle_cluster():
     finally:
         stub.close()
     assert row.error is None and row.activations == 0 and "no activation series" in row.note
+
+
+def test_an_answer_that_is_not_json_is_said_so(server_factory):
+    from fedkeeper.providers.prometheus import run_queries
+    page = b"<html><body>Sign in to the proxy</body></html>"
+    srv = server_factory(lambda conn, req: (b"HTTP/1.1 200 OK\r\nContent-Type: text/html\r\nContent-Length: "
+                                           + str(len(page)).encode() + b"\r\n\r\n" + page))
+    _, error = run_queries(srv.url, {"activations": "sum(up)"}, timeout_s=5)
+    assert error == f"Prometheus at {srv.url} answered with something that is not JSON"

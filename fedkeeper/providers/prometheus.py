@@ -118,10 +118,12 @@ def run_queries(url: str, queries: dict[str, str], *, timeout_s: float = 10.0, d
     except PrometheusApiClientException as exc:
         # the client quotes the server's whole answer: the start says why
         return values, f"Prometheus at {where} refused a query: {' '.join(str(exc).split())[:ERROR_CHARS]}"
+    except ValueError:
+        # an answer that is not JSON (a proxy's HTML page, say); before
+        # RequestException, which requests' JSONDecodeError also is
+        return values, f"Prometheus at {where} answered with something that is not JSON"
     except requests.exceptions.RequestException as exc:
         return values, f"cannot reach Prometheus at {where} ({type(exc).__name__})"
-    except ValueError:   # an answer that is not JSON (a proxy's HTML page, say)
-        return values, f"Prometheus at {where} answered with something that is not JSON"
     return values, None
 
 
