@@ -34,11 +34,29 @@ def store(mongo_url):
     s.close()
 
 
+def _own_dirs(monkeypatch, root) -> None:
+    monkeypatch.setenv("FEDKEEPER_STATE_DIR", str(root / "state"))
+    monkeypatch.setenv("FEDKEEPER_LOG_DIR", str(root / "logs"))
+
+
+@pytest.fixture(autouse=True)
+def _state_of_its_own(request, monkeypatch):
+    """Every test gets state and log directories of its own, so that none
+    writes into the work tree (the defaults `.state` and `logs` are relative
+    to the current directory) or shares a token secret or run log with
+    another run; and no config is taken from the environment. Tests of a
+    module that shares one state directory on purpose (`fabric_state`, for
+    warm workers) keep that one."""
+    monkeypatch.delenv("FEDKEEPER_CONFIG", raising=False)
+    if "fabric_state" not in request.fixturenames:
+        _own_dirs(monkeypatch, request.getfixturevalue("tmp_path"))
+
+
 @pytest.fixture
 def isolated_dirs(tmp_path, monkeypatch):
-    """Keeper state and logs under tmp_path, never in the work tree."""
-    monkeypatch.setenv("FEDKEEPER_STATE_DIR", str(tmp_path / "state"))
-    monkeypatch.setenv("FEDKEEPER_LOG_DIR", str(tmp_path / "logs"))
+    """Keeper state and logs under tmp_path, named where a test relies on it
+    (every test but fabric_state's gets them anyway)."""
+    _own_dirs(monkeypatch, tmp_path)
     return tmp_path
 
 
@@ -58,7 +76,9 @@ def fn_db(mongo_url):
 def fabric_state(tmp_path_factory):
     """One state directory (fabric, functions-framework hosts, token secret,
     logs) per test module, so the module's sessions share warm workers; the
-    local services are stopped when the module ends."""
+    local services are stopped when the module ends. The one deliberate
+    exception to a state directory per test: these modules' tests run one
+    after another and look their sessions up by id."""
     sdir = tmp_path_factory.mktemp("state")
     old = {k: os.environ.get(k) for k in ("FEDKEEPER_STATE_DIR", "FEDKEEPER_LOG_DIR")}
     os.environ["FEDKEEPER_STATE_DIR"] = str(sdir)

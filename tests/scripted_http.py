@@ -85,7 +85,10 @@ class ScriptedServer:
                     c.sendall(REJECTED)
                     return
                 while len(buf) < length:
-                    buf += c.recv(65536)
+                    data = c.recv(65536)
+                    if not data:     # the client closed mid-body
+                        return
+                    buf += data
                 buf = buf[length:]
                 if what == "drop":
                     return

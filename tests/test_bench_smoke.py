@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from fedkeeper.local import shutdown_local_services
+
 ROOT = Path(__file__).resolve().parent.parent
 
 # (script under bench/, its smoke arguments, a text its output must contain)
@@ -31,10 +33,14 @@ BENCHES = [
 ]
 
 
+@pytest.mark.timeout(960)     # past the bench's own limit: that one ends it and its services
 @pytest.mark.parametrize("script,args,expect", BENCHES, ids=[b[0] for b in BENCHES])
 def test_bench_runs_at_its_smoke_size(script, args, expect, tmp_path):
     env = dict(os.environ, FEDKEEPER_STATE_DIR=str(tmp_path / "state"), FEDKEEPER_LOG_DIR=str(tmp_path / "logs"))
-    out = subprocess.run([sys.executable, str(ROOT / "bench" / script), *args], cwd=ROOT, env=env,
-                         capture_output=True, text=True, timeout=900)
+    try:
+        out = subprocess.run([sys.executable, str(ROOT / "bench" / script), *args], cwd=ROOT, env=env,
+                             capture_output=True, text=True, timeout=900)
+    finally:
+        shutdown_local_services(tmp_path / "state")   # whatever a bench that failed or hung left running
     assert out.returncode == 0, out.stderr[-3000:]
     assert expect in out.stdout, out.stdout[-3000:]

@@ -116,11 +116,9 @@ def test_our_samples_validate(monkeypatch, tmp_path):
     sa.write_text(json.dumps({"type": "service_account", "project_id": "p", "private_key": "KEYDATA-123"}))
     monkeypatch.setenv("OW_AUTH", "uuid-1:secretkey-1")
     monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(sa))
-    pw = Path("~/.fedkeeper/mongo_password").expanduser()
-    if not pw.exists():
-        monkeypatch.setenv("HOME", str(tmp_path))
-        (tmp_path / ".fedkeeper").mkdir()
-        (tmp_path / ".fedkeeper/mongo_password").write_text("mongopw\n")
+    monkeypatch.setenv("HOME", str(tmp_path))   # the sample's password file, whatever the real home holds
+    (tmp_path / ".fedkeeper").mkdir()
+    (tmp_path / ".fedkeeper/mongo_password").write_text("mongopw\n")
     for name in ("config-sample.yaml", "config-local.yaml"):
         res = CliRunner().invoke(cli, ["config", "validate", "-c", str(ROOT / name)])
         assert res.exit_code == 0, res.output

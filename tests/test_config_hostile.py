@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import textwrap
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -107,13 +106,11 @@ def alias_bomb(levels: int = 6, width: int = 9) -> str:
     return "\n".join(lines) + "\n"
 
 
-@pytest.mark.timeout(20)
+@pytest.mark.timeout(60)
 def test_an_alias_bomb_is_refused_at_once():
-    text = alias_bomb()
-    assert len(text) < 400
-    started = time.monotonic()
+    text = alias_bomb(levels=9)    # 9**9 (387 million) values once expanded: only an early refusal ends in time
+    assert len(text) < 500
     message = refusal(text)
-    assert time.monotonic() - started < 2
     assert "more than 100,000 values" in message and "aliases" in message
 
 

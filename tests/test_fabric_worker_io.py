@@ -95,20 +95,39 @@ def test_status_waits_for_a_starting_zygote_without_holding_the_fabric(fabric):
     meanwhile must not hold the fabric's lock, which every invoke, reader
     and the watchdog need."""
     import threading
-    import time
 
     from fedkeeper.local.fabric.admin import status
-    starting = fabric.scheduler.zygotes.lock
+    class Watched:
+        """The zygotes' lock, telling when someone asks for it."""
+        def __init__(self, lock):
+            self.lock, self.asked = lock, threading.Event()
+
+        def acquire(self, *args, **kwargs):
+            self.asked.set()
+            return self.lock.acquire(*args, **kwargs)
+
+        def release(self):
+            self.lock.release()
+
+        __enter__ = acquire
+
+        def __exit__(self, *exc):
+            self.release()
+
+    zygotes = fabric.scheduler.zygotes
+    starting = zygotes.lock
+    zygotes.lock = Watched(starting)
     starting.acquire()
     asking = threading.Thread(target=status, args=(fabric,), daemon=True)
     try:
         asking.start()
-        time.sleep(0.2)                       # status is waiting for the zygotes now
+        assert zygotes.lock.asked.wait(10)    # status is waiting for the zygotes now
         free = fabric.lock.acquire(timeout=2)
         if free:
             fabric.lock.release()
     finally:
         starting.release()
+        zygotes.lock = starting
     asking.join(5)
     assert free and not asking.is_alive()
 

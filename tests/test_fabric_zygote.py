@@ -145,15 +145,18 @@ def test_prewarm_starts_a_zygote_before_any_deploy_and_hands_its_lease_over(tmp_
     ctx = ProviderContext(state_dir=tmp_path)
     LocalOpenWhiskProvider.prewarm("early", cluster, ctx, ["light", "tensorflow"])
     fdir = tmp_path / "fabric"
-    assert fabric.fabric_status(fdir) is not None
-    p = LocalOpenWhiskProvider("early", cluster, ctx)
-    st = p.fabric_admin("status")
-    assert [z["runtime"] for z in st["zygotes"]] == ["light"] and not st["workers"]
-    zygote_pid = st["zygotes"][0]["pid"]
-    # the provider took the fabric over: when it lets go, the fabric it
-    # started for this command stops (the early lease was given back)
-    p.close()
-    assert fabric.fabric_status(fdir) is None
+    try:
+        assert fabric.fabric_status(fdir) is not None
+        p = LocalOpenWhiskProvider("early", cluster, ctx)
+        st = p.fabric_admin("status")
+        assert [z["runtime"] for z in st["zygotes"]] == ["light"] and not st["workers"]
+        zygote_pid = st["zygotes"][0]["pid"]
+        # the provider took the fabric over: when it lets go, the fabric it
+        # started for this command stops (the early lease was given back)
+        p.close()
+        assert fabric.fabric_status(fdir) is None
+    finally:
+        fabric.fabric_down(fdir)
     wait_for(lambda: not pid_alive(zygote_pid), 10)
 
 

@@ -18,11 +18,6 @@ from keeper_fakes import fake_keeper
 HEDGING = HedgePolicy(enabled=True, percentile=0.9, factor=1.5, min_peers=3)
 
 
-@pytest.fixture(autouse=True)
-def _dirs(isolated_dirs):
-    return isolated_dirs
-
-
 class Clock:
     def __init__(self, t: float = 1000.0):
         self.t = t

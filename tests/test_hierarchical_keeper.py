@@ -18,11 +18,6 @@ from fedkeeper.providers import ErrorClass, Outcome
 from keeper_fakes import FakeClock, FakeProvider, fake_config, fake_keeper
 
 
-@pytest.fixture(autouse=True)
-def _dirs(isolated_dirs):
-    return isolated_dirs
-
-
 def _interrupted(tmp_path):
     keeper, store, _, _ = fake_keeper(tmp_path, rounds=3, clients=4, per_round=4)
 

@@ -180,8 +180,8 @@ def test_waiting_for_one_answer_returns_when_it_comes_and_not_before(server_fact
         inv = invoker.submit("fn", f"{srv.url}/fn", {}, timeout_s=5, platform_id="w1")
         assert invoker.wait_for(inv, 0.05) is False and invoker.done([inv]) == []
         t0 = time.monotonic()
-        assert invoker.wait_for(inv, 5) is True
-        assert time.monotonic() - t0 < 1.0
+        assert invoker.wait_for(inv, 120) is True
+        assert time.monotonic() - t0 < 60        # the answer ended the wait, not the wait's own limit
         out = invoker.done([inv])       # there at once: no poll needed
         assert len(out) == 1 and out[0].ok and out[0].result == {"ok": 1}
         # An id this invoker never sent is not waited for; done() says it is lost.

@@ -11,11 +11,6 @@ from fedkeeper.providers import ErrorClass, Outcome, ProviderError
 from keeper_fakes import fake_keeper
 
 
-@pytest.fixture(autouse=True)
-def _dirs(isolated_dirs):
-    return isolated_dirs
-
-
 def client_attempts(store, sid):
     return [a for a in store.attempts(sid) if a["function"] == "fl_client"]
 

@@ -291,7 +291,7 @@ def test_ready_wait_is_bounded(cluster, provider):
         t0 = time.monotonic()
         with pytest.raises(ProviderError) as e:
             provider.deploy(spec(), make_artifact())
-        assert time.monotonic() - t0 < 3
+        assert time.monotonic() - t0 < 60     # the controller never says Ready: only the bound ends the wait
     assert e.value.error_class is ErrorClass.TIMEOUT
     assert "Ready=Unknown" in str(e.value) and "Deploying" in str(e.value)
 

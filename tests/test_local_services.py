@@ -25,6 +25,15 @@ from test_gcf_local import make_artifact as gcf_artifact
 
 pytestmark = pytest.mark.timeout(120)
 
+
+@pytest.fixture(autouse=True)
+def _nothing_left_running(tmp_path):
+    """Whatever a test started under its state directory is stopped, even
+    when an assertion ends the test early (the services run in sessions of
+    their own and would outlive pytest)."""
+    yield
+    shutdown_local_services(tmp_path)
+
 SECRETS = {"FEDKEEPER_TOKEN_SECRET": "tok-3c1d", "FEDKEEPER_STATE_DIR_HINT": "x",
            "MONGO_PASSWORD": "hunter2-mongo", "OW_OTHER_CLUSTER_KEY": "other:cluster-key",
            "GOOGLE_APPLICATION_CREDENTIALS": "/secret/sa.json"}

@@ -21,11 +21,6 @@ PRIVACY = f"""\
     """
 
 
-@pytest.fixture(autouse=True)
-def _dirs(isolated_dirs):
-    return isolated_dirs
-
-
 def keeper_on(tmp_path, store, training):
     """A keeper for a config with `training`, on an existing store (a
     resume with another config)."""
