@@ -62,22 +62,30 @@ def test_a_run_past_the_limit_is_answered_504_and_carries_on():
     assert call(limited) == ("200 OK", b"late")
 
 
-def test_an_instance_whose_slots_all_hold_overrunning_runs_answers_its_504_then_exits():
+def test_an_instance_whose_slots_all_hold_overrunning_runs_answers_its_504_then_exits(monkeypatch):
+    timers = []
+
+    class Timer:
+        """threading.Timer, held: the test says when it fires."""
+        def __init__(self, delay, fn, args=()):
+            self.delay, self.fire = delay, lambda: fn(*args)
+
+        def start(self):
+            timers.append(self)
+
+    monkeypatch.setattr(function_host.threading, "Timer", Timer)
     app = Blocking()
     exits = []
     limited = function_host.TimeLimit(app, 0.05, 2, exit=exits.append)
     call(limited)
-    assert not exits
+    assert not timers
     assert call(limited) == ("504 Gateway Timeout", function_host.TIME_LIMIT_ANSWER)   # answered first
-    assert not exits           # the process exits a moment after, once the answer is written
-    for _ in range(100):
-        if exits:
-            break
-        threading.Event().wait(0.05)
+    # the process exits a moment after, once the answer is written
+    assert [t.delay for t in timers] == [function_host.TimeLimit.EXIT_DELAY_S] and not exits
+    timers[0].fire()
     assert exits == [3]
     call(limited)              # a third overrun does not ask for a second exit
-    threading.Event().wait(3 * function_host.TimeLimit.EXIT_DELAY_S)
-    assert exits == [3]
+    assert len(timers) == 1
     app.release.set()
 
 
@@ -99,3 +107,34 @@ def test_the_liveness_probe_is_not_limited():
     app.release.set()
     limited = function_host.TimeLimit(app, 0.0, 1, exit=lambda code: (_ for _ in ()).throw(AssertionError))
     assert call(limited, "/robots.txt") == ("200 OK", b"late")
+
+
+class Dripping:
+    """A request body that arrives a byte at a time, each after a pause."""
+
+    def __init__(self, size: int, pause_s: float):
+        self.left, self.pause_s = size, pause_s
+
+    def read1(self, n: int) -> bytes:
+        threading.Event().wait(self.pause_s)
+        if self.left <= 0:
+            return b""
+        self.left -= 1
+        return b"x"
+
+
+def test_a_body_sent_slowly_is_refused_before_it_takes_a_slot():
+    """Read whole before the function: a body that does not arrive within
+    the deadline is answered 408, and the function (its slot, its time
+    limit) never sees the request."""
+    app = Blocking()
+    app.release.set()
+    limited = function_host.BodyLimit(app, 1 << 20, deadline_s=0.2)
+    got = {}
+    environ = {"PATH_INFO": "/", "CONTENT_LENGTH": "1000", "wsgi.input": Dripping(1000, 0.02)}
+    body = b"".join(limited(environ, lambda status, headers: got.update(status=status)))
+    assert got["status"] == "408 Request Timeout" and b"did not arrive within 0.2 s" in body
+    assert app.calls == 0
+    environ = {"PATH_INFO": "/", "CONTENT_LENGTH": "3", "wsgi.input": Dripping(3, 0.0)}
+    assert b"".join(limited(environ, lambda status, headers: got.update(status=status))) == b"late"
+    assert got["status"] == "200 OK" and app.calls == 1

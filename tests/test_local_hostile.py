@@ -89,15 +89,24 @@ def test_chunked_body_over_the_limit_is_413(target):
     assert_alive(target)
 
 
-def test_malformed_chunked_body_is_400(target):
-    r = raw(target, head(target, extra={"Transfer-Encoding": "chunked"}) + b"\r\nzz\r\n{}\r\n0\r\n\r\n")
+@pytest.mark.parametrize("size", [b"zz", b"-1", b"+2", b"0_2", b"0x2", b" "])
+def test_malformed_chunked_body_is_400(target, size):
+    # "-1" once made the fabric read the socket to its end, before any login
+    r = raw(target, head(target, extra={"Transfer-Encoding": "chunked"}) + b"\r\n" + size
+            + b"\r\n{}\r\n" + b"x" * 4096 + b"\r\n0\r\n\r\n")
     assert_refused(r, 400)
     assert_alive(target)
 
 
-@pytest.mark.parametrize("value", ["abc", "-5", "1e3", "12 34"])
+@pytest.mark.parametrize("value", ["abc", "-5", "1e3", "12 34", "\u00b2"])
 def test_content_length_that_is_not_a_length_is_400(target, value):
     r = raw(target, head(target, extra={"Content-Length": value}) + b"\r\n{}")
+    assert_refused(r, 400)
+    assert_alive(target)
+
+
+def test_conflicting_content_lengths_are_400(target):
+    r = raw(target, head(target, extra={"Content-Length": "2"}) + b"Content-Length: 900\r\n\r\n{}")
     assert_refused(r, 400)
     assert_alive(target)
 
@@ -112,6 +121,12 @@ def test_bad_json_is_400(target):
     assert_refused(post(target, b"{nope"), 400)
     assert_refused(post(target, b"\xff\xfe{}"), 400)
     assert_alive(target)
+
+
+def test_fabric_refuses_a_number_no_float_holds(fabric_target):
+    t, _ = fabric_target
+    assert_refused(post(t, b'{"n": 1e400}'), 400)   # not handed to the action as infinity
+    assert_alive(t)
 
 
 def test_header_flood_is_431(target):

@@ -67,6 +67,12 @@ TIME_LIMIT_ANSWER = b"upstream request timeout"
 # How long a connection may stay silent (before or between requests, or
 # while sending one) before it is closed.
 READ_TIMEOUT_S = 10.0
+# How long a request's whole body may take to arrive. It is read before the
+# request takes a slot or its time limit starts: a body sent a byte at a
+# time would otherwise hold a slot, and count as a run past the limit.
+BODY_DEADLINE_S = 30.0
+# Set in the WSGI environ when a request declares several different lengths.
+CONFLICTING_LENGTHS = "fedkeeper.conflicting_content_length"
 # Connections served at once unless --max-connections says otherwise; more
 # wait in the listen backlog. The host sets it to the requests the keeper
 # may send at once, so that those wait here for a slot, not for a connect.
@@ -120,14 +126,36 @@ class FaultInjector:
         return self.app(environ, start_response)
 
 
-class BodyLimit:
-    """Request bodies of at most `limit` bytes, whatever their framing: a
-    chunked body is read here (bounded) and handed on with its length, so
-    the function never sees a truncated one."""
+class _Late(Exception):
+    """The body did not arrive within BODY_DEADLINE_S."""
 
-    def __init__(self, app, limit: int):
+
+class BodyLimit:
+    """Request bodies of at most `limit` bytes, whatever their framing, read
+    here whole within BODY_DEADLINE_S and handed on with their length: the
+    function never sees a truncated body, and a slowly sent one is refused
+    (408) before it takes a request slot."""
+
+    def __init__(self, app, limit: int, deadline_s: float = BODY_DEADLINE_S):
         self.app = app
         self.limit = limit
+        self.deadline_s = deadline_s
+
+    def _read(self, stream, most: int) -> bytes:
+        """Up to `most` bytes (fewer at the body's end), each read returning
+        what has arrived, so the deadline is checked as the body comes."""
+        read = getattr(stream, "read1", None) or stream.read
+        deadline = time.monotonic() + self.deadline_s
+        parts, total = [], 0
+        while total < most:
+            part = read(min(1 << 20, most - total))
+            if not part:
+                break
+            parts.append(part)
+            total += len(part)
+            if time.monotonic() > deadline:
+                raise _Late
+        return b"".join(parts)
 
     @staticmethod
     def _refuse(start_response, status: str, message: str):
@@ -136,32 +164,40 @@ class BodyLimit:
         return [body]
 
     def __call__(self, environ, start_response):
+        if environ.get("PATH_INFO") == "/robots.txt":   # the host's liveness probe
+            return self.app(environ, start_response)
         length = environ.get("CONTENT_LENGTH") or ""
-        if length:
-            if not length.isdigit():
+        chunked = bool(environ.get("wsgi.input_terminated"))
+        if environ.get(CONFLICTING_LENGTHS):
+            return self._refuse(start_response, "400 Bad Request", "The request has conflicting Content-Length headers.")
+        if length and not chunked:
+            # "²".isdigit() holds too, and int() refuses it
+            if not (length.isascii() and length.isdigit()) or len(length) > 18:
                 return self._refuse(start_response, "400 Bad Request", "Content-Length is not a length.")
             if int(length) > self.limit:
                 return self._refuse(start_response, "413 Request Entity Too Large",
                                     f"The request body is over {self.limit} bytes.")
-        elif environ.get("wsgi.input_terminated"):
-            stream, parts, total = environ["wsgi.input"], [], 0
-            try:
-                while total <= self.limit:
-                    part = stream.read(min(1 << 20, self.limit + 1 - total))
-                    if not part:
-                        break
-                    parts.append(part)
-                    total += len(part)
-            except (OSError, ValueError):
-                return self._refuse(start_response, "400 Bad Request", "The chunked request body is malformed.")
-            if total > self.limit:
-                return self._refuse(start_response, "413 Request Entity Too Large",
-                                    f"The request body is over {self.limit} bytes.")
-            data = b"".join(parts)
-            environ["wsgi.input"] = io.BytesIO(data)
-            environ["CONTENT_LENGTH"] = str(len(data))
-            environ.pop("wsgi.input_terminated", None)
-            environ.pop("HTTP_TRANSFER_ENCODING", None)
+            most = int(length)
+        elif chunked:
+            most = self.limit + 1
+        else:
+            return self.app(environ, start_response)
+        try:
+            data = self._read(environ["wsgi.input"], most)
+        except _Late:
+            return self._refuse(start_response, "408 Request Timeout",
+                                f"The request body did not arrive within {self.deadline_s:g} s.")
+        except (OSError, ValueError):
+            return self._refuse(start_response, "400 Bad Request", "The request body is malformed.")
+        if len(data) > self.limit:
+            return self._refuse(start_response, "413 Request Entity Too Large",
+                                f"The request body is over {self.limit} bytes.")
+        if not chunked and len(data) != most:
+            return self._refuse(start_response, "400 Bad Request", "The request body ended before its Content-Length.")
+        environ["wsgi.input"] = io.BytesIO(data)
+        environ["CONTENT_LENGTH"] = str(len(data))
+        environ.pop("wsgi.input_terminated", None)
+        environ.pop("HTTP_TRANSFER_ENCODING", None)
         return self.app(environ, start_response)
 
 
@@ -299,6 +335,14 @@ def make_server(host: str, port: int, app, max_connections: int = MAX_CONNECTION
     class Handler(WSGIRequestHandler):
         timeout = READ_TIMEOUT_S
         disable_nagle_algorithm = True
+
+        def make_environ(self):
+            environ = super().make_environ()
+            # werkzeug takes one of several Content-Length headers; which
+            # one the sender meant cannot be known
+            if len({v.strip() for v in self.headers.get_all("Content-Length") or []}) > 1:
+                environ[CONFLICTING_LENGTHS] = True
+            return environ
 
         def log_request(self, code="-", size="-"):  # the function logs what matters
             pass

@@ -5,12 +5,17 @@ so that a body it did not read can never be taken for the next request)."""
 from __future__ import annotations
 
 import json
+import math
+import re
 from typing import Any, BinaryIO
 
 from .status import ApiError
 
 # A chunk-size line: hex digits, optional extensions; anything longer is not one.
 _MAX_CHUNK_LINE = 1024
+# The size itself: hex digits only (int(x, 16) would also take "-1", "+5",
+# "1_0" and "0x10", and a negative size read the socket to its end).
+_CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,16}")
 _MAX_TRAILER_LINES = 32
 # Deeper JSON than this is refused before the parser recurses into it.
 MAX_JSON_DEPTH = 512
@@ -33,7 +38,7 @@ def content_length(headers) -> int | None:
     if len(set(v.strip() for v in values)) != 1:
         raise BodyError(400, "The request has conflicting Content-Length headers.")
     raw = values[0].strip()
-    if not raw.isdigit() or len(raw) > 18:
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > 18:   # "²".isdigit() holds too
         raise BodyError(400, f"The request's Content-Length is not a valid length: {raw[:40]!r}.")
     return int(raw)
 
@@ -68,33 +73,39 @@ def _read_line(rfile: BinaryIO) -> bytes:
 
 
 def _read_chunked(rfile: BinaryIO, limit: int) -> bytes:
-    parts: list[bytes] = []
-    total = 0
+    # One buffer, not a bytes object per chunk: a body sent in tiny chunks
+    # would otherwise hold many times its size.
+    body = bytearray()
     while True:
         size_text = _read_line(rfile).split(b";", 1)[0].strip()
-        try:
-            if not size_text or len(size_text) > 16:
-                raise ValueError
-            size = int(size_text, 16)
-        except ValueError:
-            raise BodyError(400, "The request's chunked body is malformed.") from None
+        if not _CHUNK_SIZE.fullmatch(size_text):
+            raise BodyError(400, "The request's chunked body is malformed.")
+        size = int(size_text, 16)
         if size == 0:
             break
-        total += size
-        if total > limit:
+        if len(body) + size > limit:
             raise _too_large(f"more than {limit}", limit)
         chunk = rfile.read(size)
         if len(chunk) != size or rfile.read(2) != b"\r\n":
             raise BodyError(400, "The request's chunked body is malformed.")
-        parts.append(chunk)
+        body += chunk
     for _ in range(_MAX_TRAILER_LINES):
         if not _read_line(rfile):
-            return b"".join(parts)
+            return bytes(body)
     raise BodyError(400, "The request's chunked body has too many trailer lines.")
 
 
 def _refuse_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
+
+
+def _finite_float(text: str) -> float:
+    """A JSON number as a float; one too large for a float (1e400) is
+    refused rather than read as infinity, which JSON cannot hold."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text[:40]} is out of range")
+    return value
 
 
 def _nesting_depth(raw: bytes) -> int:
@@ -130,6 +141,6 @@ def parse_json(raw: bytes) -> Any:
     if raw.count(b"[") + raw.count(b"{") > MAX_JSON_DEPTH and _nesting_depth(raw) > MAX_JSON_DEPTH:
         raise ApiError(400, f"The request content was malformed: JSON nested deeper than {MAX_JSON_DEPTH} levels.")
     try:
-        return json.loads(raw, parse_constant=_refuse_constant)
+        return json.loads(raw, parse_constant=_refuse_constant, parse_float=_finite_float)
     except (ValueError, RecursionError):
         raise ApiError(400, "The request content was malformed: not valid JSON.") from None
