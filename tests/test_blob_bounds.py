@@ -292,3 +292,77 @@ def test_a_blob_record_with_a_malformed_length_is_refused_and_the_round_aggregat
     assert "error" not in out, out
     assert out["accepted"] == 2 and [r["client"] for r in out["rejected"]] == ["client_2"]
     assert "corrupt in the store" in out["rejected"][0]["reason"]
+
+
+# ------------------------------------------------ what numpy or the store would have failed on
+
+@pytest.mark.parametrize("shape,match", [
+    ((0, 10 ** 30), "a dimension over"),              # 0 bytes declared; numpy refuses the extent
+    ((0,) * 40, "40 dimensions"),                      # past numpy's own limit on dimensions
+])
+def test_an_empty_array_numpy_cannot_make_is_refused(shape, match):
+    refused_without_allocating(stored_npz(npy_header(shape)), match)
+
+
+def test_a_blob_of_more_arrays_than_any_model_is_refused_early(monkeypatch):
+    monkeypatch.setattr(blobs, "MAX_ARRAYS", 50)
+    member = npy_header((0,))
+    assert len(decode_arrays(stored_npz(*[member] * 50))) == 50
+    refused_without_allocating(stored_npz(*[member] * 51), "more than 50 arrays")
+
+
+def test_a_blob_far_longer_than_its_arrays_may_be_is_refused_before_it_is_read():
+    class Unread(io.RawIOBase):
+        def readinto(self, b):
+            raise AssertionError("read")
+    limit = 1 << 20
+    with pytest.raises(BlobError, match="long, more than"):
+        iter_arrays(Unread(), length=limit + blobs.MAX_ARCHIVE_OVERHEAD + 1, max_bytes=limit)
+    assert decode_arrays(encode_arrays([np.ones(4, np.float32)]), max_bytes=16)[0].sum() == 4
+
+
+@pytest.mark.parametrize("poison", ["dims", "text chunk", "int chunk", "list client", "list round"])
+def test_updates_poisoned_past_the_codec_are_rejected_and_the_round_aggregates_the_rest(fn_db, poison):
+    """Whoever holds the store's credentials (every function) can write an
+    update, its blob's chunks or its document: each of these once crashed
+    the aggregator (and with it every retry, then the session) or fl_insights."""
+    from test_aggregator import _put_update
+    db = fn_db
+    sid = make_session(db, clients=3)
+    call("fl_server_init", db, session=sid, round=0)
+    weights = fs.get_arrays(db, db[fs.MODELS].find_one({"session": sid, "round": 0})["blob_id"])
+    for i in range(2):
+        _put_update(db, sid, 0, f"client_{i}", [w + 0.01 for w in weights])
+    if poison == "dims":
+        _put_update(db, sid, 0, "client_2", raw=stored_npz(npy_header((0, 10 ** 30))))
+    else:
+        blob = _put_update(db, sid, 0, "client_2", [w + 0.01 for w in weights])
+        chunks = db[f"{fs.BUCKET}.chunks"]
+        if poison == "text chunk":
+            data = chunks.find_one({"files_id": blob, "n": 0})["data"]
+            chunks.update_one({"files_id": blob, "n": 0}, {"$set": {"data": "x" * len(data)}})
+        elif poison == "int chunk":
+            chunks.update_one({"files_id": blob, "n": 0}, {"$set": {"data": 7}})
+        else:
+            field, value = ("client", ["client_2"]) if poison == "list client" else ("round", [0, 1])
+            db[fs.UPDATES].update_one({"session": sid, "client": "client_2"}, {"$set": {field: value}})
+    clients = [f"client_{i}" for i in range(3)]
+    out = call("fl_server_aggregator", db, session=sid, round=0, clients=clients)
+    assert "error" not in out, out
+    assert out["accepted"] == 2 and [r["client"] for r in out["rejected"]] == ["client_2"], out
+    answer = call("fl_insights", db, session=sid, what="contributions", rounds=[0, 0])
+    assert "error" not in answer, answer
+    assert {r["client"] for r in answer["data"]["rows"] if r["status"] == "accepted"} == {"client_0", "client_1"}
+
+
+@pytest.mark.parametrize("data", ["text", 7, None])
+def test_a_chunk_that_is_not_bytes_is_a_corrupt_blob(fn_db, monkeypatch, data):
+    monkeypatch.setattr(fs, "CHUNK_SIZE", 256)
+    blob = fs.put_arrays(fn_db, [np.arange(200, dtype=np.float32)], "u.npz", {"kind": "update"})
+    chunks = fn_db[f"{fs.BUCKET}.chunks"]
+    assert chunks.count_documents({"files_id": blob}) > 2
+    size = len(chunks.find_one({"files_id": blob, "n": 1})["data"])
+    chunks.update_one({"files_id": blob, "n": 1}, {"$set": {"data": data * size if data == "text" else data}})
+    for prefetch in (False, True):
+        with pytest.raises(BlobError, match="corrupt in the store: chunk 1"):
+            fs.get_arrays(fn_db, blob, prefetch=prefetch)

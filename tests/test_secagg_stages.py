@@ -27,7 +27,7 @@ from fedkeeper.privacy.secagg_stages import SecAggStages, StageError, bound_for,
 from fedkeeper.providers import ErrorClass, Outcome, ProviderError
 from flcommon import store as fs
 from flcommon.auth import signed
-from flcommon.entry import openwhisk_main
+from flcommon.entry import BadRequest, openwhisk_main
 from flcommon.secagg import error_bound, relay
 from flcommon.secagg.client import masked_update
 from flcommon.secagg.server import secure_aggregate
@@ -294,3 +294,22 @@ def test_dropouts_that_split_the_survivors_in_the_neighbour_graph_end_the_round_
     with pytest.raises(StageError, match="fall into 3 unconnected parts of the neighbour graph"):
         stages.before_aggregating(sid, 0, delivered)
     assert not any(stage == "unmask" for stage, _ in platform.calls)
+
+
+def test_stage_documents_whose_client_is_not_one_id_are_nobodys(fn_db):
+    """MongoDB's `$in` also finds `client: ["c3"]` for c3: such a document,
+    which any holder of the store's credentials can write, is skipped by the
+    relay's readers instead of crashing them (an unhashable key)."""
+    key = bytes(range(32))
+    assert relay.put(fn_db, "s", 0, "c1", "keys", {"c_pk": key, "s_pk": key})
+    fn_db[relay.SECAGG].insert_many([
+        {"session": "s", "round": 0, "client": ["c3"], "stage": "keys", "c_pk": b"x", "s_pk": b"x"},
+        {"session": "s", "round": 0, "client": ["c3"], "stage": "shares", "to": {"c2": b"x"}},
+        {"session": "s", "round": 0, "client": ["c3"], "stage": "reveal", "b": {}, "s": {}},
+        {"session": "s", "round": 0, "client": "c1", "stage": "shares", "to": ["c2"]}])
+    assert relay.public_keys(fn_db, "s", 0, ["c1"]) == {"c1": {"c_pk": key, "s_pk": key}}
+    with pytest.raises(BadRequest, match="no public keys of c3"):
+        relay.public_keys(fn_db, "s", 0, ["c1", "c3"])
+    assert relay.done(fn_db, "s", 0, "keys") == ["c1"]
+    assert relay.inbox(fn_db, "s", 0, "c2", ["c1", "c3"]) == {}
+    assert relay.revealed(fn_db, "s", 0, ["c1", "c3"]) == {}

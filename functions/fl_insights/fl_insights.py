@@ -144,7 +144,7 @@ def gather_updates(db, q: Query) -> Gathered:
     if q.rounds:
         # An update counted in round R may be older (stale) but never newer.
         flt["round"] = {"$lt": q.rounds[1] + 1}
-    docs = list(db[store.UPDATES].find(flt, UPDATE_FIELDS))
+    docs = [d for d in db[store.UPDATES].find(flt, UPDATE_FIELDS) if store.keyed(d)]
     # Models' contributions say which aggregation counted each update. An
     # update is counted after its own round, so the models from lo on say
     # all that matters (one counted before lo is out of range either way);

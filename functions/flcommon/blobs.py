@@ -41,6 +41,17 @@ import numpy as np
 MAX_DECODED_BYTES = 2 << 30
 # numpy's own bound on an .npy header (numpy.lib.format's max_header_size).
 MAX_NPY_HEADER = 10_000
+# Arrays in one blob, and dimensions and extent of one array: far above any
+# model's (Keras models hold hundreds of weight arrays), and what keeps
+# empty arrays, which declare no bytes, from costing unbounded work (150,000
+# of them took 8 s to decode) or failing inside numpy.
+MAX_ARRAYS = 10_000
+MAX_DIMS = 32
+MAX_EXTENT = 1 << 40
+# What an archive may hold beyond its arrays' bytes (zip and .npy headers,
+# the directory): a blob longer than its decoded bound plus this is refused
+# before any of it is read.
+MAX_ARCHIVE_OVERHEAD = 4 << 20
 NUMERIC_KINDS = "biufc"
 
 _LOCAL = b"PK\x03\x04"
@@ -94,7 +105,22 @@ def iter_arrays(data: bytes | bytearray | memoryview | BinaryIO, *, length: int 
         length = data.seek(0, io.SEEK_END) - here
         data.seek(here)
     limit = MAX_DECODED_BYTES if max_bytes is None else int(max_bytes)
-    return _decode(_Source(data, length), limit)
+    if length > limit + MAX_ARCHIVE_OVERHEAD:
+        raise BlobError(f"blob refused: it is {human_bytes(length)} long, more than the {human_bytes(limit)} "
+                        "of arrays this read allows and their headers")
+    return _guarded(_decode(_Source(data, length), limit))
+
+
+def _guarded(arrays: Iterator[np.ndarray]) -> Iterator[np.ndarray]:
+    """What decoding raises, as a BlobError: a blob that makes the decoder
+    or numpy fail in a way no check above foresaw is still a bad blob, which
+    its reader rejects, never a crash of the function reading it."""
+    try:
+        yield from arrays
+    except BlobError:
+        raise
+    except (ValueError, TypeError, OverflowError, struct.error) as exc:
+        raise BlobError(f"blob refused: {type(exc).__name__}: {str(exc)[:200]}") from None
 
 
 class _Source:
@@ -141,6 +167,8 @@ def _decode(src: _Source, limit: int) -> Iterator[np.ndarray]:
     while head != _END and head != _CENTRAL and head != _ZIP64_END:
         if head != _LOCAL:
             raise BlobError("blob is not a valid npz archive: bad member header")
+        if index >= MAX_ARRAYS:
+            raise BlobError(f"blob refused: it holds more than {MAX_ARRAYS:,} arrays")
         name, size, crc = _member_header(src, index)
         header, shape, order, dtype = _npy_header(src, name, size)
         declared = math.prod(shape) * dtype.itemsize
@@ -243,8 +271,12 @@ def _npy_header(src: _Source, name: str, size: int) -> tuple[bytes, tuple[int, .
         shape, fortran, dtype = _parsed_header(major, hlen_bytes + text)
     except (ValueError, SyntaxError, TypeError) as exc:
         raise BlobError(f"blob refused: {name}: {exc}") from None
+    if len(shape) > MAX_DIMS:
+        raise BlobError(f"blob refused: {name} declares {len(shape)} dimensions (at most {MAX_DIMS})")
     if any(int(n) < 0 for n in shape):
         raise BlobError(f"blob refused: {name} declares a negative dimension {shape}")
+    if any(int(n) > MAX_EXTENT for n in shape):
+        raise BlobError(f"blob refused: {name} declares a dimension over {MAX_EXTENT:,}")
     if dtype.hasobject:
         raise BlobError(f"blob refused: {name} is an object array, which would need pickle")
     if dtype.kind not in NUMERIC_KINDS or dtype.fields is not None or dtype.subdtype is not None:

@@ -92,12 +92,32 @@ def slices(values: Sequence[Any], size: int | None = None) -> Iterator[list[Any]
         yield unique[i:i + size]
 
 
+def keyed(doc: dict[str, Any]) -> bool:
+    """Whether a document a client may have written has the keys it is
+    looked up by: `client` a string, `round` a whole number (when present).
+    MongoDB's equality and `$in` also match an array holding the value, so
+    a document written with `client: ["c1"]` is found for c1, and would then
+    be an unhashable key."""
+    client, rnd = doc.get("client", ""), doc.get("round", 0)
+    return isinstance(client, str) and isinstance(rnd, int) and not isinstance(rnd, bool)
+
+
 def find_in(coll, query: dict[str, Any], field: str, values: Sequence[Any],
             projection: dict[str, Any] | None = None) -> Iterator[dict[str, Any]]:
     """The documents matching `query` whose `field` is one of `values`: one
-    query per IN_SLICE values, so the cost stays linear in their number."""
+    query per IN_SLICE values, so the cost stays linear in their number.
+    Only exact matches: a document whose `field`, or a field `query` asks
+    to equal a value, holds an array that merely contains the value (which
+    MongoDB matches) is left out."""
+    exact = {k: v for k, v in query.items() if not isinstance(v, dict)}
     for part in slices(values):
-        yield from coll.find({**query, field: {"$in": part}}, projection)
+        allowed = set(part)
+        for doc in coll.find({**query, field: {"$in": part}}, projection):
+            value = doc.get(field)
+            if isinstance(value, (list, dict)) or value not in allowed:
+                continue
+            if all(doc.get(k, v) == v for k, v in exact.items()):
+                yield doc
 
 
 def bucket(db) -> gridfs.GridFSBucket:
@@ -218,7 +238,8 @@ class ChunkReader(io.RawIOBase):
             return False
         doc = self._next_doc()
         want = min(self.chunk_size, self.length - self._pos)
-        if doc is None or doc.get("n") != self._next or len(doc.get("data", b"")) != want:
+        data = None if doc is None else doc.get("data")
+        if doc is None or doc.get("n") != self._next or not isinstance(data, bytes) or len(data) != want:
             raise BlobError(f"blob {self.blob_id} is corrupt in the store: chunk {self._next} "
                             f"{'missing' if doc is None or doc.get('n') != self._next else 'has the wrong size'}")
         self._chunk, self._off, self._next = memoryview(doc["data"]), 0, self._next + 1
@@ -310,12 +331,13 @@ def get_small_arrays(db, files_docs: Sequence[dict[str, Any]], max_bytes: int | 
     data: dict[Any, bytes] = {}
     for doc in find_in(db[f"{BUCKET}.chunks"], {"n": 0}, "files_id", [d["_id"] for d in files_docs],
                        {"files_id": 1, "data": 1}):
-        data[doc["files_id"]] = doc.get("data", b"")
+        chunk = doc.get("data")
+        data[doc["files_id"]] = chunk if isinstance(chunk, bytes) else None   # anything else: a wrong chunk
 
     def check(d: dict[str, Any], chunk: Any) -> None:
         if not is_small(d):
             raise BlobError(f"blob {d['_id']} is not stored in one chunk")
-        if chunk is None or len(chunk) != int(d["length"]):
+        if not isinstance(chunk, bytes) or len(chunk) != int(d["length"]):
             raise BlobError(f"blob {d['_id']} is corrupt in the store: chunk 0 "
                             f"{'missing' if chunk is None else 'has the wrong size'}")
     return decode_fetched(files_docs, data, check, max_bytes)

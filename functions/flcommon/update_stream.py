@@ -69,16 +69,15 @@ def _listed(db, session: str, rnd: int, clients: list[str], whole_round: bool) -
         return
     wanted = set(clients)
     for d in db[store.UPDATES].find({"session": session, "round": rnd}, update_data.WITHOUT_DATA):
-        if _listed_client(d, wanted):
+        if _listed_client(d, wanted, rnd):
             yield d
 
 
-def _listed_client(doc: dict[str, Any], clients: set[str]) -> bool:
-    """Whether a document of the round is a listed client's (a document
-    whose `client` is not even a string, written by anyone holding the
-    store's credentials, is nobody's)."""
-    client = doc.get("client")
-    return isinstance(client, str) and client in clients
+def _listed_client(doc: dict[str, Any], clients: set[str], rnd: int) -> bool:
+    """Whether a document found for the round is a listed client's, of that
+    round (one whose `client` or `round` is not even a single value, written
+    by anyone holding the store's credentials, is nobody's: store.keyed)."""
+    return store.keyed(doc) and doc.get("round") == rnd and doc.get("client") in clients
 
 
 def _counted_elsewhere(doc: dict[str, Any], counted: dict[tuple[str, int], int], rnd: int) -> str | None:
@@ -199,7 +198,7 @@ def _round_groups(db, session: str, rnd: int, clients: set[str], model_bytes: in
     size = 0
     with cursor:
         for d in cursor:
-            if not _listed_client(d, clients):
+            if not _listed_client(d, clients, rnd):
                 continue   # not listed: never counted, its data dropped at once
             group.append(d)
             size += len(d["data"]) if isinstance(d.get("data"), bytes) else 0

@@ -67,7 +67,7 @@ def done(db, session: str, rnd: int, stage: str, clients: Iterable[str] | None =
     query: dict[str, Any] = {"session": session, "round": rnd, "stage": stage}
     if clients is not None:
         query["client"] = {"$in": list(clients)}
-    return sorted(d["client"] for d in db[SECAGG].find(query, {"client": 1}) if d["client"] != SERVER)
+    return sorted(d["client"] for d in db[SECAGG].find(query, {"client": 1}) if _client_of(d) not in (None, SERVER))
 
 
 def set_sets(db, session: str, rnd: int, **sets: list[str]) -> None:
@@ -98,6 +98,13 @@ def need_set(db, session: str, rnd: int, name: str) -> list[str]:
     return members
 
 
+def _client_of(doc: dict[str, Any]) -> str | None:
+    """The client a stage document is of; None for one whose `client` is not
+    a single id (MongoDB's `$in` also finds `client: ["c1"]` for c1)."""
+    client = doc.get("client")
+    return client if isinstance(client, str) else None
+
+
 def _client_list(value: Any, what: str) -> list[str]:
     if not isinstance(value, list) or len(value) > MAX_CLIENTS or not all(isinstance(c, str) for c in value):
         raise BadRequest(f"secure-aggregation set {what} is not a list of client ids")
@@ -114,7 +121,7 @@ def public_keys(db, session: str, rnd: int, clients: Iterable[str]) -> dict[str,
     """client -> {c_pk, s_pk} for every listed client (all must be there)."""
     clients = list(clients)
     found = {d["client"]: d for d in db[SECAGG].find({"session": session, "round": rnd, "stage": "keys",
-                                                       "client": {"$in": clients}})}
+                                                       "client": {"$in": clients}}) if _client_of(d)}
     out = {}
     for c in clients:
         d = found.get(c)
@@ -129,7 +136,10 @@ def inbox(db, session: str, rnd: int, receiver: str, senders: Iterable[str]) -> 
     out = {}
     for d in db[SECAGG].find({"session": session, "round": rnd, "stage": "shares",
                               "client": {"$in": list(senders)}}, {"client": 1, f"to.{receiver}": 1}):
-        ct = (d.get("to") or {}).get(receiver)
+        if _client_of(d) is None:
+            continue
+        to = d.get("to")
+        ct = to.get(receiver) if isinstance(to, dict) else None
         if ct is not None:
             out[d["client"]] = _bytes(ct, CIPHERTEXT_BYTES, f"{d['client']}'s share for {receiver}")
     return out
@@ -139,6 +149,8 @@ def revealed(db, session: str, rnd: int, responders: Iterable[str]) -> dict[str,
     out = {}
     for d in db[SECAGG].find({"session": session, "round": rnd, "stage": "reveal",
                               "client": {"$in": list(responders)}}):
+        if _client_of(d) is None:
+            continue
         shares: dict[str, dict[str, bytes]] = {}
         for which in ("b", "s"):
             part = d.get(which) or {}

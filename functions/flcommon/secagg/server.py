@@ -50,7 +50,7 @@ def secure_aggregate(db, sess: str, rnd: int, wanted: Sequence[tuple[str, int]],
     reference = [(w.shape, w.dtype) for w in global_weights]
     length = sum(int(np.prod(s)) for s, _ in reference)
     docs = {d["client"]: d for d in db[store.UPDATES].find({"session": sess, "round": rnd, "client": {"$in": u3}},
-                                                          update_data.WITHOUT_DATA)}
+                                                          update_data.WITHOUT_DATA) if store.keyed(d)}
     sizes = {d["client"]: d.get("num_examples") for d in db[store.PARTITIONS].find(
         {"session": sess, "client": {"$in": u3}}, {"client": 1, "num_examples": 1})}
     masked, examples, clipped = {}, {}, {}
