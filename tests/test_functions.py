@@ -86,6 +86,25 @@ def test_openwhisk_entry_verifies_tokens(fn_db):
     assert "unauthorized" in openwhisk_main(handle, {**good})["error"]
 
 
+@pytest.mark.parametrize("token", ["\u00e9" * 64, "A" * 64, "0" * 63, 7])
+def test_a_token_that_is_not_one_is_refused_not_a_crash(fn_db, token):
+    """compare_digest raises on non-ASCII text: such a token was a crash (a
+    500 tagged crash on HTTP, an action developer error on OpenWhisk)."""
+    handle = load("nodeinfo").handle
+    payload = {**bound_for(fn_db), "function": "nodeinfo", "session": "s", "round": 0, "token": token}
+    assert openwhisk_main(handle, payload)["error"].startswith("unauthorized")
+    body, status, _ = http_main(handle, wsgi_request({k: v for k, v in payload.items() if not k.startswith("FK_")}))
+    assert status == 401, body
+
+
+def test_a_payload_too_deep_to_sign_is_refused_not_a_crash(fn_db):
+    deep: object = 1
+    for _ in range(2000):
+        deep = [deep]
+    payload = {**bound_for(fn_db), "session": "s", "round": 0, "x": deep, "token": "0" * 64}
+    assert openwhisk_main(load("nodeinfo").handle, payload)["error"].startswith("unauthorized")
+
+
 def test_error_rule_bad_input_is_an_error_result_a_crash_propagates(fn_db):
     bound = bound_for(fn_db)
     body = signed(SECRET, {"session": "s", "round": 0})

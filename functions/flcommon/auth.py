@@ -12,9 +12,12 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import re
 from typing import Any, Mapping
 
 TOKEN_FIELD = "token"
+# What sign() makes: a SHA-256 HMAC in lower-case hex.
+_TOKEN = re.compile(r"[0-9a-f]{64}")
 
 
 class TokenError(Exception):
@@ -40,8 +43,18 @@ def signed(secret: str, payload: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def verify(secret: str, payload: Mapping[str, Any]) -> None:
+    """TokenError unless the payload's token is the one sign() gives it.
+    Whatever an unauthenticated caller sends is refused as such, never a
+    crash: a token that is not hex (compare_digest raises on non-ASCII
+    text) or a payload too deep to encode."""
     token = payload.get(TOKEN_FIELD)
     if not isinstance(token, str) or not token:
         raise TokenError("request carries no token")
-    if not hmac.compare_digest(sign(secret, payload), token):
+    if not _TOKEN.fullmatch(token):
+        raise TokenError("token is not a token")
+    try:
+        expected = sign(secret, payload)
+    except (ValueError, TypeError, RecursionError):
+        raise TokenError("token does not verify for this payload") from None
+    if not hmac.compare_digest(expected.encode(), token.encode()):
         raise TokenError("token does not verify for this payload")
