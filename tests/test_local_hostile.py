@@ -192,6 +192,23 @@ def test_fabric_refuses_limits_that_are_not_numbers_in_range(fabric_target, valu
     assert_alive(t)
 
 
+@pytest.mark.parametrize("key,value", [("blockingWaitSeconds", 1e13), ("blockingWaitSeconds", 3601),
+                                       ("idleSeconds", 10 ** 9)])
+def test_fabric_refuses_durations_past_what_a_clock_holds(fabric_target, key, value):
+    t, c = fabric_target
+    r = c.s.put(f"{c.url}/_fabric/limits", json={key: value})
+    assert r.status_code == 400 and "at most" in r.json()["error"], r.text
+    assert c.s.put(f"{c.url}/_fabric/limits", json={key: 60}).status_code == 200
+    assert_alive(t)
+
+
+def test_fault_settings_that_are_not_finite_are_refused():
+    from fedkeeper.local.faults import FaultPlan
+    for bad in ({"slow_ms": float("inf")}, {"crash": float("nan")}):
+        with pytest.raises(ValueError):
+            FaultPlan.parse(bad)
+
+
 def test_fabric_refuses_deep_json_with_400(fabric_target):
     t, c = fabric_target
     deep = b"[" * 100_000 + b"]" * 100_000
@@ -242,6 +259,29 @@ def test_fabric_unauthenticated_body_is_not_read_as_a_request(fabric_target):
     r = raw(t, head(t, omit=("Authorization",), extra={"Content-Length": str(len(smuggled))}) + b"\r\n"
             + smuggled)
     assert r.status == 401
+    assert_alive(t)
+
+
+@pytest.mark.parametrize("method,path", [("GET", "/metrics"), ("GET", "/api/v1/namespaces/_/limits"),
+                                         ("GET", "/api/v1/namespaces/_/actions/victim"),
+                                         ("DELETE", "/api/v1/namespaces/_/actions/nothing-here")])
+def test_a_body_no_route_reads_is_never_the_next_request(fabric_target, method, path):
+    t, c = fabric_target
+    assert c.put_action("victim", source=FABRIC_ECHO).status_code == 200
+    smuggled = (f"DELETE /api/v1/namespaces/_/actions/victim HTTP/1.1\r\nHost: x\r\n"
+                f"Authorization: {t.headers['Authorization']}\r\nContent-Length: 0\r\n\r\n").encode()
+    with connect(t) as s:
+        s.sendall(head(t, method=method, path=path, extra={"Content-Length": str(len(smuggled))}) + b"\r\n"
+                  + smuggled)
+        first = read_response(s)
+        s.settimeout(2)
+        try:
+            extra = s.recv(1)
+        except OSError:
+            extra = b""
+    assert first.status in (200, 404), first.body[:200]
+    assert extra == b"", "a second response: the body was taken for a request"
+    assert c.s.get(f"{c.api()}/actions/victim").status_code == 200
     assert_alive(t)
 
 

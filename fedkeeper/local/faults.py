@@ -21,6 +21,7 @@ the function's own process, which must not import the keeper.
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -29,7 +30,8 @@ FIELDS = KINDS + ("slow_ms", "seed", "functions")
 
 
 def _is_number(v: Any) -> bool:
-    return not isinstance(v, bool) and isinstance(v, (int, float))
+    """A finite int or float (not a bool)."""
+    return not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v)
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,10 @@ GLOBAL = {"payloadLimit": "payload_limit", "idleSeconds": "idle_s", "userMemoryM
           "recordBytes": "record_bytes", "stemMemoryMb": "stem_memory_mb"}
 # Any limit above this is a mistake, not a setting (it also keeps int() finite).
 _LIMIT_CEILING = 2 ** 53
+# Limits that are durations: past these they are mistakes too, and a time
+# that far ahead is past what the clock's types can hold (a blocking wait of
+# 1e13 s ended every blocking invoke in a 500, after the activation started).
+_SECONDS_CEILING = {"blockingWaitSeconds": 3600, "idleSeconds": 7 * 86400}
 
 
 def limits(f: Fabric, ns_name: str) -> dict:
@@ -59,6 +63,8 @@ def set_limits(f: Fabric, ns_name: str, body: Any) -> dict:
         if (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)
                 or not 0 < v <= _LIMIT_CEILING):
             raise ApiError(400, f"{k} must be a positive, finite number")
+        if v > _SECONDS_CEILING.get(k, _LIMIT_CEILING):
+            raise ApiError(400, f"{k} must be at most {_SECONDS_CEILING[k]} seconds")
         whole = k in PER_NAMESPACE or isinstance(getattr(f.settings, GLOBAL[k]), int)
         if whole and v != int(v):
             raise ApiError(400, f"{k} must be a whole number")
@@ -91,7 +97,7 @@ def set_faults(f: Fabric, ns_name: str, body: Any) -> dict:
     ns = f.ns(ns_name)
     try:
         faults = FaultPlan.parse(body) if body else None
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, OverflowError) as exc:
         raise ApiError(400, str(exc)) from None
     with f.lock:
         ns.faults = faults

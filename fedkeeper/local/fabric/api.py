@@ -83,6 +83,7 @@ class Handler(BaseHTTPRequestHandler):
         self._json(status, {"error": message, "code": uuid.uuid4().hex})
 
     def _body(self, limit: int) -> Any:
+        self._body_read = True
         try:
             raw = read_body(self.headers, self.rfile, limit)
         except BodyError:
@@ -91,6 +92,18 @@ class Handler(BaseHTTPRequestHandler):
         return parse_json(raw)
 
     def _handle(self, method: str) -> None:
+        self._body_read = False
+        try:
+            self._route(method)
+        finally:
+            # A body the route did not read (a GET or DELETE that declares
+            # one, /metrics, a request refused before its body) is read
+            # and dropped, within bounds, else the connection closes: it
+            # must never be taken for the next request.
+            if not self._body_read and not self.close_connection:
+                self._body_discard()
+
+    def _route(self, method: str) -> None:
         try:
             if method == "GET" and self.path.split("?", 1)[0] == "/metrics":
                 # Unauthenticated, as OpenWhisk's user-events service serves
@@ -134,6 +147,7 @@ class Handler(BaseHTTPRequestHandler):
             self._error(500, MSG_SERVER_ERROR)
 
     def _body_discard(self) -> None:
+        self._body_read = True
         try:
             read_body(self.headers, self.rfile, self.fabric.settings.payload_limit)
         except BodyError:
