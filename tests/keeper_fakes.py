@@ -357,19 +357,22 @@ class FakeProvider(Provider):
 
 def fake_config(tmp_path, *, mode: str = "sync", rounds: int = 2, clients: int = 4, per_round: int = 4,
                 extra_cluster: str = "", training: str = "", deadline_s: float = 60,
-                fast_first_retry: bool = True) -> Any:
+                fast_first_retry: bool = True, second_cluster: int = 0) -> Any:
+    """`second_cluster`: that many of the clients on a second cluster, c2."""
     path = tmp_path / "fake.yaml"
+    c2 = "\n            c2: {kind: local}" if second_cluster else ""
+    split = f"c1: {clients - second_cluster}, c2: {second_cluster}" if second_cluster else f"c1: {clients}"
     path.write_text(textwrap.dedent(f"""\
         name: fake
         providers:
           openwhisk:
-            c1: {{kind: local{extra_cluster}}}
+            c1: {{kind: local{extra_cluster}}}{c2}
         scenarios:
           federated_learning:
             clients_info:
               total_num_clients: {clients}
               num_clients_per_round: {per_round}
-              clusters: {{c1: {clients}}}
+              clusters: {{{split}}}
             mongo_config: {{url: "mongodb://127.0.0.1:1", db: fake}}
             training:
               rounds: {rounds}
@@ -383,8 +386,11 @@ def fake_config(tmp_path, *, mode: str = "sync", rounds: int = 2, clients: int =
     return load_config(path)
 
 
-def fake_keeper(tmp_path, behave=None, **cfg_kw):
-    """(keeper, store, provider, clock) for a config of one fake cluster."""
+def fake_keeper(tmp_path, behave=None, *, second=None, **cfg_kw):
+    """(keeper, store, provider, clock) for a config of one fake cluster;
+    with `second` (the behaviour of a second cluster, c2, holding
+    cfg_kw["second_cluster"] of the clients), its provider is
+    keeper.rt.providers["c2"]."""
     from fedkeeper.keeper import Keeper
     cfg = fake_config(tmp_path, **cfg_kw)
     rt = Runtime.open(cfg, need_store=False)
@@ -392,7 +398,9 @@ def fake_keeper(tmp_path, behave=None, **cfg_kw):
     rt.store = store
     provider = FakeProvider("c1", store, clock, behave)
     rt.providers["c1"] = provider
+    if cfg_kw.get("second_cluster"):
+        rt.providers["c2"] = FakeProvider("c2", store, clock, second)
     rt.deploy = lambda placements, on_done=None, max_workers=8: [
-        (pl, provider.deploy(pl.spec, None), None) for pl in placements]
+        (pl, rt.providers[pl.cluster].deploy(pl.spec, None), None) for pl in placements]
     keeper = Keeper(rt, clock=clock, sleep=clock.sleep)
     return keeper, store, provider, clock

@@ -445,6 +445,67 @@ def test_refused_connections_reported_per_invocation_end_in_a_lost_cluster_not_u
     assert store.sessions["s1"]["state"] == "interrupted"
 
 
+def test_a_session_stopped_for_a_lost_cluster_resumes_with_its_clients_retries_intact(tmp_path):
+    """Refused attempts were not counted by the keeper that made them; the
+    resumed keeper counted them all, found every client out of attempts
+    and failed the round without invoking anyone."""
+    from fedkeeper.keeper import Keeper
+    down = True
+
+    def behave(fn, p, n):
+        if fn == "fl_client" and down:
+            return Outcome("", False, ErrorClass.UNREACHABLE, "connection refused")
+        return "ok"
+
+    keeper, store, provider, clock = fake_keeper(tmp_path, behave, rounds=1, deadline_s=600)
+    with pytest.raises(ServiceLost):
+        keeper.start(session_id="s1", deploy=False)
+    refused = client_attempts(store, "s1")
+    assert max(a["attempt"] for a in refused) > 3
+    down = False                                   # the cluster is back
+    summary = Keeper(keeper.rt, clock=clock, sleep=clock.sleep).start(resume="s1", deploy=False)
+    assert summary.state == "finished", summary
+    assert store.rounds_[("s1", 0)]["included"] == [f"client_{i}" for i in range(4)]
+    assert len(client_attempts(store, "s1")) == len(refused) + 4   # one more attempt each, and it counted
+
+
+def test_a_resumed_keeper_tracks_a_running_hedge_on_the_cluster_it_runs_on(tmp_path):
+    """client_0's own attempt is held on c1, its hedge runs on c2 when the
+    keeper stops: the resume tracks the hedge on c2 (it was asked of c1,
+    which never knew it, and recorded timed out at the round's deadline)."""
+    from fedkeeper.keeper import Keeper
+
+    def c1(fn, p, n):
+        if fn != "fl_client":
+            return "ok"
+        return "hang" if p["client"] == "client_0" else ("after", 1.0)
+
+    def c2(fn, p, n):
+        if fn != "fl_client":
+            return "ok"
+        return ("after", 5.0) if p["client"] == "client_0" else ("after", 1.0)
+
+    keeper, store, _, clock = fake_keeper(tmp_path, c1, second=c2, second_cluster=2, rounds=1,
+                                          training="hedging: {enabled: true, percentile: 0.9, factor: 1.5, "
+                                                   "min_peers: 3}\n")
+
+    def interrupt(kind, data):
+        if kind == "tick" and any(a.get("hedge") and a["state"] == "running" for a in store.invocations.values()):
+            raise KeyboardInterrupt
+    keeper.progress = interrupt
+    with pytest.raises(SessionInterrupted):
+        keeper.start(session_id="s1", deploy=False)
+    hedge = next(a for a in client_attempts(store, "s1") if a.get("hedge"))
+    assert (hedge["client"], hedge["cluster"]) == ("client_0", "c2")
+    started = clock()
+    resumed = Keeper(keeper.rt, clock=clock, sleep=clock.sleep)
+    resumed.progress = lambda kind, data: None
+    assert resumed.start(resume="s1", deploy=False).state == "finished"
+    assert store.invocations[hedge["_id"]]["state"] == "succeeded"
+    assert clock() - started < 30                  # not the round's deadline (600 s)
+    assert "client_0" in store.rounds_[("s1", 0)]["included"]
+
+
 def test_semi_async_closes_at_quorum_and_a_stragglers_update_joins_a_later_round(tmp_path):
     def behave(fn, p, n):
         if fn == "fl_client" and p["client"] == "client_3" and p["round"] == 0:

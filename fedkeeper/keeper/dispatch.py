@@ -206,11 +206,16 @@ class Dispatcher:
         if not lost:
             return
         now = self.clock()
-        self.update_attempts([(s.doc_id, {"state": "failed", "error_class": ErrorClass.PLATFORM_ERROR.value,
-                                          "error": why, "finished": now}) for _, s in lost])
+        changes = []
         for table, s in lost:
+            fields = {"state": "failed", "error_class": ErrorClass.PLATFORM_ERROR.value, "error": why,
+                      "finished": now}
+            doc_id = s.doc_id
             if not table.promote_hedge(s):
                 table.lost(s, f"platform_error: {why}")
+                fields["lost"] = True   # not counted against max_attempts, by a resumed keeper either
+            changes.append((doc_id, fields))
+        self.update_attempts(changes)
 
     def _landed(self, session: str, slots: list[Slot]) -> dict[tuple[int, str], int | None]:
         """(round, client) of these slots whose client has an update stored

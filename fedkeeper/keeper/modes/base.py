@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, ClassVar
 
 from ...privacy.rounds import stored_epsilon
-from ...providers import Invocation
+from ...providers import ErrorClass, Invocation
 from ...store import StoreUnavailable
 from ..aggregation import Following, combine_clusters, follow_round
 from ..attempts import DELIVERED, FAILED, RUNNING, AttemptTable, Slot
@@ -34,6 +34,16 @@ def paused_s(round_doc: dict[str, Any] | None) -> float:
 
 #: Why an older attempt still running at a resume is not tracked on.
 STRAY = "no longer tracked after the keeper stopped: a younger attempt of its client runs"
+
+
+def uncounted(attempt: dict[str, Any]) -> bool:
+    """Whether a recorded attempt does not count against max_attempts, as
+    the keeper that made it judged (AttemptTable): it never reached its
+    platform (unreachable, or left unsent by a stopped keeper), or the
+    platform lost it. A resumed keeper that counted them found a client
+    refused by a cluster since given up out of attempts, and never invoked it."""
+    return attempt.get("unsent") is True or attempt.get("lost") is True \
+        or attempt.get("error_class") == ErrorClass.UNREACHABLE.value
 
 
 def youngest_running(attempts: list[dict[str, Any]]) -> tuple[dict[tuple[str, int], dict[str, Any]],
@@ -173,8 +183,8 @@ class RoundMode(ABC):
         for a in attempts:
             s = by_client[a["client"]]
             s.attempt = max(s.attempt, a["attempt"])
-            if a.get("unsent") is True:   # a stopped keeper left it `submitting` (close_unaccepted_attempts)
-                s.uncounted += 1   # as an attempt that never reached its platform (AttemptTable.failed)
+            if uncounted(a):
+                s.uncounted += 1
         for a in attempts:
             s = by_client[a["client"]]
             mine = tracked.get((s.client, rnd))
@@ -184,11 +194,15 @@ class RoundMode(ABC):
                 continue
             s.doc_id = a["_id"]
             if mine is not None:
+                # tracked where it runs: a hedge may run on another cluster than the client's own
+                s.cluster = a.get("cluster") or s.cluster
                 self.dispatch.remember(a["_id"], a["cluster"], a.get("platform", ""), a.get("function", ""))
                 inv = Invocation("fl_client", a["platform_id"], a.get("submitted", now))
                 table.adopted(s, inv, self._timeout(s.cluster), attempt=a["attempt"])
             elif a.get("state") == "succeeded":
                 s.state = DELIVERED
+            elif a.get("error"):
+                s.last_error = f"{a.get('error_class') or 'error'}: {a['error']}"
         self._close_stray(older, now)
         for c in delivered:
             # A running attempt is still tracked to its end (its record is
@@ -224,13 +238,17 @@ class RoundMode(ABC):
         # client (a hedge may have come after it): one read per round they
         # come from, not one per straggler.
         last: dict[tuple[str, int], int] = {}
+        not_counted: dict[tuple[str, int], int] = {}
         for r in sorted({a["round"] for a in youngest.values()}):
             for d in self.store.attempts(session, r):
                 key = (d["client"], r)
                 last[key] = max(last.get(key, 0), int(d["attempt"]))
+                not_counted[key] = not_counted.get(key, 0) + uncounted(d)
         for a in youngest.values():
-            numbered = max(a["attempt"], last.get((a["client"], a["round"]), 0))
-            s = Slot(a["client"], a["cluster"], a["round"], attempt=numbered, doc_id=a["_id"])
+            key = (a["client"], a["round"])
+            numbered = max(a["attempt"], last.get(key, 0))
+            s = Slot(a["client"], a["cluster"], a["round"], attempt=numbered, doc_id=a["_id"],
+                     uncounted=not_counted.get(key, 0))
             table.adopted(s, Invocation("fl_client", a["platform_id"], a.get("submitted", now)),
                           self._timeout(s.cluster), attempt=a["attempt"])
             self.dispatch.remember(a["_id"], a["cluster"], a.get("platform", ""), "fl_client")
