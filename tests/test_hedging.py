@@ -460,7 +460,8 @@ def test_a_duplicate_stored_by_a_given_up_attempt_settles_its_client_at_once(tmp
     store_of["store"] = store
     assert keeper.start(session_id="s1").state == "finished"
     mine = client_attempts(store, "s1", "client_3")
-    assert [a["state"] for a in mine] == ["hedged", "hedged" if stored_by == 1 else "succeeded", "hedged"]
+    # stored by the running #2: delivered at once, #2 tracked on for its record till the session ended
+    assert [a["state"] for a in mine] == ["hedged", "hedged" if stored_by == 1 else "abandoned", "hedged"]
     assert "given up for a younger attempt" in mine[0]["error"]
     assert mine[2]["error"] == "another attempt of this client delivered first"
     assert (mine[0].get("stored_update") is True) == (stored_by == 1)
@@ -474,8 +475,11 @@ def test_a_duplicate_stored_by_a_given_up_attempt_settles_its_client_at_once(tmp
         assert mine[0]["stored_update"] is True and "is the one counted" in mine[0]["error"]
         assert not any(a.get("stored_update") for a in mine[1:])
     else:
-        # Stored by the running #2 itself: it is tracked to its report.
-        assert clock() - mine[0]["submitted"] >= 100
+        # Stored by the running #2 itself: its client is delivered then
+        # (held, #2 would have held the round to its deadline), and its
+        # record says its update is the one counted.
+        assert clock() - mine[0]["submitted"] < 20
+        assert mine[1]["stored_update"] is True and not mine[0].get("stored_update")
 
 
 def with_two_attempts_at_most(tmp_path, behave, shared: dict | None = None, rounds: int = 1
@@ -731,3 +735,28 @@ def test_hedges_refused_by_an_unreachable_cluster_count_once_and_are_recorded_be
     assert judged[0][1] == ["hedged"] * 4             # every hedge recorded, none left `submitting`
     assert all(table.slots[(c, 0)].hedge is None and table.slots[(c, 0)].hedges == 0 for c in held)
     d.close()
+
+
+def test_an_own_attempt_its_hedge_finds_had_stored_delivers_its_client_at_once(tmp_path):
+    """client_3's first attempt stores its update and is then held; its
+    hedge answers that attempt 1 stored it. The client is delivered then,
+    not when attempt 1 reports (the round used to wait to its deadline and
+    leave the stored update out), and attempt 1 is tracked on for its record."""
+    def behave(fn, p, n):
+        if fn != "fl_client":
+            return "ok"
+        if p["client"] == "client_3":
+            if n == 1:   # stores its update at once, then its answer is held for 100 s
+                store.add_update(p["session"], p["round"], "client_3", 1)
+                return ("after", 100.0, {"num_examples": 10})
+            return Outcome("", True, result={"num_examples": 10, "duplicate": True, "stored_by": 1})
+        return ("after", 1.0)
+
+    keeper, store, provider, clock = fake_keeper(tmp_path, behave, rounds=1, deadline_s=600, training=HEDGE_ON)
+    summary = keeper.start(session_id="s1", deploy=False)
+    assert summary.state == "finished"
+    assert summary.rounds[0].seconds < 30
+    assert store.rounds_[("s1", 0)]["included"] == [f"client_{i}" for i in range(4)]
+    own, hedge = sorted((a for a in store.attempts("s1") if a["client"] == "client_3"), key=lambda a: a["attempt"])
+    assert own["stored_update"] is True and hedge["state"] == "hedged"
+    assert own["state"] == "abandoned"    # still held when the session ended: recorded, update counted

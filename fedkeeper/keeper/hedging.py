@@ -69,7 +69,8 @@ class Hedger:
         self._gave_up: dict[tuple[str, int], int] = {}
         # (client, round, attempt) -> the record of an attempt given up, should its update be the one stored
         self._given_up_docs: dict[tuple[str, int, int], Any] = {}
-        # platform id -> a hedge whose update is its client's (delivered) but that has not reported:
+        # platform id -> an attempt (a hedge, or the own attempt its hedge found had stored the update)
+        # whose update is its client's (delivered) but that has not reported:
         # tracked on for its own record only
         self._reporting: dict[str, Hedge] = {}
 
@@ -147,6 +148,15 @@ class Hedger:
         table.delivered_untracked(s)
         self._reporting[h.inv.platform_id] = h
         return [(h.doc_id, {"stored_update": True})]
+
+    def _delivered_by_own_attempt(self, table: AttemptTable, s: Slot) -> list[tuple[Any, dict[str, Any]]]:
+        """The slot's own running attempt stored the client's update (its
+        hedge found it there) and has not reported: as _delivered_by_hedge,
+        the client is delivered now and the attempt tracked for its record."""
+        own = Hedge(s.cluster, s.running_attempt, s.doc_id, s.inv, s.started_at, s.deadline)
+        table.delivered_untracked(s)
+        self._reporting[own.inv.platform_id] = own
+        return [(own.doc_id, {"stored_update": True})]
 
     def _reported(self, outcome_fields) -> list[tuple[Any, dict[str, Any]]]:
         """The outcomes of the hedges tracked for their record only, and a
@@ -383,6 +393,12 @@ class Hedger:
             if fields["state"] == "succeeded":   # the slot's own attempt stored its update first
                 h = table.hedge_dropped(s)
                 changes.append((h.doc_id, {**fields, "state": HEDGED, "error": LOST_THE_RACE}))
+                if duplicate and s.state == RUNNING and s.inv is not None \
+                        and (out.result or {}).get("stored_by") == s.running_attempt:
+                    # Known to have stored it: the client is delivered now,
+                    # not when its attempt reports (held after storing, it
+                    # would hold the round to its deadline, then be left out).
+                    changes += self._delivered_by_own_attempt(table, s)
                 continue
             # A speculative attempt that failed is no failure of its
             # client: the slot's own attempt carries on.
