@@ -660,3 +660,23 @@ def test_a_resumed_straggler_is_numbered_after_every_attempt_its_client_made(tmp
     slots = {s.client: s for s in mode.adopt_running("s1", 1)}
     s = slots[own["client"]]
     assert (s.running_attempt, s.attempt, s.doc_id) == (1, 2, own["_id"])
+
+
+def test_an_attempt_whose_answer_was_lost_after_it_stored_its_update_is_recorded_done(tmp_path):
+    """A keeper stopped by Ctrl-C loses the answers of its HTTP calls: on
+    resume those attempts report a platform error, yet their updates are
+    stored and counted. They were recorded failed, so status counted the
+    clients failed and reliability blamed their cluster."""
+    def behave(fn, p, n):
+        if fn == "fl_client" and p["client"] in ("client_0", "client_1"):
+            store.add_update(p["session"], p["round"], p["client"], p["attempt"])
+            return Outcome("", False, ErrorClass.PLATFORM_ERROR, "its answer was lost")
+        return "ok"
+
+    keeper, store, provider, _ = fake_keeper(tmp_path, behave, rounds=1)
+    assert keeper.start(session_id="s1", deploy=False).state == "finished"
+    by_client = {a["client"]: a for a in client_attempts(store, "s1")}
+    assert len(client_attempts(store, "s1")) == 4                       # no retry
+    for c in ("client_0", "client_1"):
+        assert by_client[c]["state"] == "succeeded" and by_client[c]["stored_update"] is True
+    assert store.rounds_[("s1", 0)]["included"] == [f"client_{i}" for i in range(4)]

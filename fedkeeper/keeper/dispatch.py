@@ -378,6 +378,13 @@ class Dispatcher:
                     if settled is not None:
                         changes += settled
                         continue
+                if out.error_class == ErrorClass.PLATFORM_ERROR and s.running_attempt \
+                        and landed.get((s.round, s.client), 0) == s.running_attempt:
+                    # It stored its client's update: it did its work, only
+                    # its answer did not come (lost with the keeper that
+                    # sent it, say). Not a failure of its client or cluster
+                    # (status, reliability and reports count it done).
+                    fields.update(state="succeeded", stored_update=True)
                 changes.append((s.doc_id, fields))
                 if fields["state"] == "succeeded":
                     changes += self.hedger.own_attempt_delivered(s)
