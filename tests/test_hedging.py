@@ -760,3 +760,21 @@ def test_an_own_attempt_its_hedge_finds_had_stored_delivers_its_client_at_once(t
     own, hedge = sorted((a for a in store.attempts("s1") if a["client"] == "client_3"), key=lambda a: a["attempt"])
     assert own["stored_update"] is True and hedge["state"] == "hedged"
     assert own["state"] == "abandoned"    # still held when the session ended: recorded, update counted
+
+
+@pytest.mark.parametrize("mode,extra", [("async", "buffer_size: 3\nstaleness_tolerance: 0\n"),
+                                        ("semi_async", "staleness_tolerance: 0\n")])
+def test_a_straggler_whose_update_can_no_longer_count_is_not_hedged(tmp_path, mode, extra):
+    """With no staleness tolerated, client_5's round-0 attempt, held past
+    its round, can only end stale: a hedge of it was an invocation (and a
+    worker on another cluster) for nothing."""
+    def behave(fn, p, n):
+        if fn != "fl_client":
+            return "ok"
+        return ("after", 30.0 if p["client"] == "client_5" and p["round"] == 0 and n == 1 else 1.0)
+
+    keeper, store, provider, clock = fake_keeper(tmp_path, behave, mode=mode, rounds=6, clients=6, per_round=6,
+                                                 training=HEDGE_ON + extra)
+    assert keeper.start(session_id="s1", deploy=False).state == "finished"
+    assert not [(a["client"], a["round"]) for a in store.attempts("s1") if a.get("hedge") and a["round"] == 0
+                and a["client"] == "client_5"]

@@ -680,3 +680,20 @@ def test_an_attempt_whose_answer_was_lost_after_it_stored_its_update_is_recorded
     for c in ("client_0", "client_1"):
         assert by_client[c]["state"] == "succeeded" and by_client[c]["stored_update"] is True
     assert store.rounds_[("s1", 0)]["included"] == [f"client_{i}" for i in range(4)]
+
+
+def test_updates_left_waiting_when_the_session_ends_are_stale(tmp_path):
+    """A semi_async straggler of the last round stores its update after
+    that round closed: no later round can take it, so it is stale, not
+    `received` for ever (docs/round-modes.md's statuses)."""
+    def behave(fn, p, n):
+        if fn == "fl_client" and p["client"] == "client_3" and p["round"] == 1:
+            store.add_update(p["session"], p["round"], p["client"], p["attempt"])
+            return ("after", 100.0, {"num_examples": 10})
+        return "ok"
+
+    keeper, store, provider, _ = fake_keeper(tmp_path, behave, mode="semi_async", rounds=2,
+                                             training="staleness_tolerance: 2\n")
+    assert keeper.start(session_id="s1", deploy=False).state == "finished"
+    assert "client_3" not in store.rounds_[("s1", 1)]["included"]
+    assert store.updates_[("s1", 1, "client_3")]["status"] == "stale"

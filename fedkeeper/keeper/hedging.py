@@ -73,6 +73,11 @@ class Hedger:
         # whose update is its client's (delivered) but that has not reported:
         # tracked on for its own record only
         self._reporting: dict[str, Hedge] = {}
+        # Client rounds older than this can no longer be aggregated (set by
+        # the semi_async and async modes as their rounds move on): a
+        # straggler of such a round is worth no hedge, whose update would
+        # only be marked stale.
+        self.oldest_useful_round = 0
 
     def given_up(self, client: str, rnd: int, attempt: int, doc_id: Any) -> None:
         """An attempt no longer tracked (given up for a younger one, or left
@@ -227,7 +232,7 @@ class Hedger:
         now = self.d.clock()
         self._give_up_for_younger(tables, now)
         due = [(t, s) for t in tables for s in t.hedge_due()
-               if not self.d.platforms.via_invoker(s.cluster)
+               if not self.d.platforms.via_invoker(s.cluster) and s.round >= self.oldest_useful_round
                and self._again_at.get((s.client, s.round), 0.0) <= now]
         if not due:
             return
@@ -267,7 +272,7 @@ class Hedger:
             for s in table:
                 h = s.hedge
                 if h is None or h.inv is None or s.state != RUNNING \
-                        or s.counted + 1 >= table.policy.max_attempts:
+                        or s.counted + 1 >= table.policy.max_attempts or s.round < self.oldest_useful_round:
                     continue
                 if s.round not in limits:
                     limits[s.round] = table.hedge_threshold(s.round)

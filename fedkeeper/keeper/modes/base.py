@@ -120,9 +120,10 @@ class RoundMode(ABC):
         """Attempts this mode still tracks (abandoned when the session ends)."""
 
     def finish(self, session: str) -> None:
-        """After the last round: updates that can no longer join are stale."""
-        done = [r["round"] for r in self.store.rounds(session) if r.get("state") == "done"]
-        self.mark_stale(session, max(done, default=-1) + 1)
+        """After the last round no aggregation follows: every update still
+        waiting for one is stale (mark_stale would keep those of the last
+        `staleness_tolerance` rounds waiting, for rounds that never come)."""
+        self.store.mark_updates_stale(session, math.inf)
 
     # ------------------------------------------------------------------ the end of a session
     @contextlib.contextmanager

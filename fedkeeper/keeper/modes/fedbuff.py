@@ -82,6 +82,8 @@ class AsyncRounds(RoundMode):
         round v: the updates trained from model v as `clients`, older ones
         within the staleness tolerance as `stale`."""
         t0 = self.ctx.clock()
+        # Jobs trained from models older than the tolerance cannot join this or a later aggregation.
+        self.dispatch.hedger.oldest_useful_round = v - self.training.staleness_tolerance
         existing = self.store.round(session, v)
         selected: list[str] = list(existing["selected"]) if existing else []
         started = existing.get("started", t0) if existing else t0

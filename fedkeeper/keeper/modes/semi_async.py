@@ -60,6 +60,8 @@ class SemiAsyncRounds(ClosingRounds):
     def before_aggregating(self, session: str, rnd: int, included: list[str],
                            stale: list[dict[str, Any]]) -> None:
         self.mark_stale(session, rnd)
+        # The next aggregation is round rnd + 1's: stragglers older than its tolerance are not hedged.
+        self.dispatch.hedger.oldest_useful_round = rnd + 1 - self.training.staleness_tolerance
         self.store.upsert_round(session, rnd, state="aggregating", included=included, stale_included=stale)
 
     def aggregator_args(self, included: list[str], stale: list[dict[str, Any]]) -> dict[str, Any]:
