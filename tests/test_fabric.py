@@ -392,6 +392,40 @@ def test_state_file_never_holds_a_stale_answer(tmp_path):
     assert fabric.fabric_down(d) is False
 
 
+def test_fabric_status_shows_the_capacity_in_force_once(tmp_path):
+    """`fabric status` shows the user memory and stem cells next to the
+    pool's capacity: both are the ones a cluster's config set last, not
+    the state file's copy from the fabric's start beside the live ones."""
+    d = tmp_path / "fab"
+    info = fabric.fabric_up(d)
+    try:
+        with FabricClient(info) as c:
+            c.admin("limits", {"userMemoryMb": 256, "stemCells": {"light": 0}})
+        st = fabric.fabric_status(d, capacity=True)
+        assert st["user_memory_mb"] == st["capacity"]["user_memory_mb"] == 256
+        assert st["stem_cells"] == st["capacity"]["stem_cells"] == {"light": 0}
+        assert st["pid"] == info["pid"] and st["auth"] == info["auth"]   # the rest of it kept
+    finally:
+        assert fabric.fabric_down(d)
+
+
+def test_a_capacity_limit_set_to_null_returns_to_the_fabrics_start_setting(tmp_path):
+    """A cluster whose config leaves user_memory_mb or stem_cells out sends
+    null for them: the fabric goes back to what it was started with, its
+    command line's when given, else its defaults."""
+    d = tmp_path / "fab"
+    info = fabric.fabric_up(d, extra_args=["--user-memory-mb", "1024", "--stem-cells", ""])
+    try:
+        with FabricClient(info) as c:
+            c.admin("limits", {"userMemoryMb": 256, "stemCells": {"light": 1}, "concurrentInvocations": 5})
+            c.admin("limits", {"userMemoryMb": None, "stemCells": None, "concurrentInvocations": None})
+            st = c.admin("status")
+            assert st["user_memory_mb"] == 1024 and st["stem_cells"] == {}
+            assert c.admin("limits")["concurrentInvocations"] == fabric.Settings().concurrent_invocations
+    finally:
+        assert fabric.fabric_down(d)
+
+
 def test_user_memory_evicts_idle_workers_then_queues(fw):
     before = fw.admin("limits")["maxActionMemory"]
     for name in ("um1", "um2", "um3"):

@@ -16,11 +16,13 @@ import pytest
 from fedkeeper.config import GoogleCluster, OpenWhiskCluster
 from fedkeeper.local import fabric, shutdown_local_services, supervisor
 from fedkeeper.local.cloud_functions import LocalCloudFunctionsProvider
+from fedkeeper.local.fabric.entities import DEFAULT_STEM_CELLS, DEFAULT_USER_MEMORY_MB
 from fedkeeper.local.openwhisk import LocalOpenWhiskProvider
 from fedkeeper.local.store import EmbeddedMongo
 from fedkeeper.local.supervisor import ProcessRecord, pid_alive
 from fedkeeper.providers.base import FunctionSpec, ProviderContext
-from fixtures_fabric import FabricClient, wait_for
+from fixtures_fabric import ECHO, FabricClient, wait_for
+from fixtures_fabric import make_artifact as ow_artifact
 from test_gcf_local import make_artifact as gcf_artifact
 
 pytestmark = pytest.mark.timeout(120)
@@ -166,6 +168,37 @@ def test_a_fabric_started_with_fabric_up_outlives_the_commands_that_use_it(tmp_p
         assert not user.started_fabric
         user.close()
         assert fabric.fabric_status(fdir)["pid"] == info["pid"]
+    finally:
+        assert fabric.fabric_down(fdir)
+
+
+def test_a_command_whose_config_sets_no_capacity_gets_the_fabrics_own_not_the_last_commands(tmp_path, caplog):
+    """A fabric kept between commands (`fabric up`): a config without
+    user_memory_mb or stem_cells runs with the fabric's default capacity,
+    not with what the command before it set (a 512 MB action was refused
+    as above the 256 MB an earlier config had left). The change is logged:
+    the fabric is shared, the latest command's config wins."""
+    fdir = tmp_path / "fabric"
+    fabric.fabric_up(fdir)
+    try:
+        small = LocalOpenWhiskProvider("ow", OpenWhiskCluster(kind="local", user_memory_mb=256,
+                                                              stem_cells={"tensorflow": 0}),
+                                       ProviderContext(state_dir=tmp_path))
+        st = small.fabric_admin("status")
+        assert st["user_memory_mb"] == 256 and st["stem_cells"] == {"tensorflow": 0}
+        small.close()
+        with caplog.at_level("WARNING", logger="fedkeeper.local"):
+            plain = _ow(tmp_path)
+        try:
+            st = plain.fabric_admin("status")
+            assert st["user_memory_mb"] == DEFAULT_USER_MEMORY_MB and st["stem_cells"] == DEFAULT_STEM_CELLS
+            assert "the latest one's config wins" in caplog.text and "were 256 MB" in caplog.text
+            plain.deploy(FunctionSpec(name="big", source="echo", memory_mb=512, timeout_s=20,
+                                      bound={"FK_FUNCTION": "echo"}), ow_artifact(ECHO))
+            out = plain.call("big", {}, timeout_s=20)
+            assert out.ok, out
+        finally:
+            plain.close()
     finally:
         assert fabric.fabric_down(fdir)
 

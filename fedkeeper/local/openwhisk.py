@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import atexit
 import json
+import logging
 import re
 import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import requests
 
@@ -25,6 +26,7 @@ from ..providers.base import ErrorClass, ProviderContext, ProviderError
 from ..providers.openwhisk.provider import OpenWhiskProvider
 from . import fabric
 
+log = logging.getLogger("fedkeeper.local")
 
 # Leases taken by `prewarm` ahead of a command's providers, per fabric
 # directory: each is given back once a provider of that fabric holds its own
@@ -49,16 +51,38 @@ def _release_early_leases() -> None:
 
 
 def _capacity_body(cluster: Any) -> dict:
-    """The fabric settings a local cluster's config sets (`user_memory_mb`,
-    `stem_cells`), as the fabric's limits body."""
-    body = {}
+    """The fabric's capacity a local cluster's config implies, as the
+    fabric's limits body: its `user_memory_mb` and `stem_cells`, and null for
+    either it leaves out, which the fabric reads as the setting it was
+    started with (OpenWhisk's 2048 MB and one TensorFlow stem cell, unless
+    its command line says otherwise). Both are always sent: a key left out
+    would keep whatever an earlier command's config set."""
     memory = getattr(cluster, "user_memory_mb", None)
-    if memory is not None:
-        body["userMemoryMb"] = int(memory)
     stems = getattr(cluster, "stem_cells", None)
-    if stems is not None:
-        body["stemCells"] = {str(k): int(v) for k, v in dict(stems).items()}
-    return body
+    return {"userMemoryMb": int(memory) if memory is not None else None,
+            "stemCells": {str(k): int(v) for k, v in dict(stems).items()} if stems is not None else None}
+
+
+def _capacity_of(info: dict | None) -> tuple:
+    return (info or {}).get("user_memory_mb"), (info or {}).get("stem_cells")
+
+
+def _push_capacity(put: Callable[[dict], Any], fabric_dir: Path, before: dict, cluster_name: str,
+                   cluster: Any) -> None:
+    """Set the fabric's capacity to what the cluster's config implies.
+    `before`: the fabric's info before (from fabric_up). The fabric is one
+    per state directory, shared by every command on it: the latest
+    command's config wins, also for the commands still running on it, which
+    is logged when it changes what a fabric this call did not start had."""
+    put(_capacity_body(cluster))
+    if before.get("started"):
+        return   # it had only its start settings, which no command chose
+    was, now = _capacity_of(before), _capacity_of(fabric.fabric_status(fabric_dir))
+    if None not in was and None not in now and was != now:
+        log.warning("cluster %s: the local fabric's user memory and stem cells were %s MB and %s, now %s MB "
+                    "and %s as this command's config implies; the fabric is shared by the commands of this "
+                    "state directory and the latest one's config wins, for those still running too",
+                    cluster_name, was[0], was[1], now[0], now[1])
 
 
 def _namespace_for(cluster_name: str) -> str:
@@ -95,7 +119,7 @@ class LocalOpenWhiskProvider(OpenWhiskProvider):
         # Same host, same clock: the activation window needs no skew margin.
         self._connect(info["url"], (user, key), ns, verify=True, clock_offset=0.0)
         self.push_faults()
-        self.push_capacity()
+        self.push_capacity(info)
         # this provider's lease holds the fabric now: those taken ahead of it can go
         for lease in _take_early_leases(self.fabric_dir):
             fabric.fabric_release(self.fabric_dir, lease)
@@ -114,22 +138,23 @@ class LocalOpenWhiskProvider(OpenWhiskProvider):
         with requests.Session() as s:
             s.auth = tuple(info["auth"].split(":", 1))
             params = {"namespace": getattr(cluster, "namespace", None) or _namespace_for(cluster_name)}
-            body = _capacity_body(cluster)
-            if body:   # the cluster's own stem cells decide which runtimes get a zygote
-                s.put(f"{info['url']}/_fabric/limits", params=params, data=json.dumps(body).encode(),
-                      timeout=10).raise_for_status()
+            # the cluster's own stem cells decide which runtimes get a zygote
+            _push_capacity(lambda body: s.put(f"{info['url']}/_fabric/limits", params=params,
+                                              data=json.dumps(body).encode(), timeout=10).raise_for_status(),
+                           fabric_dir, info, cluster_name, cluster)
             s.put(f"{info['url']}/_fabric/prewarm", data=json.dumps({"runtimes": runtimes}).encode(),
                   timeout=10).raise_for_status()
 
-    def push_capacity(self) -> None:
-        """The fabric's user memory and stem cells per runtime, when the
-        cluster's config sets them (`user_memory_mb`, `stem_cells`); else the
-        fabric keeps its own (OpenWhisk's 2048 MB, one TensorFlow stem cell).
-        The fabric is shared by the local clusters of a state directory: the
-        last one connected sets them."""
-        body = _capacity_body(self.cluster)
-        if body:
-            self.fabric_admin("limits", body)
+    def push_capacity(self, info: dict | None = None) -> None:
+        """The fabric's user memory and stem cells per runtime: what the
+        cluster's config sets (`user_memory_mb`, `stem_cells`), else the
+        fabric's own (OpenWhisk's 2048 MB, one TensorFlow stem cell). The
+        fabric is shared by the local clusters of a state directory: the
+        last one connected sets them. `info`: the fabric's from fabric_up,
+        if at hand."""
+        before = info if info is not None else fabric.fabric_status(self.fabric_dir)
+        _push_capacity(lambda body: self.fabric_admin("limits", body), self.fabric_dir, before or {},
+                       self.cluster_name, self.cluster)
 
     def push_faults(self) -> None:
         """Send the cluster's fault injection settings to the fabric (none
@@ -172,7 +197,7 @@ class LocalOpenWhiskProvider(OpenWhiskProvider):
         self._pool.close()
         self._connect(info["url"], (user, key), self.namespace, verify=True, clock_offset=0.0)
         self.push_faults()
-        self.push_capacity()
+        self.push_capacity(info)
         # Only a fabric started now has lost what ran before (a slow one
         # that still answers was reconnected to, not restarted).
         return bool(info.get("started"))

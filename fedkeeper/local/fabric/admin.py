@@ -52,13 +52,19 @@ def set_limits(f: Fabric, ns_name: str, body: Any) -> dict:
     if not isinstance(body, dict):
         raise ApiError(400, "limits must be a JSON object")
     ns = f.ns(ns_name)
+    unknown = set(body) - set(PER_NAMESPACE) - set(GLOBAL) - {"stemCells"}
+    if unknown:
+        raise ApiError(400, f"unknown limit keys: {sorted(unknown)[:10]}")
+    # null: the setting the fabric was started with. A cluster whose config
+    # leaves its capacity out sends that, so that it does not run with what
+    # an earlier command's config set.
+    start, attrs = f.started_settings, {**PER_NAMESPACE, **GLOBAL}
+    body = {k: v if v is not None else dict(start.stem_cells) if k == "stemCells" else getattr(start, attrs[k])
+            for k, v in body.items()}
     # stem cells per runtime: a fabric-wide setting; fewer are evicted now,
     # more start as memory allows
     stems = _stem_cells(body["stemCells"]) if "stemCells" in body else None
     body = {k: v for k, v in body.items() if k != "stemCells"}
-    unknown = set(body) - set(PER_NAMESPACE) - set(GLOBAL)
-    if unknown:
-        raise ApiError(400, f"unknown limit keys: {sorted(unknown)[:10]}")
     for k, v in body.items():
         if (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)
                 or not 0 < v <= _LIMIT_CEILING):
@@ -90,6 +96,8 @@ def set_limits(f: Fabric, ns_name: str, body: Any) -> dict:
         if stems is not None and not stems.get(runtime or ""):
             f.scheduler.zygotes.stop(runtime)   # a runtime without stem cells needs no zygote
     f.start_stem_cells()
+    if stems is not None or "userMemoryMb" in body:
+        f.publish_capacity()
     return limits(f, ns.name)
 
 

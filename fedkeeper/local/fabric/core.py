@@ -3,14 +3,18 @@ limits, injected faults) and activation records. Placement on workers is
 the scheduler's, limits over time the watchdog's."""
 from __future__ import annotations
 
+import contextlib
+import copy
 import json
 import logging
+import os
 import threading
 import time
 import uuid
 from pathlib import Path
 from typing import Any
 
+from .. import supervisor
 from .actions import ActionFiles, define
 from .entities import DEFAULT_NAMESPACE, Action, Activation, Namespace, Settings, annotation, valid_name
 from .metrics import UserEvents
@@ -27,11 +31,14 @@ class Fabric:
     def __init__(self, state_dir: Path, settings: Settings, auth: str, api_host: str = ""):
         self.state_dir = Path(state_dir)
         self.settings = settings
+        # What it was started with: a limit set back to null returns to it.
+        self.started_settings = copy.deepcopy(settings)
         self.auth = auth
         self.api_host = api_host
         self.lock = threading.RLock()
         # PUT and DELETE of an action, by a hash of its name (bounded: names are the callers')
         self._write_locks = [threading.Lock() for _ in range(16)]
+        self._state_file_lock = threading.Lock()
         self.namespaces: dict[str, Namespace] = {}
         self.stopping = False
         self.events = UserEvents()
@@ -51,6 +58,25 @@ class Fabric:
         with self.lock:
             ops = self.scheduler.replenish()
         self.scheduler.run_ops(ops)
+
+    def publish_capacity(self) -> None:
+        """Write the user memory and stem cells in force into the fabric's
+        state file, which `fabric status` shows next to the pool's own: a
+        copy left at the values the fabric started with would contradict
+        them once a cluster's config changed them."""
+        from .service import STATE_FILE   # the service module imports this one
+        path = self.state_dir / STATE_FILE
+        with self._state_file_lock:
+            with self.lock:
+                if self.stopping:
+                    return   # its stopper removes the file: not to be written back
+                capacity = {"user_memory_mb": self.settings.user_memory_mb,
+                            "stem_cells": dict(self.settings.stem_cells)}
+            with contextlib.suppress(OSError, ValueError):
+                info = json.loads(path.read_text())
+                # only the file of this process: a fabric started since owns its own
+                if isinstance(info, dict) and info.get("pid") == os.getpid():
+                    supervisor.write_private(path, json.dumps({**info, **capacity}))
 
     def prewarm(self, runtimes: list[str]) -> None:
         """Start the zygotes of these runtimes now, ahead of their actions'
