@@ -7,6 +7,7 @@ import http.server
 import io
 import pickle
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -154,6 +155,77 @@ def test_npz_loader_from_a_url_with_cache_and_checksum(tmp_path, monkeypatch):
         with pytest.raises(BadRequest, match="cannot download"):
             fetch(url)  # gone from the server and from the cache: 404
         assert list((tmp_path / "cache").iterdir()) == []  # no partial file left behind
+    finally:
+        srv.shutdown()
+        srv.server_close()
+
+
+class _Hostile(http.server.BaseHTTPRequestHandler):
+    """/big: 3 MB; /drip: a byte every 0.05 s; /up: a redirect to ftp;
+    /bomb and /junk: an npz declaring gigabytes, and no npz at all."""
+    files: dict[str, bytes] = {}
+
+    def log_message(self, *args):
+        pass
+
+    def do_GET(self):
+        if self.path == "/up":
+            self.send_response(302)
+            self.send_header("Location", "ftp://127.0.0.1/mnist.npz")
+            self.end_headers()
+            return
+        body = self.files.get(self.path, b"x" * (3 << 20) if self.path == "/big" else b"y" * 200)
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        try:
+            if self.path == "/drip":
+                for i in range(len(body)):
+                    self.wfile.write(body[i:i + 1])
+                    self.wfile.flush()
+                    time.sleep(0.05)
+            else:
+                self.wfile.write(body)
+        except OSError:
+            pass   # the reader gave up
+
+
+def _bomb(path: Path) -> bytes:
+    """A 3 KB compressed npz whose x_train declares 4 GB of uint8."""
+    import zipfile as zf
+    from numpy.lib import format as npy
+    with zf.ZipFile(path, "w", zf.ZIP_DEFLATED) as z:
+        with z.open("x_train.npy", "w", force_zip64=True) as m:
+            npy.write_array_header_1_0(m, {"descr": "|u1", "fortran_order": False, "shape": (4_000_000, 32, 32)})
+            for _ in range(16):
+                m.write(bytes(1 << 20))
+        for name in ("y_train", "x_test", "y_test"):
+            with z.open(f"{name}.npy", "w") as m:
+                npy.write_array(m, np.zeros(2, np.uint8))
+    return path.read_bytes()
+
+
+def test_downloads_and_npz_files_are_bounded(tmp_path, monkeypatch):
+    monkeypatch.setenv("FK_DATA_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr("flcommon.data.MAX_DATA_BYTES", 1 << 20)
+    _Hostile.files = {"/bomb": _bomb(tmp_path / "bomb.npz"), "/junk": b"not an npz at all"}
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Hostile)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{srv.server_port}"
+    try:
+        with pytest.raises(BadRequest, match="more than the 1,048,576"):
+            fetch(f"{base}/big")
+        with pytest.raises(BadRequest, match="took more than 0.3 s"):
+            fetch(f"{base}/drip", deadline_s=0.3)
+        with pytest.raises(BadRequest, match="refused a redirect from http to ftp"):
+            fetch(f"{base}/up")
+        assert list((tmp_path / "cache").iterdir()) == []   # nothing partial kept
+        monkeypatch.setattr("flcommon.data.MAX_DATA_BYTES", 2 << 30)
+        with pytest.raises(BadRequest, match="declares 4,096,000,006 bytes"):
+            load_npz(f"{base}/bomb")
+        with pytest.raises(BadRequest, match="not a zip archive"):
+            load_npz(f"{base}/junk")
+        assert list((tmp_path / "cache").iterdir()) == []   # a download that is no data set is not kept
     finally:
         srv.shutdown()
         srv.server_close()

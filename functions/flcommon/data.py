@@ -8,8 +8,11 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import math
 import os
 import tempfile
+import time
+import urllib.error
 import urllib.request
 import zipfile
 from pathlib import Path
@@ -84,9 +87,48 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def fetch(location: str, sha256: str | None = None, timeout_s: float = 60.0) -> Path:
-    """A local path as is, or an http(s) URL downloaded once into the cache.
-    With a checksum, a mismatch is an error (and the bad file is dropped)."""
+#: The most a data set may download or decode to: far above what a function
+#: trains on, below what would take it down before the bound is reached.
+MAX_DATA_BYTES = 2 << 30
+#: The most a whole download may take (each read is bounded by `timeout_s`,
+#: and a server sending a byte at a time would otherwise never end it).
+DOWNLOAD_DEADLINE_S = 600.0
+
+
+class _NoDowngrade(urllib.request.HTTPRedirectHandler):
+    """Redirects only to http(s), and never from https to http."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        old, new = req.full_url.split(":", 1)[0].lower(), newurl.split(":", 1)[0].lower()
+        if new not in ("http", "https") or (old == "https" and new == "http"):
+            raise urllib.error.URLError(f"refused a redirect from {old} to {newurl.split('?')[0][:200]}")
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+def _download(location: str, out, timeout_s: float, deadline_s: float) -> None:
+    opener = urllib.request.build_opener(_NoDowngrade)
+    until = time.monotonic() + deadline_s
+    with opener.open(location, timeout=timeout_s) as resp:
+        declared = resp.headers.get("Content-Length")
+        if declared and declared.isdigit() and int(declared) > MAX_DATA_BYTES:
+            raise BadRequest(f"{location} is {int(declared):,} bytes, more than the {MAX_DATA_BYTES:,} "
+                             "a data set may be")
+        got = 0
+        while block := resp.read1(1 << 20):
+            got += len(block)
+            if got > MAX_DATA_BYTES:
+                raise BadRequest(f"{location} is more than the {MAX_DATA_BYTES:,} bytes a data set may be")
+            if time.monotonic() > until:
+                raise BadRequest(f"downloading {location} took more than {deadline_s:g} s")
+            out.write(block)
+
+
+def fetch(location: str, sha256: str | None = None, timeout_s: float = 60.0,
+          deadline_s: float = DOWNLOAD_DEADLINE_S) -> Path:
+    """A local path as is, or an http(s) URL downloaded once into the cache
+    (at most MAX_DATA_BYTES, within `deadline_s`, redirected only to http(s)
+    and never down from https). With a checksum, a mismatch is an error
+    (and the bad file is dropped)."""
     if location.startswith(("http://", "https://")):
         name = hashlib.sha256(location.encode()).hexdigest()[:16] + "-" + Path(location.split("?")[0]).name
         path = cache_dir() / name
@@ -96,12 +138,14 @@ def fetch(location: str, sha256: str | None = None, timeout_s: float = 60.0) -> 
             fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".part")
             tmp = Path(tmp_name)
             try:
-                with os.fdopen(fd, "wb") as out, urllib.request.urlopen(location, timeout=timeout_s) as resp:
-                    while block := resp.read(1 << 20):
-                        out.write(block)
+                with os.fdopen(fd, "wb") as out:
+                    _download(location, out, timeout_s, deadline_s)
             except OSError as exc:
                 tmp.unlink(missing_ok=True)
                 raise BadRequest(f"cannot download {location}: {exc}") from None
+            except BaseException:
+                tmp.unlink(missing_ok=True)
+                raise
             tmp.replace(path)
     else:
         path = Path(location).expanduser()
@@ -114,15 +158,50 @@ def fetch(location: str, sha256: str | None = None, timeout_s: float = 60.0) -> 
     return path
 
 
+def _declared_bytes(path: Path) -> int:
+    """What the arrays of an npz say they hold, read from their .npy headers
+    alone (a compressed member is inflated only as far as its header): a
+    few megabytes of deflate can declare gigabytes."""
+    from numpy.lib import format as npy
+    total = 0
+    with zipfile.ZipFile(path) as zf:
+        for info in zf.infolist():
+            with zf.open(info) as member:
+                version = npy.read_magic(member)
+                reader = npy.read_array_header_1_0 if version == (1, 0) else npy.read_array_header_2_0
+                shape, _, dtype = reader(member)
+                total += math.prod(shape) * dtype.itemsize
+    return total
+
+
 def load_npz(location: str, sha256: str | None = None) -> tuple[np.ndarray, ...]:
-    """Keras' mnist.npz layout: x_train, y_train, x_test, y_test."""
+    """Keras' mnist.npz layout: x_train, y_train, x_test, y_test. A download
+    that turns out not to be one is dropped from the cache, so the next
+    session downloads it again rather than meet the same bad copy."""
     path = fetch(location, sha256)
     try:
+        return _read_npz(path, location)
+    except BadRequest:
+        if location.startswith(("http://", "https://")):
+            path.unlink(missing_ok=True)
+        raise
+
+
+def _read_npz(path: Path, location: str) -> tuple[np.ndarray, ...]:
+    if not zipfile.is_zipfile(path):
+        with open(path, "rb") as f:
+            npy = f.read(6) == b"\x93NUMPY"
+        raise BadRequest(f"{location} is a single .npy array, not an npz archive" if npy
+                         else f"{location} is not a pickle-free npz: not a zip archive")
+    try:
+        declared = _declared_bytes(path)
         z = np.load(path, allow_pickle=False)
-    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile, KeyError) as exc:
         raise BadRequest(f"{location} is not a pickle-free npz: {exc}") from None
-    if not isinstance(z, np.lib.npyio.NpzFile):
-        raise BadRequest(f"{location} is a single .npy array, not an npz archive")
+    if declared > MAX_DATA_BYTES:
+        z.close()
+        raise BadRequest(f"{location} declares {declared:,} bytes of arrays, more than the {MAX_DATA_BYTES:,} "
+                         "a data set may hold")
     with z:
         missing = {"x_train", "y_train", "x_test", "y_test"} - set(z.files)
         if missing:
@@ -131,6 +210,8 @@ def load_npz(location: str, sha256: str | None = None) -> tuple[np.ndarray, ...]
             return (_scale(z["x_train"]), _labels(z["y_train"]), _scale(z["x_test"]), _labels(z["y_test"]))
         except (ValueError, OSError, zipfile.BadZipFile) as exc:  # e.g. an object array inside
             raise BadRequest(f"{location} is not a pickle-free npz: {exc}") from None
+        except MemoryError:
+            raise BadRequest(f"{location}: its arrays do not fit in this function's memory") from None
 
 
 def load_dataset(data: dict[str, Any]) -> tuple[np.ndarray, ...]:
