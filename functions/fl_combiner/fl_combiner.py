@@ -66,7 +66,7 @@ def _listed(db, session: str, rnd: int, cluster: str, clusters: dict[str, Any]) 
     if not isinstance(included, list):
         return None
     if rdoc.get("state") == "failed":
-        raise BadRequest(f"round {rnd} of session {session} failed: there is nothing to combine")
+        raise BadRequest("the round failed: there is nothing to combine")
     return list(dict.fromkeys(c for c in included if isinstance(c, str) and clusters.get(c) == cluster))
 
 
@@ -85,7 +85,7 @@ def cluster_clients(db, session: str, rnd: int, cluster: str) -> list[str]:
     """The clients of `cluster` listed for round `rnd`'s aggregation."""
     listed = _listed(db, session, rnd, cluster, _clusters(db, session))
     if listed is None:
-        raise BadRequest(f"round {rnd} of session {session} lists no clients for aggregation yet")
+        raise BadRequest("the round lists no clients for aggregation yet")
     return listed
 
 
@@ -141,7 +141,7 @@ class Following:
         self.fold([c for c in listed if c not in seen])
         rejected = [{k: v for k, v in self.refused[c].items() if k != "mark"} for c in listed if c in self.refused]
         if not self.accepted:
-            return {"error": f"round {self.rnd}: cluster {self.cluster} has no valid update to combine",
+            return {"error": f"cluster {self.cluster} has no valid update to combine",
                     "rejected_count": len(rejected)}
         return write_partial(self.db, self.session, self.rnd, self.cluster, self.partial, self.accepted, rejected,
                              time.perf_counter() - self.t0)
@@ -201,7 +201,7 @@ def handle(payload: dict[str, Any], bound: dict[str, str]) -> dict[str, Any]:
         return doc if "error" in doc else _result(doc)
     clients = cluster_clients(db, session, rnd, cluster)
     if not clients:
-        return {"error": f"round {rnd}: no client of cluster {cluster} is listed for aggregation",
+        return {"error": f"no client of cluster {cluster} is listed for aggregation",
                 "rejected_count": 0}
     _, weights = global_model(db, session, rnd)
     doc = combine(db, session, rnd, cluster, clients, weights, float(exponent))

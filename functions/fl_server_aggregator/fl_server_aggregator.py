@@ -120,7 +120,8 @@ def handle(payload: dict[str, Any], bound: dict[str, str]) -> dict[str, Any]:
     if marks:  # one round trip for them all: a write per update grows the round with its clients
         db[store.UPDATES].bulk_write(marks, ordered=False)
     if not accepted:
-        return {"error": f"round {rnd}: no valid update to aggregate", "rejected": _listed(rejected),
+        # No round number in the answers: the keeper names the round (counted from 1) it asked about.
+        return {"error": "no valid update to aggregate", "rejected": _listed(rejected),
                 "rejected_count": len(rejected)}
     state = None
     if strategy.stateful and current.get("state_blob_id") is not None:
@@ -129,15 +130,15 @@ def handle(payload: dict[str, Any], bound: dict[str, str]) -> dict[str, Any]:
             state_bytes = 4 * sum(math.prod(shape) for shape in strategy.state_layout())
             state = store.get_arrays(db, current["state_blob_id"], max_bytes=state_bytes)
         except BlobError as exc:
-            return {"error": f"round {rnd}: server state of model {rnd} is unreadable: {exc}"}
+            return {"error": f"the server state stored with model {rnd} is unreadable: {exc}"}
     try:
         new, new_state = agg.finish(weights, state)
     except StrategyError as exc:
-        return {"error": f"round {rnd}: {exc}"}
+        return {"error": str(exc)}
     # A model with NaN or inf could never be moved again (every later delta
     # against it is NaN or inf too): such a round fails, and nothing is stored.
     if not all(all_within(w, float(np.finfo(w.dtype).max)) for w in new if np.issubdtype(w.dtype, np.floating)):
-        return {"error": f"round {rnd}: the aggregate holds NaN or inf ({strategy.name}); the model is not stored "
+        return {"error": f"the aggregate holds NaN or inf ({strategy.name}); the model is not stored "
                          "(a server learning rate too large?)"}
     del weights, state
     contributions = [{"client": a["client"], "round": a["round"], "staleness": a["staleness"],

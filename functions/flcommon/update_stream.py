@@ -84,7 +84,7 @@ def _counted_elsewhere(doc: dict[str, Any], counted: dict[tuple[str, int], int],
     """Why an update counted by another aggregation is refused, if it was."""
     done_in = contributions.aggregation_of(doc, counted)
     if done_in is not None and done_in != rnd:
-        return f"already aggregated in round {done_in}"
+        return f"already aggregated in round {done_in + 1}"   # rounds are shown counted from 1
     return None
 
 
@@ -108,7 +108,7 @@ def _checked(doc: dict[str, Any], client: str, r: int, rnd: int, session: str, s
     if sizes.get(client) is not None and n != sizes[client]:
         raise UpdateRejected(f"update claims {n} examples, the client's partition has {sizes[client]}")
     if r != rnd and r not in has_base:
-        raise UpdateRejected(f"no global model of round {r} to take the delta against")
+        raise UpdateRejected(f"no global model {r} (round {r + 1}'s) to take the delta against")
     return files_doc, n
 
 
@@ -120,7 +120,7 @@ def _files_docs(db, docs: Iterable[dict[str, Any]]) -> dict[Any, dict]:
 
 
 def _missing(index: int, client: str, r: int, rnd: int) -> dict[str, Any]:
-    reason = "no update stored for this round" if r == rnd else f"no update stored for round {r}"
+    reason = "no update stored for this round" if r == rnd else f"no update stored for round {r + 1}"
     return {"index": index, "client": client, "round": r, "reason": reason, "mark": False}
 
 
