@@ -84,8 +84,9 @@ def check_cluster(rt: Runtime, cluster: str, keep: bool, timeout_s: float = 120.
         res.error_class, res.error = _explain(exc)
     finally:
         # The probe goes whatever happened once its deploy was tried (a
-        # failed check must not leave it on the cluster), unless kept.
-        if provider is not None and res.stage in ("deploy", "invoke") and not keep:
+        # failed check must not leave it on the cluster), unless kept or
+        # the deploy never got as far as making it.
+        if provider is not None and res.stage in ("deploy", "invoke") and not keep and not _nothing_made(res):
             _remove_probe(provider, res)
     if res.ok:
         res.stage = ""
@@ -93,15 +94,29 @@ def check_cluster(rt: Runtime, cluster: str, keep: bool, timeout_s: float = 120.
     return res
 
 
+# A deploy that failed this way never reached the platform's side (no
+# connection, or refused before anything was made): there is no probe to
+# remove, and trying would only fail the same way again.
+NOTHING_MADE = (ErrorClass.UNREACHABLE.value, ErrorClass.AUTH.value)
+
+
+def _nothing_made(res: ClusterCheck) -> bool:
+    return res.stage == "deploy" and res.error_class in NOTHING_MADE
+
+
 def _remove_probe(provider, res: ClusterCheck) -> None:
     try:
         provider.remove(PROBE)
     except Exception as exc:
+        why = _explain(exc)[1]
         if res.ok:   # the check itself passed: its failing clean-up is the failure
             res.ok, res.stage = False, "remove"
             res.error_class, res.error = _explain(exc)
-        else:        # the report says the probe may still be there
-            res.error = f"{res.error}; {PROBE} may be left on the cluster: {_explain(exc)[1]}"
+        elif res.error and (res.error in why or why in res.error):
+            # the report says the probe may still be there, once, not its error twice
+            res.error = f"{res.error}; {PROBE} may be left on the cluster (removing it failed the same way)"
+        else:
+            res.error = f"{res.error}; {PROBE} may be left on the cluster: {why}"
 
 
 def _introspect(rt: Runtime, cluster: str, res: ClusterCheck) -> None:

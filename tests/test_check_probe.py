@@ -1,15 +1,21 @@
 """`fedkeeper check`'s probe on a scripted provider: it is removed whatever
 happened once its deploy was tried (a failed check must not leave it on a
-cluster CI checks again and again), and the JUnit report stays well-formed
-XML whatever text the errors carry."""
+cluster CI checks again and again), except where the deploy reached nothing
+(an unreachable endpoint, a refused key: then on real clusters too), and the
+JUnit report stays well-formed XML whatever text the errors carry."""
 from __future__ import annotations
 
+import socket
+import textwrap
 import xml.dom.minidom
 from types import SimpleNamespace
 
 import pytest
+from click.testing import CliRunner
 
 from fedkeeper.check import PROBE, ClusterCheck, check_cluster, junit_xml
+from fedkeeper.cli import main as cli
+from fedkeeper.local import fabric
 from fedkeeper.providers import ErrorClass, Outcome, ProviderError
 from fedkeeper.providers.base import Artifact, FunctionSpec
 
@@ -80,3 +86,50 @@ def test_a_failed_check_whose_probe_cannot_be_removed_says_so():
     res = check_cluster(runtime_for(provider), "c1", keep=False)
     assert res.stage == "invoke" and res.error.startswith("boom; nodeinfo may be left on the cluster")
     assert "may not delete" in res.error
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_a_deploy_that_reached_nothing_reports_its_failure_once(tmp_path):
+    """An endpoint that does not answer, and a platform that refuses the
+    key (the local fabric, given a wrong one): the deploy made nothing, so
+    nothing is said to be left behind, and the reason is given once."""
+    fab = fabric.fabric_up(tmp_path / "fab")
+    try:
+        cfg = tmp_path / "cfg.yaml"
+        cfg.write_text(textwrap.dedent(f"""\
+            providers:
+              openwhisk:
+                dead_ow:
+                  base_url: http://127.0.0.1:{closed_port()}/api/v1/namespaces/guest/actions/
+                  auth: {{ow_auth: "user:key"}}
+                denied_ow:
+                  base_url: {fab["url"]}/api/v1/namespaces/guest/actions/
+                  auth: {{ow_auth: "nobody:wrong-key"}}
+            scenarios:
+              test: {{}}
+            """))
+        res = CliRunner().invoke(cli, ["check", "-c", str(cfg), "-s", "test"])
+        assert res.exit_code == 1, res.output
+        failed = {ln.split()[1]: ln for ln in res.stderr.splitlines() if ln.startswith("cluster ")}
+        dead, denied = failed["dead_ow"], failed["denied_ow"]
+        assert dead.startswith("cluster dead_ow failed at deploy: endpoint unreachable: ")
+        assert denied.startswith("cluster denied_ow failed at deploy: authentication failed: ")
+        assert dead.count("connection refused") == 1 and denied.count("401") == 1, failed
+        assert "may be left" not in dead + denied
+    finally:
+        fabric.fabric_down(tmp_path / "fab")
+
+
+def test_a_removal_failing_like_the_check_is_not_reported_twice():
+    """The platform went away after the deploy: the probe may be left, and
+    the reason is the one already given."""
+    provider = ScriptedProvider(outcome=Outcome("a1", False, ErrorClass.UNREACHABLE, "connection refused"),
+                                remove_error=ProviderError(ErrorClass.UNREACHABLE, "connection refused"))
+    res = check_cluster(runtime_for(provider), "c1", keep=False)
+    assert res.stage == "invoke" and provider.removed == [PROBE]
+    assert res.error == f"connection refused; {PROBE} may be left on the cluster (removing it failed the same way)"

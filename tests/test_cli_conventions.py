@@ -118,10 +118,15 @@ def test_insights_for_a_round_that_does_not_exist_is_bad_input(args, message, st
     assert message in res.output and res.output.startswith("Error: ")
 
 
-def test_run_failures_use_the_same_error_prefix(store, mongo_url, tmp_path, isolated_dirs):
+@pytest.mark.parametrize("command", [["status", "no-such"], ["model", "list", "no-such"],
+                                     ["insights", "no-such", "reliability"], ["report", "no-such"]],
+                         ids=lambda c: c[0])
+def test_an_unknown_session_is_bad_input_for_every_command(command, store, mongo_url, tmp_path, isolated_dirs):
     cfg = write_cfg(tmp_path / "cfg.yaml", mongo_url, store.db.name)
-    res = CliRunner().invoke(cli, ["insights", "no-such", "reliability", "-c", str(cfg)])
-    assert res.exit_code == 1 and res.output.startswith("Error: no session 'no-such'")
+    plant(store, "sess-1", 1)
+    res = CliRunner().invoke(cli, [*command, "-c", str(cfg)])
+    assert res.exit_code == 2, res.output
+    assert res.output == "Error: no session 'no-such' in the store\n"
 
 
 # --------------------------------------------------------------------------- Ctrl-C

@@ -443,4 +443,4 @@ def test_fabric_session_reliability_through_the_cli(fabric_state, mongo_url, tmp
     assert "from the query cache" not in table and "read from the store" in table and "client_" in table
 
     res = runner.invoke(cli, ["insights", "no-such-session", "reliability", "-c", str(cfg_path)])
-    assert res.exit_code == 1 and "no session 'no-such-session'" in res.output
+    assert res.exit_code == 2 and "no session 'no-such-session'" in res.output

@@ -178,8 +178,8 @@ def test_cli_overlays_sessions_and_names_unknown_ones(sessions, tmp_path, monkey
     assert Path(printed["files"]["html"]).resolve() == (cwd / "reports" / second / "report.html").resolve()
     assert (cwd / "reports" / second / "report.html").is_file()
     missing = CliRunner().invoke(cli, ["report", first, "no-such-session", "-c", cfg, "-o", str(tmp_path / "x")])
-    assert missing.exit_code == 1
-    assert "no-such-session" in missing.output
+    assert missing.exit_code == 2   # bad input, as for `status`
+    assert missing.output.startswith("Error: no session 'no-such-session' in the store")
     assert not (tmp_path / "x").exists()
 
 
@@ -294,4 +294,4 @@ def test_report_command_on_a_planted_session(store, mongo_url, tmp_path, isolate
     page = next((tmp_path / "out").glob("*.html")).read_text()
     assert "<th>epsilon</th>" in page and "<th>hedges</th>" in page
     missing = CliRunner().invoke(cli, ["report", "nope", "-c", str(cfg), "-o", str(tmp_path / "x")])
-    assert missing.exit_code == 1 and missing.output.startswith("Error: not in the store: session 'nope'")
+    assert missing.exit_code == 2 and missing.output.startswith("Error: no session 'nope' in the store")

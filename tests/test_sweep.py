@@ -5,9 +5,12 @@ keeper was killed, and grids rejected before anything runs."""
 from __future__ import annotations
 
 import csv
+import os
 import textwrap
 from pathlib import Path
+from typing import Iterable
 
+import psutil
 import pymongo
 import pytest
 from click.testing import CliRunner
@@ -15,11 +18,17 @@ from click.testing import CliRunner
 from fedkeeper.cli import main as cli
 from fedkeeper.config import load_config
 from fedkeeper.cost import session_cost
+from fedkeeper.local import fabric, shutdown_local_services, supervisor
+from fedkeeper.local.cloud_functions.host import FrameworkHost
+from fedkeeper.local.store import EmbeddedMongo
 from fedkeeper.store import SWEEPS, connect
 from flcommon import store as fs
 
 from cli_processes import kill_cli_when
+from fixtures_fabric import wait_for
 from in_flight import first_marked_running
+
+LOCAL_CONFIG = Path(__file__).resolve().parents[1] / "config-local.yaml"
 
 
 def write_config(path: Path, mongo_url: str, db: str, faults: str = "null") -> Path:
@@ -151,6 +160,36 @@ def test_interrupted_sweep_resumes_the_killed_session(fabric_state, mongo_url, t
     assert (row["session"], row["state"], row["rounds"]) == (sid, "finished", "2")
 
 
+def test_one_at_a_time_a_runs_end_is_printed_before_the_next_run_starts(fabric_state, mongo_url, tmp_path):
+    cfg = write_config(tmp_path / "cfg.yaml", mongo_url, "sweep_progress")
+    res = CliRunner().invoke(cli, ["sweep", "-c", str(cfg), "--grid", "local_epochs=0,1", "--grid", "rounds=1",
+                                   "--parallel", "1", "--keep-services", "--format", "csv"])
+    assert res.exit_code == 0, res.output
+    progress = [ln for ln in res.stderr.splitlines() if ln.startswith(("run ", "["))]
+    assert [ln.split(" (")[0].split(":")[0] for ln in progress] == [
+        "run 1/2 local_epochs=0 rounds=1 repeat 0 started", "[1/2] run 1 local_epochs=0 rounds=1 repeat 0",
+        "run 2/2 local_epochs=1 rounds=1 repeat 0 started", "[2/2] run 2 local_epochs=1 rounds=1 repeat 0"]
+
+
+def test_a_swept_setting_named_like_a_result_column_gets_a_column_of_its_own(fabric_state, mongo_url, tmp_path):
+    """--grid rounds=...: the rounds planned and the rounds completed are
+    two columns, each found by its own name."""
+    cfg = write_config(tmp_path / "cfg.yaml", mongo_url, "sweep_rounds")
+    args = ["sweep", "-c", str(cfg), "--grid", "rounds=1", "--grid", "local_epochs=0", "--keep-services"]
+    res = CliRunner().invoke(cli, args + ["--format", "csv"])
+    assert res.exit_code == 0, res.output
+    header, *rows = list(csv.reader(res.stdout.splitlines()))
+    assert len(set(header)) == len(header), header
+    assert header[:2] == ["grid.rounds", "local_epochs"] and "rounds" in header
+    (row,) = (dict(zip(header, r)) for r in rows)
+    assert (row["grid.rounds"], row["local_epochs"], row["rounds"], row["state"]) == ("1", "0", "1", "finished")
+    # The table and Markdown put the grid values in one column: no clash there either.
+    md = CliRunner().invoke(cli, args + ["--format", "markdown"])
+    assert md.exit_code == 0, md.output
+    cells = [c.strip() for c in md.stdout.splitlines()[0].strip("|").split("|")]
+    assert len(set(cells)) == len(cells) and "rounds=1 local_epochs=0" in md.stdout
+
+
 @pytest.mark.parametrize("grid, message", [
     (["lrate=1e-3,1e-2"], "unknown grid key 'lrate'"),
     (["model_params.foo=1,2"], "model_params has no 'foo'"),
@@ -169,3 +208,76 @@ def test_bad_grid_exits_2_before_anything_runs(grid, message, mongo_url, tmp_pat
     assert res.exit_code == 2, res.output
     assert message in res.output
     assert pymongo.MongoClient(mongo_url)[db_name][SWEEPS].count_documents({}) == 0
+
+
+# --------------------------------------------------------------------------- local services
+
+@pytest.fixture
+def service_sessions(monkeypatch):
+    """The local services this test starts, by session id (their pid) ->
+    command line. Each runs in a session of its own (supervisor.spawn), and
+    what it starts in turn (the fabric's zygote and workers) stays in that
+    session, so these ids find every process of them, even one its parent
+    left behind."""
+    spawned: dict[int, str] = {}
+    spawn = supervisor.spawn
+
+    def recording(cmd, *args, **kwargs):
+        proc, rec = spawn(cmd, *args, **kwargs)
+        spawned[proc.pid] = " ".join(map(str, cmd))
+        return proc, rec
+    monkeypatch.setattr(supervisor, "spawn", recording)
+    return spawned
+
+
+def live_in(sessions: Iterable[int]) -> list[str]:
+    """Processes still running in those sessions, as `pid command` lines."""
+    sessions, found = set(sessions), []
+    for p in psutil.process_iter(["cmdline", "status"]):
+        try:
+            if os.getsid(p.pid) in sessions and p.info["status"] != psutil.STATUS_ZOMBIE:
+                found.append(f"{p.pid} {' '.join(p.info['cmdline'] or [])[:160]}")
+        except (ProcessLookupError, PermissionError):
+            continue
+    return found
+
+
+def wait_until_gone(sessions: Iterable[int], timeout_s: float = 30) -> None:
+    """Bounded: a process killed a moment ago may not have exited yet."""
+    try:
+        wait_for(lambda: not live_in(sessions), timeout_s, interval=0.2)
+    except AssertionError:
+        pytest.fail(f"still running: {live_in(sessions)}")
+
+
+@pytest.mark.parametrize("keep", [False, True], ids=["stopped", "kept"])
+def test_a_sweep_stops_the_local_services_it_started_unless_kept(keep, service_sessions, tmp_path):
+    """The local config (fabric, local Cloud Functions, embedded store) in a
+    state directory of its own: the runs share the services the sweep
+    started, which stop with the sweep, fabric zygote and function hosts
+    included; --keep-services leaves them all running."""
+    state = Path(os.environ["FEDKEEPER_STATE_DIR"])
+    args = ["sweep", "-c", str(LOCAL_CONFIG), "--grid", "rounds=1", "--grid", "clients_per_round=2",
+            "--grid", "local_epochs=0,1", "--format", "csv"] + (["--keep-services"] if keep else [])
+    try:
+        res = CliRunner().invoke(cli, args)
+        assert res.exit_code == 0, res.output
+        assert res.stdout.count(",finished,") == 2, res.stdout
+        # Both runs used the one fabric and store the sweep started.
+        assert sum("fedkeeper.local.fabric serve" in c for c in service_sessions.values()) == 1, service_sessions
+        assert sum("secantusd" in c for c in service_sessions.values()) == 1, service_sessions
+        if keep:
+            info = fabric.fabric_status(state / "fabric")
+            assert info is not None, "--keep-services: the fabric was stopped"
+            assert FrameworkHost(state / "gcf" / "local_gcf").names(), "--keep-services: the function hosts stopped"
+            assert EmbeddedMongo(state / "mongo").running_url(), "--keep-services: the store was stopped"
+            # the fabric's own processes (its TensorFlow zygote) are kept with it
+            assert [p for p in live_in({info["pid"]}) if not p.startswith(f"{info['pid']} ")]
+        else:
+            assert fabric.fabric_status(state / "fabric") is None, "the sweep left the fabric running"
+            assert not FrameworkHost(state / "gcf" / "local_gcf").names(), "the sweep left function hosts running"
+            assert EmbeddedMongo(state / "mongo").running_url() is None, "the sweep left the store running"
+            wait_until_gone(service_sessions)   # and every process of them with it
+    finally:
+        shutdown_local_services(state)
+        wait_until_gone(service_sessions)

@@ -58,8 +58,8 @@ def insights_cmd(session: str, what: str, config_path: str | None, scenario: str
     rt = open_runtime(cfg, scenario, need_store=True, keep_local_services=keep_services)
     try:
         try:
-            if rt.store.session(session) is None:
-                fail(f"no session {session!r} in the store")
+            if rt.store.session(session) is None:   # bad input, as for `status` and `model`
+                raise UsageFailure(f"no session {session!r} in the store")
             span = store_span(rt.store, session, round_, rounds)
             result = InsightsClient(rt).query(session, what, span, k, cache=False if no_cache else True)
         # A provider that cannot be made or deploy (credentials, a fabric

@@ -6,7 +6,7 @@ from pathlib import Path
 import click
 
 from ..report import ReportError, write_report
-from .common import config_option, fail, load, open_runtime, print_json, scenario_option
+from .common import UsageFailure, config_option, fail, load, open_runtime, print_json, scenario_option
 
 
 @click.command("report")
@@ -27,6 +27,12 @@ def report_cmd(sessions: tuple[str, ...], config_path: str | None, scenario: str
     cfg = load(config_path)
     rt = open_runtime(cfg, scenario, need_store=True)
     try:
+        # An unknown session is bad input, as for `status` and `model`; said
+        # before anything is written.
+        missing = list(dict.fromkeys(sid for sid in sessions if rt.store.session(sid) is None))
+        if missing:
+            raise UsageFailure(f"no session {missing[0]!r} in the store" if len(missing) == 1 else
+                               f"no sessions {', '.join(map(repr, missing))} in the store")
         try:
             report = write_report(rt.store, list(sessions), Path(out_dir) if out_dir else None, cfg)
         except ReportError as exc:

@@ -52,7 +52,7 @@ def rerun_command(cfg_source: str, plan: SweepPlan, parallel: int) -> str:
 @click.option("--target", "target", type=click.FloatRange(0, 1, min_open=True), default=None,
               help="Accuracy for 'rounds/time to target' (default: training.target_accuracy).")
 @click.option("--keep-services", is_flag=True,
-              help="Leave the embedded MongoDB and local fabric running afterwards.")
+              help="Leave the embedded MongoDB, the local fabric and Cloud Functions hosts running afterwards.")
 def sweep_cmd(config_path: str | None, scenario: str | None, grid: tuple[str, ...], repeats: int, parallel: int,
               fmt: str, as_json: bool, output: str | None, sweep_id: str | None, target: float | None,
               keep_services: bool) -> None:

@@ -88,11 +88,27 @@ def display_cells(row: dict[str, Any]) -> list[str]:
             format_money(row["cost"], row.get("currency") or "USD")]
 
 
+def csv_columns(keys: list[str]) -> list[str]:
+    """The CSV header: one column per grid key, then RESULT_COLUMNS. A grid
+    key named like a result column (`rounds`: the rounds planned, beside the
+    rounds completed) is prefixed `grid.`, so that no two columns share a
+    name and a reader by name gets both."""
+    taken = set(RESULT_COLUMNS)
+    names = []
+    for key in keys:
+        name = key
+        while name in taken:
+            name = f"grid.{name}"
+        taken.add(name)
+        names.append(name)
+    return [*names, *RESULT_COLUMNS]
+
+
 def render_csv(rows: list[dict[str, Any]], keys: list[str]) -> str:
     """One column per grid key, then the result columns; numbers unformatted."""
     out = io.StringIO()
     w = csv.writer(out, lineterminator="\n")
-    w.writerow([*keys, *RESULT_COLUMNS])
+    w.writerow(csv_columns(keys))
     for r in rows:
         w.writerow([*[r["params"].get(k) for k in keys],
                     *["" if r.get(c) is None else r.get(c) for c in RESULT_COLUMNS]])

@@ -37,6 +37,9 @@ class Sweep:
         self.total = len(plan.runs)
         self.running: dict[str, Run] = {}   # run key -> run, while its session trains
         self._lock = threading.Lock()
+        # Set when the sweep stops taking results (done, or failed): a worker
+        # then neither waits for its run's end to be printed nor starts another.
+        self._ended = threading.Event()
 
     # -- the sweep document
     def _doc_runs(self) -> dict[str, Any]:
@@ -90,7 +93,10 @@ class Sweep:
             self.running[run.key] = run
         self.report(f"run {run.index + 1}/{self.total} {run.label} repeat {run.repeat} "
                     f"{'resumed' if existing else 'started'}: session {run.session}")
-        rt = Runtime.open(run.cfg, self.plan.scenario, keep_local_services=True)
+        # The sweep's own runtime holds the local services for the whole sweep,
+        # so a run's lease never stops them; keeping them (which would outlive
+        # the sweep) is the sweep's choice, --keep-services, not each run's.
+        rt = Runtime.open(run.cfg, self.plan.scenario, keep_local_services=self.keep_services)
         try:
             keeper = Keeper(rt)
             summary = keeper.start(resume=run.session if existing else None, deploy=False,
@@ -104,8 +110,9 @@ class Sweep:
                 self.running.pop(run.key, None)
             rt.close(stop_store=False)
 
-    def _worker(self, jobs: "queue.Queue[Run | None]", done: "queue.Queue[tuple[Run, dict]]") -> None:
-        while True:
+    def _worker(self, jobs: "queue.Queue[Run | None]",
+                done: "queue.Queue[tuple[Run, dict, threading.Event]]") -> None:
+        while not self._ended.is_set():
             run = jobs.get()
             if run is None:
                 return
@@ -116,7 +123,13 @@ class Sweep:
                 log.exception("sweep run %s (%s) failed", run.key, run.session)
                 outcome = {"state": "failed", "message": f"{type(exc).__name__}: {exc}",
                            "seconds": time.time() - t0, "resumed": False}
-            done.put((run, outcome))
+            reported = threading.Event()
+            done.put((run, outcome, reported))
+            # The next run starts once this one's end is recorded and printed:
+            # its start line must not come before that (one at a time, the
+            # lines would read as two runs in flight).
+            while not reported.wait(0.5) and not self._ended.is_set():
+                pass
 
     def _finish_run(self, run: Run, outcome: dict[str, Any]) -> dict[str, Any]:
         result = session_result(self.store, run.session, run.cfg, self._target_for(run))
@@ -177,7 +190,7 @@ class Sweep:
                 for _ in todo:
                     while True:
                         try:
-                            run, outcome = done.get(timeout=0.5)
+                            run, outcome, reported = done.get(timeout=0.5)
                             break
                         except queue.Empty:
                             continue
@@ -186,6 +199,7 @@ class Sweep:
                     note = ("resumed and " if outcome.get("resumed") else "") + \
                         f"{result['state']} in {fixed_decimals(outcome.get('seconds'), 1)}s"
                     self._line(n, total, run, result, note)
+                    reported.set()
         except KeyboardInterrupt:
             # Services stay up and nothing is closed: stopping the fabric under
             # the runs still in flight would fail their rounds, while left
@@ -202,6 +216,7 @@ class Sweep:
                         "resumes the others (local services are left running; `fedkeeper fabric down` stops them)")
             raise
         finally:
+            self._ended.set()
             doc = None
             if not interrupted:
                 if opened:
