@@ -62,7 +62,8 @@ class FakeStore:
 
     def update_session(self, sid, **fields):
         self._check("update_session")
-        self.sessions[sid].update(fields)
+        if sid in self.sessions:    # as an update that matches nothing
+            self.sessions[sid].update(fields)
 
     def claim_session(self, sid, seen, me, **fields):
         self._check("claim_session")
@@ -74,7 +75,9 @@ class FakeStore:
             else:
                 still_seen = not seen and not owner
             if not still_seen:
-                return False   # another keeper claimed it since it was checked
+                # another keeper claimed it since it was checked, unless that
+                # is `me` (a claim whose first write landed, its answer lost)
+                return self._names(sid, me)
             doc.update(fields, keeper=me)
             return True
 
@@ -83,9 +86,16 @@ class FakeStore:
         return keeper is not None and isinstance(owner, dict) and any(owner.get(k) != keeper.get(k)
                                                                       for k in OWNER_FIELDS)
 
+    def _names(self, sid, keeper) -> bool:
+        owner = self.sessions.get(sid, {}).get("keeper")
+        return isinstance(owner, dict) and all(owner.get(k) == keeper.get(k) for k in OWNER_FIELDS)
+
     def heartbeat(self, sid, now=None, timeout_s=5.0, keeper=None):
         self.beats.append(now or 0.0)
-        return None if self._names_another(sid, keeper) else True
+        ours = keeper is None or self._names(sid, keeper)
+        if ours and sid in self.sessions:
+            self.sessions[sid]["heartbeat"] = now
+        return True if ours else None
 
     def end_session(self, sid, keeper, **fields):
         if self._names_another(sid, keeper):
@@ -193,6 +203,9 @@ class FakeStore:
     def event(self, sid, kind, message, **data):
         self._check("event")
         self.events_.append({"session": sid, "kind": kind, "message": message, **data})
+
+    def events(self, sid):
+        return [e for e in self.events_ if e["session"] == sid]
 
     # updates, models
     def add_update(self, sid, rnd, client, attempt=None):
