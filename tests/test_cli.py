@@ -69,6 +69,32 @@ def test_status_reads_rounds_from_the_store(tmp_path, store, mongo_url, isolated
     assert missing.exit_code == 2 and "no session 'nope'" in missing.output
 
 
+def test_status_of_a_failed_session_says_why_under_its_table(tmp_path, store, mongo_url, isolated_dirs):
+    """A session that failed before its first round has an empty table:
+    the reason is printed under it, as the store records it."""
+    error = "fl_server_init failed on [ow1]: developer_error: ModuleNotFoundError: No module named 'keras'"
+    store.create_session({"_id": "sess-failed", "name": "clitest", "state": "failed", "error": error})
+    cfg = cfg_for(tmp_path, mongo_url, store.db.name)
+    res = CliRunner().invoke(cli, ["status", "sess-failed", "-c", str(cfg)])
+    assert res.exit_code == 0, res.output
+    lines = res.output.splitlines()
+    assert lines[0].strip() == "session sess-failed: failed"
+    below = next(i for i, line in enumerate(lines) if line.startswith("error: "))
+    assert "round" in " ".join(lines[:below])    # the table's header comes first
+    assert " ".join(" ".join(lines[below:]).split()) == f"error: {error}"   # wrapped at spaces, never cut
+    # A pipe watching it (nothing left to refresh) gets the reason too.
+    watched = CliRunner().invoke(cli, ["status", "sess-failed", "-c", str(cfg), "--watch"])
+    assert watched.output.splitlines() == ["session sess-failed: failed", f"error: {error}"]
+
+
+def test_status_of_a_finished_session_says_why_it_stopped(tmp_path, store, mongo_url, isolated_dirs):
+    why = "target accuracy 0.93 reached: 0.9422 after round 4"
+    store.create_session({"_id": "sess-done", "name": "clitest", "state": "finished", "stopped": why})
+    cfg = cfg_for(tmp_path, mongo_url, store.db.name)
+    res = CliRunner().invoke(cli, ["status", "sess-done", "-c", str(cfg)])
+    assert res.exit_code == 0 and res.output.splitlines()[-1] == f"stopped: {why}", res.output
+
+
 @pytest.mark.parametrize("script,args,expect", [
     ("deploy.py", ["-h"], ["-c CONFIGFILE", "-a", "-o OW_PROVIDERS_LIST", "-g GCF_PROVIDERS_LIST",
                            "-s SCENARIO_NAME", "-f FUNCTIONS_LIST", "-d", "-r"]),

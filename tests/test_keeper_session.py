@@ -697,3 +697,13 @@ def test_updates_left_waiting_when_the_session_ends_are_stale(tmp_path):
     assert keeper.start(session_id="s1", deploy=False).state == "finished"
     assert "client_3" not in store.rounds_[("s1", 1)]["included"]
     assert store.updates_[("s1", 1, "client_3")]["status"] == "stale"
+
+
+@pytest.mark.parametrize("training,why", [
+    ("target_accuracy: 0.505\n", "target accuracy 0.505 reached: 0.51 after round 2"),
+    ("", "all 3 rounds trained")])
+def test_a_finished_session_says_why_it_trained_no_further(tmp_path, training, why):
+    keeper, store, provider, _ = fake_keeper(tmp_path, rounds=3, training=training)
+    summary = keeper.start(session_id="s1", deploy=False)
+    assert summary.state == "finished" and summary.message == why
+    assert store.sessions["s1"]["stopped"] == why

@@ -254,6 +254,8 @@ def run_start(cfg: Config, scenario: str | None, resume: str | None = None, depl
         print_json(result)
     else:
         show_table(f"session {summary.session}: {summary.state}", SUMMARY_COLUMNS, [summary_cells(result)])
+        if summary.state == "finished" and summary.message:
+            console.print(f"stopped: {escape(summary.message)}")   # why no further round was trained
         session_metrics(cfg, rt.scenario, wall or 0.0)
     if summary.state != "finished":
         errconsole.print(f"[red]session {summary.session} {summary.state}:[/red] {escape(summary.message or '')}")

@@ -9,6 +9,8 @@ import time
 from typing import Any
 
 import click
+from rich.console import Group
+from rich.text import Text
 
 from ..store import effective_state
 from .common import (UsageFailure, config_option, console, load, open_runtime, print_json, scenario_option,
@@ -54,7 +56,7 @@ def status_data(store, session_id: str | None) -> dict[str, Any]:
     owner = doc.get("keeper") or {}
     keeper = {"host": owner.get("host"), "pid": owner.get("pid")} if state == "running" and owner else None
     return {"session": sid, "state": state, "created": doc.get("created"),
-            "error": doc.get("error"), "keeper": keeper, "rounds": rounds}
+            "error": doc.get("error"), "stopped": doc.get("stopped"), "keeper": keeper, "rounds": rounds}
 
 
 def _cells(r: dict[str, Any]) -> list[str]:
@@ -69,8 +71,15 @@ def status_table(data: dict[str, Any], width: int):
     eps = f", epsilon {spent[-1]:.3g} spent" if spent else ""
     k = data.get("keeper")
     by = f" (keeper {k['pid']} on {k['host']})" if k else ""
-    return table(f"session {data['session']}: {data['state']}{by}{eps}", COLUMNS,
-                 [_cells(r) for r in data["rounds"]], width=width, right=COLUMNS)
+    rounds = table(f"session {data['session']}: {data['state']}{by}{eps}", COLUMNS,
+                   [_cells(r) for r in data["rounds"]], width=width, right=COLUMNS)
+    if data.get("error"):
+        # Why it failed is what a failed session's table cannot show (it may
+        # have no rounds at all); plain text, as the store holds it.
+        return Group(rounds, Text(f"error: {data['error']}"))
+    if data.get("stopped") and data.get("state") == "finished":
+        return Group(rounds, Text(f"stopped: {data['stopped']}"))   # why no further round was trained
+    return rounds
 
 
 def _changes(before: dict[str, Any] | None, now: dict[str, Any]) -> list[str]:
@@ -78,6 +87,8 @@ def _changes(before: dict[str, Any] | None, now: dict[str, Any]) -> list[str]:
     lines = []
     if before is None or before["state"] != now["state"]:
         lines.append(f"session {now['session']}: {now['state']}")
+    if now.get("error") and (before is None or before.get("error") != now["error"]):
+        lines.append(f"error: {now['error']}")
     old = {r["round"]: r for r in (before or {}).get("rounds", [])}
     for r in now["rounds"]:
         if old.get(r["round"]) != r:

@@ -292,11 +292,27 @@ class Keeper:
             return SessionSummary(session, "failed", earlier + reports, str(exc), rounds_this_run=len(reports))
         every = earlier + reports
         acc = every[-1].accuracy if every else None
+        why = self._why_it_stopped(session, every)
         self.store.fold_running_marks(session)   # every attempt ended: only drops the batches
-        self._end(session, state="finished", ended=time.time(), final_accuracy=acc)
+        self._end(session, state="finished", ended=time.time(), final_accuracy=acc, stopped=why)
         self.store.event(session, "finished", f"finished after {len(every)} rounds "
-                                              f"({len(reports)} in this run)")
-        return SessionSummary(session, "finished", every, rounds_this_run=len(reports))
+                                              f"({len(reports)} in this run): {why}")
+        log.info("session %s finished: %s", session, why)
+        return SessionSummary(session, "finished", every, why, rounds_this_run=len(reports))
+
+    def _why_it_stopped(self, session: str, rounds: list[RoundReport]) -> str:
+        """Why a finished session trained no further: its rounds, its target
+        accuracy, or its privacy budget (shown by start, status and the run log)."""
+        last = max(rounds, key=lambda r: r.round) if rounds else None
+        if last is not None and self._reached_target(last.accuracy):
+            return (f"target accuracy {self.training.target_accuracy:g} reached: {last.accuracy:.4g} "
+                    f"after round {last.round + 1}")
+        budget = [e for e in self.store.events(session) if e.get("kind") == "privacy_budget"]
+        if budget:
+            return str(budget[-1].get("message") or "the privacy budget is spent")
+        if last is not None and last.round + 1 < self.training.rounds:
+            return f"stopped after round {last.round + 1} of {self.training.rounds}"
+        return f"all {self.training.rounds} rounds trained"
 
     def _end(self, session: str, **fields: Any) -> None:
         """The session's end, written only while it is this keeper's: one
