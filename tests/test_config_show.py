@@ -188,3 +188,21 @@ def test_training_blocks_read_back(training, tmp_path):
     shown = tmp_path / "shown.yaml"
     shown.write_text(show(p))
     assert differences(plain(first), plain(load_config(shown))) == []
+
+
+def test_a_secret_whose_variable_is_unset_keeps_its_reference(tmp_path, monkeypatch):
+    """`${VAR:-}` with VAR unset resolves to nothing; shown as '' it would
+    no longer take VAR once set, as the config it came from does."""
+    monkeypatch.delenv("FK_TEST_UNSET_TOKEN", raising=False)
+    p = tmp_path / "c.yaml"
+    p.write_text(textwrap.dedent("""\
+        providers:
+          openwhisk:
+            c1:
+              base_url: https://ow.example.org/
+              auth: {ow_auth: "${FK_TEST_UNSET_AUTH:-u:k}", ow_apigw_access_token: "${FK_TEST_UNSET_TOKEN:-}"}
+        scenarios:
+          s: {}
+    """))
+    auth = yaml.safe_load(show(p))["providers"]["openwhisk"]["c1"]["auth"]
+    assert auth["ow_apigw_access_token"] == "${FK_TEST_UNSET_TOKEN:-}"

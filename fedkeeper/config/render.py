@@ -12,7 +12,7 @@ from pydantic import SecretStr
 from ..user_module import module_path
 from .model import SECRET_KEYS, Config, redact
 from .units import format_duration_s, format_memory_mb
-from .values import PASSWORD_PLACEHOLDER, only_references, url_credential
+from .values import ENV_RE, PASSWORD_PLACEHOLDER, only_references, url_credential
 
 
 def _secret_in(key: str, value: Any) -> bool:
@@ -70,6 +70,12 @@ def to_yaml_dict(cfg: Config) -> dict[str, Any]:
                 written = sources.get(p)
                 if written and written[0] != k:  # from a <key>_file: name the file again
                     out[written[0]] = written[1]
+                    continue
+                if k in SECRET_KEYS and written and written[0] == k and _plain(v) in ("", None) \
+                        and ENV_RE.fullmatch(written[1].strip()):
+                    # `${VAR:-}` with VAR unset: still the reference, so that
+                    # the output takes VAR once it is set, as the config does
+                    out[k] = written[1]
                     continue
                 if _secret_in(k, v):
                     if written and _written_is_safe(k, written):
