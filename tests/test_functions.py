@@ -33,7 +33,8 @@ def load(name: str, module: str | None = None):
 
 
 def bound_for(db, **extra) -> dict[str, str]:
-    return {"FK_STORE_URL": _url_of(db), "FK_STORE_DB": db.name, "FK_TOKEN_SECRET": SECRET, "FK_FUNCTION": "test", **extra}
+    """What a deploy binds to a function (FK_FUNCTION, its name, when given)."""
+    return {"FK_STORE_URL": _url_of(db), "FK_STORE_DB": db.name, "FK_TOKEN_SECRET": SECRET, **extra}
 
 
 def _url_of(db) -> str:
@@ -47,7 +48,7 @@ def call(name: str, db, bound_extra: dict | None = None, **payload) -> dict:
     body = signed(SECRET, {"function": name, **payload})
     request = json.dumps(body)
     assert len(request) < LIMIT, f"{name} request is {len(request)} bytes"
-    args = {**bound_for(db, **(bound_extra or {})), "__OW_ACTIVATION_ID": "a1", **body}
+    args = {**bound_for(db, FK_FUNCTION=name, **(bound_extra or {})), "__OW_ACTIVATION_ID": "a1", **body}
     out = openwhisk_main(load(name).handle, args)
     size = len(json.dumps(out))
     assert size < LIMIT, f"{name} response is {size} bytes"
@@ -84,6 +85,16 @@ def test_openwhisk_entry_verifies_tokens(fn_db):
     assert "unauthorized" in openwhisk_main(handle, {**bound, **other})["error"]
     # No secret bound at all: everything is refused.
     assert "unauthorized" in openwhisk_main(handle, {**good})["error"]
+
+
+def test_a_token_is_good_only_for_the_function_it_was_issued_for(fn_db):
+    """A payload signed for nodeinfo, replayed to fl_server_init, is refused."""
+    for_probe = signed(SECRET, {"function": "nodeinfo", "session": "s", "round": 0})
+    out = openwhisk_main(load("fl_server_init").handle, {**bound_for(fn_db, FK_FUNCTION="fl_server_init"),
+                                                         **for_probe})
+    assert out["error"] == "unauthorized: the token was issued for another function than fl_server_init"
+    out = openwhisk_main(load("nodeinfo").handle, {**bound_for(fn_db, FK_FUNCTION="nodeinfo"), **for_probe})
+    assert "hostname" in out
 
 
 @pytest.mark.parametrize("token", ["\u00e9" * 64, "A" * 64, "0" * 63, 7])

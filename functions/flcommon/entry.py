@@ -161,6 +161,11 @@ def _checked(handle: Handler, bound: dict[str, str], payload: dict[str, Any]) ->
         verify(bound.get("FK_TOKEN_SECRET", ""), payload)
     except TokenError as exc:
         return 401, {"error": f"unauthorized: {exc}"}
+    function = bound.get("FK_FUNCTION")
+    if function and payload.get("function") != function:
+        # One secret signs for every function: the signed name is what
+        # keeps a payload made for one function from being replayed to another.
+        return 401, {"error": f"unauthorized: the token was issued for another function than {function}"}
     try:
         check_fields(payload)
         result = handle(payload, bound)
