@@ -373,7 +373,7 @@ def _check(url: str, store, session: str, ow_b) -> None:
     rows = metrics_for_config(cfg, window=None, actions=["echo"])
     assert [r.cluster for r in rows] == ["ow-a", "ow-b", "ow-none"]
     assert [r.activations for r in rows[:2]] == [a["activations"], b["activations"]]
-    assert rows[2].activations is None and "prometheus" in rows[2].error.lower()
+    assert rows[2].activations is None and rows[2].error is None and "no prometheus" in rows[2].note.lower()
     assert rows[0].row()["cold_starts"] == a["cold"]
 
     # Over a window, counts are increase(): of a second batch run once
@@ -505,6 +505,18 @@ scenarios:
     assert rows["kn"].error and "no Prometheus configured" in rows["kn"].error
     assert metrics_exit_status(rows.values()) == 1
     assert metrics_exit_status([rows["gcf"]]) == 0
+
+
+def test_a_local_cluster_without_a_prometheus_is_a_note_on_how_to_get_its_figures():
+    """The README's own local config names no Prometheus: `metrics` on it
+    said so as an error and exited 1."""
+    from fedkeeper.config import parse_config
+    from fedkeeper.metrics import metrics_exit_status
+    cfg = parse_config("providers:\n  openwhisk:\n    ow: {kind: local}\n    remote_ow: {base_url: 'https://ow.example.org/', auth: {ow_auth: 'u:k'}}\nscenarios:\n  s: {}\n")
+    rows = {r.cluster: r for r in metrics_for_config(cfg, "1h")}
+    assert rows["ow"].error is None and "the local fabric serves OpenWhisk's user-event metrics" in rows["ow"].note
+    assert metrics_exit_status([rows["ow"]]) == 0
+    assert rows["remote_ow"].error and "no Prometheus configured" in rows["remote_ow"].error
 
 
 def test_metrics_are_about_every_function_fedkeeper_deploys_not_the_configured_overrides(tmp_path, monkeypatch):

@@ -24,6 +24,7 @@ import requests
 
 from ..providers.base import ErrorClass, ProviderContext, ProviderError
 from ..providers.openwhisk.provider import OpenWhiskProvider
+from ..providers.prometheus import ClusterMetrics, prometheus_url
 from . import fabric
 
 log = logging.getLogger("fedkeeper.local")
@@ -99,6 +100,21 @@ class LocalOpenWhiskProvider(OpenWhiskProvider):
     def metrics_namespace(cls, cluster_name: str, cluster: Any) -> str | None:
         # the fabric's namespace of this cluster (the one its metrics carry)
         return getattr(cluster, "namespace", None) or _namespace_for(cluster_name)
+
+    @classmethod
+    def cluster_metrics(cls, cluster_name: str, cluster: Any, window: str | None, actions,
+                        timeout_s: float = 10.0) -> ClusterMetrics:
+        """As a remote cluster's, from the Prometheus its config names. A
+        local cluster needs none to run, so without one the row is a note
+        on how to get its figures, not an error (the README's own local
+        config names none)."""
+        if prometheus_url(getattr(cluster, "prometheus_config", None)) is None:
+            return ClusterMetrics(
+                cluster=cluster_name, prometheus=None, namespace=cls.metrics_namespace(cluster_name, cluster),
+                window=window, note="no Prometheus configured: the local fabric serves OpenWhisk's user-event "
+                                    "metrics at its /metrics (`fedkeeper fabric status` gives its URL) for one to "
+                                    "scrape; name that one in prometheus_config.url")
+        return super().cluster_metrics(cluster_name, cluster, window, actions, timeout_s)
 
     def __init__(self, cluster_name: str, cluster: Any, ctx: ProviderContext):
         # Not OpenWhiskProvider.__init__: there is no remote endpoint or key
