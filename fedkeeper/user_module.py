@@ -11,21 +11,63 @@ module's functions:
 """
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
-from typing import Any, Optional
+from typing import Annotated, Any, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 from flcommon.user_code import USER_DIR, content_hash, module_files
+
+
+_INT64 = 1 << 63
+
+
+def json_value(value: Any, where: str = "") -> Any:
+    """`value` when it is a JSON value that the store holds as well (a
+    whole number within 64 bits, a finite float); else ValueError naming
+    where inside it the first offender is. The parameters travel as JSON to
+    `config validate`'s check and as BSON in the session's spec, so a YAML
+    date or set would otherwise fail there, far from the config line."""
+    at = f" at {where}" if where else ""
+    if value is None or isinstance(value, (bool, str)):
+        return value
+    if isinstance(value, int):
+        if not -_INT64 <= value < _INT64:
+            raise ValueError(f"the whole number{at} is outside the 64-bit range the store holds")
+        return value
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise ValueError(f"{value}{at} is not a JSON number; give a finite number")
+        return value
+    if isinstance(value, list):
+        for i, item in enumerate(value):
+            json_value(item, f"{where}[{i}]")
+        return value
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise ValueError(f"the key {key!r}{at} is a {type(key).__name__}; keys must be strings "
+                                 "(quote it)")
+            json_value(item, f"{where}.{key}" if where else key)
+        return value
+    shown = str(value)
+    shown = shown if len(shown) <= 40 else shown[:37] + "..."
+    raise ValueError(f"{shown}{at} is a {type(value).__name__}, not a JSON value (a number, string, true/false, "
+                     "null, list or mapping); quote it to pass it as a string")
+
+
+#: a value of model_params / data_params, checked where the config is read
+JsonParam = Annotated[Any, AfterValidator(json_value)]
 
 
 class UserModuleConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     path: str
-    model_params: dict[str, Any] = Field(default_factory=dict)   # build_model(..., **model_params)
-    data_params: dict[str, Any] = Field(default_factory=dict)    # load_data(**data_params)
+    model_params: dict[str, JsonParam] = Field(default_factory=dict)   # build_model(..., **model_params)
+    data_params: dict[str, JsonParam] = Field(default_factory=dict)    # load_data(**data_params)
 
     @model_validator(mode="before")
     @classmethod

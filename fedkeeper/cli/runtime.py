@@ -96,6 +96,7 @@ def dry_run_deploy(cfg: Config, scenario: str | None, functions: list[str] | Non
                    clusters: list[str] | None, as_json: bool = False) -> int:
     """`deploy --dry-run`: what would be uploaded where, with sizes and
     limits; no network, no store. Exit 1 when something would not fit."""
+    from flcommon.user_code import UserCodeError
     from ..artifacts import plan_uploads
     from ..user_module import UserModuleError, artifact_members as user_module_members
     rt = open_runtime(cfg, scenario, need_store=False)
@@ -112,8 +113,11 @@ def dry_run_deploy(cfg: Config, scenario: str | None, functions: list[str] | Non
             # the scenario's user module, which a deploy adds to the functions that run it
             uploads = plan_uploads(placements, cfg.providers.clusters(),
                                    lambda source: user_module_members(cfg, rt.scenario, source))
-        except UserModuleError as exc:
-            raise UsageFailure(str(exc)) from None
+        except (UserModuleError, UserCodeError) as exc:
+            # Reading the module's files (module_files) refuses one too large or not a .py file or package.
+            um = rt.scenario.user_module
+            where = f"scenarios.{rt.scenario_name}.user_module ({um.path}): " if um is not None else ""
+            raise UsageFailure(f"{where}{exc}") from None
         for pl, plan, error in uploads:
             rows.append({"cluster": pl.cluster, "function": pl.spec.name,
                          "platform": plan.platform if plan else None, "target": plan.target if plan else None,

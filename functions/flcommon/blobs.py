@@ -82,11 +82,16 @@ def human_bytes(n: int) -> str:
 
 def write_arrays(fp: BinaryIO, arrays: Sequence[np.ndarray]) -> None:
     """Write arrays as an npz of stored members (`fp` must be seekable, so
-    the sizes land in each member's header)."""
-    for a in arrays:
-        if np.asarray(a).dtype.hasobject:
+    the sizes land in each member's header). Refuses what `iter_arrays`
+    would refuse to read back, so that no blob is stored unreadable."""
+    arrays = [np.asarray(a) for a in arrays]
+    for i, a in enumerate(arrays):
+        if a.dtype.hasobject:
             raise BlobError("object arrays cannot be stored (they would need pickle)")
-    np.savez(fp, **{_key(i): np.asarray(a) for i, a in enumerate(arrays)})
+        if a.dtype.kind not in NUMERIC_KINDS or a.dtype.fields is not None or a.dtype.subdtype is not None:
+            raise BlobError(f"array {i} ({_describe(a.shape, a.dtype)}) cannot be stored: only plain numbers "
+                            "(bool, int, uint, float, complex) are; cast it to one, such as float32")
+    np.savez(fp, **{_key(i): a for i, a in enumerate(arrays)})
 
 
 def iter_arrays(data: bytes | bytearray | memoryview | BinaryIO, *, length: int | None = None,

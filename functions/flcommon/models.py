@@ -166,29 +166,43 @@ def train(spec: dict[str, Any], weights: list[np.ndarray], x: np.ndarray, y: np.
     if epochs == 0:
         return [np.array(w) for w in weights], {}
     mu = proximal_mu(spec)
+    code = code_for(spec)
     # No keras.utils.set_random_seed here: changing TF's global seed makes
     # every cached tf.function retrace (0.04 s -> 0.24 s per client). These
     # models have no stochastic layers; the batch order comes from `seed`.
     with _lock:  # functions-framework may run requests on threads
-        model = compiled(spec["model"], x.shape[1:], num_classes, *_settings(spec), code=code_for(spec))
-        model.set_weights(weights)
-        _reset_optimizer(model)  # a new round: no momentum carried over from the last one
-        metrics = _fit(model, x, y, epochs, int(spec.get("batch_size", 10)), seed, mu)
-        return [np.asarray(w) for w in model.get_weights()], metrics
+        # Through the session's code: what a user's model raises while it
+        # trains is an error in the user module, not a crash to retry.
+        return code.run("training", _train, spec, code, weights, x, y, num_classes, seed, mu)
+
+
+def _train(spec: dict[str, Any], code, weights: list[np.ndarray], x: np.ndarray, y: np.ndarray,
+           num_classes: int, seed: int, mu: float) -> tuple[list[np.ndarray], dict[str, float]]:
+    model = compiled(spec["model"], x.shape[1:], num_classes, *_settings(spec), code=code)
+    model.set_weights(weights)
+    _reset_optimizer(model)  # a new round: no momentum carried over from the last one
+    metrics = _fit(model, x, y, int(spec.get("local_epochs", 1)), int(spec.get("batch_size", 10)), seed, mu)
+    return [np.asarray(w) for w in model.get_weights()], metrics
 
 
 def evaluate(spec: dict[str, Any], weights: list[np.ndarray], x: np.ndarray, y: np.ndarray,
              num_classes: int, batch_size: int = 256) -> dict[str, float]:
+    code = code_for(spec)
     with _lock:
-        model = compiled(spec["model"], x.shape[1:], num_classes, *_settings(spec), code=code_for(spec))
-        model.set_weights(weights)
-        sums = {"loss": 0.0, "accuracy": 0.0}
-        for start in range(0, len(y), batch_size):
-            out = model.test_on_batch(x[start:start + batch_size], y[start:start + batch_size], return_dict=True)
-            m = len(y[start:start + batch_size])
-            for k in sums:
-                sums[k] += float(out[k]) * m
-        return {k: v / max(1, len(y)) for k, v in sums.items()}
+        return code.run("evaluation", _evaluate, spec, code, weights, x, y, num_classes, batch_size)
+
+
+def _evaluate(spec: dict[str, Any], code, weights: list[np.ndarray], x: np.ndarray, y: np.ndarray,
+              num_classes: int, batch_size: int) -> dict[str, float]:
+    model = compiled(spec["model"], x.shape[1:], num_classes, *_settings(spec), code=code)
+    model.set_weights(weights)
+    sums = {"loss": 0.0, "accuracy": 0.0}
+    for start in range(0, len(y), batch_size):
+        out = model.test_on_batch(x[start:start + batch_size], y[start:start + batch_size], return_dict=True)
+        m = len(y[start:start + batch_size])
+        for k in sums:
+            sums[k] += float(out[k]) * m
+    return {k: v / max(1, len(y)) for k, v in sums.items()}
 
 
 def initial_weights(name: str, input_shape: Sequence[int], num_classes: int, seed: int,

@@ -29,6 +29,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import inspect
+import re
 import sys
 import threading
 import traceback
@@ -125,9 +126,31 @@ def user_traceback(exc: BaseException, module: Path) -> str:
     te.stack = traceback.StackSummary.from_list(frames)
     te.__cause__ = te.__context__ = None
     text = "".join(te.format()) if frames else "".join(te.format_exception_only())
+    text = _own_frames_only(text, module, root)
     if len(text) > MAX_TRACEBACK_CHARS:  # the end says what went wrong; keep it
         text = "...\n" + text[-MAX_TRACEBACK_CHARS:]
     return text
+
+
+_FRAME_LINE = re.compile(r'^\s*File "([^"]+)", line \d+, in .*$')
+
+
+def _own_frames_only(text: str, module: Path, root: Path) -> str:
+    """TensorFlow puts a stack of its own in the message of an error raised
+    while a graph runs ("defined at (most recent call last): File ..."):
+    keep only its frames in the user's files, relative to the module's
+    folder, as for the traceback."""
+    out: list[str] = []
+    for line in text.splitlines(keepends=True):
+        m = _FRAME_LINE.match(line)
+        if m and (Path(m.group(1)).is_absolute() or m.group(1).startswith("<")):  # "<frozen runpy>"
+            if not _under(m.group(1), module):
+                continue
+            line = line.replace(m.group(1), _relative(m.group(1), root))
+        if not line.strip() and out and not out[-1].strip():
+            continue  # the dropped frames leave runs of blank lines
+        out.append(line)
+    return "".join(out)
 
 
 def _relative(filename: str, root: Path) -> str:
@@ -143,9 +166,33 @@ def _under(filename: str, root: Path) -> bool:
         return False
 
 
+# Terminal escape sequences (CSI, OSC and two-byte ones): Keras puts bold
+# markers around the messages of errors raised inside a layer's call().
+_ANSI = re.compile(r"\x1b(?:\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b]*(?:\x07|\x1b\\)|[@-Z\\-_])")
+
+
+def strip_ansi(text: str) -> str:
+    return _ANSI.sub("", text)
+
+
 def _user_error(path: Path, what: str, exc: BaseException) -> UserCodeError:
-    return UserCodeError(f"{USER_CODE_MARK} {Path(path).name} ({what}): {type(exc).__name__}: {exc}\n"
-                         f"{user_traceback(exc, path)}".rstrip())
+    # The first line of the message heads the error; the traceback below
+    # ends with the whole of it (Keras' and TensorFlow's run to many lines).
+    # It travels to the keeper's records and terminal as plain text.
+    head = next((line for line in str(exc).splitlines() if line.strip()), "")
+    return UserCodeError(strip_ansi(f"{USER_CODE_MARK} {Path(path).name} ({what}): {type(exc).__name__}: {head}\n"
+                                    f"{user_traceback(exc, path)}".rstrip()))
+
+
+def _stays_a_crash(exc: BaseException) -> bool:
+    """Failures of the worker rather than of the user's model: out of memory
+    (Python's or TensorFlow's) may pass on another worker, so they stay
+    crashes, which the keeper retries; Ctrl-C stays Ctrl-C."""
+    if isinstance(exc, (KeyboardInterrupt, MemoryError)):
+        return True
+    tf = sys.modules.get("tensorflow")
+    errors = getattr(tf, "errors", None)
+    return errors is not None and isinstance(exc, errors.ResourceExhaustedError)
 
 
 # --------------------------------------------------------------------------- loading
@@ -234,6 +281,11 @@ class BuiltinCode:
         return partition(labels, n_clients, p.get("method", "iid"), seed,
                          float(p.get("alpha", 0.5)), int(p.get("shards_per_client", 2)))
 
+    def run(self, what: str, fn: Callable, *args: Any, **kwargs: Any) -> Any:
+        """Run code that drives the model (training, evaluation): the
+        built-in models are FedKeeper's own, so what they raise stays as is."""
+        return fn(*args, **kwargs)
+
 
 class ModuleCode:
     """A user module; what it does not define comes from `fallback`."""
@@ -254,10 +306,27 @@ class ModuleCode:
                 raise
             raise _user_error(self.path, what, exc) from None
 
+    def run(self, what: str, fn: Callable, *args: Any, **kwargs: Any) -> Any:
+        """Run code that drives the user's model (training, evaluation):
+        what the model raises there (a custom layer's call(), a shape it
+        does not take) is an error in the user's code as well, reported as
+        `what`. What FedKeeper refuses itself (BadRequest, including the
+        user's build_model failing) passes unchanged, and so do failures of
+        the worker (out of memory)."""
+        try:
+            return fn(*args, **kwargs)
+        except BadRequest:
+            raise
+        except BaseException as exc:  # noqa: BLE001 - the user's model may raise anything
+            if _stays_a_crash(exc):
+                raise
+            raise _user_error(self.path, what, exc) from None
+
     def build_model(self, input_shape: Sequence[int], num_classes: int):
-        model = self._call("build_model", self.module.build_model, tuple(int(d) for d in input_shape),
-                           int(num_classes), **self.model_params)
-        check_model(model, num_classes, self.name)
+        input_shape = tuple(int(d) for d in input_shape)
+        model = self._call("build_model", self.module.build_model, input_shape, int(num_classes),
+                           **self.model_params)
+        check_model(model, input_shape, num_classes, self.name, self._call)
         return model
 
     def load_data(self) -> tuple[np.ndarray, ...]:
@@ -274,18 +343,67 @@ class ModuleCode:
         return check_partition(parts, len(labels), n_clients, self.name)
 
 
-def check_model(model: Any, num_classes: int, name: str) -> None:
-    """A Keras model whose output is (batch, num_classes)."""
-    shape = getattr(model, "output_shape", None)
-    if shape is None or not callable(getattr(model, "get_weights", None)):
-        raise UserCodeError(f"{USER_CODE_MARK} {name} (build_model): returned {type(model).__name__}, "
-                            "not a Keras model")
-    if isinstance(shape, list):
-        raise UserCodeError(f"{USER_CODE_MARK} {name} (build_model): the model has {len(shape)} outputs; "
-                            "one output of (batch, num_classes) probabilities is expected")
-    if tuple(shape)[1:] != (num_classes,):
-        raise UserCodeError(f"{USER_CODE_MARK} {name} (build_model): the model's output shape is "
-                            f"{tuple(shape)}, expected (None, {num_classes}) for {num_classes} classes")
+def check_model(model: Any, input_shape: Sequence[int], num_classes: int, name: str,
+                call: Callable | None = None) -> None:
+    """A Keras model (functional, sequential or subclassed) that takes
+    samples of `input_shape`, whose one output is (batch, num_classes), and
+    whose weights are plain numbers (what a blob can hold). The model is
+    called once on a batch of zeros, which also creates the weights of a
+    subclassed model; `call(what, fn)` runs that call as the user's code."""
+    from .architectures import load_keras
+    from .blobs import NUMERIC_KINDS
+    keras = load_keras()
+    where = f"{USER_CODE_MARK} {name} (build_model)"
+    if not isinstance(model, keras.Model):
+        raise UserCodeError(f"{where}: returned {type(model).__name__}, not a Keras model")
+    input_shape = tuple(int(d) for d in input_shape)
+    declared = _declared_inputs(model)
+    if declared is not None:
+        if len(declared) != 1:
+            raise UserCodeError(f"{where}: the model has {len(declared)} inputs; one input taking samples of "
+                                f"shape {input_shape} is expected")
+        takes = tuple(None if d is None else int(d) for d in declared[0])[1:]
+        if len(takes) != len(input_shape) or any(t is not None and t != d for t, d in zip(takes, input_shape)):
+            raise UserCodeError(f"{where}: the model's input shape is {(None, *takes)}, but the samples have "
+                                f"shape {input_shape}: build the model for the input_shape it is given")
+    zeros = np.zeros((1, *input_shape), np.float32)
+    out = (call or _plain_call)(f"build_model, the model called on a batch of zeros {zeros.shape}",
+                                lambda: model(zeros, training=False))
+    if isinstance(out, (list, tuple, dict)):
+        raise UserCodeError(f"{where}: the model has {len(out)} outputs; one output of (batch, num_classes) "
+                            "probabilities is expected")
+    shape = tuple(getattr(out, "shape", ()))
+    if shape[1:] != (num_classes,):
+        raise UserCodeError(f"{where}: the model's output shape is {(None, *shape[1:])}, expected "
+                            f"(None, {num_classes}) for {num_classes} classes")
+    for v in model.weights:
+        dtype_name = str(getattr(v.dtype, "name", v.dtype))
+        try:
+            dtype = np.dtype(dtype_name)
+        except TypeError:
+            dtype = None
+        if dtype is None or dtype.kind not in NUMERIC_KINDS or dtype.fields is not None or dtype.subdtype is not None:
+            raise UserCodeError(
+                f"{where}: weight {getattr(v, 'path', None) or v.name} has dtype {dtype_name}, which FedKeeper "
+                "cannot store (only plain numbers: bool, int, uint, float, complex); use float32 (for mixed "
+                "precision, the 'mixed_bfloat16' or 'mixed_float16' policy keeps the weights in float32)")
+
+
+def _plain_call(what: str, fn: Callable) -> Any:
+    return fn()
+
+
+def _declared_inputs(model: Any) -> list[tuple] | None:
+    """The input shapes a functional or sequential model was built with
+    (batch axis first); None when it declares none (a subclassed model, a
+    Sequential without an Input)."""
+    try:
+        inputs = model.inputs
+    except (AttributeError, ValueError):
+        return None
+    if not inputs:
+        return None
+    return [tuple(t.shape) for t in inputs]
 
 
 def check_data(data: Any, name: str) -> tuple[np.ndarray, ...]:
@@ -302,6 +420,10 @@ def check_data(data: Any, name: str) -> tuple[np.ndarray, ...]:
     for xs, ys, split in ((x_tr, y_tr, "train"), (x_te, y_te, "test")):
         if len(xs) == 0 or len(xs) != len(ys):
             raise UserCodeError(f"{where}: the {split} split has {len(xs)} samples and {len(ys)} labels")
+    if x_tr.shape[1:] != x_te.shape[1:]:
+        # One model takes both: its input shape comes from x_train.
+        raise UserCodeError(f"{where}: x_train's samples have shape {x_tr.shape[1:]} but x_test's have shape "
+                            f"{x_te.shape[1:]}; both splits must hold samples of one shape")
     labels = []
     for y, label in ((y_tr, "y_train"), (y_te, "y_test")):
         if y.ndim == 2 and y.shape[1] > 1:  # one-hot rows
