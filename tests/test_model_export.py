@@ -135,22 +135,37 @@ def test_bad_requests_exit_2_with_one_line(trained, tmp_path):
     assert not list(tmp_path.iterdir())
 
 
+def test_a_file_that_cannot_be_written_exits_2_with_one_line(trained, tmp_path):
+    cfg, store, session = trained
+    (tmp_path / "a_file").write_text("not a folder")
+    for out, words in ((tmp_path / "a_file" / "m.npz", "a_file is not a directory"),
+                       (tmp_path / "a_file" / "m.keras", "a_file is not a directory"),
+                       (tmp_path / ("m" * 300 + ".npz"), "cannot write")):  # a name the file system refuses
+        res = invoke("export", session, "-c", str(cfg), "-o", str(out))
+        assert res.exit_code == 2, (out, res.output)
+        assert isinstance(res.exception, SystemExit) and "Traceback" not in res.output, (out, res.output)
+        lines = res.output.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("Error: ") and words in lines[0], (out, res.output)
+    # Nothing left behind, not even the temporary file.
+    assert [p.name for p in tmp_path.iterdir()] == ["a_file"]
+
+
 def test_validate_runs_in_the_function_and_stores_the_result_next_to_the_model(trained, tmp_path):
     cfg, store, session = trained
     stored = store.model(session, 1)["metrics"]
     res = invoke("validate", session, "-c", str(cfg), "--round", "1", "--json")
     assert res.exit_code == 0, res.output
-    out = json.loads(res.output)
+    out = json.loads(res.stdout)    # stderr says the local services are left running
     assert out["round"] == 1 and out["cluster"] == "local_ow" and out["num_examples"] > 100
     # The same model on the same test split, evaluated by the same code: the same figures.
     assert abs(out["metrics"]["accuracy"] - stored["accuracy"]) <= 1e-6
     assert len(out["per_class_accuracy"]) == 10
     # The built-in digits test split is the session's test split.
     digits = json.loads(invoke("validate", session, "-c", str(cfg), "--round", "1", "--data", "digits",
-                               "--json").output)
+                               "--json").stdout)
     assert abs(digits["metrics"]["accuracy"] - stored["accuracy"]) <= 1e-6
     train = json.loads(invoke("validate", session, "-c", str(cfg), "--round", "1", "--data", "train",
-                              "--json").output)
+                              "--json").stdout)
     parts = store.db[fs.PARTITIONS].find({"session": session, "client": {"$ne": "_test"}})
     assert train["num_examples"] == sum(p["num_examples"] for p in parts)
     # Stored next to the model, one entry per (model, data); shown by `model list`.
@@ -159,7 +174,7 @@ def test_validate_runs_in_the_function_and_stores_the_result_next_to_the_model(t
                                                                "session train split"}
     rows = json.loads(invoke("list", session, "-c", str(cfg), "--json").output)["models"]
     assert len(rows[1]["validations"]) == 3 and rows[2]["validations"] == []
-    again = json.loads(invoke("validate", session, "-c", str(cfg), "--round", "1", "--json").output)
+    again = json.loads(invoke("validate", session, "-c", str(cfg), "--round", "1", "--json").stdout)
     assert again["key"] == out["key"] and len(store.model(session, 1)["validations"]) == 3
     table = invoke("list", session, "-c", str(cfg))
     assert "digits" in table.output
@@ -204,7 +219,8 @@ def test_report_shows_validations(trained, tmp_path):
     cfg, store, session = trained
     res = invoke("validate", session, "-c", str(cfg), "--round", "2", "--data", "digits", "--json")
     assert res.exit_code == 0, res.output
-    acc = json.loads(res.output)["metrics"]["accuracy"]
+    acc = json.loads(res.stdout)["metrics"]["accuracy"]
+    assert "local services are left running" in res.stderr and "fedkeeper fabric down" in res.stderr
     out = CliRunner().invoke(cli, ["report", session, "-c", str(cfg), "-o", str(tmp_path / "r"), "--json"])
     assert out.exit_code == 0, out.output
     report = json.loads((tmp_path / "r" / "report.json").read_text())

@@ -83,7 +83,7 @@ def test_user_module_trains_on_both_local_clusters(fabric_state, mongo_url, modu
         res = CliRunner().invoke(cli, ["model", "validate", session["_id"], "-c", str(cfg), "--data", "module",
                                        "--json"])
         assert res.exit_code == 0, res.output
-        assert abs(json.loads(res.output)["metrics"]["accuracy"] - models[-1]["metrics"]["accuracy"]) <= 1e-6
+        assert abs(json.loads(res.stdout)["metrics"]["accuracy"] - models[-1]["metrics"]["accuracy"]) <= 1e-6
     finally:
         store.close()
 

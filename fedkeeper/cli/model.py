@@ -12,8 +12,8 @@ from ..formatting import fixed_decimals
 from ..model_trail.validate import DATA_HELP, ValidationClient, parse_data
 from ..model_trail import ModelTrailError, export_model, model_doc, model_rows, pick_model, session_code, \
     session_doc, session_spec
-from .common import UsageFailure, config_option, console, fail, load, open_runtime, print_json, scenario_option, \
-    show_table
+from .common import UsageFailure, config_option, console, errconsole, fail, load, open_runtime, print_json, \
+    scenario_option, show_table
 
 
 def _size(n) -> str:
@@ -170,6 +170,10 @@ def model_validate(session: str, config_path: str, scenario: str | None, round_:
             fail(str(exc))
     finally:
         rt.close()
+    if any(getattr(c, "kind", "remote") == "local" for _, c in cfg.providers.clusters().values()):
+        # said, since every other command stops what it started
+        errconsole.print("local services are left running for the next validation; "
+                         "`fedkeeper fabric down` stops them", markup=False)
     if as_json:
         print_json(result)
         return

@@ -5,6 +5,7 @@ raw weights, one array per member `arr_0000`, `arr_0001`, ..., pickle-free).
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 from typing import Any
@@ -78,6 +79,32 @@ def keras_model(code, spec: dict[str, Any], weights: list[np.ndarray], input_sha
     return model
 
 
+def _save_keras(model, path: Path) -> None:
+    """`model.save(path)`, then loaded back as a user would load it (safe
+    mode, in this process, where the user module's registered classes are
+    known): a file that would not load is refused, not left behind."""
+    from flcommon.architectures import load_keras
+    keras = load_keras()
+    advice = ("register the model's own classes with @keras.saving.register_keras_serializable() and give "
+              "them get_config(), avoid Lambda layers, or export the raw weights as .npz instead")
+    try:
+        model.save(path)
+    except (NotImplementedError, TypeError, ValueError) as exc:  # a class Keras cannot serialise
+        raise ModelTrailError(f"the model cannot be saved as .keras: {type(exc).__name__}: "
+                              f"{_first_line(exc)}; {advice}") from None
+    try:
+        keras.models.load_model(path, safe_mode=True)
+    except Exception as exc:  # noqa: BLE001 - whatever stops it loading makes the file useless
+        raise ModelTrailError(f"the saved .keras file does not load back (keras.models.load_model): "
+                              f"{type(exc).__name__}: {_first_line(exc)}; {advice}") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    text = lines[0] if lines else ""
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
 def export_model(store, session: str, spec: dict[str, Any], doc: dict[str, Any], out: Path,
                  code=None) -> dict[str, Any]:
     """Write model `doc` of `session` to `out` (by its suffix); `code` is
@@ -88,26 +115,38 @@ def export_model(store, session: str, spec: dict[str, Any], doc: dict[str, Any],
         raise ModelTrailError(f"{out}: the file name must end in .keras (a Keras model) or .npz (raw weights)")
     if out.parent and not out.parent.exists():
         raise ModelTrailError(f"{out.parent} does not exist")
+    if not out.parent.is_dir():
+        raise ModelTrailError(f"{out.parent} is not a directory")
     weights = weights_of(store, session, doc)
+    model = None
+    if out.suffix == ".keras":
+        if code is None:
+            raise ModelTrailError("a .keras export needs the session's model code")
+        input_shape, num_classes = data_shape(store, session)
+        try:
+            model = keras_model(code, spec, weights, input_shape, num_classes)
+        except BadRequest as exc:  # the user's build_model failed, or a built-in name is unknown
+            raise ModelTrailError(str(exc)) from None
     tmp = _atomic_target(out)
     try:
-        if out.suffix == ".npz":
+        if model is None:
             with open(tmp, "wb") as f:
                 write_arrays(f, weights)
         else:
-            if code is None:
-                raise ModelTrailError("a .keras export needs the session's model code")
-            input_shape, num_classes = data_shape(store, session)
-            try:
-                model = keras_model(code, spec, weights, input_shape, num_classes)
-            except BadRequest as exc:  # the user's build_model failed, or a built-in name is unknown
-                raise ModelTrailError(str(exc)) from None
-            model.save(tmp)
+            _save_keras(model, tmp)
         tmp.replace(out)
+        size = out.stat().st_size
+    except BlobError as exc:
+        raise ModelTrailError(f"model {doc['round']} of session {session} cannot be written: {exc}") from None
+    except OSError as exc:  # unwritable, a directory in the way, a full disk
+        raise ModelTrailError(f"cannot write {out}: {exc.strerror or exc}") from None
     finally:
-        tmp.unlink(missing_ok=True)
+        # The temporary file may never have been created (its folder is not
+        # writable); failing to remove it must not hide why the export failed.
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
     metrics = doc.get("metrics") or {}
     return {"session": session, "round": int(doc["round"]), "file": str(out), "format": out.suffix[1:],
-            "bytes": out.stat().st_size, "arrays": len(weights),
+            "bytes": size, "arrays": len(weights),
             "num_params": int(sum(w.size for w in weights)),
             "accuracy": metrics.get("accuracy"), "loss": metrics.get("loss")}
