@@ -109,16 +109,21 @@ class Runtime:
     secret: str = ""
     providers: dict[str, Provider] = field(default_factory=dict)
     keep_local_services: bool = False
+    # Told what long work begins (starting a store, deploying, a cold
+    # invocation), for a command to show while the user waits; silent by default.
+    phase: Callable[[str], None] = field(default=lambda text: None, repr=False)
     _embedded: EmbeddedMongo | None = None
     _started_store: bool = False
 
     # ------------------------------------------------------------------ setup
     @classmethod
     def open(cls, cfg: Config, scenario_name: str | None = None, *, need_store: bool = True,
-             keep_local_services: bool = False) -> "Runtime":
+             keep_local_services: bool = False, phase: Callable[[str], None] | None = None) -> "Runtime":
         name, scen = cfg.scenario(scenario_name)
         rt = cls(cfg=cfg, scenario_name=name, scenario=scen, state=state_dir(),
                  keep_local_services=keep_local_services)
+        if phase is not None:
+            rt.phase = phase
         rt.secret = token_secret(rt.state)
         if need_store:
             rt.open_store()
@@ -131,6 +136,8 @@ class Runtime:
         if mc.embedded:
             sdir = Path(mc.state_dir).resolve() if mc.state_dir else self.state / "mongo"
             self._embedded = EmbeddedMongo(sdir)
+            if self._embedded.running_url() is None:
+                self.phase("starting the embedded MongoDB")
             self.store_url, self._started_store = self._embedded.start()
             register_store(self.state, sdir)  # so that `fabric down` finds one kept elsewhere
             log.info("embedded MongoDB at %s (%s)", self.store_url,

@@ -123,3 +123,36 @@ def test_insights_provider_and_store_failures_are_one_line(where, patch, fragmen
     res = CliRunner().invoke(cli, ["insights", SESSION, "reliability", "-c", str(cfg_path)],
                              catch_exceptions=False)
     one_error_line(res, 1, fragment)
+
+
+def test_long_work_is_said_on_a_terminal_and_nowhere_else(monkeypatch):
+    """A command that starts a store or deploys says so while the user
+    waits (status was silent for 5 s); scripts and CI logs get nothing."""
+    import io
+    import re
+
+    from rich.console import Console
+
+    from fedkeeper.cli import common
+    for terminal in (True, False):
+        out = io.StringIO()
+        monkeypatch.setattr(common, "errconsole", Console(file=out, force_terminal=terminal, no_color=True))
+        common.phase("starting the embedded MongoDB")
+        said = re.sub(r"\x1b\[[0-9;]*m", "", out.getvalue()).strip()   # its dim style
+        assert (said == "starting the embedded MongoDB...") is terminal, said
+
+
+def test_the_runtime_says_when_it_starts_the_embedded_store_and_not_when_it_reuses_it():
+    from pathlib import Path
+
+    from fedkeeper.config import load_config
+    from fedkeeper.runtime import Runtime
+    cfg = load_config(Path(__file__).resolve().parent.parent / "config-local.yaml")
+    said: list[str] = []
+    first = Runtime.open(cfg, phase=said.append)
+    try:
+        assert said == ["starting the embedded MongoDB"]
+        Runtime.open(cfg, phase=said.append).close()
+        assert said == ["starting the embedded MongoDB"]     # the running one reused, in silence
+    finally:
+        first.close()

@@ -148,12 +148,21 @@ def select_clusters(cfg: Config, names: Iterable[str] = (), *, all_clusters: boo
     return list(dict.fromkeys(chosen))
 
 
+def phase(text: str) -> None:
+    """Say on a terminal's stderr what long work begins (a store to start, a
+    function to deploy or to run cold), so a command is never silent for
+    seconds; nothing when stderr is not a terminal (scripts, CI logs)."""
+    if errconsole.is_terminal:
+        errconsole.print(f"{text}...", style="dim", markup=False)
+
+
 def open_runtime(cfg: Config, scenario: str | None, need_store: bool, keep_local_services: bool = False):
     """A Runtime for `scenario`; a bad scenario exits 2, an unreachable store 1."""
     from ..runtime import Runtime
     from ..local.store import EmbeddedMongoError
     try:
-        return Runtime.open(cfg, scenario, need_store=need_store, keep_local_services=keep_local_services)
+        return Runtime.open(cfg, scenario, need_store=need_store, keep_local_services=keep_local_services,
+                            phase=phase)
     except ConfigError as exc:
         raise UsageFailure(str(exc)) from None
     except EmbeddedMongoError as exc:

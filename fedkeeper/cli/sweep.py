@@ -22,7 +22,7 @@ from ..local.store import EmbeddedMongoError
 from ..sweep import (DISPLAY_COLUMNS, RESULT_COLUMNS, Sweep, SweepError, SweepPlan, display_cells, parse_grid,
                      plan_sweep, render_csv, render_markdown, result_rows)
 from .common import (INTERRUPTED_EXIT, UsageFailure, check_output_path, config_option, console, errconsole, fail,
-                     load, remember_config, scenario_option, table, write_output)
+                     load, phase, remember_config, scenario_option, table, write_output)
 
 
 def rerun_command(cfg_source: str, plan: SweepPlan, parallel: int) -> str:
@@ -76,7 +76,7 @@ def sweep_cmd(config_path: str | None, scenario: str | None, grid: tuple[str, ..
               f"({len(plan.runs) // plan.repeats} combinations x {plan.repeats} repeats), "
               f"{parallel} at a time; log {log_path}", markup=False, soft_wrap=True)
     sweep = Sweep(plan, parallel=parallel, keep_services=keep_services, target=target,
-                  report=lambda text: out.print(text, markup=False, highlight=False, soft_wrap=True))
+                  report=lambda text: out.print(text, markup=False, highlight=False, soft_wrap=True), phase=phase)
     try:
         doc = sweep.run()
     except SweepError as exc:

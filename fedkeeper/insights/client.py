@@ -41,6 +41,7 @@ class InsightsClient:
 
     def deploy(self) -> None:
         """Deploy fl_insights as configured; unchanged deployments are skipped."""
+        self.rt.phase(f"deploying {FUNCTION} on {self.cluster} (skipped when unchanged)")
         (_, _, err), = self.rt.deploy([self.placement])
         if err is not None:
             raise InsightsError(f"deploying {FUNCTION} on {self.cluster} failed: {err}")
@@ -63,6 +64,7 @@ class InsightsClient:
         if cache is not True:
             payload["cache"] = cache
         t0 = time.perf_counter()
+        self.rt.phase(f"asking {FUNCTION} on {self.cluster} (a cold start takes seconds)")
         result, cold = self._call(signed(self.rt.secret, payload))
         fetched = 0
         if "result_ref" in result:

@@ -50,6 +50,7 @@ class ValidationClient:
         self._deployed = False
 
     def deploy(self) -> None:
+        self.rt.phase(f"deploying {FUNCTION} on {self.cluster} (skipped when unchanged)")
         (_, _, err), = self.rt.deploy([self.placement])
         if err is not None:
             raise ModelTrailError(f"deploying {FUNCTION} on {self.cluster} failed: {err}")
@@ -63,6 +64,7 @@ class ValidationClient:
                                        "data": data})
         provider = self.rt.provider(self.cluster)
         timeout = self.placement.spec.timeout_s + self.rt.scenario.training.attempt_grace_s
+        self.rt.phase(f"running {FUNCTION} on {self.cluster} (a cold start takes seconds)")
         for attempt in (1, 2):
             try:
                 out = provider.call(FUNCTION, body, timeout_s=timeout, poll_s=0.05)

@@ -26,12 +26,15 @@ class Sweep:
     shared services, recording every run on the sweep document."""
 
     def __init__(self, plan: SweepPlan, *, parallel: int = 1, keep_services: bool = False,
-                 target: float | None = None, report: Report = print):
+                 target: float | None = None, report: Report = print, phase: Report | None = None):
+        """`phase`: told what long work begins before the runs (the store's
+        start, the deployment), as Runtime.phase is."""
         self.plan = plan
         self.parallel = max(1, parallel)
         self.keep_services = keep_services
         self.target = target
         self.report = report
+        self.phase = phase
         self.rt = None
         self.store = None
         self.total = len(plan.runs)
@@ -153,7 +156,8 @@ class Sweep:
     def run(self) -> dict[str, Any]:
         from ..runtime import Runtime
         plan = self.plan
-        self.rt = Runtime.open(plan.runs[0].cfg, plan.scenario, keep_local_services=self.keep_services)
+        self.rt = Runtime.open(plan.runs[0].cfg, plan.scenario, keep_local_services=self.keep_services,
+                               phase=self.phase)
         self.store = self.rt.store
         interrupted = opened = False
         try:
@@ -232,6 +236,7 @@ class Sweep:
         """Once for every run (they share one deployment), with the keeper's
         own rules: a failed optional function only warns."""
         from ..keeper import Keeper
+        self.rt.phase("deploying the functions every run uses (unchanged ones are skipped)")
         Keeper(self.rt, progress=self._warn).deploy()
 
     def _warn(self, kind: str, data: dict[str, Any]) -> None:
