@@ -208,6 +208,11 @@ def check(cfg, scenario_name: str, scenario) -> Optional[dict[str, Any]]:
     if path is None:
         return None
     where = f"scenarios.{scenario_name}.user_module ({scenario.user_module.path})"
+    from .artifacts import FUNCTIONS_DIR
+    name = path.stem if path.is_file() else path.name
+    if (FUNCTIONS_DIR / name / "function.toml").is_file():
+        # every function's zip holds its own module of that name beside the user's
+        raise UserModuleError(f"{where}: its name {name!r} is a FedKeeper function's; rename the user module")
     try:
         files = module_files(path)
     except ValueError as exc:

@@ -9,6 +9,7 @@ import shutil
 import textwrap
 from pathlib import Path
 
+import pytest
 from click.testing import CliRunner
 
 from fedkeeper.cli import main as cli
@@ -93,3 +94,14 @@ def test_broken_modules_are_refused_with_exit_2(tmp_path):
 def test_missing_module_path_is_refused(tmp_path):
     res = _validate(_config(tmp_path, "nowhere.py"))
     assert res.exit_code == 2 and "nowhere.py" in res.output and "no such file" in res.output
+
+
+@pytest.mark.parametrize("name,words", [("main.py", "its name 'main' is taken where the functions run"),
+                                        ("statistics.py", "its name 'statistics' is taken"),
+                                        ("fl_client.py", "its name 'fl_client' is a FedKeeper function's")])
+def test_a_module_named_as_something_the_functions_hold_is_refused(tmp_path, name, words):
+    """main.py passed validate, then failed on the HTTP platforms only,
+    where functions-framework holds the source's main.py as `main`."""
+    shutil.copy(ROOT / "examples" / "digits_cnn.py", tmp_path / name)
+    res = _validate(_config(tmp_path, name))
+    assert res.exit_code == 2 and words in res.output, res.output

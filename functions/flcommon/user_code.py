@@ -197,6 +197,14 @@ def _stays_a_crash(exc: BaseException) -> bool:
 
 # --------------------------------------------------------------------------- loading
 
+#: Module names a function's process has or may import that are not in the
+#: keeper's: the entry files of the platforms (functions-framework imports
+#: the source's main.py as `main`) and FedKeeper's shared package. A user
+#: module of such a name passed `config validate` and then failed on the
+#: HTTP platforms only.
+TAKEN_NAMES = frozenset({"main", "__main__", "flcommon"})
+
+
 def load_module(path: Path):
     """Import a user module (a .py file or a package directory) by path.
     Its folder is appended to sys.path (never ahead of installed packages)
@@ -206,6 +214,10 @@ def load_module(path: Path):
     init = path if path.is_file() else path / "__init__.py"
     if not init.is_file():
         raise UserCodeError(f"{USER_CODE_MARK} {path.name}: no such module file ({init.name} missing)")
+    if name in TAKEN_NAMES or name in sys.stdlib_module_names:
+        raise UserCodeError(f"{USER_CODE_MARK} {path.name}: its name {name!r} is taken where the functions run "
+                            "(the platforms' entry files, FedKeeper's own package, the standard library); "
+                            "rename the user module")
     existing = sys.modules.get(name)
     if existing is not None and not _under(getattr(existing, "__file__", None) or "", path.parent):
         raise UserCodeError(f"{USER_CODE_MARK} {path.name}: its name {name!r} is already an installed "
