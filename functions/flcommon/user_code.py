@@ -388,6 +388,13 @@ def check_model(model: Any, input_shape: Sequence[int], num_classes: int, name: 
     if shape[1:] != (num_classes,):
         raise UserCodeError(f"{where}: the model's output shape is {(None, *shape[1:])}, expected "
                             f"(None, {num_classes}) for {num_classes} classes")
+    probabilities = np.asarray(out, dtype=np.float64)
+    if not (np.all(probabilities >= -1e-6) and np.allclose(probabilities.sum(axis=-1), 1.0, atol=1e-3)):
+        # FedKeeper compiles it with sparse categorical cross-entropy on
+        # probabilities: logits train without an error, to poor accuracy.
+        raise UserCodeError(f"{where}: the model's output is not class probabilities (its rows of "
+                            f"{num_classes} must be non-negative and add up to 1): end it with a softmax "
+                            "activation")
     for v in model.weights:
         dtype_name = str(getattr(v.dtype, "name", v.dtype))
         try:
