@@ -84,9 +84,10 @@ def check_cluster(rt: Runtime, cluster: str, keep: bool, timeout_s: float = 120.
         res.error_class, res.error = _explain(exc)
     finally:
         # The probe goes whatever happened once its deploy was tried (a
-        # failed check must not leave it on the cluster), unless kept or
-        # the deploy never got as far as making it.
-        if provider is not None and res.stage in ("deploy", "invoke") and not keep and not _nothing_made(res):
+        # failed check must not leave it on the cluster), unless kept: even
+        # a deploy refused as unreachable or unauthorised may have made part
+        # of it (Cloud Functions' secrets, Knative's Secret come first).
+        if provider is not None and res.stage in ("deploy", "invoke") and not keep:
             _remove_probe(provider, res)
     if res.ok:
         res.stage = ""
@@ -94,25 +95,15 @@ def check_cluster(rt: Runtime, cluster: str, keep: bool, timeout_s: float = 120.
     return res
 
 
-# A deploy that failed this way never reached the platform's side (no
-# connection, or refused before anything was made): there is no probe to
-# remove, and trying would only fail the same way again.
-NOTHING_MADE = (ErrorClass.UNREACHABLE.value, ErrorClass.AUTH.value)
-
-
-def _nothing_made(res: ClusterCheck) -> bool:
-    return res.stage == "deploy" and res.error_class in NOTHING_MADE
-
-
 def _remove_probe(provider, res: ClusterCheck) -> None:
     try:
         provider.remove(PROBE)
     except Exception as exc:
-        why = _explain(exc)[1]
+        error_class, why = _explain(exc)
         if res.ok:   # the check itself passed: its failing clean-up is the failure
             res.ok, res.stage = False, "remove"
-            res.error_class, res.error = _explain(exc)
-        elif res.error and (res.error in why or why in res.error):
+            res.error_class, res.error = error_class, why
+        elif (error_class is not None and error_class == res.error_class) or (res.error and why in res.error):
             # the report says the probe may still be there, once, not its error twice
             res.error = f"{res.error}; {PROBE} may be left on the cluster (removing it failed the same way)"
         else:
