@@ -77,6 +77,7 @@ def test_sweep_stores_every_run_and_resumes_without_rerunning(fabric_state, mong
         sess = db[fs.SESSIONS].find_one({"_id": row["session"]})
         run = next(r for r in sweep["runs"].values() if r["session"] == row["session"])
         assert sess["state"] == row["state"] == run["state"] == "finished"
+        assert not run["result"].get("error") and not row.get("error")   # why it stopped is no error
         assert sess["spec"]["local_epochs"] == int(row["local_epochs"]) == run["params"]["local_epochs"]
         assert sess["spec"]["seed"] == int(row["seed"]) == 11 and sess["sweep"] == sweep["_id"]
         done = [r for r in db[fs.ROUNDS].find({"session": row["session"]}).sort("round", 1)

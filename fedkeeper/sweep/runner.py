@@ -137,7 +137,8 @@ class Sweep:
     def _finish_run(self, run: Run, outcome: dict[str, Any]) -> dict[str, Any]:
         result = session_result(self.store, run.session, run.cfg, self._target_for(run))
         state = "finished" if result["state"] == "finished" else "failed"
-        if outcome.get("message") and not result.get("error"):
+        # a finished session's message says why it stopped, which is no error
+        if state != "finished" and outcome.get("message") and not result.get("error"):
             result["error"] = outcome["message"]
         result["seconds"] = outcome.get("seconds")
         self._record(run, state=state, ended=time.time(), result=result)
