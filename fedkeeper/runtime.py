@@ -169,7 +169,8 @@ class Runtime:
             section, ccfg = self.cfg.providers.clusters()[cluster]
             p = make_provider(cluster, section, ccfg,
                               ProviderContext(state_dir=self.state, store_url=self.store_url,
-                                              keep_local_services=self.keep_local_services))
+                                              keep_local_services=self.keep_local_services,
+                                              clusters=self.cfg.providers.clusters()))
             self.providers[cluster] = p
         return p
 

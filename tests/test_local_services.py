@@ -420,3 +420,24 @@ def test_a_creation_time_a_second_off_is_still_the_recorded_process(tmp_path):
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_a_local_cluster_that_sets_no_capacity_keeps_what_its_sibling_in_the_config_sets(tmp_path):
+    """Two local OpenWhisk clusters of one config share the fabric: the one
+    that leaves user_memory_mb out must not undo the other's 4096 MB by
+    connecting after it (nor before it)."""
+    big = OpenWhiskCluster(kind="local", user_memory_mb=4096)
+    plain = OpenWhiskCluster(kind="local")
+    clusters = {"ow_big": ("openwhisk", big), "ow_plain": ("openwhisk", plain)}
+    ctx = ProviderContext(state_dir=tmp_path, clusters=clusters)
+    first = LocalOpenWhiskProvider("ow_plain", plain, ctx)
+    try:
+        second = LocalOpenWhiskProvider("ow_big", big, ctx)
+        third = LocalOpenWhiskProvider("ow_plain", plain, ctx)
+        try:
+            assert third.fabric_admin("status")["user_memory_mb"] == 4096
+        finally:
+            third.close()
+            second.close()
+    finally:
+        first.close()

@@ -51,17 +51,29 @@ def _release_early_leases() -> None:
             fabric.fabric_release(fabric_dir, lease)
 
 
-def _capacity_body(cluster: Any) -> dict:
-    """The fabric's capacity a local cluster's config implies, as the
-    fabric's limits body: its `user_memory_mb` and `stem_cells`, and null for
-    either it leaves out, which the fabric reads as the setting it was
-    started with (OpenWhisk's 2048 MB and one TensorFlow stem cell, unless
-    its command line says otherwise). Both are always sent: a key left out
-    would keep whatever an earlier command's config set."""
+def _capacity_of_cluster(cluster: Any) -> dict:
     memory = getattr(cluster, "user_memory_mb", None)
     stems = getattr(cluster, "stem_cells", None)
     return {"userMemoryMb": int(memory) if memory is not None else None,
             "stemCells": {str(k): int(v) for k, v in dict(stems).items()} if stems is not None else None}
+
+
+def _capacity_body(cluster: Any, siblings: dict[str, tuple[str, Any]]) -> dict:
+    """The fabric's capacity a local cluster's config implies, as the
+    fabric's limits body: its `user_memory_mb` and `stem_cells`; for either
+    it leaves out, what another local OpenWhisk cluster of the same config
+    sets (they share the fabric: one's silence must not undo the other's
+    setting), else null, which the fabric reads as the setting it was
+    started with (OpenWhisk's 2048 MB and one TensorFlow stem cell, unless
+    its command line says otherwise). Both are always sent: a key left out
+    would keep whatever an earlier command's config set."""
+    body = _capacity_of_cluster(cluster)
+    for section, other in siblings.values():
+        if section == "openwhisk" and getattr(other, "kind", "remote") == "local" and other is not cluster:
+            for k, v in _capacity_of_cluster(other).items():
+                if body[k] is None:
+                    body[k] = v
+    return body
 
 
 def _capacity_of(info: dict | None) -> tuple:
@@ -69,13 +81,13 @@ def _capacity_of(info: dict | None) -> tuple:
 
 
 def _push_capacity(put: Callable[[dict], Any], fabric_dir: Path, before: dict, cluster_name: str,
-                   cluster: Any) -> None:
+                   cluster: Any, siblings: dict[str, tuple[str, Any]]) -> None:
     """Set the fabric's capacity to what the cluster's config implies.
     `before`: the fabric's info before (from fabric_up). The fabric is one
     per state directory, shared by every command on it: the latest
     command's config wins, also for the commands still running on it, which
     is logged when it changes what a fabric this call did not start had."""
-    put(_capacity_body(cluster))
+    put(_capacity_body(cluster, siblings))
     if before.get("started"):
         return   # it had only its start settings, which no command chose
     was, now = _capacity_of(before), _capacity_of(fabric.fabric_status(fabric_dir))
@@ -157,7 +169,7 @@ class LocalOpenWhiskProvider(OpenWhiskProvider):
             # the cluster's own stem cells decide which runtimes get a zygote
             _push_capacity(lambda body: s.put(f"{info['url']}/_fabric/limits", params=params,
                                               data=json.dumps(body).encode(), timeout=10).raise_for_status(),
-                           fabric_dir, info, cluster_name, cluster)
+                           fabric_dir, info, cluster_name, cluster, ctx.clusters)
             s.put(f"{info['url']}/_fabric/prewarm", data=json.dumps({"runtimes": runtimes}).encode(),
                   timeout=10).raise_for_status()
 
@@ -165,12 +177,13 @@ class LocalOpenWhiskProvider(OpenWhiskProvider):
         """The fabric's user memory and stem cells per runtime: what the
         cluster's config sets (`user_memory_mb`, `stem_cells`), else the
         fabric's own (OpenWhisk's 2048 MB, one TensorFlow stem cell). The
-        fabric is shared by the local clusters of a state directory: the
-        last one connected sets them. `info`: the fabric's from fabric_up,
-        if at hand."""
+        fabric is shared by the local clusters of a state directory: what
+        one of the config's leaves out comes from another that sets it, and
+        the last command connected sets them. `info`: the fabric's from
+        fabric_up, if at hand."""
         before = info if info is not None else fabric.fabric_status(self.fabric_dir)
         _push_capacity(lambda body: self.fabric_admin("limits", body), self.fabric_dir, before or {},
-                       self.cluster_name, self.cluster)
+                       self.cluster_name, self.cluster, self.ctx.clusters)
 
     def push_faults(self) -> None:
         """Send the cluster's fault injection settings to the fabric (none

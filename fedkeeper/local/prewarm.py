@@ -85,8 +85,8 @@ def start_ahead(cfg: Any, scenario: str | None, keep_services: bool) -> threadin
                 section, ccfg = clusters[cluster]
                 hook = getattr(provider_class(section, getattr(ccfg, "kind", "remote")), "prewarm", None)
                 if hook is not None:
-                    hook(cluster, ccfg, ProviderContext(state_dir=rt.state, keep_local_services=keep_services),
-                         runtimes)
+                    hook(cluster, ccfg, ProviderContext(state_dir=rt.state, keep_local_services=keep_services,
+                                                        clusters=clusters), runtimes)
         except Exception as exc:  # noqa: BLE001 - an optimisation only
             log.debug("starting local services ahead of the deploy: %s", exc)
     # not a daemon: a command that ends at once still waits for a fabric it

@@ -180,6 +180,10 @@ class ProviderContext:
     # Leave local services (fabric, functions-framework hosts) running when
     # the provider closes, e.g. after `fedkeeper deploy` or --keep-services.
     keep_local_services: bool = False
+    # Every cluster of the command's config (name -> (provider section,
+    # cluster config)): local clusters of one state directory share their
+    # services, and so the settings of those.
+    clusters: dict[str, tuple[str, Any]] = field(default_factory=dict)
 
 
 #: see poll_delay
