@@ -138,3 +138,42 @@ def test_a_body_sent_slowly_is_refused_before_it_takes_a_slot():
     environ = {"PATH_INFO": "/", "CONTENT_LENGTH": "3", "wsgi.input": Dripping(3, 0.0)}
     assert b"".join(limited(environ, lambda status, headers: got.update(status=status))) == b"late"
     assert got["status"] == "200 OK" and app.calls == 1
+
+
+def test_a_chunked_body_trickled_in_is_refused_at_its_deadline_not_at_its_end():
+    """werkzeug's reader of a chunked body reads on until it has what it was
+    asked for: each of its waits on the connection is bounded by the time
+    left, or a body sent a chunk at a time held the request past its deadline."""
+    import socket
+    import time
+
+    from werkzeug.serving import DechunkedInput
+    ours, theirs = socket.socketpair()
+    sent = []
+
+    def trickle():
+        try:
+            for _ in range(40):
+                theirs.sendall(b"1\r\nx\r\n")
+                sent.append(1)
+                time.sleep(0.05)
+            theirs.sendall(b"0\r\n\r\n")
+        except OSError:
+            pass
+
+    sender = threading.Thread(target=trickle, daemon=True)
+    sender.start()
+    app = Blocking()
+    app.release.set()
+    limited = function_host.BodyLimit(app, 1 << 20, deadline_s=0.2)
+    got = {}
+    environ = {"PATH_INFO": "/", "wsgi.input_terminated": True, "werkzeug.socket": ours,
+               "wsgi.input": DechunkedInput(ours.makefile("rb"))}
+    try:
+        body = b"".join(limited(environ, lambda status, headers: got.update(status=status)))
+        assert got["status"] == "408 Request Timeout", body
+        assert len(sent) < 40 and app.calls == 0     # refused while the body was still coming
+    finally:
+        ours.close()
+        theirs.close()
+        sender.join(5)

@@ -50,6 +50,7 @@ import io
 import itertools
 import json
 import os
+import socket
 import sys
 import threading
 import time
@@ -141,20 +142,44 @@ class BodyLimit:
         self.limit = limit
         self.deadline_s = deadline_s
 
-    def _read(self, stream, most: int) -> bytes:
+    def _read(self, stream, most: int, sock=None) -> bytes:
         """Up to `most` bytes (fewer at the body's end), each read returning
-        what has arrived, so the deadline is checked as the body comes."""
+        what has arrived, so the deadline is checked as the body comes. A
+        chunked body's reader (werkzeug's) reads on until it has what it was
+        asked for, chunk after chunk: with `sock`, the connection's, its
+        reading side is shut at the deadline, which ends such a read too."""
         read = getattr(stream, "read1", None) or stream.read
         deadline = time.monotonic() + self.deadline_s
+        late = threading.Event()
+        timer = None
+        if sock is not None:
+            def shut() -> None:
+                late.set()
+                try:
+                    sock.shutdown(socket.SHUT_RD)   # the answer can still be written
+                except OSError:
+                    pass
+            timer = threading.Timer(self.deadline_s, shut)
+            timer.daemon = True
+            timer.start()
         parts, total = [], 0
-        while total < most:
-            part = read(min(1 << 20, most - total))
-            if not part:
-                break
-            parts.append(part)
-            total += len(part)
-            if time.monotonic() > deadline:
-                raise _Late
+        try:
+            while total < most:
+                try:
+                    part = read(min(1 << 20, most - total))
+                except (OSError, ValueError):
+                    if late.is_set():
+                        raise _Late from None
+                    raise
+                if late.is_set() or time.monotonic() > deadline:
+                    raise _Late
+                if not part:
+                    break
+                parts.append(part)
+                total += len(part)
+        finally:
+            if timer is not None:
+                timer.cancel()
         return b"".join(parts)
 
     @staticmethod
@@ -169,7 +194,8 @@ class BodyLimit:
         length = environ.get("CONTENT_LENGTH") or ""
         chunked = bool(environ.get("wsgi.input_terminated"))
         if environ.get(CONFLICTING_LENGTHS):
-            return self._refuse(start_response, "400 Bad Request", "The request has conflicting Content-Length headers.")
+            return self._refuse(start_response, "400 Bad Request",
+                                "The request has conflicting Content-Length headers.")
         if length and not chunked:
             # "²".isdigit() holds too, and int() refuses it
             if not (length.isascii() and length.isdigit()) or len(length) > 18:
@@ -183,7 +209,8 @@ class BodyLimit:
         else:
             return self.app(environ, start_response)
         try:
-            data = self._read(environ["wsgi.input"], most)
+            # a Content-Length body is read as it arrives (read1): only a chunked one needs the socket shut
+            data = self._read(environ["wsgi.input"], most, environ.get("werkzeug.socket") if chunked else None)
         except _Late:
             return self._refuse(start_response, "408 Request Timeout",
                                 f"The request body did not arrive within {self.deadline_s:g} s.")
