@@ -451,3 +451,16 @@ def test_the_embedded_store_writes_no_oplog(mongo_url):
         assert client["local"]["oplog.rs"].count_documents({"ns": "oplog_check.docs"}) == 0
     finally:
         client.close()
+
+
+def test_the_keepers_reads_skip_update_documents_that_are_nobodys(store: Store):
+    """An update document written with `client: [...]` or `round: [...]`
+    (any function can write one; MongoDB's matching finds it) crashed the
+    keeper on every resume and every async step (an unhashable key)."""
+    store.db[fs.UPDATES].insert_many([
+        {"session": "s", "round": 0, "client": "client_0", "status": "received", "attempt": 1},
+        {"session": "s", "round": 0, "client": ["client_2"], "status": "received", "attempt": 1},
+        {"session": "s", "round": [0, 1], "client": "client_3", "status": "received", "attempt": 1}])
+    assert store.delivered_clients("s", 0) == {"client_0"}
+    assert store.received_updates("s", 0, 2) == [("client_0", 0)]
+    assert store.storing_attempts("s", 0, ["client_0", "client_2", "client_3"]) == {"client_0": 1}

@@ -338,8 +338,10 @@ class Store:
 
     # ------------------------------------------------------------- updates, models
     def delivered_clients(self, session: str, rnd: int) -> set[str]:
+        # fs.keyed: an update document any function may have written with
+        # `client: [...]` or `round: [...]` (which MongoDB matches) is nobody's
         return self._run(lambda: {d["client"] for d in self.db[fs.UPDATES].find(
-            {"session": session, "round": rnd}, {"client": 1})})
+            {"session": session, "round": rnd}, {"client": 1, "round": 1}) if fs.keyed(d) and d["round"] == rnd})
 
     def storing_attempts(self, session: str, rnd: int, clients: Sequence[str]) -> dict[str, int | None]:
         """Which of `clients` have an update stored for round `rnd`, and the
@@ -356,7 +358,7 @@ class Store:
         rounds lo <= round < hi."""
         return self._run(lambda: [(d["client"], d["round"]) for d in self.db[fs.UPDATES].find(
             {"session": session, "status": "received", "round": {"$gte": lo, "$lt": hi}},
-            {"client": 1, "round": 1})])
+            {"client": 1, "round": 1}) if fs.keyed(d)])   # as delivered_clients
 
     def count_received_updates(self, session: str, lo: int, hi: int) -> int:
         """How many updates of rounds lo <= round < hi wait to be aggregated.

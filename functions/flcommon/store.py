@@ -110,6 +110,8 @@ def find_in(coll, query: dict[str, Any], field: str, values: Sequence[Any],
     to equal a value, holds an array that merely contains the value (which
     MongoDB matches) is left out."""
     exact = {k: v for k, v in query.items() if not isinstance(v, dict)}
+    if projection and all(projection.values()):   # an inclusion projection must bring what is checked
+        projection = {**projection, field: 1, **dict.fromkeys(exact, 1)}
     for part in slices(values):
         allowed = set(part)
         for doc in coll.find({**query, field: {"$in": part}}, projection):
