@@ -679,6 +679,7 @@ def test_an_attempt_whose_answer_was_lost_after_it_stored_its_update_is_recorded
     assert len(client_attempts(store, "s1")) == 4                       # no retry
     for c in ("client_0", "client_1"):
         assert by_client[c]["state"] == "succeeded" and by_client[c]["stored_update"] is True
+        assert by_client[c]["error_class"] is None and "its update is stored" in by_client[c]["error"]
     assert store.rounds_[("s1", 0)]["included"] == [f"client_{i}" for i in range(4)]
 
 

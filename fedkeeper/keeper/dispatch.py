@@ -384,7 +384,9 @@ class Dispatcher:
                     # its answer did not come (lost with the keeper that
                     # sent it, say). Not a failure of its client or cluster
                     # (status, reliability and reports count it done).
-                    fields.update(state="succeeded", stored_update=True)
+                    fields.update(state="succeeded", stored_update=True, error_class=None,
+                                  error=f"its answer did not come ({fields['error'] or 'platform error'}); "
+                                        "its update is stored")
                 changes.append((s.doc_id, fields))
                 if fields["state"] == "succeeded":
                     changes += self.hedger.own_attempt_delivered(s)
