@@ -409,7 +409,7 @@ def test_stale_entries_are_checked(fn_db):
     db = fn_db
     sid = make_session(db, clients=2)
     call("fl_server_init", db, session=sid, round=0)
-    for stale, reason in (([{"client": "client_0", "round": 0}], "must be below 0"),
+    for stale, reason in (([{"client": "client_0", "round": 0}], "must be below 1"),
                           ([{"client": "client_0"}], "payload field 'stale[0]' must be"),
                           ([["client_0", 0]], "payload field 'stale[0]' must be"),
                           ([{"client": "client_0", "round": 10**20}], "'stale[0].round' must be a whole number"),

@@ -163,7 +163,7 @@ def test_stages_refuse_what_the_protocol_does_not_allow(fn_db):
     for c in clients[:3]:
         stage(db, sid, 0, c, "advertise")
     relay.set_sets(db, sid, 0, u1=clients[:3])
-    assert "not in round 0's secure-aggregation set u1" in stage(db, sid, 0, clients[3], "share")["error"]
+    assert "not in round 1's secure-aggregation set u1" in stage(db, sid, 0, clients[3], "share")["error"]
     assert "FK_CLIENT_SECRET" in stage(db, sid, 0, clients[0], "share", FK_CLIENT_SECRET="")["error"]
     assert "stage must be one of" in stage(db, sid, 0, clients[0], "train")["error"]
     assert "has no secure-aggregation set u2" in stage(db, sid, 0, clients[0], "unmask")["error"]

@@ -73,8 +73,8 @@ def _wanted(payload: dict[str, Any], rnd: int) -> list[tuple[str, int]]:
     wanted = [(c, rnd) for c in clients]
     for item in payload.get("stale") or []:      # of {client, round}, likewise
         if not item["round"] < rnd:
-            raise BadRequest(f"stale update of {item['client']} is for round {item['round']}; "
-                             f"a stale update's round must be below {rnd}")
+            raise BadRequest(f"stale update of {item['client']} is for round {item['round'] + 1}; "
+                             f"a stale update's round must be below {rnd + 1}")
         wanted.append((item["client"], item["round"]))
     wanted = list(dict.fromkeys(wanted))  # listed twice still counts once
     if not wanted:

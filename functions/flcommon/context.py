@@ -94,7 +94,7 @@ def model_bytes(db, session: str) -> int | None:
 def global_model(db, session: str, rnd: int) -> tuple[dict[str, Any], list[np.ndarray]]:
     doc = db[store.MODELS].find_one({"session": session, "round": rnd})
     if doc is None:
-        raise BadRequest(f"no global model for round {rnd} of session {session}")
+        raise BadRequest(f"no global model for round {rnd + 1} of session {session}")
     return doc, store.get_arrays(db, doc["blob_id"], max_bytes=model_bytes(db, session))
 
 
@@ -115,7 +115,7 @@ def shared_global_model(db, session: str, rnd: int) -> tuple[dict[str, Any], lis
     reads one small document, not the model, after its first run."""
     doc = db[store.MODELS].find_one({"session": session, "round": rnd})
     if doc is None:
-        raise BadRequest(f"no global model for round {rnd} of session {session}")
+        raise BadRequest(f"no global model for round {rnd + 1} of session {session}")
     key = (id(db.client), db.name, str(doc["blob_id"]))
     arrays = _models.get(key)
     if arrays is None:

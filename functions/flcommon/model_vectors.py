@@ -75,7 +75,7 @@ class Reader:
         if rnd in self.models:
             return self.models[rnd]
         if doc is None or doc.get("blob_id") is None:
-            out: ModelVector | str = f"no global model of round {rnd}"
+            out: ModelVector | str = f"no global model {rnd}"
         else:
             key = ("model", session, rnd)
             hit = self.cache.get(key) if self.cache is not None else None
@@ -95,7 +95,7 @@ class Reader:
                     if self.cache is not None:
                         self.cache.put(key, out, flat.nbytes + ENTRY_OVERHEAD)
                 except BlobError as exc:
-                    out = f"global model of round {rnd} is unreadable: {exc}"
+                    out = f"global model {rnd} is unreadable: {exc}"
         self.models[rnd] = out
         return out
 

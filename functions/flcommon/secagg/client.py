@@ -20,7 +20,7 @@ STAGES = ("advertise", "share", "unmask")
 def _need(db, sess: str, rnd: int, name: str, client: str) -> list[str]:
     members = relay.need_set(db, sess, rnd, name)
     if client not in members:
-        raise BadRequest(f"{client} is not in round {rnd}'s secure-aggregation set {name}")
+        raise BadRequest(f"{client} is not in round {rnd + 1}'s secure-aggregation set {name}")
     return members
 
 
@@ -55,7 +55,7 @@ def run_stage(db, bound: Mapping[str, str], spec: Mapping[str, Any], sess: str, 
         written = relay.put(db, sess, rnd, client, "reveal", out)
         return {"stage": stage, "written": written, "revealed": len(out["b"]) + len(out["s"])}
     except (protocol.ProtocolError, CryptoError) as exc:
-        raise BadRequest(f"secure aggregation, {stage} of {client} in round {rnd}: {exc}") from None
+        raise BadRequest(f"secure aggregation, {stage} of {client} in round {rnd + 1}: {exc}") from None
 
 
 def masked_update(db, bound: Mapping[str, str], spec: Mapping[str, Any], sess: str, rnd: int, client: str,
@@ -72,7 +72,7 @@ def masked_update(db, bound: Mapping[str, str], spec: Mapping[str, Any], sess: s
         masked = protocol.mask(secret, sa_session.context(sess, rnd), client, vector,
                                relay.public_keys(db, sess, rnd, u2), t, sa_session.neighbours(sa, sess, rnd, u1))
     except (protocol.ProtocolError, CryptoError, FieldError) as exc:
-        raise BadRequest(f"secure aggregation, masking {client}'s update in round {rnd}: {exc}") from None
+        raise BadRequest(f"secure aggregation, masking {client}'s update in round {rnd + 1}: {exc}") from None
     del vector
     blob = store.put_arrays(db, [masked], f"{sess}/masked/{rnd:03d}/{client}.npz",
                             {"kind": "masked", "session": sess, "round": rnd, "client": client,

@@ -94,7 +94,7 @@ def sets(db, session: str, rnd: int) -> dict[str, list[str]]:
 def need_set(db, session: str, rnd: int, name: str) -> list[str]:
     members = sets(db, session, rnd).get(name)
     if members is None:
-        raise BadRequest(f"round {rnd} of session {session} has no secure-aggregation set {name} yet")
+        raise BadRequest(f"round {rnd + 1} of session {session} has no secure-aggregation set {name} yet")
     return members
 
 
@@ -126,7 +126,7 @@ def public_keys(db, session: str, rnd: int, clients: Iterable[str]) -> dict[str,
     for c in clients:
         d = found.get(c)
         if d is None:
-            raise BadRequest(f"no public keys of {c} for round {rnd}")
+            raise BadRequest(f"no public keys of {c} for round {rnd + 1}")
         out[c] = {k: _bytes(d.get(k), KEY_BYTES, f"{c}'s {k}") for k in ("c_pk", "s_pk")}
     return out
 

@@ -24,7 +24,7 @@ def _masked_vector(db, doc: dict[str, Any], sess: str, rnd: int, length: int) ->
     meta = (db[f"{store.BUCKET}.files"].find_one({"_id": doc.get("blob_id")}, {"metadata": 1}) or {}).get("metadata")
     if not meta or meta.get("kind") != "masked" or meta.get("session") != sess or meta.get("round") != rnd \
             or meta.get("client") != doc["client"]:
-        raise BadRequest(f"{doc['client']}'s update in round {rnd} is not its masked vector")
+        raise BadRequest(f"{doc['client']}'s update in round {rnd + 1} is not its masked vector")
     arrays = store.get_arrays(db, doc["blob_id"], max_bytes=8 * length + 4096)
     if len(arrays) != 1 or arrays[0].dtype != np.uint64 or arrays[0].shape != (length,):
         raise BadRequest(f"{doc['client']}'s masked vector is not {length} field elements")
@@ -43,7 +43,7 @@ def secure_aggregate(db, sess: str, rnd: int, wanted: Sequence[tuple[str, int]],
                          "update on its own")
     sets = relay.sets(db, sess, rnd)
     if not {"u1", "u2", "u3"} <= set(sets):
-        raise BadRequest(f"round {rnd}: the secure-aggregation stages have not fixed u1, u2 and u3")
+        raise BadRequest(f"round {rnd + 1}: the secure-aggregation stages have not fixed u1, u2 and u3")
     u1, u2, u3 = sets["u1"], sets["u2"], sets["u3"]
     rejected = [{"client": c, "round": r, "reason": "secure aggregation sums only the round's masked set",
                  "mark": False} for c, r in wanted if r != rnd or c not in u3]
@@ -57,14 +57,14 @@ def secure_aggregate(db, sess: str, rnd: int, wanted: Sequence[tuple[str, int]],
     for c in u3:
         doc = docs.get(c)
         if doc is None or not doc.get("masked"):
-            raise BadRequest(f"round {rnd}: {c} is in the masked set but has no masked update stored")
+            raise BadRequest(f"round {rnd + 1}: {c} is in the masked set but has no masked update stored")
         n = doc.get("num_examples")
         if isinstance(n, bool) or not isinstance(n, int) or n < 1 or (sizes.get(c) is not None and n != sizes[c]):
-            raise BadRequest(f"round {rnd}: {c}'s update claims {n!r} examples, its partition has {sizes.get(c)}")
+            raise BadRequest(f"round {rnd + 1}: {c}'s update claims {n!r} examples, its partition has {sizes.get(c)}")
         try:
             masked[c] = _masked_vector(db, doc, sess, rnd, length)
         except BlobError as exc:
-            raise BadRequest(f"round {rnd}: {c}'s masked vector is unreadable: {exc}") from None
+            raise BadRequest(f"round {rnd + 1}: {c}'s masked vector is unreadable: {exc}") from None
         examples[c] = n
         k = doc.get("quantization_clipped", 0)
         clipped[c] = k if isinstance(k, int) and not isinstance(k, bool) and 0 <= k <= length else 0
@@ -77,7 +77,7 @@ def secure_aggregate(db, sess: str, rnd: int, wanted: Sequence[tuple[str, int]],
         n_total = sum(examples.values())
         mean = decode_mean(total, n_total, reference, sa["scale"])
     except (protocol.ProtocolError, ShareError, CryptoError, FieldError) as exc:
-        raise BadRequest(f"round {rnd}: secure aggregation cannot unmask the sum: {exc}") from None
+        raise BadRequest(f"round {rnd + 1}: secure aggregation cannot unmask the sum: {exc}") from None
     # The sum arrives whole. The first survivor carries it (scaled so that
     # weight x delta is the sum), the others add zeros with their weights:
     # the strategy then holds exactly sum_i n_i delta_i over sum_i n_i, and
@@ -94,5 +94,5 @@ def secure_aggregate(db, sess: str, rnd: int, wanted: Sequence[tuple[str, int]],
             accepted.append({"client": c, "round": rnd, "staleness": 0, "num_examples": n, "raw_weight": n,
                              "quantization_clipped": clipped[c]})
     except StrategyError as exc:
-        raise BadRequest(f"round {rnd}: {exc}") from None
+        raise BadRequest(f"round {rnd + 1}: {exc}") from None
     return accepted, rejected
