@@ -11,6 +11,7 @@ import math
 import shutil
 import socket
 import subprocess
+import textwrap
 import time
 import uuid
 from types import SimpleNamespace
@@ -512,7 +513,14 @@ def test_a_local_cluster_without_a_prometheus_is_a_note_on_how_to_get_its_figure
     said so as an error and exited 1."""
     from fedkeeper.config import parse_config
     from fedkeeper.metrics import metrics_exit_status
-    cfg = parse_config("providers:\n  openwhisk:\n    ow: {kind: local}\n    remote_ow: {base_url: 'https://ow.example.org/', auth: {ow_auth: 'u:k'}}\nscenarios:\n  s: {}\n")
+    cfg = parse_config(textwrap.dedent("""\
+        providers:
+          openwhisk:
+            ow: {kind: local}
+            remote_ow: {base_url: "https://ow.example.org/", auth: {ow_auth: "u:k"}}
+        scenarios:
+          s: {}
+        """))
     rows = {r.cluster: r for r in metrics_for_config(cfg, "1h")}
     assert rows["ow"].error is None and "the local fabric serves OpenWhisk's user-event metrics" in rows["ow"].note
     assert metrics_exit_status([rows["ow"]]) == 0

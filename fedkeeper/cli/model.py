@@ -168,9 +168,10 @@ def model_validate(session: str, config_path: str, scenario: str | None, round_:
             result = ValidationClient(rt).validate(session, row["round"], request)
         except ModelTrailError as exc:
             fail(str(exc))
+        server = cfg.providers.clusters()[rt.server_cluster()][1]
     finally:
         rt.close()
-    if any(getattr(c, "kind", "remote") == "local" for _, c in cfg.providers.clusters().values()):
+    if getattr(server, "kind", "remote") == "local":   # the validator's cluster: what this command started
         # said, since every other command stops what it started
         errconsole.print("local services are left running for the next validation; "
                          "`fedkeeper fabric down` stops them", markup=False)
