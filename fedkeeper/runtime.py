@@ -17,6 +17,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+from flcommon.data_url import BOUND_KEY as DATA_CREDENTIALS_KEY
+
 from .artifacts import build_artifact
 from .user_module import artifact_members as user_module_members
 from .config import Config, FunctionConfig, Scenario
@@ -50,6 +52,9 @@ FUNCTION_DEFAULTS: dict[str, dict[str, Any]] = {
 # round of updates being read.
 INSIGHTS_WORKING_MB = 1024
 SERVER_FUNCTIONS = ("fl_server_init", "fl_server_aggregator")
+# The one function that downloads a session's data set: the only one given
+# the data URL's credentials.
+DATA_LOADER = "fl_server_init"
 # Deployed with the training functions, but training goes on without them.
 OPTIONAL_FUNCTIONS = ("fl_insights",)
 
@@ -225,6 +230,9 @@ class Runtime:
             bound_extra["FK_INSIGHTS_CACHE_MB"] = f"{cache_mb:g}"
         if secure_aggregation(self.scenario.training.secure_aggregation):
             bound_extra.update(secagg_bound(function, self.state))  # client functions only
+        data_credentials = self.scenario.training_test_data.credentials()
+        if function == DATA_LOADER and data_credentials:
+            bound_extra[DATA_CREDENTIALS_KEY] = json.dumps(data_credentials, sort_keys=True)
         bound = {"FK_FUNCTION": function, "FK_TOKEN_SECRET": self.secret,
                  "FK_STORE_URL": self.store_url or "", "FK_STORE_DB": self.scenario.mongo_config.db,
                  **bound_extra}

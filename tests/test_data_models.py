@@ -5,17 +5,20 @@ from __future__ import annotations
 import hashlib
 import http.server
 import io
+import json
 import pickle
 import threading
 import time
+import urllib.parse
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from flcommon import data, models
+from flcommon import data, data_url, models
 from flcommon.data import OBJ_HELP, BadRequest, fetch, load_dataset, load_npz, partition
+from basic_auth_server import BasicAuthFile, serve
 from reference_fedavg import fedavg
 
 # ---------------------------------------------------------------- partitioning
@@ -229,6 +232,60 @@ def test_downloads_and_npz_files_are_bounded(tmp_path, monkeypatch):
     finally:
         srv.shutdown()
         srv.server_close()
+
+
+def test_data_url_credentials_authorise_the_download_and_never_show(tmp_path, monkeypatch):
+    """User info in the URL, or bound for its origin, becomes Basic
+    authorisation for that URL only; no message, cache file name or
+    redirect carries it."""
+    monkeypatch.setenv("FK_DATA_CACHE", str(tmp_path / "cache"))
+    password = "Sup3r/S3cret:tok"      # '/' and ':' escaped in the URL
+    npz = _mnist_like(tmp_path / "mnist.npz").read_bytes()
+
+    class Other(BasicAuthFile):
+        seen = []
+
+    class Guarded(BasicAuthFile):
+        path_served, body, user, seen = "/mnist.npz", npz, "alice", []
+    Guarded.password = password
+    other = serve(Other)
+    Guarded.elsewhere = f"http://127.0.0.1:{other.server_port}/mnist.npz"
+    srv = serve(Guarded)
+    try:
+        host = f"127.0.0.1:{srv.server_port}"
+        userinfo = f"alice:{urllib.parse.quote(password, safe='')}"
+        with_userinfo = f"http://{userinfo}@{host}/mnist.npz"
+        bare = f"http://{host}/mnist.npz"
+        assert load_dataset({"dataset": "npz", "path": with_userinfo})[0].shape == (20, 28, 28, 1)
+        cached = [p.name for p in (tmp_path / "cache").iterdir()]
+        assert len(cached) == 1 and "Sup3r" not in cached[0] and "alice" not in cached[0]
+        (tmp_path / "cache" / cached[0]).unlink()
+        bound = {data_url.BOUND_KEY: json.dumps({f"http://{host}": userinfo})}
+        creds = data_url.bound_credentials(bound)
+        assert load_dataset({"dataset": "npz", "path": bare}, creds)[1].shape == (20,)
+        for p in (tmp_path / "cache").iterdir():   # so that each fetch below downloads
+            p.unlink()
+        for url, given in ((bare, None), (bare, {"http://127.0.0.1:1": userinfo}),
+                           (f"http://alice:wrong{urllib.parse.quote(password, safe='')}@{host}/mnist.npz?sig=Sup3r",
+                            creds)):
+            with pytest.raises(BadRequest, match="HTTP Error 401") as err:
+                fetch(url, credentials=given)
+            assert "Sup3r" not in str(err.value) and "S3cret" not in str(err.value), str(err.value)
+        assert "***@" in str(err.value) and "?..." in str(err.value)   # the last one: user info and query hidden
+        Guarded.seen.clear()
+        with pytest.raises(BadRequest, match="HTTP Error 401"):   # the other origin refuses: no credentials
+            fetch(f"http://{userinfo}@{host}/moved")
+        assert Guarded.seen and Guarded.seen[0] is not None   # sent to the URL given ...
+        assert Other.seen == [None]                          # ... never on to where it redirects
+        for raw in ("{not json", json.dumps(["x"]), json.dumps({"http://h": 1}), "x" * (data_url.MAX_BOUND_BYTES + 1)):
+            with pytest.raises(BadRequest, match=data_url.BOUND_KEY) as err:
+                data_url.bound_credentials({data_url.BOUND_KEY: raw})
+            assert raw[:20] not in str(err.value)
+        assert data_url.bound_credentials({}) == {}
+    finally:
+        for s in (srv, other):
+            s.shutdown()
+            s.server_close()
 
 
 def test_pickled_obj_data_is_refused_with_conversion_help():

@@ -20,6 +20,7 @@ from fedkeeper.config import load_config
 from fedkeeper.store import connect
 from flcommon import store as fs
 
+from basic_auth_server import BasicAuthFile, digits_npz, serve
 from session_config import FUNCTIONS, fragment, write_session_config
 
 DB = "model_export"
@@ -192,6 +193,27 @@ def test_validate_refusals(trained, tmp_path):
                         (["--round", "7"], "no model 7")):
         res = invoke("validate", session, "-c", str(cfg), *args)
         assert res.exit_code == 2 and words in res.output, (args, res.output)
+
+
+def test_validate_on_a_data_url_with_credentials_stores_and_shows_none(trained):
+    """`--data npz:URL` with user info: the download is authorised, and the
+    stored validation and the output hold the URL without it."""
+    cfg, store, session = trained
+
+    class Data(BasicAuthFile):
+        body, user, password, seen = digits_npz(), "bob", "V4lid8/Secret", []
+    srv = serve(Data)
+    try:
+        url = f"http://bob:V4lid8%2FSecret@127.0.0.1:{srv.server_port}/data.npz"
+        res = invoke("validate", session, "-c", str(cfg), "--round", "1", "--data", f"npz:{url}", "--json")
+        assert res.exit_code == 0, res.output
+        assert Data.seen and "V4lid8" not in res.output
+        found = [v for v in store.model(session, 1)["validations"].values() if v["request"].get("path")]
+        assert [v["request"]["path"] for v in found] == [url.replace("bob:V4lid8%2FSecret@", "")]
+        assert "V4lid8" not in json.dumps(found)
+    finally:
+        srv.shutdown()
+        srv.server_close()
 
 
 def test_every_model_records_its_trail(trained):

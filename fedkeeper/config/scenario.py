@@ -4,10 +4,11 @@ and the `training` and `insights` blocks FedKeeper lacked."""
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING, Literal, Optional, Union
+from typing import TYPE_CHECKING, Any, Literal, Optional, Union
 from urllib.parse import quote_plus, urlsplit
 
 from flcommon.data import OBJ_HELP
+from flcommon.data_url import origin, split_userinfo
 from pydantic import Field, SecretStr, field_validator, model_validator
 
 from ..user_module import UserModuleConfig
@@ -248,6 +249,21 @@ class TrainingTestData(Open):
         if self.dataset == "npz" and not self.path:
             raise ValueError("dataset: npz needs path (a file path or http(s) URL)")
         return self
+
+    def credentials(self) -> dict[str, str]:
+        """Origin -> the user info written in the data URL: bound to the
+        function that downloads it, never stored with a session
+        (flcommon/data_url.py)."""
+        bare, userinfo = split_userinfo(self.path or "")
+        return {origin(bare): userinfo} if userinfo else {}
+
+    def stored(self) -> dict[str, Any]:
+        """These settings as a session's spec stores them: the data URL
+        without its user info."""
+        out = self.model_dump(exclude_none=True)
+        if self.path:
+            out["path"] = split_userinfo(self.path)[0]
+        return out
 
 
 class FunctionConfig(Open):

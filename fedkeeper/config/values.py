@@ -9,6 +9,11 @@ from urllib.parse import urlsplit
 
 from pydantic import AfterValidator, BeforeValidator
 
+# How a URL may be shown (its user info as ***, its query elided): the
+# functions' own rule, so that the keeper and the functions show URLs alike.
+from flcommon.data_url import shown as shown_url  # noqa: F401  (re-exported)
+from flcommon.data_url import split_userinfo
+
 from .units import count
 
 # ${VAR} or ${VAR:-default}: how a config refers to the environment.
@@ -40,29 +45,10 @@ def no_placeholder(v: str) -> str:
     return v
 
 
-def shown_url(v: str) -> str:
-    """`v` as an error message may print it: what precedes its last '@' (the
-    user info, so a key or token) as ***, and its query and fragment (signed
-    URLs carry tokens there) elided. The last '@' of the whole string, not
-    of the host part: a password with an unescaped '/', '?' or '#' must not
-    show either. Plain string work, so that no malformed URL makes it raise."""
-    scheme, sep, rest = v.partition("://")
-    if not sep:
-        scheme, rest = "", v
-    userinfo, at, rest = rest.rpartition("@")
-    cut = min((i for i in (rest.find("?"), rest.find("#")) if i >= 0), default=-1)
-    if cut >= 0:
-        rest = rest[:cut + 1] + "..."
-    return scheme + sep + (f"{REDACTED}@" if at else "") + rest
-
-
 def url_userinfo(v: str) -> str:
     """The user info of a URL as urlsplit finds it ('' when none), without
     urlsplit, which raises on an unclosed '[' in any string of the config."""
-    if "://" not in v:
-        return ""
-    netloc = re.split(r"[/?#]", v.partition("://")[2], maxsplit=1)[0]
-    return netloc.rpartition("@")[0]
+    return split_userinfo(v)[1]
 
 
 def url_credential(v: str) -> Optional[str]:

@@ -364,7 +364,7 @@ class Keeper:
         ds, data, mp = s.data_sampling, s.training_test_data, s.model_params
         return {
             "model": ds.model,
-            "data": data.model_dump(exclude_none=True),
+            "data": data.stored(),   # no credentials in the store
             "partition": {"method": ds.partition, "alpha": ds.dirichlet_alpha,
                           "shards_per_client": ds.shards_per_client},
             "clients": sorted(self.client_cluster, key=lambda c: int(c.split("_")[1])),

@@ -24,6 +24,7 @@ import numpy as np
 
 from flcommon import store
 from flcommon.context import database, global_model, ids, num_classes, partition_arrays, session_spec
+from flcommon.data_url import shown, split_userinfo
 from flcommon.entry import BadRequest
 from flcommon.models import evaluate
 from flcommon.user_code import BuiltinCode, code_for
@@ -63,7 +64,13 @@ def describe(data: dict[str, Any]) -> str:
         return f"session {data['split']} split"
     if data["source"] == "module":
         return f"user module {data['split']} split"
-    return data["dataset"] if data["dataset"] != "npz" else f"npz {data['path']}"
+    return data["dataset"] if data["dataset"] != "npz" else f"npz {shown(data['path'])}"
+
+
+def recorded(data: dict[str, Any]) -> dict[str, Any]:
+    """The request as the validation stores it: the data URL without its
+    user info (credentials are used, never stored)."""
+    return {**data, "path": split_userinfo(data["path"])[0]} if "path" in data else data
 
 
 def _stored_train(db, session: str, clients: list[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -117,8 +124,9 @@ def handle(payload: dict[str, Any], bound: dict[str, str]) -> dict[str, Any]:
         raise BadRequest(f"{describe(data)}: labels must be class indices 0..{classes - 1} "
                          f"(found {int(y.min())}..{int(y.max())})" if len(y) else f"{describe(data)} is empty")
     metrics = evaluate(spec, weights, x, y, classes)
-    key = hashlib.sha256(json.dumps({"round": rnd, "data": data}, sort_keys=True).encode()).hexdigest()[:16]
-    result = {"key": key, "round": rnd, "data": describe(data), "request": data, "metrics": metrics,
+    request = recorded(data)
+    key = hashlib.sha256(json.dumps({"round": rnd, "data": request}, sort_keys=True).encode()).hexdigest()[:16]
+    result = {"key": key, "round": rnd, "data": describe(data), "request": request, "metrics": metrics,
               "num_examples": int(len(y)), "per_class_accuracy": _per_class(spec, weights, x, y, classes),
               "created": time.time(), "seconds": round(time.perf_counter() - t0, 3)}
     db[store.MODELS].update_one({"session": session, "round": rnd}, {"$set": {f"validations.{key}": result}})

@@ -10,6 +10,7 @@ import pymongo
 
 from flcommon import store
 from flcommon.context import database, ids, session_spec
+from flcommon.data_url import bound_credentials
 from flcommon.trail import model_trail
 from flcommon.user_code import code_for
 from flcommon.entry import BadRequest
@@ -32,7 +33,7 @@ def handle(payload: dict[str, Any], bound: dict[str, str]) -> dict[str, Any]:
         raise BadRequest(f"session {session}: model must be one of {MODELS}, optim one of {OPTIMIZERS}")
     t0 = time.perf_counter()
     code = code_for(spec)  # the built-ins or the session's user module
-    x_tr, y_tr, x_te, y_te = code.load_data()
+    x_tr, y_tr, x_te, y_te = code.load_data(bound_credentials(bound))
     clients: list[str] = spec["clients"]
     if not clients or len(set(clients)) != len(clients) or "_test" in clients:
         raise BadRequest("session clients must be a non-empty list of distinct ids (and not '_test')")

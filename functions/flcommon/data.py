@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from .data_url import authorised, shown
 from .entry import BadRequest
 
 OBJ_HELP = ("FedKeeper's pickled .obj data files are refused: loading them would run pickle. "
@@ -101,36 +102,44 @@ class _NoDowngrade(urllib.request.HTTPRedirectHandler):
     def redirect_request(self, req, fp, code, msg, headers, newurl):
         old, new = req.full_url.split(":", 1)[0].lower(), newurl.split(":", 1)[0].lower()
         if new not in ("http", "https") or (old == "https" and new == "http"):
-            raise urllib.error.URLError(f"refused a redirect from {old} to {newurl.split('?')[0][:200]}")
+            raise urllib.error.URLError(f"refused a redirect from {old} to {shown(newurl)[:200]}")
         return super().redirect_request(req, fp, code, msg, headers, newurl)
 
 
-def _download(location: str, out, timeout_s: float, deadline_s: float) -> None:
+def _download(url: str, authorization: str | None, out, timeout_s: float, deadline_s: float) -> None:
+    request = urllib.request.Request(url)
+    if authorization:
+        # Unredirected: the credentials go to this URL only, never to
+        # wherever it redirects.
+        request.add_unredirected_header("Authorization", authorization)
     opener = urllib.request.build_opener(_NoDowngrade)
     until = time.monotonic() + deadline_s
-    with opener.open(location, timeout=timeout_s) as resp:
+    with opener.open(request, timeout=timeout_s) as resp:
         declared = resp.headers.get("Content-Length")
         if declared and declared.isdigit() and int(declared) > MAX_DATA_BYTES:
-            raise BadRequest(f"{location} is {int(declared):,} bytes, more than the {MAX_DATA_BYTES:,} "
+            raise BadRequest(f"{shown(url)} is {int(declared):,} bytes, more than the {MAX_DATA_BYTES:,} "
                              "a data set may be")
         got = 0
         while block := resp.read1(1 << 20):
             got += len(block)
             if got > MAX_DATA_BYTES:
-                raise BadRequest(f"{location} is more than the {MAX_DATA_BYTES:,} bytes a data set may be")
+                raise BadRequest(f"{shown(url)} is more than the {MAX_DATA_BYTES:,} bytes a data set may be")
             if time.monotonic() > until:
-                raise BadRequest(f"downloading {location} took more than {deadline_s:g} s")
+                raise BadRequest(f"downloading {shown(url)} took more than {deadline_s:g} s")
             out.write(block)
 
 
 def fetch(location: str, sha256: str | None = None, timeout_s: float = 60.0,
-          deadline_s: float = DOWNLOAD_DEADLINE_S) -> Path:
+          deadline_s: float = DOWNLOAD_DEADLINE_S, credentials: dict[str, str] | None = None) -> Path:
     """A local path as is, or an http(s) URL downloaded once into the cache
     (at most MAX_DATA_BYTES, within `deadline_s`, redirected only to http(s)
-    and never down from https). With a checksum, a mismatch is an error
-    (and the bad file is dropped)."""
+    and never down from https; authorised by its user info, else by
+    `credentials` for its origin: data_url.py). With a checksum, a mismatch
+    is an error (and the bad file is dropped). Messages show the URL
+    without its user info or query."""
     if location.startswith(("http://", "https://")):
-        name = hashlib.sha256(location.encode()).hexdigest()[:16] + "-" + Path(location.split("?")[0]).name
+        url, authorization = authorised(location, credentials)
+        name = hashlib.sha256(url.encode()).hexdigest()[:16] + "-" + Path(url.split("?")[0]).name
         path = cache_dir() / name
         if not path.exists():
             # A unique temporary name: concurrent cold starts may download
@@ -139,10 +148,10 @@ def fetch(location: str, sha256: str | None = None, timeout_s: float = 60.0,
             tmp = Path(tmp_name)
             try:
                 with os.fdopen(fd, "wb") as out:
-                    _download(location, out, timeout_s, deadline_s)
+                    _download(url, authorization, out, timeout_s, deadline_s)
             except OSError as exc:
                 tmp.unlink(missing_ok=True)
-                raise BadRequest(f"cannot download {location}: {exc}") from None
+                raise BadRequest(f"cannot download {shown(location)}: {exc}") from None
             except BaseException:
                 tmp.unlink(missing_ok=True)
                 raise
@@ -154,7 +163,7 @@ def fetch(location: str, sha256: str | None = None, timeout_s: float = 60.0,
     if sha256 and _sha256(path) != sha256.lower():
         if location.startswith(("http://", "https://")):
             path.unlink(missing_ok=True)
-        raise BadRequest(f"checksum mismatch for {location}: expected sha256 {sha256}")
+        raise BadRequest(f"checksum mismatch for {shown(location)}: expected sha256 {sha256}")
     return path
 
 
@@ -174,47 +183,50 @@ def _declared_bytes(path: Path) -> int:
     return total
 
 
-def load_npz(location: str, sha256: str | None = None) -> tuple[np.ndarray, ...]:
+def load_npz(location: str, sha256: str | None = None,
+             credentials: dict[str, str] | None = None) -> tuple[np.ndarray, ...]:
     """Keras' mnist.npz layout: x_train, y_train, x_test, y_test. A download
     that turns out not to be one is dropped from the cache, so the next
     session downloads it again rather than meet the same bad copy."""
-    path = fetch(location, sha256)
+    path = fetch(location, sha256, credentials=credentials)
     try:
-        return _read_npz(path, location)
+        return _read_npz(path, shown(location))
     except BadRequest:
         if location.startswith(("http://", "https://")):
             path.unlink(missing_ok=True)
         raise
 
 
-def _read_npz(path: Path, location: str) -> tuple[np.ndarray, ...]:
+def _read_npz(path: Path, where: str) -> tuple[np.ndarray, ...]:
     if not zipfile.is_zipfile(path):
         with open(path, "rb") as f:
             npy = f.read(6) == b"\x93NUMPY"
-        raise BadRequest(f"{location} is a single .npy array, not an npz archive" if npy
-                         else f"{location} is not a pickle-free npz: not a zip archive")
+        raise BadRequest(f"{where} is a single .npy array, not an npz archive" if npy
+                         else f"{where} is not a pickle-free npz: not a zip archive")
     try:
         declared = _declared_bytes(path)
         z = np.load(path, allow_pickle=False)
     except (ValueError, OSError, EOFError, zipfile.BadZipFile, KeyError) as exc:
-        raise BadRequest(f"{location} is not a pickle-free npz: {exc}") from None
+        raise BadRequest(f"{where} is not a pickle-free npz: {exc}") from None
     if declared > MAX_DATA_BYTES:
         z.close()
-        raise BadRequest(f"{location} declares {declared:,} bytes of arrays, more than the {MAX_DATA_BYTES:,} "
+        raise BadRequest(f"{where} declares {declared:,} bytes of arrays, more than the {MAX_DATA_BYTES:,} "
                          "a data set may hold")
     with z:
         missing = {"x_train", "y_train", "x_test", "y_test"} - set(z.files)
         if missing:
-            raise BadRequest(f"{location} lacks {sorted(missing)} (expected Keras' mnist.npz layout)")
+            raise BadRequest(f"{where} lacks {sorted(missing)} (expected Keras' mnist.npz layout)")
         try:
             return (_scale(z["x_train"]), _labels(z["y_train"]), _scale(z["x_test"]), _labels(z["y_test"]))
         except (ValueError, OSError, zipfile.BadZipFile) as exc:  # e.g. an object array inside
-            raise BadRequest(f"{location} is not a pickle-free npz: {exc}") from None
+            raise BadRequest(f"{where} is not a pickle-free npz: {exc}") from None
         except MemoryError:
-            raise BadRequest(f"{location}: its arrays do not fit in this function's memory") from None
+            raise BadRequest(f"{where}: its arrays do not fit in this function's memory") from None
 
 
-def load_dataset(data: dict[str, Any]) -> tuple[np.ndarray, ...]:
+def load_dataset(data: dict[str, Any], credentials: dict[str, str] | None = None) -> tuple[np.ndarray, ...]:
+    """The data set a session's spec names; `credentials`: what the keeper
+    bound for its URL's origin (data_url.py)."""
     kind = data.get("dataset", "digits")
     if kind == "fedkeeper_obj" or any(str(v).split("?")[0].endswith(".obj") for v in data.values()):
         raise BadRequest(OBJ_HELP)
@@ -224,7 +236,7 @@ def load_dataset(data: dict[str, Any]) -> tuple[np.ndarray, ...]:
         location = data.get("path") or data.get("url")
         if not isinstance(location, str) or not location:
             raise BadRequest("dataset npz needs a path (a local file or an http(s) URL)")
-        return load_npz(location, data.get("sha256"))
+        return load_npz(location, data.get("sha256"), credentials)
     raise BadRequest(f"unknown dataset {kind!r}")
 
 

@@ -283,9 +283,10 @@ class BuiltinCode:
         from .architectures import build
         return build(self.spec.get("model", "small"), input_shape, num_classes)
 
-    def load_data(self) -> tuple[np.ndarray, ...]:
+    def load_data(self, credentials: dict[str, str] | None = None) -> tuple[np.ndarray, ...]:
+        """`credentials`: those bound for the data URL (data_url.py)."""
         from .data import load_dataset
-        return load_dataset(self.spec.get("data", {}))
+        return load_dataset(self.spec.get("data", {}), credentials)
 
     def partition(self, labels: np.ndarray, n_clients: int, seed: int) -> list[np.ndarray]:
         from .data import partition
@@ -341,10 +342,10 @@ class ModuleCode:
         check_model(model, input_shape, num_classes, self.name, self._call)
         return model
 
-    def load_data(self) -> tuple[np.ndarray, ...]:
+    def load_data(self, credentials: dict[str, str] | None = None) -> tuple[np.ndarray, ...]:
         fn = getattr(self.module, "load_data", None)
         if fn is None:
-            return self.fallback.load_data()
+            return self.fallback.load_data(credentials)
         return check_data(self._call("load_data", fn, **self.data_params), self.name)
 
     def partition(self, labels: np.ndarray, n_clients: int, seed: int) -> list[np.ndarray]:
