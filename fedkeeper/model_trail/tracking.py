@@ -17,6 +17,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import posixpath
+import re
 import tempfile
 import time
 from pathlib import Path
@@ -27,6 +29,9 @@ from .code import session_code
 from .export import export_model
 
 DEFAULT_URI = "mlruns"
+# What MLflow accepts in a metric name, and how long one may be.
+_NOT_IN_METRIC_NAMES = re.compile(r"[^A-Za-z0-9_\-. :/]")
+MAX_METRIC_NAME = 250
 SESSION_TAG = "fedkeeper.session"
 MAX_PARAM_CHARS = 500
 
@@ -63,6 +68,18 @@ def session_params(doc: dict[str, Any]) -> dict[str, str]:
     return {k: v for k, v in out.items() if k}
 
 
+def metric_name(text: str) -> str:
+    """`text` as an MLflow metric name: the characters MLflow refuses (a data
+    URL's `***@` or query) as `_`, at most MAX_METRIC_NAME long. MLflow
+    also takes a name for a file path and refuses one that a path would
+    normalise (a URL's `//`): its slashes then become `_` too."""
+    name = _NOT_IN_METRIC_NAMES.sub("_", text)[:MAX_METRIC_NAME]
+    norm = posixpath.normpath(name)
+    if norm != name or norm.startswith(("..", "/")):
+        name = name.replace("/", "_")
+    return name
+
+
 def session_metrics(store, session: str) -> list[tuple[str, float, int]]:
     """(key, value, step) for every model round and validation."""
     out: list[tuple[str, float, int]] = []
@@ -79,7 +96,7 @@ def session_metrics(store, session: str) -> list[tuple[str, float, int]]:
             out.append(("round_seconds", float(r["duration_s"]), int(r["round"]) + 1))
     for v in validation_rows(store, session):
         if isinstance(v.get("accuracy"), (int, float)):
-            out.append((f"validation.{v['data']}.accuracy", float(v["accuracy"]), v["model"]))
+            out.append((metric_name(f"validation.{v['data']}.accuracy"), float(v["accuracy"]), v["model"]))
     return out
 
 
