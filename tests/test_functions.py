@@ -16,7 +16,7 @@ from werkzeug.wrappers import Request
 
 from flcommon import store as fs
 from flcommon.auth import signed
-from flcommon.entry import BadRequest, http_main, openwhisk_main
+from flcommon.entry import BadRequest, Crash, http_main, openwhisk_main
 
 FUNCTIONS = Path(__file__).resolve().parent.parent / "functions"
 SECRET = "s3cret-for-tests"
@@ -131,6 +131,14 @@ def test_error_rule_bad_input_is_an_error_result_a_crash_propagates(fn_db):
     assert bound["FK_STORE_URL"] not in out["error"]  # bound values are never echoed
     with pytest.raises(ZeroDivisionError):  # OpenWhisk: "action developer error"
         openwhisk_main(crash, {**bound, **body})
+
+    def leaky_crash(payload, bound):
+        raise OSError(f"cannot reach {bound['FK_STORE_URL']}")
+
+    # A crash that quotes a bound value still propagates, without the value.
+    with pytest.raises(Crash) as err:
+        openwhisk_main(leaky_crash, {**bound, **body})
+    assert str(err.value).startswith("OSError: cannot reach ***") and bound["FK_STORE_URL"] not in str(err.value)
 
 
 def test_non_finite_numbers_in_a_result_become_null_on_both_entries(fn_db, monkeypatch):

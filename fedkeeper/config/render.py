@@ -85,8 +85,8 @@ def to_yaml_dict(cfg: Config) -> dict[str, Any]:
                     continue
                 out[k] = _with_units(path, k, walk(v, p))
             return out
-        if isinstance(o, list):
-            return [walk(v, path + (i,)) for i, v in enumerate(o)]
+        if isinstance(o, list):   # a list's URLs are masked like a key's
+            return [redact(v) if _secret_in("", v) else walk(v, path + (i,)) for i, v in enumerate(o)]
         return _plain(o)
 
     data = cfg.model_dump(mode="python", by_alias=True, exclude_none=True)

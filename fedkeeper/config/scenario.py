@@ -154,6 +154,11 @@ class MongoConfig(Strict):
             if u.scheme not in ("mongodb", "mongodb+srv"):
                 raise ValueError(f"{shown!r} has scheme {u.scheme!r}; expected mongodb:// or mongodb+srv://")
             hosts = u.netloc.rpartition("@")[2]
+            if "@" in s.partition("://")[2][len(u.netloc):]:
+                # The host part ended early: a password's '/', '?' or '#'.
+                # Nothing of it may be shown, so the message names no host.
+                raise ValueError(f"{shown!r}: its user info holds a '/', '?' or '#' that is not escaped "
+                                 "(write them %2F, %3F, %23, or give the password as mongo_config.password)")
             if not hosts:
                 raise ValueError(f"{shown!r} names no host")
             for h in hosts.split(","):
@@ -258,12 +263,19 @@ class TrainingTestData(Open):
         return {origin(bare): userinfo} if userinfo else {}
 
     def stored(self) -> dict[str, Any]:
-        """These settings as a session's spec stores them: the data URL
-        without its user info."""
-        out = self.model_dump(exclude_none=True)
-        if self.path:
-            out["path"] = split_userinfo(self.path)[0]
-        return out
+        """These settings as a session's spec stores them: every URL in them
+        (the data URL, the legacy ones, any extra key) without its user info."""
+        return _without_userinfo(self.model_dump(exclude_none=True))
+
+
+def _without_userinfo(o: Any) -> Any:
+    if isinstance(o, str):
+        return split_userinfo(o)[0]
+    if isinstance(o, dict):
+        return {k: _without_userinfo(v) for k, v in o.items()}
+    if isinstance(o, list):
+        return [_without_userinfo(v) for v in o]
+    return o
 
 
 class FunctionConfig(Open):

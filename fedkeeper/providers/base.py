@@ -13,6 +13,8 @@ from dataclasses import dataclass, field, replace
 from enum import Enum
 from typing import Any, ClassVar, Iterable, Sequence
 
+from flcommon.data_url import masked
+
 from .prometheus import ClusterMetrics
 
 
@@ -37,7 +39,10 @@ class ProviderError(Exception):
 
     def __init__(self, error_class: ErrorClass, message: str, *,
                  retry_after: float | None = None, status: int | None = None):
-        super().__init__(message)
+        # Messages are shown, logged and stored with the attempt: a URL's
+        # user info (a key an endpoint was written with, quoted by a client
+        # library) never goes with them.
+        super().__init__(masked(message))
         self.error_class = error_class
         self.retry_after = retry_after
         self.status = status

@@ -64,6 +64,16 @@ def shown(url: str) -> str:
     return scheme + sep + (f"{REDACTED}@" if at else "") + rest
 
 
+# A URL's scheme and user info inside free text (an error message).
+_USERINFO_IN_TEXT = re.compile(r"\b([A-Za-z][A-Za-z0-9+.-]*://)[^\s/?#@]*@")
+
+
+def masked(text: str) -> str:
+    """`text` (say, an error a library wrote) with the user info of every
+    URL in it as ***."""
+    return _USERINFO_IN_TEXT.sub(rf"\1{REDACTED}@", text)
+
+
 def bound_credentials(bound: Mapping[str, Any]) -> dict[str, str]:
     """The credentials bound to this function ({} when none). Malformed
     ones are bad input (a new deploy binds them again), refused without

@@ -190,9 +190,22 @@ def _finite(value: Any) -> Any:
     return value
 
 
+class Crash(RuntimeError):
+    """A crash whose own text quoted a bound value: raised in its place,
+    with that value as ***, so that the activation's error does not carry it."""
+
+
 def openwhisk_main(handle: Handler, args: Mapping[str, Any]) -> dict[str, Any]:
     bound, payload = split_args(args)
-    return _checked(handle, bound, payload)[1]
+    try:
+        return _checked(handle, bound, payload)[1]
+    except Exception as exc:  # noqa: BLE001 - a crash propagates (a developer error), scrubbed
+        text = f"{type(exc).__name__}: {exc}"
+        scrubbed = _scrub(text, bound)
+        if scrubbed == text:
+            raise
+        sys.stderr.write(_scrub(traceback.format_exc(), bound))
+        raise Crash(scrubbed) from None
 
 
 def http_main(handle: Handler, request) -> tuple[str, int, dict[str, str]]:

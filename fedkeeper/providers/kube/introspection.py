@@ -12,6 +12,7 @@ import re
 from decimal import Decimal
 from typing import Any, Mapping
 
+from ...config.values import shown_url
 from .client import REQUEST_TIMEOUT, api_client, map_api_error
 
 GPU_RESOURCES = ("nvidia.com/gpu", "amd.com/gpu")
@@ -169,7 +170,8 @@ def cluster_info(cluster: Any, *, api=None, configured: Any = None) -> dict[str,
             api.close()
 
     summaries = [node_summary(n) for n in nodes]
-    info: dict[str, Any] = {"api_server": api.configuration.host, "nodes": summaries}
+    # shown, never with the user info a kubeconfig may have written into it
+    info: dict[str, Any] = {"api_server": shown_url(api.configuration.host or ""), "nodes": summaries}
     hosts, basis = _hosts(summaries)
     info["hosts"] = {"names": [h["name"] for h in hosts], "basis": basis}
     warnings: list[str] = []

@@ -6,6 +6,7 @@ import re
 from typing import ClassVar, Optional
 from urllib.parse import urlsplit, urlunsplit
 
+from flcommon.data_url import split_userinfo
 from pydantic import NonNegativeInt, PositiveInt, SecretStr, field_validator, model_validator
 
 from ...config.clusters import ClusterConfig, Strict
@@ -79,8 +80,10 @@ class OpenWhiskCluster(ClusterConfig):
             host = u.hostname or ""
             netloc = f"{host}:{u.port}" if u.port else host
             return urlunsplit((u.scheme or "https", netloc, "", "", ""))
+        # User info written into ow_api_host is not the host: requests carry
+        # auth_pair(), and every message shows this value.
         h = self.auth.ow_api_host or ""
-        return h if "://" in h else f"https://{h}"
+        return split_userinfo(h if "://" in h else f"https://{h}")[0]
 
     def auth_pair(self) -> tuple[str, str]:
         raw = (self.auth.ow_auth.get_secret_value() if self.auth.ow_auth else None) or self._url_userinfo()
