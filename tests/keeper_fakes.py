@@ -370,7 +370,8 @@ class FakeProvider(Provider):
 
 def fake_config(tmp_path, *, mode: str = "sync", rounds: int = 2, clients: int = 4, per_round: int = 4,
                 extra_cluster: str = "", training: str = "", deadline_s: float = 60,
-                fast_first_retry: bool = True, second_cluster: int = 0) -> Any:
+                fast_first_retry: bool = True, fast_while_delivering: bool = True,
+                second_cluster: int = 0) -> Any:
     """`second_cluster`: that many of the clients on a second cluster, c2."""
     path = tmp_path / "fake.yaml"
     c2 = "\n            c2: {kind: local}" if second_cluster else ""
@@ -394,7 +395,8 @@ def fake_config(tmp_path, *, mode: str = "sync", rounds: int = 2, clients: int =
               round_deadline_s: {deadline_s}
               attempt_grace_s: 5
               retries: {{max_attempts: 3, backoff_s: 0.5, backoff_max_s: 4, jitter: 0.0,
-                        fast_first_retry: {str(fast_first_retry).lower()}}}
+                        fast_first_retry: {str(fast_first_retry).lower()},
+                        fast_while_delivering: {str(fast_while_delivering).lower()}}}
         """) + textwrap.indent(textwrap.dedent(training), " " * 6))
     return load_config(path)
 

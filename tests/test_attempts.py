@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from fedkeeper.keeper.attempts import AttemptTable, RetryPolicy, Slot
+from fedkeeper.keeper.attempts import AttemptTable, DeliveryRecord, RetryPolicy, Slot
 from fedkeeper.keeper.round_closing import COMPLETE, DEADLINE, QUORUM, RoundDispatch, quorum_met, quorum_needed
 from fedkeeper.keeper.cluster_health import ClusterHealth
 from fedkeeper.providers import ErrorClass, Invocation
@@ -102,6 +102,59 @@ def test_without_fast_first_retry_every_failure_backs_off_on_the_same_jitter_dra
     assert schedule[True, "next draw"] == schedule[False, "next draw"]
     # Retry-After still wins over an at-once retry.
     assert POLICY.retry_delay(1, ErrorClass.DEVELOPER_ERROR, random.Random(0), retry_after=3.0) == 3.0
+
+
+def test_function_failures_are_retried_at_once_while_the_cluster_delivers():
+    """Every failure of the function itself goes again at once while the
+    cluster delivers at least half its recent attempts; a timeout still
+    backs off; the rng is drawn as often either way."""
+    policy = RetryPolicy(max_attempts=5, backoff_s=1.0, backoff_max_s=100.0, jitter=0.5)
+    draws = {}
+    for delivering in (True, False):
+        rng = random.Random(7)
+        delays = [policy.retry_delay(n, ErrorClass.DEVELOPER_ERROR, rng, delivering=delivering) for n in (1, 2, 3)]
+        draws[delivering] = (delays, rng.random())
+    assert draws[True][0] == [0.0, 0.0, 0.0] and min(draws[False][0][1:]) >= 0.5
+    assert draws[True][1] == draws[False][1]
+    assert policy.retry_delay(2, ErrorClass.TIMEOUT, random.Random(0), delivering=True) >= 1.0
+    assert policy.retry_delay(2, ErrorClass.APPLICATION_ERROR, None, 2.5, delivering=True) == 2.5   # Retry-After
+    off = RetryPolicy(max_attempts=5, backoff_s=1.0, jitter=0.0, fast_while_delivering=False)
+    assert off.retry_delay(2, ErrorClass.DEVELOPER_ERROR, None, delivering=True) == 1.0
+
+
+def test_a_cluster_delivers_once_half_its_recent_attempts_did():
+    record = DeliveryRecord()
+    for _ in range(DeliveryRecord.MIN_ENDED - 1):
+        record.ended("c1", True)
+    assert not record.delivering("c1")            # too few ended to tell
+    record.ended("c1", False)
+    assert record.delivering("c1") and not record.delivering("c2")
+    for _ in range(DeliveryRecord.WINDOW):        # only the last WINDOW count
+        record.ended("c1", False)
+    assert not record.delivering("c1")
+    for _ in range(DeliveryRecord.WINDOW // 2):
+        record.ended("c1", True)
+    assert record.delivering("c1")
+
+
+def test_the_table_backs_off_on_a_failing_cluster_and_not_on_a_delivering_one():
+    clock = Clock()
+    table = table_of(6, clock)
+    slots = start_all(table, clock)
+    for s in slots[1:]:
+        table.delivered(s)
+    first = slots[0]
+    table.failed(first, ErrorClass.DEVELOPER_ERROR, "crash")       # the first: at once anyway
+    assert first.next_try == clock()
+    start_all(table, clock)
+    table.failed(first, ErrorClass.DEVELOPER_ERROR, "crash")       # the second: 5 of 7 delivered
+    assert first.next_try == clock()
+    failing = table_of(6, clock)
+    for s in start_all(failing, clock):
+        failing.failed(s, ErrorClass.DEVELOPER_ERROR, "crash")
+    again = start_all(failing, clock)
+    failing.failed(again[0], ErrorClass.DEVELOPER_ERROR, "crash")   # none delivered: backoff_s
+    assert again[0].next_try == clock() + 1.0
 
 
 @pytest.mark.parametrize("ec", [ErrorClass.AUTH, ErrorClass.PAYLOAD_TOO_LARGE])

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 import random
+from collections import deque
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
@@ -92,12 +93,13 @@ class RetryPolicy:
     grace_s: float = 10.0          # on top of the function's timeout, per attempt
     hedging: HedgePolicy = HedgePolicy()
     fast_first_retry: bool = True
+    fast_while_delivering: bool = True
 
     @classmethod
     def from_training(cls, training: Any) -> "RetryPolicy":
         r = training.retries
         return cls(r.max_attempts, r.backoff_s, r.backoff_max_s, r.jitter, training.attempt_grace_s,
-                   HedgePolicy.from_training(training), r.fast_first_retry)
+                   HedgePolicy.from_training(training), r.fast_first_retry, r.fast_while_delivering)
 
     def backoff(self, attempt: int, rng: random.Random | None, retry_after: float | None = None) -> float:
         """Delay before the retry that follows failed attempt `attempt` (1-based):
@@ -109,20 +111,50 @@ class RetryPolicy:
         return max(delay, retry_after or 0.0)
 
     def retry_delay(self, failures: int, ec: ErrorClass | None, rng: random.Random | None,
-                    retry_after: float | None = None) -> float:
+                    retry_after: float | None = None, delivering: bool = False) -> float:
         """Delay before the retry that follows a slot's `failures`-th
-        counted attempt that did not deliver (1-based). With
-        fast_first_retry, when the first one failed in the function itself
-        (FUNCTION_FAILURES) it is retried at once, and the backoff starts
-        with the second (backoff_s, then doubling); otherwise it backs off
-        from the first. One jitter draw either way, so the rng's sequence,
-        and with it every later draw, is the same with fast_first_retry on
-        or off. Without an rng (a hedge's successor: hedging draws
+        counted attempt that did not deliver (1-based). A failure in the
+        function itself (FUNCTION_FAILURES) is retried at once: the first
+        one with fast_first_retry (the backoff then starts with the second:
+        backoff_s, then doubling), and every one with fast_while_delivering
+        while its cluster is `delivering` (DeliveryRecord): the failure is
+        the attempt's own, not the platform's, and in a sync round a
+        backoff is wall time the whole round waits for. Otherwise it backs
+        off from the first. One jitter draw either way, so the rng's
+        sequence, and with it every later draw, is the same whatever the
+        settings. Without an rng (a hedge's successor: hedging draws
         nothing), the same delay without jitter."""
         if not (self.fast_first_retry and ec in FUNCTION_FAILURES):
-            return self.backoff(failures, rng, retry_after)
-        delay = self.backoff(max(1, failures - 1), rng, retry_after)
-        return delay if failures > 1 else (retry_after or 0.0)
+            delay = self.backoff(failures, rng, retry_after)
+        else:
+            delay = self.backoff(max(1, failures - 1), rng, retry_after)
+            if failures == 1:
+                delay = retry_after or 0.0
+        if delivering and self.fast_while_delivering and ec in FUNCTION_FAILURES:
+            delay = retry_after or 0.0
+        return delay
+
+
+class DeliveryRecord:
+    """Per cluster, whether its last WINDOW ended attempts delivered: a
+    cluster that delivered at least SHARE of them, once MIN_ENDED have
+    ended, is `delivering`, so that a failure of one attempt there is that
+    attempt's own (RetryPolicy.retry_delay). Shared by a dispatcher's
+    tables, across rounds."""
+
+    WINDOW = 20
+    MIN_ENDED = 5
+    SHARE = 0.5
+
+    def __init__(self):
+        self._ended: dict[str, deque[bool]] = {}
+
+    def ended(self, cluster: str, delivered: bool) -> None:
+        self._ended.setdefault(cluster, deque(maxlen=self.WINDOW)).append(delivered)
+
+    def delivering(self, cluster: str) -> bool:
+        ended = self._ended.get(cluster, ())
+        return len(ended) >= self.MIN_ENDED and sum(ended) >= self.SHARE * len(ended)
 
 
 @dataclass
@@ -182,7 +214,7 @@ class AttemptTable:
 
     def __init__(self, policy: RetryPolicy, clock: Clock, rng: random.Random | None = None,
                  slots: Iterable[Slot] = (), peer_durations: dict[int, list[float]] | None = None,
-                 warm_durations: dict[int, list[float]] | None = None):
+                 warm_durations: dict[int, list[float]] | None = None, deliveries: DeliveryRecord | None = None):
         self.policy = policy
         self.clock = clock
         self.rng = rng or random.Random()
@@ -196,6 +228,8 @@ class AttemptTable:
         self.peer_durations: dict[int, list[float]] = {} if peer_durations is None else peer_durations
         # The same, of the attempts the platform said ran warm (HedgePolicy.threshold).
         self.warm_durations: dict[int, list[float]] = {} if warm_durations is None else warm_durations
+        # Whether each cluster's recent attempts delivered (shared likewise).
+        self.deliveries = DeliveryRecord() if deliveries is None else deliveries
 
     def add(self, slot: Slot) -> Slot:
         self.slots[(slot.client, slot.round)] = slot
@@ -264,6 +298,7 @@ class AttemptTable:
                     for old in [r for r in durations if r < s.round - self.KEEP_PEER_ROUNDS]:
                         del durations[old]
                 durations.setdefault(s.round, []).append(took)
+            self.deliveries.ended(s.cluster, True)
         s.state, s.inv, s.result = DELIVERED, None, result
 
     # -------------------------------------------------------------- hedging
@@ -363,6 +398,8 @@ class AttemptTable:
         outcome in time) while the slot's attempt runs on."""
         h = self.hedge_dropped(s)
         self._hedge_counts(s)
+        if h is not None:
+            self.deliveries.ended(h.cluster, False)
         return h
 
     def _hedge_counts(self, s: Slot) -> None:
@@ -390,6 +427,8 @@ class AttemptTable:
         s.last_error = f"{ec.value if ec else 'error'}: {error}"
         if not reached:
             s.uncounted += 1
+        else:
+            self.deliveries.ended(s.cluster, False)
         redeploy = ec == ErrorClass.FUNCTION_MISSING
         # An error in the user's module (flcommon.user_code) fails the same way every time.
         if (ec is not None and not ec.retryable) or USER_CODE_MARK in error \
@@ -397,7 +436,8 @@ class AttemptTable:
             s.state = FAILED
             return Verdict(retry=False, redeploy=False)
         s.state = WAITING
-        s.next_try = self.clock() + self.policy.retry_delay(max(1, s.counted), ec, self.rng, retry_after)
+        s.next_try = self.clock() + self.policy.retry_delay(max(1, s.counted), ec, self.rng, retry_after,
+                                                            delivering=self.deliveries.delivering(s.cluster))
         return Verdict(retry=True, redeploy=redeploy)
 
     def lost(self, s: Slot, why: str) -> None:

@@ -24,7 +24,7 @@ from flcommon.auth import signed
 
 from ..providers import ErrorClass, Invocation, ProviderError
 from ..runtime import Placement
-from .attempts import RUNNING, AttemptTable, RetryPolicy, Slot
+from .attempts import RUNNING, AttemptTable, DeliveryRecord, RetryPolicy, Slot
 from .clusters import ClusterWatch
 from .errors import SessionError
 from .events import RoundEvents
@@ -109,6 +109,7 @@ class Dispatcher:
         self.hedger = Hedger(self)   # speculative attempts; where they run: Hedger.where
         self.peer_durations: dict[int, list[float]] = {}   # shared by its tables (AttemptTable)
         self.warm_durations: dict[int, list[float]] = {}
+        self.deliveries = DeliveryRecord()                 # likewise: a cluster's recent attempts delivered?
         # Kept for the dispatcher's life: starting threads for every submit
         # cost about 0.1 ms of keeper CPU per invocation (async top-ups
         # submit one or two clients at a time).
@@ -133,7 +134,7 @@ class Dispatcher:
 
     def table(self, slots: Iterable[Slot] = (), rng: random.Random | None = None) -> AttemptTable:
         return AttemptTable(self.policy, self.clock, rng or self.rng, slots, self.peer_durations,
-                            self.warm_durations)
+                            self.warm_durations, self.deliveries)
 
     def check_invocation_modes(self, clusters: Iterable[str]) -> None:
         """via_invoker needs a platform that tracks invocations by id alone:

@@ -295,7 +295,8 @@ class Hedger:
         the next one (if any) waits as a retry would, without jitter."""
         h = table.hedge_failed(s)
         # Every counted attempt but the slot's own running one has failed.
-        delay = table.policy.retry_delay(s.counted - 1, ec, rng=None)
+        delivering = h is not None and table.deliveries.delivering(h.cluster)
+        delay = table.policy.retry_delay(s.counted - 1, ec, rng=None, delivering=delivering)
         self._again_at[(s.client, s.round)] = self.d.clock() + delay
         if len(self._again_at) > 4096:   # slots long settled; keep the map small
             now = self.d.clock()
