@@ -52,9 +52,9 @@ FUNCTION_DEFAULTS: dict[str, dict[str, Any]] = {
 # round of updates being read.
 INSIGHTS_WORKING_MB = 1024
 SERVER_FUNCTIONS = ("fl_server_init", "fl_server_aggregator")
-# The one function that downloads a session's data set: the only one given
+# The functions that download a session's data set: the only ones given
 # the data URL's credentials.
-DATA_LOADER = "fl_server_init"
+DATA_LOADERS = ("fl_server_init", "fl_model_validate")
 # Deployed with the training functions, but training goes on without them.
 OPTIONAL_FUNCTIONS = ("fl_insights",)
 
@@ -231,7 +231,7 @@ class Runtime:
         if secure_aggregation(self.scenario.training.secure_aggregation):
             bound_extra.update(secagg_bound(function, self.state))  # client functions only
         data_credentials = self.scenario.training_test_data.credentials()
-        if function == DATA_LOADER and data_credentials:
+        if function in DATA_LOADERS and data_credentials:
             bound_extra[DATA_CREDENTIALS_KEY] = json.dumps(data_credentials, sort_keys=True)
         bound = {"FK_FUNCTION": function, "FK_TOKEN_SECRET": self.secret,
                  "FK_STORE_URL": self.store_url or "", "FK_STORE_DB": self.scenario.mongo_config.db,

@@ -1,8 +1,8 @@
 """A session whose data set is behind HTTP Basic authorisation, the
 credentials written in the config's data URL: it trains on the local
 fabric, and the credentials reach neither the store, nor the command's
-output, nor its run log. Only fl_server_init, which downloads the data
-set, is given them (bound at deploy)."""
+output, nor its run log. Only the functions that download the data set
+(fl_server_init, fl_model_validate) are given them, bound at deploy."""
 from __future__ import annotations
 
 import json

@@ -263,8 +263,9 @@ def test_data_url_credentials_authorise_the_download_and_never_show(tmp_path, mo
         bound = {data_url.BOUND_KEY: json.dumps({f"http://{host}": userinfo})}
         creds = data_url.bound_credentials(bound)
         assert load_dataset({"dataset": "npz", "path": bare}, creds)[1].shape == (20,)
-        for p in (tmp_path / "cache").iterdir():   # so that each fetch below downloads
-            p.unlink()
+        # The copy fetched with the credentials is kept: a request without
+        # them, or with others, still goes to the server, and is refused.
+        assert len(list((tmp_path / "cache").iterdir())) == 1
         for url, given in ((bare, None), (bare, {"http://127.0.0.1:1": userinfo}),
                            (f"http://alice:wrong{urllib.parse.quote(password, safe='')}@{host}/mnist.npz?sig=Sup3r",
                             creds)):
@@ -272,6 +273,9 @@ def test_data_url_credentials_authorise_the_download_and_never_show(tmp_path, mo
                 fetch(url, credentials=given)
             assert "Sup3r" not in str(err.value) and "S3cret" not in str(err.value), str(err.value)
         assert "***@" in str(err.value) and "?..." in str(err.value)   # the last one: user info and query hidden
+        with pytest.raises(BadRequest, match="HTTP Error 401") as err:   # a scheme in capitals is a URL too
+            fetch(f"HTTP://alice:wrong{urllib.parse.quote(password, safe='')}@{host}/mnist.npz")
+        assert "Sup3r" not in str(err.value)
         Guarded.seen.clear()
         with pytest.raises(BadRequest, match="HTTP Error 401"):   # the other origin refuses: no credentials
             fetch(f"http://{userinfo}@{host}/moved")

@@ -16,6 +16,7 @@ from werkzeug.wrappers import Request
 
 from flcommon import store as fs
 from flcommon.auth import signed
+from flcommon.data_url import BOUND_KEY
 from flcommon.entry import BadRequest, Crash, http_main, openwhisk_main
 
 FUNCTIONS = Path(__file__).resolve().parent.parent / "functions"
@@ -135,10 +136,25 @@ def test_error_rule_bad_input_is_an_error_result_a_crash_propagates(fn_db):
     def leaky_crash(payload, bound):
         raise OSError(f"cannot reach {bound['FK_STORE_URL']}")
 
-    # A crash that quotes a bound value still propagates, without the value.
-    with pytest.raises(Crash) as err:
-        openwhisk_main(leaky_crash, {**bound, **body})
-    assert str(err.value).startswith("OSError: cannot reach ***") and bound["FK_STORE_URL"] not in str(err.value)
+    def chained_crash(payload, bound):
+        try:
+            raise OSError(f"cannot reach {bound['FK_STORE_URL']}")
+        except OSError:
+            raise RuntimeError("giving up")   # chained: the traceback quotes the OSError
+
+    def credential_crash(payload, bound):
+        raise ValueError("download as bob with password hunter2pw failed")
+
+    # A crash that quotes a bound value still propagates, without the value:
+    # in its own text, in an exception it was raised from, or as a piece of
+    # the bound data credentials.
+    with_creds = {**bound, BOUND_KEY: json.dumps({"https://h": "bob:hunter2pw"})}
+    for fn, words in ((leaky_crash, "OSError: cannot reach ***"), (chained_crash, "RuntimeError: giving up"),
+                      (credential_crash, "ValueError: download as bob with password *** failed")):
+        with pytest.raises(Crash) as err:
+            openwhisk_main(fn, {**with_creds, **body})
+        assert str(err.value) == words if fn is not leaky_crash else str(err.value).startswith(words)
+        assert bound["FK_STORE_URL"] not in str(err.value) and "hunter2pw" not in str(err.value)
 
 
 def test_non_finite_numbers_in_a_result_become_null_on_both_entries(fn_db, monkeypatch):

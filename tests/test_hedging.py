@@ -378,8 +378,7 @@ def first_hedge_fails(how):
 def test_a_crashed_hedge_is_followed_by_another_when_a_retry_would_be(tmp_path, fast_first_retry):
     behave = first_hedge_fails(Outcome("", False, ErrorClass.APPLICATION_ERROR, "the worker died"))
     keeper, store, provider, clock = fake_keeper(tmp_path, behave, rounds=1, training=HEDGE_ON,
-                                                 fast_first_retry=fast_first_retry,
-                                                 fast_while_delivering=fast_first_retry)
+                                                 fast_first_retry=fast_first_retry)
     assert keeper.start(session_id="s1").state == "finished"
     mine = client_attempts(store, "s1", "client_3")
     assert [(a["attempt"], a["state"], a.get("hedge", False)) for a in mine] == [

@@ -27,7 +27,15 @@ def test_validation_metric_names_are_accepted_by_mlflow(data, refused):
     assert (name != raw) == refused
 
 
-def test_a_long_metric_name_is_cut_to_what_mlflow_stores():
-    name = metric_name("validation.npz /" + "x" * 400 + ".accuracy")
+def test_a_long_metric_name_is_cut_to_what_mlflow_stores_and_stays_distinct():
+    names = [metric_name(f"validation.npz /{'x' * 400}{i}.accuracy") for i in range(2)]
+    for name in names:
+        _validate_metric_name(name)
+        assert len(name) == MAX_METRIC_NAME and name.endswith(".accuracy")
+    assert names[0] != names[1]
+
+
+def test_a_validation_stored_with_user_info_is_named_without_it():
+    name = metric_name("validation.npz https://bob:hunter2@data.example.org/d.npz.accuracy")
     _validate_metric_name(name)
-    assert len(name) == MAX_METRIC_NAME
+    assert "hunter2" not in name and "bob" not in name

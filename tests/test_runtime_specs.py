@@ -1,6 +1,6 @@
 """What the runtime binds to functions: the insights cache always fits in
 the memory fl_insights is given; the data URL's credentials go to the
-function that downloads the data set alone."""
+functions that download the data set alone."""
 from __future__ import annotations
 
 import json
@@ -47,17 +47,17 @@ def test_insights_is_deployed_with_training_but_optional(isolated_dirs):
     assert not set(OPTIONAL_FUNCTIONS) & {"fl_client", "fl_server_init", "fl_server_aggregator"}
 
 
-def test_data_url_credentials_are_bound_to_the_data_loader_only(isolated_dirs):
-    """The data URL's user info goes to fl_server_init (which downloads the
-    data set) as bound configuration; the session spec keeps the URL without
+def test_data_url_credentials_are_bound_to_the_data_loaders_only(isolated_dirs):
+    """The data URL's user info goes to fl_server_init and fl_model_validate
+    (which download the data set) as bound configuration; the session spec keeps the URL without
     it; a URL without user info binds nothing."""
     training = "    clients_info: {total_num_clients: 2, num_clients_per_round: 2, clusters: {ow: 2}}\n"
     url = "https://al%40ice:t0k%2Fen@Data.example.org:8443/d.npz?v=1"
     rt = _runtime(training + f"    training_test_data: {{dataset: npz, path: '{url}'}}")
     bound = {fn: rt.function_spec(fn, "openwhisk").bound for fn in ("fl_server_init", "fl_server_aggregator",
-                                                                      "fl_client", "fl_insights")}
+                                                                      "fl_client", "fl_insights", "fl_model_validate")}
     assert json.loads(bound["fl_server_init"][BOUND_KEY]) == {"https://data.example.org:8443": "al%40ice:t0k%2Fen"}
-    assert [fn for fn, b in bound.items() if BOUND_KEY in b] == ["fl_server_init"]
+    assert [fn for fn, b in bound.items() if BOUND_KEY in b] == ["fl_server_init", "fl_model_validate"]
     assert rt.scenario.training_test_data.stored()["path"] == "https://Data.example.org:8443/d.npz?v=1"
     plain = _runtime(training + "    training_test_data: {dataset: npz, path: 'https://data.example.org/d.npz'}")
     assert BOUND_KEY not in plain.function_spec("fl_server_init", "openwhisk").bound

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any, Literal, Optional, Union
 from urllib.parse import quote_plus, urlsplit
 
 from flcommon.data import OBJ_HELP
-from flcommon.data_url import origin, split_userinfo
+from flcommon.urls import origin, split_userinfo, user_info_ends_early
 from pydantic import Field, SecretStr, field_validator, model_validator
 
 from ..user_module import UserModuleConfig
@@ -154,11 +154,9 @@ class MongoConfig(Strict):
             if u.scheme not in ("mongodb", "mongodb+srv"):
                 raise ValueError(f"{shown!r} has scheme {u.scheme!r}; expected mongodb:// or mongodb+srv://")
             hosts = u.netloc.rpartition("@")[2]
-            if "@" in s.partition("://")[2][len(u.netloc):]:
-                # The host part ended early: a password's '/', '?' or '#'.
-                # Nothing of it may be shown, so the message names no host.
-                raise ValueError(f"{shown!r}: its user info holds a '/', '?' or '#' that is not escaped "
-                                 "(write them %2F, %3F, %23, or give the password as mongo_config.password)")
+            if user_info_ends_early(s):
+                raise ValueError(UNESCAPED_USER_INFO.format(
+                    shown=shown, more=", or give the password as mongo_config.password"))
             if not hosts:
                 raise ValueError(f"{shown!r} names no host")
             for h in hosts.split(","):
@@ -208,6 +206,12 @@ class MongoConfig(Strict):
         return url
 
 
+# A password's '/', '?' or '#' ends the host part early: refused without
+# naming the host, which would show the password's first part.
+UNESCAPED_USER_INFO = ("{shown!r}: its user info holds a '/', '?' or '#' that is not escaped "
+                       "(write them %2F, %3F, %23{more})")
+
+
 def _refuse_obj(v: Optional[str]) -> Optional[str]:
     if v and urlsplit(v).path.lower().endswith(".obj"):
         raise ValueError(OBJ_HELP)
@@ -243,6 +247,8 @@ class TrainingTestData(Open):
             return v
         _refuse_obj(v)
         if "://" in v:
+            if user_info_ends_early(v):
+                raise ValueError(UNESCAPED_USER_INFO.format(shown=shown_url(v), more=""))
             http_url(v)
         if not urlsplit(v).path.lower().endswith(".npz"):
             raise ValueError(f"{shown_url(v)!r} is not an .npz file; the functions read Keras' mnist.npz layout "

@@ -48,8 +48,9 @@ class RetryConfig(Strict):
     backoff_max_s: float = Field(15.0, ge=0)
     jitter: float = Field(0.5, ge=0, le=1)
     # A first attempt that crashed or returned an error is retried at once
-    # (backoff from the second failure), and so is every one while its
-    # cluster delivers at least half its recent attempts; timeouts,
+    # (backoff from the second failure), and with fast_while_delivering so
+    # is every one while its cluster delivers at least half its recent
+    # attempts; timeouts,
     # throttling and platform errors always back off
     # (fedkeeper.keeper.attempts.RetryPolicy.retry_delay).
     fast_first_retry: bool = True

@@ -11,8 +11,8 @@ from pydantic import AfterValidator, BeforeValidator
 
 # How a URL may be shown (its user info as ***, its query elided): the
 # functions' own rule, so that the keeper and the functions show URLs alike.
-from flcommon.data_url import shown as shown_url  # noqa: F401  (re-exported)
-from flcommon.data_url import split_userinfo
+from flcommon.urls import shown as shown_url  # noqa: F401  (re-exported)
+from flcommon.urls import split_userinfo
 
 from .units import count
 

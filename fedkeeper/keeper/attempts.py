@@ -116,8 +116,8 @@ class RetryPolicy:
         counted attempt that did not deliver (1-based). A failure in the
         function itself (FUNCTION_FAILURES) is retried at once: the first
         one with fast_first_retry (the backoff then starts with the second:
-        backoff_s, then doubling), and every one with fast_while_delivering
-        while its cluster is `delivering` (DeliveryRecord): the failure is
+        backoff_s, then doubling), and with it and fast_while_delivering
+        every one while its cluster is `delivering` (DeliveryRecord): the failure is
         the attempt's own, not the platform's, and in a sync round a
         backoff is wall time the whole round waits for. Otherwise it backs
         off from the first. One jitter draw either way, so the rng's
@@ -130,7 +130,7 @@ class RetryPolicy:
             delay = self.backoff(max(1, failures - 1), rng, retry_after)
             if failures == 1:
                 delay = retry_after or 0.0
-        if delivering and self.fast_while_delivering and ec in FUNCTION_FAILURES:
+        if delivering and self.fast_first_retry and self.fast_while_delivering and ec in FUNCTION_FAILURES:
             delay = retry_after or 0.0
         return delay
 

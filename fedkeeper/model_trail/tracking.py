@@ -15,6 +15,7 @@ MLFLOW_ALLOW_FILE_STORE, which this module sets for such URIs only.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import posixpath
@@ -23,6 +24,8 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from flcommon.urls import masked
 
 from .catalog import ModelTrailError, model_docs, validation_rows
 from .code import session_code
@@ -53,8 +56,8 @@ def _flat(prefix: str, value: Any, out: dict[str, str]) -> None:
             _flat(f"{prefix}.{k}" if prefix else str(k), v, out)
     elif isinstance(value, list) and (len(value) > 20 or any(isinstance(v, (dict, list)) for v in value)):
         out[prefix] = f"{len(value)} items"
-    else:
-        out[prefix] = str(value)[:MAX_PARAM_CHARS]
+    else:   # a session stored before specs dropped URLs' user info may still hold some
+        out[prefix] = masked(str(value))[:MAX_PARAM_CHARS]
 
 
 def session_params(doc: dict[str, Any]) -> dict[str, str]:
@@ -69,14 +72,20 @@ def session_params(doc: dict[str, Any]) -> dict[str, str]:
 
 
 def metric_name(text: str) -> str:
-    """`text` as an MLflow metric name: the characters MLflow refuses (a data
-    URL's `***@` or query) as `_`, at most MAX_METRIC_NAME long. MLflow
-    also takes a name for a file path and refuses one that a path would
-    normalise (a URL's `//`): its slashes then become `_` too."""
-    name = _NOT_IN_METRIC_NAMES.sub("_", text)[:MAX_METRIC_NAME]
+    """`text` as an MLflow metric name: any URL's user info masked, the
+    characters MLflow refuses (`***@`, a query) as `_`. MLflow also takes a
+    name for a file path and refuses one that a path would normalise (a
+    URL's `//`): its slashes then become `_` too. A name longer than
+    MAX_METRIC_NAME keeps its last part (`.accuracy`) and gets a short hash
+    of the whole in place of its middle, so that two long names stay two."""
+    name = _NOT_IN_METRIC_NAMES.sub("_", masked(text))
     norm = posixpath.normpath(name)
     if norm != name or norm.startswith(("..", "/")):
         name = name.replace("/", "_")
+    if len(name) > MAX_METRIC_NAME:
+        head, dot, tail = name.rpartition(".")
+        digest = hashlib.sha256(name.encode()).hexdigest()[:8]
+        name = f"{head[:MAX_METRIC_NAME - len(tail) - len(digest) - 2]}-{digest}{dot}{tail}"
     return name
 
 

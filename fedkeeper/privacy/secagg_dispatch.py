@@ -96,7 +96,8 @@ class StageRun:
         policy = dataclasses.replace(self.dispatch.policy, hedging=HedgePolicy())
         slots = {slot_name(self.stage, c): Slot(slot_name(self.stage, c), self.client_cluster[c], self.rnd,
                                                 function=self.function) for c in todo}
-        table = AttemptTable(policy, self.dispatch.clock, self.dispatch.rng, slots.values())
+        table = AttemptTable(policy, self.dispatch.clock, self.dispatch.rng, slots.values(),
+                             deliveries=self.dispatch.deliveries)
         last: dict[str, dict[str, Any]] = {}
         for a in self.store.attempts(self.session, self.rnd):
             s = slots.get(a["client"])

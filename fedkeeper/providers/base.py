@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, replace
 from enum import Enum
 from typing import Any, ClassVar, Iterable, Sequence
 
-from flcommon.data_url import masked
+from flcommon.urls import masked
 
 from .prometheus import ClusterMetrics
 

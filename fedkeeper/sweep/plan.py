@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Union, get_args, get_origin
 
+from flcommon.urls import masked
 from pydantic import BaseModel, ValidationError
 
 from ..config import Config, ConfigError, Scenario, check_references
@@ -67,7 +68,8 @@ class Run:
 
     @property
     def label(self) -> str:
-        return " ".join(f"{k}={v}" for k, v in self.labels.items())
+        """As progress lines show the run: any URL's user info masked."""
+        return masked(" ".join(f"{k}={v}" for k, v in self.labels.items()))
 
 
 def parse_value(text: str) -> Any:

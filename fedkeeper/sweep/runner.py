@@ -9,6 +9,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from flcommon.urls import masked
+
 from ..cost import format_money
 from ..formatting import fixed_decimals
 from .plan import Run, SweepError, SweepPlan
@@ -46,7 +48,8 @@ class Sweep:
 
     # -- the sweep document
     def _doc_runs(self) -> dict[str, Any]:
-        return {run.key: {"index": run.index, "params": run.params, "labels": run.labels,
+        # Stored (and so printed and written to CSV) with any URL's user info masked.
+        return {run.key: {"index": run.index, "params": _masked(run.params), "labels": _masked(run.labels),
                           "repeat": run.repeat, "seed": run.seed, "session": run.session,
                           "state": "pending"} for run in self.plan.runs}
 
@@ -54,7 +57,7 @@ class Sweep:
         p = self.plan
         doc = {"_id": p.sweep_id, "content_hash": p.content_hash, "name": p.runs[0].cfg.name,
                "scenario": p.scenario, "repeats": p.repeats, "base_seed": p.base_seed,
-               "grid": [{"key": a.key, "path": ".".join(a.path), "values": a.labels} for a in p.axes],
+               "grid": [{"key": a.key, "path": ".".join(a.path), "values": _masked(a.labels)} for a in p.axes],
                "parallel": self.parallel, "state": "running", "runs": self._doc_runs()}
         if not self.store.create_sweep(doc):
             existing = self.store.sweep(p.sweep_id)
@@ -245,3 +248,12 @@ class Sweep:
             self.report(f"warning: {data['message']}")
 
 
+def _masked(o: Any) -> Any:
+    """`o` with every string's URL user info as ***."""
+    if isinstance(o, str):
+        return masked(o)
+    if isinstance(o, dict):
+        return {k: _masked(v) for k, v in o.items()}
+    if isinstance(o, list):
+        return [_masked(v) for v in o]
+    return o

@@ -24,7 +24,8 @@ import numpy as np
 
 from flcommon import store
 from flcommon.context import database, global_model, ids, num_classes, partition_arrays, session_spec
-from flcommon.data_url import shown, split_userinfo
+from flcommon.data_url import bound_credentials
+from flcommon.urls import shown, split_userinfo
 from flcommon.entry import BadRequest
 from flcommon.models import evaluate
 from flcommon.user_code import BuiltinCode, code_for
@@ -82,7 +83,9 @@ def _stored_train(db, session: str, clients: list[str]) -> tuple[np.ndarray, np.
     return np.concatenate(xs), np.concatenate(ys)
 
 
-def arrays_for(db, session: str, spec: dict[str, Any], data: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+def arrays_for(db, session: str, spec: dict[str, Any], data: dict[str, Any],
+               credentials: dict[str, str] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """`credentials`: those bound for the session's data URL (data_url.py)."""
     if data["source"] == "stored":
         if data["split"] == "test":
             x, y = partition_arrays(db, session, "_test")
@@ -92,9 +95,10 @@ def arrays_for(db, session: str, spec: dict[str, Any], data: dict[str, Any]) -> 
         code = code_for(spec)
         if isinstance(code, BuiltinCode):
             raise BadRequest(f"session {session} was not trained with a user module")
-        x_tr, y_tr, x_te, y_te = code.load_data()
+        x_tr, y_tr, x_te, y_te = code.load_data(credentials)
         return (x_te, y_te) if data["split"] == "test" else (x_tr, y_tr)
-    x_tr, y_tr, x_te, y_te = BuiltinCode({"data": {k: v for k, v in data.items() if k != "source"}}).load_data()
+    x_tr, y_tr, x_te, y_te = BuiltinCode({"data": {k: v for k, v in data.items() if k != "source"}}
+                                         ).load_data(credentials)
     return x_te, y_te
 
 
@@ -116,7 +120,7 @@ def handle(payload: dict[str, Any], bound: dict[str, str]) -> dict[str, Any]:
     t0 = time.perf_counter()
     _, weights = global_model(db, session, rnd)
     classes = num_classes(db, session)
-    x, y = arrays_for(db, session, spec, data)
+    x, y = arrays_for(db, session, spec, data, bound_credentials(bound))
     want = partition_arrays(db, session, "_test")[0].shape[1:]
     if x.shape[1:] != want:
         raise BadRequest(f"{describe(data)}: samples have shape {x.shape[1:]}, the model takes {want}")

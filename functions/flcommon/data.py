@@ -20,7 +20,8 @@ from typing import Any
 
 import numpy as np
 
-from .data_url import authorised, shown
+from .data_url import authorised
+from .urls import shown
 from .entry import BadRequest
 
 OBJ_HELP = ("FedKeeper's pickled .obj data files are refused: loading them would run pickle. "
@@ -129,6 +130,11 @@ def _download(url: str, authorization: str | None, out, timeout_s: float, deadli
             out.write(block)
 
 
+def is_url(location: str) -> bool:
+    """An http(s) URL, its scheme in any case (as the config accepts it)."""
+    return location[:8].lower().startswith(("http://", "https://"))
+
+
 def fetch(location: str, sha256: str | None = None, timeout_s: float = 60.0,
           deadline_s: float = DOWNLOAD_DEADLINE_S, credentials: dict[str, str] | None = None) -> Path:
     """A local path as is, or an http(s) URL downloaded once into the cache
@@ -137,9 +143,12 @@ def fetch(location: str, sha256: str | None = None, timeout_s: float = 60.0,
     `credentials` for its origin: data_url.py). With a checksum, a mismatch
     is an error (and the bad file is dropped). Messages show the URL
     without its user info or query."""
-    if location.startswith(("http://", "https://")):
+    if is_url(location):
         url, authorization = authorised(location, credentials)
-        name = hashlib.sha256(url.encode()).hexdigest()[:16] + "-" + Path(url.split("?")[0]).name
+        # Keyed by the credentials too: a copy fetched with them is never
+        # served to a request made without them, or with others.
+        key = hashlib.sha256(f"{url}\n{authorization or ''}".encode()).hexdigest()[:16]
+        name = key + "-" + Path(url.split("?")[0]).name
         path = cache_dir() / name
         if not path.exists():
             # A unique temporary name: concurrent cold starts may download
@@ -159,9 +168,9 @@ def fetch(location: str, sha256: str | None = None, timeout_s: float = 60.0,
     else:
         path = Path(location).expanduser()
         if not path.is_file():
-            raise BadRequest(f"data file {location} does not exist")
+            raise BadRequest(f"data file {shown(location) if '://' in location else location} does not exist")
     if sha256 and _sha256(path) != sha256.lower():
-        if location.startswith(("http://", "https://")):
+        if is_url(location):
             path.unlink(missing_ok=True)
         raise BadRequest(f"checksum mismatch for {shown(location)}: expected sha256 {sha256}")
     return path
@@ -192,7 +201,7 @@ def load_npz(location: str, sha256: str | None = None,
     try:
         return _read_npz(path, shown(location))
     except BadRequest:
-        if location.startswith(("http://", "https://")):
+        if is_url(location):
             path.unlink(missing_ok=True)
         raise
 

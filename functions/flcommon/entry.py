@@ -34,6 +34,8 @@ from typing import Any, Callable, Mapping
 
 from .auth import TokenError, verify
 from .blobs import BlobError
+from .data_url import secrets_in
+from .urls import masked
 
 BOUND_PREFIX = "FK_"
 PLATFORM_PREFIX = "__OW_"
@@ -148,11 +150,13 @@ def split_args(args: Mapping[str, Any]) -> tuple[dict[str, str], dict[str, Any]]
 
 
 def _scrub(text: str, bound: Mapping[str, str]) -> str:
-    """Exception texts may quote a URL or a setting; never let a bound value out."""
-    for value in bound.values():
-        if isinstance(value, str) and len(value) >= 4:
+    """Exception texts may quote a URL or a setting; never let a bound value
+    out, nor a piece of the bound data credentials, nor any URL's user info."""
+    values = [v for v in bound.values() if isinstance(v, str)] + secrets_in(bound)
+    for value in sorted(values, key=len, reverse=True):
+        if len(value) >= 4:
             text = text.replace(value, "***")
-    return text
+    return masked(text)
 
 
 def _checked(handle: Handler, bound: dict[str, str], payload: dict[str, Any]) -> tuple[int, dict[str, Any]]:
@@ -200,12 +204,13 @@ def openwhisk_main(handle: Handler, args: Mapping[str, Any]) -> dict[str, Any]:
     try:
         return _checked(handle, bound, payload)[1]
     except Exception as exc:  # noqa: BLE001 - a crash propagates (a developer error), scrubbed
-        text = f"{type(exc).__name__}: {exc}"
-        scrubbed = _scrub(text, bound)
-        if scrubbed == text:
+        # The whole traceback, chained exceptions included, goes to the
+        # activation's log: raised as it is only when it quotes no secret.
+        trace = traceback.format_exc()
+        if _scrub(trace, bound) == trace:
             raise
-        sys.stderr.write(_scrub(traceback.format_exc(), bound))
-        raise Crash(scrubbed) from None
+        sys.stderr.write(_scrub(trace, bound))
+        raise Crash(_scrub(f"{type(exc).__name__}: {exc}", bound)) from None
 
 
 def http_main(handle: Handler, request) -> tuple[str, int, dict[str, str]]:

@@ -6,7 +6,7 @@ import re
 from typing import ClassVar, Optional
 from urllib.parse import urlsplit, urlunsplit
 
-from flcommon.data_url import split_userinfo
+from flcommon.urls import split_userinfo
 from pydantic import NonNegativeInt, PositiveInt, SecretStr, field_validator, model_validator
 
 from ...config.clusters import ClusterConfig, Strict
