@@ -54,6 +54,12 @@ MAX_EXTENT = 1 << 40
 MAX_ARCHIVE_OVERHEAD = 4 << 20
 NUMERIC_KINDS = "biufc"
 
+
+def plain_numbers(dtype: np.dtype) -> bool:
+    """Whether arrays of `dtype` are what a blob holds: plain numbers (bool,
+    int, uint, float, complex), not records, sub-arrays or objects."""
+    return dtype.kind in NUMERIC_KINDS and dtype.fields is None and dtype.subdtype is None
+
 _LOCAL = b"PK\x03\x04"
 _CENTRAL = b"PK\x01\x02"
 _END = b"PK\x05\x06"
@@ -88,7 +94,7 @@ def write_arrays(fp: BinaryIO, arrays: Sequence[np.ndarray]) -> None:
     for i, a in enumerate(arrays):
         if a.dtype.hasobject:
             raise BlobError("object arrays cannot be stored (they would need pickle)")
-        if a.dtype.kind not in NUMERIC_KINDS or a.dtype.fields is not None or a.dtype.subdtype is not None:
+        if not plain_numbers(a.dtype):
             raise BlobError(f"array {i} ({_describe(a.shape, a.dtype)}) cannot be stored: only plain numbers "
                             "(bool, int, uint, float, complex) are; cast it to one, such as float32")
     np.savez(fp, **{_key(i): a for i, a in enumerate(arrays)})
@@ -284,6 +290,6 @@ def _npy_header(src: _Source, name: str, size: int) -> tuple[bytes, tuple[int, .
         raise BlobError(f"blob refused: {name} declares a dimension over {MAX_EXTENT:,}")
     if dtype.hasobject:
         raise BlobError(f"blob refused: {name} is an object array, which would need pickle")
-    if dtype.kind not in NUMERIC_KINDS or dtype.fields is not None or dtype.subdtype is not None:
+    if not plain_numbers(dtype):
         raise BlobError(f"blob refused: {name} has dtype {dtype}; only plain numbers are stored")
     return raw + text, tuple(int(n) for n in shape), "F" if fortran else "C", dtype

@@ -173,15 +173,15 @@ def train(spec: dict[str, Any], weights: list[np.ndarray], x: np.ndarray, y: np.
     with _lock:  # functions-framework may run requests on threads
         # Through the session's code: what a user's model raises while it
         # trains is an error in the user module, not a crash to retry.
-        return code.run("training", _train, spec, code, weights, x, y, num_classes, seed, mu)
+        return code.run("training", _train, spec, code, weights, x, y, num_classes, epochs, seed, mu)
 
 
 def _train(spec: dict[str, Any], code, weights: list[np.ndarray], x: np.ndarray, y: np.ndarray,
-           num_classes: int, seed: int, mu: float) -> tuple[list[np.ndarray], dict[str, float]]:
+           num_classes: int, epochs: int, seed: int, mu: float) -> tuple[list[np.ndarray], dict[str, float]]:
     model = compiled(spec["model"], x.shape[1:], num_classes, *_settings(spec), code=code)
     model.set_weights(weights)
     _reset_optimizer(model)  # a new round: no momentum carried over from the last one
-    metrics = _fit(model, x, y, int(spec.get("local_epochs", 1)), int(spec.get("batch_size", 10)), seed, mu)
+    metrics = _fit(model, x, y, epochs, int(spec.get("batch_size", 10)), seed, mu)
     return [np.asarray(w) for w in model.get_weights()], metrics
 
 

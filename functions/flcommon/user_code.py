@@ -364,7 +364,7 @@ def check_model(model: Any, input_shape: Sequence[int], num_classes: int, name: 
     called once on a batch of zeros, which also creates the weights of a
     subclassed model; `call(what, fn)` runs that call as the user's code."""
     from .architectures import load_keras
-    from .blobs import NUMERIC_KINDS
+    from .blobs import plain_numbers
     keras = load_keras()
     where = f"{USER_CODE_MARK} {name} (build_model)"
     if not isinstance(model, keras.Model):
@@ -402,7 +402,7 @@ def check_model(model: Any, input_shape: Sequence[int], num_classes: int, name: 
             dtype = np.dtype(dtype_name)
         except TypeError:
             dtype = None
-        if dtype is None or dtype.kind not in NUMERIC_KINDS or dtype.fields is not None or dtype.subdtype is not None:
+        if dtype is None or not plain_numbers(dtype):
             raise UserCodeError(
                 f"{where}: weight {getattr(v, 'path', None) or v.name} has dtype {dtype_name}, which FedKeeper "
                 "cannot store (only plain numbers: bool, int, uint, float, complex); use float32 (for mixed "
