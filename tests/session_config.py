@@ -63,3 +63,24 @@ def write_session_config(path: Path, *, name: str, mongo: dict[str, Any], client
     }
     path.write_text(yaml.dump(doc, Dumper=_PlainDumper, sort_keys=False))
     return path
+
+
+def write_user_module_config(folder: Path, user_module: str | None, clients: int = 4) -> Path:
+    """cfg.yaml in `folder`: one local OpenWhisk cluster, and a
+    federated_learning scenario training `user_module` (its YAML value: a
+    path, or a mapping with the path and parameters; None: the built-in
+    model) over `clients` clients, for the commands and checks that read a
+    user module (config validate, deploy --dry-run, the functions' zips)."""
+    p = folder / "cfg.yaml"
+    key = f"user_module: {user_module}" if user_module is not None else ""
+    p.write_text(textwrap.dedent(f"""\
+        providers:
+          openwhisk:
+            local_ow: {{kind: local}}
+        scenarios:
+          federated_learning:
+            {key}
+            clients_info: {{total_num_clients: {clients}, num_clients_per_round: {clients},
+                           ow_clients_count: {clients}}}
+        """))
+    return p

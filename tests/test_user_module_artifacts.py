@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import io
 import shutil
-import textwrap
 import zipfile
 from pathlib import Path
 
@@ -15,23 +14,9 @@ from fedkeeper.artifacts import build_artifact
 from fedkeeper.config import ConfigError, load_config
 from fedkeeper.user_module import USER_CODE_FUNCTIONS, artifact_members, spec_entry
 from flcommon.user_code import content_hash, module_files
+from session_config import write_user_module_config
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def _config(tmp_path: Path, module: str | None) -> Path:
-    p = tmp_path / "cfg.yaml"
-    key = f"user_module: {{path: {module}, model_params: {{filters: 4}}}}" if module else ""
-    p.write_text(textwrap.dedent(f"""\
-        providers:
-          openwhisk:
-            local_ow: {{kind: local}}
-        scenarios:
-          federated_learning:
-            {key}
-            clients_info: {{total_num_clients: 2, num_clients_per_round: 2, ow_clients_count: 2}}
-        """))
-    return p
 
 
 def _artifact(cfg_path: Path, function: str, entry: str = "openwhisk"):
@@ -43,7 +28,8 @@ def _artifact(cfg_path: Path, function: str, entry: str = "openwhisk"):
 def test_user_module_is_bundled_and_hashed_into_user_code_functions_only(tmp_path):
     shutil.copy(ROOT / "examples" / "digits_cnn.py", tmp_path / "digits_cnn.py")
     (tmp_path / "plain").mkdir()
-    with_module, without = _config(tmp_path, "digits_cnn.py"), _config(tmp_path / "plain", None)
+    with_module = write_user_module_config(tmp_path, "{path: digits_cnn.py, model_params: {filters: 4}}", clients=2)
+    without = write_user_module_config(tmp_path / "plain", None, clients=2)
     for fn in USER_CODE_FUNCTIONS:
         for entry in ("openwhisk", "http"):
             art = _artifact(with_module, fn, entry)
@@ -66,6 +52,6 @@ def test_user_module_is_bundled_and_hashed_into_user_code_functions_only(tmp_pat
 
 def test_a_missing_module_is_refused_when_the_config_loads(tmp_path):
     with pytest.raises(ConfigError) as err:
-        load_config(_config(tmp_path, "gone.py"))
+        load_config(write_user_module_config(tmp_path, "gone.py"))
     assert "gone.py: no such file or directory" in str(err.value)
     assert "user_module" in str(err.value)

@@ -13,22 +13,9 @@ import pytest
 from click.testing import CliRunner
 
 from fedkeeper.cli import main as cli
+from session_config import write_user_module_config
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def _config(tmp_path: Path, module: str) -> Path:
-    p = tmp_path / "cfg.yaml"
-    p.write_text(textwrap.dedent(f"""\
-        providers:
-          openwhisk:
-            local_ow: {{kind: local}}
-        scenarios:
-          federated_learning:
-            user_module: {module}
-            clients_info: {{total_num_clients: 4, num_clients_per_round: 4, ow_clients_count: 4}}
-        """))
-    return p
 
 
 def _validate(cfg: Path):
@@ -42,7 +29,7 @@ def _module(tmp_path: Path, name: str, body: str) -> str:
 
 def test_the_example_module_is_valid(tmp_path):
     shutil.copy(ROOT / "examples" / "digits_cnn.py", tmp_path / "digits_cnn.py")
-    res = _validate(_config(tmp_path, "digits_cnn.py"))
+    res = _validate(write_user_module_config(tmp_path, "digits_cnn.py"))
     assert res.exit_code == 0, res.output
     assert "user_module digits_cnn.py: defines build_model, load_data, partition" in res.output
     assert "input (8, 8, 1) (declared by the module) with output (None, 10)" in res.output
@@ -83,7 +70,7 @@ def test_broken_modules_are_refused_with_exit_2(tmp_path):
     for name, (body, words) in cases.items():
         sub = tmp_path / name.removesuffix(".py")
         sub.mkdir()
-        res = _validate(_config(sub, _module(sub, name, body)))
+        res = _validate(write_user_module_config(sub, _module(sub, name, body)))
         assert res.exit_code == 2, (name, res.output)
         assert "scenarios.federated_learning.user_module" in res.output, (name, res.output)
         for w in words:
@@ -92,7 +79,7 @@ def test_broken_modules_are_refused_with_exit_2(tmp_path):
 
 
 def test_missing_module_path_is_refused(tmp_path):
-    res = _validate(_config(tmp_path, "nowhere.py"))
+    res = _validate(write_user_module_config(tmp_path, "nowhere.py"))
     assert res.exit_code == 2 and "nowhere.py" in res.output and "no such file" in res.output
 
 
@@ -103,7 +90,7 @@ def test_a_module_named_as_something_the_functions_hold_is_refused(tmp_path, nam
     """main.py passed validate, then failed on the HTTP platforms only,
     where functions-framework holds the source's main.py as `main`."""
     shutil.copy(ROOT / "examples" / "digits_cnn.py", tmp_path / name)
-    res = _validate(_config(tmp_path, name))
+    res = _validate(write_user_module_config(tmp_path, name))
     assert res.exit_code == 2 and words in res.output, res.output
 
 
@@ -120,5 +107,5 @@ def test_a_model_that_outputs_logits_is_refused(tmp_path):
             inputs = keras.Input(input_shape)
             return keras.Model(inputs, keras.layers.Dense(num_classes)(keras.layers.Flatten()(inputs)))
         """)
-    res = _validate(_config(tmp_path, module))
+    res = _validate(write_user_module_config(tmp_path, module))
     assert res.exit_code == 2 and "not class probabilities" in res.output and "softmax" in res.output, res.output

@@ -26,6 +26,7 @@ from flcommon.blobs import BlobError, iter_arrays, write_arrays
 from flcommon.user_code import (USER_CODE_MARK, BuiltinCode, ModuleCode, UserCodeError, check_data, code_for,
                                 content_hash, load_module, module_files)
 
+from session_config import write_user_module_config
 from test_functions import call, make_session
 
 DIGITS = (8, 8, 1)  # the built-in digits data the sessions below train on
@@ -174,9 +175,10 @@ def test_config_validate_refuses_a_module_whose_test_samples_differ(tmp_path):
             x, y = np.zeros((40, 8, 8, 1), np.float32), np.arange(40) % 10
             return x[:30], y[:30], x[30:, :4, :4], y[30:]
         """)
-    res = CliRunner().invoke(cli, ["config", "validate", "-c", str(_config(tmp_path, "split_shapes.py"))])
+    cfg = write_user_module_config(tmp_path, "split_shapes.py")
+    res = CliRunner().invoke(cli, ["config", "validate", "-c", str(cfg)])
     assert res.exit_code == 2, res.output
-    assert "scenarios.s.user_module (split_shapes.py)" in res.output
+    assert "scenarios.federated_learning.user_module (split_shapes.py)" in res.output
     assert "x_test's have shape (4, 4, 1)" in res.output and "Traceback" not in res.output
 
 
@@ -260,36 +262,25 @@ def test_a_model_with_weights_of_an_unstorable_dtype_is_refused(tmp_path):
 
 # ---------------------------------------------------------------- parameters
 
-def _config(tmp_path: Path, user_module: str) -> Path:
-    p = tmp_path / "cfg.yaml"
-    p.write_text(textwrap.dedent(f"""\
-        providers:
-          openwhisk:
-            local_ow: {{kind: local}}
-        scenarios:
-          s:
-            user_module: {user_module}
-            clients_info: {{total_num_clients: 2, num_clients_per_round: 2, ow_clients_count: 2}}
-        """))
-    return p
-
-
 def test_parameters_that_are_not_json_are_a_config_error(tmp_path):
     _write(tmp_path / "params.py", "def build_model(input_shape, num_classes, **kw):\n    return None\n")
-    res = CliRunner().invoke(cli, ["config", "validate", "-c", str(_config(
-        tmp_path, "{path: params.py, data_params: {seed: 2024-01-01}}"))])
+    cfg = write_user_module_config(tmp_path, "{path: params.py, data_params: {seed: 2024-01-01}}")
+    res = CliRunner().invoke(cli, ["config", "validate", "-c", str(cfg)])
     assert res.exit_code == 2 and "Traceback" not in res.output, res.output
-    assert "scenarios.s.user_module.data_params.seed: 2024-01-01 is a date, not a JSON value" in res.output
+    assert ("scenarios.federated_learning.user_module.data_params.seed: 2024-01-01 is a date, not a JSON value"
+            in res.output)
     assert "quote it" in res.output
     for value, key, words in (("{a: [1, 2024-01-01T10:00:00]}", "model_params.a", "at [1] is a datetime"),
                               ("{big: 100000000000000000000}", "model_params.big", "64-bit"),
                               ("{s: !!set {x}}", "model_params.s", "is a set"),
                               ("{x: .nan}", "model_params.x", "finite")):
         with pytest.raises(ConfigError) as err:
-            load_config(_config(tmp_path, f"{{path: params.py, model_params: {value}}}"))
-        assert err.value.path == f"scenarios.s.user_module.{key}" and words in err.value.message, str(err.value)
-    cfg = load_config(_config(tmp_path, "{path: params.py, model_params: {a: [1, 'x', null, {b: 1.5}], t: true}}"))
-    assert cfg.scenarios["s"].user_module.model_params == {"a": [1, "x", None, {"b": 1.5}], "t": True}
+            load_config(write_user_module_config(tmp_path, f"{{path: params.py, model_params: {value}}}"))
+        assert err.value.path == f"scenarios.federated_learning.user_module.{key}", str(err.value)
+        assert words in err.value.message, str(err.value)
+    params = "{a: [1, 'x', null, {b: 1.5}], t: true}"
+    cfg = load_config(write_user_module_config(tmp_path, f"{{path: params.py, model_params: {params}}}"))
+    assert cfg.scenarios["federated_learning"].user_module.model_params == {"a": [1, "x", None, {"b": 1.5}], "t": True}
 
 
 # ---------------------------------------------------------------- deploy --dry-run
@@ -302,11 +293,13 @@ def test_dry_run_refuses_a_module_it_cannot_bundle_in_one_line(tmp_path, monkeyp
     monkeypatch.setattr(user_code, "MAX_MODULE_BYTES", 4096)
     for module, words in (("notes.txt", "a user module is a .py file or a package directory"),
                           ("heavy", "larger than")):
-        res = CliRunner().invoke(cli, ["deploy", "--dry-run", "-c", str(_config(tmp_path, module))])
+        cfg = write_user_module_config(tmp_path, module)
+        res = CliRunner().invoke(cli, ["deploy", "--dry-run", "-c", str(cfg)])
         assert res.exit_code == 2, (module, res.output)
         assert isinstance(res.exception, SystemExit) and "Traceback" not in res.output, res.exception
         lines = res.output.strip().splitlines()
-        assert len(lines) == 1 and lines[0].startswith(f"Error: scenarios.s.user_module ({module}): "), res.output
+        assert len(lines) == 1, res.output
+        assert lines[0].startswith(f"Error: scenarios.federated_learning.user_module ({module}): "), res.output
         assert words in lines[0], res.output
 
 
